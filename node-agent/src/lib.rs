@@ -1,0 +1,1 @@
+//! Node agent (identity, capacity, deployments, networking, VM supervision): later issues.
