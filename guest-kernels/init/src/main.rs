@@ -1,1 +1,56 @@
-fn main() {}
+//! guest-init: PID 1 of Linux micro-VM guests.
+//!
+//! Owns the top-level flow only: set up the early environment, tell the VMM the guest has
+//! booted, run the entrypoint given on the kernel command line (the words after ` -- `),
+//! report its exit status to the VMM and end the VM. Every path ends the VM: errors are
+//! reported as statuses, never as panics (a dying PID 1 panics the kernel).
+
+mod console;
+mod entrypoint;
+mod error;
+mod mounts;
+mod ports;
+mod power;
+mod rootfs;
+
+use std::ffi::OsString;
+
+/// Runs everything up to and including the entrypoint; returns the status to report.
+fn run() -> u8 {
+    mounts::mount_early_filesystems();
+    console::attach_stdio();
+
+    if let Err(e) = ports::enable() {
+        console::log(&format!(
+            "VMM status ports unavailable, going on without them: {e}"
+        ));
+    }
+    ports::report_booted();
+    console::log("booted");
+
+    if let Err(e) = rootfs::prepare() {
+        console::log(&format!("root filesystem setup failed: {e}"));
+        return entrypoint::STATUS_SETUP_FAILED;
+    }
+
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
+    match entrypoint::run(&args, env) {
+        Ok(status) => status,
+        Err(e) => {
+            console::log(&e.to_string());
+            e.status()
+        }
+    }
+}
+
+fn main() {
+    // A panic must not kill PID 1: catch it and still report a status and end the VM.
+    let status = std::panic::catch_unwind(run).unwrap_or_else(|_| {
+        console::log("internal error (panic); ending the VM");
+        entrypoint::STATUS_SETUP_FAILED
+    });
+    console::log(&format!("entrypoint exited with status {status}"));
+    ports::report_exit_status(status);
+    power::end_vm(status);
+}
