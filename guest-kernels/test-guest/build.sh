@@ -11,7 +11,7 @@ mkdir -p "$1"
 out="$(cd "$1" && pwd)"
 
 flags=(-nostdlib -static -no-pie -Wl,--build-id=none -Wl,-T,"$here/test-guest.ld")
-if ld --help 2>/dev/null | grep -q -- --no-warn-rwx-segments; then
+if ld --help 2>/dev/null | grep -- --no-warn-rwx-segments >/dev/null; then
     flags+=(-Wl,--no-warn-rwx-segments)
 fi
 for variant in exit0 exit42 reboot triplefault pvh; do
