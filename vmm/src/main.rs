@@ -1,1 +1,162 @@
-fn main() {}
+//! The `vmm` command: builds a micro-VM spec from a JSON file and/or flags, boots it, and exits
+//! with the guest's status.
+//!
+//! Exit status: the status the guest reported through the guest-report port; 0 when the guest
+//! reset or shut down without reporting one; 1 when the guest faulted (triple fault, KVM
+//! error: a register dump is printed); 2 when the VM could not be started (bad input, no KVM).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use vmm::config::{SerialOutput, VmSpec};
+
+#[derive(Parser, Debug)]
+#[command(name = "vmm", version, about = "Boot a micro-VM from a spec")]
+struct Cli {
+    /// A JSON micro-VM spec; flags given as well override its fields.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Guest kernel: ELF vmlinux (PVH entry used when present) or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command-line arguments.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs (1 to 32).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Guest memory in MiB.
+    #[arg(long = "memory", alias = "mem")]
+    memory_mib: Option<u64>,
+    /// Serial console: `stdout`, `off` or `file:PATH`.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Environment of the entrypoint, KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// The KVM device.
+    #[arg(long, default_value = "/dev/kvm")]
+    kvm_device: PathBuf,
+    /// Print the resulting spec as JSON and exit.
+    #[arg(long)]
+    print_spec: bool,
+    /// The entrypoint the guest init runs, and its arguments.
+    #[arg(last = true)]
+    entrypoint: Vec<String>,
+}
+
+fn parse_serial(value: &str) -> anyhow::Result<SerialOutput> {
+    match value {
+        "stdout" => Ok(SerialOutput::Stdout),
+        "off" => Ok(SerialOutput::Off),
+        other => match other.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(SerialOutput::File(path.into())),
+            _ => anyhow::bail!("--serial must be stdout, off or file:PATH, not {other:?}"),
+        },
+    }
+}
+
+fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
+    let mut spec = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read spec {}", path.display()))?;
+            serde_json::from_str::<VmSpec>(&text)
+                .with_context(|| format!("invalid spec {}", path.display()))?
+        }
+        None => {
+            let kernel = cli
+                .kernel
+                .clone()
+                .context("no kernel given: use --kernel PATH or --config SPEC.json")?;
+            VmSpec::new(kernel)
+        }
+    };
+    if let Some(kernel) = &cli.kernel {
+        spec.kernel = kernel.clone();
+    }
+    if let Some(initrd) = &cli.initrd {
+        spec.initrd = Some(initrd.clone());
+    }
+    if let Some(cmdline) = &cli.cmdline {
+        spec.cmdline = cmdline.clone();
+    }
+    if let Some(vcpus) = cli.vcpus {
+        spec.vcpus = vcpus;
+    }
+    if let Some(mib) = cli.memory_mib {
+        spec.memory_mib = mib;
+    }
+    if let Some(serial) = &cli.serial {
+        spec.serial = parse_serial(serial)?;
+    }
+    for pair in &cli.env {
+        let (name, value) = pair
+            .split_once('=')
+            .with_context(|| format!("--env takes KEY=VALUE, not {pair:?}"))?;
+        spec.env.insert(name.to_string(), value.to_string());
+    }
+    if !cli.entrypoint.is_empty() {
+        spec.entrypoint = cli.entrypoint.clone();
+    }
+    spec.validate()?;
+    Ok(spec)
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+
+    let cli = Cli::parse();
+    let spec = match spec_from_cli(&cli) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.print_spec {
+        match serde_json::to_string_pretty(&spec) {
+            Ok(json) => println!("{json}"),
+            Err(e) => eprintln!("vmm: error: {e}"),
+        }
+        return ExitCode::SUCCESS;
+    }
+
+    let vm = match vmm::builder::build(&spec, &cli.kvm_device, started) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if spec.serial == SerialOutput::Stdout {
+        vmm::stdin::forward_stdin(vm.serial.clone());
+    }
+    let reason = vm.wait();
+    vmm::stdin::restore_terminal();
+    if let Some(booted) = vm.exit.booted_after() {
+        eprintln!(
+            "vmm: guest booted in {:.3} ms",
+            booted.as_secs_f64() * 1000.0
+        );
+    }
+    match &reason {
+        vmm::exit::VmExit::Fault(details) => eprintln!("vmm: guest fault: {details}"),
+        other => tracing::info!("VM ended: {other:?}"),
+    }
+    // The vCPU threads are still inside KVM_RUN; exiting the process ends them.
+    std::process::exit(reason.exit_code())
+}

@@ -1,0 +1,141 @@
+//! CPUID for each vCPU: KVM's supported set, normalised so that every vCPU reports its own APIC
+//! id and one consistent topology (one socket, `vcpu_count` cores, one thread per core).
+
+use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+
+const LEAF_FEATURES: u32 = 0x1;
+const LEAF_CACHE_PARAMS: u32 = 0x4;
+const LEAF_PMU: u32 = 0xa;
+const LEAF_EXT_TOPOLOGY: u32 = 0xb;
+const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
+const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
+const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
+
+const ECX_HYPERVISOR: u32 = 1 << 31;
+const EDX_HTT: u32 = 1 << 28;
+
+/// Bits needed to number `count` items.
+fn bits_for(count: u32) -> u32 {
+    if count <= 1 {
+        0
+    } else {
+        32 - (count - 1).leading_zeros()
+    }
+}
+
+fn normalise_entry(entry: &mut kvm_cpuid_entry2, apic_id: u32, vcpu_count: u32) {
+    match entry.function {
+        LEAF_FEATURES => {
+            // EBX: [31:24] initial APIC id, [23:16] logical processors, [15:8] CLFLUSH size.
+            entry.ebx = (apic_id << 24) | ((vcpu_count & 0xff) << 16) | (8 << 8);
+            entry.ecx |= ECX_HYPERVISOR;
+            if vcpu_count > 1 {
+                entry.edx |= EDX_HTT;
+            } else {
+                entry.edx &= !EDX_HTT;
+            }
+        }
+        LEAF_CACHE_PARAMS => {
+            // EAX[31:26]: cores per package - 1; [25:14]: threads sharing this cache - 1.
+            let cache_level = (entry.eax >> 5) & 0x7;
+            let sharing = if cache_level >= 3 { vcpu_count - 1 } else { 0 };
+            entry.eax &= 0x3fff;
+            entry.eax |= ((vcpu_count - 1) << 26) | (sharing << 14);
+        }
+        LEAF_PMU => {
+            // No virtual PMU is offered.
+            entry.eax = 0;
+            entry.ebx = 0;
+            entry.ecx = 0;
+            entry.edx = 0;
+        }
+        LEAF_EXT_TOPOLOGY | LEAF_V2_EXT_TOPOLOGY => {
+            entry.edx = apic_id;
+            match entry.index {
+                // SMT level: one thread per core.
+                0 => {
+                    entry.eax = 0;
+                    entry.ebx = 1;
+                    entry.ecx = 1 << 8;
+                }
+                // Core level: all vCPUs in one package.
+                1 => {
+                    entry.eax = bits_for(vcpu_count);
+                    entry.ebx = vcpu_count;
+                    entry.ecx = (2 << 8) | 1;
+                }
+                index => {
+                    entry.eax = 0;
+                    entry.ebx = 0;
+                    entry.ecx = index;
+                }
+            }
+        }
+        LEAF_AMD_SIZE_IDS => {
+            // ECX[15:12]: APIC id size; [7:0]: cores - 1.
+            entry.ecx = (bits_for(vcpu_count) << 12) | (vcpu_count - 1);
+        }
+        LEAF_AMD_EXT_APIC_ID => {
+            entry.eax = apic_id;
+            entry.ebx = apic_id & 0xff;
+            entry.ecx = 0;
+        }
+        _ => {}
+    }
+}
+
+/// The CPUID of vCPU `vcpu_index` (its APIC id) among `vcpu_count`.
+pub fn vcpu_cpuid(supported: &CpuId, vcpu_index: u32, vcpu_count: u32) -> CpuId {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        normalise_entry(entry, vcpu_index, vcpu_count);
+    }
+    cpuid
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> CpuId {
+        let entries = [
+            kvm_cpuid_entry2 {
+                function: LEAF_FEATURES,
+                ebx: 0xffff_ffff,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: LEAF_EXT_TOPOLOGY,
+                index: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: LEAF_CACHE_PARAMS,
+                eax: (3 << 5) | 0x1f,
+                ..Default::default()
+            },
+        ];
+        CpuId::from_entries(&entries).unwrap()
+    }
+
+    #[test]
+    fn each_vcpu_reports_its_apic_id_and_the_topology() {
+        let cpuid = vcpu_cpuid(&sample(), 3, 4);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].ebx >> 24, 3);
+        assert_eq!((e[0].ebx >> 16) & 0xff, 4);
+        assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
+        assert_ne!(e[0].edx & EDX_HTT, 0);
+        assert_eq!((e[1].eax, e[1].ebx, e[1].edx), (2, 4, 3));
+        assert_eq!(e[2].eax >> 26, 3);
+        assert_eq!((e[2].eax >> 14) & 0xfff, 3);
+    }
+
+    #[test]
+    fn bits_for_counts() {
+        assert_eq!(bits_for(1), 0);
+        assert_eq!(bits_for(2), 1);
+        assert_eq!(bits_for(3), 2);
+        assert_eq!(bits_for(32), 5);
+    }
+}

@@ -1,0 +1,192 @@
+//! Turns a validated spec into a running VM, in one readable sequence: host checks, KVM VM,
+//! guest memory, kernel/initrd/boot info, legacy devices, vCPUs.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{mptable, regs};
+use crate::boot::{self, BootError};
+use crate::config::{SerialOutput, SpecError, VmSpec};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::guest_report::{GuestReport, GUEST_REPORT_BASE, GUEST_REPORT_LEN};
+use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::legacy::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::exit::{ExitSignal, VmExit};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{Buses, Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("{requested} MiB of guest memory is more than this host has ({host} MiB)")]
+    MemoryExceedsHost { requested: u64, host: u64 },
+    #[error("{requested} vCPUs requested; this host's KVM allows at most {max}")]
+    VcpusExceedHost { requested: u32, max: usize },
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot write boot structures: {0}")]
+    Regs(#[from] regs::RegsError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot open serial output file {path}: {source}")]
+    SerialFile {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the {what}: {source}")]
+    Device {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// A VM whose vCPUs are running.
+pub struct RunningVm {
+    pub exit: ExitSignal,
+    pub serial: Arc<Mutex<SerialDevice>>,
+    _vcpu_threads: Vec<JoinHandle<()>>,
+    _memory: GuestMemoryMmap,
+    _vm: Vm,
+}
+
+impl RunningVm {
+    /// Blocks until the VM ends.
+    pub fn wait(&self) -> VmExit {
+        let reason = self.exit.wait();
+        crate::devices::bus::lock(&self.serial).flush();
+        reason
+    }
+}
+
+/// Host memory in MiB, from /proc/meminfo.
+fn host_memory_mib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+fn serial_output(spec: &SerialOutput) -> Result<SerialOut, BuildError> {
+    Ok(match spec {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Off => Box::new(std::io::sink()),
+        SerialOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| BuildError::SerialFile {
+                path: path.display().to_string(),
+                source,
+            })?)
+        }
+    })
+}
+
+fn device_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
+    move |source| BuildError::Device { what, source }
+}
+
+/// Builds and starts the VM described by `spec`. `started` is the VMM's start time, against
+/// which the guest's "booted" report is measured.
+pub fn build(spec: &VmSpec, kvm_path: &Path, started: Instant) -> Result<RunningVm, BuildError> {
+    spec.validate()?;
+    if let Some(host) = host_memory_mib() {
+        if spec.memory_mib > host {
+            return Err(BuildError::MemoryExceedsHost {
+                requested: spec.memory_mib,
+                host,
+            });
+        }
+    }
+
+    let vm = Vm::new(kvm_path)?;
+    if spec.vcpus as usize > vm.max_vcpus() {
+        return Err(BuildError::VcpusExceedHost {
+            requested: spec.vcpus,
+            max: vm.max_vcpus(),
+        });
+    }
+
+    let guest_memory = memory::create_guest_memory(spec.memory_bytes())?;
+    memory::register_with_kvm(&vm.fd, &guest_memory)?;
+
+    let kernel = boot::load_kernel(&guest_memory, &spec.kernel)?;
+    let initrd = match &spec.initrd {
+        Some(path) => Some(boot::load_initrd(&guest_memory, path, kernel.end)?),
+        None => None,
+    };
+    boot::write_boot_info(&guest_memory, &kernel, &spec.kernel_cmdline(), initrd)?;
+    regs::write_boot_tables(&guest_memory, kernel.mode)?;
+    mptable::setup_mptable(&guest_memory, spec.vcpus)?;
+    tracing::info!(
+        "booting {} kernel {} ({:?} entry at {:#x}) with {} vCPUs and {} MiB",
+        kernel.format,
+        spec.kernel.display(),
+        kernel.mode,
+        kernel.entry.0,
+        spec.vcpus,
+        spec.memory_mib
+    );
+
+    let exit = ExitSignal::new(started).map_err(device_err("exit event"))?;
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("serial interrupt"))?;
+    vm.fd
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(|e| BuildError::Device {
+            what: "serial irqfd",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq,
+        serial_output(&spec.serial)?,
+    )));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        I8042_BASE,
+        I8042_LEN,
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(GuestReport::new(exit.clone()))),
+        GUEST_REPORT_BASE,
+        GUEST_REPORT_LEN,
+    )?;
+    let buses = Buses {
+        pio: Arc::new(pio),
+        mmio: Arc::new(Bus::new()),
+    };
+
+    let vcpus = (0..spec.vcpus)
+        .map(|index| {
+            let vcpu = Vcpu::new(&vm, index)?;
+            vcpu.configure(&vm, spec.vcpus, kernel.entry, kernel.mode)?;
+            Ok(vcpu)
+        })
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+    let vcpu_threads = vcpus
+        .into_iter()
+        .map(|vcpu| vcpu.start(buses.clone(), exit.clone()))
+        .collect::<Result<Vec<_>, VcpuError>>()?;
+
+    Ok(RunningVm {
+        exit,
+        serial,
+        _vcpu_threads: vcpu_threads,
+        _memory: guest_memory,
+        _vm: vm,
+    })
+}

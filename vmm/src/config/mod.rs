@@ -1,0 +1,6 @@
+//! User-facing VM configuration (the spec) and its validation, apart from the code that acts
+//! on it.
+
+pub mod spec;
+
+pub use spec::{SerialOutput, SpecError, VmSpec};

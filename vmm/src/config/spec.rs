@@ -1,0 +1,240 @@
+//! The micro-VM spec: the user-facing description of a VM (JSON file or CLI flags), its
+//! validation, and how it renders the guest kernel command line. Nothing here touches KVM.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub const MIN_VCPUS: u32 = 1;
+pub const MAX_VCPUS: u32 = 32;
+pub const MIN_MEMORY_MIB: u64 = 16;
+pub const DEFAULT_VCPUS: u32 = 1;
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+
+/// Kernel arguments every guest gets: serial console, reboot through the i8042 (which ends the
+/// VM), no PCI probing, no modules.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// Linux hands /init at most 32 argv and 32 envp entries (it adds "init", HOME and TERM).
+const MAX_INIT_ARGS: usize = 31;
+const MAX_INIT_ENVS: usize = 30;
+
+/// Where the guest's serial console goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialOutput {
+    #[default]
+    Stdout,
+    Off,
+    File(PathBuf),
+}
+
+/// A micro-VM: CPUs, memory, what it boots and what its init runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// ELF vmlinux (PVH entry used when the ELF carries the note) or bzImage.
+    pub kernel: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Extra kernel arguments, appended to the base ones.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+    /// The program (and its arguments) the guest init runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    /// Environment of the entrypoint.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub serial: SerialOutput,
+}
+
+fn default_vcpus() -> u32 {
+    DEFAULT_VCPUS
+}
+
+fn default_memory_mib() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("vcpus must be between {MIN_VCPUS} and {MAX_VCPUS}, got {0}")]
+    VcpusOutOfRange(u32),
+    #[error("memory must be at least {MIN_MEMORY_MIB} MiB, got {0} MiB")]
+    MemoryTooSmall(u64),
+    #[error("memory of {0} MiB is too large to address")]
+    MemoryTooLarge(u64),
+    #[error("environment variable name {0:?} is invalid (use letters, digits and _; no '.', '=' or spaces)")]
+    BadEnvName(String),
+    #[error("{what} {value:?} cannot be passed on the kernel command line (it contains a double quote or a control character)")]
+    Unquotable { what: &'static str, value: String },
+    #[error("the entrypoint has {0} words; the kernel passes at most {MAX_INIT_ARGS} to init")]
+    TooManyArgs(usize),
+    #[error("{0} environment variables given; the kernel passes at most {MAX_INIT_ENVS} to init")]
+    TooManyEnvs(usize),
+    #[error("the kernel command line has a ` -- `; give the entrypoint as the spec's entrypoint instead")]
+    CmdlineHasInitArgs,
+}
+
+impl VmSpec {
+    /// A spec with defaults for everything but the kernel.
+    pub fn new(kernel: PathBuf) -> Self {
+        Self {
+            vcpus: DEFAULT_VCPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            entrypoint: Vec::new(),
+            env: BTreeMap::new(),
+            serial: SerialOutput::Stdout,
+        }
+    }
+
+    /// Checks everything that does not depend on the host.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !(MIN_VCPUS..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(SpecError::VcpusOutOfRange(self.vcpus));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(SpecError::MemoryTooSmall(self.memory_mib));
+        }
+        if self.memory_mib.checked_mul(1 << 20).is_none() || self.memory_mib > (1 << 30) {
+            return Err(SpecError::MemoryTooLarge(self.memory_mib));
+        }
+        if self.entrypoint.len() > MAX_INIT_ARGS {
+            return Err(SpecError::TooManyArgs(self.entrypoint.len()));
+        }
+        if self.env.len() > MAX_INIT_ENVS {
+            return Err(SpecError::TooManyEnvs(self.env.len()));
+        }
+        if self.cmdline.split_whitespace().any(|w| w == "--") {
+            return Err(SpecError::CmdlineHasInitArgs);
+        }
+        check_quotable("kernel argument", &self.cmdline)?;
+        for (name, value) in &self.env {
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                return Err(SpecError::BadEnvName(name.clone()));
+            }
+            check_quotable("environment value", value)?;
+        }
+        for arg in &self.entrypoint {
+            check_quotable("entrypoint argument", arg)?;
+        }
+        Ok(())
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mib << 20
+    }
+
+    /// The full guest kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut words = vec![BASE_CMDLINE.to_string()];
+        if !self.cmdline.trim().is_empty() {
+            words.push(self.cmdline.trim().to_string());
+        }
+        for (name, value) in &self.env {
+            words.push(format!("{name}={}", quote(value)));
+        }
+        if !self.entrypoint.is_empty() {
+            words.push("--".to_string());
+            words.extend(self.entrypoint.iter().map(|a| quote(a)));
+        }
+        words.join(" ")
+    }
+}
+
+fn check_quotable(what: &'static str, value: &str) -> Result<(), SpecError> {
+    if value.contains('"') || value.chars().any(|c| c.is_control()) {
+        return Err(SpecError::Unquotable {
+            what,
+            value: value.to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Quotes a word for the kernel's command-line parser, which groups "..." into one word.
+fn quote(word: &str) -> String {
+    if word.is_empty() || word.contains(char::is_whitespace) {
+        format!("\"{word}\"")
+    } else {
+        word.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec::new("/k".into())
+    }
+
+    #[test]
+    fn json_defaults_and_serial_forms() {
+        let s: VmSpec = serde_json::from_str(r#"{"kernel": "/k"}"#).unwrap();
+        assert_eq!(s, spec());
+        let s: VmSpec =
+            serde_json::from_str(r#"{"kernel": "/k", "serial": {"file": "/tmp/x"}}"#).unwrap();
+        assert_eq!(s.serial, SerialOutput::File("/tmp/x".into()));
+        let s: VmSpec = serde_json::from_str(r#"{"kernel": "/k", "serial": "off"}"#).unwrap();
+        assert_eq!(s.serial, SerialOutput::Off);
+        let err = serde_json::from_str::<VmSpec>(r#"{"kernel": "/k", "vcpu": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `vcpu`"), "{err}");
+    }
+
+    #[test]
+    fn ranges_are_enforced() {
+        let mut s = spec();
+        s.vcpus = 0;
+        assert_eq!(s.validate(), Err(SpecError::VcpusOutOfRange(0)));
+        s.vcpus = 33;
+        assert_eq!(s.validate(), Err(SpecError::VcpusOutOfRange(33)));
+        s.vcpus = 32;
+        s.memory_mib = 8;
+        assert_eq!(s.validate(), Err(SpecError::MemoryTooSmall(8)));
+        s.memory_mib = u64::MAX;
+        assert_eq!(s.validate(), Err(SpecError::MemoryTooLarge(u64::MAX)));
+    }
+
+    #[test]
+    fn cmdline_carries_env_and_quoted_entrypoint() {
+        let mut s = spec();
+        s.cmdline = "quiet".into();
+        s.env.insert("GREETING".into(), "hello world".into());
+        s.entrypoint = vec!["/bin/sh".into(), "-c".into(), "echo hi; exit 3".into()];
+        s.validate().unwrap();
+        assert_eq!(
+            s.kernel_cmdline(),
+            format!(
+                "{BASE_CMDLINE} quiet GREETING=\"hello world\" -- /bin/sh -c \"echo hi; exit 3\""
+            )
+        );
+    }
+
+    #[test]
+    fn unrepresentable_words_are_rejected() {
+        let mut s = spec();
+        s.entrypoint = vec!["say \"x\"".into()];
+        assert!(matches!(s.validate(), Err(SpecError::Unquotable { .. })));
+        let mut s = spec();
+        s.env.insert("a.b".into(), "1".into());
+        assert_eq!(s.validate(), Err(SpecError::BadEnvName("a.b".into())));
+        let mut s = spec();
+        s.cmdline = "foo -- bar".into();
+        assert_eq!(s.validate(), Err(SpecError::CmdlineHasInitArgs));
+    }
+}

@@ -1,0 +1,5 @@
+//! Emulated devices and the bus they sit on. Devices know nothing of the CLI, the spec or the
+//! VM's run loop: they are wired up by the builder.
+
+pub mod bus;
+pub mod legacy;

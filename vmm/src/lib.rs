@@ -1,0 +1,13 @@
+//! A purpose-built micro-VM monitor on the rust-vmm crates.
+//!
+//! The path a VM takes: [`config::VmSpec`] (JSON or CLI flags) -> [`builder::build`] (KVM VM,
+//! guest memory, kernel, devices, vCPUs) -> [`builder::RunningVm::wait`] -> [`exit::VmExit`].
+
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod devices;
+pub mod exit;
+pub mod stdin;
+pub mod vstate;

@@ -1,0 +1,192 @@
+//! A vCPU: its boot configuration (CPUID, MSRs, LAPIC, registers) and the thread that runs it,
+//! dispatching I/O exits to the buses and turning fatal exits into a VM end with a register dump.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::GuestAddress;
+
+use crate::arch::x86_64::{cpuid, interrupts, msrs, regs};
+use crate::devices::bus::Bus;
+use crate::exit::{ExitSignal, VmExit};
+use crate::vstate::vm::Vm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("KVM could not {what} for vCPU {index}: {source}")]
+    Kvm {
+        index: u32,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("vCPU {index}: {source}")]
+    Registers { index: u32, source: regs::RegsError },
+    #[error("cannot start the thread of vCPU {index}: {source}")]
+    Thread { index: u32, source: std::io::Error },
+}
+
+/// The buses a vCPU dispatches I/O exits to.
+#[derive(Clone)]
+pub struct Buses {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+}
+
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    pub fn new(vm: &Vm, index: u32) -> Result<Self, VcpuError> {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Kvm {
+                index,
+                what: "create the vCPU",
+                source,
+            })?;
+        Ok(Self { index, fd })
+    }
+
+    /// Sets CPUID, MSRs, the LAPIC and the entry registers.
+    pub fn configure(
+        &self,
+        vm: &Vm,
+        vcpu_count: u32,
+        entry: GuestAddress,
+        mode: regs::EntryMode,
+    ) -> Result<(), VcpuError> {
+        let index = self.index;
+        let kvm = |what: &'static str| {
+            move |source| VcpuError::Kvm {
+                index,
+                what,
+                source,
+            }
+        };
+        let cpuid = cpuid::vcpu_cpuid(&vm.supported_cpuid, index, vcpu_count);
+        self.fd.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
+        let boot_msrs = msrs::boot_msrs().map_err(|_| VcpuError::Kvm {
+            index,
+            what: "build the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let set = self.fd.set_msrs(&boot_msrs).map_err(kvm("set MSRs"))?;
+        if set != boot_msrs.as_slice().len() {
+            tracing::warn!(
+                "vCPU {index}: KVM accepted {set} of {} boot MSRs",
+                boot_msrs.as_slice().len()
+            );
+        }
+        let mut lapic = self.fd.get_lapic().map_err(kvm("read the LAPIC"))?;
+        interrupts::set_lint(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(kvm("set the LAPIC"))?;
+        regs::setup_registers(&self.fd, entry, mode)
+            .map_err(|source| VcpuError::Registers { index, source })?;
+        Ok(())
+    }
+
+    /// Runs the vCPU on its own thread until the VM ends.
+    pub fn start(self, buses: Buses, exit: ExitSignal) -> Result<JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(&buses, &exit))
+            .map_err(|source| VcpuError::Thread { index, source })
+    }
+
+    fn run(mut self, buses: &Buses, exit: &ExitSignal) {
+        loop {
+            let outcome = match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    buses.pio.write(u64::from(port), data);
+                    None
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !buses.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                    None
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    buses.mmio.write(addr, data);
+                    None
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !buses.mmio.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                    None
+                }
+                Ok(VcpuExit::Hlt) => None,
+                Ok(VcpuExit::Shutdown) => Some(VmExit::Fault(format!(
+                    "vCPU {} triple fault (KVM_EXIT_SHUTDOWN)\n{}",
+                    self.index,
+                    self.register_dump()
+                ))),
+                Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::GuestShutdown,
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::GuestReset,
+                    other => VmExit::Fault(format!(
+                        "vCPU {}: guest system event {other} (crash)\n{}",
+                        self.index,
+                        self.register_dump()
+                    )),
+                }),
+                Ok(VcpuExit::InternalError) => {
+                    // SAFETY: on KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal` member.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    Some(VmExit::Fault(format!(
+                        "vCPU {}: KVM internal error (suberror {suberror}{})\n{}",
+                        self.index,
+                        if suberror == 1 { ", instruction emulation failed" } else { "" },
+                        self.register_dump()
+                    )))
+                }
+                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::Fault(format!(
+                    "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x}, host cpu {cpu})\n{}",
+                    self.index,
+                    self.register_dump()
+                ))),
+                Ok(other) => {
+                    tracing::debug!("vCPU {}: ignored exit {other:?}", self.index);
+                    None
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) => Some(VmExit::Fault(format!(
+                    "vCPU {}: KVM_RUN failed: {e}",
+                    self.index
+                ))),
+            };
+            if let Some(reason) = outcome {
+                exit.end(reason);
+                return;
+            }
+        }
+    }
+
+    /// General and special registers, for fault reports.
+    fn register_dump(&self) -> String {
+        let mut out = String::new();
+        match self.fd.get_regs() {
+            Ok(r) => out.push_str(&format!(
+                "  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp
+            )),
+            Err(e) => out.push_str(&format!("  (general registers unavailable: {e})\n")),
+        }
+        match self.fd.get_sregs() {
+            Ok(s) => out.push_str(&format!(
+                "  cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}\n  cs={:#06x} (base {:#x}, l={}, db={}) ss={:#06x} idt={:#x}/{:#x} gdt={:#x}/{:#x}",
+                s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector, s.cs.base, s.cs.l, s.cs.db,
+                s.ss.selector, s.idt.base, s.idt.limit, s.gdt.base, s.gdt.limit
+            )),
+            Err(e) => out.push_str(&format!("  (special registers unavailable: {e})")),
+        }
+        out
+    }
+}
