@@ -244,7 +244,7 @@ mod tests {
 
     #[test]
     fn truncated_elf_is_an_error() {
-        let mut elf = vec![0u8; 64];
+        let mut elf = [0u8; 64];
         elf[..4].copy_from_slice(b"\x7fELF");
         elf[5] = 1; // little endian
         let f = file_with(&elf[..40]);
