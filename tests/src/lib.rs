@@ -1,1 +1,32 @@
-//! End-to-end test support.
+//! End-to-end test support: the QEMU-based test bed (a real KVM host inside QEMU TCG with
+//! nested SVM), a QEMU micro-VM runner for guest kernels, a newc cpio writer for
+//! initramfs images, and locating or building the guest artifacts (kernel, init, test
+//! guests, the vmm binary).
+
+pub mod artifacts;
+pub mod cpio;
+pub mod error;
+pub mod microvm;
+pub mod qemu;
+pub mod testbed;
+
+mod host;
+mod initramfs;
+mod job;
+mod modules;
+
+pub use error::{Error, Result};
+pub use testbed::{Job, JobOutput, Testbed};
+
+/// Turns a missing host prerequisite into a skip: prints the reason and gives `None`.
+/// Every other error is passed on (and fails the test).
+pub fn skip_if_missing<T>(test: &str, result: Result<T>) -> Result<Option<T>> {
+    match result {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_missing() => {
+            eprintln!("SKIP {test}: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}

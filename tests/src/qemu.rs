@@ -1,0 +1,144 @@
+//! Running QEMU with a deadline: captures the serial console (QEMU's stdout) as it
+//! streams, notes when given strings first appear (for boot timings), and kills QEMU
+//! when the deadline passes.
+
+use std::io::Read;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::host;
+
+/// The QEMU binary, or a `Missing` error naming the apt package.
+pub fn qemu_binary() -> Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("QEMU_BIN") {
+        return Ok(p.into());
+    }
+    host::which("qemu-system-x86_64").ok_or_else(|| Error::Missing {
+        what: "qemu-system-x86_64".into(),
+        hint: "apt-get install qemu-system-x86 (or set QEMU_BIN)".into(),
+    })
+}
+
+/// What a finished QEMU run produced.
+#[derive(Debug)]
+pub struct QemuRun {
+    /// Everything QEMU wrote to stdout (the serial console), lossily decoded.
+    pub console: String,
+    /// QEMU's stderr.
+    pub stderr: String,
+    pub status: ExitStatus,
+    /// Wall time from spawning QEMU to its exit.
+    pub elapsed: Duration,
+    /// For each watched string: wall time from spawn to its first appearance, if seen.
+    pub seen: Vec<(String, Option<Duration>)>,
+}
+
+impl QemuRun {
+    /// Wall time until `needle` (one of the watched strings) first appeared.
+    pub fn seen_after(&self, needle: &str) -> Option<Duration> {
+        self.seen
+            .iter()
+            .find(|(n, _)| n == needle)
+            .and_then(|(_, t)| *t)
+    }
+}
+
+#[derive(Default)]
+struct Capture {
+    bytes: Vec<u8>,
+    seen: Vec<(String, Option<Duration>)>,
+}
+
+/// Runs `cmd` (a QEMU command line) until it exits or `timeout` passes.
+pub fn run(mut cmd: Command, timeout: Duration, watch: &[&str]) -> Result<QemuRun> {
+    let shown = format!("{cmd:?}");
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(Error::io(format!("starting {shown}")))?;
+
+    let capture = Arc::new(Mutex::new(Capture {
+        bytes: Vec::new(),
+        seen: watch.iter().map(|w| (w.to_string(), None)).collect(),
+    }));
+    let stdout_thread = child.stdout.take().map(|mut out| {
+        let capture = Arc::clone(&capture);
+        thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let Ok(mut c) = capture.lock() else { break };
+                let from = c.bytes.len();
+                c.bytes.extend_from_slice(&buf[..n]);
+                note_seen(&mut c, from, start.elapsed());
+            }
+        })
+    });
+    let stderr_thread = child.stderr.take().map(|mut err| {
+        thread::spawn(move || {
+            let mut s = Vec::new();
+            err.read_to_end(&mut s).ok();
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    });
+
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if start.elapsed() >= timeout => {
+                child.kill().ok();
+                child.wait().ok();
+                break None;
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(Error::io(format!("waiting for {shown}"))(e)),
+        }
+    };
+    let elapsed = start.elapsed();
+    if let Some(t) = stdout_thread {
+        t.join().ok();
+    }
+    let stderr = stderr_thread
+        .and_then(|t| t.join().ok())
+        .unwrap_or_default();
+    let (bytes, seen) = match Arc::try_unwrap(capture).map(Mutex::into_inner) {
+        Ok(Ok(c)) => (c.bytes, c.seen),
+        _ => (Vec::new(), Vec::new()),
+    };
+    let console = String::from_utf8_lossy(&bytes).into_owned();
+    match status {
+        Some(status) => Ok(QemuRun {
+            console,
+            stderr,
+            status,
+            elapsed,
+            seen,
+        }),
+        None => Err(Error::Timeout {
+            timeout,
+            console: format!("{console}\n[qemu stderr]\n{stderr}"),
+        }),
+    }
+}
+
+/// Records the first appearance of watched strings in the bytes appended at `from`.
+fn note_seen(c: &mut Capture, from: usize, now: Duration) {
+    let Capture { bytes, seen } = c;
+    for (needle, at) in seen.iter_mut().filter(|(_, at)| at.is_none()) {
+        let start = from.saturating_sub(needle.len());
+        if bytes[start..]
+            .windows(needle.len().max(1))
+            .any(|w| w == needle.as_bytes())
+        {
+            *at = Some(now);
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! The test bed: a real KVM host inside QEMU (TCG with nested SVM) booted from the host's
+//! Debian cloud kernel and an initramfs built per job. Think of it as the first node
+//! image: a kernel plus an initramfs whose PID 1 runs the job.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use crate::initramfs;
+use crate::job::parse_result;
+pub use crate::job::{Job, JobOutput};
+use crate::modules::{self, Module};
+use crate::qemu;
+
+/// Kernel command line of the test bed (kernel messages suppressed).
+const APPEND: &str = "console=ttyS0 panic=-1 quiet loglevel=1";
+
+/// Everything needed to boot the test bed.
+#[derive(Debug, Clone)]
+pub struct Testbed {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    modules: Vec<Module>,
+    busybox: PathBuf,
+    /// Virtual CPUs of the test bed (default 2).
+    pub cpus: u32,
+    /// Memory of the test bed in MiB (default 4096).
+    pub memory_mib: u32,
+}
+
+impl Testbed {
+    /// Finds QEMU, the newest /boot/vmlinuz-*-cloud-amd64 with its KVM modules, and
+    /// busybox; fails with `Error::Missing` naming the apt package otherwise.
+    pub fn from_system() -> Result<Self> {
+        let qemu = qemu::qemu_binary()?;
+        let kernel = newest_cloud_kernel(Path::new("/boot"))?;
+        let release = kernel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("vmlinuz-"))
+            .ok_or_else(|| Error::Invalid(format!("odd kernel name {}", kernel.display())))?;
+        std::fs::File::open(&kernel).map_err(Error::io(format!(
+            "the test bed kernel {} is not readable",
+            kernel.display()
+        )))?;
+        let moddir = Path::new("/lib/modules").join(release);
+        let modules = modules::resolve(&moddir, &["kvm", "kvm_amd"])?;
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .ok_or_else(|| Error::Missing {
+                what: "busybox".into(),
+                hint: "apt-get install busybox-static".into(),
+            })?;
+        Ok(Self {
+            qemu,
+            kernel,
+            modules,
+            busybox,
+            cpus: 2,
+            memory_mib: 4096,
+        })
+    }
+
+    /// The test bed's kernel image.
+    pub fn kernel(&self) -> &Path {
+        &self.kernel
+    }
+
+    /// Boots the test bed, runs `job` in it and returns the script's output and status.
+    pub fn run(&self, job: &Job) -> Result<JobOutput> {
+        let token = unique_token();
+        let dir = ScratchDir::new(&token)?;
+        let initrd = dir.0.join("initramfs.cpio");
+        let results = dir.0.join("results");
+        initramfs::build(&self.busybox, &self.modules, job, &token)?.write_file(&initrd)?;
+
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm"])
+            .args([
+                "-smp",
+                &self.cpus.to_string(),
+                "-m",
+                &self.memory_mib.to_string(),
+            ])
+            .args(["-nographic", "-no-reboot", "-nic", "none"])
+            .args(["-serial", "mon:stdio", "-serial"])
+            .arg(format!("file:{}", results.display()))
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .args(["-append", APPEND]);
+        let start_marker = format!("{token}-START");
+        let run = qemu::run(cmd, job.timeout, &[&start_marker])?;
+
+        let from_port = std::fs::read(&results)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let (output, status) = parse_result(&from_port, &token)
+            .or_else(|| parse_result(&run.console, &token))
+            .ok_or_else(|| Error::NoResult {
+                console: format!("{}\n[qemu stderr]\n{}", run.console, run.stderr),
+            })?;
+        Ok(JobOutput {
+            status,
+            output,
+            boot_time: run.seen_after(&start_marker),
+            guest_uptime_at_start: uptime_at_start(&run.console, &start_marker),
+            console: run.console,
+            elapsed: run.elapsed,
+        })
+    }
+}
+
+/// `<marker> uptime=<seconds>` on the console.
+fn uptime_at_start(console: &str, marker: &str) -> Option<f64> {
+    let at = console.find(marker)? + marker.len();
+    let rest = console[at..].trim_start().strip_prefix("uptime=")?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// The newest `vmlinuz-*-cloud-amd64` in `boot`, by version number.
+fn newest_cloud_kernel(boot: &Path) -> Result<PathBuf> {
+    let missing = || Error::Missing {
+        what: format!(
+            "a Debian cloud kernel ({}/vmlinuz-*-cloud-amd64)",
+            boot.display()
+        ),
+        hint: "apt-get install linux-image-cloud-amd64".into(),
+    };
+    let entries = std::fs::read_dir(boot).map_err(|_| missing())?;
+    entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("vmlinuz-") && n.ends_with("-cloud-amd64"))
+        .max_by_key(|n| version_key(n))
+        .map(|n| boot.join(n))
+        .ok_or_else(missing)
+}
+
+/// The numbers in a name, for version ordering ("6.1.0-56" < "6.1.0-100").
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn unique_token() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .subsec_nanos();
+    format!(
+        "E2E{:x}{:x}{:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos
+    )
+}
+
+/// A per-run directory under the temp dir, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(token: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("e2e-testbed-{token}"));
+        std::fs::create_dir_all(&dir).map_err(Error::io(format!("creating {}", dir.display())))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.0).ok();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn orders_versions_numerically() {
+        assert!(
+            version_key("vmlinuz-6.1.0-100-cloud-amd64")
+                > version_key("vmlinuz-6.1.0-56-cloud-amd64")
+        );
+    }
+
+    #[test]
+    fn reads_uptime_marker() {
+        let c = "x\nTOK-START uptime=2.51\r\n";
+        assert_eq!(uptime_at_start(c, "TOK-START"), Some(2.51));
+    }
+}

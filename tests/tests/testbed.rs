@@ -1,0 +1,55 @@
+//! The test bed itself: it boots, offers /dev/kvm, and returns a job's output and status.
+
+use e2e_tests::{skip_if_missing, Error, Job, Testbed};
+
+fn testbed(test: &str) -> Result<Option<Testbed>, Error> {
+    skip_if_missing(test, Testbed::from_system())
+}
+
+#[test]
+fn testbed_boots_and_has_kvm() -> Result<(), Error> {
+    let Some(bed) = testbed("testbed_boots_and_has_kvm")? else {
+        return Ok(());
+    };
+    let job = Job::new(
+        "test -c /dev/kvm && echo kvm-ok\n\
+         grep -c ^processor /proc/cpuinfo\n\
+         grep -qw svm /proc/cpuinfo && echo svm-ok\n",
+    );
+    let out = bed.run(&job)?;
+    eprintln!(
+        "test bed: script started {:?} after QEMU start (guest uptime {:?} s), whole run {:?}",
+        out.boot_time, out.guest_uptime_at_start, out.elapsed
+    );
+    assert_eq!(
+        out.status, 0,
+        "output:\n{}\nconsole:\n{}",
+        out.output, out.console
+    );
+    assert_eq!(
+        out.output, "kvm-ok\n2\nsvm-ok\n",
+        "console:\n{}",
+        out.console
+    );
+    Ok(())
+}
+
+#[test]
+fn job_status_and_output_come_back() -> Result<(), Error> {
+    let Some(bed) = testbed("job_status_and_output_come_back")? else {
+        return Ok(());
+    };
+    let job = Job::new("echo out\necho err >&2\nprintf 'no newline'\nexit 7\n").data(
+        "/job/payload.txt",
+        "payload\n",
+        0o644,
+    );
+    let out = bed.run(&job)?;
+    assert_eq!(out.status, 7, "console:\n{}", out.console);
+    assert_eq!(out.output, "out\nerr\nno newline");
+
+    let out =
+        bed.run(&Job::new("cat /job/payload.txt").data("/job/payload.txt", "payload\n", 0o644))?;
+    assert_eq!((out.status, out.output.as_str()), (0, "payload\n"));
+    Ok(())
+}
