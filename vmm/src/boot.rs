@@ -14,6 +14,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 use crate::arch::x86_64::boot_info::{self, BootInfo, LoadedRange};
 use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_HOLE_START};
 use crate::arch::x86_64::regs::EntryMode;
+use crate::config::BootProtocol;
 
 const PAGE_SIZE: u64 = 4096;
 /// The 64-bit entry of a bzImage's protected-mode kernel is 0x200 past its load address.
@@ -46,6 +47,8 @@ pub enum BootError {
         "kernel {0} is neither an ELF vmlinux nor a bzImage (no ELF magic, no 'HdrS' boot header)"
     )]
     UnknownKernelFormat(PathBuf),
+    #[error("kernel {0} has no PVH entry note, but the spec asks for the PVH boot protocol")]
+    NoPvhEntry(PathBuf),
     #[error("cannot load {format} kernel {path}: {source} (is the file truncated, or larger than guest memory?)")]
     KernelLoad {
         format: KernelFormat,
@@ -113,7 +116,11 @@ pub fn detect_format(file: &mut File, path: &Path) -> Result<KernelFormat, BootE
 }
 
 /// Loads the kernel at `path` and decides how it is entered.
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, BootError> {
+pub fn load_kernel(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    protocol: BootProtocol,
+) -> Result<LoadedKernel, BootError> {
     let mut file = File::open(path).map_err(read_err("kernel", path))?;
     let format = detect_format(&mut file, path)?;
     let load_err = |source| BootError::KernelLoad {
@@ -125,8 +132,13 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         KernelFormat::Elf => {
             let result = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
-            let (entry, mode) = match result.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(addr) => (addr, EntryMode::Pvh),
+            let pvh_entry = match result.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
+                _ => None,
+            };
+            let (entry, mode) = match (protocol, pvh_entry) {
+                (BootProtocol::Auto | BootProtocol::Pvh, Some(addr)) => (addr, EntryMode::Pvh),
+                (BootProtocol::Pvh, None) => return Err(BootError::NoPvhEntry(path.to_path_buf())),
                 _ => (result.kernel_load, EntryMode::LinuxLongMode),
             };
             Ok(LoadedKernel {
@@ -234,7 +246,7 @@ mod tests {
     #[test]
     fn unknown_format_is_named() {
         let f = file_with(b"#!/bin/sh\necho not a kernel\n");
-        let err = load_kernel(&mem(), f.path()).unwrap_err();
+        let err = load_kernel(&mem(), f.path(), BootProtocol::Auto).unwrap_err();
         assert!(
             err.to_string()
                 .contains("neither an ELF vmlinux nor a bzImage"),
@@ -248,7 +260,7 @@ mod tests {
         elf[..4].copy_from_slice(b"\x7fELF");
         elf[5] = 1; // little endian
         let f = file_with(&elf[..40]);
-        let err = load_kernel(&mem(), f.path()).unwrap_err();
+        let err = load_kernel(&mem(), f.path(), BootProtocol::Auto).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -266,7 +278,7 @@ mod tests {
         let mut img = vec![0u8; 0x300];
         img[0x202..0x206].copy_from_slice(b"HdrS");
         let f = file_with(&img);
-        let err = load_kernel(&mem(), f.path()).unwrap_err();
+        let err = load_kernel(&mem(), f.path(), BootProtocol::Auto).unwrap_err();
         assert!(
             matches!(
                 err,
@@ -281,7 +293,12 @@ mod tests {
 
     #[test]
     fn missing_kernel_is_named() {
-        let err = load_kernel(&mem(), Path::new("/nonexistent/vmlinux")).unwrap_err();
+        let err = load_kernel(
+            &mem(),
+            Path::new("/nonexistent/vmlinux"),
+            BootProtocol::Auto,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
     }
 

@@ -123,7 +123,7 @@ pub fn build(spec: &VmSpec, kvm_path: &Path, started: Instant) -> Result<Running
     let guest_memory = memory::create_guest_memory(spec.memory_bytes())?;
     memory::register_with_kvm(&vm.fd, &guest_memory)?;
 
-    let kernel = boot::load_kernel(&guest_memory, &spec.kernel)?;
+    let kernel = boot::load_kernel(&guest_memory, &spec.kernel, spec.boot_protocol)?;
     let initrd = match &spec.initrd {
         Some(path) => Some(boot::load_initrd(&guest_memory, path, kernel.end)?),
         None => None,

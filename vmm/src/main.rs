@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use vmm::config::{SerialOutput, VmSpec};
+use vmm::config::{BootProtocol, SerialOutput, VmSpec};
 
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about = "Boot a micro-VM from a spec")]
@@ -36,6 +36,9 @@ struct Cli {
     /// Serial console: `stdout`, `off` or `file:PATH`.
     #[arg(long)]
     serial: Option<String>,
+    /// Entry protocol for ELF kernels: auto (PVH when the note is present), linux or pvh.
+    #[arg(long, value_enum)]
+    boot_protocol: Option<BootProtocolArg>,
     /// Environment of the entrypoint, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -48,6 +51,23 @@ struct Cli {
     /// The entrypoint the guest init runs, and its arguments.
     #[arg(last = true)]
     entrypoint: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum BootProtocolArg {
+    Auto,
+    Linux,
+    Pvh,
+}
+
+impl From<BootProtocolArg> for BootProtocol {
+    fn from(arg: BootProtocolArg) -> Self {
+        match arg {
+            BootProtocolArg::Auto => BootProtocol::Auto,
+            BootProtocolArg::Linux => BootProtocol::Linux,
+            BootProtocolArg::Pvh => BootProtocol::Pvh,
+        }
+    }
 }
 
 fn parse_serial(value: &str) -> anyhow::Result<SerialOutput> {
@@ -94,6 +114,9 @@ fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
     }
     if let Some(serial) = &cli.serial {
         spec.serial = parse_serial(serial)?;
+    }
+    if let Some(protocol) = cli.boot_protocol {
+        spec.boot_protocol = protocol.into();
     }
     for pair in &cli.env {
         let (name, value) = pair

@@ -99,6 +99,29 @@ fn pvh_entry_is_used_when_the_note_is_present() {
 }
 
 #[test]
+fn boot_protocol_can_be_forced() {
+    if !kvm_available() {
+        return;
+    }
+    // The PVH variant also has a 64-bit Linux entry: forcing it skips the PVH note.
+    let out = boot("pvh", &["--boot-protocol", "linux"]);
+    assert!(
+        text(&out.stdout).contains("hello from 64-bit entry"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_rejected(
+        &[
+            "--kernel",
+            guest("exit0").to_str().unwrap(),
+            "--boot-protocol",
+            "pvh",
+        ],
+        "has no PVH entry note",
+    );
+}
+
+#[test]
 fn guest_reset_ends_the_vm_cleanly() {
     if !kvm_available() {
         return;

@@ -3,4 +3,4 @@
 
 pub mod spec;
 
-pub use spec::{SerialOutput, SpecError, VmSpec};
+pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};

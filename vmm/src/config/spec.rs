@@ -31,6 +31,20 @@ pub enum SerialOutput {
     File(PathBuf),
 }
 
+/// Which entry protocol an ELF kernel is booted with. bzImages always use the 64-bit Linux
+/// boot protocol.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocol {
+    /// PVH when the ELF carries the PVH note, else the 64-bit Linux boot protocol.
+    #[default]
+    Auto,
+    /// The 64-bit Linux boot protocol, even when a PVH note is present.
+    Linux,
+    /// PVH; an ELF without the note is an error.
+    Pvh,
+}
+
 /// A micro-VM: CPUs, memory, what it boots and what its init runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +68,8 @@ pub struct VmSpec {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub serial: SerialOutput,
+    #[serde(default)]
+    pub boot_protocol: BootProtocol,
 }
 
 fn default_vcpus() -> u32 {
@@ -96,6 +112,7 @@ impl VmSpec {
             entrypoint: Vec::new(),
             env: BTreeMap::new(),
             serial: SerialOutput::Stdout,
+            boot_protocol: BootProtocol::Auto,
         }
     }
 
