@@ -48,8 +48,16 @@ fn job_status_and_output_come_back() -> Result<(), Error> {
     assert_eq!(out.status, 7, "console:\n{}", out.console);
     assert_eq!(out.output, "out\nerr\nno newline");
 
-    let out =
-        bed.run(&Job::new("cat /job/payload.txt").data("/job/payload.txt", "payload\n", 0o644))?;
-    assert_eq!((out.status, out.output.as_str()), (0, "payload\n"));
+    // Files and dynamically linked host programs (with their libraries) reach the job.
+    let job = Job::new("cat /job/payload.txt && /usr/local/bin/host-true && echo dynamic-ok")
+        .data("/job/payload.txt", "payload\n", 0o644)
+        .binary("/usr/local/bin/host-true", "/bin/true");
+    let out = bed.run(&job)?;
+    assert_eq!(
+        out.status, 0,
+        "output:\n{}\nconsole:\n{}",
+        out.output, out.console
+    );
+    assert_eq!(out.output, "payload\ndynamic-ok\n");
     Ok(())
 }
