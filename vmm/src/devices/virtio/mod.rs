@@ -1,0 +1,65 @@
+//! What all virtio devices share: the device trait the transport drives, activation (queues,
+//! their notification eventfds, the interrupt), and the virtio-mmio transport itself. Each
+//! device lives in its own folder.
+
+pub mod interrupt;
+pub mod mmio;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use interrupt::VirtioInterrupt;
+
+/// Virtio device ids (virtio 1.2, section 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+pub const TYPE_FS: u32 = 26;
+
+/// Feature bit every modern device offers.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Everything a device needs to start serving its queues.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<virtio_queue::Queue>,
+    /// One eventfd per queue, signalled when the driver notifies that queue (ioeventfd).
+    pub queue_events: Vec<EventFd>,
+    pub interrupt: std::sync::Arc<VirtioInterrupt>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver set up {got} queues, the device needs {needed}")]
+    QueueCount { got: usize, needed: usize },
+    #[error("cannot start the device's worker: {0}")]
+    Worker(std::io::Error),
+    #[error("{0}")]
+    Device(String),
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    fn avail_features(&self) -> u64;
+    fn set_acked_features(&mut self, features: u64);
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+}
+
+/// Reads `data.len()` bytes at `offset` from a config space, zero past its end.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if start < config.len() {
+        let end = config.len().min(start + data.len());
+        data[..end - start].copy_from_slice(&config[start..end]);
+    }
+}
