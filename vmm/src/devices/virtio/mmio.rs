@@ -21,6 +21,7 @@ const MMIO_VERSION: u32 = 2;
 const VENDOR_ID: u32 = 0;
 const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
+#[cfg(test)]
 const STATUS_ACKNOWLEDGE: u32 = 1;
 const STATUS_DRIVER: u32 = 2;
 const STATUS_DRIVER_OK: u32 = 4;
@@ -327,7 +328,9 @@ mod tests {
         t.write(off, &v.to_le_bytes());
     }
 
-    fn transport() -> (MmioTransport, Arc<Mutex<u64>>, Arc<Mutex<Option<usize>>>) {
+    type Probe<T> = Arc<Mutex<T>>;
+
+    fn transport() -> (MmioTransport, Probe<u64>, Probe<Option<usize>>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let acked = Arc::new(Mutex::new(0));
         let activated = Arc::new(Mutex::new(None));
