@@ -2,8 +2,11 @@
 //! their notification eventfds, the interrupt), and the virtio-mmio transport itself. Each
 //! device lives in its own folder.
 
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
+#[cfg(test)]
+pub mod test_utils;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;

@@ -1,0 +1,10 @@
+//! virtio-fs: a FUSE server (fuse-backend-rs) inside the VMM serving a filesystem to the guest
+//! over virtio queues. The filesystem is any `fuse_backend_rs` `FileSystem`: a host directory,
+//! or an flist image (served by flist-fs).
+
+mod device;
+#[cfg(test)]
+mod tests;
+mod worker;
+
+pub use device::{FsDevice, FsDeviceError, MAX_TAG_LEN};
