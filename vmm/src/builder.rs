@@ -10,6 +10,7 @@ use std::time::Instant;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::layout::MMIO_DEVICES_START;
 use crate::arch::x86_64::{mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{SerialOutput, SpecError, VmSpec};
@@ -17,10 +18,16 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::guest_report::{GuestReport, GUEST_REPORT_BASE, GUEST_REPORT_LEN};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::virtio::mmio::{
+    MmioTransport, TransportError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+use crate::devices::virtio::VirtioInterrupt;
 use crate::exit::{ExitSignal, VmExit};
+use crate::fs_backends::{self, FsBackendError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Buses, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
+use kvm_ioctls::IoEventAddress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -54,6 +61,17 @@ pub enum BuildError {
     },
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    #[error(transparent)]
+    FsBackend(#[from] FsBackendError),
+    #[error("virtio device: {0}")]
+    Transport(#[from] TransportError),
+    #[error("{0} virtio devices requested; at most {max} fit", max = LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1)]
+    TooManyDevices(usize),
+    #[error("KVM could not {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// A VM whose vCPUs are running.
@@ -99,6 +117,58 @@ fn device_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Device { what, source }
 }
 
+/// Interrupt lines for virtio devices: IOAPIC pins after the legacy ones (COM1 uses 4).
+const FIRST_VIRTIO_GSI: u32 = 5;
+const LAST_VIRTIO_GSI: u32 = 23;
+
+/// Creates each virtio-mmio device, wires its interrupt (irqfd) and queue notifications
+/// (ioeventfd), and returns the MMIO bus with the kernel arguments that announce them.
+fn attach_virtio_devices(
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    spec: &VmSpec,
+) -> Result<(Bus, Vec<String>), BuildError> {
+    let devices = spec
+        .fs
+        .iter()
+        .map(fs_backends::device_for)
+        .collect::<Result<Vec<_>, _>>()?;
+    let max = (LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1) as usize;
+    if devices.len() > max {
+        return Err(BuildError::TooManyDevices(devices.len()));
+    }
+    let mut bus = Bus::new();
+    let mut args = Vec::new();
+    for (index, device) in devices.into_iter().enumerate() {
+        let base = MMIO_DEVICES_START + index as u64 * MMIO_WINDOW_SIZE;
+        let gsi = FIRST_VIRTIO_GSI + index as u32;
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("virtio interrupt"))?;
+        vm.fd
+            .register_irqfd(&irq, gsi)
+            .map_err(|source| BuildError::Kvm {
+                what: "register a virtio irqfd",
+                source,
+            })?;
+        let transport =
+            MmioTransport::new(device, mem.clone(), Arc::new(VirtioInterrupt::new(irq)))?;
+        for (queue, event) in transport.queue_events().iter().enumerate() {
+            vm.fd
+                .register_ioevent(
+                    event,
+                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                    queue as u32,
+                )
+                .map_err(|source| BuildError::Kvm {
+                    what: "register a virtio ioeventfd",
+                    source,
+                })?;
+        }
+        bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
+        args.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+    }
+    Ok((bus, args))
+}
+
 /// Builds and starts the VM described by `spec`. `started` is the VMM's start time, against
 /// which the guest's "booted" report is measured.
 pub fn build(spec: &VmSpec, kvm_path: &Path, started: Instant) -> Result<RunningVm, BuildError> {
@@ -128,7 +198,13 @@ pub fn build(spec: &VmSpec, kvm_path: &Path, started: Instant) -> Result<Running
         Some(path) => Some(boot::load_initrd(&guest_memory, path, kernel.end)?),
         None => None,
     };
-    boot::write_boot_info(&guest_memory, &kernel, &spec.kernel_cmdline(), initrd)?;
+    let (mmio, device_args) = attach_virtio_devices(&vm, &guest_memory, spec)?;
+    boot::write_boot_info(
+        &guest_memory,
+        &kernel,
+        &spec.kernel_cmdline(&device_args),
+        initrd,
+    )?;
     regs::write_boot_tables(&guest_memory, kernel.mode)?;
     mptable::setup_mptable(&guest_memory, spec.vcpus)?;
     tracing::info!(
@@ -167,7 +243,7 @@ pub fn build(spec: &VmSpec, kvm_path: &Path, started: Instant) -> Result<Running
     )?;
     let buses = Buses {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(mmio),
     };
 
     let vcpus = (0..spec.vcpus)

@@ -9,5 +9,6 @@ pub mod builder;
 pub mod config;
 pub mod devices;
 pub mod exit;
+pub mod fs_backends;
 pub mod stdin;
 pub mod vstate;

@@ -39,6 +39,12 @@ struct Cli {
     /// Entry protocol for ELF kernels: auto (PVH when the note is present), linux or pvh.
     #[arg(long, value_enum)]
     boot_protocol: Option<BootProtocolArg>,
+    /// Share a host directory over virtio-fs: tag=TAG,dir=PATH[,readonly] (repeatable).
+    #[arg(long = "fs")]
+    fs: Vec<String>,
+    /// Tag of the virtio-fs share the guest init mounts as its root.
+    #[arg(long)]
+    root: Option<String>,
     /// Environment of the entrypoint, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -117,6 +123,12 @@ fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
     }
     if let Some(protocol) = cli.boot_protocol {
         spec.boot_protocol = protocol.into();
+    }
+    for share in &cli.fs {
+        spec.fs.push(share.parse()?);
+    }
+    if let Some(root) = &cli.root {
+        spec.root = Some(root.clone());
     }
     for pair in &cli.env {
         let (name, value) = pair

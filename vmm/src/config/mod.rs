@@ -1,6 +1,9 @@
 //! User-facing VM configuration (the spec) and its validation, apart from the code that acts
 //! on it.
 
+pub mod fs;
 pub mod spec;
+
+pub use fs::FsSpec;
 
 pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};

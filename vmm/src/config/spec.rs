@@ -6,6 +6,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::fs::{FsSpec, FsSpecError};
+
 pub const MIN_VCPUS: u32 = 1;
 pub const MAX_VCPUS: u32 = 32;
 pub const MIN_MEMORY_MIB: u64 = 16;
@@ -70,7 +72,16 @@ pub struct VmSpec {
     pub serial: SerialOutput,
     #[serde(default)]
     pub boot_protocol: BootProtocol,
+    /// Filesystems shared over virtio-fs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsSpec>,
+    /// The tag of the share the guest init mounts as its root before running the entrypoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
+
+/// The kernel argument through which the guest init learns its root tag.
+pub const ROOT_TAG_PARAM: &str = "gridinit.root";
 
 fn default_vcpus() -> u32 {
     DEFAULT_VCPUS
@@ -96,6 +107,8 @@ pub enum SpecError {
     TooManyArgs(usize),
     #[error("{0} environment variables given; the kernel passes at most {MAX_INIT_ENVS} to init")]
     TooManyEnvs(usize),
+    #[error(transparent)]
+    Fs(#[from] FsSpecError),
     #[error("the kernel command line has a ` -- `; give the entrypoint as the spec's entrypoint instead")]
     CmdlineHasInitArgs,
 }
@@ -113,6 +126,8 @@ impl VmSpec {
             env: BTreeMap::new(),
             serial: SerialOutput::Stdout,
             boot_protocol: BootProtocol::Auto,
+            fs: Vec::new(),
+            root: None,
         }
     }
 
@@ -137,6 +152,7 @@ impl VmSpec {
             return Err(SpecError::CmdlineHasInitArgs);
         }
         check_quotable("kernel argument", &self.cmdline)?;
+        super::fs::validate(&self.fs, self.root.as_deref())?;
         for (name, value) in &self.env {
             let valid = !name.is_empty()
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -156,9 +172,14 @@ impl VmSpec {
         self.memory_mib << 20
     }
 
-    /// The full guest kernel command line.
-    pub fn kernel_cmdline(&self) -> String {
+    /// The full guest kernel command line; `device_args` (virtio-mmio devices) come before
+    /// the user's arguments.
+    pub fn kernel_cmdline(&self, device_args: &[String]) -> String {
         let mut words = vec![BASE_CMDLINE.to_string()];
+        words.extend(device_args.iter().cloned());
+        if let Some(root) = &self.root {
+            words.push(format!("{ROOT_TAG_PARAM}={root}"));
+        }
         if !self.cmdline.trim().is_empty() {
             words.push(self.cmdline.trim().to_string());
         }
@@ -235,7 +256,7 @@ mod tests {
         s.entrypoint = vec!["/bin/sh".into(), "-c".into(), "echo hi; exit 3".into()];
         s.validate().unwrap();
         assert_eq!(
-            s.kernel_cmdline(),
+            s.kernel_cmdline(&[]),
             format!(
                 "{BASE_CMDLINE} quiet GREETING=\"hello world\" -- /bin/sh -c \"echo hi; exit 3\""
             )
