@@ -73,7 +73,8 @@ log "building vmlinux and bzImage with -j$(nproc)"
 make -j"$(nproc)" vmlinux bzImage >&2
 
 # The VMM uses the PVH entry when vmlinux carries XEN_ELFNOTE_PHYS32_ENTRY (owner "Xen", type 18).
-if ! readelf -n vmlinux | grep -A0 -E '^\s+Xen\s' | grep -qE '0x00000012|PHYS32_ENTRY'; then
+notes="$(readelf -n vmlinux)"
+if ! grep -E '^\s+Xen\s' <<<"$notes" | grep -E '0x00000012|PHYS32_ENTRY' >/dev/null; then
     die "vmlinux has no Xen PHYS32_ENTRY (PVH) ELF note; is CONFIG_PVH=y effective?"
 fi
 
@@ -82,10 +83,11 @@ mkdir -p "$staged"
 cp vmlinux "$staged/vmlinux"
 cp arch/x86/boot/bzImage "$staged/bzImage"
 cp .config "$staged/config"
-rm -rf "$src"
 # Atomic publish: rename the finished directory into place; if a concurrent build won, keep it.
 if ! mv -T "$staged" "$out" 2>/dev/null; then
     [[ -f "$out/vmlinux" && -f "$out/bzImage" ]] || die "could not move the build into $out"
 fi
-log "done"
+log "done; removing the build tree"
+cd /
+rm -rf "$work"
 echo "$out"
