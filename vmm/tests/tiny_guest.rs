@@ -234,8 +234,12 @@ fn bad_input_gets_a_clear_error() {
     assert_rejected(&["--kernel", nk, "--serial", "tty"], "--serial must be");
     assert_rejected(&["--kernel", nk, "--env", "NOEQUALS"], "KEY=VALUE");
     assert_rejected(
-        &["--kernel", nk, "--", "echo", "say \"hi\""],
-        "cannot be passed on the kernel command line",
+        &["--kernel", nk, "--env", "A.B=1"],
+        "environment variable name \"A.B\" is invalid",
+    );
+    assert_rejected(
+        &["--kernel", nk, "--cmdline", "a -- b"],
+        "give the entrypoint as the spec's entrypoint",
     );
     assert_rejected(
         &["--config", "/nonexistent/vm.json"],

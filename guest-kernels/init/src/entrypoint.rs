@@ -1,8 +1,8 @@
 //! Running the entrypoint: resolve it in PATH, start it with the kernel-given environment,
 //! and, as PID 1, reap every child until the entrypoint itself exits.
 //!
-//! Environment: exactly what the kernel passed to init (its defaults HOME=/ and TERM=linux
-//! plus the `KEY=VALUE` words of the command line), with PATH added when absent.
+//! Environment: HOME=/ and TERM=linux, then the `gridinit.env=` variables of the command line
+//! (see `cmdline`), with PATH added when absent.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;

@@ -5,6 +5,7 @@
 //! report its exit status to the VMM and end the VM. Every path ends the VM: errors are
 //! reported as statuses, never as panics (a dying PID 1 panics the kernel).
 
+mod cmdline;
 mod console;
 mod entrypoint;
 mod error;
@@ -33,9 +34,20 @@ fn run() -> u8 {
         return entrypoint::STATUS_SETUP_FAILED;
     }
 
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let env: Vec<(OsString, OsString)> = std::env::vars_os().collect();
-    match entrypoint::run(&args, env) {
+    let boot = match cmdline::read() {
+        Ok(boot) => boot,
+        Err(e) => {
+            console::log(&format!("cannot read /proc/cmdline: {e}"));
+            return entrypoint::STATUS_SETUP_FAILED;
+        }
+    };
+    let mut env: Vec<(OsString, OsString)> =
+        vec![("HOME".into(), "/".into()), ("TERM".into(), "linux".into())];
+    for (key, value) in boot.env {
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value));
+    }
+    match entrypoint::run(&boot.entrypoint, env) {
         Ok(status) => status,
         Err(e) => {
             console::log(&e.to_string());

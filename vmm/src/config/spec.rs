@@ -80,8 +80,11 @@ pub struct VmSpec {
     pub root: Option<String>,
 }
 
-/// The kernel argument through which the guest init learns its root tag.
+/// Kernel arguments through which the guest init learns its root tag and environment; the
+/// entrypoint follows a standalone `--`. Values and argv words are percent-encoded (see
+/// [`encode_word`]); guest-kernels/init/src/cmdline.rs decodes them.
 pub const ROOT_TAG_PARAM: &str = "gridinit.root";
+pub const ENV_PARAM: &str = "gridinit.env";
 
 fn default_vcpus() -> u32 {
     DEFAULT_VCPUS
@@ -101,7 +104,7 @@ pub enum SpecError {
     MemoryTooLarge(u64),
     #[error("environment variable name {0:?} is invalid (use letters, digits and _; no '.', '=' or spaces)")]
     BadEnvName(String),
-    #[error("{what} {value:?} cannot be passed on the kernel command line (it contains a double quote or a control character)")]
+    #[error("{what} {value:?} cannot be passed on the kernel command line (it contains a control character, or a NUL)")]
     Unquotable { what: &'static str, value: String },
     #[error("the entrypoint has {0} words; the kernel passes at most {MAX_INIT_ARGS} to init")]
     TooManyArgs(usize),
@@ -160,10 +163,10 @@ impl VmSpec {
             if !valid {
                 return Err(SpecError::BadEnvName(name.clone()));
             }
-            check_quotable("environment value", value)?;
+            check_no_nul("environment value", value)?;
         }
         for arg in &self.entrypoint {
-            check_quotable("entrypoint argument", arg)?;
+            check_no_nul("entrypoint argument", arg)?;
         }
         Ok(())
     }
@@ -184,18 +187,18 @@ impl VmSpec {
             words.push(self.cmdline.trim().to_string());
         }
         for (name, value) in &self.env {
-            words.push(format!("{name}={}", quote(value)));
+            words.push(format!("{ENV_PARAM}={name}={}", encode_word(value)));
         }
         if !self.entrypoint.is_empty() {
             words.push("--".to_string());
-            words.extend(self.entrypoint.iter().map(|a| quote(a)));
+            words.extend(self.entrypoint.iter().map(|a| encode_word(a)));
         }
         words.join(" ")
     }
 }
 
-fn check_quotable(what: &'static str, value: &str) -> Result<(), SpecError> {
-    if value.contains('"') || value.chars().any(|c| c.is_control()) {
+fn check_no_nul(what: &'static str, value: &str) -> Result<(), SpecError> {
+    if value.contains('\0') {
         return Err(SpecError::Unquotable {
             what,
             value: value.to_string(),
@@ -204,13 +207,31 @@ fn check_quotable(what: &'static str, value: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// Quotes a word for the kernel's command-line parser, which groups "..." into one word.
-fn quote(word: &str) -> String {
-    if word.is_empty() || word.contains(char::is_whitespace) {
-        format!("\"{word}\"")
-    } else {
-        word.to_string()
+fn check_quotable(what: &'static str, value: &str) -> Result<(), SpecError> {
+    if value.chars().any(|c| c.is_control()) {
+        return Err(SpecError::Unquotable {
+            what,
+            value: value.to_string(),
+        });
     }
+    Ok(())
+}
+
+/// Percent-encodes what the kernel's command-line parser would split or strip (white space,
+/// double quotes), `%` itself, control characters and non-ASCII bytes; the empty word is `%00`.
+pub fn encode_word(word: &str) -> String {
+    if word.is_empty() {
+        return "%00".to_string();
+    }
+    let mut out = String::with_capacity(word.len());
+    for b in word.bytes() {
+        if b.is_ascii_graphic() && b != b'"' && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -258,15 +279,17 @@ mod tests {
         assert_eq!(
             s.kernel_cmdline(&[]),
             format!(
-                "{BASE_CMDLINE} quiet GREETING=\"hello world\" -- /bin/sh -c \"echo hi; exit 3\""
+                "{BASE_CMDLINE} quiet gridinit.env=GREETING=hello%20world -- /bin/sh -c echo%20hi;%20exit%203"
             )
         );
+        assert_eq!(encode_word("say \"100%\"\n"), "say%20%22100%25%22%0A");
+        assert_eq!(encode_word(""), "%00");
     }
 
     #[test]
     fn unrepresentable_words_are_rejected() {
         let mut s = spec();
-        s.entrypoint = vec!["say \"x\"".into()];
+        s.entrypoint = vec!["nul\0inside".into()];
         assert!(matches!(s.validate(), Err(SpecError::Unquotable { .. })));
         let mut s = spec();
         s.env.insert("a.b".into(), "1".into());

@@ -1,0 +1,172 @@
+//! The vmm booting the project's Linux guest kernel and init on the test bed (a real KVM host
+//! inside QEMU): ELF (PVH and 64-bit Linux entry) and bzImage boots, 1 and several vCPUs, the
+//! entrypoint's status as the vmm's, guest reboot, virtio-fs shares, and bad input.
+
+use std::path::PathBuf;
+
+use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, JobOutput, Testbed};
+
+struct Bed {
+    testbed: Testbed,
+    vmm: PathBuf,
+    vmlinux: PathBuf,
+    bz_image: PathBuf,
+    initrd: PathBuf,
+}
+
+fn bed(test: &str) -> Result<Option<Bed>, Error> {
+    let Some(testbed) = skip_if_missing(test, Testbed::from_system())? else {
+        return Ok(None);
+    };
+    let Some(kernel) = skip_if_missing(test, artifacts::guest_kernel())? else {
+        return Ok(None);
+    };
+    let init = artifacts::guest_init()?;
+    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
+    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
+        context: format!("creating {}", scratch.display()),
+        source,
+    })?;
+    let initrd = scratch.join("initrd.cpio");
+    microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?.write_file(&initrd)?;
+    Ok(Some(Bed {
+        testbed,
+        vmm: artifacts::vmm_binary()?,
+        vmlinux: kernel.vmlinux,
+        bz_image: kernel.bz_image,
+        initrd,
+    }))
+}
+
+impl Bed {
+    /// Runs `script` on the test bed with the vmm at /vmm, the guest kernels at /guest/vmlinux
+    /// and /guest/bzImage and the guest initramfs at /guest/initrd.
+    fn run(&self, script: &str) -> Result<JobOutput, Error> {
+        let job = Job::new(script)
+            .binary("/vmm", &self.vmm)
+            .file("/guest/vmlinux", &self.vmlinux)
+            .file("/guest/bzImage", &self.bz_image)
+            .file("/guest/initrd", &self.initrd);
+        let out = self.testbed.run(&job)?;
+        eprintln!("--- job output ---\n{}", out.output);
+        Ok(out)
+    }
+}
+
+const VMM: &str = "/vmm --initrd /guest/initrd --memory 128";
+
+#[test]
+fn elf_pvh_boot_runs_the_entrypoint_and_returns_its_status() -> Result<(), Error> {
+    let Some(bed) = bed("elf_pvh_boot_runs_the_entrypoint_and_returns_its_status")? else {
+        return Ok(());
+    };
+    let out = bed.run(&format!(
+        "{VMM} --kernel /guest/vmlinux --env GREETING='hello there' -- /bin/sh -c 'echo \"guest says $GREETING\" 100%; exit 7'\n\
+         echo vmm-status=$?\n"
+    ))?;
+    assert!(
+        out.output.contains("\nguest says hello there 100%"),
+        "{}",
+        out.console
+    );
+    assert!(out.output.contains("vmm-status=7"), "{}", out.console);
+    assert!(
+        out.output.contains("vmm: guest booted in"),
+        "{}",
+        out.console
+    );
+    Ok(())
+}
+
+#[test]
+fn linux_64bit_entry_and_bzimage_boot() -> Result<(), Error> {
+    let Some(bed) = bed("linux_64bit_entry_and_bzimage_boot")? else {
+        return Ok(());
+    };
+    let out = bed.run(&format!(
+        "{VMM} --kernel /guest/vmlinux --boot-protocol linux -- /bin/sh -c 'echo $((6*7))-via-elf-linux-entry'\n\
+         echo elf-status=$?\n\
+         {VMM} --kernel /guest/bzImage -- /bin/sh -c 'echo $((6*7))-via-bzimage'\n\
+         echo bz-status=$?\n"
+    ))?;
+    for needle in [
+        "42-via-elf-linux-entry",
+        "elf-status=0",
+        "42-via-bzimage",
+        "bz-status=0",
+    ] {
+        assert!(
+            out.output.contains(needle),
+            "missing {needle}: {}",
+            out.console
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn all_vcpus_come_up() -> Result<(), Error> {
+    let Some(bed) = bed("all_vcpus_come_up")? else {
+        return Ok(());
+    };
+    let out = bed.run(&format!(
+        "{VMM} --kernel /guest/vmlinux --vcpus 1 -- /bin/busybox nproc\n\
+         {VMM} --kernel /guest/vmlinux --vcpus 4 -- /bin/busybox nproc\n\
+         {VMM} --kernel /guest/bzImage --vcpus 3 -- /bin/busybox nproc\n"
+    ))?;
+    let counts: Vec<&str> = out
+        .output
+        .lines()
+        .filter(|l| l.trim().chars().all(|c| c.is_ascii_digit()) && !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    assert_eq!(counts, ["1", "4", "3"], "{}", out.console);
+    Ok(())
+}
+
+#[test]
+fn guest_reboot_ends_the_vm() -> Result<(), Error> {
+    let Some(bed) = bed("guest_reboot_ends_the_vm")? else {
+        return Ok(());
+    };
+    let out = bed.run(&format!(
+        "{VMM} --kernel /guest/vmlinux -- /bin/busybox reboot -f\n\
+         echo reboot-status=$?\n"
+    ))?;
+    assert!(out.output.contains("reboot-status=0"), "{}", out.console);
+    Ok(())
+}
+
+#[test]
+fn virtio_fs_shares_a_host_directory() -> Result<(), Error> {
+    let Some(bed) = bed("virtio_fs_shares_a_host_directory")? else {
+        return Ok(());
+    };
+    let out = bed.run(&format!(
+        "mkdir -p /srv/data /srv/ro && echo from-host > /srv/data/hello && echo keep > /srv/ro/file\n\
+         {VMM} --kernel /guest/vmlinux --fs tag=data,dir=/srv/data --fs tag=ro,dir=/srv/ro,readonly -- /bin/sh -c '\
+            mkdir -p /mnt/data /mnt/ro && mount -t virtiofs data /mnt/data && mount -t virtiofs ro /mnt/ro && \
+            cat /mnt/data/hello && echo from-guest > /mnt/data/written && \
+            if echo x > /mnt/ro/new 2>/tmp/err; then echo ro-write-succeeded; else cat /tmp/err; fi; \
+            cat /mnt/ro/file'\n\
+         echo fs-status=$?\n\
+         cat /srv/data/written\n\
+         test -e /srv/ro/new && echo ro-file-created\n"
+    ))?;
+    let o = &out.output;
+    assert!(o.contains("from-host"), "{}", out.console);
+    assert!(o.contains("fs-status=0"), "{}", out.console);
+    assert!(
+        o.contains("from-guest"),
+        "written file not on the host: {}",
+        out.console
+    );
+    assert!(o.contains("Read-only file system"), "{}", out.console);
+    assert!(
+        !o.contains("ro-write-succeeded") && !o.contains("ro-file-created"),
+        "{}",
+        out.console
+    );
+    assert!(o.contains("keep"), "{}", out.console);
+    Ok(())
+}
