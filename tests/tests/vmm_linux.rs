@@ -170,3 +170,35 @@ fn virtio_fs_shares_a_host_directory() -> Result<(), Error> {
     assert!(o.contains("keep"), "{}", out.console);
     Ok(())
 }
+
+#[test]
+fn root_on_virtio_fs_runs_the_entrypoint_from_the_share() -> Result<(), Error> {
+    let Some(bed) = bed("root_on_virtio_fs_runs_the_entrypoint_from_the_share")? else {
+        return Ok(());
+    };
+    let out = bed.run(&format!(
+        "mkdir -p /srv/root/bin /srv/root/etc /srv/root/proc /srv/root/dev\n\
+         cp /bin/busybox /srv/root/bin/busybox && ln -s busybox /srv/root/bin/sh\n\
+         echo root-from-share > /srv/root/etc/marker\n\
+         {VMM} --kernel /guest/vmlinux --fs tag=rootfs,dir=/srv/root --root rootfs -- /bin/sh -c \
+           'cat /etc/marker; test -e /init || echo no-initramfs; test -c /dev/null && echo dev-ok; \
+            grep -q \" / virtiofs \" /proc/mounts && echo root-is-virtiofs; echo written > /etc/new'\n\
+         echo root-status=$?\n\
+         cat /srv/root/etc/new\n"
+    ))?;
+    for needle in [
+        "root-from-share",
+        "no-initramfs",
+        "dev-ok",
+        "root-is-virtiofs",
+        "root-status=0",
+        "\nwritten",
+    ] {
+        assert!(
+            out.output.contains(needle),
+            "missing {needle:?}: {}",
+            out.console
+        );
+    }
+    Ok(())
+}

@@ -29,11 +29,6 @@ fn run() -> u8 {
     ports::report_booted();
     console::log("booted");
 
-    if let Err(e) = rootfs::prepare() {
-        console::log(&format!("root filesystem setup failed: {e}"));
-        return entrypoint::STATUS_SETUP_FAILED;
-    }
-
     let boot = match cmdline::read() {
         Ok(boot) => boot,
         Err(e) => {
@@ -41,6 +36,10 @@ fn run() -> u8 {
             return entrypoint::STATUS_SETUP_FAILED;
         }
     };
+    if let Err(e) = rootfs::prepare(boot.root.as_deref()) {
+        console::log(&format!("root filesystem setup failed: {e}"));
+        return entrypoint::STATUS_SETUP_FAILED;
+    }
     let mut env: Vec<(OsString, OsString)> =
         vec![("HOME".into(), "/".into()), ("TERM".into(), "linux".into())];
     for (key, value) in boot.env {
