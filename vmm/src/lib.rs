@@ -10,5 +10,6 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod fs_backends;
+pub mod seccomp;
 pub mod stdin;
 pub mod vstate;

@@ -93,6 +93,9 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
             .server
             .clone()
             .ok_or_else(|| ActivateError::Device("virtio-fs server is gone".into()))?;
+        let seccomp = Arc::new(
+            crate::seccomp::fs_worker_filter().map_err(|e| ActivateError::Device(e.to_string()))?,
+        );
         for (index, (queue, event)) in queues.into_iter().zip(queue_events).enumerate() {
             let worker = QueueWorker {
                 tag: self.tag.clone(),
@@ -102,6 +105,7 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
                 event,
                 interrupt: interrupt.clone(),
                 server: server.clone(),
+                seccomp: Some(seccomp.clone()),
             };
             std::thread::Builder::new()
                 .name(format!("fs-{}-q{index}", self.tag))

@@ -67,6 +67,7 @@ impl Fixture {
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             )),
             server: Arc::new(Server::new(Arc::new(fs))),
+            seccomp: None,
         }
     }
 

@@ -22,10 +22,22 @@ pub(super) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
     pub event: EventFd,
     pub interrupt: Arc<VirtioInterrupt>,
     pub server: Arc<Server<Arc<F>>>,
+    /// Seccomp filter the worker installs on its own thread before serving the guest.
+    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
     pub fn run(mut self) {
+        if let Some(filter) = &self.seccomp {
+            if let Err(e) = crate::seccomp::apply_to_current_thread(filter) {
+                tracing::error!(
+                    "virtio-fs {} queue {}: not serving without its seccomp filter: {e}",
+                    self.tag,
+                    self.index
+                );
+                return;
+            }
+        }
         loop {
             if !self.wait_for_notification() {
                 return;
