@@ -48,6 +48,8 @@ pub fn boot(kernel: &Path, initrd: &Path, append: &str, timeout: Duration) -> Re
             "-serial",
             "mon:stdio",
         ])
+        // microvm has no keyboard controller by default; `reboot=k` needs one to reset.
+        .args(["-device", "i8042"])
         .arg("-kernel")
         .arg(kernel)
         .arg("-initrd")
