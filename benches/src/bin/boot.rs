@@ -55,10 +55,20 @@ fn main() -> Result<()> {
     );
     if args.direct {
         let status = Command::new(&bench)
-            .args(["--vmm".as_ref(), vmm.as_os_str(), "--qemu".as_ref(), qemu.as_os_str()])
+            .args([
+                "--vmm".as_ref(),
+                vmm.as_os_str(),
+                "--qemu".as_ref(),
+                qemu.as_os_str(),
+            ])
             .args(["--kernel".as_ref(), kernel.vmlinux.as_os_str()])
             .args(["--initrd".as_ref(), initrd.as_os_str()])
-            .args(["--runs", &args.runs.to_string(), "--memory-mib", &args.memory_mib.to_string()])
+            .args([
+                "--runs",
+                &args.runs.to_string(),
+                "--memory-mib",
+                &args.memory_mib.to_string(),
+            ])
             .status()?;
         if !status.success() {
             bail!("boot_bench failed: {status}");
@@ -84,7 +94,11 @@ fn main() -> Result<()> {
     let out = bed.run(&job)?;
     print!("{}", out.output);
     if out.status != 0 {
-        bail!("the benchmark failed on the test bed (status {}):\n{}", out.status, out.console);
+        bail!(
+            "the benchmark failed on the test bed (status {}):\n{}",
+            out.status,
+            out.console
+        );
     }
     println!("(measured on the test bed: a KVM host inside QEMU TCG; compare the ratios)");
     Ok(())

@@ -51,7 +51,9 @@ fn rss_split(pid: u32) -> Result<(u64, u64)> {
         let (Some(key), Some(value)) = (words.next(), words.next()) else {
             continue;
         };
-        let Ok(kib) = value.parse::<u64>() else { continue };
+        let Ok(kib) = value.parse::<u64>() else {
+            continue;
+        };
         match key {
             "Size:" => size = kib,
             "Rss:" => {
@@ -112,7 +114,10 @@ fn run_qemu(qemu: &PathBuf, args: &Args) -> Result<Sample> {
     let started = Instant::now();
     let append = format!("{CMDLINE} -- /bin/busybox sleep 30");
     let child = Command::new(qemu)
-        .args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on"])
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on",
+        ])
         .args(["-accel", "kvm", "-cpu", "host", "-smp", "1"])
         .args(["-m", &format!("{}M", args.memory_mib)])
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
@@ -134,9 +139,24 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn report(name: &str, samples: &[Sample]) -> (f64, f64) {
-    let boot = median(samples.iter().map(|s| s.boot.as_secs_f64() * 1000.0).collect());
-    let overhead = median(samples.iter().map(|s| s.overhead_kib as f64 / 1024.0).collect());
-    let total = median(samples.iter().map(|s| s.total_kib as f64 / 1024.0).collect());
+    let boot = median(
+        samples
+            .iter()
+            .map(|s| s.boot.as_secs_f64() * 1000.0)
+            .collect(),
+    );
+    let overhead = median(
+        samples
+            .iter()
+            .map(|s| s.overhead_kib as f64 / 1024.0)
+            .collect(),
+    );
+    let total = median(
+        samples
+            .iter()
+            .map(|s| s.total_kib as f64 / 1024.0)
+            .collect(),
+    );
     println!(
         "{name:<14} boot {boot:>9.1} ms (median of {}; min {:.1}, max {:.1})   overhead {overhead:>6.1} MiB   total RSS {total:>6.1} MiB",
         samples.len(),
@@ -151,10 +171,14 @@ fn main() -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let vmm: Vec<Sample> = (0..args.runs).map(|_| run_vmm(&args)).collect::<Result<_>>()?;
+    let vmm: Vec<Sample> = (0..args.runs)
+        .map(|_| run_vmm(&args))
+        .collect::<Result<_>>()?;
     let (vmm_boot, vmm_overhead) = report("vmm", &vmm);
     if let Some(qemu) = &args.qemu {
-        let q: Vec<Sample> = (0..args.runs).map(|_| run_qemu(qemu, &args)).collect::<Result<_>>()?;
+        let q: Vec<Sample> = (0..args.runs)
+            .map(|_| run_qemu(qemu, &args))
+            .collect::<Result<_>>()?;
         let (q_boot, q_overhead) = report("qemu microvm", &q);
         println!(
             "ratio vmm/qemu: boot {:.2}x, memory overhead {:.2}x",
