@@ -1,0 +1,91 @@
+//! Verifying an image against its stores: every distinct chunk is fetched from every store
+//! that should hold it, its id checked and it is decoded (size and convergent key checked).
+//! The report lists each missing or corrupt chunk with the store and the files that use it.
+
+use crate::chunk::{decode, ChunkId};
+use crate::error::Error;
+use crate::meta::{ChunkRef, Image};
+use crate::store::Router;
+use indicatif::ProgressBar;
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug)]
+pub struct Problem {
+    pub id: ChunkId,
+    pub store: String,
+    pub missing: bool,
+    pub reason: String,
+    /// Up to a few paths that use this chunk.
+    pub files: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct VerifyReport {
+    pub chunks: u64,
+    pub copies_ok: u64,
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks every chunk of `image` in every store `router` maps it to.
+pub fn verify(image: &Image, router: &Router, progress: bool) -> VerifyReport {
+    let mut chunks: BTreeMap<ChunkId, (ChunkRef, Vec<String>)> = BTreeMap::new();
+    for (path, ino) in image.walk() {
+        let Some(inode) = image.inode(ino) else {
+            continue;
+        };
+        for c in &inode.chunks {
+            let entry = chunks
+                .entry(c.id)
+                .or_insert_with(|| (c.clone(), Vec::new()));
+            if entry.1.len() < 3 {
+                let p = String::from_utf8_lossy(&path).into_owned();
+                if !entry.1.contains(&p) {
+                    entry.1.push(p);
+                }
+            }
+        }
+    }
+    let bar = if progress {
+        ProgressBar::new(chunks.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut report = VerifyReport::default();
+    for (id, (cref, files)) in chunks {
+        report.chunks += 1;
+        let stores = router.stores_for(&id);
+        if stores.is_empty() {
+            report.problems.push(Problem {
+                id,
+                store: "<none>".into(),
+                missing: true,
+                reason: "no store covers this id".into(),
+                files: files.clone(),
+            });
+        }
+        for store in stores {
+            let result = store
+                .get(&id)
+                .and_then(|b| decode(&id, &b, cref.key.as_ref(), cref.size).map(|_| ()));
+            match result {
+                Ok(()) => report.copies_ok += 1,
+                Err(e) => report.problems.push(Problem {
+                    id,
+                    store: store.url().to_string(),
+                    missing: matches!(e, Error::ChunkNotFound { .. }),
+                    reason: e.to_string(),
+                    files: files.clone(),
+                }),
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    report
+}
