@@ -96,3 +96,84 @@ impl ChunkSource {
         Ok(done)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::encode;
+    use crate::meta::{Inode, InodeKind};
+    use crate::store::Store;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting {
+        inner: crate::store::DirStore,
+        gets: AtomicUsize,
+    }
+
+    impl Store for Counting {
+        fn url(&self) -> &str {
+            self.inner.url()
+        }
+        fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            self.inner.get(id)
+        }
+        fn put(&self, id: &ChunkId, d: &[u8]) -> Result<()> {
+            self.inner.put(id, d)
+        }
+        fn exists(&self, id: &ChunkId) -> Result<bool> {
+            self.inner.exists(id)
+        }
+    }
+
+    #[test]
+    fn small_read_of_huge_file_fetches_one_chunk() {
+        let d = tempfile::tempdir().unwrap();
+        let store = Arc::new(Counting {
+            inner: crate::store::DirStore::open(&format!("dir://{}", d.path().display())).unwrap(),
+            gets: AtomicUsize::new(0),
+        });
+        const CH: u32 = 256 * 1024;
+        // A 1 GiB file of 4096 chunks whose chunk ids are distinct (per-chunk fill byte).
+        let mut inode = Inode::new(InodeKind::File, 0o644);
+        for n in 0..4096u64 {
+            let plain = vec![(n % 251) as u8; CH as usize];
+            let e = encode(&plain, false).unwrap();
+            if n == 2048 {
+                store.put(&e.id, &e.stored).unwrap();
+            }
+            inode.chunks.push(ChunkRef {
+                id: e.id,
+                offset: n * u64::from(CH),
+                size: CH,
+                key: None,
+            });
+        }
+        inode.size = 4096 * u64::from(CH);
+        let src = ChunkSource::new(
+            Router::new(vec![(0, 255, store.clone() as Arc<dyn Store>)]),
+            None,
+        );
+        let mut out = Vec::new();
+        let n = src
+            .read_range(&inode, 2048 * u64::from(CH) + 100, 4096, &mut |b| {
+                out.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((n, out.len()), (4096, 4096));
+        assert!(out.iter().all(|&b| b == (2048 % 251) as u8));
+        assert_eq!(store.gets.load(Ordering::SeqCst), 1);
+        // Reading past EOF returns nothing; reading a missing chunk is an error naming it.
+        assert_eq!(
+            src.read_range(&inode, inode.size, 10, &mut |_| Ok(()))
+                .unwrap(),
+            0
+        );
+        let e = src
+            .read_range(&inode, 0, 1, &mut |_| Ok(()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&inode.chunks[0].id.to_hex()), "{e}");
+    }
+}

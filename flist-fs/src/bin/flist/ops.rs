@@ -7,6 +7,7 @@ use flist_fs::pack::PackOptions;
 use flist_fs::store::Router;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(clap::Args)]
 pub struct PackArgs {
@@ -162,7 +163,30 @@ pub fn import(a: ImportArgs) -> Result<()> {
     bail!("import is not implemented yet")
 }
 
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
 pub fn mount(image: &Path, mountpoint: &Path, read: &ReadArgs) -> Result<()> {
-    let _ = (image, mountpoint, read);
-    bail!("mount is not implemented yet")
+    let fs = flist_fs::fs::FlistFs::open(image, &read.open_options())?;
+    let mounted = flist_fs::fs::mount::mount(fs, mountpoint, 4)?;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    eprintln!(
+        "mounted {} on {} (read-only); Ctrl-C or umount to stop",
+        image.display(),
+        mountpoint.display()
+    );
+    while mounted.is_alive() && !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    if mounted.is_alive() {
+        mounted.unmount()?;
+    }
+    Ok(())
 }
