@@ -136,3 +136,51 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// A minimal static HTTP/1.1 file server (GET and HEAD, one thread per connection) over
+/// `root` on 127.0.0.1; returns its port. Runs until the test process exits.
+pub fn serve_dir(root: PathBuf) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let root = root.clone();
+            std::thread::spawn(move || loop {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut request = String::new();
+                if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                    return;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let mut parts = request.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or("/"));
+                let rel = path.trim_start_matches('/');
+                let body = if rel.contains("..") {
+                    None
+                } else {
+                    std::fs::read(root.join(rel)).ok()
+                };
+                let resp = match &body {
+                    Some(b) => format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", b.len()),
+                    None => "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n".to_string(),
+                };
+                if conn.write_all(resp.as_bytes()).is_err() {
+                    return;
+                }
+                if let (Some(b), "GET") = (&body, method) {
+                    if conn.write_all(b).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}

@@ -89,7 +89,12 @@ impl Router {
                 Ok(b) => return Ok(b),
                 Err(e) => {
                     tracing::warn!(store = store.url(), chunk = %id, error = %e, "chunk read failed, trying next store");
-                    failures.push(format!("{}: {e}", store.url()));
+                    let msg = e.to_string();
+                    failures.push(if msg.contains(store.url()) {
+                        msg
+                    } else {
+                        format!("{}: {msg}", store.url())
+                    });
                 }
             }
         }
