@@ -20,7 +20,7 @@ fn http_store_serves_an_image() {
     pack(
         &src,
         &img,
-        &Router::from_specs(&[dir_url.clone()]).unwrap(),
+        &Router::from_specs(std::slice::from_ref(&dir_url)).unwrap(),
         &PackOptions::default(),
     )
     .unwrap();
@@ -31,7 +31,7 @@ fn http_store_serves_an_image() {
     let src2 = t.path().join("src2");
     std::fs::create_dir(&src2).unwrap();
     std::fs::write(src2.join("fresh"), b"not stored anywhere yet").unwrap();
-    let r = Router::from_specs(&[http.clone()]).unwrap();
+    let r = Router::from_specs(std::slice::from_ref(&http)).unwrap();
     let no = t.path().join("no.flist");
     let e = pack(&src2, &no, &r, &PackOptions::default())
         .unwrap_err()
@@ -51,8 +51,11 @@ fn http_store_serves_an_image() {
     let dest = t.path().join("out");
     flist_fs::unpack::unpack(&image, &source, &dest, &Default::default()).unwrap();
     assert_same_tree(&src, &dest);
-    let report =
-        flist_fs::verify::verify(&image, &Router::from_specs(&[http.clone()]).unwrap(), false);
+    let report = flist_fs::verify::verify(
+        &image,
+        &Router::from_specs(std::slice::from_ref(&http)).unwrap(),
+        false,
+    );
     assert!(report.is_ok() && report.chunks > 10, "{report:?}");
 
     // A down store first, the http store second: reads fail over.
