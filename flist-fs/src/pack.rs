@@ -35,6 +35,8 @@ pub struct PackStats {
     pub new_chunks: u64,
     pub dedup_chunks: u64,
     pub stored_bytes: u64,
+    /// Plaintext bytes of the chunks that were new to the stores.
+    pub new_plain_bytes: u64,
     pub elapsed: Duration,
 }
 
@@ -237,6 +239,7 @@ pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Im
             if seen.insert(enc.id) && router.put(&enc.id, &enc.stored)? {
                 stats.new_chunks += 1;
                 stats.stored_bytes += enc.stored.len() as u64;
+                stats.new_plain_bytes += plain.len() as u64;
             } else {
                 stats.dedup_chunks += 1;
             }
