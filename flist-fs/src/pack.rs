@@ -47,6 +47,100 @@ impl PackStats {
     }
 }
 
+/// A byte progress bar (hidden unless `show`); a spinner-style bar when `total` is unknown.
+pub(crate) fn progress_bar(total: Option<u64>, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    match total {
+        Some(t) => {
+            let bar = ProgressBar::new(t);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        }
+        None => {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar
+        }
+    }
+}
+
+/// Chunks, encodes and stores file contents, deduplicating within one run and counting stats.
+pub(crate) struct ChunkWriter<'a> {
+    router: &'a Router,
+    opts: &'a PackOptions,
+    stats: &'a mut PackStats,
+    bar: &'a ProgressBar,
+    seen: HashSet<ChunkId>,
+}
+
+impl<'a> ChunkWriter<'a> {
+    pub(crate) fn new(
+        router: &'a Router,
+        opts: &'a PackOptions,
+        stats: &'a mut PackStats,
+        bar: &'a ProgressBar,
+    ) -> Self {
+        ChunkWriter {
+            router,
+            opts,
+            stats,
+            bar,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Stores the content read from `reader` (named `path` in errors); returns its chunk list
+    /// and length.
+    pub(crate) fn write(
+        &mut self,
+        reader: impl std::io::Read,
+        path: &Path,
+    ) -> Result<(Vec<ChunkRef>, u64)> {
+        let chunker = Chunker::new(
+            self.opts.chunker,
+            std::io::BufReader::with_capacity(1 << 20, reader),
+        )
+        .map_err(|reason| Error::Unsupported {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        let mut chunks = Vec::new();
+        let mut offset = 0u64;
+        for piece in chunker {
+            let plain = piece.map_err(|e| Error::io(path, e))?;
+            let enc = encode(&plain, self.opts.encrypt)?;
+            self.stats.chunks += 1;
+            if self.seen.insert(enc.id) && self.router.put(&enc.id, &enc.stored)? {
+                self.stats.new_chunks += 1;
+                self.stats.stored_bytes += enc.stored.len() as u64;
+                self.stats.new_plain_bytes += plain.len() as u64;
+            } else {
+                self.stats.dedup_chunks += 1;
+            }
+            chunks.push(ChunkRef {
+                id: enc.id,
+                offset,
+                size: plain.len() as u32,
+                key: enc.key,
+            });
+            offset += plain.len() as u64;
+            self.bar.inc(plain.len() as u64);
+        }
+        self.stats.bytes += offset;
+        Ok((chunks, offset))
+    }
+}
+
 struct Scan {
     image: Image,
     files: Vec<(usize, PathBuf)>,
@@ -208,53 +302,13 @@ pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Im
     } = scan;
 
     let total: u64 = files.iter().map(|(i, _)| image.inodes[*i].size).sum();
-    let bar = if opts.progress {
-        ProgressBar::new(total)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let mut seen: HashSet<ChunkId> = HashSet::new();
+    let bar = progress_bar(Some(total), opts.progress);
+    let mut writer = ChunkWriter::new(router, opts, &mut stats, &bar);
     for (idx, path) in files {
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let chunker = Chunker::new(
-            opts.chunker,
-            std::io::BufReader::with_capacity(1 << 20, file),
-        )
-        .map_err(|reason| Error::Unsupported {
-            path: path.clone(),
-            reason,
-        })?;
-        let mut chunks = Vec::new();
-        let mut offset = 0u64;
-        for piece in chunker {
-            let plain = piece.map_err(|e| Error::io(&path, e))?;
-            let enc = encode(&plain, opts.encrypt)?;
-            stats.chunks += 1;
-            if seen.insert(enc.id) && router.put(&enc.id, &enc.stored)? {
-                stats.new_chunks += 1;
-                stats.stored_bytes += enc.stored.len() as u64;
-                stats.new_plain_bytes += plain.len() as u64;
-            } else {
-                stats.dedup_chunks += 1;
-            }
-            chunks.push(ChunkRef {
-                id: enc.id,
-                offset,
-                size: plain.len() as u32,
-                key: enc.key,
-            });
-            offset += plain.len() as u64;
-            bar.inc(plain.len() as u64);
-        }
+        let (chunks, size) = writer.write(file, &path)?;
         tracing::debug!(path = %path.display(), chunks = chunks.len(), "packed file");
-        stats.bytes += offset;
-        image.inodes[idx].size = offset;
+        image.inodes[idx].size = size;
         image.inodes[idx].chunks = chunks;
     }
     bar.finish_and_clear();

@@ -43,8 +43,12 @@ pub struct ImportArgs {
     /// Which image of a multi-image archive (a ref name or repo tag); default: the first.
     #[arg(long)]
     reference: Option<String>,
+    /// Convergent encryption of chunks.
     #[arg(long)]
     encrypt: bool,
+    /// Tag `key=value` (repeatable).
+    #[arg(long = "tag")]
+    tags: Vec<String>,
 }
 
 fn parse_tags(tags: &[String]) -> Result<BTreeMap<String, String>> {
@@ -159,8 +163,17 @@ pub fn verify(image: &Path, stores: Vec<String>) -> Result<()> {
 }
 
 pub fn import(a: ImportArgs) -> Result<()> {
-    let _ = (&a.source, &a.output, &a.stores, &a.reference, a.encrypt);
-    bail!("import is not implemented yet")
+    let router = Router::from_specs(&a.stores)?;
+    let opts = PackOptions {
+        encrypt: a.encrypt,
+        tags: parse_tags(&a.tags)?,
+        progress: true,
+        ..PackOptions::default()
+    };
+    let stats =
+        flist_fs::oci::import(&a.source, &a.output, &router, &opts, a.reference.as_deref())?;
+    summary(&stats, &a.output);
+    Ok(())
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
