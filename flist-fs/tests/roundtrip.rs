@@ -237,3 +237,45 @@ fn hostile_image_names_rejected_and_unpack_stays_inside() {
         .is_symlink());
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
 }
+
+#[test]
+fn encrypted_images_roundtrip_and_dedup() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let data = pseudo_random(200_000, 11);
+    std::fs::write(src.join("a"), &data).unwrap();
+    std::fs::write(src.join("b"), &data).unwrap();
+    let store = format!("dir://{}", t.path().join("store").display());
+    let img = t.path().join("enc.flist");
+    let out = ok(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        img.to_str().unwrap(),
+        "--store",
+        &store,
+        "--encrypt",
+    ]);
+    // Equal content under convergent encryption is stored once.
+    assert!(
+        out.contains("1 new") && out.contains("1 deduplicated"),
+        "{out}"
+    );
+    assert!(ok(&["info", img.to_str().unwrap()]).contains("encrypted true"));
+    let dest = t.path().join("out");
+    ok(&[
+        "unpack",
+        img.to_str().unwrap(),
+        dest.to_str().unwrap(),
+        "--no-cache",
+    ]);
+    assert_eq!(std::fs::read(dest.join("b")).unwrap(), data);
+    // Stored bytes are not the plaintext's zstd frame.
+    let image = flist_fs::meta::read_image(&img).unwrap();
+    let c = &image.inode(image.resolve("/a").unwrap()).unwrap().chunks[0];
+    let hex = c.id.to_hex();
+    let stored = std::fs::read(t.path().join("store").join(&hex[..2]).join(&hex)).unwrap();
+    assert_ne!(&stored[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
+    assert!(ok(&["verify", img.to_str().unwrap()]).contains("present and correct"));
+}
