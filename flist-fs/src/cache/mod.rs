@@ -210,4 +210,38 @@ mod tests {
         .unwrap();
         assert!(c.get(&id).is_none());
     }
+
+    #[test]
+    fn concurrent_instances_share_and_evict_safely() {
+        let d = tempfile::tempdir().unwrap();
+        let chunks: Vec<(ChunkId, Vec<u8>)> = (0..64u8)
+            .map(|i| {
+                let data = vec![i; 4000 + i as usize];
+                (ChunkId::of(&data), data)
+            })
+            .collect();
+        let chunks = std::sync::Arc::new(chunks);
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let dir = d.path().to_path_buf();
+                let chunks = chunks.clone();
+                std::thread::spawn(move || {
+                    // Each thread has its own instance, like separate processes would.
+                    let c = ChunkCache::open(&dir, 60_000).unwrap();
+                    for round in 0..200usize {
+                        let (id, data) = &chunks[(round * 7 + t * 13) % chunks.len()];
+                        match c.get(id) {
+                            Some(b) => assert_eq!(&b, data),
+                            None => c.put(id, data).unwrap(),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let c = ChunkCache::open(d.path(), 60_000).unwrap();
+        assert!(c.evict().unwrap() <= 60_000);
+    }
 }
