@@ -1,15 +1,55 @@
 //! The router: maps chunk-id ranges (first byte, inclusive) to stores. Writes go to every
 //! store whose range covers the id (replication); reads try those stores in order, verify the
-//! id, and fail over, reporting every store's failure when none can serve the chunk.
+//! id, and fail over, reporting every store's failure when none can serve the chunk. A store
+//! that fails with a connection-level error is put at the back of the read order for
+//! `DOWN_FOR` (so a dead or black-holed store does not cost a timeout per chunk).
 
 use super::{open_store, redact_url, Store};
 use crate::chunk::{verify_stored, ChunkId};
 use crate::error::{Error, Result};
 use crate::meta::Route;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a store that failed at the connection level is tried last.
+const DOWN_FOR: Duration = Duration::from_secs(30);
+
+struct RouteEntry {
+    start: u8,
+    end: u8,
+    store: Arc<dyn Store>,
+    down_until: Mutex<Option<Instant>>,
+}
+
+impl RouteEntry {
+    fn is_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .map(|d| d.is_some_and(|t| Instant::now() < t))
+            .unwrap_or(false)
+    }
+
+    fn mark(&self, down: bool) {
+        if let Ok(mut d) = self.down_until.lock() {
+            *d = down.then(|| Instant::now() + DOWN_FOR);
+        }
+    }
+}
 
 pub struct Router {
-    routes: Vec<(u8, u8, Arc<dyn Store>)>,
+    routes: Vec<RouteEntry>,
+}
+
+fn entries(routes: Vec<(u8, u8, Arc<dyn Store>)>) -> Vec<RouteEntry> {
+    routes
+        .into_iter()
+        .map(|(start, end, store)| RouteEntry {
+            start,
+            end,
+            store,
+            down_until: Mutex::new(None),
+        })
+        .collect()
 }
 
 /// Parses `[SS-EE=]URL` (hex range of the id's first byte; default 00-ff).
@@ -35,7 +75,9 @@ pub fn parse_route_spec(spec: &str) -> Result<(u8, u8, String)> {
 impl Router {
     /// A router over already opened stores.
     pub fn new(routes: Vec<(u8, u8, Arc<dyn Store>)>) -> Self {
-        Router { routes }
+        Router {
+            routes: entries(routes),
+        }
     }
 
     /// Opens every store of `specs` (`[SS-EE=]URL`).
@@ -45,7 +87,7 @@ impl Router {
             let (a, b, url) = parse_route_spec(s.as_ref())?;
             routes.push((a, b, open_store(&url)?));
         }
-        Ok(Router { routes })
+        Ok(Router::new(routes))
     }
 
     /// Opens the stores recorded in an image.
@@ -54,17 +96,17 @@ impl Router {
         for r in routes {
             out.push((r.start, r.end, open_store(&r.url)?));
         }
-        Ok(Router { routes: out })
+        Ok(Router::new(out))
     }
 
     /// The routes, credentials stripped, for recording in an image.
     pub fn routes(&self) -> Vec<Route> {
         self.routes
             .iter()
-            .map(|(a, b, s)| Route {
-                start: *a,
-                end: *b,
-                url: redact_url(s.url()),
+            .map(|r| Route {
+                start: r.start,
+                end: r.end,
+                url: redact_url(r.store.url()),
             })
             .collect()
     }
@@ -73,21 +115,32 @@ impl Router {
         self.routes.is_empty()
     }
 
-    fn covering<'a>(&'a self, id: &ChunkId) -> impl Iterator<Item = &'a Arc<dyn Store>> + 'a {
+    fn covering_entries<'a>(&'a self, id: &ChunkId) -> impl Iterator<Item = &'a RouteEntry> + 'a {
         let p = id.prefix();
         self.routes
             .iter()
-            .filter(move |(a, b, _)| (*a..=*b).contains(&p))
-            .map(|(_, _, s)| s)
+            .filter(move |r| (r.start..=r.end).contains(&p))
+    }
+
+    fn covering<'a>(&'a self, id: &ChunkId) -> impl Iterator<Item = &'a Arc<dyn Store>> + 'a {
+        self.covering_entries(id).map(|r| &r.store)
     }
 
     /// Fetches and verifies chunk `id`, failing over between the stores covering it.
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         let mut failures = Vec::new();
-        for store in self.covering(id) {
+        // Healthy stores first, in order; stores recently down last.
+        let (up, down): (Vec<&RouteEntry>, Vec<&RouteEntry>) =
+            self.covering_entries(id).partition(|r| !r.is_down());
+        for entry in up.into_iter().chain(down) {
+            let store = &entry.store;
             match store.get(id).and_then(|b| verify_stored(id, &b).map(|_| b)) {
-                Ok(b) => return Ok(b),
+                Ok(b) => {
+                    entry.mark(false);
+                    return Ok(b);
+                }
                 Err(e) => {
+                    entry.mark(matches!(e, Error::Store { .. }));
                     tracing::warn!(store = store.url(), chunk = %id, error = %e, "chunk read failed, trying next store");
                     let msg = e.to_string();
                     failures.push(if msg.contains(store.url()) {
@@ -202,5 +255,40 @@ mod tests {
             .find(|i| i.prefix() != 0)
             .unwrap();
         assert!(matches!(empty.get(&id), Err(Error::NoStoreForId { .. })));
+    }
+
+    struct Dead(std::sync::atomic::AtomicUsize);
+
+    impl Store for Dead {
+        fn url(&self) -> &str {
+            "dead://x"
+        }
+        fn get(&self, _: &ChunkId) -> Result<Vec<u8>> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(Error::store("dead://x", "connection refused"))
+        }
+        fn put(&self, _: &ChunkId, _: &[u8]) -> Result<()> {
+            Err(Error::store("dead://x", "connection refused"))
+        }
+        fn exists(&self, _: &ChunkId) -> Result<bool> {
+            Err(Error::store("dead://x", "connection refused"))
+        }
+    }
+
+    #[test]
+    fn down_store_is_tried_last() {
+        let a = tempfile::tempdir().unwrap();
+        let dead = Arc::new(Dead(Default::default()));
+        let good = dir_store(a.path());
+        let r = Router::new(vec![
+            (0, 255, dead.clone() as Arc<dyn Store>),
+            (0, 255, good.clone()),
+        ]);
+        for i in 0..5u8 {
+            let id = ChunkId::of(&[i]);
+            good.put(&id, &[i]).unwrap();
+            assert_eq!(r.get(&id).unwrap(), vec![i]);
+        }
+        assert_eq!(dead.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }
