@@ -3,6 +3,24 @@
 //! mount ([`mount`]) and a VMM's virtio-fs device. Inode numbers are the image's inode numbers
 //! (root = 1), hence stable for the life of a mount. Reads fetch only the chunks covering the
 //! requested range; a chunk that fails verification or cannot be fetched yields EIO.
+//!
+//! Use from a virtio-fs device (the crate knows nothing of the VMM; this is the whole contract):
+//!
+//! ```no_run
+//! use flist_fs::fs::FlistFs;
+//! use flist_fs::open::OpenOptions;
+//! use std::path::Path;
+//!
+//! let opts = OpenOptions {
+//!     stores: vec![],                      // empty: use the stores recorded in the image
+//!     cache_dir: Some("/var/cache/flist".into()),
+//!     cache_max_bytes: 10 << 30,
+//! };
+//! let fs = FlistFs::open(Path::new("/images/ubuntu.flist"), &opts).unwrap();
+//! // `fs` implements fuse_backend_rs::api::filesystem::FileSystem (Inode = Handle = u64):
+//! // wrap it in fuse_backend_rs::api::server::Server::new(fs) and feed virtio-fs requests
+//! // to Server::handle_message, exactly as `mount.rs` does with /dev/fuse.
+//! ```
 
 mod attr;
 #[cfg(feature = "fusedev")]
