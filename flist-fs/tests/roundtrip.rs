@@ -279,3 +279,43 @@ fn encrypted_images_roundtrip_and_dedup() {
     assert_ne!(&stored[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
     assert!(ok(&["verify", img.to_str().unwrap()]).contains("present and correct"));
 }
+
+#[test]
+fn unreadable_file_fails_pack_naming_it() {
+    use std::os::unix::fs::PermissionsExt;
+    // As root every file is readable, so run the pack as `nobody` through setpriv.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/usr/bin/setpriv").exists() {
+        eprintln!("skipping: needs root and setpriv to drop privileges");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("ok"), b"fine").unwrap();
+    std::fs::write(src.join("secret"), b"no").unwrap();
+    std::fs::set_permissions(src.join("secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = t.path().join("img.flist");
+    let o = Command::new("/usr/bin/setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            env!("CARGO_BIN_EXE_flist"),
+            "pack",
+        ])
+        .arg(&src)
+        .arg("-o")
+        .arg(&out)
+        .arg("--store")
+        .arg(format!("dir://{}", t.path().join("store").display()))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("src/secret") && e.contains("Permission denied"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
