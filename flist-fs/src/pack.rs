@@ -47,6 +47,29 @@ impl PackStats {
     }
 }
 
+/// Worker threads for chunk encoding and store writes.
+fn parallelism() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(2, 8)
+}
+
+/// `f` over `items`, one scoped thread per item (callers keep `items` small), results in order.
+fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if items.len() <= 1 {
+        return items.iter().map(&f).collect();
+    }
+    let f = &f;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items.iter().map(|i| s.spawn(move || f(i))).collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    })
+}
+
 /// A byte progress bar (hidden unless `show`); a spinner-style bar when `total` is unknown.
 pub(crate) fn progress_bar(total: Option<u64>, show: bool) -> ProgressBar {
     if !show {
@@ -116,25 +139,48 @@ impl<'a> ChunkWriter<'a> {
         })?;
         let mut chunks = Vec::new();
         let mut offset = 0u64;
-        for piece in chunker {
-            let plain = piece.map_err(|e| Error::io(path, e))?;
-            let enc = encode(&plain, self.opts.encrypt)?;
-            self.stats.chunks += 1;
-            if self.seen.insert(enc.id) && self.router.put(&enc.id, &enc.stored)? {
-                self.stats.new_chunks += 1;
-                self.stats.stored_bytes += enc.stored.len() as u64;
-                self.stats.new_plain_bytes += plain.len() as u64;
-            } else {
-                self.stats.dedup_chunks += 1;
+        let batch_len = parallelism() * 2;
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(batch_len);
+        let mut pieces = chunker.peekable();
+        while let Some(piece) = pieces.next() {
+            batch.push(piece.map_err(|e| Error::io(path, e))?);
+            if batch.len() < batch_len && pieces.peek().is_some() {
+                continue;
             }
-            chunks.push(ChunkRef {
-                id: enc.id,
-                offset,
-                size: plain.len() as u32,
-                key: enc.key,
-            });
-            offset += plain.len() as u64;
-            self.bar.inc(plain.len() as u64);
+            // Encode the batch in parallel, dedup in order, then store the new ones in parallel.
+            let encrypt = self.opts.encrypt;
+            let encoded = parallel_map(&batch, |plain| encode(plain, encrypt));
+            let mut to_put = Vec::new();
+            for (plain, enc) in batch.iter().zip(encoded) {
+                let enc = enc?;
+                self.stats.chunks += 1;
+                let fresh = self.seen.insert(enc.id);
+                chunks.push(ChunkRef {
+                    id: enc.id,
+                    offset,
+                    size: plain.len() as u32,
+                    key: enc.key,
+                });
+                offset += plain.len() as u64;
+                self.bar.inc(plain.len() as u64);
+                if fresh {
+                    to_put.push((enc, plain.len() as u64));
+                } else {
+                    self.stats.dedup_chunks += 1;
+                }
+            }
+            let router = self.router;
+            let results = parallel_map(&to_put, |(enc, _)| router.put(&enc.id, &enc.stored));
+            for ((enc, plain_len), r) in to_put.iter().zip(results) {
+                if r? {
+                    self.stats.new_chunks += 1;
+                    self.stats.stored_bytes += enc.stored.len() as u64;
+                    self.stats.new_plain_bytes += plain_len;
+                } else {
+                    self.stats.dedup_chunks += 1;
+                }
+            }
+            batch.clear();
         }
         self.stats.bytes += offset;
         Ok((chunks, offset))
