@@ -1,21 +1,27 @@
 //! The read path: stored chunk from the cache or the router (verified, then cached), decoded
 //! to plaintext (with a small in-memory LRU of decoded chunks), and range reads of a file that
-//! touch only the chunks covering the range.
+//! touch only the chunks covering the range; sequential readers get the next chunks fetched
+//! in the background (read-ahead).
 
 use crate::cache::ChunkCache;
 use crate::chunk::{decode, ChunkId};
 use crate::error::{Error, Result};
 use crate::meta::{ChunkRef, Inode};
 use crate::store::Router;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 const DECODED_LRU: usize = 16;
+/// Chunks fetched ahead of a sequential reader.
+const READ_AHEAD: usize = 2;
+/// At most this many background fetches at once.
+const MAX_IN_FLIGHT: usize = 4;
 
 pub struct ChunkSource {
     router: Router,
     cache: Option<ChunkCache>,
     decoded: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
+    in_flight: Mutex<HashSet<ChunkId>>,
 }
 
 impl ChunkSource {
@@ -24,6 +30,60 @@ impl ChunkSource {
             router,
             cache,
             decoded: Mutex::new(VecDeque::new()),
+            in_flight: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn is_decoded(&self, id: &ChunkId) -> bool {
+        self.decoded
+            .lock()
+            .map(|l| l.iter().any(|(i, _)| i == id))
+            .unwrap_or(false)
+    }
+
+    /// After a read of `inode` ending at `end`: when the read reached the second half of its
+    /// last chunk, fetch the next `READ_AHEAD` chunks in the background. Errors are ignored
+    /// here; a later foreground read reports them.
+    pub fn read_ahead(self: &Arc<Self>, inode: &Inode, end: u64) {
+        let idx = inode
+            .chunks
+            .partition_point(|c| c.offset + u64::from(c.size) <= end.saturating_sub(1));
+        let Some(cur) = inode.chunks.get(idx) else {
+            return;
+        };
+        if end < cur.offset + u64::from(cur.size) / 2 {
+            return;
+        }
+        for c in inode.chunks.iter().skip(idx + 1).take(READ_AHEAD) {
+            if self.is_decoded(&c.id) {
+                continue;
+            }
+            {
+                let Ok(mut fl) = self.in_flight.lock() else {
+                    return;
+                };
+                if fl.len() >= MAX_IN_FLIGHT || !fl.insert(c.id) {
+                    continue;
+                }
+            }
+            let me = self.clone();
+            let id = c.id;
+            let c = c.clone();
+            let spawned = std::thread::Builder::new()
+                .name("flist-readahead".into())
+                .spawn(move || {
+                    if let Err(e) = me.plain_now(&c) {
+                        tracing::debug!(chunk = %c.id, error = %e, "read-ahead failed");
+                    }
+                    if let Ok(mut fl) = me.in_flight.lock() {
+                        fl.remove(&c.id);
+                    }
+                });
+            if spawned.is_err() {
+                if let Ok(mut fl) = self.in_flight.lock() {
+                    fl.remove(&id);
+                }
+            }
         }
     }
 
@@ -45,8 +105,23 @@ impl ChunkSource {
         Ok(bytes)
     }
 
-    /// The plaintext of chunk `c`.
+    /// The plaintext of chunk `c` (waiting for a background fetch of it, if one is running).
     pub fn plain(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while std::time::Instant::now() < deadline
+            && !self.is_decoded(&c.id)
+            && self
+                .in_flight
+                .lock()
+                .map(|f| f.contains(&c.id))
+                .unwrap_or(false)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.plain_now(c)
+    }
+
+    fn plain_now(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>> {
         if let Ok(lru) = self.decoded.lock() {
             if let Some((_, data)) = lru.iter().find(|(id, _)| *id == c.id) {
                 return Ok(data.clone());

@@ -130,7 +130,10 @@ impl FileSystem for FlistFs {
             .source
             .read_range(i, offset, u64::from(size), &mut |b| w.write_all(b))
         {
-            Ok(n) => Ok(n as usize),
+            Ok(n) => {
+                self.source.read_ahead(i, offset + n);
+                Ok(n as usize)
+            }
             Err(e) => {
                 tracing::error!(inode, offset, size, error = %e, "read failed");
                 Err(errno(libc::EIO))
