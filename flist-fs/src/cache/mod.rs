@@ -1,7 +1,8 @@
 //! The local chunk cache shared by all images and processes: a directory of stored chunks
-//! named by id (`<dir>/<id[0..2]>/<id>`). Inserts write a temp file, fsync and rename, so a
-//! half-written chunk is never visible; every hit is re-verified against its id (a corrupt
-//! file is deleted and treated as a miss). Size is bounded: when the running estimate passes
+//! named by id (`<dir>/<id[0..2]>/<id>`). Inserts write a temp file and rename it into place,
+//! so a half-written chunk is never visible; every hit is re-verified against its id, so a file
+//! torn by a crash or power loss (no fsync: the cache is disposable) is deleted and treated as
+//! a miss, never served. Size is bounded: when the running estimate passes
 //! the bound, the least recently used files (by mtime, refreshed on hits) are deleted down to
 //! 90% of it. Deletion by another process at any time is tolerated.
 
@@ -78,9 +79,6 @@ impl ChunkCache {
             .tempfile_in(&tmpdir)
             .map_err(|e| Error::io(&tmpdir, e))?;
         tmp.write_all(stored)
-            .map_err(|e| Error::io(tmp.path(), e))?;
-        tmp.as_file()
-            .sync_data()
             .map_err(|e| Error::io(tmp.path(), e))?;
         tmp.persist(&p).map_err(|e| Error::io(&p, e.error))?;
         let now = self
