@@ -5,6 +5,22 @@
 //! virtio-fs device alike.
 //!
 //! The image format is documented in [`meta`]. Store URLs are documented in [`store`].
+//!
+//! The `flist` command line:
+//!
+//! ```text
+//! flist pack DIR -o IMAGE --store URL... [--encrypt] [--fixed-kib N] [--tag k=v]
+//! flist import OCI_DIR_OR_TAR -o IMAGE --store URL... [--reference REF]
+//! flist unpack IMAGE DIR            flist mount IMAGE MOUNTPOINT
+//! flist ls IMAGE [PATH] [-l] [-R]   flist stat IMAGE PATH    flist cat IMAGE PATH
+//! flist diff A B                    flist verify IMAGE       flist info IMAGE
+//! flist set-stores IMAGE --store URL...
+//! ```
+//!
+//! Reading commands take `--store` (override the image's stores), `--cache DIR`,
+//! `--cache-mib N` and `--no-cache`; `FLIST_LOG=debug` turns on logging. A store spec may be
+//! prefixed with an id range, `00-7f=URL`: overlapping ranges replicate on write and fail over
+//! on read.
 
 pub mod cache;
 pub mod chunk;

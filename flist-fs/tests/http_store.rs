@@ -88,3 +88,51 @@ fn http_store_serves_an_image() {
     );
     drop(image);
 }
+
+#[test]
+fn set_stores_points_an_image_at_a_mirror() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("f"), b"mirrored").unwrap();
+    let store_dir = t.path().join("store");
+    let img = t.path().join("img.flist");
+    let flist = |args: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_flist"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let dir_url = format!("dir://{}", store_dir.display());
+    flist(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        img.to_str().unwrap(),
+        "--store",
+        &dir_url,
+    ]);
+    let port = serve_dir(store_dir.clone());
+    let http = format!("http://user:pw@127.0.0.1:{port}/");
+    flist(&["set-stores", img.to_str().unwrap(), "--store", &http]);
+    let info = flist(&["info", img.to_str().unwrap()]);
+    assert!(
+        info.contains(&format!("store 00-ff http://127.0.0.1:{port}/")) && !info.contains("pw"),
+        "{info}"
+    );
+    std::fs::rename(&store_dir, t.path().join("moved")).unwrap();
+    let _ = std::fs::create_dir(&store_dir);
+    // The dir store is gone; only the (still serving, moved-out-from-under) mirror path remains.
+    let _ = std::fs::remove_dir(&store_dir);
+    std::os::unix::fs::symlink(t.path().join("moved"), &store_dir).unwrap();
+    assert_eq!(
+        flist(&["cat", img.to_str().unwrap(), "/f", "--no-cache"]),
+        "mirrored"
+    );
+}

@@ -82,6 +82,13 @@ enum Cmd {
     },
     /// Show the image's tags, stores and totals.
     Info { image: PathBuf },
+    /// Replace the stores recorded in an image (e.g. with a read-only HTTP mirror).
+    SetStores {
+        image: PathBuf,
+        /// Store spec `[SS-EE=]URL` (repeatable); credentials are never recorded.
+        #[arg(long = "store", required = true)]
+        stores: Vec<String>,
+    },
     /// Import an OCI image (layout directory or `docker save` tarball).
     Import(ops::ImportArgs),
     /// Mount an image read-only through FUSE (runs until unmounted).
@@ -127,6 +134,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Diff { a, b } => inspect::diff(&a, &b),
         Cmd::Verify { image, stores } => ops::verify(&image, stores),
         Cmd::Info { image } => inspect::info(&image),
+        Cmd::SetStores { image, stores } => ops::set_stores(&image, &stores),
         Cmd::Import(a) => ops::import(a),
         Cmd::Mount {
             image,

@@ -162,6 +162,27 @@ pub fn verify(image: &Path, stores: Vec<String>) -> Result<()> {
     Ok(())
 }
 
+pub fn set_stores(image: &Path, stores: &[String]) -> Result<()> {
+    let mut img = flist_fs::meta::read_image(image)?;
+    img.routes = stores
+        .iter()
+        .map(|s| {
+            let (start, end, url) = flist_fs::store::parse_route_spec(s)?;
+            Ok(flist_fs::meta::Route { start, end, url })
+        })
+        .collect::<Result<_>>()?;
+    flist_fs::meta::write_image_atomic(&img, image)?;
+    for r in &img.routes {
+        println!(
+            "store {:02x}-{:02x} {}",
+            r.start,
+            r.end,
+            flist_fs::store::redact_url(&r.url)
+        );
+    }
+    Ok(())
+}
+
 pub fn import(a: ImportArgs) -> Result<()> {
     let router = Router::from_specs(&a.stores)?;
     let opts = PackOptions {
