@@ -122,3 +122,63 @@ fn nix_statvfs(p: &std::path::Path) -> u64 {
     assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
     st.f_blocks
 }
+
+fn is_mounted(p: &std::path::Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = p.to_str().unwrap();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(p))
+}
+
+#[test]
+fn cli_mount_serves_until_interrupted() {
+    if !fuse_available() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("hello"), b"from the cli mount").unwrap();
+    let img = t.path().join("img.flist");
+    let store = format!("dir://{}", t.path().join("store").display());
+    pack(
+        &src,
+        &img,
+        &Router::from_specs(&[store]).unwrap(),
+        &PackOptions::default(),
+    )
+    .unwrap();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt = mnt.canonicalize().unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_flist"))
+            .arg("mount")
+            .arg(&img)
+            .arg(&mnt)
+            .arg("--no-cache")
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if is_mounted(&mnt) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        is_mounted(&mnt),
+        "flist mount did not mount {}",
+        mnt.display()
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("hello")).unwrap(),
+        b"from the cli mount"
+    );
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!is_mounted(&mnt));
+}
