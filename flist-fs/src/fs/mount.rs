@@ -16,13 +16,23 @@ pub struct Mounted {
     mountpoint: PathBuf,
 }
 
-/// Mounts `fs` at `mountpoint` and serves it with `threads` worker threads.
+/// Mounts `fs` at `mountpoint` for the mounting user only, served by `threads` threads.
 pub fn mount(fs: FlistFs, mountpoint: &Path, threads: usize) -> Result<Mounted> {
+    mount_with(fs, mountpoint, threads, false)
+}
+
+/// Like [`mount`]; `allow_other` lets other users in (the kernel still checks permissions).
+pub fn mount_with(
+    fs: FlistFs,
+    mountpoint: &Path,
+    threads: usize,
+    allow_other: bool,
+) -> Result<Mounted> {
     let fail = |e: fuse_backend_rs::transport::Error| {
         Error::io(mountpoint, std::io::Error::other(e.to_string()))
     };
     let mut session = FuseSession::new(mountpoint, "flist", "flist", true).map_err(fail)?;
-    session.set_allow_other(false);
+    session.set_allow_other(allow_other);
     session.mount().map_err(fail)?;
     let server = Arc::new(Server::new(fs));
     let mut handles = Vec::new();

@@ -95,6 +95,12 @@ enum Cmd {
     Mount {
         image: PathBuf,
         mountpoint: PathBuf,
+        /// Let other users access the mount.
+        #[arg(long)]
+        allow_other: bool,
+        /// Request-serving threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
         #[command(flatten)]
         read: ReadArgs,
     },
@@ -139,8 +145,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Mount {
             image,
             mountpoint,
+            allow_other,
+            threads,
             read,
-        } => ops::mount(&image, &mountpoint, &read),
+        } => ops::mount(&image, &mountpoint, allow_other, threads, &read),
     }
 }
 

@@ -203,9 +203,15 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-pub fn mount(image: &Path, mountpoint: &Path, read: &ReadArgs) -> Result<()> {
+pub fn mount(
+    image: &Path,
+    mountpoint: &Path,
+    allow_other: bool,
+    threads: usize,
+    read: &ReadArgs,
+) -> Result<()> {
     let fs = flist_fs::fs::FlistFs::open(image, &read.open_options())?;
-    let mounted = flist_fs::fs::mount::mount(fs, mountpoint, 4)?;
+    let mounted = flist_fs::fs::mount::mount_with(fs, mountpoint, threads, allow_other)?;
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
