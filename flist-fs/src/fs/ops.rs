@@ -131,7 +131,7 @@ impl FileSystem for FlistFs {
             .read_range(i, offset, u64::from(size), &mut |b| w.write_all(b))
         {
             Ok(n) => {
-                self.source.read_ahead(i, offset + n);
+                self.source.read_ahead(i, offset.saturating_add(n));
                 Ok(n as usize)
             }
             Err(e) => {
