@@ -31,6 +31,7 @@ pub mod meta;
 pub mod oci;
 pub mod open;
 pub mod pack;
+mod par;
 pub mod store;
 pub mod unpack;
 pub mod verify;

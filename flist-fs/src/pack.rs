@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::meta::{
     write_image_atomic, ChunkRef, DirEntry, Image, Inode, InodeKind, Timestamp, Xattr,
 };
+use crate::par::{parallel_map, parallelism};
 use crate::store::Router;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -45,29 +46,6 @@ impl PackStats {
     pub fn throughput_mb_s(&self) -> f64 {
         self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
     }
-}
-
-/// Worker threads for chunk encoding and store writes.
-fn parallelism() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(2, 8)
-}
-
-/// `f` over `items`, one scoped thread per item (callers keep `items` small), results in order.
-fn parallel_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if items.len() <= 1 {
-        return items.iter().map(&f).collect();
-    }
-    let f = &f;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = items.iter().map(|i| s.spawn(move || f(i))).collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    })
 }
 
 /// A byte progress bar (hidden unless `show`); a spinner-style bar when `total` is unknown.

@@ -1,10 +1,12 @@
 //! Verifying an image against its stores: every distinct chunk is fetched from every store
 //! that should hold it, its id checked and it is decoded (size and convergent key checked).
-//! The report lists each missing or corrupt chunk with the store and the files that use it.
+//! Chunks are checked in parallel batches. The report lists each missing or corrupt chunk with
+//! the store and the files that use it.
 
 use crate::chunk::{decode, ChunkId};
 use crate::error::Error;
 use crate::meta::{ChunkRef, Image};
+use crate::par::{parallel_map, parallelism};
 use crate::store::Router;
 use indicatif::ProgressBar;
 use std::collections::BTreeMap;
@@ -57,34 +59,46 @@ pub fn verify(image: &Image, router: &Router, progress: bool) -> VerifyReport {
         ProgressBar::hidden()
     };
     let mut report = VerifyReport::default();
-    for (id, (cref, files)) in chunks {
-        report.chunks += 1;
-        let stores = router.stores_for(&id);
-        if stores.is_empty() {
-            report.problems.push(Problem {
-                id,
-                store: "<none>".into(),
-                missing: true,
-                reason: "no store covers this id".into(),
-                files: files.clone(),
-            });
-        }
-        for store in stores {
-            let result = store
-                .get(&id)
-                .and_then(|b| decode(&id, &b, cref.key.as_ref(), cref.size).map(|_| ()));
-            match result {
-                Ok(()) => report.copies_ok += 1,
-                Err(e) => report.problems.push(Problem {
-                    id,
-                    store: store.url().to_string(),
-                    missing: matches!(e, Error::ChunkNotFound { .. }),
-                    reason: e.to_string(),
+    let chunks: Vec<(ChunkId, (ChunkRef, Vec<String>))> = chunks.into_iter().collect();
+    for batch in chunks.chunks(parallelism() * 4) {
+        // Each chunk is checked in every store that should hold it, a batch at a time.
+        let results = parallel_map(batch, |(id, (cref, _))| {
+            router
+                .stores_for(id)
+                .into_iter()
+                .map(|store| {
+                    let r = store
+                        .get(id)
+                        .and_then(|b| decode(id, &b, cref.key.as_ref(), cref.size).map(|_| ()));
+                    (store.url().to_string(), r)
+                })
+                .collect::<Vec<_>>()
+        });
+        for ((id, (_, files)), checks) in batch.iter().zip(results) {
+            report.chunks += 1;
+            if checks.is_empty() {
+                report.problems.push(Problem {
+                    id: *id,
+                    store: "<none>".into(),
+                    missing: true,
+                    reason: "no store covers this id".into(),
                     files: files.clone(),
-                }),
+                });
             }
+            for (store, r) in checks {
+                match r {
+                    Ok(()) => report.copies_ok += 1,
+                    Err(e) => report.problems.push(Problem {
+                        id: *id,
+                        store,
+                        missing: matches!(e, Error::ChunkNotFound { .. }),
+                        reason: e.to_string(),
+                        files: files.clone(),
+                    }),
+                }
+            }
+            bar.inc(1);
         }
-        bar.inc(1);
     }
     bar.finish_and_clear();
     report
