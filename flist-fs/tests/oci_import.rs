@@ -62,6 +62,8 @@ fn layers() -> (Vec<u8>, Vec<u8>) {
     (l1, l2.into_inner().unwrap())
 }
 
+const CONFIG: &[u8] = br#"{"architecture":"amd64","os":"linux","config":{"Entrypoint":["/bin/tool"],"Cmd":["--serve"],"Env":["PATH=/bin"],"WorkingDir":"/opt"}}"#;
+
 fn sha(d: &[u8]) -> String {
     Sha256::digest(d)
         .iter()
@@ -77,7 +79,7 @@ fn write_layout(root: &Path, layers: &[&[u8]]) {
         std::fs::write(blobs.join(&h), d).unwrap();
         format!("sha256:{h}")
     };
-    let config = put(b"{}");
+    let config = put(CONFIG);
     let descs: Vec<String> = layers
         .iter()
         .map(|l| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{}","size":{}}}"#, put(l), l.len()))
@@ -120,6 +122,18 @@ fn check(img: &Path, t: &Path) {
     );
     let link = image.inode(image.resolve("/usr/link").unwrap()).unwrap();
     assert_eq!(link.target, b"../bin/tool");
+    assert_eq!(
+        image.tags.get("oci.entrypoint").map(String::as_str),
+        Some(r#"["/bin/tool"]"#)
+    );
+    assert_eq!(
+        image.tags.get("oci.env").map(String::as_str),
+        Some(r#"["PATH=/bin"]"#)
+    );
+    assert_eq!(
+        image.tags.get("oci.workdir").map(String::as_str),
+        Some("/opt")
+    );
     let dest = t.join(format!(
         "out-{}",
         img.file_name().unwrap().to_string_lossy()
@@ -156,12 +170,19 @@ fn import_layout_and_docker_archive() {
         br#"[{"Config":"cfg.json","RepoTags":["app:1"],"Layers":["l1/layer.tar","l2/layer.tar"]}]"#;
     for (name, data) in [
         ("manifest.json", &manifest[..]),
-        ("cfg.json", b"{}"),
+        ("cfg.json", CONFIG),
         ("l1/layer.tar", &l1),
-        ("l2/layer.tar", &l2),
+        ("real/layer.tar", &l2),
     ] {
         file(&mut ar, name, data);
     }
+    // Older docker save links repeated layers to one copy.
+    special(
+        &mut ar,
+        "l2/layer.tar",
+        tar::EntryType::Symlink,
+        Some("../real/layer.tar"),
+    );
     let tarball = t.path().join("saved.tar");
     std::fs::write(&tarball, ar.into_inner().unwrap()).unwrap();
     let img = t.path().join("docker.flist");

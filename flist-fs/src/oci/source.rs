@@ -1,6 +1,7 @@
 //! Locating an OCI image's layers: an image-layout directory (`index.json`, `blobs/`), or a
 //! `docker save` tarball (extracted to a staging directory, then either its `manifest.json` or
-//! its OCI layout is used). Nested indexes pick linux/amd64, else the first manifest.
+//! its OCI layout is used; linked layer files are resolved inside the archive). Nested indexes
+//! pick linux/amd64, else the first manifest.
 
 use crate::error::{Error, Result};
 use serde::Deserialize;
@@ -39,13 +40,24 @@ struct Index {
 
 #[derive(Deserialize)]
 struct Manifest {
+    #[serde(default)]
+    config: Option<Descriptor>,
     layers: Vec<Descriptor>,
+}
+
+/// What an image source yields: its layers in order and its config blob, if any.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub layers: Vec<Layer>,
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
 struct DockerEntry {
     #[serde(rename = "RepoTags", default)]
     repo_tags: Option<Vec<String>>,
+    #[serde(rename = "Config", default)]
+    config: Option<String>,
     #[serde(rename = "Layers")]
     layers: Vec<String>,
 }
@@ -89,7 +101,7 @@ fn blob(root: &Path, digest: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-fn layers_from_layout(root: &Path, reference: Option<&str>) -> Result<Vec<Layer>> {
+fn layers_from_layout(root: &Path, reference: Option<&str>) -> Result<Found> {
     let index: Index = read_json(root, &root.join("index.json"))?;
     let mut candidates = index.manifests;
     if let Some(r) = reference {
@@ -116,7 +128,7 @@ fn layers_from_layout(root: &Path, reference: Option<&str>) -> Result<Vec<Layer>
             desc.media_type.contains("image.index") || desc.media_type.contains("manifest.list");
         if !is_index {
             let m: Manifest = read_json(root, &blob(root, &desc.digest)?)?;
-            return m
+            let layers = m
                 .layers
                 .iter()
                 .map(|l| {
@@ -125,7 +137,9 @@ fn layers_from_layout(root: &Path, reference: Option<&str>) -> Result<Vec<Layer>
                         name: l.digest.clone(),
                     })
                 })
-                .collect();
+                .collect::<Result<_>>()?;
+            let config = m.config.and_then(|c| blob(root, &c.digest).ok());
+            return Ok(Found { layers, config });
         }
         let nested: Index = read_json(root, &blob(root, &desc.digest)?)?;
         let pick = nested
@@ -146,7 +160,7 @@ fn layers_from_layout(root: &Path, reference: Option<&str>) -> Result<Vec<Layer>
     Err(oci_err(root, "indexes nested too deeply"))
 }
 
-fn layers_from_docker(root: &Path, reference: Option<&str>) -> Result<Vec<Layer>> {
+fn layers_from_docker(root: &Path, reference: Option<&str>) -> Result<Found> {
     let entries: Vec<DockerEntry> = read_json(root, &root.join("manifest.json"))?;
     let entry = match reference {
         Some(r) => entries
@@ -162,7 +176,7 @@ fn layers_from_docker(root: &Path, reference: Option<&str>) -> Result<Vec<Layer>
             .next()
             .ok_or_else(|| oci_err(root, "manifest.json lists no image"))?,
     };
-    entry
+    let layers = entry
         .layers
         .iter()
         .map(|l| {
@@ -175,16 +189,56 @@ fn layers_from_docker(root: &Path, reference: Option<&str>) -> Result<Vec<Layer>
                 name: l.clone(),
             })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    let config = match &entry.config {
+        Some(c) => Some(inside(root, c)?).filter(|p| p.is_file()),
+        None => None,
+    };
+    Ok(Found { layers, config })
+}
+
+/// `base/rel` normalized lexically; `None` if it climbs above `base`'s root.
+fn join_inside(base: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut parts: Vec<std::ffi::OsString> = Vec::new();
+    for c in base.components().chain(rel.components()) {
+        match c {
+            Component::Normal(n) => parts.push(n.to_os_string()),
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts.iter().collect())
 }
 
 /// Extracts regular files and directories of a tarball into `dest` (never outside it).
 fn extract(tarball: &Path, dest: &Path) -> Result<()> {
     let f = std::fs::File::open(tarball).map_err(|e| Error::io(tarball, e))?;
     let mut ar = tar::Archive::new(f);
+    // Older `docker save` archives link repeated layers (`a/layer.tar -> ../b/layer.tar`).
+    let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();
     for entry in ar.entries().map_err(|e| Error::io(tarball, e))? {
         let mut entry = entry.map_err(|e| Error::io(tarball, e))?;
         let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            let rel = entry
+                .path()
+                .map_err(|e| Error::io(tarball, e))?
+                .into_owned();
+            if let Ok(Some(target)) = entry.link_name() {
+                let base = if kind.is_symlink() {
+                    rel.parent().map(Path::to_path_buf).unwrap_or_default()
+                } else {
+                    PathBuf::new()
+                };
+                if let Some(t) = join_inside(&base, &target) {
+                    links.push((rel, t));
+                }
+            }
+            continue;
+        }
         if !(kind.is_file() || kind.is_dir()) {
             continue;
         }
@@ -203,11 +257,23 @@ fn extract(tarball: &Path, dest: &Path) -> Result<()> {
         let mut out = std::fs::File::create(&target).map_err(|e| Error::io(&target, e))?;
         std::io::copy(&mut entry, &mut out).map_err(|e| Error::io(&target, e))?;
     }
+    for (rel, target) in links {
+        let (from, to) = (
+            inside(dest, &target.to_string_lossy())?,
+            inside(dest, &rel.to_string_lossy())?,
+        );
+        if from.is_file() {
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            std::fs::hard_link(&from, &to).map_err(|e| Error::io(&to, e))?;
+        }
+    }
     Ok(())
 }
 
-/// The layers of the image at `src`; a tarball is extracted into `staging` first.
-pub fn find_layers(src: &Path, reference: Option<&str>, staging: &Path) -> Result<Vec<Layer>> {
+/// The layers and config of the image at `src`; a tarball is extracted into `staging` first.
+pub fn find_layers(src: &Path, reference: Option<&str>, staging: &Path) -> Result<Found> {
     let md = std::fs::metadata(src).map_err(|e| Error::io(src, e))?;
     let root = if md.is_dir() {
         src.to_path_buf()
