@@ -34,6 +34,7 @@ impl HttpStore {
             agent: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(5))
                 .timeout(Duration::from_secs(60))
+                .max_idle_connections_per_host(16)
                 .build(),
         })
     }

@@ -1,6 +1,6 @@
 //! `redis://` and `zdb://` stores over RESP: `SET id bytes`, `GET id`, `EXISTS id`, key = the raw
-//! 32-byte chunk id. For `zdb://host:port/ns` the namespace is selected after connecting. One
-//! connection, re-established after an error.
+//! 32-byte chunk id. For `zdb://host:port/ns` the namespace is selected after connecting. A few
+//! connections (a small pool, for parallel pack/verify), each re-established after an error.
 
 use super::Store;
 use crate::chunk::ChunkId;
@@ -8,12 +8,15 @@ use crate::error::{Error, Result};
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Connections per store.
+const POOL: usize = 4;
+
 pub struct RedisStore {
     client: redis::Client,
     namespace: Option<String>,
     password: Option<String>,
     url: String,
-    conn: Mutex<Option<redis::Connection>>,
+    conns: Vec<Mutex<Option<redis::Connection>>>,
 }
 
 impl RedisStore {
@@ -52,7 +55,7 @@ impl RedisStore {
             namespace,
             password: if zdb { password } else { None },
             url: shown,
-            conn: Mutex::new(None),
+            conns: (0..POOL).map(|_| Mutex::new(None)).collect(),
         })
     }
 
@@ -83,10 +86,13 @@ impl RedisStore {
         what: &str,
         f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T> {
-        let mut guard = self
-            .conn
-            .lock()
-            .map_err(|_| Error::store(&self.url, "connection lock poisoned"))?;
+        // A free connection if there is one, else wait for the first.
+        let mut guard = match self.conns.iter().find_map(|c| c.try_lock().ok()) {
+            Some(g) => g,
+            None => self.conns[0]
+                .lock()
+                .map_err(|_| Error::store(&self.url, "connection lock poisoned"))?,
+        };
         for attempt in 0..2 {
             if guard.is_none() {
                 *guard = Some(self.connect()?);

@@ -116,6 +116,7 @@ impl S3Store {
             agent: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(5))
                 .timeout(Duration::from_secs(60))
+                .max_idle_connections_per_host(16)
                 .build(),
         })
     }
