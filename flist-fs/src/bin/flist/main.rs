@@ -107,6 +107,11 @@ enum Cmd {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`flist ls IMAGE | head`), like other Unix tools.
+    // SAFETY: restoring the default disposition of SIGPIPE has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("FLIST_LOG")
