@@ -1,1 +1,39 @@
-//! Content-addressed images (flists).
+//! Content-addressed images (flists): pack a directory tree into a small metadata file plus
+//! content-defined, compressed, optionally convergently encrypted chunks kept in stores; fetch
+//! chunks lazily through a shared verified cache; expose the tree read-only through
+//! [`fs::FlistFs`], a `fuse_backend_rs` `FileSystem` usable by a host FUSE mount and by a
+//! virtio-fs device alike.
+//!
+//! The image format is documented in [`meta`]. Store URLs are documented in [`store`].
+//!
+//! The `flist` command line:
+//!
+//! ```text
+//! flist pack DIR -o IMAGE --store URL... [--encrypt] [--fixed-kib N] [--tag k=v]
+//! flist import OCI_DIR_OR_TAR -o IMAGE --store URL... [--reference REF]
+//! flist unpack IMAGE DIR            flist mount IMAGE MOUNTPOINT
+//! flist ls IMAGE [PATH] [-l] [-R]   flist stat IMAGE PATH    flist cat IMAGE PATH
+//! flist diff A B                    flist verify IMAGE       flist info IMAGE
+//! flist set-stores IMAGE --store URL...
+//! ```
+//!
+//! Reading commands take `--store` (override the image's stores), `--cache DIR`,
+//! `--cache-mib N` and `--no-cache`; `FLIST_LOG=debug` turns on logging. A store spec may be
+//! prefixed with an id range, `00-7f=URL`: overlapping ranges replicate on write and fail over
+//! on read.
+
+pub mod cache;
+pub mod chunk;
+pub mod error;
+pub mod fetch;
+pub mod fs;
+pub mod meta;
+pub mod oci;
+pub mod open;
+pub mod pack;
+mod par;
+pub mod store;
+pub mod unpack;
+pub mod verify;
+
+pub use error::{Error, Result};

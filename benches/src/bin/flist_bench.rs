@@ -1,0 +1,339 @@
+//! flist-fs benchmarks: pack throughput of a generated mixed tree, dedup between two tree
+//! versions with 5% of bytes changed (fixed-size vs content-defined chunking), and read
+//! throughput through the `FileSystem` layer cold (dir store, HTTP store) and warm (cache).
+//!
+//! Usage: `flist_bench [pack|dedup|read|all] [--mb N]` (default all, ~200 MB tree).
+//! The HTTP store is `python3 -m http.server` over the dir store.
+
+use flist_fs::chunk::ChunkerKind;
+use flist_fs::fs::FlistFs;
+use flist_fs::open::OpenOptions;
+use flist_fs::pack::{pack, PackOptions, PackStats};
+use flist_fs::store::Router;
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, ZeroCopyWriter};
+use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// Half-compressible content: random words from a small vocabulary mixed with random bytes.
+fn content(rng: &mut Rng, len: usize) -> Vec<u8> {
+    const WORDS: [&[u8]; 8] = [
+        b"kernel ", b"grid ", b"node ", b"chunk ", b"flist ", b"virtio ", b"0x7f3a ", b"\n",
+    ];
+    let mut out = Vec::with_capacity(len + 16);
+    while out.len() < len {
+        if rng.below(3) == 0 {
+            for _ in 0..16 {
+                out.push(rng.next() as u8);
+            }
+        } else {
+            out.extend_from_slice(WORDS[rng.below(8) as usize]);
+        }
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes a tree of mixed sizes totalling about `mb` MB; returns (files, bytes).
+fn gen_tree(root: &Path, mb: u64, seed: u64) -> (u64, u64) {
+    let mut rng = Rng(seed);
+    let target = mb * 1_000_000;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    while bytes < target {
+        let dir = root.join(format!("d{:02}", files % 37));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let size = match rng.below(100) {
+            0..=69 => 512 + rng.below(16 * 1024),
+            70..=96 => 64 * 1024 + rng.below(1024 * 1024),
+            _ => 4 * 1024 * 1024 + rng.below(12 * 1024 * 1024),
+        } as usize;
+        std::fs::write(dir.join(format!("f{files:05}")), content(&mut rng, size)).expect("write");
+        files += 1;
+        bytes += size as u64;
+    }
+    (files, bytes)
+}
+
+/// Copies `a` to `b` changing about `pct`% of the bytes with edits of `edit` bytes (min, max)
+/// at random places in random files: half in-place overwrites, half insertions (which shift the
+/// rest of the file).
+fn mutate_tree(a: &Path, b: &Path, pct: f64, edit: (u64, u64), seed: u64) -> u64 {
+    let mut rng = Rng(seed);
+    let mut files = Vec::new();
+    for d in std::fs::read_dir(a).expect("read tree") {
+        let d = d.expect("entry");
+        for f in std::fs::read_dir(d.path()).expect("read dir") {
+            let f = f.expect("entry");
+            let rel = PathBuf::from(d.file_name()).join(f.file_name());
+            files.push((rel, std::fs::read(f.path()).expect("read")));
+        }
+    }
+    files.sort_by(|x, y| x.0.cmp(&y.0));
+    let total: u64 = files.iter().map(|f| f.1.len() as u64).sum();
+    let budget = (total as f64 * pct / 100.0) as u64;
+    let mut changed = 0u64;
+    while changed < budget {
+        // Pick a file weighted by size (a random byte of the tree).
+        let mut at = rng.below(total);
+        let idx = files
+            .iter()
+            .position(|f| {
+                let l = f.1.len() as u64;
+                if at < l {
+                    true
+                } else {
+                    at -= l;
+                    false
+                }
+            })
+            .unwrap_or(0);
+        let data = &mut files[idx].1;
+        let n = (edit.0 + rng.below(edit.1 - edit.0 + 1))
+            .min(budget - changed)
+            .max(1) as usize;
+        let at = (at as usize).min(data.len());
+        let piece = content(&mut rng, n);
+        if rng.below(2) == 0 {
+            data.splice(at..at, piece);
+        } else {
+            let end = (at + n).min(data.len());
+            data.splice(at..end, piece);
+        }
+        changed += n as u64;
+    }
+    for (rel, data) in files {
+        let p = b.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(p, data).expect("write");
+    }
+    changed
+}
+
+fn pack_into(src: &Path, img: &Path, store: &Path, chunker: ChunkerKind) -> PackStats {
+    let router = Router::from_specs(&[format!("dir://{}", store.display())]).expect("router");
+    let opts = PackOptions {
+        chunker,
+        ..Default::default()
+    };
+    pack(src, img, &router, &opts).expect("pack")
+}
+
+fn bench_pack(work: &Path, mb: u64) {
+    let src = work.join("pack-src");
+    let (files, bytes) = gen_tree(&src, mb, 1);
+    for (name, chunker) in [
+        ("cdc-256k", ChunkerKind::default()),
+        ("fixed-512k", ChunkerKind::fixed_default()),
+    ] {
+        let store = work.join(format!("pack-store-{name}"));
+        let s = pack_into(
+            &src,
+            &work.join(format!("pack-{name}.flist")),
+            &store,
+            chunker,
+        );
+        println!(
+            "pack[{name}]: {files} files, {:.1} MB, {} chunks, stored {:.1} MB, {:.2}s, {:.1} MB/s",
+            bytes as f64 / 1e6,
+            s.chunks,
+            s.stored_bytes as f64 / 1e6,
+            s.elapsed.as_secs_f64(),
+            s.throughput_mb_s()
+        );
+        let _ = std::fs::remove_dir_all(store);
+    }
+}
+
+fn bench_dedup(work: &Path, mb: u64) {
+    let v1 = work.join("dedup-v1");
+    let (_, bytes) = gen_tree(&v1, mb, 2);
+    let scenarios = [
+        ("clustered edits 64 KiB-1 MiB", (64 * 1024, 1024 * 1024)),
+        ("scattered edits 64 B-4 KiB", (64, 4096)),
+    ];
+    for (si, (what, edit)) in scenarios.into_iter().enumerate() {
+        let v2 = work.join(format!("dedup-v2-{si}"));
+        let changed = mutate_tree(&v1, &v2, 5.0, edit, 3 + si as u64);
+        println!(
+            "dedup ({what}): v1 {:.1} MB, v2 changes {:.1} MB ({:.1}% of bytes; half overwrites, half insertions)",
+            bytes as f64 / 1e6,
+            changed as f64 / 1e6,
+            changed as f64 * 100.0 / bytes as f64
+        );
+        for (name, chunker) in [
+            ("cdc-256k", ChunkerKind::default()),
+            ("fixed-512k", ChunkerKind::fixed_default()),
+        ] {
+            let store = work.join(format!("dedup-store-{name}"));
+            pack_into(&v1, &work.join("v1.flist"), &store, chunker);
+            let s = pack_into(&v2, &work.join("v2.flist"), &store, chunker);
+            let reused = 1.0 - s.new_plain_bytes as f64 / s.bytes as f64;
+            println!(
+                "  [{name}]: v2 {} chunks, {} new / {} shared; new data {:.1} MB of {:.1} MB -> {:.1}% of v2 reused from v1",
+                s.chunks,
+                s.new_chunks,
+                s.dedup_chunks,
+                s.new_plain_bytes as f64 / 1e6,
+                s.bytes as f64 / 1e6,
+                reused * 100.0
+            );
+            let _ = std::fs::remove_dir_all(store);
+        }
+        let _ = std::fs::remove_dir_all(v2);
+    }
+}
+
+struct Sink(usize);
+
+impl io::Write for Sink {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ZeroCopyWriter for Sink {
+    fn write_from(
+        &mut self,
+        _f: &mut dyn FileReadWriteVolatile,
+        _c: usize,
+        _o: u64,
+    ) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+    fn available_bytes(&self) -> usize {
+        usize::MAX
+    }
+}
+
+/// Reads every regular file through `FileSystem::read` in 128 KiB requests; returns MB/s.
+fn read_all(fs: &FlistFs) -> (u64, f64) {
+    let ctx = Context::new();
+    let started = Instant::now();
+    let mut total = 0u64;
+    let files: Vec<(u64, u64)> = fs
+        .image()
+        .walk()
+        .into_iter()
+        .filter_map(|(_, ino)| {
+            let i = fs.image().inode(ino)?;
+            (i.kind == flist_fs::meta::InodeKind::File).then_some((ino, i.size))
+        })
+        .collect();
+    for (ino, size) in files {
+        let mut off = 0;
+        while off < size {
+            let mut sink = Sink(0);
+            let n = fs
+                .read(&ctx, ino, 0, &mut sink, 128 * 1024, off, None, 0)
+                .expect("read");
+            off += n as u64;
+            total += n as u64;
+        }
+    }
+    (total, total as f64 / 1e6 / started.elapsed().as_secs_f64())
+}
+
+fn bench_read(work: &Path, mb: u64) {
+    let src = work.join("read-src");
+    gen_tree(&src, mb, 4);
+    let store = work.join("read-store");
+    let img = work.join("read.flist");
+    pack_into(&src, &img, &store, ChunkerKind::default());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let mut http = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&store)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("python3 -m http.server");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let open = |stores: Vec<String>, cache: &PathBuf| {
+        let opts = OpenOptions {
+            stores,
+            cache_dir: Some(cache.clone()),
+            ..OpenOptions::default()
+        };
+        FlistFs::open(&img, &opts).expect("open image")
+    };
+    let cache_dir = work.join("read-cache-dir");
+    let (n, cold_dir) = read_all(&open(
+        vec![format!("dir://{}", store.display())],
+        &cache_dir,
+    ));
+    let cache_http = work.join("read-cache-http");
+    let (_, cold_http) = read_all(&open(
+        vec![format!("http://127.0.0.1:{port}/")],
+        &cache_http,
+    ));
+    let (_, warm) = read_all(&open(
+        vec![format!("http://127.0.0.1:{port}/")],
+        &cache_http,
+    ));
+    let _ = http.kill();
+    let _ = http.wait();
+    println!(
+        "read: {:.1} MB through FileSystem::read, 128 KiB requests",
+        n as f64 / 1e6
+    );
+    println!("read[cold, dir store]:  {cold_dir:.1} MB/s");
+    println!("read[cold, http store]: {cold_http:.1} MB/s");
+    println!("read[warm, cache]:      {warm:.1} MB/s");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let which = args.get(1).map(String::as_str).unwrap_or("all");
+    let mb = args
+        .iter()
+        .position(|a| a == "--mb")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200u64);
+    let work = tempfile::tempdir().expect("tempdir");
+    if matches!(which, "pack" | "all") {
+        bench_pack(work.path(), mb);
+    }
+    if matches!(which, "dedup" | "all") {
+        bench_dedup(work.path(), mb / 2);
+    }
+    if matches!(which, "read" | "all") {
+        bench_read(work.path(), mb / 2);
+    }
+}

@@ -1,0 +1,62 @@
+//! The library's error type: every variant names the item it is about (path, chunk id, store URL).
+
+use std::path::PathBuf;
+
+/// Result alias for the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in flist-fs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("image {path}: {reason}")]
+    BadImage { path: PathBuf, reason: String },
+    #[error("chunk {id}: {reason}")]
+    BadChunk { id: String, reason: String },
+    #[error("chunk {id} not found in store {store}")]
+    ChunkNotFound { id: String, store: String },
+    #[error("store {store}: {reason}")]
+    Store { store: String, reason: String },
+    #[error("store URL {url:?}: {reason}")]
+    BadStoreUrl { url: String, reason: String },
+    #[error("chunk {id}: no store could serve it: {}", .failures.join("; "))]
+    AllStoresFailed { id: String, failures: Vec<String> },
+    #[error("chunk {id}: no store is configured for its id range")]
+    NoStoreForId { id: String },
+    #[error("{path}: {reason}")]
+    BadPath { path: String, reason: String },
+    #[error("{path}: not found in image")]
+    NotInImage { path: String },
+    #[error("{path}: unsupported: {reason}")]
+    Unsupported { path: PathBuf, reason: String },
+    #[error("OCI image {path}: {reason}")]
+    Oci { path: PathBuf, reason: String },
+}
+
+impl Error {
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A store-level failure for `store` (its redacted URL).
+    pub fn store(store: &str, reason: impl std::fmt::Display) -> Self {
+        Error::Store {
+            store: store.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// True when the error means "this chunk is absent" (as opposed to a failure).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::ChunkNotFound { .. })
+    }
+}

@@ -1,0 +1,182 @@
+//! The serialized types of an image (see the module doc of `meta` for the format).
+
+use crate::chunk::{ChunkId, ChunkerKind};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Inode number of the root directory.
+pub const ROOT_INO: u64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InodeKind {
+    File,
+    Dir,
+    Symlink,
+    CharDev,
+    BlockDev,
+    Fifo,
+    Socket,
+}
+
+impl InodeKind {
+    /// The `S_IFMT` bits for this kind.
+    pub fn mode_bits(self) -> u32 {
+        match self {
+            InodeKind::File => libc::S_IFREG,
+            InodeKind::Dir => libc::S_IFDIR,
+            InodeKind::Symlink => libc::S_IFLNK,
+            InodeKind::CharDev => libc::S_IFCHR,
+            InodeKind::BlockDev => libc::S_IFBLK,
+            InodeKind::Fifo => libc::S_IFIFO,
+            InodeKind::Socket => libc::S_IFSOCK,
+        }
+    }
+
+    /// Short name for listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            InodeKind::File => "file",
+            InodeKind::Dir => "dir",
+            InodeKind::Symlink => "symlink",
+            InodeKind::CharDev => "chardev",
+            InodeKind::BlockDev => "blockdev",
+            InodeKind::Fifo => "fifo",
+            InodeKind::Socket => "socket",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nsecs: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Xattr {
+    pub name: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// One chunk of a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: ChunkId,
+    /// Offset of the chunk's first byte in the file.
+    pub offset: u64,
+    /// Plaintext length.
+    pub size: u32,
+    /// Convergent key when the image is encrypted.
+    pub key: Option<[u8; 32]>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub ino: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub kind: InodeKind,
+    /// Permission bits (07777).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: Timestamp,
+    pub ctime: Timestamp,
+    pub rdev: u64,
+    pub xattrs: Vec<Xattr>,
+    /// Symlink target (empty for other kinds).
+    pub target: Vec<u8>,
+    /// Files only, ordered by offset.
+    pub chunks: Vec<ChunkRef>,
+    /// Directories only, sorted by name.
+    pub entries: Vec<DirEntry>,
+}
+
+impl Inode {
+    /// A fresh inode of `kind` with everything else zero/empty.
+    pub fn new(kind: InodeKind, mode: u32) -> Self {
+        Inode {
+            kind,
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            rdev: 0,
+            xattrs: Vec::new(),
+            target: Vec::new(),
+            chunks: Vec::new(),
+            entries: Vec::new(),
+        }
+    }
+}
+
+/// A store and the chunk-id range (first byte, inclusive) it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub start: u8,
+    pub end: u8,
+    pub url: String,
+}
+
+/// A whole image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Image {
+    pub tags: BTreeMap<String, String>,
+    pub routes: Vec<Route>,
+    pub chunker: ChunkerKind,
+    pub encrypted: bool,
+    pub inodes: Vec<Inode>,
+    /// Derived on load: link count and parent directory per inode (index = ino - 1).
+    #[serde(skip)]
+    pub(crate) nlink: Vec<u32>,
+    #[serde(skip)]
+    pub(crate) parent: Vec<u64>,
+}
+
+impl Image {
+    /// An image with an empty root directory.
+    pub fn new(chunker: ChunkerKind, encrypted: bool) -> Self {
+        Image {
+            tags: BTreeMap::new(),
+            routes: Vec::new(),
+            chunker,
+            encrypted,
+            inodes: vec![Inode::new(InodeKind::Dir, 0o755)],
+            nlink: Vec::new(),
+            parent: Vec::new(),
+        }
+    }
+
+    /// The inode numbered `ino`, if any.
+    pub fn inode(&self, ino: u64) -> Option<&Inode> {
+        let idx = usize::try_from(ino.checked_sub(1)?).ok()?;
+        self.inodes.get(idx)
+    }
+
+    /// Link count of `ino` (derived at load/validation).
+    pub fn nlink(&self, ino: u64) -> u32 {
+        let idx = ino.saturating_sub(1) as usize;
+        self.nlink.get(idx).copied().unwrap_or(1)
+    }
+
+    /// Parent directory of `ino` (root is its own parent).
+    pub fn parent(&self, ino: u64) -> u64 {
+        let idx = ino.saturating_sub(1) as usize;
+        self.parent.get(idx).copied().unwrap_or(ROOT_INO)
+    }
+
+    /// Total plaintext bytes of all distinct files.
+    pub fn total_file_bytes(&self) -> u64 {
+        self.inodes
+            .iter()
+            .filter(|i| i.kind == InodeKind::File)
+            .map(|i| i.size)
+            .sum()
+    }
+}

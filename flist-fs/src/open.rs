@@ -1,0 +1,53 @@
+//! Opening an image for reading: read and validate the metadata, build the router (from the
+//! image's recorded stores or caller-supplied ones) and attach the shared chunk cache.
+
+use crate::cache::ChunkCache;
+use crate::error::Result;
+use crate::fetch::ChunkSource;
+use crate::meta::{read_image, Image};
+use crate::store::Router;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Default cache bound: 10 GiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
+
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// Store specs (`[SS-EE=]URL`) replacing the image's recorded stores; empty = use those.
+    pub stores: Vec<String>,
+    /// Chunk cache directory; `None` disables the disk cache.
+    pub cache_dir: Option<PathBuf>,
+    pub cache_max_bytes: u64,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            stores: Vec::new(),
+            cache_dir: None,
+            cache_max_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// Reads the image at `path` and prepares a chunk source for it.
+pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<(Arc<Image>, Arc<ChunkSource>)> {
+    let image = read_image(path)?;
+    let source = source_for(&image, opts)?;
+    Ok((Arc::new(image), Arc::new(source)))
+}
+
+/// A chunk source for `image` according to `opts`.
+pub fn source_for(image: &Image, opts: &OpenOptions) -> Result<ChunkSource> {
+    let router = if opts.stores.is_empty() {
+        Router::from_routes(&image.routes)?
+    } else {
+        Router::from_specs(&opts.stores)?
+    };
+    let cache = match &opts.cache_dir {
+        Some(d) => Some(ChunkCache::open(d, opts.cache_max_bytes)?),
+        None => None,
+    };
+    Ok(ChunkSource::new(router, cache))
+}

@@ -1,0 +1,358 @@
+//! Packing a directory tree into an image: scan the tree into inodes (all file types, xattrs,
+//! hard links), chunk and store file contents through the router, then write the metadata
+//! atomically. Any error names the offending path and leaves no image file behind.
+
+use crate::chunk::{encode, ChunkId, Chunker, ChunkerKind};
+use crate::error::{Error, Result};
+use crate::meta::{
+    write_image_atomic, ChunkRef, DirEntry, Image, Inode, InodeKind, Timestamp, Xattr,
+};
+use crate::par::{parallel_map, parallelism};
+use crate::store::Router;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, Default)]
+pub struct PackOptions {
+    pub chunker: ChunkerKind,
+    pub encrypt: bool,
+    pub tags: BTreeMap<String, String>,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PackStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub specials: u64,
+    pub hardlinks: u64,
+    pub bytes: u64,
+    pub chunks: u64,
+    pub new_chunks: u64,
+    pub dedup_chunks: u64,
+    pub stored_bytes: u64,
+    /// Plaintext bytes of the chunks that were new to the stores.
+    pub new_plain_bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl PackStats {
+    /// Plaintext MB/s over the whole pack.
+    pub fn throughput_mb_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// A byte progress bar (hidden unless `show`); a spinner-style bar when `total` is unknown.
+pub(crate) fn progress_bar(total: Option<u64>, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    match total {
+        Some(t) => {
+            let bar = ProgressBar::new(t);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar
+        }
+        None => {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar
+        }
+    }
+}
+
+/// Chunks, encodes and stores file contents, deduplicating within one run and counting stats.
+pub(crate) struct ChunkWriter<'a> {
+    router: &'a Router,
+    opts: &'a PackOptions,
+    stats: &'a mut PackStats,
+    bar: &'a ProgressBar,
+    seen: HashSet<ChunkId>,
+}
+
+impl<'a> ChunkWriter<'a> {
+    pub(crate) fn new(
+        router: &'a Router,
+        opts: &'a PackOptions,
+        stats: &'a mut PackStats,
+        bar: &'a ProgressBar,
+    ) -> Self {
+        ChunkWriter {
+            router,
+            opts,
+            stats,
+            bar,
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Stores the content read from `reader` (named `path` in errors); returns its chunk list
+    /// and length.
+    pub(crate) fn write(
+        &mut self,
+        reader: impl std::io::Read,
+        path: &Path,
+    ) -> Result<(Vec<ChunkRef>, u64)> {
+        let chunker = Chunker::new(
+            self.opts.chunker,
+            std::io::BufReader::with_capacity(1 << 20, reader),
+        )
+        .map_err(|reason| Error::Unsupported {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        let mut chunks = Vec::new();
+        let mut offset = 0u64;
+        let batch_len = parallelism() * 2;
+        let mut batch: Vec<Vec<u8>> = Vec::with_capacity(batch_len);
+        let mut pieces = chunker.peekable();
+        while let Some(piece) = pieces.next() {
+            batch.push(piece.map_err(|e| Error::io(path, e))?);
+            if batch.len() < batch_len && pieces.peek().is_some() {
+                continue;
+            }
+            // Encode the batch in parallel, dedup in order, then store the new ones in parallel.
+            let encrypt = self.opts.encrypt;
+            let encoded = parallel_map(&batch, |plain| encode(plain, encrypt));
+            let mut to_put = Vec::new();
+            for (plain, enc) in batch.iter().zip(encoded) {
+                let enc = enc?;
+                self.stats.chunks += 1;
+                let fresh = self.seen.insert(enc.id);
+                chunks.push(ChunkRef {
+                    id: enc.id,
+                    offset,
+                    size: plain.len() as u32,
+                    key: enc.key,
+                });
+                offset += plain.len() as u64;
+                self.bar.inc(plain.len() as u64);
+                if fresh {
+                    to_put.push((enc, plain.len() as u64));
+                } else {
+                    self.stats.dedup_chunks += 1;
+                }
+            }
+            let router = self.router;
+            let results = parallel_map(&to_put, |(enc, _)| router.put(&enc.id, &enc.stored));
+            for ((enc, plain_len), r) in to_put.iter().zip(results) {
+                if r? {
+                    self.stats.new_chunks += 1;
+                    self.stats.stored_bytes += enc.stored.len() as u64;
+                    self.stats.new_plain_bytes += plain_len;
+                } else {
+                    self.stats.dedup_chunks += 1;
+                }
+            }
+            batch.clear();
+        }
+        self.stats.bytes += offset;
+        Ok((chunks, offset))
+    }
+}
+
+struct Scan {
+    image: Image,
+    files: Vec<(usize, PathBuf)>,
+    links: HashMap<(u64, u64), u64>,
+    stats: PackStats,
+}
+
+fn ts(secs: i64, nsecs: i64) -> Timestamp {
+    Timestamp {
+        secs,
+        nsecs: nsecs.clamp(0, 999_999_999) as u32,
+    }
+}
+
+fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        if let Some(value) = xattr::get(path, &name).map_err(|e| Error::io(path, e))? {
+            out.push(Xattr {
+                name: name.as_bytes().to_vec(),
+                value,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn inode_from(path: &Path, md: &std::fs::Metadata) -> Result<Inode> {
+    let ft = md.file_type();
+    let kind = if ft.is_dir() {
+        InodeKind::Dir
+    } else if ft.is_file() {
+        InodeKind::File
+    } else if ft.is_symlink() {
+        InodeKind::Symlink
+    } else if ft.is_char_device() {
+        InodeKind::CharDev
+    } else if ft.is_block_device() {
+        InodeKind::BlockDev
+    } else if ft.is_fifo() {
+        InodeKind::Fifo
+    } else if ft.is_socket() {
+        InodeKind::Socket
+    } else {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            reason: "unknown file type".into(),
+        });
+    };
+    let mut inode = Inode::new(kind, md.mode() & 0o7777);
+    inode.uid = md.uid();
+    inode.gid = md.gid();
+    inode.mtime = ts(md.mtime(), md.mtime_nsec());
+    inode.ctime = ts(md.ctime(), md.ctime_nsec());
+    if matches!(kind, InodeKind::CharDev | InodeKind::BlockDev) {
+        inode.rdev = md.rdev();
+    }
+    if kind == InodeKind::Symlink {
+        inode.target = std::fs::read_link(path)
+            .map_err(|e| Error::io(path, e))?
+            .as_os_str()
+            .as_bytes()
+            .to_vec();
+        inode.size = inode.target.len() as u64;
+    } else {
+        inode.xattrs = read_xattrs(path)?;
+    }
+    if kind == InodeKind::File {
+        inode.size = md.len();
+    }
+    Ok(inode)
+}
+
+impl Scan {
+    fn dir(&mut self, path: &Path, idx: usize) -> Result<()> {
+        let mut names: Vec<_> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .map(|e| e.map(|e| e.file_name()).map_err(|e| Error::io(path, e)))
+            .collect::<Result<_>>()?;
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        for name in names {
+            let child = path.join(&name);
+            let md = std::fs::symlink_metadata(&child).map_err(|e| Error::io(&child, e))?;
+            let key = (md.dev(), md.ino());
+            if !md.is_dir() && md.nlink() > 1 {
+                if let Some(&ino) = self.links.get(&key) {
+                    self.stats.hardlinks += 1;
+                    self.image.inodes[idx].entries.push(DirEntry {
+                        name: name.as_bytes().to_vec(),
+                        ino,
+                    });
+                    continue;
+                }
+            }
+            let inode = inode_from(&child, &md)?;
+            let kind = inode.kind;
+            self.image.inodes.push(inode);
+            let cidx = self.image.inodes.len() - 1;
+            let ino = cidx as u64 + 1;
+            if !md.is_dir() && md.nlink() > 1 {
+                self.links.insert(key, ino);
+            }
+            self.image.inodes[idx].entries.push(DirEntry {
+                name: name.as_bytes().to_vec(),
+                ino,
+            });
+            match kind {
+                InodeKind::Dir => {
+                    self.stats.dirs += 1;
+                    self.dir(&child, cidx)?;
+                }
+                InodeKind::File => {
+                    self.stats.files += 1;
+                    self.files.push((cidx, child));
+                }
+                InodeKind::Symlink => self.stats.symlinks += 1,
+                _ => self.stats.specials += 1,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Builds the image of `src` (storing chunks through `router`) without writing it.
+pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Image, PackStats)> {
+    let started = Instant::now();
+    opts.chunker
+        .validate()
+        .map_err(|reason| Error::Unsupported {
+            path: src.to_path_buf(),
+            reason,
+        })?;
+    let md = std::fs::metadata(src).map_err(|e| Error::io(src, e))?;
+    if !md.is_dir() {
+        return Err(Error::io(src, std::io::Error::other("not a directory")));
+    }
+    let mut image = Image::new(opts.chunker, opts.encrypt);
+    image.inodes[0] = inode_from(src, &md)?;
+    image.tags = opts.tags.clone();
+    image.routes = router.routes();
+    let mut scan = Scan {
+        image,
+        files: Vec::new(),
+        links: HashMap::new(),
+        stats: PackStats::default(),
+    };
+    scan.dir(src, 0)?;
+    let Scan {
+        mut image,
+        files,
+        mut stats,
+        ..
+    } = scan;
+
+    let total: u64 = files.iter().map(|(i, _)| image.inodes[*i].size).sum();
+    let bar = progress_bar(Some(total), opts.progress);
+    let mut writer = ChunkWriter::new(router, opts, &mut stats, &bar);
+    for (idx, path) in files {
+        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let (chunks, size) = writer.write(file, &path)?;
+        tracing::debug!(path = %path.display(), chunks = chunks.len(), "packed file");
+        image.inodes[idx].size = size;
+        image.inodes[idx].chunks = chunks;
+    }
+    bar.finish_and_clear();
+    crate::meta::validate(&mut image).map_err(|reason| Error::BadImage {
+        path: src.to_path_buf(),
+        reason,
+    })?;
+    stats.elapsed = started.elapsed();
+    Ok((image, stats))
+}
+
+/// Packs `src` into the image file `out` (written atomically at the end).
+pub fn pack(src: &Path, out: &Path, router: &Router, opts: &PackOptions) -> Result<PackStats> {
+    if router.is_empty() {
+        return Err(Error::BadStoreUrl {
+            url: String::new(),
+            reason: "no store given".into(),
+        });
+    }
+    let (image, stats) = pack_image(src, router, opts)?;
+    write_image_atomic(&image, out)?;
+    Ok(stats)
+}

@@ -1,0 +1,197 @@
+//! Unpacking an image into a directory. Entry names are single components (validated when the
+//! image is read), every entry is created fresh (`O_EXCL`/`O_NOFOLLOW`, `mkdir`), and nothing is
+//! ever opened through a symlink, so no write can land outside the destination — symlinks,
+//! absolute or not, are recreated verbatim but never followed. Directory modes and times are
+//! applied after their contents. Each file's chunks are fetched a parallel batch at a time.
+//! Device nodes need root; without it they are skipped with a warning.
+
+use crate::error::{Error, Result};
+use crate::fetch::ChunkSource;
+use crate::meta::{Image, Inode, InodeKind, ROOT_INO};
+use crate::par::{parallel_map, parallelism};
+use filetime::FileTime;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr};
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Default)]
+pub struct UnpackOptions {
+    /// chown entries to the image's uid/gid (needs root).
+    pub preserve_owner: bool,
+    pub progress: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct UnpackStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub skipped: Vec<String>,
+}
+
+struct Ctx<'a> {
+    image: &'a Image,
+    source: &'a ChunkSource,
+    opts: &'a UnpackOptions,
+    first_path: HashMap<u64, PathBuf>,
+    stats: UnpackStats,
+    bar: ProgressBar,
+}
+
+fn cpath(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::BadPath {
+        path: p.display().to_string(),
+        reason: "contains a NUL byte".into(),
+    })
+}
+
+impl Ctx<'_> {
+    fn entry(&mut self, path: &Path, ino: u64) -> Result<()> {
+        let inode = self.image.inode(ino).ok_or_else(|| Error::BadPath {
+            path: path.display().to_string(),
+            reason: format!("refers to missing inode {ino}"),
+        })?;
+        if inode.kind != InodeKind::Dir {
+            if let Some(first) = self.first_path.get(&ino) {
+                std::fs::hard_link(first, path).map_err(|e| Error::io(path, e))?;
+                self.stats.entries += 1;
+                return Ok(());
+            }
+            self.first_path.insert(ino, path.to_path_buf());
+        }
+        self.stats.entries += 1;
+        match inode.kind {
+            InodeKind::Dir => {
+                std::fs::create_dir(path).map_err(|e| Error::io(path, e))?;
+                self.children(path, ino)?;
+            }
+            InodeKind::File => self.file(path, inode)?,
+            InodeKind::Symlink => {
+                std::os::unix::fs::symlink(OsStr::from_bytes(&inode.target), path)
+                    .map_err(|e| Error::io(path, e))?;
+            }
+            _ => {
+                let c = cpath(path)?;
+                let mode = inode.kind.mode_bits() | (inode.mode & 0o7777);
+                // SAFETY: `c` is a valid NUL-terminated path; mknod has no other preconditions.
+                let rc = unsafe { libc::mknod(c.as_ptr(), mode, inode.rdev as libc::dev_t) };
+                if rc != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::EPERM) {
+                        tracing::warn!(path = %path.display(), "cannot create {} without privileges; skipped", inode.kind.name());
+                        self.stats.skipped.push(path.display().to_string());
+                        return Ok(());
+                    }
+                    return Err(Error::io(path, e));
+                }
+            }
+        }
+        self.attrs(path, inode)
+    }
+
+    fn children(&mut self, dir: &Path, ino: u64) -> Result<()> {
+        let Some(inode) = self.image.inode(ino) else {
+            return Ok(());
+        };
+        for e in &inode.entries {
+            // Names are validated on load; re-check so this function is safe on its own.
+            if e.name.is_empty() || e.name.contains(&b'/') || e.name == b".." || e.name == b"." {
+                return Err(Error::BadPath {
+                    path: format!("{}/{}", dir.display(), String::from_utf8_lossy(&e.name)),
+                    reason: "entry name is not a single path component".into(),
+                });
+            }
+            self.entry(&dir.join(OsStr::from_bytes(&e.name)), e.ino)?;
+        }
+        Ok(())
+    }
+
+    fn file(&mut self, path: &Path, inode: &Inode) -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        // Fetch and decode a batch of chunks in parallel, then write them in order.
+        let source = self.source;
+        for batch in inode.chunks.chunks(parallelism() * 2) {
+            for data in parallel_map(batch, |c| source.plain(c)) {
+                let data = data?;
+                f.write_all(&data).map_err(|e| Error::io(path, e))?;
+                self.bar.inc(data.len() as u64);
+                self.stats.bytes += data.len() as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn attrs(&mut self, path: &Path, inode: &Inode) -> Result<()> {
+        let is_link = inode.kind == InodeKind::Symlink;
+        if self.opts.preserve_owner {
+            std::os::unix::fs::lchown(path, Some(inode.uid), Some(inode.gid))
+                .map_err(|e| Error::io(path, e))?;
+        }
+        for x in &inode.xattrs {
+            if let Err(e) = xattr::set(path, OsStr::from_bytes(&x.name), &x.value) {
+                tracing::warn!(path = %path.display(), xattr = %String::from_utf8_lossy(&x.name), error = %e, "xattr not restored");
+            }
+        }
+        if !is_link {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(inode.mode & 0o7777))
+                .map_err(|e| Error::io(path, e))?;
+        }
+        let mtime = FileTime::from_unix_time(inode.mtime.secs, inode.mtime.nsecs);
+        filetime::set_symlink_file_times(path, mtime, mtime).map_err(|e| Error::io(path, e))
+    }
+}
+
+/// Unpacks `image` into `dest`, which must not exist or be an empty directory.
+pub fn unpack(
+    image: &Image,
+    source: &ChunkSource,
+    dest: &Path,
+    opts: &UnpackOptions,
+) -> Result<UnpackStats> {
+    match std::fs::read_dir(dest) {
+        Ok(mut rd) => {
+            if rd.next().is_some() {
+                return Err(Error::io(
+                    dest,
+                    std::io::Error::other("destination is not empty"),
+                ));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
+        }
+        Err(e) => return Err(Error::io(dest, e)),
+    }
+    let bar = if opts.progress {
+        ProgressBar::new(image.total_file_bytes())
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut ctx = Ctx {
+        image,
+        source,
+        opts,
+        first_path: HashMap::new(),
+        stats: UnpackStats::default(),
+        bar,
+    };
+    ctx.children(dest, ROOT_INO)?;
+    if let Some(root) = image.inode(ROOT_INO) {
+        ctx.attrs(dest, root)?;
+    }
+    ctx.bar.finish_and_clear();
+    Ok(ctx.stats)
+}

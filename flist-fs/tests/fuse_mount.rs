@@ -1,0 +1,184 @@
+//! Host FUSE mount (root + /dev/fuse): mount an image, compare the tree and contents with the
+//! source, read xattrs, check EIO on a corrupt chunk, unmount.
+
+mod common;
+
+use common::*;
+use flist_fs::fs::FlistFs;
+use flist_fs::open::OpenOptions;
+use flist_fs::pack::{pack, PackOptions};
+use flist_fs::store::Router;
+use std::io::Read;
+
+fn fuse_available() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && std::path::Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    if std::env::var("FLIST_SKIP_FUSE").as_deref() == Ok("1") {
+        eprintln!("skipping FUSE test: needs root and /dev/fuse");
+        return false;
+    }
+    panic!("the FUSE mount test needs root and /dev/fuse (apt-get install fuse3); set FLIST_SKIP_FUSE=1 to skip");
+}
+
+#[test]
+fn mount_read_compare_unmount() {
+    if !fuse_available() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    sample_tree(&src);
+    std::fs::write(src.join("victim"), pseudo_random(300_000, 77)).unwrap();
+    let store_dir = t.path().join("store");
+    let store = format!("dir://{}", store_dir.display());
+    let img = t.path().join("img.flist");
+    pack(
+        &src,
+        &img,
+        &Router::from_specs(&[store]).unwrap(),
+        &PackOptions::default(),
+    )
+    .unwrap();
+
+    let opts = OpenOptions {
+        cache_dir: Some(t.path().join("cache")),
+        ..OpenOptions::default()
+    };
+    let fs = FlistFs::open(&img, &opts).unwrap();
+    let victim_id = {
+        let im = fs.image();
+        im.inode(im.resolve("/victim").unwrap()).unwrap().chunks[0]
+            .id
+            .to_hex()
+    };
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = flist_fs::fs::mount::mount(fs, &mnt, 2).unwrap();
+
+    // Corrupt the victim's only chunk before anything reads it: reads must fail with EIO.
+    let p = store_dir.join(&victim_id[..2]).join(&victim_id);
+    std::fs::write(&p, b"corrupt").unwrap();
+    let mut f = std::fs::File::open(mnt.join("victim")).unwrap();
+    let mut buf = Vec::new();
+    let err = f.read_to_end(&mut buf).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    std::fs::remove_file(src.join("victim")).unwrap();
+    std::fs::remove_file(&p).unwrap();
+
+    let result = std::panic::catch_unwind(|| {
+        // Compare everything except the victim.
+        let listing: Vec<_> = std::fs::read_dir(&mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(listing.iter().any(|n| n == "victim"));
+        for name in ["small.txt", "empty", "abs-link", "fifo", "ro"] {
+            assert!(
+                listing.iter().any(|n| n == name),
+                "{name} missing from mount"
+            );
+        }
+        let sub = std::fs::read(mnt.join("sub/big.bin")).unwrap();
+        assert!(sub == std::fs::read(src.join("sub/big.bin")).unwrap());
+        assert_same_tree(&src.join("sub"), &mnt.join("sub"));
+        assert_eq!(
+            std::fs::read_link(mnt.join("abs-link")).unwrap(),
+            std::path::Path::new("/etc/passwd")
+        );
+        if let Ok(Some(v)) = xattr::get(src.join("small.txt"), "user.flist") {
+            assert_eq!(
+                xattr::get(mnt.join("small.txt"), "user.flist").unwrap(),
+                Some(v)
+            );
+        }
+        // Random-offset read.
+        let mut f = std::fs::File::open(mnt.join("sub/big.bin")).unwrap();
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(2_000_000)).unwrap();
+        let mut b = [0u8; 4096];
+        f.read_exact(&mut b).unwrap();
+        assert!(b[..] == sub[2_000_000..2_004_096]);
+        assert!(std::fs::write(mnt.join("new"), b"x").is_err());
+        let st = nix_statvfs(&mnt);
+        assert!(st > 0);
+    });
+    mounted.unmount().unwrap();
+    assert!(
+        std::fs::read_dir(&mnt).unwrap().next().is_none(),
+        "still mounted"
+    );
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn nix_statvfs(p: &std::path::Path) -> u64 {
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: zeroed statvfs is valid; c is a valid path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+    st.f_blocks
+}
+
+fn is_mounted(p: &std::path::Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = p.to_str().unwrap();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(p))
+}
+
+#[test]
+fn cli_mount_serves_until_interrupted() {
+    if !fuse_available() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("hello"), b"from the cli mount").unwrap();
+    let img = t.path().join("img.flist");
+    let store = format!("dir://{}", t.path().join("store").display());
+    pack(
+        &src,
+        &img,
+        &Router::from_specs(&[store]).unwrap(),
+        &PackOptions::default(),
+    )
+    .unwrap();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mnt = mnt.canonicalize().unwrap();
+    let mut child = KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_flist"))
+            .arg("mount")
+            .arg(&img)
+            .arg(&mnt)
+            .arg("--no-cache")
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if is_mounted(&mnt) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        is_mounted(&mnt),
+        "flist mount did not mount {}",
+        mnt.display()
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("hello")).unwrap(),
+        b"from the cli mount"
+    );
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    let status = child.0.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!is_mounted(&mnt));
+}
