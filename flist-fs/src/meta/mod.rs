@@ -34,7 +34,9 @@
 //!
 //! A chunk's stored bytes are `zstd(plaintext)` or, encrypted,
 //! `AES-256-GCM(key = blake3::derive_key(ctx, plaintext), nonce = 0)(zstd(plaintext))`; the
-//! chunk id is blake3 of the stored bytes and is verified on every read.
+//! chunk id is blake3 of the stored bytes and is verified on every read. Note that for an
+//! encrypted image the per-chunk keys live in the image file, so the image itself is the read
+//! capability (as with rfs): share it like a secret; stores only ever see ciphertext.
 
 mod codec;
 mod diff;
