@@ -24,3 +24,13 @@ if ((${#missing[@]})); then
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
+
+# Garage (S3 server for the flist-fs store tests), built from crates.io once and cached outside
+# the repo, keyed by its version (about 8 minutes on 2 cores the first time).
+garage_version=2.5.0
+garage_root="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/tools/garage-$garage_version"
+if [[ ! -x "$garage_root/bin/garage" ]]; then
+    echo "setup: building garage $garage_version (cached in $garage_root)" >&2
+    CARGO_TARGET_DIR="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/tools/garage-build" \
+        cargo install garage --locked --version "$garage_version" --root "$garage_root"
+fi
