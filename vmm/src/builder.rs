@@ -117,6 +117,24 @@ fn device_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Device { what, source }
 }
 
+/// How often a partial line of guest output (a prompt) is written out.
+const SERIAL_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn spawn_serial_flusher(serial: &Arc<Mutex<SerialDevice>>) -> Result<(), BuildError> {
+    let serial = Arc::downgrade(serial);
+    std::thread::Builder::new()
+        .name("serial-flush".into())
+        .spawn(move || {
+            while let Some(serial) = serial.upgrade() {
+                crate::devices::bus::lock(&serial).flush();
+                drop(serial);
+                std::thread::sleep(SERIAL_FLUSH_INTERVAL);
+            }
+        })
+        .map(|_| ())
+        .map_err(device_err("serial flush thread"))
+}
+
 /// Interrupt lines for virtio devices: IOAPIC pins after the legacy ones (COM1 uses 4).
 const FIRST_VIRTIO_GSI: u32 = 5;
 const LAST_VIRTIO_GSI: u32 = 23;
@@ -229,6 +247,7 @@ pub fn build(spec: &VmSpec, kvm_path: &Path, started: Instant) -> Result<Running
         serial_irq,
         serial_output(&spec.serial)?,
     )));
+    spawn_serial_flusher(&serial)?;
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
     pio.insert(

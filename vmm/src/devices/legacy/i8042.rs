@@ -1,7 +1,13 @@
-//! The i8042 keyboard controller, present so that a guest reboot (CPU reset through port 0x64,
-//! `reboot=k`) reaches the VMM, which then ends the VM.
+//! The i8042 keyboard controller, enough of it for Linux to probe it at once (status, control
+//! byte, self-tests, command acknowledgements) and for a guest reboot (CPU reset through port
+//! 0x64, `reboot=k`) to reach the VMM, which then ends the VM. No keys are ever pressed.
+//!
+//! A controller that never answers (as vm-superio's) makes the Linux driver wait out its
+//! command timeout at every boot, so this one answers like the real part.
 
-use vm_superio::{I8042Device, Trigger};
+use std::collections::VecDeque;
+
+use vm_superio::Trigger;
 
 use crate::devices::bus::BusDevice;
 
@@ -9,31 +15,132 @@ use crate::devices::bus::BusDevice;
 pub const I8042_BASE: u64 = 0x60;
 pub const I8042_LEN: u64 = 5;
 
+const DATA_OFFSET: u64 = 0;
+const COMMAND_OFFSET: u64 = 4;
+
+const STATUS_OUTPUT_FULL: u8 = 0x01;
+const STATUS_SYSTEM_FLAG: u8 = 0x04;
+const STATUS_LAST_WAS_COMMAND: u8 = 0x08;
+
+const CTR_KBD_INT: u8 = 0x01;
+const CTR_SYSTEM_FLAG: u8 = 0x04;
+const CTR_KBD_DISABLED: u8 = 0x10;
+const CTR_TRANSLATE: u8 = 0x40;
+
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_AUX_TEST: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_KBD_DISABLE: u8 = 0xad;
+const CMD_KBD_ENABLE: u8 = 0xae;
+const CMD_READ_OUTPUT_PORT: u8 = 0xd0;
+const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
+const CMD_WRITE_AUX: u8 = 0xd4;
+const CMD_RESET_CPU: u8 = 0xfe;
+
+const SELF_TEST_OK: u8 = 0x55;
+const KBD_ACK: u8 = 0xfa;
+const KBD_RESET_OK: u8 = 0xaa;
+const KBD_CMD_RESET: u8 = 0xff;
+
+/// What the next byte written to the data port means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pending {
+    KeyboardCommand,
+    ControlByte,
+    OutputPort,
+    AuxData,
+}
+
 pub struct I8042<T: Trigger> {
-    inner: I8042Device<T>,
+    reset: T,
+    control: u8,
+    output: VecDeque<u8>,
+    pending: Pending,
+    last_was_command: bool,
 }
 
 impl<T: Trigger> I8042<T> {
     /// `reset` fires when the guest asks for a CPU reset.
     pub fn new(reset: T) -> Self {
         Self {
-            inner: I8042Device::new(reset),
+            reset,
+            control: CTR_KBD_INT | CTR_SYSTEM_FLAG | CTR_TRANSLATE,
+            output: VecDeque::new(),
+            pending: Pending::KeyboardCommand,
+            last_was_command: false,
+        }
+    }
+
+    fn status(&self) -> u8 {
+        let mut status = STATUS_SYSTEM_FLAG;
+        if !self.output.is_empty() {
+            status |= STATUS_OUTPUT_FULL;
+        }
+        if self.last_was_command {
+            status |= STATUS_LAST_WAS_COMMAND;
+        }
+        status
+    }
+
+    fn command(&mut self, command: u8) {
+        self.last_was_command = true;
+        match command {
+            CMD_READ_CTR => self.output.push_back(self.control),
+            CMD_WRITE_CTR => self.pending = Pending::ControlByte,
+            CMD_SELF_TEST => self.output.push_back(SELF_TEST_OK),
+            CMD_KBD_TEST | CMD_AUX_TEST => self.output.push_back(0x00),
+            CMD_KBD_DISABLE => self.control |= CTR_KBD_DISABLED,
+            CMD_KBD_ENABLE => self.control &= !CTR_KBD_DISABLED,
+            CMD_READ_OUTPUT_PORT => self.output.push_back(0x01),
+            CMD_WRITE_OUTPUT_PORT => self.pending = Pending::OutputPort,
+            CMD_WRITE_AUX => self.pending = Pending::AuxData,
+            CMD_RESET_CPU => {
+                if let Err(e) = self.reset.trigger() {
+                    tracing::warn!("i8042 reset could not be signalled: {e:?}");
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn data(&mut self, value: u8) {
+        self.last_was_command = false;
+        match std::mem::replace(&mut self.pending, Pending::KeyboardCommand) {
+            Pending::ControlByte => self.control = value,
+            Pending::OutputPort | Pending::AuxData => {}
+            Pending::KeyboardCommand => {
+                self.output.push_back(KBD_ACK);
+                if value == KBD_CMD_RESET {
+                    self.output.push_back(KBD_RESET_OK);
+                }
+            }
         }
     }
 }
 
 impl<T: Trigger + Send> BusDevice for I8042<T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if let (Some(first), Ok(offset)) = (data.first_mut(), u8::try_from(offset)) {
-            *first = self.inner.read(offset);
+        let value = match offset {
+            DATA_OFFSET => self.output.pop_front().unwrap_or(0),
+            COMMAND_OFFSET => self.status(),
+            _ => 0,
+        };
+        data.fill(0);
+        if let Some(first) = data.first_mut() {
+            *first = value;
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        if let (Some(value), Ok(offset)) = (data.first(), u8::try_from(offset)) {
-            if let Err(e) = self.inner.write(offset, *value) {
-                tracing::warn!("i8042 reset could not be signalled: {e:?}");
-            }
+        let Some(&value) = data.first() else {
+            return;
+        };
+        match offset {
+            DATA_OFFSET => self.data(value),
+            COMMAND_OFFSET => self.command(value),
+            _ => {}
         }
     }
 }
@@ -53,11 +160,44 @@ mod tests {
         }
     }
 
+    fn device() -> (I8042<Flag>, Arc<AtomicBool>) {
+        let fired = Arc::new(AtomicBool::new(false));
+        (I8042::new(Flag(fired.clone())), fired)
+    }
+
+    fn read(dev: &mut I8042<Flag>, offset: u64) -> u8 {
+        let mut b = [0u8];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
     #[test]
     fn cpu_reset_command_fires_the_trigger() {
-        let fired = Arc::new(AtomicBool::new(false));
-        let mut dev = I8042::new(Flag(fired.clone()));
+        let (mut dev, fired) = device();
         dev.write(4, &[0xfe]);
         assert!(fired.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn control_byte_round_trips_as_linux_probes_it() {
+        let (mut dev, fired) = device();
+        assert_eq!(read(&mut dev, 4) & STATUS_OUTPUT_FULL, 0);
+        dev.write(4, &[CMD_READ_CTR]);
+        assert_ne!(read(&mut dev, 4) & STATUS_OUTPUT_FULL, 0);
+        let ctr = read(&mut dev, 0);
+        assert_eq!(ctr, CTR_KBD_INT | CTR_SYSTEM_FLAG | CTR_TRANSLATE);
+        assert_eq!(read(&mut dev, 4) & STATUS_OUTPUT_FULL, 0);
+        dev.write(4, &[CMD_WRITE_CTR]);
+        dev.write(0, &[0x47]);
+        dev.write(4, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut dev, 0), 0x47);
+        dev.write(4, &[CMD_SELF_TEST]);
+        assert_eq!(read(&mut dev, 0), SELF_TEST_OK);
+        dev.write(0, &[KBD_CMD_RESET]);
+        assert_eq!(
+            (read(&mut dev, 0), read(&mut dev, 0)),
+            (KBD_ACK, KBD_RESET_OK)
+        );
+        assert!(!fired.load(Ordering::SeqCst));
     }
 }

@@ -26,15 +26,62 @@ impl Trigger for IrqTrigger {
 
 pub type SerialOut = Box<dyn Write + Send>;
 
+/// How much guest output is held before it is written out regardless of line ends.
+const LINE_BUFFER_LIMIT: usize = 4096;
+
+/// Collects the guest's output bytes (the UART hands them over one at a time and flushes after
+/// each) and writes whole lines, so a boot log costs a write per line, not per byte. Partial
+/// lines (prompts) are written by [`SerialDevice::flush`], which the VMM calls periodically.
+pub struct LineBuffered {
+    out: SerialOut,
+    pending: Vec<u8>,
+}
+
+impl LineBuffered {
+    fn new(out: SerialOut) -> Self {
+        Self {
+            out,
+            pending: Vec::with_capacity(LINE_BUFFER_LIMIT),
+        }
+    }
+
+    fn write_pending(&mut self) -> std::io::Result<()> {
+        if !self.pending.is_empty() {
+            let result = self
+                .out
+                .write_all(&self.pending)
+                .and_then(|_| self.out.flush());
+            self.pending.clear();
+            result?;
+        }
+        Ok(())
+    }
+}
+
+impl Write for LineBuffered {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        if buf.contains(&b'\n') || self.pending.len() >= LINE_BUFFER_LIMIT {
+            self.write_pending()?;
+        }
+        Ok(buf.len())
+    }
+
+    /// Called by the UART after every byte: a no-op, see [`SerialDevice::flush`].
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The COM1 device.
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOut>,
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, LineBuffered>,
 }
 
 impl SerialDevice {
     pub fn new(interrupt: EventFd, out: SerialOut) -> Self {
         Self {
-            uart: Serial::new(IrqTrigger(interrupt), out),
+            uart: Serial::new(IrqTrigger(interrupt), LineBuffered::new(out)),
         }
     }
 
@@ -47,8 +94,11 @@ impl SerialDevice {
         self.uart.enqueue_raw_bytes(&bytes[..room]).unwrap_or(0)
     }
 
+    /// Writes out any partial line the guest has printed.
     pub fn flush(&mut self) {
-        let _ = self.uart.writer_mut().flush();
+        if let Err(e) = self.uart.writer_mut().write_pending() {
+            tracing::debug!("serial output failed: {e}");
+        }
     }
 }
 
@@ -92,7 +142,17 @@ mod tests {
         for b in b"hi" {
             dev.write(0, &[*b]);
         }
+        assert!(buf.lock().unwrap().is_empty(), "a partial line waits");
+        dev.flush();
         assert_eq!(&*buf.lock().unwrap(), b"hi");
+        for b in b"!\nnext" {
+            dev.write(0, &[*b]);
+        }
+        assert_eq!(
+            &*buf.lock().unwrap(),
+            b"hi!\n",
+            "a line end writes the line"
+        );
         dev.write(1, &[1]); // IER: data-available interrupt
         assert_eq!(dev.enqueue_input(b"x"), 1);
         assert!(irq.read().unwrap() >= 1);
