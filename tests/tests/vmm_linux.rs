@@ -212,3 +212,94 @@ fn root_on_virtio_fs_runs_the_entrypoint_from_the_share() -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// Packs a root tree (busybox) and a data tree into flist images inside the test bed, with
+/// their chunks in a dir:// store. `FLIST` is the flist binary in the job.
+const PACK_IMAGES: &str = "mkdir -p /srv/rootfs/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp /srv/rootfs/mnt /srv/data\n\
+     cp /bin/busybox /srv/rootfs/bin/busybox && ln -s busybox /srv/rootfs/bin/sh\n\
+     echo image-v1 > /srv/rootfs/etc/version && echo doomed > /srv/rootfs/etc/doomed\n\
+     head -c 3000000 /dev/urandom > /srv/data/big.bin && echo small > /srv/data/small.txt\n\
+     /flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null\n\
+     /flist pack /srv/data -o /srv/data.flist --store dir:///srv/datastore > /dev/null\n";
+
+impl Bed {
+    fn run_with_flist(&self, script: &str) -> Result<JobOutput, Error> {
+        let flist = artifacts::target_dir().join("debug/flist");
+        let job = Job::new(format!("{PACK_IMAGES}{script}"))
+            .binary("/vmm", &self.vmm)
+            .binary("/flist", &flist)
+            .file("/guest/vmlinux", &self.vmlinux)
+            .file("/guest/initrd", &self.initrd);
+        let out = self.testbed.run(&job)?;
+        eprintln!("--- job output ---\n{}", out.output);
+        Ok(out)
+    }
+}
+
+#[test]
+fn root_on_an_flist_image_with_a_persistent_writable_layer() -> Result<(), Error> {
+    let Some(bed) = bed("root_on_an_flist_image_with_a_persistent_writable_layer")? else {
+        return Ok(());
+    };
+    let root = "--fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache";
+    let out = bed.run_with_flist(&format!(
+        "{VMM} --kernel /guest/vmlinux {root} -- /bin/sh -c \
+           'cat /etc/version; echo first-boot > /etc/written; rm /etc/doomed; mkdir /etc/newdir; \
+            mv /etc/version /etc/renamed; echo $((6*7))-first-done'\n\
+         echo first-status=$?\n\
+         {VMM} --kernel /guest/vmlinux {root} -- /bin/sh -c \
+           'cat /etc/written /etc/renamed; test -e /etc/doomed || echo doomed-$((1+1))-gone; \
+            test -d /etc/newdir && echo newdir-$((2+2)); test -e /etc/version || echo version-renamed'\n\
+         echo second-status=$?\n\
+         {VMM} --kernel /guest/vmlinux --fs tag=rootfs,image=/srv/root.flist --root rootfs --image-cache /srv/cache -- \
+           /bin/sh -c 'cat /etc/version; if echo x > /etc/x; then echo ro-$((3*3)); fi; true'\n\
+         echo ro-status=$?\n"
+    ))?;
+    let o = &out.output;
+    for needle in [
+        "\nimage-v1",
+        "42-first-done",
+        "first-status=0",
+        "\nfirst-boot",
+        "doomed-2-gone",
+        "newdir-4",
+        "version-renamed",
+        "second-status=0",
+        "Read-only file system",
+        "ro-status=0",
+    ] {
+        assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
+    }
+    assert!(!o.contains("ro-9"), "{}", out.console);
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_chunk_is_eio_in_the_guest_and_the_vm_keeps_running() -> Result<(), Error> {
+    let Some(bed) = bed("a_corrupt_chunk_is_eio_in_the_guest_and_the_vm_keeps_running")? else {
+        return Ok(());
+    };
+    let out = bed.run_with_flist(&format!(
+        "for f in $(find /srv/datastore -type f); do printf 'garbage' | dd of=$f bs=1 seek=20 conv=notrunc 2>/dev/null; done\n\
+         VMM_LOG=warn {VMM} --kernel /guest/vmlinux --fs tag=data,image=/srv/data.flist --image-cache /srv/cache -- /bin/sh -c \
+           'mkdir -p /mnt/data && mount -t virtiofs data /mnt/data && \
+            if cat /mnt/data/big.bin > /dev/null 2>/tmp/e; then echo read-$((5*5)); else cat /tmp/e; fi; \
+            ls /mnt/data; echo still-$((7*7))-running'\n\
+         echo eio-status=$?\n"
+    ))?;
+    let o = &out.output;
+    assert!(o.contains("Input/output error"), "{}", out.console);
+    assert!(!o.contains("read-25"), "{}", out.console);
+    assert!(
+        o.contains("big.bin") && o.contains("still-49-running"),
+        "{}",
+        out.console
+    );
+    assert!(o.contains("eio-status=0"), "{}", out.console);
+    assert!(
+        o.to_lowercase().contains("chunk"),
+        "no host-side error naming the chunk: {}",
+        out.console
+    );
+    Ok(())
+}

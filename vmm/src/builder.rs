@@ -149,7 +149,7 @@ fn attach_virtio_devices(
     let devices = spec
         .fs
         .iter()
-        .map(fs_backends::device_for)
+        .map(|share| fs_backends::device_for(share, spec.image_cache.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
     let max = (LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1) as usize;
     if devices.len() > max {

@@ -39,9 +39,13 @@ struct Cli {
     /// Entry protocol for ELF kernels: auto (PVH when the note is present), linux or pvh.
     #[arg(long, value_enum)]
     boot_protocol: Option<BootProtocolArg>,
-    /// Share a host directory over virtio-fs: tag=TAG,dir=PATH[,readonly] (repeatable).
+    /// Share over virtio-fs (repeatable): a host directory, tag=TAG,dir=PATH[,readonly], or an
+    /// flist image, tag=TAG,image=PATH[,layer=DIR] (DIR keeps the guest's writes).
     #[arg(long = "fs")]
     fs: Vec<String>,
+    /// Local chunk cache shared by all images.
+    #[arg(long)]
+    image_cache: Option<PathBuf>,
     /// Tag of the virtio-fs share the guest init mounts as its root.
     #[arg(long)]
     root: Option<String>,
@@ -126,6 +130,9 @@ fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
     }
     for share in &cli.fs {
         spec.fs.push(share.parse()?);
+    }
+    if let Some(cache) = &cli.image_cache {
+        spec.image_cache = Some(cache.clone());
     }
     if let Some(root) = &cli.root {
         spec.root = Some(root.clone());

@@ -84,6 +84,47 @@ const FS_WORKER_SYSCALLS: &[i64] = &[
     libc::SYS_getgid,
     libc::SYS_getegid,
     libc::SYS_umask,
+    // Path-based calls of the standard library and the image cache.
+    libc::SYS_mkdir,
+    libc::SYS_rmdir,
+    libc::SYS_rename,
+    libc::SYS_unlink,
+    libc::SYS_stat,
+    libc::SYS_lstat,
+    libc::SYS_access,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_readlink,
+    libc::SYS_utimes,
+    // Fetching image chunks from network stores (HTTP, S3, redis/zdb), name resolution.
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_sendto,
+    libc::SYS_recvfrom,
+    libc::SYS_sendmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmmsg,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_shutdown,
+    libc::SYS_bind,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_uname,
+    // Read-ahead threads of the image layer.
+    libc::SYS_clone,
+    libc::SYS_clone3,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_mprotect,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_prctl,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
     // Memory, time, threads and ending.
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -143,9 +184,9 @@ mod tests {
             apply_to_current_thread(&filter).unwrap();
             let dir = std::env::temp_dir();
             let read_ok = std::fs::read_dir(&dir).is_ok();
-            // socket(2) is not something a filesystem worker does.
-            // SAFETY: plain syscall; the result is only compared.
-            let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            // bpf(2) is not something a filesystem worker does.
+            // SAFETY: an invalid bpf command; without the filter it fails with EINVAL.
+            let sock = unsafe { libc::syscall(libc::SYS_bpf, -1i64, 0usize, 0usize) as i32 };
             let errno = std::io::Error::last_os_error().raw_os_error();
             (read_ok, sock, errno)
         })

@@ -64,3 +64,11 @@ impl FlistFs {
         &self.source
     }
 }
+
+/// An image can be the read-only lower layer of fuse-backend-rs's overlay filesystem (a
+/// workload's writable layer on top of its image).
+impl fuse_backend_rs::api::filesystem::Layer for FlistFs {
+    fn root_inode(&self) -> u64 {
+        fuse_backend_rs::api::filesystem::ROOT_ID
+    }
+}

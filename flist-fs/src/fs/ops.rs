@@ -108,7 +108,9 @@ impl FileSystem for FlistFs {
         if i.kind == InodeKind::Dir {
             return Err(errno(libc::EISDIR));
         }
-        Ok((None, OpenOptions::KEEP_CACHE, None))
+        // Reads need no per-open state; the inode number serves as the handle, which layered
+        // filesystems (an overlay with a writable layer on top) require to be present.
+        Ok((Some(inode), OpenOptions::KEEP_CACHE, None))
     }
 
     fn read(

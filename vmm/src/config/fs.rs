@@ -7,15 +7,23 @@ use serde::{Deserialize, Serialize};
 /// Longest virtio-fs tag (the device's config field).
 pub const MAX_TAG_LEN: usize = 36;
 
-/// One virtio-fs share: a host directory (a volume).
+/// One virtio-fs share: a host directory (a volume), or an flist image, read-only or with a
+/// writable layer kept in a host directory (which survives VM restarts).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FsSpec {
     /// The tag the guest mounts it by (`mount -t virtiofs TAG /mnt`).
     pub tag: String,
     /// A host directory served as is.
-    pub dir: PathBuf,
-    /// Refuse every write from the guest (EROFS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// An flist image (metadata file); its chunks come from the stores it names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<PathBuf>,
+    /// With an image: a host directory holding the guest's changes on top of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writable_layer: Option<PathBuf>,
+    /// Refuse every write from the guest (EROFS). An image without a writable layer always is.
     #[serde(default)]
     pub readonly: bool,
 }
@@ -30,8 +38,12 @@ pub enum FsSpecError {
     DuplicateTag(String),
     #[error("the root is tag {0:?}, but no filesystem has that tag")]
     UnknownRoot(String),
-    #[error("--fs takes tag=TAG,dir=PATH[,readonly], not {0:?}")]
+    #[error("--fs takes tag=TAG,dir=PATH[,readonly] or tag=TAG,image=PATH[,layer=DIR][,readonly], not {0:?}")]
     BadFlag(String),
+    #[error("virtio-fs share {0:?} needs exactly one of `dir` and `image`")]
+    SourceCount(String),
+    #[error("virtio-fs share {0:?}: a writable layer goes with an image, and not with readonly")]
+    BadLayer(String),
 }
 
 /// Checks tags (valid, unique) and that the root tag names a share.
@@ -48,6 +60,12 @@ pub fn validate(shares: &[FsSpec], root: Option<&str>) -> Result<(), FsSpecError
         if !seen.insert(tag.as_str()) {
             return Err(FsSpecError::DuplicateTag(tag.clone()));
         }
+        if share.dir.is_some() == share.image.is_some() {
+            return Err(FsSpecError::SourceCount(tag.clone()));
+        }
+        if share.writable_layer.is_some() && (share.image.is_none() || share.readonly) {
+            return Err(FsSpecError::BadLayer(tag.clone()));
+        }
     }
     match root {
         Some(root) if !seen.contains(root) => Err(FsSpecError::UnknownRoot(root.to_string())),
@@ -61,20 +79,27 @@ impl std::str::FromStr for FsSpec {
     /// Parses the CLI form `tag=TAG,dir=PATH[,readonly]`.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = || FsSpecError::BadFlag(text.to_string());
-        let (mut tag, mut dir, mut readonly) = (None, None, false);
+        let mut share = FsSpec {
+            tag: String::new(),
+            dir: None,
+            image: None,
+            writable_layer: None,
+            readonly: false,
+        };
         for part in text.split(',') {
             match part.split_once('=') {
-                Some(("tag", v)) => tag = Some(v.to_string()),
-                Some(("dir", v)) => dir = Some(PathBuf::from(v)),
-                None if part == "readonly" || part == "ro" => readonly = true,
+                Some(("tag", v)) => share.tag = v.to_string(),
+                Some(("dir", v)) => share.dir = Some(PathBuf::from(v)),
+                Some(("image", v)) => share.image = Some(PathBuf::from(v)),
+                Some(("layer", v)) => share.writable_layer = Some(PathBuf::from(v)),
+                None if part == "readonly" || part == "ro" => share.readonly = true,
                 _ => return Err(bad()),
             }
         }
-        Ok(FsSpec {
-            tag: tag.ok_or_else(bad)?,
-            dir: dir.ok_or_else(bad)?,
-            readonly,
-        })
+        if share.tag.is_empty() || (share.dir.is_none() && share.image.is_none()) {
+            return Err(bad());
+        }
+        Ok(share)
     }
 }
 
@@ -85,7 +110,9 @@ mod tests {
     fn share(tag: &str) -> FsSpec {
         FsSpec {
             tag: tag.into(),
-            dir: "/srv".into(),
+            dir: Some("/srv".into()),
+            image: None,
+            writable_layer: None,
             readonly: false,
         }
     }
@@ -93,16 +120,22 @@ mod tests {
     #[test]
     fn cli_form() {
         let s: FsSpec = "tag=data,dir=/srv/data,readonly".parse().unwrap();
+        assert_eq!(s.tag, "data");
+        assert_eq!(s.dir.as_deref(), Some(std::path::Path::new("/srv/data")));
+        assert!(s.readonly);
+        let s: FsSpec = "tag=root,image=/i/a.flist,layer=/var/vm1".parse().unwrap();
+        assert_eq!(s.image.as_deref(), Some(std::path::Path::new("/i/a.flist")));
         assert_eq!(
-            (s.tag.as_str(), s.dir.to_str().unwrap(), s.readonly),
-            ("data", "/srv/data", true)
+            s.writable_layer.as_deref(),
+            Some(std::path::Path::new("/var/vm1"))
         );
         assert!("dir=/x".parse::<FsSpec>().is_err());
+        assert!("tag=a".parse::<FsSpec>().is_err());
         assert!("tag=a,dir=/x,bogus=1".parse::<FsSpec>().is_err());
     }
 
     #[test]
-    fn tags_and_root() {
+    fn tags_root_and_sources() {
         assert!(validate(&[share("a"), share("b")], Some("a")).is_ok());
         assert_eq!(
             validate(&[share("a"), share("a")], None),
@@ -119,6 +152,18 @@ mod tests {
         assert_eq!(
             validate(&[share("a")], Some("b")),
             Err(FsSpecError::UnknownRoot("b".into()))
+        );
+        let mut both = share("x");
+        both.image = Some("/i".into());
+        assert_eq!(
+            validate(&[both], None),
+            Err(FsSpecError::SourceCount("x".into()))
+        );
+        let mut layer_on_dir = share("y");
+        layer_on_dir.writable_layer = Some("/l".into());
+        assert_eq!(
+            validate(&[layer_on_dir], None),
+            Err(FsSpecError::BadLayer("y".into()))
         );
     }
 }

@@ -78,6 +78,9 @@ pub struct VmSpec {
     /// The tag of the share the guest init mounts as its root before running the entrypoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
+    /// The local chunk cache shared by every image (default: /var/cache/gridnode/chunks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_cache: Option<PathBuf>,
 }
 
 /// Kernel arguments through which the guest init learns its root tag and environment; the
@@ -131,6 +134,7 @@ impl VmSpec {
             boot_protocol: BootProtocol::Auto,
             fs: Vec::new(),
             root: None,
+            image_cache: None,
         }
     }
 

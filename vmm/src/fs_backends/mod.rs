@@ -1,10 +1,20 @@
 //! The filesystems the virtio-fs device serves, built from the spec: a host directory
-//! (passthrough), optionally read-only.
+//! (passthrough, optionally read-only), an flist image (read-only, chunks fetched lazily
+//! through the shared cache), or an flist image under a writable layer kept in a host
+//! directory (fuse-backend-rs's overlay: copy-up on write, whiteouts, opaque directories).
 
 mod readonly;
+#[cfg(test)]
+mod tests;
+mod upper_layer;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
+use flist_fs::fs::FlistFs;
+use fuse_backend_rs::overlayfs::config::Config as OverlayConfig;
+use fuse_backend_rs::overlayfs::{BoxedLayer, OverlayFs};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
 pub use readonly::ReadOnly;
@@ -12,6 +22,11 @@ pub use readonly::ReadOnly;
 use crate::config::FsSpec;
 use crate::devices::virtio::fs::FsDevice;
 use crate::devices::virtio::VirtioDevice;
+
+/// Where image chunks are cached when the spec does not say.
+pub const DEFAULT_IMAGE_CACHE: &str = "/var/cache/gridnode/chunks";
+/// Bound of the chunk cache.
+const IMAGE_CACHE_MAX_BYTES: u64 = 10 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsBackendError {
@@ -21,23 +36,29 @@ pub enum FsBackendError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot open image {path} for virtio-fs tag {tag:?}: {source}")]
+    Image {
+        tag: String,
+        path: String,
+        source: flist_fs::Error,
+    },
+    #[error("cannot set up the writable layer of virtio-fs tag {tag:?}: {source}")]
+    Overlay { tag: String, source: std::io::Error },
     #[error(transparent)]
     Device(#[from] crate::devices::virtio::fs::FsDeviceError),
 }
 
-/// Builds the virtio-fs device for one share.
-pub fn device_for(share: &FsSpec) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
+fn passthrough(tag: &str, dir: &Path) -> Result<PassthroughFs, FsBackendError> {
     let dir_err = |source| FsBackendError::Dir {
-        tag: share.tag.clone(),
-        path: share.dir.display().to_string(),
+        tag: tag.to_string(),
+        path: dir.display().to_string(),
         source,
     };
-    let meta = std::fs::metadata(&share.dir).map_err(dir_err)?;
+    let meta = std::fs::metadata(dir).map_err(dir_err)?;
     if !meta.is_dir() {
         return Err(dir_err(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
     }
-    let root_dir = share
-        .dir
+    let root_dir = dir
         .to_str()
         .ok_or_else(|| dir_err(std::io::Error::other("path is not UTF-8")))?
         .to_string();
@@ -50,9 +71,83 @@ pub fn device_for(share: &FsSpec) -> Result<Box<dyn VirtioDevice>, FsBackendErro
     };
     let fs = PassthroughFs::<()>::new(cfg).map_err(dir_err)?;
     fs.import().map_err(dir_err)?;
-    Ok(if share.readonly {
-        Box::new(FsDevice::new(&share.tag, Arc::new(ReadOnly::new(fs)))?)
-    } else {
-        Box::new(FsDevice::new(&share.tag, Arc::new(fs))?)
+    Ok(fs)
+}
+
+fn image(tag: &str, path: &Path, cache: &Path) -> Result<FlistFs, FsBackendError> {
+    let opts = flist_fs::open::OpenOptions {
+        stores: Vec::new(),
+        cache_dir: Some(cache.to_path_buf()),
+        cache_max_bytes: IMAGE_CACHE_MAX_BYTES,
+    };
+    FlistFs::open(path, &opts).map_err(|source| FsBackendError::Image {
+        tag: tag.to_string(),
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn overlay(tag: &str, lower: FlistFs, layer_dir: &Path) -> Result<OverlayFs, FsBackendError> {
+    std::fs::create_dir_all(layer_dir).map_err(|source| FsBackendError::Dir {
+        tag: tag.to_string(),
+        path: layer_dir.display().to_string(),
+        source,
+    })?;
+    let upper = upper_layer::UpperLayer(passthrough(tag, layer_dir)?);
+    let upper: Arc<BoxedLayer> = Arc::new(Box::new(upper));
+    let lower: Arc<BoxedLayer> = Arc::new(Box::new(lower));
+    debug_assert_eq!(
+        lower.root_inode(),
+        fuse_backend_rs::api::filesystem::ROOT_ID
+    );
+    let config = OverlayConfig {
+        mountpoint: String::new(),
+        work: String::new(),
+        do_import: true,
+        writeback: false,
+        no_open: false,
+        no_opendir: false,
+        killpriv_v2: false,
+        no_readdir: false,
+        perfile_dax: false,
+        cache_policy: fuse_backend_rs::overlayfs::CachePolicy::Auto,
+        attr_timeout: Duration::from_secs(1),
+        entry_timeout: Duration::from_secs(1),
+    };
+    OverlayFs::new(Some(upper), vec![lower], config).map_err(|source| FsBackendError::Overlay {
+        tag: tag.to_string(),
+        source,
+    })
+}
+
+/// Builds the virtio-fs device for one (validated) share.
+pub fn device_for(
+    share: &FsSpec,
+    image_cache: Option<&Path>,
+) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
+    let tag = share.tag.as_str();
+    let cache: PathBuf =
+        image_cache.map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf);
+    Ok(match (&share.dir, &share.image, &share.writable_layer) {
+        (Some(dir), _, _) if share.readonly => Box::new(FsDevice::new(
+            tag,
+            Arc::new(ReadOnly::new(passthrough(tag, dir)?)),
+        )?),
+        (Some(dir), _, _) => Box::new(FsDevice::new(tag, Arc::new(passthrough(tag, dir)?))?),
+        (None, Some(path), Some(layer)) => {
+            let lower = image(tag, path, &cache)?;
+            Box::new(FsDevice::new(tag, Arc::new(overlay(tag, lower, layer)?))?)
+        }
+        (None, Some(path), None) => Box::new(FsDevice::new(
+            tag,
+            Arc::new(ReadOnly::new(image(tag, path, &cache)?)),
+        )?),
+        (None, None, _) => {
+            return Err(FsBackendError::Dir {
+                tag: tag.to_string(),
+                path: String::new(),
+                source: std::io::Error::other("the share names neither a directory nor an image"),
+            })
+        }
     })
 }
