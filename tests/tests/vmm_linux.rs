@@ -303,3 +303,43 @@ fn a_corrupt_chunk_is_eio_in_the_guest_and_the_vm_keeps_running() -> Result<(), 
     );
     Ok(())
 }
+
+#[test]
+fn bad_input_on_the_kvm_host_gets_one_clear_line() -> Result<(), Error> {
+    let Some(bed) = bed("bad_input_on_the_kvm_host_gets_one_clear_line")? else {
+        return Ok(());
+    };
+    let out = bed.run(
+        "r() { /vmm \"$@\" > /tmp/out 2>&1; echo \"status=$? lines=$(wc -l < /tmp/out) $(head -c 160 /tmp/out)\"; }\n\
+         echo '#!/bin/sh' > /tmp/not-a-kernel\n\
+         head -c 4096 /guest/vmlinux > /tmp/truncated\n\
+         head -c 300000000 /dev/zero > /tmp/huge-initrd\n\
+         r --kernel /tmp/not-a-kernel\n\
+         r --kernel /tmp/truncated\n\
+         r --kernel /guest/vmlinux --initrd /tmp/huge-initrd --memory 128\n\
+         r --kernel /guest/vmlinux --vcpus 33\n\
+         r --kernel /guest/vmlinux --memory 99999999\n\
+         r --kernel /guest/vmlinux --initrd /nonexistent\n\
+         r --kernel /guest/vmlinux --kvm-device /nonexistent/kvm\n",
+    )?;
+    let lines: Vec<&str> = out
+        .output
+        .lines()
+        .filter(|l| l.starts_with("status="))
+        .collect();
+    let expected = [
+        "neither an ELF vmlinux nor a bzImage",
+        "cannot load ELF kernel",
+        "does not fit in guest memory",
+        "vcpus must be between 1 and 32",
+        "more than this host has",
+        "cannot read initrd /nonexistent",
+        "/nonexistent/kvm does not exist",
+    ];
+    assert_eq!(lines.len(), expected.len(), "{}", out.console);
+    for (line, needle) in lines.iter().zip(expected) {
+        assert!(line.starts_with("status=2 lines=1 vmm: error:"), "{line}");
+        assert!(line.contains(needle), "expected {needle:?} in {line}");
+    }
+    Ok(())
+}
