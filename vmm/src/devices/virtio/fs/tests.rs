@@ -13,7 +13,25 @@ use crate::devices::virtio::VirtioInterrupt;
 use fuse_backend_rs::api::server::Server;
 
 const FUSE_LOOKUP: u32 = 1;
+const FUSE_GETATTR: u32 = 3;
+const FUSE_SETATTR: u32 = 4;
+const FUSE_READLINK: u32 = 5;
+const FUSE_SYMLINK: u32 = 6;
+const FUSE_MKDIR: u32 = 9;
+const FUSE_UNLINK: u32 = 10;
+const FUSE_RENAME: u32 = 12;
+const FUSE_LINK: u32 = 13;
+const FUSE_OPEN: u32 = 14;
+const FUSE_READ: u32 = 15;
+const FUSE_WRITE: u32 = 16;
+const FUSE_STATFS: u32 = 17;
+const FUSE_SETXATTR: u32 = 21;
+const FUSE_GETXATTR: u32 = 22;
+const FUSE_LISTXATTR: u32 = 23;
 const FUSE_INIT: u32 = 26;
+const FUSE_OPENDIR: u32 = 27;
+const FUSE_READDIR: u32 = 28;
+const FUSE_CREATE: u32 = 35;
 const REQ: u64 = 0x1_0000;
 const REPLY: u64 = 0x2_0000;
 
@@ -53,6 +71,7 @@ impl Fixture {
         let cfg = Config {
             root_dir: self._dir.path().to_str().unwrap().to_string(),
             do_import: true,
+            xattr: true,
             ..Default::default()
         };
         let fs = PassthroughFs::<()>::new(cfg).unwrap();
@@ -184,4 +203,249 @@ fn malformed_chains_get_no_reply_and_no_panic() {
         &request(FUSE_INIT, 10, 0, &init_body()),
     );
     assert_eq!(error, 0);
+}
+
+/// Little-endian encoding of request bodies.
+fn le(fields: &[u64], widths: &[usize]) -> Vec<u8> {
+    fields
+        .iter()
+        .zip(widths)
+        .flat_map(|(v, w)| v.to_le_bytes()[..*w].to_vec())
+        .collect()
+}
+
+fn with_names(mut body: Vec<u8>, names: &[&str]) -> Vec<u8> {
+    for n in names {
+        body.extend_from_slice(n.as_bytes());
+        body.push(0);
+    }
+    body
+}
+
+fn u64_at(reply: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(reply[at..at + 8].try_into().unwrap())
+}
+
+/// Offsets in replies: entry_out.nodeid follows the 16-byte header; its attr starts 40 bytes
+/// later with ino, then size.
+const ENTRY_NODEID: usize = 16;
+const ATTR_OUT_SIZE: usize = 16 + 16 + 8;
+
+struct Session<'a> {
+    fx: &'a Fixture,
+    driver: TestDriver<'a>,
+    worker: QueueWorker<PassthroughFs>,
+    unique: u64,
+}
+
+impl<'a> Session<'a> {
+    fn new(fx: &'a Fixture) -> Self {
+        let driver = TestDriver::new(&fx.mem, 64);
+        let worker = fx.worker(&driver);
+        let mut s = Self {
+            fx,
+            driver,
+            worker,
+            unique: 0,
+        };
+        assert_eq!(s.call(FUSE_INIT, 0, init_body()).0, 0);
+        s
+    }
+
+    /// Sends a request; returns (error, reply bytes).
+    fn call(&mut self, opcode: u32, nodeid: u64, body: Vec<u8>) -> (i32, Vec<u8>) {
+        self.unique += 1;
+        let req = request(opcode, self.unique, nodeid, &body);
+        let (_, error, reply) = self.fx.call(&mut self.driver, &mut self.worker, &req);
+        (error, reply)
+    }
+
+    fn ok(&mut self, opcode: u32, nodeid: u64, body: Vec<u8>) -> Vec<u8> {
+        let (error, reply) = self.call(opcode, nodeid, body);
+        assert_eq!(error, 0, "opcode {opcode} failed");
+        reply
+    }
+
+    fn lookup(&mut self, parent: u64, name: &str) -> Result<Vec<u8>, i32> {
+        match self.call(FUSE_LOOKUP, parent, with_names(vec![], &[name])) {
+            (0, reply) => Ok(reply),
+            (e, _) => Err(e),
+        }
+    }
+}
+
+#[test]
+fn file_and_directory_operations_through_the_queue() {
+    let fx = Fixture::new();
+    let root_dir = fx._dir.path().to_path_buf();
+    let mut s = Session::new(&fx);
+
+    // create + write + read back.
+    let reply = s.ok(
+        FUSE_CREATE,
+        1,
+        with_names(
+            le(&[libc::O_RDWR as u64, 0o644, 0, 0], &[4, 4, 4, 4]),
+            &["new.txt"],
+        ),
+    );
+    let file = u64_at(&reply, ENTRY_NODEID);
+    let fh = u64_at(&reply, 16 + 128);
+    let mut write = le(&[fh, 0, 5, 0, 0, 0, 0], &[8, 8, 4, 4, 8, 4, 4]);
+    write.extend_from_slice(b"hello");
+    let reply = s.ok(FUSE_WRITE, file, write);
+    assert_eq!(u32::from_le_bytes(reply[16..20].try_into().unwrap()), 5);
+    let reply = s.ok(
+        FUSE_READ,
+        file,
+        le(&[fh, 1, 100, 0, 0, 0, 0], &[8, 8, 4, 4, 8, 4, 4]),
+    );
+    assert_eq!(&reply[16..], b"ello");
+    assert_eq!(std::fs::read(root_dir.join("new.txt")).unwrap(), b"hello");
+
+    // getattr, setattr (truncate to 2 bytes, mode 0600).
+    let reply = s.ok(FUSE_GETATTR, file, le(&[0, 0, 0], &[4, 4, 8]));
+    assert_eq!(u64_at(&reply, ATTR_OUT_SIZE), 5);
+    const FATTR_MODE: u64 = 1;
+    const FATTR_SIZE: u64 = 8;
+    let setattr = le(
+        &[
+            FATTR_MODE | FATTR_SIZE,
+            0,
+            0,
+            2,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0o100600,
+            0,
+            0,
+            0,
+            0,
+        ],
+        &[4, 4, 8, 8, 8, 8, 8, 8, 4, 4, 4, 4, 4, 4, 4, 4],
+    );
+    let reply = s.ok(FUSE_SETATTR, file, setattr);
+    assert_eq!(u64_at(&reply, ATTR_OUT_SIZE), 2);
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(root_dir.join("new.txt")).unwrap();
+    assert_eq!((meta.len(), meta.permissions().mode() & 0o777), (2, 0o600));
+
+    // mkdir, symlink + readlink, link, rename, unlink.
+    let dir = u64_at(
+        &s.ok(
+            FUSE_MKDIR,
+            1,
+            with_names(le(&[0o755, 0], &[4, 4]), &["sub"]),
+        ),
+        ENTRY_NODEID,
+    );
+    let link = u64_at(
+        &s.ok(FUSE_SYMLINK, dir, with_names(vec![], &["ln", "../new.txt"])),
+        ENTRY_NODEID,
+    );
+    let reply = s.ok(FUSE_READLINK, link, vec![]);
+    assert_eq!(&reply[16..], b"../new.txt");
+    s.ok(FUSE_LINK, dir, with_names(le(&[file], &[8]), &["hard"]));
+    assert_eq!(
+        std::fs::metadata(root_dir.join("sub/hard")).unwrap().len(),
+        2
+    );
+    s.ok(
+        FUSE_RENAME,
+        1,
+        with_names(le(&[dir], &[8]), &["new.txt", "moved.txt"]),
+    );
+    assert!(root_dir.join("sub/moved.txt").exists() && !root_dir.join("new.txt").exists());
+    s.ok(FUSE_UNLINK, dir, with_names(vec![], &["hard"]));
+    assert!(!root_dir.join("sub/hard").exists());
+
+    // readdir lists what is there.
+    let reply = s.ok(FUSE_OPENDIR, dir, le(&[0, 0], &[4, 4]));
+    let dh = u64_at(&reply, 16);
+    let reply = s.ok(
+        FUSE_READDIR,
+        dir,
+        le(&[dh, 0, 4096, 0, 0, 0, 0], &[8, 8, 4, 4, 8, 4, 4]),
+    );
+    let listing = String::from_utf8_lossy(&reply[16..]).to_string();
+    assert!(
+        listing.contains("ln") && listing.contains("moved.txt"),
+        "{listing:?}"
+    );
+
+    // xattrs: set, get, list.
+    let mut setx = with_names(le(&[3, 0], &[4, 4]), &["user.color"]);
+    setx.extend_from_slice(b"red");
+    let (error, _) = s.call(FUSE_SETXATTR, dir, setx);
+    if error == -libc::EOPNOTSUPP {
+        eprintln!("the test directory's filesystem has no user xattrs; skipping that part");
+    } else {
+        assert_eq!(error, 0);
+        let reply = s.ok(
+            FUSE_GETXATTR,
+            dir,
+            with_names(le(&[64, 0], &[4, 4]), &["user.color"]),
+        );
+        assert_eq!(&reply[16..], b"red");
+        let reply = s.ok(FUSE_LISTXATTR, dir, le(&[256, 0], &[4, 4]));
+        assert!(String::from_utf8_lossy(&reply[16..]).contains("user.color"));
+    }
+
+    // statfs.
+    let reply = s.ok(FUSE_STATFS, 1, vec![]);
+    assert!(reply.len() >= 16 + 80);
+}
+
+#[test]
+fn hostile_names_never_leave_the_shared_tree() {
+    let fx = Fixture::new();
+    let mut s = Session::new(&fx);
+    let outside = fx._dir.path().parent().unwrap().join("escaped-by-guest");
+    // ".." of the root is the root itself, never the host directory above it.
+    if let Ok(reply) = s.lookup(1, "..") {
+        let parent = u64_at(&reply, ENTRY_NODEID);
+        let (error, _) = s.call(
+            FUSE_MKDIR,
+            parent,
+            with_names(le(&[0o755, 0], &[4, 4]), &["escaped-by-guest"]),
+        );
+        assert!(error < 0 || fx._dir.path().join("escaped-by-guest").exists());
+        assert!(
+            !outside.exists(),
+            "a directory was created outside the shared tree"
+        );
+    }
+    for name in ["a/b", "../escaped-by-guest", "..", "."] {
+        let (error, _) = s.call(FUSE_MKDIR, 1, with_names(le(&[0o755, 0], &[4, 4]), &[name]));
+        assert!(error < 0, "mkdir {name:?} must fail");
+    }
+    assert!(s.lookup(1, "a/b").is_err());
+    let long = "x".repeat(300);
+    assert!(s.lookup(1, &long).is_err());
+    let (error, _) = s.call(
+        FUSE_CREATE,
+        1,
+        with_names(
+            le(&[libc::O_RDWR as u64, 0o644, 0, 0], &[4, 4, 4, 4]),
+            &[&long],
+        ),
+    );
+    assert!(error < 0);
+    // A symlink pointing outside is stored as is, but opening through it from the host side
+    // is refused (no follow out of the tree).
+    let link = u64_at(
+        &s.ok(FUSE_SYMLINK, 1, with_names(vec![], &["out", "/etc/passwd"])),
+        ENTRY_NODEID,
+    );
+    let (error, _) = s.call(FUSE_OPEN, link, le(&[libc::O_RDONLY as u64, 0], &[4, 4]));
+    assert!(
+        error < 0,
+        "opening a symlink must not follow it on the host"
+    );
+    assert!(!outside.exists());
 }
