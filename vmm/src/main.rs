@@ -150,6 +150,28 @@ fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
     Ok(spec)
 }
 
+/// virtio-fs shares keep a host descriptor per guest-visible inode, so a workload touching
+/// many files needs more than the default soft limit of 1024: raise it to the hard limit.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the plain struct above.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!(
+                    "cannot raise the open-file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     tracing_subscriber::fmt()
@@ -177,6 +199,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
+    raise_open_file_limit();
     let vm = match vmm::builder::build(&spec, &cli.kvm_device, started) {
         Ok(vm) => vm,
         Err(e) => {
