@@ -343,3 +343,118 @@ fn bad_input_on_the_kvm_host_gets_one_clear_line() -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// pjdfstest failures on a writable layer over an flist image, each with its reason. Every
+/// other pjdfstest case must pass (or be skipped by pjdfstest itself).
+const PJDFSTEST_KNOWN_FAILURES: &[(&str, &str)] = &[
+    (
+        "enametoolong_component",
+        "the overlay answers a >255-byte name with ENOENT, not ENAMETOOLONG",
+    ),
+    (
+        "link::changed_ctime_success",
+        "overlay hard links: the link's ctime is the copied-up file's",
+    ),
+    (
+        "link::share_metadata",
+        "overlay hard links: st_nlink of a lower file is not shared",
+    ),
+    (
+        "link::remove_link",
+        "overlay hard links: st_nlink after unlinking one name",
+    ),
+    (
+        "rename::preserve_metadata",
+        "copy-up on rename gives the file a new ctime/inode",
+    ),
+    (
+        "rename::to_multiply_linked",
+        "overlay hard links: st_nlink after renaming onto one",
+    ),
+    (
+        "rename::updates_link_parent",
+        "a renamed directory's '..' link count is not updated",
+    ),
+    (
+        "rename::eexist_enotempty_to_non_empty",
+        "renaming onto a non-empty merged directory is not refused",
+    ),
+    (
+        "rename::write_access_required_subdir",
+        "the overlay renames with the server's credentials",
+    ),
+    (
+        "open::etxtbsy",
+        "FUSE servers cannot see that the guest executes a file (as virtiofsd)",
+    ),
+    (
+        "truncate::etxtbsy",
+        "FUSE servers cannot see that the guest executes a file (as virtiofsd)",
+    ),
+    (
+        "rmdir::ebusy",
+        "mount points live in the guest; the server cannot see them",
+    ),
+    (
+        "unlink::open_file_not_freed",
+        "the overlay drops an unlinked file's data while it is open",
+    ),
+];
+
+/// Runs pjdfstest and fsx (cargo-installed; set PJDFSTEST_BIN and FSX_BIN) inside a guest whose
+/// root is an flist image with a writable layer. Takes about 10 minutes on the test bed, so it
+/// runs on request: `cargo test -p e2e-tests --test vmm_linux -- --ignored`.
+#[test]
+#[ignore]
+fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
+    let Some(bed) = bed("pjdfstest_and_fsx_on_a_writable_layer")? else {
+        return Ok(());
+    };
+    let tool = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .ok_or_else(|| Error::Invalid(format!("set {var} to the cargo-installed binary")))
+    };
+    let (pjdfstest, fsx) = (tool("PJDFSTEST_BIN")?, tool("FSX_BIN")?);
+    let script = "mkdir -p /srv/rootfs/bin /srv/rootfs/usr/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp \
+           /srv/rootfs/lib/x86_64-linux-gnu /srv/rootfs/lib64\n\
+         cp /bin/busybox /srv/rootfs/bin/ && ln -s busybox /srv/rootfs/bin/sh && cp /pjdfstest /fsx /srv/rootfs/usr/bin/\n\
+         for l in libc.so.6 libm.so.6 libgcc_s.so.1; do cp /lib/x86_64-linux-gnu/$l /srv/rootfs/lib/x86_64-linux-gnu/; done\n\
+         cp /lib64/ld-linux-x86-64.so.2 /srv/rootfs/lib64/\n\
+         printf 'root:x:0:0::/:/bin/sh\\nnobody:x:65534:65534::/:/bin/sh\\ntests:x:1000:1000::/:/bin/sh\\n' > /srv/rootfs/etc/passwd\n\
+         printf 'root:x:0:\\nnogroup:x:65534:\\ntests:x:1000:tests\\n' > /srv/rootfs/etc/group\n\
+         /flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null\n\
+         /vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 512 --cmdline quiet \
+           --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache -- /bin/sh -c \
+           'mkdir -p /pjd /fsx && /usr/bin/pjdfstest -p /pjd > /tmp/pjd.out 2>&1; \
+            echo PJD ok=$(grep -c \" ok$\" /tmp/pjd.out) failed=$(grep -c \" FAILED$\" /tmp/pjd.out); \
+            grep \" FAILED$\" /tmp/pjd.out | sed \"s/ .*//; s/^/PJDFAIL /\"; \
+            cd /fsx && /usr/bin/fsx -N 5000 -S 7 -q /fsx/file > /tmp/fsx.out 2>&1; echo FSX status=$?; tail -3 /tmp/fsx.out'\n";
+    let job = Job::new(script)
+        .binary("/vmm", &bed.vmm)
+        .binary("/flist", artifacts::target_dir().join("debug/flist"))
+        .binary("/pjdfstest", &pjdfstest)
+        .binary("/fsx", &fsx)
+        .file("/guest/vmlinux", &bed.vmlinux)
+        .file("/guest/initrd", &bed.initrd)
+        .timeout(std::time::Duration::from_secs(1500));
+    let out = bed.testbed.run(&job)?;
+    eprintln!("--- job output ---\n{}", out.output);
+    let o = &out.output;
+    assert!(
+        o.contains("FSX status=0") && o.contains("All operations completed A-OK!"),
+        "{}",
+        out.console
+    );
+    let unexplained: Vec<&str> = o
+        .lines()
+        .filter_map(|l| l.strip_prefix("PJDFAIL "))
+        .filter(|t| !PJDFSTEST_KNOWN_FAILURES.iter().any(|(k, _)| t.contains(k)))
+        .collect();
+    assert!(
+        unexplained.is_empty(),
+        "pjdfstest failures without a known reason: {unexplained:?}"
+    );
+    assert!(o.contains("PJD ok="), "{}", out.console);
+    Ok(())
+}
