@@ -1,1 +1,56 @@
-//! Shared helpers for the bench binaries in src/bin.
+//! What the benchmark drivers share: finding the programs built beside them, QEMU's firmware
+//! files, and running a benchmark job on the test bed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use e2e_tests::{Job, Testbed};
+
+/// QEMU's firmware for the microvm machine and the option ROMs it may load.
+pub const QEMU_FIRMWARE: &[&str] = &[
+    "/usr/share/qemu/bios-microvm.bin",
+    "/usr/share/qemu/qboot.rom",
+    "/usr/share/qemu/linuxboot_dma.bin",
+    "/usr/share/qemu/pvh.bin",
+];
+
+/// A program built into the same directory as this one (`cargo build --release -p vmm -p
+/// benches --bins` puts them all in `target/release`).
+pub fn sibling(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating this program")?;
+    let path = exe.with_file_name(name);
+    if !path.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release -p vmm -p flist-fs -p benches --bins)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// Adds QEMU and the firmware files this host has to a test-bed job.
+pub fn with_qemu(mut job: Job, qemu: &Path) -> Job {
+    job = job.binary("/usr/bin/qemu-system-x86_64", qemu);
+    for firmware in QEMU_FIRMWARE {
+        if Path::new(firmware).exists() {
+            job = job.file(firmware, firmware);
+        }
+    }
+    job
+}
+
+/// Runs a benchmark job on the test bed and prints what it printed.
+pub fn run_on_testbed(job: &Job) -> Result<()> {
+    let bed = Testbed::from_system()?;
+    let out = bed.run(job)?;
+    print!("{}", out.output);
+    if out.status != 0 {
+        bail!(
+            "the benchmark failed on the test bed (status {}):\n{}",
+            out.status,
+            out.console
+        );
+    }
+    println!("(measured on the test bed: a KVM host inside QEMU TCG; compare the ratios)");
+    Ok(())
+}

@@ -78,15 +78,22 @@ pub fn guest_init() -> Result<PathBuf> {
     }
     let path = match std::env::var_os("GUEST_INIT_BIN") {
         Some(p) => existing(PathBuf::from(p))?,
-        // A separate target dir: the outer `cargo test` may hold the main one's lock.
-        None => existing(run_script(
-            Command::new("bash")
-                .arg(guest_kernels_dir().join("build-init.sh"))
-                .env("CARGO_TARGET_DIR", target_dir().join("guest-artifacts")),
-        )?)?,
+        None => guest_program("guest-init")?,
     };
     *cache = Some(path.clone());
     Ok(path)
+}
+
+/// A workspace program that runs inside Linux guests (`guest-init`, `guest-fsbench`), built
+/// static by `guest-kernels/build-init.sh` into `<target>/guest-artifacts`.
+pub fn guest_program(package: &str) -> Result<PathBuf> {
+    // A separate target dir: the outer `cargo test` may hold the main one's lock.
+    existing(run_script(
+        Command::new("bash")
+            .arg(guest_kernels_dir().join("build-init.sh"))
+            .arg(package)
+            .env("CARGO_TARGET_DIR", target_dir().join("guest-artifacts")),
+    )?)
 }
 
 /// A test-guest variant (see `TEST_GUEST_VARIANTS`), built into `<target>/test-guest`.

@@ -2,12 +2,13 @@
 //! host inside QEMU, the default, which works on any machine) or on this host (`--direct`, for
 //! real KVM hosts). Both VMMs boot the same guest kernel and initramfs in the same host.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use benches::{run_on_testbed, sibling, with_qemu};
 use clap::Parser;
-use e2e_tests::{artifacts, microvm, Job, Testbed};
+use e2e_tests::{artifacts, microvm, Job};
 
 #[derive(Parser)]
 struct Args {
@@ -18,25 +19,6 @@ struct Args {
     /// Run on this host's /dev/kvm instead of the test bed.
     #[arg(long)]
     direct: bool,
-}
-
-/// QEMU's firmware for the microvm machine and the option ROMs it may load.
-const QEMU_FIRMWARE: &[&str] = &[
-    "/usr/share/qemu/bios-microvm.bin",
-    "/usr/share/qemu/linuxboot_dma.bin",
-    "/usr/share/qemu/pvh.bin",
-];
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating this program")?;
-    let path = exe.with_file_name(name);
-    if !path.exists() {
-        bail!(
-            "{} not found: build it first (cargo build --release -p vmm -p benches --bins)",
-            path.display()
-        );
-    }
-    Ok(path)
 }
 
 fn main() -> Result<()> {
@@ -76,30 +58,13 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
-    let mut job = Job::new(format!(
+    let job = Job::new(format!(
         "/boot_bench --vmm /vmm --qemu /usr/bin/qemu-system-x86_64 {bench_args}\n"
     ))
     .binary("/vmm", &vmm)
     .binary("/boot_bench", &bench)
-    .binary("/usr/bin/qemu-system-x86_64", &qemu)
     .file("/guest/vmlinux", &kernel.vmlinux)
     .file("/guest/initrd", &initrd)
     .timeout(std::time::Duration::from_secs(900));
-    for firmware in QEMU_FIRMWARE {
-        if Path::new(firmware).exists() {
-            job = job.file(firmware, firmware);
-        }
-    }
-    let bed = Testbed::from_system()?;
-    let out = bed.run(&job)?;
-    print!("{}", out.output);
-    if out.status != 0 {
-        bail!(
-            "the benchmark failed on the test bed (status {}):\n{}",
-            out.status,
-            out.console
-        );
-    }
-    println!("(measured on the test bed: a KVM host inside QEMU TCG; compare the ratios)");
-    Ok(())
+    run_on_testbed(&with_qemu(job, &qemu))
 }

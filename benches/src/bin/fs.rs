@@ -1,0 +1,109 @@
+//! Runs the virtio-fs benchmark (`fs_bench`) where a Linux guest can run: on the test bed (a
+//! KVM host inside QEMU, the default, which works on any machine) or on this host (`--direct`,
+//! for real KVM hosts). The vmm (flist image and plain directory) and QEMU + virtiofsd serve
+//! the same tree to the same guest kernel and initramfs in the same host.
+//!
+//! virtiofsd comes from `$VIRTIOFSD_BIN` or the cargo install that `scripts/bench.sh` makes.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use benches::{run_on_testbed, sibling, with_qemu};
+use clap::Parser;
+use e2e_tests::cpio::Contents;
+use e2e_tests::{artifacts, microvm, Job};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, default_value_t = 64)]
+    file_mib: usize,
+    #[arg(long, default_value_t = 2000)]
+    rand_ops: u64,
+    /// Run on this host's /dev/kvm instead of the test bed.
+    #[arg(long)]
+    direct: bool,
+}
+
+fn virtiofsd() -> Result<PathBuf> {
+    let path = match std::env::var_os("VIRTIOFSD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let home = std::env::var_os("HOME").context("HOME is not set")?;
+            let cache = std::env::var_os("GRIDNODE_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(home).join(".cache/gridnode"));
+            cache.join("tools/virtiofsd-1.14.0/bin/virtiofsd")
+        }
+    };
+    if !path.exists() {
+        bail!(
+            "virtiofsd not found at {} (scripts/bench.sh installs it with cargo; or set VIRTIOFSD_BIN)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let vmm = sibling("vmm")?;
+    let flist = sibling("flist")?;
+    let bench = sibling("fs_bench")?;
+    let qemu = e2e_tests::qemu::qemu_binary()?;
+    let virtiofsd = virtiofsd()?;
+    let kernel = artifacts::guest_kernel()?;
+    let init = artifacts::guest_init()?;
+    let guest_bench = artifacts::guest_program("guest-fsbench")?;
+    let initrd = artifacts::target_dir().join("fs-bench-initrd.cpio");
+    let mut archive = microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?;
+    archive.file("bin/guest-fsbench", 0o755, Contents::HostFile(guest_bench))?;
+    archive.write_file(&initrd)?;
+
+    let common = [
+        "--runs".to_owned(),
+        args.runs.to_string(),
+        "--file-mib".to_owned(),
+        args.file_mib.to_string(),
+        "--rand-ops".to_owned(),
+        args.rand_ops.to_string(),
+    ];
+    if args.direct {
+        let status = Command::new(&bench)
+            .arg("--vmm")
+            .arg(&vmm)
+            .arg("--flist")
+            .arg(&flist)
+            .arg("--qemu")
+            .arg(&qemu)
+            .arg("--virtiofsd")
+            .arg(&virtiofsd)
+            .arg("--kernel")
+            .arg(&kernel.vmlinux)
+            .arg("--initrd")
+            .arg(&initrd)
+            .args(&common)
+            .status()?;
+        if !status.success() {
+            bail!("fs_bench failed: {status}");
+        }
+        return Ok(());
+    }
+
+    let job = Job::new(format!(
+        "/fs_bench --vmm /vmm --flist /flist --qemu /usr/bin/qemu-system-x86_64 --virtiofsd /virtiofsd \
+         --kernel /guest/vmlinux --initrd /guest/initrd --work /srv/fs-bench {}\n",
+        common.join(" ")
+    ))
+    .binary("/vmm", &vmm)
+    .binary("/flist", &flist)
+    .binary("/fs_bench", &bench)
+    .binary("/virtiofsd", &virtiofsd)
+    .file("/guest/vmlinux", &kernel.vmlinux)
+    .file("/guest/initrd", &initrd)
+    .timeout(Duration::from_secs(3600));
+    run_on_testbed(&with_qemu(job, &qemu))
+}

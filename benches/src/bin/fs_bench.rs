@@ -1,0 +1,501 @@
+//! virtio-fs benchmark, run on a KVM host (a real one, or the test bed): the same tree is
+//! served to a guest by
+//!
+//! - `vmm flist`: the vmm from an flist image (chunks in a dir:// store, lazy fetch into the
+//!   chunk cache),
+//! - `vmm dir`: the vmm from the unpacked tree (passthrough),
+//! - `virtiofsd`: QEMU's `microvm` machine with vhost-user-fs and virtiofsd from the unpacked
+//!   tree,
+//!
+//! and inside the guest `guest-fsbench` measures sequential reads, 4 KiB random reads, readdir
+//! and lstat of a large tree. Every measurement is a fresh VM boot, so the guest page cache
+//! starts empty. Cold: the host-side caches are emptied first (the flist chunk cache removed,
+//! the host page cache dropped); warm: the run right after a cold one, host caches kept.
+//! Checksums of the bytes read are checked against the tree, so every server is also checked
+//! for serving the right data.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use guest_fsbench::{fold, rand_sum, Rng, FOLD_SEED};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long)]
+    vmm: PathBuf,
+    /// The `flist` CLI (packs the tree).
+    #[arg(long)]
+    flist: PathBuf,
+    /// qemu-system-x86_64 and virtiofsd: both given, the virtiofsd column is measured.
+    #[arg(long, requires = "virtiofsd")]
+    qemu: Option<PathBuf>,
+    #[arg(long, requires = "qemu")]
+    virtiofsd: Option<PathBuf>,
+    #[arg(long)]
+    kernel: PathBuf,
+    /// A guest initramfs with guest-init as /init and guest-fsbench as /bin/guest-fsbench.
+    #[arg(long)]
+    initrd: PathBuf,
+    /// Where the tree, the image, its store and the chunk cache go (replaced).
+    #[arg(long, default_value = "/tmp/gridnode-fs-bench")]
+    work: PathBuf,
+    /// Cold + warm measurements per server; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Size of each of the two data files (sequential, random).
+    #[arg(long, default_value_t = 64)]
+    file_mib: usize,
+    /// 4 KiB random reads per run.
+    #[arg(long, default_value_t = 2000)]
+    rand_ops: u64,
+    /// The metadata tree: directories x files per directory.
+    #[arg(long, default_value_t = 40)]
+    dirs: usize,
+    #[arg(long, default_value_t = 50)]
+    files_per_dir: usize,
+    #[arg(long, default_value_t = 256)]
+    memory_mib: u64,
+    /// Deadline for one VM run.
+    #[arg(long, default_value_t = 600)]
+    timeout_secs: u64,
+}
+
+const RAND_SEED: u64 = 7;
+const TAG: &str = "tree";
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.dumbkbd";
+/// Where QEMU's microvm puts its first used virtio-mmio transport (512 bytes, IRQ 12) with
+/// ACPI off; passed by hand because QEMU would append it after the guest-init `--`.
+const QEMU_VIRTIO_MMIO: &str = "virtio_mmio.device=512@0xfeb00e00:12";
+
+/// What `guest-fsbench all` must report for the generated tree.
+struct Expected {
+    seq_sum: u64,
+    rand_sum: u64,
+    entries: usize,
+}
+
+/// xorshift bytes: incompressible, like most file data after compression.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next_u64().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn write_tree(args: &Args, tree: &Path) -> Result<Expected> {
+    let write = |path: PathBuf, bytes: &[u8]| {
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    std::fs::create_dir_all(tree).with_context(|| format!("creating {}", tree.display()))?;
+    let seq = random_bytes(args.file_mib << 20, 0x5eed_0001);
+    write(tree.join("seq.bin"), &seq)?;
+    let rand = random_bytes(args.file_mib << 20, 0x5eed_0002);
+    write(tree.join("rand.bin"), &rand)?;
+    let mut sizes = Rng(0x5eed_0003);
+    for d in 0..args.dirs {
+        let dir = tree.join("tree").join(format!("d{d:03}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for f in 0..args.files_per_dir {
+            let len = (sizes.next_u64() % 4096) as usize;
+            write(
+                dir.join(format!("f{f:04}")),
+                &random_bytes(len, (d * 10_000 + f + 1) as u64),
+            )?;
+        }
+    }
+    Ok(Expected {
+        seq_sum: fold(FOLD_SEED, &seq),
+        rand_sum: rand_sum(&rand, args.rand_ops, RAND_SEED).context("--file-mib must be > 0")?,
+        entries: args.dirs * (args.files_per_dir + 1),
+    })
+}
+
+/// One guest run's numbers: MB/s, ops/s, entries/s, ops/s.
+#[derive(Default, Clone, Copy)]
+struct Sample {
+    seq: f64,
+    rand: f64,
+    readdir: f64,
+    stat: f64,
+}
+
+/// Parses the `FSBENCH` lines and checks them against the tree.
+fn parse(output: &str, expected: &Expected) -> Result<Sample> {
+    let mut found: BTreeMap<&str, (f64, BTreeMap<&str, &str>)> = BTreeMap::new();
+    for line in output.lines() {
+        let mut words = line.trim_end().split_whitespace();
+        if words.next() != Some("FSBENCH") {
+            continue;
+        }
+        let (Some(name), Some(value)) = (words.next(), words.next()) else {
+            continue;
+        };
+        let value: f64 = value
+            .parse()
+            .with_context(|| format!("bad value in {line:?}"))?;
+        let fields = words.filter_map(|w| w.split_once('=')).collect();
+        found.insert(name, (value, fields));
+    }
+    let get = |name: &str| {
+        found
+            .get(name)
+            .with_context(|| format!("the guest printed no {name} result:\n{output}"))
+    };
+    let (seq, seq_fields) = get("seq")?;
+    let (rand, rand_fields) = get("rand")?;
+    let (readdir, readdir_fields) = get("readdir")?;
+    let (stat, _) = get("stat")?;
+    let check = |what: &str, got: Option<&&str>, want: String| {
+        if got.copied() != Some(want.as_str()) {
+            bail!("{what}: the guest read {got:?}, the tree has {want}");
+        }
+        Ok(())
+    };
+    check(
+        "seq.bin checksum",
+        seq_fields.get("sum"),
+        format!("{:016x}", expected.seq_sum),
+    )?;
+    check(
+        "rand.bin checksum",
+        rand_fields.get("sum"),
+        format!("{:016x}", expected.rand_sum),
+    )?;
+    check(
+        "tree entries",
+        readdir_fields.get("entries"),
+        expected.entries.to_string(),
+    )?;
+    Ok(Sample {
+        seq: *seq,
+        rand: *rand,
+        readdir: *readdir,
+        stat: *stat,
+    })
+}
+
+/// Percent-encodes one entrypoint word for the guest-init command line (`guest-kernels/README.md`).
+fn encode_word(word: &str) -> String {
+    let mut out = String::new();
+    for b in word.bytes() {
+        if b.is_ascii_alphanumeric() || b"/._-=:,+@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Runs a VM to its end (or the deadline) and returns its console output.
+fn run_vm(mut cmd: Command, log: &Path, timeout: Duration) -> Result<String> {
+    let stderr = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let mut stdout = child.stdout.take().context("no stdout pipe")?;
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "the VM did not finish within {timeout:?} (log: {})",
+                log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = reader.join().unwrap_or_default();
+    if !status.success() {
+        let log_text = std::fs::read_to_string(log).unwrap_or_default();
+        bail!("the VM ended with {status}:\n{output}\n{log_text}");
+    }
+    Ok(output)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Server {
+    VmmFlist,
+    VmmDir,
+    Virtiofsd,
+}
+
+impl Server {
+    fn name(self) -> &'static str {
+        match self {
+            Server::VmmFlist => "vmm flist",
+            Server::VmmDir => "vmm dir",
+            Server::Virtiofsd => "virtiofsd+qemu",
+        }
+    }
+}
+
+struct Bench {
+    args: Args,
+    tree: PathBuf,
+    image: PathBuf,
+    cache: PathBuf,
+    expected: Expected,
+    page_cache_dropped: bool,
+}
+
+impl Bench {
+    fn guest_script(&self) -> String {
+        format!(
+            "mkdir -p /mnt && mount -t virtiofs {TAG} /mnt && /bin/guest-fsbench all /mnt {} {RAND_SEED}",
+            self.args.rand_ops
+        )
+    }
+
+    /// Empties the host-side caches of `server`.
+    fn make_cold(&mut self, server: Server) -> Result<()> {
+        if server == Server::VmmFlist && self.cache.exists() {
+            std::fs::remove_dir_all(&self.cache)
+                .with_context(|| format!("emptying {}", self.cache.display()))?;
+        }
+        // Without this the dir servers' cold runs would be warm runs.
+        if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
+            if self.page_cache_dropped {
+                eprintln!(
+                    "fs_bench: cannot drop the host page cache ({e}); cold dir runs are warm"
+                );
+                self.page_cache_dropped = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn vmm(&self, server: Server) -> Command {
+        let a = &self.args;
+        let mut cmd = Command::new(&a.vmm);
+        cmd.args(["--kernel".as_ref(), a.kernel.as_os_str()])
+            .args(["--initrd".as_ref(), a.initrd.as_os_str()])
+            .args(["--memory", &a.memory_mib.to_string(), "--cmdline", "quiet"]);
+        if server == Server::VmmFlist {
+            cmd.arg("--fs")
+                .arg(format!("tag={TAG},image={}", self.image.display()))
+                .arg("--image-cache")
+                .arg(&self.cache);
+        } else {
+            cmd.arg("--fs")
+                .arg(format!("tag={TAG},dir={},readonly", self.tree.display()));
+        }
+        cmd.args(["--", "/bin/sh", "-c", &self.guest_script()]);
+        cmd
+    }
+
+    fn start_virtiofsd(&self, virtiofsd: &Path, socket: &Path) -> Result<Child> {
+        let _ = std::fs::remove_file(socket);
+        let log = File::create(self.args.work.join("virtiofsd.log"))?;
+        let child = Command::new(virtiofsd)
+            .arg("--socket-path")
+            .arg(socket)
+            .arg("--shared-dir")
+            .arg(&self.tree)
+            .args(["--cache=auto", "--sandbox=none", "--seccomp=none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", virtiofsd.display()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                bail!("virtiofsd did not create {}", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child)
+    }
+
+    fn qemu(&self, qemu: &Path, socket: &Path) -> Command {
+        let a = &self.args;
+        let words: Vec<String> = ["/bin/sh", "-c", &self.guest_script()]
+            .iter()
+            .map(|w| encode_word(w))
+            .collect();
+        let append = format!("{CMDLINE} {QEMU_VIRTIO_MMIO} -- {}", words.join(" "));
+        let mut cmd = Command::new(qemu);
+        cmd.args([
+            "-M",
+            "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off,auto-kernel-cmdline=off,memory-backend=mem",
+        ])
+        .args([
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={}M,share=on", a.memory_mib),
+        ])
+        .args(["-m", &format!("{}M", a.memory_mib)])
+        .args(["-accel", "kvm", "-cpu", "host", "-smp", "1"])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio", "-device", "i8042"])
+        .arg("-chardev")
+        .arg(format!("socket,id=vfs,path={}", socket.display()))
+        .args(["-device", &format!("vhost-user-fs-device,chardev=vfs,tag={TAG}")])
+        .args(["-kernel".as_ref(), a.kernel.as_os_str()])
+        .args(["-initrd".as_ref(), a.initrd.as_os_str()])
+        .args(["-append", &append]);
+        cmd
+    }
+
+    fn run_once(&self, server: Server) -> Result<Sample> {
+        let timeout = Duration::from_secs(self.args.timeout_secs);
+        let log = self.args.work.join("vm.log");
+        let output = match server {
+            Server::VmmFlist | Server::VmmDir => run_vm(self.vmm(server), &log, timeout)?,
+            Server::Virtiofsd => {
+                let (Some(qemu), Some(virtiofsd)) = (&self.args.qemu, &self.args.virtiofsd) else {
+                    bail!("virtiofsd runs need --qemu and --virtiofsd");
+                };
+                let socket = self.args.work.join("virtiofsd.sock");
+                let mut daemon = self.start_virtiofsd(virtiofsd, &socket)?;
+                let result = run_vm(self.qemu(qemu, &socket), &log, timeout);
+                // virtiofsd ends when its front end disconnects; make sure of it.
+                let _ = daemon.kill();
+                let _ = daemon.wait();
+                result?
+            }
+        };
+        parse(&output, &self.expected).with_context(|| format!("{} run", server.name()))
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn median_sample(samples: &[Sample]) -> Sample {
+    let pick = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+    Sample {
+        seq: pick(|s| s.seq),
+        rand: pick(|s| s.rand),
+        readdir: pick(|s| s.readdir),
+        stat: pick(|s| s.stat),
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.runs == 0 || args.file_mib == 0 || args.rand_ops == 0 {
+        bail!("--runs, --file-mib and --rand-ops must be at least 1");
+    }
+    let work = args.work.clone();
+    if work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("emptying {}", work.display()))?;
+    }
+    let tree = work.join("tree");
+    eprintln!(
+        "fs_bench: writing the tree ({} MiB x 2 + {} small files)",
+        args.file_mib,
+        args.dirs * args.files_per_dir
+    );
+    let expected = write_tree(&args, &tree)?;
+    let image = work.join("tree.flist");
+    let store = format!("dir://{}", work.join("store").display());
+    let status = Command::new(&args.flist)
+        .arg("pack")
+        .arg(&tree)
+        .arg("-o")
+        .arg(&image)
+        .args(["--store", &store])
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", args.flist.display()))?;
+    if !status.success() {
+        bail!("flist pack failed: {status}");
+    }
+
+    let mut servers = vec![Server::VmmFlist, Server::VmmDir];
+    if args.qemu.is_some() {
+        servers.push(Server::Virtiofsd);
+    }
+    let runs = args.runs;
+    let mut bench = Bench {
+        cache: work.join("cache"),
+        args,
+        tree,
+        image,
+        expected,
+        page_cache_dropped: true,
+    };
+    let mut results: Vec<(Server, Sample, Sample)> = Vec::new();
+    for &server in &servers {
+        let (mut cold, mut warm) = (Vec::new(), Vec::new());
+        for run in 0..runs {
+            eprintln!("fs_bench: {} run {}/{runs}", server.name(), run + 1);
+            bench.make_cold(server)?;
+            cold.push(bench.run_once(server)?);
+            warm.push(bench.run_once(server)?);
+        }
+        results.push((server, median_sample(&cold), median_sample(&warm)));
+    }
+
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "in-guest virtio-fs, median of {runs} fresh boots each ({} MiB files, {} random 4 KiB reads, {} entries)",
+        bench.args.file_mib, bench.args.rand_ops, bench.expected.entries
+    )?;
+    writeln!(
+        out,
+        "{:<16} {:<5} {:>10} {:>12} {:>14} {:>12}",
+        "server", "cache", "seq MB/s", "rand ops/s", "readdir ent/s", "stat ops/s"
+    )?;
+    for (server, cold, warm) in &results {
+        for (phase, s) in [("cold", cold), ("warm", warm)] {
+            writeln!(
+                out,
+                "{:<16} {:<5} {:>10.1} {:>12.0} {:>14.0} {:>12.0}",
+                server.name(),
+                phase,
+                s.seq,
+                s.rand,
+                s.readdir,
+                s.stat
+            )?;
+        }
+    }
+    if let Some((_, base_cold, base_warm)) = results.iter().find(|r| r.0 == Server::Virtiofsd) {
+        for (server, cold, warm) in results.iter().filter(|r| r.0 != Server::Virtiofsd) {
+            for (phase, s, b) in [("cold", cold, base_cold), ("warm", warm, base_warm)] {
+                writeln!(
+                    out,
+                    "ratio {} / virtiofsd ({phase}): seq {:.2}x  rand {:.2}x  readdir {:.2}x  stat {:.2}x",
+                    server.name(),
+                    s.seq / b.seq,
+                    s.rand / b.rand,
+                    s.readdir / b.readdir,
+                    s.stat / b.stat
+                )?;
+            }
+        }
+    }
+    if !bench.page_cache_dropped {
+        writeln!(
+            out,
+            "(the host page cache could not be dropped: cold dir runs are warm)"
+        )?;
+    }
+    Ok(())
+}
