@@ -1,7 +1,12 @@
-//! The read path: stored chunk from the cache or the router (verified, then cached), decoded
-//! to plaintext (with a small in-memory LRU of decoded chunks), and range reads of a file that
-//! touch only the chunks covering the range; sequential readers get the next chunks fetched
-//! in the background (read-ahead).
+//! The read path: stored chunk from the cache or the router (verified), decoded to plaintext
+//! (with a small in-memory LRU of decoded chunks), and range reads of a file that touch only
+//! the chunks covering the range; sequential readers get the next chunks fetched in the
+//! background (read-ahead).
+//!
+//! With a local cache, unencrypted chunks are kept there as plaintext (encrypted ones stay
+//! encrypted at rest, as stored). The first use of a cached plaintext in this process reads it
+//! whole and checks its hash; after that, a read of part of it is one `pread` of the cache
+//! file (the host page cache, shared by every VM on the node, does the rest).
 
 use crate::cache::ChunkCache;
 use crate::chunk::{decode, ChunkId};
@@ -22,6 +27,8 @@ pub struct ChunkSource {
     cache: Option<ChunkCache>,
     decoded: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
     in_flight: Mutex<HashSet<ChunkId>>,
+    /// Cached plaintexts checked by this process: parts of them are read straight from the file.
+    checked_plain: Mutex<HashSet<ChunkId>>,
 }
 
 impl ChunkSource {
@@ -31,14 +38,34 @@ impl ChunkSource {
             cache,
             decoded: Mutex::new(VecDeque::new()),
             in_flight: Mutex::new(HashSet::new()),
+            checked_plain: Mutex::new(HashSet::new()),
         }
     }
 
-    fn is_decoded(&self, id: &ChunkId) -> bool {
-        self.decoded
+    fn lru_get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        let lru = self.decoded.lock().ok()?;
+        lru.iter().find(|(i, _)| i == id).map(|(_, d)| d.clone())
+    }
+
+    fn set_checked(&self, id: ChunkId, checked: bool) {
+        if let Ok(mut set) = self.checked_plain.lock() {
+            if checked {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        }
+    }
+
+    fn is_checked(&self, id: &ChunkId) -> bool {
+        self.checked_plain
             .lock()
-            .map(|l| l.iter().any(|(i, _)| i == id))
+            .map(|s| s.contains(id))
             .unwrap_or(false)
+    }
+
+    fn is_decoded(&self, id: &ChunkId) -> bool {
+        self.lru_get(id).is_some()
     }
 
     /// After a read of `inode` ending at `end`: when the read reached the second half of its
@@ -93,16 +120,52 @@ impl ChunkSource {
 
     /// The verified stored bytes of `id` (cache first, then stores; fetched chunks are cached).
     pub fn stored(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.fetch_stored(id, true)
+    }
+
+    fn fetch_stored(&self, id: &ChunkId, cache_it: bool) -> Result<Vec<u8>> {
         if let Some(bytes) = self.cache.as_ref().and_then(|c| c.get(id)) {
             return Ok(bytes);
         }
         let bytes = self.router.get(id)?;
-        if let Some(c) = &self.cache {
+        if let (Some(c), true) = (&self.cache, cache_it) {
             if let Err(e) = c.put(id, &bytes) {
                 tracing::warn!(chunk = %id, error = %e, "could not cache chunk");
             }
         }
         Ok(bytes)
+    }
+
+    /// Whether chunk `c` is kept in the cache as plaintext (unencrypted, with a cache).
+    fn plain_cached(&self, c: &ChunkRef) -> bool {
+        c.key.is_none() && self.cache.is_some()
+    }
+
+    /// The plaintext of `c` from the cache, checked (and then marked checked), if there.
+    fn cached_plain(&self, c: &ChunkRef) -> Option<Vec<u8>> {
+        if !self.plain_cached(c) {
+            return None;
+        }
+        let plain = self.cache.as_ref()?.get_plain(&c.id)?;
+        if plain.len() != c.size as usize {
+            return None;
+        }
+        self.set_checked(c.id, true);
+        Some(plain)
+    }
+
+    /// Fetches, verifies and decodes `c`; caches the plaintext when it is kept that way.
+    fn decode_fetched(&self, c: &ChunkRef) -> Result<Vec<u8>> {
+        let keep_plain = self.plain_cached(c);
+        let stored = self.fetch_stored(&c.id, !keep_plain)?;
+        let plain = decode(&c.id, &stored, c.key.as_ref(), c.size)?;
+        if let (Some(cache), true) = (&self.cache, keep_plain) {
+            match cache.put_plain(&c.id, &plain) {
+                Ok(()) => self.set_checked(c.id, true),
+                Err(e) => tracing::warn!(chunk = %c.id, error = %e, "could not cache chunk"),
+            }
+        }
+        Ok(plain)
     }
 
     /// The plaintext of chunk `c` (waiting for a background fetch of it, if one is running).
@@ -122,13 +185,13 @@ impl ChunkSource {
     }
 
     fn plain_now(&self, c: &ChunkRef) -> Result<Arc<Vec<u8>>> {
-        if let Ok(lru) = self.decoded.lock() {
-            if let Some((_, data)) = lru.iter().find(|(id, _)| *id == c.id) {
-                return Ok(data.clone());
-            }
+        if let Some(data) = self.lru_get(&c.id) {
+            return Ok(data);
         }
-        let stored = self.stored(&c.id)?;
-        let data = Arc::new(decode(&c.id, &stored, c.key.as_ref(), c.size)?);
+        let data = match self.cached_plain(c) {
+            Some(plain) => Arc::new(plain),
+            None => Arc::new(self.decode_fetched(c)?),
+        };
         if let Ok(mut lru) = self.decoded.lock() {
             if lru.len() >= DECODED_LRU {
                 lru.pop_front();
@@ -136,6 +199,23 @@ impl ChunkSource {
             lru.push_back((c.id, data.clone()));
         }
         Ok(data)
+    }
+
+    /// Part `[from, to)` of a checked cached plaintext, read from the file (`None` when it is
+    /// not checked or has gone; the caller then takes the whole-chunk path).
+    fn checked_part(&self, c: &ChunkRef, from: u64, to: u64) -> Option<Vec<u8>> {
+        if !self.is_checked(&c.id) || self.lru_get(&c.id).is_some() {
+            return None;
+        }
+        let mut buf = vec![0u8; usize::try_from(to - from).ok()?];
+        match self.cache.as_ref()?.read_plain_at(&c.id, from, &mut buf) {
+            Ok(()) => Some(buf),
+            Err(e) => {
+                tracing::debug!(chunk = %c.id, error = %e, "cached plaintext gone");
+                self.set_checked(c.id, false);
+                None
+            }
+        }
     }
 
     /// Calls `sink` with consecutive slices of `inode`'s bytes in `[offset, offset+len)`
@@ -156,9 +236,14 @@ impl ChunkSource {
             .partition_point(|c| c.offset + u64::from(c.size) <= offset);
         let mut done = 0u64;
         for c in inode.chunks[first..].iter().take_while(|c| c.offset < end) {
-            let data = self.plain(c)?;
             let from = offset.max(c.offset) - c.offset;
             let to = end.min(c.offset + u64::from(c.size)) - c.offset;
+            if let Some(part) = self.checked_part(c, from, to) {
+                sink(&part).map_err(|e| Error::io("<read destination>", e))?;
+                done += part.len() as u64;
+                continue;
+            }
+            let data = self.plain(c)?;
             let slice = data
                 .get(from as usize..to as usize)
                 .ok_or_else(|| Error::BadChunk {
@@ -250,5 +335,107 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains(&inode.chunks[0].id.to_hex()), "{e}");
+    }
+
+    /// A file of `n` distinct 64 KiB chunks, all put in `store`.
+    fn file_in(store: &Counting, n: u64) -> Inode {
+        const CH: u32 = 64 * 1024;
+        let mut inode = Inode::new(InodeKind::File, 0o644);
+        for k in 0..n {
+            let plain: Vec<u8> = (0..CH).map(|i| (i as u64 * 31 + k * 7) as u8).collect();
+            let e = encode(&plain, false).unwrap();
+            store.put(&e.id, &e.stored).unwrap();
+            inode.chunks.push(ChunkRef {
+                id: e.id,
+                offset: k * u64::from(CH),
+                size: CH,
+                key: None,
+            });
+        }
+        inode.size = n * u64::from(CH);
+        inode
+    }
+
+    fn read_all(src: &ChunkSource, inode: &Inode, offset: u64, len: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        src.read_range(inode, offset, len, &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+        out
+    }
+
+    #[test]
+    fn cached_plaintext_serves_later_processes_and_rot_is_caught() {
+        let d = tempfile::tempdir().unwrap();
+        let cache_dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Counting {
+            inner: crate::store::DirStore::open(&format!("dir://{}", d.path().display())).unwrap(),
+            gets: AtomicUsize::new(0),
+        });
+        let inode = file_in(&store, 40);
+        let expected = |offset: u64, len: u64| -> Vec<u8> {
+            (offset..offset + len)
+                .map(|p| {
+                    let (k, i) = (p / 65536, p % 65536);
+                    (i * 31 + k * 7) as u8
+                })
+                .collect()
+        };
+        let source = || {
+            ChunkSource::new(
+                Router::new(vec![(0, 255, store.clone() as Arc<dyn Store>)]),
+                Some(ChunkCache::open(cache_dir.path(), 1 << 30).unwrap()),
+            )
+        };
+        // First process: every chunk fetched once; plaintexts (not stored bytes) are cached.
+        let first = source();
+        assert_eq!(
+            read_all(&first, &inode, 0, inode.size),
+            expected(0, inode.size)
+        );
+        assert_eq!(store.gets.load(Ordering::SeqCst), 40);
+        let c0 = inode.chunks[0].id.to_hex();
+        let sub = cache_dir.path().join(&c0[..2]);
+        assert!(sub.join(format!("{c0}.plain")).exists());
+        assert!(!sub.join(&c0).exists());
+        // Small reads spanning chunk edges, from the LRU and from checked files.
+        for (offset, len) in [
+            (65536 - 100, 200),
+            (3 * 65536 + 5, 4096),
+            (39 * 65536, 65536),
+        ] {
+            assert_eq!(read_all(&first, &inode, offset, len), expected(offset, len));
+        }
+        // A second process reads from the cache only.
+        let second = source();
+        for k in (0..40u64).rev() {
+            let off = k * 65536 + 1000;
+            assert_eq!(read_all(&second, &inode, off, 4096), expected(off, 4096));
+        }
+        assert_eq!(store.gets.load(Ordering::SeqCst), 40);
+        // A rotten cached plaintext is caught on first use by a new process and refetched.
+        let path = sub.join(format!("{c0}.plain"));
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        std::fs::write(&path, &bytes).unwrap();
+        let third = source();
+        assert_eq!(read_all(&third, &inode, 0, 65536), expected(0, 65536));
+        assert_eq!(store.gets.load(Ordering::SeqCst), 41);
+        // An evicted file under a process that had checked it: read again from the store.
+        for k in 0..40 {
+            let hex = inode.chunks[k].id.to_hex();
+            let _ = std::fs::remove_file(
+                cache_dir
+                    .path()
+                    .join(&hex[..2])
+                    .join(format!("{hex}.plain")),
+            );
+        }
+        let off = 20 * 65536 + 7;
+        assert_eq!(read_all(&second, &inode, off, 100), expected(off, 100));
+        assert_eq!(store.gets.load(Ordering::SeqCst), 42);
     }
 }

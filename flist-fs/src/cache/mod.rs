@@ -1,5 +1,8 @@
 //! The local chunk cache shared by all images and processes: a directory of stored chunks
-//! named by id (`<dir>/<id[0..2]>/<id>`). Inserts write a temp file and rename it into place,
+//! named by id (`<dir>/<id[0..2]>/<id>`) and of decoded plaintexts of unencrypted chunks
+//! (`<dir>/<id[0..2]>/<id>.plain`: the blake3 hash of the plaintext, then the plaintext), which
+//! let small reads be served with one `pread` once the file has been checked (see
+//! [`ChunkCache::get_plain`]). Inserts write a temp file and rename it into place,
 //! so a half-written chunk is never visible; every hit is re-verified against its id, so a file
 //! torn by a crash or power loss (no fsync: the cache is disposable) is deleted and treated as
 //! a miss, never served. Size is bounded: when the running estimate passes
@@ -23,6 +26,8 @@ pub struct ChunkCache {
 const STALE_TMP: Duration = Duration::from_secs(3600);
 /// A hit refreshes the file's mtime only when it is older than this (fewer syscalls).
 const TOUCH_AFTER: Duration = Duration::from_secs(30);
+/// A cached plaintext starts with the blake3 hash of the rest.
+const PLAIN_HEADER: usize = 32;
 
 impl ChunkCache {
     /// Opens (creating) the cache at `dir` bounded to `max_bytes`.
@@ -47,6 +52,58 @@ impl ChunkCache {
         self.dir.join(&hex[..2]).join(hex)
     }
 
+    fn plain_path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.dir.join(&hex[..2]).join(format!("{hex}.plain"))
+    }
+
+    /// Refreshes the mtime (the LRU clock) of a hit when it is older than `TOUCH_AFTER`.
+    fn touch(p: &Path) {
+        let stale = std::fs::metadata(p)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| SystemTime::now().duration_since(m).ok())
+            .is_some_and(|age| age > TOUCH_AFTER);
+        if stale {
+            let _ = filetime::set_file_mtime(p, filetime::FileTime::now());
+        }
+    }
+
+    /// The plaintext of chunk `id`, if cached and intact: the whole file is read and its
+    /// plaintext checked against the hash it starts with, so a torn or rotten file is deleted
+    /// and treated as a miss. Callers that have checked a file this way may then read ranges of
+    /// it with [`ChunkCache::read_plain_at`].
+    pub fn get_plain(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        let p = self.plain_path(id);
+        let mut bytes = std::fs::read(&p).ok()?;
+        let intact = bytes.len() >= PLAIN_HEADER
+            && blake3::hash(&bytes[PLAIN_HEADER..]).as_bytes()[..] == bytes[..PLAIN_HEADER];
+        if !intact {
+            tracing::warn!(path = %p.display(), "corrupt cached plaintext removed");
+            let _ = std::fs::remove_file(&p);
+            return None;
+        }
+        Self::touch(&p);
+        bytes.drain(..PLAIN_HEADER);
+        Some(bytes)
+    }
+
+    /// Reads `buf.len()` plaintext bytes of chunk `id` at `offset` without checking them: only
+    /// for a file this process has checked with [`ChunkCache::get_plain`]. Errors when the file
+    /// is gone (evicted) or shorter than asked.
+    pub fn read_plain_at(&self, id: &ChunkId, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::File::open(self.plain_path(id))?;
+        file.read_exact_at(buf, offset + PLAIN_HEADER as u64)
+    }
+
+    /// Inserts the plaintext of chunk `id` (already verified by decoding), then evicts if over
+    /// the bound.
+    pub fn put_plain(&self, id: &ChunkId, plain: &[u8]) -> Result<()> {
+        let hash = blake3::hash(plain);
+        self.insert(id, &self.plain_path(id), &[hash.as_bytes(), plain])
+    }
+
     /// The verified stored bytes of `id`, if cached.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let p = self.path(id);
@@ -56,20 +113,17 @@ impl ChunkCache {
             let _ = std::fs::remove_file(&p);
             return None;
         }
-        let stale = std::fs::metadata(&p)
-            .and_then(|m| m.modified())
-            .ok()
-            .and_then(|m| SystemTime::now().duration_since(m).ok())
-            .is_some_and(|age| age > TOUCH_AFTER);
-        if stale {
-            let _ = filetime::set_file_mtime(&p, filetime::FileTime::now());
-        }
+        Self::touch(&p);
         Some(bytes)
     }
 
     /// Inserts verified stored bytes for `id` (atomically), then evicts if over the bound.
     pub fn put(&self, id: &ChunkId, stored: &[u8]) -> Result<()> {
-        let p = self.path(id);
+        self.insert(id, &self.path(id), &[stored])
+    }
+
+    /// Writes `parts` to a temp file, renames it to `p`, and evicts if over the bound.
+    fn insert(&self, id: &ChunkId, p: &Path, parts: &[&[u8]]) -> Result<()> {
         let parent = p.parent().unwrap_or(&self.dir);
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         let tmpdir = self.dir.join("tmp");
@@ -78,13 +132,13 @@ impl ChunkCache {
             .prefix(&format!("{}-", id.to_hex()))
             .tempfile_in(&tmpdir)
             .map_err(|e| Error::io(&tmpdir, e))?;
-        tmp.write_all(stored)
-            .map_err(|e| Error::io(tmp.path(), e))?;
-        tmp.persist(&p).map_err(|e| Error::io(&p, e.error))?;
-        let now = self
-            .approx_bytes
-            .fetch_add(stored.len() as u64, Ordering::Relaxed)
-            + stored.len() as u64;
+        let mut len = 0u64;
+        for part in parts {
+            tmp.write_all(part).map_err(|e| Error::io(tmp.path(), e))?;
+            len += part.len() as u64;
+        }
+        tmp.persist(p).map_err(|e| Error::io(p, e.error))?;
+        let now = self.approx_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if now > self.max_bytes {
             self.evict()?;
         }
