@@ -348,10 +348,6 @@ fn bad_input_on_the_kvm_host_gets_one_clear_line() -> Result<(), Error> {
 /// other pjdfstest case must pass (or be skipped by pjdfstest itself).
 const PJDFSTEST_KNOWN_FAILURES: &[(&str, &str)] = &[
     (
-        "enametoolong_component",
-        "the overlay answers a >255-byte name with ENOENT, not ENAMETOOLONG",
-    ),
-    (
         "link::changed_ctime_success",
         "overlay hard links: the link's ctime is the copied-up file's",
     ),

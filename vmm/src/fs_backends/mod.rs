@@ -2,8 +2,9 @@
 //! (passthrough, optionally read-only), an flist image (read-only, chunks fetched lazily
 //! through the shared cache), or an flist image under a writable layer kept in a host
 //! directory (fuse-backend-rs's overlay: copy-up on write, whiteouts, opaque directories).
+//! Every share is served through one `Guard` (name-length check, read-only policy).
 
-mod readonly;
+mod guard;
 #[cfg(test)]
 mod tests;
 mod upper_layer;
@@ -13,11 +14,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flist_fs::fs::FlistFs;
+use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::overlayfs::config::Config as OverlayConfig;
 use fuse_backend_rs::overlayfs::{BoxedLayer, OverlayFs};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
-pub use readonly::ReadOnly;
+pub use guard::Guard;
 
 use crate::config::FsSpec;
 use crate::devices::virtio::fs::FsDevice;
@@ -128,26 +130,29 @@ pub fn device_for(
     let tag = share.tag.as_str();
     let cache: PathBuf =
         image_cache.map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf);
-    Ok(match (&share.dir, &share.image, &share.writable_layer) {
-        (Some(dir), _, _) if share.readonly => Box::new(FsDevice::new(
-            tag,
-            Arc::new(ReadOnly::new(passthrough(tag, dir)?)),
-        )?),
-        (Some(dir), _, _) => Box::new(FsDevice::new(tag, Arc::new(passthrough(tag, dir)?))?),
+    match (&share.dir, &share.image, &share.writable_layer) {
+        (Some(dir), _, _) => guarded(tag, passthrough(tag, dir)?, share.readonly),
         (None, Some(path), Some(layer)) => {
             let lower = image(tag, path, &cache)?;
-            Box::new(FsDevice::new(tag, Arc::new(overlay(tag, lower, layer)?))?)
+            guarded(tag, overlay(tag, lower, layer)?, false)
         }
-        (None, Some(path), None) => Box::new(FsDevice::new(
-            tag,
-            Arc::new(ReadOnly::new(image(tag, path, &cache)?)),
-        )?),
-        (None, None, _) => {
-            return Err(FsBackendError::Dir {
-                tag: tag.to_string(),
-                path: String::new(),
-                source: std::io::Error::other("the share names neither a directory nor an image"),
-            })
-        }
-    })
+        (None, Some(path), None) => guarded(tag, image(tag, path, &cache)?, true),
+        (None, None, _) => Err(FsBackendError::Dir {
+            tag: tag.to_string(),
+            path: String::new(),
+            source: std::io::Error::other("the share names neither a directory nor an image"),
+        }),
+    }
+}
+
+/// The device serving `fs` behind the guard every share goes through.
+fn guarded<F: FileSystem + Send + Sync + 'static>(
+    tag: &str,
+    fs: F,
+    readonly: bool,
+) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
+    Ok(Box::new(FsDevice::new(
+        tag,
+        Arc::new(Guard::new(fs, readonly)),
+    )?))
 }

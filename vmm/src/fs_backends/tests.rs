@@ -1,5 +1,6 @@
 //! The share backends at the FileSystem level, as the virtio-fs server calls them: an image
-//! under a writable layer (copy-up, whiteouts, rename, persistence) and a read-only image.
+//! under a writable layer (copy-up, whiteouts, rename, persistence), a read-only image, and
+//! the guard in front of every share (names longer than NAME_MAX).
 
 use std::ffi::CString;
 use std::path::Path;
@@ -119,13 +120,14 @@ fn image_without_a_layer_is_read_only() {
     let fx = Fixture::new();
     let dev = super::device_for(&fx.share(false), Some(&fx.tmp.path().join("cache")));
     assert!(dev.is_ok());
-    let fs = super::ReadOnly::new(
+    let fs = super::Guard::new(
         super::image(
             "t",
             &fx.tmp.path().join("img.flist"),
             &fx.tmp.path().join("cache"),
         )
         .unwrap(),
+        true,
     );
     fs.init(FsOptions::empty()).unwrap();
     let etc = lookup(&fs, ROOT_ID, "etc").unwrap();
@@ -139,4 +141,163 @@ fn image_without_a_layer_is_read_only() {
         .create(&Context::default(), etc, &name("x"), args)
         .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+}
+
+fn guarded_dir(
+    dir: &Path,
+    readonly: bool,
+) -> super::Guard<fuse_backend_rs::passthrough::PassthroughFs> {
+    let fs = super::Guard::new(super::passthrough("t", dir).unwrap(), readonly);
+    fs.init(FsOptions::empty()).unwrap();
+    fs
+}
+
+fn create_args() -> CreateIn {
+    CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    }
+}
+
+/// Every request that carries a directory-entry name answers `errno` for `long`.
+fn assert_every_name_request_fails<F: FileSystem<Inode = u64>>(
+    fs: &F,
+    file: u64,
+    long: &str,
+    errno: i32,
+) {
+    let ctx = Context::default();
+    let long = name(long);
+    let short = name("f");
+    let errno_of = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+    assert_eq!(
+        errno_of(fs.lookup(&ctx, ROOT_ID, &long).map(drop)),
+        Some(errno),
+        "lookup"
+    );
+    assert_eq!(
+        errno_of(fs.create(&ctx, ROOT_ID, &long, create_args()).map(drop)),
+        Some(errno),
+        "create"
+    );
+    assert_eq!(
+        errno_of(fs.mkdir(&ctx, ROOT_ID, &long, 0o755, 0).map(drop)),
+        Some(errno),
+        "mkdir"
+    );
+    assert_eq!(
+        errno_of(
+            fs.mknod(&ctx, ROOT_ID, &long, libc::S_IFREG | 0o644, 0, 0)
+                .map(drop)
+        ),
+        Some(errno),
+        "mknod"
+    );
+    assert_eq!(
+        errno_of(fs.symlink(&ctx, &name("f"), ROOT_ID, &long).map(drop)),
+        Some(errno),
+        "symlink"
+    );
+    assert_eq!(
+        errno_of(fs.link(&ctx, file, ROOT_ID, &long).map(drop)),
+        Some(errno),
+        "link"
+    );
+    assert_eq!(
+        errno_of(fs.rename(&ctx, ROOT_ID, &long, ROOT_ID, &name("g"), 0)),
+        Some(errno),
+        "rename source"
+    );
+    assert_eq!(
+        errno_of(fs.rename(&ctx, ROOT_ID, &short, ROOT_ID, &long, 0)),
+        Some(errno),
+        "rename target"
+    );
+    assert_eq!(
+        errno_of(fs.unlink(&ctx, ROOT_ID, &long)),
+        Some(errno),
+        "unlink"
+    );
+    assert_eq!(
+        errno_of(fs.rmdir(&ctx, ROOT_ID, &long)),
+        Some(errno),
+        "rmdir"
+    );
+}
+
+#[test]
+fn a_name_longer_than_name_max_is_too_long() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("f"), b"f\n").unwrap();
+    let fs = guarded_dir(tmp.path(), false);
+    let file = lookup(&fs, ROOT_ID, "f").unwrap();
+    assert_every_name_request_fails(&fs, file, &"n".repeat(256), libc::ENAMETOOLONG);
+    // Nothing was made, and the file is still there under its name.
+    let mut left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["f"]);
+
+    // NAME_MAX itself is a name.
+    let longest = "n".repeat(255);
+    fs.create(&Context::default(), ROOT_ID, &name(&longest), create_args())
+        .unwrap();
+    assert!(lookup(&fs, ROOT_ID, &longest).is_ok());
+    assert!(tmp.path().join(&longest).exists());
+}
+
+#[test]
+fn a_read_only_share_says_too_long_before_read_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("f"), b"f\n").unwrap();
+    let fs = guarded_dir(tmp.path(), true);
+    let file = lookup(&fs, ROOT_ID, "f").unwrap();
+    assert_every_name_request_fails(&fs, file, &"n".repeat(256), libc::ENAMETOOLONG);
+    // A name that fits meets the read-only policy, as before.
+    let err = fs
+        .create(
+            &Context::default(),
+            ROOT_ID,
+            &name(&"n".repeat(255)),
+            create_args(),
+        )
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS));
+    let statfs = fs.statfs(&Context::default(), ROOT_ID).unwrap();
+    assert_ne!(statfs.f_flag & libc::ST_RDONLY, 0);
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn a_writable_share_is_not_reported_read_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fs = guarded_dir(tmp.path(), false);
+    let statfs = fs.statfs(&Context::default(), ROOT_ID).unwrap();
+    assert_eq!(statfs.f_flag & libc::ST_RDONLY, 0);
+    fs.mkdir(&Context::default(), ROOT_ID, &name("d"), 0o755, 0)
+        .unwrap();
+    assert!(tmp.path().join("d").is_dir());
+}
+
+#[test]
+fn the_overlay_behind_the_guard_says_too_long() {
+    let fx = Fixture::new();
+    let cache = fx.tmp.path().join("cache");
+    let fs = super::Guard::new(
+        super::overlay(
+            "t",
+            super::image("t", &fx.tmp.path().join("img.flist"), &cache).unwrap(),
+            &fx.tmp.path().join("layer"),
+        )
+        .unwrap(),
+        false,
+    );
+    fs.init(FsOptions::empty()).unwrap();
+    let etc = lookup(&fs, ROOT_ID, "etc").unwrap();
+    let version = lookup(&fs, etc, "version").unwrap();
+    assert_every_name_request_fails(&fs, version, &"n".repeat(256), libc::ENAMETOOLONG);
 }

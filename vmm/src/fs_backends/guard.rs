@@ -1,0 +1,573 @@
+//! The one policy wrapper in front of every virtio-fs share, whatever its backend: it answers
+//! ENAMETOOLONG for a directory-entry name longer than NAME_MAX (Linux's VFS leaves that check
+//! to the FUSE server), and, when the share is read-only, fails every request that would change
+//! the tree (or open a file for writing) with EROFS and reports ST_RDONLY from statfs. Every
+//! other request goes to the backend unchanged.
+
+use std::ffi::CStr;
+use std::io;
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, IoctlData,
+    ListxattrReply, OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter,
+};
+use fuse_backend_rs::transport::FsCacheReqHandler;
+
+/// The longest directory-entry name, in bytes (Linux's NAME_MAX).
+const NAME_MAX: usize = 255;
+
+pub struct Guard<F> {
+    inner: F,
+    readonly: bool,
+}
+
+impl<F> Guard<F> {
+    pub fn new(inner: F, readonly: bool) -> Self {
+        Self { inner, readonly }
+    }
+
+    /// EROFS when the share is read-only. Callers check names first: Linux reports
+    /// ENAMETOOLONG before EROFS.
+    fn writable(&self) -> io::Result<()> {
+        if self.readonly {
+            erofs()
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn erofs<T>() -> io::Result<T> {
+    Err(io::Error::from_raw_os_error(libc::EROFS))
+}
+
+/// What a read-only share answers to the requests it has never served (the trait's default).
+fn enosys<T>() -> io::Result<T> {
+    Err(io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+fn check_name(name: &CStr) -> io::Result<()> {
+    if name.to_bytes().len() > NAME_MAX {
+        Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG))
+    } else {
+        Ok(())
+    }
+}
+
+const WRITE_FLAGS: u32 = (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND) as u32;
+
+impl<F: FileSystem> FileSystem for Guard<F> {
+    type Inode = F::Inode;
+    type Handle = F::Handle;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let opts = self.inner.init(capable)?;
+        Ok(if self.readonly {
+            opts - FsOptions::WRITEBACK_CACHE
+        } else {
+            opts
+        })
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
+        check_name(name)?;
+        self.inner.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: &Context, inode: Self::Inode, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(Self::Inode, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Option<Self::Handle>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        attr: stat64,
+        handle: Option<Self::Handle>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.writable()?;
+        self.inner.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: Self::Inode) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    /// `linkname` is the link's target, a path rather than a name: only `name` is checked.
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: Self::Inode,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        check_name(name)?;
+        self.writable()?;
+        self.inner.symlink(ctx, linkname, parent, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        check_name(name)?;
+        self.writable()?;
+        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        check_name(name)?;
+        self.writable()?;
+        self.inner.mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
+        check_name(name)?;
+        self.writable()?;
+        self.inner.unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
+        check_name(name)?;
+        self.writable()?;
+        self.inner.rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: Self::Inode,
+        oldname: &CStr,
+        newdir: Self::Inode,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        check_name(oldname)?;
+        check_name(newname)?;
+        self.writable()?;
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        newparent: Self::Inode,
+        newname: &CStr,
+    ) -> io::Result<Entry> {
+        check_name(newname)?;
+        self.writable()?;
+        self.inner.link(ctx, inode, newparent, newname)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<Self::Handle>, OpenOptions, Option<u32>)> {
+        if flags & WRITE_FLAGS != 0 {
+            self.writable()?;
+        }
+        self.inner.open(ctx, inode, flags, fuse_flags)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: Self::Inode,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
+        check_name(name)?;
+        self.writable()?;
+        self.inner.create(ctx, parent, name, args)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.writable()?;
+        self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        lock_owner: u64,
+    ) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        datasync: bool,
+        handle: Self::Handle,
+    ) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner
+            .fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: &Context, inode: Self::Inode) -> io::Result<statvfs64> {
+        let mut st = self.inner.statfs(ctx, inode)?;
+        if self.readonly {
+            st.f_flag |= libc::ST_RDONLY;
+        }
+        Ok(st)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.writable()?;
+        self.inner.setxattr(ctx, inode, name, value, flags)
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        self.inner.getxattr(ctx, inode, name, size)
+    }
+
+    fn listxattr(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        size: u32,
+    ) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size)
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
+        self.writable()?;
+        self.inner.removexattr(ctx, inode, name)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+    ) -> io::Result<(Option<Self::Handle>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn fsyncdir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        datasync: bool,
+        handle: Self::Handle,
+    ) -> io::Result<()> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        flags: u32,
+        handle: Self::Handle,
+    ) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn setupmapping(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        foffset: u64,
+        len: u64,
+        flags: u64,
+        moffset: u64,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner
+            .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
+    }
+
+    fn removemapping(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        requests: Vec<RemovemappingOne>,
+        vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner.removemapping(ctx, inode, requests, vu_req)
+    }
+
+    fn access(&self, ctx: &Context, inode: Self::Inode, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            self.writable()?;
+        }
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+
+    fn getlk(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<FileLock> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner.getlk(ctx, inode, handle, owner, lock, flags)
+    }
+
+    fn setlk(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner.setlk(ctx, inode, handle, owner, lock, flags)
+    }
+
+    fn setlkw(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner.setlkw(ctx, inode, handle, owner, lock, flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        flags: u32,
+        cmd: u32,
+        data: IoctlData,
+        out_size: u32,
+    ) -> io::Result<IoctlData<'_>> {
+        if self.readonly {
+            // The trait's default: "no ioctl number is supported".
+            return Err(io::Error::from_raw_os_error(libc::ENOTTY));
+        }
+        self.inner
+            .ioctl(ctx, inode, handle, flags, cmd, data, out_size)
+    }
+
+    fn bmap(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        block: u64,
+        blocksize: u32,
+    ) -> io::Result<u64> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner.bmap(ctx, inode, block, blocksize)
+    }
+
+    fn poll(
+        &self,
+        ctx: &Context,
+        inode: Self::Inode,
+        handle: Self::Handle,
+        khandle: Self::Handle,
+        flags: u32,
+        events: u32,
+    ) -> io::Result<u32> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner.poll(ctx, inode, handle, khandle, flags, events)
+    }
+
+    fn notify_reply(&self) -> io::Result<()> {
+        if self.readonly {
+            return enosys();
+        }
+        self.inner.notify_reply()
+    }
+
+    fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
+        if self.readonly {
+            return Ok(());
+        }
+        self.inner.id_remap(ctx)
+    }
+}
