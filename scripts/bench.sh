@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Builds the vmm and the benchmarks in release mode and runs them (on the test bed by default;
-# pass --direct on a real KVM host). Extra arguments go to the boot benchmark.
+# Builds the vmm, the flist CLI and the benchmarks in release mode and runs one of them (on
+# the test bed by default; pass --direct on a real KVM host):
+#   bash scripts/bench.sh boot [--runs N]             boot time + VMM memory vs QEMU microvm
+#   bash scripts/bench.sh fs [--runs N] [--file-mib M] in-guest virtio-fs vs virtiofsd + QEMU
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+which="${1:-boot}"
+case "$which" in
+    boot | fs) shift || true ;;
+    -*) which=boot ;;
+    *) echo "bench: unknown benchmark $which (boot or fs)" >&2; exit 2 ;;
+esac
+bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null
-cargo build --release -p vmm -p benches --bins
-target/release/boot "$@"
+cargo build --release -p vmm -p flist-fs -p benches --bins
+target/release/"$which" "$@"

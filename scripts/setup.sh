@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs every system package the build, the tests and the benchmarks need on a fresh
 # Debian 12 machine (idempotent; needs root). Rust comes from the machine's toolchain.
+# `--bench` also builds what the benchmarks compare with (virtiofsd).
 set -euo pipefail
 
 packages=(
@@ -12,6 +13,8 @@ packages=(
     redis-server fuse3 libfuse3-dev pkg-config python3
     # seccomp filters, privilege drop in tests
     libseccomp-dev util-linux
+    # virtiofsd (benchmark peer) builds against libcap-ng
+    libcap-ng-dev
 )
 
 missing=()
@@ -25,12 +28,21 @@ if ((${#missing[@]})); then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-# Garage (S3 server for the flist-fs store tests), built from crates.io once and cached outside
-# the repo, keyed by its version (about 8 minutes on 2 cores the first time).
-garage_version=2.5.0
-garage_root="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/tools/garage-$garage_version"
-if [[ ! -x "$garage_root/bin/garage" ]]; then
-    echo "setup: building garage $garage_version (cached in $garage_root)" >&2
-    CARGO_TARGET_DIR="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/tools/garage-build" \
-        cargo install garage --locked --version "$garage_version" --root "$garage_root"
+# Tools built from crates.io once and cached outside the repo, keyed by their versions:
+# Garage (S3 server for the flist-fs store tests; about 8 minutes on 2 cores the first time),
+# pjdfstest and fsx (filesystem conformance on a writable layer, run by the end-to-end tests).
+tools="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/tools"
+cargo_tool() { # crate version binary
+    local root="$tools/$1-$2"
+    if [[ ! -x "$root/bin/$3" ]]; then
+        echo "setup: building $1 $2 (cached in $root)" >&2
+        CARGO_TARGET_DIR="$tools/$1-build" cargo install "$1" --locked --version "$2" --root "$root"
+        rm -rf "$tools/$1-build"
+    fi
+}
+cargo_tool garage 2.5.0 garage
+cargo_tool pjdfstest 0.2.2 pjdfstest
+cargo_tool fsx 0.3.2 fsx
+if [[ "${1:-}" == --bench ]]; then
+    cargo_tool virtiofsd 1.14.0 virtiofsd
 fi

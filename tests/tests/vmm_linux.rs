@@ -397,21 +397,30 @@ const PJDFSTEST_KNOWN_FAILURES: &[(&str, &str)] = &[
     ),
 ];
 
-/// Runs pjdfstest and fsx (cargo-installed; set PJDFSTEST_BIN and FSX_BIN) inside a guest whose
-/// root is an flist image with a writable layer. Takes about 10 minutes on the test bed, so it
-/// runs on request: `cargo test -p e2e-tests --test vmm_linux -- --ignored`.
+/// Runs pjdfstest and fsx (cargo-installed by scripts/setup.sh; PJDFSTEST_BIN and FSX_BIN,
+/// which scripts/test.sh sets) inside a guest whose root is an flist image with a writable
+/// layer. About 5 minutes on the test bed.
 #[test]
-#[ignore]
 fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
-    let Some(bed) = bed("pjdfstest_and_fsx_on_a_writable_layer")? else {
-        return Ok(());
-    };
+    let test = "pjdfstest_and_fsx_on_a_writable_layer";
     let tool = |var: &str| {
         std::env::var_os(var)
             .map(PathBuf::from)
-            .ok_or_else(|| Error::Invalid(format!("set {var} to the cargo-installed binary")))
+            .filter(|p| p.exists())
+            .ok_or_else(|| Error::Missing {
+                what: var.to_owned(),
+                hint: "the cargo-installed binary; scripts/setup.sh installs it, scripts/test.sh sets it".into(),
+            })
     };
-    let (pjdfstest, fsx) = (tool("PJDFSTEST_BIN")?, tool("FSX_BIN")?);
+    let (Some(pjdfstest), Some(fsx)) = (
+        required(test, tool("PJDFSTEST_BIN"))?,
+        required(test, tool("FSX_BIN"))?,
+    ) else {
+        return Ok(());
+    };
+    let Some(bed) = bed(test)? else {
+        return Ok(());
+    };
     let script = "mkdir -p /srv/rootfs/bin /srv/rootfs/usr/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp \
            /srv/rootfs/lib/x86_64-linux-gnu /srv/rootfs/lib64\n\
          cp /bin/busybox /srv/rootfs/bin/ && ln -s busybox /srv/rootfs/bin/sh && cp /pjdfstest /fsx /srv/rootfs/usr/bin/\n\

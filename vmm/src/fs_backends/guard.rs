@@ -40,6 +40,53 @@ impl<F> Guard<F> {
     }
 }
 
+impl<F: FileSystem> Guard<F> {
+    /// Whether `name` in `dir` is a directory; `Some(true)` when it also has entries besides
+    /// `.` and `..`, `None` when it is not there or not a directory. Asked through the backend's
+    /// own lookup and readdir, so an overlay answers for its merged view.
+    fn dir_state(&self, ctx: &Context, dir: u64, name: &CStr) -> Option<bool> {
+        let entry = self.inner.lookup(ctx, F::Inode::from(dir), name).ok()?;
+        if entry.inode == 0 {
+            return None;
+        }
+        let state = (entry.attr.st_mode & libc::S_IFMT == libc::S_IFDIR)
+            .then(|| self.has_entries(ctx, entry.inode));
+        self.inner.forget(ctx, F::Inode::from(entry.inode), 1);
+        state
+    }
+
+    fn has_entries(&self, ctx: &Context, inode: u64) -> bool {
+        let opened = self
+            .inner
+            .opendir(ctx, F::Inode::from(inode), libc::O_RDONLY as u32);
+        let Ok((handle, _)) = opened else {
+            // Unreadable: let the backend decide.
+            return false;
+        };
+        let handle: u64 = handle.map_or(0, Into::into);
+        let mut found = false;
+        let _ = self.inner.readdir(
+            ctx,
+            F::Inode::from(inode),
+            F::Handle::from(handle),
+            4096,
+            0,
+            &mut |e: DirEntry| {
+                if e.name == b"." || e.name == b".." {
+                    Ok(1)
+                } else {
+                    found = true;
+                    Ok(0) // Stop: one entry is enough.
+                }
+            },
+        );
+        let _ = self
+            .inner
+            .releasedir(ctx, F::Inode::from(inode), 0, F::Handle::from(handle));
+        found
+    }
+}
+
 fn erofs<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::EROFS))
 }
@@ -59,12 +106,22 @@ fn check_name(name: &CStr) -> io::Result<()> {
 
 const WRITE_FLAGS: u32 = (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC | libc::O_APPEND) as u32;
 
+/// What every share offers the guest whatever its backend, because the FUSE server, not the
+/// backend, carries it out: requests of up to 1 MiB (MAX_PAGES, BIG_WRITES; the kernel's
+/// default is 128 KiB) and reads and directory operations in flight together (ASYNC_READ lets
+/// the guest's read-ahead overlap, PARALLEL_DIROPS lookups in one directory). virtiofsd
+/// offers the same.
+const TRANSPORT_OPTIONS: FsOptions = FsOptions::MAX_PAGES
+    .union(FsOptions::BIG_WRITES)
+    .union(FsOptions::ASYNC_READ)
+    .union(FsOptions::PARALLEL_DIROPS);
+
 impl<F: FileSystem> FileSystem for Guard<F> {
     type Inode = F::Inode;
     type Handle = F::Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let opts = self.inner.init(capable)?;
+        let opts = self.inner.init(capable)? | (capable & TRANSPORT_OPTIONS);
         Ok(if self.readonly {
             opts - FsOptions::WRITEBACK_CACHE
         } else {
@@ -178,8 +235,23 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         check_name(oldname)?;
         check_name(newname)?;
         self.writable()?;
-        self.inner
-            .rename(ctx, olddir, oldname, newdir, newname, flags)
+        // A directory may only replace an empty one. fuse-backend-rs's overlay checks only its
+        // upper layer, so a target whose entries are in the image would be replaced.
+        let (olddir, newdir): (u64, u64) = (olddir.into(), newdir.into());
+        if flags & libc::RENAME_EXCHANGE == 0
+            && self.dir_state(ctx, newdir, newname) == Some(true)
+            && self.dir_state(ctx, olddir, oldname).is_some()
+        {
+            return Err(io::Error::from_raw_os_error(libc::ENOTEMPTY));
+        }
+        self.inner.rename(
+            ctx,
+            F::Inode::from(olddir),
+            oldname,
+            F::Inode::from(newdir),
+            newname,
+            flags,
+        )
     }
 
     fn link(

@@ -283,9 +283,7 @@ fn a_writable_share_is_not_reported_read_only() {
     assert!(tmp.path().join("d").is_dir());
 }
 
-#[test]
-fn the_overlay_behind_the_guard_says_too_long() {
-    let fx = Fixture::new();
+fn guarded_overlay(fx: &Fixture) -> super::Guard<fuse_backend_rs::overlayfs::OverlayFs> {
     let cache = fx.tmp.path().join("cache");
     let fs = super::Guard::new(
         super::overlay(
@@ -297,7 +295,58 @@ fn the_overlay_behind_the_guard_says_too_long() {
         false,
     );
     fs.init(FsOptions::empty()).unwrap();
+    fs
+}
+
+#[test]
+fn a_directory_does_not_replace_one_with_entries_in_the_image() {
+    let fx = Fixture::new();
+    let fs = guarded_overlay(&fx);
+    let ctx = Context::default();
+    fs.mkdir(&ctx, ROOT_ID, &name("new"), 0o755, 0).unwrap();
+    // `etc` has entries only in the image (none in the layer).
+    let err = fs
+        .rename(&ctx, ROOT_ID, &name("new"), ROOT_ID, &name("etc"), 0)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY));
+    assert!(lookup(&fs, lookup(&fs, ROOT_ID, "etc").unwrap(), "version").is_ok());
+    // Onto an empty directory, and a file onto a directory, the backend answers (this overlay
+    // answers EXDEV for directory renames, as overlayfs does without redirect_dir).
+    fs.mkdir(&ctx, ROOT_ID, &name("empty"), 0o755, 0).unwrap();
+    let err = fs
+        .rename(&ctx, ROOT_ID, &name("new"), ROOT_ID, &name("empty"), 0)
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
+    let etc = lookup(&fs, ROOT_ID, "etc").unwrap();
+    let err = fs
+        .rename(&ctx, etc, &name("version"), ROOT_ID, &name("bin"), 0)
+        .unwrap_err();
+    assert_ne!(err.raw_os_error(), Some(libc::ENOTEMPTY));
+}
+
+#[test]
+fn the_overlay_behind_the_guard_says_too_long() {
+    let fx = Fixture::new();
+    let fs = guarded_overlay(&fx);
     let etc = lookup(&fs, ROOT_ID, "etc").unwrap();
     let version = lookup(&fs, etc, "version").unwrap();
     assert_every_name_request_fails(&fs, version, &"n".repeat(256), libc::ENAMETOOLONG);
+}
+
+#[test]
+fn every_share_offers_large_and_overlapping_requests() {
+    let tmp = tempfile::tempdir().unwrap();
+    let transport = FsOptions::MAX_PAGES
+        | FsOptions::BIG_WRITES
+        | FsOptions::ASYNC_READ
+        | FsOptions::PARALLEL_DIROPS;
+    for readonly in [false, true] {
+        let fs = super::Guard::new(super::passthrough("t", tmp.path()).unwrap(), readonly);
+        let offered = fs.init(FsOptions::all()).unwrap();
+        assert!(offered.contains(transport), "{offered:?}");
+        assert!(!offered.contains(FsOptions::WRITEBACK_CACHE));
+        // Nothing is offered that the guest did not say it can do.
+        let offered = fs.init(FsOptions::ASYNC_READ).unwrap();
+        assert!(!offered.contains(FsOptions::MAX_PAGES), "{offered:?}");
+    }
 }
