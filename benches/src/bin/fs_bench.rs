@@ -132,7 +132,7 @@ struct Sample {
 fn parse(output: &str, expected: &Expected) -> Result<Sample> {
     let mut found: BTreeMap<&str, (f64, BTreeMap<&str, &str>)> = BTreeMap::new();
     for line in output.lines() {
-        let mut words = line.trim_end().split_whitespace();
+        let mut words = line.split_whitespace();
         if words.next() != Some("FSBENCH") {
             continue;
         }
