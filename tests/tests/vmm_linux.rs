@@ -372,10 +372,6 @@ const PJDFSTEST_KNOWN_FAILURES: &[(&str, &str)] = &[
         "a renamed directory's '..' link count is not updated",
     ),
     (
-        "rename::eexist_enotempty_to_non_empty",
-        "renaming onto a non-empty merged directory is not refused",
-    ),
-    (
         "rename::write_access_required_subdir",
         "the overlay renames with the server's credentials",
     ),
