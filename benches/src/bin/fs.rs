@@ -23,6 +23,9 @@ struct Args {
     file_mib: usize,
     #[arg(long, default_value_t = 2000)]
     rand_ops: u64,
+    /// Measure only these servers (vmm-flist, vmm-dir, virtiofsd+qemu), comma-separated.
+    #[arg(long)]
+    only: Option<String>,
     /// Run on this host's /dev/kvm instead of the test bed.
     #[arg(long)]
     direct: bool,
@@ -63,7 +66,7 @@ fn main() -> Result<()> {
     archive.file("bin/guest-fsbench", 0o755, Contents::HostFile(guest_bench))?;
     archive.write_file(&initrd)?;
 
-    let common = [
+    let mut common = vec![
         "--runs".to_owned(),
         args.runs.to_string(),
         "--file-mib".to_owned(),
@@ -71,6 +74,9 @@ fn main() -> Result<()> {
         "--rand-ops".to_owned(),
         args.rand_ops.to_string(),
     ];
+    if let Some(only) = &args.only {
+        common.push(format!("--only={only}"));
+    }
     if args.direct {
         let status = Command::new(&bench)
             .arg("--vmm")

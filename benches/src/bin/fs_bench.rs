@@ -61,6 +61,9 @@ struct Args {
     files_per_dir: usize,
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
+    /// Measure only these servers (vmm-flist, vmm-dir, virtiofsd+qemu), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
     /// Deadline for one VM run.
     #[arg(long, default_value_t = 600)]
     timeout_secs: u64,
@@ -244,8 +247,8 @@ enum Server {
 impl Server {
     fn name(self) -> &'static str {
         match self {
-            Server::VmmFlist => "vmm flist",
-            Server::VmmDir => "vmm dir",
+            Server::VmmFlist => "vmm-flist",
+            Server::VmmDir => "vmm-dir",
             Server::Virtiofsd => "virtiofsd+qemu",
         }
     }
@@ -429,6 +432,9 @@ fn main() -> Result<()> {
     let mut servers = vec![Server::VmmFlist, Server::VmmDir];
     if args.qemu.is_some() {
         servers.push(Server::Virtiofsd);
+    }
+    if let Some(only) = &args.only {
+        servers.retain(|s| only.iter().any(|o| o == s.name()));
     }
     let runs = args.runs;
     let mut bench = Bench {
