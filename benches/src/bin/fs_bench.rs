@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Deadline for one VM run.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
 }
 
@@ -222,10 +222,9 @@ fn run_vm(mut cmd: Command, log: &Path, timeout: Duration) -> Result<String> {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            bail!(
-                "the VM did not finish within {timeout:?} (log: {})",
-                log.display()
-            );
+            let output = reader.join().unwrap_or_default();
+            let log_text = std::fs::read_to_string(log).unwrap_or_default();
+            bail!("the VM did not finish within {timeout:?}; its console:\n{output}\n{log_text}");
         }
         std::thread::sleep(Duration::from_millis(50));
     };
