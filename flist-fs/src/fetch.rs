@@ -202,9 +202,10 @@ impl ChunkSource {
     }
 
     /// Part `[from, to)` of a checked cached plaintext, read from the file (`None` when it is
-    /// not checked or has gone; the caller then takes the whole-chunk path).
+    /// not checked or has gone; the caller then takes the whole-chunk path). Callers look in
+    /// the in-memory LRU first.
     fn checked_part(&self, c: &ChunkRef, from: u64, to: u64) -> Option<Vec<u8>> {
-        if !self.is_checked(&c.id) || self.lru_get(&c.id).is_some() {
+        if !self.is_checked(&c.id) {
             return None;
         }
         let mut buf = vec![0u8; usize::try_from(to - from).ok()?];
@@ -238,12 +239,18 @@ impl ChunkSource {
         for c in inode.chunks[first..].iter().take_while(|c| c.offset < end) {
             let from = offset.max(c.offset) - c.offset;
             let to = end.min(c.offset + u64::from(c.size)) - c.offset;
-            if let Some(part) = self.checked_part(c, from, to) {
-                sink(&part).map_err(|e| Error::io("<read destination>", e))?;
-                done += part.len() as u64;
-                continue;
-            }
-            let data = self.plain(c)?;
+            // Decoded in memory, else part of a checked cached plaintext, else the whole chunk.
+            let data = match self.lru_get(&c.id) {
+                Some(data) => data,
+                None => {
+                    if let Some(part) = self.checked_part(c, from, to) {
+                        sink(&part).map_err(|e| Error::io("<read destination>", e))?;
+                        done += part.len() as u64;
+                        continue;
+                    }
+                    self.plain(c)?
+                }
+            };
             let slice = data
                 .get(from as usize..to as usize)
                 .ok_or_else(|| Error::BadChunk {

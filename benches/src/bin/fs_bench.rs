@@ -186,19 +186,6 @@ fn parse(output: &str, expected: &Expected) -> Result<Sample> {
     })
 }
 
-/// Percent-encodes one entrypoint word for the guest-init command line (`guest-kernels/README.md`).
-fn encode_word(word: &str) -> String {
-    let mut out = String::new();
-    for b in word.bytes() {
-        if b.is_ascii_alphanumeric() || b"/._-=:,+@".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Runs a VM to its end (or the deadline) and returns its console output.
 fn run_vm(mut cmd: Command, log: &Path, timeout: Duration) -> Result<String> {
     let stderr = File::create(log).with_context(|| format!("creating {}", log.display()))?;
@@ -337,7 +324,7 @@ impl Bench {
         let a = &self.args;
         let words: Vec<String> = ["/bin/sh", "-c", &self.guest_script()]
             .iter()
-            .map(|w| encode_word(w))
+            .map(|w| vmm::config::spec::encode_word(w))
             .collect();
         let append = format!("{CMDLINE} {QEMU_VIRTIO_MMIO} -- {}", words.join(" "));
         let mut cmd = Command::new(qemu);

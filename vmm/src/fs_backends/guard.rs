@@ -91,11 +91,6 @@ fn erofs<T>() -> io::Result<T> {
     Err(io::Error::from_raw_os_error(libc::EROFS))
 }
 
-/// What a read-only share answers to the requests it has never served (the trait's default).
-fn enosys<T>() -> io::Result<T> {
-    Err(io::Error::from_raw_os_error(libc::ENOSYS))
-}
-
 fn check_name(name: &CStr) -> io::Result<()> {
     if name.to_bytes().len() > NAME_MAX {
         Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG))
@@ -471,9 +466,6 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         datasync: bool,
         handle: Self::Handle,
     ) -> io::Result<()> {
-        if self.readonly {
-            return enosys();
-        }
         self.inner.fsyncdir(ctx, inode, datasync, handle)
     }
 
@@ -499,9 +491,9 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         moffset: u64,
         vu_req: &mut dyn FsCacheReqHandler,
     ) -> io::Result<()> {
-        if self.readonly {
-            return enosys();
-        }
+        // A DAX mapping may be writable; a read-only share offers none (nor does the device
+        // offer a DAX window today).
+        self.writable()?;
         self.inner
             .setupmapping(ctx, inode, handle, foffset, len, flags, moffset, vu_req)
     }
@@ -513,9 +505,6 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         requests: Vec<RemovemappingOne>,
         vu_req: &mut dyn FsCacheReqHandler,
     ) -> io::Result<()> {
-        if self.readonly {
-            return enosys();
-        }
         self.inner.removemapping(ctx, inode, requests, vu_req)
     }
 
@@ -546,9 +535,6 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<FileLock> {
-        if self.readonly {
-            return enosys();
-        }
         self.inner.getlk(ctx, inode, handle, owner, lock, flags)
     }
 
@@ -561,9 +547,6 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        if self.readonly {
-            return enosys();
-        }
         self.inner.setlk(ctx, inode, handle, owner, lock, flags)
     }
 
@@ -576,9 +559,6 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        if self.readonly {
-            return enosys();
-        }
         self.inner.setlkw(ctx, inode, handle, owner, lock, flags)
     }
 
@@ -608,9 +588,6 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         block: u64,
         blocksize: u32,
     ) -> io::Result<u64> {
-        if self.readonly {
-            return enosys();
-        }
         self.inner.bmap(ctx, inode, block, blocksize)
     }
 
@@ -623,23 +600,14 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         flags: u32,
         events: u32,
     ) -> io::Result<u32> {
-        if self.readonly {
-            return enosys();
-        }
         self.inner.poll(ctx, inode, handle, khandle, flags, events)
     }
 
     fn notify_reply(&self) -> io::Result<()> {
-        if self.readonly {
-            return enosys();
-        }
         self.inner.notify_reply()
     }
 
     fn id_remap(&self, ctx: &mut Context) -> io::Result<()> {
-        if self.readonly {
-            return Ok(());
-        }
         self.inner.id_remap(ctx)
     }
 }
