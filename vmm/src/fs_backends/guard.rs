@@ -1,11 +1,26 @@
-//! The one policy wrapper in front of every virtio-fs share, whatever its backend: it answers
-//! ENAMETOOLONG for a directory-entry name longer than NAME_MAX (Linux's VFS leaves that check
-//! to the FUSE server), and, when the share is read-only, fails every request that would change
-//! the tree (or open a file for writing) with EROFS and reports ST_RDONLY from statfs. Every
-//! other request goes to the backend unchanged.
+//! The one policy wrapper in front of every virtio-fs share, whatever its backend, and in
+//! front of the host directory under a writable layer. What it enforces is the share's
+//! [`Policy`]:
+//! - always: ENAMETOOLONG for a directory-entry name longer than NAME_MAX (Linux's VFS leaves
+//!   that check to the FUSE server);
+//! - read-only: every request that would change the tree (or open a file for writing) fails
+//!   with EROFS, and statfs reports ST_RDONLY;
+//! - host directory: guest writes never become privileged host objects. The vmm may run as
+//!   root, so without this a guest could create device nodes, setuid/setgid files and
+//!   `security.*`/`trusted.*` attributes on the host. Block and character devices are refused
+//!   (EPERM; the overlay's 0:0 whiteout excepted), setuid and setgid are cleared on create,
+//!   mknod and chmod (a directory keeps setgid, which only means group inheritance), and every
+//!   guest extended attribute is stored under `user.gridnode.` on the host (as virtiofsd's
+//!   xattrmap does): the guest sees only those, under its own names;
+//! - merged view: a directory may only replace an empty one, asked of the merged view (an
+//!   overlay's own check sees only its upper layer).
+//!
+//! Every other request goes to the backend unchanged.
 
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -16,31 +31,157 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
+use super::host_dir::run_at_root;
+
 /// The longest directory-entry name, in bytes (Linux's NAME_MAX).
 const NAME_MAX: usize = 255;
+/// The longest extended-attribute name (Linux's XATTR_NAME_MAX).
+const XATTR_NAME_MAX: usize = 255;
+/// The largest list of extended-attribute names (Linux's XATTR_LIST_MAX).
+const XATTR_LIST_MAX: u32 = 65536;
+/// Where guest extended attributes live on the host.
+pub const GUEST_XATTR_PREFIX: &[u8] = b"user.gridnode.";
+
+/// What a share lets the guest do; decided where the share is built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Refuse every change (EROFS).
+    pub readonly: bool,
+    /// The backend writes into a host directory: keep guest writes unprivileged there.
+    pub host_dir: bool,
+    /// The backend is a merged view (an overlay) whose own rename checks only its upper layer.
+    pub merged: bool,
+}
+
+impl Policy {
+    /// A host directory served as is.
+    pub fn dir_share(readonly: bool) -> Self {
+        Self {
+            readonly,
+            host_dir: true,
+            merged: false,
+        }
+    }
+
+    /// An image without a writable layer.
+    pub fn image_share() -> Self {
+        Self {
+            readonly: true,
+            ..Self::default()
+        }
+    }
+
+    /// An image under a writable layer, as the guest sees it.
+    pub fn layered_share() -> Self {
+        Self {
+            merged: true,
+            ..Self::default()
+        }
+    }
+
+    /// The host directory holding a writable layer, as the overlay writes it.
+    pub fn layer_upper() -> Self {
+        Self {
+            host_dir: true,
+            ..Self::default()
+        }
+    }
+}
 
 pub struct Guard<F> {
     inner: F,
-    readonly: bool,
+    policy: Policy,
+    /// For a host-directory backend: the directory it resolves its root against when it
+    /// (re-)imports, at the guest's INIT and DESTROY.
+    root: Option<Arc<OwnedFd>>,
 }
 
 impl<F> Guard<F> {
-    pub fn new(inner: F, readonly: bool) -> Self {
-        Self { inner, readonly }
+    pub fn new(inner: F, policy: Policy) -> Self {
+        Self {
+            inner,
+            policy,
+            root: None,
+        }
+    }
+
+    /// The backend resolves its root (`.`) against `root` (see `host_dir`).
+    pub fn at_root(self, root: Arc<OwnedFd>) -> Self {
+        Self {
+            root: Some(root),
+            ..self
+        }
+    }
+
+    pub fn inner(&self) -> &F {
+        &self.inner
     }
 
     /// EROFS when the share is read-only. Callers check names first: Linux reports
     /// ENAMETOOLONG before EROFS.
     fn writable(&self) -> io::Result<()> {
-        if self.readonly {
+        if self.policy.readonly {
             erofs()
         } else {
             Ok(())
         }
     }
+
+    /// `mode` as a host directory may hold it: without setuid, and without setgid unless it is
+    /// a directory's.
+    fn host_mode(&self, mode: u32, is_dir: bool) -> u32 {
+        if !self.policy.host_dir {
+            return mode;
+        }
+        let mut mode = mode & !libc::S_ISUID;
+        if !is_dir {
+            mode &= !libc::S_ISGID;
+        }
+        mode
+    }
+
+    /// The host name of guest attribute `name`.
+    fn host_xattr<'a>(&self, name: &'a CStr) -> io::Result<std::borrow::Cow<'a, CStr>> {
+        if !self.policy.host_dir {
+            return Ok(std::borrow::Cow::Borrowed(name));
+        }
+        let mut mapped = GUEST_XATTR_PREFIX.to_vec();
+        mapped.extend_from_slice(name.to_bytes());
+        if mapped.len() > XATTR_NAME_MAX {
+            return Err(io::Error::from_raw_os_error(libc::ERANGE));
+        }
+        CString::new(mapped)
+            .map(std::borrow::Cow::Owned)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+    }
 }
 
-impl<F: FileSystem> Guard<F> {
+/// The guest's view of a host attribute-name list: only names under the guest prefix, without
+/// it.
+fn guest_xattr_list(host: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for name in host.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if let Some(guest) = name.strip_prefix(GUEST_XATTR_PREFIX) {
+            if !guest.is_empty() {
+                out.extend_from_slice(guest);
+                out.push(0);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a node of `mode`/`rdev` is a device the guest may not create on the host: every
+/// block or character device except the 0:0 character device (an overlay whiteout).
+fn is_device(mode: u32, rdev: u32) -> bool {
+    match mode & libc::S_IFMT {
+        libc::S_IFBLK => true,
+        libc::S_IFCHR => rdev != 0,
+        _ => false,
+    }
+}
+
+impl<F: FileSystem + Sync> Guard<F> {
     /// Whether `name` in `dir` is a directory; `Some(true)` when it also has entries besides
     /// `.` and `..`, `None` when it is not there or not a directory. Asked through the backend's
     /// own lookup and readdir, so an overlay answers for its merged view.
@@ -111,13 +252,17 @@ const TRANSPORT_OPTIONS: FsOptions = FsOptions::MAX_PAGES
     .union(FsOptions::ASYNC_READ)
     .union(FsOptions::PARALLEL_DIROPS);
 
-impl<F: FileSystem> FileSystem for Guard<F> {
+impl<F: FileSystem + Sync> FileSystem for Guard<F> {
     type Inode = F::Inode;
     type Handle = F::Handle;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        let opts = self.inner.init(capable)? | (capable & TRANSPORT_OPTIONS);
-        Ok(if self.readonly {
+        let opts = match &self.root {
+            Some(root) => run_at_root(root, || self.inner.init(capable))?,
+            None => self.inner.init(capable)?,
+        };
+        let opts = opts | (capable & TRANSPORT_OPTIONS);
+        Ok(if self.policy.readonly {
             opts - FsOptions::WRITEBACK_CACHE
         } else {
             opts
@@ -125,7 +270,17 @@ impl<F: FileSystem> FileSystem for Guard<F> {
     }
 
     fn destroy(&self) {
-        self.inner.destroy()
+        match &self.root {
+            Some(root) => {
+                if let Err(e) = run_at_root(root, || {
+                    self.inner.destroy();
+                    Ok(())
+                }) {
+                    tracing::warn!("virtio-fs: cannot reset the share after DESTROY: {e}");
+                }
+            }
+            None => self.inner.destroy(),
+        }
     }
 
     fn lookup(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<Entry> {
@@ -159,7 +314,21 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.writable()?;
-        self.inner.setattr(ctx, inode, attr, handle, valid)
+        let mut attr = attr;
+        let ino: u64 = inode.into();
+        if valid.contains(SetattrValid::MODE) {
+            let is_dir = match attr.st_mode & libc::S_IFMT {
+                // Only permission bits given: ask what the inode is when it matters.
+                0 if attr.st_mode & libc::S_ISGID != 0 && self.policy.host_dir => {
+                    let (now, _) = self.inner.getattr(ctx, F::Inode::from(ino), None)?;
+                    now.st_mode & libc::S_IFMT == libc::S_IFDIR
+                }
+                kind => kind == libc::S_IFDIR,
+            };
+            attr.st_mode = self.host_mode(attr.st_mode, is_dir);
+        }
+        self.inner
+            .setattr(ctx, F::Inode::from(ino), attr, handle, valid)
     }
 
     fn readlink(&self, ctx: &Context, inode: Self::Inode) -> io::Result<Vec<u8>> {
@@ -190,6 +359,10 @@ impl<F: FileSystem> FileSystem for Guard<F> {
     ) -> io::Result<Entry> {
         check_name(name)?;
         self.writable()?;
+        if self.policy.host_dir && is_device(mode, rdev) {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        let mode = self.host_mode(mode, false);
         self.inner.mknod(ctx, parent, name, mode, rdev, umask)
     }
 
@@ -203,6 +376,7 @@ impl<F: FileSystem> FileSystem for Guard<F> {
     ) -> io::Result<Entry> {
         check_name(name)?;
         self.writable()?;
+        let mode = self.host_mode(mode, true);
         self.inner.mkdir(ctx, parent, name, mode, umask)
     }
 
@@ -233,7 +407,8 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         // A directory may only replace an empty one. fuse-backend-rs's overlay checks only its
         // upper layer, so a target whose entries are in the image would be replaced.
         let (olddir, newdir): (u64, u64) = (olddir.into(), newdir.into());
-        if flags & libc::RENAME_EXCHANGE == 0
+        if self.policy.merged
+            && flags & libc::RENAME_EXCHANGE == 0
             && self.dir_state(ctx, newdir, newname) == Some(true)
             && self.dir_state(ctx, olddir, oldname).is_some()
         {
@@ -283,6 +458,10 @@ impl<F: FileSystem> FileSystem for Guard<F> {
     ) -> io::Result<(Entry, Option<Self::Handle>, OpenOptions, Option<u32>)> {
         check_name(name)?;
         self.writable()?;
+        let args = CreateIn {
+            mode: self.host_mode(args.mode, false),
+            ..args
+        };
         self.inner.create(ctx, parent, name, args)
     }
 
@@ -382,7 +561,7 @@ impl<F: FileSystem> FileSystem for Guard<F> {
 
     fn statfs(&self, ctx: &Context, inode: Self::Inode) -> io::Result<statvfs64> {
         let mut st = self.inner.statfs(ctx, inode)?;
-        if self.readonly {
+        if self.policy.readonly {
             st.f_flag |= libc::ST_RDONLY;
         }
         Ok(st)
@@ -397,7 +576,8 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         flags: u32,
     ) -> io::Result<()> {
         self.writable()?;
-        self.inner.setxattr(ctx, inode, name, value, flags)
+        let name = self.host_xattr(name)?;
+        self.inner.setxattr(ctx, inode, &name, value, flags)
     }
 
     fn getxattr(
@@ -407,7 +587,8 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        self.inner.getxattr(ctx, inode, name, size)
+        let name = self.host_xattr(name)?;
+        self.inner.getxattr(ctx, inode, &name, size)
     }
 
     fn listxattr(
@@ -416,12 +597,27 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         inode: Self::Inode,
         size: u32,
     ) -> io::Result<ListxattrReply> {
-        self.inner.listxattr(ctx, inode, size)
+        if !self.policy.host_dir {
+            return self.inner.listxattr(ctx, inode, size);
+        }
+        let host = match self.inner.listxattr(ctx, inode, XATTR_LIST_MAX)? {
+            ListxattrReply::Names(names) => names,
+            ListxattrReply::Count(_) => Vec::new(),
+        };
+        let guest = guest_xattr_list(&host);
+        if size == 0 {
+            Ok(ListxattrReply::Count(guest.len() as u32))
+        } else if guest.len() > size as usize {
+            Err(io::Error::from_raw_os_error(libc::ERANGE))
+        } else {
+            Ok(ListxattrReply::Names(guest))
+        }
     }
 
     fn removexattr(&self, ctx: &Context, inode: Self::Inode, name: &CStr) -> io::Result<()> {
         self.writable()?;
-        self.inner.removexattr(ctx, inode, name)
+        let name = self.host_xattr(name)?;
+        self.inner.removexattr(ctx, inode, &name)
     }
 
     fn opendir(
@@ -573,7 +769,7 @@ impl<F: FileSystem> FileSystem for Guard<F> {
         data: IoctlData,
         out_size: u32,
     ) -> io::Result<IoctlData<'_>> {
-        if self.readonly {
+        if self.policy.readonly {
             // The trait's default: "no ioctl number is supported".
             return Err(io::Error::from_raw_os_error(libc::ENOTTY));
         }

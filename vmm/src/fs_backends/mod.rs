@@ -2,13 +2,17 @@
 //! (passthrough, optionally read-only), an flist image (read-only, chunks fetched lazily
 //! through the shared cache), or an flist image under a writable layer kept in a host
 //! directory (fuse-backend-rs's overlay: copy-up on write, whiteouts, opaque directories).
-//! Every share is served through one `Guard` (name-length check, read-only policy).
+//! Every share is served through one `Guard` whose `Policy` says what the guest may do (name
+//! length, read-only, no privileged host objects in host directories); host directories are
+//! opened without following symlinks (`host_dir`).
 
 mod guard;
+mod host_dir;
 #[cfg(test)]
 mod tests;
 mod upper_layer;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +23,7 @@ use fuse_backend_rs::overlayfs::config::Config as OverlayConfig;
 use fuse_backend_rs::overlayfs::{BoxedLayer, OverlayFs};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
-pub use guard::Guard;
+pub use guard::{Guard, Policy};
 
 use crate::config::FsSpec;
 use crate::devices::virtio::fs::FsDevice;
@@ -50,30 +54,29 @@ pub enum FsBackendError {
     Device(#[from] crate::devices::virtio::fs::FsDeviceError),
 }
 
-fn passthrough(tag: &str, dir: &Path) -> Result<PassthroughFs, FsBackendError> {
+/// The passthrough backend of host directory `dir` (made 0700 if missing and `create`), and the
+/// directory it was opened from: the backend resolves its root relative to it (see `host_dir`).
+fn passthrough(
+    tag: &str,
+    dir: &Path,
+    create: bool,
+) -> Result<(PassthroughFs, Arc<OwnedFd>), FsBackendError> {
     let dir_err = |source| FsBackendError::Dir {
         tag: tag.to_string(),
         path: dir.display().to_string(),
         source,
     };
-    let meta = std::fs::metadata(dir).map_err(dir_err)?;
-    if !meta.is_dir() {
-        return Err(dir_err(std::io::Error::from_raw_os_error(libc::ENOTDIR)));
-    }
-    let root_dir = dir
-        .to_str()
-        .ok_or_else(|| dir_err(std::io::Error::other("path is not UTF-8")))?
-        .to_string();
+    let root = host_dir::open_dir_nofollow(dir, create.then_some(0o700)).map_err(dir_err)?;
     let cfg = Config {
-        root_dir,
+        root_dir: ".".to_string(),
         do_import: true,
         xattr: true,
         cache_policy: CachePolicy::Auto,
         ..Default::default()
     };
     let fs = PassthroughFs::<()>::new(cfg).map_err(dir_err)?;
-    fs.import().map_err(dir_err)?;
-    Ok(fs)
+    host_dir::import_from(&fs, &root).map_err(dir_err)?;
+    Ok((fs, Arc::new(root)))
 }
 
 fn image(tag: &str, path: &Path, cache: &Path) -> Result<FlistFs, FsBackendError> {
@@ -90,12 +93,8 @@ fn image(tag: &str, path: &Path, cache: &Path) -> Result<FlistFs, FsBackendError
 }
 
 fn overlay(tag: &str, lower: FlistFs, layer_dir: &Path) -> Result<OverlayFs, FsBackendError> {
-    std::fs::create_dir_all(layer_dir).map_err(|source| FsBackendError::Dir {
-        tag: tag.to_string(),
-        path: layer_dir.display().to_string(),
-        source,
-    })?;
-    let upper = upper_layer::UpperLayer(passthrough(tag, layer_dir)?);
+    let (upper, root) = passthrough(tag, layer_dir, true)?;
+    let upper = Guard::new(upper, Policy::layer_upper()).at_root(root);
     let upper: Arc<BoxedLayer> = Arc::new(Box::new(upper));
     let lower: Arc<BoxedLayer> = Arc::new(Box::new(lower));
     debug_assert_eq!(
@@ -122,6 +121,42 @@ fn overlay(tag: &str, lower: FlistFs, layer_dir: &Path) -> Result<OverlayFs, FsB
     })
 }
 
+/// A host directory served as is, behind its guard.
+pub(crate) fn dir_share(
+    tag: &str,
+    dir: &Path,
+    readonly: bool,
+) -> Result<Guard<PassthroughFs>, FsBackendError> {
+    let (fs, root) = passthrough(tag, dir, false)?;
+    Ok(Guard::new(fs, Policy::dir_share(readonly)).at_root(root))
+}
+
+/// An image served read-only, behind its guard.
+pub(crate) fn image_share(
+    tag: &str,
+    image_path: &Path,
+    cache: &Path,
+) -> Result<Guard<FlistFs>, FsBackendError> {
+    Ok(Guard::new(
+        image(tag, image_path, cache)?,
+        Policy::image_share(),
+    ))
+}
+
+/// An image under a writable layer kept in `layer`, behind its guard.
+pub(crate) fn layered_share(
+    tag: &str,
+    image_path: &Path,
+    layer: &Path,
+    cache: &Path,
+) -> Result<Guard<OverlayFs>, FsBackendError> {
+    let lower = image(tag, image_path, cache)?;
+    Ok(Guard::new(
+        overlay(tag, lower, layer)?,
+        Policy::layered_share(),
+    ))
+}
+
 /// Builds the virtio-fs device for one (validated) share.
 pub fn device_for(
     share: &FsSpec,
@@ -131,12 +166,9 @@ pub fn device_for(
     let cache: PathBuf =
         image_cache.map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf);
     match (&share.dir, &share.image, &share.writable_layer) {
-        (Some(dir), _, _) => guarded(tag, passthrough(tag, dir)?, share.readonly),
-        (None, Some(path), Some(layer)) => {
-            let lower = image(tag, path, &cache)?;
-            guarded(tag, overlay(tag, lower, layer)?, false)
-        }
-        (None, Some(path), None) => guarded(tag, image(tag, path, &cache)?, true),
+        (Some(dir), _, _) => device(tag, dir_share(tag, dir, share.readonly)?),
+        (None, Some(path), Some(layer)) => device(tag, layered_share(tag, path, layer, &cache)?),
+        (None, Some(path), None) => device(tag, image_share(tag, path, &cache)?),
         (None, None, _) => Err(FsBackendError::Dir {
             tag: tag.to_string(),
             path: String::new(),
@@ -145,14 +177,9 @@ pub fn device_for(
     }
 }
 
-/// The device serving `fs` behind the guard every share goes through.
-fn guarded<F: FileSystem + Send + Sync + 'static>(
+fn device<F: FileSystem + Send + Sync + 'static>(
     tag: &str,
-    fs: F,
-    readonly: bool,
+    fs: Guard<F>,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
-    Ok(Box::new(FsDevice::new(
-        tag,
-        Arc::new(Guard::new(fs, readonly)),
-    )?))
+    Ok(Box::new(FsDevice::new(tag, Arc::new(fs))?))
 }

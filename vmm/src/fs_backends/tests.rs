@@ -5,8 +5,10 @@
 use std::ffi::CString;
 use std::path::Path;
 
-use fuse_backend_rs::abi::fuse_abi::CreateIn;
-use fuse_backend_rs::api::filesystem::{Context, FileSystem, FsOptions, ROOT_ID};
+use fuse_backend_rs::abi::fuse_abi::{stat64, CreateIn};
+use fuse_backend_rs::api::filesystem::{
+    Context, FileSystem, FsOptions, GetxattrReply, ListxattrReply, SetattrValid, ROOT_ID,
+};
 
 use crate::config::FsSpec;
 
@@ -79,10 +81,11 @@ fn image_under_a_writable_layer_under_seccomp() {
 fn image_under_a_writable_layer_with(seccomp: bool) {
     let fx = Fixture::new();
     let cache = fx.tmp.path().join("cache");
-    let fs = super::overlay(
+    let fs = super::layered_share(
         "t",
-        super::image("t", &fx.tmp.path().join("img.flist"), &cache).unwrap(),
+        &fx.tmp.path().join("img.flist"),
         &fx.tmp.path().join("layer"),
+        &cache,
     )
     .unwrap();
     if seccomp {
@@ -120,15 +123,12 @@ fn image_without_a_layer_is_read_only() {
     let fx = Fixture::new();
     let dev = super::device_for(&fx.share(false), Some(&fx.tmp.path().join("cache")));
     assert!(dev.is_ok());
-    let fs = super::Guard::new(
-        super::image(
-            "t",
-            &fx.tmp.path().join("img.flist"),
-            &fx.tmp.path().join("cache"),
-        )
-        .unwrap(),
-        true,
-    );
+    let fs = super::image_share(
+        "t",
+        &fx.tmp.path().join("img.flist"),
+        &fx.tmp.path().join("cache"),
+    )
+    .unwrap();
     fs.init(FsOptions::empty()).unwrap();
     let etc = lookup(&fs, ROOT_ID, "etc").unwrap();
     let args = CreateIn {
@@ -147,7 +147,7 @@ fn guarded_dir(
     dir: &Path,
     readonly: bool,
 ) -> super::Guard<fuse_backend_rs::passthrough::PassthroughFs> {
-    let fs = super::Guard::new(super::passthrough("t", dir).unwrap(), readonly);
+    let fs = super::dir_share("t", dir, readonly).unwrap();
     fs.init(FsOptions::empty()).unwrap();
     fs
 }
@@ -285,15 +285,13 @@ fn a_writable_share_is_not_reported_read_only() {
 
 fn guarded_overlay(fx: &Fixture) -> super::Guard<fuse_backend_rs::overlayfs::OverlayFs> {
     let cache = fx.tmp.path().join("cache");
-    let fs = super::Guard::new(
-        super::overlay(
-            "t",
-            super::image("t", &fx.tmp.path().join("img.flist"), &cache).unwrap(),
-            &fx.tmp.path().join("layer"),
-        )
-        .unwrap(),
-        false,
-    );
+    let fs = super::layered_share(
+        "t",
+        &fx.tmp.path().join("img.flist"),
+        &fx.tmp.path().join("layer"),
+        &cache,
+    )
+    .unwrap();
     fs.init(FsOptions::empty()).unwrap();
     fs
 }
@@ -341,7 +339,7 @@ fn every_share_offers_large_and_overlapping_requests() {
         | FsOptions::ASYNC_READ
         | FsOptions::PARALLEL_DIROPS;
     for readonly in [false, true] {
-        let fs = super::Guard::new(super::passthrough("t", tmp.path()).unwrap(), readonly);
+        let fs = super::dir_share("t", tmp.path(), readonly).unwrap();
         let offered = fs.init(FsOptions::all()).unwrap();
         assert!(offered.contains(transport), "{offered:?}");
         assert!(!offered.contains(FsOptions::WRITEBACK_CACHE));
@@ -349,4 +347,258 @@ fn every_share_offers_large_and_overlapping_requests() {
         let offered = fs.init(FsOptions::ASYNC_READ).unwrap();
         assert!(!offered.contains(FsOptions::MAX_PAGES), "{offered:?}");
     }
+}
+
+/// Runs `f` on a thread set up as a virtio-fs worker's (its own umask 0), as requests are.
+fn on_worker_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                crate::devices::virtio::fs::enter_fs_context().unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+fn host_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).unwrap().mode()
+}
+
+/// The guest cannot make device nodes on the host; FIFOs and the overlay's 0:0 whiteout are fine.
+fn assert_no_device_nodes<F: FileSystem<Inode = u64>>(fs: &F, parent: u64, host_dir: &Path) {
+    let ctx = Context::default();
+    let sda = libc::makedev(8, 0) as u32;
+    let mem = libc::makedev(1, 1) as u32;
+    for (n, mode, rdev) in [
+        ("blk", libc::S_IFBLK | 0o660, sda),
+        ("chr", libc::S_IFCHR | 0o666, mem),
+    ] {
+        let err = fs.mknod(&ctx, parent, &name(n), mode, rdev, 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{n}");
+        assert!(std::fs::symlink_metadata(host_dir.join(n)).is_err(), "{n}");
+    }
+    fs.mknod(&ctx, parent, &name("fifo"), libc::S_IFIFO | 0o644, 0, 0)
+        .unwrap();
+    assert_eq!(
+        host_mode(&host_dir.join("fifo")) & libc::S_IFMT,
+        libc::S_IFIFO
+    );
+}
+
+/// setuid and setgid never reach the host (a directory keeps setgid: group inheritance).
+fn assert_no_setuid_files<F: FileSystem<Inode = u64>>(fs: &F, parent: u64, host_dir: &Path) {
+    let ctx = Context::default();
+    let args = CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: libc::S_IFREG | 0o6755,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (entry, ..) = fs.create(&ctx, parent, &name("suid"), args).unwrap();
+    assert_eq!(host_mode(&host_dir.join("suid")) & 0o7777, 0o755);
+    // chmod u+s,g+s
+    let mut attr: stat64 = unsafe { std::mem::zeroed() };
+    attr.st_mode = libc::S_IFREG | 0o6711;
+    fs.setattr(&ctx, entry.inode, attr, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(host_mode(&host_dir.join("suid")) & 0o7777, 0o711);
+    // chmod with only permission bits given (no file type), as some kernels send it.
+    attr.st_mode = 0o6700;
+    fs.setattr(&ctx, entry.inode, attr, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(host_mode(&host_dir.join("suid")) & 0o7777, 0o700);
+    fs.mknod(&ctx, parent, &name("suid2"), libc::S_IFREG | 0o4755, 0, 0)
+        .unwrap();
+    assert_eq!(host_mode(&host_dir.join("suid2")) & 0o7777, 0o755);
+    let dir = fs
+        .mkdir(&ctx, parent, &name("sgid-dir"), 0o6775, 0)
+        .unwrap();
+    // (Linux's mkdir takes setgid from the parent directory, not from the mode.)
+    assert_eq!(host_mode(&host_dir.join("sgid-dir")) & 0o7777, 0o775);
+    attr.st_mode = 0o6777;
+    fs.setattr(&ctx, dir.inode, attr, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(host_mode(&host_dir.join("sgid-dir")) & 0o7777, 0o2777);
+}
+
+/// Guest attributes live under `user.gridnode.` on the host; the guest sees only those.
+fn assert_xattrs_are_mapped<F: FileSystem<Inode = u64>>(fs: &F, parent: u64, host_dir: &Path) {
+    let ctx = Context::default();
+    let args = CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let (entry, ..) = fs.create(&ctx, parent, &name("capped"), args).unwrap();
+    let ino = entry.inode;
+    // A file capability a guest binary would carry (VFS_CAP_REVISION_2, cap_sys_admin).
+    let cap = [
+        0u8, 0, 0, 2, 0, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    fs.setxattr(&ctx, ino, &name("security.capability"), &cap, 0)
+        .unwrap();
+    fs.setxattr(&ctx, ino, &name("trusted.overlay.opaque"), b"y", 0)
+        .unwrap();
+    fs.setxattr(&ctx, ino, &name("user.note"), b"hi", 0)
+        .unwrap();
+    let host = host_dir.join("capped");
+    assert!(xattr::get(&host, "security.capability").unwrap().is_none());
+    assert!(xattr::get(&host, "trusted.overlay.opaque")
+        .unwrap()
+        .is_none());
+    assert_eq!(
+        xattr::get(&host, "user.gridnode.security.capability")
+            .unwrap()
+            .as_deref(),
+        Some(&cap[..])
+    );
+    // The guest reads back its own names...
+    match fs
+        .getxattr(&ctx, ino, &name("security.capability"), 64)
+        .unwrap()
+    {
+        GetxattrReply::Value(v) => assert_eq!(v, cap),
+        GetxattrReply::Count(_) => panic!("asked for the value"),
+    }
+    // ...and lists only those, even when the host file has others.
+    xattr::set(&host, "user.host-only", b"x").unwrap();
+    let err = fs
+        .getxattr(&ctx, ino, &name("host-only"), 64)
+        .err()
+        .unwrap();
+    assert_eq!(err.raw_os_error(), Some(libc::ENODATA));
+    let mut listed = match fs.listxattr(&ctx, ino, 4096).unwrap() {
+        ListxattrReply::Names(names) => names
+            .split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect::<Vec<_>>(),
+        ListxattrReply::Count(_) => panic!("asked for the names"),
+    };
+    listed.sort();
+    assert_eq!(
+        listed,
+        ["security.capability", "trusted.overlay.opaque", "user.note"]
+    );
+    match fs.listxattr(&ctx, ino, 0).unwrap() {
+        ListxattrReply::Count(n) => assert_eq!(
+            n as usize,
+            "security.capability\0trusted.overlay.opaque\0user.note\0".len()
+        ),
+        ListxattrReply::Names(_) => panic!("asked for the size"),
+    }
+    let err = fs.listxattr(&ctx, ino, 8).err().unwrap();
+    assert_eq!(err.raw_os_error(), Some(libc::ERANGE));
+    fs.removexattr(&ctx, ino, &name("security.capability"))
+        .unwrap();
+    assert!(xattr::get(&host, "user.gridnode.security.capability")
+        .unwrap()
+        .is_none());
+}
+
+#[test]
+fn a_dir_share_makes_no_privileged_host_objects() {
+    let tmp = tempfile::tempdir().unwrap();
+    on_worker_thread(|| {
+        let fs = guarded_dir(tmp.path(), false);
+        assert_no_device_nodes(&fs, ROOT_ID, tmp.path());
+        assert_no_setuid_files(&fs, ROOT_ID, tmp.path());
+        assert_xattrs_are_mapped(&fs, ROOT_ID, tmp.path());
+    });
+}
+
+#[test]
+fn a_writable_layer_makes_no_privileged_host_objects() {
+    let fx = Fixture::new();
+    let layer = fx.tmp.path().join("layer");
+    on_worker_thread(|| {
+        let fs = guarded_overlay(&fx);
+        let etc = lookup(&fs, ROOT_ID, "etc").unwrap();
+        assert_no_device_nodes(&fs, etc, &layer.join("etc"));
+        assert_no_setuid_files(&fs, etc, &layer.join("etc"));
+        assert_xattrs_are_mapped(&fs, etc, &layer.join("etc"));
+        // A file of the image, copied up by a change of its attributes, is mapped the same way.
+        let ctx = Context::default();
+        let version = lookup(&fs, etc, "version").unwrap();
+        fs.setxattr(&ctx, version, &name("security.capability"), b"c", 0)
+            .unwrap();
+        let host = layer.join("etc/version");
+        assert!(xattr::get(&host, "security.capability").unwrap().is_none());
+        assert_eq!(
+            xattr::get(&host, "user.gridnode.security.capability")
+                .unwrap()
+                .as_deref(),
+            Some(&b"c"[..])
+        );
+        // Deleting a file of the image still leaves the overlay's whiteout.
+        fs.unlink(&ctx, etc, &name("doomed")).unwrap();
+        assert!(lookup(&fs, etc, "doomed").is_err());
+    });
+    // The layer directory the vmm made is private to its owner.
+    assert_eq!(host_mode(&layer) & 0o7777, 0o700);
+}
+
+#[test]
+fn guest_modes_apply_exactly_on_a_worker_thread() {
+    let tmp = tempfile::tempdir().unwrap();
+    on_worker_thread(|| {
+        let fs = guarded_dir(tmp.path(), false);
+        let args = CreateIn {
+            flags: libc::O_WRONLY as u32,
+            mode: 0o777,
+            umask: 0,
+            fuse_flags: 0,
+        };
+        fs.create(&Context::default(), ROOT_ID, &name("x"), args)
+            .unwrap();
+    });
+    assert_eq!(host_mode(&tmp.path().join("x")) & 0o7777, 0o777);
+}
+
+/// The umask of the process (its main thread's filesystem context), read without changing it.
+fn process_umask() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .unwrap();
+    u32::from_str_radix(line.trim(), 8).unwrap()
+}
+
+#[test]
+fn building_shares_leaves_the_process_umask_alone() {
+    let before = process_umask();
+    assert_ne!(before, 0, "run the tests with a umask (e.g. 022)");
+    let fx = Fixture::new();
+    let share = guarded_overlay(&fx);
+    let dir = guarded_dir(fx.tmp.path(), true);
+    assert_eq!(process_umask(), before);
+    drop((share, dir));
+}
+
+#[test]
+fn a_share_path_through_a_symlink_is_refused() {
+    let fx = Fixture::new();
+    let real = fx.tmp.path().join("real");
+    std::fs::create_dir_all(&real).unwrap();
+    std::os::unix::fs::symlink(&real, fx.tmp.path().join("link")).unwrap();
+    let err = super::dir_share("t", &fx.tmp.path().join("link"), false)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("symlink"), "{err}");
+    // A layer reached through a symlink is refused too, and nothing is made behind it.
+    let err = super::layered_share(
+        "t",
+        &fx.tmp.path().join("img.flist"),
+        &fx.tmp.path().join("link/layer"),
+        &fx.tmp.path().join("cache"),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("symlink"), "{err}");
+    assert!(!real.join("layer").exists());
 }

@@ -5,6 +5,8 @@
 mod device;
 #[cfg(test)]
 mod tests;
+mod thread_context;
 mod worker;
 
 pub use device::{FsDevice, FsDeviceError, MAX_TAG_LEN};
+pub use thread_context::enter_fs_context;

@@ -74,6 +74,10 @@ impl Fixture {
             xattr: true,
             ..Default::default()
         };
+        // The passthrough sets the umask of its thread's filesystem context to 0 (at import and
+        // INIT): this test thread serves requests, so it gets a context of its own, as the
+        // vmm's workers do.
+        super::enter_fs_context().unwrap();
         let fs = PassthroughFs::<()>::new(cfg).unwrap();
         fs.import().unwrap();
         QueueWorker {

@@ -28,6 +28,14 @@ pub(super) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
 
 impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
     pub fn run(mut self) {
+        if let Err(e) = super::enter_fs_context() {
+            tracing::error!(
+                "virtio-fs {} queue {}: cannot make a filesystem context: {e}",
+                self.tag,
+                self.index
+            );
+            return;
+        }
         if let Some(filter) = &self.seccomp {
             if let Err(e) = crate::seccomp::apply_to_current_thread(filter) {
                 tracing::error!(
