@@ -1,22 +1,84 @@
-//! Seccomp filters for the VMM's threads. The virtio-fs workers parse guest-controlled FUSE
-//! requests, so each runs under an allowlist of the system calls serving a filesystem needs;
-//! anything else fails with EPERM (and is logged by the worker's caller as an I/O error)
-//! instead of reaching the kernel.
+//! Seccomp filters for the vmm's threads, one per kind of thread ([`ThreadKind`]), each an
+//! allowlist with argument checks where an argument decides what a call can do:
+//! - `clone` only for threads (no new processes, no namespaces), `clone3` answers ENOSYS (its
+//!   flags are behind a pointer a filter cannot read) so the C library falls back to `clone`;
+//! - `mmap`/`mprotect` never make memory executable;
+//! - a vCPU's `ioctl` only runs the vCPU and reads its registers (for a fault report);
+//! - a virtio-fs worker's network calls only when its images are fetched over the network by
+//!   the vmm itself.
+//!
+//! A thread installs its filter before it touches guest data: a vCPU before its first
+//! `KVM_RUN`, a virtio-fs worker before it reads its queue. A call outside the list traps:
+//! the SIGSYS handler ([`install_violation_handler`]) writes the thread and the call number to
+//! stderr and ends the process at once, so a compromised thread cannot go on.
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
-/// System calls a virtio-fs worker may make: file I/O and metadata on the served tree,
-/// memory management, waiting on its eventfd, and credential switching per request.
-const FS_WORKER_SYSCALLS: &[i64] = &[
-    // Waiting for and acknowledging queue notifications, signalling interrupts.
-    libc::SYS_poll,
-    libc::SYS_ppoll,
+/// What a thread does, and so which calls it may make.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Runs a vCPU and, on its exits, the devices' register handlers (which may activate a
+    /// device: spawn its workers).
+    Vcpu,
+    /// Serves FUSE requests from a virtio-fs queue. `network`: its images' chunks are fetched
+    /// from network stores by this process.
+    FsWorker { network: bool },
+}
+
+/// What a call outside the list gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Violation {
+    /// SIGSYS: reported and the process ends (production).
+    Trap,
+    /// EPERM (tests that check the list itself).
+    Errno,
+}
+
+/// Calls every thread needs: memory, synchronisation, time, signals, ending, logging.
+const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
-    libc::SYS_readv,
     libc::SYS_writev,
+    libc::SYS_close,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_futex,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_getrandom,
+    libc::SYS_sched_yield,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
+    libc::SYS_prctl,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    // Waiting on and signalling eventfds.
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+];
+
+/// A virtio-fs worker: file I/O and metadata on the served tree (all relative to descriptors
+/// the backend holds), the image cache, and the requesting guest user's credentials.
+const FS_WORKER: &[i64] = &[
+    libc::SYS_readv,
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_preadv,
@@ -24,14 +86,7 @@ const FS_WORKER_SYSCALLS: &[i64] = &[
     libc::SYS_preadv2,
     libc::SYS_pwritev2,
     libc::SYS_lseek,
-    // Opening, closing and describing files of the tree.
     libc::SYS_openat,
-    libc::SYS_openat2,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_close,
-    libc::SYS_dup,
-    libc::SYS_fcntl,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
@@ -39,7 +94,6 @@ const FS_WORKER_SYSCALLS: &[i64] = &[
     libc::SYS_statfs,
     libc::SYS_getdents64,
     libc::SYS_readlinkat,
-    // Changing the tree.
     libc::SYS_mkdirat,
     libc::SYS_mknodat,
     libc::SYS_unlinkat,
@@ -72,7 +126,7 @@ const FS_WORKER_SYSCALLS: &[i64] = &[
     libc::SYS_llistxattr,
     libc::SYS_removexattr,
     libc::SYS_lremovexattr,
-    // Acting with the requesting guest user's credentials.
+    // Acting with the requesting guest user's credentials; CAP_FSETID dropped around writes.
     libc::SYS_setresuid,
     libc::SYS_setresgid,
     libc::SYS_setfsuid,
@@ -84,9 +138,8 @@ const FS_WORKER_SYSCALLS: &[i64] = &[
     libc::SYS_getgid,
     libc::SYS_getegid,
     libc::SYS_umask,
-    // Path-based calls of the standard library and the image cache.
+    // Path-based calls of the standard library (image cache: `<cache>/<id>` files).
     libc::SYS_mkdir,
-    libc::SYS_rmdir,
     libc::SYS_rename,
     libc::SYS_unlink,
     libc::SYS_stat,
@@ -96,7 +149,10 @@ const FS_WORKER_SYSCALLS: &[i64] = &[
     libc::SYS_faccessat2,
     libc::SYS_readlink,
     libc::SYS_utimes,
-    // Fetching image chunks from network stores (HTTP, S3, redis/zdb), name resolution.
+];
+
+/// Fetching image chunks from network stores (HTTP, S3, redis/zdb) and resolving their names.
+const NETWORK: &[i64] = &[
     libc::SYS_socket,
     libc::SYS_connect,
     libc::SYS_sendto,
@@ -112,37 +168,26 @@ const FS_WORKER_SYSCALLS: &[i64] = &[
     libc::SYS_bind,
     libc::SYS_epoll_create1,
     libc::SYS_epoll_ctl,
-    libc::SYS_epoll_wait,
-    libc::SYS_epoll_pwait,
     libc::SYS_uname,
-    // Read-ahead threads of the image layer.
-    libc::SYS_clone,
-    libc::SYS_clone3,
-    libc::SYS_set_robust_list,
-    libc::SYS_rseq,
-    libc::SYS_mprotect,
-    libc::SYS_sched_getaffinity,
-    libc::SYS_prctl,
-    libc::SYS_nanosleep,
-    libc::SYS_clock_nanosleep,
-    // Memory, time, threads and ending.
-    libc::SYS_mmap,
-    libc::SYS_munmap,
-    libc::SYS_mremap,
-    libc::SYS_madvise,
-    libc::SYS_brk,
-    libc::SYS_futex,
-    libc::SYS_clock_gettime,
-    libc::SYS_gettid,
-    libc::SYS_getpid,
-    libc::SYS_getrandom,
-    libc::SYS_sched_yield,
-    libc::SYS_rt_sigreturn,
-    libc::SYS_rt_sigprocmask,
-    libc::SYS_sigaltstack,
-    libc::SYS_exit,
-    libc::SYS_exit_group,
 ];
+
+// KVM ioctls a vCPU thread makes once running (kvm.h: KVMIO = 0xAE).
+const KVM_RUN: u64 = 0xAE80;
+/// _IOR(KVMIO, 0x81, struct kvm_regs): 144-byte struct.
+const KVM_GET_REGS: u64 = 0x8090_AE81;
+/// _IOR(KVMIO, 0x83, struct kvm_sregs): 312-byte struct.
+const KVM_GET_SREGS: u64 = 0x8138_AE83;
+
+/// Thread-creating clone flags (what the standard library's `pthread_create` passes).
+const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS
+    | libc::CLONE_PARENT_SETTID
+    | libc::CLONE_CHILD_CLEARTID) as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -152,47 +197,307 @@ pub enum SeccompError {
     Install(#[from] seccompiler::Error),
 }
 
-/// The compiled filter for virtio-fs worker threads.
-pub fn fs_worker_filter() -> Result<BpfProgram, SeccompError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = FS_WORKER_SYSCALLS
-        .iter()
-        .map(|&nr| (nr, Vec::new()))
-        .collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
+fn arg(index: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SeccompError> {
+    Ok(SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Qword,
+        op,
+        value,
+    )?)
+}
+
+/// The rules every thread kind shares: `COMMON` plus the checked calls.
+fn common_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        COMMON.iter().map(|&nr| (nr, Vec::new())).collect();
+    let not_exec = |index| arg(index, SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64), 0);
+    // mmap(addr, len, prot, ...), mprotect(addr, len, prot): never executable memory.
+    rules.insert(libc::SYS_mmap, vec![SeccompRule::new(vec![not_exec(2)?])?]);
+    rules.insert(
+        libc::SYS_mprotect,
+        vec![SeccompRule::new(vec![not_exec(2)?])?],
+    );
+    // clone(flags, ...): exactly the flags of a new thread.
+    rules.insert(
+        libc::SYS_clone,
+        vec![SeccompRule::new(vec![arg(
+            0,
+            SeccompCmpOp::Eq,
+            THREAD_CLONE_FLAGS,
+        )?])?],
+    );
+    Ok(rules)
+}
+
+/// The compiled filter for threads of `kind`.
+pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, SeccompError> {
+    let mut rules = common_rules()?;
+    let plain = |rules: &mut BTreeMap<i64, Vec<SeccompRule>>, list: &[i64]| {
+        for &nr in list {
+            rules.insert(nr, Vec::new());
+        }
+    };
+    match kind {
+        ThreadKind::Vcpu => {
+            let mut ioctls = Vec::new();
+            for request in [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS] {
+                ioctls.push(SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])?);
+            }
+            rules.insert(libc::SYS_ioctl, ioctls);
+        }
+        ThreadKind::FsWorker { network } => {
+            plain(&mut rules, FS_WORKER);
+            if network {
+                plain(&mut rules, NETWORK);
+            }
+        }
+    }
+    let mismatch = match violation {
+        Violation::Trap => SeccompAction::Trap,
+        Violation::Errno => SeccompAction::Errno(libc::EPERM as u32),
+    };
+    // clone3 passes the main list; a second program answers it ENOSYS (of two answers the
+    // kernel takes the stronger: ERRNO over ALLOW), so the C library falls back to clone.
+    rules.insert(libc::SYS_clone3, Vec::new());
+    let main = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)?;
+    let clone3 = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
         SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
         TargetArch::x86_64,
     )?;
-    Ok(filter.try_into()?)
+    Ok(ThreadFilter {
+        // The clone3 program first: once the main one is in place, seccomp(2) is refused.
+        programs: [clone3.try_into()?, main.try_into()?],
+    })
+}
+
+/// The compiled programs of one thread kind's filter.
+#[derive(Clone, Debug)]
+pub struct ThreadFilter {
+    programs: [BpfProgram; 2],
 }
 
 /// Installs `filter` on the calling thread.
-pub fn apply_to_current_thread(filter: &BpfProgram) -> Result<(), SeccompError> {
-    seccompiler::apply_filter(filter)?;
+pub fn apply_to_current_thread(filter: &ThreadFilter) -> Result<(), SeccompError> {
+    for program in &filter.programs {
+        seccompiler::apply_filter(program)?;
+    }
     Ok(())
+}
+
+/// Reports a trapped call (thread name and call number) on stderr and ends the process with
+/// status 159 (128 + SIGSYS). Only async-signal-safe calls, all in every thread's list.
+extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for SIGSYS; for SYS_SECCOMP the call number
+    // is at `si_syscall` (the int after si_call_addr, a pointer, in the union).
+    let nr: i32 = unsafe {
+        let base = (info as *const u8).add(16);
+        std::ptr::read_unaligned(base.add(std::mem::size_of::<usize>()) as *const i32)
+    };
+    let mut buf = [0u8; 96];
+    let mut len = 0;
+    for part in [b"vmm: seccomp: thread made forbidden system call ".as_slice()] {
+        buf[..part.len()].copy_from_slice(part);
+        len = part.len();
+    }
+    let mut digits = [0u8; 12];
+    let mut n = nr.unsigned_abs();
+    let mut d = digits.len();
+    loop {
+        d -= 1;
+        digits[d] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let tail = &digits[d..];
+    buf[len..len + tail.len()].copy_from_slice(tail);
+    len += tail.len();
+    buf[len] = b'\n';
+    len += 1;
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is valid.
+    unsafe {
+        libc::write(2, buf.as_ptr().cast(), len);
+        libc::_exit(128 + libc::SIGSYS);
+    }
+}
+
+/// Installs the SIGSYS handler that reports a trapped call and ends the process.
+pub fn install_violation_handler() -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction with a valid handler and SA_SIGINFO is well-formed.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigsys as usize;
+        action.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut action.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The compiled filter for virtio-fs worker threads (network calls allowed), trapping.
+pub fn fs_worker_filter() -> Result<ThreadFilter, SeccompError> {
+    filter(ThreadKind::FsWorker { network: true }, Violation::Trap)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn filter_allows_file_io_and_refuses_the_rest() {
-        let filter = fs_worker_filter().unwrap();
-        let outcome = std::thread::spawn(move || {
+    /// Runs `probe` on a new thread under the filter of `kind` (EPERM on violation).
+    fn under<T: Send + 'static>(kind: ThreadKind, probe: impl FnOnce() -> T + Send + 'static) -> T {
+        let filter = filter(kind, Violation::Errno).unwrap();
+        std::thread::spawn(move || {
             apply_to_current_thread(&filter).unwrap();
-            let dir = std::env::temp_dir();
-            let read_ok = std::fs::read_dir(&dir).is_ok();
-            // bpf(2) is not something a filesystem worker does.
-            // SAFETY: an invalid bpf command; without the filter it fails with EINVAL.
-            let sock = unsafe { libc::syscall(libc::SYS_bpf, -1i64, 0usize, 0usize) as i32 };
-            let errno = std::io::Error::last_os_error().raw_os_error();
-            (read_ok, sock, errno)
+            probe()
         })
         .join()
-        .unwrap();
-        assert!(outcome.0, "reading a directory must be allowed");
-        assert_eq!((outcome.1, outcome.2), (-1, Some(libc::EPERM)));
+        .unwrap()
+    }
+
+    fn errno_of(rc: i64) -> Option<i32> {
+        (rc == -1).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    #[test]
+    fn fs_workers_do_file_io_and_nothing_else() {
+        let (read_ok, bpf, socket, handle) = under(ThreadKind::FsWorker { network: false }, || {
+            let read_ok = std::fs::read_dir(std::env::temp_dir()).is_ok();
+            // SAFETY: invalid arguments; only the filter's answer matters.
+            let bpf = errno_of(unsafe { libc::syscall(libc::SYS_bpf, -1i64, 0usize, 0usize) });
+            let socket = errno_of(unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0)
+            });
+            let handle = errno_of(unsafe {
+                libc::syscall(libc::SYS_open_by_handle_at, -1i64, 0usize, 0usize)
+            });
+            (read_ok, bpf, socket, handle)
+        });
+        assert!(read_ok, "reading a directory must be allowed");
+        assert_eq!(bpf, Some(libc::EPERM));
+        assert_eq!(
+            socket,
+            Some(libc::EPERM),
+            "no network without network stores"
+        );
+        assert_eq!(
+            handle,
+            Some(libc::EPERM),
+            "open_by_handle_at escapes the share"
+        );
+    }
+
+    #[test]
+    fn fs_workers_with_network_stores_may_connect() {
+        let socket = under(ThreadKind::FsWorker { network: true }, || {
+            // SAFETY: a plain socket call; closed at once.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd >= 0 {
+                unsafe { libc::close(fd) };
+            }
+            fd >= 0
+        });
+        assert!(socket);
+    }
+
+    #[test]
+    fn threads_may_start_threads_but_not_processes_or_executable_memory() {
+        for kind in [ThreadKind::Vcpu, ThreadKind::FsWorker { network: true }] {
+            let (thread_ok, fork, clone3, exec_map, exec_protect) = under(kind, || {
+                let thread_ok = std::thread::spawn(|| 7).join().ok() == Some(7);
+                // SAFETY: a fork-like clone (SIGCHLD only); the filter refuses it before it runs.
+                let fork = errno_of(unsafe {
+                    libc::syscall(
+                        libc::SYS_clone,
+                        libc::SIGCHLD as u64,
+                        0usize,
+                        0usize,
+                        0usize,
+                        0usize,
+                    )
+                });
+                let clone3 = errno_of(unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) });
+                // SAFETY: anonymous mappings, unmapped below when made.
+                let map = |prot| unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        4096,
+                        prot,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                let exec = map(libc::PROT_READ | libc::PROT_EXEC);
+                let exec_map = exec == libc::MAP_FAILED;
+                let plain = map(libc::PROT_READ | libc::PROT_WRITE);
+                assert_ne!(plain, libc::MAP_FAILED);
+                let exec_protect =
+                    unsafe { libc::mprotect(plain, 4096, libc::PROT_READ | libc::PROT_EXEC) } == -1;
+                unsafe { libc::munmap(plain, 4096) };
+                (thread_ok, fork, clone3, exec_map, exec_protect)
+            });
+            assert!(thread_ok, "{kind:?}: threads must start");
+            assert_eq!(fork, Some(libc::EPERM), "{kind:?}: fork");
+            assert_eq!(clone3, Some(libc::ENOSYS), "{kind:?}: clone3");
+            assert!(exec_map, "{kind:?}: PROT_EXEC mmap");
+            assert!(exec_protect, "{kind:?}: PROT_EXEC mprotect");
+        }
+    }
+
+    #[test]
+    fn vcpus_make_only_their_ioctls() {
+        let (run, other, open) = under(ThreadKind::Vcpu, || {
+            // SAFETY: ioctls on an invalid descriptor; only the filter's answer matters.
+            let run = errno_of(unsafe { libc::ioctl(-1, KVM_RUN as _) } as i64);
+            let other = errno_of(unsafe { libc::ioctl(-1, libc::TIOCSTI as _) } as i64);
+            let open = std::fs::File::open("/etc/hostname")
+                .err()
+                .and_then(|e| e.raw_os_error());
+            (run, other, open)
+        });
+        assert_eq!(run, Some(libc::EBADF), "KVM_RUN reaches the kernel");
+        assert_eq!(other, Some(libc::EPERM));
+        assert_eq!(open, Some(libc::EPERM), "a vCPU opens no files");
+    }
+
+    #[test]
+    fn a_violation_is_reported_and_ends_the_process() {
+        // In a child process (fork from this test thread: only async-signal-safe calls after).
+        let filter = filter(ThreadKind::Vcpu, Violation::Trap).unwrap();
+        let mut pipe = [0i32; 2];
+        // SAFETY: plain pipe/fork/dup2/waitpid use; the child ends with _exit.
+        unsafe {
+            assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+            let pid = libc::fork();
+            assert!(pid >= 0);
+            if pid == 0 {
+                libc::dup2(pipe[1], 2);
+                if install_violation_handler().is_err() || apply_to_current_thread(&filter).is_err()
+                {
+                    libc::_exit(1);
+                }
+                libc::syscall(libc::SYS_bpf, -1i64, 0usize, 0usize);
+                libc::_exit(0);
+            }
+            libc::close(pipe[1]);
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            let mut out = vec![0u8; 256];
+            let n = libc::read(pipe[0], out.as_mut_ptr().cast(), out.len());
+            libc::close(pipe[0]);
+            out.truncate(n.max(0) as usize);
+            let out = String::from_utf8_lossy(&out);
+            assert!(libc::WIFEXITED(status), "status {status:#x}");
+            assert_eq!(libc::WEXITSTATUS(status), 128 + libc::SIGSYS);
+            assert!(
+                out.contains(&format!("forbidden system call {}", libc::SYS_bpf)),
+                "{out}"
+            );
+        }
     }
 }

@@ -89,6 +89,7 @@ fn image_under_a_writable_layer_with(seccomp: bool) {
     )
     .unwrap();
     if seccomp {
+        crate::seccomp::install_violation_handler().unwrap();
         crate::seccomp::apply_to_current_thread(&crate::seccomp::fs_worker_filter().unwrap())
             .unwrap();
     }

@@ -23,7 +23,7 @@ pub(super) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
     pub interrupt: Arc<VirtioInterrupt>,
     pub server: Arc<Server<Arc<F>>>,
     /// Seccomp filter the worker installs on its own thread before serving the guest.
-    pub seccomp: Option<Arc<seccompiler::BpfProgram>>,
+    pub seccomp: Option<Arc<crate::seccomp::ThreadFilter>>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
