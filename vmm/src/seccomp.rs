@@ -295,12 +295,10 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
         let base = (info as *const u8).add(16);
         std::ptr::read_unaligned(base.add(std::mem::size_of::<usize>()) as *const i32)
     };
+    const PREFIX: &[u8] = b"vmm: seccomp: thread made forbidden system call ";
     let mut buf = [0u8; 96];
-    let mut len = 0;
-    for part in [b"vmm: seccomp: thread made forbidden system call ".as_slice()] {
-        buf[..part.len()].copy_from_slice(part);
-        len = part.len();
-    }
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut len = PREFIX.len();
     let mut digits = [0u8; 12];
     let mut n = nr.unsigned_abs();
     let mut d = digits.len();
@@ -329,7 +327,7 @@ pub fn install_violation_handler() -> std::io::Result<()> {
     // SAFETY: a zeroed sigaction with a valid handler and SA_SIGINFO is well-formed.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = on_sigsys as usize;
+        action.sa_sigaction = on_sigsys as *const () as usize;
         action.sa_flags = libc::SA_SIGINFO;
         libc::sigemptyset(&mut action.sa_mask);
         if libc::sigaction(libc::SIGSYS, &action, std::ptr::null_mut()) != 0 {
