@@ -21,7 +21,7 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
 pub use guard::Guard;
 
-use crate::config::FsSpec;
+use crate::config::{FsSpec, ImageSettings};
 use crate::devices::virtio::fs::FsDevice;
 use crate::devices::virtio::VirtioDevice;
 
@@ -76,11 +76,22 @@ fn passthrough(tag: &str, dir: &Path) -> Result<PassthroughFs, FsBackendError> {
     Ok(fs)
 }
 
-fn image(tag: &str, path: &Path, cache: &Path) -> Result<FlistFs, FsBackendError> {
+/// Opens the image at `path` under the node's store policy, with the node's chunk cache.
+fn image(
+    tag: &str,
+    path: &Path,
+    images: impl Into<ImageSettings>,
+) -> Result<FlistFs, FsBackendError> {
+    let images: ImageSettings = images.into();
     let opts = flist_fs::open::OpenOptions {
         stores: Vec::new(),
-        cache_dir: Some(cache.to_path_buf()),
-        cache_max_bytes: IMAGE_CACHE_MAX_BYTES,
+        policy: images.policy().cloned(),
+        cache_dir: Some(
+            images
+                .cache()
+                .map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf),
+        ),
+        cache_max_bytes: images.cache_max_bytes().unwrap_or(IMAGE_CACHE_MAX_BYTES),
     };
     FlistFs::open(path, &opts).map_err(|source| FsBackendError::Image {
         tag: tag.to_string(),
@@ -122,14 +133,15 @@ fn overlay(tag: &str, lower: FlistFs, layer_dir: &Path) -> Result<OverlayFs, FsB
     })
 }
 
-/// Builds the virtio-fs device for one (validated) share.
+/// Builds the virtio-fs device for one (validated) share; images are opened with `images`
+/// (the node's cache and store policy).
 pub fn device_for(
     share: &FsSpec,
-    image_cache: Option<&Path>,
+    images: impl Into<ImageSettings>,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
     let tag = share.tag.as_str();
-    let cache: PathBuf =
-        image_cache.map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf);
+    // The node's image settings (chunk cache and store policy).
+    let cache: ImageSettings = images.into();
     match (&share.dir, &share.image, &share.writable_layer) {
         (Some(dir), _, _) => guarded(tag, passthrough(tag, dir)?, share.readonly),
         (None, Some(path), Some(layer)) => {
