@@ -122,7 +122,8 @@ fn oversize_http_reply_is_refused() {
     };
     let e = first_chunk_error(&img, &opts);
     assert!(
-        e.contains("larger than the largest stored chunk") && e.contains(&format!("127.0.0.1:{port}")),
+        e.contains("larger than the largest stored chunk")
+            && e.contains(&format!("127.0.0.1:{port}")),
         "{e}"
     );
 }
@@ -137,18 +138,24 @@ fn node_policy_decides_which_image_stores_are_used() {
         ..OpenOptions::default()
     };
     // A dir:// route from an image: refused unless the node lists exactly that directory.
-    let e = open_image(&img, &with(StorePolicy::allowlist(&["dir:///somewhere/else"]).unwrap()))
-        .err()
-        .unwrap()
-        .to_string();
+    let e = open_image(
+        &img,
+        &with(StorePolicy::allowlist(&["dir:///somewhere/else"]).unwrap()),
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(e.contains(&dir_url) && e.contains("allowlist"), "{e}");
     let e = open_image(&img, &with(StorePolicy::anonymous()))
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains(&dir_url), "{e}");
-    let (image, source) =
-        open_image(&img, &with(StorePolicy::allowlist(&[dir_url.as_str()]).unwrap())).unwrap();
+    let (image, source) = open_image(
+        &img,
+        &with(StorePolicy::allowlist(&[dir_url.as_str()]).unwrap()),
+    )
+    .unwrap();
     let f = image.inode(image.resolve("/f").unwrap()).unwrap();
     assert!(source.stored(&f.chunks[0].id).is_ok());
 

@@ -85,8 +85,7 @@ impl StorePolicy {
             let url = url.as_ref();
             let key = store_key(url).ok_or_else(|| Error::BadStoreUrl {
                 url: redact_url(url),
-                reason: "not a store URL (expected dir://PATH or SCHEME://HOST[:PORT]/...)"
-                    .into(),
+                reason: "not a store URL (expected dir://PATH or SCHEME://HOST[:PORT]/...)".into(),
             })?;
             if !matches!(
                 key.scheme.as_str(),
@@ -243,7 +242,10 @@ mod tests {
         );
         // One allowed route is enough; the other is skipped.
         let r = p
-            .open_routes(&[route("http://elsewhere/x"), route("http://mirror:8080/chunks/")])
+            .open_routes(&[
+                route("http://elsewhere/x"),
+                route("http://mirror:8080/chunks/"),
+            ])
             .unwrap();
         assert_eq!(r.routes().len(), 1);
         assert_eq!(r.routes()[0].url, "http://mirror:8080/chunks");
@@ -257,7 +259,10 @@ mod tests {
         let dir = format!("dir://{}", d.path().display());
         let data = b"a chunk";
         let id = ChunkId::of(data);
-        crate::store::open_store(&dir).unwrap().put(&id, data).unwrap();
+        crate::store::open_store(&dir)
+            .unwrap()
+            .put(&id, data)
+            .unwrap();
         let other = StorePolicy::allowlist(&["dir:///srv/elsewhere"]).unwrap();
         assert!(other.open_routes(&[route(&dir)]).is_err());
         assert!(StorePolicy::anonymous()
@@ -288,11 +293,8 @@ mod tests {
         let node = FakeRedis::start(b"chunk".to_vec());
         let attacker = FakeRedis::start(b"chunk".to_vec());
         std::env::set_var("FLIST_ZDB_PASSWORD", "env-secret");
-        let p = StorePolicy::allowlist(&[format!(
-            "zdb://:node-secret@127.0.0.1:{}/ns",
-            node.port
-        )])
-        .unwrap();
+        let p = StorePolicy::allowlist(&[format!("zdb://:node-secret@127.0.0.1:{}/ns", node.port)])
+            .unwrap();
         // The image's route carries its own (attacker's) password, and a second route points
         // at the attacker's server.
         let r = p
@@ -328,7 +330,10 @@ mod tests {
         std::env::remove_var(crate::store::CREDENTIALS_FOR_VAR);
         std::env::remove_var("FLIST_ZDB_PASSWORD");
         let seen = attacker.received_text();
-        assert!(seen.contains("SELECT ns") && !seen.contains("secret"), "{seen}");
+        assert!(
+            seen.contains("SELECT ns") && !seen.contains("secret"),
+            "{seen}"
+        );
         assert!(node.received_text().contains("SELECT ns env-secret"));
     }
 }

@@ -189,7 +189,9 @@ impl Store for S3Store {
 
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
         match self.signed("PUT", id, data).send_bytes(data) {
-            Ok(resp) if resp.status() >= 300 => Err(super::http::redirect_error(&self.url, id, &resp)),
+            Ok(resp) if resp.status() >= 300 => {
+                Err(super::http::redirect_error(&self.url, id, &resp))
+            }
             Ok(_) => Ok(()),
             Err(e) => Err(self.fail("PUT", id, e)),
         }
@@ -197,7 +199,9 @@ impl Store for S3Store {
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {
         match self.signed("HEAD", id, b"").call() {
-            Ok(resp) if resp.status() >= 300 => Err(super::http::redirect_error(&self.url, id, &resp)),
+            Ok(resp) if resp.status() >= 300 => {
+                Err(super::http::redirect_error(&self.url, id, &resp))
+            }
             Ok(_) => Ok(true),
             Err(ureq::Error::Status(404, _)) => Ok(false),
             Err(e) => Err(self.fail("HEAD", id, e)),

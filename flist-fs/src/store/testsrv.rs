@@ -1,7 +1,7 @@
 //! A stand-in for a hostile (or a node's) redis/zdb server in unit tests: it records every
 //! command it receives and answers GET with a fixed payload.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
