@@ -115,6 +115,15 @@ fn image_settings(cli: &Cli, spec: &VmSpec) -> anyhow::Result<ImageSettings> {
             );
         }
     }
+    for store in &cli.stores {
+        let shown = flist_fs::store::redact_url(store);
+        if &shown != store {
+            tracing::warn!(
+                "--store {shown}: credentials on the command line are visible to other users; \
+                 put them in the node configuration (--node-config)"
+            );
+        }
+    }
     let settings = node.image_settings(&cli.stores, spec.image_cache.as_deref())?;
     let serves_images = spec.fs.iter().any(|share| share.image.is_some());
     if serves_images && settings.policy().is_some_and(|p| p.is_anonymous()) {
