@@ -24,6 +24,11 @@ pub enum Error {
     Store { store: String, reason: String },
     #[error("store URL {url:?}: {reason}")]
     BadStoreUrl { url: String, reason: String },
+    #[error("none of the image's stores ({}) may be used on this node: {allowed}", .stores.join(", "))]
+    StoresNotAllowed {
+        stores: Vec<String>,
+        allowed: String,
+    },
     #[error("chunk {id}: no store could serve it: {}", .failures.join("; "))]
     AllStoresFailed { id: String, failures: Vec<String> },
     #[error("chunk {id}: no store is configured for its id range")]

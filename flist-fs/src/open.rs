@@ -1,11 +1,12 @@
 //! Opening an image for reading: read and validate the metadata, build the router (from the
-//! image's recorded stores or caller-supplied ones) and attach the shared chunk cache.
+//! image's recorded stores, as the node's store policy allows, or caller-supplied ones) and
+//! attach the shared chunk cache.
 
 use crate::cache::ChunkCache;
 use crate::error::Result;
 use crate::fetch::ChunkSource;
 use crate::meta::{read_image, Image};
-use crate::store::Router;
+use crate::store::{Router, StorePolicy};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,6 +17,10 @@ pub const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
 pub struct OpenOptions {
     /// Store specs (`[SS-EE=]URL`) replacing the image's recorded stores; empty = use those.
     pub stores: Vec<String>,
+    /// The node's store allowlist: with one, the image's routes are opened only as it allows
+    /// (and with its credentials); `None` opens them as recorded (for one's own images).
+    /// Not consulted when `stores` is given.
+    pub policy: Option<StorePolicy>,
     /// Chunk cache directory; `None` disables the disk cache.
     pub cache_dir: Option<PathBuf>,
     pub cache_max_bytes: u64,
@@ -25,6 +30,7 @@ impl Default for OpenOptions {
     fn default() -> Self {
         OpenOptions {
             stores: Vec::new(),
+            policy: None,
             cache_dir: None,
             cache_max_bytes: DEFAULT_CACHE_BYTES,
         }
@@ -40,10 +46,10 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<(Arc<Image>, Arc<Ch
 
 /// A chunk source for `image` according to `opts`.
 pub fn source_for(image: &Image, opts: &OpenOptions) -> Result<ChunkSource> {
-    let router = if opts.stores.is_empty() {
-        Router::from_routes(&image.routes)?
-    } else {
-        Router::from_specs(&opts.stores)?
+    let router = match (&opts.policy, opts.stores.is_empty()) {
+        (_, false) => Router::from_specs(&opts.stores)?,
+        (Some(policy), true) => policy.open_routes(&image.routes)?,
+        (None, true) => Router::from_routes(&image.routes)?,
     };
     let cache = match &opts.cache_dir {
         Some(d) => Some(ChunkCache::open(d, opts.cache_max_bytes)?),

@@ -131,8 +131,25 @@ api_bind_addr = "127.0.0.1:{admin}"
         "{e}"
     );
 
-    // Wrong secret: the read error names the store and the HTTP status.
+    // Credentials from the environment go to an image's store only when
+    // FLIST_STORE_CREDENTIALS_FOR names it.
     std::env::set_var("FLIST_S3_ACCESS_KEY", &ak);
+    std::env::set_var("FLIST_S3_SECRET_KEY", &sk);
+    std::env::set_var(
+        "FLIST_STORE_CREDENTIALS_FOR",
+        format!("s3://127.0.0.1:{}/flist/other", s3),
+    );
+    let e = open_image(&img, &OpenOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("access key"), "{e}");
+    std::env::set_var(
+        "FLIST_STORE_CREDENTIALS_FOR",
+        format!("s3://127.0.0.1:{s3}/flist/chunks"),
+    );
+
+    // Wrong secret: the read error names the store and the HTTP status.
     std::env::set_var("FLIST_S3_SECRET_KEY", "wrong");
     let (image, source) = open_image(&img, &OpenOptions::default()).unwrap();
     let big = image.inode(image.resolve("/sub/big.bin").unwrap()).unwrap();

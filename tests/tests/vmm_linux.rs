@@ -241,7 +241,7 @@ fn root_on_an_flist_image_with_a_persistent_writable_layer() -> Result<(), Error
     let Some(bed) = bed("root_on_an_flist_image_with_a_persistent_writable_layer")? else {
         return Ok(());
     };
-    let root = "--fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache";
+    let root = "--fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache --store dir:///srv/store";
     let out = bed.run_with_flist(&format!(
         "{VMM} --kernel /guest/vmlinux {root} -- /bin/sh -c \
            'cat /etc/version; echo first-boot > /etc/written; rm /etc/doomed; mkdir /etc/newdir; \
@@ -251,7 +251,7 @@ fn root_on_an_flist_image_with_a_persistent_writable_layer() -> Result<(), Error
            'cat /etc/written /etc/renamed; test -e /etc/doomed || echo doomed-$((1+1))-gone; \
             test -d /etc/newdir && echo newdir-$((2+2)); test -e /etc/version || echo version-renamed'\n\
          echo second-status=$?\n\
-         {VMM} --kernel /guest/vmlinux --fs tag=rootfs,image=/srv/root.flist --root rootfs --image-cache /srv/cache -- \
+         {VMM} --kernel /guest/vmlinux --fs tag=rootfs,image=/srv/root.flist --root rootfs --image-cache /srv/cache --store dir:///srv/store -- \
            /bin/sh -c 'cat /etc/version; if echo x > /etc/x; then echo ro-$((3*3)); fi; true'\n\
          echo ro-status=$?\n"
     ))?;
@@ -281,7 +281,7 @@ fn a_corrupt_chunk_is_eio_in_the_guest_and_the_vm_keeps_running() -> Result<(), 
     };
     let out = bed.run_with_flist(&format!(
         "for f in $(find /srv/datastore -type f); do printf 'garbage' | dd of=$f bs=1 seek=20 conv=notrunc 2>/dev/null; done\n\
-         VMM_LOG=warn {VMM} --kernel /guest/vmlinux --fs tag=data,image=/srv/data.flist --image-cache /srv/cache -- /bin/sh -c \
+         VMM_LOG=warn {VMM} --kernel /guest/vmlinux --fs tag=data,image=/srv/data.flist --image-cache /srv/cache --store dir:///srv/datastore -- /bin/sh -c \
            'mkdir -p /mnt/data && mount -t virtiofs data /mnt/data && \
             if cat /mnt/data/big.bin > /dev/null 2>/tmp/e; then echo read-$((5*5)); else cat /tmp/e; fi; \
             ls /mnt/data; echo still-$((7*7))-running'\n\
@@ -426,7 +426,7 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
          printf 'root:x:0:\\nnogroup:x:65534:\\ntests:x:1000:tests\\n' > /srv/rootfs/etc/group\n\
          /flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null\n\
          /vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 512 --cmdline quiet \
-           --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache -- /bin/sh -c \
+           --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache --store dir:///srv/store -- /bin/sh -c \
            'mkdir -p /pjd /fsx && /usr/bin/pjdfstest -p /pjd > /tmp/pjd.out 2>&1; \
             echo PJD ok=$(grep -c \" ok$\" /tmp/pjd.out) failed=$(grep -c \" FAILED$\" /tmp/pjd.out); \
             grep \" FAILED$\" /tmp/pjd.out | sed \"s/ .*//; s/^/PJDFAIL /\"; \

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::layout::MMIO_DEVICES_START;
 use crate::arch::x86_64::{mptable, regs};
 use crate::boot::{self, BootError};
-use crate::config::{SerialOutput, SpecError, VmSpec};
+use crate::config::{ImageSettings, SerialOutput, SpecError, VmSpec};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::guest_report::{GuestReport, GUEST_REPORT_BASE, GUEST_REPORT_LEN};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
@@ -145,11 +145,12 @@ fn attach_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     spec: &VmSpec,
+    images: &ImageSettings,
 ) -> Result<(Bus, Vec<String>), BuildError> {
     let devices = spec
         .fs
         .iter()
-        .map(|share| fs_backends::device_for(share, spec.image_cache.as_deref()))
+        .map(|share| fs_backends::device_for(share, images))
         .collect::<Result<Vec<_>, _>>()?;
     let max = (LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1) as usize;
     if devices.len() > max {
@@ -187,9 +188,15 @@ fn attach_virtio_devices(
     Ok((bus, args))
 }
 
-/// Builds and starts the VM described by `spec`. `started` is the VMM's start time, against
-/// which the guest's "booted" report is measured.
-pub fn build(spec: &VmSpec, kvm_path: &Path, started: Instant) -> Result<RunningVm, BuildError> {
+/// Builds and starts the VM described by `spec`, its images opened with `images` (the node's
+/// cache and store policy). `started` is the VMM's start time, against which the guest's
+/// "booted" report is measured.
+pub fn build(
+    spec: &VmSpec,
+    images: &ImageSettings,
+    kvm_path: &Path,
+    started: Instant,
+) -> Result<RunningVm, BuildError> {
     spec.validate()?;
     if let Some(host) = host_memory_mib() {
         if spec.memory_mib > host {
@@ -216,7 +223,7 @@ pub fn build(spec: &VmSpec, kvm_path: &Path, started: Instant) -> Result<Running
         Some(path) => Some(boot::load_initrd(&guest_memory, path, kernel.end)?),
         None => None,
     };
-    let (mmio, device_args) = attach_virtio_devices(&vm, &guest_memory, spec)?;
+    let (mmio, device_args) = attach_virtio_devices(&vm, &guest_memory, spec, images)?;
     boot::write_boot_info(
         &guest_memory,
         &kernel,

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use vmm::config::{BootProtocol, SerialOutput, VmSpec};
+use vmm::config::{BootProtocol, ImageSettings, NodeConfig, SerialOutput, VmSpec};
 
 #[derive(Parser, Debug)]
 #[command(name = "vmm", version, about = "Boot a micro-VM from a spec")]
@@ -43,9 +43,18 @@ struct Cli {
     /// flist image, tag=TAG,image=PATH[,layer=DIR] (DIR keeps the guest's writes).
     #[arg(long = "fs")]
     fs: Vec<String>,
-    /// Local chunk cache shared by all images.
+    /// Local chunk cache shared by all images (the node configuration's takes precedence).
     #[arg(long)]
     image_cache: Option<PathBuf>,
+    /// The node's configuration (JSON, not readable by other users): the image cache and the
+    /// store allowlist with its credentials. Images are only read from allowlisted stores.
+    #[arg(long)]
+    node_config: Option<PathBuf>,
+    /// A store images may be read from (repeatable), added to the node configuration's
+    /// allowlist, e.g. dir:///srv/store. Credentials belong in --node-config, not here.
+    /// Without any allowlist, only images' http(s) stores are used, without credentials.
+    #[arg(long = "store")]
+    stores: Vec<String>,
     /// Tag of the virtio-fs share the guest init mounts as its root.
     #[arg(long)]
     root: Option<String>,
@@ -89,6 +98,41 @@ fn parse_serial(value: &str) -> anyhow::Result<SerialOutput> {
             _ => anyhow::bail!("--serial must be stdout, off or file:PATH, not {other:?}"),
         },
     }
+}
+
+/// The node's image settings: `--node-config` (if given) and `--store` flags.
+fn image_settings(cli: &Cli, spec: &VmSpec) -> anyhow::Result<ImageSettings> {
+    let node = match &cli.node_config {
+        Some(path) => NodeConfig::load(path)?,
+        None => NodeConfig::default(),
+    };
+    if let (Some(node_cache), Some(spec_cache)) = (&node.image_cache, &spec.image_cache) {
+        if node_cache != spec_cache {
+            tracing::warn!(
+                "the spec's image cache {} is ignored: the node configuration's {} is used",
+                spec_cache.display(),
+                node_cache.display()
+            );
+        }
+    }
+    for store in &cli.stores {
+        let shown = flist_fs::store::redact_url(store);
+        if &shown != store {
+            tracing::warn!(
+                "--store {shown}: credentials on the command line are visible to other users; \
+                 put them in the node configuration (--node-config)"
+            );
+        }
+    }
+    let settings = node.image_settings(&cli.stores, spec.image_cache.as_deref())?;
+    let serves_images = spec.fs.iter().any(|share| share.image.is_some());
+    if serves_images && settings.policy().is_some_and(|p| p.is_anonymous()) {
+        tracing::warn!(
+            "no store allowlist (--node-config or --store): images are read only from their \
+             http(s) stores, without credentials"
+        );
+    }
+    Ok(settings)
 }
 
 fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
@@ -199,8 +243,16 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
+    let images = match image_settings(&cli, &spec) {
+        Ok(images) => images,
+        Err(e) => {
+            eprintln!("vmm: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+
     raise_open_file_limit();
-    let vm = match vmm::builder::build(&spec, &cli.kvm_device, started) {
+    let vm = match vmm::builder::build(&spec, &images, &cli.kvm_device, started) {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("vmm: error: {e}");

@@ -245,6 +245,8 @@ struct Bench {
     tree: PathBuf,
     image: PathBuf,
     cache: PathBuf,
+    /// The dir:// store the image's chunks are in (the vmm's store allowlist).
+    store: String,
     expected: Expected,
     page_cache_dropped: bool,
     /// Runs whose guest died before reporting (see `run`), per server name.
@@ -287,7 +289,8 @@ impl Bench {
             cmd.arg("--fs")
                 .arg(format!("tag={TAG},image={}", self.image.display()))
                 .arg("--image-cache")
-                .arg(&self.cache);
+                .arg(&self.cache)
+                .args(["--store", &self.store]);
         } else {
             cmd.arg("--fs")
                 .arg(format!("tag={TAG},dir={},readonly", self.tree.display()));
@@ -458,6 +461,7 @@ fn main() -> Result<()> {
     let runs = args.runs;
     let mut bench = Bench {
         cache: work.join("cache"),
+        store,
         args,
         tree,
         image,

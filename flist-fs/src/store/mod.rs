@@ -5,20 +5,51 @@
 //! * `dir:///abs/path` (or `dir://rel/path`): chunks as files `<path>/<id[0..2]>/<id>`.
 //! * `http://host[:port]/base`, `https://...`: read-only, same layout as `dir://` under `base`
 //!   (any static web server over a dir store works).
-//! * `redis://[:password@]host:port[/db]`, `zdb://host:port[/namespace]`: key = raw 32-byte id.
-//!   The password may also come from `FLIST_REDIS_PASSWORD` / `FLIST_ZDB_PASSWORD`.
+//! * `redis://[:password@]host:port[/db]`, `zdb://[:password@]host:port[/namespace]`:
+//!   key = raw 32-byte id.
 //! * `s3://[access:secret@]host[:port]/bucket[/prefix][?region=R&tls=true]`: path-style,
-//!   SigV4-signed; credentials may come from `FLIST_S3_ACCESS_KEY`/`FLIST_S3_SECRET_KEY` or
-//!   `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`. Object key `<prefix>/<id hex>`.
+//!   SigV4-signed. Object key `<prefix>/<id hex>`.
+//!
+//! # Who decides where chunks come from, and with which credentials
+//!
+//! An image records its stores (routes), but whoever wrote the image chose them, so:
+//!
+//! * Under a [`StorePolicy`] (the node's allowlist, what the vmm uses) an image route is
+//!   opened only when it names a store of the allowlist (same scheme, host, port and path;
+//!   credentials and query ignored), and it is then opened with the *allowlist's* URL: the
+//!   credentials are the operator's, for that store only. Other routes are skipped with a
+//!   warning; an image none of whose routes is allowed cannot be opened. A `dir://` route is
+//!   allowed only when the allowlist holds exactly that `dir://` URL. No environment
+//!   variable is consulted. [`StorePolicy::anonymous`] (no allowlist at all) opens only an
+//!   image's `http(s)://` routes, without credentials.
+//! * Without a policy (the `flist` tool on one's own images) an image's routes are opened as
+//!   recorded. Credentials from the environment are bound to one store: for a route read
+//!   from an image they are used only when `FLIST_STORE_CREDENTIALS_FOR` names that very
+//!   store (same matching as the allowlist), so an image pointing at another host never
+//!   receives them. For a URL the user typed (`--store`), they are used as before. The
+//!   variables: `FLIST_REDIS_PASSWORD`, `FLIST_ZDB_PASSWORD`, `FLIST_S3_ACCESS_KEY` /
+//!   `AWS_ACCESS_KEY_ID`, `FLIST_S3_SECRET_KEY` / `AWS_SECRET_ACCESS_KEY`; credentials in
+//!   the URL itself always win.
+//!
+//! Every store: a reply larger than [`MAX_STORED_CHUNK`] is refused; HTTP and S3 never follow
+//! redirects (a 3xx is an error naming the store) and have connect/read timeouts. HTTP and S3
+//! bodies are read through a bounded reader, so an oversize reply costs at most the cap; the
+//! redis crate reads a whole reply before returning it, so redis/zdb replies are checked after
+//! reading: which is why they are only ever opened for operator-chosen stores (the allowlist,
+//! or a URL typed by the user), never for an image's route under [`StorePolicy::anonymous`].
 
 mod dir;
 mod http;
+mod policy;
 mod redis;
 mod router;
 mod s3;
+#[cfg(test)]
+pub(crate) mod testsrv;
 
 pub use dir::DirStore;
 pub use http::HttpStore;
+pub use policy::{same_store, StorePolicy};
 pub use redis::RedisStore;
 pub use router::{parse_route_spec, Router};
 pub use s3::S3Store;
@@ -39,14 +70,57 @@ pub trait Store: Send + Sync {
     fn exists(&self, id: &ChunkId) -> Result<bool>;
 }
 
-/// Opens the store named by `url`.
+/// Largest stored chunk (compressed, possibly encrypted) any store may return: a longer
+/// reply is refused, whoever sent it.
+pub const MAX_STORED_CHUNK: usize = 64 << 20;
+
+/// Environment variable naming the one store the credential variables are for, when the
+/// store's URL comes from an image (see the module documentation).
+pub const CREDENTIALS_FOR_VAR: &str = "FLIST_STORE_CREDENTIALS_FOR";
+
+/// Whether a store may take credentials missing from its URL from the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnvCredentials {
+    /// Yes: the URL was typed by the user.
+    Use,
+    /// No: only credentials inside the URL are used.
+    Ignore,
+}
+
+impl EnvCredentials {
+    /// The rule for a URL read from an image: the environment's credentials only when
+    /// `FLIST_STORE_CREDENTIALS_FOR` names this store.
+    pub fn for_image_route(url: &str) -> Self {
+        match std::env::var(CREDENTIALS_FOR_VAR) {
+            Ok(bound) if same_store(&bound, url) => EnvCredentials::Use,
+            _ => EnvCredentials::Ignore,
+        }
+    }
+
+    /// `var`'s value, when allowed.
+    pub(crate) fn var(self, var: &str) -> Option<String> {
+        match self {
+            EnvCredentials::Use => std::env::var(var).ok(),
+            EnvCredentials::Ignore => None,
+        }
+    }
+}
+
+/// Opens the store named by `url`, a URL the user typed (credentials missing from it may come
+/// from the environment).
 pub fn open_store(url: &str) -> Result<Arc<dyn Store>> {
+    open_store_with(url, EnvCredentials::Use)
+}
+
+/// Opens the store named by `url`; `env` says whether credentials may come from the
+/// environment.
+pub fn open_store_with(url: &str, env: EnvCredentials) -> Result<Arc<dyn Store>> {
     let scheme = url.split("://").next().unwrap_or("");
     let store: Arc<dyn Store> = match scheme {
         "dir" => Arc::new(DirStore::open(url)?),
         "http" | "https" => Arc::new(HttpStore::open(url)?),
-        "redis" | "zdb" => Arc::new(RedisStore::open(url)?),
-        "s3" => Arc::new(S3Store::open(url)?),
+        "redis" | "zdb" => Arc::new(RedisStore::open_with(url, env)?),
+        "s3" => Arc::new(S3Store::open_with(url, env)?),
         _ => {
             return Err(Error::BadStoreUrl {
                 url: redact_url(url),

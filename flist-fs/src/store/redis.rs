@@ -2,7 +2,7 @@
 //! 32-byte chunk id. For `zdb://host:port/ns` the namespace is selected after connecting. A few
 //! connections (a small pool, for parallel pack/verify), each re-established after an error.
 
-use super::Store;
+use super::{EnvCredentials, Store, MAX_STORED_CHUNK};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use std::sync::Mutex;
@@ -20,7 +20,14 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// Opens `url`, a URL the user typed (the password may come from the environment).
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, EnvCredentials::Use)
+    }
+
+    /// Opens `url`; `env` says whether a password missing from it may come from
+    /// `FLIST_REDIS_PASSWORD` / `FLIST_ZDB_PASSWORD`.
+    pub fn open_with(url: &str, env: EnvCredentials) -> Result<Self> {
         let shown = super::redact_url(url);
         let bad = |reason: String| Error::BadStoreUrl {
             url: shown.clone(),
@@ -28,12 +35,11 @@ impl RedisStore {
         };
         let mut u = url::Url::parse(url).map_err(|e| bad(e.to_string()))?;
         let zdb = u.scheme() == "zdb";
-        let env_pw = std::env::var(if zdb {
+        let env_pw = env.var(if zdb {
             "FLIST_ZDB_PASSWORD"
         } else {
             "FLIST_REDIS_PASSWORD"
-        })
-        .ok();
+        });
         let password = u.password().map(str::to_string).or(env_pw);
         let mut namespace = None;
         if zdb {
@@ -124,10 +130,22 @@ impl Store for RedisStore {
         let v: Option<Vec<u8>> = self.with_conn(&format!("GET chunk {id}"), |c| {
             redis::cmd("GET").arg(&id.0[..]).query(c)
         })?;
-        v.ok_or_else(|| Error::ChunkNotFound {
+        let v = v.ok_or_else(|| Error::ChunkNotFound {
             id: id.to_hex(),
             store: self.url.clone(),
-        })
+        })?;
+        // The redis crate has read the whole reply already (it offers no bound): refuse it
+        // here. Only operator-chosen redis/zdb stores are ever opened (see `store`).
+        if v.len() > MAX_STORED_CHUNK {
+            return Err(Error::store(
+                &self.url,
+                format!(
+                    "GET chunk {id}: reply of {} bytes is larger than the largest stored chunk ({MAX_STORED_CHUNK} bytes)",
+                    v.len()
+                ),
+            ));
+        }
+        Ok(v)
     }
 
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
@@ -140,5 +158,34 @@ impl Store for RedisStore {
         self.with_conn(&format!("EXISTS chunk {id}"), |c| {
             redis::cmd("EXISTS").arg(&id.0[..]).query::<bool>(c)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testsrv::FakeRedis;
+
+    #[test]
+    fn oversize_reply_is_refused() {
+        let server = FakeRedis::start(vec![7u8; MAX_STORED_CHUNK + 1]);
+        let store = RedisStore::open_with(
+            &format!("redis://127.0.0.1:{}", server.port),
+            EnvCredentials::Ignore,
+        )
+        .unwrap();
+        let e = store.get(&ChunkId::of(b"x")).unwrap_err().to_string();
+        assert!(
+            e.contains("larger than the largest stored chunk")
+                && e.contains(&format!("127.0.0.1:{}", server.port)),
+            "{e}"
+        );
+        let ok = FakeRedis::start(vec![7u8; 100]);
+        let store = RedisStore::open_with(
+            &format!("redis://127.0.0.1:{}", ok.port),
+            EnvCredentials::Ignore,
+        )
+        .unwrap();
+        assert_eq!(store.get(&ChunkId::of(b"x")).unwrap().len(), 100);
     }
 }

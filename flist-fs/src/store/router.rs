@@ -4,7 +4,7 @@
 //! that fails with a connection-level error is put at the back of the read order for
 //! `DOWN_FOR` (so a dead or black-holed store does not cost a timeout per chunk).
 
-use super::{open_store, redact_url, Store};
+use super::{open_store, open_store_with, redact_url, EnvCredentials, Store};
 use crate::chunk::{verify_stored, ChunkId};
 use crate::error::{Error, Result};
 use crate::meta::Route;
@@ -90,11 +90,14 @@ impl Router {
         Ok(Router::new(routes))
     }
 
-    /// Opens the stores recorded in an image.
+    /// Opens the stores recorded in an image, as recorded, without a policy (for one's own
+    /// images): credentials from the environment only go to the store
+    /// `FLIST_STORE_CREDENTIALS_FOR` names. A node uses [`super::StorePolicy::open_routes`].
     pub fn from_routes(routes: &[Route]) -> Result<Self> {
         let mut out = Vec::new();
         for r in routes {
-            out.push((r.start, r.end, open_store(&r.url)?));
+            let env = EnvCredentials::for_image_route(&r.url);
+            out.push((r.start, r.end, open_store_with(&r.url, env)?));
         }
         Ok(Router::new(out))
     }

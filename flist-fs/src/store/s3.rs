@@ -1,12 +1,11 @@
 //! `s3://` store: path-style object access (`PUT`/`GET`/`HEAD /<bucket>/<prefix><hex id>`)
 //! signed with AWS Signature V4 (hmac-sha256 over ureq). Works with Garage, MinIO and AWS.
 
-use super::Store;
+use super::{EnvCredentials, Store};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub struct S3Store {
@@ -60,7 +59,14 @@ fn amz_dates(t: SystemTime) -> (String, String) {
 }
 
 impl S3Store {
+    /// Opens `url`, a URL the user typed (credentials may come from the environment).
     pub fn open(url: &str) -> Result<Self> {
+        Self::open_with(url, EnvCredentials::Use)
+    }
+
+    /// Opens `url`; `env` says whether credentials missing from it may come from
+    /// `FLIST_S3_ACCESS_KEY`/`AWS_ACCESS_KEY_ID` and `FLIST_S3_SECRET_KEY`/`AWS_SECRET_ACCESS_KEY`.
+    pub fn open_with(url: &str, env_creds: EnvCredentials) -> Result<Self> {
         let shown = super::redact_url(url);
         let bad = |reason: &str| Error::BadStoreUrl {
             url: shown.clone(),
@@ -84,7 +90,7 @@ impl S3Store {
         };
         let tls = matches!(query("tls").as_deref(), Some("true" | "1"));
         let region = query("region").unwrap_or_else(|| "us-east-1".into());
-        let env = |names: &[&str]| names.iter().find_map(|n| std::env::var(n).ok());
+        let env = |names: &[&str]| names.iter().find_map(|n| env_creds.var(n));
         let access = if u.username().is_empty() {
             env(&["FLIST_S3_ACCESS_KEY", "AWS_ACCESS_KEY_ID"])
         } else {
@@ -115,7 +121,9 @@ impl S3Store {
             url: shown,
             agent: ureq::AgentBuilder::new()
                 .timeout_connect(Duration::from_secs(5))
+                .timeout_read(Duration::from_secs(30))
                 .timeout(Duration::from_secs(60))
+                .redirects(0)
                 .max_idle_connections_per_host(16)
                 .build(),
         })
@@ -170,14 +178,7 @@ impl Store for S3Store {
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
         match self.signed("GET", id, b"").call() {
-            Ok(resp) => {
-                let mut buf = Vec::new();
-                resp.into_reader()
-                    .take(super::http::MAX_CHUNK_BYTES)
-                    .read_to_end(&mut buf)
-                    .map_err(|e| Error::store(&self.url, format!("reading chunk {id}: {e}")))?;
-                Ok(buf)
-            }
+            Ok(resp) => super::http::read_body(&self.url, id, resp),
             Err(ureq::Error::Status(404, _)) => Err(Error::ChunkNotFound {
                 id: id.to_hex(),
                 store: self.url.clone(),
@@ -187,14 +188,20 @@ impl Store for S3Store {
     }
 
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<()> {
-        self.signed("PUT", id, data)
-            .send_bytes(data)
-            .map(|_| ())
-            .map_err(|e| self.fail("PUT", id, e))
+        match self.signed("PUT", id, data).send_bytes(data) {
+            Ok(resp) if resp.status() >= 300 => {
+                Err(super::http::redirect_error(&self.url, id, &resp))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.fail("PUT", id, e)),
+        }
     }
 
     fn exists(&self, id: &ChunkId) -> Result<bool> {
         match self.signed("HEAD", id, b"").call() {
+            Ok(resp) if resp.status() >= 300 => {
+                Err(super::http::redirect_error(&self.url, id, &resp))
+            }
             Ok(_) => Ok(true),
             Err(ureq::Error::Status(404, _)) => Ok(false),
             Err(e) => Err(self.fail("HEAD", id, e)),

@@ -79,6 +79,7 @@ pub struct VmSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
     /// The local chunk cache shared by every image (default: /var/cache/gridnode/chunks).
+    /// Kept for compatibility: the node configuration's `image_cache` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_cache: Option<PathBuf>,
 }

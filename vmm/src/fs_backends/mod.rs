@@ -25,7 +25,7 @@ use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
 pub use guard::{Guard, Policy};
 
-use crate::config::FsSpec;
+use crate::config::{FsSpec, ImageSettings};
 use crate::devices::virtio::fs::FsDevice;
 use crate::devices::virtio::VirtioDevice;
 
@@ -79,11 +79,22 @@ fn passthrough(
     Ok((fs, Arc::new(root)))
 }
 
-fn image(tag: &str, path: &Path, cache: &Path) -> Result<FlistFs, FsBackendError> {
+/// Opens the image at `path` under the node's store policy, with the node's chunk cache.
+fn image(
+    tag: &str,
+    path: &Path,
+    images: impl Into<ImageSettings>,
+) -> Result<FlistFs, FsBackendError> {
+    let images: ImageSettings = images.into();
     let opts = flist_fs::open::OpenOptions {
         stores: Vec::new(),
-        cache_dir: Some(cache.to_path_buf()),
-        cache_max_bytes: IMAGE_CACHE_MAX_BYTES,
+        policy: images.policy().cloned(),
+        cache_dir: Some(
+            images
+                .cache()
+                .map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf),
+        ),
+        cache_max_bytes: images.cache_max_bytes().unwrap_or(IMAGE_CACHE_MAX_BYTES),
     };
     FlistFs::open(path, &opts).map_err(|source| FsBackendError::Image {
         tag: tag.to_string(),
@@ -131,14 +142,15 @@ pub(crate) fn dir_share(
     Ok(Guard::new(fs, Policy::dir_share(readonly)).at_root(root))
 }
 
-/// An image served read-only, behind its guard.
+/// An image served read-only, behind its guard; opened with `images` (the node's cache and
+/// store policy).
 pub(crate) fn image_share(
     tag: &str,
     image_path: &Path,
-    cache: &Path,
+    images: impl Into<ImageSettings>,
 ) -> Result<Guard<FlistFs>, FsBackendError> {
     Ok(Guard::new(
-        image(tag, image_path, cache)?,
+        image(tag, image_path, images)?,
         Policy::image_share(),
     ))
 }
@@ -148,27 +160,27 @@ pub(crate) fn layered_share(
     tag: &str,
     image_path: &Path,
     layer: &Path,
-    cache: &Path,
+    images: impl Into<ImageSettings>,
 ) -> Result<Guard<OverlayFs>, FsBackendError> {
-    let lower = image(tag, image_path, cache)?;
+    let lower = image(tag, image_path, images)?;
     Ok(Guard::new(
         overlay(tag, lower, layer)?,
         Policy::layered_share(),
     ))
 }
 
-/// Builds the virtio-fs device for one (validated) share.
+/// Builds the virtio-fs device for one (validated) share; images are opened with `images`
+/// (the node's cache and store policy).
 pub fn device_for(
     share: &FsSpec,
-    image_cache: Option<&Path>,
+    images: impl Into<ImageSettings>,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
     let tag = share.tag.as_str();
-    let cache: PathBuf =
-        image_cache.map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf);
+    let images: ImageSettings = images.into();
     match (&share.dir, &share.image, &share.writable_layer) {
         (Some(dir), _, _) => device(tag, dir_share(tag, dir, share.readonly)?),
-        (None, Some(path), Some(layer)) => device(tag, layered_share(tag, path, layer, &cache)?),
-        (None, Some(path), None) => device(tag, image_share(tag, path, &cache)?),
+        (None, Some(path), Some(layer)) => device(tag, layered_share(tag, path, layer, &images)?),
+        (None, Some(path), None) => device(tag, image_share(tag, path, &images)?),
         (None, None, _) => Err(FsBackendError::Dir {
             tag: tag.to_string(),
             path: String::new(),

@@ -167,6 +167,7 @@ impl ReadArgs {
         };
         flist_fs::open::OpenOptions {
             stores: self.stores.clone(),
+            policy: None,
             cache_dir,
             cache_max_bytes: self.cache_mib << 20,
         }
