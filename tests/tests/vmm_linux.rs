@@ -393,6 +393,9 @@ const PJDFSTEST_KNOWN_FAILURES: &[(&str, &str)] = &[
     ),
 ];
 
+/// pjdfstest 0.2.2 runs about 350 cases here; fewer passing than this means it did not run.
+const PJDFSTEST_MIN_PASSED: usize = 300;
+
 /// Runs pjdfstest and fsx (cargo-installed by scripts/setup.sh; PJDFSTEST_BIN and FSX_BIN,
 /// which scripts/test.sh sets) inside a guest whose root is an flist image with a writable
 /// layer. About 5 minutes on the test bed.
@@ -456,6 +459,29 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
         unexplained.is_empty(),
         "pjdfstest failures without a known reason: {unexplained:?}"
     );
-    assert!(o.contains("PJD ok="), "{}", out.console);
+    // A run where pjdfstest did not get going (no cases, or only a few) must not pass.
+    let count = |key: &str| -> Option<usize> {
+        o.lines()
+            .find_map(|l| l.strip_prefix("PJD "))?
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key))?
+            .parse()
+            .ok()
+    };
+    let (passed, failed) = (count("ok="), count("failed="));
+    assert!(
+        passed.is_some_and(|n| n >= PJDFSTEST_MIN_PASSED),
+        "pjdfstest passed {passed:?} cases (failed {failed:?}), fewer than {PJDFSTEST_MIN_PASSED}: {}",
+        out.console
+    );
+    let still_failing = |k: &str| {
+        o.lines()
+            .any(|l| l.starts_with("PJDFAIL ") && l.contains(k))
+    };
+    for (known, reason) in PJDFSTEST_KNOWN_FAILURES {
+        if !still_failing(known) {
+            eprintln!("note: known pjdfstest failure {known} ({reason}) passes now: drop it from the list");
+        }
+    }
     Ok(())
 }

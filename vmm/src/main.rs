@@ -216,6 +216,21 @@ fn raise_open_file_limit() {
     }
 }
 
+/// A panic on any thread ends the whole process (as `panic = "abort"` does in release builds):
+/// a vmm with a dead device worker or vCPU must not keep running half a VM. The message and
+/// the thread are reported first.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!(
+            "vmm: error: internal error (panic) on thread {:?}; ending the VM",
+            std::thread::current().name().unwrap_or("unnamed")
+        );
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     tracing_subscriber::fmt()
@@ -226,6 +241,11 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
+    abort_on_panic();
+    if let Err(e) = vmm::seccomp::install_violation_handler() {
+        eprintln!("vmm: error: cannot install the seccomp violation handler: {e}");
+        return ExitCode::from(2);
+    }
 
     let cli = Cli::parse();
     let spec = match spec_from_cli(&cli) {
