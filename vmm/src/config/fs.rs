@@ -9,7 +9,7 @@ pub const MAX_TAG_LEN: usize = 36;
 
 /// One virtio-fs share: a host directory (a volume), or an flist image, read-only or with a
 /// writable layer kept in a host directory (which survives VM restarts).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FsSpec {
     /// The tag the guest mounts it by (`mount -t virtiofs TAG /mnt`).
@@ -26,6 +26,26 @@ pub struct FsSpec {
     /// Refuse every write from the guest (EROFS). An image without a writable layer always is.
     #[serde(default)]
     pub readonly: bool,
+    /// Most bytes of file data the guest may keep in a writable layer or writable directory
+    /// (EDQUOT past it); unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Most files, directories and other entries there; unlimited when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_inodes: Option<u64>,
+}
+
+/// Parses a byte count with an optional binary suffix (`K`, `M`, `G`, `T`; `512M`).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'K' | b'k' => (&text[..text.len() - 1], 10),
+        b'M' | b'm' => (&text[..text.len() - 1], 20),
+        b'G' | b'g' => (&text[..text.len() - 1], 30),
+        b'T' | b't' => (&text[..text.len() - 1], 40),
+        _ => (text, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1u64 << shift)
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -38,12 +58,14 @@ pub enum FsSpecError {
     DuplicateTag(String),
     #[error("the root is tag {0:?}, but no filesystem has that tag")]
     UnknownRoot(String),
-    #[error("--fs takes tag=TAG,dir=PATH[,readonly] or tag=TAG,image=PATH[,layer=DIR][,readonly], not {0:?}")]
+    #[error("--fs takes tag=TAG,dir=PATH[,readonly] or tag=TAG,image=PATH[,layer=DIR][,readonly], with max_bytes=SIZE[K|M|G|T],max_inodes=N, not {0:?}")]
     BadFlag(String),
     #[error("virtio-fs share {0:?} needs exactly one of `dir` and `image`")]
     SourceCount(String),
     #[error("virtio-fs share {0:?}: a writable layer goes with an image, and not with readonly")]
     BadLayer(String),
+    #[error("virtio-fs share {0:?}: max_bytes/max_inodes limit a writable layer or a writable directory")]
+    BadLimit(String),
 }
 
 /// Checks tags (valid, unique) and that the root tag names a share.
@@ -66,6 +88,10 @@ pub fn validate(shares: &[FsSpec], root: Option<&str>) -> Result<(), FsSpecError
         if share.writable_layer.is_some() && (share.image.is_none() || share.readonly) {
             return Err(FsSpecError::BadLayer(tag.clone()));
         }
+        let writable = share.writable_layer.is_some() || (share.dir.is_some() && !share.readonly);
+        if (share.max_bytes.is_some() || share.max_inodes.is_some()) && !writable {
+            return Err(FsSpecError::BadLimit(tag.clone()));
+        }
     }
     match root {
         Some(root) if !seen.contains(root) => Err(FsSpecError::UnknownRoot(root.to_string())),
@@ -76,22 +102,19 @@ pub fn validate(shares: &[FsSpec], root: Option<&str>) -> Result<(), FsSpecError
 impl std::str::FromStr for FsSpec {
     type Err = FsSpecError;
 
-    /// Parses the CLI form `tag=TAG,dir=PATH[,readonly]`.
+    /// Parses the CLI form `tag=TAG,dir=PATH[,readonly]` or
+    /// `tag=TAG,image=PATH[,layer=DIR]`, with `max_bytes=SIZE,max_inodes=N` on writable ones.
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         let bad = || FsSpecError::BadFlag(text.to_string());
-        let mut share = FsSpec {
-            tag: String::new(),
-            dir: None,
-            image: None,
-            writable_layer: None,
-            readonly: false,
-        };
+        let mut share = FsSpec::default();
         for part in text.split(',') {
             match part.split_once('=') {
                 Some(("tag", v)) => share.tag = v.to_string(),
                 Some(("dir", v)) => share.dir = Some(PathBuf::from(v)),
                 Some(("image", v)) => share.image = Some(PathBuf::from(v)),
                 Some(("layer", v)) => share.writable_layer = Some(PathBuf::from(v)),
+                Some(("max_bytes", v)) => share.max_bytes = Some(parse_size(v).ok_or_else(bad)?),
+                Some(("max_inodes", v)) => share.max_inodes = Some(v.parse().map_err(|_| bad())?),
                 None if part == "readonly" || part == "ro" => share.readonly = true,
                 _ => return Err(bad()),
             }
@@ -114,6 +137,7 @@ mod tests {
             image: None,
             writable_layer: None,
             readonly: false,
+            ..Default::default()
         }
     }
 
@@ -132,6 +156,24 @@ mod tests {
         assert!("dir=/x".parse::<FsSpec>().is_err());
         assert!("tag=a".parse::<FsSpec>().is_err());
         assert!("tag=a,dir=/x,bogus=1".parse::<FsSpec>().is_err());
+        let s: FsSpec = "tag=r,image=/i,layer=/l,max_bytes=2G,max_inodes=1000"
+            .parse()
+            .unwrap();
+        assert_eq!(s.max_bytes, Some(2 << 30));
+        assert_eq!(s.max_inodes, Some(1000));
+        assert!("tag=r,image=/i,layer=/l,max_bytes=2X"
+            .parse::<FsSpec>()
+            .is_err());
+        assert!("tag=r,dir=/d,max_bytes=99999999999T"
+            .parse::<FsSpec>()
+            .is_err());
+        let mut ro = share("ro");
+        ro.readonly = true;
+        ro.max_bytes = Some(1);
+        assert_eq!(
+            validate(&[ro], None),
+            Err(FsSpecError::BadLimit("ro".into()))
+        );
     }
 
     #[test]

@@ -272,6 +272,7 @@ mod tests {
             image: Some(img),
             writable_layer: None,
             readonly: true,
+            ..Default::default()
         };
         let cache = Some(d.path().join("cache"));
         let node = NodeConfig {

@@ -32,6 +32,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::transport::FsCacheReqHandler;
 
 use super::host_dir::run_at_root;
+use super::quota::Quota;
 
 /// The longest directory-entry name, in bytes (Linux's NAME_MAX).
 const NAME_MAX: usize = 255;
@@ -94,6 +95,8 @@ pub struct Guard<F> {
     /// For a host-directory backend: the directory it resolves its root against when it
     /// (re-)imports, at the guest's INIT and DESTROY.
     root: Option<Arc<OwnedFd>>,
+    /// For a host-directory backend: the byte and inode budget of the tree.
+    quota: Option<Arc<Quota>>,
 }
 
 impl<F> Guard<F> {
@@ -102,6 +105,15 @@ impl<F> Guard<F> {
             inner,
             policy,
             root: None,
+            quota: None,
+        }
+    }
+
+    /// Keeps the tree within `quota` (EDQUOT past it).
+    pub fn with_quota(self, quota: Arc<Quota>) -> Self {
+        Self {
+            quota: Some(quota),
+            ..self
         }
     }
 
@@ -182,6 +194,76 @@ fn is_device(mode: u32, rdev: u32) -> bool {
 }
 
 impl<F: FileSystem + Sync> Guard<F> {
+    /// The attributes of `name` in `dir`, if it is there (the lookup is forgotten again).
+    fn stat_entry(&self, ctx: &Context, dir: u64, name: &CStr) -> Option<stat64> {
+        let entry = self.inner.lookup(ctx, F::Inode::from(dir), name).ok()?;
+        if entry.inode == 0 {
+            return None;
+        }
+        self.inner.forget(ctx, F::Inode::from(entry.inode), 1);
+        Some(entry.attr)
+    }
+
+    fn size_of(&self, ctx: &Context, inode: u64) -> io::Result<u64> {
+        let (st, _) = self.inner.getattr(ctx, F::Inode::from(inode), None)?;
+        Ok(st.st_size.max(0) as u64)
+    }
+
+    /// Runs `grow`, which may make file `inode` reach `end` bytes, within the quota: the growth
+    /// is reserved first and what did not happen is given back. `grow` answers how far the
+    /// file now reaches.
+    fn growing<T>(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        end: u64,
+        grow: impl FnOnce() -> io::Result<(T, u64)>,
+    ) -> io::Result<T> {
+        let Some(quota) = &self.quota else {
+            return grow().map(|(out, _)| out);
+        };
+        let old = self.size_of(ctx, inode)?;
+        let wanted = end.saturating_sub(old);
+        quota.reserve_bytes(wanted)?;
+        let result = grow();
+        let grown = match &result {
+            Ok((_, reached)) => reached.saturating_sub(old).min(wanted),
+            Err(_) => 0,
+        };
+        quota.release_bytes(wanted - grown);
+        result.map(|(out, _)| out)
+    }
+
+    /// Runs `make`, which creates one inode (and `bytes` of data), within the quota.
+    fn creating<T>(&self, bytes: u64, make: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        let Some(quota) = &self.quota else {
+            return make();
+        };
+        quota.reserve_inode()?;
+        if let Err(e) = quota.reserve_bytes(bytes) {
+            quota.release_inode();
+            return Err(e);
+        }
+        let result = make();
+        if result.is_err() {
+            quota.release_inode();
+            quota.release_bytes(bytes);
+        }
+        result
+    }
+
+    /// Gives back what the entry `st` held, when its last link goes.
+    fn freed(&self, st: &stat64) {
+        if let Some(quota) = &self.quota {
+            if st.st_nlink <= 1 || st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+                quota.release_inode();
+                if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                    quota.release_bytes(st.st_size.max(0) as u64);
+                }
+            }
+        }
+    }
+
     /// Whether `name` in `dir` is a directory; `Some(true)` when it also has entries besides
     /// `.` and `..`, `None` when it is not there or not a directory. Asked through the backend's
     /// own lookup and readdir, so an overlay answers for its merged view.
@@ -327,6 +409,22 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
             };
             attr.st_mode = self.host_mode(attr.st_mode, is_dir);
         }
+        if valid.contains(SetattrValid::SIZE) && self.quota.is_some() {
+            let old = self.size_of(ctx, ino)?;
+            let new = attr.st_size.max(0) as u64;
+            let result = self.growing(ctx, ino, new, || {
+                let out = self
+                    .inner
+                    .setattr(ctx, F::Inode::from(ino), attr, handle, valid)?;
+                Ok((out, new))
+            });
+            if result.is_ok() && new < old {
+                if let Some(quota) = &self.quota {
+                    quota.release_bytes(old - new);
+                }
+            }
+            return result;
+        }
         self.inner
             .setattr(ctx, F::Inode::from(ino), attr, handle, valid)
     }
@@ -345,7 +443,8 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
     ) -> io::Result<Entry> {
         check_name(name)?;
         self.writable()?;
-        self.inner.symlink(ctx, linkname, parent, name)
+        let target = linkname.to_bytes().len() as u64;
+        self.creating(target, || self.inner.symlink(ctx, linkname, parent, name))
     }
 
     fn mknod(
@@ -363,7 +462,7 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
         let mode = self.host_mode(mode, false);
-        self.inner.mknod(ctx, parent, name, mode, rdev, umask)
+        self.creating(0, || self.inner.mknod(ctx, parent, name, mode, rdev, umask))
     }
 
     fn mkdir(
@@ -377,19 +476,32 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
         check_name(name)?;
         self.writable()?;
         let mode = self.host_mode(mode, true);
-        self.inner.mkdir(ctx, parent, name, mode, umask)
+        self.creating(0, || self.inner.mkdir(ctx, parent, name, mode, umask))
     }
 
     fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         check_name(name)?;
         self.writable()?;
-        self.inner.unlink(ctx, parent, name)
+        let dir: u64 = parent.into();
+        let gone = self
+            .quota
+            .as_ref()
+            .and_then(|_| self.stat_entry(ctx, dir, name));
+        self.inner.unlink(ctx, F::Inode::from(dir), name)?;
+        if let Some(st) = gone {
+            self.freed(&st);
+        }
+        Ok(())
     }
 
     fn rmdir(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
         check_name(name)?;
         self.writable()?;
-        self.inner.rmdir(ctx, parent, name)
+        self.inner.rmdir(ctx, parent, name)?;
+        if let Some(quota) = &self.quota {
+            quota.release_inode();
+        }
+        Ok(())
     }
 
     fn rename(
@@ -414,6 +526,11 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
         {
             return Err(io::Error::from_raw_os_error(libc::ENOTEMPTY));
         }
+        // What a replaced target held is given back to the quota.
+        let replaced = match &self.quota {
+            Some(_) if flags & libc::RENAME_EXCHANGE == 0 => self.stat_entry(ctx, newdir, newname),
+            _ => None,
+        };
         self.inner.rename(
             ctx,
             F::Inode::from(olddir),
@@ -421,7 +538,11 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
             F::Inode::from(newdir),
             newname,
             flags,
-        )
+        )?;
+        if let Some(st) = replaced {
+            self.freed(&st);
+        }
+        Ok(())
     }
 
     fn link(
@@ -462,7 +583,17 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
             mode: self.host_mode(args.mode, false),
             ..args
         };
-        self.inner.create(ctx, parent, name, args)
+        if self.quota.is_none() {
+            return self.inner.create(ctx, parent, name, args);
+        }
+        // O_CREAT of an existing file creates nothing.
+        let dir: u64 = parent.into();
+        if self.stat_entry(ctx, dir, name).is_some() {
+            return self.inner.create(ctx, F::Inode::from(dir), name, args);
+        }
+        self.creating(0, || {
+            self.inner.create(ctx, F::Inode::from(dir), name, args)
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -496,18 +627,23 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
-        self.inner.write(
-            ctx,
-            inode,
-            handle,
-            r,
-            size,
-            offset,
-            lock_owner,
-            delayed_write,
-            flags,
-            fuse_flags,
-        )
+        let ino: u64 = inode.into();
+        let end = offset.saturating_add(u64::from(size));
+        self.growing(ctx, ino, end, || {
+            let written = self.inner.write(
+                ctx,
+                F::Inode::from(ino),
+                handle,
+                r,
+                size,
+                offset,
+                lock_owner,
+                delayed_write,
+                flags,
+                fuse_flags,
+            )?;
+            Ok((written, offset.saturating_add(written as u64)))
+        })
     }
 
     fn flush(
@@ -540,8 +676,19 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
-        self.inner
-            .fallocate(ctx, inode, handle, mode, offset, length)
+        let ino: u64 = inode.into();
+        let keeps_size =
+            mode as i32 & (libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) != 0;
+        let end = if keeps_size {
+            0
+        } else {
+            offset.saturating_add(length)
+        };
+        self.growing(ctx, ino, end, || {
+            self.inner
+                .fallocate(ctx, F::Inode::from(ino), handle, mode, offset, length)?;
+            Ok(((), end))
+        })
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -8,6 +8,7 @@
 
 mod guard;
 mod host_dir;
+mod quota;
 #[cfg(test)]
 mod tests;
 mod upper_layer;
@@ -24,6 +25,7 @@ use fuse_backend_rs::overlayfs::{BoxedLayer, OverlayFs};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
 
 pub use guard::{Guard, Policy};
+pub use quota::{Limits, Quota};
 
 use crate::config::{FsSpec, ImageSettings};
 use crate::devices::virtio::fs::FsDevice;
@@ -103,9 +105,31 @@ fn image(
     })
 }
 
-fn overlay(tag: &str, lower: FlistFs, layer_dir: &Path) -> Result<OverlayFs, FsBackendError> {
+/// The quota of the host directory `dir`, when `limits` set one.
+fn quota(tag: &str, dir: &Path, limits: Limits) -> Result<Option<Arc<Quota>>, FsBackendError> {
+    if limits == Limits::default() {
+        return Ok(None);
+    }
+    Quota::measure(dir, limits)
+        .map(|q| Some(Arc::new(q)))
+        .map_err(|source| FsBackendError::Dir {
+            tag: tag.to_string(),
+            path: dir.display().to_string(),
+            source,
+        })
+}
+
+fn overlay(
+    tag: &str,
+    lower: FlistFs,
+    layer_dir: &Path,
+    limits: Limits,
+) -> Result<OverlayFs, FsBackendError> {
     let (upper, root) = passthrough(tag, layer_dir, true)?;
-    let upper = Guard::new(upper, Policy::layer_upper()).at_root(root);
+    let mut upper = Guard::new(upper, Policy::layer_upper()).at_root(root);
+    if let Some(quota) = quota(tag, layer_dir, limits)? {
+        upper = upper.with_quota(quota);
+    }
     let upper: Arc<BoxedLayer> = Arc::new(Box::new(upper));
     let lower: Arc<BoxedLayer> = Arc::new(Box::new(lower));
     debug_assert_eq!(
@@ -137,9 +161,14 @@ pub(crate) fn dir_share(
     tag: &str,
     dir: &Path,
     readonly: bool,
+    limits: Limits,
 ) -> Result<Guard<PassthroughFs>, FsBackendError> {
     let (fs, root) = passthrough(tag, dir, false)?;
-    Ok(Guard::new(fs, Policy::dir_share(readonly)).at_root(root))
+    let guard = Guard::new(fs, Policy::dir_share(readonly)).at_root(root);
+    Ok(match quota(tag, dir, limits)? {
+        Some(quota) => guard.with_quota(quota),
+        None => guard,
+    })
 }
 
 /// An image served read-only, behind its guard; opened with `images` (the node's cache and
@@ -160,11 +189,12 @@ pub(crate) fn layered_share(
     tag: &str,
     image_path: &Path,
     layer: &Path,
+    limits: Limits,
     images: impl Into<ImageSettings>,
 ) -> Result<Guard<OverlayFs>, FsBackendError> {
     let lower = image(tag, image_path, images)?;
     Ok(Guard::new(
-        overlay(tag, lower, layer)?,
+        overlay(tag, lower, layer, limits)?,
         Policy::layered_share(),
     ))
 }
@@ -177,9 +207,15 @@ pub fn device_for(
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
     let tag = share.tag.as_str();
     let images: ImageSettings = images.into();
+    let limits = Limits {
+        max_bytes: share.max_bytes,
+        max_inodes: share.max_inodes,
+    };
     match (&share.dir, &share.image, &share.writable_layer) {
-        (Some(dir), _, _) => device(tag, dir_share(tag, dir, share.readonly)?),
-        (None, Some(path), Some(layer)) => device(tag, layered_share(tag, path, layer, &images)?),
+        (Some(dir), _, _) => device(tag, dir_share(tag, dir, share.readonly, limits)?),
+        (None, Some(path), Some(layer)) => {
+            device(tag, layered_share(tag, path, layer, limits, &images)?)
+        }
         (None, Some(path), None) => device(tag, image_share(tag, path, &images)?),
         (None, None, _) => Err(FsBackendError::Dir {
             tag: tag.to_string(),

@@ -53,6 +53,7 @@ impl Fixture {
             image: Some(self.tmp.path().join("img.flist")),
             writable_layer: layer.then(|| self.tmp.path().join("layer")),
             readonly: false,
+            ..Default::default()
         }
     }
 }
@@ -85,6 +86,7 @@ fn image_under_a_writable_layer_with(seccomp: bool) {
         "t",
         &fx.tmp.path().join("img.flist"),
         &fx.tmp.path().join("layer"),
+        Default::default(),
         &cache,
     )
     .unwrap();
@@ -148,7 +150,7 @@ fn guarded_dir(
     dir: &Path,
     readonly: bool,
 ) -> super::Guard<fuse_backend_rs::passthrough::PassthroughFs> {
-    let fs = super::dir_share("t", dir, readonly).unwrap();
+    let fs = super::dir_share("t", dir, readonly, Default::default()).unwrap();
     fs.init(FsOptions::empty()).unwrap();
     fs
 }
@@ -290,6 +292,7 @@ fn guarded_overlay(fx: &Fixture) -> super::Guard<fuse_backend_rs::overlayfs::Ove
         "t",
         &fx.tmp.path().join("img.flist"),
         &fx.tmp.path().join("layer"),
+        Default::default(),
         &cache,
     )
     .unwrap();
@@ -340,7 +343,7 @@ fn every_share_offers_large_and_overlapping_requests() {
         | FsOptions::ASYNC_READ
         | FsOptions::PARALLEL_DIROPS;
     for readonly in [false, true] {
-        let fs = super::dir_share("t", tmp.path(), readonly).unwrap();
+        let fs = super::dir_share("t", tmp.path(), readonly, Default::default()).unwrap();
         let offered = fs.init(FsOptions::all()).unwrap();
         assert!(offered.contains(transport), "{offered:?}");
         assert!(!offered.contains(FsOptions::WRITEBACK_CACHE));
@@ -587,7 +590,7 @@ fn a_share_path_through_a_symlink_is_refused() {
     let real = fx.tmp.path().join("real");
     std::fs::create_dir_all(&real).unwrap();
     std::os::unix::fs::symlink(&real, fx.tmp.path().join("link")).unwrap();
-    let err = super::dir_share("t", &fx.tmp.path().join("link"), false)
+    let err = super::dir_share("t", &fx.tmp.path().join("link"), false, Default::default())
         .err()
         .unwrap();
     assert!(err.to_string().contains("symlink"), "{err}");
@@ -596,10 +599,152 @@ fn a_share_path_through_a_symlink_is_refused() {
         "t",
         &fx.tmp.path().join("img.flist"),
         &fx.tmp.path().join("link/layer"),
+        Default::default(),
         &fx.tmp.path().join("cache"),
     )
     .err()
     .unwrap();
     assert!(err.to_string().contains("symlink"), "{err}");
     assert!(!real.join("layer").exists());
+}
+
+/// Writes `len` bytes at `offset` through the filesystem, as a FUSE WRITE does.
+fn write_at<F: FileSystem<Inode = u64, Handle = u64>>(
+    fs: &F,
+    inode: u64,
+    offset: u64,
+    len: usize,
+) -> std::io::Result<usize> {
+    let ctx = Context::default();
+    let (handle, _, _) = fs.open(&ctx, inode, libc::O_RDWR as u32, 0)?;
+    let handle = handle.unwrap_or(0);
+    let data = vec![7u8; len];
+    let mut reader = SliceReader(&data);
+    let out = fs.write(
+        &ctx,
+        inode,
+        handle,
+        &mut reader,
+        len as u32,
+        offset,
+        None,
+        false,
+        0,
+        0,
+    );
+    let _ = fs.release(&ctx, inode, 0, handle, false, false, None);
+    out
+}
+
+/// A ZeroCopyReader over a byte slice.
+struct SliceReader<'a>(&'a [u8]);
+
+impl std::io::Read for SliceReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl fuse_backend_rs::api::filesystem::ZeroCopyReader for SliceReader<'_> {
+    fn read_to(
+        &mut self,
+        f: &mut dyn fuse_backend_rs::common::file_traits::FileReadWriteVolatile,
+        count: usize,
+        off: u64,
+    ) -> std::io::Result<usize> {
+        let n = count.min(self.0.len());
+        let mut slice = self.0[..n].to_vec();
+        // SAFETY: `slice` lives for the call.
+        let volatile = unsafe {
+            fuse_backend_rs::common::file_buf::FileVolatileSlice::from_raw_ptr(
+                slice.as_mut_ptr(),
+                n,
+            )
+        };
+        let written = f.write_at_volatile(volatile, off)?;
+        self.0 = &self.0[written..];
+        Ok(written)
+    }
+}
+
+#[test]
+fn a_dir_share_keeps_to_its_quota() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("old"), vec![1u8; 1000]).unwrap();
+    let limits = super::Limits {
+        max_bytes: Some(10_000),
+        max_inodes: Some(3),
+    };
+    on_worker_thread(|| {
+        let fs = super::dir_share("t", tmp.path(), false, limits).unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let ctx = Context::default();
+        let (f, ..) = fs.create(&ctx, ROOT_ID, &name("f"), create_args()).unwrap();
+        assert_eq!(write_at(&fs, f.inode, 0, 8000).unwrap(), 8000);
+        // 1000 + 8000 used: 1001 more bytes pass the limit, rewriting in place does not.
+        let err = write_at(&fs, f.inode, 8000, 1001).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EDQUOT));
+        assert_eq!(write_at(&fs, f.inode, 0, 8000).unwrap(), 8000);
+        assert_eq!(write_at(&fs, f.inode, 8000, 1000).unwrap(), 1000);
+        // Truncating up is growth too; removing a file gives its bytes back.
+        let mut attr: stat64 = unsafe { std::mem::zeroed() };
+        attr.st_size = 1 << 30;
+        let err = fs
+            .setattr(&ctx, f.inode, attr, None, SetattrValid::SIZE)
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EDQUOT));
+        fs.unlink(&ctx, ROOT_ID, &name("old")).unwrap();
+        assert_eq!(write_at(&fs, f.inode, 9000, 999).unwrap(), 999);
+        // Inodes: "f" and a directory fit under 3, a third new one does not.
+        fs.mkdir(&ctx, ROOT_ID, &name("d"), 0o755, 0).unwrap();
+        fs.mknod(&ctx, ROOT_ID, &name("p"), libc::S_IFIFO | 0o644, 0, 0)
+            .unwrap();
+        let err = fs
+            .symlink(&ctx, &name("x"), ROOT_ID, &name("s"))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EDQUOT));
+        fs.rmdir(&ctx, ROOT_ID, &name("d")).unwrap();
+        // The last byte of the budget: the symlink's target.
+        fs.symlink(&ctx, &name("x"), ROOT_ID, &name("s")).unwrap();
+    });
+    assert_eq!(
+        std::fs::metadata(tmp.path().join("f")).unwrap().len(),
+        9_999
+    );
+}
+
+#[test]
+fn a_writable_layer_keeps_to_its_quota_copy_ups_included() {
+    let fx = Fixture::new();
+    // A big file in the image, cheap to store (one repeated chunk): copying it up would cost
+    // the host its full size.
+    let src = fx.tmp.path().join("src2");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("big"), vec![0u8; 4 << 20]).unwrap();
+    let image = fx.tmp.path().join("big.flist");
+    pack(&src, &image, &fx.tmp.path().join("store"));
+    let layer = fx.tmp.path().join("layer2");
+    let limits = super::Limits {
+        max_bytes: Some(1 << 20),
+        max_inodes: None,
+    };
+    on_worker_thread(|| {
+        let fs = super::layered_share("t", &image, &layer, limits, &fx.tmp.path().join("cache"))
+            .unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        let big = lookup(&fs, ROOT_ID, "big").unwrap();
+        // Opening it for writing copies it up: over the quota.
+        let err = write_at(&fs, big, 0, 10).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EDQUOT), "{err}");
+        // Small new files still fit.
+        let (f, ..) = fs
+            .create(&Context::default(), ROOT_ID, &name("small"), create_args())
+            .unwrap();
+        assert_eq!(write_at(&fs, f.inode, 0, 4096).unwrap(), 4096);
+    });
+    let kept: u64 = std::fs::read_dir(&layer)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(kept <= 1 << 20, "{kept} bytes in the layer");
 }
