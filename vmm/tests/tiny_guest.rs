@@ -194,7 +194,12 @@ fn serial_log_is_capped_rotated_and_private() {
     let rotated = dir.path().join("console.log.1");
     for path in [&log, &rotated] {
         let meta = std::fs::metadata(path).unwrap();
-        assert!(meta.len() <= 16, "{} has {} bytes", path.display(), meta.len());
+        assert!(
+            meta.len() <= 16,
+            "{} has {} bytes",
+            path.display(),
+            meta.len()
+        );
         let mode = meta.permissions().mode() & 0o777;
         assert_eq!(mode & !0o640, 0, "{} has mode {mode:o}", path.display());
     }

@@ -37,7 +37,10 @@ pub enum SerialOutput {
     Stdout,
     Off,
     File(PathBuf),
-    Log { path: PathBuf, max_bytes: u64 },
+    Log {
+        path: PathBuf,
+        max_bytes: u64,
+    },
 }
 
 impl SerialOutput {

@@ -147,7 +147,11 @@ mod tests {
             assert_eq!(limiter.check_at(t0), None);
         }
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(limiter.check_at(t1), Some(7), "one line says how many were dropped");
+        assert_eq!(
+            limiter.check_at(t1),
+            Some(7),
+            "one line says how many were dropped"
+        );
         assert_eq!(limiter.check_at(t1), Some(0));
         assert_eq!(limiter.check_at(t1), None);
     }

@@ -225,10 +225,7 @@ fn writer_loop(guard: AliveGuard, mut sink: SerialOut) {
             let mut st = lock(&shared.state);
             while !st.wake && !st.closed {
                 if st.pending.is_empty() {
-                    st = shared
-                        .to_writer
-                        .wait(st)
-                        .unwrap_or_else(|p| p.into_inner());
+                    st = shared.to_writer.wait(st).unwrap_or_else(|p| p.into_inner());
                     continue;
                 }
                 let (g, timeout) = shared
@@ -433,7 +430,11 @@ mod tests {
         let buf = Shared::default();
         let (mut dev, writer, irq) = device(Box::new(buf.clone()));
         print(&mut dev, b"hi!\n");
-        assert_eq!(buf.wait_for(b"hi!\n"), b"hi!\n", "a line end writes the line");
+        assert_eq!(
+            buf.wait_for(b"hi!\n"),
+            b"hi!\n",
+            "a line end writes the line"
+        );
         print(&mut dev, b"prompt$ ");
         assert_eq!(
             buf.wait_for(b"hi!\nprompt$ "),
@@ -479,7 +480,10 @@ mod tests {
             dropped >= (1 << 20) - 2 * OUTPUT_BUFFER_CAPACITY as u64,
             "only {dropped} bytes dropped"
         );
-        assert!(!writer.drain(Duration::from_millis(100)), "the sink is stuck");
+        assert!(
+            !writer.drain(Duration::from_millis(100)),
+            "the sink is stuck"
+        );
         drop(release);
         assert!(writer.finish(Duration::from_secs(5)));
         assert_eq!(got.get().len() as u64, (1 << 20) - dropped);
@@ -493,7 +497,10 @@ mod tests {
         log.write_all(b"0123456789abcdefghijklmno").unwrap();
         log.flush().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"klmno");
-        assert_eq!(std::fs::read(dir.path().join("console.log.1")).unwrap(), b"abcdefghij");
+        assert_eq!(
+            std::fs::read(dir.path().join("console.log.1")).unwrap(),
+            b"abcdefghij"
+        );
         for p in [path.clone(), dir.path().join("console.log.1")] {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, LOG_FILE_MODE & !current_umask(), "{}", p.display());

@@ -1,12 +1,16 @@
 //! The virtio-fs device: its configuration space (tag, number of request queues), features,
-//! and activation, which starts one worker thread per queue.
+//! activation, which starts one worker thread per queue, and reset, which stops and joins them
+//! and ends the guest's FUSE session so that the device can be activated again.
 
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 
-use super::worker::QueueWorker;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::worker::{FsCounters, QueueWorker};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
 };
@@ -27,8 +31,15 @@ pub enum FsDeviceError {
 pub struct FsDevice<F: FileSystem + Send + Sync + 'static> {
     tag: String,
     config: Vec<u8>,
-    server: Option<Arc<Server<Arc<F>>>>,
+    fs: Arc<F>,
+    server: Arc<Server<Arc<F>>>,
     acked_features: u64,
+    /// Whether the queue workers install the seccomp filter (always, outside unit tests).
+    seccomp: bool,
+    /// While activated: the running queue workers and the event that stops them.
+    workers: Vec<JoinHandle<()>>,
+    stop: Option<EventFd>,
+    counters: Arc<FsCounters>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
@@ -45,9 +56,43 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
         Ok(Self {
             tag: tag.to_string(),
             config,
-            server: Some(Arc::new(Server::new(fs))),
+            server: Arc::new(Server::new(fs.clone())),
+            fs,
             acked_features: 0,
+            seccomp: true,
+            workers: Vec::new(),
+            stop: None,
+            counters: Arc::new(FsCounters::default()),
         })
+    }
+
+    /// Guest-triggered events seen by this device's workers.
+    pub fn counters(&self) -> Arc<FsCounters> {
+        self.counters.clone()
+    }
+
+    /// Signals the workers to stop and joins their threads.
+    fn stop_workers(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            if let Err(e) = stop.write(1) {
+                // Cannot happen for an eventfd below its maximum; the workers would then
+                // only stop when their queue eventfds close, so do not wait for them.
+                tracing::error!("virtio-fs {}: cannot stop the workers: {e}", self.tag);
+                self.workers.clear();
+                return;
+            }
+        }
+        for worker in self.workers.drain(..) {
+            if worker.join().is_err() {
+                tracing::error!("virtio-fs {}: a queue worker panicked", self.tag);
+            }
+        }
+    }
+}
+
+impl<F: FileSystem + Send + Sync + 'static> Drop for FsDevice<F> {
+    fn drop(&mut self) {
+        self.stop_workers();
     }
 }
 
@@ -89,29 +134,76 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
                 needed: QUEUE_SIZES.len(),
             });
         }
-        let server = self
-            .server
-            .clone()
-            .ok_or_else(|| ActivateError::Device("virtio-fs server is gone".into()))?;
-        let seccomp = Arc::new(
-            crate::seccomp::fs_worker_filter().map_err(|e| ActivateError::Device(e.to_string()))?,
-        );
-        for (index, (queue, event)) in queues.into_iter().zip(queue_events).enumerate() {
+        if self.stop.is_some() || !self.workers.is_empty() {
+            return Err(ActivateError::Device(
+                "virtio-fs device activated twice without a reset".into(),
+            ));
+        }
+        let seccomp = if self.seccomp {
+            Some(Arc::new(
+                crate::seccomp::fs_worker_filter()
+                    .map_err(|e| ActivateError::Device(e.to_string()))?,
+            ))
+        } else {
+            None
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let mut workers = Vec::with_capacity(queues.len());
+        let mut spawn = |index, queue, event| -> Result<(), ActivateError> {
             let worker = QueueWorker {
                 tag: self.tag.clone(),
                 index,
                 mem: mem.clone(),
                 queue,
                 event,
+                stop: stop.try_clone().map_err(ActivateError::Worker)?,
                 interrupt: interrupt.clone(),
-                server: server.clone(),
-                seccomp: Some(seccomp.clone()),
+                server: self.server.clone(),
+                seccomp: seccomp.clone(),
+                counters: self.counters.clone(),
             };
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("fs-{}-q{index}", self.tag))
                 .spawn(move || worker.run())
                 .map_err(ActivateError::Worker)?;
+            workers.push(handle);
+            Ok(())
+        };
+        let mut spawned = Ok(());
+        for (index, (queue, event)) in queues.into_iter().zip(queue_events).enumerate() {
+            spawned = spawn(index, queue, event);
+            if spawned.is_err() {
+                break;
+            }
         }
-        Ok(())
+        // Workers already started are stopped again if a later one could not start.
+        self.workers = workers;
+        self.stop = Some(stop);
+        if spawned.is_err() {
+            self.stop_workers();
+        }
+        spawned
+    }
+
+    /// Stops and joins the queue workers, ends the guest's FUSE session (the filesystem
+    /// forgets the guest's inodes and handles: the driver starts again with FUSE_INIT) and
+    /// forgets the negotiated features.
+    fn reset(&mut self) -> bool {
+        let was_active = self.stop.is_some();
+        self.stop_workers();
+        if was_active {
+            self.fs.destroy();
+        }
+        self.acked_features = 0;
+        true
+    }
+}
+
+#[cfg(test)]
+impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
+    /// The device without the workers' seccomp filter, for tests that cannot install one.
+    pub fn without_seccomp(mut self) -> Self {
+        self.seccomp = false;
+        self
     }
 }

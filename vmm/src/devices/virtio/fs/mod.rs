@@ -8,3 +8,4 @@ mod tests;
 mod worker;
 
 pub use device::{FsDevice, FsDeviceError, MAX_TAG_LEN};
+pub use worker::FsCounters;
