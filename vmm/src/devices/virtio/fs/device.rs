@@ -11,6 +11,7 @@ use fuse_backend_rs::api::server::Server;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{FsCounters, QueueWorker};
+use crate::devices::log_limit::error_limited;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, TYPE_FS, VIRTIO_F_VERSION_1,
 };
@@ -84,7 +85,7 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
         }
         for worker in self.workers.drain(..) {
             if worker.join().is_err() {
-                tracing::error!("virtio-fs {}: a queue worker panicked", self.tag);
+                error_limited!("virtio-fs {}: a queue worker panicked", self.tag);
             }
         }
     }

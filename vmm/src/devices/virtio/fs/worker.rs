@@ -14,7 +14,7 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::log_limit::warn_limited;
+use crate::devices::log_limit::{error_limited, warn_limited};
 use crate::devices::virtio::VirtioInterrupt;
 
 /// Guest-triggered events of one virtio-fs device, for a future metrics endpoint.
@@ -47,7 +47,7 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
     pub fn run(mut self) {
         if let Some(filter) = &self.seccomp {
             if let Err(e) = crate::seccomp::apply_to_current_thread(filter) {
-                tracing::error!(
+                error_limited!(
                     "virtio-fs {} queue {}: not serving without its seccomp filter: {e}",
                     self.tag,
                     self.index
@@ -64,7 +64,7 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
                 Ok(false) => {}
                 Err(e) => {
                     self.counters.queue_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(
+                    error_limited!(
                         "virtio-fs {} queue {}: queue error, worker stops: {e:?}",
                         self.tag,
                         self.index
@@ -102,7 +102,7 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
             }
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
-                tracing::error!("virtio-fs {}: poll failed: {err}", self.tag);
+                error_limited!("virtio-fs {}: poll failed: {err}", self.tag);
                 return false;
             }
         }
