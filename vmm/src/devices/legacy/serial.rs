@@ -298,7 +298,11 @@ impl LogFile {
 
     fn rotate(&mut self) -> std::io::Result<()> {
         self.file.flush()?;
-        std::fs::rename(&self.path, &self.rotated)?;
+        match std::fs::rename(&self.path, &self.rotated) {
+            // Removed from under us: start a new one all the same.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            other => other?,
+        }
         self.file = Self::open(&self.path)?;
         self.written = 0;
         Ok(())

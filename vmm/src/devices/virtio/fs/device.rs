@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
@@ -22,6 +23,8 @@ const QUEUE_SIZE: u16 = 1024;
 /// hiprio + one request queue.
 const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 const REQUEST_QUEUES: u32 = 1;
+/// How long a reset waits for the queue workers to finish the requests they are serving.
+const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FsDeviceError {
@@ -40,6 +43,8 @@ pub struct FsDevice<F: FileSystem + Send + Sync + 'static> {
     /// While activated: the running queue workers and the event that stops them.
     workers: Vec<JoinHandle<()>>,
     stop: Option<EventFd>,
+    /// How long a reset waits for the workers ([`WORKER_STOP_TIMEOUT`] outside unit tests).
+    stop_timeout: Duration,
     counters: Arc<FsCounters>,
 }
 
@@ -63,6 +68,7 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
             seccomp: true,
             workers: Vec::new(),
             stop: None,
+            stop_timeout: WORKER_STOP_TIMEOUT,
             counters: Arc::new(FsCounters::default()),
         })
     }
@@ -72,28 +78,44 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
         self.counters.clone()
     }
 
-    /// Signals the workers to stop and joins their threads.
-    fn stop_workers(&mut self) {
-        if let Some(stop) = self.stop.take() {
+    /// Signals the workers to stop and joins their threads, waiting at most `timeout` for a
+    /// worker inside a long FUSE request; returns whether they are all gone. Workers still
+    /// running are kept (with the stop event, which stays signalled) for a later attempt.
+    fn stop_workers(&mut self, timeout: Duration) -> bool {
+        if let Some(stop) = &self.stop {
             if let Err(e) = stop.write(1) {
-                // Cannot happen for an eventfd below its maximum; the workers would then
-                // only stop when their queue eventfds close, so do not wait for them.
-                tracing::error!("virtio-fs {}: cannot stop the workers: {e}", self.tag);
-                self.workers.clear();
-                return;
+                error_limited!("virtio-fs {}: cannot stop the workers: {e}", self.tag);
+                return false;
             }
         }
-        for worker in self.workers.drain(..) {
+        let deadline = Instant::now() + timeout;
+        while self.workers.iter().any(|w| !w.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let (done, running): (Vec<_>, Vec<_>) =
+            self.workers.drain(..).partition(|w| w.is_finished());
+        for worker in done {
             if worker.join().is_err() {
                 error_limited!("virtio-fs {}: a queue worker panicked", self.tag);
             }
         }
+        self.workers = running;
+        if !self.workers.is_empty() {
+            error_limited!(
+                "virtio-fs {}: {} queue workers did not stop within {timeout:?}",
+                self.tag,
+                self.workers.len()
+            );
+            return false;
+        }
+        self.stop = None;
+        true
     }
 }
 
 impl<F: FileSystem + Send + Sync + 'static> Drop for FsDevice<F> {
     fn drop(&mut self) {
-        self.stop_workers();
+        self.stop_workers(self.stop_timeout);
     }
 }
 
@@ -181,17 +203,20 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
         self.workers = workers;
         self.stop = Some(stop);
         if spawned.is_err() {
-            self.stop_workers();
+            self.stop_workers(self.stop_timeout);
         }
         spawned
     }
 
     /// Stops and joins the queue workers, ends the guest's FUSE session (the filesystem
     /// forgets the guest's inodes and handles: the driver starts again with FUSE_INIT) and
-    /// forgets the negotiated features.
+    /// forgets the negotiated features. Fails, leaving the device as it is, when a worker is
+    /// stuck in a request for longer than the stop timeout ([`WORKER_STOP_TIMEOUT`]).
     fn reset(&mut self) -> bool {
         let was_active = self.stop.is_some();
-        self.stop_workers();
+        if !self.stop_workers(self.stop_timeout) {
+            return false;
+        }
         if was_active {
             self.fs.destroy();
         }
@@ -205,6 +230,12 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
     /// The device without the workers' seccomp filter, for tests that cannot install one.
     pub fn without_seccomp(mut self) -> Self {
         self.seccomp = false;
+        self
+    }
+
+    /// The device with a shorter wait for its workers on reset.
+    pub fn with_stop_timeout(mut self, timeout: Duration) -> Self {
+        self.stop_timeout = timeout;
         self
     }
 }

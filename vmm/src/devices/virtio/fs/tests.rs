@@ -581,3 +581,95 @@ fn reset_joins_the_workers_and_the_device_serves_again() {
         "dropping the device joins its workers"
     );
 }
+
+/// A filesystem whose FUSE_INIT blocks until the test opens the gate.
+struct StuckFs {
+    entered: std::sync::atomic::AtomicBool,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl fuse_backend_rs::api::filesystem::FileSystem for StuckFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(
+        &self,
+        _capable: fuse_backend_rs::abi::fuse_abi::FsOptions,
+    ) -> std::io::Result<fuse_backend_rs::abi::fuse_abi::FsOptions> {
+        self.entered
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.gate.lock().unwrap().recv();
+        Ok(fuse_backend_rs::abi::fuse_abi::FsOptions::empty())
+    }
+}
+
+#[test]
+fn a_worker_stuck_in_a_request_makes_reset_fail_until_it_returns() {
+    use crate::devices::virtio::mmio::tests::{negotiate, rd, setup_queue, wr};
+    use crate::devices::virtio::STATUS_NEEDS_RESET;
+    let fx = Fixture::new();
+    let (open, gate) = std::sync::mpsc::channel();
+    let fs = Arc::new(StuckFs {
+        entered: false.into(),
+        gate: gate.into(),
+    });
+    let device = FsDevice::new("stk", fs.clone())
+        .unwrap()
+        .with_stop_timeout(std::time::Duration::from_millis(100));
+    let irq = Arc::new(VirtioInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    let mut t = MmioTransport::new(Box::new(device), fx.mem.clone(), irq).unwrap();
+    let mut driver = TestDriver::at(&fx.mem, GuestAddress(0x4_0000), 16);
+    negotiate(&mut t);
+    setup_queue(&mut t, 0, 16, 0x8_0000);
+    wr(&mut t, 0x30, 1);
+    wr(&mut t, 0x38, 16);
+    let [desc, avail, used] = driver.ring_addresses();
+    for (reg, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+        wr(&mut t, reg, addr as u32);
+        wr(&mut t, reg + 4, 0);
+    }
+    wr(&mut t, 0x44, 1);
+    wr(&mut t, 0x70, 0xf);
+    assert_eq!(rd(&mut t, 0x70), 0xf);
+    let req = request(FUSE_INIT, 1, 0, &init_body());
+    fx.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+    driver.push_chain(&[
+        Buffer {
+            addr: REQ,
+            len: req.len() as u32,
+            writable: false,
+        },
+        Buffer {
+            addr: REPLY,
+            len: 4096,
+            writable: true,
+        },
+    ]);
+    wr(&mut t, 0x50, 1);
+    let entered = || Some(()).filter(|_| fs.entered.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(eventually(entered).is_some());
+
+    // The request never ends: the reset gives up and the device needs a reset.
+    wr(&mut t, 0x70, 0);
+    assert_eq!(rd(&mut t, 0x70), STATUS_NEEDS_RESET);
+    assert_eq!(
+        threads_named("fs-stk-q"),
+        1,
+        "the stuck worker is still there"
+    );
+    wr(&mut t, 0x70, 1);
+    assert_eq!(
+        rd(&mut t, 0x70),
+        STATUS_NEEDS_RESET,
+        "nothing until a reset"
+    );
+
+    // Once the request returns, a reset succeeds.
+    open.send(()).unwrap();
+    assert!(eventually(|| driver.pop_used()).is_some());
+    wr(&mut t, 0x70, 0);
+    assert_eq!(rd(&mut t, 0x70), 0);
+    assert_eq!(threads_named("fs-stk-q"), 0);
+}
