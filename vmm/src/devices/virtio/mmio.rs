@@ -158,7 +158,9 @@ impl MmioTransport {
             return;
         };
         if !f(queue) {
-            self.queue_invalid[index] = true;
+            if let Some(invalid) = self.queue_invalid.get_mut(index) {
+                *invalid = true;
+            }
             count(&self.counters.refused_writes);
             debug_limited!("virtio-mmio: invalid {register} for queue {index}");
         }
@@ -325,7 +327,7 @@ impl MmioTransport {
             return Err("the device is already active".into());
         }
         for (index, q) in self.queues.iter().enumerate() {
-            if self.queue_invalid[index] {
+            if self.queue_invalid.get(index) != Some(&false) {
                 return Err(format!("queue {index} was given an invalid configuration"));
             }
             if !q.ready() {
