@@ -1,7 +1,8 @@
 //! Turns a validated spec into a running VM, in one readable sequence: host checks, KVM VM,
-//! guest memory, kernel/initrd/boot info, legacy devices, vCPUs.
+//! guest memory, kernel/initrd/boot info, legacy devices (with the serial console's writer
+//! thread), virtio devices, vCPUs; and the running VM's end, which writes out buffered console
+//! output.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,7 +18,9 @@ use crate::config::{ImageSettings, SerialOutput, SpecError, VmSpec};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::guest_report::{GuestReport, GUEST_REPORT_BASE, GUEST_REPORT_LEN};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
-use crate::devices::legacy::serial::{SerialDevice, SerialOut, COM1_BASE, COM1_IRQ, COM1_LEN};
+use crate::devices::legacy::serial::{
+    LogFile, SerialDevice, SerialOut, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN, DRAIN_TIMEOUT,
+};
 use crate::devices::virtio::mmio::{
     MmioTransport, TransportError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
@@ -78,16 +81,24 @@ pub enum BuildError {
 pub struct RunningVm {
     pub exit: ExitSignal,
     pub serial: Arc<Mutex<SerialDevice>>,
+    serial_writer: SerialWriter,
     _vcpu_threads: Vec<JoinHandle<()>>,
     _memory: GuestMemoryMmap,
     _vm: Vm,
 }
 
 impl RunningVm {
-    /// Blocks until the VM ends.
+    /// Blocks until the VM ends, then writes out the guest's buffered console output (waiting
+    /// at most [`DRAIN_TIMEOUT`] for a sink that does not take it).
     pub fn wait(&self) -> VmExit {
         let reason = self.exit.wait();
-        crate::devices::bus::lock(&self.serial).flush();
+        if !self.serial_writer.drain(DRAIN_TIMEOUT) {
+            tracing::warn!("the guest's last console output could not be written out");
+        }
+        let dropped = self.serial_writer.dropped();
+        if dropped > 0 {
+            tracing::warn!("{dropped} bytes of guest console output were dropped (sink too slow)");
+        }
         reason
     }
 }
@@ -101,38 +112,21 @@ fn host_memory_mib() -> Option<u64> {
 }
 
 fn serial_output(spec: &SerialOutput) -> Result<SerialOut, BuildError> {
+    if let Some((path, max_bytes)) = spec.log_file() {
+        let file = LogFile::create(path, max_bytes).map_err(|source| BuildError::SerialFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+        return Ok(Box::new(file));
+    }
     Ok(match spec {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Off => Box::new(std::io::sink()),
-        SerialOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| BuildError::SerialFile {
-                path: path.display().to_string(),
-                source,
-            })?)
-        }
+        _ => Box::new(std::io::stdout()),
     })
 }
 
 fn device_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Device { what, source }
-}
-
-/// How often a partial line of guest output (a prompt) is written out.
-const SERIAL_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
-
-fn spawn_serial_flusher(serial: &Arc<Mutex<SerialDevice>>) -> Result<(), BuildError> {
-    let serial = Arc::downgrade(serial);
-    std::thread::Builder::new()
-        .name("serial-flush".into())
-        .spawn(move || {
-            while let Some(serial) = serial.upgrade() {
-                crate::devices::bus::lock(&serial).flush();
-                drop(serial);
-                std::thread::sleep(SERIAL_FLUSH_INTERVAL);
-            }
-        })
-        .map(|_| ())
-        .map_err(device_err("serial flush thread"))
 }
 
 /// Interrupt lines for virtio devices: IOAPIC pins after the legacy ones (COM1 uses 4).
@@ -250,11 +244,9 @@ pub fn build(
             what: "serial irqfd",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        serial_output(&spec.serial)?,
-    )));
-    spawn_serial_flusher(&serial)?;
+    let (serial_out, serial_writer) =
+        SerialWriter::spawn(serial_output(&spec.serial)?).map_err(device_err("serial writer"))?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
     pio.insert(
@@ -287,6 +279,7 @@ pub fn build(
     Ok(RunningVm {
         exit,
         serial,
+        serial_writer,
         _vcpu_threads: vcpu_threads,
         _memory: guest_memory,
         _vm: vm,

@@ -1,6 +1,6 @@
 //! The vmm binary against the freestanding test guest on this machine's own /dev/kvm: the
-//! 64-bit and PVH entries, serial output, the guest-report ports, reboot and triple fault,
-//! and every kind of bad input. Each boot takes milliseconds.
+//! 64-bit and PVH entries, serial output (stdout, files, capped logs), the guest-report ports,
+//! reboot and triple fault, and every kind of bad input. Each boot takes milliseconds.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -171,6 +171,39 @@ fn serial_to_a_file_and_off() {
     let out = boot("exit0", &["--serial", "off"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(text(&out.stdout).is_empty());
+}
+
+#[test]
+fn serial_log_is_capped_rotated_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("console.log");
+    let spec = dir.path().join("vm.json");
+    let json = serde_json::json!({
+        "kernel": guest("exit0"),
+        "memory_mib": 32,
+        "serial": {"log": log, "max_bytes": 16},
+    });
+    std::fs::write(&spec, json.to_string()).unwrap();
+    let out = vmm(&["--config", spec.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).is_empty());
+    let rotated = dir.path().join("console.log.1");
+    for path in [&log, &rotated] {
+        let meta = std::fs::metadata(path).unwrap();
+        assert!(
+            meta.len() <= 16,
+            "{} has {} bytes",
+            path.display(),
+            meta.len()
+        );
+        let mode = meta.permissions().mode() & 0o777;
+        assert_eq!(mode & !0o640, 0, "{} has mode {mode:o}", path.display());
+    }
+    assert_eq!(std::fs::metadata(&rotated).unwrap().len(), 16);
 }
 
 #[test]

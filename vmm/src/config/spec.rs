@@ -23,14 +23,100 @@ pub const BASE_CMDLINE: &str =
 const MAX_INIT_ARGS: usize = 31;
 const MAX_INIT_ENVS: usize = 30;
 
-/// Where the guest's serial console goes.
+/// The cap of a serial file given as `{"file": PATH}` (it rotates to `PATH.1` when full).
+pub const DEFAULT_SERIAL_FILE_MAX_BYTES: u64 = 64 << 20;
+
+/// Where the guest's serial console goes. In JSON: `"stdout"`, `"off"`, `{"file": PATH}` (a
+/// log of at most [`DEFAULT_SERIAL_FILE_MAX_BYTES`]) or `{"log": PATH, "max_bytes": N}`. A log
+/// file that reaches its cap is renamed to `PATH.1` (replacing the previous one) and started
+/// afresh, so the console takes at most twice the cap on disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "SerialRepr", into = "SerialRepr")]
 pub enum SerialOutput {
     #[default]
     Stdout,
     Off,
     File(PathBuf),
+    Log {
+        path: PathBuf,
+        max_bytes: u64,
+    },
+}
+
+impl SerialOutput {
+    /// The log file and its cap, when the output goes to a file.
+    pub fn log_file(&self) -> Option<(&std::path::Path, u64)> {
+        match self {
+            SerialOutput::File(path) => Some((path, DEFAULT_SERIAL_FILE_MAX_BYTES)),
+            SerialOutput::Log { path, max_bytes } => Some((path, *max_bytes)),
+            SerialOutput::Stdout | SerialOutput::Off => None,
+        }
+    }
+}
+
+/// The JSON forms of [`SerialOutput`].
+#[derive(Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "serial must be \"stdout\", \"off\", {\"file\": PATH} or {\"log\": PATH, \"max_bytes\": N}"
+)]
+enum SerialRepr {
+    Named(SerialName),
+    File(SerialFileRepr),
+    Log(SerialLogRepr),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SerialName {
+    Stdout,
+    Off,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SerialFileRepr {
+    file: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SerialLogRepr {
+    log: PathBuf,
+    max_bytes: u64,
+}
+
+impl TryFrom<SerialRepr> for SerialOutput {
+    type Error = String;
+
+    fn try_from(repr: SerialRepr) -> Result<Self, String> {
+        Ok(match repr {
+            SerialRepr::Named(SerialName::Stdout) => SerialOutput::Stdout,
+            SerialRepr::Named(SerialName::Off) => SerialOutput::Off,
+            SerialRepr::File(f) => SerialOutput::File(f.file),
+            SerialRepr::Log(SerialLogRepr { max_bytes: 0, .. }) => {
+                return Err("serial log max_bytes must be at least 1".into())
+            }
+            SerialRepr::Log(l) => SerialOutput::Log {
+                path: l.log,
+                max_bytes: l.max_bytes,
+            },
+        })
+    }
+}
+
+impl From<SerialOutput> for SerialRepr {
+    fn from(out: SerialOutput) -> Self {
+        match out {
+            SerialOutput::Stdout => SerialRepr::Named(SerialName::Stdout),
+            SerialOutput::Off => SerialRepr::Named(SerialName::Off),
+            SerialOutput::File(file) => SerialRepr::File(SerialFileRepr { file }),
+            SerialOutput::Log { path, max_bytes } => SerialRepr::Log(SerialLogRepr {
+                log: path,
+                max_bytes,
+            }),
+        }
+    }
 }
 
 /// Which entry protocol an ELF kernel is booted with. bzImages always use the 64-bit Linux
@@ -256,6 +342,26 @@ mod tests {
         assert_eq!(s.serial, SerialOutput::File("/tmp/x".into()));
         let s: VmSpec = serde_json::from_str(r#"{"kernel": "/k", "serial": "off"}"#).unwrap();
         assert_eq!(s.serial, SerialOutput::Off);
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "serial": {"log": "/tmp/c.log", "max_bytes": 4096}}"#,
+        )
+        .unwrap();
+        let log = SerialOutput::Log {
+            path: "/tmp/c.log".into(),
+            max_bytes: 4096,
+        };
+        assert_eq!(s.serial, log);
+        let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back.serial, log, "round trip");
+        for bad in [
+            r#"{"log": "/tmp/c.log", "max_bytes": 0}"#,
+            r#"{"log": "/tmp/c.log"}"#,
+            r#"{"file": "/tmp/x", "max": 1}"#,
+            r#""tty""#,
+        ] {
+            let json = format!(r#"{{"kernel": "/k", "serial": {bad}}}"#);
+            assert!(serde_json::from_str::<VmSpec>(&json).is_err(), "{bad}");
+        }
         let err = serde_json::from_str::<VmSpec>(r#"{"kernel": "/k", "vcpu": 2}"#).unwrap_err();
         assert!(err.to_string().contains("unknown field `vcpu`"), "{err}");
     }

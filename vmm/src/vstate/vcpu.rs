@@ -9,6 +9,7 @@ use vm_memory::GuestAddress;
 
 use crate::arch::x86_64::{cpuid, interrupts, msrs, regs};
 use crate::devices::bus::Bus;
+use crate::devices::log_limit::debug_limited;
 use crate::exit::{ExitSignal, VmExit};
 use crate::vstate::vm::Vm;
 
@@ -153,7 +154,7 @@ impl Vcpu {
                     self.register_dump()
                 ))),
                 Ok(other) => {
-                    tracing::debug!("vCPU {}: ignored exit {other:?}", self.index);
+                    debug_limited!("vCPU {}: ignored exit {other:?}", self.index);
                     None
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,

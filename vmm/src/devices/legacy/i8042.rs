@@ -4,6 +4,9 @@
 //!
 //! A controller that never answers (as vm-superio's) makes the Linux driver wait out its
 //! command timeout at every boot, so this one answers like the real part.
+//!
+//! The guest can issue commands without ever reading the answers: the output buffer holds at
+//! most [`OUTPUT_CAPACITY`] bytes (as Firecracker's); answers past that are dropped and counted.
 
 use std::collections::VecDeque;
 
@@ -39,6 +42,9 @@ const CMD_WRITE_OUTPUT_PORT: u8 = 0xd1;
 const CMD_WRITE_AUX: u8 = 0xd4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
+/// Bytes the output buffer holds; answers beyond it are dropped.
+pub const OUTPUT_CAPACITY: usize = 16;
+
 const SELF_TEST_OK: u8 = 0x55;
 const KBD_ACK: u8 = 0xfa;
 const KBD_RESET_OK: u8 = 0xaa;
@@ -59,6 +65,7 @@ pub struct I8042<T: Trigger> {
     output: VecDeque<u8>,
     pending: Pending,
     last_was_command: bool,
+    dropped: u64,
 }
 
 impl<T: Trigger> I8042<T> {
@@ -67,10 +74,25 @@ impl<T: Trigger> I8042<T> {
         Self {
             reset,
             control: CTR_KBD_INT | CTR_SYSTEM_FLAG | CTR_TRANSLATE,
-            output: VecDeque::new(),
+            output: VecDeque::with_capacity(OUTPUT_CAPACITY),
             pending: Pending::KeyboardCommand,
             last_was_command: false,
+            dropped: 0,
         }
+    }
+
+    /// Answer bytes dropped because the guest did not read the output buffer.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Queues an answer byte; drops (and counts) it when the buffer is full.
+    fn push(&mut self, byte: u8) {
+        if self.output.len() >= OUTPUT_CAPACITY {
+            self.dropped = self.dropped.saturating_add(1);
+            return;
+        }
+        self.output.push_back(byte);
     }
 
     fn status(&self) -> u8 {
@@ -87,13 +109,13 @@ impl<T: Trigger> I8042<T> {
     fn command(&mut self, command: u8) {
         self.last_was_command = true;
         match command {
-            CMD_READ_CTR => self.output.push_back(self.control),
+            CMD_READ_CTR => self.push(self.control),
             CMD_WRITE_CTR => self.pending = Pending::ControlByte,
-            CMD_SELF_TEST => self.output.push_back(SELF_TEST_OK),
-            CMD_KBD_TEST | CMD_AUX_TEST => self.output.push_back(0x00),
+            CMD_SELF_TEST => self.push(SELF_TEST_OK),
+            CMD_KBD_TEST | CMD_AUX_TEST => self.push(0x00),
             CMD_KBD_DISABLE => self.control |= CTR_KBD_DISABLED,
             CMD_KBD_ENABLE => self.control &= !CTR_KBD_DISABLED,
-            CMD_READ_OUTPUT_PORT => self.output.push_back(0x01),
+            CMD_READ_OUTPUT_PORT => self.push(0x01),
             CMD_WRITE_OUTPUT_PORT => self.pending = Pending::OutputPort,
             CMD_WRITE_AUX => self.pending = Pending::AuxData,
             CMD_RESET_CPU => {
@@ -111,9 +133,9 @@ impl<T: Trigger> I8042<T> {
             Pending::ControlByte => self.control = value,
             Pending::OutputPort | Pending::AuxData => {}
             Pending::KeyboardCommand => {
-                self.output.push_back(KBD_ACK);
+                self.push(KBD_ACK);
                 if value == KBD_CMD_RESET {
-                    self.output.push_back(KBD_RESET_OK);
+                    self.push(KBD_RESET_OK);
                 }
             }
         }
@@ -199,5 +221,20 @@ mod tests {
             (KBD_ACK, KBD_RESET_OK)
         );
         assert!(!fired.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn unread_answers_are_bounded_and_counted() {
+        let (mut dev, _) = device();
+        for _ in 0..1000 {
+            dev.write(4, &[CMD_SELF_TEST]);
+            dev.write(0, &[KBD_CMD_RESET]);
+        }
+        assert_eq!(dev.output.len(), OUTPUT_CAPACITY);
+        assert_eq!(dev.dropped(), 3000 - OUTPUT_CAPACITY as u64);
+        // The oldest answers are kept, in order.
+        assert_eq!(read(&mut dev, 0), SELF_TEST_OK);
+        assert_eq!(read(&mut dev, 0), KBD_ACK);
+        assert_eq!(read(&mut dev, 0), KBD_RESET_OK);
     }
 }

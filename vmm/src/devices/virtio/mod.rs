@@ -1,6 +1,6 @@
 //! What all virtio devices share: the device trait the transport drives, activation (queues,
-//! their notification eventfds, the interrupt), and the virtio-mmio transport itself. Each
-//! device lives in its own folder.
+//! their notification eventfds, the interrupt) and reset, the device status bits, and the
+//! virtio-mmio transport itself. Each device lives in its own folder.
 
 pub mod fs;
 pub mod interrupt;
@@ -19,6 +19,15 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
 pub const TYPE_FS: u32 = 26;
+
+/// Device status bits (virtio 1.2 section 2.1), set by the driver in this order, except
+/// NEEDS_RESET which only the device sets.
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
 
 /// Feature bit every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -53,6 +62,12 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Returns the device to its state before activation: its workers are stopped and their
+    /// threads joined (none touches the old queues afterwards), negotiated features are
+    /// forgotten, and it can be activated again. Also called on a device never activated.
+    /// Returns false when the device could not be reset; the transport then reports
+    /// DEVICE_NEEDS_RESET and refuses to activate it again.
+    fn reset(&mut self) -> bool;
 }
 
 /// Reads `data.len()` bytes at `offset` from a config space, zero past its end.

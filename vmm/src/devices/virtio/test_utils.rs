@@ -26,9 +26,14 @@ pub struct Buffer {
 
 impl<'a> TestDriver<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+        Self::at(mem, GuestAddress(0), size)
+    }
+
+    /// A queue whose rings start at `base`.
+    pub fn at(mem: &'a GuestMemoryMmap, base: GuestAddress, size: u16) -> Self {
         Self {
             mem,
-            layout: MockSplitQueue::create(mem, GuestAddress(0), size),
+            layout: MockSplitQueue::create(mem, base, size),
             next_desc: 0,
             avail_idx: 0,
             used_seen: 0,
@@ -39,6 +44,15 @@ impl<'a> TestDriver<'a> {
     /// The device side of this queue.
     pub fn queue(&self) -> Queue {
         self.layout.create_queue().expect("valid test queue")
+    }
+
+    /// Guest addresses of the descriptor table, available ring and used ring.
+    pub fn ring_addresses(&self) -> [u64; 3] {
+        [
+            self.layout.desc_table_addr().0,
+            self.layout.avail_addr().0,
+            self.layout.used_addr().0,
+        ]
     }
 
     /// Publishes a chain and returns its head index.

@@ -10,3 +10,4 @@ mod worker;
 
 pub use device::{FsDevice, FsDeviceError, MAX_TAG_LEN};
 pub use thread_context::enter_fs_context;
+pub use worker::FsCounters;

@@ -7,7 +7,9 @@ use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::QueueWorker;
+use super::worker::{FsCounters, QueueWorker};
+use super::FsDevice;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::test_utils::{Buffer, TestDriver};
 use crate::devices::virtio::VirtioInterrupt;
 use fuse_backend_rs::api::server::Server;
@@ -67,7 +69,7 @@ impl Fixture {
         Self { _dir: dir, mem }
     }
 
-    fn worker(&self, driver: &TestDriver) -> QueueWorker<PassthroughFs> {
+    fn fs(&self) -> PassthroughFs {
         let cfg = Config {
             root_dir: self._dir.path().to_str().unwrap().to_string(),
             do_import: true,
@@ -80,17 +82,24 @@ impl Fixture {
         super::enter_fs_context().unwrap();
         let fs = PassthroughFs::<()>::new(cfg).unwrap();
         fs.import().unwrap();
+        fs
+    }
+
+    fn worker(&self, driver: &TestDriver) -> QueueWorker<PassthroughFs> {
+        let fs = self.fs();
         QueueWorker {
             tag: "test".into(),
             index: 1,
             mem: self.mem.clone(),
             queue: driver.queue(),
             event: EventFd::new(0).unwrap(),
+            stop: EventFd::new(0).unwrap(),
             interrupt: Arc::new(VirtioInterrupt::new(
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             )),
             server: Arc::new(Server::new(Arc::new(fs))),
             seccomp: None,
+            counters: Arc::new(FsCounters::default()),
         }
     }
 
@@ -452,4 +461,219 @@ fn hostile_names_never_leave_the_shared_tree() {
         "opening a symlink must not follow it on the host"
     );
     assert!(!outside.exists());
+}
+
+/// Threads of this process whose name starts with `prefix`.
+fn threads_named(prefix: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+/// Polls `f` for up to 5 s.
+fn eventually<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Through the MMIO registers, as the guest's driver: bring the device up with the request
+/// queue at `driver`'s rings, send FUSE_INIT and a lookup, and check the replies.
+fn bring_up_and_serve(fx: &Fixture, t: &mut MmioTransport, driver: &mut TestDriver, unique: u64) {
+    use crate::devices::virtio::mmio::tests::{negotiate, rd, setup_queue, wr};
+    negotiate(t);
+    setup_queue(t, 0, 16, 0x8_0000);
+    wr(t, 0x30, 1);
+    wr(t, 0x38, 16);
+    let [desc, avail, used] = driver.ring_addresses();
+    for (reg, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+        wr(t, reg, addr as u32);
+        wr(t, reg + 4, (addr >> 32) as u32);
+    }
+    wr(t, 0x44, 1);
+    wr(t, 0x70, 0xf);
+    assert_eq!(rd(t, 0x70), 0xf, "device running");
+    for (i, req) in [
+        request(FUSE_INIT, unique, 0, &init_body()),
+        request(FUSE_LOOKUP, unique + 1, 1, b"hello.txt\0"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        fx.mem.write_slice(req, GuestAddress(REQ)).unwrap();
+        driver.push_chain(&[
+            Buffer {
+                addr: REQ,
+                len: req.len() as u32,
+                writable: false,
+            },
+            Buffer {
+                addr: REPLY,
+                len: 4096,
+                writable: true,
+            },
+        ]);
+        wr(t, 0x50, 1);
+        let (_, len) = eventually(|| driver.pop_used()).expect("the worker answers");
+        let mut reply = vec![0u8; len as usize];
+        fx.mem.read_slice(&mut reply, GuestAddress(REPLY)).unwrap();
+        assert_eq!(
+            i32::from_le_bytes(reply[4..8].try_into().unwrap()),
+            0,
+            "request {i}"
+        );
+    }
+}
+
+#[test]
+fn reset_joins_the_workers_and_the_device_serves_again() {
+    use crate::devices::virtio::mmio::tests::{rd, wr};
+    let fx = Fixture::new();
+    let device = FsDevice::new("rst", Arc::new(fx.fs())).unwrap();
+    let irq = Arc::new(VirtioInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    let mut t = MmioTransport::new(Box::new(device), fx.mem.clone(), irq).unwrap();
+    for q in 0..2 {
+        wr(&mut t, 0x30, q);
+        assert_eq!(rd(&mut t, 0x34), 1024, "QueueNumMax");
+    }
+    wr(&mut t, 0x30, 2);
+    assert_eq!(rd(&mut t, 0x34), 0, "no third queue");
+
+    let mut first = TestDriver::at(&fx.mem, GuestAddress(0x4_0000), 16);
+    bring_up_and_serve(&fx, &mut t, &mut first, 1);
+    assert_eq!(
+        eventually(|| Some(threads_named("fs-rst-q")).filter(|n| *n == 2)),
+        Some(2)
+    );
+
+    wr(&mut t, 0x70, 0);
+    assert_eq!(rd(&mut t, 0x70), 0);
+    // reset() joined the workers: their threads are gone at once.
+    assert_eq!(threads_named("fs-rst-q"), 0, "old workers still running");
+    // Nothing serves the old rings any more.
+    first.push_chain(&[Buffer {
+        addr: REQ,
+        len: 40,
+        writable: false,
+    }]);
+    wr(&mut t, 0x50, 1);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(first.pop_used(), None);
+
+    // The driver sets the device up again on new rings: a fresh FUSE session.
+    let mut second = TestDriver::at(&fx.mem, GuestAddress(0x6_0000), 16);
+    bring_up_and_serve(&fx, &mut t, &mut second, 10);
+    assert_eq!(
+        eventually(|| Some(threads_named("fs-rst-q")).filter(|n| *n == 2)),
+        Some(2)
+    );
+    drop(t);
+    assert_eq!(
+        threads_named("fs-rst-q"),
+        0,
+        "dropping the device joins its workers"
+    );
+}
+
+/// A filesystem whose FUSE_INIT blocks until the test opens the gate.
+struct StuckFs {
+    entered: std::sync::atomic::AtomicBool,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl fuse_backend_rs::api::filesystem::FileSystem for StuckFs {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(
+        &self,
+        _capable: fuse_backend_rs::abi::fuse_abi::FsOptions,
+    ) -> std::io::Result<fuse_backend_rs::abi::fuse_abi::FsOptions> {
+        self.entered
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.gate.lock().unwrap().recv();
+        Ok(fuse_backend_rs::abi::fuse_abi::FsOptions::empty())
+    }
+}
+
+#[test]
+fn a_worker_stuck_in_a_request_makes_reset_fail_until_it_returns() {
+    use crate::devices::virtio::mmio::tests::{negotiate, rd, setup_queue, wr};
+    use crate::devices::virtio::STATUS_NEEDS_RESET;
+    let fx = Fixture::new();
+    let (open, gate) = std::sync::mpsc::channel();
+    let fs = Arc::new(StuckFs {
+        entered: false.into(),
+        gate: gate.into(),
+    });
+    let device = FsDevice::new("stk", fs.clone())
+        .unwrap()
+        .with_stop_timeout(std::time::Duration::from_millis(100));
+    let irq = Arc::new(VirtioInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    let mut t = MmioTransport::new(Box::new(device), fx.mem.clone(), irq).unwrap();
+    let mut driver = TestDriver::at(&fx.mem, GuestAddress(0x4_0000), 16);
+    negotiate(&mut t);
+    setup_queue(&mut t, 0, 16, 0x8_0000);
+    wr(&mut t, 0x30, 1);
+    wr(&mut t, 0x38, 16);
+    let [desc, avail, used] = driver.ring_addresses();
+    for (reg, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
+        wr(&mut t, reg, addr as u32);
+        wr(&mut t, reg + 4, 0);
+    }
+    wr(&mut t, 0x44, 1);
+    wr(&mut t, 0x70, 0xf);
+    assert_eq!(rd(&mut t, 0x70), 0xf);
+    let req = request(FUSE_INIT, 1, 0, &init_body());
+    fx.mem.write_slice(&req, GuestAddress(REQ)).unwrap();
+    driver.push_chain(&[
+        Buffer {
+            addr: REQ,
+            len: req.len() as u32,
+            writable: false,
+        },
+        Buffer {
+            addr: REPLY,
+            len: 4096,
+            writable: true,
+        },
+    ]);
+    wr(&mut t, 0x50, 1);
+    let entered = || Some(()).filter(|_| fs.entered.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(eventually(entered).is_some());
+
+    // The request never ends: the reset gives up and the device needs a reset.
+    wr(&mut t, 0x70, 0);
+    assert_eq!(rd(&mut t, 0x70), STATUS_NEEDS_RESET);
+    assert_eq!(
+        threads_named("fs-stk-q"),
+        1,
+        "the stuck worker is still there"
+    );
+    wr(&mut t, 0x70, 1);
+    assert_eq!(
+        rd(&mut t, 0x70),
+        STATUS_NEEDS_RESET,
+        "nothing until a reset"
+    );
+
+    // Once the request returns, a reset succeeds.
+    open.send(()).unwrap();
+    assert!(eventually(|| driver.pop_used()).is_some());
+    wr(&mut t, 0x70, 0);
+    assert_eq!(rd(&mut t, 0x70), 0);
+    assert_eq!(threads_named("fs-stk-q"), 0);
 }

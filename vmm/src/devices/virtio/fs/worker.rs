@@ -1,8 +1,10 @@
-//! One virtio-fs queue's worker: waits for the driver's notifications, turns each descriptor
-//! chain into a FUSE request for the server, and returns the used buffers. A chain the server
-//! cannot parse (or that points outside guest memory) is completed with nothing written.
+//! One virtio-fs queue's worker: waits for the driver's notifications (or the device's stop
+//! event, on reset), turns each descriptor chain into a FUSE request for the server, and
+//! returns the used buffers. A chain the server cannot parse (or that points outside guest
+//! memory) is completed with nothing written, counted, and logged at a limited rate.
 
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
@@ -12,7 +14,19 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::devices::log_limit::{error_limited, warn_limited};
 use crate::devices::virtio::VirtioInterrupt;
+
+/// Guest-triggered events of one virtio-fs device, for a future metrics endpoint.
+#[derive(Debug, Default)]
+pub struct FsCounters {
+    /// Chains whose buffers could not be mapped (outside guest memory, wrong direction).
+    pub malformed_chains: AtomicU64,
+    /// Requests the FUSE server could not decode or answer.
+    pub bad_requests: AtomicU64,
+    /// Queue errors that stopped a worker (bad ring addresses or indices).
+    pub queue_errors: AtomicU64,
+}
 
 pub(super) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
     pub tag: String,
@@ -20,10 +34,13 @@ pub(super) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
     pub mem: GuestMemoryMmap,
     pub queue: Queue,
     pub event: EventFd,
+    /// Signalled when the device is reset: the worker returns.
+    pub stop: EventFd,
     pub interrupt: Arc<VirtioInterrupt>,
     pub server: Arc<Server<Arc<F>>>,
     /// Seccomp filter the worker installs on its own thread before serving the guest.
     pub seccomp: Option<Arc<crate::seccomp::ThreadFilter>>,
+    pub counters: Arc<FsCounters>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
@@ -38,7 +55,7 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
         }
         if let Some(filter) = &self.seccomp {
             if let Err(e) = crate::seccomp::apply_to_current_thread(filter) {
-                tracing::error!(
+                error_limited!(
                     "virtio-fs {} queue {}: not serving without its seccomp filter: {e}",
                     self.tag,
                     self.index
@@ -54,7 +71,8 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
                 Ok(true) => self.interrupt.signal_used_queue(),
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::error!(
+                    self.counters.queue_errors.fetch_add(1, Ordering::Relaxed);
+                    error_limited!(
                         "virtio-fs {} queue {}: queue error, worker stops: {e:?}",
                         self.tag,
                         self.index
@@ -65,23 +83,34 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
         }
     }
 
-    /// Blocks until the queue's eventfd fires; false when it can no longer be waited on.
+    /// Blocks until the queue's eventfd fires; false when the device is stopping or the
+    /// eventfd can no longer be waited on.
     fn wait_for_notification(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.event.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+        let mut pfds = [
+            libc::pollfd {
+                fd: self.event.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
         loop {
-            // SAFETY: `pfd` is a valid pollfd for the duration of the call.
-            let ret = unsafe { libc::poll(&mut pfd, 1, -1) };
+            // SAFETY: `pfds` is a valid array of two pollfds for the duration of the call.
+            let ret = unsafe { libc::poll(pfds.as_mut_ptr(), 2, -1) };
             if ret > 0 {
+                if pfds[1].revents != 0 {
+                    return false;
+                }
                 let _ = self.event.read();
                 return true;
             }
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
-                tracing::error!("virtio-fs {}: poll failed: {err}", self.tag);
+                error_limited!("virtio-fs {}: poll failed: {err}", self.tag);
                 return false;
             }
         }
@@ -116,13 +145,17 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
                 {
                     Ok(written) => u32::try_from(written).unwrap_or(u32::MAX),
                     Err(e) => {
-                        tracing::warn!("virtio-fs {}: bad request: {e}", self.tag);
+                        self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                        warn_limited!("virtio-fs {}: bad request: {e}", self.tag);
                         0
                     }
                 }
             }
             (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!("virtio-fs {}: malformed descriptor chain: {e}", self.tag);
+                self.counters
+                    .malformed_chains
+                    .fetch_add(1, Ordering::Relaxed);
+                warn_limited!("virtio-fs {}: malformed descriptor chain: {e}", self.tag);
                 0
             }
         }
