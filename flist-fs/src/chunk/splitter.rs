@@ -2,6 +2,7 @@
 //! file is never held in memory whole.
 //!
 //! CDC bounds: min 64 KiB, average 256 KiB, max 1 MiB. Fixed-size default: 512 KiB (as rfs).
+//! No chunker accepts sizes making chunks larger than [`super::MAX_CHUNK_SIZE`] (16 MiB).
 
 use fastcdc::v2020::StreamCDC;
 use serde::{Deserialize, Serialize};
@@ -52,7 +53,7 @@ impl ChunkerKind {
                     Err(format!("invalid CDC sizes min={min} avg={avg} max={max}"))
                 }
             }
-            ChunkerKind::Fixed { size } if size == 0 || size > 16 * 1024 * 1024 => {
+            ChunkerKind::Fixed { size } if size == 0 || size > super::MAX_CHUNK_SIZE => {
                 Err(format!("invalid fixed chunk size {size}"))
             }
             ChunkerKind::Fixed { .. } => Ok(()),
