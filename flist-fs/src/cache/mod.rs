@@ -653,11 +653,18 @@ mod tests {
         let s = c.path(&ChunkId::of(b"s"));
         for p in [
             s.parent().unwrap().to_path_buf(),
-            c.plain_path(&ChunkId::of(b"p")).parent().unwrap().to_path_buf(),
+            c.plain_path(&ChunkId::of(b"p"))
+                .parent()
+                .unwrap()
+                .to_path_buf(),
         ] {
             assert_eq!(mode(&p), 0o700, "{}", p.display());
         }
-        for p in [s, c.plain_path(&ChunkId::of(b"p")), d.path().join("a/cache.key")] {
+        for p in [
+            s,
+            c.plain_path(&ChunkId::of(b"p")),
+            d.path().join("a/cache.key"),
+        ] {
             assert_eq!(mode(&p), 0o600, "{}", p.display());
         }
         // A key file others can read is refused by name...
@@ -667,7 +674,10 @@ mod tests {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(e.contains("cache.key") && e.contains("unusable cache key"), "{e}");
+        assert!(
+            e.contains("cache.key") && e.contains("unusable cache key"),
+            "{e}"
+        );
         // ...and `open` falls back to a process key: its own plaintexts still serve it, the
         // ones made under the node key do not.
         let c2 = ChunkCache::open(&dir, 1 << 20).unwrap();

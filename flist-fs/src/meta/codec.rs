@@ -127,9 +127,8 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
                 "payload decompresses to more than the limit of {MAX_RAW_PAYLOAD} bytes"
             ))
         })?;
-    let decoded = super::budget::with_budget(MAX_DECODED_MEMORY, || {
-        postcard::from_bytes::<Image>(&raw)
-    });
+    let decoded =
+        super::budget::with_budget(MAX_DECODED_MEMORY, || postcard::from_bytes::<Image>(&raw));
     drop(raw);
     let mut image = decoded
         .map_err(bad)?
@@ -267,7 +266,9 @@ mod tests {
         let payload = zstd::bulk::compress(&vec![0u8; 4 << 20], 1).unwrap();
         assert!(decompress_capped(&payload, 1 << 20).unwrap().is_none());
         assert_eq!(
-            decompress_capped(&payload, 4 << 20).unwrap().map(|v| v.len()),
+            decompress_capped(&payload, 4 << 20)
+                .unwrap()
+                .map(|v| v.len()),
             Some(4 << 20)
         );
     }

@@ -91,7 +91,10 @@ fn check_inode(image: &Image, ino: u64, inode: &super::Inode) -> Result<(), Stri
                 return Err(format!("inode {ino}: chunk {} at offset {} breaks the chunk list (expected offset {off}, non-empty)", c.id, c.offset));
             }
             if c.key.is_some() != image.encrypted {
-                return Err(format!("inode {ino}: chunk {} key presence disagrees with the image's encryption flag", c.id));
+                return Err(format!(
+                    "inode {ino}: chunk {} key presence disagrees with the image's encryption flag",
+                    c.id
+                ));
             }
             off = off
                 .checked_add(u64::from(c.size))
@@ -110,10 +113,7 @@ fn check_inode(image: &Image, ino: u64, inode: &super::Inode) -> Result<(), Stri
 pub(crate) fn validate_with(image: &mut Image, limits: &Limits) -> Result<(), String> {
     let n = image.inodes.len();
     if n > limits.inodes {
-        return Err(format!(
-            "{n} inodes exceed the limit of {}",
-            limits.inodes
-        ));
+        return Err(format!("{n} inodes exceed the limit of {}", limits.inodes));
     }
     match image.inodes.first() {
         None => return Err("no inodes (missing root directory)".into()),
@@ -348,7 +348,10 @@ mod tests {
     fn chunk_lists_are_contiguous_sized_and_keyed_consistently() {
         let mut img = good();
         img.inodes[2].chunks[0].offset = 1;
-        refused(img, &["inode 3", "breaks the chunk list", "expected offset 0"]);
+        refused(
+            img,
+            &["inode 3", "breaks the chunk list", "expected offset 0"],
+        );
         let mut img = good();
         img.inodes[2].chunks.push(chunk(10, 0));
         img.inodes[2].size = 10;
@@ -485,7 +488,10 @@ mod tests {
     fn symlink_target_is_bounded() {
         let mut img = good();
         img.inodes[3].target = vec![b'a'; 4096];
-        refused(img, &["inode 4", "symlink target of 4096 bytes", "limit of 4095"]);
+        refused(
+            img,
+            &["inode 4", "symlink target of 4096 bytes", "limit of 4095"],
+        );
         let mut img = good();
         img.inodes[3].target = vec![b'a'; 4095];
         validate(&mut img).unwrap();
@@ -498,7 +504,9 @@ mod tests {
             value: vec![0; value],
         };
         let mut img = good();
-        img.inodes[2].xattrs = (0..1025).map(|i| x(format!("user.{i}").as_bytes(), 0)).collect();
+        img.inodes[2].xattrs = (0..1025)
+            .map(|i| x(format!("user.{i}").as_bytes(), 0))
+            .collect();
         refused(img, &["inode 3", "1025 xattrs", "limit of 1024"]);
         for bad in [&b""[..], b"user.a\0b"] {
             let mut img = good();
@@ -510,7 +518,14 @@ mod tests {
         refused(img, &["inode 3", "xattr name of 256 bytes", "limit of 255"]);
         let mut img = good();
         img.inodes[2].xattrs = vec![x(b"user.big", 65537)];
-        refused(img, &["inode 3", "\"user.big\" value of 65537 bytes", "limit of 65536"]);
+        refused(
+            img,
+            &[
+                "inode 3",
+                "\"user.big\" value of 65537 bytes",
+                "limit of 65536",
+            ],
+        );
         // 300 names of 255 bytes: each fine, the list (300 * 256 bytes) too long.
         let mut img = good();
         img.inodes[2].xattrs = (0..300)
@@ -520,7 +535,14 @@ mod tests {
                 x(&n, 0)
             })
             .collect();
-        refused(img, &["inode 3", "xattr name list of 76800 bytes", "limit of 65536"]);
+        refused(
+            img,
+            &[
+                "inode 3",
+                "xattr name list of 76800 bytes",
+                "limit of 65536",
+            ],
+        );
         let mut img = good();
         img.inodes[2].xattrs = vec![x(&[b'u'; 255], 65536), x(b"user.b", 0)];
         validate(&mut img).unwrap();
@@ -533,7 +555,11 @@ mod tests {
             dir_entries,
             total_entries,
         };
-        refused_with(good(), &small(3, 10, 10), &["4 inodes exceed the limit of 3"]);
+        refused_with(
+            good(),
+            &small(3, 10, 10),
+            &["4 inodes exceed the limit of 3"],
+        );
         refused_with(
             good(),
             &small(10, 1, 10),
