@@ -14,11 +14,13 @@ use crate::chunk::{decode, ChunkId};
 use crate::error::{Error, Result};
 use crate::meta::{ChunkRef, Inode};
 use crate::store::Router;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// Bytes of decoded chunks kept in memory (at least four of the largest chunks).
 pub const DECODED_LRU_BYTES: usize = 64 << 20;
+/// Most decoded chunks kept in memory (tiny chunks: bounds the table, not the bytes).
+const DECODED_LRU_CHUNKS: usize = 4096;
 /// Chunks fetched ahead of a sequential reader.
 const READ_AHEAD: usize = 2;
 /// At most this many background fetches at once.
@@ -31,27 +33,37 @@ pub struct ChunkSource {
     in_flight: Mutex<HashSet<ChunkId>>,
 }
 
-/// Decoded chunks, least recently inserted first, and their total size.
+/// Decoded chunks by id, their insertion order (oldest first) and total size.
 #[derive(Default)]
 struct Decoded {
-    chunks: VecDeque<(ChunkId, Arc<Vec<u8>>)>,
+    chunks: HashMap<ChunkId, Arc<Vec<u8>>>,
+    order: VecDeque<ChunkId>,
     bytes: usize,
 }
 
 impl Decoded {
-    /// Adds `data`, dropping the oldest chunks to stay within `DECODED_LRU_BYTES`.
+    fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.chunks.get(id).cloned()
+    }
+
+    /// Adds `data`, dropping the oldest chunks to stay within `DECODED_LRU_BYTES` and
+    /// `DECODED_LRU_CHUNKS`.
     fn insert(&mut self, id: ChunkId, data: Arc<Vec<u8>>) {
-        if data.len() > DECODED_LRU_BYTES || self.chunks.iter().any(|(i, _)| *i == id) {
+        if data.len() > DECODED_LRU_BYTES || self.chunks.contains_key(&id) {
             return;
         }
-        while self.bytes + data.len() > DECODED_LRU_BYTES {
-            match self.chunks.pop_front() {
-                Some((_, old)) => self.bytes -= old.len(),
-                None => break,
+        while self.bytes + data.len() > DECODED_LRU_BYTES || self.chunks.len() >= DECODED_LRU_CHUNKS
+        {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.chunks.remove(&old) {
+                self.bytes -= d.len();
             }
         }
         self.bytes += data.len();
-        self.chunks.push_back((id, data));
+        self.order.push_back(id);
+        self.chunks.insert(id, data);
     }
 }
 
@@ -66,11 +78,7 @@ impl ChunkSource {
     }
 
     fn lru_get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
-        let lru = self.decoded.lock().ok()?;
-        lru.chunks
-            .iter()
-            .find(|(i, _)| i == id)
-            .map(|(_, d)| d.clone())
+        self.decoded.lock().ok()?.get(id)
     }
 
     fn is_decoded(&self, id: &ChunkId) -> bool {
@@ -489,8 +497,9 @@ mod tests {
             assert!(lru.bytes <= DECODED_LRU_BYTES);
             assert_eq!(
                 lru.bytes,
-                lru.chunks.iter().map(|(_, d)| d.len()).sum::<usize>()
+                lru.chunks.values().map(|d| d.len()).sum::<usize>()
             );
+            assert_eq!(lru.order.len(), lru.chunks.len());
         }
         assert_eq!(lru.chunks.len(), DECODED_LRU_BYTES / big);
         // Small chunks: many more fit than the old 16-entry limit, still within the bound.
@@ -500,5 +509,14 @@ mod tests {
         }
         assert_eq!(lru.bytes, DECODED_LRU_BYTES);
         assert_eq!(lru.chunks.len(), 1024);
+        assert!(lru.get(&ChunkId::of(&1999u32.to_le_bytes())).is_some());
+        assert!(lru.get(&ChunkId::of(&0u32.to_le_bytes())).is_none());
+        // Tiny chunks: the number of entries is bounded too.
+        let mut lru = Decoded::default();
+        for i in 0..10_000u32 {
+            lru.insert(ChunkId::of(&i.to_le_bytes()), Arc::new(vec![1]));
+        }
+        assert_eq!(lru.chunks.len(), DECODED_LRU_CHUNKS);
+        assert_eq!(lru.bytes, DECODED_LRU_CHUNKS);
     }
 }

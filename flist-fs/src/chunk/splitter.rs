@@ -182,5 +182,16 @@ mod tests {
         }
         .validate()
         .is_err());
+        // No chunker can make a chunk larger than MAX_CHUNK_SIZE (what readers accept).
+        let max = super::super::MAX_CHUNK_SIZE;
+        assert!(ChunkerKind::Fixed { size: max }.validate().is_ok());
+        assert!(ChunkerKind::Fixed { size: max + 1 }.validate().is_err());
+        assert!(ChunkerKind::Cdc {
+            min: CDC_MIN,
+            avg: CDC_AVG,
+            max: max + 1
+        }
+        .validate()
+        .is_err());
     }
 }
