@@ -77,11 +77,12 @@ fn mkdir_p(p: &Path) -> Result<()> {
         .map_err(|e| Error::io(p, e))
 }
 
-/// Opens `p` for reading, refusing a symlink.
+/// Opens `p` for reading, refusing a symlink and never blocking (a FIFO planted in the cache
+/// would otherwise hang the reader; callers then check it is a regular file).
 fn open_nofollow(p: &Path) -> std::io::Result<File> {
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(p)
 }
 
@@ -328,6 +329,9 @@ impl ChunkCache {
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let p = self.path(id);
         let file = open_nofollow(&p).ok()?;
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
         let mut bytes = Vec::new();
         file.take(MAX_STORED_SIZE as u64 + 1)
             .read_to_end(&mut bytes)
@@ -684,5 +688,30 @@ mod tests {
         assert_eq!(c2.get_plain(&ChunkId::of(b"p"), 1), None);
         c2.put_plain(&ChunkId::of(b"q"), b"q").unwrap();
         assert_eq!(c2.get_plain(&ChunkId::of(b"q"), 1), Some(b"q".to_vec()));
+    }
+
+    #[test]
+    fn planted_fifos_and_symlinks_are_misses_not_hangs() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(&d.path().join("cache"), 1 << 20).unwrap();
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        for p in [c.plain_path(&a), c.path(&a)] {
+            mkdir_p(p.parent().unwrap()).unwrap();
+            let fifo = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        }
+        assert_eq!(c.get_plain(&a, 1), None);
+        assert_eq!(c.get(&a), None);
+        // A symlink, even to a genuine plaintext moved elsewhere, is not followed.
+        let fresh = ChunkCache::open(&d.path().join("cache"), 1 << 20).unwrap();
+        fresh.put_plain(&b, b"b").unwrap();
+        let moved = d.path().join("cache/tmp/moved");
+        std::fs::rename(fresh.plain_path(&b), &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, c.plain_path(&b)).unwrap();
+        assert_eq!(c.get_plain(&b, 1), None);
+        std::fs::remove_file(c.plain_path(&b)).unwrap();
+        std::fs::rename(&moved, c.plain_path(&b)).unwrap();
+        assert_eq!(c.get_plain(&b, 1), Some(b"b".to_vec()));
     }
 }
