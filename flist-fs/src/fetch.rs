@@ -1,7 +1,7 @@
 //! The read path: stored chunk from the cache or the router (verified), decoded to plaintext
-//! (with an in-memory LRU of decoded chunks bounded to [`DECODED_LRU_BYTES`]), and range reads of a file that touch only
-//! the chunks covering the range; sequential readers get the next chunks fetched in the
-//! background (read-ahead).
+//! (with an in-memory cache of recently decoded chunks bounded to [`DECODED_LRU_BYTES`]), and
+//! range reads of a file that touch only the chunks covering the range; sequential readers get
+//! the next chunks fetched in the background (read-ahead).
 //!
 //! With a local cache, unencrypted chunks are kept there as plaintext (encrypted ones stay
 //! encrypted at rest, as stored). The first use of a cached plaintext in this process reads it

@@ -48,7 +48,8 @@ fn decompress_capped(payload: &[u8], limit: usize) -> std::io::Result<Option<Vec
     Ok(Some(out))
 }
 
-/// Serializes `image` to bytes (credentials are stripped from store URLs).
+/// Serializes `image` to bytes (credentials are stripped from store URLs); refuses an image a
+/// reader would refuse (validation, payload limits).
 pub fn encode_image(image: &Image, path: &Path) -> Result<Vec<u8>> {
     let mut clean = image.clone();
     for r in &mut clean.routes {
@@ -58,8 +59,22 @@ pub fn encode_image(image: &Image, path: &Path) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         reason,
     };
+    // Never write what no reader would accept.
+    validate(&mut clean).map_err(bad)?;
     let raw = postcard::to_stdvec(&clean).map_err(|e| bad(format!("serialize: {e}")))?;
+    if raw.len() as u64 > MAX_RAW_PAYLOAD {
+        return Err(bad(format!(
+            "metadata of {} bytes exceeds the limit of {MAX_RAW_PAYLOAD} bytes",
+            raw.len()
+        )));
+    }
     let payload = zstd::bulk::compress(&raw, 9).map_err(|e| bad(format!("compress: {e}")))?;
+    if payload.len() as u64 > MAX_PAYLOAD {
+        return Err(bad(format!(
+            "payload length {} exceeds the limit of {MAX_PAYLOAD} bytes",
+            payload.len()
+        )));
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -241,6 +256,16 @@ mod tests {
         out.extend_from_slice(blake3::hash(payload).as_bytes());
         out.extend_from_slice(payload);
         out
+    }
+
+    #[test]
+    fn an_invalid_image_is_not_written() {
+        let mut img = sample();
+        img.inodes[1].size = 5;
+        let e = encode_image(&img, Path::new("w.fl"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("w.fl") && e.contains("inode 2"), "{e}");
     }
 
     #[test]
