@@ -1,22 +1,26 @@
 //! The read path: stored chunk from the cache or the router (verified), decoded to plaintext
-//! (with a small in-memory LRU of decoded chunks), and range reads of a file that touch only
-//! the chunks covering the range; sequential readers get the next chunks fetched in the
-//! background (read-ahead).
+//! (with an in-memory cache of recently decoded chunks bounded to [`DECODED_LRU_BYTES`]), and
+//! range reads of a file that touch only the chunks covering the range; sequential readers get
+//! the next chunks fetched in the background (read-ahead).
 //!
 //! With a local cache, unencrypted chunks are kept there as plaintext (encrypted ones stay
 //! encrypted at rest, as stored). The first use of a cached plaintext in this process reads it
-//! whole and checks its hash; after that, a read of part of it is one `pread` of the cache
-//! file (the host page cache, shared by every VM on the node, does the rest).
+//! whole and checks its MAC (see the `cache` module for the threat model); after that, a read
+//! of part of it is one `pread` on the descriptor it was checked on, kept open by the cache
+//! (the host page cache, shared by every VM on the node, does the rest).
 
 use crate::cache::ChunkCache;
 use crate::chunk::{decode, ChunkId};
 use crate::error::{Error, Result};
 use crate::meta::{ChunkRef, Inode};
 use crate::store::Router;
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
-const DECODED_LRU: usize = 16;
+/// Bytes of decoded chunks kept in memory (at least four of the largest chunks).
+pub const DECODED_LRU_BYTES: usize = 64 << 20;
+/// Most decoded chunks kept in memory (tiny chunks: bounds the table, not the bytes).
+const DECODED_LRU_CHUNKS: usize = 4096;
 /// Chunks fetched ahead of a sequential reader.
 const READ_AHEAD: usize = 2;
 /// At most this many background fetches at once.
@@ -25,10 +29,42 @@ const MAX_IN_FLIGHT: usize = 4;
 pub struct ChunkSource {
     router: Router,
     cache: Option<ChunkCache>,
-    decoded: Mutex<VecDeque<(ChunkId, Arc<Vec<u8>>)>>,
+    decoded: Mutex<Decoded>,
     in_flight: Mutex<HashSet<ChunkId>>,
-    /// Cached plaintexts checked by this process: parts of them are read straight from the file.
-    checked_plain: Mutex<HashSet<ChunkId>>,
+}
+
+/// Decoded chunks by id, their insertion order (oldest first) and total size.
+#[derive(Default)]
+struct Decoded {
+    chunks: HashMap<ChunkId, Arc<Vec<u8>>>,
+    order: VecDeque<ChunkId>,
+    bytes: usize,
+}
+
+impl Decoded {
+    fn get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
+        self.chunks.get(id).cloned()
+    }
+
+    /// Adds `data`, dropping the oldest chunks to stay within `DECODED_LRU_BYTES` and
+    /// `DECODED_LRU_CHUNKS`.
+    fn insert(&mut self, id: ChunkId, data: Arc<Vec<u8>>) {
+        if data.len() > DECODED_LRU_BYTES || self.chunks.contains_key(&id) {
+            return;
+        }
+        while self.bytes + data.len() > DECODED_LRU_BYTES || self.chunks.len() >= DECODED_LRU_CHUNKS
+        {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.chunks.remove(&old) {
+                self.bytes -= d.len();
+            }
+        }
+        self.bytes += data.len();
+        self.order.push_back(id);
+        self.chunks.insert(id, data);
+    }
 }
 
 impl ChunkSource {
@@ -36,32 +72,13 @@ impl ChunkSource {
         ChunkSource {
             router,
             cache,
-            decoded: Mutex::new(VecDeque::new()),
+            decoded: Mutex::new(Decoded::default()),
             in_flight: Mutex::new(HashSet::new()),
-            checked_plain: Mutex::new(HashSet::new()),
         }
     }
 
     fn lru_get(&self, id: &ChunkId) -> Option<Arc<Vec<u8>>> {
-        let lru = self.decoded.lock().ok()?;
-        lru.iter().find(|(i, _)| i == id).map(|(_, d)| d.clone())
-    }
-
-    fn set_checked(&self, id: ChunkId, checked: bool) {
-        if let Ok(mut set) = self.checked_plain.lock() {
-            if checked {
-                set.insert(id);
-            } else {
-                set.remove(&id);
-            }
-        }
-    }
-
-    fn is_checked(&self, id: &ChunkId) -> bool {
-        self.checked_plain
-            .lock()
-            .map(|s| s.contains(id))
-            .unwrap_or(false)
+        self.decoded.lock().ok()?.get(id)
     }
 
     fn is_decoded(&self, id: &ChunkId) -> bool {
@@ -141,17 +158,12 @@ impl ChunkSource {
         c.key.is_none() && self.cache.is_some()
     }
 
-    /// The plaintext of `c` from the cache, checked (and then marked checked), if there.
+    /// The plaintext of `c` from the cache, checked (the cache then keeps it open), if there.
     fn cached_plain(&self, c: &ChunkRef) -> Option<Vec<u8>> {
         if !self.plain_cached(c) {
             return None;
         }
-        let plain = self.cache.as_ref()?.get_plain(&c.id)?;
-        if plain.len() != c.size as usize {
-            return None;
-        }
-        self.set_checked(c.id, true);
-        Some(plain)
+        self.cache.as_ref()?.get_plain(&c.id, c.size)
     }
 
     /// Fetches, verifies and decodes `c`; caches the plaintext when it is kept that way.
@@ -160,9 +172,8 @@ impl ChunkSource {
         let stored = self.fetch_stored(&c.id, !keep_plain)?;
         let plain = decode(&c.id, &stored, c.key.as_ref(), c.size)?;
         if let (Some(cache), true) = (&self.cache, keep_plain) {
-            match cache.put_plain(&c.id, &plain) {
-                Ok(()) => self.set_checked(c.id, true),
-                Err(e) => tracing::warn!(chunk = %c.id, error = %e, "could not cache chunk"),
+            if let Err(e) = cache.put_plain(&c.id, &plain) {
+                tracing::warn!(chunk = %c.id, error = %e, "could not cache chunk");
             }
         }
         Ok(plain)
@@ -193,27 +204,25 @@ impl ChunkSource {
             None => Arc::new(self.decode_fetched(c)?),
         };
         if let Ok(mut lru) = self.decoded.lock() {
-            if lru.len() >= DECODED_LRU {
-                lru.pop_front();
-            }
-            lru.push_back((c.id, data.clone()));
+            lru.insert(c.id, data.clone());
         }
         Ok(data)
     }
 
-    /// Part `[from, to)` of a checked cached plaintext, read from the file (`None` when it is
-    /// not checked or has gone; the caller then takes the whole-chunk path). Callers look in
-    /// the in-memory LRU first.
+    /// Part `[from, to)` of a cached plaintext this process has checked, read through the
+    /// descriptor it was checked on (`None` when there is none; the caller then takes the
+    /// whole-chunk path). Callers look in the in-memory LRU first.
     fn checked_part(&self, c: &ChunkRef, from: u64, to: u64) -> Option<Vec<u8>> {
-        if !self.is_checked(&c.id) {
+        if !self.plain_cached(c) {
             return None;
         }
         let mut buf = vec![0u8; usize::try_from(to - from).ok()?];
         match self.cache.as_ref()?.read_plain_at(&c.id, from, &mut buf) {
             Ok(()) => Some(buf),
             Err(e) => {
-                tracing::debug!(chunk = %c.id, error = %e, "cached plaintext gone");
-                self.set_checked(c.id, false);
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::debug!(chunk = %c.id, error = %e, "cached plaintext unreadable");
+                }
                 None
             }
         }
@@ -376,7 +385,8 @@ mod tests {
     #[test]
     fn cached_plaintext_serves_later_processes_and_rot_is_caught() {
         let d = tempfile::tempdir().unwrap();
-        let cache_dir = tempfile::tempdir().unwrap();
+        let cache_root = tempfile::tempdir().unwrap();
+        let cache_dir = cache_root.path().join("cache");
         let store = Arc::new(Counting {
             inner: crate::store::DirStore::open(&format!("dir://{}", d.path().display())).unwrap(),
             gets: AtomicUsize::new(0),
@@ -393,7 +403,7 @@ mod tests {
         let source = || {
             ChunkSource::new(
                 Router::new(vec![(0, 255, store.clone() as Arc<dyn Store>)]),
-                Some(ChunkCache::open(cache_dir.path(), 1 << 30).unwrap()),
+                Some(ChunkCache::open(&cache_dir, 1 << 30).unwrap()),
             )
         };
         // First process: every chunk fetched once; plaintexts (not stored bytes) are cached.
@@ -404,7 +414,7 @@ mod tests {
         );
         assert_eq!(store.gets.load(Ordering::SeqCst), 40);
         let c0 = inode.chunks[0].id.to_hex();
-        let sub = cache_dir.path().join(&c0[..2]);
+        let sub = cache_dir.join(&c0[..2]);
         assert!(sub.join(format!("{c0}.plain")).exists());
         assert!(!sub.join(&c0).exists());
         // Small reads spanning chunk edges, from the LRU and from checked files.
@@ -431,18 +441,82 @@ mod tests {
         let third = source();
         assert_eq!(read_all(&third, &inode, 0, 65536), expected(0, 65536));
         assert_eq!(store.gets.load(Ordering::SeqCst), 41);
-        // An evicted file under a process that had checked it: read again from the store.
+        // Files evicted under a process that had checked them: still served (from memory or
+        // the descriptor it checked), never re-opened by path.
         for k in 0..40 {
             let hex = inode.chunks[k].id.to_hex();
-            let _ = std::fs::remove_file(
-                cache_dir
-                    .path()
-                    .join(&hex[..2])
-                    .join(format!("{hex}.plain")),
-            );
+            let _ = std::fs::remove_file(cache_dir.join(&hex[..2]).join(format!("{hex}.plain")));
         }
         let off = 20 * 65536 + 7;
         assert_eq!(read_all(&second, &inode, off, 100), expected(off, 100));
+        assert_eq!(store.gets.load(Ordering::SeqCst), 41);
+        // A fresh process finds nothing cached and fetches again.
+        let fourth = source();
+        assert_eq!(read_all(&fourth, &inode, off, 100), expected(off, 100));
         assert_eq!(store.gets.load(Ordering::SeqCst), 42);
+    }
+
+    #[test]
+    fn a_forged_cached_plaintext_is_never_served() {
+        let d = tempfile::tempdir().unwrap();
+        let cache_root = tempfile::tempdir().unwrap();
+        let cache_dir = cache_root.path().join("cache");
+        let store = Arc::new(Counting {
+            inner: crate::store::DirStore::open(&format!("dir://{}", d.path().display())).unwrap(),
+            gets: AtomicUsize::new(0),
+        });
+        let inode = file_in(&store, 2);
+        let source = || {
+            ChunkSource::new(
+                Router::new(vec![(0, 255, store.clone() as Arc<dyn Store>)]),
+                Some(ChunkCache::open(&cache_dir, 1 << 30).unwrap()),
+            )
+        };
+        let genuine = read_all(&source(), &inode, 0, inode.size);
+        assert_eq!(store.gets.load(Ordering::SeqCst), 2);
+        // A cache writer replaces chunk 0's plaintext with other bytes and their hash (what
+        // the old format trusted).
+        let hex = inode.chunks[0].id.to_hex();
+        let path = cache_dir.join(&hex[..2]).join(format!("{hex}.plain"));
+        let evil = vec![0x41u8; 65536];
+        let mut forged = blake3::hash(&evil).as_bytes().to_vec();
+        forged.extend_from_slice(&evil);
+        std::fs::write(&path, &forged).unwrap();
+        let fresh = source();
+        assert_eq!(read_all(&fresh, &inode, 0, 4096), genuine[..4096]);
+        assert_eq!(read_all(&fresh, &inode, 100, 1000), genuine[100..1100]);
+        assert_eq!(store.gets.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn decoded_chunks_are_bounded_in_bytes() {
+        let mut lru = Decoded::default();
+        let big = crate::chunk::MAX_CHUNK_SIZE as usize;
+        for i in 0..6u8 {
+            lru.insert(ChunkId::of(&[i]), Arc::new(vec![0u8; big]));
+            assert!(lru.bytes <= DECODED_LRU_BYTES);
+            assert_eq!(
+                lru.bytes,
+                lru.chunks.values().map(|d| d.len()).sum::<usize>()
+            );
+            assert_eq!(lru.order.len(), lru.chunks.len());
+        }
+        assert_eq!(lru.chunks.len(), DECODED_LRU_BYTES / big);
+        // Small chunks: many more fit than the old 16-entry limit, still within the bound.
+        let mut lru = Decoded::default();
+        for i in 0..2000u32 {
+            lru.insert(ChunkId::of(&i.to_le_bytes()), Arc::new(vec![0u8; 64 << 10]));
+        }
+        assert_eq!(lru.bytes, DECODED_LRU_BYTES);
+        assert_eq!(lru.chunks.len(), 1024);
+        assert!(lru.get(&ChunkId::of(&1999u32.to_le_bytes())).is_some());
+        assert!(lru.get(&ChunkId::of(&0u32.to_le_bytes())).is_none());
+        // Tiny chunks: the number of entries is bounded too.
+        let mut lru = Decoded::default();
+        for i in 0..10_000u32 {
+            lru.insert(ChunkId::of(&i.to_le_bytes()), Arc::new(vec![1]));
+        }
+        assert_eq!(lru.chunks.len(), DECODED_LRU_CHUNKS);
+        assert_eq!(lru.bytes, DECODED_LRU_CHUNKS);
     }
 }

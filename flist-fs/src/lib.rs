@@ -6,6 +6,11 @@
 //!
 //! The image format is documented in [`meta`]. Store URLs are documented in [`store`].
 //!
+//! An image is untrusted input (a tenant writes it): every size it claims is bounded before
+//! anything of that size is allocated (see "Limits" in [`meta`] and [`chunk::MAX_CHUNK_SIZE`]).
+//! The local cache is shared by every VM on a node; cached plaintexts are authenticated with a
+//! per-node key kept beside the cache directory (`DIR.key`, see [`cache`]).
+//!
 //! The `flist` command line:
 //!
 //! ```text

@@ -129,6 +129,8 @@ fn filesystem_operations() {
         Ok(1)
     })
     .unwrap();
+    // Same entries as readdir (an empty list would pass an `all` check), each with its attrs.
+    assert_eq!(plus.len(), names.len());
     assert!(plus.iter().all(|(a, b, c)| a == b && b == c));
 
     let link = fs.lookup(&ctx, sub.inode, &name("rel-link")).unwrap();
@@ -193,4 +195,103 @@ fn filesystem_operations() {
         .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO));
     assert!(b.0.is_empty());
+}
+
+/// Every refusal of the filesystem layer returns the exact errno a kernel caller expects.
+#[test]
+fn refusals_carry_the_exact_errno() {
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    sample_tree(&src);
+    let img = t.path().join("img.flist");
+    let store = format!("dir://{}", t.path().join("store").display());
+    pack(
+        &src,
+        &img,
+        &Router::from_specs(&[store]).unwrap(),
+        &PackOptions::default(),
+    )
+    .unwrap();
+    let fs = FlistFs::open(&img, &OpenOptions::default()).unwrap();
+    let ctx = Context::new();
+    let errno = |r: io::Result<()>| r.err().and_then(|e| e.raw_os_error());
+    let sub = fs.lookup(&ctx, 1, &name("sub")).unwrap().inode;
+    let file = fs.lookup(&ctx, 1, &name("small.txt")).unwrap().inode;
+    let link = fs.lookup(&ctx, 1, &name("abs-link")).unwrap().inode;
+    let missing = 1_000_000;
+
+    assert_eq!(
+        errno(fs.lookup(&ctx, file, &name("x")).map(drop)),
+        Some(libc::ENOTDIR)
+    );
+    assert_eq!(
+        errno(fs.lookup(&ctx, missing, &name("x")).map(drop)),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        errno(fs.getattr(&ctx, missing, None).map(drop)),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(errno(fs.readlink(&ctx, file).map(drop)), Some(libc::EINVAL));
+    assert_eq!(
+        errno(fs.readlink(&ctx, missing).map(drop)),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(fs.readlink(&ctx, link).unwrap(), b"/etc/passwd");
+    for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
+        assert_eq!(
+            errno(fs.open(&ctx, file, flags as u32, 0).map(drop)),
+            Some(libc::EROFS),
+            "flags {flags:#o}"
+        );
+    }
+    assert_eq!(
+        errno(fs.open(&ctx, sub, libc::O_RDONLY as u32, 0).map(drop)),
+        Some(libc::EISDIR)
+    );
+    assert_eq!(
+        errno(fs.open(&ctx, missing, libc::O_RDONLY as u32, 0).map(drop)),
+        Some(libc::ENOENT)
+    );
+    let mut b = Buf(Vec::new());
+    assert_eq!(
+        errno(fs.read(&ctx, sub, 0, &mut b, 10, 0, None, 0).map(drop)),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        errno(fs.read(&ctx, missing, 0, &mut b, 10, 0, None, 0).map(drop)),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(
+        errno(fs.opendir(&ctx, file, 0).map(drop)),
+        Some(libc::ENOTDIR)
+    );
+    assert_eq!(
+        errno(fs.readdir(&ctx, file, 0, 4096, 0, &mut |_| Ok(1))),
+        Some(libc::ENOTDIR)
+    );
+    assert_eq!(
+        errno(fs.access(&ctx, file, libc::W_OK as u32)),
+        Some(libc::EROFS)
+    );
+    assert_eq!(errno(fs.access(&ctx, missing, 0)), Some(libc::ENOENT));
+    assert_eq!(errno(fs.access(&ctx, file, libc::R_OK as u32)), None);
+    assert_eq!(
+        errno(fs.getxattr(&ctx, file, &name("user.none"), 64).map(drop)),
+        Some(libc::ENODATA)
+    );
+    assert_eq!(
+        errno(fs.listxattr(&ctx, missing, 0).map(drop)),
+        Some(libc::ENOENT)
+    );
+    if xattr::get(src.join("small.txt"), "user.flist")
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        assert_eq!(
+            errno(fs.listxattr(&ctx, file, 1).map(drop)),
+            Some(libc::ERANGE)
+        );
+    }
 }

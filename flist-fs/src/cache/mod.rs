@@ -1,46 +1,201 @@
 //! The local chunk cache shared by all images and processes: a directory of stored chunks
 //! named by id (`<dir>/<id[0..2]>/<id>`) and of decoded plaintexts of unencrypted chunks
-//! (`<dir>/<id[0..2]>/<id>.plain`: the blake3 hash of the plaintext, then the plaintext), which
-//! let small reads be served with one `pread` once the file has been checked (see
-//! [`ChunkCache::get_plain`]). Inserts write a temp file and rename it into place,
-//! so a half-written chunk is never visible; every hit is re-verified against its id, so a file
-//! torn by a crash or power loss (no fsync: the cache is disposable) is deleted and treated as
-//! a miss, never served. Size is bounded: when the running estimate passes
-//! the bound, the least recently used files (by mtime, refreshed on hits) are deleted down to
-//! 90% of it. Deletion by another process at any time is tolerated.
+//! (`<dir>/<id[0..2]>/<id>.plain`: a MAC, then the plaintext), which let small reads be served
+//! with one `pread` once the file has been checked (see [`ChunkCache::get_plain`]). Inserts
+//! write a temp file and rename it into place, so a half-written chunk is never visible; every
+//! hit is re-verified, so a file torn by a crash or power loss (no fsync: the cache is
+//! disposable) is deleted and treated as a miss, never served. Size is bounded: when the
+//! running estimate passes the bound, the least recently used files (by mtime, refreshed on
+//! hits) are deleted down to 90% of it. Deletion by another process at any time is tolerated.
+//! Directories are created 0700 and files 0600 whatever the process umask.
+//!
+//! # Threat model of the plaintext cache
+//!
+//! The cache directory is shared by every VM on the node, so whoever can write it could try to
+//! poison them all. Stored chunks are safe by construction (named by the blake3 of their
+//! bytes, checked on every hit). A plaintext's hash is not in the image (the chunk id hashes
+//! the *stored* bytes), so a `.plain` file starts with a keyed blake3 MAC over (chunk id,
+//! plaintext) under a per-node secret: a 32-byte key file, mode 0600, owned by this user,
+//! kept next to the cache directory (`<dir>.key`, outside it) or named by the caller
+//! ([`ChunkCache::open_with_key`]). An attacker who can create, replace or delete files in the
+//! cache directory but cannot read the key (nor write this user's 0600 files) cannot make a
+//! plaintext that verifies. When no usable key file exists or can be made (wrong owner or mode,
+//! read-only parent), a random per-process key is used, with a warning: plaintexts then only
+//! serve the process that wrote them.
+//!
+//! A checked plaintext is read through the descriptor it was checked on, kept open (at most
+//! [`MAX_OPEN_PLAIN`], least recently used closed first); [`ChunkCache::read_plain_at`] never
+//! re-opens by path, so a file renamed over the checked one later is not served. (An evicted
+//! file stays readable, and its disk space held, until its descriptor is closed.)
 
-use crate::chunk::{verify_stored, ChunkId};
+use crate::chunk::{verify_stored, ChunkId, MAX_CHUNK_SIZE, MAX_STORED_SIZE};
 use crate::error::{Error, Result};
-use std::io::Write;
+use std::collections::HashMap;
+use std::fs::{File, Permissions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 pub struct ChunkCache {
     dir: PathBuf,
     max_bytes: u64,
     approx_bytes: AtomicU64,
+    /// The node's MAC key for cached plaintexts.
+    key: [u8; 32],
+    /// Checked plaintexts, open: chunk id -> (descriptor, last use).
+    open_plain: Mutex<OpenPlain>,
+}
+
+#[derive(Default)]
+struct OpenPlain {
+    files: HashMap<ChunkId, (Arc<File>, u64)>,
+    clock: u64,
 }
 
 /// Stale temp files (from a crashed writer) older than this are removed during eviction.
 const STALE_TMP: Duration = Duration::from_secs(3600);
 /// A hit refreshes the file's mtime only when it is older than this (fewer syscalls).
 const TOUCH_AFTER: Duration = Duration::from_secs(30);
-/// A cached plaintext starts with the blake3 hash of the rest.
+/// A cached plaintext starts with the MAC of (chunk id, plaintext).
 const PLAIN_HEADER: usize = 32;
+/// Domain separation for the plaintext MAC.
+const PLAIN_MAC_CONTEXT: &[u8] = b"flist-fs cached plaintext v1\0";
+/// Most checked plaintexts kept open per cache instance (file descriptors).
+pub const MAX_OPEN_PLAIN: usize = 512;
+const DIR_MODE: u32 = 0o700;
+const FILE_MODE: u32 = 0o600;
+
+/// Creates `p` and its missing parents with mode 0700.
+fn mkdir_p(p: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(p)
+        .map_err(|e| Error::io(p, e))
+}
+
+/// Opens `p` for reading, refusing a symlink and never blocking (a FIFO planted in the cache
+/// would otherwise hang the reader; callers then check it is a regular file).
+fn open_nofollow(p: &Path) -> std::io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(p)
+}
+
+/// The default key file of the cache at `dir`: `<dir>.key`, beside it.
+fn default_key_path(dir: &Path) -> Option<PathBuf> {
+    let name = dir.file_name()?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut key_name = name.to_os_string();
+    key_name.push(".key");
+    Some(parent.join(key_name))
+}
+
+fn random_key() -> std::io::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    File::open("/dev/urandom")?.read_exact(&mut key)?;
+    Ok(key)
+}
+
+/// Reads the key file at `path`, creating it (0600, random) when absent. Refuses a key file
+/// that is not a regular 32-byte file owned by this user with no group/other permissions.
+pub fn load_or_create_key(path: &Path) -> Result<[u8; 32]> {
+    let bad = |reason: String| Error::BadPath {
+        path: path.display().to_string(),
+        reason,
+    };
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    for _ in 0..3 {
+        match open_nofollow(path) {
+            Ok(mut f) => {
+                let m = f.metadata().map_err(|e| Error::io(path, e))?;
+                if !m.is_file() || m.uid() != euid || m.mode() & 0o077 != 0 || m.len() != 32 {
+                    return Err(bad(format!(
+                        "unusable cache key file: must be a regular 32-byte file owned by uid {euid} with mode 0600 (is uid {}, mode {:o}, {} bytes)",
+                        m.uid(),
+                        m.mode() & 0o7777,
+                        m.len()
+                    )));
+                }
+                let mut key = [0u8; 32];
+                f.read_exact(&mut key).map_err(|e| Error::io(path, e))?;
+                return Ok(key);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = match path.parent() {
+                    Some(p) if !p.as_os_str().is_empty() => p,
+                    _ => Path::new("."),
+                };
+                let key = random_key().map_err(|e| Error::io("/dev/urandom", e))?;
+                let mut tmp = tempfile::Builder::new()
+                    .prefix(".flist-key-")
+                    .permissions(Permissions::from_mode(FILE_MODE))
+                    .tempfile_in(parent)
+                    .map_err(|e| Error::io(parent, e))?;
+                tmp.write_all(&key).map_err(|e| Error::io(tmp.path(), e))?;
+                tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
+                match tmp.persist_noclobber(path) {
+                    Ok(_) => return Ok(key),
+                    // Another process made it first: read theirs.
+                    Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => return Err(Error::io(path, e.error)),
+                }
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    Err(bad("cache key file keeps changing".into()))
+}
 
 impl ChunkCache {
-    /// Opens (creating) the cache at `dir` bounded to `max_bytes`.
+    /// Opens (creating, mode 0700) the cache at `dir` bounded to `max_bytes`, with the node key
+    /// `<dir>.key` (created when absent; see the module doc for what happens when unusable).
     pub fn open(dir: &Path, max_bytes: u64) -> Result<Self> {
-        std::fs::create_dir_all(dir.join("tmp")).map_err(|e| Error::io(dir, e))?;
+        mkdir_p(&dir.join("tmp"))?;
+        let loaded = match default_key_path(dir) {
+            Some(p) => load_or_create_key(&p),
+            None => Err(Error::BadPath {
+                path: dir.display().to_string(),
+                reason: "no place for a cache key file beside it".into(),
+            }),
+        };
+        let key = match loaded {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "no node cache key: cached plaintexts serve this process only");
+                random_key().map_err(|e| Error::io("/dev/urandom", e))?
+            }
+        };
+        Ok(Self::with_key(dir, max_bytes, key))
+    }
+
+    /// Opens (creating, mode 0700) the cache at `dir` with the MAC key in `key_file` (created
+    /// when absent); fails when the key file is unusable.
+    pub fn open_with_key(dir: &Path, max_bytes: u64, key_file: &Path) -> Result<Self> {
+        mkdir_p(&dir.join("tmp"))?;
+        let key = load_or_create_key(key_file)?;
+        Ok(Self::with_key(dir, max_bytes, key))
+    }
+
+    fn with_key(dir: &Path, max_bytes: u64, key: [u8; 32]) -> Self {
         let cache = ChunkCache {
             dir: dir.to_path_buf(),
             max_bytes,
             approx_bytes: AtomicU64::new(0),
+            key,
+            open_plain: Mutex::new(OpenPlain::default()),
         };
         let used: u64 = cache.entries().iter().map(|(_, len, _)| len).sum();
         cache.approx_bytes.store(used, Ordering::Relaxed);
-        Ok(cache)
+        cache
     }
 
     pub fn dir(&self) -> &Path {
@@ -69,45 +224,123 @@ impl ChunkCache {
         }
     }
 
-    /// The plaintext of chunk `id`, if cached and intact: the whole file is read and its
-    /// plaintext checked against the hash it starts with, so a torn or rotten file is deleted
-    /// and treated as a miss. Callers that have checked a file this way may then read ranges of
-    /// it with [`ChunkCache::read_plain_at`].
-    pub fn get_plain(&self, id: &ChunkId) -> Option<Vec<u8>> {
+    /// The MAC a cached plaintext of chunk `id` must start with.
+    fn plain_mac(&self, id: &ChunkId, plain: &[u8]) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(PLAIN_MAC_CONTEXT);
+        h.update(&id.0);
+        h.update(plain);
+        h.finalize()
+    }
+
+    /// Keeps `file` (a checked plaintext of `id`) open for [`ChunkCache::read_plain_at`],
+    /// closing the least recently used one past [`MAX_OPEN_PLAIN`].
+    fn remember(&self, id: &ChunkId, file: Arc<File>) {
+        let Ok(mut open) = self.open_plain.lock() else {
+            return;
+        };
+        open.clock += 1;
+        let now = open.clock;
+        if open.files.len() >= MAX_OPEN_PLAIN && !open.files.contains_key(id) {
+            if let Some(oldest) = open
+                .files
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k)
+            {
+                open.files.remove(&oldest);
+            }
+        }
+        open.files.insert(*id, (file, now));
+    }
+
+    /// The plaintext of chunk `id`, `len` bytes, if cached and authentic: the file is opened
+    /// (never through a symlink), must be exactly header + `len` bytes, is read whole through
+    /// that descriptor and checked against its MAC; a forged, torn or rotten file is deleted
+    /// and treated as a miss. The checked descriptor is kept open, and later reads of parts of
+    /// the plaintext go through it ([`ChunkCache::read_plain_at`]).
+    pub fn get_plain(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
+        if len == 0 || len > MAX_CHUNK_SIZE {
+            return None;
+        }
         let p = self.plain_path(id);
-        let mut bytes = std::fs::read(&p).ok()?;
-        let intact = bytes.len() >= PLAIN_HEADER
-            && blake3::hash(&bytes[PLAIN_HEADER..]).as_bytes()[..] == bytes[..PLAIN_HEADER];
-        if !intact {
-            tracing::warn!(path = %p.display(), "corrupt cached plaintext removed");
+        let file = open_nofollow(&p).ok()?;
+        let m = file.metadata().ok()?;
+        // A length mismatch is not proof of a bad file (an image may lie about the size).
+        if !m.is_file() || m.len() != PLAIN_HEADER as u64 + u64::from(len) {
+            return None;
+        }
+        let mut bytes = vec![0u8; PLAIN_HEADER + len as usize];
+        file.read_exact_at(&mut bytes, 0).ok()?;
+        let mac = self.plain_mac(id, &bytes[PLAIN_HEADER..]);
+        // blake3::Hash comparison is constant-time.
+        if blake3::Hash::from_slice(&bytes[..PLAIN_HEADER]).ok()? != mac {
+            tracing::warn!(path = %p.display(), "cached plaintext failed its MAC: removed");
             let _ = std::fs::remove_file(&p);
             return None;
         }
         Self::touch(&p);
+        self.remember(id, Arc::new(file));
         bytes.drain(..PLAIN_HEADER);
         Some(bytes)
     }
 
-    /// Reads `buf.len()` plaintext bytes of chunk `id` at `offset` without checking them: only
-    /// for a file this process has checked with [`ChunkCache::get_plain`]. Errors when the file
-    /// is gone (evicted) or shorter than asked.
+    /// Reads `buf.len()` plaintext bytes of chunk `id` at `offset` from the descriptor checked
+    /// by [`ChunkCache::get_plain`] or written by [`ChunkCache::put_plain`] in this process;
+    /// `NotFound` when there is none (never checked, or closed since), an error when the
+    /// plaintext is shorter than asked.
     pub fn read_plain_at(&self, id: &ChunkId, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::File::open(self.plain_path(id))?;
-        file.read_exact_at(buf, offset + PLAIN_HEADER as u64)
+        let file = {
+            let mut open = self
+                .open_plain
+                .lock()
+                .map_err(|_| std::io::Error::other("open plaintext table poisoned"))?;
+            open.clock += 1;
+            let now = open.clock;
+            match open.files.get_mut(id) {
+                Some((f, used)) => {
+                    *used = now;
+                    f.clone()
+                }
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "plaintext not checked by this process",
+                    ))
+                }
+            }
+        };
+        let at = offset
+            .checked_add(PLAIN_HEADER as u64)
+            .ok_or_else(|| std::io::Error::other("offset overflow"))?;
+        file.read_exact_at(buf, at)
     }
 
-    /// Inserts the plaintext of chunk `id` (already verified by decoding), then evicts if over
-    /// the bound.
+    /// Inserts the plaintext of chunk `id` (already verified by decoding) with its MAC, keeps
+    /// the written file open for [`ChunkCache::read_plain_at`], then evicts if over the bound.
     pub fn put_plain(&self, id: &ChunkId, plain: &[u8]) -> Result<()> {
-        let hash = blake3::hash(plain);
-        self.insert(id, &self.plain_path(id), &[hash.as_bytes(), plain])
+        let mac = self.plain_mac(id, plain);
+        let file = self.insert(id, &self.plain_path(id), &[mac.as_bytes(), plain])?;
+        self.remember(id, Arc::new(file));
+        Ok(())
     }
 
     /// The verified stored bytes of `id`, if cached.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
         let p = self.path(id);
-        let bytes = std::fs::read(&p).ok()?;
+        let file = open_nofollow(&p).ok()?;
+        if !file.metadata().ok()?.is_file() {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_STORED_SIZE as u64 + 1)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        if bytes.len() > MAX_STORED_SIZE {
+            tracing::warn!(path = %p.display(), "oversized cache entry removed");
+            let _ = std::fs::remove_file(&p);
+            return None;
+        }
         if let Err(e) = verify_stored(id, &bytes) {
             tracing::warn!(path = %p.display(), error = %e, "corrupt cache entry removed");
             let _ = std::fs::remove_file(&p);
@@ -119,17 +352,19 @@ impl ChunkCache {
 
     /// Inserts verified stored bytes for `id` (atomically), then evicts if over the bound.
     pub fn put(&self, id: &ChunkId, stored: &[u8]) -> Result<()> {
-        self.insert(id, &self.path(id), &[stored])
+        self.insert(id, &self.path(id), &[stored]).map(drop)
     }
 
-    /// Writes `parts` to a temp file, renames it to `p`, and evicts if over the bound.
-    fn insert(&self, id: &ChunkId, p: &Path, parts: &[&[u8]]) -> Result<()> {
+    /// Writes `parts` to a temp file (0600), renames it to `p`, evicts if over the bound, and
+    /// returns the written file (still open).
+    fn insert(&self, id: &ChunkId, p: &Path, parts: &[&[u8]]) -> Result<File> {
         let parent = p.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        mkdir_p(parent)?;
         let tmpdir = self.dir.join("tmp");
-        std::fs::create_dir_all(&tmpdir).map_err(|e| Error::io(&tmpdir, e))?;
+        mkdir_p(&tmpdir)?;
         let mut tmp = tempfile::Builder::new()
             .prefix(&format!("{}-", id.to_hex()))
+            .permissions(Permissions::from_mode(FILE_MODE))
             .tempfile_in(&tmpdir)
             .map_err(|e| Error::io(&tmpdir, e))?;
         let mut len = 0u64;
@@ -137,12 +372,12 @@ impl ChunkCache {
             tmp.write_all(part).map_err(|e| Error::io(tmp.path(), e))?;
             len += part.len() as u64;
         }
-        tmp.persist(p).map_err(|e| Error::io(p, e.error))?;
+        let file = tmp.persist(p).map_err(|e| Error::io(p, e.error))?;
         let now = self.approx_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if now > self.max_bytes {
             self.evict()?;
         }
-        Ok(())
+        Ok(file)
     }
 
     /// (path, size, mtime) of every cached chunk.
@@ -295,5 +530,188 @@ mod tests {
         }
         let c = ChunkCache::open(d.path(), 60_000).unwrap();
         assert!(c.evict().unwrap() <= 60_000);
+    }
+
+    /// A `.plain` file as the old format wrote it: blake3(plaintext), then the plaintext,
+    /// internally consistent.
+    fn forged_plain(plain: &[u8]) -> Vec<u8> {
+        let mut f = blake3::hash(plain).as_bytes().to_vec();
+        f.extend_from_slice(plain);
+        f
+    }
+
+    #[test]
+    fn poisoned_plaintext_is_not_served() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let good = vec![1u8; 5000];
+        let id = ChunkId::of(b"stored bytes of the good chunk");
+        ChunkCache::open(&dir, 1 << 20)
+            .unwrap()
+            .put_plain(&id, &good)
+            .unwrap();
+        // Someone who can write the cache (not read the key) replaces the plaintext with other
+        // content of the same length and a consistent hash.
+        let evil = vec![2u8; 5000];
+        let c = ChunkCache::open(&dir, 1 << 20).unwrap();
+        let p = c.plain_path(&id);
+        std::fs::write(&p, forged_plain(&evil)).unwrap();
+        assert_eq!(c.get_plain(&id, 5000), None);
+        assert!(!p.exists(), "a forged plaintext is removed");
+        let mut buf = [0u8; 10];
+        let e = c.read_plain_at(&id, 0, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        // A plaintext MACed under another node's key is refused as well.
+        let other = tempfile::tempdir().unwrap();
+        let o = ChunkCache::open(&other.path().join("cache"), 1 << 20).unwrap();
+        std::fs::write(&p, [o.plain_mac(&id, &evil).as_bytes(), &evil[..]].concat()).unwrap();
+        assert_eq!(c.get_plain(&id, 5000), None);
+        // The genuine one (same key file, another instance) is served.
+        ChunkCache::open(&dir, 1 << 20)
+            .unwrap()
+            .put_plain(&id, &good)
+            .unwrap();
+        assert_eq!(c.get_plain(&id, 5000), Some(good));
+        // A size the caller does not expect is a miss (the file is kept).
+        assert_eq!(c.get_plain(&id, 4999), None);
+        assert!(p.exists());
+    }
+
+    #[test]
+    fn a_file_replaced_after_its_check_is_not_served() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let good: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
+        let id = ChunkId::of(b"stored");
+        ChunkCache::open(&dir, 1 << 30)
+            .unwrap()
+            .put_plain(&id, &good)
+            .unwrap();
+        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        assert_eq!(c.get_plain(&id, 70_000).as_deref(), Some(&good[..]));
+        // Replaced by rename (what a cache writer can do) after the check.
+        let evil = vec![0xeeu8; 70_000];
+        let p = c.plain_path(&id);
+        let staged = dir.join("tmp").join("evil");
+        std::fs::write(&staged, forged_plain(&evil)).unwrap();
+        std::fs::rename(&staged, &p).unwrap();
+        let mut buf = vec![0u8; 4096];
+        c.read_plain_at(&id, 60_000, &mut buf).unwrap();
+        assert_eq!(buf, good[60_000..64_096]);
+        // Even once the file is gone, the checked descriptor serves.
+        std::fs::remove_file(&p).unwrap();
+        c.read_plain_at(&id, 0, &mut buf).unwrap();
+        assert_eq!(buf, good[..4096]);
+        // Past the end is an error, not short data.
+        assert!(c.read_plain_at(&id, 69_000, &mut buf).is_err());
+        // A writer's own fresh plaintext is served from the descriptor it wrote.
+        let w = ChunkCache::open(&dir, 1 << 30).unwrap();
+        let id2 = ChunkId::of(b"other");
+        w.put_plain(&id2, &good).unwrap();
+        std::fs::write(&staged, forged_plain(&evil)).unwrap();
+        std::fs::rename(&staged, w.plain_path(&id2)).unwrap();
+        w.read_plain_at(&id2, 100, &mut buf).unwrap();
+        assert_eq!(buf, good[100..4196]);
+    }
+
+    #[test]
+    fn open_descriptors_are_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(&d.path().join("cache"), 1 << 30).unwrap();
+        let ids: Vec<ChunkId> = (0..MAX_OPEN_PLAIN as u32 + 20)
+            .map(|i| ChunkId::of(&i.to_le_bytes()))
+            .collect();
+        for id in &ids {
+            c.put_plain(id, b"x").unwrap();
+        }
+        assert_eq!(c.open_plain.lock().unwrap().files.len(), MAX_OPEN_PLAIN);
+        // The oldest were closed; the newest are open.
+        let mut b = [0u8; 1];
+        assert!(c.read_plain_at(&ids[0], 0, &mut b).is_err());
+        assert!(c.read_plain_at(&ids[ids.len() - 1], 0, &mut b).is_ok());
+        // A closed one is checked again on its next use.
+        assert_eq!(c.get_plain(&ids[0], 1), Some(b"x".to_vec()));
+        assert!(c.read_plain_at(&ids[0], 0, &mut b).is_ok());
+    }
+
+    #[test]
+    fn modes_do_not_depend_on_the_umask_and_bad_keys_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("a").join("cache");
+        // SAFETY: umask only changes the process file-creation mask; restored below.
+        let old = unsafe { libc::umask(0) };
+        let c = ChunkCache::open(&dir, 1 << 20);
+        let put = c.as_ref().map(|c| {
+            c.put(&ChunkId::of(b"s"), b"s").unwrap();
+            c.put_plain(&ChunkId::of(b"p"), b"p").unwrap();
+        });
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        put.unwrap();
+        let c = c.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for p in [d.path().join("a"), dir.clone(), dir.join("tmp")] {
+            assert_eq!(mode(&p), 0o700, "{}", p.display());
+        }
+        let s = c.path(&ChunkId::of(b"s"));
+        for p in [
+            s.parent().unwrap().to_path_buf(),
+            c.plain_path(&ChunkId::of(b"p"))
+                .parent()
+                .unwrap()
+                .to_path_buf(),
+        ] {
+            assert_eq!(mode(&p), 0o700, "{}", p.display());
+        }
+        for p in [
+            s,
+            c.plain_path(&ChunkId::of(b"p")),
+            d.path().join("a/cache.key"),
+        ] {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        // A key file others can read is refused by name...
+        let key = d.path().join("a/cache.key");
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ChunkCache::open_with_key(&dir, 1 << 20, &key)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("cache.key") && e.contains("unusable cache key"),
+            "{e}"
+        );
+        // ...and `open` falls back to a process key: its own plaintexts still serve it, the
+        // ones made under the node key do not.
+        let c2 = ChunkCache::open(&dir, 1 << 20).unwrap();
+        assert_eq!(c2.get_plain(&ChunkId::of(b"p"), 1), None);
+        c2.put_plain(&ChunkId::of(b"q"), b"q").unwrap();
+        assert_eq!(c2.get_plain(&ChunkId::of(b"q"), 1), Some(b"q".to_vec()));
+    }
+
+    #[test]
+    fn planted_fifos_and_symlinks_are_misses_not_hangs() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ChunkCache::open(&d.path().join("cache"), 1 << 20).unwrap();
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        for p in [c.plain_path(&a), c.path(&a)] {
+            mkdir_p(p.parent().unwrap()).unwrap();
+            let fifo = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        }
+        assert_eq!(c.get_plain(&a, 1), None);
+        assert_eq!(c.get(&a), None);
+        // A symlink, even to a genuine plaintext moved elsewhere, is not followed.
+        let fresh = ChunkCache::open(&d.path().join("cache"), 1 << 20).unwrap();
+        fresh.put_plain(&b, b"b").unwrap();
+        let moved = d.path().join("cache/tmp/moved");
+        std::fs::rename(fresh.plain_path(&b), &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, c.plain_path(&b)).unwrap();
+        assert_eq!(c.get_plain(&b, 1), None);
+        std::fs::remove_file(c.plain_path(&b)).unwrap();
+        std::fs::rename(&moved, c.plain_path(&b)).unwrap();
+        assert_eq!(c.get_plain(&b, 1), Some(b"b".to_vec()));
     }
 }

@@ -1,14 +1,40 @@
 //! Encode/decode of one chunk: plaintext -> zstd -> (optional) AES-256-GCM with a convergent
 //! key -> stored bytes whose blake3 is the chunk id. Decoding verifies the id first, then the
 //! AEAD tag, the decompressed length and (when encrypted) that the key matches the plaintext.
+//!
+//! Decoding is bounded whatever the chunk claims: the claimed plaintext length must be at most
+//! [`MAX_CHUNK_SIZE`] and the stored bytes at most [`max_stored_size`] of it; decompression
+//! streams into a buffer that never grows past the claimed length (one extra byte is read to
+//! detect a chunk that decodes to more) and refuses zstd windows larger than a chunk.
 
-use super::ChunkId;
+use super::{ChunkId, MAX_CHUNK_SIZE};
 use crate::error::{Error, Result};
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
+use std::io::Read;
 
 const ZSTD_LEVEL: i32 = 3;
 const KEY_CONTEXT: &str = "flist-fs 2025 convergent chunk key v1";
+/// AES-GCM tag appended to encrypted chunks.
+const TAG_LEN: usize = 16;
+/// log2 of the largest zstd window a chunk may ask the decoder for (2^24 = 16 MiB = the
+/// largest chunk; the encoder's level-3 window is 2 MiB).
+const WINDOW_LOG_MAX: u32 = 24;
+
+/// The most stored bytes a chunk of `plain_len` plaintext bytes can have: zstd's worst-case
+/// compressed size (`ZSTD_compressBound`) plus the AEAD tag.
+pub const fn max_stored_size(plain_len: u32) -> usize {
+    let n = plain_len as usize;
+    let small = if n < 128 * 1024 {
+        (128 * 1024 - n) >> 11
+    } else {
+        0
+    };
+    n + (n >> 8) + small + TAG_LEN
+}
+
+/// The most stored bytes any chunk can have (that of a [`MAX_CHUNK_SIZE`] chunk).
+pub const MAX_STORED_SIZE: usize = max_stored_size(MAX_CHUNK_SIZE);
 
 /// A chunk ready to be put in a store.
 pub struct Encoded {
@@ -60,18 +86,33 @@ pub fn verify_stored(id: &ChunkId, stored: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Verifies and decodes stored bytes back to the plaintext of length `plain_len`.
+/// Verifies and decodes stored bytes back to the plaintext of length `plain_len`. Fails,
+/// naming the chunk, when `plain_len` is 0 or above [`MAX_CHUNK_SIZE`], when `stored` is larger
+/// than any encoding of `plain_len` bytes can be, or when it decodes to any other length; never
+/// allocates more than `plain_len` (plus the stored size) whatever the data says.
 pub fn decode(
     id: &ChunkId,
     stored: &[u8],
     key: Option<&[u8; 32]>,
     plain_len: u32,
 ) -> Result<Vec<u8>> {
-    verify_stored(id, stored)?;
     let bad = |reason: String| Error::BadChunk {
         id: id.to_hex(),
         reason,
     };
+    if plain_len == 0 || plain_len > MAX_CHUNK_SIZE {
+        return Err(bad(format!(
+            "claimed plaintext size {plain_len} is outside 1..={MAX_CHUNK_SIZE} bytes"
+        )));
+    }
+    let stored_max = max_stored_size(plain_len);
+    if stored.len() > stored_max {
+        return Err(bad(format!(
+            "{} stored bytes, more than the {stored_max} any {plain_len}-byte chunk encodes to",
+            stored.len()
+        )));
+    }
+    verify_stored(id, stored)?;
     let decrypted;
     let compressed: &[u8] = match key {
         None => stored,
@@ -83,20 +124,48 @@ pub fn decode(
             &decrypted
         }
     };
-    let plain = zstd::bulk::decompress(compressed, plain_len as usize)
-        .map_err(|e| bad(format!("zstd decompression failed: {e}")))?;
-    if plain.len() != plain_len as usize {
-        return Err(bad(format!(
-            "decoded to {} bytes, metadata says {plain_len}",
-            plain.len()
-        )));
-    }
+    let plain = decompress_capped(compressed, plain_len as usize).map_err(bad)?;
     if let Some(k) = key {
         if &blake3::derive_key(KEY_CONTEXT, &plain) != k {
             return Err(bad("plaintext does not match its convergent key".into()));
         }
     }
     Ok(plain)
+}
+
+/// Decompresses `compressed`, which must decode to exactly `len` bytes: output is read into a
+/// `len`-byte buffer plus one probe byte, so a bomb stops at `len + 1` bytes.
+fn decompress_capped(compressed: &[u8], len: usize) -> std::result::Result<Vec<u8>, String> {
+    let mut dec = zstd::stream::read::Decoder::with_buffer(compressed)
+        .map_err(|e| format!("zstd decoder: {e}"))?;
+    dec.window_log_max(WINDOW_LOG_MAX)
+        .map_err(|e| format!("zstd decoder: {e}"))?;
+    let mut plain = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        match dec.read(&mut plain[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("zstd decompression failed: {e}")),
+        }
+    }
+    if got < len {
+        return Err(format!("decoded to {got} bytes, metadata says {len}"));
+    }
+    let mut probe = [0u8; 1];
+    loop {
+        match dec.read(&mut probe) {
+            Ok(0) => return Ok(plain),
+            Ok(_) => {
+                return Err(format!(
+                    "decodes to more than the {len} bytes its metadata says"
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("zstd decompression failed: {e}")),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -137,5 +206,75 @@ mod tests {
             "{err}"
         );
         assert!(decode(&e.id, &e.stored, None, 12).is_err());
+    }
+
+    fn err(r: Result<Vec<u8>>) -> String {
+        match r {
+            Ok(v) => panic!("decoded {} bytes, expected an error", v.len()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn claimed_size_is_bounded() {
+        let e = encode(b"hello world", false).unwrap();
+        for claim in [0, MAX_CHUNK_SIZE + 1, u32::MAX] {
+            let msg = err(decode(&e.id, &e.stored, None, claim));
+            assert!(
+                msg.contains(&e.id.to_hex()) && msg.contains("claimed plaintext size"),
+                "{msg}"
+            );
+        }
+        // The largest allowed chunk decodes.
+        let big = vec![7u8; MAX_CHUNK_SIZE as usize];
+        let e = encode(&big, false).unwrap();
+        assert_eq!(decode(&e.id, &e.stored, None, MAX_CHUNK_SIZE).unwrap(), big);
+    }
+
+    #[test]
+    fn decompression_bomb_stops_at_the_claimed_size() {
+        // 64 MiB of zeros compress to a few KiB; the chunk claims 4 KiB. The old decoder
+        // preallocated whatever was claimed (up to 4 GiB); now the claim is capped and the
+        // output never passes it (+1 probe byte).
+        let bomb = zstd::bulk::compress(&vec![0u8; 64 << 20], 3).unwrap();
+        let id = ChunkId::of(&bomb);
+        let msg = err(decode(&id, &bomb, None, 4096));
+        assert!(
+            msg.contains(&id.to_hex()) && msg.contains("more than the 4096 bytes"),
+            "{msg}"
+        );
+        // A chunk that decodes to less than it claims is named too.
+        let short = encode(&[1u8; 100], false).unwrap();
+        let msg = err(decode(&short.id, &short.stored, None, 101));
+        assert!(msg.contains("decoded to 100 bytes"), "{msg}");
+    }
+
+    #[test]
+    fn oversized_stored_bytes_are_refused_before_anything_else() {
+        let stored = vec![0u8; max_stored_size(1000) + 1];
+        let id = ChunkId::of(&stored);
+        let msg = err(decode(&id, &stored, None, 1000));
+        assert!(msg.contains("stored bytes, more than"), "{msg}");
+        let huge = vec![0u8; MAX_STORED_SIZE + 1];
+        let msg = err(decode(&ChunkId::of(&huge), &huge, None, MAX_CHUNK_SIZE));
+        assert!(msg.contains("stored bytes, more than"), "{msg}");
+        // Incompressible data at the bound still fits (the bound is zstd's worst case).
+        let mut x = 1u64;
+        let noise: Vec<u8> = (0..100_000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        for enc in [false, true] {
+            let e = encode(&noise, enc).unwrap();
+            assert!(e.stored.len() <= max_stored_size(100_000));
+            assert_eq!(
+                decode(&e.id, &e.stored, e.key.as_ref(), 100_000).unwrap(),
+                noise
+            );
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! file is never held in memory whole.
 //!
 //! CDC bounds: min 64 KiB, average 256 KiB, max 1 MiB. Fixed-size default: 512 KiB (as rfs).
+//! No chunker accepts sizes making chunks larger than [`super::MAX_CHUNK_SIZE`] (16 MiB).
 
 use fastcdc::v2020::StreamCDC;
 use serde::{Deserialize, Serialize};
@@ -52,7 +53,7 @@ impl ChunkerKind {
                     Err(format!("invalid CDC sizes min={min} avg={avg} max={max}"))
                 }
             }
-            ChunkerKind::Fixed { size } if size == 0 || size > 16 * 1024 * 1024 => {
+            ChunkerKind::Fixed { size } if size == 0 || size > super::MAX_CHUNK_SIZE => {
                 Err(format!("invalid fixed chunk size {size}"))
             }
             ChunkerKind::Fixed { .. } => Ok(()),
@@ -178,6 +179,17 @@ mod tests {
             min: 1,
             avg: 2,
             max: 3
+        }
+        .validate()
+        .is_err());
+        // No chunker can make a chunk larger than MAX_CHUNK_SIZE (what readers accept).
+        let max = super::super::MAX_CHUNK_SIZE;
+        assert!(ChunkerKind::Fixed { size: max }.validate().is_ok());
+        assert!(ChunkerKind::Fixed { size: max + 1 }.validate().is_err());
+        assert!(ChunkerKind::Cdc {
+            min: CDC_MIN,
+            avg: CDC_AVG,
+            max: max + 1
         }
         .validate()
         .is_err());

@@ -1,19 +1,55 @@
 //! Reading and writing the image file: header (magic, version, length, checksum) around a
 //! zstd-compressed postcard payload. Writes go to a temp file that is renamed into place, so a
 //! failed or interrupted write never leaves a half image.
+//!
+//! Reading is bounded (see "Limits" in the `meta` module doc): the file and its payload length
+//! are checked against [`MAX_PAYLOAD`] before anything is read or allocated, decompression
+//! streams into a buffer that stops past [`MAX_RAW_PAYLOAD`], and the tables are decoded under
+//! the [`MAX_DECODED_MEMORY`] budget before `validate` checks the rest.
 
 use super::types::Image;
 use super::validate::validate;
+use super::{MAX_DECODED_MEMORY, MAX_PAYLOAD, MAX_RAW_PAYLOAD};
 use crate::error::{Error, Result};
 use crate::store::redact_url;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::Path;
 
 pub const MAGIC: [u8; 8] = *b"FLISTFS\n";
 pub const VERSION: u32 = 1;
 const HEADER_LEN: usize = 56;
+/// log2 of the largest zstd window the payload may ask for (zstd's own default cap).
+const WINDOW_LOG_MAX: u32 = 27;
 
-/// Serializes `image` to bytes (credentials are stripped from store URLs).
+/// Decompresses `payload`; `Ok(None)` when it decodes to more than `limit` bytes. The buffer
+/// grows (by doubling from 1 MiB) only as data arrives and never past `limit + 1` bytes.
+fn decompress_capped(payload: &[u8], limit: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut dec = zstd::stream::read::Decoder::with_buffer(payload)?;
+    dec.window_log_max(WINDOW_LOG_MAX)?;
+    let mut out: Vec<u8> = Vec::new();
+    let mut len = 0usize;
+    loop {
+        if len == out.len() {
+            let grow = out.len().max(1 << 20).min(limit + 1 - len);
+            out.reserve_exact(grow);
+            out.resize(len + grow, 0);
+        }
+        match dec.read(&mut out[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        if len > limit {
+            return Ok(None);
+        }
+    }
+    out.truncate(len);
+    Ok(Some(out))
+}
+
+/// Serializes `image` to bytes (credentials are stripped from store URLs); refuses an image a
+/// reader would refuse (validation, payload limits).
 pub fn encode_image(image: &Image, path: &Path) -> Result<Vec<u8>> {
     let mut clean = image.clone();
     for r in &mut clean.routes {
@@ -23,8 +59,22 @@ pub fn encode_image(image: &Image, path: &Path) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         reason,
     };
+    // Never write what no reader would accept.
+    validate(&mut clean).map_err(bad)?;
     let raw = postcard::to_stdvec(&clean).map_err(|e| bad(format!("serialize: {e}")))?;
+    if raw.len() as u64 > MAX_RAW_PAYLOAD {
+        return Err(bad(format!(
+            "metadata of {} bytes exceeds the limit of {MAX_RAW_PAYLOAD} bytes",
+            raw.len()
+        )));
+    }
     let payload = zstd::bulk::compress(&raw, 9).map_err(|e| bad(format!("compress: {e}")))?;
+    if payload.len() as u64 > MAX_PAYLOAD {
+        return Err(bad(format!(
+            "payload length {} exceeds the limit of {MAX_PAYLOAD} bytes",
+            payload.len()
+        )));
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -64,6 +114,11 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&bytes[16..24]);
     let payload_len = u64::from_le_bytes(len8);
+    if payload_len > MAX_PAYLOAD {
+        return Err(bad(format!(
+            "payload length {payload_len} exceeds the limit of {MAX_PAYLOAD} bytes"
+        )));
+    }
     let have = (bytes.len() - HEADER_LEN) as u64;
     if have < payload_len {
         return Err(bad(format!(
@@ -80,15 +135,38 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
     if blake3::hash(payload).as_bytes() != &bytes[24..56] {
         return Err(bad("corrupt: checksum mismatch".into()));
     }
-    let raw = zstd::stream::decode_all(payload).map_err(|e| bad(format!("decompress: {e}")))?;
-    let mut image: Image = postcard::from_bytes(&raw).map_err(|e| bad(format!("decode: {e}")))?;
+    let raw = decompress_capped(payload, MAX_RAW_PAYLOAD as usize)
+        .map_err(|e| bad(format!("decompress: {e}")))?
+        .ok_or_else(|| {
+            bad(format!(
+                "payload decompresses to more than the limit of {MAX_RAW_PAYLOAD} bytes"
+            ))
+        })?;
+    let decoded =
+        super::budget::with_budget(MAX_DECODED_MEMORY, || postcard::from_bytes::<Image>(&raw));
+    drop(raw);
+    let mut image = decoded
+        .map_err(bad)?
+        .map_err(|e| bad(format!("decode: {e}")))?;
     validate(&mut image).map_err(bad)?;
     Ok(image)
 }
 
 /// Reads and validates the image at `path`.
+/// A file larger than a header plus [`MAX_PAYLOAD`] is refused without being read.
 pub fn read_image(path: &Path) -> Result<Image> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let max = HEADER_LEN as u64 + MAX_PAYLOAD;
+    let mut bytes = Vec::new();
+    file.take(max + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > max {
+        return Err(Error::BadImage {
+            path: path.to_path_buf(),
+            reason: format!("file is larger than the limit of {max} bytes"),
+        });
+    }
     decode_image(&bytes, path)
 }
 
@@ -166,5 +244,90 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("magic"), "{e}");
+    }
+
+    /// A header with a valid checksum around `payload`.
+    fn wrap(payload: &[u8], claimed_len: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&claimed_len.to_le_bytes());
+        out.extend_from_slice(blake3::hash(payload).as_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn an_invalid_image_is_not_written() {
+        let mut img = sample();
+        img.inodes[1].size = 5;
+        let e = encode_image(&img, Path::new("w.fl"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("w.fl") && e.contains("inode 2"), "{e}");
+    }
+
+    #[test]
+    fn payload_length_is_bounded() {
+        let p = Path::new("big.fl");
+        let e = decode_image(&wrap(b"x", MAX_PAYLOAD + 1), p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("big.fl") && e.contains("payload length"), "{e}");
+        // A file past the bound is refused by read_image without reading it whole.
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("huge.fl");
+        let file = std::fs::File::create(&f).unwrap();
+        file.set_len(HEADER_LEN as u64 + MAX_PAYLOAD + 1).unwrap();
+        let e = read_image(&f).unwrap_err().to_string();
+        assert!(e.contains("larger than the limit"), "{e}");
+    }
+
+    #[test]
+    fn decompression_is_capped() {
+        // The cap used by decode_image (MAX_RAW_PAYLOAD), tried at a small scale: 4 MiB of
+        // zeros (a few hundred compressed bytes) against a 1 MiB limit stops at the limit.
+        let payload = zstd::bulk::compress(&vec![0u8; 4 << 20], 1).unwrap();
+        assert!(decompress_capped(&payload, 1 << 20).unwrap().is_none());
+        assert_eq!(
+            decompress_capped(&payload, 4 << 20)
+                .unwrap()
+                .map(|v| v.len()),
+            Some(4 << 20)
+        );
+    }
+
+    #[test]
+    fn every_table_of_an_image_is_budgeted() {
+        // Empty inodes are a dozen postcard bytes but ~200 bytes in memory; the decode budget
+        // (MAX_DECODED_MEMORY in decode_image) counts them at their in-memory size.
+        let mut img = sample();
+        img.inodes = vec![Inode::new(InodeKind::File, 0); 1000];
+        let raw = postcard::to_stdvec(&img).unwrap();
+        assert!(raw.len() < 20_000);
+        let budget = 100 * std::mem::size_of::<Inode>() as u64;
+        let e = crate::meta::budget::with_budget(budget, || postcard::from_bytes::<Image>(&raw))
+            .err()
+            .unwrap_or_default();
+        assert!(e.contains("memory limit"), "{e}");
+        // Nested lists too: one inode with many entries.
+        let mut img = sample();
+        img.inodes[0].entries = (0..1000u32)
+            .map(|i| DirEntry {
+                name: Vec::new(),
+                ino: u64::from(i),
+            })
+            .collect();
+        let raw = postcard::to_stdvec(&img).unwrap();
+        let budget = 100 * std::mem::size_of::<DirEntry>() as u64;
+        assert!(
+            crate::meta::budget::with_budget(budget, || postcard::from_bytes::<Image>(&raw))
+                .is_err()
+        );
+        assert!(matches!(
+            crate::meta::budget::with_budget(1 << 20, || postcard::from_bytes::<Image>(&raw)),
+            Ok(Ok(_))
+        ));
     }
 }

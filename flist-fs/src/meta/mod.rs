@@ -15,6 +15,28 @@
 //! A reader checks magic, version, the exact length (so truncation is reported as such) and the
 //! checksum before decoding, then validates the tree (see `validate.rs`).
 //!
+//! # Limits
+//!
+//! An image is written by an untrusted tenant, so every size it claims is bounded before
+//! anything of that size is allocated; an image past any limit is refused, naming the limit
+//! (and the inode):
+//!
+//! | what                                   | limit                                  |
+//! |----------------------------------------|----------------------------------------|
+//! | payload N (compressed)                 | [`MAX_PAYLOAD`] = 64 MiB               |
+//! | decompressed payload                   | [`MAX_RAW_PAYLOAD`] = 256 MiB (streamed, never allocated past) |
+//! | in-memory tables while decoding        | [`MAX_DECODED_MEMORY`] = 1 GiB (each list element counted at its in-memory size) |
+//! | inodes                                 | [`MAX_INODES`] = 4 Mi                   |
+//! | entries of one directory               | [`MAX_DIR_ENTRIES`] = 1 Mi              |
+//! | entries of all directories             | [`MAX_TOTAL_ENTRIES`] = 8 Mi            |
+//! | entry name                             | [`MAX_NAME_LEN`] = 255 bytes (`NAME_MAX`) |
+//! | path of any entry (`/a/b/...`)         | [`MAX_PATH_LEN`] = 4095 bytes (`PATH_MAX` - 1), hence depth <= 2047 |
+//! | symlink target                         | [`MAX_TARGET_LEN`] = 4095 bytes         |
+//! | xattrs of one inode                    | [`MAX_XATTRS`] = 1024, names list <= [`MAX_XATTR_LIST`] = 64 KiB (`XATTR_LIST_MAX`) |
+//! | xattr name / value                     | 1..=[`MAX_XATTR_NAME`] = 255 / [`MAX_XATTR_VALUE`] = 64 KiB (`XATTR_SIZE_MAX`) |
+//! | chunk plaintext                        | [`crate::chunk::MAX_CHUNK_SIZE`] = 16 MiB |
+//! | file size                              | the sum of its chunks, no overflow      |
+//!
 //! # The `Image` payload
 //!
 //! * `tags`: free-form `name`, `version`, `author`, ... (string map).
@@ -38,6 +60,7 @@
 //! encrypted image the per-chunk keys live in the image file, so the image itself is the read
 //! capability (as with rfs): share it like a secret; stores only ever see ciphertext.
 
+mod budget;
 mod codec;
 mod diff;
 mod tree;
@@ -48,3 +71,31 @@ pub use codec::{decode_image, encode_image, read_image, write_image_atomic, MAGI
 pub use diff::{diff, Change, ChangeKind};
 pub use types::{ChunkRef, DirEntry, Image, Inode, InodeKind, Route, Timestamp, Xattr, ROOT_INO};
 pub(crate) use validate::validate;
+
+/// Largest compressed payload (header field N) a reader accepts.
+pub const MAX_PAYLOAD: u64 = 64 << 20;
+/// Largest decompressed payload (the postcard bytes) a reader produces.
+pub const MAX_RAW_PAYLOAD: u64 = 256 << 20;
+/// Budget for the decoded tables (inodes, chunk lists, entries, xattrs, routes, tags), each
+/// element counted at its in-memory size; bounds the expansion from compact postcard.
+pub const MAX_DECODED_MEMORY: u64 = 1 << 30;
+/// Most inodes in an image.
+pub const MAX_INODES: usize = 4 << 20;
+/// Most entries in one directory.
+pub const MAX_DIR_ENTRIES: usize = 1 << 20;
+/// Most directory entries in the whole image.
+pub const MAX_TOTAL_ENTRIES: usize = 8 << 20;
+/// Longest entry name (Linux `NAME_MAX`).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest path of an entry from the root, `/` separators included (Linux `PATH_MAX` - 1).
+pub const MAX_PATH_LEN: usize = 4095;
+/// Longest symlink target (Linux `PATH_MAX` - 1).
+pub const MAX_TARGET_LEN: usize = 4095;
+/// Most xattrs on one inode.
+pub const MAX_XATTRS: usize = 1024;
+/// Longest xattr name (Linux `XATTR_NAME_MAX`).
+pub const MAX_XATTR_NAME: usize = 255;
+/// Largest xattr value (Linux `XATTR_SIZE_MAX`).
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
+/// Largest NUL-separated xattr name list of one inode (Linux `XATTR_LIST_MAX`).
+pub const MAX_XATTR_LIST: usize = 64 << 10;

@@ -1,4 +1,5 @@
-//! The serialized types of an image (see the module doc of `meta` for the format).
+//! The serialized types of an image (see the module doc of `meta` for the format). Every list
+//! and map is deserialized under the decode memory budget (`budget.rs`).
 
 use crate::chunk::{ChunkId, ChunkerKind};
 use serde::{Deserialize, Serialize};
@@ -87,12 +88,15 @@ pub struct Inode {
     pub mtime: Timestamp,
     pub ctime: Timestamp,
     pub rdev: u64,
+    #[serde(deserialize_with = "super::budget::vec")]
     pub xattrs: Vec<Xattr>,
     /// Symlink target (empty for other kinds).
     pub target: Vec<u8>,
     /// Files only, ordered by offset.
+    #[serde(deserialize_with = "super::budget::vec")]
     pub chunks: Vec<ChunkRef>,
     /// Directories only, sorted by name.
+    #[serde(deserialize_with = "super::budget::vec")]
     pub entries: Vec<DirEntry>,
 }
 
@@ -127,10 +131,13 @@ pub struct Route {
 /// A whole image.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Image {
+    #[serde(deserialize_with = "super::budget::map")]
     pub tags: BTreeMap<String, String>,
+    #[serde(deserialize_with = "super::budget::vec")]
     pub routes: Vec<Route>,
     pub chunker: ChunkerKind,
     pub encrypted: bool,
+    #[serde(deserialize_with = "super::budget::vec")]
     pub inodes: Vec<Inode>,
     /// Derived on load: link count and parent directory per inode (index = ino - 1).
     #[serde(skip)]
