@@ -190,7 +190,7 @@ fn bad_images_and_failed_pack() {
 #[test]
 fn hostile_image_names_rejected_and_unpack_stays_inside() {
     use flist_fs::chunk::ChunkerKind;
-    use flist_fs::meta::{encode_image, DirEntry, Image, Inode, InodeKind};
+    use flist_fs::meta::{encode_unvalidated, DirEntry, Image, Inode, InodeKind};
     let t = tempfile::tempdir().unwrap();
     let mut img = Image::new(ChunkerKind::default(), false);
     img.inodes.push(Inode::new(InodeKind::File, 0o644));
@@ -199,7 +199,7 @@ fn hostile_image_names_rejected_and_unpack_stays_inside() {
         ino: 2,
     });
     let p = t.path().join("evil.flist");
-    std::fs::write(&p, encode_image(&img, &p).unwrap()).unwrap();
+    std::fs::write(&p, encode_unvalidated(&img, &p).unwrap()).unwrap();
     let e = fails(&[
         "unpack",
         p.to_str().unwrap(),
@@ -210,7 +210,7 @@ fn hostile_image_names_rejected_and_unpack_stays_inside() {
         "{e}"
     );
     img.inodes[0].entries[0].name = b"a/../../x".to_vec();
-    std::fs::write(&p, encode_image(&img, &p).unwrap()).unwrap();
+    std::fs::write(&p, encode_unvalidated(&img, &p).unwrap()).unwrap();
     assert!(fails(&["ls", p.to_str().unwrap()]).contains("invalid entry name"));
 
     // An absolute symlink is recreated as a link, never followed.

@@ -13,6 +13,7 @@
 //!
 //! let opts = OpenOptions {
 //!     stores: vec![],                      // empty: use the stores recorded in the image
+//!     policy: None,                        // a node passes its StorePolicy (allowlist)
 //!     cache_dir: Some("/var/cache/flist".into()),
 //!     cache_max_bytes: 10 << 30,
 //! };

@@ -61,7 +61,18 @@ pub fn encode_image(image: &Image, path: &Path) -> Result<Vec<u8>> {
     };
     // Never write what no reader would accept.
     validate(&mut clean).map_err(bad)?;
-    let raw = postcard::to_stdvec(&clean).map_err(|e| bad(format!("serialize: {e}")))?;
+    encode_unvalidated(&clean, path)
+}
+
+/// Serializes `image` as it is, without validating it: what a hostile packer could write.
+/// Only for tests and fuzzing seeds of the decoder; use [`encode_image`].
+#[doc(hidden)]
+pub fn encode_unvalidated(image: &Image, path: &Path) -> Result<Vec<u8>> {
+    let bad = |reason: String| Error::BadImage {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let raw = postcard::to_stdvec(image).map_err(|e| bad(format!("serialize: {e}")))?;
     if raw.len() as u64 > MAX_RAW_PAYLOAD {
         return Err(bad(format!(
             "metadata of {} bytes exceeds the limit of {MAX_RAW_PAYLOAD} bytes",

@@ -67,7 +67,9 @@ mod tree;
 mod types;
 mod validate;
 
-pub use codec::{decode_image, encode_image, read_image, write_image_atomic, MAGIC, VERSION};
+pub use codec::{
+    decode_image, encode_image, encode_unvalidated, read_image, write_image_atomic, MAGIC, VERSION,
+};
 pub use diff::{diff, Change, ChangeKind};
 pub use types::{ChunkRef, DirEntry, Image, Inode, InodeKind, Route, Timestamp, Xattr, ROOT_INO};
 pub(crate) use validate::validate;
