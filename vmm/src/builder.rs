@@ -146,6 +146,14 @@ fn attach_virtio_devices(
         .iter()
         .map(|share| fs_backends::device_for(share, images))
         .collect::<Result<Vec<_>, _>>()?;
+    // Device threads start now, before any vCPU: a vCPU never creates a thread.
+    let mut devices = devices;
+    for device in &mut devices {
+        device.start_workers().map_err(|e| BuildError::Device {
+            what: "virtio device workers",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
     let max = (LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1) as usize;
     if devices.len() > max {
         return Err(BuildError::TooManyDevices(devices.len()));
@@ -271,9 +279,19 @@ pub fn build(
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;
+    let vcpu_filter = Arc::new(
+        crate::seccomp::filter(
+            crate::seccomp::ThreadKind::Vcpu,
+            crate::seccomp::Violation::Trap,
+        )
+        .map_err(|e| BuildError::Device {
+            what: "vCPU seccomp filter",
+            source: std::io::Error::other(e.to_string()),
+        })?,
+    );
     let vcpu_threads = vcpus
         .into_iter()
-        .map(|vcpu| vcpu.start(buses.clone(), exit.clone()))
+        .map(|vcpu| vcpu.start(buses.clone(), exit.clone(), vcpu_filter.clone()))
         .collect::<Result<Vec<_>, VcpuError>>()?;
 
     Ok(RunningVm {

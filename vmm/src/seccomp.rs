@@ -239,6 +239,8 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
     };
     match kind {
         ThreadKind::Vcpu => {
+            // Activating a device makes its stop event (its threads already run).
+            rules.insert(libc::SYS_eventfd2, Vec::new());
             let mut ioctls = Vec::new();
             for request in [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS] {
                 ioctls.push(SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])?);
@@ -247,6 +249,16 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
         }
         ThreadKind::FsWorker { network } => {
             plain(&mut rules, FS_WORKER);
+            // A passthrough share re-imports its root on a thread of its own filesystem
+            // context (`fs_backends::host_dir`): unshare(CLONE_FS) and nothing else.
+            rules.insert(
+                libc::SYS_unshare,
+                vec![SeccompRule::new(vec![arg(
+                    0,
+                    SeccompCmpOp::Eq,
+                    libc::CLONE_FS as u64,
+                )?])?],
+            );
             if network {
                 plain(&mut rules, NETWORK);
             }

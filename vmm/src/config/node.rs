@@ -165,6 +165,18 @@ impl ImageSettings {
     pub fn policy(&self) -> Option<&StorePolicy> {
         self.policy.as_ref()
     }
+
+    /// Whether opening images may fetch chunks over the network from this process (any store
+    /// the policy allows is not a `dir://` one): the virtio-fs workers' seccomp filter then
+    /// allows network calls.
+    pub fn fetches_over_network(&self) -> bool {
+        match &self.policy {
+            None => true,
+            Some(policy) => {
+                policy.is_anonymous() || policy.stores().iter().any(|u| !u.starts_with("dir://"))
+            }
+        }
+    }
 }
 
 impl From<&ImageSettings> for ImageSettings {

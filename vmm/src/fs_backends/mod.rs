@@ -211,12 +211,15 @@ pub fn device_for(
         max_bytes: share.max_bytes,
         max_inodes: share.max_inodes,
     };
+    let network = images.fetches_over_network();
     match (&share.dir, &share.image, &share.writable_layer) {
-        (Some(dir), _, _) => device(tag, dir_share(tag, dir, share.readonly, limits)?),
-        (None, Some(path), Some(layer)) => {
-            device(tag, layered_share(tag, path, layer, limits, &images)?)
-        }
-        (None, Some(path), None) => device(tag, image_share(tag, path, &images)?),
+        (Some(dir), _, _) => device(tag, dir_share(tag, dir, share.readonly, limits)?, false),
+        (None, Some(path), Some(layer)) => device(
+            tag,
+            layered_share(tag, path, layer, limits, &images)?,
+            network,
+        ),
+        (None, Some(path), None) => device(tag, image_share(tag, path, &images)?, network),
         (None, None, _) => Err(FsBackendError::Dir {
             tag: tag.to_string(),
             path: String::new(),
@@ -225,9 +228,13 @@ pub fn device_for(
     }
 }
 
+/// The device serving `fs`; `network`: its workers fetch image chunks over the network.
 fn device<F: FileSystem + Send + Sync + 'static>(
     tag: &str,
     fs: Guard<F>,
+    network: bool,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
-    Ok(Box::new(FsDevice::new(tag, Arc::new(fs))?))
+    Ok(Box::new(
+        FsDevice::new(tag, Arc::new(fs))?.with_network_fetch(network),
+    ))
 }

@@ -11,6 +11,7 @@ use crate::arch::x86_64::{cpuid, interrupts, msrs, regs};
 use crate::devices::bus::Bus;
 use crate::devices::log_limit::debug_limited;
 use crate::exit::{ExitSignal, VmExit};
+use crate::seccomp::ThreadFilter;
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,11 +92,25 @@ impl Vcpu {
     }
 
     /// Runs the vCPU on its own thread until the VM ends.
-    pub fn start(self, buses: Buses, exit: ExitSignal) -> Result<JoinHandle<()>, VcpuError> {
+    /// The vCPU's thread installs `filter` before its first KVM_RUN.
+    pub fn start(
+        self,
+        buses: Buses,
+        exit: ExitSignal,
+        filter: Arc<ThreadFilter>,
+    ) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&buses, &exit))
+            .spawn(move || {
+                if let Err(e) = crate::seccomp::apply_to_current_thread(&filter) {
+                    exit.end(VmExit::Fault(format!(
+                        "vCPU {index}: not running without its seccomp filter: {e}"
+                    )));
+                    return;
+                }
+                self.run(&buses, &exit)
+            })
             .map_err(|source| VcpuError::Thread { index, source })
     }
 

@@ -62,6 +62,11 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     fn write_config(&mut self, offset: u64, data: &[u8]);
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Starts the threads the device will serve its queues on, before the vCPUs run (so a
+    /// vCPU never creates a thread); activation then hands them their queues.
+    fn start_workers(&mut self) -> Result<(), ActivateError> {
+        Ok(())
+    }
     /// Returns the device to its state before activation: its workers are stopped and their
     /// threads joined (none touches the old queues afterwards), negotiated features are
     /// forgotten, and it can be activated again. Also called on a device never activated.

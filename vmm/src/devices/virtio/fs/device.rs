@@ -1,16 +1,17 @@
 //! The virtio-fs device: its configuration space (tag, number of request queues), features,
-//! activation, which starts one worker thread per queue, and reset, which stops and joins them
-//! and ends the guest's FUSE session so that the device can be activated again.
+//! activation, which hands each queue to a thread of the device's worker pool (started before
+//! the vCPUs run), and reset, which stops the workers and ends the guest's FUSE session so
+//! that the device can be activated again.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::pool::WorkerPool;
 use super::worker::{FsCounters, QueueWorker};
 use crate::devices::log_limit::error_limited;
 use crate::devices::virtio::{
@@ -40,8 +41,11 @@ pub struct FsDevice<F: FileSystem + Send + Sync + 'static> {
     acked_features: u64,
     /// Whether the queue workers install the seccomp filter (always, outside unit tests).
     seccomp: bool,
+    /// Whether the filesystem fetches image chunks over the network itself (the workers'
+    /// seccomp filter then allows network calls).
+    network: bool,
+    pool: Option<WorkerPool<F>>,
     /// While activated: the running queue workers and the event that stops them.
-    workers: Vec<JoinHandle<()>>,
     stop: Option<EventFd>,
     /// How long a reset waits for the workers ([`WORKER_STOP_TIMEOUT`] outside unit tests).
     stop_timeout: Duration,
@@ -66,7 +70,8 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
             fs,
             acked_features: 0,
             seccomp: true,
-            workers: Vec::new(),
+            network: false,
+            pool: None,
             stop: None,
             stop_timeout: WORKER_STOP_TIMEOUT,
             counters: Arc::new(FsCounters::default()),
@@ -81,32 +86,52 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
     /// Signals the workers to stop and joins their threads, waiting at most `timeout` for a
     /// worker inside a long FUSE request; returns whether they are all gone. Workers still
     /// running are kept (with the stop event, which stays signalled) for a later attempt.
+    /// Lets the workers fetch over the network (an image whose stores this process reaches).
+    pub fn with_network_fetch(mut self, network: bool) -> Self {
+        self.network = network;
+        self
+    }
+
+    fn start_pool(&mut self) -> Result<&WorkerPool<F>, ActivateError> {
+        if self.pool.is_none() {
+            let filter = if self.seccomp {
+                let kind = crate::seccomp::ThreadKind::FsWorker {
+                    network: self.network,
+                };
+                let filter = crate::seccomp::filter(kind, crate::seccomp::Violation::Trap)
+                    .map_err(|e| ActivateError::Device(e.to_string()))?;
+                Some(Arc::new(filter))
+            } else {
+                None
+            };
+            let pool = WorkerPool::start(&self.tag, QUEUE_SIZES.len(), filter)
+                .map_err(ActivateError::Worker)?;
+            self.pool = Some(pool);
+        }
+        self.pool
+            .as_ref()
+            .ok_or_else(|| ActivateError::Device("no worker pool".into()))
+    }
+
+    /// Signals the stop event and waits for the workers to go idle; false when some are still
+    /// serving after `timeout` (the stop event stays set, so they stop when they can).
     fn stop_workers(&mut self, timeout: Duration) -> bool {
-        if let Some(stop) = &self.stop {
-            if let Err(e) = stop.write(1) {
-                error_limited!("virtio-fs {}: cannot stop the workers: {e}", self.tag);
+        let Some(stop) = &self.stop else {
+            return true;
+        };
+        if let Err(e) = stop.write(1) {
+            error_limited!("virtio-fs {}: cannot stop the workers: {e}", self.tag);
+            return false;
+        }
+        if let Some(pool) = &self.pool {
+            if !pool.wait_idle(timeout) {
+                error_limited!(
+                    "virtio-fs {}: {} queue workers did not stop within {timeout:?}",
+                    self.tag,
+                    pool.serving()
+                );
                 return false;
             }
-        }
-        let deadline = Instant::now() + timeout;
-        while self.workers.iter().any(|w| !w.is_finished()) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        let (done, running): (Vec<_>, Vec<_>) =
-            self.workers.drain(..).partition(|w| w.is_finished());
-        for worker in done {
-            if worker.join().is_err() {
-                error_limited!("virtio-fs {}: a queue worker panicked", self.tag);
-            }
-        }
-        self.workers = running;
-        if !self.workers.is_empty() {
-            error_limited!(
-                "virtio-fs {}: {} queue workers did not stop within {timeout:?}",
-                self.tag,
-                self.workers.len()
-            );
-            return false;
         }
         self.stop = None;
         true
@@ -157,23 +182,15 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
                 needed: QUEUE_SIZES.len(),
             });
         }
-        if self.stop.is_some() || !self.workers.is_empty() {
+        if self.stop.is_some() {
             return Err(ActivateError::Device(
                 "virtio-fs device activated twice without a reset".into(),
             ));
         }
-        let seccomp = if self.seccomp {
-            Some(Arc::new(
-                crate::seccomp::fs_worker_filter()
-                    .map_err(|e| ActivateError::Device(e.to_string()))?,
-            ))
-        } else {
-            None
-        };
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let mut workers = Vec::with_capacity(queues.len());
-        let mut spawn = |index, queue, event| -> Result<(), ActivateError> {
-            let worker = QueueWorker {
+        for (index, (queue, event)) in queues.into_iter().zip(queue_events).enumerate() {
+            workers.push(QueueWorker {
                 tag: self.tag.clone(),
                 index,
                 mem: mem.clone(),
@@ -182,43 +199,37 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
                 stop: stop.try_clone().map_err(ActivateError::Worker)?,
                 interrupt: interrupt.clone(),
                 server: self.server.clone(),
-                seccomp: seccomp.clone(),
                 counters: self.counters.clone(),
-            };
-            let handle = std::thread::Builder::new()
-                .name(format!("fs-{}-q{index}", self.tag))
-                .spawn(move || worker.run())
-                .map_err(ActivateError::Worker)?;
-            workers.push(handle);
-            Ok(())
-        };
-        let mut spawned = Ok(());
-        for (index, (queue, event)) in queues.into_iter().zip(queue_events).enumerate() {
-            spawned = spawn(index, queue, event);
-            if spawned.is_err() {
-                break;
-            }
+            });
         }
-        // Workers already started are stopped again if a later one could not start.
-        self.workers = workers;
+        let pool = self.start_pool()?;
+        let started = pool.activate(workers);
         self.stop = Some(stop);
-        if spawned.is_err() {
+        if !started {
             self.stop_workers(self.stop_timeout);
+            return Err(ActivateError::Device(
+                "a virtio-fs queue worker is gone (see its error)".into(),
+            ));
         }
-        spawned
+        Ok(())
     }
 
-    /// Stops and joins the queue workers, ends the guest's FUSE session (the filesystem
-    /// forgets the guest's inodes and handles: the driver starts again with FUSE_INIT) and
-    /// forgets the negotiated features. Fails, leaving the device as it is, when a worker is
-    /// stuck in a request for longer than the stop timeout ([`WORKER_STOP_TIMEOUT`]).
+    fn start_workers(&mut self) -> Result<(), ActivateError> {
+        self.start_pool().map(drop)
+    }
+
     fn reset(&mut self) -> bool {
         let was_active = self.stop.is_some();
         if !self.stop_workers(self.stop_timeout) {
             return false;
         }
         if was_active {
-            self.fs.destroy();
+            if let Some(pool) = &self.pool {
+                if !pool.destroy(self.fs.clone(), self.stop_timeout) {
+                    error_limited!("virtio-fs {}: cannot end the FUSE session", self.tag);
+                    return false;
+                }
+            }
         }
         self.acked_features = 0;
         true

@@ -3,6 +3,7 @@
 //! or an flist image (served by flist-fs).
 
 mod device;
+mod pool;
 #[cfg(test)]
 mod tests;
 mod thread_context;

@@ -98,7 +98,6 @@ impl Fixture {
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
             )),
             server: Arc::new(Server::new(Arc::new(fs))),
-            seccomp: None,
             counters: Arc::new(FsCounters::default()),
         }
     }
@@ -540,6 +539,12 @@ fn reset_joins_the_workers_and_the_device_serves_again() {
     use crate::devices::virtio::mmio::tests::{rd, wr};
     let fx = Fixture::new();
     let device = FsDevice::new("rst", Arc::new(fx.fs())).unwrap();
+    let counters = device.counters();
+    let serving = || {
+        counters
+            .workers_serving
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
     let irq = Arc::new(VirtioInterrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
     ));
@@ -553,15 +558,15 @@ fn reset_joins_the_workers_and_the_device_serves_again() {
 
     let mut first = TestDriver::at(&fx.mem, GuestAddress(0x4_0000), 16);
     bring_up_and_serve(&fx, &mut t, &mut first, 1);
-    assert_eq!(
-        eventually(|| Some(threads_named("fs-rst-q")).filter(|n| *n == 2)),
-        Some(2)
-    );
+    assert_eq!(eventually(|| Some(serving()).filter(|n| *n == 2)), Some(2));
+    assert_eq!(threads_named("fs-rst-q"), 2);
 
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), 0);
-    // reset() joined the workers: their threads are gone at once.
-    assert_eq!(threads_named("fs-rst-q"), 0, "old workers still running");
+    // reset() waited for the workers: none serves any more (their pool threads wait for the
+    // next activation).
+    assert_eq!(serving(), 0, "old workers still serving");
+    assert_eq!(threads_named("fs-rst-q"), 2);
     // Nothing serves the old rings any more.
     first.push_chain(&[Buffer {
         addr: REQ,
@@ -575,15 +580,13 @@ fn reset_joins_the_workers_and_the_device_serves_again() {
     // The driver sets the device up again on new rings: a fresh FUSE session.
     let mut second = TestDriver::at(&fx.mem, GuestAddress(0x6_0000), 16);
     bring_up_and_serve(&fx, &mut t, &mut second, 10);
-    assert_eq!(
-        eventually(|| Some(threads_named("fs-rst-q")).filter(|n| *n == 2)),
-        Some(2)
-    );
+    assert_eq!(eventually(|| Some(serving()).filter(|n| *n == 2)), Some(2));
+    assert_eq!(threads_named("fs-rst-q"), 2, "the same threads serve again");
     drop(t);
     assert_eq!(
-        threads_named("fs-rst-q"),
-        0,
-        "dropping the device joins its workers"
+        eventually(|| Some(threads_named("fs-rst-q")).filter(|n| *n == 0)),
+        Some(0),
+        "dropping the device ends its worker threads"
     );
 }
 
@@ -621,6 +624,12 @@ fn a_worker_stuck_in_a_request_makes_reset_fail_until_it_returns() {
     let device = FsDevice::new("stk", fs.clone())
         .unwrap()
         .with_stop_timeout(std::time::Duration::from_millis(100));
+    let counters = device.counters();
+    let serving = || {
+        counters
+            .workers_serving
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
     let irq = Arc::new(VirtioInterrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
     ));
@@ -659,11 +668,7 @@ fn a_worker_stuck_in_a_request_makes_reset_fail_until_it_returns() {
     // The request never ends: the reset gives up and the device needs a reset.
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), STATUS_NEEDS_RESET);
-    assert_eq!(
-        threads_named("fs-stk-q"),
-        1,
-        "the stuck worker is still there"
-    );
+    assert_eq!(serving(), 1, "the stuck worker is still serving");
     wr(&mut t, 0x70, 1);
     assert_eq!(
         rd(&mut t, 0x70),
@@ -676,5 +681,37 @@ fn a_worker_stuck_in_a_request_makes_reset_fail_until_it_returns() {
     assert!(eventually(|| driver.pop_used()).is_some());
     wr(&mut t, 0x70, 0);
     assert_eq!(rd(&mut t, 0x70), 0);
-    assert_eq!(threads_named("fs-stk-q"), 0);
+    assert_eq!(serving(), 0);
+}
+
+#[test]
+fn a_vcpu_thread_activates_and_resets_the_device_within_its_seccomp_filter() {
+    use crate::devices::virtio::mmio::tests::{rd, wr};
+    use crate::devices::virtio::VirtioDevice;
+    use crate::seccomp::{apply_to_current_thread, filter, ThreadKind, Violation};
+    let fx = Fixture::new();
+    let mut device = FsDevice::new("vcf", Arc::new(fx.fs())).unwrap();
+    // The builder starts the workers before any vCPU runs.
+    device.start_workers().unwrap();
+    let irq = Arc::new(VirtioInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    let mut t = MmioTransport::new(Box::new(device), fx.mem.clone(), irq).unwrap();
+    // The device's register handlers run on a vCPU thread, under the vCPU's filter (EPERM
+    // here instead of the trap, so a forbidden call fails the test instead of the process).
+    let vcpu = filter(ThreadKind::Vcpu, Violation::Errno).unwrap();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                apply_to_current_thread(&vcpu).unwrap();
+                let mut first = TestDriver::at(&fx.mem, GuestAddress(0x4_0000), 16);
+                bring_up_and_serve(&fx, &mut t, &mut first, 1);
+                wr(&mut t, 0x70, 0);
+                assert_eq!(rd(&mut t, 0x70), 0, "reset");
+                let mut second = TestDriver::at(&fx.mem, GuestAddress(0x6_0000), 16);
+                bring_up_and_serve(&fx, &mut t, &mut second, 10);
+            })
+            .join()
+            .unwrap()
+    });
 }

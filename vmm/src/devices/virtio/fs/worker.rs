@@ -26,6 +26,8 @@ pub struct FsCounters {
     pub bad_requests: AtomicU64,
     /// Queue errors that stopped a worker (bad ring addresses or indices).
     pub queue_errors: AtomicU64,
+    /// Workers serving a queue now (0 once a reset has stopped them).
+    pub workers_serving: AtomicU64,
 }
 
 pub(super) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
@@ -38,31 +40,23 @@ pub(super) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
     pub stop: EventFd,
     pub interrupt: Arc<VirtioInterrupt>,
     pub server: Arc<Server<Arc<F>>>,
-    /// Seccomp filter the worker installs on its own thread before serving the guest.
-    pub seccomp: Option<Arc<crate::seccomp::ThreadFilter>>,
     pub counters: Arc<FsCounters>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
+    /// Serves the queue until the device's stop event fires or the queue breaks. Runs on a
+    /// pool thread that has its filesystem context and seccomp filter already.
     pub fn run(mut self) {
-        if let Err(e) = super::enter_fs_context() {
-            tracing::error!(
-                "virtio-fs {} queue {}: cannot make a filesystem context: {e}",
-                self.tag,
-                self.index
-            );
-            return;
-        }
-        if let Some(filter) = &self.seccomp {
-            if let Err(e) = crate::seccomp::apply_to_current_thread(filter) {
-                error_limited!(
-                    "virtio-fs {} queue {}: not serving without its seccomp filter: {e}",
-                    self.tag,
-                    self.index
-                );
-                return;
-            }
-        }
+        self.counters
+            .workers_serving
+            .fetch_add(1, Ordering::Relaxed);
+        self.serve_queue();
+        self.counters
+            .workers_serving
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn serve_queue(&mut self) {
         loop {
             if !self.wait_for_notification() {
                 return;
