@@ -272,6 +272,11 @@ fn main() -> ExitCode {
     };
 
     raise_open_file_limit();
+    let layers = spec.fs.iter().any(|share| share.writable_layer.is_some());
+    if let Err(e) = vmm::caps::drop_all_but(&vmm::caps::kept(layers)) {
+        eprintln!("vmm: error: {e}");
+        return ExitCode::from(2);
+    }
     let vm = match vmm::builder::build(&spec, &images, &cli.kvm_device, started) {
         Ok(vm) => vm,
         Err(e) => {
