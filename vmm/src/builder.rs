@@ -190,6 +190,19 @@ fn attach_virtio_devices(
     Ok((bus, args))
 }
 
+/// The seccomp filter of the vmm's own threads (see [`crate::seccomp::ThreadKind::Vmm`]).
+pub fn vmm_thread_filter() -> Result<Arc<crate::seccomp::ThreadFilter>, BuildError> {
+    crate::seccomp::filter(
+        crate::seccomp::ThreadKind::Vmm,
+        crate::seccomp::Violation::Trap,
+    )
+    .map(Arc::new)
+    .map_err(|e| BuildError::Device {
+        what: "vmm thread seccomp filter",
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
 /// Builds and starts the VM described by `spec`, its images opened with `images` (the node's
 /// cache and store policy). `started` is the VMM's start time, against which the guest's
 /// "booted" report is measured.
@@ -253,7 +266,8 @@ pub fn build(
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
     let (serial_out, serial_writer) =
-        SerialWriter::spawn(serial_output(&spec.serial)?).map_err(device_err("serial writer"))?;
+        SerialWriter::spawn_confined(serial_output(&spec.serial)?, vmm_thread_filter()?)
+            .map_err(device_err("serial writer"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;

@@ -284,6 +284,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // From here the main thread (and the stdin forwarder it starts) only waits for the VM's
+    // end and reports it.
+    let confined = vmm::builder::vmm_thread_filter()
+        .map_err(|e| e.to_string())
+        .and_then(|filter| {
+            vmm::seccomp::apply_to_current_thread(&filter).map_err(|e| e.to_string())
+        });
+    if let Err(e) = confined {
+        eprintln!("vmm: error: {e}");
+        return ExitCode::from(2);
+    }
     if spec.serial == SerialOutput::Stdout {
         vmm::stdin::forward_stdin(vm.serial.clone());
     }

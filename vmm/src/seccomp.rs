@@ -28,6 +28,10 @@ pub enum ThreadKind {
     /// Serves FUSE requests from a virtio-fs queue. `network`: its images' chunks are fetched
     /// from network stores by this process.
     FsWorker { network: bool },
+    /// The vmm's own threads once the VM runs: the main thread (waits for the VM's end,
+    /// reports it), the console writer (writes and rotates the console log) and the stdin
+    /// forwarder (terminal mode).
+    Vmm,
 }
 
 /// What a call outside the list gets.
@@ -171,6 +175,24 @@ const NETWORK: &[i64] = &[
     libc::SYS_uname,
 ];
 
+/// The vmm's own threads: the console log (open, rotate), terminal mode, signal handlers.
+const VMM: &[i64] = &[
+    libc::SYS_openat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_rt_sigaction,
+];
+
+/// Terminal ioctls of the stdin forwarder (raw mode and back).
+const TERMINAL_IOCTLS: [u64; 4] = [libc::TCGETS, libc::TCSETS, libc::TCSETSW, libc::TCSETSF];
+
 // KVM ioctls a vCPU thread makes once running (kvm.h: KVMIO = 0xAE).
 const KVM_RUN: u64 = 0xAE80;
 /// _IOR(KVMIO, 0x81, struct kvm_regs): 144-byte struct.
@@ -243,6 +265,14 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
             rules.insert(libc::SYS_eventfd2, Vec::new());
             let mut ioctls = Vec::new();
             for request in [KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS] {
+                ioctls.push(SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])?);
+            }
+            rules.insert(libc::SYS_ioctl, ioctls);
+        }
+        ThreadKind::Vmm => {
+            plain(&mut rules, VMM);
+            let mut ioctls = Vec::new();
+            for request in TERMINAL_IOCTLS {
                 ioctls.push(SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])?);
             }
             rules.insert(libc::SYS_ioctl, ioctls);
@@ -457,6 +487,27 @@ mod tests {
             assert!(exec_map, "{kind:?}: PROT_EXEC mmap");
             assert!(exec_protect, "{kind:?}: PROT_EXEC mprotect");
         }
+    }
+
+    #[test]
+    fn vmm_threads_write_logs_but_open_no_sockets_and_run_no_guest() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let (write, rename, socket, kvm, bpf) = under(ThreadKind::Vmm, move || {
+            let write = std::fs::write(&log, b"x").is_ok();
+            let rename = std::fs::rename(&log, log.with_extension("1")).is_ok();
+            // SAFETY: invalid or harmless arguments; only the filter's answer matters.
+            let socket = errno_of(unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0)
+            });
+            let kvm = errno_of(unsafe { libc::ioctl(-1, KVM_RUN as _) } as i64);
+            let bpf = errno_of(unsafe { libc::syscall(libc::SYS_bpf, -1i64, 0usize, 0usize) });
+            (write, rename, socket, kvm, bpf)
+        });
+        assert!(write && rename, "the console log is written and rotated");
+        assert_eq!(socket, Some(libc::EPERM));
+        assert_eq!(kvm, Some(libc::EPERM));
+        assert_eq!(bpf, Some(libc::EPERM));
     }
 
     #[test]

@@ -133,12 +133,21 @@ impl Drop for AliveGuard {
 impl SerialWriter {
     /// Starts the writer thread for `sink` with the default buffer size.
     pub fn spawn(sink: SerialOut) -> std::io::Result<(OutputBuffer, SerialWriter)> {
-        Self::with_capacity(sink, OUTPUT_BUFFER_CAPACITY)
+        Self::with_capacity(sink, OUTPUT_BUFFER_CAPACITY, None)
+    }
+
+    /// Starts the writer thread, which installs `filter` before it writes anything.
+    pub fn spawn_confined(
+        sink: SerialOut,
+        filter: Arc<crate::seccomp::ThreadFilter>,
+    ) -> std::io::Result<(OutputBuffer, SerialWriter)> {
+        Self::with_capacity(sink, OUTPUT_BUFFER_CAPACITY, Some(filter))
     }
 
     pub fn with_capacity(
         sink: SerialOut,
         capacity: usize,
+        filter: Option<Arc<crate::seccomp::ThreadFilter>>,
     ) -> std::io::Result<(OutputBuffer, SerialWriter)> {
         let shared = Arc::new(Shared {
             state: Mutex::new(OutState {
@@ -157,7 +166,15 @@ impl SerialWriter {
         let guard = AliveGuard(shared.clone());
         let thread = std::thread::Builder::new()
             .name("serial-out".into())
-            .spawn(move || writer_loop(guard, sink))?;
+            .spawn(move || {
+                if let Some(filter) = filter {
+                    if let Err(e) = crate::seccomp::apply_to_current_thread(&filter) {
+                        tracing::error!("serial-out: not writing without its seccomp filter: {e}");
+                        return;
+                    }
+                }
+                writer_loop(guard, sink)
+            })?;
         Ok((
             OutputBuffer {
                 shared: shared.clone(),
