@@ -485,3 +485,125 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
     }
     Ok(())
 }
+
+/// A guest under a writable layer tries to make privileged objects on the host: a block and a
+/// character device, a setuid root file, a `security.capability` attribute. None becomes one
+/// on the host (the guest sees its attribute under its own name, the host only under
+/// `user.gridnode.`), and the guest has no network interface but loopback.
+#[test]
+fn guest_writes_never_become_privileged_host_objects() -> Result<(), Error> {
+    let test = "guest_writes_never_become_privileged_host_objects";
+    let Some(bed) = bed(test)? else {
+        return Ok(());
+    };
+    let tool = |name: &str| -> Result<Option<PathBuf>, Error> {
+        let path = PathBuf::from("/usr/bin").join(name);
+        required(
+            test,
+            path.exists().then_some(path.clone()).ok_or(Error::Missing {
+                what: name.to_owned(),
+                hint: "Debian's attr package (scripts/setup.sh installs it)".into(),
+            }),
+        )
+    };
+    let (Some(setfattr), Some(getfattr)) = (tool("setfattr")?, tool("getfattr")?) else {
+        return Ok(());
+    };
+    let script = format!(
+        "mkdir -p /srv/rootfs/bin /srv/rootfs/usr/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp \
+           /srv/rootfs/sys /srv/rootfs/lib/x86_64-linux-gnu /srv/rootfs/lib64\n\
+         cp /bin/busybox /srv/rootfs/bin/ && ln -s busybox /srv/rootfs/bin/sh && cp /setfattr /getfattr /srv/rootfs/usr/bin/\n\
+         cp /lib/x86_64-linux-gnu/libc.so.6 /srv/rootfs/lib/x86_64-linux-gnu/ && cp /lib64/ld-linux-x86-64.so.2 /srv/rootfs/lib64/\n\
+         /flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null\n\
+         {VMM} --kernel /guest/vmlinux --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs \
+           --image-cache /srv/cache --store dir:///srv/store -- /bin/sh -c \
+           'mount -t sysfs sysfs /sys 2>/dev/null; \
+            mknod /tmp/blk b 8 0 && echo guest-blk-made || echo guest-blk-refused; \
+            mknod /tmp/chr c 1 3 && echo guest-chr-made || echo guest-chr-refused; \
+            mknod /tmp/fifo p && echo guest-fifo-made; \
+            echo x > /tmp/suid && chmod 4755 /tmp/suid && echo guest-chmod-done; \
+            setfattr -n security.capability -v 0x0100000200200000000000000000000000000000 /tmp/suid && echo guest-setcap-done; \
+            getfattr -n security.capability -e hex /tmp/suid 2>&1 | grep -q 0x01000002 && echo guest-sees-its-cap; \
+            echo guest-net: $(ls /sys/class/net)'\n\
+         echo vmm-status=$?\n\
+         test -e /srv/layer/tmp/blk && echo host-has-blk || echo host-no-blk\n\
+         test -e /srv/layer/tmp/chr && echo host-has-chr || echo host-no-chr\n\
+         test -p /srv/layer/tmp/fifo && echo host-has-fifo\n\
+         echo host-suid-mode=$(stat -c %a /srv/layer/tmp/suid)\n\
+         /getfattr -d -m - -e hex /srv/layer/tmp/suid 2>/dev/null | sed 's/^/host-xattr /'\n\
+         echo host-layer-mode=$(stat -c %a /srv/layer)\n"
+    );
+    let job = Job::new(script)
+        .binary("/vmm", &bed.vmm)
+        .binary("/flist", artifacts::target_dir().join("debug/flist"))
+        .binary("/setfattr", &setfattr)
+        .binary("/getfattr", &getfattr)
+        .file("/guest/vmlinux", &bed.vmlinux)
+        .file("/guest/initrd", &bed.initrd);
+    let out = bed.testbed.run(&job)?;
+    eprintln!("--- job output ---\n{}", out.output);
+    let o = &out.output;
+    for needle in [
+        "guest-blk-refused",
+        "guest-chr-refused",
+        "guest-fifo-made",
+        "guest-chmod-done",
+        "guest-setcap-done",
+        "guest-sees-its-cap",
+        "guest-net: lo\n",
+        "vmm-status=0",
+        "host-no-blk",
+        "host-no-chr",
+        "host-has-fifo",
+        "host-suid-mode=755",
+        "host-xattr user.gridnode.security.capability=0x01000002",
+        "host-layer-mode=700",
+    ] {
+        assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
+    }
+    assert!(
+        !o.lines()
+            .any(|l| l.starts_with("host-xattr security.") || l.starts_with("host-xattr trusted.")),
+        "{o}"
+    );
+    Ok(())
+}
+
+/// An image whose first recorded store is elsewhere (an HTTP server the test watches) is
+/// served only from the node's allowed store: the server sees no request.
+#[test]
+fn an_image_is_served_only_from_allowed_stores() -> Result<(), Error> {
+    let Some(bed) = bed("an_image_is_served_only_from_allowed_stores")? else {
+        return Ok(());
+    };
+    let out = bed.run_with_flist(&format!(
+        "mkdir -p /srv/evil && cp -r /srv/store/. /srv/evil/\n\
+         /flist set-stores /srv/root.flist --store http://127.0.0.1:8080 --store dir:///srv/store > /dev/null && echo routes-set\n\
+         /bin/busybox httpd -f -v -p 127.0.0.1:8080 -h /srv/evil 2> /tmp/httpd.log &\n\
+         sleep 1\n\
+         {VMM} --kernel /guest/vmlinux --fs tag=rootfs,image=/srv/root.flist --root rootfs --image-cache /srv/cache \
+           --store dir:///srv/store -- /bin/sh -c 'cat /etc/version; cat /bin/busybox > /dev/null && echo read-all'\n\
+         echo vmm-status=$?\n\
+         echo evil-requests=$(grep -c response: /tmp/httpd.log)\n\
+         /bin/busybox wget -q -O /dev/null http://127.0.0.1:8080/nothing-here; sleep 0.2\n\
+         echo control-requests=$(grep -c response: /tmp/httpd.log)\n\
+         rm -rf /srv/cache\n\
+         {VMM} --kernel /guest/vmlinux --fs tag=rootfs,image=/srv/root.flist --root rootfs --image-cache /srv/cache \
+           --store dir:///srv/elsewhere -- /bin/sh -c 'echo should-not-boot' 2>&1 | grep -o 'may be used on this node' | head -1\n\
+         echo refused-status=$?\n"
+    ))?;
+    let o = &out.output;
+    for needle in [
+        "routes-set",
+        "\nimage-v1",
+        "read-all",
+        "vmm-status=0",
+        "evil-requests=0",
+        "control-requests=1",
+        "may be used on this node",
+    ] {
+        assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
+    }
+    assert!(!o.contains("should-not-boot"), "{}", out.console);
+    Ok(())
+}
