@@ -11,26 +11,22 @@ use std::time::Instant;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::layout::MMIO_DEVICES_START;
 use crate::arch::x86_64::{mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{ImageSettings, SerialOutput, SpecError, VmSpec};
+use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::guest_report::{GuestReport, GUEST_REPORT_BASE, GUEST_REPORT_LEN};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{
     LogFile, SerialDevice, SerialOut, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN, DRAIN_TIMEOUT,
 };
-use crate::devices::virtio::mmio::{
-    MmioTransport, TransportError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
-};
-use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::mmio::TransportError;
 use crate::exit::{ExitSignal, VmExit};
 use crate::fs_backends::{self, FsBackendError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Buses, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
-use kvm_ioctls::IoEventAddress;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -68,8 +64,8 @@ pub enum BuildError {
     FsBackend(#[from] FsBackendError),
     #[error("virtio device: {0}")]
     Transport(#[from] TransportError),
-    #[error("{0} virtio devices requested; at most {max} fit", max = LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1)]
-    TooManyDevices(usize),
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
     #[error("KVM could not {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -129,65 +125,26 @@ fn device_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Device { what, source }
 }
 
-/// Interrupt lines for virtio devices: IOAPIC pins after the legacy ones (COM1 uses 4).
-const FIRST_VIRTIO_GSI: u32 = 5;
-const LAST_VIRTIO_GSI: u32 = 23;
-
-/// Creates each virtio-mmio device, wires its interrupt (irqfd) and queue notifications
-/// (ioeventfd), and returns the MMIO bus with the kernel arguments that announce them.
+/// Creates each virtio device (its threads start now, before any vCPU: a vCPU never creates
+/// a thread) and attaches it through the device manager; returns the MMIO bus with the
+/// kernel arguments that announce the devices.
 fn attach_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     spec: &VmSpec,
     images: &ImageSettings,
 ) -> Result<(Bus, Vec<String>), BuildError> {
-    let devices = spec
-        .fs
-        .iter()
-        .map(|share| fs_backends::device_for(share, images))
-        .collect::<Result<Vec<_>, _>>()?;
-    // Device threads start now, before any vCPU: a vCPU never creates a thread.
-    let mut devices = devices;
-    for device in &mut devices {
+    let mut manager = DeviceManager::new();
+    for share in &spec.fs {
+        let mut device = fs_backends::device_for(share, images)?;
         device.start_workers().map_err(|e| BuildError::Device {
             what: "virtio device workers",
             source: std::io::Error::other(e.to_string()),
         })?;
+        manager.attach_virtio(vm, mem, &share.tag, device)?;
     }
-    let max = (LAST_VIRTIO_GSI - FIRST_VIRTIO_GSI + 1) as usize;
-    if devices.len() > max {
-        return Err(BuildError::TooManyDevices(devices.len()));
-    }
-    let mut bus = Bus::new();
-    let mut args = Vec::new();
-    for (index, device) in devices.into_iter().enumerate() {
-        let base = MMIO_DEVICES_START + index as u64 * MMIO_WINDOW_SIZE;
-        let gsi = FIRST_VIRTIO_GSI + index as u32;
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("virtio interrupt"))?;
-        vm.fd
-            .register_irqfd(&irq, gsi)
-            .map_err(|source| BuildError::Kvm {
-                what: "register a virtio irqfd",
-                source,
-            })?;
-        let transport =
-            MmioTransport::new(device, mem.clone(), Arc::new(VirtioInterrupt::new(irq)))?;
-        for (queue, event) in transport.queue_events().iter().enumerate() {
-            vm.fd
-                .register_ioevent(
-                    event,
-                    &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
-                    queue as u32,
-                )
-                .map_err(|source| BuildError::Kvm {
-                    what: "register a virtio ioeventfd",
-                    source,
-                })?;
-        }
-        bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW_SIZE)?;
-        args.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
-    }
-    Ok((bus, args))
+    let args = manager.kernel_args();
+    Ok((manager.into_bus(), args))
 }
 
 /// The seccomp filter of the vmm's own threads (see [`crate::seccomp::ThreadKind::Vmm`]).

@@ -8,6 +8,7 @@ pub mod boot;
 pub mod builder;
 pub mod caps;
 pub mod config;
+pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod fs_backends;
