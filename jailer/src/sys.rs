@@ -235,3 +235,11 @@ pub fn reset_signal_dispositions() {
         }
     }
 }
+
+/// The descriptors in `range` that are open in this process.
+pub fn open_descriptors(range: std::ops::Range<i32>) -> Vec<i32> {
+    range
+        // SAFETY: fcntl(F_GETFD) on a plain number only asks whether it is open.
+        .filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
+        .collect()
+}
