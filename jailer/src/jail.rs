@@ -414,7 +414,21 @@ fn bind(src: &Source, dest: &Path, writable: bool) -> Result<()> {
         .ctx(|| format!("creating the mount point {}", dest.display()))?;
         drop(fd);
     }
-    let from = format!("/proc/self/fd/{}", src.fd.as_raw_fd());
+    // The parent's descriptor belongs to the host's mount namespace, and a bind source
+    // must be a mount of ours: open the same file again here and check it is the one the
+    // parent checked.
+    let here = fsutil::open_source(&src.resolved)?;
+    let (a, b) = (
+        fstat(src.fd.as_fd()).ctx(|| format!("stat of {}", src.resolved.display()))?,
+        fstat(here.fd.as_fd()).ctx(|| format!("stat of {}", src.resolved.display()))?,
+    );
+    if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino) {
+        return Err(Error::Child(format!(
+            "bind source {} changed while the jail was being built",
+            src.resolved.display()
+        )));
+    }
+    let from = format!("/proc/self/fd/{}", here.fd.as_raw_fd());
     mount(
         Some(from.as_str()),
         rel,
