@@ -75,7 +75,12 @@ fn report(args: &[String]) {
     out.push(format!("uid={}", uid.unwrap_or_default()));
     out.push(format!("gid={}", gid.unwrap_or_default()));
     let groups = getgroups()
-        .map(|g| g.iter().map(|g| g.to_string()).collect::<Vec<_>>().join(","))
+        .map(|g| {
+            g.iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
         .unwrap_or_else(|e| e.to_string());
     out.push(format!("groups={groups}"));
     out.push(format!("pid={}", getpid()));
@@ -150,7 +155,10 @@ fn report(args: &[String]) {
     }
     out.push(format!("proc={}", list("/proc")));
     if std::path::Path::new("/proc").exists() {
-        out.push(format!("proc_self_fd={}", result(std::fs::read_dir("/proc/self/fd"))));
+        out.push(format!(
+            "proc_self_fd={}",
+            result(std::fs::read_dir("/proc/self/fd"))
+        ));
         out.push(format!(
             "proc_meminfo={}",
             result(std::fs::read("/proc/meminfo"))
@@ -183,7 +191,8 @@ fn report(args: &[String]) {
                 );
                 out.push(format!(
                     "rw_mknod {value}={}",
-                    made.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())
+                    made.map(|_| "ok".to_owned())
+                        .unwrap_or_else(|e| e.to_string())
                 ));
             }
             "--exec" => {
