@@ -20,7 +20,7 @@ use nix::sys::statfs::{fstatfs, TMPFS_MAGIC};
 use nix::sys::statvfs::{fstatvfs, FsFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{
-    chdir, execve, fchdir, fchownat, pipe2, pivot_root, setgroups, sethostname, setresgid,
+    chdir, chroot, execve, fchdir, fchownat, pipe2, pivot_root, setgroups, sethostname, setresgid,
     setresuid, unlinkat, Gid, Pid, Uid, UnlinkatFlags,
 };
 
@@ -365,10 +365,7 @@ fn child_main(plan: &Plan, go: OwnedFd, old_mask: &SigSet) -> Result<Infallible>
         .ctx(|| "mounting /proc (hidepid=2,subset=pid)".into())?;
     }
 
-    // pivot_root(".", "."): the old root ends up on top of the new one and is detached.
-    pivot_root(".", ".").ctx(|| "pivot_root into the jail".into())?;
-    umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
-    chdir("/").ctx(|| "chdir /".into())?;
+    enter_root()?;
     mount(
         None::<&str>,
         "/",
@@ -393,6 +390,48 @@ fn child_main(plan: &Plan, go: OwnedFd, old_mask: &SigSet) -> Result<Infallible>
     let path = cstring(plan.exec_dest.as_os_str())?;
     execve(&path, &plan.argv, &plan.envp)
         .ctx(|| format!("executing {} in the jail", plan.exec_dest.display()))
+}
+
+/// Makes the current directory (the jail root) the root of this mount namespace.
+///
+/// `pivot_root(".", ".")` puts the old root on top of the new one; it is then detached, so
+/// nothing of the host's tree is left in the namespace. A host running from its
+/// initramfs (rootfs, as the test bed and a diskless node do) cannot be pivoted away from
+/// (EINVAL): there the jail root is moved over `/` and the process chroots into it, as
+/// `switch_root` does. The host's tree then stays mounted underneath, covered and out of
+/// reach of a process without CAP_SYS_ADMIN and CAP_SYS_CHROOT (both dropped below).
+fn enter_root() -> Result<()> {
+    match pivot_root(".", ".") {
+        Ok(()) => {
+            umount2(".", MntFlags::MNT_DETACH).ctx(|| "detaching the old root".into())?;
+        }
+        Err(Errno::EINVAL) if host_root_is_initramfs() => {
+            tracing::debug!("the host runs from its initramfs: moving the jail root over /");
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+                .ctx(|| "moving the jail root over / (initramfs host)".into())?;
+            chroot(".").ctx(|| "chroot into the jail".into())?;
+        }
+        Err(e) => {
+            return Err(Error::Sys {
+                what: "pivot_root into the jail".into(),
+                source: e,
+            })
+        }
+    }
+    chdir("/").ctx(|| "chdir /".into())
+}
+
+/// `RAMFS_MAGIC` from linux/magic.h (not in libc or nix).
+const RAMFS_MAGIC: nix::sys::statfs::FsType = nix::sys::statfs::FsType(0x8584_58f6);
+
+/// Whether `/` is the kernel's rootfs (ramfs or tmpfs, not a mount of anything else).
+fn host_root_is_initramfs() -> bool {
+    nix::sys::statfs::statfs("/")
+        .map(|s| {
+            let t = s.filesystem_type();
+            t == RAMFS_MAGIC || t == TMPFS_MAGIC
+        })
+        .unwrap_or(false)
 }
 
 /// Bind-mounts `src` (held open) at `dest` in the jail: read-only, nosuid, nodev, or,
