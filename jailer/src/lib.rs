@@ -62,6 +62,7 @@
 //! quotas on `--rw` binds, and the KVM attack surface itself.
 
 pub mod cgroup;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod fsutil;
