@@ -306,6 +306,10 @@ fn child_main(plan: &Plan, go: OwnedFd, old_mask: &SigSet) -> Result<Infallible>
         return Err(Error::Child("the jailer went away before the start".into()));
     }
     let saved_umask = umask(Mode::empty());
+    // A session of its own: no controlling terminal, so a terminal on stdin cannot be
+    // used to push input into the host's shell (TIOCSTI), and terminal signals reach the
+    // jailer, which forwards them.
+    nix::unistd::setsid().ctx(|| "starting a new session".into())?;
 
     unshare(
         CloneFlags::CLONE_NEWNS

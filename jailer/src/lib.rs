@@ -55,7 +55,9 @@
 //!   setuid or file-capability gain (no_new_privs, nosuid), no device nodes but
 //!   null/urandom/kvm (nodev on every bind, /dev read-only);
 //! - bounded resources: memory, CPU time and process count by the cgroup;
-//! - no IPC with host processes (own IPC namespace), no signals to them (PID namespace).
+//! - no IPC with host processes (own IPC namespace), no signals to them (PID namespace);
+//! - no controlling terminal (a session of its own): a terminal on stdin cannot be used to
+//!   inject input into the host's shell (TIOCSTI).
 //!
 //! Not covered here: system call filtering (the vmm installs its own seccomp filters),
 //! user namespaces (the jailer runs as real root and drops to the given uid), disk
