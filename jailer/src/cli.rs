@@ -82,12 +82,12 @@ impl Cli {
         for spec in &self.rw {
             mounts.push(BindMount::parse(spec, true).with_context(|| format!("--rw {spec}"))?);
         }
-        if !(self.kill_timeout.is_finite() && self.kill_timeout >= 0.0) {
-            anyhow::bail!(
+        let kill_timeout = Duration::try_from_secs_f64(self.kill_timeout).map_err(|_| {
+            anyhow::anyhow!(
                 "--kill-timeout {} must be a number of seconds",
                 self.kill_timeout
-            );
-        }
+            )
+        })?;
         let cgroup = (!self.no_cgroup).then(|| CgroupConfig {
             root: self.cgroup_root.clone(),
             memory_max: self.cgroup_memory,
@@ -105,7 +105,7 @@ impl Cli {
             dev_kvm: self.dev_kvm,
             proc_fs: self.proc,
             args: self.args,
-            kill_timeout: Duration::from_secs_f64(self.kill_timeout),
+            kill_timeout,
         })
     }
 }
@@ -233,6 +233,8 @@ mod tests {
         assert!(with(&["--no-cgroup", "--cgroup-memory", "1"]).is_err());
         assert!(with(&["--ro", "relative"]).is_err());
         assert!(with(&["--kill-timeout", "-1"]).is_err());
+        assert!(with(&["--kill-timeout", "1e300"]).is_err());
+        assert!(with(&["--kill-timeout", "NaN"]).is_err());
         assert!(with(&["--uid", "x"]).is_err());
         assert!(parse(&["--exec", "/vmm", "--uid", "1", "--gid", "1"]).is_err());
         assert!(with(&[]).unwrap().validate().is_ok());

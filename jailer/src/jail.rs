@@ -210,7 +210,7 @@ fn spawn_and_supervise(plan: &Plan, cgroup: Option<&Cgroup>) -> Result<i32> {
         sys::Forked::Child => {
             drop(go_write);
             drop(err_read);
-            let err = child_main(plan, go_read, &old_mask).unwrap_err();
+            let Err(err) = child_main(plan, go_read);
             let mut w = std::fs::File::from(err_write);
             let _ = w.write_all(err.to_string().as_bytes());
             // SAFETY: _exit ends the forked child without running the parent's atexit
@@ -293,7 +293,7 @@ fn supervise(child: Pid, signals: &SigSet, kill_timeout: Duration) -> Result<i32
 }
 
 /// The child: PID 1 of the new PID namespace. Returns only on error.
-fn child_main(plan: &Plan, go: OwnedFd, old_mask: &SigSet) -> Result<Infallible> {
+fn child_main(plan: &Plan, go: OwnedFd) -> Result<Infallible> {
     let c = plan.config;
     // Dies with the jailer (set again after the credentials change, which clears it).
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
@@ -385,10 +385,9 @@ fn child_main(plan: &Plan, go: OwnedFd, old_mask: &SigSet) -> Result<Infallible>
 
     drop_privileges(c.uid, c.gid)?;
     sys::reset_signal_dispositions();
-    old_mask
+    SigSet::empty()
         .thread_set_mask()
-        .ctx(|| "restoring the signal mask".into())?;
-    let _ = SigSet::empty().thread_set_mask();
+        .ctx(|| "unblocking signals".into())?;
     umask(saved_umask);
     sys::cloexec_from(3).ctx(|| "closing inherited descriptors".into())?;
     let path = cstring(plan.exec_dest.as_os_str())?;
