@@ -3,6 +3,10 @@
 //! /dev/kvm, the guest kernel, the flist image, its chunk store and the VM's writable
 //! layer bound in; the guest boots from the flist root and runs a command.
 //!
+//! A second test jails `jail-probe` on the test bed (no guest): the test bed runs from its
+//! initramfs, as a diskless node would (no pivot_root there), and has cgroup v2 with
+//! all controllers.
+//!
 //! Needs `cargo build -p vmm -p jailer -p flist-fs` first (the binaries are found, not
 //! built), and the guest kernel (guest-kernels/build-kernel.sh, built on first use).
 
@@ -139,6 +143,74 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         out.console
     );
     for absent in ["per-vm-dir-left", "cgroup-left", "no-cgroup2"] {
+        assert!(!o.contains(absent), "{absent}: {}", out.console);
+    }
+    Ok(())
+}
+
+#[test]
+fn the_jail_on_a_node_running_from_its_initramfs() -> Result<(), Error> {
+    let test = "the_jail_on_a_node_running_from_its_initramfs";
+    let Some(testbed) = required(test, e2e_tests::Testbed::from_system())? else {
+        return Ok(());
+    };
+    let Some(jailer) = required(test, workspace_binary("jailer", "JAILER_BIN"))? else {
+        return Ok(());
+    };
+    let probe = workspace_binary("jail-probe", "JAIL_PROBE_BIN")?;
+    let libs: String = shared_libraries(&probe)?
+        .iter()
+        .map(|l| format!(" --ro {}", l.display()))
+        .collect();
+    let script = format!(
+        "mount -t cgroup2 none /sys/fs/cgroup || echo no-cgroup2\n\
+         mkdir -p /srv/ro /srv/rw && chown {UID}:{GID} /srv/rw\n\
+         /jailer --id probe-1 --exec /jail-probe --uid {UID} --gid {GID} --base /srv/jailer \
+           --cgroup-memory 67108864 --cgroup-cpus 0.5 --cgroup-pids 16 --dev-kvm{libs} \
+           --ro /srv/ro --rw /srv/rw -- report --ro /srv/ro --rw /srv/rw --sleep 3 > /tmp/p.out 2>&1 &\n\
+         jp=$!\n\
+         for i in $(seq 1 60); do grep -q ready /tmp/p.out && break; sleep 1; done\n\
+         cg=/sys/fs/cgroup/gridnode/probe-1\n\
+         echo \"memory.max=$(cat $cg/memory.max) cpu.max=$(cat $cg/cpu.max) pids.max=$(cat $cg/pids.max)\"\n\
+         for p in $(cat $cg/cgroup.procs); do echo \"probe-cgroup=$(cat /proc/$p/cgroup)\"; done\n\
+         wait $jp\n\
+         echo jail-status=$?\n\
+         cat /tmp/p.out\n\
+         test -e /srv/jailer/probe-1 && echo per-vm-dir-left\n\
+         test -e $cg && echo cgroup-left\n\
+         echo done\n"
+    );
+    let job = Job::new(script)
+        .binary("/jailer", &jailer)
+        .binary("/jail-probe", &probe);
+    let out = testbed.run(&job)?;
+    eprintln!("--- job output ---\n{}", out.output);
+    let o = &out.output;
+    for needle in [
+        "memory.max=67108864 cpu.max=50000 100000 pids.max=16",
+        "probe-cgroup=0::/gridnode/probe-1",
+        "jail-status=0",
+        "uid=1000,1000,1000",
+        "caps=eff:0,prm:0,inh:0,bnd:0,amb:0",
+        "no_new_privs=true",
+        "pid=1",
+        "ifaces=lo",
+        "tcp 127.0.0.1:22=ENETUNREACH",
+        "root_flags=ro,nosuid,nodev",
+        "dev=kvm,null,urandom",
+        "ro_write /srv/ro=EROFS",
+        "rw_write /srv/rw=ok",
+        "rw_mknod /srv/rw=EPERM",
+        "\ndone",
+    ] {
+        assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
+    }
+    for absent in [
+        "per-vm-dir-left",
+        "cgroup-left",
+        "no-cgroup2",
+        "jailer: error",
+    ] {
         assert!(!o.contains(absent), "{absent}: {}", out.console);
     }
     Ok(())
