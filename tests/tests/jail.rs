@@ -81,7 +81,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
          cp /bin/busybox /srv/rootfs/bin/busybox && ln -s busybox /srv/rootfs/bin/sh\n\
          echo image-v1 > /srv/rootfs/etc/version\n\
          /flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null\n\
-         chown {UID}:{GID} /srv/layer /srv/cache\n\
+         chown {UID}:{GID} /srv/layer /srv/cache && chgrp -R {GID} /srv/root.flist /srv/store && chmod -R g+rX /srv/root.flist /srv/store\n\
          /jailer --id {ID} --exec /vmm --uid {UID} --gid {GID} --base /srv/jailer \
            --cgroup-memory 805306368 --cgroup-cpus 1.5 --cgroup-pids 128 --dev-kvm --proc \
            --ro /guest{libs} --ro /srv/root.flist --ro /srv/store --rw /srv/layer --rw /srv/cache \
@@ -90,7 +90,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
            -- /bin/sh -c 'cat /etc/version; echo from-jailed-guest > /etc/written; sleep 3; echo $((6*7))-jailed-done' \
            > /tmp/vm.out 2>&1 &\n\
          jp=$!\n\
-         for i in $(seq 1 120); do grep -q image-v1 /tmp/vm.out && break; sleep 1; done\n\
+         for i in $(seq 1 120); do grep -q image-v1 /tmp/vm.out && break; kill -0 $jp 2>/dev/null || break; sleep 1; done\n\
          cg=/sys/fs/cgroup/gridnode/{ID}\n\
          echo \"memory.max=$(cat $cg/memory.max) cpu.max=$(cat $cg/cpu.max) pids.max=$(cat $cg/pids.max)\"\n\
          for p in $(cat $cg/cgroup.procs); do \
@@ -169,7 +169,7 @@ fn the_jail_on_a_node_running_from_its_initramfs() -> Result<(), Error> {
            --cgroup-memory 67108864 --cgroup-cpus 0.5 --cgroup-pids 16 --dev-kvm{libs} \
            --ro /srv/ro --rw /srv/rw -- report --ro /srv/ro --rw /srv/rw --sleep 3 > /tmp/p.out 2>&1 &\n\
          jp=$!\n\
-         for i in $(seq 1 60); do grep -q ready /tmp/p.out && break; sleep 1; done\n\
+         for i in $(seq 1 60); do grep -q ready /tmp/p.out && break; kill -0 $jp 2>/dev/null || break; sleep 1; done\n\
          cg=/sys/fs/cgroup/gridnode/probe-1\n\
          echo \"memory.max=$(cat $cg/memory.max) cpu.max=$(cat $cg/cpu.max) pids.max=$(cat $cg/pids.max)\"\n\
          for p in $(cat $cg/cgroup.procs); do echo \"probe-cgroup=$(cat /proc/$p/cgroup)\"; done\n\
