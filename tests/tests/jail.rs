@@ -86,7 +86,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
            --cgroup-memory 805306368 --cgroup-cpus 1.5 --cgroup-pids 128 --dev-kvm --proc \
            --ro /guest{libs} --ro /srv/root.flist --ro /srv/store --rw /srv/layer --rw /srv/cache \
            -- --kernel /guest/vmlinux --initrd /guest/initrd --memory 128 \
-           --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache \
+           --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache --store dir:///srv/store \
            -- /bin/sh -c 'cat /etc/version; echo from-jailed-guest > /etc/written; sleep 3; echo $((6*7))-jailed-done' \
            > /tmp/vm.out 2>&1 &\n\
          jp=$!\n\
@@ -94,6 +94,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
          cg=/sys/fs/cgroup/gridnode/{ID}\n\
          echo \"memory.max=$(cat $cg/memory.max) cpu.max=$(cat $cg/cpu.max) pids.max=$(cat $cg/pids.max)\"\n\
          for p in $(cat $cg/cgroup.procs); do \
+           [ -n \"$(readlink /proc/$p/exe)\" ] || {{ echo \"kernel-thread-in-cgroup=$(cat /proc/$p/comm)\"; continue; }}; \
            echo \"vmm-uid=$(awk '/^Uid:/{{print $2}}' /proc/$p/status) vmm-caps=$(awk '/^CapEff:/{{print $2}}' /proc/$p/status) \
                  vmm-nnp=$(awk '/^NoNewPrivs:/{{print $2}}' /proc/$p/status)\"; \
            echo \"vmm-netns-differs=$([ \"$(readlink /proc/$p/ns/net)\" != \"$(readlink /proc/self/ns/net)\" ] && echo yes)\"; \
