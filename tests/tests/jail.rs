@@ -77,16 +77,16 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         .collect();
     let script = format!(
         "mount -t cgroup2 none /sys/fs/cgroup || echo no-cgroup2\n\
-         mkdir -p /srv/rootfs/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp /srv/layer /srv/cache\n\
+         mkdir -p /srv/rootfs/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp /srv/layer /srv/vmcache\n\
          cp /bin/busybox /srv/rootfs/bin/busybox && ln -s busybox /srv/rootfs/bin/sh\n\
          echo image-v1 > /srv/rootfs/etc/version\n\
          /flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null\n\
-         chown {UID}:{GID} /srv/layer /srv/cache && chgrp -R {GID} /srv/root.flist /srv/store && chmod -R g+rX /srv/root.flist /srv/store\n\
+         chown {UID}:{GID} /srv/layer /srv/vmcache && chgrp -R {GID} /srv/root.flist /srv/store && chmod -R g+rX /srv/root.flist /srv/store\n\
          /jailer --id {ID} --exec /vmm --uid {UID} --gid {GID} --base /srv/jailer \
            --cgroup-memory 805306368 --cgroup-cpus 1.5 --cgroup-pids 128 --dev-kvm --proc \
-           --ro /guest{libs} --ro /srv/root.flist --ro /srv/store --rw /srv/layer --rw /srv/cache \
+           --ro /guest{libs} --ro /srv/root.flist --ro /srv/store --rw /srv/layer --rw /srv/vmcache:/var/cache/gridnode \
            -- --kernel /guest/vmlinux --initrd /guest/initrd --memory 128 \
-           --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache --store dir:///srv/store \
+           --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /var/cache/gridnode/chunks --store dir:///srv/store \
            -- /bin/sh -c 'cat /etc/version; echo from-jailed-guest > /etc/written; sleep 3; echo $((6*7))-jailed-done' \
            > /tmp/vm.out 2>&1 &\n\
          jp=$!\n\
@@ -105,6 +105,11 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
          cat /tmp/vm.out\n\
          grep -rl from-jailed-guest /srv/layer > /dev/null && echo layer-written\n\
          test -e /srv/jailer/{ID} && echo per-vm-dir-left\n\
+         /jailer --id {ID} --exec /vmm --uid {UID} --gid {GID} --base /srv/jailer --dev-kvm --proc \
+           --ro /guest{libs} --ro /srv/root.flist --ro /srv/store --rw /srv/layer --rw /srv/vmcache:/var/cache/gridnode \
+           -- --kernel /guest/vmlinux --initrd /guest/initrd --memory 128 \
+           --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /var/cache/gridnode/chunks --store dir:///srv/store \
+           -- /bin/sh -c 'echo second-boot-reads-$(cat /etc/written)' 2>&1 | grep second-boot\n\
          test -e $cg && echo cgroup-left\n\
          echo done\n"
     );
@@ -127,6 +132,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         "42-jailed-done",
         "jail-status=0",
         "layer-written",
+        "second-boot-reads-from-jailed-guest",
         "\ndone",
     ] {
         assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
@@ -139,11 +145,16 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
     root.sort();
     assert_eq!(
         root,
-        ["dev", "guest", "lib", "lib64", "proc", "srv", "vmm"],
+        ["dev", "guest", "lib", "lib64", "proc", "srv", "var", "vmm"],
         "{}",
         out.console
     );
-    for absent in ["per-vm-dir-left", "cgroup-left", "no-cgroup2"] {
+    for absent in [
+        "per-vm-dir-left",
+        "cgroup-left",
+        "no-cgroup2",
+        "no node cache key",
+    ] {
         assert!(!o.contains(absent), "{absent}: {}", out.console);
     }
     Ok(())
