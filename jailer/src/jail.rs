@@ -136,6 +136,15 @@ impl Jail {
         // <base> (created 0755 if missing), <base>/<id> (0700, must be new), and the
         // mount point <base>/<id>/root (0700); no component may be a link.
         let base = fsutil::create_dirs_nofollow(&c.base, 0o755)?;
+        let st = fstat(base.as_fd()).ctx(|| format!("stat of {}", c.base.display()))?;
+        if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+            return Err(Error::Config(format!(
+                "--base {} must be owned by root and writable by nobody else (is uid {}, mode {:o})",
+                c.base.display(),
+                st.st_uid,
+                st.st_mode & 0o7777
+            )));
+        }
         let vm_path = c.vm_dir();
         let vm = fsutil::mkdir_at(
             base.as_fd(),
@@ -331,10 +340,20 @@ fn child_main(plan: &Plan, go: OwnedFd) -> Result<Infallible> {
     // The jail's root: a small tmpfs over <base>/<id>/root, private to this mount
     // namespace, so nothing the jail is built from lands on the host's disk and nobody
     // else can see or race its contents.
+    // The mount point, opened again in this namespace (the parent's descriptor names a
+    // mount of the host's namespace) and checked to be the directory the parent made.
     let before = fstat(plan.root_dir.as_fd()).ctx(|| "stat of the jail root".into())?;
+    let point = fsutil::open_dir_nofollow(&plan.root_path)?;
+    let here = fstat(point.as_fd()).ctx(|| "stat of the jail root".into())?;
+    if (here.st_dev, here.st_ino) != (before.st_dev, before.st_ino) {
+        return Err(Error::Child(format!(
+            "{} was replaced while the jail was being built",
+            plan.root_path.display()
+        )));
+    }
     mount(
         Some("jailroot"),
-        &plan.root_path,
+        format!("/proc/self/fd/{}", point.as_raw_fd()).as_str(),
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         Some(format!("mode=0750,uid=0,gid={},size=1m,nr_inodes=1024", c.gid).as_str()),

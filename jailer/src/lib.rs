@@ -4,10 +4,13 @@
 //! # Layout
 //!
 //! On the host:
+//! - `<base>` must be owned by root and writable by nobody else.
 //! - `<base>/<id>/` (0700, root) and `<base>/<id>/root` (0700, root): the per-VM
 //!   directory and the jail root's mount point. Created with `mkdirat` one component at a
 //!   time without following links (a link anywhere is refused), `<base>/<id>` must not
-//!   exist yet. Both are removed when the program ends.
+//!   exist yet. Both are removed when the program ends. The jail root is mounted through
+//!   a descriptor re-opened in the jail's mount namespace and checked to be the same
+//!   directory.
 //! - `<cgroup-root>/gridnode/<id>`: the cgroup v2 with `memory.max`, `cpu.max`
 //!   (`--cgroup-cpus N` = N x 100 ms per 100 ms) and `pids.max`; removed at the end.
 //!
