@@ -359,6 +359,21 @@ fn bad_input_is_refused_before_anything_runs() {
         "is a directory",
     );
     assert!(!d.base().join("vm").exists());
+
+    // A failure inside the jailed child (a bind under the program's file) is reported by
+    // the jailer, and the cgroup-less per-VM directory is still removed.
+    refused(
+        d.jailer(
+            "vm-child",
+            &["--no-cgroup", "--ro", "/etc:/jail-probe/etc"],
+            &[],
+        ),
+        "setting up the jail failed in the jailed child",
+    );
+    assert!(
+        !d.base().join("vm-child").exists(),
+        "per-VM dir left behind"
+    );
 }
 
 #[test]
