@@ -243,3 +243,27 @@ pub fn open_descriptors(range: std::ops::Range<i32>) -> Vec<i32> {
         .filter(|fd| unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0)
         .collect()
 }
+
+static EXIT_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn exit_now(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe; the atomic load is lock-free.
+    unsafe { libc::_exit(EXIT_CODE.load(std::sync::atomic::Ordering::Relaxed)) };
+}
+
+/// Makes `signal` end the process with status `code` (for `jail-probe`: a program that
+/// handles SIGTERM, as PID 1 of its namespace must to receive it).
+pub fn exit_on_signal(signal: Signal, code: i32) -> nix::Result<()> {
+    EXIT_CODE.store(code, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: the handler only calls async-signal-safe functions.
+    let previous = unsafe {
+        libc::signal(
+            signal as libc::c_int,
+            exit_now as *const () as libc::sighandler_t,
+        )
+    };
+    if previous == libc::SIG_ERR {
+        return Err(Errno::last());
+    }
+    Ok(())
+}

@@ -405,3 +405,38 @@ fn the_programs_exit_status_is_the_jailers() {
     assert_ne!(out.status.code(), Some(0), "{}", show(&out));
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn sigterm_is_forwarded_to_a_program_that_handles_it() {
+    if !is_root("sigterm_is_forwarded_to_a_program_that_handles_it") {
+        return;
+    }
+    let d = Dirs::new();
+    let mut child = d
+        .jailer(
+            "term",
+            &["--no-cgroup", "--kill-timeout", "30"],
+            &["--exit-on-term", "42", "--sleep", "60"],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .take_while(|l| l != "ready")
+        .collect();
+    assert!(lines.iter().any(|l| l == "exit_on_term=ok"), "{lines:?}");
+    let started = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("kill");
+    let status = child.wait().expect("wait");
+    // The program's own status, well before the 30 s kill timeout.
+    assert_eq!(status.code(), Some(42), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!d.base().join("term").exists(), "per-VM dir left behind");
+}

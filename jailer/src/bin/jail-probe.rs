@@ -2,7 +2,8 @@
 //! process is and can do, one `key=value` line per check. Every check reports what it
 //! saw, so the tests decide (a check can fail).
 //!
-//! `jail-probe report [--ro DIR]... [--rw DIR]... [--exec FILE]... [--sleep SECONDS]`
+//! `jail-probe report [--ro DIR]... [--rw DIR]... [--exec FILE]... [--exit-on-term CODE]
+//! [--sleep SECONDS]`
 //! `jail-probe whoami` (prints `euid=N`, for the setuid check).
 
 use std::io::Write;
@@ -203,6 +204,14 @@ fn report(args: &[String]) {
                 out.push(format!("exec {value}={shown}"));
             }
             "--sleep" => sleep = value.parse().unwrap_or(0),
+            "--exit-on-term" => {
+                let code = value.parse().unwrap_or(1);
+                let r = jailer::sys::exit_on_signal(nix::sys::signal::Signal::SIGTERM, code);
+                out.push(format!(
+                    "exit_on_term={}",
+                    r.map(|_| "ok".to_owned()).unwrap_or_else(|e| e.to_string())
+                ));
+            }
             other => out.push(format!("unknown-argument={other}")),
         }
     }
