@@ -222,9 +222,7 @@ fn spawn_and_supervise(plan: &Plan, cgroup: Option<&Cgroup>) -> Result<i32> {
             let Err(err) = child_main(plan, go_read);
             let mut w = std::fs::File::from(err_write);
             let _ = w.write_all(err.to_string().as_bytes());
-            // SAFETY: _exit ends the forked child without running the parent's atexit
-            // handlers or destructors.
-            unsafe { libc::_exit(127) };
+            sys::exit_immediately(127);
         }
         sys::Forked::Parent(pid) => pid,
     };

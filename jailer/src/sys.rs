@@ -267,3 +267,10 @@ pub fn exit_on_signal(signal: Signal, code: i32) -> nix::Result<()> {
     }
     Ok(())
 }
+
+/// Ends the process at once (`_exit(2)`): for a forked child, which must not run the
+/// parent's atexit handlers or flush its buffers.
+pub fn exit_immediately(code: i32) -> ! {
+    // SAFETY: _exit has no preconditions and does not return.
+    unsafe { libc::_exit(code) }
+}
