@@ -87,7 +87,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
            --ro /guest{libs} --ro /srv/root.flist --ro /srv/store --rw /srv/layer --rw /srv/vmcache:/var/cache/gridnode \
            -- --kernel /guest/vmlinux --initrd /guest/initrd --memory 128 \
            --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /var/cache/gridnode/chunks --store dir:///srv/store \
-           -- /bin/sh -c 'cat /etc/version; echo from-jailed-guest > /etc/written; sleep 3; echo $((6*7))-jailed-done' \
+           -- /bin/sh -c 'cat /etc/version; echo from-jailed-guest > /etc/written; echo copied-up >> /etc/version; sleep 3; echo $((6*7))-jailed-done' \
            > /tmp/vm.out 2>&1 &\n\
          jp=$!\n\
          for i in $(seq 1 120); do grep -q image-v1 /tmp/vm.out && break; kill -0 $jp 2>/dev/null || break; sleep 1; done\n\
@@ -109,7 +109,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
            --ro /guest{libs} --ro /srv/root.flist --ro /srv/store --rw /srv/layer --rw /srv/vmcache:/var/cache/gridnode \
            -- --kernel /guest/vmlinux --initrd /guest/initrd --memory 128 \
            --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /var/cache/gridnode/chunks --store dir:///srv/store \
-           -- /bin/sh -c 'echo second-boot-reads-$(cat /etc/written)' 2>&1 | grep second-boot\n\
+           -- /bin/sh -c 'echo second-boot-reads-$(cat /etc/written)-$(tail -n 1 /etc/version)' 2>&1 | grep second-boot\n\
          test -e $cg && echo cgroup-left\n\
          echo done\n"
     );
@@ -132,7 +132,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         "42-jailed-done",
         "jail-status=0",
         "layer-written",
-        "second-boot-reads-from-jailed-guest",
+        "second-boot-reads-from-jailed-guest-copied-up",
         "\ndone",
     ] {
         assert!(o.contains(needle), "missing {needle:?}: {}", out.console);

@@ -517,21 +517,21 @@ fn guest_writes_never_become_privileged_host_objects() -> Result<(), Error> {
          /flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null\n\
          {VMM} --kernel /guest/vmlinux --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs \
            --image-cache /srv/cache --store dir:///srv/store -- /bin/sh -c \
-           'mount -t sysfs sysfs /sys 2>/dev/null; \
-            mknod /tmp/blk b 8 0 && echo guest-blk-made || echo guest-blk-refused; \
-            mknod /tmp/chr c 1 3 && echo guest-chr-made || echo guest-chr-refused; \
-            mknod /tmp/fifo p && echo guest-fifo-made; \
-            echo x > /tmp/suid && chmod 4755 /tmp/suid && echo guest-chmod-done; \
-            setfattr -n security.capability -v 0x0100000200200000000000000000000000000000 /tmp/suid && echo guest-setcap-done; \
-            getfattr -n security.capability -e hex /tmp/suid 2>&1 | grep -q 0x01000002 && echo guest-sees-its-cap; \
+           'mkdir /w; \
+            mknod /w/blk b 8 0 && echo guest-blk-made || echo guest-blk-refused; \
+            mknod /w/chr c 1 3 && echo guest-chr-made || echo guest-chr-refused; \
+            mknod /w/fifo p && echo guest-fifo-made; \
+            echo x > /w/suid && chmod 4755 /w/suid && echo guest-chmod-done; \
+            setfattr -n security.capability -v 0x0100000200200000000000000000000000000000 /w/suid && echo guest-setcap-done; \
+            getfattr -n security.capability -e hex /w/suid 2>&1 | grep -q 0x01000002 && echo guest-sees-its-cap; \
             echo guest-net: $(ls /sys/class/net)'\n\
          echo vmm-status=$?\n\
-         test -e /srv/layer/tmp/blk && echo host-has-blk || echo host-no-blk\n\
-         test -e /srv/layer/tmp/chr && echo host-has-chr || echo host-no-chr\n\
-         test -p /srv/layer/tmp/fifo && echo host-has-fifo\n\
-         echo host-suid-mode=$(stat -c %a /srv/layer/tmp/suid)\n\
-         /getfattr -d -m - -e hex /srv/layer/tmp/suid 2>/dev/null | sed 's/^/host-xattr /'\n\
-         echo host-layer-mode=$(stat -c %a /srv/layer)\n"
+         test -e /srv/layer/upper/w/blk && echo host-has-blk || echo host-no-blk\n\
+         test -e /srv/layer/upper/w/chr && echo host-has-chr || echo host-no-chr\n\
+         test -p /srv/layer/upper/w/fifo && echo host-has-fifo\n\
+         echo host-suid-mode=$(stat -c %a /srv/layer/upper/w/suid)\n\
+         /getfattr -d -m - -e hex /srv/layer/upper/w/suid 2>/dev/null | sed 's/^/host-xattr /'\n\
+         echo host-layer-mode=$(stat -c %a /srv/layer /srv/layer/upper /srv/layer/work)\n"
     );
     let job = Job::new(script)
         .binary("/vmm", &bed.vmm)
@@ -557,7 +557,7 @@ fn guest_writes_never_become_privileged_host_objects() -> Result<(), Error> {
         "host-has-fifo",
         "host-suid-mode=755",
         "host-xattr user.gridnode.security.capability=0x01000002",
-        "host-layer-mode=700",
+        "host-layer-mode=700 700 700",
     ] {
         assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
     }

@@ -272,6 +272,15 @@ fn main() -> ExitCode {
     };
 
     raise_open_file_limit();
+    // The overlay stages copy-ups in TMPDIR: keep them on the first layer's filesystem. Set
+    // while the process has one thread.
+    if let Some(layer) = spec
+        .fs
+        .iter()
+        .find_map(|share| share.writable_layer.as_deref())
+    {
+        std::env::set_var("TMPDIR", vmm::fs_backends::layer_work_dir(layer));
+    }
     let layers = spec.fs.iter().any(|share| share.writable_layer.is_some());
     if let Err(e) = vmm::caps::drop_all_but(&vmm::caps::kept(layers)) {
         eprintln!("vmm: error: {e}");

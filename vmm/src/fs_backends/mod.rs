@@ -119,15 +119,62 @@ fn quota(tag: &str, dir: &Path, limits: Limits) -> Result<Option<Arc<Quota>>, Fs
         })
 }
 
+/// Where a writable layer keeps the guest's changes: `<layer>/upper`.
+pub fn layer_upper_dir(layer: &Path) -> PathBuf {
+    layer.join("upper")
+}
+
+/// Where the overlay stages a file it copies up (the process's TMPDIR, set by the vmm at
+/// start to the first layer's): `<layer>/work`, on the layer's own filesystem, never the
+/// host's /tmp (which a jailed vmm does not even have).
+pub fn layer_work_dir(layer: &Path) -> PathBuf {
+    layer.join("work")
+}
+
+/// Makes (0700, no symlinks followed) the layer's `upper` and `work` directories, empties
+/// `work` of what a crashed run staged, and returns `upper`. A layer of the earlier flat
+/// layout (changes directly in the layer directory) is refused, not hidden.
+fn prepare_layer(tag: &str, layer: &Path) -> Result<PathBuf, FsBackendError> {
+    let err = |path: &Path, source| FsBackendError::Dir {
+        tag: tag.to_string(),
+        path: path.display().to_string(),
+        source,
+    };
+    host_dir::open_dir_nofollow(layer, Some(0o700)).map_err(|e| err(layer, e))?;
+    let upper = layer_upper_dir(layer);
+    let work = layer_work_dir(layer);
+    let stray = std::fs::read_dir(layer)
+        .map_err(|e| err(layer, e))?
+        .filter_map(Result::ok)
+        .any(|e| e.file_name() != "upper" && e.file_name() != "work");
+    if stray {
+        return Err(err(
+            layer,
+            std::io::Error::other(format!(
+                "the layer directory holds more than upper/ and work/ (a layer of the earlier flat layout: move its contents into {})",
+                upper.display()
+            )),
+        ));
+    }
+    host_dir::open_dir_nofollow(&work, Some(0o700)).map_err(|e| err(&work, e))?;
+    if let Ok(entries) = std::fs::read_dir(&work) {
+        for entry in entries.flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+    Ok(upper)
+}
+
 fn overlay(
     tag: &str,
     lower: FlistFs,
     layer_dir: &Path,
     limits: Limits,
 ) -> Result<OverlayFs, FsBackendError> {
-    let (upper, root) = passthrough(tag, layer_dir, true)?;
+    let upper_dir = prepare_layer(tag, layer_dir)?;
+    let (upper, root) = passthrough(tag, &upper_dir, true)?;
     let mut upper = Guard::new(upper, Policy::layer_upper()).at_root(root);
-    if let Some(quota) = quota(tag, layer_dir, limits)? {
+    if let Some(quota) = quota(tag, &upper_dir, limits)? {
         upper = upper.with_quota(quota);
     }
     let upper: Arc<BoxedLayer> = Arc::new(Box::new(upper));

@@ -117,7 +117,7 @@ fn image_under_a_writable_layer_with(seccomp: bool) {
         fuse_flags: 0,
     };
     fs.create(&ctx, etc, &name("written"), args).unwrap();
-    assert!(fx.tmp.path().join("layer/etc/written").exists());
+    assert!(fx.tmp.path().join("layer/upper/etc/written").exists());
     assert!(lookup(&fs, etc, "written").is_ok());
 }
 
@@ -522,15 +522,16 @@ fn a_writable_layer_makes_no_privileged_host_objects() {
     on_worker_thread(|| {
         let fs = guarded_overlay(&fx);
         let etc = lookup(&fs, ROOT_ID, "etc").unwrap();
-        assert_no_device_nodes(&fs, etc, &layer.join("etc"));
-        assert_no_setuid_files(&fs, etc, &layer.join("etc"));
-        assert_xattrs_are_mapped(&fs, etc, &layer.join("etc"));
+        let upper = layer.join("upper");
+        assert_no_device_nodes(&fs, etc, &upper.join("etc"));
+        assert_no_setuid_files(&fs, etc, &upper.join("etc"));
+        assert_xattrs_are_mapped(&fs, etc, &upper.join("etc"));
         // A file of the image, copied up by a change of its attributes, is mapped the same way.
         let ctx = Context::default();
         let version = lookup(&fs, etc, "version").unwrap();
         fs.setxattr(&ctx, version, &name("security.capability"), b"c", 0)
             .unwrap();
-        let host = layer.join("etc/version");
+        let host = layer.join("upper/etc/version");
         assert!(xattr::get(&host, "security.capability").unwrap().is_none());
         assert_eq!(
             xattr::get(&host, "user.gridnode.security.capability")
@@ -543,7 +544,9 @@ fn a_writable_layer_makes_no_privileged_host_objects() {
         assert!(lookup(&fs, etc, "doomed").is_err());
     });
     // The layer directory the vmm made is private to its owner.
-    assert_eq!(host_mode(&layer) & 0o7777, 0o700);
+    for dir in [layer.clone(), layer.join("upper"), layer.join("work")] {
+        assert_eq!(host_mode(&dir) & 0o7777, 0o700, "{}", dir.display());
+    }
 }
 
 #[test]
@@ -742,9 +745,35 @@ fn a_writable_layer_keeps_to_its_quota_copy_ups_included() {
             .unwrap();
         assert_eq!(write_at(&fs, f.inode, 0, 4096).unwrap(), 4096);
     });
-    let kept: u64 = std::fs::read_dir(&layer)
+    let kept: u64 = std::fs::read_dir(layer.join("upper"))
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
     assert!(kept <= 1 << 20, "{kept} bytes in the layer");
+}
+
+#[test]
+fn a_layer_of_the_flat_layout_is_refused_and_stale_staging_is_cleared() {
+    let fx = Fixture::new();
+    let layer = fx.tmp.path().join("flat");
+    std::fs::create_dir_all(layer.join("etc")).unwrap();
+    std::fs::write(layer.join("etc/kept"), b"guest data").unwrap();
+    let open = |layer: &Path| {
+        super::layered_share(
+            "t",
+            &fx.tmp.path().join("img.flist"),
+            layer,
+            Default::default(),
+            &fx.tmp.path().join("cache"),
+        )
+    };
+    let err = open(&layer).err().unwrap().to_string();
+    assert!(err.contains("earlier flat layout"), "{err}");
+    assert!(layer.join("etc/kept").exists(), "nothing is lost");
+
+    let layer = fx.tmp.path().join("new");
+    drop(open(&layer).unwrap());
+    std::fs::write(layer.join("work/staged-by-a-crashed-run"), b"x").unwrap();
+    drop(open(&layer).unwrap());
+    assert_eq!(std::fs::read_dir(layer.join("work")).unwrap().count(), 0);
 }
