@@ -31,6 +31,7 @@ pub mod cache;
 pub mod chunk;
 pub mod error;
 pub mod fetch;
+pub mod fetcher;
 pub mod fs;
 pub mod meta;
 pub mod oci;
