@@ -107,23 +107,36 @@ struct Refusal(ErrorCode, String);
 
 impl From<Error> for Refusal {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
-        let code = match &e {
-            Error::ChunkNotFound { .. } | Error::NoStoreForId { .. } => ErrorCode::NotFound,
-            Error::BadChunk { .. } => ErrorCode::BadChunk,
-            Error::AllStoresFailed { failures, .. } => {
+        // Short messages (they are cut at MAX_MESSAGE): the full error is in the fetcher's log.
+        match &e {
+            Error::ChunkNotFound { id, .. }
+            | Error::NoStoreForId { id }
+            | Error::AllStoresFailed { id, .. }
+                if matches!(&e, Error::AllStoresFailed { failures, .. }
+                    if !failures.iter().all(|f| f.contains("not found"))) =>
+            {
+                let Error::AllStoresFailed { failures, .. } = &e else {
+                    return Refusal(ErrorCode::Internal, e.to_string());
+                };
                 if failures.iter().any(|f| f.contains("hash mismatch")) {
-                    ErrorCode::BadChunk
-                } else if failures.iter().all(|f| f.contains("not found")) {
-                    ErrorCode::NotFound
+                    Refusal(
+                        ErrorCode::BadChunk,
+                        format!("chunk {id}: hash mismatch: a store's bytes do not match the id"),
+                    )
                 } else {
-                    ErrorCode::Unavailable
+                    Refusal(ErrorCode::Unavailable, e.to_string())
                 }
             }
-            Error::Store { .. } => ErrorCode::Unavailable,
-            _ => ErrorCode::Internal,
-        };
-        Refusal(code, msg)
+            Error::ChunkNotFound { id, .. }
+            | Error::NoStoreForId { id }
+            | Error::AllStoresFailed { id, .. } => Refusal(
+                ErrorCode::NotFound,
+                format!("chunk {id}: not in any allowed store"),
+            ),
+            Error::BadChunk { .. } => Refusal(ErrorCode::BadChunk, e.to_string()),
+            Error::Store { .. } => Refusal(ErrorCode::Unavailable, e.to_string()),
+            _ => Refusal(ErrorCode::Internal, e.to_string()),
+        }
     }
 }
 
