@@ -746,6 +746,42 @@ mod tests {
     }
 
     #[test]
+    fn indexed_cache_evicts_in_the_background_only() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let c = Arc::new(ChunkCache::open_indexed(&dir, 10_000, None).unwrap());
+        let ids: Vec<ChunkId> = (0..30u8)
+            .map(|i| {
+                let data = vec![i; 1000];
+                let id = ChunkId::of(&data);
+                c.put(&id, &data).unwrap();
+                id
+            })
+            .collect();
+        // Inserts never evict: everything is there, counted by the index.
+        assert_eq!(c.used_bytes(), 30_000);
+        assert_eq!(c.indexed_entries(), 30);
+        assert!(ids.iter().all(|id| c.path(id).exists()));
+        // A hit makes the oldest entry the most recently used.
+        assert!(c.get(&ids[0]).is_some());
+        c.start_evictor().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while c.used_bytes() > 10_000 {
+            assert!(std::time::Instant::now() < deadline, "not evicted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(c.used_bytes() <= 9_000);
+        assert!(c.path(&ids[0]).exists(), "the recently used entry stays");
+        assert!(!c.path(&ids[1]).exists(), "the least recently used goes");
+        let on_disk = ids.iter().filter(|id| c.path(id).exists()).count();
+        assert_eq!(on_disk, c.indexed_entries());
+        // A new instance indexes what is there, once.
+        let again = ChunkCache::open_indexed(&dir, 10_000, None).unwrap();
+        assert_eq!(again.indexed_entries(), on_disk);
+        assert_eq!(again.used_bytes(), on_disk as u64 * 1000);
+    }
+
+    #[test]
     fn half_written_temp_is_invisible() {
         let d = tempfile::tempdir().unwrap();
         let c = ChunkCache::open(d.path(), 1 << 20).unwrap();
