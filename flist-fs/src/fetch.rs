@@ -315,10 +315,12 @@ impl ChunkSource {
                 let to = end.min(c.offset + u64::from(c.size)) - c.offset;
                 let served = Self::remote_chunk(r, c)?;
                 buf.resize((to - from) as usize, 0);
-                served.read_at(from, &mut buf).map_err(|e| Error::BadChunk {
-                    id: c.id.to_hex(),
-                    reason: format!("reading the fetcher's descriptor: {e}"),
-                })?;
+                served
+                    .read_at(from, &mut buf)
+                    .map_err(|e| Error::BadChunk {
+                        id: c.id.to_hex(),
+                        reason: format!("reading the fetcher's descriptor: {e}"),
+                    })?;
                 sink(&buf).map_err(|e| Error::io("<read destination>", e))?;
                 done += buf.len() as u64;
             }

@@ -59,7 +59,13 @@ fn start_fetcher(t: &Path, stores: &[String]) -> Fetcher {
 }
 
 /// Packs `files` (name, content) into an image in the dir store `store`.
-fn image_of(t: &Path, name: &str, store: &Path, files: &[(&str, Vec<u8>)], encrypt: bool) -> PathBuf {
+fn image_of(
+    t: &Path,
+    name: &str,
+    store: &Path,
+    files: &[(&str, Vec<u8>)],
+    encrypt: bool,
+) -> PathBuf {
     let src = t.join(format!("src-{name}"));
     std::fs::create_dir_all(&src).unwrap();
     for (n, content) in files {
@@ -75,7 +81,11 @@ fn image_of(t: &Path, name: &str, store: &Path, files: &[(&str, Vec<u8>)], encry
     img
 }
 
-fn read_file(image: &Image, source: &flist_fs::fetch::ChunkSource, path: &str) -> flist_fs::Result<Vec<u8>> {
+fn read_file(
+    image: &Image,
+    source: &flist_fs::fetch::ChunkSource,
+    path: &str,
+) -> flist_fs::Result<Vec<u8>> {
     let inode = image.inode(image.resolve(path)?).unwrap();
     let mut out = Vec::new();
     source.read_range(inode, 0, inode.size, &mut |b| {
@@ -187,7 +197,11 @@ fn images_through_the_fetcher() {
     let e = read_file(&image, &source, "/p").unwrap_err().to_string();
     assert!(e.contains("hash mismatch"), "{e}");
     let hex = c.id.to_hex();
-    assert!(!t.join("cache").join(&hex[..2]).join(format!("{hex}.plain")).exists());
+    assert!(!t
+        .join("cache")
+        .join(&hex[..2])
+        .join(format!("{hex}.plain"))
+        .exists());
 
     // Hostile clients: each gets an error code and is disconnected; a client that stalls
     // mid-frame or leaves mid-request costs nothing; the good client is served throughout.
@@ -198,7 +212,13 @@ fn images_through_the_fetcher() {
     };
     let (resp, closed) = raw_exchange(&fetcher.sock, &u32::MAX.to_le_bytes());
     assert!(
-        matches!(resp, Some(Response::Err { code: ErrorCode::BadRequest, .. })),
+        matches!(
+            resp,
+            Some(Response::Err {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ),
         "{resp:?}"
     );
     assert!(closed);
@@ -211,7 +231,16 @@ fn images_through_the_fetcher() {
     .encode();
     bad_version[4] = 99;
     let (resp, closed) = raw_exchange(&fetcher.sock, &bad_version);
-    assert!(matches!(resp, Some(Response::Err { code: ErrorCode::Version, .. })), "{resp:?}");
+    assert!(
+        matches!(
+            resp,
+            Some(Response::Err {
+                code: ErrorCode::Version,
+                ..
+            })
+        ),
+        "{resp:?}"
+    );
     assert!(closed);
     let mut huge = Request {
         seq: 1,
@@ -222,7 +251,16 @@ fn images_through_the_fetcher() {
     .encode();
     huge[42..46].copy_from_slice(&u32::MAX.to_le_bytes());
     let (resp, closed) = raw_exchange(&fetcher.sock, &huge);
-    assert!(matches!(resp, Some(Response::Err { code: ErrorCode::BadRequest, .. })), "{resp:?}");
+    assert!(
+        matches!(
+            resp,
+            Some(Response::Err {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ),
+        "{resp:?}"
+    );
     assert!(closed);
     let mut x = 7u64;
     let garbage: Vec<u8> = (0..4096)
@@ -236,7 +274,13 @@ fn images_through_the_fetcher() {
     assert!(closed);
     // Asks for a chunk and leaves at once.
     {
-        let big = image_of(t, "leaver", &dir_store, &[("l", pseudo_random(1 << 20, 9))], false);
+        let big = image_of(
+            t,
+            "leaver",
+            &dir_store,
+            &[("l", pseudo_random(1 << 20, 9))],
+            false,
+        );
         let (image, _) = open_image_remote(&big, client.clone(), None).unwrap();
         let c = &image.inode(image.resolve("/l").unwrap()).unwrap().chunks[0];
         let mut s = UnixStream::connect(&fetcher.sock).unwrap();
@@ -272,5 +316,8 @@ fn images_through_the_fetcher() {
         "the cache is used, not just emptied"
     );
     let mut fetcher = fetcher;
-    assert!(fetcher.child.try_wait().unwrap().is_none(), "the fetcher is still running");
+    assert!(
+        fetcher.child.try_wait().unwrap().is_none(),
+        "the fetcher is still running"
+    );
 }

@@ -164,7 +164,9 @@ pub(crate) fn recv_with_fds(
             }
         }
         if msg.msg_flags & libc::MSG_CTRUNC != 0 {
-            return Err(io::Error::other("descriptors were lost (control data truncated)"));
+            return Err(io::Error::other(
+                "descriptors were lost (control data truncated)",
+            ));
         }
         return Ok(n as usize);
     }

@@ -8,9 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuse_backend_rs::api::filesystem::{
-    Context, FileSystem, FsOptions, ZeroCopyWriter, ROOT_ID,
-};
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, FsOptions, ZeroCopyWriter, ROOT_ID};
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
 
 use crate::config::NodeConfig;
@@ -84,8 +82,9 @@ fn start_fetcher(tmp: &Path, sock: &Path, store: &str) -> Running {
         None => {
             let listener = std::os::unix::net::UnixListener::bind(sock).unwrap();
             let policy = flist_fs::store::StorePolicy::allowlist(&[store]).unwrap();
-            let cache =
-                Arc::new(flist_fs::cache::ChunkCache::open_indexed(&cache, 100_000_000, None).unwrap());
+            let cache = Arc::new(
+                flist_fs::cache::ChunkCache::open_indexed(&cache, 100_000_000, None).unwrap(),
+            );
             cache.start_evictor().unwrap();
             let fetcher = Arc::new(flist_fs::fetcher::server::Fetcher::new(
                 policy.open_all().unwrap(),
@@ -135,7 +134,7 @@ fn an_image_share_through_the_fetcher_under_the_no_network_worker_filter() {
         stores: vec!["dir:///srv/elsewhere".into()],
         ..NodeConfig::default()
     };
-    let e = super::image_share("t", &img, &other.image_settings(&[], None).unwrap())
+    let e = super::image_share("t", &img, other.image_settings(&[], None).unwrap())
         .err()
         .unwrap()
         .to_string();

@@ -6,11 +6,11 @@
 //! length, read-only, no privileged host objects in host directories); host directories are
 //! opened without following symlinks (`host_dir`).
 
+#[cfg(test)]
+mod fetcher_tests;
 mod guard;
 mod host_dir;
 mod quota;
-#[cfg(test)]
-mod fetcher_tests;
 #[cfg(test)]
 mod tests;
 mod upper_layer;

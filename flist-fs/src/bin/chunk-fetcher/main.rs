@@ -25,7 +25,10 @@ const DEFAULT_CACHE: &str = "/var/cache/gridnode/chunks";
 const DEFAULT_CACHE_BYTES: u64 = 10 << 30;
 
 #[derive(Parser, Debug)]
-#[command(name = "chunk-fetcher", about = "The node's chunk fetcher for vmm processes")]
+#[command(
+    name = "chunk-fetcher",
+    about = "The node's chunk fetcher for vmm processes"
+)]
 struct Cli {
     /// The unix socket to listen on (replaces a stale socket there).
     #[arg(long)]
@@ -109,7 +112,10 @@ fn group_id(g: &str) -> Result<u32> {
 fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<std::os::unix::net::UnixListener> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
-            bail!("{} exists and is not a socket: not replaced", path.display());
+            bail!(
+                "{} exists and is not a socket: not replaced",
+                path.display()
+            );
         }
         std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
     }
