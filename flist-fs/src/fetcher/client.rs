@@ -50,6 +50,11 @@ impl Served {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The descriptor (for checks: its flags, seals).
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.file.as_raw_fd()
+    }
 }
 
 type Answer = Result<Arc<Served>, FetcherError>;

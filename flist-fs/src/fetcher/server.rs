@@ -375,6 +375,7 @@ pub fn peer_credentials(s: &UnixStream) -> Option<(i32, u32, u32)> {
     // SAFETY: a zeroed ucred is valid; getsockopt writes at most `len` bytes into it.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of `len` bytes.
     let rc = unsafe {
         libc::getsockopt(
             s.as_raw_fd(),
@@ -496,4 +497,133 @@ pub fn run(listener: UnixListener, fetcher: Arc<Fetcher>) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::client::FetcherClient;
+    use super::super::FetcherError;
+    use super::*;
+    use crate::chunk::encode;
+    use crate::meta::ChunkRef;
+    use crate::store::{DirStore, Store};
+
+    struct Setup {
+        _tmp: tempfile::TempDir,
+        sock: std::path::PathBuf,
+        plain: ChunkRef,
+        secret: ChunkRef,
+    }
+
+    /// An in-process server over a dir store holding one plain and one encrypted chunk.
+    fn setup(config: ServerConfig) -> Setup {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::open(&format!("dir://{}", tmp.path().join("s").display())).unwrap();
+        let mut refs = Vec::new();
+        for (data, encrypt) in [(vec![1u8; 70_000], false), (vec![2u8; 50_000], true)] {
+            let e = encode(&data, encrypt).unwrap();
+            store.put(&e.id, &e.stored).unwrap();
+            refs.push(ChunkRef {
+                id: e.id,
+                offset: 0,
+                size: data.len() as u32,
+                key: e.key,
+            });
+        }
+        let cache =
+            Arc::new(ChunkCache::open_indexed(&tmp.path().join("cache"), 1 << 30, None).unwrap());
+        let router = Router::new(vec![(0, 255, Arc::new(store) as Arc<dyn Store>)]);
+        let fetcher = Arc::new(Fetcher::new(router, cache, config));
+        let sock = tmp.path().join("sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || run(listener, fetcher));
+        Setup {
+            _tmp: tmp,
+            sock,
+            secret: refs.pop().unwrap(),
+            plain: refs.pop().unwrap(),
+        }
+    }
+
+    fn read_whole(s: &super::super::client::Served) -> Vec<u8> {
+        let mut b = vec![0u8; s.len() as usize];
+        s.read_at(0, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn descriptors_are_read_only_or_sealed_and_keys_are_checked() {
+        let s = setup(ServerConfig::default());
+        let client = FetcherClient::connect(&s.sock, 1).unwrap();
+        let plain = client.chunk(&s.plain).unwrap();
+        assert_eq!(read_whole(&plain), vec![1u8; 70_000]);
+        let secret = client.chunk(&s.secret).unwrap();
+        assert_eq!(read_whole(&secret), vec![2u8; 50_000]);
+        // What the client holds: a read-only cache file, a fully sealed memfd.
+        let fds = plain_and_secret_fds(&client, &s);
+        // SAFETY: fcntl queries on descriptors we hold.
+        let (fl, seals) = unsafe {
+            (
+                libc::fcntl(fds.0, libc::F_GETFL),
+                libc::fcntl(fds.1, libc::F_GET_SEALS),
+            )
+        };
+        assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+        let all = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+        assert_eq!(seals & all, all);
+        // Knowing an encrypted chunk's id is not enough: a wrong key is refused even though
+        // the right one's plaintext is at hand in the fetcher.
+        let mut wrong = s.secret.clone();
+        wrong.key = Some([0u8; 32]);
+        match client.chunk(&wrong) {
+            Err(FetcherError::Refused { code, .. }) => assert_eq!(code, ErrorCode::BadChunk),
+            other => panic!("{other:?}"),
+        }
+        // Nor is a wrong length, or no key at all.
+        let mut short = s.plain.clone();
+        short.size -= 1;
+        assert!(client.chunk(&short).is_err());
+        let mut keyless = s.secret.clone();
+        keyless.key = None;
+        assert!(client.chunk(&keyless).is_err());
+        // The client still works after refusals.
+        assert_eq!(
+            read_whole(&client.chunk(&s.plain).unwrap()),
+            vec![1u8; 70_000]
+        );
+    }
+
+    /// Raw descriptors of the plain and the secret chunk as a fresh exchange returns them.
+    fn plain_and_secret_fds(client: &FetcherClient, s: &Setup) -> (i32, i32) {
+        let p = client.chunk(&s.plain).unwrap();
+        let q = client.chunk(&s.secret).unwrap();
+        (p.raw_fd(), q.raw_fd())
+    }
+
+    #[test]
+    fn connections_over_the_bound_are_told_busy() {
+        let s = setup(ServerConfig {
+            max_connections: 1,
+            ..ServerConfig::default()
+        });
+        let first = FetcherClient::connect(&s.sock, 1).unwrap();
+        assert!(first.chunk(&s.plain).is_ok());
+        let mut second = UnixStream::connect(&s.sock).unwrap();
+        second
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut header = [0u8; 4];
+        second.read_exact(&mut header).unwrap();
+        let mut body = vec![0u8; frame_len(header).unwrap()];
+        second.read_exact(&mut body).unwrap();
+        assert!(matches!(
+            Response::decode(&body).unwrap(),
+            Response::Err {
+                code: ErrorCode::Busy,
+                ..
+            }
+        ));
+        // The first connection is not disturbed.
+        assert!(first.chunk(&s.secret).is_ok());
+    }
 }

@@ -90,6 +90,7 @@ fn group_id(g: &str) -> Result<u32> {
         return Ok(n);
     }
     let name = std::ffi::CString::new(g).context("group name")?;
+    // SAFETY: a zeroed `group` (null pointers, zero ids) is a valid value to be filled in.
     let mut grp: libc::group = unsafe { std::mem::zeroed() };
     let mut buf = vec![0u8; 16 * 1024];
     let mut out: *mut libc::group = std::ptr::null_mut();
