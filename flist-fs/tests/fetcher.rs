@@ -321,3 +321,55 @@ fn images_through_the_fetcher() {
         "the fetcher is still running"
     );
 }
+
+#[test]
+fn the_fetcher_reads_the_vmm_node_configuration() {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let t = tempfile::tempdir().unwrap();
+    let t = t.path();
+    let store = t.join("store");
+    let img = image_of(t, "cfg", &store, &[("f", pseudo_random(100_000, 8))], false);
+    let sock = t.join("node.sock");
+    let config = t.join("node.json");
+    let json = format!(
+        r#"{{"fetcher": "{}", "image_cache": "{}", "image_cache_max_bytes": 1000000000, "stores": ["dir://{}"]}}"#,
+        sock.display(),
+        t.join("cache").display(),
+        store.display()
+    );
+    std::fs::write(&config, json).unwrap();
+    // Readable by others: refused (it holds store credentials).
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_chunk-fetcher"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("0644") && err.contains("node.json"), "{err}");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_chunk-fetcher"))
+        .arg("--config")
+        .arg(&config)
+        .spawn()
+        .unwrap();
+    let fetcher = Fetcher {
+        child,
+        sock: sock.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "fetcher did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let meta = std::fs::symlink_metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let client = Arc::new(FetcherClient::connect(&fetcher.sock, 1).unwrap());
+    let (image, source) = open_image_remote(&img, client, None).unwrap();
+    assert_eq!(
+        read_file(&image, &source, "/f").unwrap(),
+        pseudo_random(100_000, 8)
+    );
+}
