@@ -58,6 +58,8 @@ pub struct ChunkCache {
     open_plain: Mutex<OpenPlain>,
     /// The in-memory index of entries (indexed mode only).
     index: Option<Index>,
+    /// Most checked plaintexts kept open.
+    max_open: usize,
 }
 
 /// Entries of an indexed cache: file path -> (size, last use), their total, and the
@@ -127,6 +129,9 @@ const PLAIN_HEADER: usize = 32;
 const PLAIN_MAC_CONTEXT: &[u8] = b"flist-fs cached plaintext v1\0";
 /// Most checked plaintexts kept open per cache instance (file descriptors).
 pub const MAX_OPEN_PLAIN: usize = 512;
+/// Most checked plaintexts kept open by an indexed cache (the node's fetcher serves every
+/// VM's working set from them; a plaintext not open is read whole and checked again).
+pub const MAX_OPEN_PLAIN_INDEXED: usize = 8192;
 const DIR_MODE: u32 = 0o700;
 /// How often the evictor of an indexed cache looks, even when not woken.
 const EVICTOR_PERIOD: Duration = Duration::from_secs(10);
@@ -266,6 +271,7 @@ impl ChunkCache {
             key,
             open_plain: Mutex::new(OpenPlain::default()),
             index: None,
+            max_open: MAX_OPEN_PLAIN,
         };
         let used: u64 = cache.entries().iter().map(|(_, len, _)| len).sum();
         cache.approx_bytes.store(used, Ordering::Relaxed);
@@ -293,6 +299,7 @@ impl ChunkCache {
             key,
             open_plain: Mutex::new(OpenPlain::default()),
             index: None,
+            max_open: MAX_OPEN_PLAIN,
         };
         let mut entries = cache.entries();
         entries.sort_by_key(|(_, _, t)| *t);
@@ -303,6 +310,7 @@ impl ChunkCache {
             st.files.insert(p, (len, st.clock));
         }
         st.over = st.bytes > max_bytes;
+        cache.max_open = MAX_OPEN_PLAIN_INDEXED;
         cache.index = Some(Index {
             state: Mutex::new(st),
             wake: Condvar::new(),
@@ -395,6 +403,20 @@ impl ChunkCache {
             }
             victims
         };
+        // Evicted plaintexts are closed here too (an open descriptor holds the disk space;
+        // vmms holding one keep it until they close it, at most their descriptor LRU's worth).
+        if let Ok(mut open) = self.open_plain.lock() {
+            for (p, _) in &victims {
+                let id = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".plain"))
+                    .and_then(ChunkId::from_hex);
+                if let Some(id) = id {
+                    open.files.remove(&id);
+                }
+            }
+        }
         let mut freed = 0;
         for (p, len) in victims {
             match std::fs::remove_file(&p) {
@@ -489,7 +511,7 @@ impl ChunkCache {
         };
         open.clock += 1;
         let now = open.clock;
-        if open.files.len() >= MAX_OPEN_PLAIN && !open.files.contains_key(id) {
+        if open.files.len() >= self.max_open && !open.files.contains_key(id) {
             if let Some(oldest) = open
                 .files
                 .iter()

@@ -106,33 +106,28 @@ pub struct Fetcher {
 struct Refusal(ErrorCode, String);
 
 impl From<Error> for Refusal {
+    /// Short messages (they are cut at MAX_MESSAGE): the full error is in the fetcher's log.
     fn from(e: Error) -> Self {
-        // Short messages (they are cut at MAX_MESSAGE): the full error is in the fetcher's log.
+        let not_found = |id: &str| {
+            Refusal(
+                ErrorCode::NotFound,
+                format!("chunk {id}: not in any allowed store"),
+            )
+        };
         match &e {
-            Error::ChunkNotFound { id, .. }
-            | Error::NoStoreForId { id }
-            | Error::AllStoresFailed { id, .. }
-                if matches!(&e, Error::AllStoresFailed { failures, .. }
-                    if !failures.iter().all(|f| f.contains("not found"))) =>
-            {
-                let Error::AllStoresFailed { failures, .. } = &e else {
-                    return Refusal(ErrorCode::Internal, e.to_string());
-                };
+            Error::AllStoresFailed { id, failures } => {
                 if failures.iter().any(|f| f.contains("hash mismatch")) {
                     Refusal(
                         ErrorCode::BadChunk,
                         format!("chunk {id}: hash mismatch: a store's bytes do not match the id"),
                     )
+                } else if failures.iter().all(|f| f.contains("not found")) {
+                    not_found(id)
                 } else {
                     Refusal(ErrorCode::Unavailable, e.to_string())
                 }
             }
-            Error::ChunkNotFound { id, .. }
-            | Error::NoStoreForId { id }
-            | Error::AllStoresFailed { id, .. } => Refusal(
-                ErrorCode::NotFound,
-                format!("chunk {id}: not in any allowed store"),
-            ),
+            Error::ChunkNotFound { id, .. } | Error::NoStoreForId { id } => not_found(id),
             Error::BadChunk { .. } => Refusal(ErrorCode::BadChunk, e.to_string()),
             Error::Store { .. } => Refusal(ErrorCode::Unavailable, e.to_string()),
             _ => Refusal(ErrorCode::Internal, e.to_string()),

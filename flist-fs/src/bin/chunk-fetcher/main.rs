@@ -136,6 +136,24 @@ fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<std::os::unix::net
     Ok(l)
 }
 
+/// Raises the soft limit of open descriptors to the hard one: the fetcher keeps checked
+/// plaintexts open (`MAX_OPEN_PLAIN_INDEXED`) besides a connection per vmm socket.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise the open file limit");
+            }
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let filter = std::env::var("FLIST_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
@@ -175,6 +193,7 @@ fn main() -> Result<()> {
         .with_context(|| format!("--socket-mode {:?}: not an octal mode", cli.socket_mode))?;
     let group = cli.socket_group.as_deref().map(group_id).transpose()?;
 
+    raise_open_file_limit();
     let started = std::time::Instant::now();
     let cache = Arc::new(ChunkCache::open_indexed(&cache_dir, max_bytes, None)?);
     tracing::info!(
