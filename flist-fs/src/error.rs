@@ -39,6 +39,12 @@ pub enum Error {
     NotInImage { path: String },
     #[error("{path}: unsupported: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    #[error("chunk {id}: {source}")]
+    Fetcher {
+        id: String,
+        #[source]
+        source: crate::fetcher::FetcherError,
+    },
     #[error("OCI image {path}: {reason}")]
     Oci { path: PathBuf, reason: String },
 }

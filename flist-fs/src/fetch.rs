@@ -8,10 +8,15 @@
 //! whole and checks its MAC (see the `cache` module for the threat model); after that, a read
 //! of part of it is one `pread` on the descriptor it was checked on, kept open by the cache
 //! (the host page cache, shared by every VM on the node, does the rest).
+//!
+//! A remote source ([`ChunkSource::remote`]) asks the node's chunk fetcher instead (see
+//! [`crate::fetcher`]): no stores, no cache of its own; each chunk is a read-only descriptor
+//! the fetcher passed (kept in a bounded LRU), and reads are `pread`s on it.
 
 use crate::cache::ChunkCache;
 use crate::chunk::{decode, ChunkId};
 use crate::error::{Error, Result};
+use crate::fetcher::client::FetcherClient;
 use crate::meta::{ChunkRef, Inode};
 use crate::store::Router;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -31,6 +36,8 @@ pub struct ChunkSource {
     cache: Option<ChunkCache>,
     decoded: Mutex<Decoded>,
     in_flight: Mutex<HashSet<ChunkId>>,
+    /// The node's chunk fetcher, for a remote source.
+    remote: Option<Arc<FetcherClient>>,
 }
 
 /// Decoded chunks by id, their insertion order (oldest first) and total size.
@@ -74,6 +81,42 @@ impl ChunkSource {
             cache,
             decoded: Mutex::new(Decoded::default()),
             in_flight: Mutex::new(HashSet::new()),
+            remote: None,
+        }
+    }
+
+    /// A source that asks the node's chunk fetcher through `client` (no stores, no cache).
+    pub fn remote(client: Arc<FetcherClient>) -> Self {
+        ChunkSource {
+            router: Router::new(Vec::new()),
+            cache: None,
+            decoded: Mutex::new(Decoded::default()),
+            in_flight: Mutex::new(HashSet::new()),
+            remote: Some(client),
+        }
+    }
+
+    /// Whether chunks come from the node's chunk fetcher.
+    pub fn is_remote(&self) -> bool {
+        self.remote.is_some()
+    }
+
+    /// The fetcher's descriptor of `c`, as a crate error naming the chunk.
+    fn remote_chunk(
+        client: &FetcherClient,
+        c: &ChunkRef,
+    ) -> Result<Arc<crate::fetcher::client::Served>> {
+        client.chunk(c).map_err(|e| Error::Fetcher {
+            id: c.id.to_hex(),
+            source: e,
+        })
+    }
+
+    /// Whether `c` can be read without waiting (decoded, or its descriptor at hand).
+    fn is_ready(&self, c: &ChunkRef) -> bool {
+        match &self.remote {
+            Some(r) => r.has(c),
+            None => self.is_decoded(&c.id),
         }
     }
 
@@ -99,7 +142,7 @@ impl ChunkSource {
             return;
         }
         for c in inode.chunks.iter().skip(idx + 1).take(READ_AHEAD) {
-            if self.is_decoded(&c.id) {
+            if self.is_ready(c) {
                 continue;
             }
             {
@@ -116,7 +159,11 @@ impl ChunkSource {
             let spawned = std::thread::Builder::new()
                 .name("flist-readahead".into())
                 .spawn(move || {
-                    if let Err(e) = me.plain_now(&c) {
+                    let done = match &me.remote {
+                        Some(r) => Self::remote_chunk(r, &c).map(drop),
+                        None => me.plain_now(&c).map(drop),
+                    };
+                    if let Err(e) = done {
                         tracing::debug!(chunk = %c.id, error = %e, "read-ahead failed");
                     }
                     if let Ok(mut fl) = me.in_flight.lock() {
@@ -141,6 +188,12 @@ impl ChunkSource {
     }
 
     fn fetch_stored(&self, id: &ChunkId, cache_it: bool) -> Result<Vec<u8>> {
+        if self.remote.is_some() {
+            return Err(Error::Unsupported {
+                path: id.to_hex().into(),
+                reason: "stored chunks are not available through the chunk fetcher".into(),
+            });
+        }
         if let Some(bytes) = self.cache.as_ref().and_then(|c| c.get(id)) {
             return Ok(bytes);
         }
@@ -199,9 +252,18 @@ impl ChunkSource {
         if let Some(data) = self.lru_get(&c.id) {
             return Ok(data);
         }
-        let data = match self.cached_plain(c) {
-            Some(plain) => Arc::new(plain),
-            None => Arc::new(self.decode_fetched(c)?),
+        let data = if let Some(r) = &self.remote {
+            let served = Self::remote_chunk(r, c)?;
+            let mut buf = vec![0u8; served.len() as usize];
+            served
+                .read_at(0, &mut buf)
+                .map_err(|e| Error::io("<chunk fetcher descriptor>", e))?;
+            Arc::new(buf)
+        } else {
+            match self.cached_plain(c) {
+                Some(plain) => Arc::new(plain),
+                None => Arc::new(self.decode_fetched(c)?),
+            }
         };
         if let Ok(mut lru) = self.decoded.lock() {
             lru.insert(c.id, data.clone());
@@ -245,6 +307,25 @@ impl ChunkSource {
             .chunks
             .partition_point(|c| c.offset + u64::from(c.size) <= offset);
         let mut done = 0u64;
+        if let Some(r) = &self.remote {
+            // A pread per chunk on the fetcher's descriptor (the page cache does the rest).
+            let mut buf = Vec::new();
+            for c in inode.chunks[first..].iter().take_while(|c| c.offset < end) {
+                let from = offset.max(c.offset) - c.offset;
+                let to = end.min(c.offset + u64::from(c.size)) - c.offset;
+                let served = Self::remote_chunk(r, c)?;
+                buf.resize((to - from) as usize, 0);
+                served
+                    .read_at(from, &mut buf)
+                    .map_err(|e| Error::BadChunk {
+                        id: c.id.to_hex(),
+                        reason: format!("reading the fetcher's descriptor: {e}"),
+                    })?;
+                sink(&buf).map_err(|e| Error::io("<read destination>", e))?;
+                done += buf.len() as u64;
+            }
+            return Ok(done);
+        }
         for c in inode.chunks[first..].iter().take_while(|c| c.offset < end) {
             let from = offset.max(c.offset) - c.offset;
             let to = end.min(c.offset + u64::from(c.size)) - c.offset;

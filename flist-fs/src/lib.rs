@@ -22,6 +22,10 @@
 //! flist set-stores IMAGE --store URL...
 //! ```
 //!
+//! On a node, `chunk-fetcher --listen SOCK --cache DIR --cache-max-bytes N --store URL...`
+//! (or `--config node.json`) is the one process that fetches chunks and owns the cache; the
+//! vmm processes read through it ([`fetcher`]).
+//!
 //! Reading commands take `--store` (override the image's stores), `--cache DIR`,
 //! `--cache-mib N` and `--no-cache`; `FLIST_LOG=debug` turns on logging. A store spec may be
 //! prefixed with an id range, `00-7f=URL`: overlapping ranges replicate on write and fail over
@@ -31,6 +35,7 @@ pub mod cache;
 pub mod chunk;
 pub mod error;
 pub mod fetch;
+pub mod fetcher;
 pub mod fs;
 pub mod meta;
 pub mod oci;

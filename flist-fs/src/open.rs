@@ -57,3 +57,19 @@ pub fn source_for(image: &Image, opts: &OpenOptions) -> Result<ChunkSource> {
     };
     Ok(ChunkSource::new(router, cache))
 }
+
+/// Reads the image at `path` and prepares a chunk source that asks the node's chunk fetcher
+/// through `client` (see [`crate::fetcher`]). With `policy`, the image must name at least
+/// one store it allows, as for a local source (the fetcher itself only reads from its own
+/// allowlist).
+pub fn open_image_remote(
+    path: &Path,
+    client: Arc<crate::fetcher::client::FetcherClient>,
+    policy: Option<&StorePolicy>,
+) -> Result<(Arc<Image>, Arc<ChunkSource>)> {
+    let image = read_image(path)?;
+    if let Some(policy) = policy {
+        policy.check_routes(&image.routes)?;
+    }
+    Ok((Arc::new(image), Arc::new(ChunkSource::remote(client))))
+}

@@ -55,6 +55,11 @@ struct Cli {
     /// Without any allowlist, only images' http(s) stores are used, without credentials.
     #[arg(long = "store")]
     stores: Vec<String>,
+    /// The node's chunk fetcher socket (overrides the node configuration's "fetcher"):
+    /// images' chunks are asked of it, and this process needs no network, no store
+    /// credentials and no write access to the chunk cache.
+    #[arg(long)]
+    fetcher: Option<PathBuf>,
     /// Tag of the virtio-fs share the guest init mounts as its root.
     #[arg(long)]
     root: Option<String>,
@@ -124,9 +129,15 @@ fn image_settings(cli: &Cli, spec: &VmSpec) -> anyhow::Result<ImageSettings> {
             );
         }
     }
-    let settings = node.image_settings(&cli.stores, spec.image_cache.as_deref())?;
+    let mut settings = node.image_settings(&cli.stores, spec.image_cache.as_deref())?;
+    if let Some(socket) = &cli.fetcher {
+        settings = settings.with_fetcher(socket.clone());
+    }
     let serves_images = spec.fs.iter().any(|share| share.image.is_some());
-    if serves_images && settings.policy().is_some_and(|p| p.is_anonymous()) {
+    if serves_images
+        && settings.fetcher().is_none()
+        && settings.policy().is_some_and(|p| p.is_anonymous())
+    {
         tracing::warn!(
             "no store allowlist (--node-config or --store): images are read only from their \
              http(s) stores, without credentials"

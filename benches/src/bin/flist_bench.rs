@@ -2,8 +2,15 @@
 //! versions with 5% of bytes changed (fixed-size vs content-defined chunking), and read
 //! throughput through the `FileSystem` layer cold (dir store, HTTP store) and warm (cache).
 //!
-//! Usage: `flist_bench [pack|dedup|read|all] [--mb N]` (default all, ~200 MB tree).
+//! Usage: `flist_bench [pack|dedup|read|fetcher|all] [--mb N]` (default all, ~200 MB tree).
 //! The HTTP store is `python3 -m http.server` over the dir store.
+//!
+//! `fetcher`: read throughput of an image (dir store) through the node's chunk fetcher (the
+//! remote chunk source: descriptors passed over a unix socket, `pread`) against the local
+//! source (router + cache in the reading process), cold (empty cache) and warm (cache
+//! filled, a new reader). The fetcher is the `chunk-fetcher` binary beside this one when
+//! built (`cargo build --release -p flist-fs --bin chunk-fetcher`), else the same server on
+//! a thread of this process.
 
 use flist_fs::chunk::ChunkerKind;
 use flist_fs::fs::FlistFs;
@@ -336,4 +343,109 @@ fn main() {
     if matches!(which, "read" | "all") {
         bench_read(work.path(), mb / 2);
     }
+    if matches!(which, "fetcher" | "all") {
+        bench_fetcher(work.path(), mb);
+    }
+}
+
+/// Starts the chunk fetcher on `sock` over `store` with its cache in `cache`; returns the
+/// child process when it is one.
+fn start_fetcher(sock: &Path, cache: &Path, store: &str) -> Option<std::process::Child> {
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("chunk-fetcher")))
+        .filter(|p| p.is_file());
+    let child = match bin {
+        Some(bin) => {
+            println!("fetcher: {}", bin.display());
+            Some(
+                std::process::Command::new(bin)
+                    .arg("--listen")
+                    .arg(sock)
+                    .arg("--cache")
+                    .arg(cache)
+                    .args(["--cache-max-bytes", "10000000000", "--store", store])
+                    .env("FLIST_LOG", "warn")
+                    .spawn()
+                    .expect("chunk-fetcher"),
+            )
+        }
+        None => {
+            println!("fetcher: in-process (no chunk-fetcher binary beside this one)");
+            let listener = std::os::unix::net::UnixListener::bind(sock).expect("bind");
+            let policy = flist_fs::store::StorePolicy::allowlist(&[store]).expect("policy");
+            let cache = std::sync::Arc::new(
+                flist_fs::cache::ChunkCache::open_indexed(cache, 10_000_000_000, None)
+                    .expect("cache"),
+            );
+            cache.start_evictor().expect("evictor");
+            let fetcher = std::sync::Arc::new(flist_fs::fetcher::server::Fetcher::new(
+                policy.open_all().expect("stores"),
+                cache,
+                Default::default(),
+            ));
+            std::thread::spawn(move || flist_fs::fetcher::server::run(listener, fetcher));
+            None
+        }
+    };
+    for _ in 0..400 {
+        if std::os::unix::net::UnixStream::connect(sock).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    child
+}
+
+fn bench_fetcher(work: &Path, mb: u64) {
+    let src = work.join("fetcher-src");
+    gen_tree(&src, mb, 6);
+    let store = work.join("fetcher-store");
+    let img = work.join("fetcher.flist");
+    pack_into(&src, &img, &store, ChunkerKind::default());
+    let _ = std::fs::remove_dir_all(&src);
+    let store_url = format!("dir://{}", store.display());
+    let local = |cache: &PathBuf| {
+        let opts = OpenOptions {
+            stores: vec![store_url.clone()],
+            cache_dir: Some(cache.clone()),
+            ..OpenOptions::default()
+        };
+        FlistFs::open(&img, &opts).expect("open image")
+    };
+    let local_cache = work.join("fetcher-local-cache");
+    let (n, local_cold) = read_all(&local(&local_cache));
+    let (_, local_warm) = read_all(&local(&local_cache));
+
+    let sock = work.join("fetcher.sock");
+    let mut child = start_fetcher(&sock, &work.join("fetcher-cache"), &store_url);
+    let remote = || {
+        let client = std::sync::Arc::new(
+            flist_fs::fetcher::client::FetcherClient::connect(
+                &sock,
+                flist_fs::fetcher::client::DEFAULT_POOL,
+            )
+            .expect("connect to the fetcher"),
+        );
+        FlistFs::open_remote(&img, client, None).expect("open image remotely")
+    };
+    let (n2, remote_cold) = read_all(&remote());
+    let (_, remote_warm) = read_all(&remote());
+    let hot_fs = remote();
+    let _ = read_all(&hot_fs);
+    let (_, remote_hot) = read_all(&hot_fs);
+    if let Some(c) = child.as_mut() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert_eq!(n, n2, "both sources read the same bytes");
+    println!(
+        "fetcher: {:.1} MB image through FileSystem::read, 128 KiB requests",
+        n as f64 / 1e6
+    );
+    println!("read[cold, local source]:    {local_cold:.1} MB/s");
+    println!("read[cold, remote/fetcher]:  {remote_cold:.1} MB/s");
+    println!("read[warm, local source]:    {local_warm:.1} MB/s  (new reader, cache filled)");
+    println!("read[warm, remote/fetcher]:  {remote_warm:.1} MB/s  (new client, cache filled)");
+    println!("read[hot, remote/fetcher]:   {remote_hot:.1} MB/s  (same client, 2nd pass)");
 }

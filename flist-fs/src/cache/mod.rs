@@ -27,6 +27,15 @@
 //! [`MAX_OPEN_PLAIN`], least recently used closed first); [`ChunkCache::read_plain_at`] never
 //! re-opens by path, so a file renamed over the checked one later is not served. (An evicted
 //! file stays readable, and its disk space held, until its descriptor is closed.)
+//!
+//! # Indexed mode (the node's chunk fetcher)
+//!
+//! [`ChunkCache::open_indexed`] makes a cache for a process that owns the directory (the
+//! chunk fetcher, see [`crate::fetcher`]): the directory is scanned once, into an in-memory
+//! index of its entries (size, last use); hits and inserts update the index instead of file
+//! mtimes, and an insert never evicts: [`ChunkCache::start_evictor`] runs a background thread
+//! that deletes the least recently used entries down to 90% of the bound whenever the index
+//! says the bound is passed (and cleans stale temp files now and then).
 
 use crate::chunk::{verify_stored, ChunkId, MAX_CHUNK_SIZE, MAX_STORED_SIZE};
 use crate::error::{Error, Result};
@@ -36,7 +45,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 pub struct ChunkCache {
@@ -47,6 +56,61 @@ pub struct ChunkCache {
     key: [u8; 32],
     /// Checked plaintexts, open: chunk id -> (descriptor, last use).
     open_plain: Mutex<OpenPlain>,
+    /// The in-memory index of entries (indexed mode only).
+    index: Option<Index>,
+    /// Most checked plaintexts kept open.
+    max_open: usize,
+}
+
+/// Entries of an indexed cache: file path -> (size, last use), their total, and the
+/// evictor's wake-up.
+struct Index {
+    state: Mutex<IndexState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct IndexState {
+    files: HashMap<PathBuf, (u64, u64)>,
+    clock: u64,
+    bytes: u64,
+    /// Set when an insert passes the bound (the evictor clears it).
+    over: bool,
+}
+
+impl Index {
+    fn record(&self, p: &Path, len: Option<u64>, max: u64) {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        st.clock += 1;
+        let now = st.clock;
+        match (st.files.get_mut(p), len) {
+            (Some(e), None) => e.1 = now,
+            (Some(e), Some(len)) => {
+                let old = e.0;
+                *e = (len, now);
+                st.bytes = st.bytes - old + len;
+            }
+            (None, Some(len)) => {
+                st.files.insert(p.to_path_buf(), (len, now));
+                st.bytes += len;
+            }
+            (None, None) => {}
+        }
+        if st.bytes > max && !st.over {
+            st.over = true;
+            self.wake.notify_all();
+        }
+    }
+
+    fn forget(&self, p: &Path) {
+        if let Ok(mut st) = self.state.lock() {
+            if let Some((len, _)) = st.files.remove(p) {
+                st.bytes -= len;
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -65,7 +129,12 @@ const PLAIN_HEADER: usize = 32;
 const PLAIN_MAC_CONTEXT: &[u8] = b"flist-fs cached plaintext v1\0";
 /// Most checked plaintexts kept open per cache instance (file descriptors).
 pub const MAX_OPEN_PLAIN: usize = 512;
+/// Most checked plaintexts kept open by an indexed cache (the node's fetcher serves every
+/// VM's working set from them; a plaintext not open is read whole and checked again).
+pub const MAX_OPEN_PLAIN_INDEXED: usize = 8192;
 const DIR_MODE: u32 = 0o700;
+/// How often the evictor of an indexed cache looks, even when not woken.
+const EVICTOR_PERIOD: Duration = Duration::from_secs(10);
 const FILE_MODE: u32 = 0o600;
 
 /// Creates `p` and its missing parents with mode 0700.
@@ -84,6 +153,15 @@ fn open_nofollow(p: &Path) -> std::io::Result<File> {
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(p)
+}
+
+/// `file` opened again, read-only, through `/proc/self/fd` (the same inode).
+fn reopen_readonly(file: &File) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
 }
 
 /// The default key file of the cache at `dir`: `<dir>.key`, beside it.
@@ -192,11 +270,203 @@ impl ChunkCache {
             approx_bytes: AtomicU64::new(0),
             key,
             open_plain: Mutex::new(OpenPlain::default()),
+            index: None,
+            max_open: MAX_OPEN_PLAIN,
         };
         let used: u64 = cache.entries().iter().map(|(_, len, _)| len).sum();
         cache.approx_bytes.store(used, Ordering::Relaxed);
         cache
     }
+
+    /// Opens the cache at `dir` for its only writer (see "Indexed mode" in the module doc):
+    /// scans it once into an in-memory index (oldest mtime = least recently used); inserts
+    /// never evict, [`ChunkCache::start_evictor`] does. The MAC key is `key_file`, else
+    /// `<dir>.key` (created when absent); an unusable key file is an error.
+    pub fn open_indexed(dir: &Path, max_bytes: u64, key_file: Option<&Path>) -> Result<Self> {
+        mkdir_p(&dir.join("tmp"))?;
+        let key_path = match key_file {
+            Some(k) => k.to_path_buf(),
+            None => default_key_path(dir).ok_or_else(|| Error::BadPath {
+                path: dir.display().to_string(),
+                reason: "no place for a cache key file beside it".into(),
+            })?,
+        };
+        let key = load_or_create_key(&key_path)?;
+        let mut cache = ChunkCache {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            approx_bytes: AtomicU64::new(0),
+            key,
+            open_plain: Mutex::new(OpenPlain::default()),
+            index: None,
+            max_open: MAX_OPEN_PLAIN,
+        };
+        let mut entries = cache.entries();
+        entries.sort_by_key(|(_, _, t)| *t);
+        let mut st = IndexState::default();
+        for (p, len, _) in entries {
+            st.clock += 1;
+            st.bytes += len;
+            st.files.insert(p, (len, st.clock));
+        }
+        st.over = st.bytes > max_bytes;
+        cache.max_open = MAX_OPEN_PLAIN_INDEXED;
+        cache.index = Some(Index {
+            state: Mutex::new(st),
+            wake: Condvar::new(),
+        });
+        Ok(cache)
+    }
+
+    /// Bytes the index counts (indexed mode), else the running estimate.
+    pub fn used_bytes(&self) -> u64 {
+        match &self.index {
+            Some(ix) => ix.state.lock().map(|s| s.bytes).unwrap_or(0),
+            None => self.approx_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Entries the index counts (indexed mode; 0 otherwise).
+    pub fn indexed_entries(&self) -> usize {
+        self.index
+            .as_ref()
+            .and_then(|ix| ix.state.lock().ok().map(|s| s.files.len()))
+            .unwrap_or(0)
+    }
+
+    /// Starts the background evictor of an indexed cache: it deletes least recently used
+    /// entries down to 90% of the bound whenever an insert passes it (and looks every
+    /// `EVICTOR_PERIOD` anyway). It ends when the cache is dropped. No-op without an index.
+    pub fn start_evictor(self: &Arc<Self>) -> std::io::Result<()> {
+        if self.index.is_none() {
+            return Ok(());
+        }
+        let weak: Weak<Self> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("cache-evictor".into())
+            .spawn(move || {
+                let mut rounds = 0u64;
+                loop {
+                    let Some(cache) = weak.upgrade() else { return };
+                    let Some(ix) = cache.index.as_ref() else {
+                        return;
+                    };
+                    {
+                        let Ok(st) = ix.state.lock() else { return };
+                        let waited = ix.wake.wait_timeout_while(st, EVICTOR_PERIOD, |s| !s.over);
+                        if waited.is_err() {
+                            return;
+                        }
+                    }
+                    rounds += 1;
+                    if rounds % 30 == 1 {
+                        cache.clean_stale_tmp();
+                    }
+                    let (freed, used) = cache.evict_indexed();
+                    if freed > 0 {
+                        tracing::info!(freed, used, "cache evicted");
+                    }
+                }
+            })
+            .map(drop)
+    }
+
+    /// Deletes the least recently used indexed entries until the index counts at most 90%
+    /// of the bound, when it counts more than the bound. Returns (bytes freed, bytes used).
+    fn evict_indexed(&self) -> (u64, u64) {
+        let Some(ix) = &self.index else {
+            return (0, 0);
+        };
+        let victims = {
+            let Ok(mut st) = ix.state.lock() else {
+                return (0, 0);
+            };
+            st.over = false;
+            if st.bytes <= self.max_bytes {
+                return (0, st.bytes);
+            }
+            let target = self.max_bytes / 10 * 9;
+            let mut by_age: Vec<(u64, u64, PathBuf)> = st
+                .files
+                .iter()
+                .map(|(p, (len, used))| (*used, *len, p.clone()))
+                .collect();
+            by_age.sort_unstable_by_key(|(used, _, _)| *used);
+            let mut victims = Vec::new();
+            for (_, len, p) in by_age {
+                if st.bytes <= target {
+                    break;
+                }
+                st.files.remove(&p);
+                st.bytes -= len;
+                victims.push((p, len));
+            }
+            victims
+        };
+        // Evicted plaintexts are closed here too (an open descriptor holds the disk space;
+        // vmms holding one keep it until they close it, at most their descriptor LRU's worth).
+        if let Ok(mut open) = self.open_plain.lock() {
+            for (p, _) in &victims {
+                let id = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_suffix(".plain"))
+                    .and_then(ChunkId::from_hex);
+                if let Some(id) = id {
+                    open.files.remove(&id);
+                }
+            }
+        }
+        let mut freed = 0;
+        for (p, len) in victims {
+            match std::fs::remove_file(&p) {
+                Ok(()) => freed += len,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %p.display(), error = %e, "cannot evict"),
+            }
+        }
+        (freed, self.used_bytes())
+    }
+
+    /// Records a hit on `p`: in the index (indexed mode), else by refreshing its mtime.
+    fn hit(&self, p: &Path) {
+        match &self.index {
+            Some(ix) => ix.record(p, None, self.max_bytes),
+            None => Self::touch(p),
+        }
+    }
+
+    /// Removes a bad entry (and its index record).
+    fn discard(&self, p: &Path) {
+        let _ = std::fs::remove_file(p);
+        if let Some(ix) = &self.index {
+            ix.forget(p);
+        }
+    }
+
+    /// The checked descriptor of the cached plaintext of `id`, `len` bytes (checked now if it
+    /// is not open yet): its plaintext is at offset [`ChunkCache::PLAIN_OFFSET`].
+    pub fn plain_file(&self, id: &ChunkId, len: u32) -> Option<Arc<File>> {
+        let open = |c: &Self| -> Option<Arc<File>> {
+            let mut open = c.open_plain.lock().ok()?;
+            open.clock += 1;
+            let now = open.clock;
+            let (f, used) = open.files.get_mut(id)?;
+            *used = now;
+            Some(f.clone())
+        };
+        let want = PLAIN_HEADER as u64 + u64::from(len);
+        let fits = |f: &File| f.metadata().is_ok_and(|m| m.len() == want);
+        if let Some(f) = open(self).filter(|f| fits(f)) {
+            self.hit(&self.plain_path(id));
+            return Some(f);
+        }
+        self.get_plain(id, len)?;
+        open(self).filter(|f| fits(f))
+    }
+
+    /// Where a plaintext starts in the file of [`ChunkCache::plain_file`].
+    pub const PLAIN_OFFSET: u64 = PLAIN_HEADER as u64;
 
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -241,7 +511,7 @@ impl ChunkCache {
         };
         open.clock += 1;
         let now = open.clock;
-        if open.files.len() >= MAX_OPEN_PLAIN && !open.files.contains_key(id) {
+        if open.files.len() >= self.max_open && !open.files.contains_key(id) {
             if let Some(oldest) = open
                 .files
                 .iter()
@@ -276,10 +546,10 @@ impl ChunkCache {
         // blake3::Hash comparison is constant-time.
         if blake3::Hash::from_slice(&bytes[..PLAIN_HEADER]).ok()? != mac {
             tracing::warn!(path = %p.display(), "cached plaintext failed its MAC: removed");
-            let _ = std::fs::remove_file(&p);
+            self.discard(&p);
             return None;
         }
-        Self::touch(&p);
+        self.hit(&p);
         self.remember(id, Arc::new(file));
         bytes.drain(..PLAIN_HEADER);
         Some(bytes)
@@ -321,6 +591,9 @@ impl ChunkCache {
     pub fn put_plain(&self, id: &ChunkId, plain: &[u8]) -> Result<()> {
         let mac = self.plain_mac(id, plain);
         let file = self.insert(id, &self.plain_path(id), &[mac.as_bytes(), plain])?;
+        // Kept read-only when possible (the fetcher passes these descriptors on): the same
+        // inode, re-opened through this process's descriptor table.
+        let file = reopen_readonly(&file).unwrap_or(file);
         self.remember(id, Arc::new(file));
         Ok(())
     }
@@ -338,15 +611,15 @@ impl ChunkCache {
             .ok()?;
         if bytes.len() > MAX_STORED_SIZE {
             tracing::warn!(path = %p.display(), "oversized cache entry removed");
-            let _ = std::fs::remove_file(&p);
+            self.discard(&p);
             return None;
         }
         if let Err(e) = verify_stored(id, &bytes) {
             tracing::warn!(path = %p.display(), error = %e, "corrupt cache entry removed");
-            let _ = std::fs::remove_file(&p);
+            self.discard(&p);
             return None;
         }
-        Self::touch(&p);
+        self.hit(&p);
         Some(bytes)
     }
 
@@ -373,6 +646,11 @@ impl ChunkCache {
             len += part.len() as u64;
         }
         let file = tmp.persist(p).map_err(|e| Error::io(p, e.error))?;
+        if let Some(ix) = &self.index {
+            // The evictor runs in the background; inserts never wait for it.
+            ix.record(p, Some(len), self.max_bytes);
+            return Ok(file);
+        }
         let now = self.approx_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if now > self.max_bytes {
             self.evict()?;
@@ -412,6 +690,10 @@ impl ChunkCache {
     /// Deletes least recently used chunks until the cache is at most 90% of its bound.
     /// Returns the bytes now in use.
     pub fn evict(&self) -> Result<u64> {
+        if self.index.is_some() {
+            self.clean_stale_tmp();
+            return Ok(self.evict_indexed().1);
+        }
         self.clean_stale_tmp();
         let mut entries = self.entries();
         let mut used: u64 = entries.iter().map(|(_, l, _)| l).sum();
@@ -483,6 +765,42 @@ mod tests {
         std::fs::write(&p, b"bad").unwrap();
         assert!(c.get(&ids[29]).is_none());
         assert!(!p.exists());
+    }
+
+    #[test]
+    fn indexed_cache_evicts_in_the_background_only() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let c = Arc::new(ChunkCache::open_indexed(&dir, 10_000, None).unwrap());
+        let ids: Vec<ChunkId> = (0..30u8)
+            .map(|i| {
+                let data = vec![i; 1000];
+                let id = ChunkId::of(&data);
+                c.put(&id, &data).unwrap();
+                id
+            })
+            .collect();
+        // Inserts never evict: everything is there, counted by the index.
+        assert_eq!(c.used_bytes(), 30_000);
+        assert_eq!(c.indexed_entries(), 30);
+        assert!(ids.iter().all(|id| c.path(id).exists()));
+        // A hit makes the oldest entry the most recently used.
+        assert!(c.get(&ids[0]).is_some());
+        c.start_evictor().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while c.used_bytes() > 10_000 {
+            assert!(std::time::Instant::now() < deadline, "not evicted");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(c.used_bytes() <= 9_000);
+        assert!(c.path(&ids[0]).exists(), "the recently used entry stays");
+        assert!(!c.path(&ids[1]).exists(), "the least recently used goes");
+        let on_disk = ids.iter().filter(|id| c.path(id).exists()).count();
+        assert_eq!(on_disk, c.indexed_entries());
+        // A new instance indexes what is there, once.
+        let again = ChunkCache::open_indexed(&dir, 10_000, None).unwrap();
+        assert_eq!(again.indexed_entries(), on_disk);
+        assert_eq!(again.used_bytes(), on_disk as u64 * 1000);
     }
 
     #[test]

@@ -57,6 +57,17 @@ impl FlistFs {
         Ok(FlistFs::new(image, source))
     }
 
+    /// Reads the image at `path`; its chunks are asked of the node's chunk fetcher through
+    /// `client` (see [`crate::open::open_image_remote`] for `policy`).
+    pub fn open_remote(
+        path: &Path,
+        client: Arc<crate::fetcher::client::FetcherClient>,
+        policy: Option<&crate::store::StorePolicy>,
+    ) -> Result<Self> {
+        let (image, source) = crate::open::open_image_remote(path, client, policy)?;
+        Ok(FlistFs::new(image, source))
+    }
+
     pub fn image(&self) -> &Image {
         &self.image
     }

@@ -143,6 +143,44 @@ impl StorePolicy {
         self.find(url).map(|i| self.allowed[i].url.clone())
     }
 
+    /// A router over every allowed store (whole id range each, in allowlist order: reads
+    /// fail over from one to the next), opened with the allowlist's credentials only. What
+    /// the node's chunk fetcher reads from. Fails on an anonymous policy (no stores).
+    pub fn open_all(&self) -> Result<Router> {
+        if self.allowed.is_empty() {
+            return Err(Error::BadStoreUrl {
+                url: String::new(),
+                reason: "the store allowlist is empty".into(),
+            });
+        }
+        let mut out = Vec::new();
+        for a in &self.allowed {
+            out.push((0, 255, open_store_with(&a.url, EnvCredentials::Ignore)?));
+        }
+        Ok(Router::new(out))
+    }
+
+    /// Fails, as [`StorePolicy::open_routes`] would, when `routes` exist but none is
+    /// allowed; opens nothing.
+    pub fn check_routes(&self, routes: &[Route]) -> Result<()> {
+        let refused: Vec<String> = routes
+            .iter()
+            .filter(|r| self.url_for(&r.url).is_none())
+            .map(|r| redact_url(&r.url))
+            .collect();
+        if !routes.is_empty() && refused.len() == routes.len() {
+            return Err(Error::StoresNotAllowed {
+                stores: refused,
+                allowed: if self.anonymous {
+                    "there is no store allowlist, so only http(s) stores are used".into()
+                } else {
+                    format!("the allowlist is: {}", self.stores().join(", "))
+                },
+            });
+        }
+        Ok(())
+    }
+
     /// Opens the stores of an image's `routes` that this policy allows (see
     /// [`StorePolicy::url_for`]); the others are skipped with a warning. Fails when routes
     /// exist but none is allowed, naming them.

@@ -5,6 +5,7 @@
 //!
 //! ```json
 //! {
+//!   "fetcher": "/run/gridnode/fetcher.sock",
 //!   "image_cache": "/var/cache/gridnode/chunks",
 //!   "image_cache_max_bytes": 10737418240,
 //!   "stores": [
@@ -14,6 +15,12 @@
 //!   ]
 //! }
 //! ```
+//!
+//! With `fetcher` (or `--fetcher SOCK`), images' chunks are asked of the node's chunk
+//! fetcher (`chunk-fetcher`, see `flist_fs::fetcher`) on that unix socket: the fetcher owns
+//! the cache, the allowlist and the credentials, and the vmm needs none of them (no network,
+//! no cache writes); the vmm connects its sockets when it starts. `chunk-fetcher --config`
+//! reads this same file. Without it, the vmm fetches chunks itself as described below.
 //!
 //! Every field is optional. Since `stores` may carry credentials, the file must not be
 //! readable or writable by other users (mode `0600` or `0640`): the vmm refuses it otherwise.
@@ -58,6 +65,10 @@ pub struct NodeConfig {
     /// `http(s)://[user:password@]host/base`, `dir:///path`).
     #[serde(default)]
     pub stores: Vec<String>,
+    /// The node's chunk fetcher socket: when set, images' chunks are asked of it instead of
+    /// fetched by the vmm (which then needs no network, credentials or cache writes).
+    #[serde(default)]
+    pub fetcher: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for NodeConfig {
@@ -71,6 +82,7 @@ impl std::fmt::Debug for NodeConfig {
             .field("image_cache", &self.image_cache)
             .field("image_cache_max_bytes", &self.image_cache_max_bytes)
             .field("stores", &stores)
+            .field("fetcher", &self.fetcher)
             .finish()
     }
 }
@@ -137,6 +149,7 @@ impl NodeConfig {
                 .or_else(|| spec_cache.map(Path::to_path_buf)),
             cache_max_bytes: self.image_cache_max_bytes,
             policy: Some(policy),
+            fetcher: self.fetcher.clone(),
         })
     }
 }
@@ -148,9 +161,21 @@ pub struct ImageSettings {
     cache: Option<PathBuf>,
     cache_max_bytes: Option<u64>,
     policy: Option<StorePolicy>,
+    fetcher: Option<PathBuf>,
 }
 
 impl ImageSettings {
+    /// Chunks asked of the node's chunk fetcher at `socket` (`--fetcher`).
+    pub fn with_fetcher(mut self, socket: PathBuf) -> Self {
+        self.fetcher = Some(socket);
+        self
+    }
+
+    /// The node's chunk fetcher socket, when images are read through it.
+    pub fn fetcher(&self) -> Option<&Path> {
+        self.fetcher.as_deref()
+    }
+
     /// The cache directory (`None`: the default one).
     pub fn cache(&self) -> Option<&Path> {
         self.cache.as_deref()
@@ -194,6 +219,7 @@ impl From<&PathBuf> for ImageSettings {
             cache: Some(cache.clone()),
             cache_max_bytes: None,
             policy: None,
+            fetcher: None,
         }
     }
 }
@@ -205,6 +231,7 @@ impl From<Option<&PathBuf>> for ImageSettings {
             cache: cache.cloned(),
             cache_max_bytes: None,
             policy: None,
+            fetcher: None,
         }
     }
 }
@@ -226,7 +253,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = write(
             d.path(),
-            r#"{"image_cache": "/c", "image_cache_max_bytes": 5, "stores": ["zdb://:pw@10.0.0.5:9900/ns"]}"#,
+            r#"{"image_cache": "/c", "image_cache_max_bytes": 5, "stores": ["zdb://:pw@10.0.0.5:9900/ns"], "fetcher": "/run/f.sock"}"#,
             0o600,
         );
         let node = NodeConfig::load(&p).unwrap();
@@ -236,6 +263,7 @@ mod tests {
             .unwrap();
         assert_eq!(s.cache(), Some(Path::new("/c")));
         assert_eq!(s.cache_max_bytes(), Some(5));
+        assert_eq!(s.fetcher(), Some(Path::new("/run/f.sock")));
         let policy = s.policy().unwrap();
         assert!(!policy.is_anonymous());
         assert_eq!(

@@ -1,11 +1,13 @@
 //! The filesystems the virtio-fs device serves, built from the spec: a host directory
 //! (passthrough, optionally read-only), an flist image (read-only, chunks fetched lazily
-//! through the shared cache), or an flist image under a writable layer kept in a host
+//! through the shared cache, or asked of the node's chunk fetcher), or an flist image under a writable layer kept in a host
 //! directory (fuse-backend-rs's overlay: copy-up on write, whiteouts, opaque directories).
 //! Every share is served through one `Guard` whose `Policy` says what the guest may do (name
 //! length, read-only, no privileged host objects in host directories); host directories are
 //! opened without following symlinks (`host_dir`).
 
+#[cfg(test)]
+mod fetcher_tests;
 mod guard;
 mod host_dir;
 mod quota;
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use flist_fs::fetcher::client::FetcherClient;
 use flist_fs::fs::FlistFs;
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::overlayfs::config::Config as OverlayConfig;
@@ -50,6 +53,11 @@ pub enum FsBackendError {
         path: String,
         source: flist_fs::Error,
     },
+    #[error("cannot reach the chunk fetcher for virtio-fs tag {tag:?}: {source}")]
+    Fetcher {
+        tag: String,
+        source: flist_fs::fetcher::FetcherError,
+    },
     #[error("cannot set up the writable layer of virtio-fs tag {tag:?}: {source}")]
     Overlay { tag: String, source: std::io::Error },
     #[error(transparent)]
@@ -81,13 +89,54 @@ fn passthrough(
     Ok((fs, Arc::new(root)))
 }
 
-/// Opens the image at `path` under the node's store policy, with the node's chunk cache.
+/// Clients of the node's chunk fetcher by socket, shared by this process's images.
+static FETCHERS: std::sync::Mutex<Vec<(PathBuf, std::sync::Weak<FetcherClient>)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// This process's client of the chunk fetcher at `socket`, connected now if it is not yet:
+/// its sockets are connected here, at vmm start, so the virtio-fs workers never connect.
+fn fetcher_client(socket: &Path) -> Result<Arc<FetcherClient>, flist_fs::fetcher::FetcherError> {
+    let mut clients = FETCHERS
+        .lock()
+        .map_err(|_| flist_fs::fetcher::FetcherError::Closed)?;
+    clients.retain(|(_, c)| c.strong_count() > 0);
+    if let Some(c) = clients
+        .iter()
+        .find(|(p, _)| p == socket)
+        .and_then(|(_, c)| c.upgrade())
+    {
+        return Ok(c);
+    }
+    let client = Arc::new(FetcherClient::connect(
+        socket,
+        flist_fs::fetcher::client::DEFAULT_POOL,
+    )?);
+    clients.push((socket.to_path_buf(), Arc::downgrade(&client)));
+    Ok(client)
+}
+
+/// Opens the image at `path` under the node's store policy, with the node's chunk cache, or
+/// through the node's chunk fetcher when there is one.
 fn image(
     tag: &str,
     path: &Path,
     images: impl Into<ImageSettings>,
 ) -> Result<FlistFs, FsBackendError> {
     let images: ImageSettings = images.into();
+    let image_err = |source| FsBackendError::Image {
+        tag: tag.to_string(),
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(socket) = images.fetcher() {
+        let client = fetcher_client(socket).map_err(|source| FsBackendError::Fetcher {
+            tag: tag.to_string(),
+            source,
+        })?;
+        // The vmm's own allowlist (when it has one) still decides which images it serves.
+        let policy = images.policy().filter(|p| !p.is_anonymous());
+        return FlistFs::open_remote(path, client, policy).map_err(image_err);
+    }
     let opts = flist_fs::open::OpenOptions {
         stores: Vec::new(),
         policy: images.policy().cloned(),
