@@ -28,6 +28,9 @@ pub enum ThreadKind {
     /// Serves FUSE requests from a virtio-fs queue. `network`: its images' chunks are fetched
     /// from network stores by this process.
     FsWorker { network: bool },
+    /// Talks to the node's chunk fetcher on already connected unix sockets (reconnecting to
+    /// the same socket when the fetcher restarts).
+    FetcherIo,
     /// The vmm's own threads once the VM runs: the main thread (waits for the VM's end,
     /// reports it), the console writer (writes and rotates the console log) and the stdin
     /// forwarder (terminal mode).
@@ -269,6 +272,30 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
             }
             rules.insert(libc::SYS_ioctl, ioctls);
         }
+        ThreadKind::FetcherIo => {
+            plain(
+                &mut rules,
+                &[
+                    libc::SYS_connect,
+                    libc::SYS_sendmsg,
+                    libc::SYS_recvmsg,
+                    libc::SYS_sendto,
+                    libc::SYS_recvfrom,
+                    libc::SYS_setsockopt,
+                    libc::SYS_getsockopt,
+                    libc::SYS_shutdown,
+                ],
+            );
+            // Unix sockets only.
+            rules.insert(
+                libc::SYS_socket,
+                vec![SeccompRule::new(vec![arg(
+                    0,
+                    SeccompCmpOp::Eq,
+                    libc::AF_UNIX as u64,
+                )?])?],
+            );
+        }
         ThreadKind::Vmm => {
             plain(&mut rules, VMM);
             let mut ioctls = Vec::new();
@@ -508,6 +535,27 @@ mod tests {
         assert_eq!(socket, Some(libc::EPERM));
         assert_eq!(kvm, Some(libc::EPERM));
         assert_eq!(bpf, Some(libc::EPERM));
+    }
+
+    #[test]
+    fn fetcher_io_threads_use_unix_sockets_only() {
+        let (unix, inet, open) = under(ThreadKind::FetcherIo, || {
+            // SAFETY: plain socket calls; descriptors closed at once.
+            let unix = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+            if unix >= 0 {
+                unsafe { libc::close(unix) };
+            }
+            let inet = errno_of(unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM, 0)
+            });
+            let open = std::fs::File::open("/etc/hostname")
+                .err()
+                .and_then(|e| e.raw_os_error());
+            (unix >= 0, inet, open)
+        });
+        assert!(unix);
+        assert_eq!(inet, Some(libc::EPERM));
+        assert_eq!(open, Some(libc::EPERM));
     }
 
     #[test]

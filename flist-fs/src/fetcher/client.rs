@@ -78,6 +78,9 @@ struct Open {
 }
 
 /// A connection pool to the chunk fetcher, with its descriptor LRU.
+/// What an I/O thread runs first.
+pub type ThreadStart = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
 pub struct FetcherClient {
     path: PathBuf,
     queue: Arc<Queue>,
@@ -204,6 +207,16 @@ impl FetcherClient {
     /// Connects `pool` sockets to the fetcher at `path` now (fails when it cannot), each
     /// served by an I/O thread.
     pub fn connect(path: &Path, pool: usize) -> Result<Self, FetcherError> {
+        Self::connect_with(path, pool, None)
+    }
+
+    /// As [`FetcherClient::connect`]; each I/O thread first runs `on_start` (a vmm installs
+    /// the thread's seccomp filter there) and ends if it fails.
+    pub fn connect_with(
+        path: &Path,
+        pool: usize,
+        on_start: Option<ThreadStart>,
+    ) -> Result<Self, FetcherError> {
         let queue = Arc::new(Queue {
             jobs: Mutex::new((VecDeque::new(), false)),
             cv: Condvar::new(),
@@ -214,9 +227,18 @@ impl FetcherClient {
         }
         for s in socks {
             let (p, q) = (path.to_path_buf(), queue.clone());
+            let on_start = on_start.clone();
             std::thread::Builder::new()
                 .name("fetcher-io".into())
-                .spawn(move || io_thread(p, Some(s), q))?;
+                .spawn(move || {
+                    if let Some(start) = on_start {
+                        if let Err(e) = start() {
+                            tracing::error!("fetcher-io: not starting: {e}");
+                            return;
+                        }
+                    }
+                    io_thread(p, Some(s), q)
+                })?;
         }
         Ok(FetcherClient {
             path: path.to_path_buf(),

@@ -191,10 +191,13 @@ impl ImageSettings {
         self.policy.as_ref()
     }
 
-    /// Whether opening images may fetch chunks over the network from this process (any store
-    /// the policy allows is not a `dir://` one): the virtio-fs workers' seccomp filter then
-    /// allows network calls.
+    /// Whether opening images may fetch chunks over the network from this process (no chunk
+    /// fetcher, and a store the policy allows is not a `dir://` one): the virtio-fs workers'
+    /// seccomp filter then allows network calls.
     pub fn fetches_over_network(&self) -> bool {
+        if self.fetcher.is_some() {
+            return false;
+        }
         match &self.policy {
             None => true,
             Some(policy) => {

@@ -107,9 +107,18 @@ fn fetcher_client(socket: &Path) -> Result<Arc<FetcherClient>, flist_fs::fetcher
     {
         return Ok(c);
     }
-    let client = Arc::new(FetcherClient::connect(
+    let filter = crate::seccomp::filter(
+        crate::seccomp::ThreadKind::FetcherIo,
+        crate::seccomp::Violation::Trap,
+    )
+    .map_err(|e| flist_fs::fetcher::FetcherError::Io(std::io::Error::other(e.to_string())))?;
+    let confine: flist_fs::fetcher::client::ThreadStart = Arc::new(move || {
+        crate::seccomp::apply_to_current_thread(&filter).map_err(std::io::Error::other)
+    });
+    let client = Arc::new(FetcherClient::connect_with(
         socket,
         flist_fs::fetcher::client::DEFAULT_POOL,
+        Some(confine),
     )?);
     clients.push((socket.to_path_buf(), Arc::downgrade(&client)));
     Ok(client)
