@@ -284,6 +284,10 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
                     libc::SYS_setsockopt,
                     libc::SYS_getsockopt,
                     libc::SYS_shutdown,
+                    // Checking a received descriptor (size, seals).
+                    libc::SYS_fstat,
+                    libc::SYS_statx,
+                    libc::SYS_newfstatat,
                 ],
             );
             // Unix sockets only.

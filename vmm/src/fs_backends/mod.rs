@@ -15,14 +15,15 @@ mod quota;
 mod tests;
 mod upper_layer;
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use flist_fs::fetcher::client::FetcherClient;
 use flist_fs::fs::FlistFs;
-use fuse_backend_rs::api::filesystem::FileSystem;
+use fuse_backend_rs::abi::fuse_abi::stat64;
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, ROOT_ID};
 use fuse_backend_rs::overlayfs::config::Config as OverlayConfig;
 use fuse_backend_rs::overlayfs::{BoxedLayer, OverlayFs};
 use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
@@ -189,10 +190,12 @@ pub fn layer_work_dir(layer: &Path) -> PathBuf {
     layer.join("work")
 }
 
-/// Makes (0700, no symlinks followed) the layer's `upper` and `work` directories, empties
-/// `work` of what a crashed run staged, and returns `upper`. A layer of the earlier flat
-/// layout (changes directly in the layer directory) is refused, not hidden.
-fn prepare_layer(tag: &str, layer: &Path) -> Result<PathBuf, FsBackendError> {
+/// Makes (no symlinks followed) the layer directory and its `work` directory 0700, and its
+/// `upper` directory, the guest's root in the layer, with the image root's mode and owner
+/// (the guest checks its own permissions against them; the 0700 layer directory keeps other
+/// host users out); empties `work` of what a crashed run staged; returns `upper`. A layer of
+/// the earlier flat layout (changes directly in the layer directory) is refused, not hidden.
+fn prepare_layer(tag: &str, layer: &Path, image_root: &stat64) -> Result<PathBuf, FsBackendError> {
     let err = |path: &Path, source| FsBackendError::Dir {
         tag: tag.to_string(),
         path: path.display().to_string(),
@@ -215,6 +218,18 @@ fn prepare_layer(tag: &str, layer: &Path) -> Result<PathBuf, FsBackendError> {
         ));
     }
     host_dir::open_dir_nofollow(&work, Some(0o700)).map_err(|e| err(&work, e))?;
+    if std::fs::symlink_metadata(&upper).is_err() {
+        let made = host_dir::open_dir_nofollow(&upper, Some(0o700)).map_err(|e| err(&upper, e))?;
+        let path = format!("/proc/self/fd/{}", made.as_raw_fd());
+        std::os::unix::fs::chown(&path, Some(image_root.st_uid), Some(image_root.st_gid))
+            .and_then(|()| {
+                std::fs::set_permissions(
+                    &path,
+                    std::os::unix::fs::PermissionsExt::from_mode(image_root.st_mode & 0o7777),
+                )
+            })
+            .map_err(|e| err(&upper, e))?;
+    }
     if let Ok(entries) = std::fs::read_dir(&work) {
         for entry in entries.flatten() {
             let _ = std::fs::remove_file(entry.path());
@@ -229,7 +244,13 @@ fn overlay(
     layer_dir: &Path,
     limits: Limits,
 ) -> Result<OverlayFs, FsBackendError> {
-    let upper_dir = prepare_layer(tag, layer_dir)?;
+    let (image_root, _) = lower
+        .getattr(&Context::default(), ROOT_ID, None)
+        .map_err(|source| FsBackendError::Overlay {
+            tag: tag.to_string(),
+            source,
+        })?;
+    let upper_dir = prepare_layer(tag, layer_dir, &image_root)?;
     let (upper, root) = passthrough(tag, &upper_dir, true)?;
     let mut upper = Guard::new(upper, Policy::layer_upper()).at_root(root);
     if let Some(quota) = quota(tag, &upper_dir, limits)? {

@@ -544,9 +544,14 @@ fn a_writable_layer_makes_no_privileged_host_objects() {
         assert!(lookup(&fs, etc, "doomed").is_err());
     });
     // The layer directory the vmm made is private to its owner.
-    for dir in [layer.clone(), layer.join("upper"), layer.join("work")] {
+    for dir in [layer.clone(), layer.join("work")] {
         assert_eq!(host_mode(&dir) & 0o7777, 0o700, "{}", dir.display());
     }
+    // The guest's root in the layer keeps the image root's mode: other guest users may still
+    // enter it (the 0700 layer directory above keeps host users out).
+    let image_root = host_mode(&fx.tmp.path().join("src")) & 0o7777;
+    assert_ne!(image_root, 0o700);
+    assert_eq!(host_mode(&layer.join("upper")) & 0o7777, image_root);
 }
 
 #[test]
@@ -776,4 +781,15 @@ fn a_layer_of_the_flat_layout_is_refused_and_stale_staging_is_cleared() {
     std::fs::write(layer.join("work/staged-by-a-crashed-run"), b"x").unwrap();
     drop(open(&layer).unwrap());
     assert_eq!(std::fs::read_dir(layer.join("work")).unwrap().count(), 0);
+}
+
+#[test]
+fn the_guest_sees_the_image_roots_mode_through_a_fresh_layer() {
+    let fx = Fixture::new();
+    let fs = guarded_overlay(&fx);
+    let (root, _) = fs.getattr(&Context::default(), ROOT_ID, None).unwrap();
+    let image_root = host_mode(&fx.tmp.path().join("src"));
+    // Guest users other than root must be able to enter "/" (a 0700 root locks them out).
+    assert_eq!(root.st_mode & 0o7777, image_root & 0o7777);
+    assert_ne!(root.st_mode & 0o005, 0);
 }
