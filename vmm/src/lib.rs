@@ -10,6 +10,8 @@ pub mod config;
 pub mod devices;
 pub mod exit;
 pub mod fs_backends;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod seccomp;
 pub mod stdin;
 pub mod vstate;
