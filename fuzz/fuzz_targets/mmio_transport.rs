@@ -127,6 +127,13 @@ enum Access {
     /// The driver's next status step from the current one (to reach the later states often).
     NextStatus,
     Reset,
+    /// Driver macros, so that the later states are reached often: ACKNOWLEDGE, DRIVER,
+    /// the features (VERSION_1 and `extra` of the device bits), FEATURES_OK.
+    Negotiate { extra: u8 },
+    /// Select queue `q`, size 2^`size_log`, rings at the given 16-byte slots, and ready.
+    SetupQueue { q: u8, size_log: u8, desc: u16, avail: u16, used: u16, ready: bool },
+    /// The whole bring-up: Negotiate, both queues set up (valid sizes), DRIVER_OK.
+    BringUp { extra: u8, size_log: [u8; 2], slots: [u16; 6] },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -197,6 +204,31 @@ fn check(t: &mut MmioTransport, probe: &Mutex<Probe>, last_status: &mut u32, res
     }
 }
 
+fn negotiate(t: &mut MmioTransport, extra: u8) {
+    for step in [STATUS_ACKNOWLEDGE, STATUS_ACKNOWLEDGE | STATUS_DRIVER] {
+        wr(t, 0x70, step);
+    }
+    let features = VIRTIO_F_VERSION_1 | u64::from(extra & 0x21);
+    wr(t, 0x24, 0);
+    wr(t, 0x20, features as u32);
+    wr(t, 0x24, 1);
+    wr(t, 0x20, (features >> 32) as u32);
+    let s = rd(t, 0x70);
+    wr(t, 0x70, s | STATUS_FEATURES_OK);
+}
+
+fn setup_queue(t: &mut MmioTransport, q: u8, size_log: u8, desc: u16, avail: u16, used: u16, ready: bool) {
+    // 16-byte slots over guest memory and a little past its end.
+    let slot = |x: u16| (u32::from(x) * 80) % (MEM_SIZE as u32 + 0x1000);
+    wr(t, 0x30, u32::from(q % 3));
+    wr(t, 0x38, 1 << (size_log % 10));
+    for (reg, v) in [(0x80u64, desc), (0x90, avail), (0xa0, used)] {
+        wr(t, reg, slot(v));
+        wr(t, reg + 4, 0);
+    }
+    wr(t, 0x44, u32::from(ready));
+}
+
 fuzz_target!(|input: Input| {
     let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
     let probe = Arc::new(Mutex::new(Probe::default()));
@@ -244,6 +276,23 @@ fuzz_target!(|input: Input| {
                 let s = rd(&mut t, 0x70);
                 let next = STEPS.iter().find(|&&b| s & b == 0).copied().unwrap_or(0);
                 wr(&mut t, 0x70, s | next);
+            }
+            Access::Negotiate { extra } => negotiate(&mut t, *extra),
+            Access::SetupQueue { q, size_log, desc, avail, used, ready } => {
+                setup_queue(&mut t, *q, *size_log, *desc, *avail, *used, *ready)
+            }
+            Access::BringUp { extra, size_log, slots } => {
+                negotiate(&mut t, *extra);
+                for q in 0..2 {
+                    let max_log = QUEUE_MAX[q].trailing_zeros() as u8 + 1;
+                    let s = &slots[q * 3..q * 3 + 3];
+                    setup_queue(&mut t, q as u8, size_log[q] % max_log, s[0], s[1], s[2], true);
+                }
+                let s = rd(&mut t, 0x70);
+                wr(&mut t, 0x70, s | STATUS_DRIVER_OK);
+                if std::env::var_os("FUZZ_DEBUG").is_some() {
+                    eprintln!("bring-up: status {:#x} active {}", rd(&mut t, 0x70), probe.lock().unwrap().active);
+                }
             }
             Access::Reset => {
                 reset = true;
