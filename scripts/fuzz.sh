@@ -53,12 +53,12 @@ for t in "${targets[@]}"; do
     artifacts="$cache/fuzz-artifacts/$t"
     mkdir -p "$corpus" "$artifacts"
     seeds=()
-    [[ -d fuzz/seeds/$t ]] && seeds=("fuzz/seeds/$t")
+    [[ -d fuzz/seeds/$t ]] && seeds=("$PWD/fuzz/seeds/$t")
     log="$artifacts/last-run.log"
     echo "fuzz: $t for ${secs}s ($sanitizer)" >&2
     rc=0
-    # shellcheck disable=SC2046
-    (cd fuzz && cargo +nightly fuzz run -O -s "$sanitizer" "$t" "$corpus" "${seeds[@]/#/../}" -- \
+    # shellcheck disable=SC2046 # extra_args is split on purpose
+    (cd fuzz && cargo +nightly fuzz run -O -s "$sanitizer" "$t" "$corpus" "${seeds[@]}" -- \
         -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
         -artifact_prefix="$artifacts/" $(extra_args "$t")) >"$log" 2>&1 || rc=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || true)
