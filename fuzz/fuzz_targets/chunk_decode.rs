@@ -14,7 +14,12 @@ enum Stored {
     /// Raw stored bytes (almost always rejected by the id check unless `id_of_stored`).
     Raw(Vec<u8>),
     /// A zstd frame of these bytes, possibly truncated or with a byte flipped.
-    Zstd { plain: Vec<u8>, repeat: u16, cut: u16, flip: Option<(u16, u8)> },
+    Zstd {
+        plain: Vec<u8>,
+        repeat: u16,
+        cut: u16,
+        flip: Option<(u16, u8)>,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -44,12 +49,18 @@ fuzz_target!(|input: Input| {
         let e = encode(data, input.encrypt).expect("encode");
         assert_eq!(e.key.is_some(), input.encrypt);
         assert_eq!(e.id, ChunkId::of(&e.stored));
-        assert!(e.stored.len() <= max_stored_size(data.len() as u32), "stored larger than the bound");
+        assert!(
+            e.stored.len() <= max_stored_size(data.len() as u32),
+            "stored larger than the bound"
+        );
         let back = decode(&e.id, &e.stored, e.key.as_ref(), data.len() as u32).expect("decode");
         assert_eq!(&back, data, "roundtrip");
         // Any other length is refused.
         for wrong in [data.len() as u32 - 1, data.len() as u32 + 1] {
-            assert!(decode(&e.id, &e.stored, e.key.as_ref(), wrong).is_err(), "wrong length {wrong} accepted");
+            assert!(
+                decode(&e.id, &e.stored, e.key.as_ref(), wrong).is_err(),
+                "wrong length {wrong} accepted"
+            );
         }
         // The wrong key (or none) is refused.
         if let Some(k) = e.key {
@@ -62,9 +73,19 @@ fuzz_target!(|input: Input| {
     // Hostile chunks.
     let (stored, real_len) = match &input.stored {
         Stored::Raw(b) => (b.clone(), None),
-        Stored::Zstd { plain, repeat, cut, flip } => {
+        Stored::Zstd {
+            plain,
+            repeat,
+            cut,
+            flip,
+        } => {
             // Highly compressible data (a small bomb): `plain` repeated up to 64 Ki times.
-            let plain: Vec<u8> = plain.iter().copied().cycle().take(plain.len() * (usize::from(*repeat % 1024) + 1)).collect();
+            let plain: Vec<u8> = plain
+                .iter()
+                .copied()
+                .cycle()
+                .take(plain.len() * (usize::from(*repeat % 1024) + 1))
+                .collect();
             let mut z = zstd::bulk::compress(&plain, 3).unwrap();
             if *cut > 0 {
                 z.truncate(z.len().saturating_sub(usize::from(*cut % 64)));
@@ -78,9 +99,14 @@ fuzz_target!(|input: Input| {
             (z, Some(plain.len()))
         }
     };
-    let id = if input.id_of_stored { ChunkId::of(&stored) } else { ChunkId(input.id) };
+    let id = if input.id_of_stored {
+        ChunkId::of(&stored)
+    } else {
+        ChunkId(input.id)
+    };
     let plain_len = match input.plain_len {
-        PlainLen::Near(d) => (real_len.unwrap_or(stored.len()) as i64 + i64::from(d)).clamp(0, u32::MAX as i64) as u32,
+        PlainLen::Near(d) => (real_len.unwrap_or(stored.len()) as i64 + i64::from(d))
+            .clamp(0, u32::MAX as i64) as u32,
         PlainLen::Any(n) => n,
     };
     match decode(&id, &stored, input.key.as_ref(), plain_len) {
@@ -96,7 +122,10 @@ fuzz_target!(|input: Input| {
         }
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains(&id.to_hex()), "error does not name the chunk: {msg}");
+            assert!(
+                msg.contains(&id.to_hex()),
+                "error does not name the chunk: {msg}"
+            );
         }
     }
 });

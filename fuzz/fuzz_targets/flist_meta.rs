@@ -18,7 +18,9 @@ use flist_fs::meta::{
 };
 use libfuzzer_sys::fuzz_target;
 
-const NAMES: [&[u8]; 10] = [b"a", b"b", b"c", b"..", b".", b"", b"x/y", b"a\0b", b"dir", b"\xff"];
+const NAMES: [&[u8]; 10] = [
+    b"a", b"b", b"c", b"..", b".", b"", b"x/y", b"a\0b", b"dir", b"\xff",
+];
 
 #[derive(Arbitrary, Debug)]
 enum Name {
@@ -95,7 +97,8 @@ const KINDS: [InodeKind; 7] = [
 
 fn build(f: &FImage) -> Image {
     let mut img = Image::new(
-        f.fixed.map_or(ChunkerKind::default(), |size| ChunkerKind::Fixed { size }),
+        f.fixed
+            .map_or(ChunkerKind::default(), |size| ChunkerKind::Fixed { size }),
         f.encrypted,
     );
     img.tags = f.tags.iter().take(8).cloned().collect::<BTreeMap<_, _>>();
@@ -103,7 +106,11 @@ fn build(f: &FImage) -> Image {
         .routes
         .iter()
         .take(4)
-        .map(|(start, end, url)| Route { start: *start, end: *end, url: url.clone() })
+        .map(|(start, end, url)| Route {
+            start: *start,
+            end: *end,
+            url: url.clone(),
+        })
         .collect();
     img.inodes.clear();
     for fi in f.inodes.iter().take(64) {
@@ -111,7 +118,10 @@ fn build(f: &FImage) -> Image {
         let mut inode = Inode::new(kind, u32::from(fi.mode));
         inode.uid = u32::from(fi.uid);
         inode.gid = u32::from(fi.gid);
-        inode.mtime = Timestamp { secs: fi.mtime.0, nsecs: fi.mtime.1 };
+        inode.mtime = Timestamp {
+            secs: fi.mtime.0,
+            nsecs: fi.mtime.1,
+        };
         inode.ctime = inode.mtime;
         inode.rdev = fi.rdev;
         inode.xattrs = fi
@@ -120,7 +130,14 @@ fn build(f: &FImage) -> Image {
             .take(8)
             .map(|(name, len, big)| Xattr {
                 name: name.bytes(),
-                value: vec![7; if *big { usize::from(*len) + 1 } else { usize::from(*len % 64) }],
+                value: vec![
+                    7;
+                    if *big {
+                        usize::from(*len) + 1
+                    } else {
+                        usize::from(*len % 64)
+                    }
+                ],
             })
             .collect();
         inode.target = fi.target.bytes();
@@ -130,14 +147,23 @@ fn build(f: &FImage) -> Image {
         }
         let mut off = 0u64;
         for c in fi.chunks.iter().take(16) {
-            let size = if c.huge { MAX_CHUNK_SIZE - 1 + c.size % 3 } else { c.size % 100_000 };
+            let size = if c.huge {
+                MAX_CHUNK_SIZE - 1 + c.size % 3
+            } else {
+                c.size % 100_000
+            };
             let key = match c.key {
                 None => f.encrypted.then_some([c.id; 32]),
                 Some(true) => Some([c.id; 32]),
                 Some(false) => None,
             };
             let offset = c.offset.unwrap_or(off);
-            inode.chunks.push(ChunkRef { id: ChunkId([c.id; 32]), offset, size, key });
+            inode.chunks.push(ChunkRef {
+                id: ChunkId([c.id; 32]),
+                offset,
+                size,
+                key,
+            });
             off = offset.wrapping_add(u64::from(size));
         }
         inode.size = match fi.size {
@@ -149,7 +175,10 @@ fn build(f: &FImage) -> Image {
             .entries
             .iter()
             .take(16)
-            .map(|(name, ino)| DirEntry { name: name.bytes(), ino: u64::from(*ino) })
+            .map(|(name, ino)| DirEntry {
+                name: name.bytes(),
+                ino: u64::from(*ino),
+            })
             .collect();
         if fi.sort {
             inode.entries.sort_by(|a, b| a.name.cmp(&b.name));
@@ -202,7 +231,9 @@ fn check(img: &Image) -> Result<(), String> {
             if c.key.is_some() != img.encrypted {
                 return Err(format!("{ino}: chunk key"));
             }
-            off = off.checked_add(u64::from(c.size)).ok_or(format!("{ino}: overflow"))?;
+            off = off
+                .checked_add(u64::from(c.size))
+                .ok_or(format!("{ino}: overflow"))?;
         }
         if inode.kind == InodeKind::File && off != inode.size {
             return Err(format!("{ino}: chunks cover {off}, size {}", inode.size));
@@ -349,7 +380,10 @@ fuzz_target!(|data: &[u8]| {
                 Ok(decoded) => {
                     accepted(&decoded);
                     if f.corrupt.is_none() {
-                        assert!(same_image(&img, &decoded), "decoded image differs from the encoded one");
+                        assert!(
+                            same_image(&img, &decoded),
+                            "decoded image differs from the encoded one"
+                        );
                     }
                 }
                 Err(e) => {

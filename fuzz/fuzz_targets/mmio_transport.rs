@@ -51,7 +51,11 @@ impl VirtioDevice for ProbeDevice {
     fn set_acked_features(&mut self, features: u64) {
         let mut p = self.probe.lock().unwrap();
         assert!(!p.active, "features set on an active device");
-        assert_eq!(features & !AVAIL, 0, "features the device does not offer acked");
+        assert_eq!(
+            features & !AVAIL,
+            0,
+            "features the device does not offer acked"
+        );
         assert_ne!(features & VIRTIO_F_VERSION_1, 0, "VERSION_1 not acked");
         p.acked = features;
     }
@@ -64,16 +68,29 @@ impl VirtioDevice for ProbeDevice {
         assert!(!p.active, "activated twice without a reset");
         assert_eq!(a.queues.len(), QUEUE_MAX.len());
         assert_eq!(a.queue_events.len(), QUEUE_MAX.len());
-        assert_ne!(p.acked & VIRTIO_F_VERSION_1, 0, "activated before FEATURES_OK");
+        assert_ne!(
+            p.acked & VIRTIO_F_VERSION_1,
+            0,
+            "activated before FEATURES_OK"
+        );
         for (q, max) in a.queues.iter().zip(QUEUE_MAX) {
             let size = q.size();
             assert!(q.ready(), "activated with a queue not ready");
             assert!(size.is_power_of_two() && size <= max, "queue size {size}");
             let size = usize::from(size);
             let fits = |addr: u64, len: usize| a.mem.check_range(GuestAddress(addr), len);
-            assert!(fits(q.desc_table(), 16 * size), "descriptor table outside memory");
-            assert!(fits(q.avail_ring(), 6 + 2 * size), "avail ring outside memory");
-            assert!(fits(q.used_ring(), 6 + 8 * size), "used ring outside memory");
+            assert!(
+                fits(q.desc_table(), 16 * size),
+                "descriptor table outside memory"
+            );
+            assert!(
+                fits(q.avail_ring(), 6 + 2 * size),
+                "avail ring outside memory"
+            );
+            assert!(
+                fits(q.used_ring(), 6 + 8 * size),
+                "used ring outside memory"
+            );
         }
         p.active = true;
         p.activations += 1;
@@ -92,8 +109,8 @@ impl VirtioDevice for ProbeDevice {
 
 /// The registers of the version-2 layout (and a few around them).
 const REGISTERS: [u64; 26] = [
-    0x00, 0x04, 0x08, 0x0c, 0x10, 0x14, 0x20, 0x24, 0x30, 0x34, 0x38, 0x44, 0x50, 0x60, 0x64,
-    0x70, 0x80, 0x84, 0x90, 0x94, 0xa0, 0xa4, 0xac, 0xb0, 0xfc, 0x100,
+    0x00, 0x04, 0x08, 0x0c, 0x10, 0x14, 0x20, 0x24, 0x30, 0x34, 0x38, 0x44, 0x50, 0x60, 0x64, 0x70,
+    0x80, 0x84, 0x90, 0x94, 0xa0, 0xa4, 0xac, 0xb0, 0xfc, 0x100,
 ];
 
 #[derive(Arbitrary, Debug)]
@@ -119,21 +136,45 @@ impl Value {
 
 #[derive(Arbitrary, Debug)]
 enum Access {
-    Read { reg: u8 },
-    Write { reg: u8, value: Value },
+    Read {
+        reg: u8,
+    },
+    Write {
+        reg: u8,
+        value: Value,
+    },
     /// Any offset, any width (1..=8 bytes), including the config space.
-    RawRead { offset: u16, len: u8 },
-    RawWrite { offset: u16, bytes: Vec<u8> },
+    RawRead {
+        offset: u16,
+        len: u8,
+    },
+    RawWrite {
+        offset: u16,
+        bytes: Vec<u8>,
+    },
     /// The driver's next status step from the current one (to reach the later states often).
     NextStatus,
     Reset,
     /// Driver macros, so that the later states are reached often: ACKNOWLEDGE, DRIVER,
     /// the features (VERSION_1 and `extra` of the device bits), FEATURES_OK.
-    Negotiate { extra: u8 },
+    Negotiate {
+        extra: u8,
+    },
     /// Select queue `q`, size 2^`size_log`, rings at the given 16-byte slots, and ready.
-    SetupQueue { q: u8, size_log: u8, desc: u16, avail: u16, used: u16, ready: bool },
+    SetupQueue {
+        q: u8,
+        size_log: u8,
+        desc: u16,
+        avail: u16,
+        used: u16,
+        ready: bool,
+    },
     /// The whole bring-up: Negotiate, both queues set up (valid sizes), DRIVER_OK.
-    BringUp { extra: u8, size_log: [u8; 2], slots: [u16; 6] },
+    BringUp {
+        extra: u8,
+        size_log: [u8; 2],
+        slots: [u16; 6],
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -184,7 +225,12 @@ fn check(t: &mut MmioTransport, probe: &Mutex<Probe>, last_status: &mut u32, res
         } else {
             0
         };
-        assert_eq!(lost & !allowed, 0, "status {:#x} -> {status:#x}", *last_status);
+        assert_eq!(
+            lost & !allowed,
+            0,
+            "status {:#x} -> {status:#x}",
+            *last_status
+        );
     }
     *last_status = status;
     let p = probe.lock().unwrap();
@@ -200,7 +246,11 @@ fn check(t: &mut MmioTransport, probe: &Mutex<Probe>, last_status: &mut u32, res
         assert!(p.active, "DRIVER_OK without an active device");
     }
     if status & STATUS_FEATURES_OK != 0 {
-        assert_ne!(p.acked & VIRTIO_F_VERSION_1, 0, "FEATURES_OK without VERSION_1");
+        assert_ne!(
+            p.acked & VIRTIO_F_VERSION_1,
+            0,
+            "FEATURES_OK without VERSION_1"
+        );
     }
 }
 
@@ -217,7 +267,15 @@ fn negotiate(t: &mut MmioTransport, extra: u8) {
     wr(t, 0x70, s | STATUS_FEATURES_OK);
 }
 
-fn setup_queue(t: &mut MmioTransport, q: u8, size_log: u8, desc: u16, avail: u16, used: u16, ready: bool) {
+fn setup_queue(
+    t: &mut MmioTransport,
+    q: u8,
+    size_log: u8,
+    desc: u16,
+    avail: u16,
+    used: u16,
+    ready: bool,
+) {
     // 16-byte slots over guest memory and a little past its end.
     let slot = |x: u16| (u32::from(x) * 80) % (MEM_SIZE as u32 + 0x1000);
     wr(t, 0x30, u32::from(q % 3));
@@ -236,7 +294,9 @@ fuzz_target!(|input: Input| {
         probe: probe.clone(),
         resettable: input.resettable,
     };
-    let irq = Arc::new(VirtioInterrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+    let irq = Arc::new(VirtioInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
     let mut t = MmioTransport::new(Box::new(dev), mem, irq).unwrap();
     let mut last = 0;
     for access in input.accesses.iter().take(512) {
@@ -278,20 +338,41 @@ fuzz_target!(|input: Input| {
                 wr(&mut t, 0x70, s | next);
             }
             Access::Negotiate { extra } => negotiate(&mut t, *extra),
-            Access::SetupQueue { q, size_log, desc, avail, used, ready } => {
-                setup_queue(&mut t, *q, *size_log, *desc, *avail, *used, *ready)
-            }
-            Access::BringUp { extra, size_log, slots } => {
+            Access::SetupQueue {
+                q,
+                size_log,
+                desc,
+                avail,
+                used,
+                ready,
+            } => setup_queue(&mut t, *q, *size_log, *desc, *avail, *used, *ready),
+            Access::BringUp {
+                extra,
+                size_log,
+                slots,
+            } => {
                 negotiate(&mut t, *extra);
                 for q in 0..2 {
                     let max_log = QUEUE_MAX[q].trailing_zeros() as u8 + 1;
                     let s = &slots[q * 3..q * 3 + 3];
-                    setup_queue(&mut t, q as u8, size_log[q] % max_log, s[0], s[1], s[2], true);
+                    setup_queue(
+                        &mut t,
+                        q as u8,
+                        size_log[q] % max_log,
+                        s[0],
+                        s[1],
+                        s[2],
+                        true,
+                    );
                 }
                 let s = rd(&mut t, 0x70);
                 wr(&mut t, 0x70, s | STATUS_DRIVER_OK);
                 if std::env::var_os("FUZZ_DEBUG").is_some() {
-                    eprintln!("bring-up: status {:#x} active {}", rd(&mut t, 0x70), probe.lock().unwrap().active);
+                    eprintln!(
+                        "bring-up: status {:#x} active {}",
+                        rd(&mut t, 0x70),
+                        probe.lock().unwrap().active
+                    );
                 }
             }
             Access::Reset => {

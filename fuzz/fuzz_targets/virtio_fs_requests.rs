@@ -32,7 +32,9 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 
 /// FUSE opcodes fuse-backend-rs knows (1..=52 minus 7 and 19, which do not exist).
-const READ_ONLY_OPS: [u32; 21] = [1, 2, 3, 5, 15, 17, 18, 22, 23, 25, 26, 27, 28, 29, 34, 36, 38, 42, 44, 46, 52];
+const READ_ONLY_OPS: [u32; 21] = [
+    1, 2, 3, 5, 15, 17, 18, 22, 23, 25, 26, 27, 28, 29, 34, 36, 38, 42, 44, 46, 52,
+];
 
 const NAMES: [&[u8]; 16] = [
     b"hello.txt\0",
@@ -123,11 +125,20 @@ fn env() -> &'static std::sync::Mutex<Env> {
     ENV.get_or_init(|| {
         // This thread serves the requests, as a worker does: a filesystem context of its own.
         vmm::devices::virtio::fs::enter_fs_context().unwrap();
-        let base = tempfile::Builder::new().prefix("gridnode-fuzz-fs").tempdir().unwrap();
+        let base = tempfile::Builder::new()
+            .prefix("gridnode-fuzz-fs")
+            .tempdir()
+            .unwrap();
         let share = base.path().join("share-0");
         populate(&share);
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        std::sync::Mutex::new(Env { base, generation: 0, share, dirty: false, mem })
+        std::sync::Mutex::new(Env {
+            base,
+            generation: 0,
+            share,
+            dirty: false,
+            mem,
+        })
     })
 }
 
@@ -165,7 +176,10 @@ fuzz_target!(|input: Input| {
         populate(&env.share);
         env.dirty = false;
     }
-    let limits = Limits { max_bytes: Some(1 << 20), max_inodes: Some(64) };
+    let limits = Limits {
+        max_bytes: Some(1 << 20),
+        max_inodes: Some(64),
+    };
     let server = FsServer::dir_share(&env.share, input.readonly, limits).expect("share");
     let mem = &env.mem;
     mem.write_slice(&[0u8; 0x3000], GuestAddress(0)).unwrap();
@@ -206,7 +220,12 @@ fuzz_target!(|input: Input| {
         msg.extend_from_slice(&body);
 
         // Readable descriptors: the message split at the given points.
-        let mut cuts: Vec<usize> = req.splits.iter().take(MAX_DESCS / 2).map(|&s| usize::from(s) % (msg.len() + 1)).collect();
+        let mut cuts: Vec<usize> = req
+            .splits
+            .iter()
+            .take(MAX_DESCS / 2)
+            .map(|&s| usize::from(s) % (msg.len() + 1))
+            .collect();
         cuts.sort_unstable();
         cuts.dedup();
         let mut pieces = Vec::new();
@@ -268,8 +287,15 @@ fuzz_target!(|input: Input| {
             mem.write_obj(next, GuestAddress(at + 14)).unwrap();
         }
         let slot = chains.len() as u64;
-        mem.write_obj(head, GuestAddress(AVAIL + 4 + slot * 2)).unwrap();
-        chains.push(Chain { head, unique, readable, writable, tweaked });
+        mem.write_obj(head, GuestAddress(AVAIL + 4 + slot * 2))
+            .unwrap();
+        chains.push(Chain {
+            head,
+            unique,
+            readable,
+            writable,
+            tweaked,
+        });
         if usize::from(next_desc) + MAX_DESCS > usize::from(QSIZE) && chains.len() < MAX_REQS {
             // Out of room in the descriptor table for another chain.
             break;
@@ -278,14 +304,21 @@ fuzz_target!(|input: Input| {
     if chains.is_empty() {
         return;
     }
-    mem.write_obj(chains.len() as u16, GuestAddress(AVAIL + 2)).unwrap();
+    mem.write_obj(chains.len() as u16, GuestAddress(AVAIL + 2))
+        .unwrap();
 
     let mut queue = Queue::new(QSIZE).unwrap();
-    queue.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
-    queue.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+    queue
+        .try_set_desc_table_address(GuestAddress(DESC))
+        .unwrap();
+    queue
+        .try_set_avail_ring_address(GuestAddress(AVAIL))
+        .unwrap();
     queue.try_set_used_ring_address(GuestAddress(USED)).unwrap();
     queue.set_ready(true);
-    server.process_queue(mem, queue).expect("process_queue on a valid ring");
+    server
+        .process_queue(mem, queue)
+        .expect("process_queue on a valid ring");
 
     let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
     assert_eq!(usize::from(used_idx), chains.len(), "every chain completed");
@@ -317,7 +350,10 @@ fuzz_target!(|input: Input| {
             reply.extend_from_slice(&b);
         }
         reply.truncate(len as usize);
-        assert!(reply.len() >= 16, "reply of {len} bytes, shorter than its header");
+        assert!(
+            reply.len() >= 16,
+            "reply of {len} bytes, shorter than its header"
+        );
         let hlen = u32::from_le_bytes(reply[0..4].try_into().unwrap());
         let error = i32::from_le_bytes(reply[4..8].try_into().unwrap());
         let unique = u64::from_le_bytes(reply[8..16].try_into().unwrap());
