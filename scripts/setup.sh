@@ -30,7 +30,8 @@ fi
 
 # Tools built from crates.io once and cached outside the repo, keyed by their versions:
 # Garage (S3 server for the flist-fs store tests; about 8 minutes on 2 cores the first time),
-# pjdfstest and fsx (filesystem conformance on a writable layer, run by the end-to-end tests).
+# pjdfstest and fsx (filesystem conformance on a writable layer, run by the end-to-end tests),
+# cargo-fuzz (the fuzz targets, scripts/fuzz.sh).
 tools="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/tools"
 cargo_tool() { # crate version binary
     local root="$tools/$1-$2"
@@ -43,6 +44,8 @@ cargo_tool() { # crate version binary
 cargo_tool garage 2.5.0 garage
 cargo_tool pjdfstest 0.2.2 pjdfstest
 cargo_tool fsx 0.3.2 fsx
+# cargo-fuzz (scripts/fuzz.sh; the fuzz build itself needs a nightly toolchain).
+cargo_tool cargo-fuzz 0.13.2 cargo-fuzz
 if [[ "${1:-}" == --bench ]]; then
     cargo_tool virtiofsd 1.14.0 virtiofsd
 fi

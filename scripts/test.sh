@@ -14,3 +14,5 @@ export FSX_BIN="${FSX_BIN:-$tools/fsx-0.3.2/bin/fsx}"
 bash guest-kernels/build-kernel.sh >/dev/null
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2
+# A short run of every fuzz target (fuzz/): any crash fails the test run.
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-20}"

@@ -12,6 +12,8 @@ pub mod device_manager;
 pub mod devices;
 pub mod exit;
 pub mod fs_backends;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod seccomp;
 pub mod stdin;
 pub mod vstate;

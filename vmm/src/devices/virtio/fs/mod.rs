@@ -12,3 +12,5 @@ mod worker;
 pub use device::{FsDevice, FsDeviceError, MAX_TAG_LEN};
 pub use thread_context::enter_fs_context;
 pub use worker::FsCounters;
+/// For the fuzz targets (`crate::fuzzing`).
+pub(crate) use worker::QueueWorker;

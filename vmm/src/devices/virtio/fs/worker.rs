@@ -30,7 +30,7 @@ pub struct FsCounters {
     pub workers_serving: AtomicU64,
 }
 
-pub(super) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
+pub(crate) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
     pub tag: String,
     pub index: usize,
     pub mem: GuestMemoryMmap,
@@ -111,7 +111,7 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
     }
 
     /// Serves every available chain; returns whether the driver needs an interrupt.
-    pub(super) fn process_queue(&mut self) -> Result<bool, virtio_queue::Error> {
+    pub(crate) fn process_queue(&mut self) -> Result<bool, virtio_queue::Error> {
         let mut used_any = false;
         loop {
             self.queue.disable_notification(&self.mem)?;
