@@ -50,7 +50,6 @@ impl FsServer {
             stop: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
             interrupt: self.interrupt.clone(),
             server: self.server.clone(),
-            seccomp: None,
             counters: self.counters.clone(),
         };
         worker.process_queue()
