@@ -221,14 +221,19 @@ fn prepare_layer(tag: &str, layer: &Path, image_root: &stat64) -> Result<PathBuf
     if std::fs::symlink_metadata(&upper).is_err() {
         let made = host_dir::open_dir_nofollow(&upper, Some(0o700)).map_err(|e| err(&upper, e))?;
         let path = format!("/proc/self/fd/{}", made.as_raw_fd());
-        std::os::unix::fs::chown(&path, Some(image_root.st_uid), Some(image_root.st_gid))
-            .and_then(|()| {
-                std::fs::set_permissions(
-                    &path,
-                    std::os::unix::fs::PermissionsExt::from_mode(image_root.st_mode & 0o7777),
-                )
-            })
-            .map_err(|e| err(&upper, e))?;
+        // An unprivileged (jailed) vmm cannot give the directory away; it keeps it as its
+        // own, with the image root's mode.
+        match std::os::unix::fs::chown(&path, Some(image_root.st_uid), Some(image_root.st_gid)) {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                tracing::debug!("layer root keeps the vmm's owner: {e}")
+            }
+            other => other.map_err(|e| err(&upper, e))?,
+        }
+        std::fs::set_permissions(
+            &path,
+            std::os::unix::fs::PermissionsExt::from_mode(image_root.st_mode & 0o7777),
+        )
+        .map_err(|e| err(&upper, e))?;
     }
     if let Ok(entries) = std::fs::read_dir(&work) {
         for entry in entries.flatten() {
