@@ -409,8 +409,9 @@ const PJDFSTEST_KNOWN_FAILURES: &[(&str, &str)] = &[
     ),
 ];
 
-/// pjdfstest 0.2.2 runs about 350 cases here; fewer passing than this means it did not run.
-const PJDFSTEST_MIN_PASSED: usize = 300;
+/// pjdfstest 0.2.2 runs 350 cases here, 278 of which pass (the device-node policy alone fails
+/// about 40); fewer passing than this means it did not run.
+const PJDFSTEST_MIN_PASSED: usize = 250;
 
 /// Runs pjdfstest and fsx (cargo-installed by scripts/setup.sh; PJDFSTEST_BIN and FSX_BIN,
 /// which scripts/test.sh sets) inside a guest whose root is an flist image with a writable
@@ -546,6 +547,7 @@ fn guest_writes_never_become_privileged_host_objects() -> Result<(), Error> {
          test -e /srv/layer/upper/w/chr && echo host-has-chr || echo host-no-chr\n\
          test -p /srv/layer/upper/w/fifo && echo host-has-fifo\n\
          echo host-suid-mode=$(stat -c %a /srv/layer/upper/w/suid)\n\
+         /setfattr -n user.probe -v 1 /srv/layer/work && echo host-has-user-xattrs\n\
          /getfattr -d -m - -e hex /srv/layer/upper/w/suid 2>/dev/null | sed 's/^/host-xattr /'\n\
          echo host-layer-mode=$(stat -c %a /srv/layer /srv/layer/upper /srv/layer/work)\n"
     );
@@ -564,15 +566,12 @@ fn guest_writes_never_become_privileged_host_objects() -> Result<(), Error> {
         "guest-chr-refused",
         "guest-fifo-made",
         "guest-chmod-done",
-        "guest-setcap-done",
-        "guest-sees-its-cap",
         "guest-net-checked",
         "vmm-status=0",
         "host-no-blk",
         "host-no-chr",
         "host-has-fifo",
         "host-suid-mode=755",
-        "host-xattr user.gridnode.security.capability=0x01000002",
         "host-layer-mode=700 700 700",
     ] {
         assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
@@ -582,6 +581,20 @@ fn guest_writes_never_become_privileged_host_objects() -> Result<(), Error> {
             .any(|l| l.starts_with("host-xattr security.") || l.starts_with("host-xattr trusted.")),
         "{o}"
     );
+    // Guest attributes live under user.gridnode. on the host; where the layer's filesystem has
+    // no user.* attributes (the test bed's initramfs tmpfs on Linux 6.1), the guest's
+    // setfattr fails instead, and still nothing privileged reaches the host.
+    if o.contains("host-has-user-xattrs") {
+        for needle in [
+            "guest-setcap-done",
+            "guest-sees-its-cap",
+            "host-xattr user.gridnode.security.capability=0x01000002",
+        ] {
+            assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
+        }
+    } else {
+        assert!(!o.contains("guest-setcap-done"), "{}", out.console);
+    }
     // No network device: the vmm gives the guest none (only virtual ones like lo exist).
     assert!(!o.contains("guest-nic:"), "{}", out.console);
     Ok(())
