@@ -386,10 +386,7 @@ mod tests {
     #[test]
     fn small_read_of_huge_file_fetches_one_chunk() {
         let d = tempfile::tempdir().unwrap();
-        let store = Arc::new(Counting {
-            inner: crate::store::DirStore::open(&format!("dir://{}", d.path().display())).unwrap(),
-            gets: AtomicUsize::new(0),
-        });
+        let store = counting_dir_store(d.path());
         const CH: u32 = 256 * 1024;
         // A 1 GiB file of 4096 chunks whose chunk ids are distinct (per-chunk fill byte).
         let mut inode = Inode::new(InodeKind::File, 0o644);
@@ -463,15 +460,20 @@ mod tests {
         out
     }
 
+    /// A dir:// store in `dir` that counts its reads.
+    fn counting_dir_store(dir: &std::path::Path) -> Arc<Counting> {
+        Arc::new(Counting {
+            inner: crate::store::DirStore::open(&format!("dir://{}", dir.display())).unwrap(),
+            gets: AtomicUsize::new(0),
+        })
+    }
+
     #[test]
     fn cached_plaintext_serves_later_processes_and_rot_is_caught() {
         let d = tempfile::tempdir().unwrap();
         let cache_root = tempfile::tempdir().unwrap();
         let cache_dir = cache_root.path().join("cache");
-        let store = Arc::new(Counting {
-            inner: crate::store::DirStore::open(&format!("dir://{}", d.path().display())).unwrap(),
-            gets: AtomicUsize::new(0),
-        });
+        let store = counting_dir_store(d.path());
         let inode = file_in(&store, 40);
         let expected = |offset: u64, len: u64| -> Vec<u8> {
             (offset..offset + len)
@@ -542,10 +544,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cache_root = tempfile::tempdir().unwrap();
         let cache_dir = cache_root.path().join("cache");
-        let store = Arc::new(Counting {
-            inner: crate::store::DirStore::open(&format!("dir://{}", d.path().display())).unwrap(),
-            gets: AtomicUsize::new(0),
-        });
+        let store = counting_dir_store(d.path());
         let inode = file_in(&store, 2);
         let source = || {
             ChunkSource::new(
