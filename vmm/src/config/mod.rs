@@ -1,11 +1,9 @@
-//! User-facing VM configuration (the spec) and its validation, apart from the code that acts
-//! on it.
+//! VM configuration apart from the code that acts on it: the per-VM spec (its types live in
+//! the `vm-spec` crate, shared with the agent) and the node's configuration (image cache,
+//! store allowlist, fetcher), which only the vmm reads.
 
-pub mod fs;
 pub mod node;
-pub mod spec;
 
-pub use fs::FsSpec;
 pub use node::{ImageSettings, NodeConfig, NodeConfigError};
-
-pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};
+pub use vm_spec::{fs, spec};
+pub use vm_spec::{BootProtocol, FsSpec, SerialOutput, SpecError, VmSpec};

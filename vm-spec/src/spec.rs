@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::fs::{FsSpec, FsSpecError};
+use crate::fs::{FsSpec, FsSpecError};
 
 pub const MIN_VCPUS: u32 = 1;
 pub const MAX_VCPUS: u32 = 32;
@@ -246,7 +246,7 @@ impl VmSpec {
             return Err(SpecError::CmdlineHasInitArgs);
         }
         check_quotable("kernel argument", &self.cmdline)?;
-        super::fs::validate(&self.fs, self.root.as_deref())?;
+        crate::fs::validate(&self.fs, self.root.as_deref())?;
         for (name, value) in &self.env {
             let valid = !name.is_empty()
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')

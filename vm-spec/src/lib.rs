@@ -1,0 +1,9 @@
+//! The types shared by the vmm and the programs that drive it (the node agent, tests): the
+//! micro-VM spec with its validation, and the control API's messages. This crate links no KVM
+//! and no FUSE code, so the agent can build specs and talk to a vmm without either.
+
+pub mod fs;
+pub mod spec;
+
+pub use fs::{FsSpec, FsSpecError};
+pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};
