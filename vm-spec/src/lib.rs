@@ -7,3 +7,5 @@ pub mod spec;
 
 pub use fs::{FsSpec, FsSpecError};
 pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};
+pub mod rate_limiter;
+pub use rate_limiter::{RateLimiterError, RateLimiterSpec, TokenBucketSpec};

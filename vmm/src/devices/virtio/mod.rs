@@ -4,6 +4,7 @@
 
 pub mod fs;
 pub mod interrupt;
+pub mod metrics;
 pub mod mmio;
 #[cfg(test)]
 pub mod test_utils;
@@ -12,6 +13,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use interrupt::VirtioInterrupt;
+pub use metrics::VirtioMetrics;
 
 /// Virtio device ids (virtio 1.2, section 5).
 pub const TYPE_NET: u32 = 1;
@@ -73,6 +75,15 @@ pub trait VirtioDevice: Send {
     /// Returns false when the device could not be reset; the transport then reports
     /// DEVICE_NEEDS_RESET and refuses to activate it again.
     fn reset(&mut self) -> bool;
+    /// The device's counters, for the control API's metrics.
+    fn metrics(&self) -> Option<std::sync::Arc<VirtioMetrics>> {
+        None
+    }
+    /// Replaces the device's rate limits at run time (control API). Devices without a rate
+    /// limiter refuse, naming why.
+    fn set_rate_limiter(&mut self, _limits: &vm_spec::RateLimiterSpec) -> Result<(), String> {
+        Err("this device has no rate limiter".to_string())
+    }
 }
 
 /// Reads `data.len()` bytes at `offset` from a config space, zero past its end.
