@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::drive::{DriveSpec, DriveSpecError, RngSpec};
 use crate::fs::{FsSpec, FsSpecError};
 
 pub const MIN_VCPUS: u32 = 1;
@@ -168,6 +169,12 @@ pub struct VmSpec {
     /// Kept for compatibility: the node configuration's `image_cache` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_cache: Option<PathBuf>,
+    /// Block devices (virtio-blk) over raw image files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveSpec>,
+    /// The entropy device (virtio-rng), when present.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng: Option<RngSpec>,
 }
 
 /// Kernel arguments through which the guest init learns its root tag and environment; the
@@ -204,6 +211,8 @@ pub enum SpecError {
     Fs(#[from] FsSpecError),
     #[error("the kernel command line has a ` -- `; give the entrypoint as the spec's entrypoint instead")]
     CmdlineHasInitArgs,
+    #[error(transparent)]
+    Drive(#[from] DriveSpecError),
 }
 
 impl VmSpec {
@@ -222,6 +231,8 @@ impl VmSpec {
             fs: Vec::new(),
             root: None,
             image_cache: None,
+            drives: Vec::new(),
+            rng: None,
         }
     }
 
@@ -247,6 +258,14 @@ impl VmSpec {
         }
         check_quotable("kernel argument", &self.cmdline)?;
         crate::fs::validate(&self.fs, self.root.as_deref())?;
+        crate::drive::validate(&self.drives, self.rng.as_ref())?;
+        // Devices are attached under one namespace: shares' tags, drive ids and "rng".
+        for drive in &self.drives {
+            if drive.id == crate::drive::RNG_DEVICE_ID || self.fs.iter().any(|s| s.tag == drive.id)
+            {
+                return Err(DriveSpecError::DuplicateId(drive.id.clone()).into());
+            }
+        }
         for (name, value) in &self.env {
             let valid = !name.is_empty()
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -408,5 +427,36 @@ mod tests {
         let mut s = spec();
         s.cmdline = "foo -- bar".into();
         assert_eq!(s.validate(), Err(SpecError::CmdlineHasInitArgs));
+    }
+
+    #[test]
+    fn drives_and_rng_in_json_are_validated() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "drives": [{"id": "data", "path": "/d.img", "readonly": true}], "rng": {}}"#,
+        )
+        .unwrap();
+        assert!(s.drives[0].readonly);
+        assert_eq!(s.rng, Some(RngSpec::default()));
+        s.validate().unwrap();
+        let mut twice = s.clone();
+        twice.drives.push(s.drives[0].clone());
+        assert_eq!(
+            twice.validate(),
+            Err(SpecError::Drive(DriveSpecError::DuplicateId("data".into())))
+        );
+        let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        let mut clash = s.clone();
+        clash.fs.push("tag=data,dir=/srv".parse().unwrap());
+        assert_eq!(
+            clash.validate(),
+            Err(SpecError::Drive(DriveSpecError::DuplicateId("data".into())))
+        );
+        let mut reserved = s.clone();
+        reserved.drives[0].id = "rng".into();
+        assert_eq!(
+            reserved.validate(),
+            Err(SpecError::Drive(DriveSpecError::DuplicateId("rng".into())))
+        );
     }
 }

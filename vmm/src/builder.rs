@@ -21,12 +21,16 @@ use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::legacy::serial::{
     LogFile, SerialDevice, SerialOut, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN, DRAIN_TIMEOUT,
 };
+use crate::devices::virtio::block::{BlockDevice, DiskImage};
 use crate::devices::virtio::mmio::TransportError;
+use crate::devices::virtio::rng::RngDevice;
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitSignal, VmExit};
 use crate::fs_backends::{self, FsBackendError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Buses, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
+use vm_spec::drive::RNG_DEVICE_ID;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -66,6 +70,12 @@ pub enum BuildError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::DiskError),
+    #[error(transparent)]
+    Block(#[from] crate::devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Rng(#[from] crate::devices::virtio::rng::RngError),
     #[error("KVM could not {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -143,8 +153,38 @@ fn attach_virtio_devices(
         })?;
         manager.attach_virtio(vm, mem, &share.tag, device)?;
     }
+    for drive in &spec.drives {
+        let disk = DiskImage::open(&drive.path, drive.readonly)?;
+        let device = BlockDevice::new(
+            &drive.id,
+            disk,
+            drive.serial.as_deref(),
+            drive.rate_limiter.as_ref(),
+        )?;
+        attach_started(&mut manager, vm, mem, &drive.id, Box::new(device))?;
+    }
+    if let Some(rng) = &spec.rng {
+        let device = RngDevice::new(rng.rate_limiter.as_ref())?;
+        attach_started(&mut manager, vm, mem, RNG_DEVICE_ID, Box::new(device))?;
+    }
     let args = manager.kernel_args();
     Ok((manager.into_bus(), args))
+}
+
+/// Starts `device`'s workers and attaches it as `id`.
+fn attach_started(
+    manager: &mut DeviceManager,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    id: &str,
+    mut device: Box<dyn VirtioDevice>,
+) -> Result<(), BuildError> {
+    device.start_workers().map_err(|e| BuildError::Device {
+        what: "virtio device workers",
+        source: std::io::Error::other(format!("{id}: {e}")),
+    })?;
+    manager.attach_virtio(vm, mem, id, device)?;
+    Ok(())
 }
 
 /// The seccomp filter of the vmm's own threads (see [`crate::seccomp::ThreadKind::Vmm`]).

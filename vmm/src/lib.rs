@@ -14,6 +14,7 @@ pub mod exit;
 pub mod fs_backends;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod rate_limiter;
 pub mod seccomp;
 pub mod stdin;
 pub mod vstate;

@@ -43,6 +43,13 @@ struct Cli {
     /// flist image, tag=TAG,image=PATH[,layer=DIR] (DIR keeps the guest's writes).
     #[arg(long = "fs")]
     fs: Vec<String>,
+    /// A virtio-blk drive over a raw image file (repeatable):
+    /// id=ID,path=PATH[,readonly][,serial=S]. Rate limits: in the JSON spec.
+    #[arg(long = "drive")]
+    drives: Vec<String>,
+    /// An entropy device (virtio-rng; the guest's /dev/hwrng). Rate limits: in the JSON spec.
+    #[arg(long)]
+    rng: bool,
     /// Local chunk cache shared by all images (the node configuration's takes precedence).
     #[arg(long)]
     image_cache: Option<PathBuf>,
@@ -185,6 +192,12 @@ fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
     }
     for share in &cli.fs {
         spec.fs.push(share.parse()?);
+    }
+    for drive in &cli.drives {
+        spec.drives.push(drive.parse()?);
+    }
+    if cli.rng && spec.rng.is_none() {
+        spec.rng = Some(Default::default());
     }
     if let Some(cache) = &cli.image_cache {
         spec.image_cache = Some(cache.clone());

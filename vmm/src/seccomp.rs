@@ -31,6 +31,11 @@ pub enum ThreadKind {
     /// Talks to the node's chunk fetcher on already connected unix sockets (reconnecting to
     /// the same socket when the fetcher restarts).
     FetcherIo,
+    /// Serves a virtio-blk queue: positional I/O, fdatasync and hole punching on the disk
+    /// image's descriptor `disk_fd` only, and the rate limiter's timer.
+    BlockWorker { disk_fd: i32 },
+    /// Serves a virtio-rng queue: getrandom (in every list) and the rate limiter's timer.
+    RngWorker,
     /// The vmm's own threads once the VM runs: the main thread (waits for the VM's end,
     /// reports it), the console writer (writes and rotates the console log) and the stdin
     /// forwarder (terminal mode).
@@ -307,6 +312,39 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
                 ioctls.push(SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])?);
             }
             rules.insert(libc::SYS_ioctl, ioctls);
+        }
+        ThreadKind::BlockWorker { disk_fd } => {
+            // Descriptors and modes are C ints: compared as 32-bit values.
+            let int_arg = |index, value: i32| {
+                SeccompCondition::new(
+                    index,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::Eq,
+                    value as u32 as u64,
+                )
+            };
+            let on_disk = || int_arg(0, disk_fd);
+            for nr in [
+                libc::SYS_pread64,
+                libc::SYS_pwrite64,
+                libc::SYS_preadv,
+                libc::SYS_pwritev,
+                libc::SYS_fdatasync,
+            ] {
+                rules.insert(nr, vec![SeccompRule::new(vec![on_disk()?])?]);
+            }
+            // fallocate(fd, mode, ...): punching holes only.
+            rules.insert(
+                libc::SYS_fallocate,
+                vec![SeccompRule::new(vec![
+                    on_disk()?,
+                    int_arg(1, crate::devices::virtio::block::PUNCH_HOLE_MODE)?,
+                ])?],
+            );
+            rules.insert(libc::SYS_timerfd_settime, Vec::new());
+        }
+        ThreadKind::RngWorker => {
+            rules.insert(libc::SYS_timerfd_settime, Vec::new());
         }
         ThreadKind::FsWorker { network } => {
             plain(&mut rules, FS_WORKER);

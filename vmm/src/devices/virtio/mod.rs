@@ -2,10 +2,13 @@
 //! their notification eventfds, the interrupt) and reset, the device status bits, and the
 //! virtio-mmio transport itself. Each device lives in its own folder.
 
+pub mod block;
 pub mod fs;
 pub mod interrupt;
 pub mod metrics;
 pub mod mmio;
+pub mod queue_worker;
+pub mod rng;
 #[cfg(test)]
 pub mod test_utils;
 
