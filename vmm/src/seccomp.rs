@@ -651,4 +651,72 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn block_workers_do_io_on_their_image_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, vec![7u8; 8192]).unwrap();
+        let other = dir.path().join("other.img");
+        std::fs::write(&other, vec![1u8; 8192]).unwrap();
+        let disk = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&image)
+            .unwrap();
+        let stranger = std::fs::File::open(&other).unwrap();
+        use std::os::fd::AsRawFd;
+        let (disk_fd, other_fd) = (disk.as_raw_fd(), stranger.as_raw_fd());
+        let kind = ThreadKind::BlockWorker { disk_fd };
+        let results = under(kind, move || {
+            let mut buf = [0u8; 512];
+            // SAFETY: reads and writes into a local buffer on open descriptors.
+            let read = unsafe { libc::pread64(disk_fd, buf.as_mut_ptr().cast(), 512, 0) };
+            let write = unsafe { libc::pwrite64(disk_fd, buf.as_ptr().cast(), 512, 512) };
+            let sync = unsafe { libc::fdatasync(disk_fd) };
+            let punch = unsafe {
+                libc::fallocate(
+                    disk_fd,
+                    crate::devices::virtio::block::PUNCH_HOLE_MODE,
+                    0,
+                    4096,
+                )
+            };
+            let grow = errno_of(unsafe { libc::fallocate(disk_fd, 0, 0, 1 << 20) } as i64);
+            let read_other =
+                errno_of(
+                    unsafe { libc::pread64(other_fd, buf.as_mut_ptr().cast(), 512, 0) } as i64,
+                );
+            let open = std::fs::File::open("/etc/hostname")
+                .err()
+                .and_then(|e| e.raw_os_error());
+            (read, write, sync, punch, grow, read_other, open)
+        });
+        assert_eq!(results.0, 512, "pread on the image");
+        assert_eq!(results.1, 512, "pwrite on the image");
+        assert_eq!(
+            (results.2, results.3),
+            (0, 0),
+            "fdatasync and hole punching"
+        );
+        assert_eq!(results.4, Some(libc::EPERM), "other fallocate modes");
+        assert_eq!(results.5, Some(libc::EPERM), "I/O on another descriptor");
+        assert_eq!(results.6, Some(libc::EPERM), "opening files");
+        drop((disk, stranger));
+    }
+
+    #[test]
+    fn rng_workers_get_random_bytes_and_open_nothing() {
+        let (random, open) = under(ThreadKind::RngWorker, || {
+            let mut buf = [0u8; 64];
+            // SAFETY: fills a local buffer.
+            let random = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), 64, 0) };
+            let open = std::fs::File::open("/etc/hostname")
+                .err()
+                .and_then(|e| e.raw_os_error());
+            (random, open)
+        });
+        assert_eq!(random, 64);
+        assert_eq!(open, Some(libc::EPERM));
+    }
 }
