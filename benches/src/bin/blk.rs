@@ -1,0 +1,163 @@
+//! virtio-blk benchmark on the test bed (a KVM host inside QEMU): the same raw image served to
+//! the same guest kernel by the project's vmm and by QEMU's `microvm` machine
+//! (`virtio-blk-device`, default cache), in turn; inside the guest fio (the host's, copied in
+//! with its libraries) runs sequential 1 MiB and random 4 KiB reads and writes with O_DIRECT on
+//! /dev/vda, one job at a time, and the medians of `--runs` rounds are printed side by side.
+//! Absolute numbers are those of nested TCG: compare the ratios.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use benches::{sibling, with_qemu};
+use clap::Parser;
+use e2e_tests::cpio::Contents;
+use e2e_tests::{artifacts, microvm, shared_libraries, Job, Testbed};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Seconds per fio job.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+}
+
+const CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
+
+/// The fio jobs: name and the arguments that make it.
+const JOBS: &[(&str, &str)] = &[
+    ("seq-read-1M", "--rw=read --bs=1M"),
+    ("seq-write-1M", "--rw=write --bs=1M"),
+    ("rand-read-4k", "--rw=randread --bs=4k"),
+    ("rand-write-4k", "--rw=randwrite --bs=4k"),
+];
+
+fn guest_script(seconds: u32) -> String {
+    let mut s = String::from("vmm=$1\n");
+    for (name, args) in JOBS {
+        s.push_str(&format!(
+            "/usr/bin/fio --name={name} --filename=/dev/vda --direct=1 --ioengine=psync --thread \
+             --time_based --runtime={seconds} --size=192M {args} --minimal | sed \"s/^/FIO;$vmm;{name};/\"\n"
+        ));
+    }
+    s
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let vmm = sibling("vmm")?;
+    let qemu = e2e_tests::qemu::qemu_binary()?;
+    let kernel = artifacts::guest_kernel()?;
+    let init = artifacts::guest_init()?;
+    let fio = Path::new("/usr/bin/fio");
+    if !fio.is_file() {
+        bail!("fio not found: apt-get install fio");
+    }
+    let mut archive = microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?;
+    archive.file("usr/bin/fio", 0o755, Contents::HostFile(fio.to_owned()))?;
+    for lib in shared_libraries(fio)? {
+        archive.file(
+            &lib.to_string_lossy(),
+            0o755,
+            Contents::HostFile(lib.clone()),
+        )?;
+    }
+    archive.file(
+        "bench.sh",
+        0o755,
+        Contents::Bytes(guest_script(args.seconds).into_bytes()),
+    )?;
+    let initrd = artifacts::target_dir().join("blk-bench-initrd.cpio");
+    archive.write_file(&initrd)?;
+
+    let qemu_cmd = format!(
+        "qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on \
+         -accel kvm -cpu host -smp 1 -m 256M -nodefaults -no-user-config -nographic -no-reboot \
+         -serial stdio -kernel /guest/vmlinux -initrd /guest/initrd \
+         -drive id=d0,file=/srv/disk.img,format=raw,if=none -device virtio-blk-device,drive=d0 \
+         -append '{CMDLINE} -- /bin/sh /bench.sh qemu' </dev/null"
+    );
+    let mut script = String::from(
+        "mkdir -p /srv && dd if=/dev/urandom of=/srv/disk.img bs=1M count=256 2>/dev/null\n",
+    );
+    for _ in 0..args.runs {
+        script.push_str(
+            "/vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 256 \
+             --drive id=d,path=/srv/disk.img -- /bin/sh /bench.sh vmm </dev/null\n",
+        );
+        script.push_str(&qemu_cmd);
+        script.push('\n');
+    }
+    let job = Job::new(script)
+        .binary("/vmm", &vmm)
+        .file("/guest/vmlinux", &kernel.vmlinux)
+        .file("/guest/initrd", &initrd)
+        .timeout(std::time::Duration::from_secs(1800));
+    let out = Testbed::from_system()?.run(&with_qemu(job, &qemu))?;
+
+    // name -> vmm -> samples of (MiB/s, IOPS).
+    let mut results: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
+    for line in out.output.lines() {
+        let Some(rest) = line.trim_start().strip_prefix("FIO;") else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split(';').collect();
+        // vmm; job; then fio's terse v3 line: read bw/iops are fields 7/8, write 48/49.
+        let (Some(vmm), Some(job)) = (fields.first(), fields.get(1)) else {
+            continue;
+        };
+        let terse = &fields[2..];
+        let write = job.contains("write");
+        let (bw_at, iops_at) = if write { (47, 48) } else { (6, 7) };
+        let number = |i: usize| terse.get(i).and_then(|v| v.parse::<f64>().ok());
+        let (Some(bw), Some(iops)) = (number(bw_at), number(iops_at)) else {
+            continue;
+        };
+        results
+            .entry(job.to_string())
+            .or_default()
+            .entry(vmm.to_string())
+            .or_default()
+            .push((bw / 1024.0, iops));
+    }
+    if results.is_empty() {
+        bail!("no fio results; the test bed's console:\n{}", out.console);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!(
+        "{:<14} {:>12} {:>10} {:>12} {:>10} {:>8}",
+        "job", "vmm MiB/s", "vmm IOPS", "qemu MiB/s", "qemu IOPS", "ratio"
+    );
+    for (job, by_vmm) in &results {
+        let get = |name: &str| {
+            by_vmm.get(name).map(|s| {
+                (
+                    median(s.iter().map(|x| x.0).collect()),
+                    median(s.iter().map(|x| x.1).collect()),
+                )
+            })
+        };
+        let (v, q) = (
+            get("vmm").unwrap_or_default(),
+            get("qemu").unwrap_or_default(),
+        );
+        let ratio = if q.1 > 0.0 { v.1 / q.1 } else { f64::NAN };
+        println!(
+            "{job:<14} {:>12.1} {:>10.0} {:>12.1} {:>10.0} {:>7.2}x",
+            v.0, v.1, q.0, q.1, ratio
+        );
+    }
+    println!(
+        "(medians of {} rounds of {} s per job, on the test bed: compare the ratios)",
+        args.runs, args.seconds
+    );
+    Ok(())
+}
