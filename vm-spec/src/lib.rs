@@ -9,3 +9,4 @@ pub use fs::{FsSpec, FsSpecError};
 pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};
 pub mod rate_limiter;
 pub use rate_limiter::{RateLimiterError, RateLimiterSpec, TokenBucketSpec};
+pub mod api;

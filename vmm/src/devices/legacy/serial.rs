@@ -74,6 +74,8 @@ struct Shared {
     written: Condvar,
     capacity: usize,
     dropped: AtomicU64,
+    /// Every byte the guest wrote, kept or dropped (metrics).
+    from_guest: Arc<AtomicU64>,
 }
 
 /// The vCPU side of the output path: what the UART writes into. Never blocks on I/O.
@@ -86,6 +88,9 @@ impl Write for OutputBuffer {
     /// the UART carries on).
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let shared = &self.shared;
+        shared
+            .from_guest
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let mut st = lock(&shared.state);
         let was_empty = st.pending.is_empty();
         let room = shared.capacity.saturating_sub(st.pending.len());
@@ -162,6 +167,7 @@ impl SerialWriter {
             written: Condvar::new(),
             capacity,
             dropped: AtomicU64::new(0),
+            from_guest: Arc::default(),
         });
         let guard = AliveGuard(shared.clone());
         let thread = std::thread::Builder::new()
@@ -187,6 +193,11 @@ impl SerialWriter {
     }
 
     /// Guest output bytes dropped because the buffer was full.
+    /// The count of bytes the guest wrote to the console (kept or dropped).
+    pub fn guest_bytes(&self) -> Arc<AtomicU64> {
+        self.shared.from_guest.clone()
+    }
+
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }

@@ -234,6 +234,10 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
         self.acked_features = 0;
         true
     }
+
+    fn metrics(&self) -> Option<Arc<crate::devices::virtio::VirtioMetrics>> {
+        Some(self.counters.virtio.clone())
+    }
 }
 
 #[cfg(test)]
