@@ -692,3 +692,34 @@ fn sigterm_stops_the_entrypoint_gracefully_then_forcibly() -> Result<(), Error> 
     );
     Ok(())
 }
+
+/// A guest whose kernel panics (here: no init it can run) ends the vmm with status 3 and says
+/// why, instead of looking like a clean reset.
+#[test]
+fn a_guest_kernel_panic_is_not_a_clean_exit() -> Result<(), Error> {
+    let Some(bed) = bed("a_guest_kernel_panic_is_not_a_clean_exit")? else {
+        return Ok(());
+    };
+    let out = bed.run(&format!(
+        "{VMM} --kernel /guest/vmlinux --exit-record /tmp/panic.json \
+         --cmdline 'rdinit=/no-such-init init=/no-such-init'\n\
+         echo vmm-status=$?\n\
+         cat /tmp/panic.json; echo\n"
+    ))?;
+    assert!(
+        out.output.lines().any(|l| l.starts_with("vmm-status=3")),
+        "{}",
+        out.output
+    );
+    assert!(
+        out.output.contains("vmm: guest kernel panic: "),
+        "{}",
+        out.output
+    );
+    assert!(
+        out.output.contains("\"kind\": \"guest_panic\""),
+        "{}",
+        out.output
+    );
+    Ok(())
+}

@@ -106,8 +106,10 @@ pub enum ExitKind {
     GuestStatus,
     /// The guest reset or powered off without a status.
     GuestReset,
-    /// The guest faulted (triple fault, KVM error) or its kernel panicked.
+    /// The guest faulted (triple fault, KVM error).
     GuestFault,
+    /// The guest's kernel panicked (seen on its console before it reset).
+    GuestPanic,
     /// Ended by its operator: a `kill` action, or a shutdown the guest did not finish in time.
     Killed,
     /// The VM never started.

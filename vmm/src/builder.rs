@@ -89,8 +89,14 @@ impl RunningVm {
     /// Blocks until the VM ends, stops its vCPUs, then writes out the guest's buffered
     /// console output (waiting at most [`DRAIN_TIMEOUT`] for a sink that does not take it).
     pub fn wait(&self) -> VmExit {
-        let reason = self.exit.wait();
+        let mut reason = self.exit.wait();
         self.control.stop_vcpus();
+        // A reset right after a kernel panic is the panic's restart, not a clean end.
+        if matches!(reason, VmExit::GuestReset | VmExit::GuestShutdown) {
+            if let Some(why) = self.serial_writer.guest_panic() {
+                reason = VmExit::GuestPanic(why);
+            }
+        }
         if !self.serial_writer.drain(DRAIN_TIMEOUT) {
             tracing::warn!("the guest's last console output could not be written out");
         }

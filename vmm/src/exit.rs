@@ -25,6 +25,8 @@ pub enum VmExit {
     /// Ended by its operator (a `kill` action, a shutdown the guest did not finish in time),
     /// with why.
     Killed(String),
+    /// The guest's kernel panicked (and then reset), with the reason it printed.
+    GuestPanic(String),
 }
 
 impl VmExit {
@@ -35,6 +37,7 @@ impl VmExit {
             VmExit::GuestReset | VmExit::GuestShutdown => 0,
             VmExit::Fault(_) => 1,
             VmExit::Killed(_) => KILLED_STATUS,
+            VmExit::GuestPanic(_) => GUEST_PANIC_STATUS,
         }
     }
 
@@ -49,6 +52,7 @@ impl VmExit {
             VmExit::GuestShutdown => (ExitKind::GuestReset, "the guest powered off".to_string()),
             VmExit::Fault(details) => (ExitKind::GuestFault, format!("guest fault: {details}")),
             VmExit::Killed(why) => (ExitKind::Killed, why.clone()),
+            VmExit::GuestPanic(why) => (ExitKind::GuestPanic, format!("guest kernel panic: {why}")),
         };
         new_record(self.exit_code(), kind, reason)
     }
@@ -56,6 +60,8 @@ impl VmExit {
 
 /// The vmm's status when its operator ended the VM (as a process killed by SIGKILL).
 pub const KILLED_STATUS: i32 = 137;
+/// The vmm's status when the guest's kernel panicked.
+pub const GUEST_PANIC_STATUS: i32 = 3;
 /// The vmm's status when the VM could not be started.
 pub const START_FAILED_STATUS: i32 = 2;
 

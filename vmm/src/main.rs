@@ -4,6 +4,7 @@
 //! Exit status: the status the guest reported through the guest-report port; 0 when the guest
 //! reset or shut down without reporting one; 1 when the guest faulted (triple fault, KVM
 //! error: a register dump is printed); 2 when the VM could not be started (bad input, no KVM);
+//! 3 when the guest's kernel panicked (seen on its console before its reset);
 //! 137 when it was killed (the control API's `kill`, or a graceful shutdown, SIGTERM, that the
 //! guest did not finish in time). With `--exit-record`, the same is written there as JSON.
 
@@ -419,6 +420,7 @@ fn main() -> ExitCode {
     match &reason {
         vmm::exit::VmExit::Fault(details) => eprintln!("vmm: guest fault: {details}"),
         vmm::exit::VmExit::Killed(why) => eprintln!("vmm: VM killed: {why}"),
+        vmm::exit::VmExit::GuestPanic(why) => eprintln!("vmm: guest kernel panic: {why}"),
         other => tracing::info!("VM ended: {other:?}"),
     }
     record_exit(&spec, &reason.record());
