@@ -152,7 +152,9 @@ fn attach_virtio_devices(
 ) -> Result<VirtioDevices, BuildError> {
     let mut manager = DeviceManager::new();
     for share in &spec.fs {
-        let mut device = fs_backends::device_for(share, images)?;
+        // One request queue per vCPU: Linux maps each CPU's requests onto its own queue.
+        let queues = usize::try_from(spec.vcpus).unwrap_or(1);
+        let mut device = fs_backends::device_with_queues(share, images, queues)?;
         device.start_workers().map_err(|e| BuildError::Device {
             what: "virtio device workers",
             source: std::io::Error::other(e.to_string()),

@@ -330,11 +330,20 @@ pub(crate) fn layered_share(
     ))
 }
 
-/// Builds the virtio-fs device for one (validated) share; images are opened with `images`
-/// (the node's cache and store policy).
+/// Builds the virtio-fs device for one (validated) share, with one request queue; images are
+/// opened with `images` (the node's cache and store policy).
 pub fn device_for(
     share: &FsSpec,
     images: impl Into<ImageSettings>,
+) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
+    device_with_queues(share, images, 1)
+}
+
+/// [`device_for`] with `request_queues` request queues (a VM's vCPU count, typically).
+pub fn device_with_queues(
+    share: &FsSpec,
+    images: impl Into<ImageSettings>,
+    request_queues: usize,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
     let tag = share.tag.as_str();
     let images: ImageSettings = images.into();
@@ -344,13 +353,24 @@ pub fn device_for(
     };
     let network = images.fetches_over_network();
     match (&share.dir, &share.image, &share.writable_layer) {
-        (Some(dir), _, _) => device(tag, dir_share(tag, dir, share.readonly, limits)?, false),
+        (Some(dir), _, _) => device(
+            tag,
+            dir_share(tag, dir, share.readonly, limits)?,
+            false,
+            request_queues,
+        ),
         (None, Some(path), Some(layer)) => device(
             tag,
             layered_share(tag, path, layer, limits, &images)?,
             network,
+            request_queues,
         ),
-        (None, Some(path), None) => device(tag, image_share(tag, path, &images)?, network),
+        (None, Some(path), None) => device(
+            tag,
+            image_share(tag, path, &images)?,
+            network,
+            request_queues,
+        ),
         (None, None, _) => Err(FsBackendError::Dir {
             tag: tag.to_string(),
             path: String::new(),
@@ -364,8 +384,11 @@ fn device<F: FileSystem + Send + Sync + 'static>(
     tag: &str,
     fs: Guard<F>,
     network: bool,
+    request_queues: usize,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
     Ok(Box::new(
-        FsDevice::new(tag, Arc::new(fs))?.with_network_fetch(network),
+        FsDevice::new(tag, Arc::new(fs))?
+            .with_network_fetch(network)
+            .with_request_queues(request_queues),
     ))
 }
