@@ -146,7 +146,7 @@ fn image_settings(cli: &Cli, spec: &VmSpec) -> anyhow::Result<ImageSettings> {
     if let Some(socket) = &cli.fetcher {
         settings = settings.with_fetcher(socket.clone());
     }
-    let serves_images = spec.fs.iter().any(|share| share.image.is_some());
+    let serves_images = spec.fs.iter().any(|share| share.image_path().is_some());
     if serves_images
         && settings.fetcher().is_none()
         && settings.policy().is_some_and(|p| p.is_anonymous())
@@ -366,14 +366,10 @@ fn main() -> ExitCode {
     raise_open_file_limit();
     // The overlay stages copy-ups in TMPDIR: keep them on the first layer's filesystem. Set
     // while the process has one thread.
-    if let Some(layer) = spec
-        .fs
-        .iter()
-        .find_map(|share| share.writable_layer.as_deref())
-    {
+    if let Some(layer) = spec.fs.iter().find_map(|share| share.writable_layer()) {
         std::env::set_var("TMPDIR", vmm::fs_backends::layer_work_dir(layer));
     }
-    let layers = spec.fs.iter().any(|share| share.writable_layer.is_some());
+    let layers = spec.fs.iter().any(|share| share.writable_layer().is_some());
     if let Err(e) = vmm::caps::drop_all_but(&vmm::caps::kept(layers)) {
         return start_failed(&spec, e.to_string());
     }

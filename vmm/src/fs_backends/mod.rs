@@ -34,6 +34,7 @@ pub use quota::{Limits, Quota};
 use crate::config::{FsSpec, ImageSettings};
 use crate::devices::virtio::fs::FsDevice;
 use crate::devices::virtio::VirtioDevice;
+use vm_spec::ShareSource;
 
 /// Where image chunks are cached when the spec does not say.
 pub const DEFAULT_IMAGE_CACHE: &str = "/var/cache/gridnode/chunks";
@@ -352,30 +353,25 @@ pub fn device_with_queues(
         max_inodes: share.max_inodes,
     };
     let network = images.fetches_over_network();
-    match (&share.dir, &share.image, &share.writable_layer) {
-        (Some(dir), _, _) => device(
+    match &share.source {
+        ShareSource::Dir { path, readonly } => device(
             tag,
-            dir_share(tag, dir, share.readonly, limits)?,
+            dir_share(tag, path, *readonly, limits)?,
             false,
             request_queues,
         ),
-        (None, Some(path), Some(layer)) => device(
+        ShareSource::LayeredImage { image, layer } => device(
             tag,
-            layered_share(tag, path, layer, limits, &images)?,
+            layered_share(tag, image, layer, limits, &images)?,
             network,
             request_queues,
         ),
-        (None, Some(path), None) => device(
+        ShareSource::Image { image } => device(
             tag,
-            image_share(tag, path, &images)?,
+            image_share(tag, image, &images)?,
             network,
             request_queues,
         ),
-        (None, None, _) => Err(FsBackendError::Dir {
-            tag: tag.to_string(),
-            path: String::new(),
-            source: std::io::Error::other("the share names neither a directory nor an image"),
-        }),
     }
 }
 

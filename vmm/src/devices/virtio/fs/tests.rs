@@ -7,12 +7,12 @@ use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{FsCounters, QueueWorker};
 use super::device::{MAX_REQUEST_QUEUES, MAX_TAG_LEN};
+use super::worker::{FsCounters, QueueWorker};
 use super::FsDevice;
-use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::test_utils::{Buffer, TestDriver};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::VirtioInterrupt;
 use fuse_backend_rs::api::server::Server;
 
