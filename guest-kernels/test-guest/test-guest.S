@@ -6,6 +6,8 @@
  *   exit42       outb 42 to port 0x601 (exit status 42)
  *   reboot       outb 0xFE to port 0x64 (i8042 CPU reset; VMM exits 0)
  *   triplefault  load a zero-limit IDT, then ud2 (#UD -> #GP -> #DF -> triple fault)
+ *   chatter      print '.' on COM1 forever (a guest that runs until it is stopped: pause,
+ *                shutdown and kill tests watch its output grow or stop)
  *   pvh          also carries the Xen PHYS32_ENTRY (PVH) note; its 32-bit entry prints
  *                its own greeting and the cmdline from hvm_start_info and exits with 80
  *                (81 if the hvm_start_info magic is wrong); its 64-bit entry exits with 64,
@@ -84,10 +86,14 @@ _start:
 #elif defined(VARIANT_triplefault)
 	lidt	zero_idt(%rip)
 	ud2
+#elif defined(VARIANT_chatter)
+4:	lea	msg_dot(%rip), %rsi
+	call	puts64
+	jmp	4b
 #elif defined(VARIANT_pvh)
 	OUTB	PORT_EXIT_STATUS, 64
 #else
-#error "define one VARIANT_<name>: exit0 exit42 reboot triplefault pvh"
+#error "define one VARIANT_<name>: exit0 exit42 reboot triplefault chatter pvh"
 #endif
 halt64:
 	hlt
@@ -147,6 +153,7 @@ puts32:
 msg_hello64:	.asciz	"test-guest: hello from 64-bit entry\n"
 msg_cmdline:	.asciz	"cmdline: "
 msg_newline:	.asciz	"\n"
+msg_dot:	.asciz	"."
 #if defined(VARIANT_pvh)
 msg_hello_pvh:	.asciz	"test-guest: hello from PVH entry\n"
 msg_bad_magic:	.asciz	"test-guest: bad hvm_start_info magic\n"

@@ -13,7 +13,8 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 
 /// The test-guest variants guest-kernels/test-guest/build.sh produces.
-pub const TEST_GUEST_VARIANTS: &[&str] = &["exit0", "exit42", "reboot", "triplefault", "pvh"];
+pub const TEST_GUEST_VARIANTS: &[&str] =
+    &["exit0", "exit42", "reboot", "triplefault", "chatter", "pvh"];
 
 /// Kernel source package the guest kernel is built from.
 const KERNEL_SOURCE: &str = "/usr/src/linux-source-6.12.tar.xz";

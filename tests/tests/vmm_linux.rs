@@ -646,3 +646,80 @@ fn an_image_is_served_only_from_allowed_stores() -> Result<(), Error> {
     assert!(!o.contains("should-not-boot"), "{}", out.console);
     Ok(())
 }
+
+/// SIGTERM to the vmm presses Ctrl-Alt-Del; the guest init turns it into SIGTERM for the
+/// entrypoint, whose status ends the VM. An entrypoint that ignores SIGTERM is killed after
+/// the grace period. The exit record tells both.
+#[test]
+fn sigterm_stops_the_entrypoint_gracefully_then_forcibly() -> Result<(), Error> {
+    let Some(bed) = bed("sigterm_stops_the_entrypoint_gracefully_then_forcibly")? else {
+        return Ok(());
+    };
+    let run = |n: u32, grace: u32, script: &str| {
+        format!(
+            "{VMM} --kernel /guest/vmlinux --serial file:/tmp/c{n}.log --exit-record /tmp/exit{n}.json \
+             --shutdown-grace {grace} -- /bin/sh -c '{script}' &\n\
+             pid=$!\n\
+             for i in $(seq 300); do grep -q '^ready' /tmp/c{n}.log 2>/dev/null && break; sleep 0.1; done\n\
+             kill -TERM $pid; wait $pid; echo vmm{n}-status=$?\n\
+             grep -E '^(got-term|shutdown requested|grace period over)' /tmp/c{n}.log\n\
+             echo; cat /tmp/exit{n}.json; echo\n"
+        )
+    };
+    let out =
+        bed.run(&format!(
+        "{}{}",
+        run(
+            1,
+            10,
+            "trap \"echo got-term; exit 3\" TERM; echo ready; while :; do sleep 1 & wait $!; done"
+        ),
+        run(2, 1, "trap \"\" TERM; echo ready; while :; do sleep 1; done"),
+    ))?;
+    let has_line = |needle: &str| out.output.lines().any(|l| l.starts_with(needle));
+    assert!(has_line("got-term"), "{}", out.output);
+    assert!(has_line("vmm1-status=3"), "{}", out.output);
+    assert!(out
+        .output
+        .contains("\"reason\": \"the guest exited with status 3\""));
+    assert!(has_line("grace period over"), "{}", out.output);
+    assert!(has_line("vmm2-status=137"), "{}", out.output);
+    assert!(
+        out.output
+            .contains("\"reason\": \"the guest exited with status 137\""),
+        "the guest init, not the vmm's deadline, ended the second VM: {}",
+        out.output
+    );
+    Ok(())
+}
+
+/// A guest whose kernel panics (here: no init it can run) ends the vmm with status 3 and says
+/// why, instead of looking like a clean reset.
+#[test]
+fn a_guest_kernel_panic_is_not_a_clean_exit() -> Result<(), Error> {
+    let Some(bed) = bed("a_guest_kernel_panic_is_not_a_clean_exit")? else {
+        return Ok(());
+    };
+    let out = bed.run(&format!(
+        "{VMM} --kernel /guest/vmlinux --exit-record /tmp/panic.json \
+         --cmdline 'rdinit=/no-such-init init=/no-such-init'\n\
+         echo vmm-status=$?\n\
+         cat /tmp/panic.json; echo\n"
+    ))?;
+    assert!(
+        out.output.lines().any(|l| l.starts_with("vmm-status=3")),
+        "{}",
+        out.output
+    );
+    assert!(
+        out.output.contains("vmm: guest kernel panic: "),
+        "{}",
+        out.output
+    );
+    assert!(
+        out.output.contains("\"kind\": \"guest_panic\""),
+        "{}",
+        out.output
+    );
+    Ok(())
+}

@@ -5,9 +5,10 @@
 pub mod fs;
 pub mod spec;
 
-pub use fs::{FsSpec, FsSpecError};
+pub use fs::{FsSpec, FsSpecError, ShareSource};
 pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};
 pub mod rate_limiter;
 pub use rate_limiter::{RateLimiterError, RateLimiterSpec, TokenBucketSpec};
 pub mod drive;
 pub use drive::{DriveSpec, DriveSpecError, RngSpec};
+pub mod api;

@@ -175,6 +175,28 @@ pub struct VmSpec {
     /// The entropy device (virtio-rng), when present.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rng: Option<RngSpec>,
+    /// The control API's unix socket (HTTP/1.1 + JSON), created 0600; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_sock: Option<PathBuf>,
+    /// Where the vmm writes, atomically, how and when the VM ended (`{status, reason, kind,
+    /// at}`), for whatever reason it ends; a record of an earlier run is removed at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_record: Option<PathBuf>,
+    /// On a graceful shutdown (SIGTERM, the API's `shutdown`), how long the guest init gives
+    /// the entrypoint between SIGTERM and SIGKILL; the vmm ends the VM if it is still running
+    /// a few seconds after that.
+    #[serde(default = "default_shutdown_grace_secs")]
+    pub shutdown_grace_secs: u32,
+}
+
+/// Seconds between SIGTERM and SIGKILL on a graceful shutdown, by default and at most.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u32 = 10;
+pub const MAX_SHUTDOWN_GRACE_SECS: u32 = 3600;
+/// The guest init's parameter for the grace period (given when not the default).
+pub const GRACE_PARAM: &str = "gridinit.grace";
+
+fn default_shutdown_grace_secs() -> u32 {
+    DEFAULT_SHUTDOWN_GRACE_SECS
 }
 
 /// Kernel arguments through which the guest init learns its root tag and environment; the
@@ -213,6 +235,10 @@ pub enum SpecError {
     CmdlineHasInitArgs,
     #[error(transparent)]
     Drive(#[from] DriveSpecError),
+    #[error("shutdown_grace_secs must be at most {MAX_SHUTDOWN_GRACE_SECS}, got {0}")]
+    GraceTooLong(u32),
+    #[error("{what} must be a non-empty path")]
+    EmptyPath { what: &'static str },
 }
 
 impl VmSpec {
@@ -233,6 +259,9 @@ impl VmSpec {
             image_cache: None,
             drives: Vec::new(),
             rng: None,
+            api_sock: None,
+            exit_record: None,
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
         }
     }
 
@@ -257,6 +286,17 @@ impl VmSpec {
             return Err(SpecError::CmdlineHasInitArgs);
         }
         check_quotable("kernel argument", &self.cmdline)?;
+        if self.shutdown_grace_secs > MAX_SHUTDOWN_GRACE_SECS {
+            return Err(SpecError::GraceTooLong(self.shutdown_grace_secs));
+        }
+        for (what, path) in [
+            ("api_sock", &self.api_sock),
+            ("exit_record", &self.exit_record),
+        ] {
+            if path.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                return Err(SpecError::EmptyPath { what });
+            }
+        }
         crate::fs::validate(&self.fs, self.root.as_deref())?;
         crate::drive::validate(&self.drives, self.rng.as_ref())?;
         // Devices are attached under one namespace: shares' tags, drive ids and "rng".
@@ -292,6 +332,9 @@ impl VmSpec {
         words.extend(device_args.iter().cloned());
         if let Some(root) = &self.root {
             words.push(format!("{ROOT_TAG_PARAM}={root}"));
+        }
+        if self.shutdown_grace_secs != DEFAULT_SHUTDOWN_GRACE_SECS {
+            words.push(format!("{GRACE_PARAM}={}", self.shutdown_grace_secs));
         }
         if !self.cmdline.trim().is_empty() {
             words.push(self.cmdline.trim().to_string());
@@ -397,6 +440,35 @@ mod tests {
         assert_eq!(s.validate(), Err(SpecError::MemoryTooSmall(8)));
         s.memory_mib = u64::MAX;
         assert_eq!(s.validate(), Err(SpecError::MemoryTooLarge(u64::MAX)));
+    }
+
+    #[test]
+    fn supervision_fields_are_checked_and_the_grace_reaches_the_guest() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "api_sock": "/run/vm.sock", "exit_record": "/run/vm.exit",
+                "shutdown_grace_secs": 30}"#,
+        )
+        .unwrap();
+        assert_eq!(s.validate(), Ok(()));
+        assert!(s.kernel_cmdline(&[]).contains(" gridinit.grace=30"));
+        assert!(!spec().kernel_cmdline(&[]).contains("gridinit.grace"));
+        let mut s = spec();
+        s.shutdown_grace_secs = MAX_SHUTDOWN_GRACE_SECS + 1;
+        assert_eq!(
+            s.validate(),
+            Err(SpecError::GraceTooLong(MAX_SHUTDOWN_GRACE_SECS + 1))
+        );
+        let mut s = spec();
+        s.api_sock = Some(PathBuf::new());
+        assert_eq!(s.validate(), Err(SpecError::EmptyPath { what: "api_sock" }));
+        let mut s = spec();
+        s.exit_record = Some(PathBuf::new());
+        assert_eq!(
+            s.validate(),
+            Err(SpecError::EmptyPath {
+                what: "exit_record"
+            })
+        );
     }
 
     #[test]

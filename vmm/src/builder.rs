@@ -5,8 +5,7 @@
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -14,10 +13,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{ImageSettings, SerialOutput, SpecError, VmSpec};
+use crate::control::{ControlledDevice, LegacyCounters, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::guest_report::{GuestReport, GUEST_REPORT_BASE, GUEST_REPORT_LEN};
-use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN, KBD_IRQ};
 use crate::devices::legacy::serial::{
     LogFile, SerialDevice, SerialOut, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN, DRAIN_TIMEOUT,
 };
@@ -28,6 +28,7 @@ use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitSignal, VmExit};
 use crate::fs_backends::{self, FsBackendError};
 use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::run_state::RunState;
 use crate::vstate::vcpu::{Buses, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 use vm_spec::drive::RNG_DEVICE_ID;
@@ -87,17 +88,25 @@ pub enum BuildError {
 pub struct RunningVm {
     pub exit: ExitSignal,
     pub serial: Arc<Mutex<SerialDevice>>,
+    /// What the control API and signal handling act on.
+    pub control: Arc<VmControl>,
     serial_writer: SerialWriter,
-    _vcpu_threads: Vec<JoinHandle<()>>,
     _memory: GuestMemoryMmap,
     _vm: Vm,
 }
 
 impl RunningVm {
-    /// Blocks until the VM ends, then writes out the guest's buffered console output (waiting
-    /// at most [`DRAIN_TIMEOUT`] for a sink that does not take it).
+    /// Blocks until the VM ends, stops its vCPUs, then writes out the guest's buffered
+    /// console output (waiting at most [`DRAIN_TIMEOUT`] for a sink that does not take it).
     pub fn wait(&self) -> VmExit {
-        let reason = self.exit.wait();
+        let mut reason = self.exit.wait();
+        self.control.stop_vcpus();
+        // A reset right after a kernel panic is the panic's restart, not a clean end.
+        if matches!(reason, VmExit::GuestReset | VmExit::GuestShutdown) {
+            if let Some(why) = self.serial_writer.guest_panic() {
+                reason = VmExit::GuestPanic(why);
+            }
+        }
         if !self.serial_writer.drain(DRAIN_TIMEOUT) {
             tracing::warn!("the guest's last console output could not be written out");
         }
@@ -135,18 +144,27 @@ fn device_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
     move |source| BuildError::Device { what, source }
 }
 
+/// The virtio devices of a VM being built: their MMIO bus, the kernel arguments that announce
+/// them, and their control-plane view.
+struct VirtioDevices {
+    bus: Bus,
+    kernel_args: Vec<String>,
+    controlled: Vec<ControlledDevice>,
+}
+
 /// Creates each virtio device (its threads start now, before any vCPU: a vCPU never creates
-/// a thread) and attaches it through the device manager; returns the MMIO bus with the
-/// kernel arguments that announce the devices.
+/// a thread) and attaches it through the device manager.
 fn attach_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     spec: &VmSpec,
     images: &ImageSettings,
-) -> Result<(Bus, Vec<String>), BuildError> {
+) -> Result<VirtioDevices, BuildError> {
     let mut manager = DeviceManager::new();
     for share in &spec.fs {
-        let mut device = fs_backends::device_for(share, images)?;
+        // One request queue per vCPU: Linux maps each CPU's requests onto its own queue.
+        let queues = usize::try_from(spec.vcpus).unwrap_or(1);
+        let mut device = fs_backends::device_with_queues(share, images, queues)?;
         device.start_workers().map_err(|e| BuildError::Device {
             what: "virtio device workers",
             source: std::io::Error::other(e.to_string()),
@@ -167,8 +185,13 @@ fn attach_virtio_devices(
         let device = RngDevice::new(rng.rate_limiter.as_ref())?;
         attach_started(&mut manager, vm, mem, RNG_DEVICE_ID, Box::new(device))?;
     }
-    let args = manager.kernel_args();
-    Ok((manager.into_bus(), args))
+    let kernel_args = manager.kernel_args();
+    let (bus, controlled) = manager.into_parts();
+    Ok(VirtioDevices {
+        bus,
+        kernel_args,
+        controlled,
+    })
 }
 
 /// Starts `device`'s workers and attaches it as `id`.
@@ -235,11 +258,11 @@ pub fn build(
         Some(path) => Some(boot::load_initrd(&guest_memory, path, kernel.end)?),
         None => None,
     };
-    let (mmio, device_args) = attach_virtio_devices(&vm, &guest_memory, spec, images)?;
+    let virtio = attach_virtio_devices(&vm, &guest_memory, spec, images)?;
     boot::write_boot_info(
         &guest_memory,
         &kernel,
-        &spec.kernel_cmdline(&device_args),
+        &spec.kernel_cmdline(&virtio.kernel_args),
         initrd,
     )?;
     regs::write_boot_tables(&guest_memory, kernel.mode)?;
@@ -266,13 +289,20 @@ pub fn build(
         SerialWriter::spawn_confined(serial_output(&spec.serial)?, vmm_thread_filter()?)
             .map_err(device_err("serial writer"))?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, serial_out)));
+    let keyboard_irq =
+        EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("keyboard interrupt"))?;
+    vm.fd
+        .register_irqfd(&keyboard_irq, KBD_IRQ)
+        .map_err(|e| BuildError::Device {
+            what: "keyboard irqfd",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    let keyboard = Arc::new(Mutex::new(
+        I8042::new(exit.clone()).with_interrupt(keyboard_irq),
+    ));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
-    pio.insert(
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        I8042_BASE,
-        I8042_LEN,
-    )?;
+    pio.insert(keyboard.clone(), I8042_BASE, I8042_LEN)?;
     pio.insert(
         Arc::new(Mutex::new(GuestReport::new(exit.clone()))),
         GUEST_REPORT_BASE,
@@ -280,7 +310,7 @@ pub fn build(
     )?;
     let buses = Buses {
         pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
+        mmio: Arc::new(virtio.bus),
     };
 
     let vcpus = (0..spec.vcpus)
@@ -300,16 +330,36 @@ pub fn build(
             source: std::io::Error::other(e.to_string()),
         })?,
     );
+    let run_state = Arc::new(RunState::new(vcpus.len()));
     let vcpu_threads = vcpus
         .into_iter()
-        .map(|vcpu| vcpu.start(buses.clone(), exit.clone(), vcpu_filter.clone()))
+        .map(|vcpu| {
+            vcpu.start(
+                buses.clone(),
+                exit.clone(),
+                vcpu_filter.clone(),
+                run_state.clone(),
+            )
+        })
         .collect::<Result<Vec<_>, VcpuError>>()?;
+    let control = Arc::new(VmControl::new(
+        exit.clone(),
+        run_state,
+        vcpu_threads,
+        virtio.controlled,
+        keyboard,
+        spec.memory_mib,
+        Duration::from_secs(u64::from(spec.shutdown_grace_secs)),
+        LegacyCounters {
+            serial_bytes: serial_writer.guest_bytes(),
+        },
+    ));
 
     Ok(RunningVm {
         exit,
         serial,
+        control,
         serial_writer,
-        _vcpu_threads: vcpu_threads,
         _memory: guest_memory,
         _vm: vm,
     })

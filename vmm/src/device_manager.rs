@@ -12,6 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::layout::MMIO_DEVICES_START;
+use crate::control::ControlledDevice;
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::virtio::mmio::{
     MmioTransport, TransportError, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
@@ -156,9 +157,40 @@ impl DeviceManager {
             .collect()
     }
 
-    /// The MMIO bus the vCPUs dispatch to.
-    pub fn into_bus(self) -> Bus {
-        self.bus
+    /// The MMIO bus the vCPUs dispatch to, and the devices as the control plane sees them
+    /// (in the order of their windows).
+    pub fn into_parts(self) -> (Bus, Vec<ControlledDevice>) {
+        let mut placed: Vec<_> = self.devices.into_iter().collect();
+        placed.sort_by_key(|(_, (placement, _))| placement.base);
+        let devices = placed
+            .into_iter()
+            .map(|(id, (_, transport))| {
+                let (kind, metrics) = {
+                    let t = crate::devices::bus::lock(&transport);
+                    (kind_name(t.device_type()), t.device_metrics())
+                };
+                ControlledDevice {
+                    id,
+                    kind,
+                    transport,
+                    metrics,
+                }
+            })
+            .collect();
+        (self.bus, devices)
+    }
+}
+
+/// The name of a virtio device type, as the control API shows it.
+pub fn kind_name(device_type: u32) -> &'static str {
+    use crate::devices::virtio::{TYPE_BLOCK, TYPE_FS, TYPE_NET, TYPE_RNG, TYPE_VSOCK};
+    match device_type {
+        TYPE_FS => "fs",
+        TYPE_BLOCK => "block",
+        TYPE_NET => "net",
+        TYPE_RNG => "rng",
+        TYPE_VSOCK => "vsock",
+        _ => "other",
     }
 }
 

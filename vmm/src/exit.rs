@@ -1,8 +1,11 @@
 //! How a VM ends: the first reason reported (by a device or a vCPU) wins, and the main thread
 //! waiting on the exit eventfd turns it into the VMM's exit status.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vm_spec::api::{rfc3339_utc, ExitKind, ExitRecord};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +22,11 @@ pub enum VmExit {
     GuestShutdown,
     /// A fatal guest fault (triple fault, KVM internal error, failed entry), with details.
     Fault(String),
+    /// Ended by its operator (a `kill` action, a shutdown the guest did not finish in time),
+    /// with why.
+    Killed(String),
+    /// The guest's kernel panicked (and then reset), with the reason it printed.
+    GuestPanic(String),
 }
 
 impl VmExit {
@@ -28,7 +36,84 @@ impl VmExit {
             VmExit::GuestStatus(status) => i32::from(*status),
             VmExit::GuestReset | VmExit::GuestShutdown => 0,
             VmExit::Fault(_) => 1,
+            VmExit::Killed(_) => KILLED_STATUS,
+            VmExit::GuestPanic(_) => GUEST_PANIC_STATUS,
         }
+    }
+
+    /// The exit record of this end.
+    pub fn record(&self) -> ExitRecord {
+        let (kind, reason) = match self {
+            VmExit::GuestStatus(status) => (
+                ExitKind::GuestStatus,
+                format!("the guest exited with status {status}"),
+            ),
+            VmExit::GuestReset => (ExitKind::GuestReset, "the guest reset".to_string()),
+            VmExit::GuestShutdown => (ExitKind::GuestReset, "the guest powered off".to_string()),
+            VmExit::Fault(details) => (ExitKind::GuestFault, format!("guest fault: {details}")),
+            VmExit::Killed(why) => (ExitKind::Killed, why.clone()),
+            VmExit::GuestPanic(why) => (ExitKind::GuestPanic, format!("guest kernel panic: {why}")),
+        };
+        new_record(self.exit_code(), kind, reason)
+    }
+}
+
+/// The vmm's status when its operator ended the VM (as a process killed by SIGKILL).
+pub const KILLED_STATUS: i32 = 137;
+/// The vmm's status when the guest's kernel panicked.
+pub const GUEST_PANIC_STATUS: i32 = 3;
+/// The vmm's status when the VM could not be started.
+pub const START_FAILED_STATUS: i32 = 2;
+
+/// An exit record stamped now.
+pub fn new_record(status: i32, kind: ExitKind, reason: String) -> ExitRecord {
+    let at_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    ExitRecord {
+        status,
+        reason,
+        kind,
+        at: rfc3339_utc(at_unix_ms),
+        at_unix_ms,
+    }
+}
+
+/// Writes `record` to `path` atomically: a temporary file beside it (mode 0644), synced, then
+/// renamed over `path`, so a reader sees the whole record or none.
+pub fn write_record(path: &Path, record: &ExitRecord) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    let mut temp = path.as_os_str().to_owned();
+    temp.push(format!(".tmp{}", std::process::id()));
+    let temp = std::path::PathBuf::from(temp);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&temp)?;
+        file.write_all(&json)?;
+        file.write_all(b"\n")?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    written
+}
+
+/// Removes a record left by an earlier run of the same VM, so a supervisor never takes it
+/// for this run's end. A missing record is fine.
+pub fn clear_record(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -80,6 +165,16 @@ impl ExitSignal {
         }
     }
 
+    /// Whether the VM's end has been recorded.
+    pub fn has_ended(&self) -> bool {
+        crate::devices::bus::lock(&self.inner.reason).is_some()
+    }
+
+    /// When the vmm started.
+    pub fn started(&self) -> Instant {
+        self.inner.started
+    }
+
     /// Time from VMM start to the guest's "booted" report, if it came.
     pub fn booted_after(&self) -> Option<Duration> {
         self.inner.booted_after.get().copied()
@@ -123,6 +218,28 @@ mod tests {
         s.end(VmExit::GuestReset);
         assert_eq!(s.wait(), VmExit::GuestStatus(7));
         assert_eq!(s.wait().exit_code(), 7);
+    }
+
+    #[test]
+    fn records_are_written_whole_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("exit.json");
+        clear_record(&path).unwrap();
+        let record = VmExit::Killed("killed through the control API".into()).record();
+        assert_eq!(record.status, KILLED_STATUS);
+        assert_eq!(record.kind, ExitKind::Killed);
+        write_record(&path, &record).unwrap();
+        let back: ExitRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(back, record);
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+        assert_eq!(VmExit::GuestStatus(3).record().status, 3);
+        assert_eq!(VmExit::GuestReset.record().kind, ExitKind::GuestReset);
+        clear_record(&path).unwrap();
+        assert!(!path.exists());
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //! The path a VM takes: [`config::VmSpec`] (JSON or CLI flags) -> [`builder::build`] (KVM VM,
 //! guest memory, kernel, devices, vCPUs) -> [`builder::RunningVm::wait`] -> [`exit::VmExit`].
 
+pub mod api;
 pub mod arch;
 pub mod boot;
 pub mod builder;
 pub mod caps;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod devices;
 pub mod exit;

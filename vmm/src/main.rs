@@ -3,7 +3,10 @@
 //!
 //! Exit status: the status the guest reported through the guest-report port; 0 when the guest
 //! reset or shut down without reporting one; 1 when the guest faulted (triple fault, KVM
-//! error: a register dump is printed); 2 when the VM could not be started (bad input, no KVM).
+//! error: a register dump is printed); 2 when the VM could not be started (bad input, no KVM);
+//! 3 when the guest's kernel panicked (seen on its console before its reset);
+//! 137 when it was killed (the control API's `kill`, or a graceful shutdown, SIGTERM, that the
+//! guest did not finish in time). With `--exit-record`, the same is written there as JSON.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,6 +14,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
+use vm_spec::api::{ExitKind, ExitRecord};
 use vmm::config::{BootProtocol, ImageSettings, NodeConfig, SerialOutput, VmSpec};
 
 #[derive(Parser, Debug)]
@@ -76,6 +80,15 @@ struct Cli {
     /// The KVM device.
     #[arg(long, default_value = "/dev/kvm")]
     kvm_device: PathBuf,
+    /// The control API's unix socket (HTTP/1.1 + JSON; vmm/api/openapi.yaml).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
+    /// Where to write how and when the VM ended (JSON, atomically), whatever the reason.
+    #[arg(long)]
+    exit_record: Option<PathBuf>,
+    /// Seconds the entrypoint gets between SIGTERM and SIGKILL on a graceful shutdown.
+    #[arg(long)]
+    shutdown_grace: Option<u32>,
     /// Print the resulting spec as JSON and exit.
     #[arg(long)]
     print_spec: bool,
@@ -140,7 +153,7 @@ fn image_settings(cli: &Cli, spec: &VmSpec) -> anyhow::Result<ImageSettings> {
     if let Some(socket) = &cli.fetcher {
         settings = settings.with_fetcher(socket.clone());
     }
-    let serves_images = spec.fs.iter().any(|share| share.image.is_some());
+    let serves_images = spec.fs.iter().any(|share| share.image_path().is_some());
     if serves_images
         && settings.fetcher().is_none()
         && settings.policy().is_some_and(|p| p.is_anonymous())
@@ -214,6 +227,15 @@ fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
     if !cli.entrypoint.is_empty() {
         spec.entrypoint = cli.entrypoint.clone();
     }
+    if let Some(path) = &cli.api_sock {
+        spec.api_sock = Some(path.clone());
+    }
+    if let Some(path) = &cli.exit_record {
+        spec.exit_record = Some(path.clone());
+    }
+    if let Some(secs) = cli.shutdown_grace {
+        spec.shutdown_grace_secs = secs;
+    }
     spec.validate()?;
     Ok(spec)
 }
@@ -240,19 +262,57 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The exit record's path, once the spec is known (for the panic hook).
+static EXIT_RECORD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
 /// A panic on any thread ends the whole process (as `panic = "abort"` does in release builds):
 /// a vmm with a dead device worker or vCPU must not keep running half a VM. The message and
-/// the thread are reported first.
+/// the thread are reported first, and the exit record written if it can be.
 fn abort_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         report(info);
-        eprintln!(
-            "vmm: error: internal error (panic) on thread {:?}; ending the VM",
-            std::thread::current().name().unwrap_or("unnamed")
-        );
+        let thread = std::thread::current()
+            .name()
+            .unwrap_or("unnamed")
+            .to_string();
+        eprintln!("vmm: error: internal error (panic) on thread {thread:?}; ending the VM");
+        if let Some(path) = EXIT_RECORD.get() {
+            let record = vmm::exit::new_record(
+                128 + libc::SIGABRT,
+                ExitKind::VmmError,
+                format!("internal error (panic) on thread {thread:?}"),
+            );
+            let _ = vmm::exit::write_record(path, &record);
+        }
         std::process::abort();
     }));
+}
+
+/// Writes the exit record, if the spec asks for one; a failure is reported, not fatal.
+fn record_exit(spec: &VmSpec, record: &ExitRecord) {
+    if let Some(path) = &spec.exit_record {
+        if let Err(e) = vmm::exit::write_record(path, record) {
+            eprintln!(
+                "vmm: error: cannot write the exit record {}: {e}",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Ends a vmm whose VM could not be started: message, exit record, status 2.
+fn start_failed(spec: &VmSpec, message: String) -> ExitCode {
+    eprintln!("vmm: error: {message}");
+    record_exit(
+        spec,
+        &vmm::exit::new_record(
+            vmm::exit::START_FAILED_STATUS,
+            ExitKind::StartFailed,
+            format!("the VM could not be started: {message}"),
+        ),
+    );
+    ExitCode::from(2)
 }
 
 fn main() -> ExitCode {
@@ -287,36 +347,63 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
+    if let Some(path) = &spec.exit_record {
+        let _ = EXIT_RECORD.set(path.clone());
+        if let Err(e) = vmm::exit::clear_record(path) {
+            return start_failed(
+                &spec,
+                format!(
+                    "cannot remove the earlier exit record {}: {e}",
+                    path.display()
+                ),
+            );
+        }
+    }
     let images = match image_settings(&cli, &spec) {
         Ok(images) => images,
-        Err(e) => {
-            eprintln!("vmm: error: {e:#}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return start_failed(&spec, format!("{e:#}")),
     };
+    if let Err(e) = vmm::vstate::run_state::install_kick_handler() {
+        return start_failed(&spec, format!("cannot install the vCPU kick handler: {e}"));
+    }
+    if let Err(e) = vmm::api::signals::install() {
+        return start_failed(&spec, format!("cannot handle SIGTERM: {e}"));
+    }
+    let listener = match spec.api_sock.as_deref().map(vmm::api::bind).transpose() {
+        Ok(listener) => listener,
+        Err(e) => return start_failed(&spec, e.to_string()),
+    };
+    // From here on, the socket is removed however the vmm ends normally.
+    let _socket = SocketFile(spec.api_sock.clone());
 
     raise_open_file_limit();
     // The overlay stages copy-ups in TMPDIR: keep them on the first layer's filesystem. Set
     // while the process has one thread.
-    if let Some(layer) = spec
-        .fs
-        .iter()
-        .find_map(|share| share.writable_layer.as_deref())
-    {
+    if let Some(layer) = spec.fs.iter().find_map(|share| share.writable_layer()) {
         std::env::set_var("TMPDIR", vmm::fs_backends::layer_work_dir(layer));
     }
-    let layers = spec.fs.iter().any(|share| share.writable_layer.is_some());
+    let layers = spec.fs.iter().any(|share| share.writable_layer().is_some());
     if let Err(e) = vmm::caps::drop_all_but(&vmm::caps::kept(layers)) {
-        eprintln!("vmm: error: {e}");
-        return ExitCode::from(2);
+        return start_failed(&spec, e.to_string());
     }
+    vmm::api::metrics::prepare();
     let vm = match vmm::builder::build(&spec, &images, &cli.kvm_device, started) {
         Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("vmm: error: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return start_failed(&spec, e.to_string()),
     };
+    let controller = vmm::seccomp::filter(
+        vmm::seccomp::ThreadKind::Controller,
+        vmm::seccomp::Violation::Trap,
+    )
+    .map_err(|e| e.to_string())
+    .and_then(|filter| {
+        vmm::api::spawn_controller(vm.control.clone(), listener, std::sync::Arc::new(filter))
+            .map_err(|e| e.to_string())
+    });
+    if let Err(e) = controller {
+        vm.control.end(vmm::exit::VmExit::Killed(e.clone()));
+        return start_failed(&spec, e);
+    }
     // From here the main thread (and the stdin forwarder it starts) only waits for the VM's
     // end and reports it.
     let confined = vmm::builder::vmm_thread_filter()
@@ -325,8 +412,8 @@ fn main() -> ExitCode {
             vmm::seccomp::apply_to_current_thread(&filter).map_err(|e| e.to_string())
         });
     if let Err(e) = confined {
-        eprintln!("vmm: error: {e}");
-        return ExitCode::from(2);
+        vm.control.end(vmm::exit::VmExit::Killed(e.clone()));
+        return start_failed(&spec, e);
     }
     if spec.serial == SerialOutput::Stdout {
         vmm::stdin::forward_stdin(vm.serial.clone());
@@ -341,8 +428,23 @@ fn main() -> ExitCode {
     }
     match &reason {
         vmm::exit::VmExit::Fault(details) => eprintln!("vmm: guest fault: {details}"),
+        vmm::exit::VmExit::Killed(why) => eprintln!("vmm: VM killed: {why}"),
+        vmm::exit::VmExit::GuestPanic(why) => eprintln!("vmm: guest kernel panic: {why}"),
         other => tracing::info!("VM ended: {other:?}"),
     }
-    // The vCPU threads are still inside KVM_RUN; exiting the process ends them.
+    record_exit(&spec, &reason.record());
+    drop(_socket);
+    // The vCPU threads may still be inside KVM_RUN; exiting the process ends them.
     std::process::exit(reason.exit_code())
+}
+
+/// The control API's socket file, removed when dropped.
+struct SocketFile(Option<PathBuf>);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

@@ -40,6 +40,9 @@ pub enum ThreadKind {
     /// reports it), the console writer (writes and rotates the console log) and the stdin
     /// forwarder (terminal mode).
     Vmm,
+    /// The controller: serves the control API on its already bound unix socket, kicks vCPUs
+    /// out of KVM_RUN (pause), reads the vmm's memory use from an open /proc file.
+    Controller,
 }
 
 /// What a call outside the list gets.
@@ -196,6 +199,18 @@ const VMM: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_rt_sigaction,
+    // Removing the control API socket and a failed exit record's temporary file at the end.
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+/// The controller thread: accepting and serving API connections on the bound socket.
+const CONTROLLER: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_setsockopt,
+    libc::SYS_pread64,
 ];
 
 /// Terminal ioctls of the stdin forwarder (raw mode and back).
@@ -259,6 +274,15 @@ fn common_rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, SeccompError> {
     Ok(rules)
 }
 
+/// tgkill(tgid, tid, signal): kicking a vCPU thread (the kick signal only).
+fn kick_rule() -> Result<Vec<SeccompRule>, SeccompError> {
+    Ok(vec![SeccompRule::new(vec![arg(
+        2,
+        SeccompCmpOp::Eq,
+        crate::vstate::run_state::kick_signal() as u64,
+    )?])?])
+}
+
 /// The compiled filter for threads of `kind`.
 pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, SeccompError> {
     let mut rules = common_rules()?;
@@ -307,6 +331,8 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
         }
         ThreadKind::Vmm => {
             plain(&mut rules, VMM);
+            // The main thread stops the vCPUs when the VM ends.
+            rules.insert(libc::SYS_tgkill, kick_rule()?);
             let mut ioctls = Vec::new();
             for request in TERMINAL_IOCTLS {
                 ioctls.push(SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])?);
@@ -345,6 +371,19 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
         }
         ThreadKind::RngWorker => {
             rules.insert(libc::SYS_timerfd_settime, Vec::new());
+        }
+        ThreadKind::Controller => {
+            plain(&mut rules, CONTROLLER);
+            // Socket mode changes (std's set_nonblocking) and nothing else.
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![SeccompRule::new(vec![arg(
+                    1,
+                    SeccompCmpOp::Eq,
+                    libc::FIONBIO,
+                )?])?],
+            );
+            rules.insert(libc::SYS_tgkill, kick_rule()?);
         }
         ThreadKind::FsWorker { network } => {
             plain(&mut rules, FS_WORKER);

@@ -1,6 +1,7 @@
 //! Interactive console: when stdin is a terminal, it is put in raw mode (signals kept, so
 //! Ctrl-C still stops the VMM) and its bytes are forwarded to the guest's serial port. The
-//! terminal is restored when the VMM exits, including on SIGINT/SIGTERM.
+//! terminal is restored when the VMM exits, including on SIGINT (SIGTERM is a graceful
+//! shutdown, after which the vmm exits normally).
 
 use std::io::Read;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -47,10 +48,6 @@ fn enter_raw_mode() -> bool {
     unsafe {
         libc::signal(
             libc::SIGINT,
-            on_terminating_signal as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
             on_terminating_signal as *const () as libc::sighandler_t,
         );
         libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &raw) == 0

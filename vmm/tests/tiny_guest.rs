@@ -2,30 +2,9 @@
 //! 64-bit and PVH entries, serial output (stdout, files, capped logs), the guest-report ports,
 //! reboot and triple fault, and every kind of bad input. Each boot takes milliseconds.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{guest, kvm_available};
 use std::process::{Command, Output};
-use std::sync::OnceLock;
-
-fn test_guests() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-guest");
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-kernels/test-guest/build.sh");
-        let status = Command::new("bash")
-            .arg(&script)
-            .arg(&out)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("run the test-guest build script");
-        assert!(status.success(), "building the test guest failed");
-        out
-    })
-}
-
-fn guest(variant: &str) -> PathBuf {
-    test_guests().join(format!("test-guest-{variant}"))
-}
 
 fn vmm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vmm"))
@@ -43,18 +22,6 @@ fn boot(variant: &str, extra: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn kvm_available() -> bool {
-    if std::fs::File::open("/dev/kvm").is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "/dev/kvm is required for these tests in CI"
-    );
-    eprintln!("skipping: /dev/kvm is not available");
-    false
 }
 
 #[test]

@@ -77,7 +77,7 @@ fn main() -> Result<()> {
 
     let qemu_cmd = format!(
         "qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on \
-         -accel kvm -cpu host -smp 1 -m 256M -nodefaults -no-user-config -nographic -no-reboot \
+         -accel kvm -cpu host -smp 1 -m 768M -nodefaults -no-user-config -nographic -no-reboot \
          -serial stdio -kernel /guest/vmlinux -initrd /guest/initrd \
          -drive id=d0,file=/srv/disk.img,format=raw,if=none -device virtio-blk-device,drive=d0 \
          -append '{CMDLINE} -- /bin/sh /bench.sh qemu' </dev/null"
@@ -87,7 +87,7 @@ fn main() -> Result<()> {
     );
     for _ in 0..args.runs {
         script.push_str(
-            "/vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 256 \
+            "/vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 768 \
              --drive id=d,path=/srv/disk.img -- /bin/sh /bench.sh vmm </dev/null\n",
         );
         script.push_str(&qemu_cmd);

@@ -3,6 +3,8 @@
 //!
 //! - `gridinit.env=KEY=VALUE`: one variable of the entrypoint's environment;
 //! - `gridinit.root=TAG`: the virtio-fs tag to mount as the root (see `rootfs`);
+//! - `gridinit.grace=SECS`: on a graceful shutdown, the entrypoint's time between SIGTERM and
+//!   SIGKILL (see `shutdown`);
 //! - every word after the first standalone `--`: the entrypoint's argv.
 //!
 //! Values and argv words are percent-encoded by the VMM: `%XX` stands for the byte XX, so
@@ -16,12 +18,14 @@ use std::os::unix::ffi::OsStringExt;
 
 const ENV_PREFIX: &str = "gridinit.env=";
 const ROOT_PREFIX: &str = "gridinit.root=";
+const GRACE_PREFIX: &str = "gridinit.grace=";
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct BootArgs {
     pub entrypoint: Vec<OsString>,
     pub env: Vec<(OsString, OsString)>,
     pub root: Option<String>,
+    pub grace_secs: Option<u32>,
 }
 
 /// Splits a command line into words; double quotes group words (and are kept out).
@@ -97,6 +101,8 @@ pub fn parse(cmdline: &str) -> BootArgs {
                     args.env.push((OsString::from(key), decode(value)));
                 }
             }
+        } else if let Some(secs) = word.strip_prefix(GRACE_PREFIX) {
+            args.grace_secs = secs.parse().ok();
         } else if let Some(tag) = word.strip_prefix(ROOT_PREFIX) {
             if !tag.is_empty() {
                 args.root = Some(tag.to_string());
@@ -134,6 +140,13 @@ mod tests {
         );
         assert_eq!(a.env, vec![("GREETING".into(), "hello there".into())]);
         assert_eq!(a.root.as_deref(), Some("rootfs"));
+    }
+
+    #[test]
+    fn grace_period() {
+        assert_eq!(parse("gridinit.grace=30 -- x").grace_secs, Some(30));
+        assert_eq!(parse("gridinit.grace=-1").grace_secs, None);
+        assert_eq!(parse("-- gridinit.grace=30").grace_secs, None);
     }
 
     #[test]

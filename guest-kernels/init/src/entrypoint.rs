@@ -44,6 +44,7 @@ pub fn run(args: &[OsString], mut env: Vec<(OsString, OsString)>) -> Result<u8, 
         })?;
     let pid = libc::pid_t::try_from(child.id())
         .map_err(|_| InitError::Setup(format!("child pid {} out of range", child.id())))?;
+    crate::shutdown::set_entrypoint(pid);
     reap_until(pid)
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Owns the top-level flow only: set up the early environment, tell the VMM the guest has
 //! booted, run the entrypoint given on the kernel command line (the words after ` -- `),
-//! report its exit status to the VMM and end the VM. Every path ends the VM: errors are
+//! report its exit status to the VMM and end the VM. A graceful shutdown (Ctrl-Alt-Del from
+//! the VMM) stops the entrypoint with SIGTERM, then SIGKILL after a grace period. Every path ends the VM: errors are
 //! reported as statuses, never as panics (a dying PID 1 panics the kernel).
 
 mod cmdline;
@@ -13,6 +14,7 @@ mod mounts;
 mod ports;
 mod power;
 mod rootfs;
+mod shutdown;
 
 use std::ffi::OsString;
 
@@ -36,6 +38,12 @@ fn run() -> u8 {
             return entrypoint::STATUS_SETUP_FAILED;
         }
     };
+    let grace = boot.grace_secs.unwrap_or(shutdown::DEFAULT_GRACE_SECS);
+    if let Err(e) = shutdown::arm(grace) {
+        console::log(&format!(
+            "graceful shutdown unavailable (Ctrl-Alt-Del will reset the VM): {e}"
+        ));
+    }
     if let Err(e) = rootfs::prepare(boot.root.as_deref()) {
         console::log(&format!("root filesystem setup failed: {e}"));
         return entrypoint::STATUS_SETUP_FAILED;

@@ -309,14 +309,7 @@ mod tests {
             progress: false,
         };
         flist_fs::pack::pack(&src, &img, &router, &opts).unwrap();
-        let share = crate::config::FsSpec {
-            tag: "t".into(),
-            dir: None,
-            image: Some(img),
-            writable_layer: None,
-            readonly: true,
-            ..Default::default()
-        };
+        let share = crate::config::FsSpec::image("t", img);
         let cache = Some(d.path().join("cache"));
         let node = NodeConfig {
             image_cache: cache.clone(),

@@ -34,6 +34,7 @@ pub use quota::{Limits, Quota};
 use crate::config::{FsSpec, ImageSettings};
 use crate::devices::virtio::fs::FsDevice;
 use crate::devices::virtio::VirtioDevice;
+use vm_spec::ShareSource;
 
 /// Where image chunks are cached when the spec does not say.
 pub const DEFAULT_IMAGE_CACHE: &str = "/var/cache/gridnode/chunks";
@@ -330,11 +331,20 @@ pub(crate) fn layered_share(
     ))
 }
 
-/// Builds the virtio-fs device for one (validated) share; images are opened with `images`
-/// (the node's cache and store policy).
+/// Builds the virtio-fs device for one (validated) share, with one request queue; images are
+/// opened with `images` (the node's cache and store policy).
 pub fn device_for(
     share: &FsSpec,
     images: impl Into<ImageSettings>,
+) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
+    device_with_queues(share, images, 1)
+}
+
+/// [`device_for`] with `request_queues` request queues (a VM's vCPU count, typically).
+pub fn device_with_queues(
+    share: &FsSpec,
+    images: impl Into<ImageSettings>,
+    request_queues: usize,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
     let tag = share.tag.as_str();
     let images: ImageSettings = images.into();
@@ -343,19 +353,25 @@ pub fn device_for(
         max_inodes: share.max_inodes,
     };
     let network = images.fetches_over_network();
-    match (&share.dir, &share.image, &share.writable_layer) {
-        (Some(dir), _, _) => device(tag, dir_share(tag, dir, share.readonly, limits)?, false),
-        (None, Some(path), Some(layer)) => device(
+    match &share.source {
+        ShareSource::Dir { path, readonly } => device(
             tag,
-            layered_share(tag, path, layer, limits, &images)?,
-            network,
+            dir_share(tag, path, *readonly, limits)?,
+            false,
+            request_queues,
         ),
-        (None, Some(path), None) => device(tag, image_share(tag, path, &images)?, network),
-        (None, None, _) => Err(FsBackendError::Dir {
-            tag: tag.to_string(),
-            path: String::new(),
-            source: std::io::Error::other("the share names neither a directory nor an image"),
-        }),
+        ShareSource::LayeredImage { image, layer } => device(
+            tag,
+            layered_share(tag, image, layer, limits, &images)?,
+            network,
+            request_queues,
+        ),
+        ShareSource::Image { image } => device(
+            tag,
+            image_share(tag, image, &images)?,
+            network,
+            request_queues,
+        ),
     }
 }
 
@@ -364,8 +380,11 @@ fn device<F: FileSystem + Send + Sync + 'static>(
     tag: &str,
     fs: Guard<F>,
     network: bool,
+    request_queues: usize,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
     Ok(Box::new(
-        FsDevice::new(tag, Arc::new(fs))?.with_network_fetch(network),
+        FsDevice::new(tag, Arc::new(fs))?
+            .with_network_fetch(network)
+            .with_request_queues(request_queues),
     ))
 }

@@ -47,13 +47,11 @@ impl Fixture {
     }
 
     fn share(&self, layer: bool) -> FsSpec {
-        FsSpec {
-            tag: "t".into(),
-            dir: None,
-            image: Some(self.tmp.path().join("img.flist")),
-            writable_layer: layer.then(|| self.tmp.path().join("layer")),
-            readonly: false,
-            ..Default::default()
+        let image = self.tmp.path().join("img.flist");
+        if layer {
+            FsSpec::layered_image("t", image, self.tmp.path().join("layer"))
+        } else {
+            FsSpec::image("t", image)
         }
     }
 }

@@ -1,5 +1,6 @@
 //! A vCPU: its boot configuration (CPUID, MSRs, LAPIC, registers) and the thread that runs it,
-//! dispatching I/O exits to the buses and turning fatal exits into a VM end with a register dump.
+//! dispatching I/O exits to the buses, parking when the VM is paused ([`RunState`]), and turning
+//! fatal exits into a VM end with a register dump.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -12,6 +13,7 @@ use crate::devices::bus::Bus;
 use crate::devices::log_limit::debug_limited;
 use crate::exit::{ExitSignal, VmExit};
 use crate::seccomp::ThreadFilter;
+use crate::vstate::run_state::{self, ExitReason, RunState};
 use crate::vstate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,88 +93,136 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the vCPU on its own thread until the VM ends.
+    /// Runs the vCPU on its own thread until the VM ends (or `state` says it is ending).
     /// The vCPU's thread installs `filter` before its first KVM_RUN.
     pub fn start(
         self,
         buses: Buses,
         exit: ExitSignal,
         filter: Arc<ThreadFilter>,
-    ) -> Result<JoinHandle<()>, VcpuError> {
+        state: Arc<RunState>,
+    ) -> Result<VcpuThread, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
+        // Counted as running before the thread exists, so a pause never misses it.
+        state.vcpu_started();
+        let thread_state = state.clone();
+        let spawned = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
                 if let Err(e) = crate::seccomp::apply_to_current_thread(&filter) {
                     exit.end(VmExit::Fault(format!(
                         "vCPU {index}: not running without its seccomp filter: {e}"
                     )));
-                    return;
+                } else {
+                    self.run(&buses, &exit, &thread_state);
                 }
-                self.run(&buses, &exit)
-            })
-            .map_err(|source| VcpuError::Thread { index, source })
+                thread_state.vcpu_ended();
+            });
+        match spawned {
+            Ok(thread) => Ok(VcpuThread { thread }),
+            Err(source) => {
+                state.vcpu_ended();
+                Err(VcpuError::Thread { index, source })
+            }
+        }
     }
 
-    fn run(mut self, buses: &Buses, exit: &ExitSignal) {
+    fn run(mut self, buses: &Buses, exit: &ExitSignal, state: &RunState) {
+        run_state::register_kvm_run(self.fd.get_kvm_run());
+        let index = self.index as usize;
+        let count = |reason: ExitReason| {
+            if let Some(counters) = state.exits(index) {
+                counters.count(reason);
+            }
+        };
         loop {
+            if !state.checkpoint() {
+                break;
+            }
             let outcome = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
+                    count(ExitReason::IoOut);
                     buses.pio.write(u64::from(port), data);
                     None
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
+                    count(ExitReason::IoIn);
                     if !buses.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                     None
                 }
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    count(ExitReason::MmioWrite);
                     buses.mmio.write(addr, data);
                     None
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
+                    count(ExitReason::MmioRead);
                     if !buses.mmio.read(addr, data) {
                         data.fill(0xff);
                     }
                     None
                 }
-                Ok(VcpuExit::Hlt) => None,
-                Ok(VcpuExit::Shutdown) => Some(VmExit::Fault(format!(
-                    "vCPU {} triple fault (KVM_EXIT_SHUTDOWN)\n{}",
-                    self.index,
-                    self.register_dump()
-                ))),
-                Ok(VcpuExit::SystemEvent(kind, _)) => Some(match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::GuestShutdown,
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::GuestReset,
-                    other => VmExit::Fault(format!(
-                        "vCPU {}: guest system event {other} (crash)\n{}",
+                Ok(VcpuExit::Hlt) => {
+                    count(ExitReason::Hlt);
+                    None
+                }
+                Ok(VcpuExit::Shutdown) => {
+                    count(ExitReason::Shutdown);
+                    Some(VmExit::Fault(format!(
+                        "vCPU {} triple fault (KVM_EXIT_SHUTDOWN)\n{}",
                         self.index,
                         self.register_dump()
-                    )),
-                }),
+                    )))
+                }
+                Ok(VcpuExit::SystemEvent(kind, _)) => {
+                    count(ExitReason::SystemEvent);
+                    Some(match kind {
+                        kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::GuestShutdown,
+                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::GuestReset,
+                        other => VmExit::Fault(format!(
+                            "vCPU {}: guest system event {other} (crash)\n{}",
+                            self.index,
+                            self.register_dump()
+                        )),
+                    })
+                }
                 Ok(VcpuExit::InternalError) => {
+                    count(ExitReason::InternalError);
                     // SAFETY: on KVM_EXIT_INTERNAL_ERROR the kernel fills the `internal` member.
                     let suberror =
                         unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     Some(VmExit::Fault(format!(
                         "vCPU {}: KVM internal error (suberror {suberror}{})\n{}",
                         self.index,
-                        if suberror == 1 { ", instruction emulation failed" } else { "" },
+                        if suberror == 1 {
+                            ", instruction emulation failed"
+                        } else {
+                            ""
+                        },
                         self.register_dump()
                     )))
                 }
-                Ok(VcpuExit::FailEntry(reason, cpu)) => Some(VmExit::Fault(format!(
-                    "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x}, host cpu {cpu})\n{}",
-                    self.index,
-                    self.register_dump()
-                ))),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                    count(ExitReason::FailEntry);
+                    Some(VmExit::Fault(format!(
+                        "vCPU {}: KVM could not enter the guest (hardware reason {reason:#x}, host cpu {cpu})\n{}",
+                        self.index,
+                        self.register_dump()
+                    )))
+                }
                 Ok(other) => {
+                    count(ExitReason::Other);
                     debug_limited!("vCPU {}: ignored exit {other:?}", self.index);
                     None
                 }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    // A kick: clear the flag its handler set, then look at the run state.
+                    count(ExitReason::Interrupted);
+                    self.fd.set_kvm_immediate_exit(0);
+                    None
+                }
                 Err(e) => Some(VmExit::Fault(format!(
                     "vCPU {}: KVM_RUN failed: {e}",
                     self.index
@@ -180,9 +230,10 @@ impl Vcpu {
             };
             if let Some(reason) = outcome {
                 exit.end(reason);
-                return;
+                break;
             }
         }
+        run_state::register_kvm_run(std::ptr::null_mut());
     }
 
     /// General and special registers, for fault reports.
@@ -204,5 +255,22 @@ impl Vcpu {
             Err(e) => out.push_str(&format!("  (special registers unavailable: {e})")),
         }
         out
+    }
+}
+
+/// A started vCPU thread, which the control API kicks out of KVM_RUN.
+pub struct VcpuThread {
+    thread: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Sends the kick signal to the thread (see [`run_state`]); harmless once it ended.
+    pub fn kick(&self) {
+        use std::os::unix::thread::JoinHandleExt;
+        // SAFETY: the thread is never joined while this handle lives, so its pthread_t is
+        // valid; pthread_kill of a finished (unjoined) thread is harmless.
+        unsafe {
+            libc::pthread_kill(self.thread.as_pthread_t(), run_state::kick_signal());
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The i8042 keyboard controller, enough of it for Linux to probe it at once (status, control
-//! byte, self-tests, command acknowledgements) and for a guest reboot (CPU reset through port
-//! 0x64, `reboot=k`) to reach the VMM, which then ends the VM. No keys are ever pressed.
+//! byte, self-tests, command acknowledgements), for a guest reboot (CPU reset through port
+//! 0x64, `reboot=k`) to reach the VMM, which then ends the VM, and for the VMM to press
+//! Ctrl-Alt-Del (a graceful shutdown request) with a keyboard interrupt (IRQ 1).
 //!
 //! A controller that never answers (as vm-superio's) makes the Linux driver wait out its
 //! command timeout at every boot, so this one answers like the real part.
@@ -11,12 +12,20 @@
 use std::collections::VecDeque;
 
 use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
 
 /// The controller occupies ports 0x60..=0x64.
 pub const I8042_BASE: u64 = 0x60;
 pub const I8042_LEN: u64 = 5;
+/// The keyboard's interrupt line.
+pub const KBD_IRQ: u32 = 1;
+
+/// Ctrl, Alt, Delete pressed: scan code set 1 (what the guest reads when the controller
+/// translates, the PC default) and set 2 (translation off).
+const CTRL_ALT_DEL_SET1: [u8; 4] = [0x1d, 0x38, 0xe0, 0x53];
+const CTRL_ALT_DEL_SET2: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
 
 const DATA_OFFSET: u64 = 0;
 const COMMAND_OFFSET: u64 = 4;
@@ -66,6 +75,8 @@ pub struct I8042<T: Trigger> {
     pending: Pending,
     last_was_command: bool,
     dropped: u64,
+    /// Raised when a keyboard byte waits for the guest (and the guest enabled the interrupt).
+    interrupt: Option<EventFd>,
 }
 
 impl<T: Trigger> I8042<T> {
@@ -78,6 +89,37 @@ impl<T: Trigger> I8042<T> {
             pending: Pending::KeyboardCommand,
             last_was_command: false,
             dropped: 0,
+            interrupt: None,
+        }
+    }
+
+    /// The controller with a keyboard interrupt (an irqfd on [`KBD_IRQ`]).
+    pub fn with_interrupt(mut self, interrupt: EventFd) -> Self {
+        self.interrupt = Some(interrupt);
+        self
+    }
+
+    /// Presses Ctrl-Alt-Del (Linux with the Ctrl-Alt-Del reboot disabled sends SIGINT to its
+    /// init). False when the output buffer has no room for the key codes.
+    pub fn press_ctrl_alt_del(&mut self) -> bool {
+        let codes = if self.control & CTR_TRANSLATE != 0 {
+            CTRL_ALT_DEL_SET1
+        } else {
+            CTRL_ALT_DEL_SET2
+        };
+        if OUTPUT_CAPACITY - self.output.len() < codes.len() {
+            return false;
+        }
+        self.output.extend(codes);
+        self.raise_interrupt();
+        true
+    }
+
+    fn raise_interrupt(&self) {
+        if self.control & CTR_KBD_INT != 0 && !self.output.is_empty() {
+            if let Some(interrupt) = &self.interrupt {
+                let _ = interrupt.write(1);
+            }
         }
     }
 
@@ -137,6 +179,8 @@ impl<T: Trigger> I8042<T> {
                 if value == KBD_CMD_RESET {
                     self.push(KBD_RESET_OK);
                 }
+                // The keyboard's answers arrive by interrupt.
+                self.raise_interrupt();
             }
         }
     }
@@ -145,7 +189,12 @@ impl<T: Trigger> I8042<T> {
 impl<T: Trigger + Send> BusDevice for I8042<T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = match offset {
-            DATA_OFFSET => self.output.pop_front().unwrap_or(0),
+            DATA_OFFSET => {
+                let byte = self.output.pop_front().unwrap_or(0);
+                // One byte per interrupt: the next one gets its own.
+                self.raise_interrupt();
+                byte
+            }
             COMMAND_OFFSET => self.status(),
             _ => 0,
         };
@@ -220,6 +269,38 @@ mod tests {
             (read(&mut dev, 0), read(&mut dev, 0)),
             (KBD_ACK, KBD_RESET_OK)
         );
+        assert!(!fired.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_pressed_in_the_guest_scan_code_set_with_an_interrupt() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let fired = Arc::new(AtomicBool::new(false));
+        let mut dev = I8042::new(Flag(fired.clone())).with_interrupt(irq.try_clone().unwrap());
+        assert!(dev.press_ctrl_alt_del());
+        assert_eq!(irq.read().unwrap(), 1);
+        let mut got = Vec::new();
+        while read(&mut dev, 4) & STATUS_OUTPUT_FULL != 0 {
+            got.push(read(&mut dev, 0));
+        }
+        assert_eq!(got, CTRL_ALT_DEL_SET1);
+        // One interrupt per byte after the first, none once empty.
+        assert_eq!(irq.read().unwrap(), 3);
+        // Translation off: set 2 codes; interrupts off: none raised.
+        dev.write(4, &[CMD_WRITE_CTR]);
+        dev.write(0, &[CTR_SYSTEM_FLAG]);
+        assert!(dev.press_ctrl_alt_del());
+        assert!(
+            irq.read().is_err(),
+            "no interrupt while the guest disabled it"
+        );
+        let got: Vec<u8> = (0..4).map(|_| read(&mut dev, 0)).collect();
+        assert_eq!(got, CTRL_ALT_DEL_SET2);
+        // A full buffer takes no half key sequence.
+        for _ in 0..OUTPUT_CAPACITY {
+            dev.write(4, &[CMD_SELF_TEST]);
+        }
+        assert!(!dev.press_ctrl_alt_del());
         assert!(!fired.load(Ordering::SeqCst));
     }
 

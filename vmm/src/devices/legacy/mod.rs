@@ -2,4 +2,5 @@
 
 pub mod guest_report;
 pub mod i8042;
+pub mod panic_watch;
 pub mod serial;

@@ -22,6 +22,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::{lock, BusDevice};
+use crate::devices::legacy::panic_watch::PanicWatch;
 use crate::devices::log_limit::debug_limited;
 
 /// Port I/O base and IRQ of COM1.
@@ -74,18 +75,27 @@ struct Shared {
     written: Condvar,
     capacity: usize,
     dropped: AtomicU64,
+    /// Every byte the guest wrote, kept or dropped (metrics).
+    from_guest: Arc<AtomicU64>,
+    /// The reason of a kernel panic the guest printed.
+    panic: Arc<std::sync::OnceLock<String>>,
 }
 
 /// The vCPU side of the output path: what the UART writes into. Never blocks on I/O.
 pub struct OutputBuffer {
     shared: Arc<Shared>,
+    panic: PanicWatch,
 }
 
 impl Write for OutputBuffer {
     /// Accepts what fits in the buffer; the rest is dropped and counted (never an error, so
     /// the UART carries on).
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.panic.feed(buf);
         let shared = &self.shared;
+        shared
+            .from_guest
+            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let mut st = lock(&shared.state);
         let was_empty = st.pending.is_empty();
         let room = shared.capacity.saturating_sub(st.pending.len());
@@ -149,6 +159,7 @@ impl SerialWriter {
         capacity: usize,
         filter: Option<Arc<crate::seccomp::ThreadFilter>>,
     ) -> std::io::Result<(OutputBuffer, SerialWriter)> {
+        let panic = PanicWatch::default();
         let shared = Arc::new(Shared {
             state: Mutex::new(OutState {
                 pending: Vec::with_capacity(capacity.min(LINE_BUFFER_LIMIT)),
@@ -162,6 +173,8 @@ impl SerialWriter {
             written: Condvar::new(),
             capacity,
             dropped: AtomicU64::new(0),
+            from_guest: Arc::default(),
+            panic: panic.seen(),
         });
         let guard = AliveGuard(shared.clone());
         let thread = std::thread::Builder::new()
@@ -178,6 +191,7 @@ impl SerialWriter {
         Ok((
             OutputBuffer {
                 shared: shared.clone(),
+                panic,
             },
             SerialWriter {
                 shared,
@@ -187,6 +201,16 @@ impl SerialWriter {
     }
 
     /// Guest output bytes dropped because the buffer was full.
+    /// The reason of the kernel panic the guest printed on its console, if it did.
+    pub fn guest_panic(&self) -> Option<String> {
+        self.shared.panic.get().cloned()
+    }
+
+    /// The count of bytes the guest wrote to the console (kept or dropped).
+    pub fn guest_bytes(&self) -> Arc<AtomicU64> {
+        self.shared.from_guest.clone()
+    }
+
     pub fn dropped(&self) -> u64 {
         self.shared.dropped.load(Ordering::Relaxed)
     }

@@ -44,7 +44,7 @@ const STATUS_STEPS: [u32; 4] = [
     STATUS_DRIVER_OK,
 ];
 
-/// Guest-triggered events of one transport, for a future metrics endpoint.
+/// Guest-triggered events of one transport (the control API's metrics).
 #[derive(Debug, Default)]
 pub struct MmioCounters {
     /// Accesses of the wrong size, to registers that do not exist, or notifications of queues
@@ -137,6 +137,16 @@ impl MmioTransport {
     /// Guest-triggered events seen by this transport.
     pub fn counters(&self) -> Arc<MmioCounters> {
         self.counters.clone()
+    }
+
+    /// The device's own counters, if it keeps them.
+    pub fn device_metrics(&self) -> Option<Arc<crate::devices::virtio::VirtioMetrics>> {
+        self.device.metrics()
+    }
+
+    /// Replaces the device's rate limits (control API).
+    pub fn set_rate_limiter(&mut self, limits: &vm_spec::RateLimiterSpec) -> Result<(), String> {
+        self.device.set_rate_limiter(limits)
     }
 
     fn selected_queue(&self) -> Option<&Queue> {

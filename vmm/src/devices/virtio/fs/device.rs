@@ -21,9 +21,9 @@ use crate::devices::virtio::{
 /// The tag field of the config space is 36 bytes, not necessarily NUL-terminated.
 pub const MAX_TAG_LEN: usize = 36;
 const QUEUE_SIZE: u16 = 1024;
-/// hiprio + one request queue.
-const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
-const REQUEST_QUEUES: u32 = 1;
+/// Most request queues a device offers (besides its hiprio queue). Linux maps guest CPUs onto
+/// them, so a request that waits on a slow store holds up only its own CPU's queue.
+pub const MAX_REQUEST_QUEUES: usize = 8;
 /// How long a reset waits for the queue workers to finish the requests they are serving.
 const WORKER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -36,6 +36,8 @@ pub enum FsDeviceError {
 pub struct FsDevice<F: FileSystem + Send + Sync + 'static> {
     tag: String,
     config: Vec<u8>,
+    /// hiprio, then the request queues.
+    queue_sizes: Vec<u16>,
     fs: Arc<F>,
     server: Arc<Server<Arc<F>>>,
     acked_features: u64,
@@ -62,10 +64,11 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
         }
         let mut config = vec![0u8; MAX_TAG_LEN + 4];
         config[..tag.len()].copy_from_slice(tag.as_bytes());
-        config[MAX_TAG_LEN..].copy_from_slice(&REQUEST_QUEUES.to_le_bytes());
+        config[MAX_TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         Ok(Self {
             tag: tag.to_string(),
             config,
+            queue_sizes: vec![QUEUE_SIZE; 2],
             server: Arc::new(Server::new(fs.clone())),
             fs,
             acked_features: 0,
@@ -76,6 +79,16 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
             stop_timeout: WORKER_STOP_TIMEOUT,
             counters: Arc::new(FsCounters::default()),
         })
+    }
+
+    /// The device with `count` request queues (1 to [`MAX_REQUEST_QUEUES`], clamped), each
+    /// served by its own worker thread. Set before the workers start.
+    pub fn with_request_queues(mut self, count: usize) -> Self {
+        let count = count.clamp(1, MAX_REQUEST_QUEUES);
+        self.queue_sizes = vec![QUEUE_SIZE; count + 1];
+        let field = u32::try_from(count).unwrap_or(1).to_le_bytes();
+        self.config[MAX_TAG_LEN..].copy_from_slice(&field);
+        self
     }
 
     /// Guest-triggered events seen by this device's workers.
@@ -104,7 +117,7 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
             } else {
                 None
             };
-            let pool = WorkerPool::start(&self.tag, QUEUE_SIZES.len(), filter)
+            let pool = WorkerPool::start(&self.tag, self.queue_sizes.len(), filter)
                 .map_err(ActivateError::Worker)?;
             self.pool = Some(pool);
         }
@@ -150,7 +163,7 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
+        &self.queue_sizes
     }
 
     fn avail_features(&self) -> u64 {
@@ -176,10 +189,10 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
             queue_events,
             interrupt,
         } = activation;
-        if queues.len() != QUEUE_SIZES.len() || queue_events.len() != queues.len() {
+        if queues.len() != self.queue_sizes.len() || queue_events.len() != queues.len() {
             return Err(ActivateError::QueueCount {
                 got: queues.len(),
-                needed: QUEUE_SIZES.len(),
+                needed: self.queue_sizes.len(),
             });
         }
         if self.stop.is_some() {
@@ -233,6 +246,10 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
         }
         self.acked_features = 0;
         true
+    }
+
+    fn metrics(&self) -> Option<Arc<crate::devices::virtio::VirtioMetrics>> {
+        Some(self.counters.virtio.clone())
     }
 }
 

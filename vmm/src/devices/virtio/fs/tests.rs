@@ -7,10 +7,12 @@ use fuse_backend_rs::passthrough::{Config, PassthroughFs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device::{MAX_REQUEST_QUEUES, MAX_TAG_LEN};
 use super::worker::{FsCounters, QueueWorker};
 use super::FsDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::test_utils::{Buffer, TestDriver};
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::VirtioInterrupt;
 use fuse_backend_rs::api::server::Server;
 
@@ -489,10 +491,25 @@ fn eventually<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
 /// Through the MMIO registers, as the guest's driver: bring the device up with the request
 /// queue at `driver`'s rings, send FUSE_INIT and a lookup, and check the replies.
 fn bring_up_and_serve(fx: &Fixture, t: &mut MmioTransport, driver: &mut TestDriver, unique: u64) {
+    bring_up_and_serve_on(fx, t, driver, unique, 2, 1);
+}
+
+/// [`bring_up_and_serve`] for a device with `queues` queues (hiprio included), serving on
+/// queue `serve_on`; the other queues get rings of their own that nothing uses.
+fn bring_up_and_serve_on(
+    fx: &Fixture,
+    t: &mut MmioTransport,
+    driver: &mut TestDriver,
+    unique: u64,
+    queues: u32,
+    serve_on: u32,
+) {
     use crate::devices::virtio::mmio::tests::{negotiate, rd, setup_queue, wr};
     negotiate(t);
-    setup_queue(t, 0, 16, 0x8_0000);
-    wr(t, 0x30, 1);
+    for q in (0..queues).filter(|q| *q != serve_on) {
+        setup_queue(t, q, 16, 0x8_0000 + q * 0x1_0000);
+    }
+    wr(t, 0x30, serve_on);
     wr(t, 0x38, 16);
     let [desc, avail, used] = driver.ring_addresses();
     for (reg, addr) in [(0x80, desc), (0x90, avail), (0xa0, used)] {
@@ -522,7 +539,7 @@ fn bring_up_and_serve(fx: &Fixture, t: &mut MmioTransport, driver: &mut TestDriv
                 writable: true,
             },
         ]);
-        wr(t, 0x50, 1);
+        wr(t, 0x50, serve_on);
         let (_, len) = eventually(|| driver.pop_used()).expect("the worker answers");
         let mut reply = vec![0u8; len as usize];
         fx.mem.read_slice(&mut reply, GuestAddress(REPLY)).unwrap();
@@ -588,6 +605,38 @@ fn reset_joins_the_workers_and_the_device_serves_again() {
         Some(0),
         "dropping the device ends its worker threads"
     );
+}
+
+#[test]
+fn several_request_queues_each_get_a_worker() {
+    use crate::devices::virtio::mmio::tests::{rd, wr};
+    let fx = Fixture::new();
+    let device = FsDevice::new("mq", Arc::new(fx.fs()))
+        .unwrap()
+        .with_request_queues(3);
+    let mut config = [0u8; 4];
+    device.read_config(MAX_TAG_LEN as u64, &mut config);
+    assert_eq!(u32::from_le_bytes(config), 3, "num_request_queues");
+    assert_eq!(device.queue_max_sizes().len(), 4, "hiprio + 3");
+    let irq = Arc::new(VirtioInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    let mut t = MmioTransport::new(Box::new(device), fx.mem.clone(), irq).unwrap();
+    wr(&mut t, 0x30, 4);
+    assert_eq!(rd(&mut t, 0x34), 0, "no fifth queue");
+    let mut driver = TestDriver::at(&fx.mem, GuestAddress(0x4_0000), 16);
+    // Requests on the last request queue are served.
+    bring_up_and_serve_on(&fx, &mut t, &mut driver, 1, 4, 3);
+    // (A new thread sets its own name once it runs.)
+    assert_eq!(
+        eventually(|| Some(threads_named("fs-mq-q")).filter(|n| *n == 4)),
+        Some(4)
+    );
+    // The count is clamped.
+    let many = FsDevice::new("many", Arc::new(fx.fs()))
+        .unwrap()
+        .with_request_queues(1000);
+    assert_eq!(many.queue_max_sizes().len(), MAX_REQUEST_QUEUES + 1);
 }
 
 /// A filesystem whose FUSE_INIT blocks until the test opens the gate.

@@ -15,11 +15,13 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::log_limit::{error_limited, warn_limited};
-use crate::devices::virtio::VirtioInterrupt;
+use crate::devices::virtio::{VirtioInterrupt, VirtioMetrics};
 
-/// Guest-triggered events of one virtio-fs device, for a future metrics endpoint.
+/// Guest-triggered events of one virtio-fs device (the control API's metrics).
 #[derive(Debug, Default)]
 pub struct FsCounters {
+    /// The counters every virtio device keeps: requests, bytes answered, errors.
+    pub virtio: Arc<VirtioMetrics>,
     /// Chains whose buffers could not be mapped (outside guest memory, wrong direction).
     pub malformed_chains: AtomicU64,
     /// Requests the FUSE server could not decode or answer.
@@ -137,8 +139,14 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
                     .server
                     .handle_message(reader, writer.into(), None, None)
                 {
-                    Ok(written) => u32::try_from(written).unwrap_or(u32::MAX),
+                    Ok(written) => {
+                        let metrics = &self.counters.virtio;
+                        VirtioMetrics::add(&metrics.requests, 1);
+                        VirtioMetrics::add(&metrics.bytes_read, written as u64);
+                        u32::try_from(written).unwrap_or(u32::MAX)
+                    }
                     Err(e) => {
+                        VirtioMetrics::add(&self.counters.virtio.errors, 1);
                         self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
                         warn_limited!("virtio-fs {}: bad request: {e}", self.tag);
                         0
@@ -146,6 +154,7 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
                 }
             }
             (Err(e), _) | (_, Err(e)) => {
+                VirtioMetrics::add(&self.counters.virtio.errors, 1);
                 self.counters
                     .malformed_chains
                     .fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,41 @@
+//! Helpers shared by the vmm's integration tests: the freestanding test guest (built once per
+//! test binary) and the /dev/kvm check.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn test_guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("test-guest");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-kernels/test-guest/build.sh");
+        let status = Command::new("bash")
+            .arg(&script)
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run the test-guest build script");
+        assert!(status.success(), "building the test guest failed");
+        out
+    })
+}
+
+pub fn guest(variant: &str) -> PathBuf {
+    test_guests().join(format!("test-guest-{variant}"))
+}
+
+pub fn kvm_available() -> bool {
+    if std::fs::File::open("/dev/kvm").is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "/dev/kvm is required for these tests in CI"
+    );
+    eprintln!("skipping: /dev/kvm is not available");
+    false
+}
