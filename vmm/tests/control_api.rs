@@ -504,3 +504,38 @@ fn the_exit_record_tells_every_end_and_a_killed_vmm_leaves_nothing_in_the_way() 
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a socket"));
     assert_eq!(std::fs::read(&not_a_socket).unwrap(), b"keep me");
 }
+
+#[test]
+fn drives_and_the_rng_take_new_rate_limits_and_report_their_counters() {
+    if !kvm_available() {
+        return;
+    }
+    let images = tempfile::tempdir().unwrap();
+    let image = images.path().join("data.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("id=data,path={}", image.display());
+    let vm = Vmm::start(&["--drive", &drive, "--rng"]);
+    vm.wait_until_running();
+    let limits = r#"{"rate_limiter":{"bandwidth":{"size":1048576,"refill_time_ms":100},"ops":{"size":100,"refill_time_ms":1000,"one_time_burst":50}}}"#;
+    for id in ["data", "rng"] {
+        let (status, answer) = vm.request("PATCH", &format!("/devices/{id}"), Some(limits));
+        assert_eq!(status, 204, "{id}: {answer}");
+        let (status, answer) = vm.request(
+            "PATCH",
+            &format!("/devices/{id}"),
+            Some(r#"{"rate_limiter":{}}"#),
+        );
+        assert_eq!(status, 204, "{id}: limits lifted: {answer}");
+    }
+    let (status, text) = vm.request("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    for id in ["data", "rng"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("vmm_virtio_throttled_total{")
+                    && l.contains(&format!("device=\"{id}\""))),
+            "no counters for {id}:\n{text}"
+        );
+    }
+    assert!(vm.guest_runs(), "the guest never noticed");
+}
