@@ -15,6 +15,8 @@ packages=(
     libseccomp-dev util-linux attr
     # virtiofsd (benchmark peer) builds against libcap-ng
     libcap-ng-dev
+    # virtio-blk: mkfs/fsck in the guest (e2e), fio in the guest (benchmark)
+    e2fsprogs fio
 )
 
 missing=()
