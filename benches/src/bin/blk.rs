@@ -25,6 +25,9 @@ struct Args {
     /// cross-CPU wake-ups, which nested TCG makes slow).
     #[arg(long, default_value_t = 2)]
     bed_cpus: u32,
+    /// The vmm's log filter (VMM_LOG), e.g. `debug` to see slow requests.
+    #[arg(long, default_value = "warn")]
+    vmm_log: String,
 }
 
 const CMDLINE: &str =
@@ -86,12 +89,13 @@ fn main() -> Result<()> {
          -drive id=d0,file=/srv/disk.img,format=raw,if=none -device virtio-blk-device,drive=d0 \
          -append '{CMDLINE} -- /bin/sh /bench.sh qemu' </dev/null"
     );
-    let mut script = String::from(
+    let mut script = format!("export VMM_LOG={}\n", args.vmm_log);
+    script.push_str(
         "mkdir -p /srv && dd if=/dev/urandom of=/srv/disk.img bs=1M count=256 2>/dev/null\n",
     );
     for _ in 0..args.runs {
         script.push_str(
-            "/vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 768 \
+            "VMM_LOG=${VMM_LOG:-warn} /vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 768 \
              --drive id=d,path=/srv/disk.img -- /bin/sh /bench.sh vmm </dev/null\n",
         );
         script.push_str(&qemu_cmd);
@@ -105,6 +109,9 @@ fn main() -> Result<()> {
     let mut bed = Testbed::from_system()?;
     bed.cpus = args.bed_cpus;
     let out = bed.run(&with_qemu(job, &qemu))?;
+    let saved = artifacts::target_dir().join("blk-bench-output.txt");
+    std::fs::write(&saved, &out.output)?;
+    println!("(the job's whole output: {})", saved.display());
 
     // name -> vmm -> samples of (MiB/s, IOPS).
     let mut results: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();

@@ -13,10 +13,13 @@ use super::request::{
     Completion, DiscardLimits, Request, RequestType, Target, VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_S_IOERR,
 };
-use crate::devices::log_limit::warn_limited;
+use crate::devices::log_limit::{debug_limited, warn_limited};
 use crate::devices::virtio::queue_worker::{QueueServer, Served};
 use crate::devices::virtio::VirtioMetrics;
 use crate::rate_limiter::SharedRateLimiter;
+
+/// Requests slower than this on the host are logged (debug level, rate-limited).
+const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_millis(1);
 
 pub(crate) struct BlockQueue {
     pub id: String,
@@ -62,11 +65,21 @@ impl BlockQueue {
             discard: self.discard,
             mem: &self.mem,
         };
+        let started = std::time::Instant::now();
         let Completion {
             status,
             used_len,
             error,
         } = request.execute(&target);
+        let took = started.elapsed();
+        if took > SLOW_REQUEST {
+            debug_limited!(
+                "virtio-blk {}: {:?} of {} bytes took {took:?}",
+                self.id,
+                request.kind,
+                request.data_len
+            );
+        }
         if let Some(why) = error {
             VirtioMetrics::add(&self.metrics.errors, 1);
             warn_limited!(
