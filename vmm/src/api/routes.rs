@@ -93,6 +93,34 @@ fn printable(path: &str) -> String {
     path.chars().take(200).collect()
 }
 
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
+    if body.is_empty() {
+        return Err(Response::error(400, "the request needs a JSON body"));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))
+}
+
+fn act(control: &VmControl, action: VmAction) -> Response {
+    match control.act(action) {
+        Ok(()) if action == VmAction::Shutdown => Response::no_content_with(202),
+        Ok(()) => Response::no_content(),
+        Err(e) => {
+            let status = match &e {
+                ActionError::RunState {
+                    source: RunStateError::Timeout { .. },
+                    ..
+                } => 503,
+                ActionError::RunState { .. } | ActionError::Ending | ActionError::ShuttingDown => {
+                    409
+                }
+                _ => 400,
+            };
+            Response::error(status, e.to_string())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,33 +158,5 @@ mod tests {
             answer.body.len() < 1000,
             "the error quotes at most 200 characters"
         );
-    }
-}
-
-fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Response> {
-    if body.is_empty() {
-        return Err(Response::error(400, "the request needs a JSON body"));
-    }
-    serde_json::from_slice(body)
-        .map_err(|e| Response::error(400, format!("invalid request body: {e}")))
-}
-
-fn act(control: &VmControl, action: VmAction) -> Response {
-    match control.act(action) {
-        Ok(()) if action == VmAction::Shutdown => Response::no_content_with(202),
-        Ok(()) => Response::no_content(),
-        Err(e) => {
-            let status = match &e {
-                ActionError::RunState {
-                    source: RunStateError::Timeout { .. },
-                    ..
-                } => 503,
-                ActionError::RunState { .. } | ActionError::Ending | ActionError::ShuttingDown => {
-                    409
-                }
-                _ => 400,
-            };
-            Response::error(status, e.to_string())
-        }
     }
 }
