@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::fs::{FsSpec, FsSpecError};
+use crate::vsock::{VsockSpec, VsockSpecError};
 
 pub const MIN_VCPUS: u32 = 1;
 pub const MAX_VCPUS: u32 = 32;
@@ -168,6 +169,9 @@ pub struct VmSpec {
     /// Kept for compatibility: the node configuration's `image_cache` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_cache: Option<PathBuf>,
+    /// The virtio-vsock device (guest context id and host unix socket), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSpec>,
 }
 
 /// Kernel arguments through which the guest init learns its root tag and environment; the
@@ -204,6 +208,8 @@ pub enum SpecError {
     Fs(#[from] FsSpecError),
     #[error("the kernel command line has a ` -- `; give the entrypoint as the spec's entrypoint instead")]
     CmdlineHasInitArgs,
+    #[error(transparent)]
+    Vsock(#[from] VsockSpecError),
 }
 
 impl VmSpec {
@@ -222,6 +228,7 @@ impl VmSpec {
             fs: Vec::new(),
             root: None,
             image_cache: None,
+            vsock: None,
         }
     }
 
@@ -258,6 +265,9 @@ impl VmSpec {
         }
         for arg in &self.entrypoint {
             check_no_nul("entrypoint argument", arg)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         Ok(())
     }
@@ -408,5 +418,24 @@ mod tests {
         let mut s = spec();
         s.cmdline = "foo -- bar".into();
         assert_eq!(s.validate(), Err(SpecError::CmdlineHasInitArgs));
+    }
+
+    #[test]
+    fn vsock_is_validated_with_the_spec() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "vsock": {"guest_cid": 2, "uds_path": "/run/v.sock"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            s.validate(),
+            Err(SpecError::Vsock(VsockSpecError::ReservedCid(2)))
+        );
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "vsock": {"guest_cid": 3, "uds_path": "/run/v.sock"}}"#,
+        )
+        .unwrap();
+        s.validate().unwrap();
+        let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s, "round trip");
     }
 }
