@@ -22,6 +22,8 @@ use crate::devices::legacy::serial::{
     LogFile, SerialDevice, SerialOut, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN, DRAIN_TIMEOUT,
 };
 use crate::devices::virtio::mmio::TransportError;
+use crate::devices::virtio::vsock::{SocketFile, VsockDevice, VsockError};
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitSignal, VmExit};
 use crate::fs_backends::{self, FsBackendError};
 use crate::vstate::memory::{self, MemoryError};
@@ -71,6 +73,8 @@ pub enum BuildError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
 }
 
 /// A VM whose vCPUs are running.
@@ -81,6 +85,8 @@ pub struct RunningVm {
     _vcpu_threads: Vec<JoinHandle<()>>,
     _memory: GuestMemoryMmap,
     _vm: Vm,
+    /// Socket files the devices made (the vsock's listener), removed when the VM ends.
+    socket_files: Vec<SocketFile>,
 }
 
 impl RunningVm {
@@ -90,6 +96,11 @@ impl RunningVm {
         let reason = self.exit.wait();
         if !self.serial_writer.drain(DRAIN_TIMEOUT) {
             tracing::warn!("the guest's last console output could not be written out");
+        }
+        for file in &self.socket_files {
+            if !file.remove() {
+                tracing::warn!("cannot remove the socket {}", file.path().display());
+            }
         }
         let dropped = self.serial_writer.dropped();
         if dropped > 0 {
@@ -127,13 +138,13 @@ fn device_err(what: &'static str) -> impl FnOnce(std::io::Error) -> BuildError {
 
 /// Creates each virtio device (its threads start now, before any vCPU: a vCPU never creates
 /// a thread) and attaches it through the device manager; returns the MMIO bus with the
-/// kernel arguments that announce the devices.
+/// kernel arguments that announce the devices, and the socket files the devices made.
 fn attach_virtio_devices(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     spec: &VmSpec,
     images: &ImageSettings,
-) -> Result<(Bus, Vec<String>), BuildError> {
+) -> Result<(Bus, Vec<String>, Vec<SocketFile>), BuildError> {
     let mut manager = DeviceManager::new();
     for share in &spec.fs {
         let mut device = fs_backends::device_for(share, images)?;
@@ -143,8 +154,18 @@ fn attach_virtio_devices(
         })?;
         manager.attach_virtio(vm, mem, &share.tag, device)?;
     }
+    let mut socket_files = Vec::new();
+    if let Some(vsock) = &spec.vsock {
+        let mut device = VsockDevice::new(vsock.guest_cid, &vsock.uds_path)?;
+        socket_files.push(device.socket_file());
+        device.start_workers().map_err(|e| BuildError::Device {
+            what: "vsock worker",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        manager.attach_virtio(vm, mem, "vsock", Box::new(device))?;
+    }
     let args = manager.kernel_args();
-    Ok((manager.into_bus(), args))
+    Ok((manager.into_bus(), args, socket_files))
 }
 
 /// The seccomp filter of the vmm's own threads (see [`crate::seccomp::ThreadKind::Vmm`]).
@@ -195,7 +216,7 @@ pub fn build(
         Some(path) => Some(boot::load_initrd(&guest_memory, path, kernel.end)?),
         None => None,
     };
-    let (mmio, device_args) = attach_virtio_devices(&vm, &guest_memory, spec, images)?;
+    let (mmio, device_args, socket_files) = attach_virtio_devices(&vm, &guest_memory, spec, images)?;
     boot::write_boot_info(
         &guest_memory,
         &kernel,
@@ -272,5 +293,6 @@ pub fn build(
         _vcpu_threads: vcpu_threads,
         _memory: guest_memory,
         _vm: vm,
+        socket_files,
     })
 }

@@ -35,6 +35,9 @@ pub enum ThreadKind {
     /// reports it), the console writer (writes and rotates the console log) and the stdin
     /// forwarder (terminal mode).
     Vmm,
+    /// The virtio-vsock worker: its epoll loop over the queues and unix sockets (accepting
+    /// host programs, connecting to `<uds_path>_PORT`).
+    VsockWorker,
 }
 
 /// What a call outside the list gets.
@@ -191,6 +194,18 @@ const VMM: &[i64] = &[
     libc::SYS_fsync,
     libc::SYS_fdatasync,
     libc::SYS_rt_sigaction,
+    // Removing the vsock's listening socket file when the VM ends.
+    libc::SYS_unlink,
+];
+
+/// The vsock worker: its epoll set and unix stream sockets (the socket call is checked).
+const VSOCK_WORKER: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
 ];
 
 /// Terminal ioctls of the stdin forwarder (raw mode and back).
@@ -307,6 +322,22 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
                 ioctls.push(SeccompRule::new(vec![arg(1, SeccompCmpOp::Eq, request)?])?);
             }
             rules.insert(libc::SYS_ioctl, ioctls);
+        }
+        ThreadKind::VsockWorker => {
+            plain(&mut rules, VSOCK_WORKER);
+            // Non-blocking unix stream sockets only, made and accepted.
+            let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+            rules.insert(
+                libc::SYS_socket,
+                vec![SeccompRule::new(vec![
+                    arg(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?,
+                    arg(1, SeccompCmpOp::Eq, libc::SOCK_STREAM as u64 | flags)?,
+                ])?],
+            );
+            rules.insert(
+                libc::SYS_accept4,
+                vec![SeccompRule::new(vec![arg(3, SeccompCmpOp::Eq, flags)?])?],
+            );
         }
         ThreadKind::FsWorker { network } => {
             plain(&mut rules, FS_WORKER);
@@ -560,6 +591,32 @@ mod tests {
         assert!(unix);
         assert_eq!(inet, Some(libc::EPERM));
         assert_eq!(open, Some(libc::EPERM));
+    }
+
+    #[test]
+    fn vsock_workers_make_unix_stream_sockets_only() {
+        let (unix, blocking, inet, open) = under(ThreadKind::VsockWorker, || {
+            let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+            // SAFETY: plain socket calls; descriptors closed at once.
+            let unix = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | flags, 0) };
+            if unix >= 0 {
+                unsafe { libc::close(unix) };
+            }
+            let blocking = errno_of(unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0)
+            });
+            let inet = errno_of(unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM | flags, 0)
+            });
+            let open = std::fs::File::open("/etc/hostname")
+                .err()
+                .and_then(|e| e.raw_os_error());
+            (unix >= 0, blocking, inet, open)
+        });
+        assert!(unix);
+        assert_eq!(blocking, Some(libc::EPERM), "only non-blocking sockets");
+        assert_eq!(inet, Some(libc::EPERM), "only AF_UNIX");
+        assert_eq!(open, Some(libc::EPERM), "the worker opens no files");
     }
 
     #[test]
