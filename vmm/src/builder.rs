@@ -216,7 +216,8 @@ pub fn build(
         Some(path) => Some(boot::load_initrd(&guest_memory, path, kernel.end)?),
         None => None,
     };
-    let (mmio, device_args, socket_files) = attach_virtio_devices(&vm, &guest_memory, spec, images)?;
+    let (mmio, device_args, socket_files) =
+        attach_virtio_devices(&vm, &guest_memory, spec, images)?;
     boot::write_boot_info(
         &guest_memory,
         &kernel,

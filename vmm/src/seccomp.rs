@@ -606,7 +606,12 @@ mod tests {
                 libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0)
             });
             let inet = errno_of(unsafe {
-                libc::syscall(libc::SYS_socket, libc::AF_INET, libc::SOCK_STREAM | flags, 0)
+                libc::syscall(
+                    libc::SYS_socket,
+                    libc::AF_INET,
+                    libc::SOCK_STREAM | flags,
+                    0,
+                )
             });
             let open = std::fs::File::open("/etc/hostname")
                 .err()

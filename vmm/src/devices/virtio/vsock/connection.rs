@@ -13,8 +13,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use super::packet::{
-    Header, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN,
-    SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
+    Header, HOST_CID, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN, SHUTDOWN_BOTH,
+    SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 
 /// Bytes of guest data the device buffers per connection: the `buf_alloc` it advertises.
@@ -124,11 +124,7 @@ impl Connection {
     }
 
     /// The guest asked for `host_port`, and its unix socket answered: a RESPONSE is owed.
-    pub fn from_guest(
-        stream: UnixStream,
-        guest_cid: u64,
-        request: &Header,
-    ) -> Self {
+    pub fn from_guest(stream: UnixStream, guest_cid: u64, request: &Header) -> Self {
         let mut conn = Self::new(stream, guest_cid, request.dst_port, request.src_port);
         conn.update_peer_credit(request);
         conn.pending = PENDING_RESPONSE;
@@ -191,9 +187,7 @@ impl Connection {
     /// Guest data of an RW packet; false when it exceeds the credit the device granted.
     pub fn push_guest_data(&mut self, data: &[u8]) -> bool {
         let buffered = self.tx_buf.len() - self.prefix;
-        if self.guest_shut & SHUTDOWN_SEND != 0
-            || buffered + data.len() > TX_BUF_SIZE as usize
-        {
+        if self.guest_shut & SHUTDOWN_SEND != 0 || buffered + data.len() > TX_BUF_SIZE as usize {
             return false;
         }
         self.tx_buf.extend(data);
@@ -235,8 +229,7 @@ impl Connection {
         if (self.fwd_cnt - self.last_fwd_cnt_sent).0 >= CREDIT_UPDATE_THRESHOLD {
             self.pending |= PENDING_CREDIT_UPDATE;
         }
-        if self.tx_buf.is_empty() && self.guest_shut & SHUTDOWN_SEND != 0 && !self.host_write_shut
-        {
+        if self.tx_buf.is_empty() && self.guest_shut & SHUTDOWN_SEND != 0 && !self.host_write_shut {
             self.host_write_shut = true;
             // The peer may be gone already; its end is seen on the reading side.
             let _ = self.stream.shutdown(std::net::Shutdown::Write);
@@ -307,7 +300,11 @@ impl Connection {
                 match self.stream.read(&mut scratch[..room]) {
                     Ok(0) => {
                         self.host_eof = true;
-                        let flags = if self.hup { SHUTDOWN_BOTH } else { SHUTDOWN_SEND };
+                        let flags = if self.hup {
+                            SHUTDOWN_BOTH
+                        } else {
+                            SHUTDOWN_SEND
+                        };
                         self.owe_shutdown(flags);
                     }
                     Ok(n) => {

@@ -246,12 +246,7 @@ impl VsockDevice {
 }
 
 /// The worker thread: serves one session per activation until told to end.
-fn worker_main(
-    cfg: WorkerConfig,
-    commands: Receiver<Command>,
-    wake: EventFd,
-    stopped: Sender<()>,
-) {
+fn worker_main(cfg: WorkerConfig, commands: Receiver<Command>, wake: EventFd, stopped: Sender<()>) {
     loop {
         let end = match commands.recv() {
             Ok(Command::Activate(session)) => match Muxer::new(cfg.clone(), session) {

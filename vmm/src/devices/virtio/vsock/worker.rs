@@ -31,8 +31,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{Connection, Fate, Next, State};
 use super::packet::{
-    Header, HDR_LEN, MAX_PAYLOAD, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
-    OP_RST, OP_RW, OP_SHUTDOWN, EVENT_TRANSPORT_RESET, HOST_CID,
+    Header, EVENT_TRANSPORT_RESET, HDR_LEN, HOST_CID, MAX_PAYLOAD, OP_CREDIT_REQUEST,
+    OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
 };
 use crate::devices::log_limit::{debug_limited, error_limited, warn_limited};
 use crate::devices::virtio::{VirtioInterrupt, VirtioMetrics};
@@ -259,7 +259,9 @@ impl Muxer {
         let mut signal = false;
         for (index, used) in self.used.iter_mut().enumerate() {
             if std::mem::take(used) {
-                signal |= self.queues[index].needs_notification(&self.mem).unwrap_or(true);
+                signal |= self.queues[index]
+                    .needs_notification(&self.mem)
+                    .unwrap_or(true);
             }
         }
         if signal {
@@ -444,7 +446,10 @@ impl Muxer {
         match conn.flush_to_host() {
             Ok(n) => VirtioMetrics::add(&self.cfg.metrics.bytes_written, n as u64),
             Err(e) => {
-                debug_limited!("vsock: host peer of guest port {} failed: {e}", conn.guest_port);
+                debug_limited!(
+                    "vsock: host peer of guest port {} failed: {e}",
+                    conn.guest_port
+                );
                 self.remove(token, true);
             }
         }
@@ -614,7 +619,10 @@ impl Muxer {
     fn free_host_port(&mut self) -> Option<u32> {
         for _ in 0..=MAX_CONNECTIONS {
             let port = self.next_host_port;
-            self.next_host_port = self.next_host_port.checked_add(1).unwrap_or(FIRST_HOST_PORT);
+            self.next_host_port = self
+                .next_host_port
+                .checked_add(1)
+                .unwrap_or(FIRST_HOST_PORT);
             if !self.host_ports.contains(&port) {
                 return Some(port);
             }
