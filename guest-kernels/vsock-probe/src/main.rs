@@ -1,0 +1,327 @@
+//! Both ends of the vsock end-to-end test, as one static program run inside the guest and on
+//! its host. Every connection runs the same exchange: the client sends a 16-byte request
+//! (length N, seed S) and N bytes generated from S; the server answers with the SHA-256 of
+//! what it received and then N bytes generated from `!S`; the client checks the digest
+//! against its own and hashes what comes back against the expected stream. So both
+//! directions are checked end to end.
+//!
+//! - `listen PORT COUNT` (guest): AF_VSOCK server on PORT for COUNT connections.
+//! - `connect CID PORT CONNS SMALL LARGE` (guest): CONNS concurrent AF_VSOCK connections of
+//!   SMALL bytes each way to CID:PORT, then one of LARGE bytes.
+//! - `serve PATH COUNT` (host): unix socket server on PATH (the vmm's `<uds>_PORT`).
+//! - `connect-uds UDS PORT CONNS SMALL LARGE` (host): like `connect`, through the vmm's
+//!   socket UDS with `CONNECT PORT\n`.
+//!
+//! Connections that are refused while the other side starts are retried for a minute.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+const CHUNK: usize = 64 * 1024;
+const RETRY_FOR: Duration = Duration::from_secs(60);
+
+type Result<T> = std::result::Result<T, String>;
+
+/// xorshift64* bytes from a seed.
+struct Stream(u64);
+
+impl Stream {
+    fn new(seed: u64) -> Self {
+        Self(seed | 1)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+fn send_stream(out: &mut impl Write, len: u64, seed: u64) -> Result<[u8; 32]> {
+    let mut gen = Stream::new(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        gen.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(|e| format!("send: {e}"))?;
+        left -= n as u64;
+    }
+    Ok(hash.finalize().into())
+}
+
+fn recv_hash(input: &mut impl Read, len: u64) -> Result<[u8; 32]> {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut left = len;
+    while left > 0 {
+        let want = left.min(CHUNK as u64) as usize;
+        let n = input
+            .read(&mut buf[..want])
+            .map_err(|e| format!("receive: {e}"))?;
+        if n == 0 {
+            return Err(format!("stream ended with {left} bytes missing"));
+        }
+        hash.update(&buf[..n]);
+        left -= n as u64;
+    }
+    Ok(hash.finalize().into())
+}
+
+fn expected_hash(len: u64, seed: u64) -> [u8; 32] {
+    send_stream(&mut std::io::sink(), len, seed).unwrap_or_default()
+}
+
+/// The server's side of one exchange.
+fn serve_one(mut conn: impl Read + Write) -> Result<u64> {
+    let mut req = [0u8; 16];
+    conn.read_exact(&mut req)
+        .map_err(|e| format!("request: {e}"))?;
+    let len = u64::from_le_bytes(req[..8].try_into().unwrap_or_default());
+    let seed = u64::from_le_bytes(req[8..].try_into().unwrap_or_default());
+    let digest = recv_hash(&mut conn, len)?;
+    conn.write_all(&digest)
+        .map_err(|e| format!("digest: {e}"))?;
+    send_stream(&mut conn, len, !seed)?;
+    conn.flush().map_err(|e| e.to_string())?;
+    Ok(len)
+}
+
+/// The client's side of one exchange.
+fn exchange(mut conn: impl Read + Write, len: u64, seed: u64) -> Result<()> {
+    let mut req = [0u8; 16];
+    req[..8].copy_from_slice(&len.to_le_bytes());
+    req[8..].copy_from_slice(&seed.to_le_bytes());
+    conn.write_all(&req).map_err(|e| format!("request: {e}"))?;
+    let sent = send_stream(&mut conn, len, seed)?;
+    let mut digest = [0u8; 32];
+    conn.read_exact(&mut digest)
+        .map_err(|e| format!("digest: {e}"))?;
+    if digest != sent {
+        return Err("the server's digest of our data differs".into());
+    }
+    if recv_hash(&mut conn, len)? != expected_hash(len, !seed) {
+        return Err("the data received differs from what the server sent".into());
+    }
+    Ok(())
+}
+
+fn vsock_listen(port: u32) -> Result<OwnedFd> {
+    // SAFETY: plain socket calls on a descriptor owned below; sockaddr_vm is plain data.
+    unsafe {
+        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!("vsock socket: {}", std::io::Error::last_os_error()));
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = libc::VMADDR_CID_ANY;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        if libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) != 0 {
+            return Err(format!("vsock bind: {}", std::io::Error::last_os_error()));
+        }
+        if libc::listen(fd, 64) != 0 {
+            return Err(format!("vsock listen: {}", std::io::Error::last_os_error()));
+        }
+        Ok(owned)
+    }
+}
+
+fn vsock_accept(listener: &OwnedFd) -> Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: accept on a listening socket; the new descriptor is owned below.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(format!("vsock accept: {}", std::io::Error::last_os_error()));
+    }
+    // A stream socket's read/write work on any family; UnixStream is only the wrapper.
+    // SAFETY: `fd` is new and owned by nothing else.
+    Ok(UnixStream::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+fn vsock_connect(cid: u32, port: u32) -> std::io::Result<UnixStream> {
+    // SAFETY: as in `vsock_listen`.
+    unsafe {
+        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_port = port;
+        addr.svm_cid = cid;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        if libc::connect(fd, (&addr as *const libc::sockaddr_vm).cast(), len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(UnixStream::from(owned))
+    }
+}
+
+/// Connects through the vmm's socket with Firecracker's `CONNECT` handshake.
+fn uds_connect(uds: &str, port: u32) -> std::io::Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds)?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    // Read the answer byte by byte: what follows it is the guest's data.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') && line.len() < 32 {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "closed without OK",
+            ));
+        }
+        line.push(byte[0]);
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(std::io::Error::other(format!(
+            "answer {:?}",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    Ok(stream)
+}
+
+fn retry<T>(what: &str, mut f: impl FnMut() -> std::io::Result<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(e) if start.elapsed() < RETRY_FOR => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(format!("{what}: {e}")),
+        }
+    }
+}
+
+/// CONNS concurrent exchanges of SMALL bytes, then one of LARGE bytes.
+fn run_clients(
+    connect: impl Fn() -> Result<UnixStream> + Sync,
+    conns: u32,
+    small: u64,
+    large: u64,
+) -> Result<()> {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..conns)
+            .map(|i| {
+                let connect = &connect;
+                s.spawn(move || exchange(connect()?, small, 1000 + u64::from(i)))
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            h.join()
+                .map_err(|_| format!("connection {i} panicked"))?
+                .map_err(|e| format!("connection {i}: {e}"))?;
+        }
+        Ok::<(), String>(())
+    })?;
+    let concurrent = start.elapsed();
+    let start = Instant::now();
+    exchange(connect()?, large, 77).map_err(|e| format!("large connection: {e}"))?;
+    let took = start.elapsed().as_secs_f64();
+    println!(
+        "vsock-probe: {conns} concurrent connections of {small} bytes ok in {:.2}s; \
+         {large} bytes each way ok in {took:.2}s ({:.1} MiB/s per direction)",
+        concurrent.as_secs_f64(),
+        large as f64 / (1 << 20) as f64 / took
+    );
+    Ok(())
+}
+
+fn serve(accept: impl Fn() -> Result<UnixStream>, count: u32) -> Result<()> {
+    std::thread::scope(|s| {
+        let mut handles = Vec::new();
+        for _ in 0..count {
+            let conn = accept()?;
+            handles.push(s.spawn(move || serve_one(conn)));
+        }
+        let mut total = 0;
+        for h in handles {
+            total += h
+                .join()
+                .map_err(|_| "server thread panicked".to_string())??;
+        }
+        println!("vsock-probe: served {count} connections, {total} bytes each way");
+        Ok(())
+    })
+}
+
+fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> Result<T> {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("argument {i} missing or invalid"))
+}
+
+fn run(args: &[String]) -> Result<()> {
+    match args.first().map(String::as_str) {
+        Some("listen") => {
+            let listener = vsock_listen(arg(args, 1)?)?;
+            serve(|| vsock_accept(&listener), arg(args, 2)?)
+        }
+        Some("connect") => {
+            let (cid, port): (u32, u32) = (arg(args, 1)?, arg(args, 2)?);
+            run_clients(
+                || retry("vsock connect", || vsock_connect(cid, port)),
+                arg(args, 3)?,
+                arg(args, 4)?,
+                arg(args, 5)?,
+            )
+        }
+        Some("serve") => {
+            let path: String = arg(args, 1)?;
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).map_err(|e| format!("bind {path}: {e}"))?;
+            serve(
+                || {
+                    listener
+                        .accept()
+                        .map(|(s, _)| s)
+                        .map_err(|e| format!("accept: {e}"))
+                },
+                arg(args, 2)?,
+            )
+        }
+        Some("connect-uds") => {
+            let (uds, port): (String, u32) = (arg(args, 1)?, arg(args, 2)?);
+            run_clients(
+                || retry("connect through the vmm", || uds_connect(&uds, port)),
+                arg(args, 3)?,
+                arg(args, 4)?,
+                arg(args, 5)?,
+            )
+        }
+        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds ...".into()),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = run(&args) {
+        eprintln!("vsock-probe: error: {e}");
+        std::process::exit(1);
+    }
+}
