@@ -120,6 +120,9 @@ pub struct Muxer {
     used: [bool; 3],
     /// A queue the guest broke (bad indices): the session serves nothing more until reset.
     broken: bool,
+    /// While accepting fails (out of descriptors), the listener is out of the epoll set
+    /// until then, so a level-triggered listener does not spin the loop.
+    listener_paused: Option<Instant>,
     scratch: Vec<u8>,
 }
 
@@ -177,6 +180,7 @@ impl Muxer {
             transport_reset_pending: false,
             used: [false; 3],
             broken: false,
+            listener_paused: None,
             scratch: vec![0u8; MAX_PAYLOAD as usize],
         })
     }
@@ -197,6 +201,7 @@ impl Muxer {
         loop {
             let timeout = if self.conns.values().any(|c| c.deadline.is_some())
                 || !self.handshakes.is_empty()
+                || self.listener_paused.is_some()
             {
                 500
             } else {
@@ -525,7 +530,13 @@ impl Muxer {
                 Ok(stream) => stream,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    warn_limited!("vsock: accept failed: {e}");
+                    warn_limited!("vsock: accept failed, retried in a second: {e}");
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        self.cfg.listener.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                    self.listener_paused = Some(Instant::now() + Duration::from_secs(1));
                     return;
                 }
             };
@@ -632,6 +643,16 @@ impl Muxer {
 
     /// Ends handshakes and connections whose time is up.
     fn expire(&mut self, now: Instant) {
+        if self.listener_paused.is_some_and(|until| now >= until) {
+            self.listener_paused = None;
+            if let Err(e) = self.epoll.ctl(
+                ControlOperation::Add,
+                self.cfg.listener.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_LISTENER),
+            ) {
+                error_limited!("vsock: cannot watch the listening socket again: {e}");
+            }
+        }
         self.handshakes.retain(|_, hs| hs.deadline > now);
         let expired: Vec<u64> = self
             .conns
