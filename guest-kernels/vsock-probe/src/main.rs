@@ -12,6 +12,12 @@
 //! - `connect-uds UDS PORT CONNS SMALL LARGE` (host): like `connect`, through the vmm's
 //!   socket UDS with `CONNECT PORT\n`.
 //!
+//! - `bench-serve PORT` (guest) / `bench-serve-unix PATH` (host, the baseline): serve the
+//!   benchmark's three connections (upload, download, ping-pong), then exit.
+//! - `bench UDS PORT MIB ROUNDS` (host): through the vmm's socket (`PORT` > 0) or straight to
+//!   the unix socket UDS (`PORT` = 0), measures host->guest and guest->host throughput (no
+//!   hashing: the device, not SHA-256) and the round-trip time of 1-byte messages.
+//!
 //! Connections that are refused while the other side starts are retried for a minute.
 
 use std::io::{Read, Write};
@@ -270,6 +276,111 @@ fn serve(accept: impl Fn() -> Result<UnixStream>, count: u32) -> Result<()> {
     })
 }
 
+/// One benchmark connection, server side: `U`pload (read N bytes, answer one byte),
+/// `D`ownload (send N bytes), `P`ing-pong (echo N one-byte messages).
+fn bench_serve_one(mut conn: impl Read + Write) -> Result<()> {
+    let mut req = [0u8; 9];
+    conn.read_exact(&mut req)
+        .map_err(|e| format!("request: {e}"))?;
+    let n = u64::from_le_bytes(req[1..].try_into().unwrap_or_default());
+    let mut buf = vec![0u8; CHUNK];
+    match req[0] {
+        b'U' => {
+            let mut left = n;
+            while left > 0 {
+                let want = left.min(CHUNK as u64) as usize;
+                let got = conn.read(&mut buf[..want]).map_err(|e| e.to_string())?;
+                if got == 0 {
+                    return Err("upload ended early".into());
+                }
+                left -= got as u64;
+            }
+            conn.write_all(b"k").map_err(|e| e.to_string())
+        }
+        b'D' => {
+            Stream::new(n).fill(&mut buf);
+            let mut left = n;
+            while left > 0 {
+                let len = left.min(CHUNK as u64) as usize;
+                conn.write_all(&buf[..len]).map_err(|e| e.to_string())?;
+                left -= len as u64;
+            }
+            Ok(())
+        }
+        b'P' => {
+            let mut byte = [0u8; 1];
+            for _ in 0..n {
+                conn.read_exact(&mut byte).map_err(|e| e.to_string())?;
+                conn.write_all(&byte).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+        op => Err(format!("unknown benchmark operation {op}")),
+    }
+}
+
+fn bench_request(conn: &mut UnixStream, op: u8, n: u64) -> Result<()> {
+    let mut req = [0u8; 9];
+    req[0] = op;
+    req[1..].copy_from_slice(&n.to_le_bytes());
+    conn.write_all(&req).map_err(|e| format!("request: {e}"))
+}
+
+fn bench(connect: impl Fn() -> Result<UnixStream>, mib: u64, rounds: u64) -> Result<()> {
+    let bytes = mib << 20;
+    let mut buf = vec![0u8; CHUNK];
+    Stream::new(5).fill(&mut buf);
+
+    let mut up = connect()?;
+    bench_request(&mut up, b'U', bytes)?;
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let len = left.min(CHUNK as u64) as usize;
+        up.write_all(&buf[..len]).map_err(|e| e.to_string())?;
+        left -= len as u64;
+    }
+    up.read_exact(&mut [0u8; 1])
+        .map_err(|e| format!("upload ack: {e}"))?;
+    let up_secs = start.elapsed().as_secs_f64();
+
+    let mut down = connect()?;
+    let start = Instant::now();
+    bench_request(&mut down, b'D', bytes)?;
+    let mut left = bytes;
+    while left > 0 {
+        let got = down.read(&mut buf).map_err(|e| e.to_string())?;
+        if got == 0 {
+            return Err("download ended early".into());
+        }
+        left -= got as u64;
+    }
+    let down_secs = start.elapsed().as_secs_f64();
+
+    let mut ping = connect()?;
+    bench_request(&mut ping, b'P', rounds)?;
+    let start = Instant::now();
+    let mut byte = [7u8; 1];
+    for _ in 0..rounds {
+        ping.write_all(&byte).map_err(|e| e.to_string())?;
+        ping.read_exact(&mut byte).map_err(|e| e.to_string())?;
+    }
+    let rtt_us = start.elapsed().as_secs_f64() * 1e6 / rounds.max(1) as f64;
+    println!(
+        "vsock-bench: to-server {:.1} MiB/s, from-server {:.1} MiB/s, rtt {rtt_us:.0} us ({mib} MiB, {rounds} round trips)",
+        mib as f64 / up_secs,
+        mib as f64 / down_secs
+    );
+    Ok(())
+}
+
+fn bench_serve_all(accept: impl Fn() -> Result<UnixStream>) -> Result<()> {
+    for _ in 0..3 {
+        bench_serve_one(accept()?)?;
+    }
+    Ok(())
+}
+
 fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> Result<T> {
     args.get(i)
         .and_then(|a| a.parse().ok())
@@ -314,7 +425,33 @@ fn run(args: &[String]) -> Result<()> {
                 arg(args, 5)?,
             )
         }
-        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds ...".into()),
+        Some("bench-serve") => {
+            let listener = vsock_listen(arg(args, 1)?)?;
+            bench_serve_all(|| vsock_accept(&listener))
+        }
+        Some("bench-serve-unix") => {
+            let path: String = arg(args, 1)?;
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).map_err(|e| format!("bind {path}: {e}"))?;
+            bench_serve_all(|| {
+                listener
+                    .accept()
+                    .map(|(s, _)| s)
+                    .map_err(|e| format!("accept: {e}"))
+            })
+        }
+        Some("bench") => {
+            let (uds, port): (String, u32) = (arg(args, 1)?, arg(args, 2)?);
+            let connect = || {
+                if port == 0 {
+                    retry("connect", || UnixStream::connect(&uds))
+                } else {
+                    retry("connect through the vmm", || uds_connect(&uds, port))
+                }
+            };
+            bench(connect, arg(args, 3)?, arg(args, 4)?)
+        }
+        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds|bench-serve|bench-serve-unix|bench ...".into()),
     }
 }
 
