@@ -7,7 +7,7 @@
 //! vCPU, would inherit the vCPU's seccomp filter, which forbids sockets.
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use super::worker::{Command, Muxer, Session, SessionEnd, WorkerConfig};
+use super::worker::{connect_nonblocking, Command, Muxer, Session, SessionEnd, WorkerConfig};
 use crate::devices::log_limit::error_limited;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioMetrics, TYPE_VSOCK,
@@ -82,8 +82,13 @@ fn bind_listener(path: &Path) -> Result<(UnixListener, SocketFile), VsockError> 
     };
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
-            if UnixStream::connect(path).is_ok() {
-                return Err(VsockError::InUse(path.to_owned()));
+            // Without waiting: a listener with a full backlog is live too.
+            match connect_nonblocking(path) {
+                Ok(_) => return Err(VsockError::InUse(path.to_owned())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(VsockError::InUse(path.to_owned()))
+                }
+                Err(_) => {}
             }
             tracing::info!("vsock: removing the stale socket {}", path.display());
             std::fs::remove_file(path).map_err(io("remove the stale socket"))?;
