@@ -693,6 +693,32 @@ fn reset_stops_the_worker_and_the_device_activates_again() {
         assert_eq!(got[0].0.op, OP_RESPONSE);
         assert!(irq.read().is_ok(), "the guest was interrupted");
 
+        // A transport reset drops the connection and posts the event.
+        guest.ev.push_chain(&[Buffer {
+            addr: EV_BUF,
+            len: 4,
+            writable: true,
+        }]);
+        assert!(device.transport_reset());
+        host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        assert_eq!(
+            host.read(&mut [0u8; 4]).unwrap(),
+            0,
+            "dropped by the transport reset"
+        );
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut event = None;
+        while event.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+            event = guest.ev.pop_used();
+        }
+        assert_eq!(event.map(|(_, len)| len), Some(4), "round {round}");
+
+        // A new connection, which the device reset ends.
+        guest.send(hdr(OP_REQUEST, 5001, 1234), &[]);
+        tx_event.write(1).unwrap();
+        let (mut host, _) = listener.accept().unwrap();
+
         assert!(device.reset());
         assert!(!device.is_active());
         host.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
@@ -702,8 +728,9 @@ fn reset_stops_the_worker_and_the_device_activates_again() {
             "connections end with a reset"
         );
     }
+    assert!(!device.transport_reset(), "not while inactive");
     let metrics = device.metrics().unwrap();
-    assert_eq!(metrics.requests.load(Ordering::Relaxed), 2);
+    assert_eq!(metrics.requests.load(Ordering::Relaxed), 4);
     drop(device);
     assert!(
         !fx.uds().exists(),
