@@ -6,6 +6,7 @@
 //! - a vCPU's `ioctl` only runs the vCPU and reads its registers (for a fault report);
 //! - a virtio-fs worker's network calls only when its images are fetched over the network by
 //!   the vmm itself.
+//! - a vsock worker's sockets are non-blocking AF_UNIX streams, and it opens no files.
 //!
 //! A thread installs its filter before it touches guest data: a vCPU before its first
 //! `KVM_RUN`, a virtio-fs worker before it reads its queue. A call outside the list traps:

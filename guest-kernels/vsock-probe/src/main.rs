@@ -21,8 +21,9 @@
 //! Connections that are refused while the other side starts are retried for a minute.
 
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -172,6 +173,18 @@ fn vsock_connect(cid: u32, port: u32) -> std::io::Result<UnixStream> {
             return Err(std::io::Error::last_os_error());
         }
         let owned = OwnedFd::from_raw_fd(fd);
+        // SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD: 30 s instead of 2 (a loaded test bed is slow).
+        let timeout = libc::timeval {
+            tv_sec: 30,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::AF_VSOCK,
+            6,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
         let mut addr: libc::sockaddr_vm = std::mem::zeroed();
         addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
         addr.svm_port = port;
@@ -258,22 +271,83 @@ fn run_clients(
     Ok(())
 }
 
-fn serve(accept: impl Fn() -> Result<UnixStream>, count: u32) -> Result<()> {
+/// Serves until `count` exchanges are done. A connection that ends before its request is not
+/// counted: the client gave up on it (a connect that timed out under load) and retries.
+fn serve(accept: impl Fn() -> Result<Option<UnixStream>>, count: u32) -> Result<()> {
+    let done = AtomicU32::new(0);
+    let total = AtomicU64::new(0);
+    let failed = std::sync::Mutex::new(None);
+    let take_failure = || failed.lock().map(|mut f| f.take()).unwrap_or(None);
     std::thread::scope(|s| {
-        let mut handles = Vec::new();
-        for _ in 0..count {
-            let conn = accept()?;
-            handles.push(s.spawn(move || serve_one(conn)));
+        while done.load(Ordering::SeqCst) < count {
+            if let Some(e) = take_failure() {
+                return Err(e);
+            }
+            let Some(conn) = accept()? else {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            };
+            let (done, total, failed) = (&done, &total, &failed);
+            s.spawn(move || match serve_one(conn) {
+                Ok(len) => {
+                    total.fetch_add(len, Ordering::SeqCst);
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) if e.starts_with("request:") => {
+                    eprintln!("vsock-probe: a connection ended before its request: {e}")
+                }
+                Err(e) => {
+                    if let Ok(mut f) = failed.lock() {
+                        *f = Some(e);
+                    }
+                }
+            });
         }
-        let mut total = 0;
-        for h in handles {
-            total += h
-                .join()
-                .map_err(|_| "server thread panicked".to_string())??;
-        }
-        println!("vsock-probe: served {count} connections, {total} bytes each way");
         Ok(())
-    })
+    })?;
+    if let Some(e) = take_failure() {
+        return Err(e);
+    }
+    println!(
+        "vsock-probe: served {count} connections, {} bytes each way",
+        total.load(Ordering::SeqCst)
+    );
+    Ok(())
+}
+
+/// A non-blocking accept: `None` when no connection waits.
+fn accept_ready(fd: i32) -> Result<Option<UnixStream>> {
+    // SAFETY: accept on a listening socket; the new descriptor is owned below.
+    let conn = unsafe {
+        libc::accept4(
+            fd,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if conn < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::WouldBlock {
+            return Ok(None);
+        }
+        return Err(format!("accept: {e}"));
+    }
+    // SAFETY: `conn` is new and owned by nothing else.
+    Ok(Some(UnixStream::from(unsafe {
+        OwnedFd::from_raw_fd(conn)
+    })))
+}
+
+fn set_nonblocking(fd: i32) -> Result<()> {
+    // SAFETY: fcntl on a descriptor this program owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(format!("fcntl: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// One benchmark connection, server side: `U`pload (read N bytes, answer one byte),
@@ -391,7 +465,8 @@ fn run(args: &[String]) -> Result<()> {
     match args.first().map(String::as_str) {
         Some("listen") => {
             let listener = vsock_listen(arg(args, 1)?)?;
-            serve(|| vsock_accept(&listener), arg(args, 2)?)
+            set_nonblocking(listener.as_raw_fd())?;
+            serve(|| accept_ready(listener.as_raw_fd()), arg(args, 2)?)
         }
         Some("connect") => {
             let (cid, port): (u32, u32) = (arg(args, 1)?, arg(args, 2)?);
@@ -406,15 +481,8 @@ fn run(args: &[String]) -> Result<()> {
             let path: String = arg(args, 1)?;
             let _ = std::fs::remove_file(&path);
             let listener = UnixListener::bind(&path).map_err(|e| format!("bind {path}: {e}"))?;
-            serve(
-                || {
-                    listener
-                        .accept()
-                        .map(|(s, _)| s)
-                        .map_err(|e| format!("accept: {e}"))
-                },
-                arg(args, 2)?,
-            )
+            set_nonblocking(listener.as_raw_fd())?;
+            serve(|| accept_ready(listener.as_raw_fd()), arg(args, 2)?)
         }
         Some("connect-uds") => {
             let (uds, port): (String, u32) = (arg(args, 1)?, arg(args, 2)?);

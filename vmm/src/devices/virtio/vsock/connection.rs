@@ -172,6 +172,12 @@ impl Connection {
         self.pending != 0 || (self.readable && self.wants_host_data() && self.peer_credit() > 0)
     }
 
+    /// Whether a REQUEST or RESPONSE is owed: it goes out before other connections' data, so
+    /// a busy device does not make the guest's connects time out.
+    pub fn owes_handshake(&self) -> bool {
+        self.pending & (PENDING_REQUEST | PENDING_RESPONSE) != 0
+    }
+
     /// The epoll events the connection waits for.
     pub fn desired_interest(&self) -> u32 {
         let mut events = 0;

@@ -486,7 +486,11 @@ impl Muxer {
         }
         if !conn.queued && conn.has_rx_work() {
             conn.queued = true;
-            self.rx_pending.push_back(token);
+            if conn.owes_handshake() {
+                self.rx_pending.push_front(token);
+            } else {
+                self.rx_pending.push_back(token);
+            }
         }
     }
 
