@@ -3,13 +3,14 @@
 # the test bed by default; pass --direct on a real KVM host):
 #   bash scripts/bench.sh boot [--runs N]             boot time + VMM memory vs QEMU microvm
 #   bash scripts/bench.sh fs [--runs N] [--file-mib M] in-guest virtio-fs vs virtiofsd + QEMU
+#   bash scripts/bench.sh vsock [--mib M]             vsock throughput + round trip vs a unix socket
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-boot}"
 case "$which" in
-    boot | fs) shift || true ;;
+    boot | fs | vsock) shift || true ;;
     -*) which=boot ;;
-    *) echo "bench: unknown benchmark $which (boot or fs)" >&2; exit 2 ;;
+    *) echo "bench: unknown benchmark $which (boot, fs or vsock)" >&2; exit 2 ;;
 esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null

@@ -10,3 +10,5 @@ pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};
 pub mod rate_limiter;
 pub use rate_limiter::{RateLimiterError, RateLimiterSpec, TokenBucketSpec};
 pub mod api;
+pub mod vsock;
+pub use vsock::{VsockSpec, VsockSpecError};

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::fs::{FsSpec, FsSpecError};
+use crate::vsock::{VsockSpec, VsockSpecError};
 
 pub const MIN_VCPUS: u32 = 1;
 pub const MAX_VCPUS: u32 = 32;
@@ -180,6 +181,9 @@ pub struct VmSpec {
     /// a few seconds after that.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u32,
+    /// The virtio-vsock device (guest context id and host unix socket), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSpec>,
 }
 
 /// Seconds between SIGTERM and SIGKILL on a graceful shutdown, by default and at most.
@@ -230,6 +234,8 @@ pub enum SpecError {
     GraceTooLong(u32),
     #[error("{what} must be a non-empty path")]
     EmptyPath { what: &'static str },
+    #[error(transparent)]
+    Vsock(#[from] VsockSpecError),
 }
 
 impl VmSpec {
@@ -251,6 +257,7 @@ impl VmSpec {
             api_sock: None,
             exit_record: None,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            vsock: None,
         }
     }
 
@@ -298,6 +305,9 @@ impl VmSpec {
         }
         for arg in &self.entrypoint {
             check_no_nul("entrypoint argument", arg)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         Ok(())
     }
@@ -480,5 +490,24 @@ mod tests {
         let mut s = spec();
         s.cmdline = "foo -- bar".into();
         assert_eq!(s.validate(), Err(SpecError::CmdlineHasInitArgs));
+    }
+
+    #[test]
+    fn vsock_is_validated_with_the_spec() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "vsock": {"guest_cid": 2, "uds_path": "/run/v.sock"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            s.validate(),
+            Err(SpecError::Vsock(VsockSpecError::ReservedCid(2)))
+        );
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "vsock": {"guest_cid": 3, "uds_path": "/run/v.sock"}}"#,
+        )
+        .unwrap();
+        s.validate().unwrap();
+        let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s, "round trip");
     }
 }

@@ -22,6 +22,8 @@ use crate::devices::legacy::serial::{
     LogFile, SerialDevice, SerialOut, SerialWriter, COM1_BASE, COM1_IRQ, COM1_LEN, DRAIN_TIMEOUT,
 };
 use crate::devices::virtio::mmio::TransportError;
+use crate::devices::virtio::vsock::{SocketFile, VsockDevice, VsockError};
+use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitSignal, VmExit};
 use crate::fs_backends::{self, FsBackendError};
 use crate::vstate::memory::{self, MemoryError};
@@ -72,6 +74,8 @@ pub enum BuildError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
 }
 
 /// A VM whose vCPUs are running.
@@ -83,6 +87,8 @@ pub struct RunningVm {
     serial_writer: SerialWriter,
     _memory: GuestMemoryMmap,
     _vm: Vm,
+    /// Socket files the devices made (the vsock's listener), removed when the VM ends.
+    socket_files: Vec<SocketFile>,
 }
 
 impl RunningVm {
@@ -99,6 +105,11 @@ impl RunningVm {
         }
         if !self.serial_writer.drain(DRAIN_TIMEOUT) {
             tracing::warn!("the guest's last console output could not be written out");
+        }
+        for file in &self.socket_files {
+            if !file.remove() {
+                tracing::warn!("cannot remove the socket {}", file.path().display());
+            }
         }
         let dropped = self.serial_writer.dropped();
         if dropped > 0 {
@@ -140,6 +151,8 @@ struct VirtioDevices {
     bus: Bus,
     kernel_args: Vec<String>,
     controlled: Vec<ControlledDevice>,
+    /// Socket files the devices made (the vsock's listener).
+    socket_files: Vec<SocketFile>,
 }
 
 /// Creates each virtio device (its threads start now, before any vCPU: a vCPU never creates
@@ -161,12 +174,23 @@ fn attach_virtio_devices(
         })?;
         manager.attach_virtio(vm, mem, &share.tag, device)?;
     }
+    let mut socket_files = Vec::new();
+    if let Some(vsock) = &spec.vsock {
+        let mut device = VsockDevice::new(vsock.guest_cid, &vsock.uds_path)?;
+        socket_files.push(device.socket_file());
+        device.start_workers().map_err(|e| BuildError::Device {
+            what: "vsock worker",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        manager.attach_virtio(vm, mem, "vsock", Box::new(device))?;
+    }
     let kernel_args = manager.kernel_args();
     let (bus, controlled) = manager.into_parts();
     Ok(VirtioDevices {
         bus,
         kernel_args,
         controlled,
+        socket_files,
     })
 }
 
@@ -322,5 +346,6 @@ pub fn build(
         serial_writer,
         _memory: guest_memory,
         _vm: vm,
+        socket_files: virtio.socket_files,
     })
 }

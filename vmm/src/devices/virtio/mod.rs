@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod mmio;
 #[cfg(test)]
 pub mod test_utils;
+pub mod vsock;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
