@@ -4,13 +4,14 @@
 #   bash scripts/bench.sh boot [--runs N]             boot time + VMM memory vs QEMU microvm
 #   bash scripts/bench.sh fs [--runs N] [--file-mib M] in-guest virtio-fs vs virtiofsd + QEMU
 #   bash scripts/bench.sh blk [--runs N] [--seconds S]  in-guest fio on virtio-blk vs QEMU microvm
+#   bash scripts/bench.sh vsock [--mib M]             vsock throughput + round trip vs a unix socket
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-boot}"
 case "$which" in
-    boot | fs | blk) shift || true ;;
+    boot | fs | blk | vsock) shift || true ;;
     -*) which=boot ;;
-    *) echo "bench: unknown benchmark $which (boot, fs or blk)" >&2; exit 2 ;;
+    *) echo "bench: unknown benchmark $which (boot, fs, blk or vsock)" >&2; exit 2 ;;
 esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null

@@ -18,7 +18,7 @@ cache="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}"
 cargo_fuzz_version=0.13.2
 export PATH="$cache/tools/cargo-fuzz-$cargo_fuzz_version/bin:$PATH"
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$cache/fuzz-target}"
-targets=(${FUZZ_TARGETS:-mmio_transport virtio_fs_requests flist_meta chunk_decode})
+targets=(${FUZZ_TARGETS:-mmio_transport virtio_fs_requests flist_meta chunk_decode api_request})
 
 command -v cargo-fuzz >/dev/null || {
     echo "fuzz: cargo-fuzz $cargo_fuzz_version missing (run scripts/setup.sh)" >&2

@@ -662,7 +662,7 @@ fn sigterm_stops_the_entrypoint_gracefully_then_forcibly() -> Result<(), Error> 
              pid=$!\n\
              for i in $(seq 300); do grep -q '^ready' /tmp/c{n}.log 2>/dev/null && break; sleep 0.1; done\n\
              kill -TERM $pid; wait $pid; echo vmm{n}-status=$?\n\
-             grep -E '^(got-term|shutdown requested|grace period over)' /tmp/c{n}.log\n\
+             grep -E '^(got-term|init: shutdown requested|init: grace period over)' /tmp/c{n}.log\n\
              echo; cat /tmp/exit{n}.json; echo\n"
         )
     };
@@ -678,11 +678,12 @@ fn sigterm_stops_the_entrypoint_gracefully_then_forcibly() -> Result<(), Error> 
     ))?;
     let has_line = |needle: &str| out.output.lines().any(|l| l.starts_with(needle));
     assert!(has_line("got-term"), "{}", out.output);
+    assert!(has_line("init: shutdown requested"), "{}", out.output);
     assert!(has_line("vmm1-status=3"), "{}", out.output);
     assert!(out
         .output
         .contains("\"reason\": \"the guest exited with status 3\""));
-    assert!(has_line("grace period over"), "{}", out.output);
+    assert!(has_line("init: grace period over"), "{}", out.output);
     assert!(has_line("vmm2-status=137"), "{}", out.output);
     assert!(
         out.output

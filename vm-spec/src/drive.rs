@@ -14,6 +14,8 @@ pub const MAX_SERIAL_LEN: usize = 20;
 
 /// The id the entropy device is attached under (no drive may use it).
 pub const RNG_DEVICE_ID: &str = "rng";
+/// Ids of devices other than drives and shares (no drive may use them).
+pub const RESERVED_IDS: &[&str] = &[RNG_DEVICE_ID, "vsock"];
 
 /// One virtio-blk drive over a raw image file on the host (its size a multiple of 512 bytes).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

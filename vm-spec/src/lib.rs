@@ -12,3 +12,5 @@ pub use rate_limiter::{RateLimiterError, RateLimiterSpec, TokenBucketSpec};
 pub mod drive;
 pub use drive::{DriveSpec, DriveSpecError, RngSpec};
 pub mod api;
+pub mod vsock;
+pub use vsock::{VsockSpec, VsockSpecError};

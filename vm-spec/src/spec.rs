@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::drive::{DriveSpec, DriveSpecError, RngSpec};
 use crate::fs::{FsSpec, FsSpecError};
+use crate::vsock::{VsockSpec, VsockSpecError};
 
 pub const MIN_VCPUS: u32 = 1;
 pub const MAX_VCPUS: u32 = 32;
@@ -187,6 +188,9 @@ pub struct VmSpec {
     /// a few seconds after that.
     #[serde(default = "default_shutdown_grace_secs")]
     pub shutdown_grace_secs: u32,
+    /// The virtio-vsock device (guest context id and host unix socket), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockSpec>,
 }
 
 /// Seconds between SIGTERM and SIGKILL on a graceful shutdown, by default and at most.
@@ -239,6 +243,8 @@ pub enum SpecError {
     GraceTooLong(u32),
     #[error("{what} must be a non-empty path")]
     EmptyPath { what: &'static str },
+    #[error(transparent)]
+    Vsock(#[from] VsockSpecError),
 }
 
 impl VmSpec {
@@ -262,6 +268,7 @@ impl VmSpec {
             api_sock: None,
             exit_record: None,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            vsock: None,
         }
     }
 
@@ -299,9 +306,10 @@ impl VmSpec {
         }
         crate::fs::validate(&self.fs, self.root.as_deref())?;
         crate::drive::validate(&self.drives, self.rng.as_ref())?;
-        // Devices are attached under one namespace: shares' tags, drive ids and "rng".
+        // Devices are attached under one namespace: shares' tags, drive ids, "rng", "vsock".
         for drive in &self.drives {
-            if drive.id == crate::drive::RNG_DEVICE_ID || self.fs.iter().any(|s| s.tag == drive.id)
+            if crate::drive::RESERVED_IDS.contains(&drive.id.as_str())
+                || self.fs.iter().any(|s| s.tag == drive.id)
             {
                 return Err(DriveSpecError::DuplicateId(drive.id.clone()).into());
             }
@@ -317,6 +325,9 @@ impl VmSpec {
         }
         for arg in &self.entrypoint {
             check_no_nul("entrypoint argument", arg)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
         }
         Ok(())
     }
@@ -524,11 +535,32 @@ mod tests {
             clash.validate(),
             Err(SpecError::Drive(DriveSpecError::DuplicateId("data".into())))
         );
-        let mut reserved = s.clone();
-        reserved.drives[0].id = "rng".into();
+        for taken in ["rng", "vsock"] {
+            let mut reserved = s.clone();
+            reserved.drives[0].id = taken.into();
+            assert_eq!(
+                reserved.validate(),
+                Err(SpecError::Drive(DriveSpecError::DuplicateId(taken.into())))
+            );
+        }
+    }
+
+    #[test]
+    fn vsock_is_validated_with_the_spec() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "vsock": {"guest_cid": 2, "uds_path": "/run/v.sock"}}"#,
+        )
+        .unwrap();
         assert_eq!(
-            reserved.validate(),
-            Err(SpecError::Drive(DriveSpecError::DuplicateId("rng".into())))
+            s.validate(),
+            Err(SpecError::Vsock(VsockSpecError::ReservedCid(2)))
         );
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "vsock": {"guest_cid": 3, "uds_path": "/run/v.sock"}}"#,
+        )
+        .unwrap();
+        s.validate().unwrap();
+        let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s, "round trip");
     }
 }

@@ -24,6 +24,7 @@ use crate::devices::legacy::serial::{
 use crate::devices::virtio::block::{BlockDevice, DiskImage};
 use crate::devices::virtio::mmio::TransportError;
 use crate::devices::virtio::rng::RngDevice;
+use crate::devices::virtio::vsock::{SocketFile, VsockDevice, VsockError};
 use crate::devices::virtio::VirtioDevice;
 use crate::exit::{ExitSignal, VmExit};
 use crate::fs_backends::{self, FsBackendError};
@@ -82,6 +83,8 @@ pub enum BuildError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
 }
 
 /// A VM whose vCPUs are running.
@@ -93,6 +96,8 @@ pub struct RunningVm {
     serial_writer: SerialWriter,
     _memory: GuestMemoryMmap,
     _vm: Vm,
+    /// Socket files the devices made (the vsock's listener), removed when the VM ends.
+    socket_files: Vec<SocketFile>,
 }
 
 impl RunningVm {
@@ -109,6 +114,11 @@ impl RunningVm {
         }
         if !self.serial_writer.drain(DRAIN_TIMEOUT) {
             tracing::warn!("the guest's last console output could not be written out");
+        }
+        for file in &self.socket_files {
+            if !file.remove() {
+                tracing::warn!("cannot remove the socket {}", file.path().display());
+            }
         }
         let dropped = self.serial_writer.dropped();
         if dropped > 0 {
@@ -150,6 +160,8 @@ struct VirtioDevices {
     bus: Bus,
     kernel_args: Vec<String>,
     controlled: Vec<ControlledDevice>,
+    /// Socket files the devices made (the vsock's listener).
+    socket_files: Vec<SocketFile>,
 }
 
 /// Creates each virtio device (its threads start now, before any vCPU: a vCPU never creates
@@ -185,12 +197,23 @@ fn attach_virtio_devices(
         let device = RngDevice::new(rng.rate_limiter.as_ref())?;
         attach_started(&mut manager, vm, mem, RNG_DEVICE_ID, Box::new(device))?;
     }
+    let mut socket_files = Vec::new();
+    if let Some(vsock) = &spec.vsock {
+        let mut device = VsockDevice::new(vsock.guest_cid, &vsock.uds_path)?;
+        socket_files.push(device.socket_file());
+        device.start_workers().map_err(|e| BuildError::Device {
+            what: "vsock worker",
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        manager.attach_virtio(vm, mem, "vsock", Box::new(device))?;
+    }
     let kernel_args = manager.kernel_args();
     let (bus, controlled) = manager.into_parts();
     Ok(VirtioDevices {
         bus,
         kernel_args,
         controlled,
+        socket_files,
     })
 }
 
@@ -362,5 +385,6 @@ pub fn build(
         serial_writer,
         _memory: guest_memory,
         _vm: vm,
+        socket_files: virtio.socket_files,
     })
 }

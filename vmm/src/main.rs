@@ -92,6 +92,10 @@ struct Cli {
     /// Print the resulting spec as JSON and exit.
     #[arg(long)]
     print_spec: bool,
+    /// A virtio-vsock device, cid=CID,uds=PATH: host programs connect to PATH and write
+    /// `CONNECT <port>`; the guest's connections to host port P reach PATH_P.
+    #[arg(long)]
+    vsock: Option<String>,
     /// The entrypoint the guest init runs, and its arguments.
     #[arg(last = true)]
     entrypoint: Vec<String>,
@@ -223,6 +227,9 @@ fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
             .split_once('=')
             .with_context(|| format!("--env takes KEY=VALUE, not {pair:?}"))?;
         spec.env.insert(name.to_string(), value.to_string());
+    }
+    if let Some(vsock) = &cli.vsock {
+        spec.vsock = Some(vsock.parse()?);
     }
     if !cli.entrypoint.is_empty() {
         spec.entrypoint = cli.entrypoint.clone();

@@ -6,6 +6,7 @@
 //! - a vCPU's `ioctl` only runs the vCPU and reads its registers (for a fault report);
 //! - a virtio-fs worker's network calls only when its images are fetched over the network by
 //!   the vmm itself.
+//! - a vsock worker's sockets are non-blocking AF_UNIX streams, and it opens no files.
 //!
 //! A thread installs its filter before it touches guest data: a vCPU before its first
 //! `KVM_RUN`, a virtio-fs worker before it reads its queue. A call outside the list traps:
@@ -43,6 +44,9 @@ pub enum ThreadKind {
     /// The controller: serves the control API on its already bound unix socket, kicks vCPUs
     /// out of KVM_RUN (pause), reads the vmm's memory use from an open /proc file.
     Controller,
+    /// The virtio-vsock worker: its epoll loop over the queues and unix sockets (accepting
+    /// host programs, connecting to `<uds_path>_PORT`).
+    VsockWorker,
 }
 
 /// What a call outside the list gets.
@@ -211,6 +215,16 @@ const CONTROLLER: &[i64] = &[
     libc::SYS_sendto,
     libc::SYS_setsockopt,
     libc::SYS_pread64,
+];
+
+/// The vsock worker: its epoll set and unix stream sockets (the socket call is checked).
+const VSOCK_WORKER: &[i64] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
 ];
 
 /// Terminal ioctls of the stdin forwarder (raw mode and back).
@@ -385,6 +399,22 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
             );
             rules.insert(libc::SYS_tgkill, kick_rule()?);
         }
+        ThreadKind::VsockWorker => {
+            plain(&mut rules, VSOCK_WORKER);
+            // Non-blocking unix stream sockets only, made and accepted.
+            let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+            rules.insert(
+                libc::SYS_socket,
+                vec![SeccompRule::new(vec![
+                    arg(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?,
+                    arg(1, SeccompCmpOp::Eq, libc::SOCK_STREAM as u64 | flags)?,
+                ])?],
+            );
+            rules.insert(
+                libc::SYS_accept4,
+                vec![SeccompRule::new(vec![arg(3, SeccompCmpOp::Eq, flags)?])?],
+            );
+        }
         ThreadKind::FsWorker { network } => {
             plain(&mut rules, FS_WORKER);
             // A passthrough share re-imports its root on a thread of its own filesystem
@@ -409,9 +439,17 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
     // clone3 passes the main list; a second program answers it ENOSYS (of two answers the
     // kernel takes the stronger: ERRNO over ALLOW), so the C library falls back to clone.
     rules.insert(libc::SYS_clone3, Vec::new());
+    let mut refused = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    if kind == ThreadKind::VsockWorker {
+        // The worker opens no files, but the C library's allocator may read
+        // /proc/sys/vm/overcommit_memory once (when it first trims a thread's heap): that
+        // open fails (ENOSYS, which the allocator copes with) instead of ending the vmm.
+        rules.insert(libc::SYS_openat, Vec::new());
+        refused.insert(libc::SYS_openat, Vec::new());
+    }
     let main = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)?;
     let clone3 = SeccompFilter::new(
-        BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
+        refused,
         SeccompAction::Allow,
         SeccompAction::Errno(libc::ENOSYS as u32),
         TargetArch::x86_64,
@@ -637,6 +675,37 @@ mod tests {
         assert!(unix);
         assert_eq!(inet, Some(libc::EPERM));
         assert_eq!(open, Some(libc::EPERM));
+    }
+
+    #[test]
+    fn vsock_workers_make_unix_stream_sockets_only() {
+        let (unix, blocking, inet, open) = under(ThreadKind::VsockWorker, || {
+            let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+            // SAFETY: plain socket calls; descriptors closed at once.
+            let unix = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | flags, 0) };
+            if unix >= 0 {
+                unsafe { libc::close(unix) };
+            }
+            let blocking = errno_of(unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0)
+            });
+            let inet = errno_of(unsafe {
+                libc::syscall(
+                    libc::SYS_socket,
+                    libc::AF_INET,
+                    libc::SOCK_STREAM | flags,
+                    0,
+                )
+            });
+            let open = std::fs::File::open("/etc/hostname")
+                .err()
+                .and_then(|e| e.raw_os_error());
+            (unix >= 0, blocking, inet, open)
+        });
+        assert!(unix);
+        assert_eq!(blocking, Some(libc::EPERM), "only non-blocking sockets");
+        assert_eq!(inet, Some(libc::EPERM), "only AF_UNIX");
+        assert_eq!(open, Some(libc::ENOSYS), "the worker opens no files");
     }
 
     #[test]

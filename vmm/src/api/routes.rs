@@ -16,46 +16,66 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/devices/{id}"),
 ];
 
-pub fn handle(control: &VmControl, request: &Request) -> Response {
+/// A request the API understood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    GetVm,
+    Action(VmAction),
+    Metrics,
+    PatchDevice { id: String, patch: DevicePatch },
+}
+
+/// Decodes a request into a [`Route`], or the 4xx answer that says what is wrong with it.
+/// Needs no VM: the fuzz target drives it with arbitrary requests.
+pub fn route(request: &Request) -> Result<Route, Response> {
     let path = request.path.split('?').next().unwrap_or_default();
     let segments: Vec<&str> = path.split('/').skip(1).collect();
     let method = request.method.as_str();
     match (method, segments.as_slice()) {
-        ("GET", ["vm"]) => Response::json(200, &control.info()),
-        ("PUT", ["vm", "actions"]) => match parse::<VmActionRequest>(&request.body) {
-            Ok(req) => act(control, req.action),
-            Err(response) => response,
-        },
-        ("GET", ["metrics"]) => Response::text(super::metrics::render(control)),
-        ("PATCH", ["devices", id]) if !id.is_empty() => match parse::<DevicePatch>(&request.body) {
-            Ok(patch) => match control.patch_device(id, &patch) {
-                Ok(()) => Response::no_content(),
-                Err(e @ ActionError::UnknownDevice(_)) => Response::error(404, e.to_string()),
-                Err(e) => Response::error(400, e.to_string()),
-            },
-            Err(response) => response,
-        },
+        ("GET", ["vm"]) => Ok(Route::GetVm),
+        ("PUT", ["vm", "actions"]) => {
+            parse::<VmActionRequest>(&request.body).map(|req| Route::Action(req.action))
+        }
+        ("GET", ["metrics"]) => Ok(Route::Metrics),
+        ("PATCH", ["devices", id]) if !id.is_empty() => {
+            parse::<DevicePatch>(&request.body).map(|patch| Route::PatchDevice {
+                id: id.to_string(),
+                patch,
+            })
+        }
         _ => {
-            let known_path = ROUTES
+            let allowed: Vec<&str> = ROUTES
                 .iter()
-                .any(|(_, pattern)| matches_pattern(pattern, &segments));
-            if known_path {
-                let allowed: Vec<&str> = ROUTES
-                    .iter()
-                    .filter(|(_, pattern)| matches_pattern(pattern, &segments))
-                    .map(|(m, _)| *m)
-                    .collect();
+                .filter(|(_, pattern)| matches_pattern(pattern, &segments))
+                .map(|(m, _)| *m)
+                .collect();
+            Err(if allowed.is_empty() {
+                Response::error(404, format!("no route {method} {}", printable(path)))
+            } else {
                 Response::error(
                     405,
                     format!(
-                        "{method} is not allowed on {path}; use {}",
+                        "{method} is not allowed on {}; use {}",
+                        printable(path),
                         allowed.join(", ")
                     ),
                 )
-            } else {
-                Response::error(404, format!("no route {method} {}", printable(path)))
-            }
+            })
         }
+    }
+}
+
+pub fn handle(control: &VmControl, request: &Request) -> Response {
+    match route(request) {
+        Ok(Route::GetVm) => Response::json(200, &control.info()),
+        Ok(Route::Action(action)) => act(control, action),
+        Ok(Route::Metrics) => Response::text(super::metrics::render(control)),
+        Ok(Route::PatchDevice { id, patch }) => match control.patch_device(&id, &patch) {
+            Ok(()) => Response::no_content(),
+            Err(e @ ActionError::UnknownDevice(_)) => Response::error(404, e.to_string()),
+            Err(e) => Response::error(400, e.to_string()),
+        },
+        Err(response) => response,
     }
 }
 
@@ -98,5 +118,45 @@ fn act(control: &VmControl, action: VmAction) -> Response {
             };
             Response::error(status, e.to_string())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(method: &str, path: &str, body: &str) -> Request {
+        Request {
+            method: method.into(),
+            path: path.into(),
+            body: body.as_bytes().to_vec(),
+            close: false,
+        }
+    }
+
+    #[test]
+    fn routes_decode_strictly() {
+        assert_eq!(route(&req("GET", "/vm?x=1", "")), Ok(Route::GetVm));
+        assert_eq!(
+            route(&req("PUT", "/vm/actions", r#"{"action":"resume"}"#)),
+            Ok(Route::Action(VmAction::Resume))
+        );
+        assert!(matches!(
+            route(&req("PATCH", "/devices/data", r#"{"rate_limiter":{}}"#)),
+            Ok(Route::PatchDevice { id, .. }) if id == "data"
+        ));
+        let status = |r: Result<Route, Response>| r.map_err(|e| e.status).err();
+        assert_eq!(status(route(&req("PATCH", "/devices/", "{}"))), Some(404));
+        assert_eq!(status(route(&req("GET", "/devices/x", ""))), Some(405));
+        assert_eq!(status(route(&req("GET", "/vm/actions/x", ""))), Some(404));
+        assert_eq!(status(route(&req("PUT", "/vm/actions", "[]"))), Some(400));
+        let long = format!("/{}", "é".repeat(10_000));
+        let Err(answer) = route(&req("GET", &long, "")) else {
+            panic!("a route for {long}");
+        };
+        assert!(
+            answer.body.len() < 1000,
+            "the error quotes at most 200 characters"
+        );
     }
 }

@@ -11,6 +11,7 @@ pub mod queue_worker;
 pub mod rng;
 #[cfg(test)]
 pub mod test_utils;
+pub mod vsock;
 
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;

@@ -15,6 +15,9 @@ pub struct TestDriver<'a> {
     avail_idx: u16,
     used_seen: u16,
     size: u16,
+    /// The used ring, after the whole available ring (the mock's own layout puts it inside
+    /// the available ring, which queues of more than a few entries overrun).
+    used: u64,
 }
 
 /// One buffer of a chain: guest address, length, device-writable.
@@ -31,9 +34,12 @@ impl<'a> TestDriver<'a> {
 
     /// A queue whose rings start at `base`.
     pub fn at(mem: &'a GuestMemoryMmap, base: GuestAddress, size: u16) -> Self {
+        let layout = MockSplitQueue::create(mem, base, size);
+        let avail_end = layout.avail_addr().0 + 6 + 2 * u64::from(size);
         Self {
             mem,
-            layout: MockSplitQueue::create(mem, base, size),
+            used: avail_end.next_multiple_of(4),
+            layout,
             next_desc: 0,
             avail_idx: 0,
             used_seen: 0,
@@ -43,7 +49,13 @@ impl<'a> TestDriver<'a> {
 
     /// The device side of this queue.
     pub fn queue(&self) -> Queue {
-        self.layout.create_queue().expect("valid test queue")
+        let mut queue: Queue = self.layout.create_queue().expect("valid test queue");
+        virtio_queue::QueueT::set_used_ring_address(
+            &mut queue,
+            Some(self.used as u32),
+            Some((self.used >> 32) as u32),
+        );
+        queue
     }
 
     /// Guest addresses of the descriptor table, available ring and used ring.
@@ -51,7 +63,7 @@ impl<'a> TestDriver<'a> {
         [
             self.layout.desc_table_addr().0,
             self.layout.avail_addr().0,
-            self.layout.used_addr().0,
+            self.used,
         ]
     }
 
@@ -85,7 +97,7 @@ impl<'a> TestDriver<'a> {
 
     /// The next used element (head, length written), if the device returned one.
     pub fn pop_used(&mut self) -> Option<(u32, u32)> {
-        let used = self.layout.used_addr().0;
+        let used = self.used;
         let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
         if idx == self.used_seen {
             return None;
