@@ -27,7 +27,9 @@ if [[ ! -d "$dir/.git" ]]; then
     mv "$dir.tmp" "$dir"
 fi
 cd "$dir"
-micro_rev="$(grep -o 'micro-http#[0-9a-f]*' Cargo.lock | head -1 | cut -d'#' -f2)"
+# The lock file as released (an earlier patched build rewrites it).
+git checkout --quiet -- Cargo.lock
+micro_rev="$(grep -o 'micro-http#[0-9a-f]*' Cargo.lock | head -1 | cut -d'#' -f2 || true)"
 micro_dir="$cache/micro-http-$micro_rev"
 if [[ -n "$micro_rev" && ! -d "$micro_dir" ]]; then
     rm -rf "$micro_dir.tmp"
