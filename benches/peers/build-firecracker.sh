@@ -9,7 +9,7 @@
 # Its git dependency micro-http is cloned at the revision its Cargo.lock pins, from
 # MICRO_HTTP_SOURCE (default its GitHub URL; a local clone where GitHub is out of reach).
 set -euo pipefail
-command -v cmake >/dev/null || { echo "build-firecracker: cmake is needed (apt-get install cmake)" >&2; exit 1; }
+command -v cmake >/dev/null && command -v clang >/dev/null || { echo "build-firecracker: cmake and clang are needed (apt-get install cmake clang libclang-dev)" >&2; exit 1; }
 source="${1:-https://github.com/firecracker-microvm/firecracker}"
 rev="${2:-v1.9.1}"
 cache="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/peers"
