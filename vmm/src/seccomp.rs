@@ -440,11 +440,11 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
     // kernel takes the stronger: ERRNO over ALLOW), so the C library falls back to clone.
     rules.insert(libc::SYS_clone3, Vec::new());
     let mut refused = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    if !rules.contains_key(&libc::SYS_openat) {
+    if let std::collections::btree_map::Entry::Vacant(open) = rules.entry(libc::SYS_openat) {
         // A thread that opens no files may still have the C library's allocator read
         // /proc/sys/vm/overcommit_memory once (when it first trims the thread's heap): that
         // open fails (ENOSYS, which the allocator copes with) instead of ending the vmm.
-        rules.insert(libc::SYS_openat, Vec::new());
+        open.insert(Vec::new());
         refused.insert(libc::SYS_openat, Vec::new());
     }
     let main = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)?;
