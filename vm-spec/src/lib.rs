@@ -9,3 +9,5 @@ pub use fs::{FsSpec, FsSpecError};
 pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};
 pub mod rate_limiter;
 pub use rate_limiter::{RateLimiterError, RateLimiterSpec, TokenBucketSpec};
+pub mod cpu;
+pub use cpu::{CpuSpec, CpuSpecError, CpuTemplate};

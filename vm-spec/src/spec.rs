@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::{CpuSpec, CpuSpecError};
 use crate::fs::{FsSpec, FsSpecError};
 
 pub const MIN_VCPUS: u32 = 1;
@@ -168,6 +169,9 @@ pub struct VmSpec {
     /// Kept for compatibility: the node configuration's `image_cache` takes precedence.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_cache: Option<PathBuf>,
+    /// The guest CPU: a CPU template and CPUID/MSR bit overrides (default: the host's).
+    #[serde(default, skip_serializing_if = "CpuSpec::is_default")]
+    pub cpu: CpuSpec,
 }
 
 /// Kernel arguments through which the guest init learns its root tag and environment; the
@@ -204,6 +208,8 @@ pub enum SpecError {
     Fs(#[from] FsSpecError),
     #[error("the kernel command line has a ` -- `; give the entrypoint as the spec's entrypoint instead")]
     CmdlineHasInitArgs,
+    #[error("cpu: {0}")]
+    Cpu(#[from] CpuSpecError),
 }
 
 impl VmSpec {
@@ -222,6 +228,7 @@ impl VmSpec {
             fs: Vec::new(),
             root: None,
             image_cache: None,
+            cpu: CpuSpec::default(),
         }
     }
 
@@ -259,6 +266,7 @@ impl VmSpec {
         for arg in &self.entrypoint {
             check_no_nul("entrypoint argument", arg)?;
         }
+        self.cpu.validate()?;
         Ok(())
     }
 
@@ -408,5 +416,20 @@ mod tests {
         let mut s = spec();
         s.cmdline = "foo -- bar".into();
         assert_eq!(s.validate(), Err(SpecError::CmdlineHasInitArgs));
+    }
+
+    #[test]
+    fn cpu_section_is_part_of_the_spec_and_validated() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "cpu": {"template": "t2", "cpuid": [{"leaf": 1, "register": "ecx", "bits": "1"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.cpu.template, crate::CpuTemplate::T2);
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::Cpu(CpuSpecError::BitsLength { got: 1, .. }))
+        ));
+        // The default CPU is left out of the JSON form.
+        assert!(!serde_json::to_string(&spec()).unwrap().contains("\"cpu\""));
     }
 }

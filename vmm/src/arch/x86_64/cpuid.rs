@@ -1,5 +1,9 @@
-//! CPUID for each vCPU: KVM's supported set, normalised so that every vCPU reports its own APIC
-//! id and one consistent topology (one socket, `vcpu_count` cores, one thread per core).
+//! CPUID for each vCPU: KVM's supported set plus the features KVM emulates but does not list
+//! (the TSC-deadline timer), normalised so that every vCPU reports its own APIC id and one
+//! consistent topology (one socket, `vcpu_count` cores, one thread per core).
+//!
+//! The TSC-deadline bit matters for boot time: without it Linux calibrates the LAPIC timer
+//! against another clock at every boot (about a quarter of a second).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -11,6 +15,8 @@ const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
+const ECX_PDCM: u32 = 1 << 15;
+const ECX_TSC_DEADLINE: u32 = 1 << 24;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
@@ -29,6 +35,8 @@ fn normalise_entry(entry: &mut kvm_cpuid_entry2, apic_id: u32, vcpu_count: u32) 
             // EBX: [31:24] initial APIC id, [23:16] logical processors, [15:8] CLFLUSH size.
             entry.ebx = (apic_id << 24) | ((vcpu_count & 0xff) << 16) | (8 << 8);
             entry.ecx |= ECX_HYPERVISOR;
+            // No performance-monitoring or debug capability MSR is offered (see leaf 0xa).
+            entry.ecx &= !ECX_PDCM;
             if vcpu_count > 1 {
                 entry.edx |= EDX_HTT;
             } else {
@@ -84,6 +92,16 @@ fn normalise_entry(entry: &mut kvm_cpuid_entry2, apic_id: u32, vcpu_count: u32) 
     }
 }
 
+/// Adds to KVM's supported set what KVM emulates without listing it there: the LAPIC's
+/// TSC-deadline mode when the host's KVM has `KVM_CAP_TSC_DEADLINE_TIMER`.
+pub fn add_emulated_features(supported: &mut CpuId, tsc_deadline_timer: bool) {
+    for entry in supported.as_mut_slice() {
+        if entry.function == LEAF_FEATURES && tsc_deadline_timer {
+            entry.ecx |= ECX_TSC_DEADLINE;
+        }
+    }
+}
+
 /// The CPUID of vCPU `vcpu_index` (its APIC id) among `vcpu_count`.
 pub fn vcpu_cpuid(supported: &CpuId, vcpu_index: u32, vcpu_count: u32) -> CpuId {
     let mut cpuid = supported.clone();
@@ -129,6 +147,27 @@ mod tests {
         assert_eq!((e[1].eax, e[1].ebx, e[1].edx), (2, 4, 3));
         assert_eq!(e[2].eax >> 26, 3);
         assert_eq!((e[2].eax >> 14) & 0xfff, 3);
+    }
+
+    #[test]
+    fn tsc_deadline_is_added_only_when_kvm_emulates_it() {
+        let mut cpuid = sample();
+        add_emulated_features(&mut cpuid, false);
+        assert_eq!(cpuid.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+        add_emulated_features(&mut cpuid, true);
+        assert_ne!(cpuid.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+        // Other leaves are untouched.
+        assert_eq!(cpuid.as_slice()[1].ecx, 0);
+        let normalised = vcpu_cpuid(&cpuid, 0, 1);
+        assert_ne!(normalised.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
+    fn pdcm_is_hidden_with_the_pmu() {
+        let mut cpuid = sample();
+        cpuid.as_mut_slice()[0].ecx |= ECX_PDCM;
+        let normalised = vcpu_cpuid(&cpuid, 0, 1);
+        assert_eq!(normalised.as_slice()[0].ecx & ECX_PDCM, 0);
     }
 
     #[test]
