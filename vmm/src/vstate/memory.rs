@@ -29,11 +29,16 @@ pub enum MemoryError {
 /// The huge-page size the host addresses of guest RAM are aligned to.
 const HUGE_PAGE: usize = 2 << 20;
 
+const PAGE: usize = 4096;
+
 /// An anonymous private mapping of `len` bytes starting at a [`HUGE_PAGE`]-aligned address,
-/// advised for transparent huge pages (a host without them just keeps small pages).
+/// advised for transparent huge pages (a host without them just keeps small pages), between
+/// two inaccessible guard pages (as Firecracker's regions). The guard page below also keeps
+/// the next mapping the kernel places under this one (a thread stack) off a 2 MiB boundary,
+/// where it would be given a huge page of its own.
 fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
     let reserve = len
-        .checked_add(HUGE_PAGE)
+        .checked_add(HUGE_PAGE + 2 * PAGE)
         .ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOMEM))?;
     // SAFETY: a new anonymous mapping at an address the kernel picks: no existing memory is
     // touched. The result is checked.
@@ -41,7 +46,7 @@ fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
         libc::mmap(
             std::ptr::null_mut(),
             reserve,
-            libc::PROT_READ | libc::PROT_WRITE,
+            libc::PROT_NONE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
@@ -51,17 +56,26 @@ fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
         return Err(std::io::Error::last_os_error());
     }
     let start = base as usize;
-    let aligned = (start + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
-    let end = aligned + len;
-    // SAFETY: both ranges are the unused head and tail of the mapping made above, outside
-    // [aligned, end), which is what is kept.
-    unsafe {
-        if aligned > start {
-            libc::munmap(base, aligned - start);
+    let aligned = (start + PAGE + HUGE_PAGE - 1) & !(HUGE_PAGE - 1);
+    let (head, tail) = (aligned - PAGE, aligned + len + PAGE);
+    // SAFETY: all three ranges lie in the reservation made above: the unused head and tail
+    // are unmapped, [head, aligned) and [aligned + len, tail) stay as PROT_NONE guards, and
+    // [aligned, aligned + len) becomes the guest's RAM.
+    let made_accessible = unsafe {
+        if head > start {
+            libc::munmap(base, head - start);
         }
-        if start + reserve > end {
-            libc::munmap(end as *mut libc::c_void, start + reserve - end);
+        if start + reserve > tail {
+            libc::munmap(tail as *mut libc::c_void, start + reserve - tail);
         }
+        libc::mprotect(
+            aligned as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    if made_accessible != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: advice on the range this function just mapped.
     if unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) } != 0 {
@@ -133,4 +147,25 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
             .map_err(|source| MemoryError::Register { slot, source })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn guest_ram_is_huge_page_aligned_and_usable() {
+        let mem = create_guest_memory(6 << 20).unwrap();
+        assert_eq!(ram_size(&mem), 6 << 20);
+        for region in mem.iter() {
+            assert_eq!(region.as_ptr() as usize % HUGE_PAGE, 0);
+        }
+        let last = GuestAddress((6 << 20) - 8);
+        mem.write_obj(0x1122_3344_5566_7788u64, last).unwrap();
+        mem.write_obj(0xaau8, GuestAddress(0)).unwrap();
+        assert_eq!(mem.read_obj::<u64>(last).unwrap(), 0x1122_3344_5566_7788);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 0xaa);
+        assert!(mem.write_obj(0u8, GuestAddress(6 << 20)).is_err());
+    }
 }
