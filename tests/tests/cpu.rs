@@ -188,3 +188,24 @@ fn guest_without_kvmclock_reads_the_host_date_from_the_cmos_clock() -> Result<()
     assert!(out.output.lines().any(|l| l == "vmm-status=0"));
     Ok(())
 }
+
+#[test]
+fn vcpus_are_cores_of_one_package() -> Result<(), Error> {
+    let Some(bed) = bed("vcpus_are_cores_of_one_package")? else {
+        return Ok(());
+    };
+    let out = bed.run(
+        "/vmm --initrd /guest/initrd --memory 128 --kernel /guest/vmlinux --vcpus 3 --cmdline quiet \
+         -- /bin/busybox grep -E '^(physical id|cpu cores)' /proc/cpuinfo\n",
+        &[],
+    )?;
+    let fields: Vec<String> = out
+        .output
+        .lines()
+        .filter(|l| l.starts_with("physical id") || l.starts_with("cpu cores"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let expected: Vec<&str> = ["physical id : 0", "cpu cores : 3"].repeat(3);
+    assert_eq!(fields, expected, "{}", out.output);
+    Ok(())
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
-use crate::arch::x86_64::cpuid::add_emulated_features;
+use crate::arch::x86_64::cpuid::{add_emulated_features, complete_topology_leaf};
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,9 @@ impl Vm {
             &mut supported_cpuid,
             kvm.check_extension(Cap::TscDeadlineTimer),
         );
+        if !complete_topology_leaf(&mut supported_cpuid) {
+            tracing::warn!("no room to add the core level of CPUID leaf 0xb");
+        }
         Ok(Self {
             kvm,
             fd,

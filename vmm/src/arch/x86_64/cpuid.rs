@@ -5,7 +5,7 @@
 //! The TSC-deadline bit matters for boot time: without it Linux calibrates the LAPIC timer
 //! against another clock at every boot (about a quarter of a second).
 
-use kvm_bindings::{kvm_cpuid_entry2, CpuId};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
 const LEAF_FEATURES: u32 = 0x1;
 const LEAF_CACHE_PARAMS: u32 = 0x4;
@@ -13,6 +13,7 @@ const LEAF_PMU: u32 = 0xa;
 const LEAF_EXT_TOPOLOGY: u32 = 0xb;
 const LEAF_V2_EXT_TOPOLOGY: u32 = 0x1f;
 const LEAF_AMD_SIZE_IDS: u32 = 0x8000_0008;
+const LEAF_AMD_CACHE_TOPOLOGY: u32 = 0x8000_001d;
 const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
 const ECX_PDCM: u32 = 1 << 15;
@@ -43,7 +44,8 @@ fn normalise_entry(entry: &mut kvm_cpuid_entry2, apic_id: u32, vcpu_count: u32) 
                 entry.edx &= !EDX_HTT;
             }
         }
-        LEAF_CACHE_PARAMS => {
+        // An entry without a cache type (all of it on AMD, where the leaf is reserved) stays 0.
+        LEAF_CACHE_PARAMS if entry.eax & 0x1f != 0 => {
             // EAX[31:26]: cores per package - 1; [25:14]: threads sharing this cache - 1.
             let cache_level = (entry.eax >> 5) & 0x7;
             let sharing = if cache_level >= 3 { vcpu_count - 1 } else { 0 };
@@ -83,6 +85,13 @@ fn normalise_entry(entry: &mut kvm_cpuid_entry2, apic_id: u32, vcpu_count: u32) 
             // ECX[15:12]: APIC id size; [7:0]: cores - 1.
             entry.ecx = (bits_for(vcpu_count) << 12) | (vcpu_count - 1);
         }
+        LEAF_AMD_CACHE_TOPOLOGY if entry.eax & 0x1f != 0 => {
+            // EAX[25:14]: threads sharing this cache - 1: the L3 is shared by every vCPU,
+            // L1 and L2 by the one thread of a core.
+            let cache_level = (entry.eax >> 5) & 0x7;
+            let sharing = if cache_level >= 3 { vcpu_count - 1 } else { 0 };
+            entry.eax = (entry.eax & !(0xfff << 14)) | (sharing << 14);
+        }
         LEAF_AMD_EXT_APIC_ID => {
             entry.eax = apic_id;
             entry.ebx = apic_id & 0xff;
@@ -100,6 +109,29 @@ pub fn add_emulated_features(supported: &mut CpuId, tsc_deadline_timer: bool) {
             entry.ecx |= ECX_TSC_DEADLINE;
         }
     }
+}
+
+/// Adds the core level (subleaf 1) of the extended topology leaf 0xb when KVM's set has the
+/// leaf without it (KVM copies the host's levels): without it Linux finds no core level and
+/// puts every vCPU in a package of its own (and then, on AMD, distrusts the TSC). The values
+/// are filled per vCPU by [`vcpu_cpuid`]. Returns false when the list has no room left.
+pub fn complete_topology_leaf(supported: &mut CpuId) -> bool {
+    let entries = supported.as_slice();
+    let has_leaf = entries.iter().any(|e| e.function == LEAF_EXT_TOPOLOGY);
+    let has_core_level = entries
+        .iter()
+        .any(|e| e.function == LEAF_EXT_TOPOLOGY && e.index == 1);
+    if !has_leaf || has_core_level {
+        return true;
+    }
+    supported
+        .push(kvm_cpuid_entry2 {
+            function: LEAF_EXT_TOPOLOGY,
+            index: 1,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            ..Default::default()
+        })
+        .is_ok()
 }
 
 /// The CPUID of vCPU `vcpu_index` (its APIC id) among `vcpu_count`.
@@ -160,6 +192,51 @@ mod tests {
         assert_eq!(cpuid.as_slice()[1].ecx, 0);
         let normalised = vcpu_cpuid(&cpuid, 0, 1);
         assert_ne!(normalised.as_slice()[0].ecx & ECX_TSC_DEADLINE, 0);
+    }
+
+    #[test]
+    fn the_core_level_of_leaf_0xb_is_added_and_filled() {
+        let mut cpuid = CpuId::from_entries(&[kvm_cpuid_entry2 {
+            function: LEAF_EXT_TOPOLOGY,
+            index: 0,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert!(complete_topology_leaf(&mut cpuid));
+        assert!(complete_topology_leaf(&mut cpuid), "idempotent");
+        assert_eq!(cpuid.as_slice().len(), 2);
+        let cpuid = vcpu_cpuid(&cpuid, 1, 2);
+        let core = cpuid.as_slice()[1];
+        assert_eq!(
+            (core.index, core.eax, core.ebx, core.ecx, core.edx),
+            (1, 1, 2, 0x201, 1)
+        );
+        // Without leaf 0xb nothing is added.
+        let mut no_leaf = CpuId::from_entries(&[kvm_cpuid_entry2::default()]).unwrap();
+        assert!(complete_topology_leaf(&mut no_leaf));
+        assert_eq!(no_leaf.as_slice().len(), 1);
+    }
+
+    #[test]
+    fn cache_leaves_report_sharing_and_empty_ones_stay_empty() {
+        let l3 = |function| kvm_cpuid_entry2 {
+            function,
+            eax: (3 << 5) | 3 | (7 << 14),
+            ..Default::default()
+        };
+        let cpuid = CpuId::from_entries(&[
+            l3(LEAF_AMD_CACHE_TOPOLOGY),
+            kvm_cpuid_entry2 {
+                function: LEAF_CACHE_PARAMS,
+                ..Default::default()
+            },
+        ])
+        .unwrap();
+        let cpuid = vcpu_cpuid(&cpuid, 0, 4);
+        assert_eq!((cpuid.as_slice()[0].eax >> 14) & 0xfff, 3);
+        assert_eq!(cpuid.as_slice()[0].eax & 0x3fff, (3 << 5) | 3);
+        assert_eq!(cpuid.as_slice()[1].eax, 0, "AMD's reserved leaf 4 stays 0");
     }
 
     #[test]
