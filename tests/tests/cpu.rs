@@ -1,7 +1,8 @@
 //! The guest's CPU and platform as the vmm presents them, read back inside a Linux guest on
 //! the test bed: the TSC-deadline timer, a CPU template hiding a feature, a CPUID override
 //! clearing another, an override the host cannot honour refused at start (status 2, the bit
-//! named), and the CMOS clock giving a guest without kvmclock the host's date.
+//! named), vCPUs seen as cores of one package, and the CMOS clock giving a guest without
+//! kvmclock the host's date.
 //!
 //! The test bed's CPU is QEMU's EPYC model under nested SVM: it has `sse4a` (which the `t2`
 //! template hides), `aes`, and no AVX-512.
