@@ -2,6 +2,7 @@
 # Builds the vmm, the flist CLI and the benchmarks in release mode and runs one of them (on
 # the test bed by default; pass --direct on a real KVM host):
 #   bash scripts/bench.sh boot [--runs N]             boot time + VMM memory vs QEMU microvm
+#     (and Firecracker with FIRECRACKER_BIN=PATH, another vmm build with VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh fs [--runs N] [--file-mib M] in-guest virtio-fs vs virtiofsd + QEMU
 #   bash scripts/bench.sh blk [--runs N] [--seconds S]  in-guest fio on virtio-blk vs QEMU microvm
 #   bash scripts/bench.sh vsock [--mib M]             vsock throughput + round trip vs a unix socket
@@ -16,4 +17,4 @@ esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null
 cargo build --release -p vmm -p flist-fs -p benches --bins
-target/release/"$which" "$@"
+"${CARGO_TARGET_DIR:-target}"/release/"$which" "$@"

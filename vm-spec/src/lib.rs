@@ -14,3 +14,5 @@ pub use drive::{DriveSpec, DriveSpecError, RngSpec};
 pub mod api;
 pub mod vsock;
 pub use vsock::{VsockSpec, VsockSpecError};
+pub mod cpu;
+pub use cpu::{CpuSpec, CpuSpecError, CpuTemplate};

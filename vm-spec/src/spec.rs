@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::cpu::{CpuSpec, CpuSpecError};
 use crate::drive::{DriveSpec, DriveSpecError, RngSpec};
 use crate::fs::{FsSpec, FsSpecError};
 use crate::vsock::{VsockSpec, VsockSpecError};
@@ -191,6 +192,9 @@ pub struct VmSpec {
     /// The virtio-vsock device (guest context id and host unix socket), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockSpec>,
+    /// The guest CPU: a CPU template and CPUID/MSR bit overrides (default: the host's).
+    #[serde(default, skip_serializing_if = "CpuSpec::is_default")]
+    pub cpu: CpuSpec,
 }
 
 /// Seconds between SIGTERM and SIGKILL on a graceful shutdown, by default and at most.
@@ -245,6 +249,8 @@ pub enum SpecError {
     EmptyPath { what: &'static str },
     #[error(transparent)]
     Vsock(#[from] VsockSpecError),
+    #[error("cpu: {0}")]
+    Cpu(#[from] CpuSpecError),
 }
 
 impl VmSpec {
@@ -269,6 +275,7 @@ impl VmSpec {
             exit_record: None,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             vsock: None,
+            cpu: CpuSpec::default(),
         }
     }
 
@@ -329,6 +336,7 @@ impl VmSpec {
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
         }
+        self.cpu.validate()?;
         Ok(())
     }
 
@@ -562,5 +570,20 @@ mod tests {
         s.validate().unwrap();
         let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s, "round trip");
+    }
+
+    #[test]
+    fn cpu_section_is_part_of_the_spec_and_validated() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "cpu": {"template": "t2", "cpuid": [{"leaf": 1, "register": "ecx", "bits": "1"}]}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.cpu.template, crate::CpuTemplate::T2);
+        assert!(matches!(
+            s.validate(),
+            Err(SpecError::Cpu(CpuSpecError::BitsLength { got: 1, .. }))
+        ));
+        // The default CPU is left out of the JSON form.
+        assert!(!serde_json::to_string(&spec()).unwrap().contains("\"cpu\""));
     }
 }

@@ -10,12 +10,14 @@ use std::time::{Duration, Instant};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::cpu_template::{CpuConfigError, GuestCpu};
 use crate::arch::x86_64::{mptable, regs};
 use crate::boot::{self, BootError};
 use crate::config::{ImageSettings, SerialOutput, SpecError, VmSpec};
 use crate::control::{ControlledDevice, LegacyCounters, VmControl};
 use crate::device_manager::{DeviceManager, DeviceManagerError};
 use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::cmos::{Cmos, CMOS_BASE, CMOS_LEN};
 use crate::devices::legacy::guest_report::{GuestReport, GUEST_REPORT_BASE, GUEST_REPORT_LEN};
 use crate::devices::legacy::i8042::{I8042, I8042_BASE, I8042_LEN, KBD_IRQ};
 use crate::devices::legacy::serial::{
@@ -85,6 +87,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Cpu(#[from] CpuConfigError),
 }
 
 /// A VM whose vCPUs are running.
@@ -246,6 +250,28 @@ pub fn vmm_thread_filter() -> Result<Arc<crate::seccomp::ThreadFilter>, BuildErr
     })
 }
 
+/// The spec's guest CPU (template, overrides) on this host's KVM, checked before any vCPU.
+fn guest_cpu(vm: &Vm, spec: &VmSpec) -> Result<GuestCpu, BuildError> {
+    let mut settable_msrs = Vec::new();
+    if !spec.cpu.msrs.is_empty() {
+        let kvm_err = |what| move |source| BuildError::Kvm { what, source };
+        let list = vm
+            .kvm
+            .get_msr_index_list()
+            .map_err(kvm_err("list its MSRs"))?;
+        settable_msrs.extend_from_slice(list.as_slice());
+        // Feature MSRs (e.g. IA32_ARCH_CAPABILITIES); older KVMs have no such list.
+        if let Ok(features) = vm.kvm.get_msr_feature_index_list() {
+            settable_msrs.extend_from_slice(features.as_slice());
+        }
+    }
+    Ok(GuestCpu::new(
+        &vm.supported_cpuid,
+        &settable_msrs,
+        &spec.cpu,
+    )?)
+}
+
 /// Builds and starts the VM described by `spec`, its images opened with `images` (the node's
 /// cache and store policy). `started` is the VMM's start time, against which the guest's
 /// "booted" report is measured.
@@ -272,6 +298,8 @@ pub fn build(
             max: vm.max_vcpus(),
         });
     }
+
+    let guest_cpu = guest_cpu(&vm, spec)?;
 
     let guest_memory = memory::create_guest_memory(spec.memory_bytes())?;
     memory::register_with_kvm(&vm.fd, &guest_memory)?;
@@ -326,6 +354,7 @@ pub fn build(
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_BASE, COM1_LEN)?;
     pio.insert(keyboard.clone(), I8042_BASE, I8042_LEN)?;
+    pio.insert(Arc::new(Mutex::new(Cmos::new())), CMOS_BASE, CMOS_LEN)?;
     pio.insert(
         Arc::new(Mutex::new(GuestReport::new(exit.clone()))),
         GUEST_REPORT_BASE,
@@ -339,7 +368,7 @@ pub fn build(
     let vcpus = (0..spec.vcpus)
         .map(|index| {
             let vcpu = Vcpu::new(&vm, index)?;
-            vcpu.configure(&vm, spec.vcpus, kernel.entry, kernel.mode)?;
+            vcpu.configure(&guest_cpu, spec.vcpus, kernel.entry, kernel.mode)?;
             Ok(vcpu)
         })
         .collect::<Result<Vec<_>, VcpuError>>()?;

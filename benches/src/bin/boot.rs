@@ -1,8 +1,11 @@
 //! Runs the boot benchmark (`boot_bench`) where a Linux guest can run: on the test bed (a KVM
 //! host inside QEMU, the default, which works on any machine) or on this host (`--direct`, for
-//! real KVM hosts). Both VMMs boot the same guest kernel and initramfs in the same host.
+//! real KVM hosts). All VMMs boot the same guest kernel and initramfs in the same host.
+//!
+//! Optional peers, from the environment: `FIRECRACKER_BIN` (a Firecracker binary) and
+//! `VMM_BASELINE_BIN` (another vmm build, e.g. main's, to report a change as a ratio).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Result};
@@ -21,6 +24,17 @@ struct Args {
     direct: bool,
 }
 
+/// A peer program named by environment variable `var`, which must exist when set.
+fn optional_peer(var: &str) -> Result<Option<PathBuf>> {
+    let Some(path) = std::env::var_os(var).map(PathBuf::from) else {
+        return Ok(None);
+    };
+    if !path.is_file() {
+        bail!("{var}={} is not a file", path.display());
+    }
+    Ok(Some(path))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let vmm = sibling("vmm")?;
@@ -31,12 +45,27 @@ fn main() -> Result<()> {
     let initrd = artifacts::target_dir().join("bench-initrd.cpio");
     microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?.write_file(&initrd)?;
 
-    let bench_args = format!(
+    let firecracker = optional_peer("FIRECRACKER_BIN")?;
+    let baseline = optional_peer("VMM_BASELINE_BIN")?;
+    let mut bench_args = format!(
         "--runs {} --memory-mib {} --kernel /guest/vmlinux --initrd /guest/initrd",
         args.runs, args.memory_mib
     );
+    if firecracker.is_some() {
+        bench_args.push_str(" --firecracker /firecracker");
+    }
+    if baseline.is_some() {
+        bench_args.push_str(" --baseline-vmm /vmm-baseline");
+    }
     if args.direct {
-        let status = Command::new(&bench)
+        let mut bench_cmd = Command::new(&bench);
+        if let Some(path) = &firecracker {
+            bench_cmd.args(["--firecracker".as_ref(), path.as_os_str()]);
+        }
+        if let Some(path) = &baseline {
+            bench_cmd.args(["--baseline-vmm".as_ref(), path.as_os_str()]);
+        }
+        let status = bench_cmd
             .args([
                 "--vmm".as_ref(),
                 vmm.as_os_str(),
@@ -58,13 +87,19 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
-    let job = Job::new(format!(
+    let mut job = Job::new(format!(
         "/boot_bench --vmm /vmm --qemu /usr/bin/qemu-system-x86_64 {bench_args}\n"
     ))
     .binary("/vmm", &vmm)
     .binary("/boot_bench", &bench)
     .file("/guest/vmlinux", &kernel.vmlinux)
     .file("/guest/initrd", &initrd)
-    .timeout(std::time::Duration::from_secs(900));
+    .timeout(std::time::Duration::from_secs(1800));
+    if let Some(path) = &firecracker {
+        job = job.binary("/firecracker", path);
+    }
+    if let Some(path) = &baseline {
+        job = job.binary("/vmm-baseline", path);
+    }
     run_on_testbed(&with_qemu(job, &qemu))
 }

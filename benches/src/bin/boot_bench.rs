@@ -1,6 +1,8 @@
 //! Boot-time and memory-overhead benchmark, run on a KVM host (a real one, or the test bed):
-//! boots the same kernel + initrd with the project's `vmm` and with QEMU's `microvm` machine,
-//! several times each, and prints medians side by side.
+//! boots the same kernel + initrd with the project's `vmm`, QEMU's `microvm` machine, and
+//! optionally Firecracker and a second (baseline) vmm build, several times each, interleaved,
+//! in two cases: `quiet` (the headline, time to init) and verbose (the kernel log on the serial
+//! console, which mostly measures serial speed). Prints medians and ratios vmm/peer.
 //!
 //! Boot time: wall time from spawning the VMM to the guest init's `init: booted` line on the
 //! serial console (the same marker for both VMMs). Memory overhead: the VMM process's RSS minus
@@ -18,9 +20,15 @@ use clap::Parser;
 struct Args {
     #[arg(long)]
     vmm: PathBuf,
-    /// qemu-system-x86_64; omitted: only the vmm is measured.
+    /// Another vmm build measured beside `--vmm` (e.g. main's, to report a change as a ratio).
+    #[arg(long)]
+    baseline_vmm: Option<PathBuf>,
+    /// qemu-system-x86_64; omitted: QEMU is not measured.
     #[arg(long)]
     qemu: Option<PathBuf>,
+    /// A Firecracker binary; omitted: Firecracker is not measured.
+    #[arg(long)]
+    firecracker: Option<PathBuf>,
     #[arg(long)]
     kernel: PathBuf,
     #[arg(long)]
@@ -30,6 +38,18 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
 }
+
+/// A program that boots the guest.
+enum Peer {
+    Vmm(PathBuf),
+    Qemu(PathBuf),
+    Firecracker(PathBuf),
+}
+
+/// The kernel arguments a case adds to [`CMDLINE`]: `quiet` is the headline (time to init);
+/// the verbose boot prints the kernel log over the emulated serial port, so it mostly
+/// measures how fast each VMM's serial port is.
+const CASES: &[(&str, &str)] = &[("quiet", "quiet"), ("verbose", "")];
 
 const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
@@ -95,12 +115,16 @@ fn measure(mut child: Child, started: Instant) -> Result<Sample> {
     })
 }
 
-fn run_vmm(args: &Args) -> Result<Sample> {
+fn run_vmm(vmm: &PathBuf, args: &Args, extra: &str) -> Result<Sample> {
     let started = Instant::now();
-    let child = Command::new(&args.vmm)
-        .args(["--kernel".as_ref(), args.kernel.as_os_str()])
+    let mut cmd = Command::new(vmm);
+    cmd.args(["--kernel".as_ref(), args.kernel.as_os_str()])
         .args(["--initrd".as_ref(), args.initrd.as_os_str()])
-        .args(["--memory", &args.memory_mib.to_string()])
+        .args(["--memory", &args.memory_mib.to_string()]);
+    if !extra.is_empty() {
+        cmd.args(["--cmdline", extra]);
+    }
+    let child = cmd
         .args(["--", "/bin/busybox", "sleep", "30"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -110,9 +134,17 @@ fn run_vmm(args: &Args) -> Result<Sample> {
     measure(child, started)
 }
 
-fn run_qemu(qemu: &PathBuf, args: &Args) -> Result<Sample> {
+fn kernel_args(extra: &str) -> String {
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(" {extra}")
+    };
+    format!("{CMDLINE}{extra} -- /bin/busybox sleep 30")
+}
+
+fn run_qemu(qemu: &PathBuf, args: &Args, extra: &str) -> Result<Sample> {
     let started = Instant::now();
-    let append = format!("{CMDLINE} -- /bin/busybox sleep 30");
     let child = Command::new(qemu)
         .args([
             "-M",
@@ -124,13 +156,55 @@ fn run_qemu(qemu: &PathBuf, args: &Args) -> Result<Sample> {
         .args(["-serial", "stdio"])
         .args(["-kernel".as_ref(), args.kernel.as_os_str()])
         .args(["-initrd".as_ref(), args.initrd.as_os_str()])
-        .args(["-append", &append])
+        .args(["-append", &kernel_args(extra)])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .context("spawning qemu")?;
     measure(child, started)
+}
+
+/// Firecracker without its API socket, from a config file written next to the initrd.
+fn run_firecracker(firecracker: &PathBuf, args: &Args, extra: &str) -> Result<Sample> {
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": args.kernel,
+            "initrd_path": args.initrd,
+            "boot_args": kernel_args(extra),
+        },
+        "drives": [],
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": args.memory_mib },
+    });
+    let path = std::env::temp_dir().join(format!(
+        "boot-bench-firecracker-{}.json",
+        std::process::id()
+    ));
+    std::fs::write(&path, config.to_string())
+        .with_context(|| format!("writing {}", path.display()))?;
+    let started = Instant::now();
+    let child = Command::new(firecracker)
+        .args([
+            "--no-api".as_ref(),
+            "--config-file".as_ref(),
+            path.as_os_str(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning firecracker")?;
+    let sample = measure(child, started);
+    let _ = std::fs::remove_file(&path);
+    sample
+}
+
+fn run(peer: &Peer, args: &Args, extra: &str) -> Result<Sample> {
+    match peer {
+        Peer::Vmm(path) => run_vmm(path, args, extra),
+        Peer::Qemu(path) => run_qemu(path, args, extra),
+        Peer::Firecracker(path) => run_firecracker(path, args, extra),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -171,20 +245,45 @@ fn main() -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let vmm: Vec<Sample> = (0..args.runs)
-        .map(|_| run_vmm(&args))
-        .collect::<Result<_>>()?;
-    let (vmm_boot, vmm_overhead) = report("vmm", &vmm);
-    if let Some(qemu) = &args.qemu {
-        let q: Vec<Sample> = (0..args.runs)
-            .map(|_| run_qemu(qemu, &args))
-            .collect::<Result<_>>()?;
-        let (q_boot, q_overhead) = report("qemu microvm", &q);
+    let mut peers = vec![("vmm", Peer::Vmm(args.vmm.clone()))];
+    if let Some(path) = &args.baseline_vmm {
+        peers.push(("baseline vmm", Peer::Vmm(path.clone())));
+    }
+    if let Some(path) = &args.qemu {
+        peers.push(("qemu microvm", Peer::Qemu(path.clone())));
+    }
+    if let Some(path) = &args.firecracker {
+        peers.push(("firecracker", Peer::Firecracker(path.clone())));
+    }
+    for (case, extra) in CASES {
         println!(
-            "ratio vmm/qemu: boot {:.2}x, memory overhead {:.2}x",
-            vmm_boot / q_boot,
-            vmm_overhead / q_overhead
+            "== {case} boot{}",
+            if *case == "quiet" {
+                " (headline: time to init)"
+            } else {
+                " (kernel log on the serial console: mostly serial speed)"
+            }
         );
+        // Runs interleave the peers, so that load changes on the host hit them alike.
+        let mut samples: Vec<Vec<Sample>> = peers.iter().map(|_| Vec::new()).collect();
+        for _ in 0..args.runs {
+            for ((_, peer), out) in peers.iter().zip(samples.iter_mut()) {
+                out.push(run(peer, &args, extra)?);
+            }
+        }
+        let results: Vec<(f64, f64)> = peers
+            .iter()
+            .zip(&samples)
+            .map(|((name, _), s)| report(name, s))
+            .collect();
+        let (vmm_boot, vmm_overhead) = results[0];
+        for ((name, _), (boot, overhead)) in peers.iter().zip(&results).skip(1) {
+            println!(
+                "ratio vmm/{name} ({case}): boot {:.2}x, memory overhead {:.2}x",
+                vmm_boot / boot,
+                vmm_overhead / overhead
+            );
+        }
     }
     Ok(())
 }

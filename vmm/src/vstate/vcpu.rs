@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 
+use crate::arch::x86_64::cpu_template::{CpuConfigError, GuestCpu};
 use crate::arch::x86_64::{cpuid, interrupts, msrs, regs};
 use crate::devices::bus::Bus;
 use crate::devices::log_limit::debug_limited;
@@ -28,6 +29,8 @@ pub enum VcpuError {
     Registers { index: u32, source: regs::RegsError },
     #[error("cannot start the thread of vCPU {index}: {source}")]
     Thread { index: u32, source: std::io::Error },
+    #[error("vCPU {index}: {source}")]
+    Cpu { index: u32, source: CpuConfigError },
 }
 
 /// The buses a vCPU dispatches I/O exits to.
@@ -55,10 +58,11 @@ impl Vcpu {
         Ok(Self { index, fd })
     }
 
-    /// Sets CPUID, MSRs, the LAPIC and the entry registers.
+    /// Sets CPUID (the guest CPU's, normalised for this vCPU), MSRs (boot values, then the
+    /// guest CPU's overrides), the LAPIC and the entry registers.
     pub fn configure(
         &self,
-        vm: &Vm,
+        cpu: &GuestCpu,
         vcpu_count: u32,
         entry: GuestAddress,
         mode: regs::EntryMode,
@@ -71,7 +75,7 @@ impl Vcpu {
                 source,
             }
         };
-        let cpuid = cpuid::vcpu_cpuid(&vm.supported_cpuid, index, vcpu_count);
+        let cpuid = cpuid::vcpu_cpuid(&cpu.cpuid, index, vcpu_count);
         self.fd.set_cpuid2(&cpuid).map_err(kvm("set CPUID"))?;
         let boot_msrs = msrs::boot_msrs().map_err(|_| VcpuError::Kvm {
             index,
@@ -85,6 +89,8 @@ impl Vcpu {
                 boot_msrs.as_slice().len()
             );
         }
+        cpu.apply_msrs(&self.fd)
+            .map_err(|source| VcpuError::Cpu { index, source })?;
         let mut lapic = self.fd.get_lapic().map_err(kvm("read the LAPIC"))?;
         interrupts::set_lint(&mut lapic);
         self.fd.set_lapic(&lapic).map_err(kvm("set the LAPIC"))?;

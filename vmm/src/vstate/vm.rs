@@ -1,11 +1,12 @@
 //! The KVM VM: opening /dev/kvm with clear errors, the in-kernel irqchip and PIT, and the CPUID
-//! KVM supports.
+//! KVM supports (with the features it emulates without listing them).
 
 use std::path::Path;
 
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Cap, Kvm, VmFd};
 
+use crate::arch::x86_64::cpuid::{add_emulated_features, complete_topology_leaf};
 use crate::arch::x86_64::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     pub kvm: Kvm,
     pub fd: VmFd,
+    /// What the guest's CPUID may offer: KVM's supported set and the features KVM emulates
+    /// without listing them there.
     pub supported_cpuid: CpuId,
 }
 
@@ -70,9 +73,16 @@ impl Vm {
         };
         fd.create_pit2(pit)
             .map_err(kvm_err("create the in-kernel PIT"))?;
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("report its supported CPUID"))?;
+        add_emulated_features(
+            &mut supported_cpuid,
+            kvm.check_extension(Cap::TscDeadlineTimer),
+        );
+        if !complete_topology_leaf(&mut supported_cpuid) {
+            tracing::warn!("no room to add the core level of CPUID leaf 0xb");
+        }
         Ok(Self {
             kvm,
             fd,

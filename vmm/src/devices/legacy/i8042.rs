@@ -33,6 +33,8 @@ const COMMAND_OFFSET: u64 = 4;
 const STATUS_OUTPUT_FULL: u8 = 0x01;
 const STATUS_SYSTEM_FLAG: u8 = 0x04;
 const STATUS_LAST_WAS_COMMAND: u8 = 0x08;
+/// Set: the keyboard is not inhibited by the key lock (Linux warns "Keylock active" when clear).
+const STATUS_KEYLOCK_OFF: u8 = 0x10;
 
 const CTR_KBD_INT: u8 = 0x01;
 const CTR_SYSTEM_FLAG: u8 = 0x04;
@@ -138,7 +140,7 @@ impl<T: Trigger> I8042<T> {
     }
 
     fn status(&self) -> u8 {
-        let mut status = STATUS_SYSTEM_FLAG;
+        let mut status = STATUS_SYSTEM_FLAG | STATUS_KEYLOCK_OFF;
         if !self.output.is_empty() {
             status |= STATUS_OUTPUT_FULL;
         }
@@ -253,6 +255,11 @@ mod tests {
     fn control_byte_round_trips_as_linux_probes_it() {
         let (mut dev, fired) = device();
         assert_eq!(read(&mut dev, 4) & STATUS_OUTPUT_FULL, 0);
+        assert_ne!(
+            read(&mut dev, 4) & STATUS_KEYLOCK_OFF,
+            0,
+            "keylock reported"
+        );
         dev.write(4, &[CMD_READ_CTR]);
         assert_ne!(read(&mut dev, 4) & STATUS_OUTPUT_FULL, 0);
         let ctr = read(&mut dev, 0);

@@ -1,0 +1,212 @@
+//! The guest's CPU and platform as the vmm presents them, read back inside a Linux guest on
+//! the test bed: the TSC-deadline timer, a CPU template hiding a feature, a CPUID override
+//! clearing another, an override the host cannot honour refused at start (status 2, the bit
+//! named), vCPUs seen as cores of one package, and the CMOS clock giving a guest without
+//! kvmclock the host's date.
+//!
+//! The test bed's CPU is QEMU's EPYC model under nested SVM: it has `sse4a` (which the `t2`
+//! template hides), `aes`, and no AVX-512.
+
+use std::path::PathBuf;
+
+use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, JobOutput, Testbed};
+
+struct Bed {
+    testbed: Testbed,
+    vmm: PathBuf,
+    vmlinux: PathBuf,
+    initrd: PathBuf,
+}
+
+/// A missing prerequisite skips the test on a developer machine but fails it in CI.
+fn required<T>(test: &str, result: Result<T, Error>) -> Result<Option<T>, Error> {
+    if std::env::var_os("CI").is_some() {
+        result.map(Some)
+    } else {
+        skip_if_missing(test, result)
+    }
+}
+
+fn bed(test: &str) -> Result<Option<Bed>, Error> {
+    let Some(testbed) = required(test, Testbed::from_system())? else {
+        return Ok(None);
+    };
+    let Some(kernel) = required(test, artifacts::guest_kernel())? else {
+        return Ok(None);
+    };
+    let init = artifacts::guest_init()?;
+    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
+    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
+        context: format!("creating {}", scratch.display()),
+        source,
+    })?;
+    let initrd = scratch.join("initrd.cpio");
+    microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?.write_file(&initrd)?;
+    Ok(Some(Bed {
+        testbed,
+        vmm: artifacts::vmm_binary()?,
+        vmlinux: kernel.vmlinux,
+        initrd,
+    }))
+}
+
+impl Bed {
+    /// Runs `script` with the vmm at /vmm, the guest at /guest/{vmlinux,initrd} and each
+    /// `(path, json)` spec file.
+    fn run(&self, script: &str, specs: &[(&str, String)]) -> Result<JobOutput, Error> {
+        let mut job = Job::new(script)
+            .binary("/vmm", &self.vmm)
+            .file("/guest/vmlinux", &self.vmlinux)
+            .file("/guest/initrd", &self.initrd);
+        for (path, json) in specs {
+            job = job.data(path, json.clone(), 0o644);
+        }
+        let out = self.testbed.run(&job)?;
+        eprintln!("--- job output ---\n{}", out.output);
+        Ok(out)
+    }
+}
+
+/// A 32-bit pattern changing one bit (`c` = '0' or '1'), the others kept.
+fn one_bit(bit: u32, c: char) -> String {
+    (0..32)
+        .map(|i| if 31 - i == bit { c } else { 'x' })
+        .collect()
+}
+
+/// A spec booting the test guest with `cpu` as its CPU section.
+fn spec_with_cpu(cpu: &str) -> String {
+    format!(
+        r#"{{"kernel": "/guest/vmlinux", "initrd": "/guest/initrd", "memory_mib": 128, "cmdline": "quiet", "cpu": {cpu}}}"#
+    )
+}
+
+/// The words of the guest's /proc/cpuinfo `flags` line printed after the line `marker`.
+fn flags_after<'a>(output: &'a str, marker: &str) -> Option<Vec<&'a str>> {
+    let mut lines = output.lines().skip_while(|l| *l != marker).skip(1);
+    let line = lines.find(|l| l.starts_with("flags"))?;
+    let (_, words) = line.split_once(':')?;
+    Some(words.split_whitespace().collect())
+}
+
+const READ_FLAGS: &str = "-- /bin/busybox grep -m1 ^flags /proc/cpuinfo";
+
+#[test]
+fn guest_cpuid_follows_template_and_overrides() -> Result<(), Error> {
+    let Some(bed) = bed("guest_cpuid_follows_template_and_overrides")? else {
+        return Ok(());
+    };
+    let specs = [
+        ("/job/none.json", spec_with_cpu(r#"{"template": "none"}"#)),
+        ("/job/t2.json", spec_with_cpu(r#"{"template": "t2"}"#)),
+        (
+            "/job/t2-no-aes.json",
+            spec_with_cpu(&format!(
+                r#"{{"template": "t2", "cpuid": [{{"leaf": "0x1", "register": "ecx", "bits": "{}"}}]}}"#,
+                one_bit(25, '0')
+            )),
+        ),
+        (
+            "/job/avx512.json",
+            spec_with_cpu(&format!(
+                r#"{{"cpuid": [{{"leaf": "0x7", "subleaf": 0, "register": "ebx", "bits": "{}"}}]}}"#,
+                one_bit(16, '1')
+            )),
+        ),
+    ];
+    let out = bed.run(
+        &format!(
+            "echo run=none; /vmm --config /job/none.json {READ_FLAGS}\n\
+             echo run=t2; /vmm --config /job/t2.json {READ_FLAGS}\n\
+             echo run=t2-no-aes; /vmm --config /job/t2-no-aes.json {READ_FLAGS}\n\
+             echo run=avx512; /vmm --config /job/avx512.json {READ_FLAGS} 2>&1\n\
+             echo avx512-status=$?\n"
+        ),
+        &specs,
+    )?;
+    let none = flags_after(&out.output, "run=none").expect("flags with template none");
+    let t2 = flags_after(&out.output, "run=t2").expect("flags with template t2");
+    let no_aes = flags_after(&out.output, "run=t2-no-aes").expect("flags with the override");
+
+    // The host's view: the TSC-deadline timer the vmm adds, and what the next runs hide.
+    for flag in ["tsc_deadline_timer", "sse4a", "aes", "sse4_2"] {
+        assert!(
+            none.contains(&flag),
+            "{flag} missing with template none: {none:?}"
+        );
+    }
+    // The template hides sse4a and keeps the baseline.
+    assert!(!t2.contains(&"sse4a"), "t2 shows sse4a: {t2:?}");
+    for flag in ["tsc_deadline_timer", "aes", "sse4_2"] {
+        assert!(t2.contains(&flag), "t2 hides {flag}: {t2:?}");
+    }
+    // The override clears aes on top of the template.
+    assert!(!no_aes.contains(&"aes"), "override left aes: {no_aes:?}");
+    assert!(!no_aes.contains(&"sse4a"));
+    assert!(no_aes.contains(&"sse4_2"));
+
+    // Setting a bit the host's KVM lacks is refused before the guest runs.
+    assert!(
+        out.output.lines().any(|l| l == "avx512-status=2"),
+        "{}",
+        out.output
+    );
+    assert!(
+        out.output.contains(
+            "cpu override sets CPUID leaf 0x7 subleaf 0x0 EBX bit 16, which this host's KVM does not support"
+        ),
+        "{}",
+        out.output
+    );
+    assert!(flags_after(&out.output, "run=avx512").is_none());
+    Ok(())
+}
+
+#[test]
+fn guest_without_kvmclock_reads_the_host_date_from_the_cmos_clock() -> Result<(), Error> {
+    let Some(bed) = bed("guest_without_kvmclock_reads_the_host_date_from_the_cmos_clock")? else {
+        return Ok(());
+    };
+    // Without kvmclock the guest takes its wall clock from the CMOS RTC at boot.
+    let out = bed.run(
+        "echo host-date=$(date -u +%Y-%m-%d)\n\
+         /vmm --initrd /guest/initrd --memory 128 --kernel /guest/vmlinux --cmdline 'quiet no-kvmclock' \
+         -- /bin/busybox date -u +guest-date=%Y-%m-%d\n\
+         echo vmm-status=$?\n",
+        &[],
+    )?;
+    let host = out
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("host-date="))
+        .expect("host date");
+    let guest = out
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix("guest-date="))
+        .expect("guest date");
+    assert_eq!(guest, host, "{}", out.output);
+    assert!(out.output.lines().any(|l| l == "vmm-status=0"));
+    Ok(())
+}
+
+#[test]
+fn vcpus_are_cores_of_one_package() -> Result<(), Error> {
+    let Some(bed) = bed("vcpus_are_cores_of_one_package")? else {
+        return Ok(());
+    };
+    let out = bed.run(
+        "/vmm --initrd /guest/initrd --memory 128 --kernel /guest/vmlinux --vcpus 3 --cmdline quiet \
+         -- /bin/busybox grep -E '^(physical id|cpu cores)' /proc/cpuinfo\n",
+        &[],
+    )?;
+    let fields: Vec<String> = out
+        .output
+        .lines()
+        .filter(|l| l.starts_with("physical id") || l.starts_with("cpu cores"))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let expected: Vec<&str> = ["physical id : 0", "cpu cores : 3"].repeat(3);
+    assert_eq!(fields, expected, "{}", out.output);
+    Ok(())
+}
