@@ -33,16 +33,6 @@ pub fn attach_stdio() {
     }
 }
 
-/// Waits until everything written to the console has left the guest (the tty layer buffers
-/// output and sends it to the UART from interrupts): the VMM ends the VM as soon as init
-/// reports the status, so output still in the buffer would be lost.
-pub fn drain() {
-    for fd in [1, 2] {
-        // SAFETY: tcdrain only waits on the descriptor; a non-tty fails harmlessly.
-        unsafe { libc::tcdrain(fd) };
-    }
-}
-
 /// Prints `init: <msg>` on its own line to stderr (the console).
 pub fn log(msg: &str) {
     let line = format!("init: {msg}\n");

@@ -70,7 +70,6 @@ fn main() {
         entrypoint::STATUS_SETUP_FAILED
     });
     console::log(&format!("entrypoint exited with status {status}"));
-    console::drain();
     ports::report_exit_status(status);
     power::end_vm(status);
 }
