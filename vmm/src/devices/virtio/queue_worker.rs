@@ -109,6 +109,50 @@ pub struct Served {
     pub throttled_for: Option<Duration>,
 }
 
+/// What became of one request (descriptor chain).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Returned to the driver with this many bytes written.
+    Used(u32),
+    /// Held back by the rate limiter for this long (it stays available in the queue).
+    Throttled(Duration),
+}
+
+/// One pass over `queue`: every available chain goes through `handle` and is returned to the
+/// driver, until the queue is empty (notifications back on) or a chain is throttled (it stays
+/// available and notifications stay off until the timer).
+pub fn serve_chains(
+    queue: &mut virtio_queue::Queue,
+    mem: &vm_memory::GuestMemoryMmap,
+    mut handle: impl FnMut(virtio_queue::DescriptorChain<&vm_memory::GuestMemoryMmap>) -> Outcome,
+) -> Result<Served, virtio_queue::Error> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    let mut served = Served::default();
+    let mut used_any = false;
+    'queue: loop {
+        queue.disable_notification(mem)?;
+        while let Some(chain) = queue.iter(mem)?.next() {
+            let head = chain.head_index();
+            match handle(chain) {
+                Outcome::Used(len) => {
+                    queue.add_used(mem, head, len)?;
+                    used_any = true;
+                }
+                Outcome::Throttled(wait) => {
+                    queue.go_to_previous_position();
+                    served.throttled_for = Some(wait);
+                    break 'queue;
+                }
+            }
+        }
+        if !queue.enable_notification(mem)? {
+            break;
+        }
+    }
+    served.notify = used_any && queue.needs_notification(mem)?;
+    Ok(served)
+}
+
 /// A device's handling of its queue.
 pub trait QueueServer {
     /// Serves the available chains until the queue is empty or the rate limiter says wait.

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 use super::disk::DiskImage;
@@ -14,7 +14,7 @@ use super::request::{
     VIRTIO_BLK_S_IOERR,
 };
 use crate::devices::log_limit::{debug_limited, warn_limited};
-use crate::devices::virtio::queue_worker::{QueueServer, Served};
+use crate::devices::virtio::queue_worker::{serve_chains, Outcome, QueueServer, Served};
 use crate::devices::virtio::VirtioMetrics;
 use crate::rate_limiter::SharedRateLimiter;
 
@@ -30,14 +30,6 @@ pub(crate) struct BlockQueue {
     pub discard: DiscardLimits,
     pub limiter: SharedRateLimiter,
     pub metrics: Arc<VirtioMetrics>,
-}
-
-/// What became of one chain.
-enum Outcome {
-    /// Returned to the driver with this many bytes written.
-    Used(u32),
-    /// Held back by the rate limiter for this long.
-    Throttled(std::time::Duration),
 }
 
 impl BlockQueue {
@@ -104,30 +96,11 @@ impl BlockQueue {
 
 impl QueueServer for BlockQueue {
     fn serve_queue(&mut self) -> Result<Served, virtio_queue::Error> {
-        let mut served = Served::default();
-        let mut used_any = false;
-        'queue: loop {
-            self.queue.disable_notification(&self.mem)?;
-            while let Some(chain) = self.queue.iter(&self.mem)?.next() {
-                let head = chain.head_index();
-                match self.handle(chain) {
-                    Outcome::Used(len) => {
-                        self.queue.add_used(&self.mem, head, len)?;
-                        used_any = true;
-                    }
-                    Outcome::Throttled(wait) => {
-                        // The chain stays available; notifications stay off until the timer.
-                        self.queue.go_to_previous_position();
-                        served.throttled_for = Some(wait);
-                        break 'queue;
-                    }
-                }
-            }
-            if !self.queue.enable_notification(&self.mem)? {
-                break;
-            }
-        }
-        served.notify = used_any && self.queue.needs_notification(&self.mem)?;
-        Ok(served)
+        // The queue is taken out for the pass so that `handle` can borrow the rest of self.
+        let mut queue = std::mem::take(&mut self.queue);
+        let mem = self.mem.clone();
+        let served = serve_chains(&mut queue, &mem, |chain| self.handle(chain));
+        self.queue = queue;
+        served
     }
 }
