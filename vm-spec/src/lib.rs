@@ -6,7 +6,7 @@ pub mod fs;
 pub mod spec;
 
 pub use fs::{FsSpec, FsSpecError, ShareSource};
-pub use spec::{BootProtocol, SerialOutput, SpecError, VmSpec};
+pub use spec::{BootProtocol, GuestMount, SerialOutput, SpecError, VmSpec};
 pub mod rate_limiter;
 pub use rate_limiter::{RateLimiterError, RateLimiterSpec, TokenBucketSpec};
 pub mod drive;

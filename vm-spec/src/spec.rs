@@ -195,7 +195,23 @@ pub struct VmSpec {
     /// The guest CPU: a CPU template and CPUID/MSR bit overrides (default: the host's).
     #[serde(default, skip_serializing_if = "CpuSpec::is_default")]
     pub cpu: CpuSpec,
+    /// Shares (other than the root) the guest init mounts, by tag, before the entrypoint runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mounts: Vec<GuestMount>,
 }
+
+/// A share the guest init mounts at `path` (absolute, normalized; created when missing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestMount {
+    pub tag: String,
+    pub path: String,
+}
+
+/// Most guest mounts.
+pub const MAX_GUEST_MOUNTS: usize = 32;
+/// The guest init's parameter for a mount: `gridinit.mount=TAG:PATH` (PATH percent-encoded).
+pub const MOUNT_PARAM: &str = "gridinit.mount";
 
 /// Seconds between SIGTERM and SIGKILL on a graceful shutdown, by default and at most.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u32 = 10;
@@ -251,6 +267,8 @@ pub enum SpecError {
     Vsock(#[from] VsockSpecError),
     #[error("cpu: {0}")]
     Cpu(#[from] CpuSpecError),
+    #[error("guest mount {0}")]
+    BadMount(String),
 }
 
 impl VmSpec {
@@ -276,6 +294,7 @@ impl VmSpec {
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             vsock: None,
             cpu: CpuSpec::default(),
+            mounts: Vec::new(),
         }
     }
 
@@ -312,6 +331,7 @@ impl VmSpec {
             }
         }
         crate::fs::validate(&self.fs, self.root.as_deref())?;
+        self.validate_mounts()?;
         crate::drive::validate(&self.drives, self.rng.as_ref())?;
         // Devices are attached under one namespace: shares' tags, drive ids, "rng", "vsock".
         for drive in &self.drives {
@@ -340,6 +360,38 @@ impl VmSpec {
         Ok(())
     }
 
+    fn validate_mounts(&self) -> Result<(), SpecError> {
+        if self.mounts.len() > MAX_GUEST_MOUNTS {
+            return Err(SpecError::BadMount(format!(
+                "list: more than {MAX_GUEST_MOUNTS}"
+            )));
+        }
+        let mut paths = std::collections::BTreeSet::new();
+        for m in &self.mounts {
+            let bad = |why: &str| Err(SpecError::BadMount(format!("{}:{}: {why}", m.tag, m.path)));
+            if !self.fs.iter().any(|s| s.tag == m.tag) {
+                return bad("no share has this tag");
+            }
+            if self.root.as_deref() == Some(m.tag.as_str()) {
+                return bad("the root share is mounted as the root");
+            }
+            let normalized = m.path.starts_with('/')
+                && m.path.len() > 1
+                && m.path.len() <= 1024
+                && !m.path.ends_with('/')
+                && !m.path.contains("//")
+                && !m.path.split('/').any(|c| c == "." || c == "..")
+                && !m.path.contains('\0');
+            if !normalized {
+                return bad("the path must be absolute and normalized (no '.', '..', '//')");
+            }
+            if !paths.insert(m.path.as_str()) {
+                return bad("two mounts at one path");
+            }
+        }
+        Ok(())
+    }
+
     pub fn memory_bytes(&self) -> u64 {
         self.memory_mib << 20
     }
@@ -354,6 +406,9 @@ impl VmSpec {
         }
         if self.shutdown_grace_secs != DEFAULT_SHUTDOWN_GRACE_SECS {
             words.push(format!("{GRACE_PARAM}={}", self.shutdown_grace_secs));
+        }
+        for m in &self.mounts {
+            words.push(format!("{MOUNT_PARAM}={}:{}", m.tag, encode_word(&m.path)));
         }
         if !self.cmdline.trim().is_empty() {
             words.push(self.cmdline.trim().to_string());
@@ -585,5 +640,50 @@ mod tests {
         ));
         // The default CPU is left out of the JSON form.
         assert!(!serde_json::to_string(&spec()).unwrap().contains("\"cpu\""));
+    }
+
+    #[test]
+    fn guest_mounts_are_checked_and_reach_the_cmdline() {
+        let mut s = spec();
+        s.fs = vec![
+            crate::FsSpec::image("root", "/i.flist"),
+            crate::FsSpec::dir("vol0", "/srv/v", false),
+        ];
+        s.root = Some("root".into());
+        s.mounts = vec![GuestMount {
+            tag: "vol0".into(),
+            path: "/data dir".into(),
+        }];
+        s.validate().unwrap();
+        assert!(s
+            .kernel_cmdline(&[])
+            .contains("gridinit.mount=vol0:/data%20dir"));
+        for (tag, path) in [
+            ("nope", "/x"),
+            ("root", "/x"),
+            ("vol0", "x"),
+            ("vol0", "/a/../b"),
+            ("vol0", "/a/"),
+        ] {
+            s.mounts = vec![GuestMount {
+                tag: tag.into(),
+                path: path.into(),
+            }];
+            assert!(
+                matches!(s.validate(), Err(SpecError::BadMount(_))),
+                "{tag}:{path}"
+            );
+        }
+        s.mounts = vec![
+            GuestMount {
+                tag: "vol0".into(),
+                path: "/x".into(),
+            },
+            GuestMount {
+                tag: "vol0".into(),
+                path: "/x".into(),
+            },
+        ];
+        assert!(s.validate().is_err());
     }
 }

@@ -19,6 +19,7 @@ use std::os::unix::ffi::OsStringExt;
 const ENV_PREFIX: &str = "gridinit.env=";
 const ROOT_PREFIX: &str = "gridinit.root=";
 const GRACE_PREFIX: &str = "gridinit.grace=";
+const MOUNT_PREFIX: &str = "gridinit.mount=";
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct BootArgs {
@@ -26,6 +27,8 @@ pub struct BootArgs {
     pub env: Vec<(OsString, OsString)>,
     pub root: Option<String>,
     pub grace_secs: Option<u32>,
+    /// `gridinit.mount=TAG:PATH`: shares to mount (in order) once the root is in place.
+    pub mounts: Vec<(String, OsString)>,
 }
 
 /// Splits a command line into words; double quotes group words (and are kept out).
@@ -101,6 +104,12 @@ pub fn parse(cmdline: &str) -> BootArgs {
                     args.env.push((OsString::from(key), decode(value)));
                 }
             }
+        } else if let Some(mount) = word.strip_prefix(MOUNT_PREFIX) {
+            if let Some((tag, path)) = mount.split_once(':') {
+                if !tag.is_empty() && path.starts_with('/') {
+                    args.mounts.push((tag.to_string(), decode(path)));
+                }
+            }
         } else if let Some(secs) = word.strip_prefix(GRACE_PREFIX) {
             args.grace_secs = secs.parse().ok();
         } else if let Some(tag) = word.strip_prefix(ROOT_PREFIX) {
@@ -161,6 +170,15 @@ mod tests {
         assert_eq!(
             a.entrypoint,
             vec![OsString::from("100%"), "%zz".into(), "%4".into()]
+        );
+    }
+
+    #[test]
+    fn share_mounts() {
+        let args = parse("gridinit.mount=vol0:/data%20x gridinit.mount=bad gridinit.mount=t:rel -- gridinit.mount=a:/b");
+        assert_eq!(
+            args.mounts,
+            vec![("vol0".to_string(), OsString::from("/data x"))]
         );
     }
 }

@@ -48,6 +48,10 @@ fn run() -> u8 {
         console::log(&format!("root filesystem setup failed: {e}"));
         return entrypoint::STATUS_SETUP_FAILED;
     }
+    if let Err(e) = rootfs::mount_shares(&boot.mounts) {
+        console::log(&format!("share mount failed: {e}"));
+        return entrypoint::STATUS_SETUP_FAILED;
+    }
     let mut env: Vec<(OsString, OsString)> =
         vec![("HOME".into(), "/".into()), ("TERM".into(), "linux".into())];
     for (key, value) in boot.env {

@@ -91,3 +91,29 @@ pub fn prepare(root_tag: Option<&str>) -> Result<(), InitError> {
         .map_err(|e| InitError::Setup(format!("cannot enter the new root: {e}")))?;
     Ok(())
 }
+
+/// Mounts the extra virtio-fs shares at their paths (in the root the entrypoint sees),
+/// creating the directories; run after [`prepare`].
+pub fn mount_shares(mounts: &[(String, std::ffi::OsString)]) -> Result<(), InitError> {
+    use std::os::unix::ffi::OsStrExt;
+    for (tag, path) in mounts {
+        let shown = path.to_string_lossy();
+        std::fs::create_dir_all(path)
+            .map_err(|e| InitError::Setup(format!("cannot create mount point {shown}: {e}")))?;
+        let target = CString::new(path.as_bytes())
+            .map_err(|_| InitError::Setup(format!("mount point {shown:?} contains a NUL byte")))?;
+        let (source, fstype) = (cstring(tag)?, cstring("virtiofs")?);
+        // SAFETY: valid NUL-terminated strings; no mount data.
+        let ret = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                std::ptr::null(),
+            )
+        };
+        check(ret, || format!("cannot mount share {tag} at {shown}"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,461 @@
+//! The agent's HTTP + JSON API, served on a unix socket (mode 0600: its callers are root, the
+//! node's operator, or sign as a twin) and optionally on TCP (every request signed by a twin,
+//! see [`crate::auth`]). The OpenAPI document is generated from the handlers (utoipa) and
+//! served at `/openapi.json`.
+//!
+//! Who sees what: a twin sees and changes only its own deployments and reads only their logs;
+//! the operator (unsigned, on the unix socket) gets the node's capacity and health, not
+//! workload data.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::auth::{AuthError, ReplayGuard, SignedHeaders, Signer};
+use crate::capacity::Resources;
+use crate::deployment::Deployment;
+use crate::engine::{DeployError, DeployOutcome, Engine};
+use crate::state::VmRecord;
+use crate::vmspec::VmKey;
+
+/// Largest request body (a deployment).
+pub const MAX_BODY: usize = 1 << 20;
+/// Most console bytes per logs request.
+pub const MAX_LOG_CHUNK: usize = 1 << 20;
+
+pub struct ApiState {
+    pub engine: Arc<Engine>,
+    pub node_key: String,
+    pub replays: ReplayGuard,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "gridnode node agent",
+        description = "Deployments of micro-VMs on a grid node."
+    ),
+    paths(
+        node_status,
+        metrics,
+        create_deployment,
+        list_deployments,
+        get_deployment,
+        update_deployment,
+        delete_deployment,
+        vm_logs,
+        openapi_json
+    ),
+    components(schemas(
+        NodeStatus,
+        DeploymentStatus,
+        DeployOutcome,
+        ErrorBody,
+        Deployment,
+        VmRecord,
+        Resources
+    ))
+)]
+pub struct ApiDoc;
+
+/// The router; `tcp` requires every request to be signed.
+pub fn router(state: Arc<ApiState>, tcp: bool) -> Router {
+    let state = Arc::new(Served { state, tcp });
+    Router::new()
+        .route("/openapi.json", get(openapi_json))
+        .route("/node", get(node_status))
+        .route("/metrics", get(metrics))
+        .route(
+            "/deployments",
+            get(list_deployments).post(create_deployment),
+        )
+        .route(
+            "/deployments/{id}",
+            get(get_deployment)
+                .put(update_deployment)
+                .delete(delete_deployment),
+        )
+        .route("/deployments/{id}/vms/{name}/logs", get(vm_logs))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+pub struct Served {
+    state: Arc<ApiState>,
+    tcp: bool,
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        ApiError(StatusCode::UNAUTHORIZED, e.to_string())
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        let status = match &e {
+            DeployError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            DeployError::Forbidden(_) => StatusCode::FORBIDDEN,
+            DeployError::NotFound(_) => StatusCode::NOT_FOUND,
+            DeployError::Conflict(_) => StatusCode::CONFLICT,
+            DeployError::Capacity(_) => StatusCode::INSUFFICIENT_STORAGE,
+            DeployError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            DeployError::Failed(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            DeployError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+/// Who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    Operator,
+    Twin(u32),
+}
+
+impl Caller {
+    fn twin(self) -> Result<u32, ApiError> {
+        match self {
+            Caller::Twin(t) => Ok(t),
+            Caller::Operator => Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "the node operator sees capacity and health, not workloads: sign the request as the owner twin".into(),
+            )),
+        }
+    }
+}
+
+async fn authenticate(
+    s: &Served,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Caller, ApiError> {
+    let signed = SignedHeaders::parse(|name| headers.get(name).and_then(|v| v.to_str().ok()))?;
+    let Some(signed) = signed else {
+        if s.tcp {
+            return Err(AuthError::Unsigned(crate::auth::H_SIGNATURE).into());
+        }
+        return Ok(Caller::Operator);
+    };
+    let Signer::Twin(twin) = signed.signer else {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "requests are signed by a twin (twin:<id>)".into(),
+        ));
+    };
+    let key = s
+        .state
+        .engine
+        .registrar
+        .twin(twin)
+        .await
+        .map_err(|e| {
+            ApiError(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot check the signature: {e}"),
+            )
+        })?
+        .and_then(|t| t.key())
+        .ok_or(AuthError::UnknownTwin(twin))?;
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    signed.verify(
+        &key,
+        method.as_str(),
+        path,
+        body,
+        crate::auth::now_unix(),
+        &s.state.replays,
+    )?;
+    Ok(Caller::Twin(twin))
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct NodeStatus {
+    /// The node's ed25519 public key (hex).
+    pub node_key: String,
+    pub twin_id: Option<u32>,
+    pub node_id: Option<u32>,
+    pub registered: bool,
+    pub capacity_total: Resources,
+    pub capacity_used: Resources,
+    pub workloads: usize,
+    pub uptime_reports_pending: usize,
+    pub last_uptime_report: i64,
+}
+
+#[utoipa::path(get, path = "/node", responses((status = 200, body = NodeStatus), (status = 401, body = ErrorBody)))]
+async fn node_status(
+    State(s): State<Arc<Served>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<NodeStatus>, ApiError> {
+    authenticate(&s, &method, &uri, &headers, b"").await?;
+    let e = &s.state.engine;
+    let meta = |k: &str| e.store.meta(k).ok().flatten().and_then(|v| v.parse().ok());
+    Ok(Json(NodeStatus {
+        node_key: s.state.node_key.clone(),
+        twin_id: meta("twin_id"),
+        node_id: meta("node_id"),
+        registered: e
+            .metrics
+            .registered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1,
+        capacity_total: e.capacity,
+        capacity_used: e.used(None)?,
+        workloads: e.store.vms(None)?.len(),
+        uptime_reports_pending: e.store.pending_uptime()?.len(),
+        last_uptime_report: e
+            .metrics
+            .last_uptime_report
+            .load(std::sync::atomic::Ordering::Relaxed),
+    }))
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+async fn metrics(
+    State(s): State<Arc<Served>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authenticate(&s, &method, &uri, &headers, b"").await?;
+    let e = &s.state.engine;
+    let text = e.metrics.render(
+        &e.store.vms(None)?,
+        e.used(None)?,
+        e.capacity,
+        e.store.pending_uptime()?.len(),
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+#[derive(Serialize, Deserialize, ToSchema)]
+pub struct DeploymentStatus {
+    pub deployment: Deployment,
+    pub vms: Vec<VmRecord>,
+}
+
+fn parse_deployment(body: &[u8]) -> Result<Deployment, ApiError> {
+    Deployment::from_json(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
+}
+
+#[utoipa::path(post, path = "/deployments", request_body = Deployment,
+    responses((status = 201, body = DeployOutcome), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody),
+              (status = 507, body = ErrorBody)))]
+async fn create_deployment(
+    State(s): State<Arc<Served>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let twin = authenticate(&s, &method, &uri, &headers, &body)
+        .await?
+        .twin()?;
+    let doc = parse_deployment(&body)?;
+    if let Some(row) = s
+        .state
+        .engine
+        .store
+        .deployment(doc.twin_id, doc.deployment_id)?
+    {
+        if !row.deleted {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "deployment {} exists: update it with PUT",
+                    doc.deployment_id
+                ),
+            ));
+        }
+    }
+    let out = s.state.engine.deploy(twin, doc).await?;
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+#[utoipa::path(put, path = "/deployments/{id}", request_body = Deployment, params(("id" = u64, Path)),
+    responses((status = 200, body = DeployOutcome), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody),
+              (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn update_deployment(
+    State(s): State<Arc<Served>>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<DeployOutcome>, ApiError> {
+    let twin = authenticate(&s, &method, &uri, &headers, &body)
+        .await?
+        .twin()?;
+    let doc = parse_deployment(&body)?;
+    if doc.deployment_id != id {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body is deployment {}, the path {id}",
+                doc.deployment_id
+            ),
+        ));
+    }
+    match s.state.engine.store.deployment(twin, id)? {
+        Some(row) if !row.deleted => {}
+        _ => {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no deployment {id} of twin {twin}: create it with POST"),
+            ))
+        }
+    }
+    Ok(Json(s.state.engine.deploy(twin, doc).await?))
+}
+
+#[utoipa::path(get, path = "/deployments", responses((status = 200, body = Vec<DeploymentStatus>), (status = 403, body = ErrorBody)))]
+async fn list_deployments(
+    State(s): State<Arc<Served>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<Vec<DeploymentStatus>>, ApiError> {
+    let twin = authenticate(&s, &method, &uri, &headers, b"")
+        .await?
+        .twin()?;
+    let e = &s.state.engine;
+    let mut out = Vec::new();
+    for d in e.store.deployments(Some(twin))? {
+        let vms = e.store.vms(Some((twin, d.deployment_id)))?;
+        out.push(DeploymentStatus { deployment: d, vms });
+    }
+    Ok(Json(out))
+}
+
+#[utoipa::path(get, path = "/deployments/{id}", params(("id" = u64, Path)),
+    responses((status = 200, body = DeploymentStatus), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn get_deployment(
+    State(s): State<Arc<Served>>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<DeploymentStatus>, ApiError> {
+    let twin = authenticate(&s, &method, &uri, &headers, b"")
+        .await?
+        .twin()?;
+    let e = &s.state.engine;
+    let row = e.store.deployment(twin, id)?.filter(|r| !r.deleted);
+    let Some(row) = row else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no deployment {id} of twin {twin}"),
+        ));
+    };
+    Ok(Json(DeploymentStatus {
+        deployment: row.doc,
+        vms: e.store.vms(Some((twin, id)))?,
+    }))
+}
+
+#[utoipa::path(delete, path = "/deployments/{id}", params(("id" = u64, Path)),
+    responses((status = 204), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn delete_deployment(
+    State(s): State<Arc<Served>>,
+    Path(id): Path<u64>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let twin = authenticate(&s, &method, &uri, &headers, b"")
+        .await?
+        .twin()?;
+    s.state.engine.delete(twin, twin, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct LogQuery {
+    /// Byte offset in the VM's console output (rotated file first).
+    #[serde(default)]
+    pub offset: u64,
+}
+
+#[utoipa::path(get, path = "/deployments/{id}/vms/{name}/logs", params(("id" = u64, Path), ("name" = String, Path), LogQuery),
+    responses((status = 200, description = "console bytes; `x-next-offset` says where to continue", content_type = "application/octet-stream"),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn vm_logs(
+    State(s): State<Arc<Served>>,
+    Path((id, name)): Path<(u64, String)>,
+    Query(q): Query<LogQuery>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let twin = authenticate(&s, &method, &uri, &headers, b"")
+        .await?
+        .twin()?;
+    let e = &s.state.engine;
+    let known = e
+        .store
+        .deployment(twin, id)?
+        .filter(|r| !r.deleted)
+        .is_some_and(|r| r.doc.vm(&name).is_some());
+    if !known {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("twin {twin} has no VM {name} in deployment {id}"),
+        ));
+    }
+    let key = VmKey {
+        twin_id: twin,
+        deployment_id: id,
+        name,
+    };
+    let (bytes, next) = e.logs(&key, q.offset, MAX_LOG_CHUNK)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::HeaderName::from_static("x-next-offset"),
+                next.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document")))]
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

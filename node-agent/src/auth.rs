@@ -1,0 +1,279 @@
+//! Signed HTTP requests, for the agent's API over TCP and for writes to a registrar.
+//!
+//! A request is signed by a twin (by id) or, before it has a twin, by a bare public key. Headers:
+//! `X-Grid-Signer: twin:<id>` or `key:<64 hex>`, `X-Grid-Timestamp: <unix seconds>`,
+//! `X-Grid-Signature: <128 hex>`. The signature covers
+//! `gridnode/request/v1\n{METHOD}\n{path and query}\n{hex blake3(body)}\n{timestamp}\n{signer}`.
+//! A timestamp more than [`MAX_SKEW_SECS`] from the server's clock is refused, and a signature
+//! seen before within that window is a replay.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use ed25519_dalek::VerifyingKey;
+
+use crate::identity::{self, KeyPair};
+
+pub const H_SIGNER: &str = "x-grid-signer";
+pub const H_TIMESTAMP: &str = "x-grid-timestamp";
+pub const H_SIGNATURE: &str = "x-grid-signature";
+
+/// How far a request's timestamp may be from the server's clock.
+pub const MAX_SKEW_SECS: i64 = 60;
+
+/// Who signed a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signer {
+    Twin(u32),
+    Key(VerifyingKey),
+}
+
+impl std::fmt::Display for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Signer::Twin(id) => write!(f, "twin:{id}"),
+            Signer::Key(k) => write!(f, "key:{}", hex::encode(k.as_bytes())),
+        }
+    }
+}
+
+impl std::str::FromStr for Signer {
+    type Err = AuthError;
+    fn from_str(s: &str) -> Result<Self, AuthError> {
+        if let Some(id) = s.strip_prefix("twin:") {
+            return id
+                .parse()
+                .map(Signer::Twin)
+                .map_err(|_| AuthError::Malformed("signer twin id is not a u32"));
+        }
+        if let Some(k) = s.strip_prefix("key:") {
+            return identity::parse_public_key(k)
+                .map(Signer::Key)
+                .map_err(|_| AuthError::Malformed("signer key is not an ed25519 public key"));
+        }
+        Err(AuthError::Malformed(
+            "signer is neither twin:<id> nor key:<hex>",
+        ))
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("request is not signed (missing {0} header)")]
+    Unsigned(&'static str),
+    #[error("malformed signature headers: {0}")]
+    Malformed(&'static str),
+    #[error(
+        "request timestamp is {0} s from the server's clock (at most {MAX_SKEW_SECS} s allowed)"
+    )]
+    Skew(i64),
+    #[error("unknown twin {0}")]
+    UnknownTwin(u32),
+    #[error("signature does not match the request and the signer's key")]
+    BadSignature,
+    #[error("replayed request (this signature was already used)")]
+    Replay,
+}
+
+/// The bytes a request signature covers.
+pub fn message(method: &str, path: &str, body: &[u8], timestamp: i64, signer: &Signer) -> Vec<u8> {
+    format!(
+        "gridnode/request/v1\n{}\n{}\n{}\n{}\n{}",
+        method.to_ascii_uppercase(),
+        path,
+        blake3::hash(body).to_hex(),
+        timestamp,
+        signer
+    )
+    .into_bytes()
+}
+
+/// The three headers of a signed request.
+pub fn sign(
+    key: &KeyPair,
+    signer: &Signer,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timestamp: i64,
+) -> [(&'static str, String); 3] {
+    let sig = key.sign(&message(method, path, body, timestamp, signer));
+    [
+        (H_SIGNER, signer.to_string()),
+        (H_TIMESTAMP, timestamp.to_string()),
+        (H_SIGNATURE, hex::encode(sig)),
+    ]
+}
+
+/// Signature headers as read from a request, before the signer's key is known.
+#[derive(Debug, Clone)]
+pub struct SignedHeaders {
+    pub signer: Signer,
+    pub timestamp: i64,
+    pub signature: [u8; 64],
+}
+
+impl SignedHeaders {
+    /// Reads the headers through `get`; `Ok(None)` when the request carries none of them.
+    pub fn parse<'a>(
+        get: impl Fn(&'static str) -> Option<&'a str>,
+    ) -> Result<Option<Self>, AuthError> {
+        let (signer, ts, sig) = (get(H_SIGNER), get(H_TIMESTAMP), get(H_SIGNATURE));
+        if signer.is_none() && ts.is_none() && sig.is_none() {
+            return Ok(None);
+        }
+        let signer: Signer = signer.ok_or(AuthError::Unsigned(H_SIGNER))?.parse()?;
+        let timestamp = ts
+            .ok_or(AuthError::Unsigned(H_TIMESTAMP))?
+            .parse()
+            .map_err(|_| AuthError::Malformed("timestamp is not an integer"))?;
+        let sig = sig.ok_or(AuthError::Unsigned(H_SIGNATURE))?;
+        let bytes = hex::decode(sig).map_err(|_| AuthError::Malformed("signature is not hex"))?;
+        let signature = bytes
+            .try_into()
+            .map_err(|_| AuthError::Malformed("signature is not 64 bytes"))?;
+        Ok(Some(Self {
+            signer,
+            timestamp,
+            signature,
+        }))
+    }
+
+    /// Checks time, signature and replay, given the signer's public key.
+    pub fn verify(
+        &self,
+        key: &VerifyingKey,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        now: i64,
+        replays: &ReplayGuard,
+    ) -> Result<(), AuthError> {
+        let skew = self.timestamp.saturating_sub(now);
+        if skew.abs() > MAX_SKEW_SECS {
+            return Err(AuthError::Skew(skew));
+        }
+        let msg = message(method, path, body, self.timestamp, &self.signer);
+        if !identity::verify(key, &msg, &self.signature) {
+            return Err(AuthError::BadSignature);
+        }
+        replays.check(&self.signature, self.timestamp, now)
+    }
+}
+
+/// Signatures seen within the allowed clock window (a request outside it is refused anyway).
+#[derive(Default)]
+pub struct ReplayGuard {
+    seen: Mutex<HashMap<[u8; 64], i64>>,
+}
+
+/// Most remembered signatures; beyond it new requests are refused until old ones expire,
+/// rather than forgetting signatures that could then be replayed.
+const MAX_REMEMBERED: usize = 100_000;
+
+impl ReplayGuard {
+    pub fn check(&self, signature: &[u8; 64], timestamp: i64, now: i64) -> Result<(), AuthError> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= MAX_REMEMBERED / 2 {
+            seen.retain(|_, ts| (now - *ts).abs() <= MAX_SKEW_SECS);
+        }
+        if seen.contains_key(signature) {
+            return Err(AuthError::Replay);
+        }
+        if seen.len() >= MAX_REMEMBERED {
+            return Err(AuthError::Malformed(
+                "too many signed requests in the last minute",
+            ));
+        }
+        seen.insert(*signature, timestamp);
+        Ok(())
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(h: &[(&'static str, String); 3]) -> SignedHeaders {
+        SignedHeaders::parse(|name| h.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str()))
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_signed_request_verifies_once() {
+        let key = KeyPair::generate();
+        let signer = Signer::Twin(7);
+        let h = sign(&key, &signer, "post", "/deployments", b"{}", 1000);
+        let parsed = headers(&h);
+        assert_eq!(parsed.signer, signer);
+        let guard = ReplayGuard::default();
+        parsed
+            .verify(&key.public(), "POST", "/deployments", b"{}", 1010, &guard)
+            .unwrap();
+        assert_eq!(
+            parsed.verify(&key.public(), "POST", "/deployments", b"{}", 1010, &guard),
+            Err(AuthError::Replay)
+        );
+    }
+
+    #[test]
+    fn any_change_breaks_the_signature() {
+        let key = KeyPair::generate();
+        let signer = Signer::Key(key.public());
+        let h = headers(&sign(&key, &signer, "PUT", "/a?b=1", b"body", 50));
+        let g = ReplayGuard::default();
+        for (m, p, b) in [
+            ("GET", "/a?b=1", &b"body"[..]),
+            ("PUT", "/a?b=2", b"body"),
+            ("PUT", "/a?b=1", b"bodz"),
+        ] {
+            assert_eq!(
+                h.verify(&key.public(), m, p, b, 50, &g),
+                Err(AuthError::BadSignature)
+            );
+        }
+        let other = KeyPair::generate();
+        assert_eq!(
+            h.verify(&other.public(), "PUT", "/a?b=1", b"body", 50, &g),
+            Err(AuthError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn stale_or_future_timestamps_are_refused() {
+        let key = KeyPair::generate();
+        let h = headers(&sign(&key, &Signer::Twin(1), "GET", "/", b"", 1000));
+        let g = ReplayGuard::default();
+        assert_eq!(
+            h.verify(&key.public(), "GET", "/", b"", 1061, &g),
+            Err(AuthError::Skew(-61))
+        );
+        assert_eq!(
+            h.verify(&key.public(), "GET", "/", b"", 939, &g),
+            Err(AuthError::Skew(61))
+        );
+    }
+
+    #[test]
+    fn partial_or_garbled_headers_are_named() {
+        let none = SignedHeaders::parse(|_| None).unwrap();
+        assert!(none.is_none());
+        let err = SignedHeaders::parse(|n| (n == H_SIGNER).then_some("twin:1")).unwrap_err();
+        assert_eq!(err, AuthError::Unsigned(H_TIMESTAMP));
+        let err = SignedHeaders::parse(|n| match n {
+            H_SIGNER => Some("user:1"),
+            _ => Some("1"),
+        })
+        .unwrap_err();
+        assert!(matches!(err, AuthError::Malformed(_)));
+    }
+}

@@ -1,0 +1,185 @@
+//! The node's capacity: CPU threads (cru), memory (mru), SSD (sru) and HDD (hru) bytes, read
+//! from the host, minus the operator's reserve; and what deployments use of it.
+
+use std::fs;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::deployment::Deployment;
+
+const MIB: u64 = 1 << 20;
+
+/// Amounts in the grid's units: threads and bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    pub cru: u64,
+    pub mru: u64,
+    pub sru: u64,
+    pub hru: u64,
+}
+
+impl Resources {
+    pub fn saturating_sub(self, o: Resources) -> Resources {
+        Resources {
+            cru: self.cru.saturating_sub(o.cru),
+            mru: self.mru.saturating_sub(o.mru),
+            sru: self.sru.saturating_sub(o.sru),
+            hru: self.hru.saturating_sub(o.hru),
+        }
+    }
+
+    pub fn saturating_add(self, o: Resources) -> Resources {
+        Resources {
+            cru: self.cru.saturating_add(o.cru),
+            mru: self.mru.saturating_add(o.mru),
+            sru: self.sru.saturating_add(o.sru),
+            hru: self.hru.saturating_add(o.hru),
+        }
+    }
+
+    /// The first resource in which `self` exceeds `limit`, named, with both amounts.
+    pub fn exceeds(&self, limit: &Resources) -> Option<String> {
+        let checks = [
+            ("cru (vCPUs)", self.cru, limit.cru, 1),
+            ("mru (memory MiB)", self.mru, limit.mru, MIB),
+            ("sru (SSD MiB)", self.sru, limit.sru, MIB),
+            ("hru (HDD MiB)", self.hru, limit.hru, MIB),
+        ];
+        checks
+            .into_iter()
+            .find(|(_, want, have, _)| want > have)
+            .map(|(name, want, have, unit)| {
+                format!("{name}: needs {}, {} free", want / unit, have / unit)
+            })
+    }
+}
+
+/// What a deployment takes: vCPUs, memory, and its disks on SSD.
+pub fn deployment_needs(d: &Deployment) -> Resources {
+    d.vms().fold(Resources::default(), |acc, vm| {
+        acc.saturating_add(Resources {
+            cru: u64::from(vm.vcpus),
+            mru: vm.memory_mib.saturating_mul(MIB),
+            sru: vm.disk_mib().saturating_mul(MIB),
+            hru: 0,
+        })
+    })
+}
+
+/// The host's capacity, before the reserve.
+pub fn detect() -> Resources {
+    detect_from(Path::new("/proc"), Path::new("/sys"))
+}
+
+pub fn detect_from(proc_root: &Path, sys_root: &Path) -> Resources {
+    let cru = std::thread::available_parallelism()
+        .map(|n| n.get() as u64)
+        .unwrap_or(1);
+    let mru = fs::read_to_string(proc_root.join("meminfo"))
+        .ok()
+        .and_then(|t| meminfo_total(&t))
+        .unwrap_or(0);
+    let (sru, hru) = disks(&sys_root.join("block"));
+    Resources { cru, mru, sru, hru }
+}
+
+fn meminfo_total(text: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Sums the sizes of whole physical disks by their rotational flag: (ssd, hdd) bytes. Virtual
+/// devices (loop, ram, zram, device-mapper, md, optical, nbd) are not capacity.
+fn disks(block: &Path) -> (u64, u64) {
+    let Ok(entries) = fs::read_dir(block) else {
+        return (0, 0);
+    };
+    let (mut ssd, mut hdd) = (0u64, 0u64);
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if ["loop", "ram", "zram", "dm-", "md", "sr", "nbd", "fd"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            continue;
+        }
+        let dir = entry.path();
+        let read = |f: &str| {
+            fs::read_to_string(dir.join(f))
+                .ok()
+                .map(|s| s.trim().to_string())
+        };
+        let Some(sectors) = read("size").and_then(|s| s.parse::<u64>().ok()) else {
+            continue;
+        };
+        let bytes = sectors.saturating_mul(512);
+        if read("queue/rotational").as_deref() == Some("1") {
+            hdd = hdd.saturating_add(bytes);
+        } else {
+            ssd = ssd.saturating_add(bytes);
+        }
+    }
+    (ssd, hdd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_memory_and_disks_by_rotational_flag() {
+        let root = tempfile::tempdir().unwrap();
+        let proc_root = root.path().join("proc");
+        let sys = root.path().join("sys");
+        fs::create_dir_all(&proc_root).unwrap();
+        fs::write(
+            proc_root.join("meminfo"),
+            "MemTotal:       2048 kB\nMemFree: 1 kB\n",
+        )
+        .unwrap();
+        for (name, sectors, rot) in [
+            ("sda", 2048, "1"),
+            ("nvme0n1", 4096, "0"),
+            ("loop0", 999, "0"),
+        ] {
+            let q = sys.join("block").join(name).join("queue");
+            fs::create_dir_all(&q).unwrap();
+            fs::write(
+                sys.join("block").join(name).join("size"),
+                format!("{sectors}\n"),
+            )
+            .unwrap();
+            fs::write(q.join("rotational"), rot).unwrap();
+        }
+        let r = detect_from(&proc_root, &sys);
+        assert_eq!(r.mru, 2048 * 1024);
+        assert_eq!(r.hru, 2048 * 512);
+        assert_eq!(r.sru, 4096 * 512);
+        assert!(r.cru >= 1);
+    }
+
+    #[test]
+    fn exceeding_names_the_resource() {
+        let free = Resources {
+            cru: 2,
+            mru: 512 * MIB,
+            sru: 0,
+            hru: 0,
+        };
+        let want = Resources {
+            cru: 1,
+            mru: 1024 * MIB,
+            sru: 0,
+            hru: 0,
+        };
+        assert_eq!(
+            want.exceeds(&free).unwrap(),
+            "mru (memory MiB): needs 1024, 512 free"
+        );
+        assert!(Resources::default().exceeds(&free).is_none());
+    }
+}

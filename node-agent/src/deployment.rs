@@ -1,0 +1,663 @@
+//! Deployments: what a twin (the owner) asks a node to run, signed with the owner's key.
+//!
+//! A deployment is `{twin_id, deployment_id, version, metadata, workloads, ...}`; each workload
+//! has a `type` (`vm` today; the networking issue adds network workloads beside it). The
+//! signature covers the [`crate::canonical`] hash of the deployment with `signatures` set to
+//! `[]`. This module owns the format, its bounds, and the signature rules; it does not act.
+//!
+//! Signature rules: the owner twin's signature is always required; a `signature_requirement`
+//! (Zero-OS style: twins with weights and a quorum) adds co-signers; on an update the previous
+//! version's requirement must also be met, so co-signers cannot be dropped by one party.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::canonical;
+use crate::identity::{self, KeyPair};
+
+/// Domain string signed before the canonical hash.
+pub const SIGNING_DOMAIN: &[u8] = b"gridnode/deployment/v1\n";
+
+pub const MAX_WORKLOADS: usize = 64;
+pub const MAX_METADATA_BYTES: usize = 4096;
+pub const MAX_NAME_BYTES: usize = 48;
+pub const MAX_ARGS: usize = 256;
+pub const MAX_ARG_BYTES: usize = 4096;
+pub const MAX_ENV: usize = 128;
+pub const MAX_VOLUMES: usize = 16;
+pub const MAX_MOUNTS: usize = 16;
+pub const MAX_URL_BYTES: usize = 2048;
+pub const MAX_SIGNERS: usize = 16;
+pub const MAX_VCPUS: u32 = 32;
+pub const MIN_MEMORY_MIB: u64 = 64;
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Largest volume or root-layer size (16 TiB in MiB).
+pub const MAX_DISK_MIB: u64 = 16 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Deployment {
+    /// The owner.
+    pub twin_id: u32,
+    /// Chosen by the owner; unique per owner.
+    pub deployment_id: u64,
+    /// Strictly higher on every update (and after a delete, for a new create with the same id).
+    pub version: u32,
+    #[serde(default)]
+    pub metadata: String,
+    pub workloads: Vec<Workload>,
+    /// Co-signers (optional): the owner's signature is always required besides.
+    #[serde(default)]
+    pub signature_requirement: Option<SignatureRequirement>,
+    /// What happens when a workload cannot be started: roll the deployment back to what it
+    /// was (the default), or keep what started and mark the rest failed.
+    #[serde(default)]
+    pub on_failure: FailurePolicy,
+    #[serde(default)]
+    pub signatures: Vec<DeploymentSignature>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    #[default]
+    Rollback,
+    Keep,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureRequirement {
+    pub requests: Vec<SignatureRequest>,
+    pub weight_required: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignatureRequest {
+    pub twin_id: u32,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DeploymentSignature {
+    pub twin_id: u32,
+    /// 128 hex digits.
+    pub signature: String,
+}
+
+/// One workload; `type` selects the kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Workload {
+    Vm(VmWorkload),
+}
+
+impl Workload {
+    pub fn name(&self) -> &str {
+        match self {
+            Workload::Vm(vm) => &vm.name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmWorkload {
+    pub name: String,
+    /// The root image: an flist file path on the node or an `http(s)://` URL of one.
+    pub image: String,
+    /// BLAKE3 (64 hex digits) the image file must have.
+    #[serde(default)]
+    pub image_blake3: Option<String>,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Size limit of the root image's writable layer (kept on the node), MiB.
+    #[serde(default = "default_rootfs_mib")]
+    pub rootfs_mib: u64,
+    #[serde(default)]
+    pub volumes: Vec<Volume>,
+    /// Extra read-only flists mounted in the guest.
+    #[serde(default)]
+    pub mounts: Vec<FlistMount>,
+    /// argv[0] of the entrypoint (an absolute path in the image).
+    pub entrypoint: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+fn default_rootfs_mib() -> u64 {
+    1024
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Volume {
+    pub name: String,
+    pub size_mib: u64,
+    /// Absolute path in the guest.
+    pub mount: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlistMount {
+    pub image: String,
+    #[serde(default)]
+    pub image_blake3: Option<String>,
+    pub mount: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    Always,
+    #[default]
+    OnFailure,
+    Never,
+}
+
+/// Why a deployment is malformed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("{what}: {detail}")]
+    Field { what: String, detail: String },
+    #[error("deployment has no workloads")]
+    NoWorkloads,
+    #[error("deployment has {0} workloads (at most {MAX_WORKLOADS})")]
+    TooManyWorkloads(usize),
+    #[error("two workloads are named {0:?}")]
+    DuplicateWorkload(String),
+}
+
+fn field(what: impl Into<String>, detail: impl Into<String>) -> FormatError {
+    FormatError::Field {
+        what: what.into(),
+        detail: detail.into(),
+    }
+}
+
+/// Names of workloads and volumes: 1-48 of `a-z 0-9 -`, not starting with `-`.
+pub fn check_name(what: &str, name: &str) -> Result<(), FormatError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(field(
+            what,
+            format!("{name:?} is not 1-{MAX_NAME_BYTES} of a-z, 0-9, '-' (not starting with '-')"),
+        ))
+    }
+}
+
+fn check_image(what: &str, image: &str, blake3: &Option<String>) -> Result<(), FormatError> {
+    if image.is_empty() || image.len() > MAX_URL_BYTES {
+        return Err(field(
+            what,
+            format!("image must be 1-{MAX_URL_BYTES} bytes"),
+        ));
+    }
+    let is_url = image.starts_with("http://") || image.starts_with("https://");
+    if !is_url && !image.starts_with('/') {
+        return Err(field(
+            what,
+            format!("image {image:?} is neither an absolute path nor an http(s) URL"),
+        ));
+    }
+    if image.contains(['\n', '\0']) {
+        return Err(field(what, "image contains a newline or NUL"));
+    }
+    if let Some(h) = blake3 {
+        if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(field(what, "image_blake3 is not 64 hex digits"));
+        }
+    }
+    Ok(())
+}
+
+fn check_mount_point(
+    what: &str,
+    mount: &str,
+    seen: &mut BTreeSet<String>,
+) -> Result<(), FormatError> {
+    let ok = mount.starts_with('/')
+        && mount.len() > 1
+        && mount.len() <= 256
+        && !mount.split('/').any(|c| c == ".." || c == ".")
+        && !mount.contains("//")
+        && !mount.ends_with('/')
+        && mount
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b',' && b != b':');
+    if !ok {
+        return Err(field(
+            what,
+            format!("mount point {mount:?} must be a normalized absolute path (no '..', ',', ':', spaces)"),
+        ));
+    }
+    if !seen.insert(mount.to_string()) {
+        return Err(field(what, format!("mount point {mount} is used twice")));
+    }
+    Ok(())
+}
+
+impl VmWorkload {
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let w = format!("workload {}", self.name);
+        check_name("workload name", &self.name)?;
+        check_image(&w, &self.image, &self.image_blake3)?;
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(field(
+                &w,
+                format!("vcpus {} is not 1-{MAX_VCPUS}", self.vcpus),
+            ));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(field(
+                &w,
+                format!(
+                    "memory_mib {} is not {MIN_MEMORY_MIB}-{MAX_MEMORY_MIB}",
+                    self.memory_mib
+                ),
+            ));
+        }
+        if self.rootfs_mib == 0 || self.rootfs_mib > MAX_DISK_MIB {
+            return Err(field(
+                &w,
+                format!("rootfs_mib {} is not 1-{MAX_DISK_MIB}", self.rootfs_mib),
+            ));
+        }
+        if !self.entrypoint.starts_with('/') || self.entrypoint.len() > MAX_ARG_BYTES {
+            return Err(field(
+                &w,
+                "entrypoint must be an absolute path in the image",
+            ));
+        }
+        if self.args.len() > MAX_ARGS || self.args.iter().any(|a| a.len() > MAX_ARG_BYTES) {
+            return Err(field(
+                &w,
+                format!("at most {MAX_ARGS} args of {MAX_ARG_BYTES} bytes"),
+            ));
+        }
+        if self.env.len() > MAX_ENV {
+            return Err(field(
+                &w,
+                format!("at most {MAX_ENV} environment variables"),
+            ));
+        }
+        for (k, v) in &self.env {
+            let ok = !k.is_empty()
+                && k.len() <= 128
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !k.as_bytes()[0].is_ascii_digit();
+            if !ok || v.len() > MAX_ARG_BYTES {
+                return Err(field(
+                    &w,
+                    format!("environment variable {k:?} is not a valid name or too long"),
+                ));
+            }
+        }
+        if self.volumes.len() > MAX_VOLUMES || self.mounts.len() > MAX_MOUNTS {
+            return Err(field(
+                &w,
+                format!("at most {MAX_VOLUMES} volumes and {MAX_MOUNTS} mounts"),
+            ));
+        }
+        let mut points = BTreeSet::new();
+        let mut names = BTreeSet::new();
+        for v in &self.volumes {
+            check_name(&format!("{w}: volume name"), &v.name)?;
+            if !names.insert(&v.name) {
+                return Err(field(&w, format!("two volumes are named {}", v.name)));
+            }
+            if v.size_mib == 0 || v.size_mib > MAX_DISK_MIB {
+                return Err(field(
+                    &w,
+                    format!("volume {} size_mib is not 1-{MAX_DISK_MIB}", v.name),
+                ));
+            }
+            check_mount_point(&w, &v.mount, &mut points)?;
+        }
+        for m in &self.mounts {
+            check_image(&w, &m.image, &m.image_blake3)?;
+            check_mount_point(&w, &m.mount, &mut points)?;
+        }
+        Ok(())
+    }
+
+    /// Disk the workload takes on the node (root layer limit + volumes), MiB.
+    pub fn disk_mib(&self) -> u64 {
+        self.volumes
+            .iter()
+            .fold(self.rootfs_mib, |acc, v| acc.saturating_add(v.size_mib))
+    }
+}
+
+impl Deployment {
+    /// Parses and validates; the error names what is wrong.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
+        let d: Deployment =
+            serde_json::from_slice(bytes).map_err(|e| format!("malformed deployment: {e}"))?;
+        d.validate()
+            .map_err(|e| format!("invalid deployment: {e}"))?;
+        Ok(d)
+    }
+
+    pub fn validate(&self) -> Result<(), FormatError> {
+        if self.workloads.is_empty() {
+            return Err(FormatError::NoWorkloads);
+        }
+        if self.workloads.len() > MAX_WORKLOADS {
+            return Err(FormatError::TooManyWorkloads(self.workloads.len()));
+        }
+        if self.metadata.len() > MAX_METADATA_BYTES {
+            return Err(field(
+                "metadata",
+                format!("longer than {MAX_METADATA_BYTES} bytes"),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for w in &self.workloads {
+            match w {
+                Workload::Vm(vm) => vm.validate()?,
+            }
+            if !names.insert(w.name()) {
+                return Err(FormatError::DuplicateWorkload(w.name().to_string()));
+            }
+        }
+        if self.signatures.len() > MAX_SIGNERS {
+            return Err(field("signatures", format!("more than {MAX_SIGNERS}")));
+        }
+        if let Some(req) = &self.signature_requirement {
+            if req.requests.is_empty() || req.requests.len() > MAX_SIGNERS {
+                return Err(field(
+                    "signature_requirement",
+                    format!("needs 1-{MAX_SIGNERS} requests"),
+                ));
+            }
+            if req.weight_required == 0 {
+                return Err(field(
+                    "signature_requirement",
+                    "weight_required must be at least 1",
+                ));
+            }
+            let total: u64 = req.requests.iter().map(|r| u64::from(r.weight)).sum();
+            if total < u64::from(req.weight_required) {
+                return Err(field(
+                    "signature_requirement",
+                    "weight_required exceeds the sum of the weights",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The canonical hash the signatures cover.
+    pub fn signing_hash(&self) -> [u8; 32] {
+        let mut unsigned = self.clone();
+        unsigned.signatures.clear();
+        // A typed deployment has no floats, so its canonical encoding cannot fail.
+        canonical::hash(&unsigned).unwrap_or([0; 32])
+    }
+
+    fn signing_message(&self) -> Vec<u8> {
+        let mut msg = SIGNING_DOMAIN.to_vec();
+        msg.extend_from_slice(&self.signing_hash());
+        msg
+    }
+
+    /// Adds (or replaces) `twin_id`'s signature.
+    pub fn sign(&mut self, twin_id: u32, key: &KeyPair) {
+        let sig = hex::encode(key.sign(&self.signing_message()));
+        self.signatures.retain(|s| s.twin_id != twin_id);
+        self.signatures.push(DeploymentSignature {
+            twin_id,
+            signature: sig,
+        });
+    }
+
+    /// The twins whose signatures are valid, given a way to find a twin's key.
+    pub fn valid_signers(&self, key_of: &dyn Fn(u32) -> Option<VerifyingKey>) -> BTreeSet<u32> {
+        let msg = self.signing_message();
+        self.signatures
+            .iter()
+            .filter(|s| {
+                let Some(key) = key_of(s.twin_id) else {
+                    return false;
+                };
+                let Ok(sig) = hex::decode(&s.signature) else {
+                    return false;
+                };
+                identity::verify(&key, &msg, &sig)
+            })
+            .map(|s| s.twin_id)
+            .collect()
+    }
+
+    /// Checks the signature rules (module doc) for this document, and for the version it
+    /// replaces when it is an update.
+    pub fn check_signatures(
+        &self,
+        previous: Option<&Deployment>,
+        key_of: &dyn Fn(u32) -> Option<VerifyingKey>,
+    ) -> Result<(), String> {
+        if self.signatures.is_empty() {
+            return Err("deployment is not signed".into());
+        }
+        let valid = self.valid_signers(key_of);
+        if !valid.contains(&self.twin_id) {
+            return Err(format!(
+                "no valid signature of the owner twin {} (signatures do not match the deployment or the registered keys)",
+                self.twin_id
+            ));
+        }
+        for (which, doc) in [("this", Some(self)), ("the previous", previous)] {
+            let Some(req) = doc.and_then(|d| d.signature_requirement.as_ref()) else {
+                continue;
+            };
+            let weight: u64 = req
+                .requests
+                .iter()
+                .filter(|r| valid.contains(&r.twin_id))
+                .map(|r| u64::from(r.weight))
+                .sum();
+            if weight < u64::from(req.weight_required) {
+                return Err(format!(
+                    "signatures weigh {weight}, {which} version's signature requirement needs {}",
+                    req.weight_required
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn vm(&self, name: &str) -> Option<&VmWorkload> {
+        self.workloads.iter().find_map(|w| match w {
+            Workload::Vm(vm) if vm.name == name => Some(vm),
+            _ => None,
+        })
+    }
+
+    pub fn vms(&self) -> impl Iterator<Item = &VmWorkload> {
+        self.workloads.iter().map(|w| match w {
+            Workload::Vm(vm) => vm,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample(twin_id: u32, version: u32) -> Deployment {
+        Deployment {
+            twin_id,
+            deployment_id: 1,
+            version,
+            metadata: "test".into(),
+            workloads: vec![Workload::Vm(VmWorkload {
+                name: "web".into(),
+                image: "/images/alpine.flist".into(),
+                image_blake3: None,
+                vcpus: 1,
+                memory_mib: 128,
+                rootfs_mib: 256,
+                volumes: vec![Volume {
+                    name: "data".into(),
+                    size_mib: 100,
+                    mount: "/data".into(),
+                }],
+                mounts: vec![],
+                entrypoint: "/bin/sh".into(),
+                args: vec!["-c".into(), "echo hi".into()],
+                env: BTreeMap::new(),
+                restart: RestartPolicy::Never,
+            })],
+            signature_requirement: None,
+            on_failure: FailurePolicy::Rollback,
+            signatures: vec![],
+        }
+    }
+
+    #[test]
+    fn json_field_order_and_whitespace_keep_the_hash() {
+        let d = sample(1, 0);
+        let compact = serde_json::to_string(&d).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&compact).unwrap();
+        // Re-serialize pretty (different whitespace); serde_json's map sorts keys, so also
+        // build a reordered text by hand.
+        let pretty = serde_json::to_string_pretty(&v).unwrap();
+        let reordered = format!(
+            "{{\"workloads\": {}, \"version\": 0, \"twin_id\": 1, \"metadata\": \"test\", \"deployment_id\": 1}}",
+            serde_json::to_string(&v["workloads"]).unwrap()
+        );
+        let h = d.signing_hash();
+        for text in [compact.as_str(), pretty.as_str(), reordered.as_str()] {
+            assert_eq!(
+                Deployment::from_json(text.as_bytes())
+                    .unwrap()
+                    .signing_hash(),
+                h,
+                "{text}"
+            );
+        }
+        v["workloads"][0]["memory_mib"] = 129.into();
+        let changed: Deployment = serde_json::from_value(v).unwrap();
+        assert_ne!(changed.signing_hash(), h);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_refused_with_a_reason() {
+        let mut v = serde_json::to_value(sample(1, 0)).unwrap();
+        v["surprise"] = 1.into();
+        let err = Deployment::from_json(v.to_string().as_bytes()).unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+        let mut d = sample(1, 0);
+        let Workload::Vm(vm) = &mut d.workloads[0];
+        vm.volumes[0].mount = "/data/../etc".into();
+        assert!(d
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("mount point"));
+        let mut d = sample(1, 0);
+        d.workloads.push(d.workloads[0].clone());
+        assert_eq!(
+            d.validate(),
+            Err(FormatError::DuplicateWorkload("web".into()))
+        );
+        let mut d = sample(1, 0);
+        let Workload::Vm(vm) = &mut d.workloads[0];
+        vm.vcpus = 0;
+        assert!(d.validate().unwrap_err().to_string().contains("vcpus"));
+    }
+
+    #[test]
+    fn owner_signature_is_required_and_checked() {
+        let owner = KeyPair::generate();
+        let other = KeyPair::generate();
+        let keys = |id: u32| match id {
+            1 => Some(owner.public()),
+            2 => Some(other.public()),
+            _ => None,
+        };
+        let mut d = sample(1, 0);
+        assert_eq!(
+            d.check_signatures(None, &keys).unwrap_err(),
+            "deployment is not signed"
+        );
+        d.sign(2, &other);
+        assert!(d
+            .check_signatures(None, &keys)
+            .unwrap_err()
+            .contains("owner twin 1"));
+        d.sign(1, &owner);
+        d.check_signatures(None, &keys).unwrap();
+        // Forged: the content changes after signing.
+        d.metadata = "changed".into();
+        assert!(d
+            .check_signatures(None, &keys)
+            .unwrap_err()
+            .contains("owner twin 1"));
+        // Signed by the wrong key under the owner's id.
+        let mut d = sample(1, 0);
+        d.sign(1, &other);
+        assert!(d.check_signatures(None, &keys).is_err());
+    }
+
+    #[test]
+    fn multisig_quorum_of_this_and_the_previous_version() {
+        let k: Vec<KeyPair> = (0..4).map(|_| KeyPair::generate()).collect();
+        let keys = |id: u32| k.get(id as usize).map(|kp| kp.public());
+        let mut d = sample(0, 0);
+        d.signature_requirement = Some(SignatureRequirement {
+            requests: vec![
+                SignatureRequest {
+                    twin_id: 0,
+                    weight: 1,
+                },
+                SignatureRequest {
+                    twin_id: 1,
+                    weight: 1,
+                },
+                SignatureRequest {
+                    twin_id: 2,
+                    weight: 1,
+                },
+            ],
+            weight_required: 2,
+        });
+        d.sign(0, &k[0]);
+        assert!(d
+            .check_signatures(None, &keys)
+            .unwrap_err()
+            .contains("weigh 1"));
+        // A signature of a twin that is not in the requirement does not count.
+        d.sign(3, &k[3]);
+        assert!(d.check_signatures(None, &keys).is_err());
+        d.sign(2, &k[2]);
+        d.check_signatures(None, &keys).unwrap();
+        // An update that drops the requirement still needs the previous quorum.
+        let mut next = sample(0, 1);
+        next.sign(0, &k[0]);
+        assert!(next
+            .check_signatures(Some(&d), &keys)
+            .unwrap_err()
+            .contains("previous"));
+        next.sign(1, &k[1]);
+        next.check_signatures(Some(&d), &keys).unwrap();
+    }
+}

@@ -1,0 +1,734 @@
+//! Turns deployments into running VMs and keeps them so.
+//!
+//! Every change follows one path: verify (format, owner, signatures, version, capacity) ->
+//! journal the intent and the new desired state in one transaction -> reconcile the VMs
+//! toward it -> end the op (or roll back to the previous state, as the owner chose). The
+//! commit point is the journal write: after a crash the op is found at start and finished,
+//! or rolled back if it cannot be. Data of a removed workload is deleted only after its op
+//! has ended, so a rollback finds it again.
+//!
+//! The supervisor tick (every second) watches recorded vmm processes (adopted ones included:
+//! they need not be the agent's children), applies restart policies with backoff, and starts
+//! VMs that should run but do not (after a node reboot, all of them).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use crate::capacity::{self, Resources};
+use crate::config::AgentConfig;
+use crate::deployment::{Deployment, FailurePolicy, VmWorkload};
+use crate::metrics::Metrics;
+use crate::registrar::Registrar;
+use crate::state::{Op, OpKind, Store, VmRecord, VmState};
+use crate::supervisor::{self, Proc};
+use crate::vmspec::{self, VmKey, VmPaths};
+
+/// How long a start may take before the VM counts as started (the vmm answering its API).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// A VM that ran this long before it ended starts its backoff again from 1 s.
+const STABLE_SECS: i64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("over capacity: {0}")]
+    Capacity(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("internal error: {0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+/// What a create or update did.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct DeployOutcome {
+    pub twin_id: u32,
+    pub deployment_id: u64,
+    pub version: u32,
+    /// Workloads started or restarted by this change.
+    pub started: Vec<String>,
+    /// Workloads left running untouched.
+    pub unchanged: Vec<String>,
+    /// Workloads that could not start (kept, marked failed; only with `on_failure: keep`).
+    pub failed: BTreeMap<String, String>,
+}
+
+pub struct Engine {
+    pub store: Arc<Store>,
+    pub config: AgentConfig,
+    pub registrar: Arc<dyn Registrar>,
+    pub metrics: Arc<Metrics>,
+    /// Capacity offered (detected minus reserve).
+    pub capacity: Resources,
+    /// One change at a time (deploys, deletes, the supervisor tick).
+    lock: tokio::sync::Mutex<()>,
+    pub started_at: AtomicI64,
+}
+
+fn now() -> i64 {
+    crate::auth::now_unix()
+}
+
+impl Engine {
+    pub fn new(
+        store: Arc<Store>,
+        config: AgentConfig,
+        registrar: Arc<dyn Registrar>,
+        metrics: Arc<Metrics>,
+        capacity: Resources,
+    ) -> Self {
+        Self {
+            store,
+            config,
+            registrar,
+            metrics,
+            capacity,
+            lock: tokio::sync::Mutex::new(()),
+            started_at: AtomicI64::new(now()),
+        }
+    }
+
+    fn state_dir(&self) -> &Path {
+        &self.config.state_dir
+    }
+
+    /// Capacity used by active deployments, except `skip`.
+    pub fn used(&self, skip: Option<(u32, u64)>) -> Result<Resources> {
+        Ok(self
+            .store
+            .deployments(None)?
+            .iter()
+            .filter(|d| Some((d.twin_id, d.deployment_id)) != skip)
+            .fold(Resources::default(), |acc, d| {
+                acc.saturating_add(capacity::deployment_needs(d))
+            }))
+    }
+
+    /// Creates or updates a deployment (`caller` is the twin that signed the request).
+    pub async fn deploy(&self, caller: u32, doc: Deployment) -> Result<DeployOutcome, DeployError> {
+        let t0 = Instant::now();
+        if caller != doc.twin_id {
+            return Err(DeployError::Forbidden(format!(
+                "twin {caller} cannot deploy for twin {} (only the owner can)",
+                doc.twin_id
+            )));
+        }
+        doc.validate()
+            .map_err(|e| DeployError::BadRequest(format!("invalid deployment: {e}")))?;
+        let keys = self.signer_keys(&doc).await?;
+        let _guard = self.lock.lock().await;
+        let target = (doc.twin_id, doc.deployment_id);
+        let existing = self.store.deployment(target.0, target.1)?;
+        let (kind, prev) = match &existing {
+            Some(row) if !row.deleted => {
+                if doc.version <= row.doc.version {
+                    return Err(DeployError::Conflict(format!(
+                        "version {} is not higher than the current {} (stale or replayed)",
+                        doc.version, row.doc.version
+                    )));
+                }
+                (OpKind::Update, Some(row.doc.clone()))
+            }
+            Some(row) => {
+                if doc.version <= row.doc.version {
+                    return Err(DeployError::Conflict(format!(
+                        "deployment {} was deleted at version {}; a new one needs a higher version (replayed?)",
+                        doc.deployment_id, row.doc.version
+                    )));
+                }
+                (OpKind::Create, None)
+            }
+            None => (OpKind::Create, None),
+        };
+        let key_of = |id: u32| keys.get(&id).copied();
+        doc.check_signatures(prev.as_ref(), &key_of)
+            .map_err(DeployError::Forbidden)?;
+        let free = self.capacity.saturating_sub(self.used(Some(target))?);
+        if let Some(why) = capacity::deployment_needs(&doc).exceeds(&free) {
+            return Err(DeployError::Capacity(why));
+        }
+        let op_id = self
+            .store
+            .begin_op(kind, prev.as_ref(), Some(&doc), target)?;
+        let op = Op {
+            id: op_id,
+            twin_id: target.0,
+            deployment_id: target.1,
+            kind,
+            prev,
+            new: Some(doc.clone()),
+        };
+        let outcome = self.apply(&op).await;
+        self.metrics.observe_deploy(t0.elapsed());
+        outcome
+    }
+
+    /// Runs a journaled create/update to its end: reconcile, then end or roll back.
+    async fn apply(&self, op: &Op) -> Result<DeployOutcome, DeployError> {
+        let Some(doc) = &op.new else {
+            return Err(DeployError::Internal(anyhow::anyhow!(
+                "op {} has no document",
+                op.id
+            )));
+        };
+        let report = self
+            .reconcile(op.twin_id, op.deployment_id, Some(doc))
+            .await;
+        if !report.failed.is_empty() && doc.on_failure == FailurePolicy::Rollback {
+            let reasons: Vec<String> = report
+                .failed
+                .iter()
+                .map(|(n, r)| format!("{n}: {r}"))
+                .collect();
+            warn!(
+                twin = op.twin_id,
+                deployment = op.deployment_id,
+                "rolling back: {}",
+                reasons.join("; ")
+            );
+            self.store.roll_back_op(op)?;
+            self.reconcile(op.twin_id, op.deployment_id, op.prev.as_ref())
+                .await;
+            self.collect_garbage(op.twin_id, op.deployment_id)?;
+            return Err(DeployError::Failed(format!(
+                "workload {} could not start; the deployment was rolled back{}",
+                reasons.join("; "),
+                if op.prev.is_some() {
+                    " to its previous version"
+                } else {
+                    ""
+                }
+            )));
+        }
+        self.store.end_op(op.id)?;
+        self.collect_garbage(op.twin_id, op.deployment_id)?;
+        info!(
+            twin = op.twin_id,
+            deployment = op.deployment_id,
+            version = doc.version,
+            "deployed"
+        );
+        Ok(DeployOutcome {
+            twin_id: op.twin_id,
+            deployment_id: op.deployment_id,
+            version: doc.version,
+            started: report.started,
+            unchanged: report.unchanged,
+            failed: report.failed,
+        })
+    }
+
+    /// The public keys of every twin that signed or is asked to sign.
+    async fn signer_keys(
+        &self,
+        doc: &Deployment,
+    ) -> Result<HashMap<u32, ed25519_dalek::VerifyingKey>, DeployError> {
+        let mut ids: BTreeSet<u32> = doc.signatures.iter().map(|s| s.twin_id).collect();
+        ids.insert(doc.twin_id);
+        let mut keys = HashMap::new();
+        for id in ids {
+            match self.registrar.twin(id).await {
+                Ok(Some(t)) => {
+                    if let Some(k) = t.key() {
+                        keys.insert(id, k);
+                    }
+                }
+                Ok(None) if id == doc.twin_id => {
+                    return Err(DeployError::Forbidden(format!(
+                        "unknown twin {id} (not on the registrar)"
+                    )))
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(DeployError::Unavailable(format!(
+                        "cannot verify signatures: {e}"
+                    )))
+                }
+            }
+        }
+        Ok(keys)
+    }
+
+    pub async fn delete(
+        &self,
+        caller: u32,
+        twin_id: u32,
+        deployment_id: u64,
+    ) -> Result<(), DeployError> {
+        if caller != twin_id {
+            return Err(DeployError::Forbidden(format!(
+                "twin {caller} cannot delete twin {twin_id}'s deployment"
+            )));
+        }
+        let _guard = self.lock.lock().await;
+        let row = self.store.deployment(twin_id, deployment_id)?;
+        let Some(row) = row.filter(|r| !r.deleted) else {
+            return Err(DeployError::NotFound(format!(
+                "no deployment {deployment_id} of twin {twin_id}"
+            )));
+        };
+        let op_id = self.store.begin_op(
+            OpKind::Delete,
+            Some(&row.doc),
+            None,
+            (twin_id, deployment_id),
+        )?;
+        self.finish_delete(op_id, twin_id, deployment_id).await?;
+        Ok(())
+    }
+
+    async fn finish_delete(&self, op_id: i64, twin_id: u32, deployment_id: u64) -> Result<()> {
+        self.reconcile(twin_id, deployment_id, None).await;
+        self.store.end_op(op_id)?;
+        self.collect_garbage(twin_id, deployment_id)?;
+        info!(twin = twin_id, deployment = deployment_id, "deleted");
+        Ok(())
+    }
+
+    /// Removes the files of workloads the committed state no longer has (after an op ended).
+    fn collect_garbage(&self, twin_id: u32, deployment_id: u64) -> Result<()> {
+        let dir = vmspec::deployment_dir(self.state_dir(), twin_id, deployment_id);
+        let desired = self
+            .store
+            .deployment(twin_id, deployment_id)?
+            .filter(|r| !r.deleted)
+            .map(|r| r.doc);
+        let Some(doc) = desired else {
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            }
+            return Ok(());
+        };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if doc.vm(&name).is_none() {
+                let _ = std::fs::remove_dir_all(entry.path());
+            } else if let Some(vm) = doc.vm(&name) {
+                // Volumes the workload no longer declares.
+                let vols = entry.path().join("volumes");
+                if let Ok(vs) = std::fs::read_dir(&vols) {
+                    for v in vs.flatten() {
+                        let vname = v.file_name().to_string_lossy().into_owned();
+                        if !vm.volumes.iter().any(|x| x.name == vname) {
+                            let _ = std::fs::remove_dir_all(v.path());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the VMs of one deployment match `desired` (None: no VMs). Stops what is not
+    /// desired, starts what is missing or changed, leaves unchanged VMs alone.
+    async fn reconcile(
+        &self,
+        twin_id: u32,
+        deployment_id: u64,
+        desired: Option<&Deployment>,
+    ) -> Report {
+        let mut report = Report::default();
+        let records = self
+            .store
+            .vms(Some((twin_id, deployment_id)))
+            .unwrap_or_default();
+        for rec in &records {
+            if desired.and_then(|d| d.vm(&rec.name)).is_none() {
+                self.stop_vm(rec).await;
+                let _ = self.store.remove_vm(twin_id, deployment_id, &rec.name);
+            }
+        }
+        let Some(doc) = desired else { return report };
+        for vm in doc.vms() {
+            let key = VmKey {
+                twin_id,
+                deployment_id,
+                name: vm.name.clone(),
+            };
+            let rec = records.iter().find(|r| r.name == vm.name);
+            match self.prepare(&key, vm).await {
+                Err(e) => {
+                    let reason = format!("{e:#}");
+                    self.mark_failed(&key, rec, "", &reason);
+                    report.failed.insert(vm.name.clone(), reason);
+                }
+                Ok((paths, spec_hash)) => {
+                    if let Some(rec) = rec.filter(|r| r.spec_hash == spec_hash) {
+                        // Same spec: leave it to the supervisor (running, restarting, or
+                        // ended by its policy), unless its start was never recorded.
+                        if rec.state == VmState::Starting && rec.pid.is_none() {
+                            if let Some(p) = supervisor::find_by_spec(&paths.spec) {
+                                self.record_running(&key, &spec_hash, p, rec.restarts);
+                                report.unchanged.push(vm.name.clone());
+                                continue;
+                            }
+                        } else {
+                            report.unchanged.push(vm.name.clone());
+                            continue;
+                        }
+                    }
+                    if let Some(rec) = rec {
+                        self.stop_vm(rec).await;
+                    }
+                    match self.start_vm(&key, &paths, &spec_hash, 0).await {
+                        Ok(()) => report.started.push(vm.name.clone()),
+                        Err(reason) => {
+                            report.failed.insert(vm.name.clone(), reason);
+                        }
+                    }
+                }
+            }
+        }
+        report
+    }
+
+    /// Fetches images, writes the spec; returns the VM's paths and spec hash.
+    async fn prepare(&self, key: &VmKey, vm: &VmWorkload) -> Result<(VmPaths, String)> {
+        let state_dir = self.state_dir().to_path_buf();
+        let config = self.config.clone();
+        let key = key.clone();
+        let vm = vm.clone();
+        tokio::task::spawn_blocking(move || -> Result<(VmPaths, String)> {
+            let paths = VmPaths::new(&state_dir, &key);
+            paths.create()?;
+            let root = vmspec::resolve_image(&state_dir, &vm.image, vm.image_blake3.as_deref())?;
+            let mounts = vm
+                .mounts
+                .iter()
+                .map(|m| vmspec::resolve_image(&state_dir, &m.image, m.image_blake3.as_deref()))
+                .collect::<Result<Vec<PathBuf>>>()?;
+            let spec = vmspec::build(&config, &vm, &paths, &root, &mounts)?;
+            let hash = vmspec::spec_hash(&spec);
+            write_atomic(&paths.spec, &serde_json::to_vec_pretty(&spec)?)?;
+            Ok((paths, hash))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("preparing the VM: {e}"))?
+    }
+
+    /// Starts a VM's vmm: the record (state `starting`) is written before the process exists,
+    /// so a crash in between is found at start by the spec path.
+    async fn start_vm(
+        &self,
+        key: &VmKey,
+        paths: &VmPaths,
+        spec_hash: &str,
+        restarts: u32,
+    ) -> Result<(), String> {
+        let mut rec = VmRecord {
+            twin_id: key.twin_id,
+            deployment_id: key.deployment_id,
+            name: key.name.clone(),
+            spec_hash: spec_hash.to_string(),
+            state: VmState::Starting,
+            reason: String::new(),
+            pid: None,
+            pid_start: None,
+            restarts,
+            next_start_at: 0,
+            last_exit: None,
+            started_at: Some(now()),
+        };
+        self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;
+        let _ = std::fs::remove_file(&paths.api_sock);
+        let spawned = supervisor::spawn(
+            &self.config.vmm_bin(),
+            self.config.vmm.node_config.as_deref(),
+            paths,
+        );
+        let proc_ = match spawned {
+            Ok(p) => p,
+            Err(e) => {
+                let reason = format!("{e:#}");
+                self.mark_failed(key, Some(&rec), spec_hash, &reason);
+                return Err(reason);
+            }
+        };
+        rec.pid = Some(proc_.pid);
+        rec.pid_start = Some(proc_.start);
+        self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;
+        match supervisor::wait_started(paths, proc_, START_TIMEOUT).await {
+            Ok(()) => {
+                rec.state = VmState::Running;
+                self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;
+                info!(vm = %key, pid = proc_.pid, "started");
+                Ok(())
+            }
+            Err(reason) => {
+                supervisor::reap_children();
+                rec.last_exit = std::fs::read_to_string(&paths.exit_record).ok();
+                self.mark_failed(key, Some(&rec), spec_hash, &reason);
+                Err(reason)
+            }
+        }
+    }
+
+    fn record_running(&self, key: &VmKey, spec_hash: &str, p: Proc, restarts: u32) {
+        let rec = VmRecord {
+            twin_id: key.twin_id,
+            deployment_id: key.deployment_id,
+            name: key.name.clone(),
+            spec_hash: spec_hash.to_string(),
+            state: VmState::Running,
+            reason: String::new(),
+            pid: Some(p.pid),
+            pid_start: Some(p.start),
+            restarts,
+            next_start_at: 0,
+            last_exit: None,
+            started_at: Some(now()),
+        };
+        let _ = self.store.put_vm(&rec);
+    }
+
+    fn mark_failed(&self, key: &VmKey, rec: Option<&VmRecord>, spec_hash: &str, reason: &str) {
+        warn!(vm = %key, "failed: {reason}");
+        let mut r = rec.cloned().unwrap_or(VmRecord {
+            twin_id: key.twin_id,
+            deployment_id: key.deployment_id,
+            name: key.name.clone(),
+            spec_hash: spec_hash.to_string(),
+            state: VmState::Failed,
+            reason: String::new(),
+            pid: None,
+            pid_start: None,
+            restarts: 0,
+            next_start_at: 0,
+            last_exit: None,
+            started_at: None,
+        });
+        if !spec_hash.is_empty() {
+            r.spec_hash = spec_hash.to_string();
+        }
+        r.state = VmState::Failed;
+        r.reason = reason.to_string();
+        r.pid = None;
+        r.pid_start = None;
+        let _ = self.store.put_vm(&r);
+    }
+
+    async fn stop_vm(&self, rec: &VmRecord) {
+        let key = VmKey {
+            twin_id: rec.twin_id,
+            deployment_id: rec.deployment_id,
+            name: rec.name.clone(),
+        };
+        let paths = VmPaths::new(self.state_dir(), &key);
+        let proc_ = match (rec.pid, rec.pid_start) {
+            (Some(pid), Some(start)) => Some(Proc { pid, start }),
+            _ => supervisor::find_by_spec(&paths.spec),
+        };
+        if let Some(p) = proc_ {
+            let grace =
+                Duration::from_secs(u64::from(vm_spec::spec::DEFAULT_SHUTDOWN_GRACE_SECS) + 5);
+            supervisor::stop(&paths, p, grace).await;
+            info!(vm = %key, "stopped");
+        }
+    }
+
+    /// After a start of the agent: finish or roll back interrupted ops, notice a node reboot,
+    /// and bring every deployment to its desired state (adopting running vmm processes).
+    pub async fn recover(&self) -> Result<()> {
+        let boot_id =
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let boot_id = boot_id.trim();
+        let last = self.store.meta("boot_id")?;
+        if last.as_deref() != Some(boot_id) {
+            // A new boot: no vmm of the last one survives; start again every VM that was
+            // meant to run (not those ended by their policy).
+            for mut rec in self.store.vms(None)? {
+                if matches!(
+                    rec.state,
+                    VmState::Running | VmState::Starting | VmState::Restarting
+                ) {
+                    rec.state = VmState::Restarting;
+                    rec.pid = None;
+                    rec.pid_start = None;
+                    rec.next_start_at = 0;
+                    rec.restarts = 0;
+                    self.store.put_vm(&rec)?;
+                }
+            }
+            self.store.set_meta("boot_id", boot_id)?;
+            if last.is_some() {
+                info!("the node rebooted: starting every deployment again");
+            }
+        }
+        let _guard = self.lock.lock().await;
+        for op in self.store.ops()? {
+            info!(op = op.id, kind = ?op.kind, twin = op.twin_id, deployment = op.deployment_id, "finishing an interrupted operation");
+            match op.kind {
+                OpKind::Delete => {
+                    self.finish_delete(op.id, op.twin_id, op.deployment_id)
+                        .await?
+                }
+                OpKind::Create | OpKind::Update => {
+                    if let Err(e) = self.apply(&op).await {
+                        warn!(op = op.id, "interrupted operation ended: {e}");
+                    }
+                }
+            }
+        }
+        for d in self.store.deployments(None)? {
+            let report = self.reconcile(d.twin_id, d.deployment_id, Some(&d)).await;
+            for (name, reason) in report.failed {
+                warn!(twin = d.twin_id, deployment = d.deployment_id, vm = %name, "could not start: {reason}");
+            }
+        }
+        // VM records of deployments that no longer exist (a crash between the op and cleanup).
+        let active: BTreeSet<(u32, u64)> = self
+            .store
+            .deployments(None)?
+            .iter()
+            .map(|d| (d.twin_id, d.deployment_id))
+            .collect();
+        for rec in self.store.vms(None)? {
+            if !active.contains(&(rec.twin_id, rec.deployment_id)) {
+                self.stop_vm(&rec).await;
+                self.store
+                    .remove_vm(rec.twin_id, rec.deployment_id, &rec.name)?;
+                self.collect_garbage(rec.twin_id, rec.deployment_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One supervisor pass: notice ended VMs, apply restart policies, start due restarts.
+    pub async fn tick(&self) {
+        let _guard = self.lock.lock().await;
+        supervisor::reap_children();
+        let Ok(records) = self.store.vms(None) else {
+            return;
+        };
+        let t = now();
+        for mut rec in records {
+            let key = VmKey {
+                twin_id: rec.twin_id,
+                deployment_id: rec.deployment_id,
+                name: rec.name.clone(),
+            };
+            let paths = VmPaths::new(self.state_dir(), &key);
+            let Some(doc) = self
+                .store
+                .deployment(rec.twin_id, rec.deployment_id)
+                .ok()
+                .flatten()
+                .filter(|r| !r.deleted)
+            else {
+                continue;
+            };
+            let Some(vm) = doc.doc.vm(&rec.name).cloned() else {
+                continue;
+            };
+            match rec.state {
+                VmState::Running | VmState::Starting => {
+                    let alive = match (rec.pid, rec.pid_start) {
+                        (Some(pid), Some(start)) => Proc { pid, start }.alive(),
+                        _ => supervisor::find_by_spec(&paths.spec).is_some(),
+                    };
+                    if alive {
+                        continue;
+                    }
+                    let exit = supervisor::read_exit(&paths);
+                    let reason = supervisor::end_reason(&paths);
+                    rec.last_exit = std::fs::read_to_string(&paths.exit_record).ok();
+                    rec.pid = None;
+                    rec.pid_start = None;
+                    if rec.started_at.is_some_and(|s| t - s >= STABLE_SECS) {
+                        rec.restarts = 0;
+                    }
+                    if supervisor::should_restart(vm.restart, exit.as_ref()) {
+                        rec.state = VmState::Restarting;
+                        rec.next_start_at = t + supervisor::backoff_secs(rec.restarts)
+                            .min(supervisor::MAX_BACKOFF_SECS);
+                        rec.reason = reason.clone();
+                        info!(vm = %key, "ended ({reason}); restarting in {} s", rec.next_start_at - t);
+                    } else if supervisor::clean_exit(exit.as_ref()) {
+                        rec.state = VmState::Exited;
+                        rec.reason = reason;
+                        info!(vm = %key, "exited");
+                    } else {
+                        rec.state = VmState::Failed;
+                        rec.reason = reason.clone();
+                        warn!(vm = %key, "failed: {reason}");
+                    }
+                    let _ = self.store.put_vm(&rec);
+                }
+                VmState::Restarting if t >= rec.next_start_at => {
+                    match self.prepare(&key, &vm).await {
+                        Ok((paths, hash)) => {
+                            let restarts = rec.restarts.saturating_add(1);
+                            if let Err(reason) = self.start_vm(&key, &paths, &hash, restarts).await
+                            {
+                                // Keep retrying per policy, with backoff; never drop it.
+                                rec.state = VmState::Restarting;
+                                rec.restarts = restarts;
+                                rec.reason = reason;
+                                rec.next_start_at = t + supervisor::backoff_secs(restarts)
+                                    .min(supervisor::MAX_BACKOFF_SECS);
+                                let _ = self.store.put_vm(&rec);
+                            }
+                        }
+                        Err(e) => {
+                            rec.restarts = rec.restarts.saturating_add(1);
+                            rec.reason = format!("{e:#}");
+                            rec.next_start_at = t + supervisor::backoff_secs(rec.restarts)
+                                .min(supervisor::MAX_BACKOFF_SECS);
+                            let _ = self.store.put_vm(&rec);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Console output of a VM from byte `offset` of its log (the rotated file, then the
+    /// current one), at most `max` bytes; returns the bytes and the next offset.
+    pub fn logs(&self, key: &VmKey, offset: u64, max: usize) -> Result<(Vec<u8>, u64)> {
+        let paths = VmPaths::new(self.state_dir(), key);
+        let mut all = std::fs::read(paths.console.with_extension("log.1")).unwrap_or_default();
+        all.extend(std::fs::read(&paths.console).unwrap_or_default());
+        let start = (offset as usize).min(all.len());
+        let end = start.saturating_add(max).min(all.len());
+        Ok((all[start..end].to_vec(), end as u64))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    started: Vec<String>,
+    unchanged: Vec<String>,
+    failed: BTreeMap<String, String>,
+}
+
+/// Writes a file through a temporary file, fsync and rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}

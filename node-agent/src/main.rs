@@ -1,0 +1,642 @@
+//! `node-agent`: the daemon (`run`), PID 1 of the node image (`init`), the embedded registrar
+//! served to other nodes (`registrar serve`), and a docker-like client of the agent's API.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tracing::{info, warn};
+
+use node_agent::api::{self, ApiState, DeploymentStatus, NodeStatus};
+use node_agent::auth::{ReplayGuard, Signer};
+use node_agent::client::{Client, Endpoint};
+use node_agent::config::AgentConfig;
+use node_agent::deployment::Deployment;
+use node_agent::engine::{DeployOutcome, Engine};
+use node_agent::identity::{self, KeyPair};
+use node_agent::metrics::Metrics;
+use node_agent::registrar::local::LocalRegistrar;
+use node_agent::registrar::remote::RemoteRegistrar;
+use node_agent::registrar::{server, Registrar, Twin};
+use node_agent::state::Store;
+use node_agent::{capacity, init, uptime};
+
+#[derive(Parser)]
+#[command(
+    name = "node-agent",
+    version,
+    about = "Grid node agent: identity, registration, signed deployments of micro-VMs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent daemon.
+    Run(RunArgs),
+    /// PID 1 of the node image: mounts, state disk, runs and restarts the daemon.
+    Init {
+        #[arg(long, default_value = "/var/lib/gridnode")]
+        state_dir: PathBuf,
+    },
+    /// Print the node's id and public key (makes the key on first use).
+    Identity {
+        #[arg(long, default_value = "/var/lib/gridnode")]
+        state_dir: PathBuf,
+    },
+    /// Make a twin (user) key file.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Twins on a registrar.
+    Twin {
+        #[command(subcommand)]
+        command: TwinCmd,
+    },
+    /// Farms on a registrar.
+    Farm {
+        #[command(subcommand)]
+        command: FarmCmd,
+    },
+    /// Serve the embedded registrar to other nodes.
+    Registrar {
+        #[command(subcommand)]
+        command: RegistrarCmd,
+    },
+    /// Create or update a deployment from a JSON file, signed with the owner's key.
+    Deploy {
+        file: PathBuf,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// List your deployments and their VMs.
+    Ps {
+        #[command(flatten)]
+        who: Who,
+    },
+    /// A VM's console output (`NAME` or `DEPLOYMENT/NAME`).
+    Logs {
+        name: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// Delete a deployment (by id, or by the name of one of its VMs).
+    Rm {
+        target: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// A deployment's document and VM states (by id, or by the name of one of its VMs).
+    Inspect {
+        target: String,
+        #[command(flatten)]
+        who: Who,
+    },
+    /// The node's capacity and health (the operator's view).
+    Node {
+        #[arg(
+            long,
+            env = "GRIDNODE_AGENT",
+            default_value = "/var/lib/gridnode/agent.sock"
+        )]
+        agent: String,
+    },
+}
+
+#[derive(Args)]
+struct Who {
+    /// The twin's key file.
+    #[arg(long, env = "GRIDNODE_KEY")]
+    key: PathBuf,
+    /// The twin id (default: from KEY.twin, written by `twin register`).
+    #[arg(long)]
+    twin: Option<u32>,
+    /// The agent: a unix socket path or http://host:port.
+    #[arg(
+        long,
+        env = "GRIDNODE_AGENT",
+        default_value = "/var/lib/gridnode/agent.sock"
+    )]
+    agent: String,
+}
+
+#[derive(Subcommand)]
+enum TwinCmd {
+    /// Register a key as a twin (prints the twin id and writes it to KEY.twin).
+    Register {
+        #[arg(long)]
+        key: PathBuf,
+        /// The registrar's URL (http://host:port), or the agent's socket whose embedded
+        /// registrar to use.
+        #[arg(long, env = "GRIDNODE_REGISTRAR")]
+        registrar: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FarmCmd {
+    /// Create a farm owned by a twin.
+    Create {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, env = "GRIDNODE_REGISTRAR")]
+        registrar: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistrarCmd {
+    Serve {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value = "/var/lib/gridnode-registrar")]
+        state_dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// JSON configuration; the flags below override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The API on TCP (signed requests only).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// The API's unix socket.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// `local` or http://host:port of a registrar.
+    #[arg(long)]
+    registrar: Option<String>,
+    #[arg(long)]
+    farm_id: Option<u32>,
+    #[arg(long)]
+    vmm: Option<PathBuf>,
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    #[arg(long)]
+    node_config: Option<PathBuf>,
+    /// Seconds between uptime reports.
+    #[arg(long)]
+    uptime_interval: Option<u64>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("GRIDNODE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    if let Cmd::Init { state_dir } = &cli.command {
+        init::run(state_dir);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("node-agent: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("node-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Run(args) => daemon(args).await,
+        Cmd::Init { .. } => unreachable!("handled before the runtime starts"),
+        Cmd::Identity { state_dir } => {
+            create_state_dir(&state_dir)?;
+            let (key, _) = identity::load_or_create_node_key(&state_dir)?;
+            let store = Store::open(&state_dir.join("agent.db"))?;
+            let node = store
+                .meta("node_id")?
+                .unwrap_or_else(|| "unregistered".into());
+            let twin = store
+                .meta("twin_id")?
+                .unwrap_or_else(|| "unregistered".into());
+            println!(
+                "node id:    {node}\ntwin id:    {twin}\npublic key: {}",
+                key.public_hex()
+            );
+            Ok(())
+        }
+        Cmd::Keygen { out } => {
+            let key = KeyPair::generate();
+            key.save_new(&out)?;
+            println!("{}", key.public_hex());
+            Ok(())
+        }
+        Cmd::Twin {
+            command: TwinCmd::Register { key, registrar },
+        } => {
+            let kp = KeyPair::load(&key)?;
+            let twin = registrar_client(&registrar)?.create_twin(&kp).await?;
+            std::fs::write(twin_file(&key), format!("{}\n", twin.id))?;
+            println!("twin {} (key {})", twin.id, twin.public_key);
+            Ok(())
+        }
+        Cmd::Farm {
+            command:
+                FarmCmd::Create {
+                    key,
+                    name,
+                    registrar,
+                },
+        } => {
+            let kp = KeyPair::load(&key)?;
+            let reg = registrar_client(&registrar)?;
+            let twin: Twin = reg
+                .twin_by_key(&kp.public())
+                .await?
+                .context("the key is not a twin yet: run `twin register`")?;
+            let farm = reg.create_farm(&kp, twin.id, &name).await?;
+            println!("farm {} ({})", farm.id, farm.name);
+            Ok(())
+        }
+        Cmd::Registrar {
+            command: RegistrarCmd::Serve { listen, state_dir },
+        } => {
+            create_state_dir(&state_dir)?;
+            let store = Arc::new(Store::open(&state_dir.join("registrar.db"))?);
+            let state = Arc::new(server::ServerState {
+                registrar: LocalRegistrar::new(store),
+                replays: ReplayGuard::default(),
+            });
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("listening on {listen}"))?;
+            info!("registrar serving on {listen}");
+            axum::serve(listener, server::router(state)).await?;
+            Ok(())
+        }
+        Cmd::Deploy { file, who } => {
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut doc = Deployment::from_json(&text).map_err(anyhow::Error::msg)?;
+            let (client, twin, key) = who.client()?;
+            if doc.twin_id != twin {
+                bail!(
+                    "the deployment is owned by twin {}, the key is twin {twin}",
+                    doc.twin_id
+                );
+            }
+            doc.sign(twin, &key);
+            let body = serde_json::to_vec(&doc)?;
+            let exists = client
+                .request("GET", &format!("/deployments/{}", doc.deployment_id), None)
+                .await?
+                .ok();
+            let bar = spinner(format!(
+                "deploying {} (version {})",
+                doc.deployment_id, doc.version
+            ));
+            let resp = if exists {
+                client
+                    .request(
+                        "PUT",
+                        &format!("/deployments/{}", doc.deployment_id),
+                        Some(body),
+                    )
+                    .await?
+            } else {
+                client.request("POST", "/deployments", Some(body)).await?
+            };
+            bar.finish_and_clear();
+            if !resp.ok() {
+                bail!("deploy refused ({}): {}", resp.status, resp.error_message());
+            }
+            let out: DeployOutcome = resp.json()?;
+            println!(
+                "deployment {} version {}: started {:?}, unchanged {:?}",
+                out.deployment_id, out.version, out.started, out.unchanged
+            );
+            for (name, why) in &out.failed {
+                println!("  {name} failed: {why}");
+            }
+            Ok(())
+        }
+        Cmd::Ps { who } => {
+            let (client, _, _) = who.client()?;
+            let list: Vec<DeploymentStatus> = get_json(&client, "/deployments").await?;
+            println!(
+                "{:<12} {:<20} {:<11} {:<8} {:<9} REASON",
+                "DEPLOYMENT", "NAME", "STATE", "PID", "RESTARTS"
+            );
+            for d in list {
+                for vm in d.vms {
+                    let pid = vm.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                    let state = serde_json::to_value(vm.state)?
+                        .as_str()
+                        .unwrap_or("?")
+                        .to_string();
+                    println!(
+                        "{:<12} {:<20} {:<11} {:<8} {:<9} {}",
+                        d.deployment.deployment_id, vm.name, state, pid, vm.restarts, vm.reason
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Logs { name, follow, who } => {
+            let (client, _, _) = who.client()?;
+            let (id, vm) = find_vm(&client, &name).await?;
+            let mut offset = 0u64;
+            loop {
+                let resp = client
+                    .request(
+                        "GET",
+                        &format!("/deployments/{id}/vms/{vm}/logs?offset={offset}"),
+                        None,
+                    )
+                    .await?;
+                if !resp.ok() {
+                    bail!("logs: {}", resp.error_message());
+                }
+                use std::io::Write;
+                std::io::stdout().write_all(&resp.body)?;
+                std::io::stdout().flush()?;
+                let next = resp
+                    .headers
+                    .get("x-next-offset")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(offset);
+                if !follow {
+                    break;
+                }
+                if next == offset {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                offset = next;
+            }
+            Ok(())
+        }
+        Cmd::Rm { target, who } => {
+            let (client, _, _) = who.client()?;
+            let id = find_deployment(&client, &target).await?;
+            let resp = client
+                .request("DELETE", &format!("/deployments/{id}"), None)
+                .await?;
+            if !resp.ok() {
+                bail!("rm: {}", resp.error_message());
+            }
+            println!("deployment {id} deleted");
+            Ok(())
+        }
+        Cmd::Inspect { target, who } => {
+            let (client, _, _) = who.client()?;
+            let id = find_deployment(&client, &target).await?;
+            let d: DeploymentStatus = get_json(&client, &format!("/deployments/{id}")).await?;
+            println!("{}", serde_json::to_string_pretty(&d)?);
+            Ok(())
+        }
+        Cmd::Node { agent } => {
+            let client = Client::new(Endpoint::parse(&agent)?);
+            let s: NodeStatus = get_json(&client, "/node").await?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+            Ok(())
+        }
+    }
+}
+
+fn spinner(msg: String) -> indicatif::ProgressBar {
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_message(msg);
+    bar.enable_steady_tick(Duration::from_millis(100));
+    bar
+}
+
+fn twin_file(key: &Path) -> PathBuf {
+    let mut s = key.as_os_str().to_owned();
+    s.push(".twin");
+    PathBuf::from(s)
+}
+
+impl Who {
+    fn client(&self) -> Result<(Client, u32, KeyPair)> {
+        let key = KeyPair::load(&self.key)?;
+        let twin = match self.twin {
+            Some(t) => t,
+            None => std::fs::read_to_string(twin_file(&self.key))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+                .with_context(|| {
+                    format!(
+                        "no --twin and no {}: run `twin register` first",
+                        twin_file(&self.key).display()
+                    )
+                })?,
+        };
+        let client =
+            Client::new(Endpoint::parse(&self.agent)?).signed(key.clone(), Signer::Twin(twin));
+        Ok((client, twin, key))
+    }
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(client: &Client, path: &str) -> Result<T> {
+    let resp = client.request("GET", path, None).await?;
+    if !resp.ok() {
+        bail!("{path}: {} {}", resp.status, resp.error_message());
+    }
+    resp.json()
+}
+
+/// `ID/NAME` or a VM name unique among the caller's deployments.
+async fn find_vm(client: &Client, target: &str) -> Result<(u64, String)> {
+    if let Some((id, name)) = target.split_once('/') {
+        return Ok((id.parse().context("deployment id")?, name.to_string()));
+    }
+    let list: Vec<DeploymentStatus> = get_json(client, "/deployments").await?;
+    let hits: Vec<u64> = list
+        .iter()
+        .filter(|d| d.deployment.vm(target).is_some())
+        .map(|d| d.deployment.deployment_id)
+        .collect();
+    match hits.as_slice() {
+        [id] => Ok((*id, target.to_string())),
+        [] => bail!("no VM named {target}"),
+        _ => bail!("several deployments have a VM named {target}: use DEPLOYMENT/{target}"),
+    }
+}
+
+async fn find_deployment(client: &Client, target: &str) -> Result<u64> {
+    if let Ok(id) = target.parse() {
+        return Ok(id);
+    }
+    Ok(find_vm(client, target).await?.0)
+}
+
+fn registrar_client(registrar: &str) -> Result<Box<dyn Registrar>> {
+    if registrar.starts_with("http://") {
+        return Ok(Box::new(RemoteRegistrar::new(registrar)?));
+    }
+    // An agent's socket: its embedded registrar, under /registrar.
+    Ok(Box::new(RemoteRegistrar::with_prefix(
+        registrar,
+        "/registrar",
+    )?))
+}
+
+fn create_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))
+}
+
+async fn daemon(args: RunArgs) -> Result<()> {
+    let mut config = match &args.config {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::default(),
+    };
+    if let Some(v) = args.state_dir {
+        config.state_dir = v;
+    }
+    if let Some(v) = args.listen {
+        config.listen = Some(v);
+    }
+    if let Some(v) = args.socket {
+        config.api_socket = Some(v);
+    }
+    if let Some(v) = args.registrar {
+        config.registrar = v;
+    }
+    if let Some(v) = args.farm_id {
+        config.farm_id = v;
+    }
+    if let Some(v) = args.vmm {
+        config.vmm.bin = Some(v);
+    }
+    if let Some(v) = args.kernel {
+        config.vmm.kernel = v;
+    }
+    if let Some(v) = args.initrd {
+        config.vmm.initrd = v;
+    }
+    if let Some(v) = args.node_config {
+        config.vmm.node_config = Some(v);
+    }
+    if let Some(v) = args.uptime_interval {
+        config.uptime_interval_secs = v;
+    }
+    create_state_dir(&config.state_dir)?;
+    let (key, made) = identity::load_or_create_node_key(&config.state_dir)?;
+    if made {
+        info!(key = %key.public_hex(), "made the node key");
+    }
+    let store = Arc::new(Store::open(&config.state_dir.join("agent.db"))?);
+    let registrar: Arc<dyn Registrar> = if config.registrar == "local" {
+        Arc::new(LocalRegistrar::new(store.clone()))
+    } else {
+        Arc::new(RemoteRegistrar::new(&config.registrar)?)
+    };
+    let total = capacity::detect().saturating_sub(config.reserve);
+    let metrics = Arc::new(Metrics::default());
+    let engine = Arc::new(Engine::new(
+        store.clone(),
+        config.clone(),
+        registrar.clone(),
+        metrics.clone(),
+        total,
+    ));
+    info!(
+        cru = total.cru,
+        mru_mib = total.mru >> 20,
+        sru_gib = total.sru >> 30,
+        hru_gib = total.hru >> 30,
+        "capacity offered"
+    );
+
+    // Workloads first: they need nothing from the network.
+    engine.recover().await.context("recovering the state")?;
+    let reg = uptime::Registration {
+        config: config.clone(),
+        key: key.clone(),
+        registrar: registrar.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+        capacity: total,
+    };
+    tokio::spawn(reg.run());
+    let ticker = engine.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            ticker.tick().await;
+        }
+    });
+
+    let state = Arc::new(ApiState {
+        engine: engine.clone(),
+        node_key: key.public_hex(),
+        replays: ReplayGuard::default(),
+    });
+    let mut app = api::router(state.clone(), false);
+    if config.registrar == "local" {
+        let reg_state = Arc::new(server::ServerState {
+            registrar: LocalRegistrar::new(store.clone()),
+            replays: ReplayGuard::default(),
+        });
+        app = app.nest("/registrar", server::router(reg_state));
+    }
+    let sock = config.api_socket();
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .with_context(|| format!("binding {}", sock.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    }
+    info!(socket = %sock.display(), "API listening");
+    let unix = tokio::spawn(async move { axum::serve(listener, app).await });
+    if let Some(addr) = config.listen {
+        let tcp_app = api::router(state, true);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        info!(%addr, "API listening on TCP (signed requests only)");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, tcp_app).await {
+                warn!("TCP API ended: {e}");
+            }
+        });
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = unix => { r??; }
+        _ = term.recv() => { info!("SIGTERM: the agent stops; VMs keep running"); }
+        _ = tokio::signal::ctrl_c() => { info!("interrupted: the agent stops; VMs keep running"); }
+    }
+    Ok(())
+}

@@ -1,0 +1,202 @@
+//! Registration and uptime reports, in the background: workloads never wait for them.
+//!
+//! At start and whenever capacity or interfaces change, the node (re-)registers: its key
+//! becomes a twin, the twin's node is created or updated on the farm. Every interval an uptime
+//! report (the host's uptime, not the agent's) is queued in the database and the queue is sent
+//! oldest first; a report that could not be sent stays queued and is retried with backoff,
+//! never dropped.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tracing::{info, warn};
+
+use crate::capacity::Resources;
+use crate::config::AgentConfig;
+use crate::identity::KeyPair;
+use crate::metrics::Metrics;
+use crate::registrar::{Interface, NodeInfo, Registrar, RegistrarError, UptimeReport};
+use crate::state::Store;
+
+pub struct Registration {
+    pub config: AgentConfig,
+    pub key: KeyPair,
+    pub registrar: Arc<dyn Registrar>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    pub capacity: Resources,
+}
+
+/// The host's uptime in seconds (`/proc/uptime`).
+pub fn host_uptime() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/uptime")?;
+    let secs: f64 = text
+        .split_whitespace()
+        .next()
+        .context("empty /proc/uptime")?
+        .parse()?;
+    Ok(secs as u64)
+}
+
+/// Physical network interfaces (those backed by a device), by name and MAC.
+pub fn interfaces() -> Vec<Interface> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/sys/class/net") else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if !p.join("device").exists() {
+            continue;
+        }
+        let mac = std::fs::read_to_string(p.join("address"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        out.push(Interface {
+            name: e.file_name().to_string_lossy().into_owned(),
+            mac,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+impl Registration {
+    fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            farm_id: self.config.farm_id,
+            capacity: self.capacity,
+            location: self.config.location.clone(),
+            interfaces: interfaces(),
+            serial_number: std::fs::read_to_string("/sys/class/dmi/id/product_serial")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            virtualized: std::path::Path::new("/sys/hypervisor/type").exists()
+                || std::fs::read_to_string("/proc/cpuinfo")
+                    .map(|c| c.contains(" hypervisor"))
+                    .unwrap_or(false),
+        }
+    }
+
+    /// Registers (or updates) the node; returns (twin id, node id).
+    pub async fn register(&self) -> Result<(u32, u32), RegistrarError> {
+        let twin = match self.registrar.twin_by_key(&self.key.public()).await? {
+            Some(t) => t,
+            None => self.registrar.create_twin(&self.key).await?,
+        };
+        if self.registrar.farm(self.config.farm_id).await?.is_none() {
+            if self.config.registrar == "local" {
+                self.registrar
+                    .create_farm(&self.key, twin.id, &format!("farm-{}", self.config.farm_id))
+                    .await?;
+            } else {
+                return Err(RegistrarError::UnknownFarm(self.config.farm_id));
+            }
+        }
+        let info = self.node_info();
+        let existing = self.registrar.node_by_twin(twin.id).await?;
+        let node = match existing {
+            Some(n) if n.info == info => n,
+            _ => {
+                self.registrar
+                    .register_node(&self.key, twin.id, &info)
+                    .await?
+            }
+        };
+        let _ = self.store.set_meta("twin_id", &twin.id.to_string());
+        let _ = self.store.set_meta("node_id", &node.id.to_string());
+        Ok((twin.id, node.id))
+    }
+
+    /// Sends queued uptime reports, oldest first; stops at the first failure.
+    async fn flush_uptime(&self, twin: u32, node: u32) -> Result<(), RegistrarError> {
+        let pending = self
+            .store
+            .pending_uptime()
+            .map_err(|e| RegistrarError::Store(format!("{e:#}")))?;
+        for (id, uptime, timestamp) in pending {
+            self.registrar
+                .report_uptime(&self.key, twin, node, &UptimeReport { uptime, timestamp })
+                .await?;
+            let _ = self.store.uptime_sent(id);
+            self.metrics
+                .uptime_reports_sent
+                .fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .last_uptime_report
+                .store(timestamp, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Runs forever: register (retrying with backoff), then report uptime every interval.
+    pub async fn run(self) {
+        let interval = Duration::from_secs(self.config.uptime_interval_secs.max(1));
+        let mut backoff = Duration::from_secs(1);
+        let mut ids: Option<(u32, u32)> = None;
+        let mut last_info: Option<NodeInfo> = None;
+        let mut next_report = tokio::time::Instant::now();
+        loop {
+            let info = self.node_info();
+            if ids.is_none() || last_info.as_ref() != Some(&info) {
+                match self.register().await {
+                    Ok(got) => {
+                        if ids.is_none() {
+                            info!(twin = got.0, node = got.1, "registered");
+                        } else {
+                            info!("registration updated (capacity or interfaces changed)");
+                        }
+                        ids = Some(got);
+                        last_info = Some(info);
+                        self.metrics.registered.store(1, Ordering::Relaxed);
+                        backoff = Duration::from_secs(1);
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .registration_errors
+                            .fetch_add(1, Ordering::Relaxed);
+                        warn!(
+                            "registration failed (retrying in {} s): {e}",
+                            backoff.as_secs()
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(300));
+                        continue;
+                    }
+                }
+            }
+            let Some((twin, node)) = ids else { continue };
+            if tokio::time::Instant::now() >= next_report {
+                match host_uptime() {
+                    Ok(up) => {
+                        let _ = self.store.queue_uptime(up, crate::auth::now_unix());
+                    }
+                    Err(e) => warn!("cannot read the host's uptime: {e:#}"),
+                }
+                next_report += interval;
+            }
+            match self.flush_uptime(twin, node).await {
+                Ok(()) => {
+                    backoff = Duration::from_secs(1);
+                    let wait = next_report.saturating_duration_since(tokio::time::Instant::now());
+                    tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
+                }
+                Err(e) => {
+                    self.metrics
+                        .uptime_report_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    warn!(
+                        "uptime report failed (kept, retrying in {} s): {e}",
+                        backoff.as_secs()
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(300));
+                }
+            }
+        }
+    }
+}
