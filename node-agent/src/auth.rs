@@ -2,8 +2,10 @@
 //!
 //! A request is signed by a twin (by id) or, before it has a twin, by a bare public key. Headers:
 //! `X-Grid-Signer: twin:<id>` or `key:<64 hex>`, `X-Grid-Timestamp: <unix seconds>`,
-//! `X-Grid-Signature: <128 hex>`. The signature covers
-//! `gridnode/request/v1\n{METHOD}\n{path and query}\n{hex blake3(body)}\n{timestamp}\n{signer}`.
+//! `X-Grid-Nonce: <32 hex, random>`, `X-Grid-Signature: <128 hex>`. The signature covers
+//! `gridnode/request/v1\n{METHOD}\n{path and query}\n{hex blake3(body)}\n{timestamp}\n{nonce}\n{signer}`,
+//! so two requests with the same content are still two different requests (a retry is not a
+//! replay), and an exact copy of one is.
 //! A timestamp more than [`MAX_SKEW_SECS`] from the server's clock is refused, and a signature
 //! seen before within that window is a replay.
 
@@ -17,6 +19,7 @@ use crate::identity::{self, KeyPair};
 pub const H_SIGNER: &str = "x-grid-signer";
 pub const H_TIMESTAMP: &str = "x-grid-timestamp";
 pub const H_SIGNATURE: &str = "x-grid-signature";
+pub const H_NONCE: &str = "x-grid-nonce";
 
 /// How far a request's timestamp may be from the server's clock.
 pub const MAX_SKEW_SECS: i64 = 60;
@@ -76,19 +79,27 @@ pub enum AuthError {
 }
 
 /// The bytes a request signature covers.
-pub fn message(method: &str, path: &str, body: &[u8], timestamp: i64, signer: &Signer) -> Vec<u8> {
+pub fn message(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timestamp: i64,
+    nonce: &str,
+    signer: &Signer,
+) -> Vec<u8> {
     format!(
-        "gridnode/request/v1\n{}\n{}\n{}\n{}\n{}",
+        "gridnode/request/v1\n{}\n{}\n{}\n{}\n{}\n{}",
         method.to_ascii_uppercase(),
         path,
         blake3::hash(body).to_hex(),
         timestamp,
+        nonce,
         signer
     )
     .into_bytes()
 }
 
-/// The three headers of a signed request.
+/// The four headers of a signed request.
 pub fn sign(
     key: &KeyPair,
     signer: &Signer,
@@ -96,11 +107,15 @@ pub fn sign(
     path: &str,
     body: &[u8],
     timestamp: i64,
-) -> [(&'static str, String); 3] {
-    let sig = key.sign(&message(method, path, body, timestamp, signer));
+) -> [(&'static str, String); 4] {
+    let mut nonce = [0u8; 16];
+    rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
+    let nonce = hex::encode(nonce);
+    let sig = key.sign(&message(method, path, body, timestamp, &nonce, signer));
     [
         (H_SIGNER, signer.to_string()),
         (H_TIMESTAMP, timestamp.to_string()),
+        (H_NONCE, nonce),
         (H_SIGNATURE, hex::encode(sig)),
     ]
 }
@@ -110,6 +125,7 @@ pub fn sign(
 pub struct SignedHeaders {
     pub signer: Signer,
     pub timestamp: i64,
+    pub nonce: String,
     pub signature: [u8; 64],
 }
 
@@ -119,7 +135,7 @@ impl SignedHeaders {
         get: impl Fn(&'static str) -> Option<&'a str>,
     ) -> Result<Option<Self>, AuthError> {
         let (signer, ts, sig) = (get(H_SIGNER), get(H_TIMESTAMP), get(H_SIGNATURE));
-        if signer.is_none() && ts.is_none() && sig.is_none() {
+        if signer.is_none() && ts.is_none() && sig.is_none() && get(H_NONCE).is_none() {
             return Ok(None);
         }
         let signer: Signer = signer.ok_or(AuthError::Unsigned(H_SIGNER))?.parse()?;
@@ -127,6 +143,11 @@ impl SignedHeaders {
             .ok_or(AuthError::Unsigned(H_TIMESTAMP))?
             .parse()
             .map_err(|_| AuthError::Malformed("timestamp is not an integer"))?;
+        let nonce = get(H_NONCE).ok_or(AuthError::Unsigned(H_NONCE))?;
+        if nonce.is_empty() || nonce.len() > 64 || !nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(AuthError::Malformed("nonce is not 1-64 hex digits"));
+        }
+        let nonce = nonce.to_string();
         let sig = sig.ok_or(AuthError::Unsigned(H_SIGNATURE))?;
         let bytes = hex::decode(sig).map_err(|_| AuthError::Malformed("signature is not hex"))?;
         let signature = bytes
@@ -135,6 +156,7 @@ impl SignedHeaders {
         Ok(Some(Self {
             signer,
             timestamp,
+            nonce,
             signature,
         }))
     }
@@ -153,7 +175,14 @@ impl SignedHeaders {
         if skew.abs() > MAX_SKEW_SECS {
             return Err(AuthError::Skew(skew));
         }
-        let msg = message(method, path, body, self.timestamp, &self.signer);
+        let msg = message(
+            method,
+            path,
+            body,
+            self.timestamp,
+            &self.nonce,
+            &self.signer,
+        );
         if !identity::verify(key, &msg, &self.signature) {
             return Err(AuthError::BadSignature);
         }
@@ -202,7 +231,7 @@ pub fn now_unix() -> i64 {
 mod tests {
     use super::*;
 
-    fn headers(h: &[(&'static str, String); 3]) -> SignedHeaders {
+    fn headers(h: &[(&'static str, String); 4]) -> SignedHeaders {
         SignedHeaders::parse(|name| h.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str()))
             .unwrap()
             .unwrap()
@@ -246,6 +275,16 @@ mod tests {
             h.verify(&other.public(), "PUT", "/a?b=1", b"body", 50, &g),
             Err(AuthError::BadSignature)
         );
+    }
+
+    #[test]
+    fn the_same_request_signed_twice_is_not_a_replay() {
+        let key = KeyPair::generate();
+        let g = ReplayGuard::default();
+        for _ in 0..2 {
+            let h = headers(&sign(&key, &Signer::Twin(1), "POST", "/x", b"b", 10));
+            h.verify(&key.public(), "POST", "/x", b"b", 10, &g).unwrap();
+        }
     }
 
     #[test]
