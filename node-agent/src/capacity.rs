@@ -69,9 +69,27 @@ pub fn deployment_needs(d: &Deployment) -> Resources {
     })
 }
 
-/// The host's capacity, before the reserve.
-pub fn detect() -> Resources {
-    detect_from(Path::new("/proc"), Path::new("/sys"))
+/// The host's capacity, before the reserve. Without physical disks (a node running from RAM,
+/// a VM), SSD capacity is the size of the filesystem that holds `state_dir`, where the
+/// workloads' layers and volumes live.
+pub fn detect(state_dir: &Path) -> Resources {
+    let mut r = detect_from(Path::new("/proc"), Path::new("/sys"));
+    if r.sru == 0 && r.hru == 0 {
+        r.sru = filesystem_bytes(state_dir).unwrap_or(0);
+    }
+    r
+}
+
+fn filesystem_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain old data, for which all zeroes is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a statvfs buffer owned by this frame.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    (st.f_blocks as u64).checked_mul(st.f_frsize as u64)
 }
 
 pub fn detect_from(proc_root: &Path, sys_root: &Path) -> Resources {

@@ -84,6 +84,17 @@ fn now() -> i64 {
     crate::auth::now_unix()
 }
 
+/// Crash injection for the crash-recovery tests: with `GRIDNODE_CRASH_AT=<point>` in its
+/// environment the agent aborts (as `kill -9` would stop it) when it reaches that point.
+/// Points: `after-journal` (intent written, nothing started), `after-spawn` (a vmm started,
+/// its pid not yet recorded), `before-op-end` (VMs started, the op not yet ended).
+fn crash_point(point: &str) {
+    if std::env::var("GRIDNODE_CRASH_AT").is_ok_and(|p| p == point) {
+        eprintln!("node-agent: crash point {point} reached, aborting");
+        std::process::abort();
+    }
+}
+
 impl Engine {
     pub fn new(
         store: Arc<Store>,
@@ -463,6 +474,7 @@ impl Engine {
                 return Err(reason);
             }
         };
+        crash_point("after-spawn");
         rec.pid = Some(proc_.pid);
         rec.pid_start = Some(proc_.start);
         self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;

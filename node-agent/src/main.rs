@@ -561,7 +561,7 @@ async fn daemon(args: RunArgs) -> Result<()> {
     } else {
         Arc::new(RemoteRegistrar::new(&config.registrar)?)
     };
-    let total = capacity::detect().saturating_sub(config.reserve);
+    let total = capacity::detect(&config.state_dir).saturating_sub(config.reserve);
     let metrics = Arc::new(Metrics::default());
     let engine = Arc::new(Engine::new(
         store.clone(),
