@@ -132,6 +132,16 @@ pub struct VmWorkload {
     pub env: BTreeMap<String, String>,
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// On stop, seconds between SIGTERM to the entrypoint and SIGKILL (default 10).
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_secs: u32,
+}
+
+/// Longest shutdown grace a workload may ask for.
+pub const MAX_GRACE_SECS: u32 = 600;
+
+fn default_grace() -> u32 {
+    10
 }
 
 fn default_rootfs_mib() -> u64 {
@@ -278,6 +288,12 @@ impl VmWorkload {
             return Err(field(
                 &w,
                 format!("rootfs_mib {} is not 1-{MAX_DISK_MIB}", self.rootfs_mib),
+            ));
+        }
+        if self.shutdown_grace_secs > MAX_GRACE_SECS {
+            return Err(field(
+                &w,
+                format!("shutdown_grace_secs is more than {MAX_GRACE_SECS}"),
             ));
         }
         if !self.entrypoint.starts_with('/') || self.entrypoint.len() > MAX_ARG_BYTES {
@@ -525,6 +541,7 @@ pub(crate) mod tests {
                 args: vec!["-c".into(), "echo hi".into()],
                 env: BTreeMap::new(),
                 restart: RestartPolicy::Never,
+                shutdown_grace_secs: 10,
             })],
             signature_requirement: None,
             on_failure: FailurePolicy::Rollback,

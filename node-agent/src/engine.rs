@@ -126,8 +126,18 @@ impl Engine {
             .iter()
             .filter(|d| Some((d.twin_id, d.deployment_id)) != skip)
             .fold(Resources::default(), |acc, d| {
-                acc.saturating_add(capacity::deployment_needs(d))
+                acc.saturating_add(self.needs(d))
             }))
+    }
+
+    /// What a deployment takes of this node: its disks on SSD, or on HDD when the node has
+    /// no SSD capacity.
+    pub fn needs(&self, d: &Deployment) -> Resources {
+        let mut needs = capacity::deployment_needs(d);
+        if self.capacity.sru == 0 {
+            needs.hru = needs.hru.saturating_add(std::mem::take(&mut needs.sru));
+        }
+        needs
     }
 
     /// Creates or updates a deployment (`caller` is the twin that signed the request).
@@ -170,12 +180,13 @@ impl Engine {
         doc.check_signatures(prev.as_ref(), &key_of)
             .map_err(DeployError::Forbidden)?;
         let free = self.capacity.saturating_sub(self.used(Some(target))?);
-        if let Some(why) = capacity::deployment_needs(&doc).exceeds(&free) {
+        if let Some(why) = self.needs(&doc).exceeds(&free) {
             return Err(DeployError::Capacity(why));
         }
         let op_id = self
             .store
             .begin_op(kind, prev.as_ref(), Some(&doc), target)?;
+        crash_point("after-journal");
         let op = Op {
             id: op_id,
             twin_id: target.0,
@@ -226,6 +237,7 @@ impl Engine {
                 }
             )));
         }
+        crash_point("before-op-end");
         self.store.end_op(op.id)?;
         self.collect_garbage(op.twin_id, op.deployment_id)?;
         info!(
@@ -299,6 +311,7 @@ impl Engine {
             None,
             (twin_id, deployment_id),
         )?;
+        crash_point("after-journal");
         self.finish_delete(op_id, twin_id, deployment_id).await?;
         Ok(())
     }

@@ -207,6 +207,7 @@ pub fn build(
         });
     }
     spec.rng = Some(RngSpec::default());
+    spec.shutdown_grace_secs = vm.shutdown_grace_secs;
     spec.api_sock = Some(paths.api_sock.clone());
     spec.exit_record = Some(paths.exit_record.clone());
     spec.validate()

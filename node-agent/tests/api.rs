@@ -95,6 +95,7 @@ fn deployment(twin_id: u32, version: u32) -> Deployment {
             args: vec![],
             env: Default::default(),
             restart: RestartPolicy::Never,
+            shutdown_grace_secs: 0,
         })],
         signature_requirement: None,
         on_failure: FailurePolicy::Rollback,
