@@ -205,8 +205,15 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    if let Cmd::Init { state_dir } = &cli.command {
-        init::run(state_dir);
+    match &cli.command {
+        Cmd::Init { state_dir } => init::run(state_dir),
+        Cmd::Run(_) | Cmd::Registrar { .. } => {}
+        // A client's output piped into `head` or `grep -q` ends it quietly, as for other
+        // command-line tools (the daemons keep Rust's default: EPIPE as an error).
+        // SAFETY: setting a signal disposition before any thread starts.
+        _ => unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        },
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
