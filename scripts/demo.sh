@@ -7,5 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash guest-kernels/build-kernel.sh >/dev/null
-cargo build --release -p vmm -p e2e-tests --bins
+cargo build --release -p vmm -p flist-fs -p node-agent -p e2e-tests --bins
 VMM_BIN="$PWD/target/release/vmm" target/release/demo "$@"

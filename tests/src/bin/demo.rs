@@ -1,11 +1,47 @@
-//! The main job for now: boot a micro-VM that runs a command and prints its output. On a
-//! real KVM host (`--direct`) the vmm runs here; otherwise (the default, works on any machine)
-//! it runs on the test bed, a KVM host inside QEMU.
+//! The main job: start a node agent, make a twin key and register it, pack a small tree (a
+//! static busybox) into an flist, deploy a signed workload whose root is that flist, and print
+//! its output read back through the agent's API. By default this runs on the test bed (a KVM
+//! host inside QEMU; works on any machine); with `--direct` (a real KVM host) the agent runs as
+//! a process here. Arguments, if any, are the workload's command.
 
 use std::path::Path;
 use std::process::Command;
 
 use e2e_tests::{artifacts, microvm, Job, Testbed};
+
+/// The node's side, for `sh`: the paths come from the environment (`VMM`, `FLIST`, `AGENT`,
+/// `KERNEL`, `INITRD`, `BUSYBOX`, `W` a scratch directory).
+const SCRIPT: &str = r#"
+set -eu
+say() { echo "demo: $*" >&2; }
+mkdir -p "$W/rootfs/bin" "$W/rootfs/etc" "$W/rootfs/proc" "$W/rootfs/dev" "$W/rootfs/tmp" "$W/rootfs/sys" "$W/rootfs/run"
+cp "$BUSYBOX" "$W/rootfs/bin/busybox"
+for a in sh echo uname nproc cat ls; do ln -sf busybox "$W/rootfs/bin/$a"; done
+echo "an flist root" > "$W/rootfs/etc/motd"
+"$FLIST" pack "$W/rootfs" -o "$W/demo.flist" --store "dir://$W/store" > /dev/null
+say "packed the root tree into $W/demo.flist"
+printf '{"image_cache": "%s", "stores": ["dir://%s"]}' "$W/cache" "$W/store" > "$W/node.json"
+chmod 600 "$W/node.json"
+printf '{"state_dir": "%s", "registrar": "local", "reserve": {"cru": 0, "mru": 0, "sru": 0, "hru": 0},
+ "vmm": {"bin": "%s", "kernel": "%s", "initrd": "%s", "node_config": "%s", "cmdline": "quiet"}}' \
+  "$W/state" "$VMM" "$KERNEL" "$INITRD" "$W/node.json" > "$W/agent.json"
+GRIDNODE_LOG=warn "$AGENT" run --config "$W/agent.json" > "$W/agent.log" 2>&1 &
+AGENT_PID=$!
+trap 'kill $AGENT_PID 2>/dev/null || true' EXIT
+i=0; until "$AGENT" node --agent "$W/state/agent.sock" > /dev/null 2>&1; do i=$((i+1)); [ $i -lt 100 ] || { cat "$W/agent.log"; exit 1; }; sleep 0.2; done
+say "node agent up: $("$AGENT" identity --state-dir "$W/state" | grep 'public key')"
+"$AGENT" keygen --out "$W/twin.key" > /dev/null
+say "$("$AGENT" twin register --key "$W/twin.key" --registrar "$W/state/agent.sock")"
+TWIN=$(cat "$W/twin.key.twin")
+sed "s/__TWIN__/$TWIN/" "$W/deployment.template.json" > "$W/deployment.json"
+K="--key $W/twin.key --agent $W/state/agent.sock"
+"$AGENT" deploy "$W/deployment.json" $K >&2
+i=0; until "$AGENT" ps $K | grep -Eq ' (exited|failed) '; do i=$((i+1)); [ $i -lt 600 ] || break; sleep 0.5; done
+"$AGENT" ps $K >&2
+say "the workload's output, read through the agent's API:"
+"$AGENT" logs demo $K | grep -v '^init: '
+"$AGENT" rm 1 $K > /dev/null
+"#;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -17,40 +53,68 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args = vec![
             "/bin/sh".into(),
             "-c".into(),
-            "echo \"hello from a micro-VM: $(uname -sr), $(nproc) vCPUs\"".into(),
+            "echo \"hello from a micro-VM: $(uname -sr), $(nproc) vCPUs, $(cat /etc/motd)\"".into(),
         ];
     }
+    let deployment = serde_json::json!({
+        "twin_id": "__TWIN__",
+        "deployment_id": 1,
+        "version": 1,
+        "workloads": [{
+            "type": "vm", "name": "demo", "image": "__IMAGE__", "vcpus": 2, "memory_mib": 256,
+            "rootfs_mib": 64, "restart": "never", "entrypoint": args[0], "args": &args[1..],
+        }],
+    })
+    .to_string()
+    .replace("\"__TWIN__\"", "__TWIN__");
+
     let kernel = artifacts::guest_kernel()?;
     let init = artifacts::guest_init()?;
     let vmm = artifacts::vmm_binary()?;
-    let initrd = artifacts::target_dir().join("demo-initrd.cpio");
+    let target = artifacts::target_dir();
+    let release = vmm.parent().unwrap_or(Path::new("."));
+    let agent = release.join("node-agent");
+    let flist = release.join("flist");
+    let initrd = target.join("demo-initrd.cpio");
     microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?.write_file(&initrd)?;
 
     if direct {
-        let status = Command::new(&vmm)
-            .arg("--kernel")
-            .arg(&kernel.vmlinux)
-            .arg("--initrd")
-            .arg(&initrd)
-            .args(["--vcpus", "2", "--cmdline", "quiet", "--"])
-            .args(&args)
+        let work = tempfile::tempdir()?;
+        let w = work.path();
+        std::fs::write(
+            w.join("deployment.template.json"),
+            deployment.replace("__IMAGE__", &w.join("demo.flist").display().to_string()),
+        )?;
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(SCRIPT)
+            .env("W", w)
+            .env("VMM", &vmm)
+            .env("FLIST", &flist)
+            .env("AGENT", &agent)
+            .env("KERNEL", &kernel.vmlinux)
+            .env("INITRD", &initrd)
+            .env("BUSYBOX", "/bin/busybox")
             .status()?;
         std::process::exit(status.code().unwrap_or(1));
     }
 
-    let quoted: Vec<String> = args
-        .iter()
-        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
-        .collect();
     let script = format!(
-        "/vmm --kernel /guest/vmlinux --initrd /guest/initrd --vcpus 2 --cmdline quiet -- {}\n",
-        quoted.join(" ")
+        "export W=/srv VMM=/vmm FLIST=/flist AGENT=/node-agent KERNEL=/guest/vmlinux \
+         INITRD=/guest/initrd BUSYBOX=/bin/busybox\nmkdir -p /srv\n{SCRIPT}"
     );
     let job = Job::new(script)
         .binary("/vmm", &vmm)
+        .binary("/flist", &flist)
+        .binary("/node-agent", &agent)
         .file("/guest/vmlinux", &kernel.vmlinux)
-        .file("/guest/initrd", &initrd);
-    eprintln!("demo: running the vmm on the test bed (a KVM host inside QEMU)...");
+        .file("/guest/initrd", &initrd)
+        .data(
+            "/srv/deployment.template.json",
+            deployment.replace("__IMAGE__", "/srv/demo.flist"),
+            0o644,
+        );
+    eprintln!("demo: running the node agent on the test bed (a KVM host inside QEMU)...");
     let out = Testbed::from_system()?.run(&job)?;
     print!("{}", out.output);
     std::process::exit(out.status);
