@@ -6,15 +6,16 @@
 #   bash scripts/bench.sh fs [--runs N] [--file-mib M] in-guest virtio-fs vs virtiofsd + QEMU
 #   bash scripts/bench.sh blk [--runs N] [--seconds S]  in-guest fio on virtio-blk vs QEMU microvm
 #   bash scripts/bench.sh vsock [--mib M]             vsock throughput + round trip vs a unix socket
+#   bash scripts/bench.sh agent [--deploys N]         node agent: deploy latency, RSS, registration
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-boot}"
 case "$which" in
-    boot | fs | blk | vsock) shift || true ;;
+    boot | fs | blk | vsock | agent) shift || true ;;
     -*) which=boot ;;
-    *) echo "bench: unknown benchmark $which (boot, fs, blk or vsock)" >&2; exit 2 ;;
+    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock or agent)" >&2; exit 2 ;;
 esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null
-cargo build --release -p vmm -p flist-fs -p benches --bins
+cargo build --release -p vmm -p flist-fs -p node-agent -p benches --bins
 "${CARGO_TARGET_DIR:-target}"/release/"$which" "$@"

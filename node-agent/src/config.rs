@@ -31,6 +31,10 @@ pub struct AgentConfig {
     /// Kept back for the node itself.
     #[serde(default = "default_reserve")]
     pub reserve: Resources,
+    /// vCPUs deployments may have per CPU thread (1: no over-commit of CPU; memory and disk
+    /// are never over-committed).
+    #[serde(default = "default_cpu_ratio")]
+    pub cpu_allocation_ratio: u32,
     #[serde(default)]
     pub location: Location,
     /// Seconds between uptime reports.
@@ -107,6 +111,9 @@ fn default_reserve() -> Resources {
         sru: 1 << 30,
         hru: 0,
     }
+}
+fn default_cpu_ratio() -> u32 {
+    1
 }
 fn default_uptime_interval() -> u64 {
     40 * 60

@@ -179,7 +179,11 @@ impl Engine {
         let key_of = |id: u32| keys.get(&id).copied();
         doc.check_signatures(prev.as_ref(), &key_of)
             .map_err(DeployError::Forbidden)?;
-        let free = self.capacity.saturating_sub(self.used(Some(target))?);
+        let mut offered = self.capacity;
+        offered.cru = offered
+            .cru
+            .saturating_mul(u64::from(self.config.cpu_allocation_ratio.max(1)));
+        let free = offered.saturating_sub(self.used(Some(target))?);
         if let Some(why) = self.needs(&doc).exceeds(&free) {
             return Err(DeployError::Capacity(why));
         }
