@@ -121,7 +121,7 @@ fn fetcher_client(socket: &Path) -> Result<Arc<FetcherClient>, flist_fs::fetcher
         crate::seccomp::Violation::Trap,
     )
     .map_err(|e| flist_fs::fetcher::FetcherError::Io(std::io::Error::other(e.to_string())))?;
-    let confine: flist_fs::fetcher::client::ThreadStart = Arc::new(move || {
+    let confine: flist_fs::ThreadStart = Arc::new(move || {
         crate::seccomp::apply_to_current_thread(&filter).map_err(std::io::Error::other)
     });
     let client = Arc::new(FetcherClient::connect_with(
@@ -131,6 +131,23 @@ fn fetcher_client(socket: &Path) -> Result<Arc<FetcherClient>, flist_fs::fetcher
     )?);
     clients.push((socket.to_path_buf(), Arc::downgrade(&client)));
     Ok(client)
+}
+
+/// This process's chunk cache at `dir` (without a chunk fetcher): opened without reading the
+/// directory, measured and evicted by a background thread under its own seccomp filter.
+fn image_cache(
+    dir: &Path,
+    max_bytes: u64,
+) -> Result<Arc<flist_fs::cache::ChunkCache>, flist_fs::Error> {
+    let filter = crate::seccomp::filter(
+        crate::seccomp::ThreadKind::CacheEvictor,
+        crate::seccomp::Violation::Trap,
+    )
+    .map_err(|e| flist_fs::Error::io(dir, std::io::Error::other(e.to_string())))?;
+    let confine: flist_fs::ThreadStart = Arc::new(move || {
+        crate::seccomp::apply_to_current_thread(&filter).map_err(std::io::Error::other)
+    });
+    flist_fs::cache::ChunkCache::shared(dir, max_bytes, Some(confine))
 }
 
 /// Opens the image at `path` under the node's store policy, with the node's chunk cache, or
@@ -155,15 +172,16 @@ fn image(
         let policy = images.policy().filter(|p| !p.is_anonymous());
         return FlistFs::open_remote(path, client, policy).map_err(image_err);
     }
+    let cache_dir = images
+        .cache()
+        .map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf);
+    let cache_max_bytes = images.cache_max_bytes().unwrap_or(IMAGE_CACHE_MAX_BYTES);
     let opts = flist_fs::open::OpenOptions {
         stores: Vec::new(),
         policy: images.policy().cloned(),
-        cache_dir: Some(
-            images
-                .cache()
-                .map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf),
-        ),
-        cache_max_bytes: images.cache_max_bytes().unwrap_or(IMAGE_CACHE_MAX_BYTES),
+        cache_dir: None,
+        cache_max_bytes,
+        cache: Some(image_cache(&cache_dir, cache_max_bytes).map_err(image_err)?),
     };
     FlistFs::open(path, &opts).map_err(|source| FsBackendError::Image {
         tag: tag.to_string(),
