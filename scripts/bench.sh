@@ -4,16 +4,20 @@
 #   bash scripts/bench.sh boot [--runs N]             boot time + VMM memory vs QEMU microvm
 #     (and Firecracker with FIRECRACKER_BIN=PATH, another vmm build with VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh fs [--runs N] [--file-mib M] in-guest virtio-fs vs virtiofsd + QEMU
+#     (the vmm also through the chunk fetcher; another vmm build with VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh blk [--runs N] [--seconds S]  in-guest fio on virtio-blk vs QEMU microvm
 #   bash scripts/bench.sh vsock [--mib M]             vsock throughput + round trip vs a unix socket
 #   bash scripts/bench.sh agent [--deploys N]         node agent: deploy latency, RSS, registration
+#   VMM_BASELINE_BIN=PATH bash scripts/bench.sh before-after [--boot-runs N] [--fs-runs N]
+#                                                     boot and fs with this vmm and PATH, one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-boot}"
 case "$which" in
     boot | fs | blk | vsock | agent) shift || true ;;
+    before-after) shift || true; which=before_after ;;
     -*) which=boot ;;
-    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock or agent)" >&2; exit 2 ;;
+    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock, agent or before-after)" >&2; exit 2 ;;
 esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null

@@ -28,6 +28,17 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A peer program named by environment variable `var`, which must exist when set.
+pub fn optional_peer(var: &str) -> Result<Option<PathBuf>> {
+    let Some(path) = std::env::var_os(var).map(PathBuf::from) else {
+        return Ok(None);
+    };
+    if !path.is_file() {
+        bail!("{var}={} is not a file", path.display());
+    }
+    Ok(Some(path))
+}
+
 /// Adds QEMU and the firmware files this host has to a test-bed job.
 pub fn with_qemu(mut job: Job, qemu: &Path) -> Job {
     job = job.binary("/usr/bin/qemu-system-x86_64", qemu);

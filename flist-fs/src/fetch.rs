@@ -33,7 +33,7 @@ const MAX_IN_FLIGHT: usize = 4;
 
 pub struct ChunkSource {
     router: Router,
-    cache: Option<ChunkCache>,
+    cache: Option<Arc<ChunkCache>>,
     decoded: Mutex<Decoded>,
     in_flight: Mutex<HashSet<ChunkId>>,
     /// The node's chunk fetcher, for a remote source.
@@ -75,7 +75,7 @@ impl Decoded {
 }
 
 impl ChunkSource {
-    pub fn new(router: Router, cache: Option<ChunkCache>) -> Self {
+    pub fn new(router: Router, cache: Option<Arc<ChunkCache>>) -> Self {
         ChunkSource {
             router,
             cache,
@@ -486,7 +486,7 @@ mod tests {
         let source = || {
             ChunkSource::new(
                 Router::new(vec![(0, 255, store.clone() as Arc<dyn Store>)]),
-                Some(ChunkCache::open(&cache_dir, 1 << 30).unwrap()),
+                Some(Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap())),
             )
         };
         // First process: every chunk fetched once; plaintexts (not stored bytes) are cached.
@@ -549,7 +549,7 @@ mod tests {
         let source = || {
             ChunkSource::new(
                 Router::new(vec![(0, 255, store.clone() as Arc<dyn Store>)]),
-                Some(ChunkCache::open(&cache_dir, 1 << 30).unwrap()),
+                Some(Arc::new(ChunkCache::open(&cache_dir, 1 << 30).unwrap())),
             )
         };
         let genuine = read_all(&source(), &inode, 0, inode.size);

@@ -47,3 +47,8 @@ pub mod unpack;
 pub mod verify;
 
 pub use error::{Error, Result};
+
+/// What a background thread of this crate (a chunk fetcher client's I/O thread, a cache's
+/// evictor) runs first; it ends at once if this fails. A vmm installs the thread's seccomp
+/// filter there.
+pub type ThreadStart = std::sync::Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;

@@ -21,9 +21,12 @@ pub struct OpenOptions {
     /// (and with its credentials); `None` opens them as recorded (for one's own images).
     /// Not consulted when `stores` is given.
     pub policy: Option<StorePolicy>,
-    /// Chunk cache directory; `None` disables the disk cache.
+    /// Chunk cache directory; `None` disables the disk cache. Opened once per process (see
+    /// [`ChunkCache::shared`]), its evictor in the background.
     pub cache_dir: Option<PathBuf>,
     pub cache_max_bytes: u64,
+    /// A cache the caller opened (and started the evictor of), used instead of `cache_dir`.
+    pub cache: Option<Arc<ChunkCache>>,
 }
 
 impl Default for OpenOptions {
@@ -33,6 +36,7 @@ impl Default for OpenOptions {
             policy: None,
             cache_dir: None,
             cache_max_bytes: DEFAULT_CACHE_BYTES,
+            cache: None,
         }
     }
 }
@@ -51,9 +55,10 @@ pub fn source_for(image: &Image, opts: &OpenOptions) -> Result<ChunkSource> {
         (Some(policy), true) => policy.open_routes(&image.routes)?,
         (None, true) => Router::from_routes(&image.routes)?,
     };
-    let cache = match &opts.cache_dir {
-        Some(d) => Some(ChunkCache::open(d, opts.cache_max_bytes)?),
-        None => None,
+    let cache = match (&opts.cache, &opts.cache_dir) {
+        (Some(cache), _) => Some(cache.clone()),
+        (None, Some(d)) => Some(ChunkCache::shared(d, opts.cache_max_bytes, None)?),
+        (None, None) => None,
     };
     Ok(ChunkSource::new(router, cache))
 }

@@ -384,8 +384,9 @@ fn main() -> ExitCode {
     let _socket = SocketFile(spec.api_sock.clone());
 
     raise_open_file_limit();
-    // The overlay stages copy-ups in TMPDIR: keep them on the first layer's filesystem. Set
-    // while the process has one thread.
+    // The vmm makes copy-ups itself, in each layer's work/ (fs_backends::copy_up), but the
+    // overlay still makes (and at once removes) an empty temporary file in TMPDIR for each:
+    // keep it on the first layer's filesystem. Set while the process has one thread.
     if let Some(layer) = spec.fs.iter().find_map(|share| share.writable_layer()) {
         std::env::set_var("TMPDIR", vmm::fs_backends::layer_work_dir(layer));
     }

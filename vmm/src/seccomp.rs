@@ -32,6 +32,9 @@ pub enum ThreadKind {
     /// Talks to the node's chunk fetcher on already connected unix sockets (reconnecting to
     /// the same socket when the fetcher restarts).
     FetcherIo,
+    /// Measures and evicts this process's image chunk cache (no chunk fetcher): lists the
+    /// cache's directories, reads file sizes and times, removes files.
+    CacheEvictor,
     /// Serves a virtio-blk queue: positional I/O, fdatasync and hole punching on the disk
     /// image's descriptor `disk_fd` only, and the rate limiter's timer.
     BlockWorker { disk_fd: i32 },
@@ -208,6 +211,18 @@ const VMM: &[i64] = &[
     libc::SYS_unlinkat,
 ];
 
+/// The image cache's evictor: directory listings, file attributes, removals (opening is
+/// checked: read-only).
+const CACHE_EVICTOR: &[i64] = &[
+    libc::SYS_getdents64,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_lstat,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 /// The controller thread: accepting and serving API connections on the bound socket.
 const CONTROLLER: &[i64] = &[
     libc::SYS_accept4,
@@ -341,6 +356,25 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
                     SeccompCmpOp::Eq,
                     libc::AF_UNIX as u64,
                 )?])?],
+            );
+        }
+        ThreadKind::CacheEvictor => {
+            plain(&mut rules, CACHE_EVICTOR);
+            // openat(dir, path, flags, ...): reading only, never creating or truncating.
+            let flags = |mask: i32, value: i32| {
+                SeccompCondition::new(
+                    2,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(mask as u32 as u64),
+                    value as u32 as u64,
+                )
+            };
+            rules.insert(
+                libc::SYS_openat,
+                vec![SeccompRule::new(vec![
+                    flags(libc::O_ACCMODE, libc::O_RDONLY)?,
+                    flags(libc::O_CREAT | libc::O_TRUNC, 0)?,
+                ])?],
             );
         }
         ThreadKind::Vmm => {
@@ -547,6 +581,36 @@ mod tests {
 
     fn errno_of(rc: i64) -> Option<i32> {
         (rc == -1).then(|| std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+
+    #[test]
+    fn the_cache_evictor_measures_and_evicts_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cache");
+        let filler = flist_fs::cache::ChunkCache::open(&dir, 1 << 20).unwrap();
+        for i in 0..30u8 {
+            let data = vec![i; 1000];
+            filler
+                .put(&flist_fs::chunk::ChunkId::of(&data), &data)
+                .unwrap();
+        }
+        // The same directory under a smaller bound: the evictor has 20 files to remove.
+        let cache = flist_fs::cache::ChunkCache::open(&dir, 10_000).unwrap();
+        let probe_dir = dir.clone();
+        let (used, create, socket) = under(ThreadKind::CacheEvictor, move || {
+            let used = cache.evict().map_err(|e| e.to_string());
+            let create = std::fs::File::create(probe_dir.join("tmp/evil"))
+                .err()
+                .and_then(|e| e.raw_os_error());
+            // SAFETY: plain arguments; only the filter's answer matters.
+            let socket = errno_of(unsafe {
+                libc::syscall(libc::SYS_socket, libc::AF_UNIX, libc::SOCK_STREAM, 0)
+            });
+            (used, create, socket)
+        });
+        assert!(used.unwrap() <= 10_000);
+        assert_eq!(create, Some(libc::EPERM));
+        assert_eq!(socket, Some(libc::EPERM));
     }
 
     #[test]

@@ -5,11 +5,11 @@
 //! Optional peers, from the environment: `FIRECRACKER_BIN` (a Firecracker binary) and
 //! `VMM_BASELINE_BIN` (another vmm build, e.g. main's, to report a change as a ratio).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use benches::{run_on_testbed, sibling, with_qemu};
+use benches::{optional_peer, run_on_testbed, sibling, with_qemu};
 use clap::Parser;
 use e2e_tests::{artifacts, microvm, Job};
 
@@ -22,17 +22,6 @@ struct Args {
     /// Run on this host's /dev/kvm instead of the test bed.
     #[arg(long)]
     direct: bool,
-}
-
-/// A peer program named by environment variable `var`, which must exist when set.
-fn optional_peer(var: &str) -> Result<Option<PathBuf>> {
-    let Some(path) = std::env::var_os(var).map(PathBuf::from) else {
-        return Ok(None);
-    };
-    if !path.is_file() {
-        bail!("{var}={} is not a file", path.display());
-    }
-    Ok(Some(path))
 }
 
 fn main() -> Result<()> {

@@ -1,7 +1,9 @@
 //! Runs the virtio-fs benchmark (`fs_bench`) where a Linux guest can run: on the test bed (a
 //! KVM host inside QEMU, the default, which works on any machine) or on this host (`--direct`,
-//! for real KVM hosts). The vmm (flist image and plain directory) and QEMU + virtiofsd serve
-//! the same tree to the same guest kernel and initramfs in the same host.
+//! for real KVM hosts). The vmm (flist image, flist image through the node's chunk fetcher,
+//! plain directory) and QEMU + virtiofsd serve the same tree to the same guest kernel and
+//! initramfs in the same host; with `VMM_BASELINE_BIN=PATH`, another vmm build too (flist
+//! image and plain directory), for a before/after ratio.
 //!
 //! virtiofsd comes from `$VIRTIOFSD_BIN` or the cargo install that `scripts/bench.sh` makes.
 
@@ -23,7 +25,8 @@ struct Args {
     file_mib: usize,
     #[arg(long, default_value_t = 2000)]
     rand_ops: u64,
-    /// Measure only these servers (vmm-flist, vmm-dir, virtiofsd+qemu), comma-separated.
+    /// Measure only these servers (vmm-flist, vmm-fetcher, vmm-dir, baseline-flist,
+    /// baseline-dir, virtiofsd+qemu), comma-separated.
     #[arg(long)]
     only: Option<String>,
     /// Run on this host's /dev/kvm instead of the test bed.
@@ -56,6 +59,8 @@ fn main() -> Result<()> {
     let vmm = sibling("vmm")?;
     let flist = sibling("flist")?;
     let bench = sibling("fs_bench")?;
+    let fetcher = sibling("chunk-fetcher")?;
+    let baseline = benches::optional_peer("VMM_BASELINE_BIN")?;
     let qemu = e2e_tests::qemu::qemu_binary()?;
     let virtiofsd = virtiofsd()?;
     let kernel = artifacts::guest_kernel()?;
@@ -78,9 +83,15 @@ fn main() -> Result<()> {
         common.push(format!("--only={only}"));
     }
     if args.direct {
-        let status = Command::new(&bench)
+        let mut cmd = Command::new(&bench);
+        if let Some(path) = &baseline {
+            cmd.arg("--baseline-vmm").arg(path);
+        }
+        let status = cmd
             .arg("--vmm")
             .arg(&vmm)
+            .arg("--chunk-fetcher")
+            .arg(&fetcher)
             .arg("--flist")
             .arg(&flist)
             .arg("--qemu")
@@ -99,17 +110,25 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
-    let job = Job::new(format!(
-        "/fs_bench --vmm /vmm --flist /flist --qemu /usr/bin/qemu-system-x86_64 --virtiofsd /virtiofsd \
+    if baseline.is_some() {
+        common.push("--baseline-vmm /vmm-baseline".to_owned());
+    }
+    let mut job = Job::new(format!(
+        "/fs_bench --vmm /vmm --chunk-fetcher /chunk-fetcher --flist /flist \
+         --qemu /usr/bin/qemu-system-x86_64 --virtiofsd /virtiofsd \
          --kernel /guest/vmlinux --initrd /guest/initrd --work /srv/fs-bench {}\n",
         common.join(" ")
     ))
     .binary("/vmm", &vmm)
+    .binary("/chunk-fetcher", &fetcher)
     .binary("/flist", &flist)
     .binary("/fs_bench", &bench)
     .binary("/virtiofsd", &virtiofsd)
     .file("/guest/vmlinux", &kernel.vmlinux)
     .file("/guest/initrd", &initrd)
     .timeout(Duration::from_secs(3600));
+    if let Some(path) = &baseline {
+        job = job.binary("/vmm-baseline", path);
+    }
     run_on_testbed(&with_qemu(job, &qemu))
 }

@@ -3,14 +3,19 @@
 //!
 //! - `vmm flist`: the vmm from an flist image (chunks in a dir:// store, lazy fetch into the
 //!   chunk cache),
+//! - `vmm fetcher` (with `--chunk-fetcher`): the vmm from the flist image through the node's
+//!   chunk fetcher (which owns the cache),
 //! - `vmm dir`: the vmm from the unpacked tree (passthrough),
+//! - `baseline flist`, `baseline dir` (with `--baseline-vmm`): another vmm build the same two
+//!   ways (e.g. the commit before a change: a before/after ratio from one run),
 //! - `virtiofsd`: QEMU's `microvm` machine with vhost-user-fs and virtiofsd from the unpacked
 //!   tree,
 //!
 //! and inside the guest `guest-fsbench` measures sequential reads, 4 KiB random reads, readdir
 //! and lstat of a large tree. Every measurement is a fresh VM boot, so the guest page cache
 //! starts empty. Cold: the host-side caches are emptied first (the flist chunk cache removed,
-//! the host page cache dropped); warm: the run right after a cold one, host caches kept.
+//! the host page cache dropped, the chunk fetcher restarted on an empty cache); warm: the run
+//! right after a cold one, host caches kept. Each flist server has a chunk cache of its own.
 //! Checksums of the bytes read are checked against the tree, so every server is also checked
 //! for serving the right data.
 
@@ -29,6 +34,12 @@ use guest_fsbench::{fold, rand_sum, Rng, FOLD_SEED};
 struct Args {
     #[arg(long)]
     vmm: PathBuf,
+    /// Another vmm build measured beside `--vmm` (baseline-flist, baseline-dir).
+    #[arg(long)]
+    baseline_vmm: Option<PathBuf>,
+    /// The `chunk-fetcher` program: the vmm-fetcher column is measured.
+    #[arg(long)]
+    chunk_fetcher: Option<PathBuf>,
     /// The `flist` CLI (packs the tree).
     #[arg(long)]
     flist: PathBuf,
@@ -61,7 +72,8 @@ struct Args {
     files_per_dir: usize,
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
-    /// Measure only these servers (vmm-flist, vmm-dir, virtiofsd+qemu), comma-separated.
+    /// Measure only these servers (vmm-flist, vmm-fetcher, vmm-dir, baseline-flist,
+    /// baseline-dir, virtiofsd+qemu), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
     /// Deadline for one VM run.
@@ -226,7 +238,10 @@ fn run_vm(mut cmd: Command, log: &Path, timeout: Duration) -> Result<String> {
 #[derive(Clone, Copy, PartialEq)]
 enum Server {
     VmmFlist,
+    VmmFetcher,
     VmmDir,
+    BaselineFlist,
+    BaselineDir,
     Virtiofsd,
 }
 
@@ -234,19 +249,37 @@ impl Server {
     fn name(self) -> &'static str {
         match self {
             Server::VmmFlist => "vmm-flist",
+            Server::VmmFetcher => "vmm-fetcher",
             Server::VmmDir => "vmm-dir",
+            Server::BaselineFlist => "baseline-flist",
+            Server::BaselineDir => "baseline-dir",
             Server::Virtiofsd => "virtiofsd+qemu",
         }
     }
+
+    /// Serves the flist image with a chunk cache of its own.
+    fn has_cache(self) -> bool {
+        matches!(self, Server::VmmFlist | Server::BaselineFlist)
+    }
 }
+
+/// The pairs compared when both were measured: (this build, its baseline).
+const BASELINE_PAIRS: &[(Server, Server)] = &[
+    (Server::VmmFlist, Server::BaselineFlist),
+    (Server::VmmFetcher, Server::BaselineFlist),
+    (Server::VmmDir, Server::BaselineDir),
+];
 
 struct Bench {
     args: Args,
     tree: PathBuf,
     image: PathBuf,
-    cache: PathBuf,
     /// The dir:// store the image's chunks are in (the vmm's store allowlist).
     store: String,
+    /// The baseline vmm takes `--store` (builds before the store allowlist do not).
+    baseline_takes_store: bool,
+    /// The running chunk fetcher (vmm-fetcher runs).
+    fetcher: Option<Child>,
     expected: Expected,
     page_cache_dropped: bool,
     /// Runs whose guest died before reporting (see `run`), per server name.
@@ -261,11 +294,67 @@ impl Bench {
         )
     }
 
+    /// The chunk cache of `server` (flist servers, the fetcher).
+    fn cache(&self, server: Server) -> PathBuf {
+        self.args.work.join(format!("cache-{}", server.name()))
+    }
+
+    fn fetcher_socket(&self) -> PathBuf {
+        self.args.work.join("fetcher.sock")
+    }
+
+    /// Starts the chunk fetcher on the cache of vmm-fetcher (unless it runs).
+    fn start_fetcher(&mut self) -> Result<()> {
+        if self.fetcher.is_some() {
+            return Ok(());
+        }
+        let program = self
+            .args
+            .chunk_fetcher
+            .clone()
+            .context("vmm-fetcher runs need --chunk-fetcher")?;
+        let socket = self.fetcher_socket();
+        let _ = std::fs::remove_file(&socket);
+        let log = File::create(self.args.work.join("fetcher.log"))?;
+        let child = Command::new(&program)
+            .arg("--listen")
+            .arg(&socket)
+            .arg("--cache")
+            .arg(self.cache(Server::VmmFetcher))
+            .args(["--cache-max-bytes", "10737418240", "--store", &self.store])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        self.fetcher = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                self.stop_fetcher();
+                bail!("the chunk fetcher did not create {}", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn stop_fetcher(&mut self) {
+        if let Some(mut child) = self.fetcher.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Empties the host-side caches of `server`.
     fn make_cold(&mut self, server: Server) -> Result<()> {
-        if server == Server::VmmFlist && self.cache.exists() {
-            std::fs::remove_dir_all(&self.cache)
-                .with_context(|| format!("emptying {}", self.cache.display()))?;
+        if server == Server::VmmFetcher {
+            self.stop_fetcher();
+        }
+        let cache = self.cache(server);
+        if (server.has_cache() || server == Server::VmmFetcher) && cache.exists() {
+            std::fs::remove_dir_all(&cache)
+                .with_context(|| format!("emptying {}", cache.display()))?;
         }
         // Without this the dir servers' cold runs would be warm runs.
         if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "3") {
@@ -281,19 +370,37 @@ impl Bench {
 
     fn vmm(&self, server: Server) -> Command {
         let a = &self.args;
-        let mut cmd = Command::new(&a.vmm);
+        let baseline = matches!(server, Server::BaselineFlist | Server::BaselineDir);
+        let program = match (&a.baseline_vmm, baseline) {
+            (Some(path), true) => path,
+            _ => &a.vmm,
+        };
+        let mut cmd = Command::new(program);
         cmd.args(["--kernel".as_ref(), a.kernel.as_os_str()])
             .args(["--initrd".as_ref(), a.initrd.as_os_str()])
             .args(["--memory", &a.memory_mib.to_string(), "--cmdline", "quiet"]);
-        if server == Server::VmmFlist {
-            cmd.arg("--fs")
-                .arg(format!("tag={TAG},image={}", self.image.display()))
-                .arg("--image-cache")
-                .arg(&self.cache)
-                .args(["--store", &self.store]);
-        } else {
-            cmd.arg("--fs")
-                .arg(format!("tag={TAG},dir={},readonly", self.tree.display()));
+        let image = format!("tag={TAG},image={}", self.image.display());
+        match server {
+            Server::VmmFlist | Server::BaselineFlist => {
+                cmd.arg("--fs")
+                    .arg(image)
+                    .arg("--image-cache")
+                    .arg(self.cache(server));
+                if !baseline || self.baseline_takes_store {
+                    cmd.args(["--store", &self.store]);
+                }
+            }
+            Server::VmmFetcher => {
+                cmd.arg("--fs")
+                    .arg(image)
+                    .arg("--fetcher")
+                    .arg(self.fetcher_socket())
+                    .args(["--store", &self.store]);
+            }
+            Server::VmmDir | Server::BaselineDir | Server::Virtiofsd => {
+                cmd.arg("--fs")
+                    .arg(format!("tag={TAG},dir={},readonly", self.tree.display()));
+            }
         }
         cmd.args(["--", "/bin/sh", "-c", &self.guest_script()]);
         cmd
@@ -374,11 +481,18 @@ impl Bench {
         }
     }
 
-    fn run_once(&self, server: Server) -> Result<Sample> {
+    fn run_once(&mut self, server: Server) -> Result<Sample> {
         let timeout = Duration::from_secs(self.args.timeout_secs);
         let log = self.args.work.join("vm.log");
+        if server == Server::VmmFetcher {
+            self.start_fetcher()?;
+        }
         let output = match server {
-            Server::VmmFlist | Server::VmmDir => run_vm(self.vmm(server), &log, timeout)?,
+            Server::VmmFlist
+            | Server::VmmFetcher
+            | Server::VmmDir
+            | Server::BaselineFlist
+            | Server::BaselineDir => run_vm(self.vmm(server), &log, timeout)?,
             Server::Virtiofsd => {
                 let (Some(qemu), Some(virtiofsd)) = (&self.args.qemu, &self.args.virtiofsd) else {
                     bail!("virtiofsd runs need --qemu and --virtiofsd");
@@ -403,6 +517,40 @@ fn is_lost_run(e: &anyhow::Error) -> bool {
     let text = format!("{e:#}");
     let died = text.contains("triple fault") || text.contains("printed no");
     died && !text.contains("checksum") && !text.contains("tree entries")
+}
+
+/// Cold and warm medians of each server, `runs` of each. The runs interleave the servers, so
+/// that load changes on the host hit them alike.
+fn measure_all(
+    bench: &mut Bench,
+    servers: &[Server],
+    runs: usize,
+) -> Result<Vec<(Server, Sample, Sample)>> {
+    let mut samples: Vec<(Vec<Sample>, Vec<Sample>)> =
+        vec![(Vec::new(), Vec::new()); servers.len()];
+    for run in 0..runs {
+        for (&server, (cold, warm)) in servers.iter().zip(samples.iter_mut()) {
+            eprintln!("fs_bench: {} run {}/{runs}", server.name(), run + 1);
+            bench.make_cold(server)?;
+            cold.push(bench.run(server)?);
+            warm.push(bench.run(server)?);
+        }
+    }
+    Ok(servers
+        .iter()
+        .zip(samples)
+        .map(|(&server, (cold, warm))| (server, median_sample(&cold), median_sample(&warm)))
+        .collect())
+}
+
+/// Whether `program --help` lists `flag`.
+fn takes_flag(program: &Path, flag: &str) -> Result<bool> {
+    let out = Command::new(program)
+        .arg("--help")
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {} --help", program.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains(flag))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -451,7 +599,18 @@ fn main() -> Result<()> {
         bail!("flist pack failed: {status}");
     }
 
-    let mut servers = vec![Server::VmmFlist, Server::VmmDir];
+    let mut servers = vec![Server::VmmFlist];
+    if args.chunk_fetcher.is_some() {
+        servers.push(Server::VmmFetcher);
+    }
+    servers.push(Server::VmmDir);
+    let baseline_takes_store = match &args.baseline_vmm {
+        Some(baseline) => {
+            servers.extend([Server::BaselineFlist, Server::BaselineDir]);
+            takes_flag(baseline, "--store")?
+        }
+        None => false,
+    };
     if args.qemu.is_some() {
         servers.push(Server::Virtiofsd);
     }
@@ -460,8 +619,9 @@ fn main() -> Result<()> {
     }
     let runs = args.runs;
     let mut bench = Bench {
-        cache: work.join("cache"),
         store,
+        baseline_takes_store,
+        fetcher: None,
         args,
         tree,
         image,
@@ -469,17 +629,9 @@ fn main() -> Result<()> {
         page_cache_dropped: true,
         lost_runs: BTreeMap::new(),
     };
-    let mut results: Vec<(Server, Sample, Sample)> = Vec::new();
-    for &server in &servers {
-        let (mut cold, mut warm) = (Vec::new(), Vec::new());
-        for run in 0..runs {
-            eprintln!("fs_bench: {} run {}/{runs}", server.name(), run + 1);
-            bench.make_cold(server)?;
-            cold.push(bench.run(server)?);
-            warm.push(bench.run(server)?);
-        }
-        results.push((server, median_sample(&cold), median_sample(&warm)));
-    }
+    let measured = measure_all(&mut bench, &servers, runs);
+    bench.stop_fetcher();
+    let results = measured?;
 
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -519,6 +671,25 @@ fn main() -> Result<()> {
                     s.stat / b.stat
                 )?;
             }
+        }
+    }
+    for (server, base) in BASELINE_PAIRS {
+        let find = |s: &Server| results.iter().find(|r| r.0 == *s);
+        let (Some((_, cold, warm)), Some((_, base_cold, base_warm))) = (find(server), find(base))
+        else {
+            continue;
+        };
+        for (phase, s, b) in [("cold", cold, base_cold), ("warm", warm, base_warm)] {
+            writeln!(
+                out,
+                "ratio {} / {} ({phase}): seq {:.2}x  rand {:.2}x  readdir {:.2}x  stat {:.2}x",
+                server.name(),
+                base.name(),
+                s.seq / b.seq,
+                s.rand / b.rand,
+                s.readdir / b.readdir,
+                s.stat / b.stat
+            )?;
         }
     }
     for (server, lost) in &bench.lost_runs {

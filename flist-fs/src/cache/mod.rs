@@ -9,6 +9,16 @@
 //! hits) are deleted down to 90% of it. Deletion by another process at any time is tolerated.
 //! Directories are created 0700 and files 0600 whatever the process umask.
 //!
+//! # Standalone mode (no chunk fetcher: several processes share the directory)
+//!
+//! [`ChunkCache::open`] reads nothing of the directory: a cache of any size opens at once.
+//! [`ChunkCache::start_evictor`] (or [`ChunkCache::shared`], one cache object per directory
+//! and process, its evictor started) runs a background thread that measures the directory
+//! once, then, whenever this process's running estimate passes the bound, deletes the least
+//! recently used files down to 90% of it. Inserts only add to the estimate and wake it: no
+//! request waits for a scan or an eviction. A cache without an evictor evicts in the insert
+//! that passes the bound, as a last resort.
+//!
 //! # Threat model of the plaintext cache
 //!
 //! The cache directory is shared by every VM on the node, so whoever can write it could try to
@@ -60,7 +70,75 @@ pub struct ChunkCache {
     index: Option<Index>,
     /// Most checked plaintexts kept open.
     max_open: usize,
+    /// The background evictor of a standalone cache (shared with its thread, which holds no
+    /// reference to the cache while it waits).
+    background: Arc<Background>,
 }
+
+impl Drop for ChunkCache {
+    fn drop(&mut self) {
+        self.background.close();
+    }
+}
+
+impl std::fmt::Debug for ChunkCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChunkCache")
+            .field("dir", &self.dir)
+            .field("max_bytes", &self.max_bytes)
+            .field("indexed", &self.index.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A standalone cache's background evictor: whether one runs, whether it has measured the
+/// directory yet, and its wake-up (an insert passed the bound, or the cache is gone).
+#[derive(Default)]
+struct Background {
+    running: std::sync::atomic::AtomicBool,
+    measured: std::sync::atomic::AtomicBool,
+    state: Mutex<Wake>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct Wake {
+    over: bool,
+    closed: bool,
+}
+
+impl Background {
+    fn signal(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.over = true;
+            self.wake.notify_all();
+        }
+    }
+
+    fn close(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.closed = true;
+            self.wake.notify_all();
+        }
+    }
+
+    /// Waits until an insert passes the bound (true), the cache is gone or the wait fails
+    /// (None), or `EVICTOR_PERIOD` passes (false).
+    fn wait(&self) -> Option<bool> {
+        let state = self.state.lock().ok()?;
+        let (mut state, _) = self
+            .wake
+            .wait_timeout_while(state, EVICTOR_PERIOD, |s| !s.over && !s.closed)
+            .ok()?;
+        if state.closed {
+            return None;
+        }
+        Some(std::mem::take(&mut state.over))
+    }
+}
+
+/// Caches opened by [`ChunkCache::shared`] in this process, by directory.
+static SHARED: Mutex<Vec<(PathBuf, Weak<ChunkCache>)>> = Mutex::new(Vec::new());
 
 /// Entries of an indexed cache: file path -> (size, last use), their total, and the
 /// evictor's wake-up.
@@ -263,8 +341,9 @@ impl ChunkCache {
         Ok(Self::with_key(dir, max_bytes, key))
     }
 
+    /// A standalone cache; nothing of the directory is read here (see "Standalone mode").
     fn with_key(dir: &Path, max_bytes: u64, key: [u8; 32]) -> Self {
-        let cache = ChunkCache {
+        ChunkCache {
             dir: dir.to_path_buf(),
             max_bytes,
             approx_bytes: AtomicU64::new(0),
@@ -272,10 +351,43 @@ impl ChunkCache {
             open_plain: Mutex::new(OpenPlain::default()),
             index: None,
             max_open: MAX_OPEN_PLAIN,
-        };
-        let used: u64 = cache.entries().iter().map(|(_, len, _)| len).sum();
-        cache.approx_bytes.store(used, Ordering::Relaxed);
+            background: Arc::default(),
+        }
+    }
+
+    /// This process's standalone cache at `dir`: the one already open here (whatever bound it
+    /// was opened with), else opened now with `max_bytes` and its background evictor started,
+    /// the thread running `on_start` first. Every image of a process then shares one cache
+    /// object per directory, and one evictor.
+    pub fn shared(
+        dir: &Path,
+        max_bytes: u64,
+        on_start: Option<crate::ThreadStart>,
+    ) -> Result<Arc<Self>> {
+        let mut shared = SHARED.lock().map_err(|_| Error::BadPath {
+            path: dir.display().to_string(),
+            reason: "the table of open caches is poisoned".into(),
+        })?;
+        shared.retain(|(_, c)| c.strong_count() > 0);
+        if let Some(cache) = shared
+            .iter()
+            .find(|(d, _)| d == dir)
+            .and_then(|(_, c)| c.upgrade())
+        {
+            return Ok(cache);
+        }
+        let cache = Arc::new(Self::open(dir, max_bytes)?);
         cache
+            .start_evictor_with(on_start)
+            .map_err(|e| Error::io(dir, e))?;
+        shared.push((dir.to_path_buf(), Arc::downgrade(&cache)));
+        Ok(cache)
+    }
+
+    /// Whether the cache's size is known: always for an indexed cache; for a standalone one,
+    /// once its evictor has measured the directory.
+    pub fn measured(&self) -> bool {
+        self.index.is_some() || self.background.measured.load(Ordering::Acquire)
     }
 
     /// Opens the cache at `dir` for its only writer (see "Indexed mode" in the module doc):
@@ -300,6 +412,7 @@ impl ChunkCache {
             open_plain: Mutex::new(OpenPlain::default()),
             index: None,
             max_open: MAX_OPEN_PLAIN,
+            background: Arc::default(),
         };
         let mut entries = cache.entries();
         entries.sort_by_key(|(_, _, t)| *t);
@@ -318,7 +431,8 @@ impl ChunkCache {
         Ok(cache)
     }
 
-    /// Bytes the index counts (indexed mode), else the running estimate.
+    /// Bytes the index counts (indexed mode), else the running estimate (this process's
+    /// inserts only, until the evictor has measured the directory).
     pub fn used_bytes(&self) -> u64 {
         match &self.index {
             Some(ix) => ix.state.lock().map(|s| s.bytes).unwrap_or(0),
@@ -334,41 +448,98 @@ impl ChunkCache {
             .unwrap_or(0)
     }
 
-    /// Starts the background evictor of an indexed cache: it deletes least recently used
-    /// entries down to 90% of the bound whenever an insert passes it (and looks every
-    /// `EVICTOR_PERIOD` anyway). It ends when the cache is dropped. No-op without an index.
+    /// Starts the background evictor (see "Indexed mode" and "Standalone mode" in the module
+    /// doc). It ends when the cache is dropped. A second call does nothing.
     pub fn start_evictor(self: &Arc<Self>) -> std::io::Result<()> {
-        if self.index.is_none() {
+        self.start_evictor_with(None)
+    }
+
+    /// As [`ChunkCache::start_evictor`]; the thread runs `on_start` first, and ends if it
+    /// fails (inserts then evict themselves, as without an evictor).
+    pub fn start_evictor_with(
+        self: &Arc<Self>,
+        on_start: Option<crate::ThreadStart>,
+    ) -> std::io::Result<()> {
+        if self.background.running.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         let weak: Weak<Self> = Arc::downgrade(self);
-        std::thread::Builder::new()
+        let background = self.background.clone();
+        let spawned = std::thread::Builder::new()
             .name("cache-evictor".into())
             .spawn(move || {
-                let mut rounds = 0u64;
-                loop {
-                    let Some(cache) = weak.upgrade() else { return };
-                    let Some(ix) = cache.index.as_ref() else {
+                if let Some(start) = on_start {
+                    if let Err(e) = start() {
+                        tracing::error!("cache-evictor: not starting: {e}");
+                        background.running.store(false, Ordering::Release);
                         return;
-                    };
-                    {
-                        let Ok(st) = ix.state.lock() else { return };
-                        let waited = ix.wake.wait_timeout_while(st, EVICTOR_PERIOD, |s| !s.over);
-                        if waited.is_err() {
-                            return;
-                        }
-                    }
-                    rounds += 1;
-                    if rounds % 30 == 1 {
-                        cache.clean_stale_tmp();
-                    }
-                    let (freed, used) = cache.evict_indexed();
-                    if freed > 0 {
-                        tracing::info!(freed, used, "cache evicted");
                     }
                 }
-            })
-            .map(drop)
+                let indexed = weak.upgrade().is_some_and(|c| c.index.is_some());
+                if indexed {
+                    Self::run_indexed_evictor(weak)
+                } else {
+                    Self::run_standalone_evictor(weak, &background)
+                }
+            });
+        if let Err(e) = spawned {
+            self.background.running.store(false, Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The evictor of an indexed cache: deletes least recently used entries down to 90% of
+    /// the bound whenever an insert passes it (and looks every `EVICTOR_PERIOD` anyway).
+    fn run_indexed_evictor(weak: Weak<Self>) {
+        let mut rounds = 0u64;
+        loop {
+            let Some(cache) = weak.upgrade() else { return };
+            let Some(ix) = cache.index.as_ref() else {
+                return;
+            };
+            {
+                let Ok(st) = ix.state.lock() else { return };
+                let waited = ix.wake.wait_timeout_while(st, EVICTOR_PERIOD, |s| !s.over);
+                if waited.is_err() {
+                    return;
+                }
+            }
+            rounds += 1;
+            if rounds % 30 == 1 {
+                cache.clean_stale_tmp();
+            }
+            let (freed, used) = cache.evict_indexed();
+            if freed > 0 {
+                tracing::info!(freed, used, "cache evicted");
+            }
+        }
+    }
+
+    /// The evictor of a standalone cache: measures the directory once (evicting if it is
+    /// over the bound), then evicts whenever an insert passes the bound. It holds the cache
+    /// only while it works.
+    fn run_standalone_evictor(weak: Weak<Self>, background: &Background) {
+        {
+            let Some(cache) = weak.upgrade() else { return };
+            let used: u64 = cache.entries().iter().map(|(_, len, _)| len).sum();
+            cache.approx_bytes.store(used, Ordering::Relaxed);
+            background.measured.store(true, Ordering::Release);
+            tracing::debug!(used, dir = %cache.dir.display(), "cache measured");
+            if used > cache.max_bytes {
+                background.signal();
+            }
+        }
+        while let Some(over) = background.wait() {
+            if !over {
+                continue;
+            }
+            let Some(cache) = weak.upgrade() else { return };
+            match cache.evict() {
+                Ok(used) => tracing::debug!(used, "cache evicted"),
+                Err(e) => tracing::warn!(error = %e, "cache eviction failed"),
+            }
+        }
     }
 
     /// Deletes the least recently used indexed entries until the index counts at most 90%
@@ -653,7 +824,12 @@ impl ChunkCache {
         }
         let now = self.approx_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if now > self.max_bytes {
-            self.evict()?;
+            if self.background.running.load(Ordering::Acquire) {
+                // The evictor runs in the background; inserts never wait for it.
+                self.background.signal();
+            } else {
+                self.evict()?;
+            }
         }
         Ok(file)
     }
@@ -801,6 +977,102 @@ mod tests {
         let again = ChunkCache::open_indexed(&dir, 10_000, None).unwrap();
         assert_eq!(again.indexed_entries(), on_disk);
         assert_eq!(again.used_bytes(), on_disk as u64 * 1000);
+    }
+
+    /// Files in the cache directory (entries of the two-character subdirectories).
+    fn on_disk(dir: &Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().len() == 2)
+            .map(|e| std::fs::read_dir(e.path()).unwrap().count())
+            .sum()
+    }
+
+    /// Waits (at most 30 s) for `done`.
+    fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `n` chunks of 1000 bytes put into the cache at `dir`, the first the least recently used.
+    fn fill(dir: &Path, n: u16) -> Vec<ChunkId> {
+        let filler = ChunkCache::open(dir, 1 << 30).unwrap();
+        (0..n)
+            .map(|i| {
+                let data: Vec<u8> = i.to_le_bytes().iter().copied().cycle().take(1000).collect();
+                let id = ChunkId::of(&data);
+                filler.put(&id, &data).unwrap();
+                filetime::set_file_mtime(
+                    filler.path(&id),
+                    filetime::FileTime::from_unix_time(1_000_000 + i64::from(i), 0),
+                )
+                .unwrap();
+                id
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_standalone_cache_opens_without_reading_its_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let ids = fill(&dir, 500);
+        let c = Arc::new(ChunkCache::open(&dir, 100_000).unwrap());
+        // A VM start opens the cache: nothing of it is read (the size is not known yet), and
+        // nothing is evicted.
+        assert_eq!(c.used_bytes(), 0, "opening the cache scanned it");
+        assert_eq!(on_disk(&dir), 500);
+        // Its evictor measures it in the background and evicts the least recently used.
+        c.start_evictor().unwrap();
+        eventually("evicted down to 90% of the bound", || on_disk(&dir) <= 90);
+        assert!(c.used_bytes() <= 90_000, "{}", c.used_bytes());
+        assert!(c.path(&ids[499]).exists(), "the most recently used stays");
+        assert!(!c.path(&ids[0]).exists(), "the least recently used goes");
+    }
+
+    #[test]
+    fn inserts_past_the_bound_leave_eviction_to_the_background() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let c = Arc::new(ChunkCache::open(&dir, 10_000).unwrap());
+        // The evictor is held at its start until the inserts are done.
+        let (go, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let start: crate::ThreadStart = Arc::new(move || {
+            let _ = held.lock().map(|h| h.recv());
+            Ok(())
+        });
+        c.start_evictor_with(Some(start)).unwrap();
+        let ids: Vec<ChunkId> = (0..30u8)
+            .map(|i| {
+                let data = vec![i; 1000];
+                let id = ChunkId::of(&data);
+                c.put(&id, &data).unwrap();
+                filetime::set_file_mtime(
+                    c.path(&id),
+                    filetime::FileTime::from_unix_time(1_000_000 + i64::from(i), 0),
+                )
+                .unwrap();
+                id
+            })
+            .collect();
+        // Three times the bound inserted, nothing evicted by the inserts themselves.
+        assert_eq!(on_disk(&dir), 30);
+        assert!(!c.measured());
+        go.send(()).unwrap();
+        eventually("evicted in the background", || on_disk(&dir) <= 9);
+        assert!(c.used_bytes() <= 9_000, "{}", c.used_bytes());
+        assert!(c.path(&ids[29]).exists() && !c.path(&ids[0]).exists());
+        // One cache object per directory in a process: a second open shares the first.
+        let shared = ChunkCache::shared(&dir, 1, None).unwrap();
+        assert!(Arc::ptr_eq(
+            &shared,
+            &ChunkCache::shared(&dir, 2, None).unwrap()
+        ));
     }
 
     #[test]

@@ -79,7 +79,7 @@ struct Open {
 
 /// A connection pool to the chunk fetcher, with its descriptor LRU.
 /// What an I/O thread runs first.
-pub type ThreadStart = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+pub type ThreadStart = crate::ThreadStart;
 
 pub struct FetcherClient {
     path: PathBuf,

@@ -16,6 +16,7 @@
 //!     policy: None,                        // a node passes its StorePolicy (allowlist)
 //!     cache_dir: Some("/var/cache/flist".into()),
 //!     cache_max_bytes: 10 << 30,
+//!     cache: None,                         // or a cache opened (and evicted) by the caller
 //! };
 //! let fs = FlistFs::open(Path::new("/images/ubuntu.flist"), &opts).unwrap();
 //! // `fs` implements fuse_backend_rs::api::filesystem::FileSystem (Inode = Handle = u64):

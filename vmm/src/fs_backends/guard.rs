@@ -39,9 +39,9 @@ const NAME_MAX: usize = 255;
 /// The longest extended-attribute name (Linux's XATTR_NAME_MAX).
 const XATTR_NAME_MAX: usize = 255;
 /// The largest list of extended-attribute names (Linux's XATTR_LIST_MAX).
-const XATTR_LIST_MAX: u32 = 65536;
+pub const XATTR_LIST_MAX: u32 = 65536;
 /// The largest extended-attribute value (Linux's XATTR_SIZE_MAX).
-const XATTR_SIZE_MAX: u32 = 65536;
+pub const XATTR_SIZE_MAX: u32 = 65536;
 /// Where guest extended attributes live on the host.
 pub const GUEST_XATTR_PREFIX: &[u8] = b"user.gridnode.";
 
@@ -147,11 +147,11 @@ impl<F> Guard<F> {
         if !self.policy.host_dir {
             return mode;
         }
-        let mut mode = mode & !libc::S_ISUID;
-        if !is_dir {
-            mode &= !libc::S_ISGID;
+        if is_dir {
+            mode & !libc::S_ISUID
+        } else {
+            host_file_mode(mode)
         }
-        mode
     }
 
     /// The host name of guest attribute `name`.
@@ -159,15 +159,28 @@ impl<F> Guard<F> {
         if !self.policy.host_dir {
             return Ok(std::borrow::Cow::Borrowed(name));
         }
-        let mut mapped = GUEST_XATTR_PREFIX.to_vec();
-        mapped.extend_from_slice(name.to_bytes());
-        if mapped.len() > XATTR_NAME_MAX {
-            return Err(io::Error::from_raw_os_error(libc::ERANGE));
-        }
-        CString::new(mapped)
+        host_xattr_name(name.to_bytes())
             .map(std::borrow::Cow::Owned)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ERANGE))
     }
+}
+
+/// The mode of a file (not a directory) as a host directory may hold it: without setuid and
+/// setgid.
+pub fn host_file_mode(mode: u32) -> u32 {
+    mode & !(libc::S_ISUID | libc::S_ISGID)
+}
+
+/// The host name of guest extended attribute `name` in a host directory (under
+/// [`GUEST_XATTR_PREFIX`]); `None` when it would be longer than XATTR_NAME_MAX (or holds a
+/// NUL).
+pub fn host_xattr_name(name: &[u8]) -> Option<CString> {
+    let mut mapped = GUEST_XATTR_PREFIX.to_vec();
+    mapped.extend_from_slice(name);
+    if mapped.len() > XATTR_NAME_MAX {
+        return None;
+    }
+    CString::new(mapped).ok()
 }
 
 /// The guest's view of a host attribute-name list: only names under the guest prefix, without

@@ -4,12 +4,17 @@
 //! followed; missing components of a layer directory are created 0700. The passthrough
 //! backend is then imported from the opened descriptor, never from the path again.
 //!
+//! Also the `*at` calls the vmm's own copy-up makes inside a layer (see `copy_up`): walking
+//! below a directory without following symlinks, creating, renaming without replacing,
+//! unlinking, setting an extended attribute.
+//!
 //! fuse-backend-rs's passthrough needs a umask of 0 so the guest's modes apply exactly, and
 //! sets it process-wide in `import()`. The umask is part of a thread's filesystem context
 //! (`CLONE_FS`), so the import runs on a thread of its own context, as every thread serving
 //! FUSE requests does ([`enter_fs_context`]); the rest of the process keeps its umask.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -88,6 +93,103 @@ fn open_at(dir: i32, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
     }
     // SAFETY: `fd` was just opened and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens (`O_PATH`) the directory `names` leads to below the directory `root`, one component
+/// at a time, following no symlink: a path a guest may be changing as it is walked never
+/// leads out of `root`.
+pub fn open_dir_beneath(root: &OwnedFd, names: &[CString]) -> io::Result<OwnedFd> {
+    let mut dir = open_at(root.as_raw_fd(), c".")?;
+    for name in names {
+        if name.as_bytes() == b".." || name.as_bytes() == b"." || name.as_bytes().contains(&b'/') {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        dir = open_at(dir.as_raw_fd(), name)?;
+    }
+    Ok(dir)
+}
+
+/// Creates the regular file `name` in `dir` (it must not exist), read-write, with `mode`
+/// (the calling thread's umask applies).
+pub fn create_new_file(dir: &OwnedFd, name: &std::ffi::CStr, mode: u32) -> io::Result<File> {
+    let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a valid directory descriptor and a NUL-terminated name; the returned descriptor
+    // is owned below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags, mode) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Removes the file `name` from `dir`.
+pub fn unlink_at(dir: &OwnedFd, name: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: a valid directory descriptor and a NUL-terminated name.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves `from` in `from_dir` to `to` in `to_dir` (one filesystem), failing with EEXIST when
+/// `to` exists: never replaces anything. Filesystems without `RENAME_NOREPLACE` get a hard
+/// link and an unlink, which give the same guarantee.
+pub fn rename_noreplace(
+    from_dir: &OwnedFd,
+    from: &std::ffi::CStr,
+    to_dir: &OwnedFd,
+    to: &std::ffi::CStr,
+) -> io::Result<()> {
+    // SAFETY: valid directory descriptors and NUL-terminated names.
+    let rc = unsafe {
+        libc::renameat2(
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    // SAFETY: as above.
+    let linked = unsafe {
+        libc::linkat(
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            0,
+        )
+    };
+    if linked != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    unlink_at(from_dir, from)
+}
+
+/// Sets extended attribute `name` of `file` to `value`.
+pub fn set_xattr(file: &File, name: &std::ffi::CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: a valid descriptor, a NUL-terminated name and a buffer of `value.len()` bytes.
+    let rc = unsafe {
+        libc::fsetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn is_symlink(dir: i32, name: &std::ffi::CStr) -> bool {

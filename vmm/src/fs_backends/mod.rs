@@ -1,15 +1,22 @@
 //! The filesystems the virtio-fs device serves, built from the spec: a host directory
 //! (passthrough, optionally read-only), an flist image (read-only, chunks fetched lazily
 //! through the shared cache, or asked of the node's chunk fetcher), or an flist image under a writable layer kept in a host
-//! directory (fuse-backend-rs's overlay: copy-up on write, whiteouts, opaque directories).
+//! directory (fuse-backend-rs's overlay: copy-up on write, whiteouts, opaque directories;
+//! the copy-up of a file is the vmm's own, `copy_up`).
 //! Every share is served through one `Guard` whose `Policy` says what the guest may do (name
 //! length, read-only, no privileged host objects in host directories); host directories are
 //! opened without following symlinks (`host_dir`).
 
+#[macro_use]
+mod forward;
+mod copy_up;
+#[cfg(test)]
+mod copy_up_tests;
 #[cfg(test)]
 mod fetcher_tests;
 mod guard;
 mod host_dir;
+mod image_layer;
 mod quota;
 #[cfg(test)]
 mod tests;
@@ -114,7 +121,7 @@ fn fetcher_client(socket: &Path) -> Result<Arc<FetcherClient>, flist_fs::fetcher
         crate::seccomp::Violation::Trap,
     )
     .map_err(|e| flist_fs::fetcher::FetcherError::Io(std::io::Error::other(e.to_string())))?;
-    let confine: flist_fs::fetcher::client::ThreadStart = Arc::new(move || {
+    let confine: flist_fs::ThreadStart = Arc::new(move || {
         crate::seccomp::apply_to_current_thread(&filter).map_err(std::io::Error::other)
     });
     let client = Arc::new(FetcherClient::connect_with(
@@ -124,6 +131,23 @@ fn fetcher_client(socket: &Path) -> Result<Arc<FetcherClient>, flist_fs::fetcher
     )?);
     clients.push((socket.to_path_buf(), Arc::downgrade(&client)));
     Ok(client)
+}
+
+/// This process's chunk cache at `dir` (without a chunk fetcher): opened without reading the
+/// directory, measured and evicted by a background thread under its own seccomp filter.
+fn image_cache(
+    dir: &Path,
+    max_bytes: u64,
+) -> Result<Arc<flist_fs::cache::ChunkCache>, flist_fs::Error> {
+    let filter = crate::seccomp::filter(
+        crate::seccomp::ThreadKind::CacheEvictor,
+        crate::seccomp::Violation::Trap,
+    )
+    .map_err(|e| flist_fs::Error::io(dir, std::io::Error::other(e.to_string())))?;
+    let confine: flist_fs::ThreadStart = Arc::new(move || {
+        crate::seccomp::apply_to_current_thread(&filter).map_err(std::io::Error::other)
+    });
+    flist_fs::cache::ChunkCache::shared(dir, max_bytes, Some(confine))
 }
 
 /// Opens the image at `path` under the node's store policy, with the node's chunk cache, or
@@ -148,15 +172,16 @@ fn image(
         let policy = images.policy().filter(|p| !p.is_anonymous());
         return FlistFs::open_remote(path, client, policy).map_err(image_err);
     }
+    let cache_dir = images
+        .cache()
+        .map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf);
+    let cache_max_bytes = images.cache_max_bytes().unwrap_or(IMAGE_CACHE_MAX_BYTES);
     let opts = flist_fs::open::OpenOptions {
         stores: Vec::new(),
         policy: images.policy().cloned(),
-        cache_dir: Some(
-            images
-                .cache()
-                .map_or_else(|| PathBuf::from(DEFAULT_IMAGE_CACHE), Path::to_path_buf),
-        ),
-        cache_max_bytes: images.cache_max_bytes().unwrap_or(IMAGE_CACHE_MAX_BYTES),
+        cache_dir: None,
+        cache_max_bytes,
+        cache: Some(image_cache(&cache_dir, cache_max_bytes).map_err(image_err)?),
     };
     FlistFs::open(path, &opts).map_err(|source| FsBackendError::Image {
         tag: tag.to_string(),
@@ -184,9 +209,10 @@ pub fn layer_upper_dir(layer: &Path) -> PathBuf {
     layer.join("upper")
 }
 
-/// Where the overlay stages a file it copies up (the process's TMPDIR, set by the vmm at
-/// start to the first layer's): `<layer>/work`, on the layer's own filesystem, never the
-/// host's /tmp (which a jailed vmm does not even have).
+/// Where a copy-up is staged before it is renamed into `upper` (see `copy_up`): `<layer>/work`,
+/// on the layer's own filesystem. Also the process's TMPDIR (set by the vmm at start to the
+/// first layer's), where fuse-backend-rs's overlay still makes, and at once removes, an empty
+/// temporary file per copy-up; never the host's /tmp (which a jailed vmm does not even have).
 pub fn layer_work_dir(layer: &Path) -> PathBuf {
     layer.join("work")
 }
@@ -194,9 +220,15 @@ pub fn layer_work_dir(layer: &Path) -> PathBuf {
 /// Makes (no symlinks followed) the layer directory and its `work` directory 0700, and its
 /// `upper` directory, the guest's root in the layer, with the image root's mode and owner
 /// (the guest checks its own permissions against them; the 0700 layer directory keeps other
-/// host users out); empties `work` of what a crashed run staged; returns `upper`. A layer of
-/// the earlier flat layout (changes directly in the layer directory) is refused, not hidden.
-fn prepare_layer(tag: &str, layer: &Path, image_root: &stat64) -> Result<PathBuf, FsBackendError> {
+/// host users out); empties `work` of what a crashed run staged; returns `upper` and the open
+/// `work`, which must be on the same filesystem (copy-ups are renamed from one to the other).
+/// A layer of the earlier flat layout (changes directly in the layer directory) is refused,
+/// not hidden.
+fn prepare_layer(
+    tag: &str,
+    layer: &Path,
+    image_root: &stat64,
+) -> Result<(PathBuf, OwnedFd), FsBackendError> {
     let err = |path: &Path, source| FsBackendError::Dir {
         tag: tag.to_string(),
         path: path.display().to_string(),
@@ -218,7 +250,7 @@ fn prepare_layer(tag: &str, layer: &Path, image_root: &stat64) -> Result<PathBuf
             )),
         ));
     }
-    host_dir::open_dir_nofollow(&work, Some(0o700)).map_err(|e| err(&work, e))?;
+    let work_dir = host_dir::open_dir_nofollow(&work, Some(0o700)).map_err(|e| err(&work, e))?;
     if std::fs::symlink_metadata(&upper).is_err() {
         let made = host_dir::open_dir_nofollow(&upper, Some(0o700)).map_err(|e| err(&upper, e))?;
         let path = format!("/proc/self/fd/{}", made.as_raw_fd());
@@ -236,12 +268,29 @@ fn prepare_layer(tag: &str, layer: &Path, image_root: &stat64) -> Result<PathBuf
         )
         .map_err(|e| err(&upper, e))?;
     }
+    let upper_dir = host_dir::open_dir_nofollow(&upper, None).map_err(|e| err(&upper, e))?;
+    let device = |fd: &OwnedFd| {
+        fd.try_clone()
+            .map(std::fs::File::from)
+            .and_then(|f| f.metadata())
+            .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+    };
+    if device(&work_dir).map_err(|e| err(&work, e))?
+        != device(&upper_dir).map_err(|e| err(&upper, e))?
+    {
+        return Err(err(
+            layer,
+            std::io::Error::other(
+                "upper/ and work/ are on different filesystems (copy-ups are renamed from work/ into upper/)",
+            ),
+        ));
+    }
     if let Ok(entries) = std::fs::read_dir(&work) {
         for entry in entries.flatten() {
             let _ = std::fs::remove_file(entry.path());
         }
     }
-    Ok(upper)
+    Ok((upper, work_dir))
 }
 
 fn overlay(
@@ -256,14 +305,17 @@ fn overlay(
             tag: tag.to_string(),
             source,
         })?;
-    let upper_dir = prepare_layer(tag, layer_dir, &image_root)?;
+    let (upper_dir, work) = prepare_layer(tag, layer_dir, &image_root)?;
     let (upper, root) = passthrough(tag, &upper_dir, true)?;
-    let mut upper = Guard::new(upper, Policy::layer_upper()).at_root(root);
-    if let Some(quota) = quota(tag, &upper_dir, limits)? {
-        upper = upper.with_quota(quota);
+    let mut upper = Guard::new(upper, Policy::layer_upper()).at_root(root.clone());
+    let quota = quota(tag, &upper_dir, limits)?;
+    if let Some(quota) = &quota {
+        upper = upper.with_quota(quota.clone());
     }
-    let upper: Arc<BoxedLayer> = Arc::new(Box::new(upper));
-    let lower: Arc<BoxedLayer> = Arc::new(Box::new(lower));
+    let lower = Arc::new(lower);
+    let copy_up = copy_up::CopyUp::new(lower.clone(), root, work, quota);
+    let upper: Arc<BoxedLayer> = Arc::new(Box::new(upper_layer::UpperLayer::new(upper, copy_up)));
+    let lower: Arc<BoxedLayer> = Arc::new(Box::new(image_layer::ImageLayer::new(lower)));
     debug_assert_eq!(
         lower.root_inode(),
         fuse_backend_rs::api::filesystem::ROOT_ID

@@ -12,7 +12,7 @@ use fuse_backend_rs::api::filesystem::{
 
 use crate::config::FsSpec;
 
-fn pack(dir: &Path, image: &Path, store: &Path) {
+pub(super) fn pack(dir: &Path, image: &Path, store: &Path) {
     let router =
         flist_fs::store::Router::from_specs(&[format!("dir://{}", store.display())]).unwrap();
     let opts = flist_fs::pack::PackOptions {
@@ -56,11 +56,15 @@ impl Fixture {
     }
 }
 
-fn name(s: &str) -> CString {
+pub(super) fn name(s: &str) -> CString {
     CString::new(s).unwrap()
 }
 
-fn lookup<F: FileSystem<Inode = u64>>(fs: &F, parent: u64, n: &str) -> std::io::Result<u64> {
+pub(super) fn lookup<F: FileSystem<Inode = u64>>(
+    fs: &F,
+    parent: u64,
+    n: &str,
+) -> std::io::Result<u64> {
     fs.lookup(&Context::default(), parent, &name(n))
         .map(|e| e.inode)
 }
@@ -117,6 +121,13 @@ fn image_under_a_writable_layer_with(seccomp: bool) {
     fs.create(&ctx, etc, &name("written"), args).unwrap();
     assert!(fx.tmp.path().join("layer/upper/etc/written").exists());
     assert!(lookup(&fs, etc, "written").is_ok());
+    // A copy-up (the vmm's own: staged in work/, attributes set, renamed into upper/).
+    let version = lookup(&fs, etc, "version").unwrap();
+    assert_eq!(write_at(&fs, version, 6, 2).unwrap(), 2);
+    assert_eq!(
+        std::fs::read(fx.tmp.path().join("layer/upper/etc/version")).unwrap(),
+        b"image-\x07\x07\n"
+    );
 }
 
 #[test]
@@ -153,7 +164,7 @@ fn guarded_dir(
     fs
 }
 
-fn create_args() -> CreateIn {
+pub(super) fn create_args() -> CreateIn {
     CreateIn {
         flags: libc::O_WRONLY as u32,
         mode: 0o644,
@@ -352,7 +363,7 @@ fn every_share_offers_large_and_overlapping_requests() {
 }
 
 /// Runs `f` on a thread set up as a virtio-fs worker's (its own umask 0), as requests are.
-fn on_worker_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+pub(super) fn on_worker_thread<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -615,7 +626,7 @@ fn a_share_path_through_a_symlink_is_refused() {
 }
 
 /// Writes `len` bytes at `offset` through the filesystem, as a FUSE WRITE does.
-fn write_at<F: FileSystem<Inode = u64, Handle = u64>>(
+pub(super) fn write_at<F: FileSystem<Inode = u64, Handle = u64>>(
     fs: &F,
     inode: u64,
     offset: u64,

@@ -170,6 +170,7 @@ impl ReadArgs {
             policy: None,
             cache_dir,
             cache_max_bytes: self.cache_mib << 20,
+            cache: None,
         }
     }
 }

@@ -1,0 +1,130 @@
+//! A change's before/after benchmark in one test-bed run (issue 8's closing measurement): the
+//! boot benchmark (`boot_bench`: time to init, vmm memory overhead) and the virtio-fs
+//! benchmark (`fs_bench`: the flist image standalone and through the node's chunk fetcher,
+//! the plain directory) with this vmm and a baseline build (`VMM_BASELINE_BIN`, e.g. the
+//! commit before the change, built in release in its own worktree), in the same boot of the
+//! test bed, so that the ratios compare like with like. QEMU and virtiofsd are left out (the
+//! `boot` and `fs` benchmarks measure them).
+//!
+//!     VMM_BASELINE_BIN=/path/to/old/vmm bash scripts/bench.sh before-after
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use benches::{optional_peer, run_on_testbed, sibling};
+use clap::Parser;
+use e2e_tests::cpio::Contents;
+use e2e_tests::{artifacts, microvm, Job};
+
+#[derive(Parser)]
+struct Args {
+    /// Boots per case and vmm.
+    #[arg(long, default_value_t = 5)]
+    boot_runs: usize,
+    /// Cold + warm virtio-fs measurements per server.
+    #[arg(long, default_value_t = 3)]
+    fs_runs: usize,
+    #[arg(long, default_value_t = 64)]
+    file_mib: usize,
+    #[arg(long, default_value_t = 2000)]
+    rand_ops: u64,
+    /// Run on this host's /dev/kvm instead of the test bed.
+    #[arg(long)]
+    direct: bool,
+}
+
+/// The servers of the virtio-fs benchmark measured here.
+const FS_SERVERS: &str = "vmm-flist,vmm-fetcher,vmm-dir,baseline-flist,baseline-dir";
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let Some(baseline) = optional_peer("VMM_BASELINE_BIN")? else {
+        bail!("set VMM_BASELINE_BIN to the vmm build to compare with");
+    };
+    let vmm = sibling("vmm")?;
+    let flist = sibling("flist")?;
+    let fetcher = sibling("chunk-fetcher")?;
+    let boot_bench = sibling("boot_bench")?;
+    let fs_bench = sibling("fs_bench")?;
+    let kernel = artifacts::guest_kernel()?;
+    let init = artifacts::guest_init()?;
+    let boot_initrd = artifacts::target_dir().join("bench-initrd.cpio");
+    microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?.write_file(&boot_initrd)?;
+    let fs_initrd = artifacts::target_dir().join("fs-bench-initrd.cpio");
+    let mut archive = microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?;
+    archive.file(
+        "bin/guest-fsbench",
+        0o755,
+        Contents::HostFile(artifacts::guest_program("guest-fsbench")?),
+    )?;
+    archive.write_file(&fs_initrd)?;
+
+    let boot_args = format!("--runs {} --memory-mib 256", args.boot_runs);
+    let fs_args = format!(
+        "--runs {} --file-mib {} --rand-ops {} --only {FS_SERVERS}",
+        args.fs_runs, args.file_mib, args.rand_ops
+    );
+    if args.direct {
+        let run = |cmd: &mut Command, what: &str| -> Result<()> {
+            let status = cmd.status().with_context(|| format!("running {what}"))?;
+            if !status.success() {
+                bail!("{what} failed: {status}");
+            }
+            Ok(())
+        };
+        println!("== boot");
+        run(
+            Command::new(&boot_bench)
+                .arg("--vmm")
+                .arg(&vmm)
+                .arg("--baseline-vmm")
+                .arg(&baseline)
+                .arg("--kernel")
+                .arg(&kernel.vmlinux)
+                .arg("--initrd")
+                .arg(&boot_initrd)
+                .args(boot_args.split(' ')),
+            "boot_bench",
+        )?;
+        println!("== virtio-fs");
+        return run(
+            Command::new(&fs_bench)
+                .arg("--vmm")
+                .arg(&vmm)
+                .arg("--baseline-vmm")
+                .arg(&baseline)
+                .arg("--chunk-fetcher")
+                .arg(&fetcher)
+                .arg("--flist")
+                .arg(&flist)
+                .arg("--kernel")
+                .arg(&kernel.vmlinux)
+                .arg("--initrd")
+                .arg(&fs_initrd)
+                .args(fs_args.split(' ')),
+            "fs_bench",
+        );
+    }
+
+    let job = Job::new(format!(
+        "echo '== boot'; /boot_bench --vmm /vmm --baseline-vmm /vmm-baseline \
+         --kernel /guest/vmlinux --initrd /guest/boot-initrd {boot_args}; boot=$?\n\
+         echo '== virtio-fs'; /fs_bench --vmm /vmm --baseline-vmm /vmm-baseline \
+         --chunk-fetcher /chunk-fetcher --flist /flist --kernel /guest/vmlinux \
+         --initrd /guest/fs-initrd --work /srv/fs-bench {fs_args}; fs=$?\n\
+         [ $boot = 0 ] && [ $fs = 0 ]\n"
+    ))
+    .binary("/vmm", &vmm)
+    .binary("/vmm-baseline", &baseline)
+    .binary("/boot_bench", &boot_bench)
+    .binary("/fs_bench", &fs_bench)
+    .binary("/flist", &flist)
+    .binary("/chunk-fetcher", &fetcher)
+    .file("/guest/vmlinux", &kernel.vmlinux)
+    .file("/guest/boot-initrd", &boot_initrd)
+    .file("/guest/fs-initrd", &fs_initrd)
+    .timeout(Duration::from_secs(3 * 3600));
+    run_on_testbed(&job)
+}
