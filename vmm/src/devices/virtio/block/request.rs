@@ -59,6 +59,8 @@ impl From<u32> for RequestType {
 /// A chain that is not a request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MalformedRequest {
+    #[error("the chain has more than {0} descriptors")]
+    TooLong(usize),
     #[error("the chain has {0} descriptors; a request needs a header and a status")]
     TooShort(usize),
     #[error("the last descriptor is not a device-writable status byte")]
@@ -88,12 +90,20 @@ pub struct Request {
 pub type ParseError = (MalformedRequest, Option<GuestAddress>);
 
 impl Request {
+    /// Parses a chain of at most `max_descriptors` descriptors (a longer one is refused
+    /// without its status byte: where it ends is not known).
     pub fn parse(
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
+        max_descriptors: usize,
     ) -> Result<Self, ParseError> {
-        // The chain iterator stops at the queue size and at 4 GiB in all.
-        let descs: Vec<Descriptor> = chain.collect();
+        // The chain iterator stops at the queue size (or an indirect table's), at 4 GiB in all
+        // and at the first descriptor outside guest memory; an indirect table may hold up to
+        // 65535 entries, so the chain is cut here too.
+        let descs: Vec<Descriptor> = chain.take(max_descriptors.saturating_add(1)).collect();
+        if descs.len() > max_descriptors {
+            return Err((MalformedRequest::TooLong(max_descriptors), None));
+        }
         let (Some(first), Some(last)) = (descs.first(), descs.last()) else {
             return Err((MalformedRequest::TooShort(0), None));
         };
