@@ -240,7 +240,7 @@ impl Request {
         if write && t.disk.readonly() {
             return Completion::failed(VIRTIO_BLK_S_IOERR, "write to a read-only disk");
         }
-        let Some(mut offset) = disk_range(t.disk, self.sector, self.data_len) else {
+        let Some(offset) = disk_range(t.disk, self.sector, self.data_len) else {
             return Completion::failed(
                 VIRTIO_BLK_S_IOERR,
                 format!(
@@ -251,20 +251,17 @@ impl Request {
                 ),
             );
         };
-        for &(addr, len) in &self.data {
-            let done = if write {
-                t.disk.write_from_guest(t.mem, addr, len, offset)
-            } else {
-                t.disk.read_to_guest(t.mem, addr, len, offset)
-            };
-            if let Err(e) = done {
-                let what = if write { "write" } else { "read" };
-                return Completion::failed(
-                    VIRTIO_BLK_S_IOERR,
-                    format!("{what} of {len} bytes at {offset:#x}: {e}"),
-                );
-            }
-            offset += u64::from(len);
+        let done = if write {
+            t.disk.write_from_guest(t.mem, &self.data, offset)
+        } else {
+            t.disk.read_to_guest(t.mem, &self.data, offset)
+        };
+        if let Err(e) = done {
+            let what = if write { "write" } else { "read" };
+            return Completion::failed(
+                VIRTIO_BLK_S_IOERR,
+                format!("{what} of {} bytes at {offset:#x}: {e}", self.data_len),
+            );
         }
         Completion::ok(if write { 0 } else { self.data_len })
     }
