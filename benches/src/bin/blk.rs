@@ -3,10 +3,12 @@
 //! (`virtio-blk-device`, default cache), in turn; inside the guest fio (the host's, copied in
 //! with its libraries) runs sequential 1 MiB and random 4 KiB reads and writes with O_DIRECT on
 //! /dev/vda, one job at a time, and the medians of `--runs` rounds are printed side by side.
+//! With `--vmm-baseline PATH` (or `VMM_BASELINE_BIN=PATH`) another vmm build (e.g. main's) runs
+//! in the same rounds, so a change is measured against it and QEMU in one test-bed boot.
 //! Absolute numbers are those of nested TCG: compare the ratios.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use benches::{sibling, with_qemu};
@@ -28,6 +30,10 @@ struct Args {
     /// The vmm's log filter (VMM_LOG), e.g. `debug` to see slow requests.
     #[arg(long, default_value = "warn")]
     vmm_log: String,
+    /// Another vmm build (e.g. main's) to run in the same rounds; VMM_BASELINE_BIN also names
+    /// it.
+    #[arg(long)]
+    vmm_baseline: Option<PathBuf>,
 }
 
 const CMDLINE: &str =
@@ -58,6 +64,15 @@ fn main() -> Result<()> {
         bail!("--runs must be at least 1");
     }
     let vmm = sibling("vmm")?;
+    let baseline = args
+        .vmm_baseline
+        .clone()
+        .or_else(|| std::env::var_os("VMM_BASELINE_BIN").map(PathBuf::from));
+    if let Some(path) = &baseline {
+        if !path.is_file() {
+            bail!("the baseline vmm {} is not a file", path.display());
+        }
+    }
     let qemu = e2e_tests::qemu::qemu_binary()?;
     let kernel = artifacts::guest_kernel()?;
     let init = artifacts::guest_init()?;
@@ -93,19 +108,31 @@ fn main() -> Result<()> {
     script.push_str(
         "mkdir -p /srv && dd if=/dev/urandom of=/srv/disk.img bs=1M count=256 2>/dev/null\n",
     );
+    let mut vmms = vec![("vmm", "/vmm")];
+    if baseline.is_some() {
+        vmms.push(("baseline", "/vmm-baseline"));
+    }
     for _ in 0..args.runs {
-        script.push_str(
-            "VMM_LOG=${VMM_LOG:-warn} /vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 768 \
-             --drive id=d,path=/srv/disk.img -- /bin/sh /bench.sh vmm </dev/null\n",
-        );
+        for (label, binary) in &vmms {
+            script.push_str(&format!(
+                "{binary} --kernel /guest/vmlinux --initrd /guest/initrd --memory 768 \
+                 --drive id=d,path=/srv/disk.img -- /bin/sh /bench.sh {label} </dev/null\n"
+            ));
+        }
         script.push_str(&qemu_cmd);
         script.push('\n');
     }
-    let job = Job::new(script)
+    let per_round = args.seconds as u64 * JOBS.len() as u64 * (vmms.len() as u64 + 1);
+    let mut job = Job::new(script)
         .binary("/vmm", &vmm)
         .file("/guest/vmlinux", &kernel.vmlinux)
         .file("/guest/initrd", &initrd)
-        .timeout(std::time::Duration::from_secs(1800));
+        .timeout(std::time::Duration::from_secs(
+            1800 + 3 * per_round * args.runs as u64,
+        ));
+    if let Some(path) = &baseline {
+        job = job.binary("/vmm-baseline", path);
+    }
     let mut bed = Testbed::from_system()?;
     bed.cpus = args.bed_cpus;
     let out = bed.run(&with_qemu(job, &qemu))?;
@@ -113,30 +140,32 @@ fn main() -> Result<()> {
     std::fs::write(&saved, &out.output)?;
     println!("(the job's whole output: {})", saved.display());
 
-    // name -> vmm -> samples of (MiB/s, IOPS).
-    let mut results: BTreeMap<String, BTreeMap<String, Vec<(f64, f64)>>> = BTreeMap::new();
+    // job -> program -> samples of (MiB/s, IOPS, mean latency in microseconds).
+    let mut results: BTreeMap<String, BTreeMap<String, Vec<[f64; 3]>>> = BTreeMap::new();
     for line in out.output.lines() {
         let Some(rest) = line.trim_start().strip_prefix("FIO;") else {
             continue;
         };
         let fields: Vec<&str> = rest.split(';').collect();
-        // vmm; job; then fio's terse v3 line: read bw/iops are fields 7/8, write 48/49.
-        let (Some(vmm), Some(job)) = (fields.first(), fields.get(1)) else {
+        // program; job; then fio's terse v3 line (1-based fields): read bandwidth, IOPS and
+        // mean total latency are fields 7, 8 and 40; the write ones 48, 49 and 81.
+        let (Some(program), Some(job)) = (fields.first(), fields.get(1)) else {
             continue;
         };
         let terse = &fields[2..];
         let write = job.contains("write");
-        let (bw_at, iops_at) = if write { (47, 48) } else { (6, 7) };
+        let (bw_at, iops_at, lat_at) = if write { (47, 48, 80) } else { (6, 7, 39) };
         let number = |i: usize| terse.get(i).and_then(|v| v.parse::<f64>().ok());
-        let (Some(bw), Some(iops)) = (number(bw_at), number(iops_at)) else {
+        let (Some(bw), Some(iops), Some(lat)) = (number(bw_at), number(iops_at), number(lat_at))
+        else {
             continue;
         };
         results
             .entry(job.to_string())
             .or_default()
-            .entry(vmm.to_string())
+            .entry(program.to_string())
             .or_default()
-            .push((bw / 1024.0, iops));
+            .push([bw / 1024.0, iops, lat]);
     }
     if results.is_empty() {
         bail!("no fio results; the test bed's console:\n{}", out.console);
@@ -145,28 +174,47 @@ fn main() -> Result<()> {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    println!(
-        "{:<14} {:>12} {:>10} {:>12} {:>10} {:>8}",
-        "job", "vmm MiB/s", "vmm IOPS", "qemu MiB/s", "qemu IOPS", "ratio"
-    );
-    for (job, by_vmm) in &results {
+    let mut programs: Vec<&str> = vmms.iter().map(|(label, _)| *label).collect();
+    programs.push("qemu");
+    let mut header = format!("{:<14}", "job");
+    for p in &programs {
+        header.push_str(&format!(
+            " {:>10} {:>8} {:>8}",
+            format!("{p} MiB/s"),
+            "IOPS",
+            "lat us"
+        ));
+    }
+    header.push_str(&format!(" {:>10}", "vmm/qemu"));
+    if baseline.is_some() {
+        header.push_str(&format!(" {:>13}", "vmm/baseline"));
+    }
+    println!("{header}");
+    for (job, by_program) in &results {
         let get = |name: &str| {
-            by_vmm.get(name).map(|s| {
-                (
-                    median(s.iter().map(|x| x.0).collect()),
-                    median(s.iter().map(|x| x.1).collect()),
-                )
-            })
+            by_program
+                .get(name)
+                .map(|s| [0, 1, 2].map(|i| median(s.iter().map(|x| x[i]).collect())))
+                .unwrap_or_default()
         };
-        let (v, q) = (
-            get("vmm").unwrap_or_default(),
-            get("qemu").unwrap_or_default(),
-        );
-        let ratio = if q.1 > 0.0 { v.1 / q.1 } else { f64::NAN };
-        println!(
-            "{job:<14} {:>12.1} {:>10.0} {:>12.1} {:>10.0} {:>7.2}x",
-            v.0, v.1, q.0, q.1, ratio
-        );
+        let mut row = format!("{job:<14}");
+        for p in &programs {
+            let [bw, iops, lat] = get(p);
+            row.push_str(&format!(" {bw:>10.1} {iops:>8.0} {lat:>8.0}"));
+        }
+        let ratio = |a: &str, b: &str| {
+            let (a, b) = (get(a)[1], get(b)[1]);
+            if b > 0.0 {
+                a / b
+            } else {
+                f64::NAN
+            }
+        };
+        row.push_str(&format!(" {:>9.2}x", ratio("vmm", "qemu")));
+        if baseline.is_some() {
+            row.push_str(&format!(" {:>12.2}x", ratio("vmm", "baseline")));
+        }
+        println!("{row}");
     }
     println!(
         "(medians of {} rounds of {} s per job, on the test bed: compare the ratios)",

@@ -1,7 +1,8 @@
 //! The virtio-mmio transport (virtio 1.2 section 4.2, version 2 "modern" register layout): the
 //! driver negotiates features, sets up queues and drives the device status through these
-//! registers; on DRIVER_OK the device is activated with its queues, and writing 0 to the status
-//! resets it (its workers stopped) so that it can be set up and activated again.
+//! registers; on DRIVER_OK the device is activated with its queues (using event indices when
+//! VIRTIO_RING_F_EVENT_IDX was negotiated), and writing 0 to the status resets it (its workers
+//! stopped) so that it can be set up and activated again.
 //!
 //! The guest drives every register, so the transport enforces the status machine: bits are
 //! gained one step at a time in the order ACKNOWLEDGE, DRIVER, FEATURES_OK (only for an
@@ -22,6 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{
     Activation, VirtioDevice, VirtioInterrupt, STATUS_ACKNOWLEDGE, STATUS_DRIVER, STATUS_DRIVER_OK,
     STATUS_FAILED, STATUS_FEATURES_OK, STATUS_NEEDS_RESET, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::devices::bus::BusDevice;
 use crate::devices::log_limit::{debug_limited, warn_limited};
@@ -353,11 +355,16 @@ impl MmioTransport {
             .map(|e| e.try_clone())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("cannot clone queue eventfds: {e}"))?;
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let queues = self
             .queues
             .iter()
-            .map(|q| Queue::try_from(q.state()))
-            .collect::<Result<Vec<_>, _>>()
+            .map(|q| {
+                let mut queue = Queue::try_from(q.state())?;
+                queue.set_event_idx(event_idx);
+                Ok(queue)
+            })
+            .collect::<Result<Vec<_>, virtio_queue::Error>>()
             .map_err(|e| format!("bad queue state: {e:?}"))?;
         let activation = Activation {
             mem: self.mem.clone(),
@@ -479,6 +486,8 @@ pub(crate) mod tests {
         activations: usize,
         active: bool,
         resets: usize,
+        /// Whether each queue of the last activation uses event indices.
+        event_idx: Vec<bool>,
     }
 
     struct Dummy {
@@ -494,7 +503,7 @@ pub(crate) mod tests {
             &[16, 16]
         }
         fn avail_features(&self) -> u64 {
-            VIRTIO_F_VERSION_1
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
         }
         fn set_acked_features(&mut self, features: u64) {
             self.probe.lock().unwrap().acked = features;
@@ -507,6 +516,7 @@ pub(crate) mod tests {
             let mut p = self.probe.lock().unwrap();
             assert!(!p.active, "activated twice without a reset");
             assert_eq!(a.queues.len(), 2);
+            p.event_idx = a.queues.iter().map(|q| q.event_idx_enabled()).collect();
             p.activations += 1;
             p.active = true;
             Ok(())
@@ -614,6 +624,27 @@ pub(crate) mod tests {
         assert_eq!(rd(&mut t, 0x70), RUNNING);
         assert_eq!(t.counters().refused_status.load(Ordering::Relaxed), 0);
         assert_eq!(t.counters().refused_writes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn event_idx_is_on_in_the_activated_queues_only_when_negotiated() {
+        for (acked_low, expected) in [(0, false), ((VIRTIO_RING_F_EVENT_IDX as u32), true)] {
+            let (mut t, probe) = transport();
+            wr(&mut t, 0x70, STATUS_ACKNOWLEDGE);
+            wr(&mut t, 0x70, ACK_DRIVER);
+            wr(&mut t, 0x24, 0);
+            wr(&mut t, 0x20, acked_low);
+            wr(&mut t, 0x24, 1);
+            wr(&mut t, 0x20, 1);
+            wr(&mut t, 0x70, FEATURES);
+            for q in 0..2 {
+                setup_queue(&mut t, q, 16, 0x1_0000 + q * 0x1_0000);
+            }
+            wr(&mut t, 0x70, RUNNING);
+            let p = probe.lock().unwrap();
+            assert_eq!(p.activations, 1);
+            assert_eq!(p.event_idx, vec![expected; 2], "acked {acked_low:#x}");
+        }
     }
 
     #[test]

@@ -37,6 +37,13 @@ pub const STATUS_FAILED: u32 = 0x80;
 
 /// Feature bit every modern device offers.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Ring feature bits (virtio 1.2 section 6). INDIRECT_DESC: a descriptor may point to a table
+/// of descriptors (the `virtio-queue` chain iterator follows it). EVENT_IDX: each side tells
+/// the other, by ring index, when it next wants to be notified; the transport turns it on in
+/// the activated queues, and a device offers it only when its worker suppresses notifications
+/// through `virtio-queue`'s `enable_notification`/`needs_notification`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Everything a device needs to start serving its queues.
 pub struct Activation {

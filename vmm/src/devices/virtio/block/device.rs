@@ -1,4 +1,5 @@
-//! The virtio-blk device: features (read-only, flush, discard, segment limit), the config
+//! The virtio-blk device: features (read-only, flush, discard, segment limit, indirect
+//! descriptors, event indices), the config
 //! space (capacity, discard limits), activation, which hands the queue to the device's worker
 //! thread (started before the vCPUs run, under the block worker's seccomp filter), reset,
 //! which stops the worker, and run-time replacement of the rate limits.
@@ -11,7 +12,7 @@ use super::worker::BlockQueue;
 use crate::devices::virtio::queue_worker::SingleQueueWorker;
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, Activation, VirtioDevice, VirtioMetrics, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
 // Feature bits (virtio 1.2 section 5.2.3).
@@ -80,7 +81,14 @@ impl BlockDevice {
                 }
             })?;
 
-        let mut avail_features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_FLUSH;
+        // Indirect descriptors let a large request take one ring entry (the driver may then
+        // have several in flight); event indices let the driver and the worker skip the
+        // notifications and interrupts the other side does not need.
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_FLUSH;
         if disk.readonly() {
             avail_features |= VIRTIO_BLK_F_RO;
         } else {

@@ -59,6 +59,8 @@ impl From<u32> for RequestType {
 /// A chain that is not a request.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MalformedRequest {
+    #[error("the chain has more than {0} descriptors")]
+    TooLong(usize),
     #[error("the chain has {0} descriptors; a request needs a header and a status")]
     TooShort(usize),
     #[error("the last descriptor is not a device-writable status byte")]
@@ -88,12 +90,20 @@ pub struct Request {
 pub type ParseError = (MalformedRequest, Option<GuestAddress>);
 
 impl Request {
+    /// Parses a chain of at most `max_descriptors` descriptors (a longer one is refused
+    /// without its status byte: where it ends is not known).
     pub fn parse(
         chain: DescriptorChain<&GuestMemoryMmap>,
         mem: &GuestMemoryMmap,
+        max_descriptors: usize,
     ) -> Result<Self, ParseError> {
-        // The chain iterator stops at the queue size and at 4 GiB in all.
-        let descs: Vec<Descriptor> = chain.collect();
+        // The chain iterator stops at the queue size (or an indirect table's), at 4 GiB in all
+        // and at the first descriptor outside guest memory; an indirect table may hold up to
+        // 65535 entries, so the chain is cut here too.
+        let descs: Vec<Descriptor> = chain.take(max_descriptors.saturating_add(1)).collect();
+        if descs.len() > max_descriptors {
+            return Err((MalformedRequest::TooLong(max_descriptors), None));
+        }
         let (Some(first), Some(last)) = (descs.first(), descs.last()) else {
             return Err((MalformedRequest::TooShort(0), None));
         };
@@ -230,7 +240,7 @@ impl Request {
         if write && t.disk.readonly() {
             return Completion::failed(VIRTIO_BLK_S_IOERR, "write to a read-only disk");
         }
-        let Some(mut offset) = disk_range(t.disk, self.sector, self.data_len) else {
+        let Some(offset) = disk_range(t.disk, self.sector, self.data_len) else {
             return Completion::failed(
                 VIRTIO_BLK_S_IOERR,
                 format!(
@@ -241,20 +251,17 @@ impl Request {
                 ),
             );
         };
-        for &(addr, len) in &self.data {
-            let done = if write {
-                t.disk.write_from_guest(t.mem, addr, len, offset)
-            } else {
-                t.disk.read_to_guest(t.mem, addr, len, offset)
-            };
-            if let Err(e) = done {
-                let what = if write { "write" } else { "read" };
-                return Completion::failed(
-                    VIRTIO_BLK_S_IOERR,
-                    format!("{what} of {len} bytes at {offset:#x}: {e}"),
-                );
-            }
-            offset += u64::from(len);
+        let done = if write {
+            t.disk.write_from_guest(t.mem, &self.data, offset)
+        } else {
+            t.disk.read_to_guest(t.mem, &self.data, offset)
+        };
+        if let Err(e) = done {
+            let what = if write { "write" } else { "read" };
+            return Completion::failed(
+                VIRTIO_BLK_S_IOERR,
+                format!("{what} of {} bytes at {offset:#x}: {e}", self.data_len),
+            );
         }
         Completion::ok(if write { 0 } else { self.data_len })
     }

@@ -736,3 +736,205 @@ fn a_vcpu_thread_activates_the_device_within_its_seccomp_filter() {
             .unwrap()
     });
 }
+
+/// A queue of `fx` whose driver and device use event indices (VIRTIO_RING_F_EVENT_IDX).
+fn event_idx_queue(fx: &Fixture, driver: &TestDriver) -> BlockQueue {
+    let mut q = fx.queue(driver, false, None);
+    virtio_queue::QueueT::set_event_idx(&mut q.queue, true);
+    q
+}
+
+fn read_request(fx: &Fixture, driver: &mut TestDriver) {
+    fx.header(VIRTIO_BLK_T_IN, 0);
+    driver.push_chain(&chain(&[buf(DATA, 512, true)]));
+}
+
+#[test]
+fn the_device_offers_indirect_descriptors_and_event_indices() {
+    use crate::devices::virtio::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+    let fx = Fixture::new();
+    for readonly in [false, true] {
+        let device = BlockDevice::new("f", fx.disk(readonly), None, None).unwrap();
+        let features = device.avail_features();
+        assert_ne!(features & VIRTIO_RING_F_EVENT_IDX, 0);
+        assert_ne!(features & VIRTIO_RING_F_INDIRECT_DESC, 0);
+    }
+}
+
+#[test]
+fn with_event_indices_the_driver_is_interrupted_only_where_it_asked() {
+    let fx = Fixture::new();
+    let mut driver = TestDriver::new(&fx.mem, 16);
+    let mut q = event_idx_queue(&fx, &driver);
+    // used_event 0: an interrupt once the first used entry is written.
+    driver.set_used_event(0);
+    read_request(&fx, &mut driver);
+    let served = q.serve_queue().unwrap();
+    assert!(served.notify, "the first completion is wanted");
+    assert_eq!(
+        driver.avail_event(),
+        1,
+        "a notification wanted for the next request"
+    );
+    assert_eq!(driver.used_flags(), 0, "event indices, not the flag");
+    assert!(driver.pop_used().is_some());
+
+    // The driver wants to hear only once the used entry 2 (the third request) is there.
+    driver.set_used_event(2);
+    read_request(&fx, &mut driver);
+    assert!(!q.serve_queue().unwrap().notify, "used entry 1: not yet");
+    assert!(driver.pop_used().is_some(), "returned all the same");
+    read_request(&fx, &mut driver);
+    assert!(q.serve_queue().unwrap().notify, "used entry 2: interrupt");
+    assert!(driver.pop_used().is_some());
+    assert_eq!(driver.avail_event(), 3);
+
+    // Several requests in one pass: one interrupt when used_event lies among them, none when
+    // it lies behind them (the driver was told already) or ahead.
+    driver.set_used_event(4);
+    for _ in 0..3 {
+        read_request(&fx, &mut driver);
+    }
+    assert!(q.serve_queue().unwrap().notify, "entries 3..=5 cover 4");
+    assert_eq!(driver.avail_event(), 6);
+    for _ in 0..2 {
+        read_request(&fx, &mut driver);
+    }
+    assert!(
+        !q.serve_queue().unwrap().notify,
+        "entries 6..=7, used_event 4"
+    );
+    driver.set_used_event(20);
+    for _ in 0..3 {
+        read_request(&fx, &mut driver);
+    }
+    assert!(
+        !q.serve_queue().unwrap().notify,
+        "entries 8..=10, used_event 20"
+    );
+    // Nothing used: no interrupt even where the driver asked.
+    driver.set_used_event(10);
+    assert!(!q.serve_queue().unwrap().notify);
+    while driver.pop_used().is_some() {}
+    assert_eq!(q.metrics.snapshot()[0].2, 11, "every request served");
+    assert_eq!(fx.status(), VIRTIO_BLK_S_OK);
+}
+
+#[test]
+fn with_event_indices_the_ring_index_wraps() {
+    let fx = Fixture::new();
+    let mut driver = TestDriver::new(&fx.mem, 16);
+    let mut q = event_idx_queue(&fx, &driver);
+    // 65536 + 10 requests one at a time, the driver always asking for the next completion:
+    // every one is interrupted, across the 16-bit wrap of both indices.
+    for i in 0..(1u32 << 16) + 10 {
+        driver.set_used_event(i as u16);
+        read_request(&fx, &mut driver);
+        assert!(q.serve_queue().unwrap().notify, "request {i}");
+        assert_eq!(driver.avail_event(), (i + 1) as u16);
+        assert!(driver.pop_used().is_some());
+    }
+}
+
+#[test]
+fn without_event_indices_every_completion_interrupts_and_the_flag_is_cleared() {
+    let fx = Fixture::new();
+    let mut driver = TestDriver::new(&fx.mem, 16);
+    let mut q = fx.queue(&driver, false, None);
+    // used_event is ignored when the feature is not negotiated.
+    driver.set_used_event(100);
+    for _ in 0..3 {
+        read_request(&fx, &mut driver);
+        assert!(q.serve_queue().unwrap().notify);
+        assert_eq!(
+            driver.used_flags(),
+            0,
+            "notifications back on after the pass"
+        );
+        assert_eq!(driver.avail_event(), 0, "avail_event untouched");
+    }
+}
+
+#[test]
+fn requests_through_indirect_tables_are_served_and_bounded() {
+    let fx = Fixture::new();
+    let mut driver = TestDriver::new(&fx.mem, 16);
+    let mut q = fx.queue(&driver, false, None);
+    const TABLE: u64 = 0x5_0000;
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 251) as u8).collect();
+    fx.mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
+    // A 4 KiB write in eight 512-byte buffers: ten descriptors in one ring entry.
+    fx.header(VIRTIO_BLK_T_OUT, 4);
+    let pieces: Vec<Buffer> = (0..8).map(|i| buf(DATA + 512 * i, 512, false)).collect();
+    driver.push_indirect_chain(TABLE, &chain(&pieces));
+    assert!(q.serve_queue().unwrap().notify);
+    assert_eq!(driver.pop_used(), Some((0, 1)));
+    assert_eq!(fx.status(), VIRTIO_BLK_S_OK);
+    assert_eq!(fx.host_bytes(4 * 512, 4096), pattern);
+    // Read back through another table.
+    fx.header(VIRTIO_BLK_T_IN, 4);
+    driver.push_indirect_chain(TABLE, &chain(&[buf(DATA + 0x8000, 4096, true)]));
+    q.serve_queue().unwrap();
+    assert_eq!(driver.pop_used().map(|u| u.1), Some(4097));
+    let mut back = vec![0u8; 4096];
+    fx.mem
+        .read_slice(&mut back, GuestAddress(DATA + 0x8000))
+        .unwrap();
+    assert_eq!(back, pattern);
+
+    // A table longer than the queue (the device's limit, whatever the table says) is
+    // returned unread, with no status: where the chain ends is not known.
+    let reads = q.metrics.snapshot()[1].2;
+    fx.header(VIRTIO_BLK_T_IN, 0);
+    let mut long: Vec<Buffer> = (0..300).map(|_| buf(DATA, 512, true)).collect();
+    long.insert(0, buf(HEADER, 16, false));
+    long.push(buf(STATUS, 1, true));
+    driver.push_indirect_chain(TABLE, &long);
+    q.serve_queue().unwrap();
+    assert_eq!(driver.pop_used().map(|u| u.1), Some(0));
+    assert_eq!(fx.status(), 0xff, "no status written");
+    assert_eq!(q.metrics.snapshot()[1].2, reads, "nothing read");
+    // A table of exactly the queue's size is a request (254 data buffers, as SEG_MAX says):
+    // the whole 32 KiB disk in two 256-byte and 252 128-byte pieces.
+    let mut longest: Vec<Buffer> = (0..254u64)
+        .map(|i| {
+            let len = if i < 2 { 256 } else { 128 };
+            buf(DATA + 256 * i, len, true)
+        })
+        .collect();
+    longest.insert(0, buf(HEADER, 16, false));
+    longest.push(buf(STATUS, 1, true));
+    driver.push_indirect_chain(TABLE, &longest);
+    q.serve_queue().unwrap();
+    assert_eq!(driver.pop_used().map(|u| u.1), Some(32768 + 1));
+    assert_eq!(fx.status(), VIRTIO_BLK_S_OK);
+
+    // An indirect descriptor inside an indirect table, and a table whose length is not whole
+    // descriptors: the chain ends there, no panic, the queue goes on.
+    for nested in [true, false] {
+        fx.header(VIRTIO_BLK_T_IN, 0);
+        let head = driver.push_indirect_chain(TABLE, &chain(&[buf(DATA, 512, true)]));
+        if nested {
+            // The table's data descriptor becomes an indirect one.
+            fx.mem
+                .write_obj(4u16 | 1, GuestAddress(TABLE + 16 + 12))
+                .unwrap();
+        } else {
+            let head_at = driver.ring_addresses()[0] + 16 * u64::from(head);
+            fx.mem.write_obj(40u32, GuestAddress(head_at + 8)).unwrap();
+        }
+        q.serve_queue().unwrap();
+        assert!(driver.pop_used().is_some(), "nested {nested}");
+    }
+    assert_eq!(
+        call(
+            &fx,
+            &mut driver,
+            &mut q,
+            VIRTIO_BLK_T_IN,
+            1,
+            &[buf(DATA, 512, true)]
+        ),
+        (VIRTIO_BLK_S_OK, 513)
+    );
+}

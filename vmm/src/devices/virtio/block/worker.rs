@@ -18,6 +18,10 @@ use crate::devices::virtio::queue_worker::{serve_chains, Outcome, QueueServer, S
 use crate::devices::virtio::VirtioMetrics;
 use crate::rate_limiter::SharedRateLimiter;
 
+/// The most descriptors a request may have, through an indirect table too: the queue's size
+/// (virtio 1.2 section 2.7.5.3.1: a chain is never longer than the queue).
+const MAX_DESCRIPTORS: usize = super::device::QUEUE_SIZE as usize;
+
 /// Requests slower than this on the host are logged (debug level, rate-limited).
 const SLOW_REQUEST: std::time::Duration = std::time::Duration::from_millis(1);
 
@@ -34,7 +38,7 @@ pub(crate) struct BlockQueue {
 
 impl BlockQueue {
     fn handle(&self, chain: virtio_queue::DescriptorChain<&GuestMemoryMmap>) -> Outcome {
-        let request = match Request::parse(chain, &self.mem) {
+        let request = match Request::parse(chain, &self.mem, MAX_DESCRIPTORS) {
             Ok(request) => request,
             Err((why, status)) => {
                 VirtioMetrics::add(&self.metrics.errors, 1);
