@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Builds a Unikraft "Hello world!" unikernel for Unikraft's Firecracker platform (plat-kvm with
+# the Firecracker VMM option: an ELF with the Linux 64-bit boot entry, console on COM1, exit
+# through the i8042 reset line), outside this repository, with plain `make` (no kraftkit, no
+# network): the e2e test tests/tests/unikernel.rs boots it with the vmm unchanged.
+#
+#   bash guest-kernels/unikernel/build-unikraft.sh [UNIKRAFT_SOURCE] [APP_SOURCE]
+#
+# UNIKRAFT_SOURCE, APP_SOURCE: git URLs or local clones (bare ones too) of Unikraft and of its
+# helloworld application (defaults: their public repositories). Revisions: UNIKRAFT_REV and
+# APP_REV (defaults below: the ones this was tested with). The application's own
+# `defconfigs/fc-x86_64` is the configuration, unchanged.
+# Output: ${GRIDNODE_CACHE:-~/.cache/gridnode}/unikernels/unikraft-helloworld-fc-<key>/
+# helloworld_fc-x86_64, key = sha256 of (the revisions, this script, the gcc version); a cached
+# build is reused at once. The last line of stdout is the image's path.
+# Needs: git, make, gcc, python3 (Unikraft's kconfiglib), flex, bison (Debian packages only).
+set -euo pipefail
+
+unikraft_source="${1:-https://github.com/unikraft/unikraft}"
+app_source="${2:-https://github.com/unikraft/app-helloworld}"
+unikraft_rev="${UNIKRAFT_REV:-eaf6fda1d420ee079b3b612f0130ea2761cf1c56}"
+app_rev="${APP_REV:-1add85d53193c5cfc8d9285cbd6905a85ffcc309}"
+
+die() { echo "build-unikraft: error: $*" >&2; exit 1; }
+log() { echo "build-unikraft: $*" >&2; }
+
+for tool in git make gcc python3 flex bison sha256sum; do
+    command -v "$tool" >/dev/null || die "'$tool' not found (apt packages: git build-essential python3 flex bison)"
+done
+
+script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
+key="$( { echo "unikraft=$unikraft_rev app=$app_rev"; cat "$script"; gcc --version | head -1; } | sha256sum | cut -c1-16)"
+cache="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/unikernels"
+out="$cache/unikraft-helloworld-fc-$key"
+image="$out/helloworld_fc-x86_64"
+if [[ -f "$image" ]]; then
+    echo "$image"
+    exit 0
+fi
+
+mkdir -p "$cache"
+work="$(mktemp -d "$cache/.build-$key.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+# A checkout of `rev` from `source` into `dir` (git archive works from bare clones too).
+checkout() { # source rev dir
+    log "taking $2 from $1"
+    git clone --quiet --no-checkout "$1" "$3.git" >&2
+    mkdir -p "$3"
+    git -C "$3.git" archive --format=tar "$2" | tar -x -C "$3"
+    rm -rf "$3.git"
+}
+checkout "$unikraft_source" "$unikraft_rev" "$work/unikraft"
+checkout "$app_source" "$app_rev" "$work/app"
+
+cd "$work/app"
+[[ -f defconfigs/fc-x86_64 ]] || die "the application has no defconfigs/fc-x86_64"
+uk=(make -C "$work/unikraft" A="$work/app" L= O="$work/build")
+log "configuring with the application's defconfigs/fc-x86_64"
+"${uk[@]}" UK_DEFCONFIG="$work/app/defconfigs/fc-x86_64" defconfig >&2
+grep -qx 'CONFIG_KVM_VMM_FIRECRACKER=y' "$work/build/config" 2>/dev/null \
+    || grep -qx 'CONFIG_KVM_VMM_FIRECRACKER=y' "$work/app/.config" \
+    || die "the configuration lost CONFIG_KVM_VMM_FIRECRACKER"
+log "building (about a minute on 2 cores)"
+"${uk[@]}" -j"${BUILD_JOBS:-2}" >&2
+
+built="$work/build/helloworld_fc-x86_64"
+[[ -f "$built" ]] || die "the build made no $built ($(ls "$work/build" | tr '\n' ' '))"
+mkdir -p "$out.tmp"
+cp "$built" "$out.tmp/"
+cp "$work/app/.config" "$out.tmp/config" 2>/dev/null || cp "$work/build/config" "$out.tmp/config"
+rm -rf "$out"
+mv "$out.tmp" "$out"
+echo "$image"
