@@ -10,9 +10,13 @@
 # helloworld application (defaults: their public repositories). Revisions: UNIKRAFT_REV and
 # APP_REV (defaults below: the ones this was tested with). The application's own
 # `defconfigs/fc-x86_64` is the configuration, unchanged.
-# Output: ${GRIDNODE_CACHE:-~/.cache/gridnode}/unikernels/unikraft-helloworld-fc-<key>/
-# helloworld_fc-x86_64, key = sha256 of (the revisions, this script, the gcc version); a cached
-# build is reused at once. The last line of stdout is the image's path.
+# Two images are built: `helloworld` (the application as published) and `crash` (the same
+# configuration, its main replaced by one that prints a line and then executes an undefined
+# instruction, so Unikraft's trap handler crashes the unikernel: the e2e test checks that
+# this does not look like a clean exit).
+# Output: ${GRIDNODE_CACHE:-~/.cache/gridnode}/unikernels/unikraft-fc-<key>/{helloworld,crash},
+# key = sha256 of (the revisions, this script, the gcc version); a cached build is reused at
+# once. The last line of stdout is that directory.
 # Needs: git, make, gcc, python3 (Unikraft's kconfiglib), flex, bison (Debian packages only).
 set -euo pipefail
 
@@ -31,10 +35,9 @@ done
 script="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 key="$( { echo "unikraft=$unikraft_rev app=$app_rev"; cat "$script"; gcc --version | head -1; } | sha256sum | cut -c1-16)"
 cache="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/unikernels"
-out="$cache/unikraft-helloworld-fc-$key"
-image="$out/helloworld_fc-x86_64"
-if [[ -f "$image" ]]; then
-    echo "$image"
+out="$cache/unikraft-fc-$key"
+if [[ -f "$out/helloworld" && -f "$out/crash" ]]; then
+    echo "$out"
     exit 0
 fi
 
@@ -53,22 +56,41 @@ checkout() { # source rev dir
 checkout "$unikraft_source" "$unikraft_rev" "$work/unikraft"
 checkout "$app_source" "$app_rev" "$work/app"
 
-cd "$work/app"
-[[ -f defconfigs/fc-x86_64 ]] || die "the application has no defconfigs/fc-x86_64"
-uk=(make -C "$work/unikraft" A="$work/app" L= O="$work/build")
-log "configuring with the application's defconfigs/fc-x86_64"
-"${uk[@]}" UK_DEFCONFIG="$work/app/defconfigs/fc-x86_64" defconfig >&2
-grep -qx 'CONFIG_KVM_VMM_FIRECRACKER=y' "$work/build/config" 2>/dev/null \
-    || grep -qx 'CONFIG_KVM_VMM_FIRECRACKER=y' "$work/app/.config" \
-    || die "the configuration lost CONFIG_KVM_VMM_FIRECRACKER"
-log "building (about a minute on 2 cores)"
-"${uk[@]}" -j"${BUILD_JOBS:-2}" >&2
+# Builds the application in `app` with its fc-x86_64 defconfig; the image is `build/<name>`.
+build_app() { # app build
+    local uk=(make -C "$work/unikraft" A="$1" L= O="$2")
+    [[ -f "$1/defconfigs/fc-x86_64" ]] || die "the application has no defconfigs/fc-x86_64"
+    log "configuring $1 with its defconfigs/fc-x86_64"
+    "${uk[@]}" UK_DEFCONFIG="$1/defconfigs/fc-x86_64" defconfig >&2
+    grep -qx 'CONFIG_KVM_VMM_FIRECRACKER=y' "$1/.config" \
+        || die "the configuration lost CONFIG_KVM_VMM_FIRECRACKER"
+    log "building $1 (about a minute on 2 cores)"
+    "${uk[@]}" -j"${BUILD_JOBS:-2}" >&2
+    [[ -f "$2/helloworld_fc-x86_64" ]] || die "the build made no $2/helloworld_fc-x86_64"
+}
 
-built="$work/build/helloworld_fc-x86_64"
-[[ -f "$built" ]] || die "the build made no $built ($(ls "$work/build" | tr '\n' ' '))"
 mkdir -p "$out.tmp"
-cp "$built" "$out.tmp/"
-cp "$work/app/.config" "$out.tmp/config" 2>/dev/null || cp "$work/build/config" "$out.tmp/config"
+build_app "$work/app" "$work/build"
+cp "$work/build/helloworld_fc-x86_64" "$out.tmp/helloworld"
+cp "$work/app/.config" "$out.tmp/config"
+
+cp -r "$work/app" "$work/crash-app"
+rm -f "$work/crash-app/.config"
+cat >"$work/crash-app/main.c" <<'CRASH'
+#include <stdio.h>
+
+int main(int argc, char *argv[])
+{
+	(void)argc;
+	(void)argv;
+	printf("about to crash\n");
+	__builtin_trap();
+	return 0;
+}
+CRASH
+build_app "$work/crash-app" "$work/crash-build"
+cp "$work/crash-build/helloworld_fc-x86_64" "$out.tmp/crash"
+
 rm -rf "$out"
 mv "$out.tmp" "$out"
-echo "$image"
+echo "$out"
