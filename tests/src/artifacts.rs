@@ -1,10 +1,11 @@
 //! Locating, or building on first use, the guest artifacts end-to-end tests need:
 //! the guest kernel (guest-kernels/build-kernel.sh, cached outside the repo), guest-init
-//! (guest-kernels/build-init.sh), the test guests (guest-kernels/test-guest/build.sh)
-//! and the vmm binary (found, never built here).
+//! (guest-kernels/build-init.sh), the test guests (guest-kernels/test-guest/build.sh),
+//! Unikraft unikernels (guest-kernels/unikernel/build-unikraft.sh) and the vmm binary (found,
+//! never built here).
 //!
 //! Overrides: GUEST_KERNEL_DIR (a dir with vmlinux and bzImage), GUEST_INIT_BIN,
-//! VMM_BIN. Each artifact is built at most once per test process.
+//! VMM_BIN, UNIKRAFT_FC_DIR. Each artifact is built at most once per test process.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -118,6 +119,61 @@ pub fn test_guest(variant: &str) -> Result<PathBuf> {
         }
     };
     existing(dir.join(format!("test-guest-{variant}")))
+}
+
+/// Unikraft unikernels built for its Firecracker platform (ELF, Linux 64-bit boot entry,
+/// console on COM1, exit through the i8042 reset).
+#[derive(Debug, Clone)]
+pub struct UnikraftImages {
+    /// Unikraft's helloworld application as published: prints "Hello world!" and halts.
+    pub helloworld: PathBuf,
+    /// The same unikernel with a main that crashes (an undefined instruction).
+    pub crash: PathBuf,
+}
+
+/// Exit status of build-unikraft.sh when a source repository cannot be cloned.
+const UNIKRAFT_SOURCES_MISSING: i32 = 3;
+
+/// The Unikraft images: $UNIKRAFT_FC_DIR, else guest-kernels/unikernel/build-unikraft.sh
+/// (cached; a first build needs Unikraft's and its helloworld app's git repositories, given
+/// as $UNIKRAFT_SOURCE and $UNIKRAFT_APP_SOURCE where the public ones are out of reach).
+/// `Error::Missing` when they cannot be cloned.
+pub fn unikraft_images() -> Result<UnikraftImages> {
+    static BUILD: Mutex<()> = Mutex::new(());
+    let _one_build_at_a_time = BUILD.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = match std::env::var_os("UNIKRAFT_FC_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let script = guest_kernels_dir().join("unikernel/build-unikraft.sh");
+            let mut cmd = Command::new("bash");
+            cmd.arg(&script);
+            if let Some(source) = std::env::var_os("UNIKRAFT_SOURCE") {
+                cmd.arg(source);
+                if let Some(app) = std::env::var_os("UNIKRAFT_APP_SOURCE") {
+                    cmd.arg(app);
+                }
+            }
+            match run_script(&mut cmd) {
+                Err(Error::Command { status, .. })
+                    if status.ends_with(&format!("exit status: {UNIKRAFT_SOURCES_MISSING}")) =>
+                {
+                    return Err(Error::Missing {
+                        what: "Unikraft's sources".into(),
+                        hint: format!(
+                            "set UNIKRAFT_SOURCE and UNIKRAFT_APP_SOURCE to clones of unikraft \
+                             and app-helloworld (see {})",
+                            script.display()
+                        ),
+                    })
+                }
+                other => other?,
+            }
+        }
+    };
+    Ok(UnikraftImages {
+        helloworld: existing(dir.join("helloworld"))?,
+        crash: existing(dir.join("crash"))?,
+    })
 }
 
 /// The vmm binary: $VMM_BIN, else the newest of `<target>/{debug,release}/vmm` (also

@@ -108,7 +108,7 @@ pub enum ExitKind {
     GuestReset,
     /// The guest faulted (triple fault, KVM error).
     GuestFault,
-    /// The guest's kernel panicked (seen on its console before it reset).
+    /// The guest's kernel panicked or a unikernel crashed (seen on its console before it reset).
     GuestPanic,
     /// Ended by its operator: a `kill` action, or a shutdown the guest did not finish in time.
     Killed,

@@ -4,7 +4,8 @@
 //! Exit status: the status the guest reported through the guest-report port; 0 when the guest
 //! reset or shut down without reporting one; 1 when the guest faulted (triple fault, KVM
 //! error: a register dump is printed); 2 when the VM could not be started (bad input, no KVM);
-//! 3 when the guest's kernel panicked (seen on its console before its reset);
+//! 3 when the guest's kernel panicked or a unikernel crashed (seen on its console before its
+//! reset: devices/legacy/panic_watch.rs);
 //! 137 when it was killed (the control API's `kill`, or a graceful shutdown, SIGTERM, that the
 //! guest did not finish in time). With `--exit-record`, the same is written there as JSON.
 

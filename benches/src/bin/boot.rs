@@ -19,9 +19,33 @@ struct Args {
     runs: usize,
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
+    /// Deadline of one boot; a VMM that misses it is killed and reported.
+    #[arg(long, default_value_t = 60)]
+    boot_timeout_secs: u64,
+    /// Only these cases (repeatable): quiet, verbose, devices. Default: all.
+    #[arg(long = "case")]
+    cases: Vec<String>,
     /// Run on this host's /dev/kvm instead of the test bed.
     #[arg(long)]
     direct: bool,
+}
+
+/// The test bed's deadline: every boot at its own deadline, plus the bed's boot and slack.
+fn job_timeout(args: &Args, firecracker: bool, baseline: bool) -> std::time::Duration {
+    let peers = 2 + u64::from(firecracker) + u64::from(baseline);
+    let cases = if args.cases.is_empty() {
+        3
+    } else {
+        args.cases.len() as u64
+    };
+    let boots = (args.runs as u64)
+        .saturating_mul(peers)
+        .saturating_mul(cases);
+    std::time::Duration::from_secs(
+        boots
+            .saturating_mul(args.boot_timeout_secs.saturating_add(2))
+            .saturating_add(300),
+    )
 }
 
 fn main() -> Result<()> {
@@ -36,9 +60,20 @@ fn main() -> Result<()> {
 
     let firecracker = optional_peer("FIRECRACKER_BIN")?;
     let baseline = optional_peer("VMM_BASELINE_BIN")?;
+    let mut common = vec![
+        "--runs".to_string(),
+        args.runs.to_string(),
+        "--memory-mib".into(),
+        args.memory_mib.to_string(),
+        "--boot-timeout-secs".into(),
+        args.boot_timeout_secs.to_string(),
+    ];
+    for case in &args.cases {
+        common.extend(["--case".to_string(), case.clone()]);
+    }
     let mut bench_args = format!(
-        "--runs {} --memory-mib {} --kernel /guest/vmlinux --initrd /guest/initrd",
-        args.runs, args.memory_mib
+        "{} --kernel /guest/vmlinux --initrd /guest/initrd",
+        common.join(" ")
     );
     if firecracker.is_some() {
         bench_args.push_str(" --firecracker /firecracker");
@@ -63,12 +98,7 @@ fn main() -> Result<()> {
             ])
             .args(["--kernel".as_ref(), kernel.vmlinux.as_os_str()])
             .args(["--initrd".as_ref(), initrd.as_os_str()])
-            .args([
-                "--runs",
-                &args.runs.to_string(),
-                "--memory-mib",
-                &args.memory_mib.to_string(),
-            ])
+            .args(&common)
             .status()?;
         if !status.success() {
             bail!("boot_bench failed: {status}");
@@ -83,7 +113,11 @@ fn main() -> Result<()> {
     .binary("/boot_bench", &bench)
     .file("/guest/vmlinux", &kernel.vmlinux)
     .file("/guest/initrd", &initrd)
-    .timeout(std::time::Duration::from_secs(1800));
+    .timeout(job_timeout(
+        &args,
+        firecracker.is_some(),
+        baseline.is_some(),
+    ));
     if let Some(path) = &firecracker {
         job = job.binary("/firecracker", path);
     }

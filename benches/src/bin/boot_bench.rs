@@ -1,16 +1,27 @@
 //! Boot-time and memory-overhead benchmark, run on a KVM host (a real one, or the test bed):
 //! boots the same kernel + initrd with the project's `vmm`, QEMU's `microvm` machine, and
 //! optionally Firecracker and a second (baseline) vmm build, several times each, interleaved,
-//! in two cases: `quiet` (the headline, time to init) and verbose (the kernel log on the serial
-//! console, which mostly measures serial speed). Prints medians and ratios vmm/peer.
+//! in three cases: `quiet` (the headline, time to init), verbose (the kernel log on the serial
+//! console, which mostly measures serial speed) and `devices` (quiet, with every device the
+//! VMM has: a block drive, an entropy device, a vsock device, and for the vmm a virtio-fs
+//! share; QEMU is not measured there). Prints medians and ratios vmm/peer.
 //!
 //! Boot time: wall time from spawning the VMM to the guest init's `init: booted` line on the
-//! serial console (the same marker for both VMMs). Memory overhead: the VMM process's RSS minus
+//! serial console (the same marker for every VMM). Memory overhead: the VMM process's RSS minus
 //! the RSS of its guest-RAM mapping, read from /proc/PID/smaps while the guest idles.
+//!
+//! Every boot has a deadline (`--boot-timeout-secs`): a VMM that does not show the marker by
+//! then is killed, and the peer, case and the last lines it printed are reported; that peer is
+//! left out of the rest of the run, the others go on, and the run fails at the end.
+//!
+//! Firecracker runs without its API socket (`--no-api --config-file`); it has no status ports,
+//! so it is ended by a kill after the measurement, like every peer.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -37,6 +48,12 @@ struct Args {
     runs: usize,
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
+    /// Deadline of one boot (VMM start to the marker).
+    #[arg(long, default_value_t = 60)]
+    boot_timeout_secs: u64,
+    /// Only these cases (repeatable): quiet, verbose, devices. Default: all.
+    #[arg(long = "case")]
+    cases: Vec<String>,
 }
 
 /// A program that boots the guest.
@@ -46,19 +63,82 @@ enum Peer {
     Firecracker(PathBuf),
 }
 
-/// The kernel arguments a case adds to [`CMDLINE`]: `quiet` is the headline (time to init);
-/// the verbose boot prints the kernel log over the emulated serial port, so it mostly
-/// measures how fast each VMM's serial port is.
-const CASES: &[(&str, &str)] = &[("quiet", "quiet"), ("verbose", "")];
+/// What a case adds to a boot.
+struct Case {
+    name: &'static str,
+    /// Kernel arguments added to [`CMDLINE`].
+    extra: &'static str,
+    /// Every device the VMM has (block, entropy, vsock; virtio-fs for the vmm).
+    devices: bool,
+    about: &'static str,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "quiet",
+        extra: "quiet",
+        devices: false,
+        about: "headline: time to init",
+    },
+    Case {
+        name: "verbose",
+        extra: "",
+        devices: false,
+        about: "kernel log on the serial console: mostly serial speed",
+    },
+    Case {
+        name: "devices",
+        extra: "quiet",
+        devices: true,
+        about: "quiet, every device: block, entropy, vsock (+ virtio-fs for the vmm); no QEMU",
+    },
+];
 
 const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
 const MARKER: &str = "init: booted";
+/// Console lines kept to show what a VMM that failed printed last.
+const TAIL_LINES: usize = 15;
 
 struct Sample {
     boot: Duration,
     overhead_kib: u64,
     total_kib: u64,
+}
+
+/// Files the boots share: the block device's image, the virtio-fs share, sockets, configs.
+struct Scratch {
+    dir: PathBuf,
+    disk: PathBuf,
+    share: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("boot-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let disk = dir.join("disk.img");
+        std::fs::File::create(&disk)
+            .and_then(|f| f.set_len(64 << 20))
+            .with_context(|| format!("creating {}", disk.display()))?;
+        let share = dir.join("share");
+        std::fs::create_dir_all(&share)?;
+        std::fs::write(share.join("hello"), b"hello\n")?;
+        Ok(Self { dir, disk, share })
+    }
+
+    /// A vsock socket path, removed first (a VMM refuses to bind over an old one).
+    fn vsock(&self) -> PathBuf {
+        let path = self.dir.join("vsock.sock");
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// Total RSS and the RSS of the largest mapping (guest RAM) of a process, in KiB.
@@ -89,25 +169,87 @@ fn rss_split(pid: u32) -> Result<(u64, u64)> {
     Ok((total, largest_rss))
 }
 
-fn measure(mut child: Child, started: Instant) -> Result<Sample> {
+/// The last `TAIL_LINES` lines of a file (the VMM's stderr), for error reports.
+fn file_tail(path: &Path) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let _ = f.read_to_string(&mut text);
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
+}
+
+/// Waits (until `timeout`) for the marker on the child's stdout, then reads its memory and
+/// kills it. The child is killed on every path.
+fn measure(mut child: Child, started: Instant, timeout: Duration, stderr: &Path) -> Result<Sample> {
+    let result = wait_and_read(&mut child, started, timeout, stderr);
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn wait_and_read(
+    child: &mut Child,
+    started: Instant,
+    timeout: Duration,
+    stderr: &Path,
+) -> Result<Sample> {
     let stdout = child.stdout.take().context("no stdout")?;
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    let boot = loop {
-        line.clear();
-        if reader.read_line(&mut line)? == 0 {
-            let _ = child.kill();
-            bail!("the VMM exited before the guest printed {MARKER:?}");
+    let (lines_tx, lines) = mpsc::channel::<String>();
+    // Ends when the child's stdout closes (the child exited or was killed).
+    std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match reader.read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {
+                    if lines_tx
+                        .send(String::from_utf8_lossy(&line).into_owned())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
         }
-        if line.contains(MARKER) {
-            break started.elapsed();
+    });
+    let deadline = started + timeout;
+    let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    let boot = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains(MARKER) => break started.elapsed(),
+            Ok(line) => {
+                if tail.len() == TAIL_LINES {
+                    tail.pop_front();
+                }
+                tail.push_back(line.trim_end().to_owned());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                let _ = child.kill();
+                bail!(
+                    "no {MARKER:?} within {timeout:?}: killed; its last console lines:\n{}\n\
+                     its stderr:\n{}",
+                    Vec::from(tail).join("\n"),
+                    file_tail(stderr)
+                );
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+                bail!(
+                    "exited ({status}) before the guest printed {MARKER:?}; its last console \
+                     lines:\n{}\nits stderr:\n{}",
+                    Vec::from(tail).join("\n"),
+                    file_tail(stderr)
+                );
+            }
         }
     };
     // Let the guest settle into its idle entrypoint before reading memory.
     std::thread::sleep(Duration::from_millis(300));
     let (total_kib, guest_kib) = rss_split(child.id())?;
-    let _ = child.kill();
-    let _ = child.wait();
     Ok(Sample {
         boot,
         overhead_kib: total_kib.saturating_sub(guest_kib),
@@ -115,23 +257,44 @@ fn measure(mut child: Child, started: Instant) -> Result<Sample> {
     })
 }
 
-fn run_vmm(vmm: &PathBuf, args: &Args, extra: &str) -> Result<Sample> {
+/// Spawns `cmd` with stdout piped, stderr to `stderr`, and measures it.
+fn spawn_and_measure(mut cmd: Command, args: &Args, stderr: &Path) -> Result<Sample> {
+    let err_file =
+        std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
     let started = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(err_file)
+        .spawn()
+        .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
+    measure(
+        child,
+        started,
+        Duration::from_secs(args.boot_timeout_secs),
+        stderr,
+    )
+}
+
+fn run_vmm(vmm: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
     let mut cmd = Command::new(vmm);
     cmd.args(["--kernel".as_ref(), args.kernel.as_os_str()])
         .args(["--initrd".as_ref(), args.initrd.as_os_str()])
         .args(["--memory", &args.memory_mib.to_string()]);
-    if !extra.is_empty() {
-        cmd.args(["--cmdline", extra]);
+    if !case.extra.is_empty() {
+        cmd.args(["--cmdline", case.extra]);
     }
-    let child = cmd
-        .args(["--", "/bin/busybox", "sleep", "30"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning vmm")?;
-    measure(child, started)
+    if case.devices {
+        cmd.arg("--drive")
+            .arg(format!("id=disk,path={}", scratch.disk.display()))
+            .arg("--rng")
+            .arg("--vsock")
+            .arg(format!("cid=3,uds={}", scratch.vsock().display()))
+            .arg("--fs")
+            .arg(format!("tag=share,dir={}", scratch.share.display()));
+    }
+    cmd.args(["--", "/bin/busybox", "sleep", "30"]);
+    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"))
 }
 
 fn kernel_args(extra: &str) -> String {
@@ -143,67 +306,60 @@ fn kernel_args(extra: &str) -> String {
     format!("{CMDLINE}{extra} -- /bin/busybox sleep 30")
 }
 
-fn run_qemu(qemu: &PathBuf, args: &Args, extra: &str) -> Result<Sample> {
-    let started = Instant::now();
-    let child = Command::new(qemu)
-        .args([
-            "-M",
-            "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on",
-        ])
-        .args(["-accel", "kvm", "-cpu", "host", "-smp", "1"])
-        .args(["-m", &format!("{}M", args.memory_mib)])
-        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-        .args(["-serial", "stdio"])
-        .args(["-kernel".as_ref(), args.kernel.as_os_str()])
-        .args(["-initrd".as_ref(), args.initrd.as_os_str()])
-        .args(["-append", &kernel_args(extra)])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning qemu")?;
-    measure(child, started)
+fn run_qemu(qemu: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
+    let mut cmd = Command::new(qemu);
+    cmd.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on",
+    ])
+    .args(["-accel", "kvm", "-cpu", "host", "-smp", "1"])
+    .args(["-m", &format!("{}M", args.memory_mib)])
+    .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+    .args(["-serial", "stdio"])
+    .args(["-kernel".as_ref(), args.kernel.as_os_str()])
+    .args(["-initrd".as_ref(), args.initrd.as_os_str()])
+    .args(["-append", &kernel_args(case.extra)]);
+    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"))
 }
 
-/// Firecracker without its API socket, from a config file written next to the initrd.
-fn run_firecracker(firecracker: &PathBuf, args: &Args, extra: &str) -> Result<Sample> {
-    let config = serde_json::json!({
+/// Firecracker without its API socket, from a config file in the scratch dir.
+fn run_firecracker(fc: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
+    let mut config = serde_json::json!({
         "boot-source": {
             "kernel_image_path": args.kernel,
             "initrd_path": args.initrd,
-            "boot_args": kernel_args(extra),
+            "boot_args": kernel_args(case.extra),
         },
         "drives": [],
         "machine-config": { "vcpu_count": 1, "mem_size_mib": args.memory_mib },
     });
-    let path = std::env::temp_dir().join(format!(
-        "boot-bench-firecracker-{}.json",
-        std::process::id()
-    ));
+    if case.devices {
+        config["drives"] = serde_json::json!([{
+            "drive_id": "disk",
+            "path_on_host": scratch.disk,
+            "is_root_device": false,
+            "is_read_only": false,
+        }]);
+        config["entropy"] = serde_json::json!({});
+        config["vsock"] = serde_json::json!({ "guest_cid": 3, "uds_path": scratch.vsock() });
+    }
+    let path = scratch.dir.join("firecracker.json");
     std::fs::write(&path, config.to_string())
         .with_context(|| format!("writing {}", path.display()))?;
-    let started = Instant::now();
-    let child = Command::new(firecracker)
-        .args([
-            "--no-api".as_ref(),
-            "--config-file".as_ref(),
-            path.as_os_str(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning firecracker")?;
-    let sample = measure(child, started);
-    let _ = std::fs::remove_file(&path);
-    sample
+    let mut cmd = Command::new(fc);
+    cmd.args([
+        "--no-api".as_ref(),
+        "--config-file".as_ref(),
+        path.as_os_str(),
+    ]);
+    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"))
 }
 
-fn run(peer: &Peer, args: &Args, extra: &str) -> Result<Sample> {
+fn run(peer: &Peer, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
     match peer {
-        Peer::Vmm(path) => run_vmm(path, args, extra),
-        Peer::Qemu(path) => run_qemu(path, args, extra),
-        Peer::Firecracker(path) => run_firecracker(path, args, extra),
+        Peer::Vmm(path) => run_vmm(path, args, case, scratch),
+        Peer::Qemu(path) => run_qemu(path, args, case, scratch),
+        Peer::Firecracker(path) => run_firecracker(path, args, case, scratch),
     }
 }
 
@@ -213,12 +369,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn report(name: &str, samples: &[Sample]) -> (f64, f64) {
-    let boot = median(
-        samples
-            .iter()
-            .map(|s| s.boot.as_secs_f64() * 1000.0)
-            .collect(),
-    );
+    let ms: Vec<f64> = samples
+        .iter()
+        .map(|s| s.boot.as_secs_f64() * 1000.0)
+        .collect();
+    let boot = median(ms.clone());
     let overhead = median(
         samples
             .iter()
@@ -234,8 +389,8 @@ fn report(name: &str, samples: &[Sample]) -> (f64, f64) {
     println!(
         "{name:<14} boot {boot:>9.1} ms (median of {}; min {:.1}, max {:.1})   overhead {overhead:>6.1} MiB   total RSS {total:>6.1} MiB",
         samples.len(),
-        samples.iter().map(|s| s.boot.as_secs_f64() * 1000.0).fold(f64::MAX, f64::min),
-        samples.iter().map(|s| s.boot.as_secs_f64() * 1000.0).fold(0.0, f64::max),
+        ms.iter().copied().fold(f64::MAX, f64::min),
+        ms.iter().copied().fold(0.0, f64::max),
     );
     (boot, overhead)
 }
@@ -245,6 +400,12 @@ fn main() -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    for name in &args.cases {
+        if !CASES.iter().any(|c| c.name == name) {
+            bail!("unknown case {name:?} (quiet, verbose or devices)");
+        }
+    }
+    let scratch = Scratch::new()?;
     let mut peers = vec![("vmm", Peer::Vmm(args.vmm.clone()))];
     if let Some(path) = &args.baseline_vmm {
         peers.push(("baseline vmm", Peer::Vmm(path.clone())));
@@ -255,35 +416,57 @@ fn main() -> Result<()> {
     if let Some(path) = &args.firecracker {
         peers.push(("firecracker", Peer::Firecracker(path.clone())));
     }
-    for (case, extra) in CASES {
-        println!(
-            "== {case} boot{}",
-            if *case == "quiet" {
-                " (headline: time to init)"
-            } else {
-                " (kernel log on the serial console: mostly serial speed)"
-            }
-        );
+    let mut failures = Vec::new();
+    for case in CASES {
+        if !args.cases.is_empty() && !args.cases.iter().any(|c| c == case.name) {
+            continue;
+        }
+        println!("== {} boot ({})", case.name, case.about);
+        let in_case: Vec<&(&str, Peer)> = peers
+            .iter()
+            .filter(|(_, p)| !(case.devices && matches!(p, Peer::Qemu(_))))
+            .collect();
         // Runs interleave the peers, so that load changes on the host hit them alike.
-        let mut samples: Vec<Vec<Sample>> = peers.iter().map(|_| Vec::new()).collect();
-        for _ in 0..args.runs {
-            for ((_, peer), out) in peers.iter().zip(samples.iter_mut()) {
-                out.push(run(peer, &args, extra)?);
+        let mut samples: Vec<Vec<Sample>> = in_case.iter().map(|_| Vec::new()).collect();
+        let mut failed = vec![false; in_case.len()];
+        for run_index in 0..args.runs {
+            for (i, (name, peer)) in in_case.iter().enumerate() {
+                if failed[i] {
+                    continue;
+                }
+                match run(peer, &args, case, &scratch) {
+                    Ok(sample) => samples[i].push(sample),
+                    Err(e) => {
+                        let what = format!("{name} ({} boot, run {})", case.name, run_index + 1);
+                        println!("FAILED {what}: {e:#}");
+                        failures.push(what);
+                        failed[i] = true;
+                    }
+                }
             }
         }
-        let results: Vec<(f64, f64)> = peers
+        let results: Vec<Option<(f64, f64)>> = in_case
             .iter()
             .zip(&samples)
-            .map(|((name, _), s)| report(name, s))
+            .zip(&failed)
+            .map(|(((name, _), s), &failed)| (!failed).then(|| report(name, s)))
             .collect();
-        let (vmm_boot, vmm_overhead) = results[0];
-        for ((name, _), (boot, overhead)) in peers.iter().zip(&results).skip(1) {
-            println!(
-                "ratio vmm/{name} ({case}): boot {:.2}x, memory overhead {:.2}x",
-                vmm_boot / boot,
-                vmm_overhead / overhead
-            );
+        let Some((vmm_boot, vmm_overhead)) = results[0] else {
+            continue;
+        };
+        for ((name, _), result) in in_case.iter().zip(&results).skip(1) {
+            if let Some((boot, overhead)) = result {
+                println!(
+                    "ratio vmm/{name} ({}): boot {:.2}x, memory overhead {:.2}x",
+                    case.name,
+                    vmm_boot / boot,
+                    vmm_overhead / overhead
+                );
+            }
         }
+    }
+    if !failures.is_empty() {
+        bail!("boots failed: {}", failures.join("; "));
     }
     Ok(())
 }
