@@ -5,6 +5,7 @@
 #     (and Firecracker with FIRECRACKER_BIN=PATH, another vmm build with VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh fs [--runs N] [--file-mib M] in-guest virtio-fs vs virtiofsd + QEMU
 #   bash scripts/bench.sh blk [--runs N] [--seconds S]  in-guest fio on virtio-blk vs QEMU microvm
+#     (and another vmm build with --vmm-baseline PATH or VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh vsock [--mib M]             vsock throughput + round trip vs a unix socket
 set -euo pipefail
 cd "$(dirname "$0")/.."
