@@ -6,6 +6,7 @@
 #   bash scripts/bench.sh fs [--runs N] [--file-mib M] in-guest virtio-fs vs virtiofsd + QEMU
 #     (the vmm also through the chunk fetcher; another vmm build with VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh blk [--runs N] [--seconds S]  in-guest fio on virtio-blk vs QEMU microvm
+#     (and another vmm build with --vmm-baseline PATH or VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh vsock [--mib M]             vsock throughput + round trip vs a unix socket
 #   bash scripts/bench.sh agent [--deploys N]         node agent: deploy latency, RSS, registration
 #   VMM_BASELINE_BIN=PATH bash scripts/bench.sh before-after [--boot-runs N] [--fs-runs N]

@@ -35,7 +35,7 @@ pub enum ThreadKind {
     /// Measures and evicts this process's image chunk cache (no chunk fetcher): lists the
     /// cache's directories, reads file sizes and times, removes files.
     CacheEvictor,
-    /// Serves a virtio-blk queue: positional I/O, fdatasync and hole punching on the disk
+    /// Serves a virtio-blk queue: preadv/pwritev, fdatasync and hole punching on the disk
     /// image's descriptor `disk_fd` only, and the rate limiter's timer.
     BlockWorker { disk_fd: i32 },
     /// Serves a virtio-rng queue: getrandom (in every list) and the rate limiter's timer.
@@ -398,13 +398,7 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
                 )
             };
             let on_disk = || int_arg(0, disk_fd);
-            for nr in [
-                libc::SYS_pread64,
-                libc::SYS_pwrite64,
-                libc::SYS_preadv,
-                libc::SYS_pwritev,
-                libc::SYS_fdatasync,
-            ] {
+            for nr in [libc::SYS_preadv, libc::SYS_pwritev, libc::SYS_fdatasync] {
                 rules.insert(nr, vec![SeccompRule::new(vec![on_disk()?])?]);
             }
             // fallocate(fd, mode, ...): punching holes only.
@@ -846,9 +840,16 @@ mod tests {
         let kind = ThreadKind::BlockWorker { disk_fd };
         let results = under(kind, move || {
             let mut buf = [0u8; 512];
+            let iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            };
             // SAFETY: reads and writes into a local buffer on open descriptors.
-            let read = unsafe { libc::pread64(disk_fd, buf.as_mut_ptr().cast(), 512, 0) };
-            let write = unsafe { libc::pwrite64(disk_fd, buf.as_ptr().cast(), 512, 512) };
+            let read = unsafe { libc::preadv(disk_fd, &iov, 1, 0) };
+            let write = unsafe { libc::pwritev(disk_fd, &iov, 1, 512) };
+            // The worker does vectored I/O only.
+            let plain =
+                errno_of(unsafe { libc::pread64(disk_fd, buf.as_mut_ptr().cast(), 512, 0) } as i64);
             let sync = unsafe { libc::fdatasync(disk_fd) };
             let punch = unsafe {
                 libc::fallocate(
@@ -859,17 +860,15 @@ mod tests {
                 )
             };
             let grow = errno_of(unsafe { libc::fallocate(disk_fd, 0, 0, 1 << 20) } as i64);
-            let read_other =
-                errno_of(
-                    unsafe { libc::pread64(other_fd, buf.as_mut_ptr().cast(), 512, 0) } as i64,
-                );
+            let read_other = errno_of(unsafe { libc::preadv(other_fd, &iov, 1, 0) } as i64);
             let open = std::fs::File::open("/etc/hostname")
                 .err()
                 .and_then(|e| e.raw_os_error());
-            (read, write, sync, punch, grow, read_other, open)
+            (read, write, sync, punch, grow, read_other, open, plain)
         });
-        assert_eq!(results.0, 512, "pread on the image");
-        assert_eq!(results.1, 512, "pwrite on the image");
+        assert_eq!(results.0, 512, "preadv on the image");
+        assert_eq!(results.1, 512, "pwritev on the image");
+        assert_eq!(results.7, Some(libc::EPERM), "plain pread");
         assert_eq!(
             (results.2, results.3),
             (0, 0),
