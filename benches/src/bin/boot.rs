@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use benches::{run_on_testbed, sibling, with_qemu};
+use benches::{run_on_testbed_echoing, sibling, with_qemu};
 use clap::Parser;
 use e2e_tests::{artifacts, microvm, Job};
 
@@ -29,6 +29,9 @@ struct Args {
     #[arg(long)]
     direct: bool,
 }
+
+/// What boot_bench's progress lines start with.
+const PROGRESS: &str = "boot-bench:";
 
 /// A peer program named by environment variable `var`, which must exist when set.
 fn optional_peer(var: &str) -> Result<Option<PathBuf>> {
@@ -118,7 +121,7 @@ fn main() -> Result<()> {
     }
 
     let mut job = Job::new(format!(
-        "/boot_bench --vmm /vmm --qemu /usr/bin/qemu-system-x86_64 {bench_args}\n"
+        "/boot_bench --vmm /vmm --qemu /usr/bin/qemu-system-x86_64 --progress /dev/console {bench_args}\n"
     ))
     .binary("/vmm", &vmm)
     .binary("/boot_bench", &bench)
@@ -135,5 +138,5 @@ fn main() -> Result<()> {
     if let Some(path) = &baseline {
         job = job.binary("/vmm-baseline", path);
     }
-    run_on_testbed(&with_qemu(job, &qemu))
+    run_on_testbed_echoing(&with_qemu(job, &qemu), Some(PROGRESS))
 }
