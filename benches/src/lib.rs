@@ -52,7 +52,14 @@ pub fn with_qemu(mut job: Job, qemu: &Path) -> Job {
 
 /// Runs a benchmark job on the test bed and prints what it printed.
 pub fn run_on_testbed(job: &Job) -> Result<()> {
-    let bed = Testbed::from_system()?;
+    run_on_testbed_echoing(job, None)
+}
+
+/// As [`run_on_testbed`], echoing the test bed's console lines that contain `progress` to
+/// stderr while the job runs (the job writes them to /dev/console).
+pub fn run_on_testbed_echoing(job: &Job, progress: Option<&str>) -> Result<()> {
+    let mut bed = Testbed::from_system()?;
+    bed.echo_console = progress.map(str::to_owned);
     let out = bed.run(job)?;
     print!("{}", out.output);
     if out.status != 0 {

@@ -1,6 +1,7 @@
 //! Running QEMU with a deadline: captures the serial console (QEMU's stdout) as it
-//! streams, notes when given strings first appear (for boot timings), and kills QEMU
-//! when the deadline passes.
+//! streams, notes when given strings first appear (for boot timings), optionally echoes
+//! console lines with a given prefix to stderr as they come (progress of long jobs), and
+//! kills QEMU when the deadline passes.
 
 use std::io::Read;
 use std::process::{Command, ExitStatus, Stdio};
@@ -52,8 +53,21 @@ struct Capture {
     seen: Vec<(String, Option<Duration>)>,
 }
 
+/// Longest console line kept for the echo; longer ones are cut.
+const ECHO_LINE_LIMIT: usize = 4096;
+
 /// Runs `cmd` (a QEMU command line) until it exits or `timeout` passes.
-pub fn run(mut cmd: Command, timeout: Duration, watch: &[&str]) -> Result<QemuRun> {
+pub fn run(cmd: Command, timeout: Duration, watch: &[&str]) -> Result<QemuRun> {
+    run_echoing(cmd, timeout, watch, None)
+}
+
+/// As [`run`], and console lines containing `echo` are written to stderr as they arrive.
+pub fn run_echoing(
+    mut cmd: Command,
+    timeout: Duration,
+    watch: &[&str],
+    echo: Option<&str>,
+) -> Result<QemuRun> {
     let shown = format!("{cmd:?}");
     let start = Instant::now();
     let mut child = cmd
@@ -69,11 +83,16 @@ pub fn run(mut cmd: Command, timeout: Duration, watch: &[&str]) -> Result<QemuRu
     }));
     let stdout_thread = child.stdout.take().map(|mut out| {
         let capture = Arc::clone(&capture);
+        let echo = echo.map(str::to_owned);
         thread::spawn(move || {
             let mut buf = [0u8; 8192];
+            let mut line = Vec::new();
             while let Ok(n) = out.read(&mut buf) {
                 if n == 0 {
                     break;
+                }
+                if let Some(prefix) = &echo {
+                    echo_lines(&mut line, &buf[..n], prefix);
                 }
                 let Ok(mut c) = capture.lock() else { break };
                 let from = c.bytes.len();
@@ -126,6 +145,21 @@ pub fn run(mut cmd: Command, timeout: Duration, watch: &[&str]) -> Result<QemuRu
             timeout,
             console: format!("{console}\n[qemu stderr]\n{stderr}"),
         }),
+    }
+}
+
+/// Adds `bytes` to the partial `line`; every complete line containing `prefix` goes to stderr.
+fn echo_lines(line: &mut Vec<u8>, bytes: &[u8], prefix: &str) {
+    for &byte in bytes {
+        if byte == b'\n' {
+            let text = String::from_utf8_lossy(line);
+            if text.contains(prefix) {
+                eprintln!("{}", text.trim_end());
+            }
+            line.clear();
+        } else if line.len() < ECHO_LINE_LIMIT {
+            line.push(byte);
+        }
     }
 }
 

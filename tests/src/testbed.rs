@@ -28,6 +28,9 @@ pub struct Testbed {
     pub cpus: u32,
     /// Memory of the test bed in MiB (default 4096).
     pub memory_mib: u32,
+    /// Console lines containing this are echoed to stderr as they come (a job's progress: it
+    /// writes them to /dev/console; its output proper arrives only at the end).
+    pub echo_console: Option<String>,
 }
 
 impl Testbed {
@@ -62,6 +65,7 @@ impl Testbed {
             busybox,
             cpus: 2,
             memory_mib: 4096,
+            echo_console: None,
         })
     }
 
@@ -115,7 +119,12 @@ impl Testbed {
             .arg(&initrd)
             .args(["-append", APPEND]);
         let start_marker = format!("{token}-START");
-        let run = qemu::run(cmd, job.timeout, &[&start_marker])?;
+        let run = qemu::run_echoing(
+            cmd,
+            job.timeout,
+            &[&start_marker],
+            self.echo_console.as_deref(),
+        )?;
 
         let from_port = std::fs::read(&results)
             .map(|b| String::from_utf8_lossy(&b).into_owned())

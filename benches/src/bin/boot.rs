@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use benches::{optional_peer, run_on_testbed, sibling, with_qemu};
+use benches::{optional_peer, run_on_testbed_echoing, sibling, with_qemu};
 use clap::Parser;
 use e2e_tests::{artifacts, microvm, Job};
 
@@ -29,6 +29,9 @@ struct Args {
     #[arg(long)]
     direct: bool,
 }
+
+/// What boot_bench's progress lines start with.
+const PROGRESS: &str = "boot-bench:";
 
 /// The test bed's deadline: every boot at its own deadline, plus the bed's boot and slack.
 fn job_timeout(args: &Args, firecracker: bool, baseline: bool) -> std::time::Duration {
@@ -107,7 +110,7 @@ fn main() -> Result<()> {
     }
 
     let mut job = Job::new(format!(
-        "/boot_bench --vmm /vmm --qemu /usr/bin/qemu-system-x86_64 {bench_args}\n"
+        "/boot_bench --vmm /vmm --qemu /usr/bin/qemu-system-x86_64 --progress /dev/console {bench_args}\n"
     ))
     .binary("/vmm", &vmm)
     .binary("/boot_bench", &bench)
@@ -124,5 +127,5 @@ fn main() -> Result<()> {
     if let Some(path) = &baseline {
         job = job.binary("/vmm-baseline", path);
     }
-    run_on_testbed(&with_qemu(job, &qemu))
+    run_on_testbed_echoing(&with_qemu(job, &qemu), Some(PROGRESS))
 }

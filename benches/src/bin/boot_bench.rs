@@ -54,6 +54,20 @@ struct Args {
     /// Only these cases (repeatable): quiet, verbose, devices. Default: all.
     #[arg(long = "case")]
     cases: Vec<String>,
+    /// Where to write a `boot-bench: ...` line after every boot (e.g. /dev/console on the
+    /// test bed, whose console is shown while the run goes on).
+    #[arg(long)]
+    progress: Option<PathBuf>,
+}
+
+/// Writes one progress line to `--progress` (best effort: progress is not a result).
+fn progress(args: &Args, line: &str) {
+    use std::io::Write;
+    if let Some(path) = &args.progress {
+        if let Ok(mut out) = std::fs::OpenOptions::new().append(true).open(path) {
+            let _ = writeln!(out, "boot-bench: {line}");
+        }
+    }
 }
 
 /// A program that boots the guest.
@@ -434,10 +448,26 @@ fn main() -> Result<()> {
                 if failed[i] {
                     continue;
                 }
+                let what = format!(
+                    "{name} ({} boot, run {}/{})",
+                    case.name,
+                    run_index + 1,
+                    args.runs
+                );
                 match run(peer, &args, case, &scratch) {
-                    Ok(sample) => samples[i].push(sample),
+                    Ok(sample) => {
+                        progress(
+                            &args,
+                            &format!(
+                                "{what}: {:.1} ms, overhead {:.1} MiB",
+                                sample.boot.as_secs_f64() * 1000.0,
+                                sample.overhead_kib as f64 / 1024.0
+                            ),
+                        );
+                        samples[i].push(sample);
+                    }
                     Err(e) => {
-                        let what = format!("{name} ({} boot, run {})", case.name, run_index + 1);
+                        progress(&args, &format!("{what} FAILED"));
                         println!("FAILED {what}: {e:#}");
                         failures.push(what);
                         failed[i] = true;
