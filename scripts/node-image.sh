@@ -124,7 +124,9 @@ install -m 0755 "$(command -v busybox)" "$drootfs/bin/busybox"
 for a in sh cat echo sleep ls sync; do ln -s busybox "$drootfs/bin/$a"; done
 demo=/usr/share/gridnode/demo
 "$flist" pack "$drootfs" -o "$root$demo/root.flist" --store "dir://$root$demo/store" >/dev/null
-# The store's URL is the path inside the image.
+# The image records its store by the path inside the node image, which the vmm's node
+# configuration allowlists.
+"$flist" set-stores --store "dir://$demo/store" "$root$demo/root.flist" >/dev/null
 cat > "$root/etc/gridnode/node.json" <<EOF
 {"image_cache": "/var/lib/gridnode/image-cache", "stores": ["dir://$demo/store"]}
 EOF

@@ -65,8 +65,11 @@ impl Cli {
     }
 }
 
+/// The workload counts its runs in a file on its volume. `sync FILE` is an fsync of that file,
+/// which reaches the node's disk; a plain `sync` (syncfs) does not on a virtio-fs volume (the
+/// vmm's FUSE server has no SYNCFS), so data written just before a power cut would be lost.
 fn deployment(twin: u32) -> String {
-    let script = "n=$(cat /data/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /data/count; sync; \
+    let script = "n=$(cat /data/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /data/count; sync /data/count; \
                   echo workload-run-$n; while true; do sleep 1; done";
     serde_like_json(twin, script)
 }
