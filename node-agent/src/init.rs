@@ -165,14 +165,8 @@ fn finit_module(path: &Path) -> std::io::Result<()> {
     let params = c"";
     // SAFETY: finit_module reads the open file and a NUL-terminated parameter string; both
     // outlive the call.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            file.as_raw_fd(),
-            params.as_ptr(),
-            0,
-        )
-    };
+    let ret =
+        unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
     if ret == 0 {
         Ok(())
     } else {
@@ -207,9 +201,10 @@ impl NetConfig {
         for part in parts {
             match part.split_once('=') {
                 Some(("gw", g)) => {
-                    gateway = Some(g.parse().map_err(|_| {
-                        anyhow::anyhow!("gridnode.ip {s:?}: bad gateway {g:?}")
-                    })?)
+                    gateway = Some(
+                        g.parse()
+                            .map_err(|_| anyhow::anyhow!("gridnode.ip {s:?}: bad gateway {g:?}"))?,
+                    )
                 }
                 _ => anyhow::bail!("gridnode.ip {s:?}: unknown part {part:?} (expected gw=ADDR)"),
             }
@@ -222,7 +217,9 @@ impl NetConfig {
     }
 
     pub fn netmask(&self) -> Ipv4Addr {
-        let bits = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+        let bits = u32::MAX
+            .checked_shl(32 - u32::from(self.prefix))
+            .unwrap_or(0);
         Ipv4Addr::from(bits)
     }
 }
@@ -440,7 +437,14 @@ mod tests {
         assert_eq!(n.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
         let n = NetConfig::parse("192.168.1.7/0").unwrap();
         assert_eq!((n.netmask(), n.gateway), (Ipv4Addr::UNSPECIFIED, None));
-        for bad in ["10.0.2.15", "10.0.2.15/33", "x/24", "10.0.2.15/24,gw=y", "10.0.2.15/24,dns=1.1.1.1", ""] {
+        for bad in [
+            "10.0.2.15",
+            "10.0.2.15/33",
+            "x/24",
+            "10.0.2.15/24,gw=y",
+            "10.0.2.15/24,dns=1.1.1.1",
+            "",
+        ] {
             assert!(NetConfig::parse(bad).is_err(), "{bad}");
         }
     }
@@ -448,8 +452,14 @@ mod tests {
     #[test]
     fn reads_kernel_parameters() {
         let c = "console=ttyS0 gridnode.state=/dev/vda gridnode.ip=10.0.2.15/24,gw=10.0.2.2 quiet";
-        assert_eq!(cmdline_param(c, "gridnode.state").as_deref(), Some("/dev/vda"));
-        assert_eq!(cmdline_param(c, "gridnode.ip").as_deref(), Some("10.0.2.15/24,gw=10.0.2.2"));
+        assert_eq!(
+            cmdline_param(c, "gridnode.state").as_deref(),
+            Some("/dev/vda")
+        );
+        assert_eq!(
+            cmdline_param(c, "gridnode.ip").as_deref(),
+            Some("10.0.2.15/24,gw=10.0.2.2")
+        );
         assert_eq!(cmdline_param(c, "gridnode.port"), None);
     }
 }

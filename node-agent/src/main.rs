@@ -552,8 +552,8 @@ async fn registrar_reads_and_twins_only(
 ) -> axum::response::Response {
     use axum::http::{Method, StatusCode};
     use axum::response::IntoResponse;
-    let allowed =
-        req.method() == Method::GET || (req.method() == Method::POST && req.uri().path() == "/twins");
+    let allowed = req.method() == Method::GET
+        || (req.method() == Method::POST && req.uri().path() == "/twins");
     if allowed {
         next.run(req).await
     } else {

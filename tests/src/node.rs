@@ -56,7 +56,10 @@ impl NodeImage {
         };
         for f in [&image.kernel, &image.initramfs] {
             if !f.is_file() {
-                return Err(Error::Invalid(format!("node image file {} missing", f.display())));
+                return Err(Error::Invalid(format!(
+                    "node image file {} missing",
+                    f.display()
+                )));
             }
         }
         Ok(image)

@@ -88,7 +88,10 @@ fn serde_like_json(twin: u32, script: &str) -> String {
 
 fn wait_registered(node: &mut Node, boot: &str) -> Result<Duration, Error> {
     let t = node.wait_for_console(REGISTERED, Duration::from_secs(600))?;
-    eprintln!("{boot}: node boot to registered: {:.1} s (QEMU TCG, nested SVM)", t.as_secs_f64());
+    eprintln!(
+        "{boot}: node boot to registered: {:.1} s (QEMU TCG, nested SVM)",
+        t.as_secs_f64()
+    );
     Ok(t)
 }
 
@@ -120,14 +123,24 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
     let mut node = Node::boot(&image, &disk, 2, 4096)?;
     wait_registered(&mut node, "first boot")?;
     let console = node.console();
-    assert!(console.contains("formatting the state disk"), "no first-boot format:\n{console}");
+    assert!(
+        console.contains("formatting the state disk"),
+        "no first-boot format:\n{console}"
+    );
     assert!(console.contains("network configured"), "{console}");
 
     cli.run(&["keygen", "--out", &cli.key.to_string_lossy()])
         .unwrap_or_else(|e| panic!("keygen: {e}"));
     let registrar = format!("http://127.0.0.1:{}/registrar", node.api_port);
     let out = Cli::until(&node, "twin register", Duration::from_secs(60), || {
-        cli.run(&["twin", "register", "--key", &cli.key.to_string_lossy(), "--registrar", &registrar])
+        cli.run(&[
+            "twin",
+            "register",
+            "--key",
+            &cli.key.to_string_lossy(),
+            "--registrar",
+            &registrar,
+        ])
     });
     eprintln!("{}", out.trim());
     let twin: u32 = std::fs::read_to_string(twin_file(&cli.key))
@@ -136,9 +149,20 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
         .expect("twin register wrote KEY.twin");
 
     // The TCP registrar serves twin creation and reads, not node or farm writes.
-    let refused = cli.run(&["farm", "create", "--key", &cli.key.to_string_lossy(), "--name", "f", "--registrar", &registrar]);
+    let refused = cli.run(&[
+        "farm",
+        "create",
+        "--key",
+        &cli.key.to_string_lossy(),
+        "--name",
+        "f",
+        "--registrar",
+        &registrar,
+    ]);
     assert!(
-        refused.as_ref().is_err_and(|e| e.contains("reads and twin creation only")),
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("reads and twin creation only")),
         "a farm was created over TCP: {refused:?}"
     );
 
@@ -149,12 +173,26 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
     })?;
     cli.signed(&node, &["deploy", &doc.to_string_lossy()])
         .unwrap_or_else(|e| panic!("deploy: {e}\n--- node console\n{}", node.console()));
-    let logs = Cli::until(&node, "first run's output", Duration::from_secs(300), || {
-        let out = cli.signed(&node, &["logs", "counter"])?;
-        if out.contains("workload-run-1") { Ok(out) } else { Err(format!("logs so far: {out}")) }
-    });
-    eprintln!("first boot: workload output read through the API: {}", logs.trim());
-    let ps = cli.signed(&node, &["ps"]).unwrap_or_else(|e| panic!("ps: {e}"));
+    let logs = Cli::until(
+        &node,
+        "first run's output",
+        Duration::from_secs(300),
+        || {
+            let out = cli.signed(&node, &["logs", "counter"])?;
+            if out.contains("workload-run-1") {
+                Ok(out)
+            } else {
+                Err(format!("logs so far: {out}"))
+            }
+        },
+    );
+    eprintln!(
+        "first boot: workload output read through the API: {}",
+        logs.trim()
+    );
+    let ps = cli
+        .signed(&node, &["ps"])
+        .unwrap_or_else(|e| panic!("ps: {e}"));
     eprintln!("{ps}");
 
     // Power off hard (the workload synced its write), then boot again with the same disk.
@@ -163,11 +201,23 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
     let mut node = Node::boot(&image, &disk, 2, 4096)?;
     wait_registered(&mut node, "second boot")?;
     let console = node.console();
-    assert!(!console.contains("formatting the state disk"), "the state disk was formatted again:\n{console}");
-    let logs = Cli::until(&node, "second run's output", Duration::from_secs(300), || {
-        let out = cli.signed(&node, &["logs", "counter"])?;
-        if out.contains("workload-run-2") { Ok(out) } else { Err(format!("logs so far: {out}")) }
-    });
+    assert!(
+        !console.contains("formatting the state disk"),
+        "the state disk was formatted again:\n{console}"
+    );
+    let logs = Cli::until(
+        &node,
+        "second run's output",
+        Duration::from_secs(300),
+        || {
+            let out = cli.signed(&node, &["logs", "counter"])?;
+            if out.contains("workload-run-2") {
+                Ok(out)
+            } else {
+                Err(format!("logs so far: {out}"))
+            }
+        },
+    );
     eprintln!("second boot: workload output: {}", logs.trim());
     drop(first);
     Ok(())
