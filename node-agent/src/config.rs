@@ -21,6 +21,10 @@ pub struct AgentConfig {
     /// The API on TCP (every request signed by a twin).
     #[serde(default)]
     pub listen: Option<SocketAddr>,
+    /// Serve the embedded registrar's reads and twin creation on the TCP API too (under
+    /// `/registrar`), so users reach a standalone node from outside.
+    #[serde(default)]
+    pub tcp_registrar: bool,
     /// `local` (the embedded registrar, in the agent's database) or the URL of a registrar
     /// served by another node (`http://host:port`).
     #[serde(default = "default_registrar")]

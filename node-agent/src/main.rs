@@ -27,6 +27,7 @@ use node_agent::{capacity, init, uptime};
 #[command(
     name = "node-agent",
     version,
+    args_override_self = true,
     about = "Grid node agent: identity, registration, signed deployments of micro-VMs"
 )]
 struct Cli {
@@ -202,8 +203,19 @@ fn main() {
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // No colours on the node's serial console (PID 1 and the agent it starts, which gets
+        // NO_COLOR from it), nor when NO_COLOR is set.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::process::id() != 1
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
+    // The node image's /init is this binary: as PID 1 it is `node-agent init`, whatever the
+    // kernel passed as arguments.
+    if std::process::id() == 1 {
+        init::run(Path::new(DEFAULT_STATE_DIR));
+    }
     let cli = Cli::parse();
     match &cli.command {
         Cmd::Init { state_dir } => init::run(state_dir),
@@ -431,6 +443,8 @@ async fn run(cli: Cli) -> Result<()> {
     }
 }
 
+const DEFAULT_STATE_DIR: &str = "/var/lib/gridnode";
+
 fn spinner(msg: String) -> indicatif::ProgressBar {
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::new_spinner()
@@ -503,8 +517,15 @@ async fn find_deployment(client: &Client, target: &str) -> Result<u64> {
 }
 
 fn registrar_client(registrar: &str) -> Result<Box<dyn Registrar>> {
-    if registrar.starts_with("http://") {
-        return Ok(Box::new(RemoteRegistrar::new(registrar)?));
+    if let Some(rest) = registrar.strip_prefix("http://") {
+        // http://host:port/prefix: a registrar served under a path (an agent's TCP API
+        // serves its embedded registrar under /registrar).
+        return Ok(Box::new(match rest.trim_end_matches('/').split_once('/') {
+            Some((host, prefix)) => {
+                RemoteRegistrar::with_prefix(&format!("http://{host}"), &format!("/{prefix}"))?
+            }
+            None => RemoteRegistrar::new(registrar)?,
+        }));
     }
     // An agent's socket: its embedded registrar, under /registrar.
     Ok(Box::new(RemoteRegistrar::with_prefix(
@@ -520,6 +541,30 @@ fn create_state_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))
+}
+
+/// The embedded registrar on TCP: its public reads, and twin creation (signed by the key
+/// being registered, checked by the registrar). Farms, nodes and uptime are written by this
+/// node only, through the unix socket.
+async fn registrar_reads_and_twins_only(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::http::{Method, StatusCode};
+    use axum::response::IntoResponse;
+    let allowed = req.method() == Method::GET
+        || (req.method() == Method::POST && req.uri().path() == "/twins");
+    if allowed {
+        next.run(req).await
+    } else {
+        (
+            StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({
+                "error": "on TCP this registrar serves reads and twin creation only"
+            })),
+        )
+            .into_response()
+    }
 }
 
 async fn daemon(args: RunArgs) -> Result<()> {
@@ -628,7 +673,18 @@ async fn daemon(args: RunArgs) -> Result<()> {
     info!(socket = %sock.display(), "API listening");
     let unix = tokio::spawn(async move { axum::serve(listener, app).await });
     if let Some(addr) = config.listen {
-        let tcp_app = api::router(state, true);
+        let mut tcp_app = api::router(state, true);
+        if config.registrar == "local" && config.tcp_registrar {
+            let reg_state = Arc::new(server::ServerState {
+                registrar: LocalRegistrar::new(store.clone()),
+                replays: ReplayGuard::default(),
+            });
+            tcp_app = tcp_app.nest(
+                "/registrar",
+                server::router(reg_state)
+                    .layer(axum::middleware::from_fn(registrar_reads_and_twins_only)),
+            );
+        }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;

@@ -7,6 +7,7 @@ pub mod artifacts;
 pub mod cpio;
 pub mod error;
 pub mod microvm;
+pub mod node;
 pub mod qemu;
 pub mod testbed;
 

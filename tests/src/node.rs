@@ -1,0 +1,196 @@
+//! The node image (scripts/node-image.sh) booted under QEMU like the test bed (TCG with
+//! nested SVM, so the node has a real /dev/kvm), with a raw state disk on virtio-blk and user
+//! networking that forwards a local port to the agent's TCP API. Unlike a test bed job, the
+//! node keeps running while the test talks to it; its console is captured as it streams.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crate::artifacts;
+use crate::error::{Error, Result};
+use crate::qemu;
+
+/// The node's static address on QEMU's user network, and the agent's port.
+pub const NODE_IP: &str = "10.0.2.15";
+pub const AGENT_PORT: u16 = 7070;
+
+/// A built node image.
+#[derive(Debug, Clone)]
+pub struct NodeImage {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+impl NodeImage {
+    /// `NODE_IMAGE_DIR` when set (a prebuilt image), else runs scripts/node-image.sh into
+    /// `<target>/node-image` (release builds, guest kernel and init cached).
+    pub fn build() -> Result<Self> {
+        let dir = match std::env::var_os("NODE_IMAGE_DIR") {
+            Some(d) => PathBuf::from(d),
+            None => {
+                let dir = artifacts::target_dir().join("node-image");
+                let script = artifacts::workspace_root().join("scripts/node-image.sh");
+                let status = Command::new("bash")
+                    .arg(&script)
+                    .arg(&dir)
+                    .env("CARGO_TARGET_DIR", artifacts::target_dir())
+                    .stdout(Stdio::null())
+                    .status()
+                    .map_err(Error::io(format!("running {}", script.display())))?;
+                if !status.success() {
+                    return Err(Error::Invalid(format!(
+                        "{} failed ({status})",
+                        script.display()
+                    )));
+                }
+                dir
+            }
+        };
+        let image = Self {
+            kernel: dir.join("vmlinuz"),
+            initramfs: dir.join("initramfs.cpio"),
+        };
+        for f in [&image.kernel, &image.initramfs] {
+            if !f.is_file() {
+                return Err(Error::Invalid(format!(
+                    "node image file {} missing",
+                    f.display()
+                )));
+            }
+        }
+        Ok(image)
+    }
+}
+
+/// A running node (QEMU), killed when dropped.
+pub struct Node {
+    child: Child,
+    console: Arc<Mutex<Vec<u8>>>,
+    reader: Option<JoinHandle<()>>,
+    started: Instant,
+    /// The local port forwarded to the agent's TCP API.
+    pub api_port: u16,
+}
+
+impl Node {
+    /// Boots `image` with `state_disk` (a raw file) as /dev/vda and the agent's API forwarded
+    /// to a free local port.
+    pub fn boot(image: &NodeImage, state_disk: &Path, cpus: u32, memory_mib: u32) -> Result<Self> {
+        let api_port = free_port()?;
+        let append = format!(
+            "console=ttyS0 panic=-1 gridnode.state=/dev/vda gridnode.ip={NODE_IP}/24,gw=10.0.2.2 gridnode.port={AGENT_PORT}"
+        );
+        let mut cmd = Command::new(qemu::qemu_binary()?);
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm"])
+            .args(["-smp", &cpus.to_string(), "-m", &memory_mib.to_string()])
+            .args(["-nographic", "-no-reboot", "-serial", "mon:stdio"])
+            .arg("-kernel")
+            .arg(&image.kernel)
+            .arg("-initrd")
+            .arg(&image.initramfs)
+            .args(["-append", &append])
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=virtio,format=raw,cache=writeback",
+                state_disk.display()
+            ))
+            .arg("-nic")
+            .arg(format!(
+                "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{api_port}-{NODE_IP}:{AGENT_PORT}"
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let started = Instant::now();
+        let mut child = cmd
+            .spawn()
+            .map_err(Error::io(format!("starting {cmd:?}")))?;
+        let console = Arc::new(Mutex::new(Vec::new()));
+        let reader = child.stdout.take().map(|mut out| {
+            let console = Arc::clone(&console);
+            thread::spawn(move || {
+                let mut buf = [0u8; 8192];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let Ok(mut c) = console.lock() else { break };
+                    c.extend_from_slice(&buf[..n]);
+                }
+            })
+        });
+        Ok(Self {
+            child,
+            console,
+            reader,
+            started,
+            api_port,
+        })
+    }
+
+    /// The console so far.
+    pub fn console(&self) -> String {
+        let c = self.console.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&c).into_owned()
+    }
+
+    /// Time since QEMU was started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Waits until `needle` is on the console; returns the time since QEMU started.
+    pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.console().contains(needle) {
+                return Ok(self.started.elapsed());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(Error::Invalid(format!(
+                    "the node ended ({status}) before {needle:?}:\n{}",
+                    self.console()
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    timeout,
+                    console: self.console(),
+                });
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Powers the node off the hard way (QEMU killed) and returns its console.
+    pub fn kill(mut self) -> String {
+        self.stop();
+        self.console()
+    }
+
+    fn stop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+        if let Some(r) = self.reader.take() {
+            r.join().ok();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(Error::io("binding a local port".to_string()))?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(Error::io("local port".to_string()))
+}
