@@ -22,6 +22,8 @@ const APPEND: &str = "console=ttyS0 panic=-1 quiet loglevel=1";
 pub struct Testbed {
     qemu: PathBuf,
     kernel: PathBuf,
+    /// The kernel's module directory (`/lib/modules/<release>`).
+    moddir: PathBuf,
     modules: Vec<Module>,
     busybox: PathBuf,
     /// Virtual CPUs of the test bed (default 2).
@@ -61,12 +63,25 @@ impl Testbed {
         Ok(Self {
             qemu,
             kernel,
+            moddir,
             modules,
             busybox,
             cpus: 2,
             memory_mib: 4096,
             echo_console: None,
         })
+    }
+
+    /// Also loads `extra` modules (and their dependencies) of the test bed's kernel, after
+    /// the KVM ones, e.g. `vhost_vsock` for a QEMU peer with vhost; fails with
+    /// `Error::Missing` when the kernel package has no such module.
+    pub fn with_modules(mut self, extra: &[&str]) -> Result<Self> {
+        for module in modules::resolve(&self.moddir, extra)? {
+            if !self.modules.iter().any(|m| m.name == module.name) {
+                self.modules.push(module);
+            }
+        }
+        Ok(self)
     }
 
     /// The test bed's kernel image.

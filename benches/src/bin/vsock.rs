@@ -1,18 +1,26 @@
 //! vsock benchmark on the test bed (a KVM host inside QEMU): a host program talks to a guest
-//! program through the vmm's virtio-vsock device (Firecracker's `CONNECT <port>` convention)
-//! and measures host->guest and guest->host throughput (64 KiB writes, no hashing) and the
-//! round-trip time of 1-byte messages. The same client against a plain unix socket on the
-//! same test bed is the baseline: the ratio, not the absolute numbers, carries over to real
-//! hosts. Both ends are `vsock-probe` (guest-kernels/vsock-probe).
+//! program and measures host->guest and guest->host throughput (64 KiB writes, no hashing)
+//! and the round-trip time of 1-byte messages, three ways in one test-bed boot:
+//!
+//! - the vmm's virtio-vsock device (Firecracker's convention: the host connects to the vmm's
+//!   unix socket and writes `CONNECT <port>`);
+//! - QEMU `microvm` with `vhost-vsock-device` (the test bed's `vhost_vsock` module carries
+//!   the data in its kernel; the host connects with AF_VSOCK to the guest's cid);
+//! - a plain unix socket between two host processes (the baseline).
+//!
+//! The guest kernel, initramfs and guest program are the same for both VMMs (1 vCPU,
+//! 256 MiB). With `--repeat N` the three are run N times, interleaved, and the medians are
+//! printed. Only the ratios carry over to real hosts. Both ends are `vsock-probe`
+//! (guest-kernels/vsock-probe).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Result;
-use benches::{run_on_testbed, sibling};
+use anyhow::{bail, Result};
+use benches::{sibling, with_qemu};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
-use e2e_tests::{artifacts, microvm, Job};
+use e2e_tests::{artifacts, microvm, Job, Testbed};
 
 #[derive(Parser)]
 struct Args {
@@ -22,9 +30,117 @@ struct Args {
     /// 1-byte round trips.
     #[arg(long, default_value_t = 2000)]
     rounds: u64,
+    /// How many times each peer is measured (interleaved); medians are reported.
+    #[arg(long, default_value_t = 1)]
+    repeat: u32,
     /// The vmm binary (default: the one built beside this program).
     #[arg(long)]
     vmm: Option<PathBuf>,
+}
+
+/// The guest kernel's arguments under QEMU: the vmm's defaults (QEMU's microvm adds the
+/// virtio-mmio devices itself).
+const QEMU_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
+const GUEST_PORT: u32 = 5000;
+const VMM_CID: u32 = 3;
+const QEMU_CID: u32 = 4;
+
+/// The peers, in the order they run and are reported.
+const PEERS: &[(&str, &str)] = &[
+    ("vmm", "vmm virtio-vsock"),
+    ("qemu", "QEMU vhost-vsock"),
+    ("unix", "unix socket (baseline)"),
+];
+
+/// The test-bed shell commands that measure `peer` once and print `RESULT <peer> <probe line>`.
+fn measure(peer: &str, mib: u64, rounds: u64) -> String {
+    let probe = |target: &str| {
+        format!("echo \"RESULT {peer} $(/probe {target} {mib} {rounds} 2>&1 | tail -n 1)\"\n")
+    };
+    match peer {
+        "unix" => format!(
+            "/probe bench-serve-unix /run/base.sock & S=$!\n{}wait $S\n",
+            probe("bench /run/base.sock 0")
+        ),
+        "vmm" => format!(
+            "/vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 256 --serial off \
+               --vsock cid={VMM_CID},uds=/run/v.sock -- /bin/vsock-probe bench-serve {GUEST_PORT} \
+               > /tmp/vmm.log 2>&1 & V=$!\n{}wait $V || {{ echo 'vmm failed:'; cat /tmp/vmm.log; }}\n",
+            probe(&format!("bench /run/v.sock {GUEST_PORT}"))
+        ),
+        "qemu" => format!(
+            "qemu-system-x86_64 -M microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on \
+               -accel kvm -cpu host -smp 1 -m 256 -nodefaults -no-user-config -nographic \
+               -no-reboot -serial file:/tmp/qemu-console.log -device i8042 \
+               -device vhost-vsock-device,guest-cid={QEMU_CID} \
+               -kernel /guest/vmlinux -initrd /guest/initrd \
+               -append '{QEMU_CMDLINE} -- /bin/vsock-probe bench-serve {GUEST_PORT}' \
+               > /tmp/qemu.log 2>&1 & Q=$!\n{}wait $Q || {{ echo 'qemu failed:'; cat /tmp/qemu.log /tmp/qemu-console.log; }}\n",
+            probe(&format!("bench-vsock {QEMU_CID} {GUEST_PORT}"))
+        ),
+        other => unreachable!("unknown peer {other}"),
+    }
+}
+
+/// One measurement: host->guest and guest->host MiB/s, round trip in µs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Sample {
+    to_guest: f64,
+    from_guest: f64,
+    rtt_us: f64,
+}
+
+/// Reads `vsock-bench: to-server X MiB/s, from-server Y MiB/s, rtt Z us (...)`.
+fn parse_probe_line(line: &str) -> Option<Sample> {
+    let rest = line.split("vsock-bench:").nth(1)?;
+    let number_after = |key: &str| -> Option<f64> {
+        let at = rest.find(key)? + key.len();
+        rest[at..].split_whitespace().next()?.parse().ok()
+    };
+    Some(Sample {
+        to_guest: number_after("to-server ")?,
+        from_guest: number_after("from-server ")?,
+        rtt_us: number_after("rtt ")?,
+    })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The medians of each peer's samples in `output`, in [`PEERS`] order; fails naming a peer
+/// without any result (its line is in `output`).
+fn summarize(output: &str) -> Result<Vec<(&'static str, Sample, usize)>> {
+    let mut rows = Vec::new();
+    for (peer, label) in PEERS {
+        let prefix = format!("RESULT {peer} ");
+        let samples: Vec<Sample> = output
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(parse_probe_line)
+            .collect();
+        if samples.is_empty() {
+            bail!("no result for {label}:\n{output}");
+        }
+        let pick = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+        rows.push((
+            *label,
+            Sample {
+                to_guest: pick(|s| s.to_guest),
+                from_guest: pick(|s| s.from_guest),
+                rtt_us: pick(|s| s.rtt_us),
+            },
+            samples.len(),
+        ));
+    }
+    Ok(rows)
 }
 
 fn main() -> Result<()> {
@@ -33,6 +149,7 @@ fn main() -> Result<()> {
         Some(path) => path,
         None => sibling("vmm")?,
     };
+    let qemu = e2e_tests::qemu::qemu_binary()?;
     let kernel = artifacts::guest_kernel()?;
     let init = artifacts::guest_init()?;
     let probe = artifacts::guest_program("vsock-probe")?;
@@ -40,21 +157,87 @@ fn main() -> Result<()> {
     let mut archive = microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?;
     archive.file("bin/vsock-probe", 0o755, Contents::HostFile(probe.clone()))?;
     archive.write_file(&initrd)?;
-    let (mib, rounds) = (args.mib, args.rounds);
-    let script = format!(
-        "mkdir -p /run\n\
-         /probe bench-serve-unix /run/base.sock & sleep 0.5\n\
-         echo -n 'unix socket (baseline): '; /probe bench /run/base.sock 0 {mib} {rounds}\n\
-         /vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 256 --serial off \
-           --vsock cid=3,uds=/run/v.sock -- /bin/vsock-probe bench-serve 5000 & V=$!\n\
-         echo -n 'vmm virtio-vsock:       '; /probe bench /run/v.sock 5000 {mib} {rounds}\n\
-         wait $V\n"
-    );
+
+    let mut script =
+        String::from("mkdir -p /run\n[ -c /dev/vhost-vsock ] || echo 'no /dev/vhost-vsock'\n");
+    for _ in 0..args.repeat.max(1) {
+        for (peer, _) in PEERS {
+            script.push_str(&measure(peer, args.mib, args.rounds));
+        }
+    }
     let job = Job::new(script)
         .binary("/vmm", &vmm)
         .file("/probe", &probe)
         .file("/guest/vmlinux", &kernel.vmlinux)
         .file("/guest/initrd", &initrd)
-        .timeout(Duration::from_secs(900));
-    run_on_testbed(&job)
+        .timeout(Duration::from_secs(900 * u64::from(args.repeat.max(1))));
+    let bed = Testbed::from_system()?.with_modules(&["vhost_vsock"])?;
+    let out = bed.run(&with_qemu(job, &qemu))?;
+    if out.status != 0 {
+        bail!(
+            "the benchmark failed on the test bed (status {}):\n{}\n{}",
+            out.status,
+            out.output,
+            out.console
+        );
+    }
+    let rows = summarize(&out.output)?;
+    let vmm_row = rows[0].1;
+    println!(
+        "vsock, {} MiB each way, {} round trips of 1 byte; medians of {} run(s), one test-bed boot",
+        args.mib,
+        args.rounds,
+        args.repeat.max(1)
+    );
+    println!(
+        "{:<24} {:>16} {:>16} {:>14}",
+        "", "host->guest", "guest->host", "round trip"
+    );
+    for (label, s, _) in &rows {
+        println!(
+            "{label:<24} {:>10.1} MiB/s {:>10.1} MiB/s {:>11.0} us",
+            s.to_guest, s.from_guest, s.rtt_us
+        );
+    }
+    println!("vmm relative to each peer (throughput: >1 is faster; round trip: <1 is faster):");
+    for (label, s, _) in &rows[1..] {
+        println!(
+            "  vs {label:<24} host->guest {:.2}x, guest->host {:.2}x, round trip {:.2}x",
+            vmm_row.to_guest / s.to_guest,
+            vmm_row.from_guest / s.from_guest,
+            vmm_row.rtt_us / s.rtt_us
+        );
+    }
+    println!("(measured on the test bed: a KVM host inside QEMU TCG; compare the ratios)");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_probe_line_and_takes_medians() {
+        let line = "vsock-bench: to-server 21.1 MiB/s, from-server 15.8 MiB/s, rtt 8600 us (64 MiB, 2000 round trips)";
+        assert_eq!(
+            parse_probe_line(line),
+            Some(Sample {
+                to_guest: 21.1,
+                from_guest: 15.8,
+                rtt_us: 8600.0
+            })
+        );
+        assert_eq!(
+            parse_probe_line("vsock-probe: error: connect: refused"),
+            None
+        );
+        let output = format!(
+            "RESULT vmm {line}\nRESULT vmm {}\nRESULT qemu {line}\nRESULT unix {line}\n",
+            line.replace("21.1", "30.1")
+        );
+        let rows = summarize(&output).unwrap();
+        assert_eq!(rows[0].2, 2);
+        assert!((rows[0].1.to_guest - 25.6).abs() < 1e-9);
+        assert!(summarize("RESULT vmm x\n").is_err());
+    }
 }

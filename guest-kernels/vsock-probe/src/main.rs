@@ -17,6 +17,8 @@
 //! - `bench UDS PORT MIB ROUNDS` (host): through the vmm's socket (`PORT` > 0) or straight to
 //!   the unix socket UDS (`PORT` = 0), measures host->guest and guest->host throughput (no
 //!   hashing: the device, not SHA-256) and the round-trip time of 1-byte messages.
+//! - `bench-vsock CID PORT MIB ROUNDS` (host): the same measurement over AF_VSOCK to guest
+//!   CID (a VMM with the kernel's vhost-vsock, such as QEMU's `vhost-vsock-device`).
 //!
 //! Connections that are refused while the other side starts are retried for a minute.
 
@@ -508,6 +510,14 @@ fn run(args: &[String]) -> Result<()> {
                     .map_err(|e| format!("accept: {e}"))
             })
         }
+        Some("bench-vsock") => {
+            let (cid, port): (u32, u32) = (arg(args, 1)?, arg(args, 2)?);
+            bench(
+                || retry("vsock connect", || vsock_connect(cid, port)),
+                arg(args, 3)?,
+                arg(args, 4)?,
+            )
+        }
         Some("bench") => {
             let (uds, port): (String, u32) = (arg(args, 1)?, arg(args, 2)?);
             let connect = || {
@@ -519,7 +529,7 @@ fn run(args: &[String]) -> Result<()> {
             };
             bench(connect, arg(args, 3)?, arg(args, 4)?)
         }
-        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds|bench-serve|bench-serve-unix|bench ...".into()),
+        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds|bench-serve|bench-serve-unix|bench|bench-vsock ...".into()),
     }
 }
 
