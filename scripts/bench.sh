@@ -7,8 +7,11 @@
 #     (the vmm also through the chunk fetcher; another vmm build with VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh blk [--runs N] [--seconds S]  in-guest fio on virtio-blk vs QEMU microvm
 #     (and another vmm build with --vmm-baseline PATH or VMM_BASELINE_BIN=PATH)
-#   bash scripts/bench.sh vsock [--mib M]             vsock throughput + round trip vs a unix socket
-#   bash scripts/bench.sh agent [--deploys N]         node agent: deploy latency, RSS, registration
+#   bash scripts/bench.sh vsock [--mib M] [--repeat N] vsock throughput + round trip vs QEMU vhost-vsock
+#     and a unix socket
+#   bash scripts/bench.sh agent [--deploys N] [--vms N] [--density N]
+#                                     the node image: boot to registered, deploy latency and its
+#                                     parts, agent/vmm memory with N VMs, VMs held until refused
 #   VMM_BASELINE_BIN=PATH bash scripts/bench.sh before-after [--boot-runs N] [--fs-runs N]
 #                                                     boot and fs with this vmm and PATH, one run
 set -euo pipefail

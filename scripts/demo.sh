@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job: install what is needed, build the guest kernel (cached), the guest init and the
-# vmm, then boot a micro-VM that runs a command and prints its output. Arguments, if any, are
-# the command; --direct first runs the vmm on this host's /dev/kvm (a real KVM host) instead of
-# on the test bed.
+# The main job: install what is needed, build the guest kernel (cached), the vmm, the node agent
+# and the node image, boot the node image (its PID 1 is the agent) under QEMU with nested SVM,
+# register a twin, deploy a signed workload whose root is an flist, and print its output read
+# through the agent's API. Arguments, if any, are the workload's command; --direct first runs
+# the agent as a process on this host's /dev/kvm (a real KVM host) instead of booting the node
+# image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

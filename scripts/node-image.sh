@@ -121,7 +121,8 @@ ln -s busybox "$groot/bin/sh"
 drootfs="$stage/demo-rootfs"
 mkdir -p "$drootfs"/{bin,etc,proc,dev,tmp,sys,run,data}
 install -m 0755 "$(command -v busybox)" "$drootfs/bin/busybox"
-for a in sh cat echo sleep ls sync; do ln -s busybox "$drootfs/bin/$a"; done
+for a in sh cat echo sleep ls sync uname nproc; do ln -s busybox "$drootfs/bin/$a"; done
+echo "an flist root" > "$drootfs/etc/motd"
 demo=/usr/share/gridnode/demo
 "$flist" pack "$drootfs" -o "$root$demo/root.flist" --store "dir://$root$demo/store" >/dev/null
 # The image records its store by the path inside the node image, which the vmm's node

@@ -60,7 +60,8 @@ pub struct ApiState {
         ErrorBody,
         Deployment,
         VmRecord,
-        Resources
+        Resources,
+        crate::hostmem::NodeMemory
     ))
 )]
 pub struct ApiDoc;
@@ -211,6 +212,8 @@ pub struct NodeStatus {
     pub workloads: usize,
     pub uptime_reports_pending: usize,
     pub last_uptime_report: i64,
+    /// What the node's memory is spent on now.
+    pub memory: crate::hostmem::NodeMemory,
 }
 
 #[utoipa::path(get, path = "/node", responses((status = 200, body = NodeStatus), (status = 401, body = ErrorBody)))]
@@ -222,6 +225,8 @@ async fn node_status(
 ) -> Result<Json<NodeStatus>, ApiError> {
     authenticate(&s, &method, &uri, &headers, b"").await?;
     let e = &s.state.engine;
+    let vms = e.store.vms(None)?;
+    let memory = crate::hostmem::NodeMemory::measure(&vms);
     let meta = |k: &str| e.store.meta(k).ok().flatten().and_then(|v| v.parse().ok());
     Ok(Json(NodeStatus {
         node_key: s.state.node_key.clone(),
@@ -234,12 +239,13 @@ async fn node_status(
             == 1,
         capacity_total: e.capacity,
         capacity_used: e.used(None)?,
-        workloads: e.store.vms(None)?.len(),
+        workloads: vms.len(),
         uptime_reports_pending: e.store.pending_uptime()?.len(),
         last_uptime_report: e
             .metrics
             .last_uptime_report
             .load(std::sync::atomic::Ordering::Relaxed),
+        memory,
     }))
 }
 
@@ -252,12 +258,14 @@ async fn metrics(
 ) -> Result<Response, ApiError> {
     authenticate(&s, &method, &uri, &headers, b"").await?;
     let e = &s.state.engine;
-    let text = e.metrics.render(
-        &e.store.vms(None)?,
+    let vms = e.store.vms(None)?;
+    let mut text = e.metrics.render(
+        &vms,
         e.used(None)?,
         e.capacity,
         e.store.pending_uptime()?.len(),
     );
+    crate::hostmem::NodeMemory::measure(&vms).render(&mut text);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod deployment;
 pub mod engine;
+pub mod hostmem;
 pub mod identity;
 pub mod init;
 pub mod metrics;

@@ -101,7 +101,7 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
-    /// The node's capacity and health (the operator's view).
+    /// The node's capacity and health (the operator's view; over TCP, sign with a twin's key).
     Node {
         #[arg(
             long,
@@ -109,6 +109,12 @@ enum Cmd {
             default_value = "/var/lib/gridnode/agent.sock"
         )]
         agent: String,
+        /// A twin's key file to sign the request with (needed over TCP).
+        #[arg(long, env = "GRIDNODE_KEY")]
+        key: Option<PathBuf>,
+        /// The twin id (default: from KEY.twin).
+        #[arg(long)]
+        twin: Option<u32>,
     },
 }
 
@@ -434,8 +440,11 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&d)?);
             Ok(())
         }
-        Cmd::Node { agent } => {
-            let client = Client::new(Endpoint::parse(&agent)?);
+        Cmd::Node { agent, key, twin } => {
+            let client = match key {
+                Some(key) => Who { key, twin, agent }.client()?.0,
+                None => Client::new(Endpoint::parse(&agent)?),
+            };
             let s: NodeStatus = get_json(&client, "/node").await?;
             println!("{}", serde_json::to_string_pretty(&s)?);
             Ok(())

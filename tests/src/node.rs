@@ -2,6 +2,7 @@
 //! nested SVM, so the node has a real /dev/kvm), with a raw state disk on virtio-blk and user
 //! networking that forwards a local port to the agent's TCP API. Unlike a test bed job, the
 //! node keeps running while the test talks to it; its console is captured as it streams.
+//! [`AgentCli`] drives the node from outside with the `node-agent` CLI, as a user would.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -193,4 +194,112 @@ fn free_port() -> Result<u16> {
     l.local_addr()
         .map(|a| a.port())
         .map_err(Error::io("local port".to_string()))
+}
+
+/// What the agent logs once the node is registered.
+pub const REGISTERED: &str = "node_agent::uptime: registered";
+
+/// The `node-agent` CLI (the release build beside the node image's) on this host, talking to a
+/// node's TCP API as a twin whose key is `key`.
+pub struct AgentCli {
+    pub bin: PathBuf,
+    pub key: PathBuf,
+    /// `http://127.0.0.1:PORT`, the node's forwarded API.
+    pub agent: String,
+}
+
+impl AgentCli {
+    /// For `node`, with the twin key at `key` (made by [`AgentCli::register_twin`]).
+    pub fn new(node: &Node, key: PathBuf) -> Self {
+        Self {
+            bin: artifacts::target_dir().join("release/node-agent"),
+            key,
+            agent: format!("http://127.0.0.1:{}", node.api_port),
+        }
+    }
+
+    /// Runs `node-agent ARGS`: Ok(stdout) on success, Err(stdout + stderr) otherwise.
+    pub fn run(&self, args: &[&str]) -> std::result::Result<String, String> {
+        self.exec(args, false)
+    }
+
+    /// Runs `node-agent ARGS --key KEY --agent AGENT` (a request signed by the twin).
+    pub fn signed(&self, args: &[&str]) -> std::result::Result<String, String> {
+        self.exec(args, true)
+    }
+
+    fn exec(&self, args: &[&str], signed: bool) -> std::result::Result<String, String> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args);
+        if signed {
+            cmd.arg("--key")
+                .arg(&self.key)
+                .args(["--agent", &self.agent]);
+        }
+        let out = cmd
+            .output()
+            .map_err(|e| format!("running {}: {e}", self.bin.display()))?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() {
+            Ok(stdout)
+        } else {
+            Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// Makes the key, registers it as a twin on the node's embedded registrar (retried while
+    /// the API comes up, at most `timeout`) and returns the twin id.
+    pub fn register_twin(&self, node: &Node, timeout: Duration) -> Result<u32> {
+        let key = self.key.display().to_string();
+        self.run(&["keygen", "--out", &key])
+            .map_err(|e| Error::Invalid(format!("keygen: {e}")))?;
+        let registrar = format!("{}/registrar", self.agent);
+        self.until(node, "twin register", timeout, || {
+            self.run(&["twin", "register", "--key", &key, "--registrar", &registrar])
+                .map(Some)
+        })?;
+        let twin_file = format!("{key}.twin");
+        std::fs::read_to_string(&twin_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| Error::Invalid(format!("twin register wrote no twin id to {twin_file}")))
+    }
+
+    /// Retries `f` every `poll` until it gives Some or `timeout` passes; the error names `what`
+    /// and carries the last failure and the node's console.
+    pub fn until_every<T>(
+        &self,
+        node: &Node,
+        what: &str,
+        timeout: Duration,
+        poll: Duration,
+        mut f: impl FnMut() -> std::result::Result<Option<T>, String>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match f() {
+                Ok(Some(v)) => return Ok(v),
+                Ok(None) => String::new(),
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::Invalid(format!(
+                    "{what}: not done within {timeout:?}: {last}\n--- the node's console:\n{}",
+                    node.console()
+                )));
+            }
+            thread::sleep(poll);
+        }
+    }
+
+    /// [`AgentCli::until_every`] once a second.
+    pub fn until<T>(
+        &self,
+        node: &Node,
+        what: &str,
+        timeout: Duration,
+        f: impl FnMut() -> std::result::Result<Option<T>, String>,
+    ) -> Result<T> {
+        self.until_every(node, what, timeout, Duration::from_secs(1), f)
+    }
 }

@@ -6,64 +6,10 @@
 //! again with the same state disk: the deployment starts again and its workload finds its
 //! earlier write on its volume.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use e2e_tests::node::{Node, NodeImage};
+use e2e_tests::node::{AgentCli, Node, NodeImage, REGISTERED};
 use e2e_tests::{artifacts, qemu, skip_if_missing, Error};
-
-/// What the agent logs once the node is registered.
-const REGISTERED: &str = "node_agent::uptime: registered";
-
-struct Cli {
-    bin: PathBuf,
-    key: PathBuf,
-}
-
-impl Cli {
-    /// Runs `node-agent ARGS`; Ok(stdout) on success, Err(stdout+stderr) otherwise.
-    fn run(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new(&self.bin)
-            .args(args)
-            .output()
-            .map_err(|e| format!("running {}: {e}", self.bin.display()))?;
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() {
-            Ok(stdout)
-        } else {
-            Err(format!("{stdout}{}", String::from_utf8_lossy(&out.stderr)))
-        }
-    }
-
-    fn signed(&self, node: &Node, args: &[&str]) -> Result<String, String> {
-        let agent = format!("http://127.0.0.1:{}", node.api_port);
-        let key = self.key.to_string_lossy().into_owned();
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--key", &key, "--agent", &agent]);
-        self.run(&all)
-    }
-
-    /// Retries `f` every second until it succeeds or `timeout` passes.
-    fn until(
-        node: &Node,
-        what: &str,
-        timeout: Duration,
-        mut f: impl FnMut() -> Result<String, String>,
-    ) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            match f() {
-                Ok(out) => return out,
-                Err(e) if Instant::now() >= deadline => panic!(
-                    "{what}: not done within {timeout:?}: {e}\n--- node console\n{}",
-                    node.console()
-                ),
-                Err(_) => std::thread::sleep(Duration::from_secs(1)),
-            }
-        }
-    }
-}
 
 /// The workload counts its runs in a file on its volume. `sync FILE` is an fsync of that file,
 /// which reaches the node's disk; a plain `sync` (syncfs) does not on a virtio-fs volume (the
@@ -114,10 +60,6 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
         context: format!("creating {}", disk.display()),
         source,
     })?);
-    let cli = Cli {
-        bin: artifacts::target_dir().join("release/node-agent"),
-        key: scratch.join("user.key"),
-    };
 
     // First boot: a fresh disk.
     let mut node = Node::boot(&image, &disk, 2, 4096)?;
@@ -129,31 +71,18 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
     );
     assert!(console.contains("network configured"), "{console}");
 
-    cli.run(&["keygen", "--out", &cli.key.to_string_lossy()])
-        .unwrap_or_else(|e| panic!("keygen: {e}"));
-    let registrar = format!("http://127.0.0.1:{}/registrar", node.api_port);
-    let out = Cli::until(&node, "twin register", Duration::from_secs(60), || {
-        cli.run(&[
-            "twin",
-            "register",
-            "--key",
-            &cli.key.to_string_lossy(),
-            "--registrar",
-            &registrar,
-        ])
-    });
-    eprintln!("{}", out.trim());
-    let twin: u32 = std::fs::read_to_string(twin_file(&cli.key))
-        .ok()
-        .and_then(|t| t.trim().parse().ok())
-        .expect("twin register wrote KEY.twin");
+    let cli = AgentCli::new(&node, scratch.join("user.key"));
+    let twin = cli.register_twin(&node, Duration::from_secs(60))?;
+    eprintln!("twin {twin}");
 
     // The TCP registrar serves twin creation and reads, not node or farm writes.
+    let key = cli.key.display().to_string();
+    let registrar = format!("{}/registrar", cli.agent);
     let refused = cli.run(&[
         "farm",
         "create",
         "--key",
-        &cli.key.to_string_lossy(),
+        &key,
         "--name",
         "f",
         "--registrar",
@@ -171,29 +100,23 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
         context: "writing the deployment".into(),
         source,
     })?;
-    cli.signed(&node, &["deploy", &doc.to_string_lossy()])
+    cli.signed(&["deploy", &doc.to_string_lossy()])
         .unwrap_or_else(|e| panic!("deploy: {e}\n--- node console\n{}", node.console()));
-    let logs = Cli::until(
-        &node,
-        "first run's output",
-        Duration::from_secs(300),
-        || {
-            let out = cli.signed(&node, &["logs", "counter"])?;
-            if out.contains("workload-run-1") {
-                Ok(out)
-            } else {
-                Err(format!("logs so far: {out}"))
-            }
-        },
-    );
+    let logs = wait_output(&cli, &node, "workload-run-1")?;
     eprintln!(
         "first boot: workload output read through the API: {}",
         logs.trim()
     );
-    let ps = cli
-        .signed(&node, &["ps"])
-        .unwrap_or_else(|e| panic!("ps: {e}"));
+    let ps = cli.signed(&["ps"]).unwrap_or_else(|e| panic!("ps: {e}"));
     eprintln!("{ps}");
+    // The node's health view counts the running vmm's memory.
+    let status = cli
+        .signed(&["node"])
+        .unwrap_or_else(|e| panic!("node: {e}"));
+    assert!(
+        status.contains("\"vmm_processes\": 1"),
+        "the node status does not count the VM's vmm: {status}"
+    );
 
     // Power off hard (the workload synced its write), then boot again with the same disk.
     std::thread::sleep(Duration::from_secs(3));
@@ -205,26 +128,16 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
         !console.contains("formatting the state disk"),
         "the state disk was formatted again:\n{console}"
     );
-    let logs = Cli::until(
-        &node,
-        "second run's output",
-        Duration::from_secs(300),
-        || {
-            let out = cli.signed(&node, &["logs", "counter"])?;
-            if out.contains("workload-run-2") {
-                Ok(out)
-            } else {
-                Err(format!("logs so far: {out}"))
-            }
-        },
-    );
+    let logs = wait_output(&cli, &node, "workload-run-2")?;
     eprintln!("second boot: workload output: {}", logs.trim());
     drop(first);
     Ok(())
 }
 
-fn twin_file(key: &Path) -> PathBuf {
-    let mut s = key.as_os_str().to_owned();
-    s.push(".twin");
-    PathBuf::from(s)
+/// Waits until the workload's logs (read through the API) hold `marker`.
+fn wait_output(cli: &AgentCli, node: &Node, marker: &str) -> Result<String, Error> {
+    cli.until(node, marker, Duration::from_secs(300), || {
+        let out = cli.signed(&["logs", "counter"])?;
+        Ok(out.contains(marker).then_some(out))
+    })
 }

@@ -1,156 +1,261 @@
-//! Node agent benchmark on the test bed (a KVM host inside QEMU): agent start to API up and to
-//! registered (embedded registrar), deploy latency (request to the VM built; request to the
-//! entrypoint's first output, read through the API) as the median of 10 deployments, agent RSS
-//! idle and with 20 VMs, vmm RSS per idle VM, and delete latency. Absolute times are those of
-//! nested TCG: compare the parts with each other.
+//! Node agent benchmark on the node image (scripts/node-image.sh), booted under QEMU with nested
+//! SVM as on the test bed, driven from this host over the agent's TCP API as a user would:
+//! - node image boot to registered (QEMU start to the agent's "registered" line);
+//! - deploy latency, the median of `--deploys` deployments one after another, in parts:
+//!   the signed deploy request until it returns (verified, journalled, image opened, vmm
+//!   started), until the guest init reports `booted` in the VM's log, and until the
+//!   entrypoint's first output, both read through the API (polled every 100 ms);
+//! - the agent's and the vmm processes' resident memory, idle and with `--vms` idle VMs
+//!   (`GET /node`);
+//! - density (`--density`): idle VMs deployed until the agent's admission refuses one, with the
+//!   node's available memory then;
+//! - delete latency of one VM.
+//!
+//! Absolute times are those of nested TCG (the node's CPU is emulated): compare the parts with
+//! each other. Progress goes to stderr as the run goes on.
 
-use anyhow::{bail, Result};
-use benches::sibling;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
-use e2e_tests::{artifacts, microvm, Job, Testbed};
+use e2e_tests::node::{AgentCli, Node, NodeImage, REGISTERED};
 
 #[derive(Parser)]
 struct Args {
-    /// VMs deployed for the latency median (the RSS figure is taken with twice as many).
+    /// Deployments timed for the latency medians.
     #[arg(long, default_value_t = 10)]
     deploys: u32,
+    /// Idle VMs running when the "with VMs" memory is read (includes the timed ones).
+    #[arg(long, default_value_t = 20)]
+    vms: u32,
+    /// Go on deploying idle VMs until the agent refuses one (capacity), at most this many in all.
+    #[arg(long, default_value_t = 0)]
+    density: u32,
+    /// Memory of each VM (MiB).
+    #[arg(long, default_value_t = 64)]
+    vm_mib: u32,
+    /// The node's memory (MiB) and CPUs.
+    #[arg(long, default_value_t = 4096)]
+    node_mib: u32,
+    #[arg(long, default_value_t = 2)]
+    node_cpus: u32,
 }
 
-const SCRIPT: &str = r#"
-set -eu
-cs() { cut -d' ' -f1 /proc/uptime | tr -d .; }
-mkdir -p /srv/rootfs/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp /srv/rootfs/sys /srv/rootfs/run
-cp /bin/busybox /srv/rootfs/bin/busybox
-for a in sh echo sleep; do ln -s busybox /srv/rootfs/bin/$a; done
-/flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null
-echo '{"image_cache": "/srv/cache", "stores": ["dir:///srv/store"]}' > /srv/node.json; chmod 600 /srv/node.json
-echo '{"state_dir": "/srv/state", "registrar": "local", "cpu_allocation_ratio": 16,
- "reserve": {"cru": 0, "mru": 0, "sru": 0, "hru": 0},
- "vmm": {"bin": "/vmm", "kernel": "/guest/vmlinux", "initrd": "/guest/initrd", "node_config": "/srv/node.json", "cmdline": "quiet"}}' > /srv/agent.json
-A=/node-agent
-T0=$(cs)
-GRIDNODE_LOG=warn $A run --config /srv/agent.json > /srv/agent.log 2>&1 &
-AGENT=$!
-until $A node --agent /srv/state/agent.sock > /dev/null 2>&1; do sleep 0.05; done
-echo "api-up-cs $(( $(cs) - T0 ))"
-until $A node --agent /srv/state/agent.sock | grep -q '"registered": true'; do sleep 0.05; done
-echo "registered-cs $(( $(cs) - T0 ))"
-sleep 2
-echo "agent-rss-idle-kib $(grep VmRSS /proc/$AGENT/status | tr -s ' ' | cut -d' ' -f2)"
-$A keygen --out /srv/k > /dev/null; $A twin register --key /srv/k --registrar /srv/state/agent.sock > /dev/null
-TWIN=$(cat /srv/k.twin)
-K="--key /srv/k --agent /srv/state/agent.sock"
-i=1
-while [ $i -le $((2 * DEPLOYS)) ]; do
-  echo "{\"twin_id\": $TWIN, \"deployment_id\": $i, \"version\": 1, \"workloads\": [{\"type\": \"vm\", \"name\": \"v$i\",
-   \"image\": \"/srv/root.flist\", \"vcpus\": 1, \"memory_mib\": 64, \"rootfs_mib\": 16, \"restart\": \"never\",
-   \"entrypoint\": \"/bin/sh\", \"args\": [\"-c\", \"echo up-\$((40+2)); sleep 100000\"]}]}" > /srv/d$i.json
-  S=$(cs)
-  $A deploy /srv/d$i.json $K > /dev/null
-  D=$(cs)
-  until $A logs $i/v$i $K | grep -q up-42; do sleep 0.02; done
-  E=$(cs)
-  if [ $i -le $DEPLOYS ]; then echo "deploy-cs $((D - S)) entry-cs $((E - S))"; fi
-  i=$((i+1))
-done
-sleep 3
-echo "agent-rss-vms-kib $(grep VmRSS /proc/$AGENT/status | tr -s ' ' | cut -d' ' -f2) vms $((2 * DEPLOYS))"
-for p in /proc/[0-9]*; do
-  if tr '\0' ' ' < $p/cmdline 2>/dev/null | grep -q '^/vmm --config'; then
-    echo "vmm-rss-kib $(grep VmRSS $p/status | tr -s ' ' | cut -d' ' -f2)"
-  fi
-done
-S=$(cs)
-$A rm 1 $K > /dev/null
-echo "delete-cs $(( $(cs) - S ))"
-"#;
+/// One timed deployment.
+#[derive(Clone, Copy)]
+struct Deploy {
+    request: Duration,
+    booted: Duration,
+    entrypoint: Duration,
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
+}
+
+/// `node-agent node` (signed): the node's status as JSON.
+fn status(cli: &AgentCli) -> Result<serde_json::Value> {
+    let text = cli.signed(&["node"]).map_err(|e| anyhow!("node: {e}"))?;
+    serde_json::from_str(&text).context("the node's status is not JSON")
+}
+
+fn mib(status: &serde_json::Value, field: &str) -> f64 {
+    status["memory"][field].as_f64().unwrap_or(f64::NAN) / (1024.0 * 1024.0)
+}
+
+/// Writes deployment `id`: one idle VM whose entrypoint prints a marker (built by the shell,
+/// so the command line itself never contains it) and sleeps.
+fn write_deployment(dir: &Path, twin: u32, id: u32, vm_mib: u32) -> Result<String> {
+    let doc = serde_json::json!({
+        "twin_id": twin, "deployment_id": id, "version": 1,
+        "workloads": [{
+            "type": "vm", "name": format!("v{id}"), "image": "/usr/share/gridnode/demo/root.flist",
+            "vcpus": 1, "memory_mib": vm_mib, "rootfs_mib": 16, "restart": "never",
+            "entrypoint": "/bin/sh", "args": ["-c", "echo up-$((40+2)); while true; do sleep 1000; done"],
+        }],
+    });
+    let path = dir.join(format!("d{id}.json"));
+    std::fs::write(&path, doc.to_string())?;
+    Ok(path.display().to_string())
+}
+
+/// Deploys `id` and waits for its entrypoint's output; Err(message) when the agent refused it.
+fn deploy(
+    cli: &AgentCli,
+    node: &Node,
+    dir: &Path,
+    twin: u32,
+    id: u32,
+    vm_mib: u32,
+) -> Result<std::result::Result<Deploy, String>> {
+    let doc = write_deployment(dir, twin, id, vm_mib)?;
+    let start = Instant::now();
+    if let Err(e) = cli.signed(&["deploy", &doc]) {
+        return Ok(Err(e));
     }
+    let request = start.elapsed();
+    let name = format!("{id}/v{id}");
+    let mut booted = None;
+    let entrypoint = cli.until_every(
+        node,
+        &format!("VM {name}'s entrypoint output"),
+        Duration::from_secs(600),
+        Duration::from_millis(100),
+        || {
+            let logs = cli.signed(&["logs", &name])?;
+            if booted.is_none() && logs.contains("init: booted") {
+                booted = Some(start.elapsed());
+            }
+            Ok(logs.contains("up-42").then(|| start.elapsed()))
+        },
+    )?;
+    Ok(Ok(Deploy {
+        request,
+        booted: booted.unwrap_or(entrypoint),
+        entrypoint,
+    }))
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let kernel = artifacts::guest_kernel()?;
-    let init = artifacts::guest_init()?;
-    let initrd = artifacts::target_dir().join("bench-agent-initrd.cpio");
-    microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?.write_file(&initrd)?;
-    let job = Job::new(format!("DEPLOYS={}\n{SCRIPT}", args.deploys))
-        .binary("/vmm", sibling("vmm")?)
-        .binary("/flist", sibling("flist")?)
-        .binary("/node-agent", sibling("node-agent")?)
-        .file("/guest/vmlinux", &kernel.vmlinux)
-        .file("/guest/initrd", &initrd)
-        .timeout(std::time::Duration::from_secs(1800));
-    let out = Testbed::from_system()?.run(&job)?;
-    if out.status != 0 {
+    if args.vms < args.deploys {
         bail!(
-            "the benchmark failed (status {}):\n{}\n{}",
-            out.status,
-            out.output,
-            out.console
+            "--vms ({}) must be at least --deploys ({})",
+            args.vms,
+            args.deploys
         );
     }
-    let words: Vec<Vec<&str>> = out
-        .output
-        .lines()
-        .map(|l| l.split_whitespace().collect())
-        .collect();
-    let values = |key: &str| -> Vec<f64> {
-        words
-            .iter()
-            .flat_map(|w| {
-                w.windows(2)
-                    .filter(|p| p[0] == key)
-                    .filter_map(|p| p[1].parse().ok())
-                    .collect::<Vec<f64>>()
-            })
-            .collect()
+    eprintln!("bench-agent: building the node image");
+    let image = NodeImage::build()?;
+    let work = tempfile::tempdir()?;
+    let disk = work.path().join("state.img");
+    std::fs::File::create(&disk)?.set_len(16 << 30)?;
+    eprintln!(
+        "bench-agent: booting the node ({} MiB, {} CPUs, QEMU TCG with nested SVM)",
+        args.node_mib, args.node_cpus
+    );
+    let mut node = Node::boot(&image, &disk, args.node_cpus, args.node_mib)?;
+    let registered = node.wait_for_console(REGISTERED, Duration::from_secs(900))?;
+    eprintln!(
+        "bench-agent: registered {:.1} s after boot",
+        registered.as_secs_f64()
+    );
+    let cli = AgentCli::new(&node, work.path().join("twin.key"));
+    let twin = cli.register_twin(&node, Duration::from_secs(60))?;
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = status(&cli)?;
+
+    let mut timed = Vec::new();
+    let mut id = 0;
+    while id < args.vms {
+        id += 1;
+        let d = deploy(&cli, &node, work.path(), twin, id, args.vm_mib)?
+            .map_err(|e| anyhow!("deployment {id} refused: {e}"))?;
+        eprintln!(
+            "bench-agent: VM {id}: request {:.0} ms, booted {:.0} ms, entrypoint {:.0} ms",
+            d.request.as_secs_f64() * 1e3,
+            d.booted.as_secs_f64() * 1e3,
+            d.entrypoint.as_secs_f64() * 1e3
+        );
+        if id <= args.deploys {
+            timed.push(d);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let loaded = status(&cli)?;
+
+    let mut density = None;
+    if args.density > args.vms {
+        let refused = loop {
+            if id >= args.density {
+                break format!("(stopped at --density {})", args.density);
+            }
+            id += 1;
+            match deploy(&cli, &node, work.path(), twin, id, args.vm_mib)? {
+                Ok(d) => eprintln!(
+                    "bench-agent: VM {id} running (entrypoint {:.0} ms)",
+                    d.entrypoint.as_secs_f64() * 1e3
+                ),
+                Err(e) => {
+                    id -= 1;
+                    break e.trim().to_string();
+                }
+            }
+        };
+        std::thread::sleep(Duration::from_secs(3));
+        density = Some((id, refused, status(&cli)?));
+    }
+
+    let start = Instant::now();
+    cli.signed(&["rm", "1"]).map_err(|e| anyhow!("rm 1: {e}"))?;
+    let delete = start.elapsed();
+    drop(node);
+
+    let ms = |f: fn(&Deploy) -> Duration| {
+        median(timed.iter().map(|d| f(d).as_secs_f64() * 1e3).collect())
     };
-    let ms = |key: &str| median(values(key)) * 10.0;
-    println!("node agent on the test bed ({} deploys):", args.deploys);
     println!(
-        "  agent start -> API up            {:>8.0} ms",
-        ms("api-up-cs")
+        "node agent on the node image ({} MiB, {} CPUs, nested TCG; compare parts, not absolute times):",
+        args.node_mib, args.node_cpus
     );
     println!(
-        "  agent start -> registered        {:>8.0} ms",
-        ms("registered-cs")
+        "  node boot -> registered              {:>8.0} ms",
+        registered.as_secs_f64() * 1e3
     );
     println!(
-        "  deploy request -> VM built       {:>8.0} ms (median)",
-        ms("deploy-cs")
+        "  deploy request -> accepted, vmm up   {:>8.0} ms (median of {})",
+        ms(|d| d.request),
+        timed.len()
     );
     println!(
-        "  deploy request -> entrypoint out {:>8.0} ms (median)",
-        ms("entry-cs")
+        "  deploy request -> guest init booted  {:>8.0} ms (median)",
+        ms(|d| d.booted)
     );
     println!(
-        "  delete of one VM                 {:>8.0} ms",
-        ms("delete-cs")
+        "  deploy request -> entrypoint output  {:>8.0} ms (median)",
+        ms(|d| d.entrypoint)
     );
     println!(
-        "  agent RSS idle                   {:>8.0} KiB",
-        median(values("agent-rss-idle-kib"))
+        "  delete of one VM                     {:>8.0} ms",
+        delete.as_secs_f64() * 1e3
     );
     println!(
-        "  agent RSS with {} VMs            {:>8.0} KiB",
-        2 * args.deploys,
-        median(values("agent-rss-vms-kib"))
+        "  agent RSS idle                       {:>8.1} MiB",
+        mib(&idle, "agent_rss_bytes")
     );
     println!(
-        "  vmm RSS per idle VM (median)     {:>8.0} KiB",
-        median(values("vmm-rss-kib"))
+        "  agent RSS with {:>3} VMs               {:>8.1} MiB",
+        args.vms,
+        mib(&loaded, "agent_rss_bytes")
     );
-    println!("(nested TCG: compare the parts, not the absolute times)");
+    let vmms = loaded["memory"]["vmm_processes"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    println!(
+        "  vmm RSS per idle {} MiB VM            {:>8.1} MiB ({} vmm processes)",
+        args.vm_mib,
+        mib(&loaded, "vmm_rss_bytes") / vmms,
+        vmms
+    );
+    println!(
+        "  node memory available idle / {:>3} VMs {:>6.0} / {:.0} MiB of {:.0}",
+        args.vms,
+        mib(&idle, "available_bytes"),
+        mib(&loaded, "available_bytes"),
+        mib(&idle, "total_bytes")
+    );
+    if let Some((n, refused, s)) = density {
+        println!(
+            "  density: {n} idle {} MiB VMs running, {:.0} MiB available; the next: {refused}",
+            args.vm_mib,
+            mib(&s, "available_bytes")
+        );
+    }
     Ok(())
 }

@@ -1,13 +1,20 @@
-//! The main job: start a node agent, make a twin key and register it, pack a small tree (a
-//! static busybox) into an flist, deploy a signed workload whose root is that flist, and print
-//! its output read back through the agent's API. By default this runs on the test bed (a KVM
-//! host inside QEMU; works on any machine); with `--direct` (a real KVM host) the agent runs as
-//! a process here. Arguments, if any, are the workload's command.
+//! The main job: start a node, make a twin key and register it, deploy a signed workload whose
+//! root is an flist packed from a small tree (a static busybox), and print its output read back
+//! through the agent's API.
+//!
+//! By default the node is the node image (scripts/node-image.sh: a kernel and an initramfs
+//! whose PID 1 is the agent) booted under QEMU with nested SVM, as on the test bed, with a
+//! fresh state disk; this host talks to its agent over TCP through QEMU's port forward, as a
+//! user talks to a node on the grid. With `--direct` (a real KVM host) the agent runs as a
+//! process here instead and packs the tree itself. Arguments, if any, are the workload's
+//! command.
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
-use e2e_tests::{artifacts, microvm, Job, Testbed};
+use e2e_tests::node::{AgentCli, Node, NodeImage, REGISTERED};
+use e2e_tests::{artifacts, microvm};
 
 /// The node's side, for `sh`: the paths come from the environment (`VMM`, `FLIST`, `AGENT`,
 /// `KERNEL`, `INITRD`, `BUSYBOX`, `W` a scratch directory).
@@ -68,6 +75,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     .to_string()
     .replace("\"__TWIN__\"", "__TWIN__");
 
+    if !direct {
+        return on_node_image(&deployment);
+    }
     let kernel = artifacts::guest_kernel()?;
     let init = artifacts::guest_init()?;
     let vmm = artifacts::vmm_binary()?;
@@ -78,44 +88,73 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let initrd = target.join("demo-initrd.cpio");
     microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?.write_file(&initrd)?;
 
-    if direct {
-        let work = tempfile::tempdir()?;
-        let w = work.path();
-        std::fs::write(
-            w.join("deployment.template.json"),
-            deployment.replace("__IMAGE__", &w.join("demo.flist").display().to_string()),
-        )?;
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg(SCRIPT)
-            .env("W", w)
-            .env("VMM", &vmm)
-            .env("FLIST", &flist)
-            .env("AGENT", &agent)
-            .env("KERNEL", &kernel.vmlinux)
-            .env("INITRD", &initrd)
-            .env("BUSYBOX", "/bin/busybox")
-            .status()?;
-        std::process::exit(status.code().unwrap_or(1));
-    }
+    let work = tempfile::tempdir()?;
+    let w = work.path();
+    std::fs::write(
+        w.join("deployment.template.json"),
+        deployment.replace("__IMAGE__", &w.join("demo.flist").display().to_string()),
+    )?;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(SCRIPT)
+        .env("W", w)
+        .env("VMM", &vmm)
+        .env("FLIST", &flist)
+        .env("AGENT", &agent)
+        .env("KERNEL", &kernel.vmlinux)
+        .env("INITRD", &initrd)
+        .env("BUSYBOX", "/bin/busybox")
+        .status()?;
+    std::process::exit(status.code().unwrap_or(1));
+}
 
-    let script = format!(
-        "export W=/srv VMM=/vmm FLIST=/flist AGENT=/node-agent KERNEL=/guest/vmlinux \
-         INITRD=/guest/initrd BUSYBOX=/bin/busybox\nmkdir -p /srv\n{SCRIPT}"
+/// Boots the node image with a fresh state disk and deploys `deployment` to it from here.
+fn on_node_image(deployment: &str) -> Result<(), Box<dyn std::error::Error>> {
+    eprintln!("demo: building the node image (scripts/node-image.sh)...");
+    let image = NodeImage::build()?;
+    let work = tempfile::tempdir()?;
+    let disk = work.path().join("state.img");
+    std::fs::File::create(&disk)?.set_len(4 << 30)?;
+    eprintln!(
+        "demo: booting the node image under QEMU (nested SVM, so the node has a real /dev/kvm)..."
     );
-    let job = Job::new(script)
-        .binary("/vmm", &vmm)
-        .binary("/flist", &flist)
-        .binary("/node-agent", &agent)
-        .file("/guest/vmlinux", &kernel.vmlinux)
-        .file("/guest/initrd", &initrd)
-        .data(
-            "/srv/deployment.template.json",
-            deployment.replace("__IMAGE__", "/srv/demo.flist"),
-            0o644,
-        );
-    eprintln!("demo: running the node agent on the test bed (a KVM host inside QEMU)...");
-    let out = Testbed::from_system()?.run(&job)?;
-    print!("{}", out.output);
-    std::process::exit(out.status);
+    let mut node = Node::boot(&image, &disk, 2, 4096)?;
+    let registered = node.wait_for_console(REGISTERED, Duration::from_secs(900))?;
+    eprintln!(
+        "demo: the node's PID 1 is the agent; it formatted its state disk and registered in {:.1} s",
+        registered.as_secs_f64()
+    );
+    let cli = AgentCli::new(&node, work.path().join("twin.key"));
+    let twin = cli.register_twin(&node, Duration::from_secs(60))?;
+    eprintln!("demo: registered this host's new key as twin {twin} on the node's registrar");
+    let doc = work.path().join("deployment.json");
+    std::fs::write(
+        &doc,
+        deployment
+            .replace("__TWIN__", &twin.to_string())
+            .replace("__IMAGE__", "/usr/share/gridnode/demo/root.flist"),
+    )?;
+    eprintln!("demo: deploying a signed workload whose root is the image's demo flist");
+    eprint!("{}", cli.signed(&["deploy", &doc.display().to_string()])?);
+    let ps = cli.until(
+        &node,
+        "the workload's end",
+        Duration::from_secs(900),
+        || {
+            let ps = cli.signed(&["ps"])?;
+            Ok(ps
+                .lines()
+                .any(|l| l.contains(" exited ") || l.contains(" failed "))
+                .then_some(ps))
+        },
+    )?;
+    eprint!("{ps}");
+    eprintln!("demo: the workload's output, read through the agent's API:");
+    let logs = cli.signed(&["logs", "demo"])?;
+    for line in logs.lines().filter(|l| !l.starts_with("init: ")) {
+        println!("{line}");
+    }
+    cli.signed(&["rm", "1"])?;
+    drop(node);
+    Ok(())
 }
