@@ -200,6 +200,9 @@ struct RunArgs {
     /// Seconds between uptime reports.
     #[arg(long)]
     uptime_interval: Option<u64>,
+    /// vCPUs deployments may have per CPU thread (CPU over-commit; memory and disk never).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpu_allocation_ratio: Option<u32>,
 }
 
 fn main() {
@@ -610,6 +613,9 @@ async fn daemon(args: RunArgs) -> Result<()> {
     }
     if let Some(v) = args.uptime_interval {
         config.uptime_interval_secs = v;
+    }
+    if let Some(v) = args.cpu_allocation_ratio {
+        config.cpu_allocation_ratio = v;
     }
     create_state_dir(&config.state_dir)?;
     let (key, made) = identity::load_or_create_node_key(&config.state_dir)?;

@@ -81,9 +81,20 @@ impl Node {
     /// Boots `image` with `state_disk` (a raw file) as /dev/vda and the agent's API forwarded
     /// to a free local port.
     pub fn boot(image: &NodeImage, state_disk: &Path, cpus: u32, memory_mib: u32) -> Result<Self> {
+        Self::boot_with(image, state_disk, cpus, memory_mib, "")
+    }
+
+    /// [`Node::boot`] with `extra` on the kernel command line (e.g. `gridnode.args=...`).
+    pub fn boot_with(
+        image: &NodeImage,
+        state_disk: &Path,
+        cpus: u32,
+        memory_mib: u32,
+        extra: &str,
+    ) -> Result<Self> {
         let api_port = free_port()?;
         let append = format!(
-            "console=ttyS0 panic=-1 gridnode.state=/dev/vda gridnode.ip={NODE_IP}/24,gw=10.0.2.2 gridnode.port={AGENT_PORT}"
+            "console=ttyS0 panic=-1 gridnode.state=/dev/vda gridnode.ip={NODE_IP}/24,gw=10.0.2.2 gridnode.port={AGENT_PORT} {extra}"
         );
         let mut cmd = Command::new(qemu::qemu_binary()?);
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", "EPYC,+svm"])

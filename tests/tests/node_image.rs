@@ -11,11 +11,12 @@ use std::time::Duration;
 use e2e_tests::node::{AgentCli, Node, NodeImage, REGISTERED};
 use e2e_tests::{artifacts, qemu, skip_if_missing, Error};
 
-/// The workload counts its runs in a file on its volume. `sync FILE` is an fsync of that file,
-/// which reaches the node's disk; a plain `sync` (syncfs) does not on a virtio-fs volume (the
-/// vmm's FUSE server has no SYNCFS), so data written just before a power cut would be lost.
+/// The workload counts its runs in a file on its volume and makes it durable with a plain
+/// `sync` (syncfs of the volume: the vmm answers FUSE_SYNCFS by syncing the node's filesystem),
+/// so the write survives the hard power-off that follows.
 fn deployment(twin: u32) -> String {
-    let script = "n=$(cat /data/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /data/count; sync /data/count; \
+    let script =
+        "n=$(cat /data/count 2>/dev/null || echo 0); n=$((n+1)); echo $n > /data/count; sync; \
                   echo workload-run-$n; while true; do sleep 1; done";
     serde_like_json(twin, script)
 }

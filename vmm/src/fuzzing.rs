@@ -51,6 +51,7 @@ impl FsServer {
             interrupt: self.interrupt.clone(),
             server: self.server.clone(),
             counters: self.counters.clone(),
+            sync_root: None,
         };
         worker.process_queue()
     }

@@ -40,6 +40,9 @@ struct Args {
     node_mib: u32,
     #[arg(long, default_value_t = 2)]
     node_cpus: u32,
+    /// The agent's CPU over-commit (vCPUs per CPU thread).
+    #[arg(long, default_value_t = 64)]
+    cpu_ratio: u32,
 }
 
 /// One timed deployment.
@@ -140,7 +143,15 @@ fn main() -> Result<()> {
         "bench-agent: booting the node ({} MiB, {} CPUs, QEMU TCG with nested SVM)",
         args.node_mib, args.node_cpus
     );
-    let mut node = Node::boot(&image, &disk, args.node_cpus, args.node_mib)?;
+    // Idle VMs need little CPU: the operator's over-commit of CPU lets many share the node's
+    // threads (memory is never over-committed, so memory bounds the density).
+    let mut node = Node::boot_with(
+        &image,
+        &disk,
+        args.node_cpus,
+        args.node_mib,
+        &format!("gridnode.args=--cpu-allocation-ratio,{}", args.cpu_ratio),
+    )?;
     let registered = node.wait_for_console(REGISTERED, Duration::from_secs(900))?;
     eprintln!(
         "bench-agent: registered {:.1} s after boot",

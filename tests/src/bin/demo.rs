@@ -56,6 +56,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if direct {
         args.remove(0);
     }
+    if args.first().is_some_and(|a| a == "--") {
+        args.remove(0);
+    }
     if args.is_empty() {
         args = vec![
             "/bin/sh".into(),

@@ -127,6 +127,11 @@ impl<F> Guard<F> {
         }
     }
 
+    /// The host directory a host-directory backend is rooted at (O_PATH).
+    pub fn root(&self) -> Option<&OwnedFd> {
+        self.root.as_deref()
+    }
+
     pub fn inner(&self) -> &F {
         &self.inner
     }

@@ -22,7 +22,7 @@ mod quota;
 mod tests;
 mod upper_layer;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -298,7 +298,7 @@ fn overlay(
     lower: FlistFs,
     layer_dir: &Path,
     limits: Limits,
-) -> Result<OverlayFs, FsBackendError> {
+) -> Result<(OverlayFs, Arc<OwnedFd>), FsBackendError> {
     let (image_root, _) = lower
         .getattr(&Context::default(), ROOT_ID, None)
         .map_err(|source| FsBackendError::Overlay {
@@ -313,6 +313,7 @@ fn overlay(
         upper = upper.with_quota(quota.clone());
     }
     let lower = Arc::new(lower);
+    let upper_root = root.clone();
     let copy_up = copy_up::CopyUp::new(lower.clone(), root, work, quota);
     let upper: Arc<BoxedLayer> = Arc::new(Box::new(upper_layer::UpperLayer::new(upper, copy_up)));
     let lower: Arc<BoxedLayer> = Arc::new(Box::new(image_layer::ImageLayer::new(lower)));
@@ -334,10 +335,31 @@ fn overlay(
         attr_timeout: Duration::from_secs(1),
         entry_timeout: Duration::from_secs(1),
     };
-    OverlayFs::new(Some(upper), vec![lower], config).map_err(|source| FsBackendError::Overlay {
-        tag: tag.to_string(),
-        source,
-    })
+    let fs = OverlayFs::new(Some(upper), vec![lower], config).map_err(|source| {
+        FsBackendError::Overlay {
+            tag: tag.to_string(),
+            source,
+        }
+    })?;
+    Ok((fs, upper_root))
+}
+
+/// A readable descriptor of the directory `root` (an `O_PATH` one) refers to: `syncfs(2)`
+/// needs one.
+fn sync_root(tag: &str, path: &Path, root: &OwnedFd) -> Result<Arc<OwnedFd>, FsBackendError> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    // SAFETY: `root` is a valid descriptor and the name is NUL-terminated; the result is
+    // owned below.
+    let fd = unsafe { libc::openat(root.as_raw_fd(), c".".as_ptr(), flags) };
+    if fd < 0 {
+        return Err(FsBackendError::Dir {
+            tag: tag.to_string(),
+            path: path.display().to_string(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: just opened, owned by nobody else.
+    Ok(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 /// A host directory served as is, behind its guard.
@@ -369,6 +391,7 @@ pub(crate) fn image_share(
 }
 
 /// An image under a writable layer kept in `layer`, behind its guard.
+#[cfg(test)]
 pub(crate) fn layered_share(
     tag: &str,
     image_path: &Path,
@@ -376,11 +399,20 @@ pub(crate) fn layered_share(
     limits: Limits,
     images: impl Into<ImageSettings>,
 ) -> Result<Guard<OverlayFs>, FsBackendError> {
+    Ok(layered_share_with_root(tag, image_path, layer, limits, images)?.0)
+}
+
+/// [`layered_share`] and the layer's upper directory (O_PATH).
+fn layered_share_with_root(
+    tag: &str,
+    image_path: &Path,
+    layer: &Path,
+    limits: Limits,
+    images: impl Into<ImageSettings>,
+) -> Result<(Guard<OverlayFs>, Arc<OwnedFd>), FsBackendError> {
     let lower = image(tag, image_path, images)?;
-    Ok(Guard::new(
-        overlay(tag, lower, layer, limits)?,
-        Policy::layered_share(),
-    ))
+    let (fs, upper_root) = overlay(tag, lower, layer, limits)?;
+    Ok((Guard::new(fs, Policy::layered_share()), upper_root))
 }
 
 /// Builds the virtio-fs device for one (validated) share, with one request queue; images are
@@ -406,23 +438,25 @@ pub fn device_with_queues(
     };
     let network = images.fetches_over_network();
     match &share.source {
-        ShareSource::Dir { path, readonly } => device(
-            tag,
-            dir_share(tag, path, *readonly, limits)?,
-            false,
-            request_queues,
-        ),
-        ShareSource::LayeredImage { image, layer } => device(
-            tag,
-            layered_share(tag, image, layer, limits, &images)?,
-            network,
-            request_queues,
-        ),
+        ShareSource::Dir { path, readonly } => {
+            let fs = dir_share(tag, path, *readonly, limits)?;
+            let sync = match (readonly, fs.root()) {
+                (false, Some(root)) => Some(sync_root(tag, path, root)?),
+                _ => None,
+            };
+            device(tag, fs, false, request_queues, sync)
+        }
+        ShareSource::LayeredImage { image, layer } => {
+            let (fs, upper) = layered_share_with_root(tag, image, layer, limits, &images)?;
+            let sync = Some(sync_root(tag, layer, &upper)?);
+            device(tag, fs, network, request_queues, sync)
+        }
         ShareSource::Image { image } => device(
             tag,
             image_share(tag, image, &images)?,
             network,
             request_queues,
+            None,
         ),
     }
 }
@@ -433,10 +467,12 @@ fn device<F: FileSystem + Send + Sync + 'static>(
     fs: Guard<F>,
     network: bool,
     request_queues: usize,
+    sync_root: Option<Arc<OwnedFd>>,
 ) -> Result<Box<dyn VirtioDevice>, FsBackendError> {
     Ok(Box::new(
         FsDevice::new(tag, Arc::new(fs))?
             .with_network_fetch(network)
-            .with_request_queues(request_queues),
+            .with_request_queues(request_queues)
+            .with_sync_root(sync_root),
     ))
 }

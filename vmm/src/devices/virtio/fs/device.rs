@@ -52,6 +52,8 @@ pub struct FsDevice<F: FileSystem + Send + Sync + 'static> {
     /// How long a reset waits for the workers ([`WORKER_STOP_TIMEOUT`] outside unit tests).
     stop_timeout: Duration,
     counters: Arc<FsCounters>,
+    /// See [`QueueWorker::sync_root`].
+    sync_root: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
@@ -78,7 +80,15 @@ impl<F: FileSystem + Send + Sync + 'static> FsDevice<F> {
             stop: None,
             stop_timeout: WORKER_STOP_TIMEOUT,
             counters: Arc::new(FsCounters::default()),
+            sync_root: None,
         })
+    }
+
+    /// The host directory whose filesystem the guest's `syncfs` flushes (a readable
+    /// descriptor; the share's writable tree lives there).
+    pub fn with_sync_root(mut self, root: Option<Arc<std::os::fd::OwnedFd>>) -> Self {
+        self.sync_root = root;
+        self
     }
 
     /// The device with `count` request queues (1 to [`MAX_REQUEST_QUEUES`], clamped), each
@@ -213,6 +223,7 @@ impl<F: FileSystem + Send + Sync + 'static> VirtioDevice for FsDevice<F> {
                 interrupt: interrupt.clone(),
                 server: self.server.clone(),
                 counters: self.counters.clone(),
+                sync_root: self.sync_root.clone(),
             });
         }
         let pool = self.start_pool()?;

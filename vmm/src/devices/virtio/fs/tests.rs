@@ -101,6 +101,7 @@ impl Fixture {
             )),
             server: Arc::new(Server::new(Arc::new(fs))),
             counters: Arc::new(FsCounters::default()),
+            sync_root: None,
         }
     }
 
@@ -763,4 +764,46 @@ fn a_vcpu_thread_activates_and_resets_the_device_within_its_seccomp_filter() {
             .join()
             .unwrap()
     });
+}
+
+#[test]
+fn syncfs_flushes_the_share_filesystem_and_reports_its_result() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let fx = Fixture::new();
+    let mut driver = TestDriver::new(&fx.mem, 16);
+    let mut worker = fx.worker(&driver);
+    let open = |flags: i32| {
+        let path = std::ffi::CString::new(fx._dir.path().to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path; the descriptor is owned below.
+        let fd = unsafe { libc::open(path.as_ptr(), flags | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: just opened.
+        Arc::new(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    let syncfs = super::worker::FUSE_SYNCFS;
+
+    // A writable share: the host filesystem is synced and the guest hears 0 (the FUSE server
+    // alone answers ENOSYS, and the guest kernel then never asks again).
+    worker.sync_root = Some(open(libc::O_RDONLY));
+    let (len, error, reply) = fx.call(&mut driver, &mut worker, &request(syncfs, 77, 1, &[0; 8]));
+    assert_eq!((len, error), (16, 0));
+    assert_eq!(u64::from_le_bytes(reply[8..16].try_into().unwrap()), 77);
+
+    // The host's error reaches the guest (an O_PATH descriptor cannot be synced: EBADF).
+    worker.sync_root = Some(open(libc::O_PATH));
+    let (_, error, _) = fx.call(&mut driver, &mut worker, &request(syncfs, 78, 1, &[0; 8]));
+    assert_eq!(error, -libc::EBADF);
+
+    // A read-only share has nothing to flush.
+    worker.sync_root = None;
+    let (len, error, _) = fx.call(&mut driver, &mut worker, &request(syncfs, 79, 1, &[0; 8]));
+    assert_eq!((len, error), (16, 0));
+    assert_eq!(
+        worker
+            .counters
+            .virtio
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
 }

@@ -2,16 +2,23 @@
 //! event, on reset), turns each descriptor chain into a FUSE request for the server, and
 //! returns the used buffers. A chain the server cannot parse (or that points outside guest
 //! memory) is completed with nothing written, counted, and logged at a limited rate.
+//!
+//! One request is answered here rather than by the FUSE server, which does not know it:
+//! `FUSE_SYNCFS` (the guest's `sync`/`syncfs`), which flushes the host filesystem holding the
+//! share's writable tree ([`QueueWorker::sync_root`]), so data the guest synced is on the
+//! node's disk before the guest hears so.
 
-use std::os::fd::AsRawFd;
+use std::io::Write;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use fuse_backend_rs::abi::fuse_abi::{InHeader, OutHeader};
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::log_limit::{error_limited, warn_limited};
@@ -43,7 +50,13 @@ pub(crate) struct QueueWorker<F: FileSystem + Send + Sync + 'static> {
     pub interrupt: Arc<VirtioInterrupt>,
     pub server: Arc<Server<Arc<F>>>,
     pub counters: Arc<FsCounters>,
+    /// A readable descriptor of a directory on the host filesystem that holds the share's
+    /// writable tree (`FUSE_SYNCFS` flushes that filesystem); None for a read-only share.
+    pub sync_root: Option<Arc<OwnedFd>>,
 }
+
+/// `FUSE_SYNCFS` (Linux 5.15+; virtiofs sends it on the guest's `sync` and `syncfs`).
+pub(crate) const FUSE_SYNCFS: u32 = 50;
 
 impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
     /// Serves the queue until the device's stop event fires or the queue breaks. Runs on a
@@ -134,7 +147,11 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
         let reader = Reader::from_descriptor_chain(&self.mem, chain.clone());
         let writer = VirtioFsWriter::new(&self.mem, chain);
         match (reader, writer) {
-            (Ok(reader), Ok(writer)) => {
+            (Ok(reader), Ok(mut writer)) => {
+                let header = reader.clone().read_obj::<InHeader>().ok();
+                if let Some(header) = header.filter(|h| h.opcode == FUSE_SYNCFS) {
+                    return self.syncfs(&header, &mut writer);
+                }
                 match self
                     .server
                     .handle_message(reader, writer.into(), None, None)
@@ -159,6 +176,41 @@ impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
                     .malformed_chains
                     .fetch_add(1, Ordering::Relaxed);
                 warn_limited!("virtio-fs {}: malformed descriptor chain: {e}", self.tag);
+                0
+            }
+        }
+    }
+}
+
+impl<F: FileSystem + Send + Sync + 'static> QueueWorker<F> {
+    /// Answers `FUSE_SYNCFS`: `syncfs(2)` of the filesystem holding the writable tree (nothing
+    /// to do on a read-only share), then the reply header with its result.
+    fn syncfs(&self, header: &InHeader, writer: &mut VirtioFsWriter<'_>) -> u32 {
+        let error = match &self.sync_root {
+            // SAFETY: a valid open descriptor owned by the worker for the duration of the call.
+            Some(root) => match unsafe { libc::syncfs(root.as_raw_fd()) } {
+                0 => 0,
+                _ => -std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO),
+            },
+            None => 0,
+        };
+        let reply = OutHeader {
+            len: std::mem::size_of::<OutHeader>() as u32,
+            error,
+            unique: header.unique,
+        };
+        let metrics = &self.counters.virtio;
+        match writer.write_all(reply.as_slice()) {
+            Ok(()) => {
+                VirtioMetrics::add(&metrics.requests, 1);
+                reply.len
+            }
+            Err(e) => {
+                VirtioMetrics::add(&metrics.errors, 1);
+                self.counters.bad_requests.fetch_add(1, Ordering::Relaxed);
+                warn_limited!("virtio-fs {}: syncfs reply not written: {e}", self.tag);
                 0
             }
         }
