@@ -4,8 +4,9 @@
 //! so code run once at start-up (argument parsing, spec checks, device setup) scattered over
 //! a 5 MiB text segment makes most of it resident.
 //!
-//! - `-no-pie`: no start-up relocation pass over the whole binary (it reads .rela.dyn, about
-//!   230 KiB, and dirties all of .data.rel.ro, about 150 KiB of private memory per vmm).
+//! - The binary stays position-independent (ASLR for the process a guest attacks). The
+//!   shipped vmm is a static-pie build (scripts/build-vmm.sh: glibc linked in, no dynamic
+//!   loader or shared libraries mapped); plain `cargo build` makes a dynamic PIE.
 //! - `link/symbol-order.txt`: the functions a vmm runs (start-up, a vCPU, the serial console,
 //!   every device's setup), laid out first and together (lld's `--symbol-ordering-file`).
 //!   Names carry the toolchain's and crates' hashes: regenerate it (scripts/vmm-symbol-order.py
@@ -21,11 +22,15 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=link/symbol-order.txt");
     println!("cargo:rerun-if-env-changed=VMM_NO_SYMBOL_ORDER");
+    // scripts/build-vmm.sh --profiling: seccomp filters left out (vmm::seccomp).
+    println!("cargo::rustc-check-cfg=cfg(vmm_profiling)");
+    if std::env::var_os("CARGO_CFG_VMM_PROFILING").is_some() {
+        println!("cargo::warning=profiling build (--cfg vmm_profiling): no seccomp filters, never ship it");
+    }
     let var = |name: &str| std::env::var(name).unwrap_or_default();
     if var("CARGO_CFG_TARGET_OS") != "linux" {
         return;
     }
-    println!("cargo:rustc-link-arg-bin=vmm=-no-pie");
     if var("CARGO_CFG_TARGET_ARCH") == "x86_64"
         && var("CARGO_CFG_TARGET_ENV") == "gnu"
         && default_lld()
