@@ -28,7 +28,7 @@ case "${1:-}" in
         ;;
     *) echo "usage: $0 [--profiling]" >&2; exit 2 ;;
 esac
-(cd "$ws" && RUSTFLAGS="$flags" cargo build --release -p vmm --bin vmm \
+(cd "$ws" && unset CARGO_ENCODED_RUSTFLAGS && RUSTFLAGS="$flags" cargo build --release -p vmm --bin vmm \
     --target "$triple" --target-dir "$target_dir" >&2)
 bin="$target_dir/$triple/release/vmm"
 if ! ldd "$bin" 2>&1 | grep -q 'statically linked'; then

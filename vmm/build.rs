@@ -9,9 +9,11 @@
 //!   loader or shared libraries mapped); plain `cargo build` makes a dynamic PIE.
 //! - `link/symbol-order.txt`: the functions a vmm runs (start-up, a vCPU, the serial console,
 //!   every device's setup), laid out first and together (lld's `--symbol-ordering-file`).
-//!   Names carry the toolchain's and crates' hashes: regenerate it (scripts/vmm-symbol-order.py
-//!   says how) after a toolchain or dependency update; a stale list only costs memory (names
-//!   not found are skipped), never correctness.
+//!   Names carry the toolchain's and crates' hashes, which differ between the static-pie build
+//!   the list is made for (scripts/build-vmm.sh) and a plain `cargo build` (another target
+//!   spelling: most of its names are not found there). Regenerate it with
+//!   scripts/vmm-symbol-order.py after a toolchain or dependency update; a stale list only
+//!   costs memory (names not found are skipped), never correctness.
 //!   Only passed when the linker is the toolchain's lld (the default on x86_64 Linux since
 //!   Rust 1.90); `VMM_NO_SYMBOL_ORDER=1` leaves it out.
 

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use benches::{sibling, with_qemu};
+use benches::{vmm, with_qemu};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job, Testbed};
@@ -147,7 +147,7 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let vmm = match args.vmm {
         Some(path) => path,
-        None => sibling("vmm")?,
+        None => vmm()?,
     };
     let qemu = e2e_tests::qemu::qemu_binary()?;
     let kernel = artifacts::guest_kernel()?;
