@@ -129,6 +129,8 @@ fn node_image_boots_registers_deploys_and_keeps_state_across_reboots() -> Result
         !console.contains("formatting the state disk"),
         "the state disk was formatted again:\n{console}"
     );
+    // The second boot's API has its own forwarded port; the twin key is the same.
+    let cli = AgentCli::new(&node, cli.key.clone());
     let logs = wait_output(&cli, &node, "workload-run-2")?;
     eprintln!("second boot: workload output: {}", logs.trim());
     drop(first);

@@ -50,6 +50,9 @@ const GUEST_PORT: u32 = 5000;
 const VMM_CID: u32 = 3;
 const QEMU_CID: u32 = 4;
 
+/// What the job's progress lines on the test bed's console start with (echoed as they come).
+const PROGRESS: &str = "vsock-bench-progress:";
+
 /// The peers, in the order they run and are reported.
 const PEERS: &[(&str, &str)] = &[
     ("vmm", "vmm virtio-vsock"),
@@ -60,7 +63,11 @@ const PEERS: &[(&str, &str)] = &[
 /// The test-bed shell commands that measure `peer` once and print `RESULT <peer> <probe line>`.
 fn measure(peer: &str, mib: u64, rounds: u64) -> String {
     let probe = |target: &str| {
-        format!("echo \"RESULT {peer} $(/probe {target} {mib} {rounds} 2>&1 | tail -n 1)\"\n")
+        format!(
+            "echo '{PROGRESS} measuring {peer}' > /dev/console\n\
+             R=\"RESULT {peer} $(/probe {target} {mib} {rounds} 2>&1 | tail -n 1)\"\n\
+             echo \"$R\"; echo \"{PROGRESS} $R\" > /dev/console\n"
+        )
     };
     match peer {
         "unix" => format!(
@@ -177,7 +184,9 @@ fn main() -> Result<()> {
         .file("/guest/vmlinux", &kernel.vmlinux)
         .file("/guest/initrd", &initrd)
         .timeout(Duration::from_secs(900 * u64::from(args.repeat.max(1))));
-    let bed = Testbed::from_system()?.with_modules(&["vhost_vsock"])?;
+    let mut bed = Testbed::from_system()?.with_modules(&["vhost_vsock"])?;
+    bed.echo_console = Some(PROGRESS.to_string());
+    eprintln!("vsock bench: booting the test bed; progress follows");
     let out = bed.run(&with_qemu(job, &qemu))?;
     if out.status != 0 {
         bail!(
