@@ -60,40 +60,59 @@ const PEERS: &[(&str, &str)] = &[
     ("unix", "unix socket (baseline)"),
 ];
 
+/// How long one peer's measurement may take on the test bed before its VM and probe are
+/// killed (a stalled transfer then fails that sample instead of hanging the run).
+const PEER_DEADLINE_S: u32 = 240;
+
 /// The test-bed shell commands that measure `peer` once and print `RESULT <peer> <probe line>`.
+/// The VM (`server`, started in the background as `$V`; none for the unix baseline) and the
+/// host-side probe are both killed past [`PEER_DEADLINE_S`]; a failed sample echoes the
+/// probe's output and the VM's logs to the console.
 fn measure(peer: &str, mib: u64, rounds: u64) -> String {
-    let probe = |target: &str| {
-        format!(
-            "echo '{PROGRESS} measuring {peer}' > /dev/console\n\
-             R=\"RESULT {peer} $(/probe {target} {mib} {rounds} 2>&1 | tail -n 1)\"\n\
-             echo \"$R\"; echo \"{PROGRESS} $R\" > /dev/console\n"
-        )
-    };
-    match peer {
-        "unix" => format!(
-            "/probe bench-serve-unix /run/base.sock & S=$!\n{}wait $S\n",
-            probe("bench /run/base.sock 0")
+    let (server, target, logs) = match peer {
+        "unix" => (
+            "/probe bench-serve-unix /run/base.sock > /tmp/server.log 2>&1".to_string(),
+            "bench /run/base.sock 0".to_string(),
+            "/tmp/server.log",
         ),
-        "vmm" => format!(
-            "/vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 256 --serial off \
-               --vsock cid={VMM_CID},uds=/run/v.sock -- /bin/vsock-probe bench-serve {GUEST_PORT} \
-               > /tmp/vmm.log 2>&1 & V=$!\n{}( sleep 30; kill $V 2>/dev/null ) & K=$!\n\
-               wait $V || {{ echo 'vmm failed:'; cat /tmp/vmm.log; }}\nkill $K 2>/dev/null\n",
-            probe(&format!("bench /run/v.sock {GUEST_PORT}"))
+        "vmm" => (
+            format!(
+                "/vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 256 \
+                 --serial file:/tmp/vmm-console.log --vsock cid={VMM_CID},uds=/run/v.sock \
+                 -- /bin/vsock-probe bench-serve {GUEST_PORT} > /tmp/vmm.log 2>&1"
+            ),
+            format!("bench /run/v.sock {GUEST_PORT}"),
+            "/tmp/vmm.log /tmp/vmm-console.log",
         ),
-        "qemu" => format!(
-            "qemu-system-x86_64 -M microvm,acpi=off,auto-kernel-cmdline=off,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on \
-               -accel kvm -cpu host -smp 1 -m 256 -nodefaults -no-user-config -nographic \
-               -no-reboot -serial file:/tmp/qemu-console.log -device i8042 \
-               -device vhost-vsock-device,guest-cid={QEMU_CID} \
-               -kernel /guest/vmlinux -initrd /guest/initrd \
-               -append '{QEMU_CMDLINE} {QEMU_VIRTIO_MMIO} -- /bin/vsock-probe bench-serve {GUEST_PORT}' \
-               > /tmp/qemu.log 2>&1 & Q=$!\n{}( sleep 30; kill $Q 2>/dev/null ) & K=$!\n\
-               wait $Q || {{ echo 'qemu failed:'; cat /tmp/qemu.log /tmp/qemu-console.log; }}\nkill $K 2>/dev/null\n",
-            probe(&format!("bench-vsock {QEMU_CID} {GUEST_PORT}"))
+        "qemu" => (
+            format!(
+                "qemu-system-x86_64 -M microvm,acpi=off,auto-kernel-cmdline=off,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on \
+                 -accel kvm -cpu host -smp 1 -m 256 -nodefaults -no-user-config -nographic \
+                 -no-reboot -serial file:/tmp/qemu-console.log -device i8042 \
+                 -device vhost-vsock-device,guest-cid={QEMU_CID} \
+                 -kernel /guest/vmlinux -initrd /guest/initrd \
+                 -append '{QEMU_CMDLINE} {QEMU_VIRTIO_MMIO} -- /bin/vsock-probe bench-serve {GUEST_PORT}' \
+                 > /tmp/qemu.log 2>&1"
+            ),
+            format!("bench-vsock {QEMU_CID} {GUEST_PORT}"),
+            "/tmp/qemu.log /tmp/qemu-console.log",
         ),
         other => unreachable!("unknown peer {other}"),
-    }
+    };
+    format!(
+        "echo '{PROGRESS} measuring {peer}' > /dev/console\n\
+         {server} & V=$!\n\
+         /probe {target} {mib} {rounds} > /tmp/probe.log 2>&1 & P=$!\n\
+         ( sleep {PEER_DEADLINE_S}; kill $P $V 2>/dev/null ) & K=$!\n\
+         wait $P\n\
+         R=\"RESULT {peer} $(tail -n 1 /tmp/probe.log)\"\n\
+         echo \"$R\"; echo \"{PROGRESS} $R\" > /dev/console\n\
+         case \"$R\" in *vsock-bench:*) ;; *) echo '{PROGRESS} {peer} failed; its logs:' > /dev/console; \
+           tail -n 30 /tmp/probe.log {logs} 2>&1 | sed 's/^/{PROGRESS}   /' > /dev/console ;; esac\n\
+         ( sleep 30; kill $V 2>/dev/null ) & K2=$!\n\
+         wait $V\n\
+         kill $K $K2 2>/dev/null\n"
+    )
 }
 
 /// One measurement: host->guest and guest->host MiB/s, round trip in µs.
