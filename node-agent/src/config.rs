@@ -25,10 +25,19 @@ pub struct AgentConfig {
     /// `/registrar`), so users reach a standalone node from outside.
     #[serde(default)]
     pub tcp_registrar: bool,
-    /// `local` (the embedded registrar, in the agent's database) or the URL of a registrar
-    /// served by another node (`http://host:port`).
+    /// `local` (the embedded registrar, in the agent's database), `tfchain` (TF Chain, at
+    /// the endpoints of `chain`) or the URL of a registrar served by another node
+    /// (`http://host:port`).
     #[serde(default = "default_registrar")]
     pub registrar: String,
+    /// With `registrar: "tfchain"`: the chain's WebSocket endpoints (`ws://` or `wss://`),
+    /// tried in turn (failover).
+    #[serde(default)]
+    pub chain: Vec<String>,
+    /// With a registrar that holds contracts (TF Chain): seconds between reads of the
+    /// contracts of the node's deployments (a cancelled contract removes its deployment).
+    #[serde(default = "default_contract_poll")]
+    pub contract_poll_secs: u64,
     /// The farm this node belongs to (created on the embedded registrar when missing).
     #[serde(default = "default_farm")]
     pub farm_id: u32,
@@ -104,6 +113,9 @@ fn default_state_dir() -> PathBuf {
 }
 fn default_registrar() -> String {
     "local".into()
+}
+fn default_contract_poll() -> u64 {
+    60
 }
 fn default_farm() -> u32 {
     1

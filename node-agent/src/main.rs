@@ -19,6 +19,7 @@ use node_agent::identity::{self, KeyPair};
 use node_agent::metrics::Metrics;
 use node_agent::registrar::local::LocalRegistrar;
 use node_agent::registrar::remote::RemoteRegistrar;
+use node_agent::registrar::tfchain::TfchainRegistrar;
 use node_agent::registrar::{server, Registrar, Twin};
 use node_agent::state::Store;
 use node_agent::{capacity, init, uptime};
@@ -38,7 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent daemon.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// PID 1 of the node image: mounts, state disk, runs and restarts the daemon.
     Init {
         #[arg(long, default_value = "/var/lib/gridnode")]
@@ -184,9 +185,16 @@ struct RunArgs {
     /// The API's unix socket.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// `local` or http://host:port of a registrar.
+    /// `local`, `tfchain` (TF Chain at --chain) or http://host:port of a registrar.
     #[arg(long)]
     registrar: Option<String>,
+    /// A TF Chain endpoint (ws:// or wss://); repeat for failover. Implies
+    /// `--registrar tfchain` when no registrar is given.
+    #[arg(long = "chain")]
+    chain: Vec<String>,
+    /// Seconds between reads of the deployments' contracts on the chain.
+    #[arg(long)]
+    contract_poll: Option<u64>,
     #[arg(long)]
     farm_id: Option<u32>,
     #[arg(long)]
@@ -255,7 +263,7 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Run(args) => daemon(args).await,
+        Cmd::Run(args) => daemon(*args).await,
         Cmd::Init { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Identity { state_dir } => {
             create_state_dir(&state_dir)?;
@@ -593,11 +601,20 @@ async fn daemon(args: RunArgs) -> Result<()> {
     if let Some(v) = args.socket {
         config.api_socket = Some(v);
     }
-    if let Some(v) = args.registrar {
-        config.registrar = v;
+    if let Some(v) = &args.registrar {
+        config.registrar = v.clone();
     }
     if let Some(v) = args.farm_id {
         config.farm_id = v;
+    }
+    if !args.chain.is_empty() {
+        config.chain = args.chain;
+        if args.registrar.is_none() {
+            config.registrar = "tfchain".into();
+        }
+    }
+    if let Some(v) = args.contract_poll {
+        config.contract_poll_secs = v;
     }
     if let Some(v) = args.vmm {
         config.vmm.bin = Some(v);
@@ -625,6 +642,8 @@ async fn daemon(args: RunArgs) -> Result<()> {
     let store = Arc::new(Store::open(&config.state_dir.join("agent.db"))?);
     let registrar: Arc<dyn Registrar> = if config.registrar == "local" {
         Arc::new(LocalRegistrar::new(store.clone()))
+    } else if config.registrar == "tfchain" {
+        Arc::new(TfchainRegistrar::new(config.chain.clone())?)
     } else {
         Arc::new(RemoteRegistrar::new(&config.registrar)?)
     };
@@ -663,6 +682,16 @@ async fn daemon(args: RunArgs) -> Result<()> {
             ticker.tick().await;
         }
     });
+    if registrar.requires_contracts() {
+        let poller = engine.clone();
+        let every = Duration::from_secs(config.contract_poll_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                poller.check_contracts().await;
+            }
+        });
+    }
 
     let state = Arc::new(ApiState {
         engine: engine.clone(),

@@ -23,9 +23,22 @@ pub struct Metrics {
     pub uptime_report_errors: AtomicU64,
     /// Unix seconds of the last accepted uptime report.
     pub last_uptime_report: AtomicI64,
+    /// The registrar's last error (registration, uptime report, contract check), cleared by
+    /// the next success: the node's health as the API shows it.
+    pub registrar_error: std::sync::Mutex<Option<String>>,
 }
 
 impl Metrics {
+    pub fn set_registrar_error(&self, e: Option<String>) {
+        if let Ok(mut g) = self.registrar_error.lock() {
+            *g = e;
+        }
+    }
+
+    pub fn registrar_error(&self) -> Option<String> {
+        self.registrar_error.lock().ok().and_then(|g| g.clone())
+    }
+
     pub fn observe_deploy(&self, d: Duration) {
         let secs = d.as_secs_f64();
         for (i, b) in BUCKETS.iter().enumerate() {

@@ -100,7 +100,7 @@ impl Registration {
         let info = self.node_info();
         let existing = self.registrar.node_by_twin(twin.id).await?;
         let node = match existing {
-            Some(n) if n.info == info => n,
+            Some(n) if n.info == self.registrar.as_stored(&info) => n,
             _ => {
                 self.registrar
                     .register_node(&self.key, twin.id, &info)
@@ -152,6 +152,7 @@ impl Registration {
                         }
                         ids = Some(got);
                         last_info = Some(info);
+                        self.metrics.set_registrar_error(None);
                         self.metrics.registered.store(1, Ordering::Relaxed);
                         backoff = Duration::from_secs(1);
                     }
@@ -163,6 +164,8 @@ impl Registration {
                             "registration failed (retrying in {} s): {e}",
                             backoff.as_secs()
                         );
+                        self.metrics
+                            .set_registrar_error(Some(format!("registration: {e}")));
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(300));
                         continue;
@@ -182,6 +185,7 @@ impl Registration {
             match self.flush_uptime(twin, node).await {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
+                    self.metrics.set_registrar_error(None);
                     let wait = next_report.saturating_duration_since(tokio::time::Instant::now());
                     tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
                 }
@@ -193,6 +197,8 @@ impl Registration {
                         "uptime report failed (kept, retrying in {} s): {e}",
                         backoff.as_secs()
                     );
+                    self.metrics
+                        .set_registrar_error(Some(format!("uptime report: {e}")));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(300));
                 }

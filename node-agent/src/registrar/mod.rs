@@ -9,6 +9,9 @@
 pub mod local;
 pub mod remote;
 pub mod server;
+pub mod tfchain;
+
+pub use tfchain::{ContractState, NodeContract};
 
 use async_trait::async_trait;
 use ed25519_dalek::VerifyingKey;
@@ -128,4 +131,22 @@ pub trait Registrar: Send + Sync {
         node: NodeId,
         report: &UptimeReport,
     ) -> Result<(), RegistrarError>;
+
+    /// What `info` becomes once stored (a registrar may fill defaults or leave out what it
+    /// refuses), so a node compares like with like before updating itself.
+    fn as_stored(&self, info: &NodeInfo) -> NodeInfo {
+        info.clone()
+    }
+
+    /// Whether deployments must name a node contract this registrar holds (TF Chain).
+    fn requires_contracts(&self) -> bool {
+        false
+    }
+
+    /// A node contract by id (`None`: no such contract, or it was removed).
+    async fn contract(&self, id: u64) -> Result<Option<NodeContract>, RegistrarError> {
+        Err(RegistrarError::Refused(format!(
+            "this registrar keeps no contracts (asked for contract {id})"
+        )))
+    }
 }
