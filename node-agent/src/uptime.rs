@@ -193,6 +193,13 @@ impl Registration {
                     self.metrics
                         .uptime_report_errors
                         .fetch_add(1, Ordering::Relaxed);
+                    // The registrar no longer knows the node (a chain reset to its genesis):
+                    // register again, the queued reports wait for it.
+                    let msg = e.to_string();
+                    if msg.contains("TwinNotExists") || msg.contains("NodeNotExists") {
+                        warn!("the registrar lost this node: registering again");
+                        ids = None;
+                    }
                     warn!(
                         "uptime report failed (kept, retrying in {} s): {e}",
                         backoff.as_secs()

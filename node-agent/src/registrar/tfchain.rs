@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use ed25519_dalek::VerifyingKey;
 use subxt::dynamic::{At, Value};
-use subxt::tx::{Payload, TxStatus};
+use subxt::tx::TxStatus;
 use subxt::utils::{AccountId32, MultiSignature};
 use subxt::{OnlineClient, PolkadotConfig};
 use tracing::{info, warn};
@@ -212,13 +212,21 @@ impl TfchainRegistrar {
         key: &KeyPair,
         call: &DynamicCall,
     ) -> Result<subxt::blocks::ExtrinsicEvents<PolkadotConfig>, RegistrarError> {
+        self.submit_signed(&ChainSigner(key), call).await
+    }
+
+    /// [`Self::submit`] with any signer (sr25519 dev accounts in tests).
+    pub async fn submit_signed<S: subxt::tx::Signer<PolkadotConfig> + Send + Sync>(
+        &self,
+        signer: &S,
+        call: &DynamicCall,
+    ) -> Result<subxt::blocks::ExtrinsicEvents<PolkadotConfig>, RegistrarError> {
         let api = self.client().await?;
         let what = call_name(call);
-        let signer = ChainSigner(key);
         let run = async {
             let mut progress = api
                 .tx()
-                .sign_and_submit_then_watch_default(call, &signer)
+                .sign_and_submit_then_watch_default(call, signer)
                 .await?;
             while let Some(status) = progress.next().await {
                 match status? {
@@ -462,11 +470,7 @@ pub fn transfer(dest: &AccountId32, amount: u128) -> DynamicCall {
 }
 
 fn call_name(call: &DynamicCall) -> String {
-    let d = call.validation_details();
-    match d {
-        Some(d) => format!("{}.{}", d.pallet_name, d.call_name),
-        None => "extrinsic".into(),
-    }
+    format!("{}.{}", call.pallet_name(), call.call_name())
 }
 
 // ---- errors ----
@@ -484,7 +488,10 @@ fn classify(what: &str, e: subxt::Error) -> RegistrarError {
         subxt::Error::Rpc(r) => {
             let msg = r.to_string();
             if msg.contains("Invalid Transaction") || msg.contains("1010") {
-                let hint = if msg.contains("pay some fees") || msg.contains("balance too low") {
+                let hint = if msg.contains("pay some fees")
+                    || msg.contains("\"payment\"")
+                    || msg.contains("balance too low")
+                {
                     " (the account has no funds for fees: fund it first)"
                 } else {
                     ""

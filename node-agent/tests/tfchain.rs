@@ -1,0 +1,749 @@
+//! The TF Chain registrar against the real tfchain runtime (spec 144 under chopsticks, from
+//! `../shared/tfchain`, started by each test on a free port and stopped after it): the SCALE
+//! encoding of every call the node makes and the signing payload, registration (twin, node
+//! with its capacity), a restart that finds the same ids, a capacity change, uptime reports,
+//! clear errors (no funds, unknown farm, chain down), contracts deciding what the engine
+//! admits and removes, and a chain stopped and restarted under a running agent.
+//!
+//! Where ../shared/tfchain is missing the tests skip with a message, and fail in CI (`CI` set).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use node_agent::capacity::Resources;
+use node_agent::config::AgentConfig;
+use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkload, Workload};
+use node_agent::engine::{DeployError, Engine};
+use node_agent::identity::KeyPair;
+use node_agent::metrics::Metrics;
+use node_agent::registrar::tfchain::{self, ChainSigner, TfchainRegistrar};
+use node_agent::registrar::{Registrar, RegistrarError, UptimeReport};
+use node_agent::state::Store;
+use node_agent::uptime::{host_uptime, Registration};
+use subxt::dynamic::Value;
+
+/// A chain under chopsticks, stopped (its process group) on drop.
+struct Chain {
+    child: Child,
+    port: u16,
+}
+
+fn shared_tfchain() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tfchain")
+}
+
+/// `None` (after a SKIP message) where ../shared/tfchain is missing, unless CI is set.
+fn chain_or_skip(test: &str) -> Option<Chain> {
+    if !shared_tfchain().join("start.sh").exists() {
+        if std::env::var_os("CI").is_some() {
+            panic!("{test}: ../shared/tfchain is missing (CI must have it)");
+        }
+        eprintln!(
+            "SKIP {test}: {} is missing",
+            shared_tfchain().join("start.sh").display()
+        );
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Some(Chain::start(port))
+}
+
+impl Chain {
+    fn start(port: u16) -> Chain {
+        let mut child = Command::new("bash")
+            .arg(shared_tfchain().join("start.sh"))
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("starting ../shared/tfchain/start.sh");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("tfchain ready on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(600))
+            .expect("the chain did not say it was ready");
+        Chain { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: signalling the process group this test started.
+        unsafe {
+            libc::killpg(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// 1 TFT has 7 decimals: 100 000 TFT.
+const FUNDS: u128 = 100_000 * 10_000_000;
+
+async fn fund(reg: &TfchainRegistrar, key: &KeyPair) {
+    let alice = subxt_signer::sr25519::dev::alice();
+    reg.submit_signed(
+        &alice,
+        &tfchain::transfer(&tfchain::account_of(&key.public()), FUNDS),
+    )
+    .await
+    .expect("transfer from Alice");
+}
+
+/// A funded farmer twin with a farm; returns the farm id.
+async fn farm(reg: &TfchainRegistrar, name: &str) -> u32 {
+    let farmer = KeyPair::generate();
+    fund(reg, &farmer).await;
+    let twin = reg.create_twin(&farmer).await.unwrap();
+    reg.create_farm(&farmer, twin.id, name).await.unwrap().id
+}
+
+fn capacity() -> Resources {
+    Resources {
+        cru: 4,
+        mru: 8 << 30,
+        sru: 200 << 30,
+        hru: 0,
+    }
+}
+
+fn registration(
+    reg: Arc<TfchainRegistrar>,
+    key: &KeyPair,
+    store: Arc<Store>,
+    farm_id: u32,
+    capacity: Resources,
+) -> Registration {
+    Registration {
+        config: AgentConfig {
+            registrar: "tfchain".into(),
+            farm_id,
+            uptime_interval_secs: 2,
+            ..Default::default()
+        },
+        key: key.clone(),
+        registrar: reg,
+        store,
+        metrics: Arc::new(Metrics::default()),
+        capacity,
+    }
+}
+
+async fn nonce(reg: &TfchainRegistrar, key: &KeyPair) -> u64 {
+    let api = reg.client().await.unwrap();
+    api.tx()
+        .account_nonce(&tfchain::account_of(&key.public()))
+        .await
+        .unwrap()
+}
+
+fn compact(n: u64, out: &mut Vec<u8>) {
+    match n {
+        0..=0x3f => out.push((n as u8) << 2),
+        0x40..=0x3fff => out.extend_from_slice(&(((n as u16) << 2) | 1).to_le_bytes()),
+        0x4000..=0x3fff_ffff => out.extend_from_slice(&(((n as u32) << 2) | 2).to_le_bytes()),
+        _ => {
+            let b = n.to_le_bytes();
+            let len = 8 - b.iter().rev().take_while(|&&x| x == 0).count();
+            out.push((((len - 4) as u8) << 2) | 3);
+            out.extend_from_slice(&b[..len]);
+        }
+    }
+}
+
+fn vec_bytes(b: &[u8], out: &mut Vec<u8>) {
+    compact(b.len() as u64, out);
+    out.extend_from_slice(b);
+}
+
+#[tokio::test]
+async fn call_encoding_and_signing_payload_match_the_chain() {
+    let Some(chain) = chain_or_skip("call_encoding_and_signing_payload_match_the_chain") else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    let api = reg.client().await.unwrap();
+    let md = api.metadata();
+    let index = |pallet: &str, call: &str| -> Vec<u8> {
+        let p = md.pallet_by_name(pallet).unwrap();
+        vec![p.index(), p.call_variant_by_name(call).unwrap().index]
+    };
+    let encoded = |c: &tfchain::DynamicCall| api.tx().call_data(c).unwrap();
+
+    let info = node_agent::registrar::NodeInfo {
+        farm_id: 3,
+        capacity: capacity(),
+        location: node_agent::config::Location {
+            country: "Belgium".into(),
+            city: "Ghent".into(),
+            latitude: "51.05".into(),
+            longitude: "3.72".into(),
+        },
+        interfaces: vec![node_agent::registrar::Interface {
+            name: "eth0".into(),
+            mac: "52:54:00:12:34:56".into(),
+        }],
+        serial_number: "SN1".into(),
+        virtualized: true,
+    };
+    let node_body = |out: &mut Vec<u8>| {
+        out.extend_from_slice(&3u32.to_le_bytes());
+        let c = capacity();
+        for v in [c.hru, c.sru, c.cru, c.mru] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for s in ["Ghent", "Belgium", "51.05", "3.72"] {
+            vec_bytes(s.as_bytes(), out);
+        }
+        compact(1, out);
+        vec_bytes(b"eth0", out);
+        vec_bytes(b"52:54:00:12:34:56", out);
+        compact(0, out);
+        out.push(0); // secure_boot
+        out.push(1); // virtualized
+        out.push(1); // Some(serial)
+        vec_bytes(b"SN1", out);
+    };
+
+    let mut cases: Vec<(&str, tfchain::DynamicCall, Vec<u8>)> = Vec::new();
+    let mut e = index(tfchain::TFGRID, "user_accept_tc");
+    vec_bytes(b"https://x", &mut e);
+    vec_bytes(b"h", &mut e);
+    cases.push(("userAcceptTc", tfchain::user_accept_tc("https://x", "h"), e));
+    let mut e = index(tfchain::TFGRID, "create_twin");
+    e.extend_from_slice(&[0, 0]);
+    cases.push(("createTwin", tfchain::create_twin(None, None), e));
+    let mut e = index(tfchain::TFGRID, "create_node");
+    node_body(&mut e);
+    cases.push(("createNode", tfchain::create_node(&info), e));
+    let mut e = index(tfchain::TFGRID, "update_node");
+    e.extend_from_slice(&9u32.to_le_bytes());
+    node_body(&mut e);
+    cases.push(("updateNode", tfchain::update_node(9, &info), e));
+    let mut e = index(tfchain::TFGRID, "report_uptime_v2");
+    e.extend_from_slice(&12345u64.to_le_bytes());
+    e.extend_from_slice(&1_700_000_000u64.to_le_bytes());
+    cases.push((
+        "reportUptimeV2",
+        tfchain::report_uptime_v2(12345, 1_700_000_000),
+        e,
+    ));
+    let hash = [7u8; 32];
+    let mut e = index(tfchain::CONTRACTS, "create_node_contract");
+    e.extend_from_slice(&9u32.to_le_bytes());
+    e.extend_from_slice(&hash);
+    vec_bytes(b"d", &mut e);
+    e.extend_from_slice(&0u32.to_le_bytes());
+    e.push(0);
+    cases.push((
+        "createNodeContract",
+        tfchain::create_node_contract(9, hash, b"d"),
+        e,
+    ));
+    let mut e = index(tfchain::CONTRACTS, "update_node_contract");
+    e.extend_from_slice(&5u64.to_le_bytes());
+    e.extend_from_slice(&hash);
+    vec_bytes(b"", &mut e);
+    cases.push((
+        "updateNodeContract",
+        tfchain::update_node_contract(5, hash, b""),
+        e,
+    ));
+    let mut e = index(tfchain::CONTRACTS, "cancel_contract");
+    e.extend_from_slice(&5u64.to_le_bytes());
+    cases.push(("cancelContract", tfchain::cancel_contract(5), e));
+    let mut e = index(tfchain::TFGRID, "create_farm");
+    vec_bytes(b"f1", &mut e);
+    compact(0, &mut e);
+    cases.push(("createFarm", tfchain::create_farm("f1"), e));
+
+    let key = KeyPair::from_seed([1; 32]);
+    for (name, call, expect) in &cases {
+        assert_eq!(&encoded(call), expect, "{name}: encoding");
+        // The chain decodes the signed extrinsic and prices it (garbage would not decode).
+        let signed = api
+            .tx()
+            .create_signed(
+                call,
+                &ChainSigner(&key),
+                subxt::config::DefaultExtrinsicParamsBuilder::new().build(),
+            )
+            .await
+            .unwrap();
+        let fee = signed.partial_fee_estimate().await;
+        assert!(fee.is_ok(), "{name}: the chain could not price it: {fee:?}");
+    }
+
+    // The signing payload: call data, then the extensions' values (era, nonce, tip), then
+    // what they add implicitly (spec and tx versions, genesis hash, era's block hash), and
+    // the signature is ed25519 over it (blake2-256 of it when longer than 256 bytes).
+    let call = tfchain::report_uptime_v2(1, 2);
+    let params = subxt::config::DefaultExtrinsicParamsBuilder::<subxt::PolkadotConfig>::new()
+        .immortal()
+        .nonce(3)
+        .build();
+    let mut partial = api
+        .tx()
+        .create_partial_offline(&call, params)
+        .expect("partial");
+    let payload = partial.signer_payload();
+    let v = api.runtime_version();
+    let mut expect = encoded(&call);
+    expect.push(0); // immortal era
+    compact(3, &mut expect); // nonce
+    compact(0, &mut expect); // tip
+    expect.extend_from_slice(&v.spec_version.to_le_bytes());
+    expect.extend_from_slice(&v.transaction_version.to_le_bytes());
+    expect.extend_from_slice(api.genesis_hash().as_ref());
+    expect.extend_from_slice(api.genesis_hash().as_ref()); // immortal: genesis
+    assert_eq!(payload, expect, "signing payload");
+    let signed = partial.sign(&ChainSigner(&key));
+    let bytes = signed.encoded();
+    let sig_at = bytes
+        .windows(64)
+        .position(|w| w == key.sign(&payload))
+        .expect("the extrinsic carries the ed25519 signature of the payload");
+    // MultiSignature::Ed25519 is variant 0, right before the signature; the signer's
+    // MultiAddress::Id (variant 0) and account (the public key) before that.
+    assert_eq!(bytes[sig_at - 1], 0);
+    assert_eq!(&bytes[sig_at - 33..sig_at - 1], key.public().as_bytes());
+}
+
+#[tokio::test]
+async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
+    let Some(chain) = chain_or_skip("a_node_registers_finds_its_ids_updates_and_reports_uptime")
+    else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, "farm_reg").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let key = KeyPair::generate();
+
+    // No funds: a clear refusal, nothing made.
+    let err = registration(reg.clone(), &key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistrarError::Refused(m) if m.contains("no funds")),
+        "{err}"
+    );
+    fund(&reg, &key).await;
+
+    // Unknown farm (after its twin is made).
+    let err = registration(reg.clone(), &key, store.clone(), 999, capacity())
+        .register()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistrarError::UnknownFarm(999)), "{err}");
+
+    // First registration: twin and node with the capacity given.
+    let key = KeyPair::generate();
+    fund(&reg, &key).await;
+    let t0 = Instant::now();
+    let (twin, node) = registration(reg.clone(), &key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    let extrinsics = nonce(&reg, &key).await;
+    eprintln!(
+        "BENCH registration: {} ms, {extrinsics} extrinsics (twin {twin}, node {node})",
+        took.as_millis()
+    );
+    assert_eq!(extrinsics, 3, "userAcceptTc, createTwin, createNode");
+    let on_chain = reg.node_by_twin(twin).await.unwrap().unwrap();
+    assert_eq!(on_chain.id, node);
+    assert_eq!(on_chain.info.capacity, capacity());
+    assert_eq!(on_chain.info.farm_id, farm_id);
+    assert_eq!(
+        reg.twin(twin).await.unwrap().unwrap().public_key,
+        key.public_hex()
+    );
+
+    // A restart finds the same ids and sends nothing.
+    let again = registration(reg.clone(), &key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap();
+    assert_eq!(again, (twin, node));
+    assert_eq!(nonce(&reg, &key).await, 3, "a restart created something");
+
+    // Capacity changed: one updateNode, same node.
+    let mut more = capacity();
+    more.cru = 8;
+    let again = registration(reg.clone(), &key, store.clone(), farm_id, more)
+        .register()
+        .await
+        .unwrap();
+    assert_eq!(again, (twin, node));
+    assert_eq!(nonce(&reg, &key).await, 4);
+    assert_eq!(
+        reg.node_by_twin(twin).await.unwrap().unwrap().info.capacity,
+        more
+    );
+
+    // Uptime: in a block with NodeUptimeReported (report_uptime checks the event).
+    let up = host_uptime().unwrap();
+    let t0 = Instant::now();
+    reg.report_uptime(
+        &key,
+        twin,
+        node,
+        &UptimeReport {
+            uptime: up,
+            timestamp: node_agent::auth::now_unix(),
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "BENCH uptime report due -> in block with its event: {} ms",
+        t0.elapsed().as_millis()
+    );
+    // A report that waited 10 minutes in the queue is brought to now and accepted.
+    reg.report_uptime(
+        &key,
+        twin,
+        node,
+        &UptimeReport {
+            uptime: up.saturating_sub(600),
+            timestamp: node_agent::auth::now_unix() - 600,
+        },
+    )
+    .await
+    .unwrap();
+    // A node the chain does not know cannot report: a refusal naming the reason.
+    let stranger = KeyPair::generate();
+    fund(&reg, &stranger).await;
+    let err = reg
+        .report_uptime(
+            &stranger,
+            0,
+            0,
+            &UptimeReport {
+                uptime: up,
+                timestamp: node_agent::auth::now_unix(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("TwinNotExists"), "{err}");
+
+    // A chain that is down: unreachable (transient), on every endpoint.
+    let down =
+        TfchainRegistrar::new(vec!["ws://127.0.0.1:9".into(), "ws://127.0.0.1:1".into()]).unwrap();
+    let err = down.twin(1).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    // Failover: a dead endpoint first, the live one second.
+    let two = TfchainRegistrar::new(vec!["ws://127.0.0.1:9".into(), chain.url()]).unwrap();
+    assert_eq!(
+        two.twin(twin).await.unwrap().unwrap().public_key,
+        key.public_hex()
+    );
+}
+
+fn deployment(twin_id: u32, id: u64, metadata: &str) -> Deployment {
+    Deployment {
+        twin_id,
+        deployment_id: id,
+        version: 1,
+        metadata: metadata.into(),
+        workloads: vec![Workload::Vm(VmWorkload {
+            name: "web".into(),
+            image: "/nonexistent/image.flist".into(),
+            image_blake3: None,
+            vcpus: 1,
+            memory_mib: 256,
+            rootfs_mib: 64,
+            volumes: vec![],
+            mounts: vec![],
+            entrypoint: "/bin/true".into(),
+            args: vec![],
+            env: Default::default(),
+            restart: RestartPolicy::Never,
+            shutdown_grace_secs: 0,
+        })],
+        signature_requirement: None,
+        // No VM boots here (no image, no vmm): the workload is kept as failed, so an
+        // admitted deployment stays in the node's state.
+        on_failure: FailurePolicy::Keep,
+        contract_id: None,
+        signatures: vec![],
+    }
+}
+
+/// A user twin (ed25519 key, funded) creates a node contract for `doc` on `node`.
+async fn contract_for(reg: &TfchainRegistrar, user: &KeyPair, node: u32, doc: &Deployment) -> u64 {
+    let hash = doc.contract_hash();
+    reg.submit(user, &tfchain::create_node_contract(node, hash, b""))
+        .await
+        .unwrap();
+    let v = reg
+        .storage(
+            tfchain::CONTRACTS,
+            "ContractIDByNodeIDAndHash",
+            vec![Value::u128(node.into()), Value::from_bytes(hash)],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    tfchain::num(&v).unwrap() as u64
+}
+
+async fn user(reg: &TfchainRegistrar) -> (KeyPair, u32) {
+    let k = KeyPair::generate();
+    fund(reg, &k).await;
+    let t = reg.create_twin(&k).await.unwrap();
+    (k, t.id)
+}
+
+fn engine(reg: Arc<TfchainRegistrar>, store: Arc<Store>, dir: &std::path::Path) -> Engine {
+    Engine::new(
+        store,
+        AgentConfig {
+            state_dir: dir.to_path_buf(),
+            registrar: "tfchain".into(),
+            ..Default::default()
+        },
+        reg,
+        Arc::new(Metrics::default()),
+        capacity(),
+    )
+}
+
+fn forbidden(r: Result<impl std::fmt::Debug, DeployError>, why: &str) {
+    match r {
+        Err(DeployError::Forbidden(m)) => assert!(m.contains(why), "{m}"),
+        other => panic!("expected a refusal ({why}), got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn contracts_decide_what_the_node_runs() {
+    let Some(chain) = chain_or_skip("contracts_decide_what_the_node_runs") else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, "farm_contracts").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    fund(&reg, &node_key).await;
+    let (_, node) = registration(reg.clone(), &node_key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap();
+    // Another node on the farm.
+    let other_node_key = KeyPair::generate();
+    fund(&reg, &other_node_key).await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_store = Arc::new(Store::open(&other_dir.path().join("agent.db")).unwrap());
+    let (_, other_node) = registration(
+        reg.clone(),
+        &other_node_key,
+        other_store,
+        farm_id,
+        capacity(),
+    )
+    .register()
+    .await
+    .unwrap();
+    let eng = engine(reg.clone(), store.clone(), dir.path());
+    let (alice_k, alice) = user(&reg).await;
+    let (bob_k, bob) = user(&reg).await;
+
+    // Without a contract id: refused.
+    let mut d = deployment(alice, 1, "no contract");
+    d.sign(alice, &alice_k);
+    match eng.deploy(alice, d).await {
+        Err(DeployError::BadRequest(m)) => assert!(m.contains("contract_id"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A contract holding the deployment's hash: admitted.
+    let mut good = deployment(alice, 1, "good");
+    let cid = contract_for(&reg, &alice_k, node, &good).await;
+    good.contract_id = Some(cid);
+    good.sign(alice, &alice_k);
+    let out = eng.deploy(alice, good.clone()).await.unwrap();
+    assert_eq!(out.deployment_id, 1);
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+
+    // Wrong hash: the contract is for another document.
+    let mut wrong = deployment(alice, 2, "wrong");
+    let other_doc = deployment(alice, 2, "what the contract says");
+    wrong.contract_id = Some(contract_for(&reg, &alice_k, node, &other_doc).await);
+    wrong.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, wrong).await, "holds deployment hash");
+
+    // A contract for another node.
+    let mut elsewhere = deployment(alice, 3, "elsewhere");
+    elsewhere.contract_id = Some(contract_for(&reg, &alice_k, other_node, &elsewhere).await);
+    elsewhere.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, elsewhere).await, "is for node");
+
+    // A cancelled contract.
+    let mut cancelled = deployment(alice, 4, "cancelled");
+    let c = contract_for(&reg, &alice_k, node, &cancelled).await;
+    reg.submit(&alice_k, &tfchain::cancel_contract(c))
+        .await
+        .unwrap();
+    cancelled.contract_id = Some(c);
+    cancelled.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, cancelled).await, "does not exist");
+
+    // Signed by another twin: Bob's key under Alice's id (Alice's key on the chain is
+    // her account), and Alice's deployment on Bob's contract.
+    let mut forged = deployment(alice, 5, "forged");
+    forged.contract_id = Some(contract_for(&reg, &alice_k, node, &forged).await);
+    forged.sign(alice, &bob_k);
+    forbidden(
+        eng.deploy(alice, forged).await,
+        "no valid signature of the owner",
+    );
+    let mut bobs = deployment(alice, 6, "bob pays");
+    bobs.contract_id = Some(contract_for(&reg, &bob_k, node, &bobs).await);
+    bobs.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, bobs).await, "belongs to twin");
+    let _ = bob;
+
+    // An update needs the contract updated to the new hash first.
+    let mut v2 = good.clone();
+    v2.version = 2;
+    v2.metadata = "good v2".into();
+    v2.signatures.clear();
+    v2.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, v2.clone()).await, "updateNodeContract");
+    reg.submit(
+        &alice_k,
+        &tfchain::update_node_contract(cid, v2.contract_hash(), b""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(eng.deploy(alice, v2).await.unwrap().version, 2);
+
+    // The contract poll keeps it while the contract is active, removes it once cancelled.
+    eng.check_contracts().await;
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+    reg.submit(&alice_k, &tfchain::cancel_contract(cid))
+        .await
+        .unwrap();
+    eng.check_contracts().await;
+    assert!(store.deployments(None).unwrap().is_empty());
+    assert!(store.vms(None).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_agent_keeps_workloads_while_the_chain_restarts_and_sends_what_it_owed() {
+    let Some(mut chain) =
+        chain_or_skip("the_agent_keeps_workloads_while_the_chain_restarts_and_sends_what_it_owed")
+    else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, "farm_restart").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    fund(&reg, &node_key).await;
+    let registration = registration(reg.clone(), &node_key, store.clone(), farm_id, capacity());
+    let metrics = registration.metrics.clone();
+    let eng = engine(reg.clone(), store.clone(), dir.path());
+    let agent = tokio::spawn(registration.run());
+    let wait = |what: &'static str, cond: Box<dyn Fn() -> bool>| async move {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(t0.elapsed() < Duration::from_secs(120), "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let m = metrics.clone();
+    wait(
+        "first uptime report",
+        Box::new(move || m.uptime_reports_sent.load(Ordering::Relaxed) >= 1),
+    )
+    .await;
+    let node: u32 = store.meta("node_id").unwrap().unwrap().parse().unwrap();
+
+    // A workload paid by a contract.
+    let (alice_k, alice) = user(&reg).await;
+    let mut d = deployment(alice, 1, "kept");
+    d.contract_id = Some(contract_for(&reg, &alice_k, node, &d).await);
+    d.sign(alice, &alice_k);
+    eng.deploy(alice, d).await.unwrap();
+
+    // The chain goes away: the workload stays, reports queue up, the health says why.
+    chain.stop();
+    eng.check_contracts().await;
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+    let s = store.clone();
+    wait(
+        "a report owed while the chain is down",
+        Box::new(move || !s.pending_uptime().unwrap().is_empty()),
+    )
+    .await;
+    let m = metrics.clone();
+    wait(
+        "the error in the health",
+        Box::new(move || m.registrar_error().is_some()),
+    )
+    .await;
+    eprintln!(
+        "health while the chain is down: {:?}",
+        metrics.registrar_error()
+    );
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+
+    // The chain is back (a fresh chain from its genesis, as chopsticks keeps no state): the
+    // node is funded again by the activation service, reconnects, registers again and
+    // sends what it owed.
+    let sent = metrics.uptime_reports_sent.load(Ordering::Relaxed);
+    let mut chain = Chain::start(chain.port);
+    let t0 = Instant::now();
+    farm(&reg, "farm_restart").await;
+    fund(&reg, &node_key).await;
+    let s = store.clone();
+    let m = metrics.clone();
+    wait(
+        "the owed report sent",
+        Box::new(move || {
+            s.pending_uptime().unwrap().is_empty()
+                && m.uptime_reports_sent.load(Ordering::Relaxed) > sent
+        }),
+    )
+    .await;
+    eprintln!(
+        "BENCH chain back -> owed report in block: {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert!(metrics.registrar_error().is_none());
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+    agent.abort();
+    chain.stop();
+}
