@@ -59,6 +59,10 @@ fn chain_or_skip(test: &str) -> Option<Chain> {
 
 impl Chain {
     fn start(port: u16) -> Chain {
+        // One start at a time: the first one installs chopsticks into the cache, and two
+        // installs at once would trip over each other.
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
         let mut child = Command::new("bash")
             .arg(shared_tfchain().join("start.sh"))
             .arg(port.to_string())

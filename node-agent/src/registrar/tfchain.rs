@@ -233,21 +233,28 @@ impl TfchainRegistrar {
                     TxStatus::InBestBlock(b) | TxStatus::InFinalizedBlock(b) => {
                         return b.wait_for_success().await.map(Ok);
                     }
-                    TxStatus::Error { message }
-                    | TxStatus::Invalid { message }
-                    | TxStatus::Dropped { message } => return Ok(Err(message)),
+                    TxStatus::Error { message } | TxStatus::Invalid { message } => {
+                        return Ok(Err((false, message)))
+                    }
+                    TxStatus::Dropped { message } => return Ok(Err((true, message))),
                     _ => {}
                 }
             }
-            Ok(Err(
-                "the chain ended the transaction's status stream".to_string()
-            ))
+            Ok(Err((
+                true,
+                "the status stream ended before the transaction was in a block".to_string(),
+            )))
         };
         match tokio::time::timeout(TX_TIMEOUT, run).await {
             Ok(Ok(Ok(events))) => Ok(events),
-            Ok(Ok(Err(message))) => Err(RegistrarError::Refused(format!(
+            Ok(Ok(Err((false, message)))) => Err(RegistrarError::Refused(format!(
                 "{what}: transaction not included: {message}"
             ))),
+            Ok(Ok(Err((true, message)))) => {
+                // Dropped, or the connection went away while waiting: worth retrying.
+                self.reset().await;
+                Err(RegistrarError::Unreachable(format!("{what}: {message}")))
+            }
             Ok(Err(e)) => Err(self.fail(&what, e).await),
             Err(_) => {
                 self.reset().await;
