@@ -751,3 +751,70 @@ async fn the_agent_keeps_workloads_while_the_chain_restarts_and_sends_what_it_ow
     agent.abort();
     chain.stop();
 }
+
+/// The agent's binary from start to registered on a fresh chain, and its memory with the
+/// chain client (`cargo test -p node-agent --test tfchain -- --ignored --nocapture`;
+/// GRIDNODE_AGENT_BIN=target/release/node-agent measures a release build).
+#[tokio::test]
+#[ignore = "benchmark"]
+async fn bench_agent_start_to_registered() {
+    let Some(chain) = chain_or_skip("bench_agent_start_to_registered") else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    let farm_id = farm(&reg, "farm_bench").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate();
+    key.save_new(&dir.path().join("node.key")).unwrap();
+    fund(&reg, &key).await;
+    let bin = std::env::var("GRIDNODE_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_node-agent").to_string());
+    let t0 = Instant::now();
+    let mut agent = Command::new(&bin)
+        .args(["run", "--state-dir"])
+        .arg(dir.path())
+        .args(["--chain", &chain.url(), "--farm-id", &farm_id.to_string()])
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let account = tfchain::account_of(&key.public());
+    let rss = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS"))
+            .unwrap_or("")
+            .to_string()
+    };
+    let node = loop {
+        if let Some(twin) = reg.twin_id_of(&account).await.unwrap() {
+            if let Some(n) = reg.node_by_twin(twin).await.unwrap() {
+                break Some(n);
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mem = rss(agent.id());
+    let _ = agent.kill();
+    let _ = agent.wait();
+    match node {
+        Some(n) => eprintln!(
+            "BENCH {bin}: start -> node {} on the chain: {} ms; {mem}; {} extrinsics",
+            n.id,
+            took.as_millis(),
+            nonce(&reg, &key).await
+        ),
+        // This host's capacity may be one the chain refuses (under 100 GB SSD, 2 GB RAM):
+        // the agent then runs, connected, retrying, and says why.
+        None => eprintln!(
+            "BENCH {bin}: not registered in {} ms; {mem} (connected, retrying); log:\n{}",
+            took.as_millis(),
+            std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+        ),
+    }
+}
