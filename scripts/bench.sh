@@ -26,4 +26,8 @@ esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null
 cargo build --release -p vmm -p flist-fs -p node-agent -p benches --bins
+# The vmm measured is the shipped one (static-pie, scripts/build-vmm.sh); the benchmarks take
+# it from VMM_BIN.
+VMM_BIN="$(bash scripts/build-vmm.sh | tail -n1)"
+export VMM_BIN
 "${CARGO_TARGET_DIR:-target}"/release/"$which" "$@"

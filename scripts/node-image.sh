@@ -7,10 +7,11 @@
 #   scripts/node-image.sh OUT_DIR        -> OUT_DIR/vmlinuz, OUT_DIR/initramfs.cpio
 #
 # Inputs: the host's Debian cloud kernel (newest /boot/vmlinuz-*-cloud-amd64, or NODE_KERNEL)
-# and its modules; release builds of vmm and node-agent; guest-init and the guest kernel
-# (guest-kernels/build-init.sh, build-kernel.sh, both cached); mkfs.ext4 and blkid with their
-# libraries; a demo workload image (busybox root packed as an flist with a dir:// store under
-# /usr/share/gridnode/demo, allowlisted in the vmm's node configuration).
+# and its modules; release builds of node-agent and of the vmm (static-pie, as shipped:
+# scripts/build-vmm.sh); guest-init and the guest kernel (guest-kernels/build-init.sh,
+# build-kernel.sh, both cached); mkfs.ext4 and blkid with their libraries; a demo workload
+# image (busybox root packed as an flist with a dir:// store under /usr/share/gridnode/demo,
+# allowlisted in the vmm's node configuration).
 #
 # The image's layout:
 #   /init                              node-agent (PID 1 runs `node-agent init`)
@@ -52,11 +53,11 @@ kernel="${NODE_KERNEL:-$(ls -1 /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V
 release="${kernel##*/vmlinuz-}"
 [[ -f "/lib/modules/$release/modules.dep" ]] || die "no modules for $release in /lib/modules"
 
-log "building vmm, node-agent and flist (release)"
-(cd "$ws" && cargo build --release -p vmm -p node-agent -p flist-fs \
-    --bin vmm --bin node-agent --bin flist --target-dir "$target_dir" >&2)
+log "building vmm (release, static-pie), node-agent and flist (release)"
+(cd "$ws" && cargo build --release -p node-agent -p flist-fs \
+    --bin node-agent --bin flist --target-dir "$target_dir" >&2)
+vmm="$(CARGO_TARGET_DIR="$target_dir" bash "$ws/scripts/build-vmm.sh" | tail -n1)"
 agent="$target_dir/release/node-agent"
-vmm="$target_dir/release/vmm"
 flist="$target_dir/release/flist"
 guest_init="$(bash "$ws/guest-kernels/build-init.sh" | tail -n1)"
 guest_kernel="$(bash "$ws/guest-kernels/build-kernel.sh" | tail -n1)/vmlinux"

@@ -28,6 +28,15 @@ pub fn sibling(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The vmm under test: $VMM_BIN (what scripts/bench.sh sets: the shipped static-pie build of
+/// scripts/build-vmm.sh), else the one built beside this program.
+pub fn vmm() -> Result<PathBuf> {
+    if std::env::var_os("VMM_BIN").is_some() {
+        return Ok(e2e_tests::artifacts::vmm_binary()?);
+    }
+    sibling("vmm")
+}
+
 /// A peer program named by environment variable `var`, which must exist when set.
 pub fn optional_peer(var: &str) -> Result<Option<PathBuf>> {
     let Some(path) = std::env::var_os(var).map(PathBuf::from) else {

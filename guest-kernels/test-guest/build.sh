@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds every test-guest variant as a static ELF64 linked at 1 MiB:
-#   OUTDIR/test-guest-<variant>   for variant in exit0 exit42 reboot triplefault chatter pvh
+#   OUTDIR/test-guest-<variant>   for variant in exit0 exit42 reboot triplefault chatter idle pvh
 # Usage: build.sh OUTDIR. The last line of stdout is OUTDIR (absolute).
 set -euo pipefail
 
@@ -14,7 +14,7 @@ flags=(-nostdlib -static -no-pie -Wl,--build-id=none -Wl,-T,"$here/test-guest.ld
 if ld --help 2>/dev/null | grep -- --no-warn-rwx-segments >/dev/null; then
     flags+=(-Wl,--no-warn-rwx-segments)
 fi
-for variant in exit0 exit42 reboot triplefault chatter pvh; do
+for variant in exit0 exit42 reboot triplefault chatter idle pvh; do
     gcc "${flags[@]}" -DVARIANT_"$variant" -o "$out/test-guest-$variant.tmp" "$here/test-guest.S"
     mv "$out/test-guest-$variant.tmp" "$out/test-guest-$variant"
 done

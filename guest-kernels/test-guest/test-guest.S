@@ -8,6 +8,8 @@
  *   triplefault  load a zero-limit IDT, then ud2 (#UD -> #GP -> #DF -> triple fault)
  *   chatter      print '.' on COM1 forever (a guest that runs until it is stopped: pause,
  *                shutdown and kill tests watch its output grow or stop)
+ *   idle         halt after booting (the vmm's resident memory at rest: issue 9's
+ *                measurements, scripts/vmm-symbol-order.py's profiles)
  *   pvh          also carries the Xen PHYS32_ENTRY (PVH) note; its 32-bit entry prints
  *                its own greeting and the cmdline from hvm_start_info and exits with 80
  *                (81 if the hvm_start_info magic is wrong); its 64-bit entry exits with 64,
@@ -90,10 +92,12 @@ _start:
 4:	lea	msg_dot(%rip), %rsi
 	call	puts64
 	jmp	4b
+#elif defined(VARIANT_idle)
+	nop
 #elif defined(VARIANT_pvh)
 	OUTB	PORT_EXIT_STATUS, 64
 #else
-#error "define one VARIANT_<name>: exit0 exit42 reboot triplefault chatter pvh"
+#error "define one VARIANT_<name>: exit0 exit42 reboot triplefault chatter idle pvh"
 #endif
 halt64:
 	hlt

@@ -334,6 +334,9 @@ fn main() -> ExitCode {
         )
         .init();
     abort_on_panic();
+    if cfg!(vmm_profiling) {
+        eprintln!("vmm: warning: profiling build: no seccomp filters (never ship this build)");
+    }
     if let Err(e) = vmm::seccomp::install_violation_handler() {
         eprintln!("vmm: error: cannot install the seccomp violation handler: {e}");
         return ExitCode::from(2);

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest, kvm_available};
+use common::{guest, kvm_available, vmm_bin};
 use vm_spec::api::{ExitKind, ExitRecord, VmInfo, VmState};
 
 /// A running vmm with the chatter guest and an API socket.
@@ -30,7 +30,7 @@ impl Vmm {
 
     fn spawn(dir: &Path, extra: &[&str]) -> Child {
         let kernel = guest("chatter");
-        Command::new(env!("CARGO_BIN_EXE_vmm"))
+        Command::new(vmm_bin())
             .args(["--kernel", kernel.to_str().unwrap(), "--memory", "32"])
             .arg("--serial")
             .arg(format!("file:{}", dir.join("console.log").display()))
@@ -430,7 +430,7 @@ fn the_exit_record_tells_every_end_and_a_killed_vmm_leaves_nothing_in_the_way() 
     let read_record =
         || -> ExitRecord { serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap() };
     let run = |kernel: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_vmm"))
+        Command::new(vmm_bin())
             .args(["--kernel", kernel.to_str().unwrap(), "--memory", "32"])
             .args(["--serial", "off"])
             .arg("--exit-record")
@@ -489,7 +489,7 @@ fn the_exit_record_tells_every_end_and_a_killed_vmm_leaves_nothing_in_the_way() 
     // Something else than a socket at the API path is never replaced.
     let not_a_socket = dir.path().join("file");
     std::fs::write(&not_a_socket, b"keep me").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_vmm"))
+    let out = Command::new(vmm_bin())
         .args([
             "--kernel",
             guest("exit0").to_str().unwrap(),

@@ -3,11 +3,11 @@
 //! reboot and triple fault, and every kind of bad input. Each boot takes milliseconds.
 
 mod common;
-use common::{guest, kvm_available};
+use common::{guest, kvm_available, vmm_bin};
 use std::process::{Command, Output};
 
 fn vmm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
+    Command::new(vmm_bin())
         .args(args)
         .output()
         .expect("run vmm")
@@ -328,7 +328,8 @@ fn kvm_without_permission_is_named() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o000)).unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let bin = env!("CARGO_BIN_EXE_vmm");
+    let bin = vmm_bin();
+    let bin = bin.to_str().unwrap();
     let out = Command::new("setpriv")
         .args([
             "--reuid=65534",

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use benches::{optional_peer, run_on_testbed, sibling};
+use benches::{optional_peer, run_on_testbed, sibling, vmm};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job};
@@ -43,7 +43,7 @@ fn main() -> Result<()> {
     let Some(baseline) = optional_peer("VMM_BASELINE_BIN")? else {
         bail!("set VMM_BASELINE_BIN to the vmm build to compare with");
     };
-    let vmm = sibling("vmm")?;
+    let vmm = vmm()?;
     let flist = sibling("flist")?;
     let fetcher = sibling("chunk-fetcher")?;
     let boot_bench = sibling("boot_bench")?;

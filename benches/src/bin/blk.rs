@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use benches::{sibling, with_qemu};
+use benches::{vmm, with_qemu};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, shared_libraries, Job, Testbed};
@@ -82,7 +82,7 @@ fn main() -> Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let vmm = sibling("vmm")?;
+    let vmm = vmm()?;
     let baseline = args
         .vmm_baseline
         .clone()

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use benches::{optional_peer, run_on_testbed_echoing, sibling, with_qemu};
+use benches::{optional_peer, run_on_testbed_echoing, sibling, vmm, with_qemu};
 use clap::Parser;
 use e2e_tests::{artifacts, microvm, Job};
 
@@ -53,7 +53,7 @@ fn job_timeout(args: &Args, firecracker: bool, baseline: bool) -> std::time::Dur
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let vmm = sibling("vmm")?;
+    let vmm = vmm()?;
     let bench = sibling("boot_bench")?;
     let qemu = e2e_tests::qemu::qemu_binary()?;
     let kernel = artifacts::guest_kernel()?;

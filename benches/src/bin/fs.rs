@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use benches::{run_on_testbed, sibling, with_qemu};
+use benches::{run_on_testbed, sibling, vmm, with_qemu};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job};
@@ -56,7 +56,7 @@ fn virtiofsd() -> Result<PathBuf> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let vmm = sibling("vmm")?;
+    let vmm = vmm()?;
     let flist = sibling("flist")?;
     let bench = sibling("fs_bench")?;
     let fetcher = sibling("chunk-fetcher")?;

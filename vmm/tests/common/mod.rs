@@ -28,6 +28,14 @@ pub fn guest(variant: &str) -> PathBuf {
     test_guests().join(format!("test-guest-{variant}"))
 }
 
+/// The vmm under test: $VMM_BIN when set (e.g. the shipped static-pie build of
+/// scripts/build-vmm.sh), else the one cargo built for these tests.
+pub fn vmm_bin() -> PathBuf {
+    std::env::var_os("VMM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vmm")))
+}
+
 pub fn kvm_available() -> bool {
     if std::fs::File::open("/dev/kvm").is_ok() {
         return true;
