@@ -5,7 +5,8 @@
 //! clear errors (no funds, unknown farm, chain down), contracts deciding what the engine
 //! admits and removes, and a chain stopped and restarted under a running agent.
 //!
-//! Where ../shared/tfchain is missing the tests skip with a message, and fail in CI (`CI` set).
+//! Where ../shared/tfchain is missing the tests skip with a message, and fail where a chain is
+//! required: in CI (`CI` set) or with `GRIDNODE_REQUIRE_TFCHAIN=1` (scripts/test.sh sets it).
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -37,11 +38,23 @@ fn shared_tfchain() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tfchain")
 }
 
-/// `None` (after a SKIP message) where ../shared/tfchain is missing, unless CI is set.
+/// Whether a missing chain fails the test: in CI (`CI` set) and wherever
+/// `GRIDNODE_REQUIRE_TFCHAIN` is set to anything but `0` or empty (scripts/test.sh sets it).
+fn chain_required() -> bool {
+    std::env::var_os("CI").is_some()
+        || std::env::var("GRIDNODE_REQUIRE_TFCHAIN").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `None` (after a SKIP message) where ../shared/tfchain is missing, unless a chain is
+/// required ([`chain_required`]): then the test fails, naming what is missing.
 fn chain_or_skip(test: &str) -> Option<Chain> {
     if !shared_tfchain().join("start.sh").exists() {
-        if std::env::var_os("CI").is_some() {
-            panic!("{test}: ../shared/tfchain is missing (CI must have it)");
+        if chain_required() {
+            panic!(
+                "{test}: {} is missing; the TF Chain tests need ../shared/tfchain beside the \
+                 clone (required here: CI or GRIDNODE_REQUIRE_TFCHAIN is set)",
+                shared_tfchain().join("start.sh").display()
+            );
         }
         eprintln!(
             "SKIP {test}: {} is missing",
@@ -90,6 +103,9 @@ impl Chain {
     }
 
     fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // stopped already (its group id may be another's now)
+        }
         // SAFETY: signalling the process group this test started.
         unsafe {
             libc::killpg(self.child.id() as i32, libc::SIGTERM);
