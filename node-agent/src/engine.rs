@@ -350,7 +350,7 @@ impl Engine {
                 Err(e) => {
                     warn!("cannot read contract {id}: {e}; keeping its deployment");
                     self.metrics
-                        .set_registrar_error(Some(format!("contract check: {e}")));
+                        .set_registrar_error("contract check", Some(e.to_string()));
                     return;
                 }
             };
@@ -366,6 +366,7 @@ impl Engine {
                 }
             }
         }
+        self.metrics.set_registrar_error("contract check", None);
     }
 
     /// The public keys of every twin that signed or is asked to sign.

@@ -23,20 +23,39 @@ pub struct Metrics {
     pub uptime_report_errors: AtomicU64,
     /// Unix seconds of the last accepted uptime report.
     pub last_uptime_report: AtomicI64,
-    /// The registrar's last error (registration, uptime report, contract check), cleared by
-    /// the next success: the node's health as the API shows it.
-    pub registrar_error: std::sync::Mutex<Option<String>>,
+    /// The registrar's last error of each task talking to it (`registration`, `uptime
+    /// report`, `contract check`, `contract resources`), each cleared by that task's next
+    /// success: the node's health as the API shows it.
+    pub registrar_errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
 
 impl Metrics {
-    pub fn set_registrar_error(&self, e: Option<String>) {
-        if let Ok(mut g) = self.registrar_error.lock() {
-            *g = e;
+    /// Sets (`Some`) or clears (`None`) the registrar error of one task (`source`).
+    pub fn set_registrar_error(&self, source: &'static str, e: Option<String>) {
+        if let Ok(mut g) = self.registrar_errors.lock() {
+            match e {
+                Some(e) => {
+                    g.insert(source, e);
+                }
+                None => {
+                    g.remove(source);
+                }
+            }
         }
     }
 
+    /// Every task's current error, `source: error`, joined by `; ` (`None`: all is well).
     pub fn registrar_error(&self) -> Option<String> {
-        self.registrar_error.lock().ok().and_then(|g| g.clone())
+        let g = self.registrar_errors.lock().ok()?;
+        if g.is_empty() {
+            return None;
+        }
+        Some(
+            g.iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
     }
 
     pub fn observe_deploy(&self, d: Duration) {

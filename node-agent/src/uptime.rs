@@ -152,7 +152,7 @@ impl Registration {
                         }
                         ids = Some(got);
                         last_info = Some(info);
-                        self.metrics.set_registrar_error(None);
+                        self.metrics.set_registrar_error("registration", None);
                         self.metrics.registered.store(1, Ordering::Relaxed);
                         backoff = Duration::from_secs(1);
                     }
@@ -165,7 +165,7 @@ impl Registration {
                             backoff.as_secs()
                         );
                         self.metrics
-                            .set_registrar_error(Some(format!("registration: {e}")));
+                            .set_registrar_error("registration", Some(e.to_string()));
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(300));
                         continue;
@@ -185,7 +185,7 @@ impl Registration {
             match self.flush_uptime(twin, node).await {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
-                    self.metrics.set_registrar_error(None);
+                    self.metrics.set_registrar_error("uptime report", None);
                     let wait = next_report.saturating_duration_since(tokio::time::Instant::now());
                     tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
                 }
@@ -205,7 +205,7 @@ impl Registration {
                         backoff.as_secs()
                     );
                     self.metrics
-                        .set_registrar_error(Some(format!("uptime report: {e}")));
+                        .set_registrar_error("uptime report", Some(e.to_string()));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(300));
                 }
