@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::capacity::Resources;
+use crate::capacity::{CapacityOverride, Resources};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +44,11 @@ pub struct AgentConfig {
     /// Kept back for the node itself.
     #[serde(default = "default_reserve")]
     pub reserve: Resources,
+    /// What the node offers, resource by resource, in place of the detected capacity minus
+    /// the reserve (e.g. `{"sru": "200G"}` where TF Chain refuses the detected SSD as below
+    /// its minimum for a node).
+    #[serde(default, skip_serializing_if = "CapacityOverride::is_empty")]
+    pub capacity: CapacityOverride,
     /// vCPUs deployments may have per CPU thread (1: no over-commit of CPU; memory and disk
     /// are never over-committed).
     #[serde(default = "default_cpu_ratio")]
@@ -159,6 +164,11 @@ impl AgentConfig {
         let text =
             std::fs::read(path).with_context(|| format!("reading config {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// What the node offers: `detected` minus the reserve, with the operator's overrides.
+    pub fn offered(&self, detected: Resources) -> Resources {
+        self.capacity.apply(detected.saturating_sub(self.reserve))
     }
 
     pub fn api_socket(&self) -> PathBuf {

@@ -208,6 +208,12 @@ struct RunArgs {
     /// Seconds between uptime reports.
     #[arg(long)]
     uptime_interval: Option<u64>,
+    /// What the node offers in place of the detected capacity minus the reserve, per
+    /// resource: `cru=THREADS,mru=SIZE,sru=SIZE,hru=SIZE` (sizes in bytes or with a binary
+    /// unit: 512M, 200G, 4T), e.g. `--capacity sru=200G` where TF Chain refuses the detected
+    /// SSD (InvalidSRUInput: under its minimum of 100 GiB for a node).
+    #[arg(long, value_name = "RES=AMOUNT,...")]
+    capacity: Option<capacity::CapacityOverride>,
     /// vCPUs deployments may have per CPU thread (CPU over-commit; memory and disk never).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpu_allocation_ratio: Option<u32>,
@@ -634,6 +640,9 @@ async fn daemon(args: RunArgs) -> Result<()> {
     if let Some(v) = args.cpu_allocation_ratio {
         config.cpu_allocation_ratio = v;
     }
+    if let Some(v) = args.capacity {
+        config.capacity = config.capacity.or(v);
+    }
     create_state_dir(&config.state_dir)?;
     let (key, made) = identity::load_or_create_node_key(&config.state_dir)?;
     if made {
@@ -647,7 +656,31 @@ async fn daemon(args: RunArgs) -> Result<()> {
     } else {
         Arc::new(RemoteRegistrar::new(&config.registrar)?)
     };
-    let total = capacity::detect(&config.state_dir).saturating_sub(config.reserve);
+    let detected = capacity::detect(&config.state_dir);
+    let total = config.offered(detected);
+    if !config.capacity.is_empty() {
+        let auto = detected.saturating_sub(config.reserve);
+        info!(
+            cru = ?config.capacity.cru,
+            mru = ?config.capacity.mru,
+            sru = ?config.capacity.sru,
+            hru = ?config.capacity.hru,
+            "the operator's capacity override (replaces the detected amounts)"
+        );
+        for (name, set, have) in [
+            ("cru", config.capacity.cru, auto.cru),
+            ("mru", config.capacity.mru, auto.mru),
+            ("sru", config.capacity.sru, auto.sru),
+            ("hru", config.capacity.hru, auto.hru),
+        ] {
+            if set.is_some_and(|v| v > have) {
+                warn!(
+                    "capacity override: the node offers more {name} than detected ({} > {have}); deployments are admitted up to the override",
+                    set.unwrap_or_default()
+                );
+            }
+        }
+    }
     let metrics = Arc::new(Metrics::default());
     let engine = Arc::new(Engine::new(
         store.clone(),

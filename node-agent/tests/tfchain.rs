@@ -16,7 +16,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use node_agent::api::NodeStatus;
 use node_agent::capacity::Resources;
+use node_agent::client::{Client, Endpoint};
 use node_agent::config::AgentConfig;
 use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkload, Workload};
 use node_agent::engine::{DeployError, Engine};
@@ -677,6 +679,102 @@ async fn contracts_decide_what_the_node_runs() {
     eng.check_contracts().await;
     assert!(store.deployments(None).unwrap().is_empty());
     assert!(store.vms(None).unwrap().is_empty());
+}
+
+/// Waits (up to 120 s) until `f` gives `Some`.
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The agent's binary with `--capacity`: a node whose offered SSD is below the runtime's
+/// minimum is refused with an error (log and health) that names the fix; with the override
+/// the node registers and the chain holds exactly the capacity given.
+#[tokio::test]
+async fn the_operator_capacity_override_is_what_the_node_registers() {
+    let Some(chain) = chain_or_skip("the_operator_capacity_override_is_what_the_node_registers")
+    else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    let farm_id = farm(&reg, "farm_override").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate();
+    key.save_new(&dir.path().join("node.key")).unwrap();
+    fund(&reg, &key).await;
+    let account = tfchain::account_of(&key.public());
+    let run_agent = |capacity: &str, log: &str| {
+        Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .args(["run", "--state-dir"])
+            .arg(dir.path())
+            .args(["--chain", &chain.url(), "--farm-id", &farm_id.to_string()])
+            .args(["--capacity", capacity])
+            .env("NO_COLOR", "1")
+            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let status = |sock: PathBuf| async move {
+        let c = Client::new(Endpoint::Unix(sock));
+        let resp = c.request("GET", "/node", None).await.ok()?;
+        resp.json::<NodeStatus>().ok()
+    };
+    let sock = dir.path().join("agent.sock");
+
+    // 50 GiB of SSD: the chain refuses it; the health and the log say why and how to fix it.
+    let mut agent = run_agent("cru=2,mru=4G,sru=50G,hru=1T", "agent1.log");
+    let err = until("the refusal in the health", || async {
+        status(sock.clone())
+            .await
+            .and_then(|s| s.registrar_error)
+            .filter(|e| e.contains("InvalidSRUInput"))
+    })
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    eprintln!("health: {err}");
+    assert!(err.contains("--capacity sru=100G"), "{err}");
+    assert!(
+        err.contains("50.0 GiB") && err.contains("100.0 GiB"),
+        "{err}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("agent1.log")).unwrap();
+    assert!(log.contains("--capacity sru=100G"), "{log}");
+    let twin = reg.twin_id_of(&account).await.unwrap().expect("its twin");
+    assert!(reg.node_by_twin(twin).await.unwrap().is_none());
+
+    // With the override: registered, with exactly that capacity.
+    let mut agent = run_agent("cru=2,mru=4G,sru=150G,hru=1T", "agent2.log");
+    let node = until("the node on the chain", || async {
+        reg.node_by_twin(twin).await.unwrap()
+    })
+    .await;
+    let s = until("registered in the health", || async {
+        status(sock.clone()).await.filter(|s| s.registered)
+    })
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let want = Resources {
+        cru: 2,
+        mru: 4 << 30,
+        sru: 150 << 30,
+        hru: 1 << 40,
+    };
+    assert_eq!(node.info.capacity, want);
+    assert_eq!(s.capacity_total, want);
+    assert_eq!(s.node_id, Some(node.id));
+    assert!(s.registrar_error.is_none(), "{:?}", s.registrar_error);
 }
 
 #[tokio::test]

@@ -482,6 +482,39 @@ fn call_name(call: &DynamicCall) -> String {
 
 // ---- errors ----
 
+/// The runtime's minimum capacity of a node (spec 144, `tfchain_support::resources`: SSD 100
+/// GiB, memory 2 GiB, 1 CPU thread; no HDD minimum).
+pub const MIN_SRU: u64 = 100 << 30;
+pub const MIN_MRU: u64 = 2 << 30;
+pub const MIN_CRU: u64 = 1;
+
+/// For a `createNode`/`updateNode` refused for its resources (`InvalidSRUInput`...): what
+/// was offered, the runtime's minimum, and the fix (the operator's capacity override).
+pub fn capacity_refusal(message: &str, offered: &Resources) -> Option<String> {
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+    let (what, have, min, example) = if message.contains("InvalidSRUInput") {
+        ("SSD (sru)", gib(offered.sru), gib(MIN_SRU), "sru=100G")
+    } else if message.contains("InvalidMRUInput") {
+        ("memory (mru)", gib(offered.mru), gib(MIN_MRU), "mru=2G")
+    } else if message.contains("InvalidCRUInput") {
+        (
+            "CPU (cru)",
+            offered.cru.to_string(),
+            MIN_CRU.to_string(),
+            "cru=1",
+        )
+    } else if message.contains("InvalidHRUInput") {
+        ("HDD (hru)", gib(offered.hru), "?".into(), "hru=0")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "the chain refuses the node's {what} of {have}, below the runtime's minimum of {min} for a node; \
+         set what the node offers with `node-agent run --capacity {example}` (or `\"capacity\"` in the \
+         config), e.g. when the workloads' disks are elsewhere than the detected SSD"
+    ))
+}
+
 fn classify(what: &str, e: subxt::Error) -> RegistrarError {
     use subxt::error::DispatchError;
     match e {
@@ -774,6 +807,14 @@ impl Registrar for TfchainRegistrar {
         match self.submit(key, &call).await {
             Err(RegistrarError::Refused(m)) if m.contains("FarmNotExists") => {
                 return Err(RegistrarError::UnknownFarm(info.farm_id))
+            }
+            Err(RegistrarError::Refused(m)) => {
+                return Err(RegistrarError::Refused(
+                    match capacity_refusal(&m, &info.capacity) {
+                        Some(why) => format!("{m}: {why}"),
+                        None => m,
+                    },
+                ))
             }
             r => r?,
         };
