@@ -49,6 +49,10 @@ pub struct AgentConfig {
     /// its minimum for a node).
     #[serde(default, skip_serializing_if = "CapacityOverride::is_empty")]
     pub capacity: CapacityOverride,
+    /// With a registrar that holds contracts (TF Chain): seconds between reports of what
+    /// every contract uses (changes are reported at once).
+    #[serde(default = "default_resources_report")]
+    pub resources_report_secs: u64,
     /// vCPUs deployments may have per CPU thread (1: no over-commit of CPU; memory and disk
     /// are never over-committed).
     #[serde(default = "default_cpu_ratio")]
@@ -121,6 +125,9 @@ fn default_registrar() -> String {
 }
 fn default_contract_poll() -> u64 {
     60
+}
+fn default_resources_report() -> u64 {
+    10 * 60
 }
 fn default_farm() -> u32 {
     1

@@ -78,6 +78,8 @@ pub struct Engine {
     /// One change at a time (deploys, deletes, the supervisor tick).
     lock: tokio::sync::Mutex<()>,
     pub started_at: AtomicI64,
+    /// Notified when a deployment was admitted or updated (what contracts use changed).
+    pub usage_changed: tokio::sync::Notify,
 }
 
 fn now() -> i64 {
@@ -111,6 +113,7 @@ impl Engine {
             capacity,
             lock: tokio::sync::Mutex::new(()),
             started_at: AtomicI64::new(now()),
+            usage_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -138,6 +141,23 @@ impl Engine {
             needs.hru = needs.hru.saturating_add(std::mem::take(&mut needs.sru));
         }
         needs
+    }
+
+    /// What each active deployment paid by a node contract uses of this node, by contract
+    /// (what the node reports to the chain): its vCPUs, memory bytes, and disk bytes (rootfs
+    /// and volumes) on SSD, or on HDD when the node has no SSD capacity.
+    pub fn contract_usage(&self) -> Result<Vec<crate::registrar::ContractUsage>> {
+        let mut by_contract: BTreeMap<u64, Resources> = BTreeMap::new();
+        for d in self.store.deployments(None)? {
+            if let Some(id) = d.contract_id {
+                let used = by_contract.entry(id).or_default();
+                *used = used.saturating_add(self.needs(&d));
+            }
+        }
+        Ok(by_contract
+            .into_iter()
+            .map(|(contract_id, used)| crate::registrar::ContractUsage { contract_id, used })
+            .collect())
     }
 
     /// Creates or updates a deployment (`caller` is the twin that signed the request).
@@ -252,6 +272,7 @@ impl Engine {
         }
         crash_point("before-op-end");
         self.store.end_op(op.id)?;
+        self.usage_changed.notify_one();
         self.collect_garbage(op.twin_id, op.deployment_id)?;
         info!(
             twin = op.twin_id,

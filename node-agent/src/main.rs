@@ -214,6 +214,10 @@ struct RunArgs {
     /// SSD (InvalidSRUInput: under its minimum of 100 GiB for a node).
     #[arg(long, value_name = "RES=AMOUNT,...")]
     capacity: Option<capacity::CapacityOverride>,
+    /// Seconds between reports of what every node contract uses (TF Chain; changes are
+    /// reported at once).
+    #[arg(long)]
+    resources_report: Option<u64>,
     /// vCPUs deployments may have per CPU thread (CPU over-commit; memory and disk never).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpu_allocation_ratio: Option<u32>,
@@ -643,6 +647,9 @@ async fn daemon(args: RunArgs) -> Result<()> {
     if let Some(v) = args.capacity {
         config.capacity = config.capacity.or(v);
     }
+    if let Some(v) = args.resources_report {
+        config.resources_report_secs = v;
+    }
     create_state_dir(&config.state_dir)?;
     let (key, made) = identity::load_or_create_node_key(&config.state_dir)?;
     if made {
@@ -716,6 +723,12 @@ async fn daemon(args: RunArgs) -> Result<()> {
         }
     });
     if registrar.requires_contracts() {
+        let reporter = node_agent::usage::ResourceReporter::new(
+            engine.clone(),
+            key.clone(),
+            Duration::from_secs(config.resources_report_secs.max(1)),
+        );
+        tokio::spawn(reporter.run());
         let poller = engine.clone();
         let every = Duration::from_secs(config.contract_poll_secs.max(1));
         tokio::spawn(async move {

@@ -27,6 +27,9 @@ pub struct Metrics {
     /// report`, `contract check`, `contract resources`), each cleared by that task's next
     /// success: the node's health as the API shows it.
     pub registrar_errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
+    /// Contract resource reports in a block, and failed attempts.
+    pub resource_reports_sent: AtomicU64,
+    pub resource_report_errors: AtomicU64,
 }
 
 impl Metrics {
@@ -138,6 +141,22 @@ impl Metrics {
             "gridnode_uptime_report_errors_total",
             "Failed uptime report attempts.",
             self.uptime_report_errors
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        g(
+            &mut out,
+            "gridnode_resource_reports_sent_total",
+            "Contract resource reports in a block.",
+            self.resource_reports_sent
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        g(
+            &mut out,
+            "gridnode_resource_report_errors_total",
+            "Failed contract resource report attempts.",
+            self.resource_report_errors
                 .load(Ordering::Relaxed)
                 .to_string(),
         );

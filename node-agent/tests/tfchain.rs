@@ -20,14 +20,17 @@ use node_agent::api::NodeStatus;
 use node_agent::capacity::Resources;
 use node_agent::client::{Client, Endpoint};
 use node_agent::config::AgentConfig;
-use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkload, Workload};
+use node_agent::deployment::{
+    Deployment, FailurePolicy, RestartPolicy, VmWorkload, Volume, Workload,
+};
 use node_agent::engine::{DeployError, Engine};
 use node_agent::identity::KeyPair;
 use node_agent::metrics::Metrics;
 use node_agent::registrar::tfchain::{self, ChainSigner, TfchainRegistrar};
-use node_agent::registrar::{Registrar, RegistrarError, UptimeReport};
+use node_agent::registrar::{ContractUsage, Registrar, RegistrarError, UptimeReport};
 use node_agent::state::Store;
 use node_agent::uptime::{host_uptime, Registration};
+use node_agent::usage::{Pass, ResourceReporter};
 use subxt::dynamic::Value;
 
 /// A chain under chopsticks, stopped (its process group) on drop.
@@ -297,6 +300,34 @@ async fn call_encoding_and_signing_payload_match_the_chain() {
     let mut e = index(tfchain::CONTRACTS, "cancel_contract");
     e.extend_from_slice(&5u64.to_le_bytes());
     cases.push(("cancelContract", tfchain::cancel_contract(5), e));
+    let mut e = index(tfchain::CONTRACTS, "report_contract_resources");
+    compact(2, &mut e);
+    let usage = [
+        ContractUsage {
+            contract_id: 5,
+            used: capacity(),
+        },
+        ContractUsage {
+            contract_id: 70_000,
+            used: Resources {
+                cru: 1,
+                mru: 256 << 20,
+                sru: 0,
+                hru: 3 << 30,
+            },
+        },
+    ];
+    for u in &usage {
+        e.extend_from_slice(&u.contract_id.to_le_bytes());
+        for v in [u.used.hru, u.used.sru, u.used.cru, u.used.mru] {
+            e.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    cases.push((
+        "reportContractResources",
+        tfchain::report_contract_resources(&usage),
+        e,
+    ));
     let mut e = index(tfchain::TFGRID, "create_farm");
     vec_bytes(b"f1", &mut e);
     compact(0, &mut e);
@@ -681,6 +712,31 @@ async fn contracts_decide_what_the_node_runs() {
     assert!(store.vms(None).unwrap().is_empty());
 }
 
+/// Sets the TFT price (mUSD) the runtime bills with, as the chain's price oracle would
+/// (chopsticks' `dev_setStorage`): the test chain's genesis has none, and billing a contract
+/// with reported resources at a price of 0 panics in the runtime (division by zero in
+/// `calculate_contract_cost_tft`), so that block is never built.
+async fn set_tft_price(chain: &Chain, musd: u32) {
+    let rpc = subxt::backend::rpc::RpcClient::from_insecure_url(chain.url())
+        .await
+        .expect("RPC client");
+    let prices = serde_json::json!({
+        "TFTPriceModule": {
+            "TftPrice": musd,
+            "AverageTftPrice": musd,
+            "MinTftPrice": 10,
+            "MaxTftPrice": 1000,
+        }
+    });
+    let _: serde_json::Value = rpc
+        .request(
+            "dev_setStorage",
+            subxt::ext::subxt_rpcs::rpc_params![prices],
+        )
+        .await
+        .expect("dev_setStorage");
+}
+
 /// Waits (up to 120 s) until `f` gives `Some`.
 async fn until<T, F, Fut>(what: &str, mut f: F) -> T
 where
@@ -695,6 +751,256 @@ where
         assert!(t0.elapsed() < Duration::from_secs(120), "timed out: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A deployment of one VM with 2 vCPUs, 512 MiB, a 64 MiB rootfs and a 1 GiB volume.
+fn sized_deployment(twin_id: u32, id: u64, metadata: &str) -> Deployment {
+    let mut d = deployment(twin_id, id, metadata);
+    let Workload::Vm(vm) = &mut d.workloads[0];
+    vm.vcpus = 2;
+    vm.memory_mib = 512;
+    vm.rootfs_mib = 64;
+    vm.volumes = vec![Volume {
+        name: "data".into(),
+        size_mib: 1024,
+        mount: "/data".into(),
+    }];
+    d
+}
+
+/// What the chain must hold for [`sized_deployment`]: threads and bytes.
+fn sized_usage() -> Resources {
+    Resources {
+        cru: 2,
+        mru: 512 << 20,
+        sru: (64 + 1024) << 20,
+        hru: 0,
+    }
+}
+
+#[tokio::test]
+async fn contract_resources_are_reported_on_admission_update_and_timer() {
+    let Some(chain) =
+        chain_or_skip("contract_resources_are_reported_on_admission_update_and_timer")
+    else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, "farm_resources").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    fund(&reg, &node_key).await;
+    registration(reg.clone(), &node_key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap();
+    let node: u32 = store.meta("node_id").unwrap().unwrap().parse().unwrap();
+    let eng = Arc::new(engine(reg.clone(), store.clone(), dir.path()));
+    // The agent's reporter, with a timer far away: what it sends here, it sends on change.
+    let task = tokio::spawn(
+        ResourceReporter::new(eng.clone(), node_key.clone(), Duration::from_secs(3600)).run(),
+    );
+    let (alice_k, alice) = user(&reg).await;
+
+    // Admitted: the contract's resources are on the chain, in the runtime's units (bytes).
+    let mut d = sized_deployment(alice, 1, "resources");
+    let cid = contract_for(&reg, &alice_k, node, &d).await;
+    d.contract_id = Some(cid);
+    d.sign(alice, &alice_k);
+    assert_eq!(reg.contract_resources(cid).await.unwrap(), None);
+    eng.deploy(alice, d.clone()).await.unwrap();
+    let t0 = Instant::now();
+    let got = until(
+        "the admitted deployment's resources on the chain",
+        || async {
+            reg.contract_resources(cid)
+                .await
+                .unwrap()
+                .filter(|r| *r == sized_usage())
+        },
+    )
+    .await;
+    eprintln!(
+        "BENCH deployment admitted -> its contract's resources in a block (read back): {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(got, sized_usage());
+
+    // Updated (2 GiB of memory, 4 vCPUs; the contract updated to the new hash first): the
+    // new usage is reported at once.
+    let mut v2 = d.clone();
+    v2.version = 2;
+    v2.metadata = "resources v2".into();
+    let Workload::Vm(vm) = &mut v2.workloads[0];
+    vm.vcpus = 4;
+    vm.memory_mib = 2048;
+    v2.signatures.clear();
+    v2.sign(alice, &alice_k);
+    reg.submit(
+        &alice_k,
+        &tfchain::update_node_contract(cid, v2.contract_hash(), b""),
+    )
+    .await
+    .unwrap();
+    eng.deploy(alice, v2).await.unwrap();
+    let bigger = Resources {
+        cru: 4,
+        mru: 2 << 30,
+        ..sized_usage()
+    };
+    until("the updated usage on the chain", || async {
+        reg.contract_resources(cid)
+            .await
+            .unwrap()
+            .filter(|r| *r == bigger)
+    })
+    .await;
+    // (The reporter counts a report once its extrinsic's events are back, which may be
+    // after the storage already shows it.)
+    until("both reports counted", || async {
+        (eng.metrics.resource_reports_sent.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+    task.abort();
+    assert!(eng.metrics.registrar_error().is_none());
+
+    // One pass at a time: an agent that starts reports everything; then only what changed
+    // (nothing); the timer's full pass everything again, each in a block.
+    let mut r = ResourceReporter::new(eng.clone(), node_key.clone(), Duration::from_secs(3600));
+    let t0 = Instant::now();
+    let pass = r.report(false).await.unwrap();
+    eprintln!(
+        "BENCH reportContractResources (1 contract) submit -> in block with its event: {} ms",
+        t0.elapsed().as_millis()
+    );
+    let one = vec![ContractUsage {
+        contract_id: cid,
+        used: bigger,
+    }];
+    let reported = |taken: Vec<ContractUsage>| Pass::Reported {
+        taken,
+        skipped: vec![],
+    };
+    assert_eq!(pass, reported(one.clone()));
+    assert_eq!(r.report(false).await.unwrap(), reported(vec![]));
+    assert_eq!(r.report(true).await.unwrap(), reported(one));
+
+    // A contract cancelled on the chain (billed for the resources reported): its resources
+    // are gone there, and the report the node still sends for it (its deployment not yet
+    // removed) is skipped, not an error.
+    set_tft_price(&chain, 50).await;
+    reg.submit(&alice_k, &tfchain::cancel_contract(cid))
+        .await
+        .unwrap();
+    assert_eq!(reg.contract_resources(cid).await.unwrap(), None);
+    assert_eq!(
+        r.report(true).await.unwrap(),
+        Pass::Reported {
+            taken: vec![],
+            skipped: vec![cid]
+        }
+    );
+    assert_eq!(reg.contract_resources(cid).await.unwrap(), None);
+
+    // A node that is not registered yet sends nothing (and is not an error).
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = Arc::new(Store::open(&dir2.path().join("agent.db")).unwrap());
+    let eng2 = Arc::new(engine(reg.clone(), store2, dir2.path()));
+    let mut r2 = ResourceReporter::new(eng2, KeyPair::generate(), Duration::from_secs(3600));
+    assert_eq!(r2.report(true).await.unwrap(), Pass::NotRegistered);
+}
+
+/// The chain is down when a deployment's usage is due: the report is kept (retried with
+/// backoff, the error in the health) and reaches the chain once it is back. chopsticks keeps no
+/// state, so the chain comes back from its genesis and the test makes again what the node had
+/// (the same accounts in the same order get the same ids: node, twins, contract).
+#[tokio::test]
+async fn a_resources_report_the_chain_missed_is_sent_when_it_is_back() {
+    let Some(mut chain) =
+        chain_or_skip("a_resources_report_the_chain_missed_is_sent_when_it_is_back")
+    else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    let alice_k = KeyPair::generate();
+    // The same setup on each chain: a farm, the node, Alice's twin and her contract.
+    let setup = |d: Deployment| {
+        let (reg, store, node_key, alice_k) = (
+            reg.clone(),
+            store.clone(),
+            node_key.clone(),
+            alice_k.clone(),
+        );
+        async move {
+            let farm_id = farm(&reg, "farm_missed").await;
+            fund(&reg, &node_key).await;
+            let (_, node) = registration(reg.clone(), &node_key, store, farm_id, capacity())
+                .register()
+                .await
+                .unwrap();
+            fund(&reg, &alice_k).await;
+            let alice = reg.create_twin(&alice_k).await.unwrap().id;
+            let mut d = Deployment {
+                twin_id: alice,
+                ..d
+            };
+            let cid = contract_for(&reg, &alice_k, node, &d).await;
+            d.contract_id = Some(cid);
+            d.sign(alice, &alice_k);
+            d
+        }
+    };
+    let d = setup(sized_deployment(0, 1, "missed")).await;
+    let cid = d.contract_id.unwrap();
+    let eng = Arc::new(engine(reg.clone(), store.clone(), dir.path()));
+    eng.deploy(d.twin_id, d.clone()).await.unwrap();
+
+    // The chain goes away before the reporter sends it.
+    chain.stop();
+    let task = tokio::spawn(
+        ResourceReporter::new(eng.clone(), node_key.clone(), Duration::from_secs(3600)).run(),
+    );
+    let health = until("the failed report in the health", || async {
+        eng.metrics
+            .registrar_error()
+            .filter(|e| e.contains("contract resources"))
+    })
+    .await;
+    eprintln!("health while the chain is down: {health}");
+    assert!(eng.metrics.resource_report_errors.load(Ordering::Relaxed) >= 1);
+
+    // Back (from genesis): the same node, twin and contract ids again; the kept report lands.
+    let chain = Chain::start(chain.port);
+    let t0 = Instant::now();
+    let again = setup(sized_deployment(0, 1, "missed")).await;
+    assert_eq!(
+        again.contract_id,
+        Some(cid),
+        "the replayed setup got other ids"
+    );
+    assert_eq!(again.contract_hash(), d.contract_hash());
+    until("the owed resources report on the chain", || async {
+        reg.contract_resources(cid)
+            .await
+            .ok()
+            .flatten()
+            .filter(|r| *r == sized_usage())
+    })
+    .await;
+    eprintln!(
+        "BENCH chain back -> owed resources report in block: {} ms (includes remaking the node and contract)",
+        t0.elapsed().as_millis()
+    );
+    until("the health clear again", || async {
+        eng.metrics.registrar_error().is_none().then_some(())
+    })
+    .await;
+    task.abort();
+    drop(chain);
 }
 
 /// The agent's binary with `--capacity`: a node whose offered SSD is below the runtime's

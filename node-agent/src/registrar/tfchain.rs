@@ -38,6 +38,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(20);
 const TX_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Contracts per `reportContractResources` extrinsic.
+const RESOURCE_REPORT_BATCH: usize = 64;
+
 /// The terms and conditions the node accepts before it makes its twin.
 pub const TC_LINK: &str = "https://library.threefold.me/info/legal/#/";
 pub const TC_HASH: &str = "gridnode-node-agent";
@@ -85,6 +88,10 @@ pub struct TfchainRegistrar {
     conn: tokio::sync::Mutex<Option<(usize, Client)>>,
     /// Endpoint to try first at the next connect.
     next: AtomicUsize,
+    /// One extrinsic at a time, submit to in-block: the node's tasks (registration, uptime,
+    /// contract resources) sign with the same account, and two submitted at once could take
+    /// the same nonce (one of them then refused by the pool).
+    tx_lock: tokio::sync::Mutex<()>,
 }
 
 impl TfchainRegistrar {
@@ -102,6 +109,7 @@ impl TfchainRegistrar {
             urls,
             conn: tokio::sync::Mutex::new(None),
             next: AtomicUsize::new(0),
+            tx_lock: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -221,6 +229,7 @@ impl TfchainRegistrar {
         signer: &S,
         call: &DynamicCall,
     ) -> Result<subxt::blocks::ExtrinsicEvents<PolkadotConfig>, RegistrarError> {
+        let _one = self.tx_lock.lock().await;
         let api = self.client().await?;
         let what = call_name(call);
         let run = async {
@@ -295,6 +304,25 @@ impl TfchainRegistrar {
             return Ok(None);
         };
         parse_contract(&v).map(Some)
+    }
+
+    /// What the node of a contract last reported it uses (`NodeContractResources`; `None`:
+    /// nothing reported, or the contract is gone).
+    pub async fn contract_resources(&self, id: u64) -> Result<Option<Resources>, RegistrarError> {
+        let Some(v) = self
+            .storage(
+                CONTRACTS,
+                "NodeContractResources",
+                vec![Value::u128(id.into())],
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        v.at("used")
+            .and_then(parse_resources)
+            .map(Some)
+            .ok_or_else(|| garbage("NodeContractResources", &v))
     }
 
     /// Chain time (`Timestamp.Now`), unix seconds.
@@ -378,15 +406,18 @@ pub fn create_farm(name: &str) -> DynamicCall {
     )
 }
 
-fn node_args(info: &NodeInfo) -> Vec<Value> {
-    let info = as_stored(info);
-    let c = info.capacity;
-    let resources = Value::named_composite([
+fn resources_value(c: &Resources) -> Value {
+    Value::named_composite([
         ("hru", Value::u128(c.hru.into())),
         ("sru", Value::u128(c.sru.into())),
         ("cru", Value::u128(c.cru.into())),
         ("mru", Value::u128(c.mru.into())),
-    ]);
+    ])
+}
+
+fn node_args(info: &NodeInfo) -> Vec<Value> {
+    let info = as_stored(info);
+    let resources = resources_value(&info.capacity);
     let l = &info.location;
     let location = Value::named_composite([
         ("city", bytes(&l.city)),
@@ -453,6 +484,22 @@ pub fn update_node_contract(contract_id: u64, hash: [u8; 32], data: &[u8]) -> Dy
         CONTRACTS,
         "update_node_contract",
         vec![Value::u128(contract_id.into()), bytes(hash), bytes(data)],
+    )
+}
+
+/// `reportContractResources(Vec<{contract_id, used: {hru, sru, cru, mru}}>)`: amounts in the
+/// runtime's units (threads and bytes, as `createNode`'s resources).
+pub fn report_contract_resources(usage: &[ContractUsage]) -> DynamicCall {
+    let items = usage.iter().map(|u| {
+        Value::named_composite([
+            ("contract_id", Value::u128(u.contract_id.into())),
+            ("used", resources_value(&u.used)),
+        ])
+    });
+    subxt::dynamic::tx(
+        CONTRACTS,
+        "report_contract_resources",
+        vec![Value::unnamed_composite(items)],
     )
 }
 
@@ -609,15 +656,19 @@ fn variant(v: &Value<u32>) -> Option<(&str, &subxt::ext::scale_value::Composite<
     }
 }
 
+fn parse_resources(res: &Value<u32>) -> Option<Resources> {
+    let f = |name| field_num(res, name).and_then(|n| u64::try_from(n).ok());
+    Some(Resources {
+        cru: f("cru")?,
+        mru: f("mru")?,
+        sru: f("sru")?,
+        hru: f("hru")?,
+    })
+}
+
 fn parse_node(v: &Value<u32>) -> Result<Node, RegistrarError> {
     let g = || garbage("Nodes", v);
-    let res = v.at("resources").ok_or_else(g)?;
-    let capacity = crate::capacity::Resources {
-        cru: field_num(res, "cru").ok_or_else(g)? as u64,
-        mru: field_num(res, "mru").ok_or_else(g)? as u64,
-        sru: field_num(res, "sru").ok_or_else(g)? as u64,
-        hru: field_num(res, "hru").ok_or_else(g)? as u64,
-    };
+    let capacity = v.at("resources").and_then(parse_resources).ok_or_else(g)?;
     let loc = v.at("location").ok_or_else(g)?;
     let location = crate::config::Location {
         city: text(loc.at("city")),
@@ -833,6 +884,31 @@ impl Registrar for TfchainRegistrar {
 
     async fn contract(&self, id: u64) -> Result<Option<NodeContract>, RegistrarError> {
         self.node_contract(id).await
+    }
+
+    async fn report_contract_resources(
+        &self,
+        key: &KeyPair,
+        usage: &[ContractUsage],
+    ) -> Result<Vec<u64>, RegistrarError> {
+        let mut taken = Vec::new();
+        for batch in usage.chunks(RESOURCE_REPORT_BATCH) {
+            let events = self.submit(key, &report_contract_resources(batch)).await?;
+            // One UpdatedUsedResources per contract the chain took; a contract it no longer
+            // holds (cancelled and removed) is skipped without an error.
+            for e in events.iter().flatten() {
+                if e.pallet_name() == CONTRACTS && e.variant_name() == "UpdatedUsedResources" {
+                    if let Some(id) = e
+                        .field_values()
+                        .ok()
+                        .and_then(|v| v.values().next().and_then(|r| field_num(r, "contract_id")))
+                    {
+                        taken.push(id as u64);
+                    }
+                }
+            }
+        }
+        Ok(taken)
     }
 
     async fn report_uptime(
