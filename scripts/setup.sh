@@ -30,6 +30,15 @@ if ((${#missing[@]})); then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
+# The TF Chain tests run the real runtime under chopsticks (../shared/tfchain/start.sh), which
+# needs node and npm to install itself (node 22 then comes from npm).
+if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+    echo "setup: installing nodejs npm" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends nodejs npm
+fi
+
 # Tools built from crates.io once and cached outside the repo, keyed by their versions:
 # Garage (S3 server for the flist-fs store tests; about 8 minutes on 2 cores the first time),
 # pjdfstest and fsx (filesystem conformance on a writable layer, run by the end-to-end tests),

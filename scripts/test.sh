@@ -11,6 +11,9 @@ tools="${GRIDNODE_CACHE:-$HOME/.cache/gridnode}/tools"
 export FLIST_GARAGE_BIN="${FLIST_GARAGE_BIN:-$tools/garage-2.5.0/bin/garage}"
 export PJDFSTEST_BIN="${PJDFSTEST_BIN:-$tools/pjdfstest-0.2.2/bin/pjdfstest}"
 export FSX_BIN="${FSX_BIN:-$tools/fsx-0.3.2/bin/fsx}"
+# The TF Chain tests (node-agent/tests/tfchain.rs) run the real chain from ../shared/tfchain;
+# here a missing chain is a failure, not a skip.
+export GRIDNODE_REQUIRE_TFCHAIN=1
 bash guest-kernels/build-kernel.sh >/dev/null
 cargo build --workspace --all-targets
 cargo test --workspace -- --test-threads=2

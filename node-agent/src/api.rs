@@ -212,6 +212,8 @@ pub struct NodeStatus {
     pub workloads: usize,
     pub uptime_reports_pending: usize,
     pub last_uptime_report: i64,
+    /// The registrar's (the chain's) last error, `null` once it works again.
+    pub registrar_error: Option<String>,
     /// What the node's memory is spent on now.
     pub memory: crate::hostmem::NodeMemory,
 }
@@ -245,6 +247,7 @@ async fn node_status(
             .metrics
             .last_uptime_report
             .load(std::sync::atomic::Ordering::Relaxed),
+        registrar_error: e.metrics.registrar_error(),
         memory,
     }))
 }

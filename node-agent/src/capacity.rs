@@ -57,6 +57,138 @@ impl Resources {
     }
 }
 
+/// What the operator sets the node to offer, resource by resource, in place of the detected
+/// amount minus the reserve (`--capacity sru=500G,hru=0`, or `capacity` in the config). For a
+/// host whose detection is wrong for the grid, e.g. an SSD below TF Chain's minimum of 100 GiB
+/// for a node (`createNode` fails with `InvalidSRUInput`) when the workloads' disks live
+/// elsewhere. Memory and disks in bytes (the config takes a number or a size with a binary
+/// unit, `8G`), CPU in threads. The engine admits deployments up to it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityOverride {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cru: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "size_opt"
+    )]
+    pub mru: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "size_opt"
+    )]
+    pub sru: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "size_opt"
+    )]
+    pub hru: Option<u64>,
+}
+
+impl CapacityOverride {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// `offered` with the overridden resources replaced.
+    pub fn apply(&self, offered: Resources) -> Resources {
+        Resources {
+            cru: self.cru.unwrap_or(offered.cru),
+            mru: self.mru.unwrap_or(offered.mru),
+            sru: self.sru.unwrap_or(offered.sru),
+            hru: self.hru.unwrap_or(offered.hru),
+        }
+    }
+
+    /// `self`, with the resources `other` sets taken from `other` (flags over the config).
+    pub fn or(self, other: CapacityOverride) -> CapacityOverride {
+        CapacityOverride {
+            cru: other.cru.or(self.cru),
+            mru: other.mru.or(self.mru),
+            sru: other.sru.or(self.sru),
+            hru: other.hru.or(self.hru),
+        }
+    }
+}
+
+impl std::str::FromStr for CapacityOverride {
+    type Err = String;
+
+    /// `RES=AMOUNT[,RES=AMOUNT...]`: `cru=4,mru=8G,sru=500G,hru=0`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = CapacityOverride::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, amount) = part.split_once('=').ok_or_else(|| {
+                format!("`{part}`: expected RESOURCE=AMOUNT, e.g. sru=500G (resources: cru, mru, sru, hru)")
+            })?;
+            let (name, amount) = (name.trim(), amount.trim());
+            let slot = match name {
+                "cru" => &mut out.cru,
+                "mru" => &mut out.mru,
+                "sru" => &mut out.sru,
+                "hru" => &mut out.hru,
+                other => {
+                    return Err(format!(
+                        "unknown resource `{other}` (cru: CPU threads; mru, sru, hru: memory, SSD, HDD bytes)"
+                    ))
+                }
+            };
+            let value = if name == "cru" {
+                amount
+                    .parse()
+                    .map_err(|_| format!("cru=`{amount}`: expected a number of CPU threads"))?
+            } else {
+                parse_size(amount).map_err(|e| format!("{name}=`{amount}`: {e}"))?
+            };
+            *slot = Some(value);
+        }
+        if out.is_empty() {
+            return Err("no resource given: expected e.g. sru=500G,hru=0".into());
+        }
+        Ok(out)
+    }
+}
+
+/// Bytes from `123`, `512M`, `8G`, `2T` (also `KiB`/`MiB`/`GiB`/`TiB`, `KB`...: all binary
+/// units, as TF Chain counts a gigabyte as 1024^3 bytes).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a number of bytes with an optional unit (K, M, G, T)".to_string())?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        other => return Err(format!("unknown unit `{other}` (K, M, G, T)")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| "too large".to_string())
+}
+
+fn size_opt<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Option::<Size>::deserialize(d)? {
+        None => Ok(None),
+        Some(Size::Bytes(n)) => Ok(Some(n)),
+        Some(Size::Text(t)) => parse_size(&t)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("`{t}`: {e}"))),
+    }
+}
+
 /// What a deployment takes: vCPUs, memory, and its disks on SSD.
 pub fn deployment_needs(d: &Deployment) -> Resources {
     d.vms().fold(Resources::default(), |acc, vm| {
@@ -178,6 +310,41 @@ mod tests {
         assert_eq!(r.hru, 2048 * 512);
         assert_eq!(r.sru, 4096 * 512);
         assert!(r.cru >= 1);
+    }
+
+    #[test]
+    fn capacity_override_parses_flags_and_config() {
+        let o: CapacityOverride = "sru=120G, hru=0,cru=2,mru=4096M".parse().unwrap();
+        assert_eq!(
+            o,
+            CapacityOverride {
+                cru: Some(2),
+                mru: Some(4 << 30),
+                sru: Some(120 << 30),
+                hru: Some(0),
+            }
+        );
+        let detected = Resources {
+            cru: 8,
+            mru: 16 << 30,
+            sru: 50 << 30,
+            hru: 1 << 40,
+        };
+        let only_sru: CapacityOverride = "sru=100GiB".parse().unwrap();
+        assert_eq!(
+            only_sru.apply(detected),
+            Resources {
+                sru: 100 << 30,
+                ..detected
+            }
+        );
+        assert_eq!(only_sru.or("cru=3".parse().unwrap()).cru, Some(3));
+        for bad in ["", "sru", "xru=1", "sru=12Q", "cru=2G", "sru=-1"] {
+            assert!(bad.parse::<CapacityOverride>().is_err(), "{bad}");
+        }
+        let c: CapacityOverride = serde_json::from_str(r#"{"sru": "200G", "hru": 0}"#).unwrap();
+        assert_eq!((c.sru, c.hru, c.cru), (Some(200 << 30), Some(0), None));
+        assert!(serde_json::from_str::<CapacityOverride>(r#"{"sru": "2X"}"#).is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::capacity::Resources;
+use crate::capacity::{CapacityOverride, Resources};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -25,16 +25,34 @@ pub struct AgentConfig {
     /// `/registrar`), so users reach a standalone node from outside.
     #[serde(default)]
     pub tcp_registrar: bool,
-    /// `local` (the embedded registrar, in the agent's database) or the URL of a registrar
-    /// served by another node (`http://host:port`).
+    /// `local` (the embedded registrar, in the agent's database), `tfchain` (TF Chain, at
+    /// the endpoints of `chain`) or the URL of a registrar served by another node
+    /// (`http://host:port`).
     #[serde(default = "default_registrar")]
     pub registrar: String,
+    /// With `registrar: "tfchain"`: the chain's WebSocket endpoints (`ws://` or `wss://`),
+    /// tried in turn (failover).
+    #[serde(default)]
+    pub chain: Vec<String>,
+    /// With a registrar that holds contracts (TF Chain): seconds between reads of the
+    /// contracts of the node's deployments (a cancelled contract removes its deployment).
+    #[serde(default = "default_contract_poll")]
+    pub contract_poll_secs: u64,
     /// The farm this node belongs to (created on the embedded registrar when missing).
     #[serde(default = "default_farm")]
     pub farm_id: u32,
     /// Kept back for the node itself.
     #[serde(default = "default_reserve")]
     pub reserve: Resources,
+    /// What the node offers, resource by resource, in place of the detected capacity minus
+    /// the reserve (e.g. `{"sru": "200G"}` where TF Chain refuses the detected SSD as below
+    /// its minimum for a node).
+    #[serde(default, skip_serializing_if = "CapacityOverride::is_empty")]
+    pub capacity: CapacityOverride,
+    /// With a registrar that holds contracts (TF Chain): seconds between reports of what
+    /// every contract uses (changes are reported at once).
+    #[serde(default = "default_resources_report")]
+    pub resources_report_secs: u64,
     /// vCPUs deployments may have per CPU thread (1: no over-commit of CPU; memory and disk
     /// are never over-committed).
     #[serde(default = "default_cpu_ratio")]
@@ -105,6 +123,12 @@ fn default_state_dir() -> PathBuf {
 fn default_registrar() -> String {
     "local".into()
 }
+fn default_contract_poll() -> u64 {
+    60
+}
+fn default_resources_report() -> u64 {
+    10 * 60
+}
 fn default_farm() -> u32 {
     1
 }
@@ -147,6 +171,11 @@ impl AgentConfig {
         let text =
             std::fs::read(path).with_context(|| format!("reading config {}", path.display()))?;
         serde_json::from_slice(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// What the node offers: `detected` minus the reserve, with the operator's overrides.
+    pub fn offered(&self, detected: Resources) -> Resources {
+        self.capacity.apply(detected.saturating_sub(self.reserve))
     }
 
     pub fn api_socket(&self) -> PathBuf {

@@ -56,6 +56,11 @@ pub struct Deployment {
     /// was (the default), or keep what started and mark the rest failed.
     #[serde(default)]
     pub on_failure: FailurePolicy,
+    /// The node contract on TF Chain that pays for this deployment (required by a node whose
+    /// registrar is the chain). The contract holds [`Deployment::contract_hash`]; the owner's
+    /// signature covers the contract id too. Absent, it is not part of the encoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contract_id: Option<u64>,
     #[serde(default)]
     pub signatures: Vec<DeploymentSignature>,
 }
@@ -429,6 +434,16 @@ impl Deployment {
         canonical::hash(&unsigned).unwrap_or([0; 32])
     }
 
+    /// The hash a node contract holds (`deployment_hash`, 32 bytes): the canonical hash of
+    /// the deployment without signatures and without `contract_id` (the contract is created
+    /// before its id is known).
+    pub fn contract_hash(&self) -> [u8; 32] {
+        let mut doc = self.clone();
+        doc.signatures.clear();
+        doc.contract_id = None;
+        canonical::hash(&doc).unwrap_or([0; 32])
+    }
+
     fn signing_message(&self) -> Vec<u8> {
         let mut msg = SIGNING_DOMAIN.to_vec();
         msg.extend_from_slice(&self.signing_hash());
@@ -545,6 +560,7 @@ pub(crate) mod tests {
             })],
             signature_requirement: None,
             on_failure: FailurePolicy::Rollback,
+            contract_id: None,
             signatures: vec![],
         }
     }

@@ -24,7 +24,7 @@ use crate::capacity::{self, Resources};
 use crate::config::AgentConfig;
 use crate::deployment::{Deployment, FailurePolicy, VmWorkload};
 use crate::metrics::Metrics;
-use crate::registrar::Registrar;
+use crate::registrar::{ContractState, Registrar, RegistrarError};
 use crate::state::{Op, OpKind, Store, VmRecord, VmState};
 use crate::supervisor::{self, Proc};
 use crate::vmspec::{self, VmKey, VmPaths};
@@ -78,6 +78,8 @@ pub struct Engine {
     /// One change at a time (deploys, deletes, the supervisor tick).
     lock: tokio::sync::Mutex<()>,
     pub started_at: AtomicI64,
+    /// Notified when a deployment was admitted or updated (what contracts use changed).
+    pub usage_changed: tokio::sync::Notify,
 }
 
 fn now() -> i64 {
@@ -111,6 +113,7 @@ impl Engine {
             capacity,
             lock: tokio::sync::Mutex::new(()),
             started_at: AtomicI64::new(now()),
+            usage_changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -140,6 +143,23 @@ impl Engine {
         needs
     }
 
+    /// What each active deployment paid by a node contract uses of this node, by contract
+    /// (what the node reports to the chain): its vCPUs, memory bytes, and disk bytes (rootfs
+    /// and volumes) on SSD, or on HDD when the node has no SSD capacity.
+    pub fn contract_usage(&self) -> Result<Vec<crate::registrar::ContractUsage>> {
+        let mut by_contract: BTreeMap<u64, Resources> = BTreeMap::new();
+        for d in self.store.deployments(None)? {
+            if let Some(id) = d.contract_id {
+                let used = by_contract.entry(id).or_default();
+                *used = used.saturating_add(self.needs(&d));
+            }
+        }
+        Ok(by_contract
+            .into_iter()
+            .map(|(contract_id, used)| crate::registrar::ContractUsage { contract_id, used })
+            .collect())
+    }
+
     /// Creates or updates a deployment (`caller` is the twin that signed the request).
     pub async fn deploy(&self, caller: u32, doc: Deployment) -> Result<DeployOutcome, DeployError> {
         let t0 = Instant::now();
@@ -152,9 +172,18 @@ impl Engine {
         doc.validate()
             .map_err(|e| DeployError::BadRequest(format!("invalid deployment: {e}")))?;
         let keys = self.signer_keys(&doc).await?;
+        self.check_contract(&doc).await?;
         let _guard = self.lock.lock().await;
         let target = (doc.twin_id, doc.deployment_id);
         let existing = self.store.deployment(target.0, target.1)?;
+        if let Some(row) = existing.as_ref().filter(|r| !r.deleted) {
+            if row.doc.contract_id != doc.contract_id {
+                return Err(DeployError::Conflict(format!(
+                    "deployment {} is paid by contract {:?}; an update cannot move it to contract {:?}",
+                    doc.deployment_id, row.doc.contract_id, doc.contract_id
+                )));
+            }
+        }
         let (kind, prev) = match &existing {
             Some(row) if !row.deleted => {
                 if doc.version <= row.doc.version {
@@ -243,6 +272,7 @@ impl Engine {
         }
         crash_point("before-op-end");
         self.store.end_op(op.id)?;
+        self.usage_changed.notify_one();
         self.collect_garbage(op.twin_id, op.deployment_id)?;
         info!(
             twin = op.twin_id,
@@ -258,6 +288,106 @@ impl Engine {
             unchanged: report.unchanged,
             failed: report.failed,
         })
+    }
+
+    /// With a registrar that holds contracts (TF Chain): the deployment's node contract must
+    /// exist, be active, be for this node and the deployment's owner, and hold the
+    /// deployment's hash ([`Deployment::contract_hash`]).
+    async fn check_contract(&self, doc: &Deployment) -> Result<(), DeployError> {
+        if !self.registrar.requires_contracts() {
+            return Ok(());
+        }
+        let Some(id) = doc.contract_id else {
+            return Err(DeployError::BadRequest(
+                "this node runs only what a node contract on TF Chain pays for: the deployment needs a contract_id".into(),
+            ));
+        };
+        let node_id: Option<u32> = self.store.meta("node_id")?.and_then(|v| v.parse().ok());
+        let Some(node_id) = node_id else {
+            return Err(DeployError::Unavailable(
+                "the node is not registered on the chain yet; try again later".into(),
+            ));
+        };
+        let c = match self.registrar.contract(id).await {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                return Err(DeployError::Forbidden(format!(
+                    "contract {id} does not exist on the chain (never created, or cancelled and removed)"
+                )))
+            }
+            Err(RegistrarError::Refused(m)) => return Err(DeployError::Forbidden(m)),
+            Err(e) => {
+                return Err(DeployError::Unavailable(format!(
+                    "cannot read contract {id} from the chain: {e}"
+                )))
+            }
+        };
+        if c.state != ContractState::Created {
+            return Err(DeployError::Forbidden(format!(
+                "contract {id} is not active on the chain (state {:?})",
+                c.state
+            )));
+        }
+        if c.node_id != node_id {
+            return Err(DeployError::Forbidden(format!(
+                "contract {id} is for node {}, this is node {node_id}",
+                c.node_id
+            )));
+        }
+        if c.twin_id != doc.twin_id {
+            return Err(DeployError::Forbidden(format!(
+                "contract {id} belongs to twin {}, the deployment to twin {}",
+                c.twin_id, doc.twin_id
+            )));
+        }
+        let hash = doc.contract_hash();
+        if c.deployment_hash != hash {
+            return Err(DeployError::Forbidden(format!(
+                "contract {id} holds deployment hash {}, this deployment's hash is {} (a changed deployment needs updateNodeContract with its new hash first)",
+                hex::encode(c.deployment_hash),
+                hex::encode(hash)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads the contracts of the node's deployments and removes the deployments whose
+    /// contract was cancelled (or is gone). A chain that cannot be read changes nothing.
+    pub async fn check_contracts(&self) {
+        if !self.registrar.requires_contracts() {
+            return;
+        }
+        let Ok(deployments) = self.store.deployments(None) else {
+            return;
+        };
+        for d in deployments {
+            let Some(id) = d.contract_id else { continue };
+            let gone = match self.registrar.contract(id).await {
+                Ok(Some(c)) => match c.state {
+                    ContractState::Deleted(cause) => Some(format!("cancelled ({cause})")),
+                    _ => None,
+                },
+                Ok(None) => Some("no longer on the chain (cancelled)".to_string()),
+                Err(e) => {
+                    warn!("cannot read contract {id}: {e}; keeping its deployment");
+                    self.metrics
+                        .set_registrar_error("contract check", Some(e.to_string()));
+                    return;
+                }
+            };
+            if let Some(why) = gone {
+                info!(
+                    twin = d.twin_id,
+                    deployment = d.deployment_id,
+                    contract = id,
+                    "contract {why}: removing the deployment"
+                );
+                if let Err(e) = self.delete(d.twin_id, d.twin_id, d.deployment_id).await {
+                    warn!(contract = id, "removing the deployment failed: {e}");
+                }
+            }
+        }
+        self.metrics.set_registrar_error("contract check", None);
     }
 
     /// The public keys of every twin that signed or is asked to sign.

@@ -22,4 +22,5 @@ pub mod registrar;
 pub mod state;
 pub mod supervisor;
 pub mod uptime;
+pub mod usage;
 pub mod vmspec;

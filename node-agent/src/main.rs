@@ -19,6 +19,7 @@ use node_agent::identity::{self, KeyPair};
 use node_agent::metrics::Metrics;
 use node_agent::registrar::local::LocalRegistrar;
 use node_agent::registrar::remote::RemoteRegistrar;
+use node_agent::registrar::tfchain::TfchainRegistrar;
 use node_agent::registrar::{server, Registrar, Twin};
 use node_agent::state::Store;
 use node_agent::{capacity, init, uptime};
@@ -38,7 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent daemon.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// PID 1 of the node image: mounts, state disk, runs and restarts the daemon.
     Init {
         #[arg(long, default_value = "/var/lib/gridnode")]
@@ -184,9 +185,16 @@ struct RunArgs {
     /// The API's unix socket.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// `local` or http://host:port of a registrar.
+    /// `local`, `tfchain` (TF Chain at --chain) or http://host:port of a registrar.
     #[arg(long)]
     registrar: Option<String>,
+    /// A TF Chain endpoint (ws:// or wss://); repeat for failover. Implies
+    /// `--registrar tfchain` when no registrar is given.
+    #[arg(long = "chain")]
+    chain: Vec<String>,
+    /// Seconds between reads of the deployments' contracts on the chain.
+    #[arg(long)]
+    contract_poll: Option<u64>,
     #[arg(long)]
     farm_id: Option<u32>,
     #[arg(long)]
@@ -200,6 +208,16 @@ struct RunArgs {
     /// Seconds between uptime reports.
     #[arg(long)]
     uptime_interval: Option<u64>,
+    /// What the node offers in place of the detected capacity minus the reserve, per
+    /// resource: `cru=THREADS,mru=SIZE,sru=SIZE,hru=SIZE` (sizes in bytes or with a binary
+    /// unit: 512M, 200G, 4T), e.g. `--capacity sru=200G` where TF Chain refuses the detected
+    /// SSD (InvalidSRUInput: under its minimum of 100 GiB for a node).
+    #[arg(long, value_name = "RES=AMOUNT,...")]
+    capacity: Option<capacity::CapacityOverride>,
+    /// Seconds between reports of what every node contract uses (TF Chain; changes are
+    /// reported at once).
+    #[arg(long)]
+    resources_report: Option<u64>,
     /// vCPUs deployments may have per CPU thread (CPU over-commit; memory and disk never).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
     cpu_allocation_ratio: Option<u32>,
@@ -255,7 +273,7 @@ fn main() {
 
 async fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Run(args) => daemon(args).await,
+        Cmd::Run(args) => daemon(*args).await,
         Cmd::Init { .. } => unreachable!("handled before the runtime starts"),
         Cmd::Identity { state_dir } => {
             create_state_dir(&state_dir)?;
@@ -593,11 +611,20 @@ async fn daemon(args: RunArgs) -> Result<()> {
     if let Some(v) = args.socket {
         config.api_socket = Some(v);
     }
-    if let Some(v) = args.registrar {
-        config.registrar = v;
+    if let Some(v) = &args.registrar {
+        config.registrar = v.clone();
     }
     if let Some(v) = args.farm_id {
         config.farm_id = v;
+    }
+    if !args.chain.is_empty() {
+        config.chain = args.chain;
+        if args.registrar.is_none() {
+            config.registrar = "tfchain".into();
+        }
+    }
+    if let Some(v) = args.contract_poll {
+        config.contract_poll_secs = v;
     }
     if let Some(v) = args.vmm {
         config.vmm.bin = Some(v);
@@ -617,6 +644,12 @@ async fn daemon(args: RunArgs) -> Result<()> {
     if let Some(v) = args.cpu_allocation_ratio {
         config.cpu_allocation_ratio = v;
     }
+    if let Some(v) = args.capacity {
+        config.capacity = config.capacity.or(v);
+    }
+    if let Some(v) = args.resources_report {
+        config.resources_report_secs = v;
+    }
     create_state_dir(&config.state_dir)?;
     let (key, made) = identity::load_or_create_node_key(&config.state_dir)?;
     if made {
@@ -625,10 +658,36 @@ async fn daemon(args: RunArgs) -> Result<()> {
     let store = Arc::new(Store::open(&config.state_dir.join("agent.db"))?);
     let registrar: Arc<dyn Registrar> = if config.registrar == "local" {
         Arc::new(LocalRegistrar::new(store.clone()))
+    } else if config.registrar == "tfchain" {
+        Arc::new(TfchainRegistrar::new(config.chain.clone())?)
     } else {
         Arc::new(RemoteRegistrar::new(&config.registrar)?)
     };
-    let total = capacity::detect(&config.state_dir).saturating_sub(config.reserve);
+    let detected = capacity::detect(&config.state_dir);
+    let total = config.offered(detected);
+    if !config.capacity.is_empty() {
+        let auto = detected.saturating_sub(config.reserve);
+        info!(
+            cru = ?config.capacity.cru,
+            mru = ?config.capacity.mru,
+            sru = ?config.capacity.sru,
+            hru = ?config.capacity.hru,
+            "the operator's capacity override (replaces the detected amounts)"
+        );
+        for (name, set, have) in [
+            ("cru", config.capacity.cru, auto.cru),
+            ("mru", config.capacity.mru, auto.mru),
+            ("sru", config.capacity.sru, auto.sru),
+            ("hru", config.capacity.hru, auto.hru),
+        ] {
+            if set.is_some_and(|v| v > have) {
+                warn!(
+                    "capacity override: the node offers more {name} than detected ({} > {have}); deployments are admitted up to the override",
+                    set.unwrap_or_default()
+                );
+            }
+        }
+    }
     let metrics = Arc::new(Metrics::default());
     let engine = Arc::new(Engine::new(
         store.clone(),
@@ -663,6 +722,22 @@ async fn daemon(args: RunArgs) -> Result<()> {
             ticker.tick().await;
         }
     });
+    if registrar.requires_contracts() {
+        let reporter = node_agent::usage::ResourceReporter::new(
+            engine.clone(),
+            key.clone(),
+            Duration::from_secs(config.resources_report_secs.max(1)),
+        );
+        tokio::spawn(reporter.run());
+        let poller = engine.clone();
+        let every = Duration::from_secs(config.contract_poll_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                poller.check_contracts().await;
+            }
+        });
+    }
 
     let state = Arc::new(ApiState {
         engine: engine.clone(),

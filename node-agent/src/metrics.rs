@@ -23,9 +23,44 @@ pub struct Metrics {
     pub uptime_report_errors: AtomicU64,
     /// Unix seconds of the last accepted uptime report.
     pub last_uptime_report: AtomicI64,
+    /// The registrar's last error of each task talking to it (`registration`, `uptime
+    /// report`, `contract check`, `contract resources`), each cleared by that task's next
+    /// success: the node's health as the API shows it.
+    pub registrar_errors: std::sync::Mutex<std::collections::BTreeMap<&'static str, String>>,
+    /// Contract resource reports in a block, and failed attempts.
+    pub resource_reports_sent: AtomicU64,
+    pub resource_report_errors: AtomicU64,
 }
 
 impl Metrics {
+    /// Sets (`Some`) or clears (`None`) the registrar error of one task (`source`).
+    pub fn set_registrar_error(&self, source: &'static str, e: Option<String>) {
+        if let Ok(mut g) = self.registrar_errors.lock() {
+            match e {
+                Some(e) => {
+                    g.insert(source, e);
+                }
+                None => {
+                    g.remove(source);
+                }
+            }
+        }
+    }
+
+    /// Every task's current error, `source: error`, joined by `; ` (`None`: all is well).
+    pub fn registrar_error(&self) -> Option<String> {
+        let g = self.registrar_errors.lock().ok()?;
+        if g.is_empty() {
+            return None;
+        }
+        Some(
+            g.iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
     pub fn observe_deploy(&self, d: Duration) {
         let secs = d.as_secs_f64();
         for (i, b) in BUCKETS.iter().enumerate() {
@@ -106,6 +141,22 @@ impl Metrics {
             "gridnode_uptime_report_errors_total",
             "Failed uptime report attempts.",
             self.uptime_report_errors
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        g(
+            &mut out,
+            "gridnode_resource_reports_sent_total",
+            "Contract resource reports in a block.",
+            self.resource_reports_sent
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        g(
+            &mut out,
+            "gridnode_resource_report_errors_total",
+            "Failed contract resource report attempts.",
+            self.resource_report_errors
                 .load(Ordering::Relaxed)
                 .to_string(),
         );

@@ -100,7 +100,7 @@ impl Registration {
         let info = self.node_info();
         let existing = self.registrar.node_by_twin(twin.id).await?;
         let node = match existing {
-            Some(n) if n.info == info => n,
+            Some(n) if n.info == self.registrar.as_stored(&info) => n,
             _ => {
                 self.registrar
                     .register_node(&self.key, twin.id, &info)
@@ -152,6 +152,7 @@ impl Registration {
                         }
                         ids = Some(got);
                         last_info = Some(info);
+                        self.metrics.set_registrar_error("registration", None);
                         self.metrics.registered.store(1, Ordering::Relaxed);
                         backoff = Duration::from_secs(1);
                     }
@@ -163,6 +164,8 @@ impl Registration {
                             "registration failed (retrying in {} s): {e}",
                             backoff.as_secs()
                         );
+                        self.metrics
+                            .set_registrar_error("registration", Some(e.to_string()));
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(300));
                         continue;
@@ -182,6 +185,7 @@ impl Registration {
             match self.flush_uptime(twin, node).await {
                 Ok(()) => {
                     backoff = Duration::from_secs(1);
+                    self.metrics.set_registrar_error("uptime report", None);
                     let wait = next_report.saturating_duration_since(tokio::time::Instant::now());
                     tokio::time::sleep(wait.min(Duration::from_secs(60))).await;
                 }
@@ -189,10 +193,19 @@ impl Registration {
                     self.metrics
                         .uptime_report_errors
                         .fetch_add(1, Ordering::Relaxed);
+                    // The registrar no longer knows the node (a chain reset to its genesis):
+                    // register again, the queued reports wait for it.
+                    let msg = e.to_string();
+                    if msg.contains("TwinNotExists") || msg.contains("NodeNotExists") {
+                        warn!("the registrar lost this node: registering again");
+                        ids = None;
+                    }
                     warn!(
                         "uptime report failed (kept, retrying in {} s): {e}",
                         backoff.as_secs()
                     );
+                    self.metrics
+                        .set_registrar_error("uptime report", Some(e.to_string()));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(300));
                 }

@@ -99,6 +99,7 @@ fn deployment(twin_id: u32, version: u32) -> Deployment {
         })],
         signature_requirement: None,
         on_failure: FailurePolicy::Rollback,
+        contract_id: None,
         signatures: vec![],
     }
 }

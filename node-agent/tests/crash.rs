@@ -211,6 +211,7 @@ fn deployment(twin: u32, version: u32, image: &Path, names: &[&str], key: &KeyPa
             .collect(),
         signature_requirement: None,
         on_failure: FailurePolicy::Rollback,
+        contract_id: None,
         signatures: vec![],
     };
     d.sign(twin, key);

@@ -9,6 +9,9 @@
 pub mod local;
 pub mod remote;
 pub mod server;
+pub mod tfchain;
+
+pub use tfchain::{ContractState, NodeContract};
 
 use async_trait::async_trait;
 use ed25519_dalek::VerifyingKey;
@@ -79,6 +82,13 @@ pub struct UptimeReport {
     pub timestamp: i64,
 }
 
+/// What a node contract's deployment uses on this node (`reportContractResources`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ContractUsage {
+    pub contract_id: u64,
+    pub used: Resources,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrarError {
     #[error("registrar unreachable: {0}")]
@@ -128,4 +138,33 @@ pub trait Registrar: Send + Sync {
         node: NodeId,
         report: &UptimeReport,
     ) -> Result<(), RegistrarError>;
+
+    /// What `info` becomes once stored (a registrar may fill defaults or leave out what it
+    /// refuses), so a node compares like with like before updating itself.
+    fn as_stored(&self, info: &NodeInfo) -> NodeInfo {
+        info.clone()
+    }
+
+    /// Whether deployments must name a node contract this registrar holds (TF Chain).
+    fn requires_contracts(&self) -> bool {
+        false
+    }
+
+    /// Tells the registrar what each node contract's deployment uses on this node (signed by
+    /// the node's key); returns the contracts it took (one it no longer holds is skipped).
+    /// Registrars without contracts take nothing.
+    async fn report_contract_resources(
+        &self,
+        _key: &KeyPair,
+        _usage: &[ContractUsage],
+    ) -> Result<Vec<u64>, RegistrarError> {
+        Ok(Vec::new())
+    }
+
+    /// A node contract by id (`None`: no such contract, or it was removed).
+    async fn contract(&self, id: u64) -> Result<Option<NodeContract>, RegistrarError> {
+        Err(RegistrarError::Refused(format!(
+            "this registrar keeps no contracts (asked for contract {id})"
+        )))
+    }
 }

@@ -1,0 +1,1240 @@
+//! The TF Chain registrar against the real tfchain runtime (spec 144 under chopsticks, from
+//! `../shared/tfchain`, started by each test on a free port and stopped after it): the SCALE
+//! encoding of every call the node makes and the signing payload, registration (twin, node
+//! with its capacity), a restart that finds the same ids, a capacity change, uptime reports,
+//! clear errors (no funds, unknown farm, chain down), contracts deciding what the engine
+//! admits and removes, and a chain stopped and restarted under a running agent.
+//!
+//! Where ../shared/tfchain is missing the tests skip with a message, and fail where a chain is
+//! required: in CI (`CI` set) or with `GRIDNODE_REQUIRE_TFCHAIN=1` (scripts/test.sh sets it).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use node_agent::api::NodeStatus;
+use node_agent::capacity::Resources;
+use node_agent::client::{Client, Endpoint};
+use node_agent::config::AgentConfig;
+use node_agent::deployment::{
+    Deployment, FailurePolicy, RestartPolicy, VmWorkload, Volume, Workload,
+};
+use node_agent::engine::{DeployError, Engine};
+use node_agent::identity::KeyPair;
+use node_agent::metrics::Metrics;
+use node_agent::registrar::tfchain::{self, ChainSigner, TfchainRegistrar};
+use node_agent::registrar::{ContractUsage, Registrar, RegistrarError, UptimeReport};
+use node_agent::state::Store;
+use node_agent::uptime::{host_uptime, Registration};
+use node_agent::usage::{Pass, ResourceReporter};
+use subxt::dynamic::Value;
+
+/// A chain under chopsticks, stopped (its process group) on drop.
+struct Chain {
+    child: Child,
+    port: u16,
+}
+
+fn shared_tfchain() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/tfchain")
+}
+
+/// Whether a missing chain fails the test: in CI (`CI` set) and wherever
+/// `GRIDNODE_REQUIRE_TFCHAIN` is set to anything but `0` or empty (scripts/test.sh sets it).
+fn chain_required() -> bool {
+    std::env::var_os("CI").is_some()
+        || std::env::var("GRIDNODE_REQUIRE_TFCHAIN").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// `None` (after a SKIP message) where ../shared/tfchain is missing, unless a chain is
+/// required ([`chain_required`]): then the test fails, naming what is missing.
+fn chain_or_skip(test: &str) -> Option<Chain> {
+    if !shared_tfchain().join("start.sh").exists() {
+        if chain_required() {
+            panic!(
+                "{test}: {} is missing; the TF Chain tests need ../shared/tfchain beside the \
+                 clone (required here: CI or GRIDNODE_REQUIRE_TFCHAIN is set)",
+                shared_tfchain().join("start.sh").display()
+            );
+        }
+        eprintln!(
+            "SKIP {test}: {} is missing",
+            shared_tfchain().join("start.sh").display()
+        );
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    Some(Chain::start(port))
+}
+
+impl Chain {
+    fn start(port: u16) -> Chain {
+        // One start at a time: the first one installs chopsticks into the cache, and two
+        // installs at once would trip over each other.
+        static STARTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = STARTING.lock().unwrap_or_else(|e| e.into_inner());
+        let mut child = Command::new("bash")
+            .arg(shared_tfchain().join("start.sh"))
+            .arg(port.to_string())
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("starting ../shared/tfchain/start.sh");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("tfchain ready on") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(600))
+            .expect("the chain did not say it was ready");
+        Chain { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return; // stopped already (its group id may be another's now)
+        }
+        // SAFETY: signalling the process group this test started.
+        unsafe {
+            libc::killpg(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Chain {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// 1 TFT has 7 decimals: 100 000 TFT.
+const FUNDS: u128 = 100_000 * 10_000_000;
+
+async fn fund(reg: &TfchainRegistrar, key: &KeyPair) {
+    let alice = subxt_signer::sr25519::dev::alice();
+    reg.submit_signed(
+        &alice,
+        &tfchain::transfer(&tfchain::account_of(&key.public()), FUNDS),
+    )
+    .await
+    .expect("transfer from Alice");
+}
+
+/// A funded farmer twin with a farm; returns the farm id.
+async fn farm(reg: &TfchainRegistrar, name: &str) -> u32 {
+    let farmer = KeyPair::generate();
+    fund(reg, &farmer).await;
+    let twin = reg.create_twin(&farmer).await.unwrap();
+    reg.create_farm(&farmer, twin.id, name).await.unwrap().id
+}
+
+fn capacity() -> Resources {
+    Resources {
+        cru: 4,
+        mru: 8 << 30,
+        sru: 200 << 30,
+        hru: 0,
+    }
+}
+
+fn registration(
+    reg: Arc<TfchainRegistrar>,
+    key: &KeyPair,
+    store: Arc<Store>,
+    farm_id: u32,
+    capacity: Resources,
+) -> Registration {
+    Registration {
+        config: AgentConfig {
+            registrar: "tfchain".into(),
+            farm_id,
+            uptime_interval_secs: 2,
+            ..Default::default()
+        },
+        key: key.clone(),
+        registrar: reg,
+        store,
+        metrics: Arc::new(Metrics::default()),
+        capacity,
+    }
+}
+
+async fn nonce(reg: &TfchainRegistrar, key: &KeyPair) -> u64 {
+    let api = reg.client().await.unwrap();
+    api.tx()
+        .account_nonce(&tfchain::account_of(&key.public()))
+        .await
+        .unwrap()
+}
+
+fn compact(n: u64, out: &mut Vec<u8>) {
+    match n {
+        0..=0x3f => out.push((n as u8) << 2),
+        0x40..=0x3fff => out.extend_from_slice(&(((n as u16) << 2) | 1).to_le_bytes()),
+        0x4000..=0x3fff_ffff => out.extend_from_slice(&(((n as u32) << 2) | 2).to_le_bytes()),
+        _ => {
+            let b = n.to_le_bytes();
+            let len = 8 - b.iter().rev().take_while(|&&x| x == 0).count();
+            out.push((((len - 4) as u8) << 2) | 3);
+            out.extend_from_slice(&b[..len]);
+        }
+    }
+}
+
+fn vec_bytes(b: &[u8], out: &mut Vec<u8>) {
+    compact(b.len() as u64, out);
+    out.extend_from_slice(b);
+}
+
+#[tokio::test]
+async fn call_encoding_and_signing_payload_match_the_chain() {
+    let Some(chain) = chain_or_skip("call_encoding_and_signing_payload_match_the_chain") else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    let api = reg.client().await.unwrap();
+    let md = api.metadata();
+    let index = |pallet: &str, call: &str| -> Vec<u8> {
+        let p = md.pallet_by_name(pallet).unwrap();
+        vec![p.index(), p.call_variant_by_name(call).unwrap().index]
+    };
+    let encoded = |c: &tfchain::DynamicCall| api.tx().call_data(c).unwrap();
+
+    let info = node_agent::registrar::NodeInfo {
+        farm_id: 3,
+        capacity: capacity(),
+        location: node_agent::config::Location {
+            country: "Belgium".into(),
+            city: "Ghent".into(),
+            latitude: "51.05".into(),
+            longitude: "3.72".into(),
+        },
+        interfaces: vec![node_agent::registrar::Interface {
+            name: "eth0".into(),
+            mac: "52:54:00:12:34:56".into(),
+        }],
+        serial_number: "SN1".into(),
+        virtualized: true,
+    };
+    let node_body = |out: &mut Vec<u8>| {
+        out.extend_from_slice(&3u32.to_le_bytes());
+        let c = capacity();
+        for v in [c.hru, c.sru, c.cru, c.mru] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for s in ["Ghent", "Belgium", "51.05", "3.72"] {
+            vec_bytes(s.as_bytes(), out);
+        }
+        compact(1, out);
+        vec_bytes(b"eth0", out);
+        vec_bytes(b"52:54:00:12:34:56", out);
+        compact(0, out);
+        out.push(0); // secure_boot
+        out.push(1); // virtualized
+        out.push(1); // Some(serial)
+        vec_bytes(b"SN1", out);
+    };
+
+    let mut cases: Vec<(&str, tfchain::DynamicCall, Vec<u8>)> = Vec::new();
+    let mut e = index(tfchain::TFGRID, "user_accept_tc");
+    vec_bytes(b"https://x", &mut e);
+    vec_bytes(b"h", &mut e);
+    cases.push(("userAcceptTc", tfchain::user_accept_tc("https://x", "h"), e));
+    let mut e = index(tfchain::TFGRID, "create_twin");
+    e.extend_from_slice(&[0, 0]);
+    cases.push(("createTwin", tfchain::create_twin(None, None), e));
+    let mut e = index(tfchain::TFGRID, "create_node");
+    node_body(&mut e);
+    cases.push(("createNode", tfchain::create_node(&info), e));
+    let mut e = index(tfchain::TFGRID, "update_node");
+    e.extend_from_slice(&9u32.to_le_bytes());
+    node_body(&mut e);
+    cases.push(("updateNode", tfchain::update_node(9, &info), e));
+    let mut e = index(tfchain::TFGRID, "report_uptime_v2");
+    e.extend_from_slice(&12345u64.to_le_bytes());
+    e.extend_from_slice(&1_700_000_000u64.to_le_bytes());
+    cases.push((
+        "reportUptimeV2",
+        tfchain::report_uptime_v2(12345, 1_700_000_000),
+        e,
+    ));
+    let hash = [7u8; 32];
+    let mut e = index(tfchain::CONTRACTS, "create_node_contract");
+    e.extend_from_slice(&9u32.to_le_bytes());
+    e.extend_from_slice(&hash);
+    vec_bytes(b"d", &mut e);
+    e.extend_from_slice(&0u32.to_le_bytes());
+    e.push(0);
+    cases.push((
+        "createNodeContract",
+        tfchain::create_node_contract(9, hash, b"d"),
+        e,
+    ));
+    let mut e = index(tfchain::CONTRACTS, "update_node_contract");
+    e.extend_from_slice(&5u64.to_le_bytes());
+    e.extend_from_slice(&hash);
+    vec_bytes(b"", &mut e);
+    cases.push((
+        "updateNodeContract",
+        tfchain::update_node_contract(5, hash, b""),
+        e,
+    ));
+    let mut e = index(tfchain::CONTRACTS, "cancel_contract");
+    e.extend_from_slice(&5u64.to_le_bytes());
+    cases.push(("cancelContract", tfchain::cancel_contract(5), e));
+    let mut e = index(tfchain::CONTRACTS, "report_contract_resources");
+    compact(2, &mut e);
+    let usage = [
+        ContractUsage {
+            contract_id: 5,
+            used: capacity(),
+        },
+        ContractUsage {
+            contract_id: 70_000,
+            used: Resources {
+                cru: 1,
+                mru: 256 << 20,
+                sru: 0,
+                hru: 3 << 30,
+            },
+        },
+    ];
+    for u in &usage {
+        e.extend_from_slice(&u.contract_id.to_le_bytes());
+        for v in [u.used.hru, u.used.sru, u.used.cru, u.used.mru] {
+            e.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    cases.push((
+        "reportContractResources",
+        tfchain::report_contract_resources(&usage),
+        e,
+    ));
+    let mut e = index(tfchain::TFGRID, "create_farm");
+    vec_bytes(b"f1", &mut e);
+    compact(0, &mut e);
+    cases.push(("createFarm", tfchain::create_farm("f1"), e));
+
+    let key = KeyPair::from_seed([1; 32]);
+    for (name, call, expect) in &cases {
+        assert_eq!(&encoded(call), expect, "{name}: encoding");
+        // The chain decodes the signed extrinsic and prices it (garbage would not decode).
+        let signed = api
+            .tx()
+            .create_signed(
+                call,
+                &ChainSigner(&key),
+                subxt::config::DefaultExtrinsicParamsBuilder::new().build(),
+            )
+            .await
+            .unwrap();
+        let fee = signed.partial_fee_estimate().await;
+        assert!(fee.is_ok(), "{name}: the chain could not price it: {fee:?}");
+    }
+
+    // The signing payload: call data, then the extensions' values (era, nonce, tip), then
+    // what they add implicitly (spec and tx versions, genesis hash, era's block hash), and
+    // the signature is ed25519 over it (blake2-256 of it when longer than 256 bytes).
+    let call = tfchain::report_uptime_v2(1, 2);
+    let params = subxt::config::DefaultExtrinsicParamsBuilder::<subxt::PolkadotConfig>::new()
+        .immortal()
+        .nonce(3)
+        .build();
+    let mut partial = api
+        .tx()
+        .create_partial_offline(&call, params)
+        .expect("partial");
+    let payload = partial.signer_payload();
+    let v = api.runtime_version();
+    let mut expect = encoded(&call);
+    expect.push(0); // immortal era
+    compact(3, &mut expect); // nonce
+    compact(0, &mut expect); // tip
+    expect.extend_from_slice(&v.spec_version.to_le_bytes());
+    expect.extend_from_slice(&v.transaction_version.to_le_bytes());
+    expect.extend_from_slice(api.genesis_hash().as_ref());
+    expect.extend_from_slice(api.genesis_hash().as_ref()); // immortal: genesis
+    assert_eq!(payload, expect, "signing payload");
+    let signed = partial.sign(&ChainSigner(&key));
+    let bytes = signed.encoded();
+    let sig_at = bytes
+        .windows(64)
+        .position(|w| w == key.sign(&payload))
+        .expect("the extrinsic carries the ed25519 signature of the payload");
+    // MultiSignature::Ed25519 is variant 0, right before the signature; the signer's
+    // MultiAddress::Id (variant 0) and account (the public key) before that.
+    assert_eq!(bytes[sig_at - 1], 0);
+    assert_eq!(&bytes[sig_at - 33..sig_at - 1], key.public().as_bytes());
+}
+
+#[tokio::test]
+async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
+    let Some(chain) = chain_or_skip("a_node_registers_finds_its_ids_updates_and_reports_uptime")
+    else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, "farm_reg").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let key = KeyPair::generate();
+
+    // No funds: a clear refusal, nothing made.
+    let err = registration(reg.clone(), &key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistrarError::Refused(m) if m.contains("no funds")),
+        "{err}"
+    );
+    fund(&reg, &key).await;
+
+    // Unknown farm (after its twin is made).
+    let err = registration(reg.clone(), &key, store.clone(), 999, capacity())
+        .register()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistrarError::UnknownFarm(999)), "{err}");
+
+    // First registration: twin and node with the capacity given.
+    let key = KeyPair::generate();
+    fund(&reg, &key).await;
+    let t0 = Instant::now();
+    let (twin, node) = registration(reg.clone(), &key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    let extrinsics = nonce(&reg, &key).await;
+    eprintln!(
+        "BENCH registration: {} ms, {extrinsics} extrinsics (twin {twin}, node {node})",
+        took.as_millis()
+    );
+    assert_eq!(extrinsics, 3, "userAcceptTc, createTwin, createNode");
+    let on_chain = reg.node_by_twin(twin).await.unwrap().unwrap();
+    assert_eq!(on_chain.id, node);
+    assert_eq!(on_chain.info.capacity, capacity());
+    assert_eq!(on_chain.info.farm_id, farm_id);
+    assert_eq!(
+        reg.twin(twin).await.unwrap().unwrap().public_key,
+        key.public_hex()
+    );
+
+    // A restart finds the same ids and sends nothing.
+    let again = registration(reg.clone(), &key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap();
+    assert_eq!(again, (twin, node));
+    assert_eq!(nonce(&reg, &key).await, 3, "a restart created something");
+
+    // Capacity changed: one updateNode, same node.
+    let mut more = capacity();
+    more.cru = 8;
+    let again = registration(reg.clone(), &key, store.clone(), farm_id, more)
+        .register()
+        .await
+        .unwrap();
+    assert_eq!(again, (twin, node));
+    assert_eq!(nonce(&reg, &key).await, 4);
+    assert_eq!(
+        reg.node_by_twin(twin).await.unwrap().unwrap().info.capacity,
+        more
+    );
+
+    // Uptime: in a block with NodeUptimeReported (report_uptime checks the event).
+    let up = host_uptime().unwrap();
+    let t0 = Instant::now();
+    reg.report_uptime(
+        &key,
+        twin,
+        node,
+        &UptimeReport {
+            uptime: up,
+            timestamp: node_agent::auth::now_unix(),
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "BENCH uptime report due -> in block with its event: {} ms",
+        t0.elapsed().as_millis()
+    );
+    // A report that waited 10 minutes in the queue is brought to now and accepted.
+    reg.report_uptime(
+        &key,
+        twin,
+        node,
+        &UptimeReport {
+            uptime: up.saturating_sub(600),
+            timestamp: node_agent::auth::now_unix() - 600,
+        },
+    )
+    .await
+    .unwrap();
+    // A node the chain does not know cannot report: a refusal naming the reason.
+    let stranger = KeyPair::generate();
+    fund(&reg, &stranger).await;
+    let err = reg
+        .report_uptime(
+            &stranger,
+            0,
+            0,
+            &UptimeReport {
+                uptime: up,
+                timestamp: node_agent::auth::now_unix(),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("TwinNotExists"), "{err}");
+
+    // A chain that is down: unreachable (transient), on every endpoint.
+    let down =
+        TfchainRegistrar::new(vec!["ws://127.0.0.1:9".into(), "ws://127.0.0.1:1".into()]).unwrap();
+    let err = down.twin(1).await.unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    // Failover: a dead endpoint first, the live one second.
+    let two = TfchainRegistrar::new(vec!["ws://127.0.0.1:9".into(), chain.url()]).unwrap();
+    assert_eq!(
+        two.twin(twin).await.unwrap().unwrap().public_key,
+        key.public_hex()
+    );
+}
+
+fn deployment(twin_id: u32, id: u64, metadata: &str) -> Deployment {
+    Deployment {
+        twin_id,
+        deployment_id: id,
+        version: 1,
+        metadata: metadata.into(),
+        workloads: vec![Workload::Vm(VmWorkload {
+            name: "web".into(),
+            image: "/nonexistent/image.flist".into(),
+            image_blake3: None,
+            vcpus: 1,
+            memory_mib: 256,
+            rootfs_mib: 64,
+            volumes: vec![],
+            mounts: vec![],
+            entrypoint: "/bin/true".into(),
+            args: vec![],
+            env: Default::default(),
+            restart: RestartPolicy::Never,
+            shutdown_grace_secs: 0,
+        })],
+        signature_requirement: None,
+        // No VM boots here (no image, no vmm): the workload is kept as failed, so an
+        // admitted deployment stays in the node's state.
+        on_failure: FailurePolicy::Keep,
+        contract_id: None,
+        signatures: vec![],
+    }
+}
+
+/// A user twin (ed25519 key, funded) creates a node contract for `doc` on `node`.
+async fn contract_for(reg: &TfchainRegistrar, user: &KeyPair, node: u32, doc: &Deployment) -> u64 {
+    let hash = doc.contract_hash();
+    reg.submit(user, &tfchain::create_node_contract(node, hash, b""))
+        .await
+        .unwrap();
+    let v = reg
+        .storage(
+            tfchain::CONTRACTS,
+            "ContractIDByNodeIDAndHash",
+            vec![Value::u128(node.into()), Value::from_bytes(hash)],
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    tfchain::num(&v).unwrap() as u64
+}
+
+async fn user(reg: &TfchainRegistrar) -> (KeyPair, u32) {
+    let k = KeyPair::generate();
+    fund(reg, &k).await;
+    let t = reg.create_twin(&k).await.unwrap();
+    (k, t.id)
+}
+
+fn engine(reg: Arc<TfchainRegistrar>, store: Arc<Store>, dir: &std::path::Path) -> Engine {
+    Engine::new(
+        store,
+        AgentConfig {
+            state_dir: dir.to_path_buf(),
+            registrar: "tfchain".into(),
+            ..Default::default()
+        },
+        reg,
+        Arc::new(Metrics::default()),
+        capacity(),
+    )
+}
+
+fn forbidden(r: Result<impl std::fmt::Debug, DeployError>, why: &str) {
+    match r {
+        Err(DeployError::Forbidden(m)) => assert!(m.contains(why), "{m}"),
+        other => panic!("expected a refusal ({why}), got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn contracts_decide_what_the_node_runs() {
+    let Some(chain) = chain_or_skip("contracts_decide_what_the_node_runs") else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, "farm_contracts").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    fund(&reg, &node_key).await;
+    let (_, node) = registration(reg.clone(), &node_key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap();
+    // Another node on the farm.
+    let other_node_key = KeyPair::generate();
+    fund(&reg, &other_node_key).await;
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_store = Arc::new(Store::open(&other_dir.path().join("agent.db")).unwrap());
+    let (_, other_node) = registration(
+        reg.clone(),
+        &other_node_key,
+        other_store,
+        farm_id,
+        capacity(),
+    )
+    .register()
+    .await
+    .unwrap();
+    let eng = engine(reg.clone(), store.clone(), dir.path());
+    let (alice_k, alice) = user(&reg).await;
+    let (bob_k, bob) = user(&reg).await;
+
+    // Without a contract id: refused.
+    let mut d = deployment(alice, 1, "no contract");
+    d.sign(alice, &alice_k);
+    match eng.deploy(alice, d).await {
+        Err(DeployError::BadRequest(m)) => assert!(m.contains("contract_id"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+
+    // A contract holding the deployment's hash: admitted.
+    let mut good = deployment(alice, 1, "good");
+    let cid = contract_for(&reg, &alice_k, node, &good).await;
+    good.contract_id = Some(cid);
+    good.sign(alice, &alice_k);
+    let out = eng.deploy(alice, good.clone()).await.unwrap();
+    assert_eq!(out.deployment_id, 1);
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+
+    // Wrong hash: the contract is for another document.
+    let mut wrong = deployment(alice, 2, "wrong");
+    let other_doc = deployment(alice, 2, "what the contract says");
+    wrong.contract_id = Some(contract_for(&reg, &alice_k, node, &other_doc).await);
+    wrong.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, wrong).await, "holds deployment hash");
+
+    // A contract for another node.
+    let mut elsewhere = deployment(alice, 3, "elsewhere");
+    elsewhere.contract_id = Some(contract_for(&reg, &alice_k, other_node, &elsewhere).await);
+    elsewhere.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, elsewhere).await, "is for node");
+
+    // A cancelled contract.
+    let mut cancelled = deployment(alice, 4, "cancelled");
+    let c = contract_for(&reg, &alice_k, node, &cancelled).await;
+    reg.submit(&alice_k, &tfchain::cancel_contract(c))
+        .await
+        .unwrap();
+    cancelled.contract_id = Some(c);
+    cancelled.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, cancelled).await, "does not exist");
+
+    // Signed by another twin: Bob's key under Alice's id (Alice's key on the chain is
+    // her account), and Alice's deployment on Bob's contract.
+    let mut forged = deployment(alice, 5, "forged");
+    forged.contract_id = Some(contract_for(&reg, &alice_k, node, &forged).await);
+    forged.sign(alice, &bob_k);
+    forbidden(
+        eng.deploy(alice, forged).await,
+        "no valid signature of the owner",
+    );
+    let mut bobs = deployment(alice, 6, "bob pays");
+    bobs.contract_id = Some(contract_for(&reg, &bob_k, node, &bobs).await);
+    bobs.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, bobs).await, "belongs to twin");
+    let _ = bob;
+
+    // An update needs the contract updated to the new hash first.
+    let mut v2 = good.clone();
+    v2.version = 2;
+    v2.metadata = "good v2".into();
+    v2.signatures.clear();
+    v2.sign(alice, &alice_k);
+    forbidden(eng.deploy(alice, v2.clone()).await, "updateNodeContract");
+    reg.submit(
+        &alice_k,
+        &tfchain::update_node_contract(cid, v2.contract_hash(), b""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(eng.deploy(alice, v2).await.unwrap().version, 2);
+
+    // The contract poll keeps it while the contract is active, removes it once cancelled.
+    eng.check_contracts().await;
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+    reg.submit(&alice_k, &tfchain::cancel_contract(cid))
+        .await
+        .unwrap();
+    eng.check_contracts().await;
+    assert!(store.deployments(None).unwrap().is_empty());
+    assert!(store.vms(None).unwrap().is_empty());
+}
+
+/// Sets the TFT price (mUSD) the runtime bills with, as the chain's price oracle would
+/// (chopsticks' `dev_setStorage`): the test chain's genesis has none, and billing a contract
+/// with reported resources at a price of 0 panics in the runtime (division by zero in
+/// `calculate_contract_cost_tft`), so that block is never built.
+async fn set_tft_price(chain: &Chain, musd: u32) {
+    let rpc = subxt::backend::rpc::RpcClient::from_insecure_url(chain.url())
+        .await
+        .expect("RPC client");
+    let prices = serde_json::json!({
+        "TFTPriceModule": {
+            "TftPrice": musd,
+            "AverageTftPrice": musd,
+            "MinTftPrice": 10,
+            "MaxTftPrice": 1000,
+        }
+    });
+    let _: serde_json::Value = rpc
+        .request(
+            "dev_setStorage",
+            subxt::ext::subxt_rpcs::rpc_params![prices],
+        )
+        .await
+        .expect("dev_setStorage");
+}
+
+/// Waits (up to 120 s) until `f` gives `Some`.
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A deployment of one VM with 2 vCPUs, 512 MiB, a 64 MiB rootfs and a 1 GiB volume.
+fn sized_deployment(twin_id: u32, id: u64, metadata: &str) -> Deployment {
+    let mut d = deployment(twin_id, id, metadata);
+    let Workload::Vm(vm) = &mut d.workloads[0];
+    vm.vcpus = 2;
+    vm.memory_mib = 512;
+    vm.rootfs_mib = 64;
+    vm.volumes = vec![Volume {
+        name: "data".into(),
+        size_mib: 1024,
+        mount: "/data".into(),
+    }];
+    d
+}
+
+/// What the chain must hold for [`sized_deployment`]: threads and bytes.
+fn sized_usage() -> Resources {
+    Resources {
+        cru: 2,
+        mru: 512 << 20,
+        sru: (64 + 1024) << 20,
+        hru: 0,
+    }
+}
+
+#[tokio::test]
+async fn contract_resources_are_reported_on_admission_update_and_timer() {
+    let Some(chain) =
+        chain_or_skip("contract_resources_are_reported_on_admission_update_and_timer")
+    else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, "farm_resources").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    fund(&reg, &node_key).await;
+    registration(reg.clone(), &node_key, store.clone(), farm_id, capacity())
+        .register()
+        .await
+        .unwrap();
+    let node: u32 = store.meta("node_id").unwrap().unwrap().parse().unwrap();
+    let eng = Arc::new(engine(reg.clone(), store.clone(), dir.path()));
+    // The agent's reporter, with a timer far away: what it sends here, it sends on change.
+    let task = tokio::spawn(
+        ResourceReporter::new(eng.clone(), node_key.clone(), Duration::from_secs(3600)).run(),
+    );
+    let (alice_k, alice) = user(&reg).await;
+
+    // Admitted: the contract's resources are on the chain, in the runtime's units (bytes).
+    let mut d = sized_deployment(alice, 1, "resources");
+    let cid = contract_for(&reg, &alice_k, node, &d).await;
+    d.contract_id = Some(cid);
+    d.sign(alice, &alice_k);
+    assert_eq!(reg.contract_resources(cid).await.unwrap(), None);
+    eng.deploy(alice, d.clone()).await.unwrap();
+    let t0 = Instant::now();
+    let got = until(
+        "the admitted deployment's resources on the chain",
+        || async {
+            reg.contract_resources(cid)
+                .await
+                .unwrap()
+                .filter(|r| *r == sized_usage())
+        },
+    )
+    .await;
+    eprintln!(
+        "BENCH deployment admitted -> its contract's resources in a block (read back): {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(got, sized_usage());
+
+    // Updated (2 GiB of memory, 4 vCPUs; the contract updated to the new hash first): the
+    // new usage is reported at once.
+    let mut v2 = d.clone();
+    v2.version = 2;
+    v2.metadata = "resources v2".into();
+    let Workload::Vm(vm) = &mut v2.workloads[0];
+    vm.vcpus = 4;
+    vm.memory_mib = 2048;
+    v2.signatures.clear();
+    v2.sign(alice, &alice_k);
+    reg.submit(
+        &alice_k,
+        &tfchain::update_node_contract(cid, v2.contract_hash(), b""),
+    )
+    .await
+    .unwrap();
+    eng.deploy(alice, v2).await.unwrap();
+    let bigger = Resources {
+        cru: 4,
+        mru: 2 << 30,
+        ..sized_usage()
+    };
+    until("the updated usage on the chain", || async {
+        reg.contract_resources(cid)
+            .await
+            .unwrap()
+            .filter(|r| *r == bigger)
+    })
+    .await;
+    // (The reporter counts a report once its extrinsic's events are back, which may be
+    // after the storage already shows it.)
+    until("both reports counted", || async {
+        (eng.metrics.resource_reports_sent.load(Ordering::Relaxed) >= 2).then_some(())
+    })
+    .await;
+    task.abort();
+    assert!(eng.metrics.registrar_error().is_none());
+
+    // One pass at a time: an agent that starts reports everything; then only what changed
+    // (nothing); the timer's full pass everything again, each in a block.
+    let mut r = ResourceReporter::new(eng.clone(), node_key.clone(), Duration::from_secs(3600));
+    let t0 = Instant::now();
+    let pass = r.report(false).await.unwrap();
+    eprintln!(
+        "BENCH reportContractResources (1 contract) submit -> in block with its event: {} ms",
+        t0.elapsed().as_millis()
+    );
+    let one = vec![ContractUsage {
+        contract_id: cid,
+        used: bigger,
+    }];
+    let reported = |taken: Vec<ContractUsage>| Pass::Reported {
+        taken,
+        skipped: vec![],
+    };
+    assert_eq!(pass, reported(one.clone()));
+    assert_eq!(r.report(false).await.unwrap(), reported(vec![]));
+    assert_eq!(r.report(true).await.unwrap(), reported(one));
+
+    // A contract cancelled on the chain (billed for the resources reported): its resources
+    // are gone there, and the report the node still sends for it (its deployment not yet
+    // removed) is skipped, not an error.
+    set_tft_price(&chain, 50).await;
+    reg.submit(&alice_k, &tfchain::cancel_contract(cid))
+        .await
+        .unwrap();
+    assert_eq!(reg.contract_resources(cid).await.unwrap(), None);
+    assert_eq!(
+        r.report(true).await.unwrap(),
+        Pass::Reported {
+            taken: vec![],
+            skipped: vec![cid]
+        }
+    );
+    assert_eq!(reg.contract_resources(cid).await.unwrap(), None);
+
+    // A node that is not registered yet sends nothing (and is not an error).
+    let dir2 = tempfile::tempdir().unwrap();
+    let store2 = Arc::new(Store::open(&dir2.path().join("agent.db")).unwrap());
+    let eng2 = Arc::new(engine(reg.clone(), store2, dir2.path()));
+    let mut r2 = ResourceReporter::new(eng2, KeyPair::generate(), Duration::from_secs(3600));
+    assert_eq!(r2.report(true).await.unwrap(), Pass::NotRegistered);
+}
+
+/// The chain is down when a deployment's usage is due: the report is kept (retried with
+/// backoff, the error in the health) and reaches the chain once it is back. chopsticks keeps no
+/// state, so the chain comes back from its genesis and the test makes again what the node had
+/// (the same accounts in the same order get the same ids: node, twins, contract).
+#[tokio::test]
+async fn a_resources_report_the_chain_missed_is_sent_when_it_is_back() {
+    let Some(mut chain) =
+        chain_or_skip("a_resources_report_the_chain_missed_is_sent_when_it_is_back")
+    else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    let alice_k = KeyPair::generate();
+    // The same setup on each chain: a farm, the node, Alice's twin and her contract.
+    let setup = |d: Deployment| {
+        let (reg, store, node_key, alice_k) = (
+            reg.clone(),
+            store.clone(),
+            node_key.clone(),
+            alice_k.clone(),
+        );
+        async move {
+            let farm_id = farm(&reg, "farm_missed").await;
+            fund(&reg, &node_key).await;
+            let (_, node) = registration(reg.clone(), &node_key, store, farm_id, capacity())
+                .register()
+                .await
+                .unwrap();
+            fund(&reg, &alice_k).await;
+            let alice = reg.create_twin(&alice_k).await.unwrap().id;
+            let mut d = Deployment {
+                twin_id: alice,
+                ..d
+            };
+            let cid = contract_for(&reg, &alice_k, node, &d).await;
+            d.contract_id = Some(cid);
+            d.sign(alice, &alice_k);
+            d
+        }
+    };
+    let d = setup(sized_deployment(0, 1, "missed")).await;
+    let cid = d.contract_id.unwrap();
+    let eng = Arc::new(engine(reg.clone(), store.clone(), dir.path()));
+    eng.deploy(d.twin_id, d.clone()).await.unwrap();
+
+    // The chain goes away before the reporter sends it.
+    chain.stop();
+    let task = tokio::spawn(
+        ResourceReporter::new(eng.clone(), node_key.clone(), Duration::from_secs(3600)).run(),
+    );
+    let health = until("the failed report in the health", || async {
+        eng.metrics
+            .registrar_error()
+            .filter(|e| e.contains("contract resources"))
+    })
+    .await;
+    eprintln!("health while the chain is down: {health}");
+    assert!(eng.metrics.resource_report_errors.load(Ordering::Relaxed) >= 1);
+
+    // Back (from genesis): the same node, twin and contract ids again; the kept report lands.
+    let chain = Chain::start(chain.port);
+    let t0 = Instant::now();
+    let again = setup(sized_deployment(0, 1, "missed")).await;
+    assert_eq!(
+        again.contract_id,
+        Some(cid),
+        "the replayed setup got other ids"
+    );
+    assert_eq!(again.contract_hash(), d.contract_hash());
+    until("the owed resources report on the chain", || async {
+        reg.contract_resources(cid)
+            .await
+            .ok()
+            .flatten()
+            .filter(|r| *r == sized_usage())
+    })
+    .await;
+    eprintln!(
+        "BENCH chain back -> owed resources report in block: {} ms (includes remaking the node and contract)",
+        t0.elapsed().as_millis()
+    );
+    until("the health clear again", || async {
+        eng.metrics.registrar_error().is_none().then_some(())
+    })
+    .await;
+    task.abort();
+    drop(chain);
+}
+
+/// The agent's binary with `--capacity`: a node whose offered SSD is below the runtime's
+/// minimum is refused with an error (log and health) that names the fix; with the override
+/// the node registers and the chain holds exactly the capacity given.
+#[tokio::test]
+async fn the_operator_capacity_override_is_what_the_node_registers() {
+    let Some(chain) = chain_or_skip("the_operator_capacity_override_is_what_the_node_registers")
+    else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    let farm_id = farm(&reg, "farm_override").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate();
+    key.save_new(&dir.path().join("node.key")).unwrap();
+    fund(&reg, &key).await;
+    let account = tfchain::account_of(&key.public());
+    let run_agent = |capacity: &str, log: &str| {
+        Command::new(env!("CARGO_BIN_EXE_node-agent"))
+            .args(["run", "--state-dir"])
+            .arg(dir.path())
+            .args(["--chain", &chain.url(), "--farm-id", &farm_id.to_string()])
+            .args(["--capacity", capacity])
+            .env("NO_COLOR", "1")
+            .stderr(std::fs::File::create(dir.path().join(log)).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let status = |sock: PathBuf| async move {
+        let c = Client::new(Endpoint::Unix(sock));
+        let resp = c.request("GET", "/node", None).await.ok()?;
+        resp.json::<NodeStatus>().ok()
+    };
+    let sock = dir.path().join("agent.sock");
+
+    // 50 GiB of SSD: the chain refuses it; the health and the log say why and how to fix it.
+    let mut agent = run_agent("cru=2,mru=4G,sru=50G,hru=1T", "agent1.log");
+    let err = until("the refusal in the health", || async {
+        status(sock.clone())
+            .await
+            .and_then(|s| s.registrar_error)
+            .filter(|e| e.contains("InvalidSRUInput"))
+    })
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    eprintln!("health: {err}");
+    assert!(err.contains("--capacity sru=100G"), "{err}");
+    assert!(
+        err.contains("50.0 GiB") && err.contains("100.0 GiB"),
+        "{err}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("agent1.log")).unwrap();
+    assert!(log.contains("--capacity sru=100G"), "{log}");
+    let twin = reg.twin_id_of(&account).await.unwrap().expect("its twin");
+    assert!(reg.node_by_twin(twin).await.unwrap().is_none());
+
+    // With the override: registered, with exactly that capacity.
+    let mut agent = run_agent("cru=2,mru=4G,sru=150G,hru=1T", "agent2.log");
+    let node = until("the node on the chain", || async {
+        reg.node_by_twin(twin).await.unwrap()
+    })
+    .await;
+    let s = until("registered in the health", || async {
+        status(sock.clone()).await.filter(|s| s.registered)
+    })
+    .await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let want = Resources {
+        cru: 2,
+        mru: 4 << 30,
+        sru: 150 << 30,
+        hru: 1 << 40,
+    };
+    assert_eq!(node.info.capacity, want);
+    assert_eq!(s.capacity_total, want);
+    assert_eq!(s.node_id, Some(node.id));
+    assert!(s.registrar_error.is_none(), "{:?}", s.registrar_error);
+}
+
+#[tokio::test]
+async fn the_agent_keeps_workloads_while_the_chain_restarts_and_sends_what_it_owed() {
+    let Some(mut chain) =
+        chain_or_skip("the_agent_keeps_workloads_while_the_chain_restarts_and_sends_what_it_owed")
+    else {
+        return;
+    };
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, "farm_restart").await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    fund(&reg, &node_key).await;
+    let registration = registration(reg.clone(), &node_key, store.clone(), farm_id, capacity());
+    let metrics = registration.metrics.clone();
+    let eng = engine(reg.clone(), store.clone(), dir.path());
+    let agent = tokio::spawn(registration.run());
+    let wait = |what: &'static str, cond: Box<dyn Fn() -> bool>| async move {
+        let t0 = Instant::now();
+        while !cond() {
+            assert!(t0.elapsed() < Duration::from_secs(120), "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let m = metrics.clone();
+    wait(
+        "first uptime report",
+        Box::new(move || m.uptime_reports_sent.load(Ordering::Relaxed) >= 1),
+    )
+    .await;
+    let node: u32 = store.meta("node_id").unwrap().unwrap().parse().unwrap();
+
+    // A workload paid by a contract.
+    let (alice_k, alice) = user(&reg).await;
+    let mut d = deployment(alice, 1, "kept");
+    d.contract_id = Some(contract_for(&reg, &alice_k, node, &d).await);
+    d.sign(alice, &alice_k);
+    eng.deploy(alice, d).await.unwrap();
+
+    // The chain goes away: the workload stays, reports queue up, the health says why.
+    chain.stop();
+    eng.check_contracts().await;
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+    let s = store.clone();
+    wait(
+        "a report owed while the chain is down",
+        Box::new(move || !s.pending_uptime().unwrap().is_empty()),
+    )
+    .await;
+    let m = metrics.clone();
+    wait(
+        "the error in the health",
+        Box::new(move || m.registrar_error().is_some()),
+    )
+    .await;
+    eprintln!(
+        "health while the chain is down: {:?}",
+        metrics.registrar_error()
+    );
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+
+    // The chain is back (a fresh chain from its genesis, as chopsticks keeps no state): the
+    // node is funded again by the activation service, reconnects, registers again and
+    // sends what it owed.
+    let sent = metrics.uptime_reports_sent.load(Ordering::Relaxed);
+    let mut chain = Chain::start(chain.port);
+    let t0 = Instant::now();
+    farm(&reg, "farm_restart").await;
+    fund(&reg, &node_key).await;
+    let s = store.clone();
+    let m = metrics.clone();
+    wait(
+        "the owed report sent",
+        Box::new(move || {
+            s.pending_uptime().unwrap().is_empty()
+                && m.uptime_reports_sent.load(Ordering::Relaxed) > sent
+        }),
+    )
+    .await;
+    eprintln!(
+        "BENCH chain back -> owed report in block: {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert!(metrics.registrar_error().is_none());
+    assert_eq!(store.deployments(None).unwrap().len(), 1);
+    agent.abort();
+    chain.stop();
+}
+
+/// The agent's binary from start to registered on a fresh chain, and its memory with the
+/// chain client (`cargo test -p node-agent --test tfchain -- --ignored --nocapture`;
+/// GRIDNODE_AGENT_BIN=target/release/node-agent measures a release build).
+#[tokio::test]
+#[ignore = "benchmark"]
+async fn bench_agent_start_to_registered() {
+    let Some(chain) = chain_or_skip("bench_agent_start_to_registered") else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    let farm_id = farm(&reg, "farm_bench").await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate();
+    key.save_new(&dir.path().join("node.key")).unwrap();
+    fund(&reg, &key).await;
+    let bin = std::env::var("GRIDNODE_AGENT_BIN")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_node-agent").to_string());
+    let t0 = Instant::now();
+    let mut agent = Command::new(&bin)
+        .args(["run", "--state-dir"])
+        .arg(dir.path())
+        .args(["--chain", &chain.url(), "--farm-id", &farm_id.to_string()])
+        .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let account = tfchain::account_of(&key.public());
+    let rss = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("VmRSS"))
+            .unwrap_or("")
+            .to_string()
+    };
+    let node = loop {
+        if let Some(twin) = reg.twin_id_of(&account).await.unwrap() {
+            if let Some(n) = reg.node_by_twin(twin).await.unwrap() {
+                break Some(n);
+            }
+        }
+        if t0.elapsed() > Duration::from_secs(20) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = t0.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mem = rss(agent.id());
+    let _ = agent.kill();
+    let _ = agent.wait();
+    match node {
+        Some(n) => eprintln!(
+            "BENCH {bin}: start -> node {} on the chain: {} ms; {mem}; {} extrinsics",
+            n.id,
+            took.as_millis(),
+            nonce(&reg, &key).await
+        ),
+        // This host's capacity may be one the chain refuses (under 100 GB SSD, 2 GB RAM):
+        // the agent then runs, connected, retrying, and says why.
+        None => eprintln!(
+            "BENCH {bin}: not registered in {} ms; {mem} (connected, retrying); log:\n{}",
+            took.as_millis(),
+            std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+        ),
+    }
+}
