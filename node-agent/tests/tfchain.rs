@@ -5,8 +5,14 @@
 //! clear errors (no funds, unknown farm, chain down), contracts deciding what the engine
 //! admits and removes, and a chain stopped and restarted under a running agent.
 //!
+//! One test runs the agent's binary with VMs on this machine's /dev/kvm (the setup of
+//! crash.rs, shared in `common`): a contract-backed deployment runs as a vmm process and the
+//! contract's cancel removes it.
+//!
 //! Where ../shared/tfchain is missing the tests skip with a message, and fail where a chain is
 //! required: in CI (`CI` set) or with `GRIDNODE_REQUIRE_TFCHAIN=1` (scripts/test.sh sets it).
+
+mod common;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -16,7 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node_agent::api::NodeStatus;
+use node_agent::api::{DeploymentStatus, NodeStatus};
 use node_agent::capacity::Resources;
 use node_agent::client::{Client, Endpoint};
 use node_agent::config::AgentConfig;
@@ -24,7 +30,7 @@ use node_agent::deployment::{
     Deployment, FailurePolicy, RestartPolicy, VmWorkload, Volume, Workload,
 };
 use node_agent::engine::{DeployError, Engine};
-use node_agent::identity::KeyPair;
+use node_agent::identity::{node_key_path, KeyPair};
 use node_agent::metrics::Metrics;
 use node_agent::registrar::tfchain::{self, ChainSigner, TfchainRegistrar};
 use node_agent::registrar::{ContractUsage, Registrar, RegistrarError, UptimeReport};
@@ -1081,6 +1087,138 @@ async fn the_operator_capacity_override_is_what_the_node_registers() {
     assert_eq!(s.capacity_total, want);
     assert_eq!(s.node_id, Some(node.id));
     assert!(s.registrar_error.is_none(), "{:?}", s.registrar_error);
+}
+
+/// The agent's binary on the chain, its VMs on this machine's /dev/kvm (crash.rs's vmm setup:
+/// the `chatter` test guest as kernel, an flist made by the real `flist` binary as root): a
+/// user twin's node contract holds a deployment's hash, the deployment sent signed through the
+/// API runs as a vmm process; the contract cancelled on the chain, the agent's contract poll
+/// removes the deployment: the API no longer lists it and its vmm process is gone.
+#[tokio::test]
+async fn a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancelled() {
+    if !common::kvm_available() {
+        return;
+    }
+    let Some(chain) =
+        chain_or_skip("a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancelled")
+    else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    // The contract gets resources reported (at admission) and is billed at its cancel: the
+    // chain needs a TFT price for that (see set_tft_price).
+    set_tft_price(&chain, 50).await;
+    let farm_id = farm(&reg, "farm_vm").await;
+    let mut node = common::Node::new();
+    // The node's key, made here to fund its account before the agent starts.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(node.state())
+            .unwrap();
+    }
+    let node_key = KeyPair::generate();
+    node_key.save_new(&node_key_path(&node.state())).unwrap();
+    fund(&reg, &node_key).await;
+    let args: Vec<String> = [
+        "--registrar",
+        "tfchain",
+        "--chain",
+        &chain.url(),
+        "--farm-id",
+        &farm_id.to_string(),
+        // What the chain accepts for a node (this host's SSD may be under its minimum).
+        "--capacity",
+        "cru=2,mru=4G,sru=150G,hru=1T",
+        "--contract-poll",
+        "1",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    node.start_with(None, &args);
+    let unsigned = Client::new(Endpoint::Unix(node.sock()));
+    let status = until("the agent's node registered on the chain", || async {
+        let resp = unsigned.request("GET", "/node", None).await.ok()?;
+        resp.json::<NodeStatus>().ok().filter(|s| s.registered)
+    })
+    .await;
+    let node_id = status.node_id.expect("a registered node has its id");
+
+    // Alice's node contract holds the deployment's hash; the deployment names it.
+    let (alice_k, alice) = user(&reg).await;
+    let mut d = common::vm_deployment(alice, 1, &node.image(), &["vm"]);
+    let cid = contract_for(&reg, &alice_k, node_id, &d).await;
+    d.contract_id = Some(cid);
+    d.sign(alice, &alice_k);
+    let api = node.client(&alice_k, alice);
+    let t0 = Instant::now();
+    let resp = api
+        .request(
+            "POST",
+            "/deployments",
+            Some(serde_json::to_vec(&d).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert!(resp.ok(), "deploy refused: {} {}", resp.status, resp.text());
+    let s = until("the VM running in the API with its vmm process", || async {
+        let r = api.request("GET", "/deployments/1", None).await.ok()?;
+        let s: DeploymentStatus = r.json().ok()?;
+        (common::running(&s, &["vm"]) && node.vmms(alice, "vm").len() == 1).then_some(s)
+    })
+    .await;
+    let deployed = t0.elapsed();
+    assert_eq!(s.deployment.contract_id, Some(cid));
+    assert_eq!(
+        s.vms[0].pid,
+        node.vmms(alice, "vm").first().copied(),
+        "the API tracks the vmm that runs the VM"
+    );
+    // The agent reported what the contract uses (so its cancel bills it).
+    until("the contract's resources reported on the chain", || async {
+        reg.contract_resources(cid).await.ok().flatten()
+    })
+    .await;
+
+    // Cancelled on the chain: the agent removes the deployment and its VM.
+    let t1 = Instant::now();
+    reg.submit(&alice_k, &tfchain::cancel_contract(cid))
+        .await
+        .unwrap();
+    let in_block = t1.elapsed();
+    let t2 = Instant::now();
+    until(
+        "the API to stop listing the deployment after its contract was cancelled",
+        || async {
+            let r = api.request("GET", "/deployments", None).await.ok()?;
+            let list: Vec<DeploymentStatus> = r.json().ok()?;
+            list.is_empty().then_some(())
+        },
+    )
+    .await;
+    until(
+        "the VM's vmm process to end and its data to be removed after its contract was cancelled",
+        || async {
+            let data = node.state().join(format!("vms/{alice}/1"));
+            (node.vmms(alice, "vm").is_empty() && !data.exists()).then_some(())
+        },
+    )
+    .await;
+    let gone = t2.elapsed();
+    let r = api.request("GET", "/deployments/1", None).await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    eprintln!(
+        "BENCH deploy (contract-backed, through the API) -> VM running with its vmm: {} ms",
+        deployed.as_millis()
+    );
+    eprintln!(
+        "BENCH cancelContract in block: {} ms; then -> deployment removed and its vmm gone (--contract-poll 1): {} ms",
+        in_block.as_millis(),
+        gone.as_millis()
+    );
 }
 
 #[tokio::test]
