@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use benches::{optional_peer, run_on_testbed, sibling, vmm};
+use benches::{optional_peer, run_on_testbed_echoing, sibling, vmm};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job};
@@ -110,10 +110,10 @@ fn main() -> Result<()> {
 
     let job = Job::new(format!(
         "echo '== boot'; /boot_bench --vmm /vmm --baseline-vmm /vmm-baseline \
-         --kernel /guest/vmlinux --initrd /guest/boot-initrd {boot_args}; boot=$?\n\
+         --kernel /guest/vmlinux --initrd /guest/boot-initrd --progress /dev/console {boot_args}; boot=$?\n\
          echo '== virtio-fs'; /fs_bench --vmm /vmm --baseline-vmm /vmm-baseline \
          --chunk-fetcher /chunk-fetcher --flist /flist --kernel /guest/vmlinux \
-         --initrd /guest/fs-initrd --work /srv/fs-bench {fs_args}; fs=$?\n\
+         --initrd /guest/fs-initrd --work /srv/fs-bench {fs_args} 2>/dev/console; fs=$?\n\
          [ $boot = 0 ] && [ $fs = 0 ]\n"
     ))
     .binary("/vmm", &vmm)
@@ -126,5 +126,6 @@ fn main() -> Result<()> {
     .file("/guest/boot-initrd", &boot_initrd)
     .file("/guest/fs-initrd", &fs_initrd)
     .timeout(Duration::from_secs(3 * 3600));
-    run_on_testbed(&job)
+    // Progress lines of both (`boot-bench:`, `fs-bench:`) are echoed as they come.
+    run_on_testbed_echoing(&job, Some("-bench:"))
 }

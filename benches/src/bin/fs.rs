@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use benches::{run_on_testbed, sibling, vmm, with_qemu};
+use benches::{run_on_testbed_echoing, sibling, vmm, with_qemu};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job};
@@ -116,7 +116,8 @@ fn main() -> Result<()> {
     let mut job = Job::new(format!(
         "/fs_bench --vmm /vmm --chunk-fetcher /chunk-fetcher --flist /flist \
          --qemu /usr/bin/qemu-system-x86_64 --virtiofsd /virtiofsd \
-         --kernel /guest/vmlinux --initrd /guest/initrd --work /srv/fs-bench {}\n",
+         --kernel /guest/vmlinux --initrd /guest/initrd --work /srv/fs-bench {} \
+         2>/dev/console\n",
         common.join(" ")
     ))
     .binary("/vmm", &vmm)
@@ -130,5 +131,6 @@ fn main() -> Result<()> {
     if let Some(path) = &baseline {
         job = job.binary("/vmm-baseline", path);
     }
-    run_on_testbed(&with_qemu(job, &qemu))
+    // fs_bench's progress (and any error) goes to the console, echoed as it comes.
+    run_on_testbed_echoing(&with_qemu(job, &qemu), Some("fs-bench:"))
 }

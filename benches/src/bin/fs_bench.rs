@@ -143,6 +143,16 @@ struct Sample {
     stat: f64,
 }
 
+impl Sample {
+    /// One line: `seq X MB/s, rand Y ops/s, readdir Z entries/s, stat W/s`.
+    fn brief(&self) -> String {
+        format!(
+            "seq {:.1} MB/s, rand {:.0} ops/s, readdir {:.0} entries/s, stat {:.0}/s",
+            self.seq, self.rand, self.readdir, self.stat
+        )
+    }
+}
+
 /// Parses the `FSBENCH` lines and checks them against the tree.
 fn parse(output: &str, expected: &Expected) -> Result<Sample> {
     let mut found: BTreeMap<&str, (f64, BTreeMap<&str, &str>)> = BTreeMap::new();
@@ -530,10 +540,20 @@ fn measure_all(
         vec![(Vec::new(), Vec::new()); servers.len()];
     for run in 0..runs {
         for (&server, (cold, warm)) in servers.iter().zip(samples.iter_mut()) {
-            eprintln!("fs_bench: {} run {}/{runs}", server.name(), run + 1);
+            eprintln!("fs-bench: {} run {}/{runs}", server.name(), run + 1);
             bench.make_cold(server)?;
-            cold.push(bench.run(server)?);
-            warm.push(bench.run(server)?);
+            let c = bench.run(server)?;
+            let w = bench.run(server)?;
+            // Each sample as it comes (a run cut short still leaves its numbers).
+            eprintln!(
+                "fs-bench: {} run {}/{runs}: cold {}; warm {}",
+                server.name(),
+                run + 1,
+                c.brief(),
+                w.brief()
+            );
+            cold.push(c);
+            warm.push(w);
         }
     }
     Ok(servers
