@@ -3,6 +3,8 @@
 //! and malformed deployments, a twin acting for another, and the operator asking for workload
 //! data are refused with their reason and change nothing.
 
+mod common;
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -12,7 +14,7 @@ use node_agent::api::{self, ApiDoc, ApiState};
 use node_agent::auth::{self, ReplayGuard, Signer};
 use node_agent::capacity::Resources;
 use node_agent::config::AgentConfig;
-use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkload, Workload};
+use node_agent::deployment::{Deployment, FailurePolicy, Workload};
 use node_agent::engine::Engine;
 use node_agent::identity::KeyPair;
 use node_agent::metrics::Metrics;
@@ -77,31 +79,7 @@ fn node() -> Node {
 }
 
 fn deployment(twin_id: u32, version: u32) -> Deployment {
-    Deployment {
-        twin_id,
-        deployment_id: 7,
-        version,
-        metadata: String::new(),
-        workloads: vec![Workload::Vm(VmWorkload {
-            name: "web".into(),
-            image: "/nonexistent/image.flist".into(),
-            image_blake3: None,
-            vcpus: 1,
-            memory_mib: 256,
-            rootfs_mib: 64,
-            volumes: vec![],
-            mounts: vec![],
-            entrypoint: "/bin/true".into(),
-            args: vec![],
-            env: Default::default(),
-            restart: RestartPolicy::Never,
-            shutdown_grace_secs: 0,
-        })],
-        signature_requirement: None,
-        on_failure: FailurePolicy::Rollback,
-        contract_id: None,
-        signatures: vec![],
-    }
+    common::unbootable_deployment(twin_id, 7, version, "", FailurePolicy::Rollback)
 }
 
 async fn call(

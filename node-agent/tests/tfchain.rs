@@ -26,9 +26,7 @@ use node_agent::api::{DeploymentStatus, NodeStatus};
 use node_agent::capacity::Resources;
 use node_agent::client::{Client, Endpoint};
 use node_agent::config::AgentConfig;
-use node_agent::deployment::{
-    Deployment, FailurePolicy, RestartPolicy, VmWorkload, Volume, Workload,
-};
+use node_agent::deployment::{Deployment, FailurePolicy, Volume, Workload};
 use node_agent::engine::{DeployError, Engine};
 use node_agent::identity::{node_key_path, KeyPair};
 use node_agent::metrics::Metrics;
@@ -528,33 +526,9 @@ async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
 }
 
 fn deployment(twin_id: u32, id: u64, metadata: &str) -> Deployment {
-    Deployment {
-        twin_id,
-        deployment_id: id,
-        version: 1,
-        metadata: metadata.into(),
-        workloads: vec![Workload::Vm(VmWorkload {
-            name: "web".into(),
-            image: "/nonexistent/image.flist".into(),
-            image_blake3: None,
-            vcpus: 1,
-            memory_mib: 256,
-            rootfs_mib: 64,
-            volumes: vec![],
-            mounts: vec![],
-            entrypoint: "/bin/true".into(),
-            args: vec![],
-            env: Default::default(),
-            restart: RestartPolicy::Never,
-            shutdown_grace_secs: 0,
-        })],
-        signature_requirement: None,
-        // No VM boots here (no image, no vmm): the workload is kept as failed, so an
-        // admitted deployment stays in the node's state.
-        on_failure: FailurePolicy::Keep,
-        contract_id: None,
-        signatures: vec![],
-    }
+    // No VM boots here (no image, no vmm): the workload is kept as failed, so an admitted
+    // deployment stays in the node's state.
+    common::unbootable_deployment(twin_id, id, 1, metadata, FailurePolicy::Keep)
 }
 
 /// A user twin (ed25519 key, funded) creates a node contract for `doc` on `node`.

@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use e2e_tests::cpio::Contents;
 use e2e_tests::{
@@ -79,7 +80,10 @@ fn bed(test: &str) -> Result<Option<Bed>, Error> {
 
 impl Bed {
     fn run(&self, script: &str) -> Result<JobOutput, Error> {
+        // Up to four boots with mkfs and fsck in one job: more than the default deadline
+        // under nested TCG on a loaded host.
         let job = Job::new(script)
+            .timeout(Duration::from_secs(480))
             .binary("/vmm", &self.vmm)
             .file("/guest/vmlinux", &self.vmlinux)
             .file("/guest/initrd", &self.initrd);

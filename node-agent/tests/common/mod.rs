@@ -234,3 +234,39 @@ pub fn running(s: &DeploymentStatus, names: &[&str]) -> bool {
                 .any(|v| v.name == *n && v.state == VmState::Running && v.pid.is_some())
         })
 }
+
+/// A deployment of one VM (`web`) that never boots (its image does not exist): enough for
+/// admission, signature, contract and state checks without a vmm.
+pub fn unbootable_deployment(
+    twin_id: u32,
+    deployment_id: u64,
+    version: u32,
+    metadata: &str,
+    on_failure: FailurePolicy,
+) -> Deployment {
+    Deployment {
+        twin_id,
+        deployment_id,
+        version,
+        metadata: metadata.into(),
+        workloads: vec![Workload::Vm(VmWorkload {
+            name: "web".into(),
+            image: "/nonexistent/image.flist".into(),
+            image_blake3: None,
+            vcpus: 1,
+            memory_mib: 256,
+            rootfs_mib: 64,
+            volumes: vec![],
+            mounts: vec![],
+            entrypoint: "/bin/true".into(),
+            args: vec![],
+            env: Default::default(),
+            restart: RestartPolicy::Never,
+            shutdown_grace_secs: 0,
+        })],
+        signature_requirement: None,
+        on_failure,
+        contract_id: None,
+        signatures: vec![],
+    }
+}
