@@ -63,10 +63,23 @@ pub fn run(cmd: Command, timeout: Duration, watch: &[&str]) -> Result<QemuRun> {
 
 /// As [`run`], and console lines containing `echo` are written to stderr as they arrive.
 pub fn run_echoing(
+    cmd: Command,
+    timeout: Duration,
+    watch: &[&str],
+    echo: Option<&str>,
+) -> Result<QemuRun> {
+    run_watched(cmd, timeout, watch, echo, &|_| false)
+}
+
+/// As [`run_echoing`]; QEMU is also stopped as soon as `give_up` holds for the console so far
+/// (checked about once a second), which then ends like a timeout with
+/// [`Error::NoResult`] carrying the console.
+pub fn run_watched(
     mut cmd: Command,
     timeout: Duration,
     watch: &[&str],
     echo: Option<&str>,
+    give_up: &dyn Fn(&str) -> bool,
 ) -> Result<QemuRun> {
     let shown = format!("{cmd:?}");
     let start = Instant::now();
@@ -109,6 +122,8 @@ pub fn run_echoing(
         })
     });
 
+    let mut gave_up = false;
+    let mut last_check = Instant::now();
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
@@ -116,6 +131,19 @@ pub fn run_echoing(
                 child.kill().ok();
                 child.wait().ok();
                 break None;
+            }
+            Ok(None) if last_check.elapsed() >= Duration::from_secs(1) => {
+                last_check = Instant::now();
+                let console = capture
+                    .lock()
+                    .map(|c| String::from_utf8_lossy(&c.bytes).into_owned())
+                    .unwrap_or_default();
+                if give_up(&console) {
+                    gave_up = true;
+                    child.kill().ok();
+                    child.wait().ok();
+                    break None;
+                }
             }
             Ok(None) => thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(Error::io(format!("waiting for {shown}"))(e)),
@@ -140,6 +168,9 @@ pub fn run_echoing(
             status,
             elapsed,
             seen,
+        }),
+        None if gave_up => Err(Error::NoResult {
+            console: format!("{console}\n[qemu stderr]\n{stderr}"),
         }),
         None => Err(Error::Timeout {
             timeout,

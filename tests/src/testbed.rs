@@ -95,8 +95,10 @@ impl Testbed {
     /// shows the test bed kernel: the job's output and its guests' consoles go to the results
     /// port), the job is run once more in a fresh test bed. Nested SVM under QEMU's software
     /// CPU occasionally faults inside the test bed's KVM (seen: a kernel stack overflow in
-    /// `error_entry` on a vCPU thread); that is the bed, not the code under test, and a second
-    /// crash is reported as the failure.
+    /// `error_entry` on a vCPU thread; and a CPU stuck in a vCPU's VMRUN, which the bed's
+    /// soft-lockup watchdog reports: the bed is then stopped at once rather than at the job's
+    /// deadline); that is the bed, not the code under test, and a second crash is reported as
+    /// the failure.
     pub fn run(&self, job: &Job) -> Result<JobOutput> {
         match self.run_once(job) {
             Err(Error::NoResult { console }) if host_kernel_crashed(&console) => {
@@ -134,11 +136,12 @@ impl Testbed {
             .arg(&initrd)
             .args(["-append", APPEND]);
         let start_marker = format!("{token}-START");
-        let run = qemu::run_echoing(
+        let run = qemu::run_watched(
             cmd,
             job.timeout,
             &[&start_marker],
             self.echo_console.as_deref(),
+            &host_kernel_stuck,
         )?;
 
         let from_port = std::fs::read(&results)
@@ -170,6 +173,25 @@ const HOST_CRASH_SIGNS: &[&str] = &[
 
 fn host_kernel_crashed(console: &str) -> bool {
     HOST_CRASH_SIGNS.iter().any(|sign| console.contains(sign))
+}
+
+/// How long a CPU of the test bed may be reported stuck in its kernel before the bed is
+/// taken for hung. Nested SVM under QEMU's software CPU occasionally never returns from a
+/// vCPU's VMRUN (seen: "soft lockup - CPU#0 stuck for 26s! [vmm:103]", repeated until the
+/// job's deadline); a real KVM host never holds a CPU that long for a guest.
+const STUCK_LIMIT_SECS: u64 = 50;
+
+/// Whether the test bed's kernel reports a CPU stuck for [`STUCK_LIMIT_SECS`] or more (its
+/// soft-lockup watchdog; such a report also counts as a crash for the retry).
+fn host_kernel_stuck(console: &str) -> bool {
+    console.match_indices("soft lockup - CPU#").any(|(at, _)| {
+        let rest = &console[at..];
+        rest.find("stuck for ")
+            .map(|i| &rest[i + "stuck for ".len()..])
+            .and_then(|r| r.split('s').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|secs| secs >= STUCK_LIMIT_SECS)
+    })
 }
 
 /// The console lines that show the crash (for the log of the retry).
@@ -271,6 +293,20 @@ mod tests {
         assert!(host_kernel_crashed(console));
         assert_eq!(crash_lines(console).lines().count(), 3);
         assert!(!host_kernel_crashed(
+            "E2E-START uptime=3.6\n[   70.1] reboot: Power down\n"
+        ));
+    }
+
+    #[test]
+    fn recognises_a_stuck_test_bed_kernel() {
+        let stuck = "E2E-START uptime=6.35\r\n[   36.4] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [vmm:103]\r\n";
+        assert!(!host_kernel_stuck(stuck));
+        let longer = format!(
+            "{stuck}[   64.4] watchdog: BUG: soft lockup - CPU#0 stuck for 53s! [vmm:103]\r\n"
+        );
+        assert!(host_kernel_stuck(&longer));
+        assert!(host_kernel_crashed(&longer));
+        assert!(!host_kernel_stuck(
             "E2E-START uptime=3.6\n[   70.1] reboot: Power down\n"
         ));
     }
