@@ -12,7 +12,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{kvm_available, running, vm_deployment, Node};
+use common::{running, vm_deployment, Node};
+use e2e_tests::kvm_available;
 use node_agent::api::DeploymentStatus;
 use node_agent::auth::Signer;
 use node_agent::client::{Client, Endpoint};

@@ -181,6 +181,32 @@ fn registration(
     }
 }
 
+/// A node's side of a test: the registrar on the chain, a farm, the node's state store and
+/// its funded key (not registered yet).
+struct NodeSide {
+    reg: Arc<TfchainRegistrar>,
+    farm_id: u32,
+    dir: tempfile::TempDir,
+    store: Arc<Store>,
+    node_key: KeyPair,
+}
+
+async fn node_side(chain: &Chain, farm_name: &str) -> NodeSide {
+    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
+    let farm_id = farm(&reg, farm_name).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let node_key = KeyPair::generate();
+    fund(&reg, &node_key).await;
+    NodeSide {
+        reg,
+        farm_id,
+        dir,
+        store,
+        node_key,
+    }
+}
+
 async fn nonce(reg: &TfchainRegistrar, key: &KeyPair) -> u64 {
     let api = reg.client().await.unwrap();
     api.tx()
@@ -582,12 +608,13 @@ async fn contracts_decide_what_the_node_runs() {
     let Some(chain) = chain_or_skip("contracts_decide_what_the_node_runs") else {
         return;
     };
-    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
-    let farm_id = farm(&reg, "farm_contracts").await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
-    let node_key = KeyPair::generate();
-    fund(&reg, &node_key).await;
+    let NodeSide {
+        reg,
+        farm_id,
+        dir,
+        store,
+        node_key,
+    } = node_side(&chain, "farm_contracts").await;
     let (_, node) = registration(reg.clone(), &node_key, store.clone(), farm_id, capacity())
         .register()
         .await
@@ -765,12 +792,13 @@ async fn contract_resources_are_reported_on_admission_update_and_timer() {
     else {
         return;
     };
-    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
-    let farm_id = farm(&reg, "farm_resources").await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
-    let node_key = KeyPair::generate();
-    fund(&reg, &node_key).await;
+    let NodeSide {
+        reg,
+        farm_id,
+        dir,
+        store,
+        node_key,
+    } = node_side(&chain, "farm_resources").await;
     registration(reg.clone(), &node_key, store.clone(), farm_id, capacity())
         .register()
         .await
@@ -1070,7 +1098,7 @@ async fn the_operator_capacity_override_is_what_the_node_registers() {
 /// removes the deployment: the API no longer lists it and its vmm process is gone.
 #[tokio::test]
 async fn a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancelled() {
-    if !common::kvm_available() {
+    if !e2e_tests::kvm_available() {
         return;
     }
     let Some(chain) =
@@ -1202,12 +1230,13 @@ async fn the_agent_keeps_workloads_while_the_chain_restarts_and_sends_what_it_ow
     else {
         return;
     };
-    let reg = Arc::new(TfchainRegistrar::new(vec![chain.url()]).unwrap());
-    let farm_id = farm(&reg, "farm_restart").await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
-    let node_key = KeyPair::generate();
-    fund(&reg, &node_key).await;
+    let NodeSide {
+        reg,
+        farm_id,
+        dir,
+        store,
+        node_key,
+    } = node_side(&chain, "farm_restart").await;
     let registration = registration(reg.clone(), &node_key, store.clone(), farm_id, capacity());
     let metrics = registration.metrics.clone();
     let eng = engine(reg.clone(), store.clone(), dir.path());

@@ -6,6 +6,20 @@ use std::process::Command;
 
 use crate::error::{Error, Result};
 
+/// Whether this machine's /dev/kvm can be opened (tests that run a vmm locally need it). In
+/// CI (`CI` set) a missing /dev/kvm is a failure, elsewhere the caller skips its test.
+pub fn kvm_available() -> bool {
+    if std::fs::File::open("/dev/kvm").is_ok() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "/dev/kvm is required for these tests in CI"
+    );
+    eprintln!("skipping: /dev/kvm is not available");
+    false
+}
+
 /// Finds `name` in the host's PATH.
 pub fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;

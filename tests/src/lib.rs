@@ -18,7 +18,7 @@ mod modules;
 
 pub use error::{Error, Result};
 /// The shared libraries `ldd` lists for a program (to bind them into a jail).
-pub use host::shared_libraries;
+pub use host::{kvm_available, shared_libraries};
 pub use testbed::{Job, JobOutput, Testbed};
 
 /// Turns a missing host prerequisite into a skip: prints the reason and gives `None`.

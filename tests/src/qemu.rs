@@ -71,8 +71,12 @@ pub fn run_echoing(
     run_watched(cmd, timeout, watch, echo, &|_| false)
 }
 
-/// As [`run_echoing`]; QEMU is also stopped as soon as `give_up` holds for the console so far
-/// (checked about once a second), which then ends like a timeout with
+/// How far back (bytes) each `give_up` check of [`run_watched`] looks before the new output.
+const GIVE_UP_OVERLAP: usize = 512;
+
+/// As [`run_echoing`]; QEMU is also stopped as soon as `give_up` holds for the console output
+/// that came since its last check (about once a second, with the last [`GIVE_UP_OVERLAP`]
+/// bytes before it, so a line is seen whole), which then ends like a timeout with
 /// [`Error::NoResult`] carrying the console.
 pub fn run_watched(
     mut cmd: Command,
@@ -124,6 +128,9 @@ pub fn run_watched(
 
     let mut gave_up = false;
     let mut last_check = Instant::now();
+    // Console bytes already given to `give_up` (it sees what came since, with a margin for a
+    // line cut in two).
+    let mut checked = 0usize;
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
@@ -134,11 +141,15 @@ pub fn run_watched(
             }
             Ok(None) if last_check.elapsed() >= Duration::from_secs(1) => {
                 last_check = Instant::now();
-                let console = capture
+                let recent = capture
                     .lock()
-                    .map(|c| String::from_utf8_lossy(&c.bytes).into_owned())
+                    .map(|c| {
+                        let from = checked.saturating_sub(GIVE_UP_OVERLAP).min(c.bytes.len());
+                        checked = c.bytes.len();
+                        String::from_utf8_lossy(&c.bytes[from..]).into_owned()
+                    })
                     .unwrap_or_default();
-                if give_up(&console) {
+                if give_up(&recent) {
                     gave_up = true;
                     child.kill().ok();
                     child.wait().ok();

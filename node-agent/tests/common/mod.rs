@@ -17,18 +17,6 @@ use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkloa
 use node_agent::identity::KeyPair;
 use node_agent::state::VmState;
 
-pub fn kvm_available() -> bool {
-    if std::fs::File::open("/dev/kvm").is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "/dev/kvm is required for these tests in CI"
-    );
-    eprintln!("skipping: /dev/kvm is not available");
-    false
-}
-
 /// Binaries built by `cargo build --workspace` (scripts/test.sh builds before testing).
 pub fn built(name: &str) -> PathBuf {
     let path = e2e_tests::artifacts::target_dir().join("debug").join(name);

@@ -36,14 +36,4 @@ pub fn vmm_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vmm")))
 }
 
-pub fn kvm_available() -> bool {
-    if std::fs::File::open("/dev/kvm").is_ok() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "/dev/kvm is required for these tests in CI"
-    );
-    eprintln!("skipping: /dev/kvm is not available");
-    false
-}
+pub use e2e_tests::kvm_available;
