@@ -20,7 +20,13 @@
 //! - `bench-vsock CID PORT MIB ROUNDS` (host): the same measurement over AF_VSOCK to guest
 //!   CID (a VMM with the kernel's vhost-vsock, such as QEMU's `vhost-vsock-device`).
 //!
-//! Connections that are refused while the other side starts are retried for a minute.
+//! - `api-get SOCK PATH` (host): prints the answer of the vmm's control API to `GET PATH`
+//!   (the test's watchdog shows `/vm` and `/metrics` of a stalled run).
+//!
+//! Connections that are refused while the other side starts are retried for a minute. Every
+//! stream gives up after [`STALL`] without progress in either direction, with an error that
+//! says which connection stalled and how far it got, so a stalled device fails the test with
+//! a reason instead of hanging it.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -32,6 +38,11 @@ use sha2::{Digest, Sha256};
 
 const CHUNK: usize = 64 * 1024;
 const RETRY_FOR: Duration = Duration::from_secs(60);
+/// How long a read or write may wait before the exchange is given up as stalled.
+const STALL: Duration = Duration::from_secs(120);
+/// How long the vmm may take to answer `CONNECT` (it answers once the guest accepts; before
+/// the guest's driver is up the connection waits in the listener's backlog).
+const CONNECT_ANSWER: Duration = Duration::from_secs(30);
 
 type Result<T> = std::result::Result<T, String>;
 
@@ -54,6 +65,12 @@ impl Stream {
     }
 }
 
+/// Bounds every read and write on `stream` by `limit`.
+fn bound(stream: &UnixStream, limit: Duration) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(limit))?;
+    stream.set_write_timeout(Some(limit))
+}
+
 fn send_stream(out: &mut impl Write, len: u64, seed: u64) -> Result<[u8; 32]> {
     let mut gen = Stream::new(seed);
     let mut hash = Sha256::new();
@@ -63,7 +80,8 @@ fn send_stream(out: &mut impl Write, len: u64, seed: u64) -> Result<[u8; 32]> {
         let n = left.min(CHUNK as u64) as usize;
         gen.fill(&mut buf[..n]);
         hash.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| format!("send: {e}"))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| format!("send: {e} after {} of {len} bytes", len - left))?;
         left -= n as u64;
     }
     Ok(hash.finalize().into())
@@ -77,7 +95,7 @@ fn recv_hash(input: &mut impl Read, len: u64) -> Result<[u8; 32]> {
         let want = left.min(CHUNK as u64) as usize;
         let n = input
             .read(&mut buf[..want])
-            .map_err(|e| format!("receive: {e}"))?;
+            .map_err(|e| format!("receive: {e} after {} of {len} bytes", len - left))?;
         if n == 0 {
             return Err(format!("stream ended with {left} bytes missing"));
         }
@@ -92,7 +110,8 @@ fn expected_hash(len: u64, seed: u64) -> [u8; 32] {
 }
 
 /// The server's side of one exchange.
-fn serve_one(mut conn: impl Read + Write) -> Result<u64> {
+fn serve_one(mut conn: UnixStream) -> Result<u64> {
+    bound(&conn, STALL).map_err(|e| format!("request: timeouts: {e}"))?;
     let mut req = [0u8; 16];
     conn.read_exact(&mut req)
         .map_err(|e| format!("request: {e}"))?;
@@ -107,7 +126,8 @@ fn serve_one(mut conn: impl Read + Write) -> Result<u64> {
 }
 
 /// The client's side of one exchange.
-fn exchange(mut conn: impl Read + Write, len: u64, seed: u64) -> Result<()> {
+fn exchange(mut conn: UnixStream, len: u64, seed: u64) -> Result<()> {
+    bound(&conn, STALL).map_err(|e| format!("timeouts: {e}"))?;
     let mut req = [0u8; 16];
     req[..8].copy_from_slice(&len.to_le_bytes());
     req[8..].copy_from_slice(&seed.to_le_bytes());
@@ -202,6 +222,7 @@ fn vsock_connect(cid: u32, port: u32) -> std::io::Result<UnixStream> {
 /// Connects through the vmm's socket with Firecracker's `CONNECT` handshake.
 fn uds_connect(uds: &str, port: u32) -> std::io::Result<UnixStream> {
     let mut stream = UnixStream::connect(uds)?;
+    bound(&stream, CONNECT_ANSWER)?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     // Read the answer byte by byte: what follows it is the guest's data.
     let mut line = Vec::new();
@@ -457,6 +478,22 @@ fn bench_serve_all(accept: impl Fn() -> Result<UnixStream>) -> Result<()> {
     Ok(())
 }
 
+/// `GET path` on the vmm's control API socket: the whole answer, headers included.
+fn api_get(sock: &str, path: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(sock).map_err(|e| format!("connect {sock}: {e}"))?;
+    bound(&stream, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("request: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .take(1 << 20)
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("answer: {e}"))?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
 fn arg<T: std::str::FromStr>(args: &[String], i: usize) -> Result<T> {
     args.get(i)
         .and_then(|a| a.parse().ok())
@@ -529,7 +566,12 @@ fn run(args: &[String]) -> Result<()> {
             };
             bench(connect, arg(args, 3)?, arg(args, 4)?)
         }
-        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds|bench-serve|bench-serve-unix|bench|bench-vsock ...".into()),
+        Some("api-get") => {
+            let (sock, path): (String, String) = (arg(args, 1)?, arg(args, 2)?);
+            print!("{}", api_get(&sock, &path)?);
+            Ok(())
+        }
+        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds|bench-serve|bench-serve-unix|bench|bench-vsock|api-get ...".into()),
     }
 }
 
