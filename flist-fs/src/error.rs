@@ -1,4 +1,6 @@
 //! The library's error type: every variant names the item it is about (path, chunk id, store URL).
+//! A variant's message carries the underlying error's message itself, so none is marked as a
+//! `source`: a caller printing the chain (`{:#}`) would show every OS message twice.
 
 use std::path::PathBuf;
 
@@ -8,11 +10,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Everything that can go wrong in flist-fs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("image {path}: {reason}")]
     BadImage { path: PathBuf, reason: String },
@@ -39,11 +40,17 @@ pub enum Error {
     NotInImage { path: String },
     #[error("{path}: unsupported: {reason}")]
     Unsupported { path: PathBuf, reason: String },
-    #[error("chunk {id}: {source}")]
+    #[error("chunk {id}: {error}")]
     Fetcher {
         id: String,
-        #[source]
-        source: crate::fetcher::FetcherError,
+        error: crate::fetcher::FetcherError,
+    },
+    /// A chunk of a file could not be read: which file, where in it, and why.
+    #[error("{path} at offset {offset}: {error}")]
+    FileChunk {
+        path: PathBuf,
+        offset: u64,
+        error: Box<Error>,
     },
     #[error("OCI image {path}: {reason}")]
     Oci { path: PathBuf, reason: String },
@@ -51,10 +58,10 @@ pub enum Error {
 
 impl Error {
     /// Wraps an I/O error with the path it concerns.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 
@@ -68,6 +75,10 @@ impl Error {
 
     /// True when the error means "this chunk is absent" (as opposed to a failure).
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Error::ChunkNotFound { .. })
+        match self {
+            Error::ChunkNotFound { .. } => true,
+            Error::FileChunk { error, .. } => error.is_not_found(),
+            _ => false,
+        }
     }
 }

@@ -108,7 +108,7 @@ impl ChunkSource {
     ) -> Result<Arc<crate::fetcher::client::Served>> {
         client.chunk(c).map_err(|e| Error::Fetcher {
             id: c.id.to_hex(),
-            source: e,
+            error: e,
         })
     }
 

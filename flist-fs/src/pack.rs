@@ -235,9 +235,10 @@ fn inode_from(path: &Path, md: &std::fs::Metadata) -> Result<Inode> {
             .as_bytes()
             .to_vec();
         inode.size = inode.target.len() as u64;
-    } else {
-        inode.xattrs = read_xattrs(path)?;
     }
+    // Symlinks too: SELinux labels (`security.selinux`) live on links as on files. The
+    // xattr calls never follow a symlink.
+    inode.xattrs = read_xattrs(path)?;
     if kind == InodeKind::File {
         inode.size = md.len();
     }

@@ -3,7 +3,12 @@
 //! ever opened through a symlink, so no write can land outside the destination — symlinks,
 //! absolute or not, are recreated verbatim but never followed. Directory modes and times are
 //! applied after their contents. Each file's chunks are fetched a parallel batch at a time.
-//! Device nodes need root; without it they are skipped with a warning.
+//! Device nodes need root; without it they are skipped with a warning (their other hard
+//! links too).
+//!
+//! The tree is built in a temporary directory beside the destination and renamed into place
+//! only once it is complete: a failed unpack leaves the destination as it was (absent or
+//! empty) and removes what it wrote, and its error names the file and offset it failed at.
 
 use crate::error::{Error, Result};
 use crate::fetch::ChunkSource;
@@ -11,7 +16,7 @@ use crate::meta::{Image, Inode, InodeKind, ROOT_INO};
 use crate::par::{parallel_map, parallelism};
 use filetime::FileTime;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{CString, OsStr};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
@@ -37,6 +42,8 @@ struct Ctx<'a> {
     source: &'a ChunkSource,
     opts: &'a UnpackOptions,
     first_path: HashMap<u64, PathBuf>,
+    /// Inodes that could not be created (device nodes without privileges).
+    skipped_inos: HashSet<u64>,
     stats: UnpackStats,
     bar: ProgressBar,
 }
@@ -55,12 +62,15 @@ impl Ctx<'_> {
             reason: format!("refers to missing inode {ino}"),
         })?;
         if inode.kind != InodeKind::Dir {
+            if self.skipped_inos.contains(&ino) {
+                self.stats.skipped.push(path.display().to_string());
+                return Ok(());
+            }
             if let Some(first) = self.first_path.get(&ino) {
                 std::fs::hard_link(first, path).map_err(|e| Error::io(path, e))?;
                 self.stats.entries += 1;
                 return Ok(());
             }
-            self.first_path.insert(ino, path.to_path_buf());
         }
         self.stats.entries += 1;
         match inode.kind {
@@ -82,12 +92,17 @@ impl Ctx<'_> {
                     let e = std::io::Error::last_os_error();
                     if e.raw_os_error() == Some(libc::EPERM) {
                         tracing::warn!(path = %path.display(), "cannot create {} without privileges; skipped", inode.kind.name());
+                        self.stats.entries -= 1;
                         self.stats.skipped.push(path.display().to_string());
+                        self.skipped_inos.insert(ino);
                         return Ok(());
                     }
                     return Err(Error::io(path, e));
                 }
             }
+        }
+        if inode.kind != InodeKind::Dir {
+            self.first_path.insert(ino, path.to_path_buf());
         }
         self.attrs(path, inode)
     }
@@ -120,8 +135,12 @@ impl Ctx<'_> {
         // Fetch and decode a batch of chunks in parallel, then write them in order.
         let source = self.source;
         for batch in inode.chunks.chunks(parallelism() * 2) {
-            for data in parallel_map(batch, |c| source.plain(c)) {
-                let data = data?;
+            for (c, data) in batch.iter().zip(parallel_map(batch, |c| source.plain(c))) {
+                let data = data.map_err(|e| Error::FileChunk {
+                    path: path.to_path_buf(),
+                    offset: c.offset,
+                    error: Box::new(e),
+                })?;
                 f.write_all(&data).map_err(|e| Error::io(path, e))?;
                 self.bar.inc(data.len() as u64);
                 self.stats.bytes += data.len() as u64;
@@ -150,7 +169,8 @@ impl Ctx<'_> {
     }
 }
 
-/// Unpacks `image` into `dest`, which must not exist or be an empty directory.
+/// Unpacks `image` into `dest`, which must not exist or be an empty directory. The tree is
+/// built beside `dest` and renamed into place when complete; on failure nothing is left.
 pub fn unpack(
     image: &Image,
     source: &ChunkSource,
@@ -166,11 +186,51 @@ pub fn unpack(
                 ));
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dest).map_err(|e| Error::io(dest, e))?;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(dest, e)),
     }
+    let name = dest.file_name().ok_or_else(|| Error::BadPath {
+        path: dest.display().to_string(),
+        reason: "the destination needs a final component (not `/` or `..`)".into(),
+    })?;
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".unpacking-");
+    let staging = tempfile::Builder::new()
+        .prefix(&prefix)
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    let mut stats = unpack_into(image, source, staging.path(), opts)?;
+    // Paths as they will be, not as they were while staged.
+    let (staged_name, dest_name) = (
+        staging.path().display().to_string(),
+        dest.display().to_string(),
+    );
+    for skipped in &mut stats.skipped {
+        *skipped = skipped.replacen(&staged_name, &dest_name, 1);
+    }
+    // rename(2) replaces an empty directory, and fails (the staging directory then removed)
+    // if something was put into `dest` meanwhile.
+    let staged = staging.keep();
+    if let Err(e) = std::fs::rename(&staged, dest) {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(Error::io(dest, e));
+    }
+    Ok(stats)
+}
+
+/// Unpacks into the existing empty directory `dest`.
+fn unpack_into(
+    image: &Image,
+    source: &ChunkSource,
+    dest: &Path,
+    opts: &UnpackOptions,
+) -> Result<UnpackStats> {
     let bar = if opts.progress {
         ProgressBar::new(image.total_file_bytes())
     } else {
@@ -185,13 +245,16 @@ pub fn unpack(
         source,
         opts,
         first_path: HashMap::new(),
+        skipped_inos: HashSet::new(),
         stats: UnpackStats::default(),
         bar,
     };
-    ctx.children(dest, ROOT_INO)?;
-    if let Some(root) = image.inode(ROOT_INO) {
-        ctx.attrs(dest, root)?;
-    }
+    let result = ctx
+        .children(dest, ROOT_INO)
+        .and_then(|()| match image.inode(ROOT_INO) {
+            Some(root) => ctx.attrs(dest, root),
+            None => Ok(()),
+        });
     ctx.bar.finish_and_clear();
-    Ok(ctx.stats)
+    result.map(|()| ctx.stats)
 }

@@ -1,7 +1,9 @@
 //! Verifying an image against its stores: every distinct chunk is fetched from every store
 //! that should hold it, its id checked and it is decoded (size and convergent key checked).
 //! Chunks are checked in parallel batches. The report lists each missing or corrupt chunk with
-//! the store and the files that use it.
+//! the store and the files that use it, and what is wrong: the store answered that it does
+//! not have the chunk (missing), could not be asked (unreachable), or returned bytes that are
+//! not the chunk (corrupt).
 
 use crate::chunk::{decode, ChunkId};
 use crate::error::Error;
@@ -11,11 +13,41 @@ use crate::store::Router;
 use indicatif::ProgressBar;
 use std::collections::BTreeMap;
 
+/// What is wrong with one copy of a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProblemKind {
+    /// The store answered that it has no such chunk (or no store covers the id).
+    Missing,
+    /// The store could not be asked: down, refusing, timing out, failing.
+    Unreachable,
+    /// The store returned bytes that are not the chunk (wrong id, undecodable, wrong size).
+    Corrupt,
+}
+
+impl ProblemKind {
+    fn of(e: &Error) -> Self {
+        match e {
+            Error::ChunkNotFound { .. } | Error::NoStoreForId { .. } => Self::Missing,
+            Error::BadChunk { .. } => Self::Corrupt,
+            Error::FileChunk { error, .. } => Self::of(error),
+            _ => Self::Unreachable,
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Missing => "MISSING",
+            Self::Unreachable => "UNREACHABLE",
+            Self::Corrupt => "CORRUPT",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Problem {
     pub id: ChunkId,
     pub store: String,
-    pub missing: bool,
+    pub kind: ProblemKind,
     pub reason: String,
     /// Up to a few paths that use this chunk.
     pub files: Vec<String>,
@@ -31,6 +63,11 @@ pub struct VerifyReport {
 impl VerifyReport {
     pub fn is_ok(&self) -> bool {
         self.problems.is_empty()
+    }
+
+    /// How many chunk copies have a problem of `kind`.
+    pub fn count(&self, kind: ProblemKind) -> usize {
+        self.problems.iter().filter(|p| p.kind == kind).count()
     }
 }
 
@@ -80,7 +117,7 @@ pub fn verify(image: &Image, router: &Router, progress: bool) -> VerifyReport {
                 report.problems.push(Problem {
                     id: *id,
                     store: "<none>".into(),
-                    missing: true,
+                    kind: ProblemKind::Missing,
                     reason: "no store covers this id".into(),
                     files: files.clone(),
                 });
@@ -91,7 +128,7 @@ pub fn verify(image: &Image, router: &Router, progress: bool) -> VerifyReport {
                     Err(e) => report.problems.push(Problem {
                         id: *id,
                         store,
-                        missing: matches!(e, Error::ChunkNotFound { .. }),
+                        kind: ProblemKind::of(&e),
                         reason: e.to_string(),
                         files: files.clone(),
                     }),

@@ -214,3 +214,80 @@ fn hostile_layer_is_rejected() {
     );
     assert!(!out.exists());
 }
+
+/// One PAX record: `LEN key=value\n`, LEN counting the whole record, itself included.
+fn pax_record(key: &str, value: &str) -> Vec<u8> {
+    let body = format!(" {key}={value}\n");
+    let mut len = body.len() + 1;
+    while format!("{len}").len() + body.len() != len {
+        len += 1;
+    }
+    format!("{len}{body}").into_bytes()
+}
+
+#[test]
+fn pax_times_keep_sub_second_parts() {
+    let t = tempfile::tempdir().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut records = pax_record("mtime", "1700000000.123456789");
+    records.extend(pax_record("ctime", "1700000001.5"));
+    let mut x = header(
+        "PaxHeaders/app",
+        tar::EntryType::XHeader,
+        records.len() as u64,
+        0o644,
+    );
+    x.set_cksum();
+    b.append(&x, &records[..]).unwrap();
+    file(&mut b, "app", b"data");
+    file(&mut b, "plain", b"data");
+    let layer = b.into_inner().unwrap();
+    let layout = t.path().join("layout");
+    write_layout(&layout, &[&layer]);
+    let router =
+        Router::from_specs(&[format!("dir://{}", t.path().join("store").display())]).unwrap();
+    let img = t.path().join("pax.flist");
+    flist_fs::oci::import(&layout, &img, &router, &PackOptions::default(), None).unwrap();
+    let (image, _) = open_image(&img, &OpenOptions::default()).unwrap();
+    let app = image.inode(image.resolve("/app").unwrap()).unwrap();
+    assert_eq!(
+        (app.mtime.secs, app.mtime.nsecs),
+        (1_700_000_000, 123_456_789)
+    );
+    assert_eq!(
+        (app.ctime.secs, app.ctime.nsecs),
+        (1_700_000_001, 500_000_000)
+    );
+    let plain = image.inode(image.resolve("/plain").unwrap()).unwrap();
+    assert_eq!((plain.mtime.secs, plain.mtime.nsecs), (1_700_000_000, 0));
+}
+
+#[test]
+fn a_file_that_is_not_an_image_is_named_for_what_it_is() {
+    let t = tempfile::tempdir().unwrap();
+    let router =
+        Router::from_specs(&[format!("dir://{}", t.path().join("store").display())]).unwrap();
+    let out = t.path().join("x.flist");
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "notes.txt",
+            b"hello, this is not a tarball at all\n".repeat(40),
+            "not a tar archive",
+        ),
+        ("short", b"tiny".to_vec(), "shorter than one tar header"),
+        (
+            "image.tar.gz",
+            vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0],
+            "gzip-compressed",
+        ),
+    ];
+    for (name, bytes, words) in cases {
+        let path = t.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let e = flist_fs::oci::import(&path, &out, &router, &PackOptions::default(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(words) && e.contains(name), "{name}: {e}");
+        assert!(!e.contains("failed to read entire block"), "{e}");
+    }
+}

@@ -182,6 +182,20 @@ pub fn read_image(path: &Path) -> Result<Image> {
 }
 
 /// Writes `image` to `path` atomically (temp file in the same directory, fsync, rename).
+/// The process's umask, from /proc (setting and restoring it would race with other threads
+/// creating files); 022 where /proc does not say.
+fn current_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
 pub fn write_image_atomic(image: &Image, path: &Path) -> Result<()> {
     let bytes = encode_image(image, path)?;
     let dir = match path.parent() {
@@ -194,6 +208,12 @@ pub fn write_image_atomic(image: &Image, path: &Path) -> Result<()> {
         .map_err(|e| Error::io(dir, e))?;
     tmp.write_all(&bytes)
         .map_err(|e| Error::io(tmp.path(), e))?;
+    // A temporary file is created 0600; an image is an ordinary file (0666 less the umask).
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o666 & !current_umask()),
+    )
+    .map_err(|e| Error::io(tmp.path(), e))?;
     tmp.as_file().sync_all().map_err(|e| Error::io(path, e))?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
     Ok(())

@@ -135,6 +135,39 @@ fn components(raw: &[u8]) -> std::result::Result<Vec<Vec<u8>>, ()> {
     Ok(out)
 }
 
+/// A PAX time: decimal seconds, optionally negative, with an optional fraction
+/// (`1700000000.123456789`); digits past nanoseconds are dropped. `None` if malformed.
+fn pax_time(value: &[u8]) -> Option<Timestamp> {
+    let text = std::str::from_utf8(value).ok()?;
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    if whole.is_empty()
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !fraction.bytes().all(|b| b.is_ascii_digit())
+    {
+        return None;
+    }
+    let secs: i64 = whole.parse().ok()?;
+    let mut nsecs = 0u32;
+    for (i, digit) in fraction.bytes().take(9).enumerate() {
+        nsecs += u32::from(digit - b'0') * 10u32.pow(8 - i as u32);
+    }
+    Some(if !negative {
+        Timestamp { secs, nsecs }
+    } else if nsecs == 0 {
+        Timestamp { secs: -secs, nsecs }
+    } else {
+        // -1.25 s is -2 s plus 0.75 s: the fraction is always counted forward.
+        Timestamp {
+            secs: -secs - 1,
+            nsecs: 1_000_000_000 - nsecs,
+        }
+    })
+}
+
 fn attrs<R: Read>(entry: &mut tar::Entry<R>, kind: InodeKind) -> Result<Inode> {
     let h = entry.header();
     let mut inode = Inode::new(kind, h.mode().unwrap_or(0o644) & 0o7777);
@@ -155,6 +188,21 @@ fn attrs<R: Read>(entry: &mut tar::Entry<R>, kind: InodeKind) -> Result<Inode> {
     }
     if let Ok(Some(pax)) = entry.pax_extensions() {
         for ext in pax.flatten() {
+            // PAX times keep what the ustar header cannot: sub-second parts (and times
+            // outside its range).
+            match ext.key_bytes() {
+                b"mtime" => {
+                    if let Some(t) = pax_time(ext.value_bytes()) {
+                        inode.mtime = t;
+                    }
+                }
+                b"ctime" => {
+                    if let Some(t) = pax_time(ext.value_bytes()) {
+                        inode.ctime = t;
+                    }
+                }
+                _ => {}
+            }
             if let Some(name) = ext.key_bytes().strip_prefix(b"SCHILY.xattr.") {
                 inode.xattrs.push(Xattr {
                     name: name.to_vec(),
@@ -291,4 +339,29 @@ pub(super) fn apply_layers(
         }
     }
     Ok((image, stats))
+}
+
+#[cfg(test)]
+mod pax_tests {
+    use super::*;
+
+    #[test]
+    fn pax_times_keep_their_fraction() {
+        let t = |s: &str| pax_time(s.as_bytes()).map(|t| (t.secs, t.nsecs));
+        assert_eq!(
+            t("1700000000.123456789"),
+            Some((1_700_000_000, 123_456_789))
+        );
+        assert_eq!(t("1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(
+            t("1700000000.1234567891234"),
+            Some((1_700_000_000, 123_456_789))
+        );
+        assert_eq!(t("1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(t("-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(t("-5"), Some((-5, 0)));
+        for bad in ["", ".5", "1e9", "12a", "1.2.3", "99999999999999999999"] {
+            assert_eq!(t(bad), None, "{bad}");
+        }
+    }
 }

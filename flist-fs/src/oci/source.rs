@@ -5,6 +5,7 @@
 
 use crate::error::{Error, Result};
 use serde::Deserialize;
+use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 
 /// One layer blob, in application order.
@@ -213,9 +214,57 @@ fn join_inside(base: &Path, rel: &Path) -> Option<PathBuf> {
     Some(parts.iter().collect())
 }
 
+/// Why the first 512 bytes of a file are not a tar header, if they are not.
+fn not_a_tar(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(&[0x1f, 0x8b]) {
+        return Some("a gzip-compressed file; decompress it first (gunzip)");
+    }
+    if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        return Some("a zstd-compressed file; decompress it first (unzstd)");
+    }
+    if head.len() < 512 {
+        return Some("shorter than one tar header (512 bytes)");
+    }
+    // The header checksum: the sum of its bytes with the checksum field taken as spaces,
+    // written in octal in that field.
+    let field = std::str::from_utf8(&head[148..156]).ok();
+    let stored = field
+        .map(|f| f.trim_matches(|c: char| c == ' ' || c == '\0'))
+        .and_then(|f| u32::from_str_radix(f, 8).ok());
+    let sum: u32 = head[..512]
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
+    match stored {
+        Some(s) if s == sum => None,
+        _ => Some("not a tar archive (its first header's checksum does not match)"),
+    }
+}
+
 /// Extracts regular files and directories of a tarball into `dest` (never outside it).
 fn extract(tarball: &Path, dest: &Path) -> Result<()> {
-    let f = std::fs::File::open(tarball).map_err(|e| Error::io(tarball, e))?;
+    let mut f = std::fs::File::open(tarball).map_err(|e| Error::io(tarball, e))?;
+    let mut head = Vec::with_capacity(512);
+    Read::by_ref(&mut f)
+        .take(512)
+        .read_to_end(&mut head)
+        .map_err(|e| Error::io(tarball, e))?;
+    if let Some(reason) = not_a_tar(&head) {
+        return Err(oci_err(
+            tarball,
+            format!(
+                "{reason}; expected an OCI image layout directory or a tar archive of one (or of `docker save`)"
+            ),
+        ));
+    }
+    std::io::Seek::rewind(&mut f).map_err(|e| Error::io(tarball, e))?;
     let mut ar = tar::Archive::new(f);
     // Older `docker save` archives link repeated layers (`a/layer.tar -> ../b/layer.tar`).
     let mut links: Vec<(PathBuf, PathBuf)> = Vec::new();

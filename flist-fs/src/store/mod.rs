@@ -131,13 +131,62 @@ pub fn open_store_with(url: &str, env: EnvCredentials) -> Result<Arc<dyn Store>>
     Ok(store)
 }
 
+/// The schemes a store URL may have.
+pub const STORE_SCHEMES: &[&str] = &["dir", "http", "https", "redis", "zdb", "s3"];
+
+/// Checks that `url` names a store this build can open, without opening it: a known scheme,
+/// and a host (or, for `dir://`, a path). Every place that accepts a store URL checks it, so a
+/// typo is refused where it is typed instead of being written into an image.
+pub fn check_store_url(url: &str) -> Result<()> {
+    let bad = |reason: String| Error::BadStoreUrl {
+        url: redact_url(url),
+        reason,
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        let hint = if url.starts_with('/') {
+            format!("; a local directory store is written dir://{url}")
+        } else {
+            String::new()
+        };
+        return Err(bad(format!(
+            "no scheme (expected one of {}){hint}",
+            STORE_SCHEMES.join(", ")
+        )));
+    };
+    if !STORE_SCHEMES.contains(&scheme) {
+        return Err(bad(format!(
+            "unknown scheme {scheme:?} (expected one of {})",
+            STORE_SCHEMES.join(", ")
+        )));
+    }
+    if scheme == "dir" {
+        if rest.is_empty() {
+            return Err(bad("a dir:// store needs a path".into()));
+        }
+        return Ok(());
+    }
+    let parsed = url::Url::parse(url).map_err(|e| bad(format!("not a valid URL: {e}")))?;
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad(format!("a {scheme}:// store needs a host")));
+    }
+    Ok(())
+}
+
 /// `url` without userinfo and without secret-looking query parameters.
 pub fn redact_url(url: &str) -> String {
     if url.starts_with("dir://") {
         return url.to_string();
     }
-    let Ok(mut u) = url::Url::parse(url) else {
-        return "<unparseable store URL>".to_string();
+    let parsed = url
+        .contains("://")
+        .then(|| url::Url::parse(url).ok())
+        .flatten();
+    let Some(mut u) = parsed else {
+        // Not a URL (a bare path, say): shown as written, but never what precedes an `@`.
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("<redacted>@{host}"),
+            None => url.to_string(),
+        };
     };
     let _ = u.set_username("");
     let _ = u.set_password(None);
@@ -171,6 +220,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn store_urls_are_checked_where_they_are_typed() {
+        for good in [
+            "dir:///tmp/x",
+            "dir://relative",
+            "http://h:8080/chunks",
+            "https://h/",
+            "redis://:pw@127.0.0.1:6379/0",
+            "zdb://h:9900/ns",
+            "s3://h:3900/bucket?region=garage",
+        ] {
+            check_store_url(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        let refused = |url: &str, words: &[&str]| {
+            let e = check_store_url(url).unwrap_err().to_string();
+            for w in words {
+                assert!(e.contains(w), "{url}: {e:?} lacks {w:?}");
+            }
+        };
+        refused("dri://x", &["\"dri\"", "unknown scheme", "dir, http"]);
+        refused("/tmp/store", &["no scheme", "dir:///tmp/store"]);
+        refused("dir://", &["needs a path"]);
+        refused("http://", &["http://"]);
+        refused("redis:///0", &["needs a host"]);
+        refused("s3://a:secret@/b", &["host"]);
+        assert!(!check_store_url("s3://a:secret@/b")
+            .unwrap_err()
+            .to_string()
+            .contains("secret"));
+    }
+
+    #[test]
     fn redaction() {
         assert_eq!(
             redact_url("s3://a:b@h:1/bkt?region=x&secret_key=y"),
@@ -181,6 +261,8 @@ mod tests {
             "redis://127.0.0.1:6379/0"
         );
         assert_eq!(redact_url("dir:///tmp/x"), "dir:///tmp/x");
+        assert_eq!(redact_url("/tmp/store"), "/tmp/store");
+        assert_eq!(redact_url("user:pw@host/x"), "<redacted>@host/x");
         assert!(open_store("ftp://x")
             .err()
             .unwrap()

@@ -65,10 +65,12 @@ pub fn parse_route_spec(spec: &str) -> Result<(u8, u8, String)> {
                         reason: format!("empty id range {a}-{b}"),
                     });
                 }
+                super::check_store_url(&spec[6..])?;
                 return Ok((start, end, spec[6..].to_string()));
             }
         }
     }
+    super::check_store_url(spec)?;
     Ok((0, 255, spec.to_string()))
 }
 

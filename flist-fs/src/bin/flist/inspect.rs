@@ -17,13 +17,36 @@ fn mode_string(inode: &Inode) -> String {
         InodeKind::Socket => 's',
     };
     let mut s = String::from(t);
-    for shift in [6, 3, 0] {
+    // (shift, special bit, its letter): setuid and setgid show in the owner's and group's
+    // execute place, the sticky bit in others' (lower case over x, upper case without x).
+    for (shift, special, letter) in [(6, 0o4000, 's'), (3, 0o2000, 's'), (0, 0o1000, 't')] {
         let bits = (inode.mode >> shift) & 7;
         s.push(if bits & 4 != 0 { 'r' } else { '-' });
         s.push(if bits & 2 != 0 { 'w' } else { '-' });
-        s.push(if bits & 1 != 0 { 'x' } else { '-' });
+        let exec = bits & 1 != 0;
+        s.push(match (inode.mode & special != 0, exec) {
+            (true, true) => letter,
+            (true, false) => letter.to_ascii_uppercase(),
+            (false, true) => 'x',
+            (false, false) => '-',
+        });
     }
     s
+}
+
+/// A device number as `major, minor` (Linux's encoding), as `ls -l` shows it.
+fn device_numbers(rdev: u64) -> String {
+    let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
+    let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
+    format!("{major}, {minor}")
+}
+
+/// What `ls -l` shows in the size column: the size, or a device's numbers.
+fn size_column(inode: &Inode) -> String {
+    match inode.kind {
+        InodeKind::CharDev | InodeKind::BlockDev => device_numbers(inode.rdev),
+        _ => inode.size.to_string(),
+    }
 }
 
 fn line(image: &Image, name: &str, ino: u64, long: bool) -> String {
@@ -44,7 +67,7 @@ fn line(image: &Image, name: &str, ino: u64, long: bool) -> String {
         image.nlink(ino),
         i.uid,
         i.gid,
-        i.size,
+        size_column(i),
         i.mtime.secs
     )
 }
@@ -92,7 +115,7 @@ pub fn stat(path: &Path, inner: &str) -> Result<()> {
     println!("mtime:  {}.{:09}", i.mtime.secs, i.mtime.nsecs);
     println!("ctime:  {}.{:09}", i.ctime.secs, i.ctime.nsecs);
     if matches!(i.kind, InodeKind::CharDev | InodeKind::BlockDev) {
-        println!("rdev:   {}", i.rdev);
+        println!("device: {} (rdev {})", device_numbers(i.rdev), i.rdev);
     }
     if i.kind == InodeKind::Symlink {
         println!("target: {}", String::from_utf8_lossy(&i.target));
@@ -152,4 +175,38 @@ pub fn info(path: &Path) -> Result<()> {
     println!("inodes {}", image.inodes.len());
     println!("bytes {}", image.total_file_bytes());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inode(kind: InodeKind, mode: u32) -> Inode {
+        Inode::new(kind, mode)
+    }
+
+    #[test]
+    fn special_bits_show_as_ls_shows_them() {
+        assert_eq!(mode_string(&inode(InodeKind::File, 0o4755)), "-rwsr-xr-x");
+        assert_eq!(mode_string(&inode(InodeKind::File, 0o4644)), "-rwSr--r--");
+        assert_eq!(mode_string(&inode(InodeKind::File, 0o2755)), "-rwxr-sr-x");
+        assert_eq!(mode_string(&inode(InodeKind::Dir, 0o1777)), "drwxrwxrwt");
+        assert_eq!(mode_string(&inode(InodeKind::Dir, 0o1776)), "drwxrwxrwT");
+        assert_eq!(mode_string(&inode(InodeKind::File, 0o644)), "-rw-r--r--");
+    }
+
+    #[test]
+    fn device_numbers_are_split_as_linux_encodes_them() {
+        // makedev(8, 1) and makedev(259, 70000).
+        assert_eq!(device_numbers(0x801), "8, 1");
+        let (major, minor) = (259u64, 70000u64);
+        let rdev = ((major & 0xfff) << 8)
+            | ((major & !0xfff) << 32)
+            | (minor & 0xff)
+            | ((minor & !0xff) << 12);
+        assert_eq!(device_numbers(rdev), "259, 70000");
+        let mut dev = inode(InodeKind::CharDev, 0o666);
+        dev.rdev = 0x501;
+        assert_eq!(size_column(&dev), "5, 1");
+    }
 }

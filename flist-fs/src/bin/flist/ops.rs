@@ -87,9 +87,13 @@ pub fn pack(a: PackArgs) -> Result<()> {
     let router = Router::from_specs(&a.stores)?;
     let opts = PackOptions {
         chunker: match a.fixed_kib {
-            Some(k) => ChunkerKind::Fixed {
-                size: k.saturating_mul(1024),
-            },
+            Some(k) => {
+                let max_kib = flist_fs::chunk::MAX_CHUNK_SIZE / 1024;
+                if k == 0 || k > max_kib {
+                    bail!("--fixed-kib {k}: a fixed chunk is 1 to {max_kib} KiB");
+                }
+                ChunkerKind::Fixed { size: k * 1024 }
+            }
             None => ChunkerKind::default(),
         },
         encrypt: a.encrypt,
@@ -109,7 +113,13 @@ pub fn unpack(image: &Path, dir: &Path, owner: bool, read: &ReadArgs) -> Result<
         preserve_owner: owner || root,
         progress: true,
     };
-    let stats = flist_fs::unpack::unpack(&img, &source, dir, &opts)?;
+    let stats = flist_fs::unpack::unpack(&img, &source, dir, &opts).with_context(|| {
+        format!(
+            "unpacking {} failed; nothing was written to {}",
+            image.display(),
+            dir.display()
+        )
+    })?;
     println!(
         "unpacked {} entries, {} bytes into {}",
         stats.entries,
@@ -133,7 +143,7 @@ pub fn verify(image: &Path, stores: Vec<String>) -> Result<()> {
     for p in &report.problems {
         println!(
             "{} {} in {}: {} (used by {})",
-            if p.missing { "MISSING" } else { "CORRUPT" },
+            p.kind.label(),
             p.id,
             p.store,
             p.reason,
@@ -141,16 +151,20 @@ pub fn verify(image: &Path, stores: Vec<String>) -> Result<()> {
         );
     }
     if !report.is_ok() {
+        use flist_fs::verify::ProblemKind;
+        let chunks = report
+            .problems
+            .iter()
+            .map(|p| p.id)
+            .collect::<std::collections::HashSet<_>>()
+            .len();
         bail!(
-            "{}: {} of {} chunks have problems",
+            "{}: {chunks} of {} chunks have problems: {} copies missing, {} unreachable, {} corrupt",
             image.display(),
-            report
-                .problems
-                .iter()
-                .map(|p| p.id)
-                .collect::<std::collections::HashSet<_>>()
-                .len(),
-            report.chunks
+            report.chunks,
+            report.count(ProblemKind::Missing),
+            report.count(ProblemKind::Unreachable),
+            report.count(ProblemKind::Corrupt),
         );
     }
     println!(
