@@ -291,7 +291,8 @@ impl ChunkSource {
     }
 
     /// Calls `sink` with consecutive slices of `inode`'s bytes in `[offset, offset+len)`
-    /// (clamped to the file size), fetching only the chunks that cover the range.
+    /// (clamped to the file size), fetching only the chunks that cover the range; holes (the
+    /// gaps between chunks, and after the last) read as zeros.
     pub fn read_range(
         &self,
         inode: &Inode,
@@ -306,52 +307,75 @@ impl ChunkSource {
         let first = inode
             .chunks
             .partition_point(|c| c.offset + u64::from(c.size) <= offset);
-        let mut done = 0u64;
-        if let Some(r) = &self.remote {
-            // A pread per chunk on the fetcher's descriptor (the page cache does the rest).
-            let mut buf = Vec::new();
-            for c in inode.chunks[first..].iter().take_while(|c| c.offset < end) {
-                let from = offset.max(c.offset) - c.offset;
-                let to = end.min(c.offset + u64::from(c.size)) - c.offset;
-                let served = Self::remote_chunk(r, c)?;
-                buf.resize((to - from) as usize, 0);
-                served
-                    .read_at(from, &mut buf)
-                    .map_err(|e| Error::BadChunk {
-                        id: c.id.to_hex(),
-                        reason: format!("reading the fetcher's descriptor: {e}"),
-                    })?;
-                sink(&buf).map_err(|e| Error::io("<read destination>", e))?;
-                done += buf.len() as u64;
-            }
-            return Ok(done);
-        }
+        let mut pos = offset;
+        let mut buf = Vec::new();
         for c in inode.chunks[first..].iter().take_while(|c| c.offset < end) {
-            let from = offset.max(c.offset) - c.offset;
+            if pos < c.offset {
+                zeros(c.offset - pos, sink)?;
+                pos = c.offset;
+            }
+            let from = pos - c.offset;
             let to = end.min(c.offset + u64::from(c.size)) - c.offset;
-            // Decoded in memory, else part of a checked cached plaintext, else the whole chunk.
-            let data = match self.lru_get(&c.id) {
-                Some(data) => data,
-                None => {
-                    if let Some(part) = self.checked_part(c, from, to) {
-                        sink(&part).map_err(|e| Error::io("<read destination>", e))?;
-                        done += part.len() as u64;
-                        continue;
-                    }
-                    self.plain(c)?
-                }
-            };
-            let slice = data
-                .get(from as usize..to as usize)
-                .ok_or_else(|| Error::BadChunk {
-                    id: c.id.to_hex(),
-                    reason: "shorter than its metadata says".into(),
-                })?;
-            sink(slice).map_err(|e| Error::io("<read destination>", e))?;
-            done += slice.len() as u64;
+            pos += self.chunk_part(c, from, to, &mut buf, sink)?;
         }
-        Ok(done)
+        if pos < end {
+            zeros(end - pos, sink)?;
+            pos = end;
+        }
+        Ok(pos - offset)
     }
+
+    /// Sends bytes `[from, to)` of chunk `c` to `sink`; returns how many.
+    fn chunk_part(
+        &self,
+        c: &ChunkRef,
+        from: u64,
+        to: u64,
+        buf: &mut Vec<u8>,
+        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64> {
+        if let Some(r) = &self.remote {
+            // A pread on the fetcher's descriptor (the page cache does the rest).
+            let served = Self::remote_chunk(r, c)?;
+            buf.resize((to - from) as usize, 0);
+            served.read_at(from, buf).map_err(|e| Error::BadChunk {
+                id: c.id.to_hex(),
+                reason: format!("reading the fetcher's descriptor: {e}"),
+            })?;
+            sink(buf).map_err(|e| Error::io("<read destination>", e))?;
+            return Ok(buf.len() as u64);
+        }
+        // Decoded in memory, else part of a checked cached plaintext, else the whole chunk.
+        let data = match self.lru_get(&c.id) {
+            Some(data) => data,
+            None => {
+                if let Some(part) = self.checked_part(c, from, to) {
+                    sink(&part).map_err(|e| Error::io("<read destination>", e))?;
+                    return Ok(part.len() as u64);
+                }
+                self.plain(c)?
+            }
+        };
+        let slice = data
+            .get(from as usize..to as usize)
+            .ok_or_else(|| Error::BadChunk {
+                id: c.id.to_hex(),
+                reason: "shorter than its metadata says".into(),
+            })?;
+        sink(slice).map_err(|e| Error::io("<read destination>", e))?;
+        Ok(slice.len() as u64)
+    }
+}
+
+/// Sends `len` zero bytes (a hole) to `sink`.
+fn zeros(mut len: u64, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> Result<()> {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    while len > 0 {
+        let n = len.min(ZEROS.len() as u64) as usize;
+        sink(&ZEROS[..n]).map_err(|e| Error::io("<read destination>", e))?;
+        len -= n as u64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -165,6 +165,80 @@ impl<'a> ChunkWriter<'a> {
     }
 }
 
+/// The data segments `[start, end)` of an open file, from SEEK_DATA/SEEK_HOLE; the whole
+/// file as one segment where the filesystem cannot tell (EINVAL, ENOTSUP, ENXIO at 0 for a
+/// hole-only file handled as no segment).
+fn data_segments(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    let seek = |offset: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor this function borrows; no memory is involved.
+        let at = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+        if at >= 0 {
+            return Ok(Some(at as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let mut segments = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        let start = match seek(pos, libc::SEEK_DATA) {
+            Ok(Some(start)) if start < size => start,
+            Ok(_) => break,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP)) => {
+                return Ok(vec![(0, size)]);
+            }
+            Err(e) => return Err(e),
+        };
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        if end <= start {
+            break;
+        }
+        segments.push((start, end));
+        pos = end;
+    }
+    Ok(segments)
+}
+
+/// Stores a file's data segments (its holes stay holes: gaps in the chunk list); returns its
+/// chunk list and size.
+fn write_sparse(
+    writer: &mut ChunkWriter<'_>,
+    mut file: std::fs::File,
+    path: &Path,
+) -> Result<(Vec<ChunkRef>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let segments = data_segments(&file, size).map_err(|e| Error::io(path, e))?;
+    if segments.as_slice() == [(0, size)] {
+        // No holes: one pass, read to its end (a file that grows while packed is taken whole).
+        // Seeking for holes moved the file's position.
+        file.rewind().map_err(|e| Error::io(path, e))?;
+        return writer.write(file, path);
+    }
+    let mut chunks = Vec::new();
+    for (start, end) in segments {
+        file.seek(SeekFrom::Start(start))
+            .map_err(|e| Error::io(path, e))?;
+        let (mut part, len) = writer.write((&mut file).take(end - start), path)?;
+        if len != end - start {
+            return Err(Error::io(
+                path,
+                std::io::Error::other("the file changed while it was packed"),
+            ));
+        }
+        for c in &mut part {
+            c.offset += start;
+        }
+        chunks.append(&mut part);
+    }
+    Ok((chunks, size))
+}
+
 struct Scan {
     image: Image,
     files: Vec<(usize, PathBuf)>,
@@ -331,7 +405,7 @@ pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Im
     let mut writer = ChunkWriter::new(router, opts, &mut stats, &bar);
     for (idx, path) in files {
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-        let (chunks, size) = writer.write(file, &path)?;
+        let (chunks, size) = write_sparse(&mut writer, file, &path)?;
         tracing::debug!(path = %path.display(), chunks = chunks.len(), "packed file");
         image.inodes[idx].size = size;
         image.inodes[idx].chunks = chunks;

@@ -132,7 +132,9 @@ impl Ctx<'_> {
             .mode(0o600)
             .open(path)
             .map_err(|e| Error::io(path, e))?;
-        // Fetch and decode a batch of chunks in parallel, then write them in order.
+        // Fetch and decode a batch of chunks in parallel, then write them in order; a gap
+        // before a chunk is skipped (seek), so holes stay holes.
+        use std::io::{Seek, SeekFrom};
         let source = self.source;
         for batch in inode.chunks.chunks(parallelism() * 2) {
             for (c, data) in batch.iter().zip(parallel_map(batch, |c| source.plain(c))) {
@@ -141,11 +143,15 @@ impl Ctx<'_> {
                     offset: c.offset,
                     error: Box::new(e),
                 })?;
+                f.seek(SeekFrom::Start(c.offset))
+                    .map_err(|e| Error::io(path, e))?;
                 f.write_all(&data).map_err(|e| Error::io(path, e))?;
                 self.bar.inc(data.len() as u64);
                 self.stats.bytes += data.len() as u64;
             }
         }
+        // A hole at the end.
+        f.set_len(inode.size).map_err(|e| Error::io(path, e))?;
         Ok(())
     }
 

@@ -182,3 +182,120 @@ fn cli_mount_serves_until_interrupted() {
     assert!(status.success(), "{status:?}");
     assert!(!is_mounted(&mnt));
 }
+
+/// `lseek(fd, offset, whence)`, or the errno.
+fn seek(f: &std::fs::File, offset: u64, whence: i32) -> Result<u64, i32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor.
+    let at = unsafe { libc::lseek(f.as_raw_fd(), offset as libc::off_t, whence) };
+    if at < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(at as u64)
+    }
+}
+
+/// A 4 GiB file with 1 MiB of data at 1 MiB and 64 KiB at 3 GiB: holes before, between and
+/// after. It packs to its data only, unpacks sparse, and the mount reports its blocks and
+/// answers SEEK_DATA/SEEK_HOLE.
+#[test]
+fn sparse_files_keep_their_holes() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    const GIB: u64 = 1 << 30;
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let sparse = std::fs::File::create(src.join("sparse")).unwrap();
+    sparse.set_len(4 * GIB).unwrap();
+    sparse
+        .write_all_at(&pseudo_random(1 << 20, 3), 1 << 20)
+        .unwrap();
+    sparse
+        .write_all_at(&pseudo_random(64 << 10, 5), 3 * GIB)
+        .unwrap();
+    sparse.sync_all().unwrap();
+    drop(sparse);
+    let data_at = |f: &std::fs::File| seek(f, 0, libc::SEEK_DATA);
+    let probe = std::fs::File::open(src.join("sparse")).unwrap();
+    if data_at(&probe) != Ok(1 << 20) {
+        eprintln!("skipping: the temporary directory's filesystem does not report holes");
+        return;
+    }
+    let store_dir = t.path().join("store");
+    let img = t.path().join("img.flist");
+    let stats = pack(
+        &src,
+        &img,
+        &Router::from_specs(&[format!("dir://{}", store_dir.display())]).unwrap(),
+        &PackOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        stats.bytes,
+        (1 << 20) + (64 << 10),
+        "only the data is packed"
+    );
+
+    // Unpacked: same bytes where there is data, holes elsewhere.
+    let opts = OpenOptions {
+        cache_dir: Some(t.path().join("cache")),
+        ..OpenOptions::default()
+    };
+    let (image, source) = flist_fs::open::open_image(&img, &opts).unwrap();
+    let out = t.path().join("out");
+    flist_fs::unpack::unpack(&image, &source, &out, &Default::default()).unwrap();
+    let check = |f: &std::fs::File, what: &str| {
+        let md = f.metadata().unwrap();
+        assert_eq!(md.len(), 4 * GIB, "{what}");
+        assert!(
+            md.blocks() * 512 < 4 << 20,
+            "{what}: {} blocks",
+            md.blocks()
+        );
+        let mut buf = vec![0u8; 1 << 20];
+        f.read_exact_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf == pseudo_random(1 << 20, 3), "{what}: first data");
+        let mut buf = vec![0u8; 64 << 10];
+        f.read_exact_at(&mut buf, 3 * GIB).unwrap();
+        assert!(buf == pseudo_random(64 << 10, 5), "{what}: second data");
+        let mut buf = vec![1u8; 4096];
+        f.read_exact_at(&mut buf, 2 * GIB).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "{what}: a hole reads as zeros");
+        f.read_exact_at(&mut buf, 4 * GIB - 4096).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "{what}: the tail hole reads as zeros"
+        );
+        assert_eq!(seek(f, 0, libc::SEEK_DATA), Ok(1 << 20), "{what}");
+        assert_eq!(seek(f, 1 << 20, libc::SEEK_HOLE), Ok(2 << 20), "{what}");
+        assert_eq!(seek(f, 2 << 20, libc::SEEK_DATA), Ok(3 * GIB), "{what}");
+        assert_eq!(
+            seek(f, 3 * GIB, libc::SEEK_HOLE),
+            Ok(3 * GIB + (64 << 10)),
+            "{what}"
+        );
+        assert_eq!(
+            seek(f, 3 * GIB + (64 << 10), libc::SEEK_DATA),
+            Err(libc::ENXIO),
+            "{what}"
+        );
+    };
+    check(
+        &std::fs::File::open(out.join("sparse")).unwrap(),
+        "unpacked",
+    );
+
+    if !fuse_available() {
+        return;
+    }
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let mounted = flist_fs::fs::mount::mount(FlistFs::open(&img, &opts).unwrap(), &mnt, 2).unwrap();
+    let result = std::panic::catch_unwind(|| {
+        check(&std::fs::File::open(mnt.join("sparse")).unwrap(), "mounted");
+    });
+    mounted.unmount().unwrap();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+}

@@ -28,7 +28,11 @@ impl FlistFs {
             _ => i.size as i64,
         };
         st.st_blksize = BLOCK as _;
-        st.st_blocks = (st.st_size as u64).div_ceil(512) as _;
+        // What the file occupies: its data, not its holes.
+        st.st_blocks = match i.kind {
+            InodeKind::File => i.data_bytes().div_ceil(512) as _,
+            _ => (st.st_size as u64).div_ceil(512) as _,
+        };
         st.st_mtime = i.mtime.secs;
         st.st_mtime_nsec = i64::from(i.mtime.nsecs);
         st.st_atime = i.mtime.secs;

@@ -143,6 +143,27 @@ impl FileSystem for FlistFs {
         }
     }
 
+    /// SEEK_DATA and SEEK_HOLE (the kernel answers SEEK_SET/CUR/END itself).
+    fn lseek(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        let i = self.image.inode(inode).ok_or_else(enoent)?;
+        if i.kind != InodeKind::File {
+            return Err(errno(libc::EINVAL));
+        }
+        let data = match whence as i32 {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
+            _ => return Err(errno(libc::EINVAL)),
+        };
+        i.seek(offset, data).ok_or_else(|| errno(libc::ENXIO))
+    }
+
     fn release(
         &self,
         _ctx: &Context,

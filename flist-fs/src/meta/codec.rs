@@ -292,6 +292,13 @@ mod tests {
     #[test]
     fn an_invalid_image_is_not_written() {
         let mut img = sample();
+        // A chunk that ends past the file's size.
+        img.inodes[1].chunks.push(crate::meta::ChunkRef {
+            id: crate::chunk::ChunkId::of(b"x"),
+            offset: 0,
+            size: 10,
+            key: None,
+        });
         img.inodes[1].size = 5;
         let e = encode_image(&img, Path::new("w.fl"))
             .unwrap_err()

@@ -101,6 +101,42 @@ pub struct Inode {
 }
 
 impl Inode {
+    /// Bytes a file's chunks hold; the rest of its size is holes (read as zeros).
+    pub fn data_bytes(&self) -> u64 {
+        self.chunks.iter().map(|c| u64::from(c.size)).sum()
+    }
+
+    /// `lseek(SEEK_DATA)` (`data`) or `lseek(SEEK_HOLE)` from `offset` in a file: the first
+    /// offset at or after it that is data, or a hole (the end of the file counts as one).
+    /// `None` when there is none (past the end, or no data after `offset`): ENXIO.
+    pub fn seek(&self, offset: u64, data: bool) -> Option<u64> {
+        if offset >= self.size {
+            return None;
+        }
+        let first = self
+            .chunks
+            .partition_point(|c| c.offset + u64::from(c.size) <= offset);
+        let Some(chunk) = self.chunks.get(first) else {
+            // No chunk ends after `offset`: a hole to the end.
+            return if data { None } else { Some(offset) };
+        };
+        if data {
+            return Some(offset.max(chunk.offset));
+        }
+        if chunk.offset > offset {
+            return Some(offset);
+        }
+        // Inside data: the hole starts where this run of adjacent chunks ends.
+        let mut end = chunk.offset + u64::from(chunk.size);
+        for next in &self.chunks[first + 1..] {
+            if next.offset != end {
+                break;
+            }
+            end += u64::from(next.size);
+        }
+        Some(end.min(self.size))
+    }
+
     /// A fresh inode of `kind` with everything else zero/empty.
     pub fn new(kind: InodeKind, mode: u32) -> Self {
         Inode {

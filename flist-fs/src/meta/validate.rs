@@ -87,8 +87,9 @@ fn check_inode(image: &Image, ino: u64, inode: &super::Inode) -> Result<(), Stri
                     c.id, c.size
                 ));
             }
-            if c.offset != off || c.size == 0 {
-                return Err(format!("inode {ino}: chunk {} at offset {} breaks the chunk list (expected offset {off}, non-empty)", c.id, c.offset));
+            // Chunks are ordered and never overlap; a gap between them is a hole.
+            if c.offset < off || c.size == 0 {
+                return Err(format!("inode {ino}: chunk {} at offset {} breaks the chunk list (it must start at or after offset {off}, the end of the previous one, and not be empty)", c.id, c.offset));
             }
             if c.key.is_some() != image.encrypted {
                 return Err(format!(
@@ -96,13 +97,15 @@ fn check_inode(image: &Image, ino: u64, inode: &super::Inode) -> Result<(), Stri
                     c.id
                 ));
             }
-            off = off
+            off = c
+                .offset
                 .checked_add(u64::from(c.size))
                 .ok_or_else(|| format!("inode {ino}: chunk {} overflows the file size", c.id))?;
         }
-        if off != inode.size {
+        // After the last chunk, a hole may run to the end of the file.
+        if off > inode.size {
             return Err(format!(
-                "inode {ino}: chunks cover {off} bytes, size is {}",
+                "inode {ino}: chunks end at byte {off}, past the file's size of {}",
                 inode.size
             ));
         }
@@ -345,12 +348,17 @@ mod tests {
     }
 
     #[test]
-    fn chunk_lists_are_contiguous_sized_and_keyed_consistently() {
+    fn chunk_lists_are_ordered_sized_and_keyed_consistently() {
+        // A chunk past the file's end.
         let mut img = good();
         img.inodes[2].chunks[0].offset = 1;
+        refused(img, &["inode 3", "end at byte 11", "size of 10"]);
+        // Overlapping chunks.
+        let mut img = good();
+        img.inodes[2].chunks.push(chunk(5, 5));
         refused(
             img,
-            &["inode 3", "breaks the chunk list", "expected offset 0"],
+            &["inode 3", "breaks the chunk list", "at or after offset 10"],
         );
         let mut img = good();
         img.inodes[2].chunks.push(chunk(10, 0));
@@ -362,9 +370,39 @@ mod tests {
         let mut img = good();
         img.encrypted = true;
         refused(img, &["inode 3", "key presence"]);
+        // Holes: before, between and after chunks.
         let mut img = good();
-        img.inodes[2].size = 11;
-        refused(img, &["inode 3", "chunks cover 10 bytes, size is 11"]);
+        img.inodes[2].chunks[0].offset = 4096;
+        img.inodes[2].chunks.push(chunk(8192, 10));
+        img.inodes[2].size = 1 << 20;
+        validate(&mut img).unwrap();
+    }
+
+    #[test]
+    fn seek_finds_data_and_holes() {
+        let mut f = Inode::new(InodeKind::File, 0o644);
+        // Hole [0,100), data [100,300) in two chunks, hole [300,400), data [400,450), hole to 1000.
+        f.chunks = vec![chunk(100, 100), chunk(200, 100), chunk(400, 50)];
+        f.size = 1000;
+        let data = |o| f.seek(o, true);
+        let hole = |o| f.seek(o, false);
+        assert_eq!(data(0), Some(100));
+        assert_eq!(data(150), Some(150));
+        assert_eq!(data(300), Some(400));
+        assert_eq!(data(450), None);
+        assert_eq!(data(1000), None);
+        assert_eq!(hole(0), Some(0));
+        assert_eq!(hole(100), Some(300));
+        assert_eq!(hole(250), Some(300));
+        assert_eq!(hole(420), Some(450));
+        assert_eq!(hole(999), Some(999));
+        assert_eq!(hole(1000), None);
+        assert_eq!(f.data_bytes(), 250);
+        // A file without holes: its only hole is its end.
+        f.chunks = vec![chunk(0, 10)];
+        f.size = 10;
+        assert_eq!(f.seek(3, false), Some(10));
+        assert_eq!(f.seek(3, true), Some(3));
     }
 
     #[test]
