@@ -33,6 +33,7 @@
 
 pub mod cache;
 pub mod chunk;
+pub mod dirfd;
 pub mod error;
 pub mod fetch;
 pub mod fetcher;

@@ -3,6 +3,7 @@
 //! atomically. Any error names the offending path and leaves no image file behind.
 
 use crate::chunk::{encode, ChunkId, Chunker, ChunkerKind};
+use crate::dirfd;
 use crate::error::{Error, Result};
 use crate::meta::{
     write_image_atomic, ChunkRef, DirEntry, Image, Inode, InodeKind, Timestamp, Xattr,
@@ -11,8 +12,9 @@ use crate::par::{parallel_map, parallelism};
 use crate::store::Router;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::OsStr;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -239,9 +241,18 @@ fn write_sparse(
     Ok((chunks, size))
 }
 
+/// Where a file found by the scan lives: its directory (an index into `Scan::dirs`) and name.
+struct FileAt {
+    idx: usize,
+    dir: usize,
+    name: Vec<u8>,
+}
+
 struct Scan {
     image: Image,
-    files: Vec<(usize, PathBuf)>,
+    /// Every directory walked: its parent's index (none for the root) and its name.
+    dirs: Vec<(Option<usize>, Vec<u8>)>,
+    files: Vec<FileAt>,
     links: HashMap<(u64, u64), u64>,
     stats: PackStats,
 }
@@ -253,15 +264,17 @@ fn ts(secs: i64, nsecs: i64) -> Timestamp {
     }
 }
 
-fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
+/// The extended attributes of the entry at `path` (a `/proc/self/fd/N/NAME` path: the
+/// `l*xattr` calls do not follow a final symlink); `shown` names it in errors.
+fn read_xattrs(path: &Path, shown: &Path) -> Result<Vec<Xattr>> {
     let names = match xattr::list(path) {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(path, e)),
+        Err(e) => return Err(Error::io(shown, e)),
     };
     let mut out = Vec::new();
     for name in names {
-        if let Some(value) = xattr::get(path, &name).map_err(|e| Error::io(path, e))? {
+        if let Some(value) = xattr::get(path, &name).map_err(|e| Error::io(shown, e))? {
             out.push(Xattr {
                 name: name.as_bytes().to_vec(),
                 value,
@@ -272,94 +285,98 @@ fn read_xattrs(path: &Path) -> Result<Vec<Xattr>> {
     Ok(out)
 }
 
-fn inode_from(path: &Path, md: &std::fs::Metadata) -> Result<Inode> {
-    let ft = md.file_type();
-    let kind = if ft.is_dir() {
-        InodeKind::Dir
-    } else if ft.is_file() {
-        InodeKind::File
-    } else if ft.is_symlink() {
-        InodeKind::Symlink
-    } else if ft.is_char_device() {
-        InodeKind::CharDev
-    } else if ft.is_block_device() {
-        InodeKind::BlockDev
-    } else if ft.is_fifo() {
-        InodeKind::Fifo
-    } else if ft.is_socket() {
-        InodeKind::Socket
-    } else {
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            reason: "unknown file type".into(),
-        });
+/// The inode of the entry `name` in `dir` (or of `dir` itself), from its `stat`.
+fn inode_from(dir: &OwnedFd, name: Option<&[u8]>, st: &libc::stat, shown: &Path) -> Result<Inode> {
+    let kind = match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => InodeKind::Dir,
+        libc::S_IFREG => InodeKind::File,
+        libc::S_IFLNK => InodeKind::Symlink,
+        libc::S_IFCHR => InodeKind::CharDev,
+        libc::S_IFBLK => InodeKind::BlockDev,
+        libc::S_IFIFO => InodeKind::Fifo,
+        libc::S_IFSOCK => InodeKind::Socket,
+        _ => {
+            return Err(Error::Unsupported {
+                path: shown.to_path_buf(),
+                reason: "unknown file type".into(),
+            })
+        }
     };
-    let mut inode = Inode::new(kind, md.mode() & 0o7777);
-    inode.uid = md.uid();
-    inode.gid = md.gid();
-    inode.mtime = ts(md.mtime(), md.mtime_nsec());
-    inode.ctime = ts(md.ctime(), md.ctime_nsec());
+    let mut inode = Inode::new(kind, st.st_mode & 0o7777);
+    inode.uid = st.st_uid;
+    inode.gid = st.st_gid;
+    inode.mtime = ts(st.st_mtime, st.st_mtime_nsec);
+    inode.ctime = ts(st.st_ctime, st.st_ctime_nsec);
     if matches!(kind, InodeKind::CharDev | InodeKind::BlockDev) {
-        inode.rdev = md.rdev();
+        inode.rdev = st.st_rdev;
     }
     if kind == InodeKind::Symlink {
-        inode.target = std::fs::read_link(path)
-            .map_err(|e| Error::io(path, e))?
-            .as_os_str()
-            .as_bytes()
-            .to_vec();
+        let cname = name
+            .map(dirfd::cname)
+            .transpose()
+            .map_err(|e| Error::io(shown, e))?;
+        let Some(cname) = cname else {
+            return Err(Error::io(
+                shown,
+                std::io::Error::other("the root is a symlink"),
+            ));
+        };
+        inode.target = dirfd::readlink_at(dir, &cname).map_err(|e| Error::io(shown, e))?;
         inode.size = inode.target.len() as u64;
     }
-    // Symlinks too: SELinux labels (`security.selinux`) live on links as on files. The
-    // xattr calls never follow a symlink.
-    inode.xattrs = read_xattrs(path)?;
+    // Symlinks too: SELinux labels (`security.selinux`) live on links as on files.
+    inode.xattrs = read_xattrs(&dirfd::proc_path(dir, name), shown)?;
     if kind == InodeKind::File {
-        inode.size = md.len();
+        inode.size = st.st_size as u64;
     }
     Ok(inode)
 }
 
 impl Scan {
-    fn dir(&mut self, path: &Path, idx: usize) -> Result<()> {
-        let mut names: Vec<_> = std::fs::read_dir(path)
-            .map_err(|e| Error::io(path, e))?
-            .map(|e| e.map(|e| e.file_name()).map_err(|e| Error::io(path, e)))
-            .collect::<Result<_>>()?;
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    /// Walks directory `dir` (open; its inode is `idx`, its index in `dirs` is `at`).
+    fn dir(&mut self, dir: &OwnedFd, path: &Path, idx: usize, at: usize) -> Result<()> {
+        let mut names = dirfd::read_names(dir).map_err(|e| Error::io(path, e))?;
+        names.sort();
         for name in names {
-            let child = path.join(&name);
-            let md = std::fs::symlink_metadata(&child).map_err(|e| Error::io(&child, e))?;
-            let key = (md.dev(), md.ino());
-            if !md.is_dir() && md.nlink() > 1 {
+            let child = path.join(OsStr::from_bytes(&name));
+            let cname = dirfd::cname(&name).map_err(|e| Error::io(&child, e))?;
+            let st = dirfd::stat_at(dir, Some(&cname)).map_err(|e| Error::io(&child, e))?;
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            let key = (st.st_dev, st.st_ino);
+            if !is_dir && st.st_nlink > 1 {
                 if let Some(&ino) = self.links.get(&key) {
                     self.stats.hardlinks += 1;
-                    self.image.inodes[idx].entries.push(DirEntry {
-                        name: name.as_bytes().to_vec(),
-                        ino,
-                    });
+                    self.image.inodes[idx].entries.push(DirEntry { name, ino });
                     continue;
                 }
             }
-            let inode = inode_from(&child, &md)?;
+            let inode = inode_from(dir, Some(&name), &st, &child)?;
             let kind = inode.kind;
             self.image.inodes.push(inode);
             let cidx = self.image.inodes.len() - 1;
             let ino = cidx as u64 + 1;
-            if !md.is_dir() && md.nlink() > 1 {
+            if !is_dir && st.st_nlink > 1 {
                 self.links.insert(key, ino);
             }
             self.image.inodes[idx].entries.push(DirEntry {
-                name: name.as_bytes().to_vec(),
+                name: name.clone(),
                 ino,
             });
             match kind {
                 InodeKind::Dir => {
                     self.stats.dirs += 1;
-                    self.dir(&child, cidx)?;
+                    let sub = dirfd::open_dir_at(dir, &cname).map_err(|e| Error::io(&child, e))?;
+                    self.dirs.push((Some(at), name));
+                    let sub_at = self.dirs.len() - 1;
+                    self.dir(&sub, &child, cidx, sub_at)?;
                 }
                 InodeKind::File => {
                     self.stats.files += 1;
-                    self.files.push((cidx, child));
+                    self.files.push(FileAt {
+                        idx: cidx,
+                        dir: at,
+                        name,
+                    });
                 }
                 InodeKind::Symlink => self.stats.symlinks += 1,
                 _ => self.stats.specials += 1,
@@ -369,7 +386,63 @@ impl Scan {
     }
 }
 
-/// Builds the image of `src` (storing chunks through `router`) without writing it.
+/// Opens the directories of a scan again, one level at a time from the root, keeping the
+/// last one open (files come grouped by directory).
+struct DirOpener<'a> {
+    root: &'a OwnedFd,
+    dirs: &'a [(Option<usize>, Vec<u8>)],
+    src: &'a Path,
+    current: Option<(usize, OwnedFd)>,
+}
+
+impl DirOpener<'_> {
+    /// The path of directory `at` below the source, for messages.
+    fn shown(&self, mut at: usize) -> PathBuf {
+        let mut names = Vec::new();
+        while let Some((Some(parent), name)) = self.dirs.get(at) {
+            names.push(name.as_slice());
+            at = *parent;
+        }
+        let mut path = self.src.to_path_buf();
+        for name in names.iter().rev() {
+            path.push(OsStr::from_bytes(name));
+        }
+        path
+    }
+
+    fn open(&mut self, at: usize) -> Result<&OwnedFd> {
+        if self.current.as_ref().is_none_or(|(i, _)| *i != at) {
+            let mut chain = Vec::new();
+            let mut i = at;
+            while let Some((Some(parent), name)) = self.dirs.get(i) {
+                chain.push(name.as_slice());
+                i = *parent;
+            }
+            let mut fd: Option<OwnedFd> = None;
+            for name in chain.iter().rev() {
+                let c = dirfd::cname(name).map_err(|e| Error::io(self.shown(at), e))?;
+                let base = fd.as_ref().unwrap_or(self.root);
+                fd = Some(dirfd::open_dir_at(base, &c).map_err(|e| Error::io(self.shown(at), e))?);
+            }
+            let fd = match fd {
+                Some(fd) => fd,
+                None => self.root.try_clone().map_err(|e| Error::io(self.src, e))?,
+            };
+            self.current = Some((at, fd));
+        }
+        match &self.current {
+            Some((_, fd)) => Ok(fd),
+            None => Err(Error::io(
+                self.src,
+                std::io::Error::other("directory not open"),
+            )),
+        }
+    }
+}
+
+/// Builds the image of `src` (storing chunks through `router`) without writing it. The tree
+/// is walked relative to directory descriptors ([`dirfd`]): its paths may be longer than
+/// `PATH_MAX` with `src` in front.
 pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Image, PackStats)> {
     let started = Instant::now();
     opts.chunker
@@ -378,37 +451,53 @@ pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Im
             path: src.to_path_buf(),
             reason,
         })?;
-    let md = std::fs::metadata(src).map_err(|e| Error::io(src, e))?;
-    if !md.is_dir() {
-        return Err(Error::io(src, std::io::Error::other("not a directory")));
-    }
+    dirfd::raise_open_file_limit();
+    let root = dirfd::open_dir(src).map_err(|e| {
+        if e.raw_os_error() == Some(libc::ENOTDIR) || e.raw_os_error() == Some(libc::ELOOP) {
+            Error::io(src, std::io::Error::other("not a directory"))
+        } else {
+            Error::io(src, e)
+        }
+    })?;
+    let st = dirfd::stat_at(&root, None).map_err(|e| Error::io(src, e))?;
     let mut image = Image::new(opts.chunker, opts.encrypt);
-    image.inodes[0] = inode_from(src, &md)?;
+    image.inodes[0] = inode_from(&root, None, &st, src)?;
     image.tags = opts.tags.clone();
     image.routes = router.routes();
     let mut scan = Scan {
         image,
+        dirs: vec![(None, Vec::new())],
         files: Vec::new(),
         links: HashMap::new(),
         stats: PackStats::default(),
     };
-    scan.dir(src, 0)?;
+    scan.dir(&root, src, 0, 0)?;
     let Scan {
         mut image,
+        dirs,
         files,
         mut stats,
         ..
     } = scan;
 
-    let total: u64 = files.iter().map(|(i, _)| image.inodes[*i].size).sum();
+    let total: u64 = files.iter().map(|f| image.inodes[f.idx].size).sum();
     let bar = progress_bar(Some(total), opts.progress);
     let mut writer = ChunkWriter::new(router, opts, &mut stats, &bar);
-    for (idx, path) in files {
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let mut opener = DirOpener {
+        root: &root,
+        dirs: &dirs,
+        src,
+        current: None,
+    };
+    for f in files {
+        let path = opener.shown(f.dir).join(OsStr::from_bytes(&f.name));
+        let dir = opener.open(f.dir)?;
+        let cname = dirfd::cname(&f.name).map_err(|e| Error::io(&path, e))?;
+        let file = dirfd::open_file_at(dir, &cname).map_err(|e| Error::io(&path, e))?;
         let (chunks, size) = write_sparse(&mut writer, file, &path)?;
         tracing::debug!(path = %path.display(), chunks = chunks.len(), "packed file");
-        image.inodes[idx].size = size;
-        image.inodes[idx].chunks = chunks;
+        image.inodes[f.idx].size = size;
+        image.inodes[f.idx].chunks = chunks;
     }
     bar.finish_and_clear();
     crate::meta::validate(&mut image).map_err(|reason| Error::BadImage {

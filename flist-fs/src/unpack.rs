@@ -10,18 +10,19 @@
 //! only once it is complete: a failed unpack leaves the destination as it was (absent or
 //! empty) and removes what it wrote, and its error names the file and offset it failed at.
 
+use crate::dirfd;
 use crate::error::{Error, Result};
 use crate::fetch::ChunkSource;
 use crate::meta::{Image, Inode, InodeKind, ROOT_INO};
 use crate::par::{parallel_map, parallelism};
-use filetime::FileTime;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{HashMap, HashSet};
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 #[derive(Clone, Debug, Default)]
 pub struct UnpackOptions {
@@ -41,33 +42,31 @@ struct Ctx<'a> {
     image: &'a Image,
     source: &'a ChunkSource,
     opts: &'a UnpackOptions,
-    first_path: HashMap<u64, PathBuf>,
+    /// The first name made of each inode with several: its directory and name.
+    first_path: HashMap<u64, (Rc<OwnedFd>, CString)>,
     /// Inodes that could not be created (device nodes without privileges).
     skipped_inos: HashSet<u64>,
     stats: UnpackStats,
     bar: ProgressBar,
 }
 
-fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::BadPath {
-        path: p.display().to_string(),
-        reason: "contains a NUL byte".into(),
-    })
-}
-
 impl Ctx<'_> {
-    fn entry(&mut self, path: &Path, ino: u64) -> Result<()> {
+    /// Creates entry `name` (inode `ino`) in the open directory `dir`; `path` names it in
+    /// messages.
+    fn entry(&mut self, dir: &Rc<OwnedFd>, name: &[u8], path: &Path, ino: u64) -> Result<()> {
         let inode = self.image.inode(ino).ok_or_else(|| Error::BadPath {
             path: path.display().to_string(),
             reason: format!("refers to missing inode {ino}"),
         })?;
+        let cname = dirfd::cname(name).map_err(|e| Error::io(path, e))?;
         if inode.kind != InodeKind::Dir {
             if self.skipped_inos.contains(&ino) {
                 self.stats.skipped.push(path.display().to_string());
                 return Ok(());
             }
-            if let Some(first) = self.first_path.get(&ino) {
-                std::fs::hard_link(first, path).map_err(|e| Error::io(path, e))?;
+            if let Some((first_dir, first_name)) = self.first_path.get(&ino) {
+                dirfd::link_at(first_dir, first_name, dir, &cname)
+                    .map_err(|e| Error::io(path, e))?;
                 self.stats.entries += 1;
                 return Ok(());
             }
@@ -75,21 +74,19 @@ impl Ctx<'_> {
         self.stats.entries += 1;
         match inode.kind {
             InodeKind::Dir => {
-                std::fs::create_dir(path).map_err(|e| Error::io(path, e))?;
-                self.children(path, ino)?;
+                dirfd::mkdir_at(dir, &cname, 0o700).map_err(|e| Error::io(path, e))?;
+                let sub = Rc::new(dirfd::open_dir_at(dir, &cname).map_err(|e| Error::io(path, e))?);
+                self.children(&sub, path, ino)?;
+                // The directory's own attributes once its contents are in.
+                return self.attrs(&sub, None, path, inode);
             }
-            InodeKind::File => self.file(path, inode)?,
+            InodeKind::File => self.file(dir, &cname, path, inode)?,
             InodeKind::Symlink => {
-                std::os::unix::fs::symlink(OsStr::from_bytes(&inode.target), path)
-                    .map_err(|e| Error::io(path, e))?;
+                dirfd::symlink_at(&inode.target, dir, &cname).map_err(|e| Error::io(path, e))?;
             }
             _ => {
-                let c = cpath(path)?;
                 let mode = inode.kind.mode_bits() | (inode.mode & 0o7777);
-                // SAFETY: `c` is a valid NUL-terminated path; mknod has no other preconditions.
-                let rc = unsafe { libc::mknod(c.as_ptr(), mode, inode.rdev as libc::dev_t) };
-                if rc != 0 {
-                    let e = std::io::Error::last_os_error();
+                if let Err(e) = dirfd::mknod_at(dir, &cname, mode, inode.rdev) {
                     if e.raw_os_error() == Some(libc::EPERM) {
                         tracing::warn!(path = %path.display(), "cannot create {} without privileges; skipped", inode.kind.name());
                         self.stats.entries -= 1;
@@ -101,13 +98,14 @@ impl Ctx<'_> {
                 }
             }
         }
-        if inode.kind != InodeKind::Dir {
-            self.first_path.insert(ino, path.to_path_buf());
+        // Only inodes with other names are remembered (each keeps its directory open).
+        if self.image.nlink(ino) > 1 {
+            self.first_path.insert(ino, (dir.clone(), cname.clone()));
         }
-        self.attrs(path, inode)
+        self.attrs(dir, Some(&cname), path, inode)
     }
 
-    fn children(&mut self, dir: &Path, ino: u64) -> Result<()> {
+    fn children(&mut self, dir: &Rc<OwnedFd>, path: &Path, ino: u64) -> Result<()> {
         let Some(inode) = self.image.inode(ino) else {
             return Ok(());
         };
@@ -115,23 +113,17 @@ impl Ctx<'_> {
             // Names are validated on load; re-check so this function is safe on its own.
             if e.name.is_empty() || e.name.contains(&b'/') || e.name == b".." || e.name == b"." {
                 return Err(Error::BadPath {
-                    path: format!("{}/{}", dir.display(), String::from_utf8_lossy(&e.name)),
+                    path: format!("{}/{}", path.display(), String::from_utf8_lossy(&e.name)),
                     reason: "entry name is not a single path component".into(),
                 });
             }
-            self.entry(&dir.join(OsStr::from_bytes(&e.name)), e.ino)?;
+            self.entry(dir, &e.name, &path.join(OsStr::from_bytes(&e.name)), e.ino)?;
         }
         Ok(())
     }
 
-    fn file(&mut self, path: &Path, inode: &Inode) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+    fn file(&mut self, dir: &OwnedFd, name: &CStr, path: &Path, inode: &Inode) -> Result<()> {
+        let mut f = dirfd::create_file_at(dir, name).map_err(|e| Error::io(path, e))?;
         // Fetch and decode a batch of chunks in parallel, then write them in order; a gap
         // before a chunk is skipped (seek), so holes stay holes.
         use std::io::{Seek, SeekFrom};
@@ -155,23 +147,29 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn attrs(&mut self, path: &Path, inode: &Inode) -> Result<()> {
+    /// Applies owner, extended attributes, mode and times to `name` in `dir` (or to `dir`).
+    fn attrs(
+        &mut self,
+        dir: &OwnedFd,
+        name: Option<&CStr>,
+        path: &Path,
+        inode: &Inode,
+    ) -> Result<()> {
         let is_link = inode.kind == InodeKind::Symlink;
         if self.opts.preserve_owner {
-            std::os::unix::fs::lchown(path, Some(inode.uid), Some(inode.gid))
-                .map_err(|e| Error::io(path, e))?;
+            dirfd::chown_at(dir, name, inode.uid, inode.gid).map_err(|e| Error::io(path, e))?;
         }
+        let xattr_path = dirfd::proc_path(dir, name.map(CStr::to_bytes));
         for x in &inode.xattrs {
-            if let Err(e) = xattr::set(path, OsStr::from_bytes(&x.name), &x.value) {
+            if let Err(e) = xattr::set(&xattr_path, OsStr::from_bytes(&x.name), &x.value) {
                 tracing::warn!(path = %path.display(), xattr = %String::from_utf8_lossy(&x.name), error = %e, "xattr not restored");
             }
         }
         if !is_link {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(inode.mode & 0o7777))
-                .map_err(|e| Error::io(path, e))?;
+            dirfd::chmod_at(dir, name, inode.mode & 0o7777).map_err(|e| Error::io(path, e))?;
         }
-        let mtime = FileTime::from_unix_time(inode.mtime.secs, inode.mtime.nsecs);
-        filetime::set_symlink_file_times(path, mtime, mtime).map_err(|e| Error::io(path, e))
+        dirfd::set_times_at(dir, name, inode.mtime.secs, inode.mtime.nsecs)
+            .map_err(|e| Error::io(path, e))
     }
 }
 
@@ -211,15 +209,7 @@ pub fn unpack(
         .prefix(&prefix)
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
-    let mut stats = unpack_into(image, source, staging.path(), opts)?;
-    // Paths as they will be, not as they were while staged.
-    let (staged_name, dest_name) = (
-        staging.path().display().to_string(),
-        dest.display().to_string(),
-    );
-    for skipped in &mut stats.skipped {
-        *skipped = skipped.replacen(&staged_name, &dest_name, 1);
-    }
+    let stats = unpack_into(image, source, staging.path(), dest, opts)?;
     // rename(2) replaces an empty directory, and fails (the staging directory then removed)
     // if something was put into `dest` meanwhile.
     let staged = staging.keep();
@@ -230,11 +220,13 @@ pub fn unpack(
     Ok(stats)
 }
 
-/// Unpacks into the existing empty directory `dest`.
+/// Unpacks into the existing empty directory `dir`; messages name paths below `shown` (where
+/// the tree will be once renamed).
 fn unpack_into(
     image: &Image,
     source: &ChunkSource,
-    dest: &Path,
+    dir: &Path,
+    shown: &Path,
     opts: &UnpackOptions,
 ) -> Result<UnpackStats> {
     let bar = if opts.progress {
@@ -255,12 +247,14 @@ fn unpack_into(
         stats: UnpackStats::default(),
         bar,
     };
-    let result = ctx
-        .children(dest, ROOT_INO)
-        .and_then(|()| match image.inode(ROOT_INO) {
-            Some(root) => ctx.attrs(dest, root),
-            None => Ok(()),
-        });
+    dirfd::raise_open_file_limit();
+    let root_dir = Rc::new(dirfd::open_dir(dir).map_err(|e| Error::io(dir, e))?);
+    let result =
+        ctx.children(&root_dir, shown, ROOT_INO)
+            .and_then(|()| match image.inode(ROOT_INO) {
+                Some(root) => ctx.attrs(&root_dir, None, shown, root),
+                None => Ok(()),
+            });
     ctx.bar.finish_and_clear();
     result.map(|()| ctx.stats)
 }

@@ -377,3 +377,74 @@ fn small_things_a_new_user_notices() {
     assert!(log.contains("packed file"), "no log line to check: {log}");
     assert!(!o.stderr.contains(&0x1b), "{log}");
 }
+
+/// Builds `levels` directories of 200-byte names below `root` (with *at calls: the path is
+/// too long for the others) and a file `deep` at the bottom; returns the names.
+fn deep_tree(root: &Path, levels: usize) -> Vec<Vec<u8>> {
+    use flist_fs::dirfd;
+    let names: Vec<Vec<u8>> = (0..levels)
+        .map(|i| format!("{i:03}{}", "d".repeat(197)).into_bytes())
+        .collect();
+    let mut dir = dirfd::open_dir(root).unwrap();
+    for name in &names {
+        let c = dirfd::cname(name).unwrap();
+        dirfd::mkdir_at(&dir, &c, 0o755).unwrap();
+        dir = dirfd::open_dir_at(&dir, &c).unwrap();
+    }
+    let mut f = dirfd::create_file_at(&dir, c"deep").unwrap();
+    std::io::Write::write_all(&mut f, b"at the bottom").unwrap();
+    names
+}
+
+/// Reads `deep` at the bottom of `names` below `root`.
+fn read_deep(root: &Path, names: &[Vec<u8>]) -> Vec<u8> {
+    use flist_fs::dirfd;
+    let mut dir = dirfd::open_dir(root).unwrap();
+    for name in names {
+        dir = dirfd::open_dir_at(&dir, &dirfd::cname(name).unwrap()).unwrap();
+    }
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut dirfd::open_file_at(&dir, c"deep").unwrap(), &mut out).unwrap();
+    out
+}
+
+#[test]
+fn trees_deeper_than_path_max_with_their_prefix_round_trip() {
+    let t = tempfile::tempdir().unwrap();
+    // A long prefix: with it, the deepest path is over 4096 bytes (PATH_MAX), while the
+    // image's own paths stay within the format's 4095.
+    let base = t.path().join("p".repeat(200)).join("q".repeat(200));
+    let src = base.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let names = deep_tree(&src, 19);
+    let deepest = src.as_os_str().len() + names.iter().map(|n| n.len() + 1).sum::<usize>() + 5;
+    assert!(deepest > 4096, "{deepest}");
+    let image = t.path().join("deep.flist");
+    let store = format!("dir://{}", t.path().join("store").display());
+    ok(&[
+        "pack",
+        src.to_str().unwrap(),
+        "-o",
+        image.to_str().unwrap(),
+        "--store",
+        &store,
+    ]);
+    let out = base.join("out");
+    ok(&["unpack", image.to_str().unwrap(), out.to_str().unwrap()]);
+    assert_eq!(read_deep(&out, &names), b"at the bottom");
+
+    // Deeper than the format allows: refused with the limit named, not ENAMETOOLONG.
+    let src2 = base.join("src2");
+    std::fs::create_dir(&src2).unwrap();
+    deep_tree(&src2, 21);
+    let e = fails(&[
+        "pack",
+        src2.to_str().unwrap(),
+        "-o",
+        t.path().join("deeper.flist").to_str().unwrap(),
+        "--store",
+        &store,
+    ]);
+    assert!(e.contains("exceeds the limit of 4095"), "{e}");
+    assert!(!e.contains("File name too long"), "{e}");
+}
