@@ -80,7 +80,7 @@ fn build(root: &Path) {
     lchown(&root.join("suid"), 1234, 5678);
     std::fs::set_permissions(root.join("suid"), PermissionsExt::from_mode(0o4755)).unwrap();
     std::fs::write(root.join("nothing"), b"no permissions").unwrap();
-    std::fs::set_permissions(root.join("nothing"), PermissionsExt::from_mode(0)).unwrap();
+    std::fs::set_permissions(root.join("nothing"), PermissionsExt::from_mode(0o000)).unwrap();
     std::fs::create_dir(root.join("shared")).unwrap();
     std::fs::set_permissions(root.join("shared"), PermissionsExt::from_mode(0o2775)).unwrap();
     std::fs::create_dir(root.join("tmp")).unwrap();
@@ -229,7 +229,7 @@ fn snapshot(root: &Path, owners: bool, trusted: bool) -> BTreeMap<PathBuf, Entry
                 link_group,
                 nlink: if ft.is_dir() { 0 } else { md.nlink() },
                 allocated_mib: if ft.is_file() {
-                    md.blocks() * 512 >> 20
+                    (md.blocks() * 512) >> 20
                 } else {
                     0
                 },
