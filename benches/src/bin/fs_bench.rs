@@ -530,7 +530,9 @@ fn is_lost_run(e: &anyhow::Error) -> bool {
 }
 
 /// Cold and warm medians of each server, `runs` of each. The runs interleave the servers, so
-/// that load changes on the host hit them alike.
+/// that load changes on the host hit them alike, and every other run takes them in reverse
+/// order, so that none always follows the same one (whose leftovers in the host's caches and
+/// allocator would favour or cost it every time).
 fn measure_all(
     bench: &mut Bench,
     servers: &[Server],
@@ -539,7 +541,12 @@ fn measure_all(
     let mut samples: Vec<(Vec<Sample>, Vec<Sample>)> =
         vec![(Vec::new(), Vec::new()); servers.len()];
     for run in 0..runs {
-        for (&server, (cold, warm)) in servers.iter().zip(samples.iter_mut()) {
+        let mut order: Vec<(&Server, &mut (Vec<Sample>, Vec<Sample>))> =
+            servers.iter().zip(samples.iter_mut()).collect();
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for (&server, (cold, warm)) in order {
             eprintln!("fs-bench: {} run {}/{runs}", server.name(), run + 1);
             bench.make_cold(server)?;
             let c = bench.run(server)?;
