@@ -495,18 +495,28 @@ impl NetQueues {
     }
 }
 
+/// The chain iterator stops after as many descriptors as the queue holds, or at a next index
+/// outside the table, with the last descriptor still saying "next": the chain loops, is
+/// longer than the queue, or points nowhere.
+const CUT_CHAIN: &str = "a chain that loops, is longer than the queue or points past its table";
+
 /// A receive chain's buffers and their total size: device-writable only, at least a header.
 fn writable_buffers(
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<(Vec<(GuestAddress, u32)>, usize), &'static str> {
     let mut buffers = Vec::new();
     let mut size = 0usize;
+    let mut cut = false;
     for desc in chain {
         if !desc.is_write_only() {
             return Err("a device-readable buffer in a receive chain");
         }
+        cut = desc.has_next();
         buffers.push((desc.addr(), desc.len()));
         size = size.saturating_add(desc.len() as usize);
+    }
+    if cut {
+        return Err(CUT_CHAIN);
     }
     if size < VNET_HDR_LEN {
         return Err("a receive chain shorter than the header");
@@ -523,7 +533,9 @@ fn gather(
     max_len: usize,
 ) -> Result<(), TxReject> {
     buf.clear();
+    let mut cut = false;
     for desc in chain {
+        cut = desc.has_next();
         if desc.is_write_only() {
             return Err(TxReject::Malformed(
                 "a device-writable buffer in a TX chain",
@@ -539,6 +551,9 @@ fn gather(
         if mem.read_slice(&mut buf[at..], desc.addr()).is_err() {
             return Err(TxReject::Malformed("a buffer outside guest memory"));
         }
+    }
+    if cut {
+        return Err(TxReject::Malformed(CUT_CHAIN));
     }
     if buf.len() < VNET_HDR_LEN + MIN_FRAME {
         return Err(TxReject::Malformed(
