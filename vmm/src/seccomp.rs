@@ -432,7 +432,7 @@ pub fn filter(kind: ThreadKind, violation: Violation) -> Result<ThreadFilter, Se
                         SeccompCmpOp::Eq,
                         tap_fd as u32 as u64,
                     )?,
-                    arg(1, SeccompCmpOp::Eq, libc::TUNSETOFFLOAD as u64)?,
+                    arg(1, SeccompCmpOp::Eq, libc::TUNSETOFFLOAD)?,
                 ])?],
             );
         }

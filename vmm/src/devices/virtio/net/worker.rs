@@ -403,7 +403,7 @@ impl NetQueues {
         let mergeable = self.acked(VIRTIO_NET_F_MRG_RXBUF);
         let start = self.rx.next_avail();
         let most_chains = usize::from(self.rx.size());
-        let mut chains: Vec<(u16, Vec<(GuestAddress, u32)>)> = Vec::new();
+        let mut chains: Vec<(u16, Buffers)> = Vec::new();
         let mut room = 0usize;
         let mut malformed = None;
         {
@@ -500,10 +500,13 @@ impl NetQueues {
 /// longer than the queue, or points nowhere.
 const CUT_CHAIN: &str = "a chain that loops, is longer than the queue or points past its table";
 
+/// A chain's buffers: guest address and length.
+type Buffers = Vec<(GuestAddress, u32)>;
+
 /// A receive chain's buffers and their total size: device-writable only, at least a header.
 fn writable_buffers(
     chain: DescriptorChain<&GuestMemoryMmap>,
-) -> Result<(Vec<(GuestAddress, u32)>, usize), &'static str> {
+) -> Result<(Buffers, usize), &'static str> {
     let mut buffers = Vec::new();
     let mut size = 0usize;
     let mut cut = false;
