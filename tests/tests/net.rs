@@ -69,13 +69,17 @@ fn net_carries_tcp_and_ping_both_ways_with_the_guest_configured_by_init() -> Res
          i=0; until ping -c 1 -W 1 10.0.2.2 > /dev/null 2>&1; do \
            i=$((i+1)); [ $i -gt 300 ] && break; kill -0 $V 2>/dev/null || break; done\n\
          ping -c 3 -W 5 10.0.2.2 && echo host-ping=ok\n\
-         /probe tcp-connect 10.0.2.2 7001 {CONNS} {SMALL} {LARGE}; echo host-connect=$?\n\
+         /probe tcp-connect 10.0.2.2 7001 {CONNS} {SMALL} {LARGE} & H=$!\n\
+         ( sleep 480; echo deadline-passed; /probe http-unix /run/api.sock /metrics | grep '^vmm_net_'; \
+           ip -s link show tap0; kill $H $S $V 2>/dev/null ) & K=$!\n\
+         wait $H; echo host-connect=$?\n\
          wait $S; echo host-serve=$?\n\
          /probe http-unix /run/api.sock /metrics > /tmp/metrics.txt; echo metrics=$?\n\
          grep '^vmm_net_' /tmp/metrics.txt\n\
          grep -c 02:00:0a:00:02:02 /proc/net/arp | sed 's/^/arp-entries=/'\n\
          /probe tcp-connect 10.0.2.2 7999 0 0 1 > /dev/null; echo released=$?\n\
          wait $V; echo vmm-status=$?\n\
+         kill $K 2>/dev/null\n\
          cat /tmp/serve.log /tmp/vmm.log\n\
          true\n"
     );

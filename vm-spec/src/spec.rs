@@ -645,6 +645,28 @@ mod tests {
     }
 
     #[test]
+    fn net_interfaces_share_the_device_namespace() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "net": [{"id": "net0", "tap": "tap0", "mac": "02:00:00:00:00:01"}],
+                "drives": [{"id": "data", "path": "/d.img"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.validate(), Ok(()));
+        for taken in ["data", "rng", "vsock"] {
+            let mut clash = s.clone();
+            clash.net[0].id = taken.into();
+            assert_eq!(
+                clash.validate(),
+                Err(SpecError::Net(NetSpecError::DuplicateId(taken.into())))
+            );
+        }
+        let mut bad = s.clone();
+        bad.net[0].tap = None;
+        assert!(matches!(bad.validate(), Err(SpecError::Net(_))));
+        assert!(serde_json::from_str::<VmSpec>(r#"{"kernel": "/k", "nets": []}"#).is_err());
+    }
+
+    #[test]
     fn cpu_section_is_part_of_the_spec_and_validated() {
         let s: VmSpec = serde_json::from_str(
             r#"{"kernel": "/k", "cpu": {"template": "t2", "cpuid": [{"leaf": 1, "register": "ecx", "bits": "1"}]}}"#,

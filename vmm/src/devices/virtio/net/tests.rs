@@ -225,6 +225,39 @@ fn rx_spans_mergeable_buffers_and_counts_them() {
 }
 
 #[test]
+fn rx_waits_for_enough_buffers_without_spinning() {
+    let mem = memory();
+    let mut r = rig(&mem, BASE_FEATURES, NetRateLimiterSpec::default());
+    virtio_queue::QueueT::set_event_idx(&mut r.q.rx, true);
+    let mut f = hdr(0, 0).to_vec();
+    f.extend_from_slice(&frame(3000, 1));
+    r.host.send(&f).unwrap();
+    // One buffer, too small: the frame waits (the pass returns: no spinning on it).
+    r.rx.push_chain(&[writable(BUF, 1500)]);
+    let pass = r.q.process_rx().unwrap();
+    assert!(r.q.rx_stalled);
+    assert!(!pass.notify);
+    assert_eq!(r.rx.pop_used(), None);
+    assert_eq!(count(&r.q.metrics.rx_no_buffers), 1);
+    // The device asked to be notified past the buffers it has seen.
+    let [_, avail, _] = r.rx.ring_addresses();
+    let used_ring = r.rx.ring_addresses()[2];
+    let avail_event: u16 = mem
+        .read_obj(GuestAddress(used_ring + 4 + 8 * u64::from(QSIZE)))
+        .unwrap();
+    let avail_idx: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+    assert_eq!(avail_event, avail_idx);
+    // Two more: the frame spans the three.
+    r.rx.push_chain(&[writable(BUF + 0x1000, 1500)]);
+    r.rx.push_chain(&[writable(BUF + 0x2000, 1500)]);
+    r.q.rx_stalled = false;
+    r.q.process_rx().unwrap();
+    assert_eq!(r.rx.pop_used().map(|(_, len)| len), Some(1500));
+    assert_eq!(r.rx.pop_used().map(|(_, len)| len), Some(1500));
+    assert_eq!(r.rx.pop_used().map(|(_, len)| len), Some(12));
+}
+
+#[test]
 fn rx_without_mergeable_buffers_needs_one_chain_per_frame() {
     let mem = memory();
     let mut r = rig(&mem, VIRTIO_F_VERSION_1, NetRateLimiterSpec::default());

@@ -383,7 +383,7 @@ impl NetQueues {
                 }
                 Delivery::NoBuffers => {
                     // Ask for a notification when buffers come; some may have come already.
-                    if self.rx.enable_notification(&self.mem)? {
+                    if self.ask_for_more_buffers()? {
                         continue;
                     }
                     if !self.rx_stalled {
@@ -396,6 +396,22 @@ impl NetQueues {
         }
         pass.notify = used_any && self.rx.needs_notification(&self.mem)?;
         Ok(pass)
+    }
+
+    /// Asks the driver to notify the queue when it adds receive buffers beyond those
+    /// available now (which are too few for the pending frame: waiting on them would spin);
+    /// true when some were added meanwhile.
+    fn ask_for_more_buffers(&mut self) -> Result<bool, virtio_queue::Error> {
+        let next = self.rx.next_avail();
+        let available = self
+            .rx
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)?;
+        // Notifications (and with event indices, the index they come at) are relative to the
+        // device's position: move it past what is there for the call, then back.
+        self.rx.set_next_avail(available.0);
+        let more = self.rx.enable_notification(&self.mem);
+        self.rx.set_next_avail(next);
+        more
     }
 
     /// Places the pending frame (`len` bytes, header first) in the guest's receive chains.
