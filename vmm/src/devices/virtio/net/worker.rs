@@ -254,7 +254,7 @@ impl NetQueues {
         NetMetrics::add(&self.metrics.dropped_oversize, 1);
         VirtioMetrics::add(&self.common.dropped, 1);
         warn_limited!(
-            "virtio-net {}: {queue} frame of {len} bytes is too large, dropped",
+            "virtio-net {}: a {queue} frame of {len} bytes or more is too large, dropped",
             self.id
         );
     }
@@ -270,7 +270,7 @@ impl NetQueues {
                 let head = chain.head_index();
                 match gather(chain, &self.mem, &mut self.tx_buf, max_len) {
                     Err(TxReject::Malformed(why)) => self.drop_malformed("tx", why),
-                    Err(TxReject::Oversize) => self.drop_oversize("tx", self.tx_buf.len()),
+                    Err(TxReject::Oversize) => self.drop_oversize("tx", max_len + 1),
                     Ok(()) => {
                         let data = self.tx_buf.len() - VNET_HDR_LEN;
                         if let Err(wait) = self.tx_limiter.consume(data as u64, 1) {
@@ -563,7 +563,6 @@ fn gather(
         let at = buf.len();
         let len = desc.len() as usize;
         if at.saturating_add(len) > max_len {
-            buf.resize(at.saturating_add(len).min(max_len + 1), 0);
             return Err(TxReject::Oversize);
         }
         buf.resize(at + len, 0);
