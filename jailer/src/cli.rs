@@ -67,6 +67,11 @@ pub struct Cli {
     /// Seconds between forwarding SIGTERM/SIGINT and killing a program that ignores it.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     kill_timeout: f64,
+    /// Keep inherited descriptor N open in the program (repeatable; every other one above 2
+    /// is closed): a tap queue the caller opened for the vmm's `--net id=ID,fd=N` (the
+    /// jail's network namespace has no taps of its own).
+    #[arg(long = "keep-fd", value_name = "N")]
+    keep_fd: Vec<i32>,
     /// Arguments for the program.
     #[arg(last = true)]
     args: Vec<OsString>,
@@ -106,6 +111,7 @@ impl Cli {
             proc_fs: self.proc,
             args: self.args,
             kill_timeout,
+            keep_fds: self.keep_fd,
         })
     }
 }
@@ -157,6 +163,10 @@ impl JailConfig {
         }
         a.push("--kill-timeout".into());
         a.push(self.kill_timeout.as_secs_f64().to_string().into());
+        for fd in &self.keep_fds {
+            a.push("--keep-fd".into());
+            a.push(fd.to_string().into());
+        }
         a.push("--".into());
         a.extend(self.args.iter().cloned());
         a
@@ -196,6 +206,8 @@ mod tests {
             "/srv/layers/vm-7",
             "--dev-kvm",
             "--proc",
+            "--keep-fd",
+            "5",
             "--",
             "--kernel",
             "/guest/k",
@@ -207,6 +219,7 @@ mod tests {
         assert_eq!(c.mounts.len(), 2);
         assert!(c.mounts[1].writable);
         assert_eq!(c.args, ["--kernel", "/guest/k", "--", "/bin/sh"]);
+        assert_eq!(c.keep_fds, [5]);
         let cg = c.cgroup.clone().unwrap();
         assert_eq!(cg.root, PathBuf::from(DEFAULT_CGROUP_ROOT));
         assert_eq!(
@@ -236,6 +249,8 @@ mod tests {
         assert!(with(&["--kill-timeout", "1e300"]).is_err());
         assert!(with(&["--kill-timeout", "NaN"]).is_err());
         assert!(with(&["--uid", "x"]).is_err());
+        assert!(with(&["--keep-fd", "x"]).is_err());
+        assert!(with(&["--keep-fd", "2"]).unwrap().validate().is_err());
         assert!(parse(&["--exec", "/vmm", "--uid", "1", "--gid", "1"]).is_err());
         assert!(with(&[]).unwrap().validate().is_ok());
     }

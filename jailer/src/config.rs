@@ -81,6 +81,8 @@ pub struct JailConfig {
     pub args: Vec<OsString>,
     /// After forwarding SIGTERM/SIGINT, how long to wait before SIGKILL.
     pub kill_timeout: Duration,
+    /// Inherited descriptors (3 or more) the program keeps; all others above 2 are closed.
+    pub keep_fds: Vec<i32>,
 }
 
 impl JailConfig {
@@ -135,6 +137,11 @@ impl JailConfig {
                 )));
             }
             dests.push(&m.dest);
+        }
+        if let Some(fd) = self.keep_fds.iter().find(|fd| **fd < 3) {
+            return Err(Error::Config(format!(
+                "--keep-fd {fd}: descriptors 0 to 2 are always kept; give 3 or more"
+            )));
         }
         if let Some(cg) = &self.cgroup {
             normalised_absolute(&cg.root, "--cgroup-root")?;
@@ -234,6 +241,7 @@ mod tests {
             proc_fs: false,
             args: vec![],
             kill_timeout: Duration::from_secs(5),
+            keep_fds: vec![],
         }
     }
 

@@ -407,6 +407,9 @@ fn child_main(plan: &Plan, go: OwnedFd) -> Result<Infallible> {
         .ctx(|| "unblocking signals".into())?;
     umask(saved_umask);
     sys::cloexec_from(3).ctx(|| "closing inherited descriptors".into())?;
+    for fd in &c.keep_fds {
+        sys::keep_open(*fd).ctx(|| format!("keeping inherited descriptor {fd} (--keep-fd)"))?;
+    }
     let path = cstring(plan.exec_dest.as_os_str())?;
     execve(&path, &plan.argv, &plan.envp)
         .ctx(|| format!("executing {} in the jail", plan.exec_dest.display()))

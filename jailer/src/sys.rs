@@ -125,6 +125,14 @@ pub fn clear_ambient_set() -> nix::Result<()> {
 
 /// Marks every descriptor from `first` up close-on-exec, so that exactly 0, 1 and 2 reach
 /// the program (the jailer's own pipes stay usable until the exec).
+/// Clears close-on-exec on inherited descriptor `fd`, which must be open.
+pub fn keep_open(fd: i32) -> nix::Result<()> {
+    // SAFETY: fcntl on an integer descriptor; F_GETFD fails (EBADF) on a closed one.
+    Errno::result(unsafe { libc::fcntl(fd, libc::F_GETFD) })?;
+    // SAFETY: as above; clears FD_CLOEXEC and nothing else.
+    Errno::result(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }).map(drop)
+}
+
 pub fn cloexec_from(first: u32) -> nix::Result<()> {
     // SAFETY: close_range with integer arguments only.
     let r = unsafe {

@@ -52,8 +52,8 @@ fn vsock_carries_data_both_ways_in_both_connection_directions() -> Result<(), Er
          /probe serve /run/v.sock 0 > /dev/null 2>&1; test -S /run/v.sock && echo stale-socket-present\n\
          /vmm --kernel /guest/vmlinux --initrd /guest/initrd --memory 256 --api-sock /run/api.sock \
            --vsock cid=3,uds=/run/v.sock -- /bin/sh -c '{guest}' > /tmp/vmm.log 2>&1 & V=$!\n\
-         (sleep {WATCHDOG_SECS}; echo watchdog-fired; /probe api-get /run/api.sock /vm; echo; \
-           /probe api-get /run/api.sock /metrics | grep -i vsock; echo '--- guest console (end)'; \
+         (sleep {WATCHDOG_SECS}; echo watchdog-fired; /probe http-unix /run/api.sock /vm; echo; \
+           /probe http-unix /run/api.sock /metrics | grep -i vsock; echo '--- guest console (end)'; \
            tail -c 6000 /tmp/vmm.log; kill $V; sleep 5; kill -9 $V) & D=$!\n\
          /probe connect-uds /run/v.sock 5000 {CONNS} {SMALL} {LARGE}; echo host-connect=$?\n\
          wait $V; echo vmm-status=$?\n\
