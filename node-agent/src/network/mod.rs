@@ -265,7 +265,24 @@ impl Network {
             tap_owner: self.config.tap_owner,
             ..Default::default()
         };
-        let mut keep = BTreeSet::new();
+        // Free the addresses of interfaces that are gone first, so new ones can take them.
+        let keep: BTreeSet<IfaceKey> = deployments
+            .iter()
+            .flat_map(|doc| {
+                doc.vms().flat_map(move |vm| {
+                    (0..vm.interfaces.len()).map(move |i| IfaceKey {
+                        twin_id: doc.twin_id,
+                        deployment_id: doc.deployment_id,
+                        vm: vm.name.clone(),
+                        iface: i as u32,
+                    })
+                })
+            })
+            .collect();
+        let freed = ipam::release_all_but(store, &keep)?;
+        if freed > 0 {
+            tracing::info!(freed, "freed the addresses of removed interfaces");
+        }
         for doc in &deployments {
             for net in doc.networks() {
                 let Some(me) = node_id.and_then(|id| net.node(id)) else {
@@ -321,7 +338,6 @@ impl Network {
                             continue;
                         }
                     };
-                    keep.insert(owner);
                     let tap = naming::tap_name(doc.twin_id, doc.deployment_id, &vm.name, i as u32);
                     if iface.network == PUBLIC_NAT {
                         desired.host_taps.push(tap);
@@ -343,10 +359,6 @@ impl Network {
                     }
                 }
             }
-        }
-        let freed = ipam::release_all_but(store, &keep)?;
-        if freed > 0 {
-            tracing::info!(freed, "freed the addresses of removed interfaces");
         }
         desired.forwards.sort();
         desired.host_taps.sort();
