@@ -516,10 +516,11 @@ fn reconcile_removes_stale_objects_and_keeps_matching_ones() {
     assert!(!link_names(&node).iter().any(|n| n.starts_with("gn-")));
 }
 
-/// The network `net` of `twin` over nodes 1 (192.0.2.1, subnet 10.20.1.0/24) and 2
-/// (192.0.2.2, 10.20.2.0/24), as node `me` gets it, with one VM on it.
+/// The network `net` of `twin` over nodes 1 (192.0.2.1:`port`, subnet x.y.1.0/24) and 2
+/// (192.0.2.2:`port`, x.y.2.0/24) of `range`, as node `me` gets it, with one VM on it.
 fn wg_deployment(
     twin: u32,
+    port: u16,
     keys: &[([u8; 32], [u8; 32])],
     me: usize,
     range: &str,
@@ -534,7 +535,7 @@ fn wg_deployment(
             node_id: *id,
             subnet: format!("{}.{}.{}.0/24", o[0], o[1], i + 1).parse().unwrap(),
             wireguard_public_key: wireguard::encode_key(&keys[i].1),
-            endpoint: Some(format!("192.0.2.{}:51820", i + 1).parse().unwrap()),
+            endpoint: Some(format!("192.0.2.{}:{port}", i + 1).parse().unwrap()),
         })
         .collect();
     deployment(
@@ -574,8 +575,8 @@ fn two_nodes_talk_over_wireguard_and_another_owner_cannot_reach_them() {
     wire(&bed, "a", "b");
     // Node b's uplink is its veth end; its agent is told so.
     let keys = [wireguard::generate_keypair(), wireguard::generate_keypair()];
-    let on_a = wg_deployment(7, &keys, 0, "10.20.0.0/16", &[1, 2]);
-    let on_b = wg_deployment(7, &keys, 1, "10.20.0.0/16", &[1, 2]);
+    let on_a = wg_deployment(7, 51820, &keys, 0, "10.20.0.0/16", &[1, 2]);
+    let on_b = wg_deployment(7, 51820, &keys, 1, "10.20.0.0/16", &[1, 2]);
     let dir = tempfile::tempdir().unwrap();
     let store_a = Store::open(&dir.path().join("a.db")).unwrap();
     let store_b = Store::open(&dir.path().join("b.db")).unwrap();
@@ -583,7 +584,7 @@ fn two_nodes_talk_over_wireguard_and_another_owner_cannot_reach_them() {
     commit(&store_b, &on_b);
     // Another owner on node a: a network of its own (only node a), one VM.
     let other_keys = [wireguard::generate_keypair()];
-    let other = wg_deployment(8, &other_keys, 0, "10.30.0.0/16", &[1]);
+    let other = wg_deployment(8, 51821, &other_keys, 0, "10.30.0.0/16", &[1]);
     commit(&store_a, &other);
 
     let net_a = node_network(&bed, "a", 1);

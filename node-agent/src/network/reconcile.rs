@@ -61,6 +61,8 @@ pub struct NetworkDesired {
 pub struct Report {
     pub created: Vec<String>,
     pub removed: Vec<String>,
+    /// Private networks (by namespace) that could not be set up, and why; the others are.
+    pub failed: Vec<(String, String)>,
 }
 
 /// Makes the namespace `host` (the node's) and the private networks' namespaces match
@@ -118,7 +120,11 @@ pub async fn apply(
             }
         }
         for net in &desired.networks {
-            sync_network(&links, &nsdir, net, desired.tap_owner, &mut report).await?;
+            if let Err(e) = sync_network(&links, &nsdir, net, desired.tap_owner, &mut report).await
+            {
+                warn!(netns = %net.netns, "setting up a private network: {e}");
+                report.failed.push((net.netns.clone(), e.to_string()));
+            }
         }
         Ok(report)
     })
