@@ -155,7 +155,7 @@ struct Buf(Vec<u8>);
 
 impl Buf {
     fn align(&mut self) {
-        while self.0.len() % 4 != 0 {
+        while !self.0.len().is_multiple_of(4) {
             self.0.push(0);
         }
     }
@@ -305,90 +305,75 @@ impl Batch {
 }
 
 fn encode_expr(b: &mut Buf, e: &Expr) {
-    let (name, data): (&str, Box<dyn Fn(&mut Buf) + '_>) = match e {
-        Expr::Meta { key, dreg } => (
-            "meta",
-            Box::new(move |d: &mut Buf| {
-                d.u32be(2, *key);
-                d.u32be(1, *dreg);
-            }),
-        ),
-        Expr::Cmp { sreg, op, data } => (
-            "cmp",
-            Box::new(move |d: &mut Buf| {
-                d.u32be(1, *sreg);
-                d.u32be(2, *op);
-                d.data_value(3, data);
-            }),
-        ),
+    let name = match e {
+        Expr::Meta { .. } => "meta",
+        Expr::Cmp { .. } => "cmp",
+        Expr::Payload { .. } => "payload",
+        Expr::Bitwise { .. } => "bitwise",
+        Expr::Immediate { .. } | Expr::Accept => "immediate",
+        Expr::Ct { .. } => "ct",
+        Expr::Dnat4 { .. } => "nat",
+        Expr::Masq => "masq",
+    };
+    b.str(NFTA_EXPR_NAME, name);
+    b.nest(NFTA_EXPR_DATA, |d| match e {
+        Expr::Meta { key, dreg } => {
+            d.u32be(2, *key);
+            d.u32be(1, *dreg);
+        }
+        Expr::Cmp { sreg, op, data } => {
+            d.u32be(1, *sreg);
+            d.u32be(2, *op);
+            d.data_value(3, data);
+        }
         Expr::Payload {
             base,
             offset,
             len,
             dreg,
-        } => (
-            "payload",
-            Box::new(move |d: &mut Buf| {
-                d.u32be(1, *dreg);
-                d.u32be(2, *base);
-                d.u32be(3, *offset);
-                d.u32be(4, *len);
-            }),
-        ),
+        } => {
+            d.u32be(1, *dreg);
+            d.u32be(2, *base);
+            d.u32be(3, *offset);
+            d.u32be(4, *len);
+        }
         Expr::Bitwise {
             sreg,
             dreg,
             mask,
             xor,
-        } => (
-            "bitwise",
-            Box::new(move |d: &mut Buf| {
-                d.u32be(1, *sreg);
-                d.u32be(2, *dreg);
-                d.u32be(3, mask.len() as u32);
-                d.data_value(4, mask);
-                d.data_value(5, xor);
-            }),
-        ),
-        Expr::Immediate { dreg, data } => (
-            "immediate",
-            Box::new(move |d: &mut Buf| {
-                d.u32be(1, *dreg);
-                d.data_value(2, data);
-            }),
-        ),
-        Expr::Accept => (
-            "immediate",
-            Box::new(|d: &mut Buf| {
-                d.u32be(1, NFT_REG_VERDICT);
-                d.nest(2, |v| {
-                    v.nest(NFTA_DATA_VERDICT, |c| c.u32be(NFTA_VERDICT_CODE, NF_ACCEPT))
-                });
-            }),
-        ),
-        Expr::Ct { key, dreg } => (
-            "ct",
-            Box::new(move |d: &mut Buf| {
-                d.u32be(1, *dreg);
-                d.u32be(2, *key);
-            }),
-        ),
+        } => {
+            d.u32be(1, *sreg);
+            d.u32be(2, *dreg);
+            d.u32be(3, mask.len() as u32);
+            d.data_value(4, mask);
+            d.data_value(5, xor);
+        }
+        Expr::Immediate { dreg, data } => {
+            d.u32be(1, *dreg);
+            d.data_value(2, data);
+        }
+        Expr::Accept => {
+            d.u32be(1, NFT_REG_VERDICT);
+            d.nest(2, |v| {
+                v.nest(NFTA_DATA_VERDICT, |c| c.u32be(NFTA_VERDICT_CODE, NF_ACCEPT))
+            });
+        }
+        Expr::Ct { key, dreg } => {
+            d.u32be(1, *dreg);
+            d.u32be(2, *key);
+        }
         Expr::Dnat4 {
             addr_reg,
             proto_reg,
-        } => (
-            "nat",
-            Box::new(move |d: &mut Buf| {
-                d.u32be(1, NFT_NAT_DNAT);
-                d.u32be(2, u32::from(NFPROTO_IPV4));
-                d.u32be(3, *addr_reg);
-                d.u32be(5, *proto_reg);
-            }),
-        ),
-        Expr::Masq => ("masq", Box::new(|_: &mut Buf| {})),
-    };
-    b.str(NFTA_EXPR_NAME, name);
-    b.nest(NFTA_EXPR_DATA, |d| data(d));
+        } => {
+            d.u32be(1, NFT_NAT_DNAT);
+            d.u32be(2, u32::from(NFPROTO_IPV4));
+            d.u32be(3, *addr_reg);
+            d.u32be(5, *proto_reg);
+        }
+        Expr::Masq => {}
+    });
 }
 
 // --- rule building blocks ---
@@ -593,6 +578,14 @@ fn ruleset(cfg: &NatConfig, forwards: &[Forward]) -> (Vec<u8>, Vec<(u32, String)
     b.finish()
 }
 
+/// A received netlink message.
+struct NlMsg {
+    ty: u16,
+    flags: u16,
+    seq: u32,
+    payload: Vec<u8>,
+}
+
 /// A `NETLINK_NETFILTER` socket in the calling thread's namespace.
 struct Socket(OwnedFd);
 
@@ -643,8 +636,8 @@ impl Socket {
         Ok(())
     }
 
-    /// Receives one datagram and splits it into (type, flags, seq, payload) messages.
-    fn recv(&self) -> Result<Vec<(u16, u16, u32, Vec<u8>)>, NetError> {
+    /// Receives one datagram and splits it into its messages.
+    fn recv(&self) -> Result<Vec<NlMsg>, NetError> {
         let mut buf = vec![0u8; 1 << 16];
         // SAFETY: receiving into a buffer we own, of the given length.
         let n = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -667,7 +660,12 @@ impl Socket {
             let flags = u16::from_ne_bytes([buf[off + 6], buf[off + 7]]);
             let seq =
                 u32::from_ne_bytes([buf[off + 8], buf[off + 9], buf[off + 10], buf[off + 11]]);
-            out.push((ty, flags, seq, buf[off + 16..off + len].to_vec()));
+            out.push(NlMsg {
+                ty,
+                flags,
+                seq,
+                payload: buf[off + 16..off + len].to_vec(),
+            });
             off += (len + 3) & !3;
         }
         Ok(out)
@@ -688,7 +686,10 @@ fn run_batch(batch: (Vec<u8>, Vec<(u32, String)>)) -> Result<(), NetError> {
     sock.send(&buf)?;
     let mut pending: std::collections::BTreeMap<u32, String> = acked.into_iter().collect();
     while !pending.is_empty() {
-        for (ty, _, seq, payload) in sock.recv()? {
+        for NlMsg {
+            ty, seq, payload, ..
+        } in sock.recv()?
+        {
             if ty != NLMSG_ERROR {
                 continue;
             }
@@ -735,7 +736,10 @@ pub fn list_tables() -> Result<Vec<(u8, String)>, NetError> {
     sock.send(&b.buf)?;
     let mut out = Vec::new();
     loop {
-        for (ty, flags, _, payload) in sock.recv()? {
+        for NlMsg {
+            ty, flags, payload, ..
+        } in sock.recv()?
+        {
             match ty {
                 NLMSG_DONE => return Ok(out),
                 NLMSG_ERROR => {
@@ -799,7 +803,7 @@ mod tests {
         while off < buf.len() {
             let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap()) as usize;
             assert!(
-                len >= 20 && off + len <= buf.len() && len % 4 == 0,
+                len >= 20 && off + len <= buf.len() && len.is_multiple_of(4),
                 "length {len}"
             );
             let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
