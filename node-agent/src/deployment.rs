@@ -920,6 +920,150 @@ pub(crate) mod tests {
         assert!(d.validate().unwrap_err().to_string().contains("vcpus"));
     }
 
+    fn with_network() -> Deployment {
+        let key = |_| wireguard::encode_key(&wireguard::generate_keypair().1);
+        let mut d = sample(1, 0);
+        let Workload::Vm(vm) = &mut d.workloads[0] else {
+            unreachable!()
+        };
+        vm.interfaces = vec![
+            VmInterface {
+                network: PUBLIC_NAT.into(),
+                ip: None,
+            },
+            VmInterface {
+                network: "net".into(),
+                ip: Some(Ipv4Addr::new(10, 20, 1, 5)),
+            },
+        ];
+        vm.port_forwards = vec![PortForward {
+            protocol: Protocol::Tcp,
+            host_port: 8080,
+            vm_port: 80,
+        }];
+        d.workloads.push(Workload::Network(NetworkWorkload {
+            name: "net".into(),
+            ip_range: "10.20.0.0/16".parse().unwrap(),
+            nodes: (1..=3)
+                .map(|i| NetworkNode {
+                    node_id: i,
+                    subnet: format!("10.20.{i}.0/24").parse().unwrap(),
+                    wireguard_public_key: key(i),
+                    endpoint: Some(format!("192.0.2.{i}:51820").parse().unwrap()),
+                })
+                .collect(),
+            wireguard_private_key: key(0),
+        }));
+        d
+    }
+
+    fn net_mut(d: &mut Deployment) -> &mut NetworkWorkload {
+        match &mut d.workloads[1] {
+            Workload::Network(n) => n,
+            _ => unreachable!(),
+        }
+    }
+
+    fn vm_mut(d: &mut Deployment) -> &mut VmWorkload {
+        match &mut d.workloads[0] {
+            Workload::Vm(vm) => vm,
+            _ => unreachable!(),
+        }
+    }
+
+    fn refused(d: &Deployment, needle: &str) {
+        let err = d.validate().unwrap_err().to_string();
+        assert!(err.contains(needle), "{err:?} does not say {needle:?}");
+    }
+
+    #[test]
+    fn network_workloads_and_interfaces_are_validated_strictly() {
+        let d = with_network();
+        d.validate().unwrap();
+        // The JSON round-trips, with the types' text forms.
+        let text = serde_json::to_string(&d).unwrap();
+        assert!(text.contains(r#""ip_range":"10.20.0.0/16""#), "{text}");
+        assert_eq!(Deployment::from_json(text.as_bytes()).unwrap(), d);
+        assert!(Deployment::from_json(
+            text.replace("10.20.0.0/16", "10.20.0.1/16").as_bytes()
+        )
+        .unwrap_err()
+        .contains("host bits"));
+
+        let mut x = with_network();
+        net_mut(&mut x).nodes[1].subnet = "10.21.2.0/24".parse().unwrap();
+        refused(&x, "not inside ip_range 10.20.0.0/16");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[1].subnet = "10.20.0.0/23".parse().unwrap();
+        refused(&x, "overlaps node 1's subnet 10.20.1.0/24");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[2].node_id = 1;
+        refused(&x, "node 1 is listed twice");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[0].wireguard_public_key = "not a key".into();
+        refused(&x, "node 1: wireguard_public_key");
+        let mut x = with_network();
+        let k = net_mut(&mut x).nodes[0].wireguard_public_key.clone();
+        net_mut(&mut x).nodes[1].wireguard_public_key = k;
+        refused(&x, "another node's too");
+        let mut x = with_network();
+        net_mut(&mut x).wireguard_private_key = "A".repeat(43);
+        refused(&x, "wireguard_private_key");
+        let mut x = with_network();
+        net_mut(&mut x).ip_range = "10.20.1.0/30".parse().unwrap();
+        refused(&x, "prefix length");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[0].subnet = "10.20.0.0/16".parse().unwrap();
+        refused(&x, "is the whole ip_range");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[0].endpoint = Some("0.0.0.0:51820".parse().unwrap());
+        refused(&x, "needs an address and a port");
+        let mut x = with_network();
+        net_mut(&mut x).name = PUBLIC_NAT.into();
+        vm_mut(&mut x).interfaces.pop();
+        refused(&x, "reserved");
+
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces[1].network = "other".into();
+        refused(&x, "no network workload of that name");
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces[1].ip = Some(Ipv4Addr::new(10, 30, 1, 5));
+        refused(&x, "not in network net's ip_range");
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces[0].ip = Some(Ipv4Addr::new(10, 249, 0, 5));
+        refused(&x, "chosen by the node");
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces[1].network = PUBLIC_NAT.into();
+        vm_mut(&mut x).interfaces[1].ip = None;
+        refused(&x, "two interfaces join network public-nat");
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces.remove(0);
+        refused(&x, "port forwards need an interface on public-nat");
+        let mut x = with_network();
+        vm_mut(&mut x).port_forwards[0].vm_port = 0;
+        refused(&x, "1-65535");
+        let mut x = with_network();
+        let f = vm_mut(&mut x).port_forwards[0];
+        vm_mut(&mut x).port_forwards.push(f);
+        refused(&x, "host port 8080/tcp is forwarded twice");
+        // A network name that could not be a workload name is refused, not hashed.
+        let mut x = with_network();
+        net_mut(&mut x).name = "../../etc".into();
+        refused(&x, "network name");
+    }
+
+    #[test]
+    fn a_vm_without_networking_hashes_as_before() {
+        // The fields are left out of the encoding when empty: documents signed before the
+        // networking existed keep their hash and signatures.
+        let d = sample(1, 0);
+        let v = serde_json::to_value(&d).unwrap();
+        let vm = v["workloads"][0].as_object().unwrap();
+        assert!(!vm.contains_key("interfaces") && !vm.contains_key("port_forwards"));
+        assert!(!d.uses_network());
+        assert!(with_network().uses_network());
+    }
+
     #[test]
     fn owner_signature_is_required_and_checked() {
         let owner = KeyPair::generate();
