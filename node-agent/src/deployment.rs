@@ -984,11 +984,11 @@ pub(crate) mod tests {
         let text = serde_json::to_string(&d).unwrap();
         assert!(text.contains(r#""ip_range":"10.20.0.0/16""#), "{text}");
         assert_eq!(Deployment::from_json(text.as_bytes()).unwrap(), d);
-        assert!(Deployment::from_json(
-            text.replace("10.20.0.0/16", "10.20.0.1/16").as_bytes()
-        )
-        .unwrap_err()
-        .contains("host bits"));
+        assert!(
+            Deployment::from_json(text.replace("10.20.0.0/16", "10.20.0.1/16").as_bytes())
+                .unwrap_err()
+                .contains("host bits")
+        );
 
         let mut x = with_network();
         net_mut(&mut x).nodes[1].subnet = "10.21.2.0/24".parse().unwrap();

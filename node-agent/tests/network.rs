@@ -408,6 +408,21 @@ fn nat_masquerades_forwards_ports_and_teardown_leaves_nothing() {
     );
     // A port nobody forwards is not open.
     assert!(send(&bed.path("wan"), "192.0.2.1:8081".parse().unwrap(), "x").is_err());
+    // The VM cannot reach the node's own services (on the gateway or the uplink address).
+    let node_service = serve_once(&node, "0.0.0.0:7070".parse().unwrap());
+    for target in ["10.249.0.1:7070", "192.0.2.1:7070"] {
+        assert!(
+            send(&bed.path("vm"), target.parse().unwrap(), "x").is_err(),
+            "the VM reached the node at {target}"
+        );
+    }
+    send(
+        &bed.path("wan"),
+        "192.0.2.1:7070".parse().unwrap(),
+        "outside",
+    )
+    .unwrap();
+    assert_eq!(node_service.join().unwrap().1, "outside");
 
     // The agent restarts: everything matches, nothing is made again, the tap is the same.
     let index = link_index(&node, &tap);
@@ -516,6 +531,110 @@ fn reconcile_removes_stale_objects_and_keeps_matching_ones() {
     assert!(!link_names(&node).iter().any(|n| n.starts_with("gn-")));
 }
 
+#[test]
+fn the_engine_gives_a_vm_its_network_and_takes_it_back() {
+    use node_agent::capacity::Resources;
+    use node_agent::config::AgentConfig;
+    use node_agent::engine::{DeployError, Engine};
+    use node_agent::identity::KeyPair;
+    use node_agent::metrics::Metrics;
+    use node_agent::registrar::local::LocalRegistrar;
+    require_privileges!("the_engine_gives_a_vm_its_network_and_takes_it_back");
+    let bed = Bed::new(&["a", "wan"]);
+    let node = bed.path("a");
+    wire(&bed, "a", "wan");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("agent.db")).unwrap());
+    let registrar = LocalRegistrar::new(store.clone());
+    let keys = [KeyPair::generate(), KeyPair::generate()];
+    let twins: Vec<u32> = keys
+        .iter()
+        .map(|k| registrar.add_twin(&k.public()).unwrap().id)
+        .collect();
+    let config = AgentConfig {
+        state_dir: dir.path().into(),
+        listen: Some("0.0.0.0:2021".parse().unwrap()),
+        ..Default::default()
+    };
+    let capacity = Resources {
+        cru: 4,
+        mru: 4 << 30,
+        sru: 100 << 30,
+        hru: 0,
+    };
+    let engine = Engine::new(
+        store.clone(),
+        config,
+        Arc::new(registrar),
+        Arc::new(Metrics::default()),
+        capacity,
+    )
+    .with_network(Arc::new(node_network(&bed, "a", 1)));
+    let nat = || VmInterface {
+        network: PUBLIC_NAT.into(),
+        ip: None,
+    };
+    let forward = |port| PortForward {
+        protocol: Protocol::Tcp,
+        host_port: port,
+        vm_port: 80,
+    };
+    let signed = |i: usize, policy: FailurePolicy, port: u16| {
+        let mut d = deployment(
+            twins[i],
+            1,
+            vec![vm("web", vec![nat()], vec![forward(port)])],
+        );
+        d.on_failure = policy;
+        d.sign(twins[i], &keys[i]);
+        d
+    };
+    let tap = naming::tap_name(twins[0], 1, "web", 0);
+    let rt = rt();
+    // The image does not exist: the VM cannot start, the deployment is rolled back, and its
+    // tap, address and forward go with it.
+    let err = rt
+        .block_on(engine.deploy(twins[0], signed(0, FailurePolicy::Rollback, 8080)))
+        .unwrap_err();
+    assert!(matches!(err, DeployError::Failed(_)), "{err}");
+    assert!(!link_names(&node).contains(&tap));
+    assert!(ipam::allocations(&store).unwrap().is_empty());
+    assert!(link_names(&node).contains(&naming::NAT_BRIDGE.to_string()));
+    // Kept although its VM failed: the tap and the address stay.
+    let outcome = rt
+        .block_on(engine.deploy(twins[0], {
+            let mut d = signed(0, FailurePolicy::Keep, 8080);
+            d.version = 2;
+            d.signatures.clear();
+            d.sign(twins[0], &keys[0]);
+            d
+        }))
+        .unwrap();
+    assert!(outcome.failed.contains_key("web"));
+    assert!(link_names(&node).contains(&tap));
+    assert_eq!(ipam::allocations(&store).unwrap().len(), 1);
+    // Another twin cannot take the same port, nor the agent's.
+    let err = rt
+        .block_on(engine.deploy(twins[1], signed(1, FailurePolicy::Keep, 8080)))
+        .unwrap_err();
+    assert!(matches!(err, DeployError::Conflict(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("deployment 1 of twin {}", twins[0])),
+        "{err}"
+    );
+    let err = rt
+        .block_on(engine.deploy(twins[1], signed(1, FailurePolicy::Keep, 2021)))
+        .unwrap_err();
+    assert!(err.to_string().contains("API"), "{err}");
+    // Delete takes the tap and the address back.
+    rt.block_on(engine.delete(twins[0], twins[0], 1)).unwrap();
+    assert!(!link_names(&node).contains(&tap));
+    assert!(ipam::allocations(&store).unwrap().is_empty());
+    rt.block_on(node_network(&bed, "a", 1).teardown_all())
+        .unwrap();
+}
+
 /// The network `net` of `twin` over nodes 1 (192.0.2.1:`port`, subnet x.y.1.0/24) and 2
 /// (192.0.2.2:`port`, x.y.2.0/24) of `range`, as node `me` gets it, with one VM on it.
 fn wg_deployment(
@@ -616,6 +735,8 @@ fn two_nodes_talk_over_wireguard_and_another_owner_cannot_reach_them() {
     assert!(link_names(&priv_a).contains(&a.attachments[0].tap));
     assert!(!link_names(&bed.path("a")).contains(&a.attachments[0].tap));
     assert!(link_names(&priv_a).contains(&naming::wg_name(7, "net")));
+    // The vmm, outside the namespace, gets such a tap as an fd the agent opens in there.
+    drop(links::open_tap(&priv_a, &a.attachments[0].tap).unwrap());
 
     let range: Ipv4Net = "10.20.0.0/16".parse().unwrap();
     stand_in_vm(

@@ -4,13 +4,18 @@
 //! eth0, eth1, ... in spec order.
 //!
 //! Kept apart so it can be swapped for the `vm-spec` helper that produces the same format once
-//! the vmm's virtio-net branch lands.
+//! the vmm's virtio-net branch lands: the types here have the names and fields of
+//! `vm_spec::net::{GuestNetConfig, InterfaceAddress, RouteSpec}` there, so the swap is a
+//! `pub use` of those in place of this file's definitions.
+
+/// Most name servers the guest init takes.
+pub const MAX_DNS: usize = 3;
 
 use std::net::IpAddr;
 
 /// An address of a guest interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestAddr {
+pub struct InterfaceAddress {
     pub ifname: String,
     pub addr: IpAddr,
     pub prefix: u8,
@@ -18,7 +23,7 @@ pub struct GuestAddr {
 
 /// A route of the guest: `dest` None is the default route.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GuestRoute {
+pub struct RouteSpec {
     pub ifname: String,
     pub dest: Option<(IpAddr, u8)>,
     pub gateway: IpAddr,
@@ -27,20 +32,20 @@ pub struct GuestRoute {
 /// What the guest init configures.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GuestNetConfig {
-    pub addrs: Vec<GuestAddr>,
-    pub routes: Vec<GuestRoute>,
+    pub addresses: Vec<InterfaceAddress>,
+    pub routes: Vec<RouteSpec>,
     pub dns: Vec<IpAddr>,
 }
 
 impl GuestNetConfig {
     pub fn is_empty(&self) -> bool {
-        self.addrs.is_empty() && self.routes.is_empty() && self.dns.is_empty()
+        self.addresses.is_empty() && self.routes.is_empty() && self.dns.is_empty()
     }
 
     /// The kernel command-line parameters, space separated (empty when there is nothing).
     pub fn to_cmdline(&self) -> String {
         let mut out: Vec<String> = Vec::new();
-        for a in &self.addrs {
+        for a in &self.addresses {
             out.push(format!("gridnode.ip={},{}/{}", a.ifname, a.addr, a.prefix));
         }
         for r in &self.routes {
@@ -73,30 +78,30 @@ mod tests {
     #[test]
     fn renders_the_guest_init_format() {
         let c = GuestNetConfig {
-            addrs: vec![
-                GuestAddr {
+            addresses: vec![
+                InterfaceAddress {
                     ifname: "eth0".into(),
                     addr: "10.249.0.2".parse().unwrap(),
                     prefix: 16,
                 },
-                GuestAddr {
+                InterfaceAddress {
                     ifname: "eth0".into(),
                     addr: "fd12:3456:789a::2".parse().unwrap(),
                     prefix: 64,
                 },
-                GuestAddr {
+                InterfaceAddress {
                     ifname: "eth1".into(),
                     addr: "10.20.1.2".parse().unwrap(),
                     prefix: 24,
                 },
             ],
             routes: vec![
-                GuestRoute {
+                RouteSpec {
                     ifname: "eth0".into(),
                     dest: None,
                     gateway: "10.249.0.1".parse().unwrap(),
                 },
-                GuestRoute {
+                RouteSpec {
                     ifname: "eth1".into(),
                     dest: Some(("10.20.0.0".parse().unwrap(), 16)),
                     gateway: "10.20.1.1".parse().unwrap(),

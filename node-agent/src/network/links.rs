@@ -346,3 +346,34 @@ pub fn create_tap(name: &str, owner: TapOwner) -> Result<(), NetError> {
     call(TUNSETPERSIST, 1, "making persistent")?;
     Ok(())
 }
+
+/// Opens the existing tap `name` of namespace `ns` as a queue the vmm can inherit (the same
+/// flags it was made with). The namespace is entered on a thread of its own.
+pub fn open_tap(ns: &std::path::Path, name: &str) -> Result<std::os::fd::OwnedFd, NetError> {
+    let ns = ns.to_path_buf();
+    let name = name.to_string();
+    std::thread::spawn(move || -> Result<std::os::fd::OwnedFd, NetError> {
+        super::netns::enter(&ns)?;
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .map_err(|e| NetError::io("opening /dev/net/tun", e))?;
+        // SAFETY: ifreq is plain data; zeroed is a valid value.
+        let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in ifr.ifr_name.iter_mut().zip(name.bytes().take(15)) {
+            *d = s as libc::c_char;
+        }
+        ifr.ifr_ifru.ifru_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR;
+        // SAFETY: TUNSETIFF reads and writes the ifreq passed by pointer.
+        if unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF as _, &mut ifr) } != 0 {
+            return Err(NetError::io(
+                format!("opening tap {name} in {}", ns.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(std::os::fd::OwnedFd::from(f))
+    })
+    .join()
+    .map_err(|_| NetError::Netlink("the tap thread panicked".into()))?
+}

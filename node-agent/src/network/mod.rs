@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::deployment::{Deployment, VmWorkload, PUBLIC_NAT};
 use crate::state::Store;
-use cmdline::{GuestAddr, GuestNetConfig, GuestRoute};
+use cmdline::{GuestNetConfig, InterfaceAddress, RouteSpec};
 use ipam::{IfaceKey, Ipv4Net};
 use netns::{Ns, NsDir};
 
@@ -173,6 +173,13 @@ impl Network {
         if uplink.len() > 15 || uplink.contains(['/', ' ', '\0']) {
             return Err(NetError::Invalid(format!(
                 "network.uplink {uplink:?} is not an interface name"
+            )));
+        }
+        if config.dns.len() > cmdline::MAX_DNS {
+            return Err(NetError::Invalid(format!(
+                "network.dns has {} name servers; guests take at most {}",
+                config.dns.len(),
+                cmdline::MAX_DNS
             )));
         }
         let r = config.nat_range;
@@ -414,7 +421,7 @@ impl Network {
             let addr = prefix
                 .host(host)
                 .ok_or_else(|| NetError::Invalid(format!("address {host} is outside {prefix}")))?;
-            out.guest.addrs.push(GuestAddr {
+            out.guest.addresses.push(InterfaceAddress {
                 ifname: ifname.clone(),
                 addr: IpAddr::V4(addr),
                 prefix: prefix.prefix(),
@@ -427,24 +434,26 @@ impl Network {
                 i as u32,
             ));
             if iface.network == PUBLIC_NAT {
-                out.guest.routes.push(GuestRoute {
+                out.guest.routes.push(RouteSpec {
                     ifname: ifname.clone(),
                     dest: None,
                     gateway: IpAddr::V4(prefix.gateway()),
                 });
                 if let Some(ula) = self.ula {
-                    out.guest.addrs.push(GuestAddr {
+                    out.guest.addresses.push(InterfaceAddress {
                         ifname: ifname.clone(),
                         addr: IpAddr::V6(ipam::ula_host(ula, host)),
                         prefix: 64,
                     });
-                    out.guest.routes.push(GuestRoute {
+                    out.guest.routes.push(RouteSpec {
                         ifname: ifname.clone(),
                         dest: None,
                         gateway: IpAddr::V6(ipam::ula_host(ula, 1)),
                     });
                 }
-                out.guest.dns.extend(self.config.dns.iter().copied());
+                out.guest
+                    .dns
+                    .extend(self.config.dns.iter().take(cmdline::MAX_DNS).copied());
                 out.attachments.push(VmAttachment {
                     id: format!("net{i}"),
                     tap,
@@ -456,7 +465,7 @@ impl Network {
                     .network(&iface.network)
                     .map(|n| n.ip_range)
                     .unwrap_or(prefix);
-                out.guest.routes.push(GuestRoute {
+                out.guest.routes.push(RouteSpec {
                     ifname,
                     dest: Some((IpAddr::V4(range.addr()), range.prefix())),
                     gateway: IpAddr::V4(prefix.gateway()),

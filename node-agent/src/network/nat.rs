@@ -9,7 +9,9 @@
 //! (nat, srcnat priority) masquerades the node's private IPv4 range and its IPv6 ULA /64 out of
 //! the uplink; `forward` (filter) accepts established traffic, the bridge's traffic to the
 //! uplink and each forwarded port, so a node whose other rules forward nothing still forwards
-//! what the agent set up (an operator's drop in another table still wins: that is theirs).
+//! what the agent set up (an operator's drop in another table still wins: that is theirs), and
+//! drops any other traffic into or out of the NAT bridge; `input` (filter) lets VMs reach the
+//! node itself only with answers, ICMP and IPv6 neighbour discovery.
 //!
 //! Encoding: the nf_tables netlink messages are built here on a raw `NETLINK_NETFILTER`
 //! socket (a few hundred lines we own). Considered: `rustables` (pure-Rust netlink, but
@@ -89,8 +91,10 @@ const NFTA_DATA_VERDICT: u16 = 2;
 const NFTA_VERDICT_CODE: u16 = 1;
 
 const NF_INET_PRE_ROUTING: u32 = 0;
+const NF_INET_LOCAL_IN: u32 = 1;
 const NF_INET_FORWARD: u32 = 2;
 const NF_INET_POST_ROUTING: u32 = 4;
+const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 
 const NFT_REG_VERDICT: u32 = 0;
@@ -138,6 +142,7 @@ enum Expr {
         data: Vec<u8>,
     },
     Accept,
+    Drop,
     Ct {
         key: u32,
         dreg: u32,
@@ -310,7 +315,7 @@ fn encode_expr(b: &mut Buf, e: &Expr) {
         Expr::Cmp { .. } => "cmp",
         Expr::Payload { .. } => "payload",
         Expr::Bitwise { .. } => "bitwise",
-        Expr::Immediate { .. } | Expr::Accept => "immediate",
+        Expr::Immediate { .. } | Expr::Accept | Expr::Drop => "immediate",
         Expr::Ct { .. } => "ct",
         Expr::Dnat4 { .. } => "nat",
         Expr::Masq => "masq",
@@ -353,10 +358,15 @@ fn encode_expr(b: &mut Buf, e: &Expr) {
             d.u32be(1, *dreg);
             d.data_value(2, data);
         }
-        Expr::Accept => {
+        Expr::Accept | Expr::Drop => {
+            let code = if matches!(e, Expr::Accept) {
+                NF_ACCEPT
+            } else {
+                NF_DROP
+            };
             d.u32be(1, NFT_REG_VERDICT);
             d.nest(2, |v| {
-                v.nest(NFTA_DATA_VERDICT, |c| c.u32be(NFTA_VERDICT_CODE, NF_ACCEPT))
+                v.nest(NFTA_DATA_VERDICT, |c| c.u32be(NFTA_VERDICT_CODE, code))
             });
         }
         Expr::Ct { key, dreg } => {
@@ -471,6 +481,7 @@ fn ruleset(cfg: &NatConfig, forwards: &[Forward]) -> (Vec<u8>, Vec<(u32, String)
     b.chain("prerouting", "nat", NF_INET_PRE_ROUTING, -100);
     b.chain("postrouting", "nat", NF_INET_POST_ROUTING, 100);
     b.chain("forward", "filter", NF_INET_FORWARD, 0);
+    b.chain("input", "filter", NF_INET_LOCAL_IN, 0);
     let ipv4 = meta_eq(NFT_META_NFPROTO, vec![NFPROTO_IPV4]);
     let ipv6 = meta_eq(NFT_META_NFPROTO, vec![NFPROTO_IPV6]);
     let from_uplink = meta_eq(NFT_META_IIFNAME, ifname_data(&cfg.uplink));
@@ -521,6 +532,32 @@ fn ruleset(cfg: &NatConfig, forwards: &[Forward]) -> (Vec<u8>, Vec<(u32, String)
         "forward",
         "accepting established traffic".into(),
         &established,
+    );
+    // The node itself answers VMs only for what they started, ICMP and IPv6 neighbour
+    // discovery: its services (the agent's API, SSH) are not theirs.
+    let mut from_vms_established = from_bridge.to_vec();
+    from_vms_established.extend(established.iter().cloned());
+    b.rule(
+        "input",
+        "accepting established traffic from VMs".into(),
+        &from_vms_established,
+    );
+    for proto in [1u8, 58] {
+        let mut icmp = from_bridge.to_vec();
+        icmp.extend(meta_eq(NFT_META_L4PROTO, vec![proto]));
+        icmp.push(Expr::Accept);
+        b.rule(
+            "input",
+            format!("accepting ICMP (protocol {proto}) from VMs"),
+            &icmp,
+        );
+    }
+    let mut from_vms_drop = from_bridge.to_vec();
+    from_vms_drop.push(Expr::Drop);
+    b.rule(
+        "input",
+        "dropping the rest from VMs to the node".into(),
+        &from_vms_drop,
     );
     let mut outbound: Vec<Expr> = from_bridge.to_vec();
     outbound.extend(to_uplink);
@@ -575,6 +612,23 @@ fn ruleset(cfg: &NatConfig, forwards: &[Forward]) -> (Vec<u8>, Vec<(u32, String)
             &accept,
         );
     }
+    // Nothing else crosses the NAT bridge: VMs reach only the uplink, and only forwarded ports
+    // and answers reach them (never the operator's other networks, nor anyone routing to the
+    // private range through the node).
+    let mut drop_in = from_bridge.to_vec();
+    drop_in.push(Expr::Drop);
+    b.rule(
+        "forward",
+        format!("dropping other traffic from {}", cfg.bridge),
+        &drop_in,
+    );
+    let mut drop_out = to_bridge.to_vec();
+    drop_out.push(Expr::Drop);
+    b.rule(
+        "forward",
+        format!("dropping other traffic to {}", cfg.bridge),
+        &drop_out,
+    );
     b.finish()
 }
 
@@ -841,11 +895,12 @@ mod tests {
         assert_eq!(msgs.first().unwrap().0, NFNL_MSG_BATCH_BEGIN);
         assert_eq!(msgs.last().unwrap().0, NFNL_MSG_BATCH_END);
         let kinds: Vec<u16> = msgs[1..msgs.len() - 1].iter().map(|m| m.0 & 0xff).collect();
-        // 3 table messages, 3 chains, 2 masquerades, 2 forward-chain rules, 2 per forward.
-        assert_eq!(&kinds[..6], &[0, 2, 0, 3, 3, 3]);
+        // 3 table messages, 4 chains, 2 masquerades, 4 forward-chain rules, 4 input rules,
+        // 2 per forward.
+        assert_eq!(&kinds[..7], &[0, 2, 0, 3, 3, 3, 3]);
         assert_eq!(
             kinds.iter().filter(|k| **k == NFT_MSG_NEWRULE).count(),
-            2 + 2 + 2 * 2
+            2 + 4 + 4 + 2 * 2
         );
         assert_eq!(acked.len(), msgs.len() - 2);
         // Every message names only the gridnode table.

@@ -78,6 +78,12 @@ pub async fn apply(
         let links = Links::connect()?;
         netns::set_sysctl("net/ipv4/ip_forward", "1")?;
         if ipv6 {
+            // A forwarding host ignores router advertisements unless told otherwise: the
+            // uplink keeps its SLAAC address and default route.
+            let ra = format!("net/ipv6/conf/{}/accept_ra", desired.nat.uplink);
+            if std::path::Path::new("/proc/sys").join(&ra).exists() {
+                netns::set_sysctl(&ra, "2")?;
+            }
             netns::set_sysctl("net/ipv6/conf/all/forwarding", "1")?;
         }
         // The NAT bridge, its taps, the table.
