@@ -9,6 +9,8 @@
 #     (and another vmm build with --vmm-baseline PATH or VMM_BASELINE_BIN=PATH)
 #   bash scripts/bench.sh vsock [--mib M] [--repeat N] vsock throughput + round trip vs QEMU vhost-vsock
 #     and a unix socket
+#   bash scripts/bench.sh net [--mib M] [--repeat N]   TCP through virtio-net (tap) vs QEMU
+#     virtio-net with vhost=off and vhost=on
 #   bash scripts/bench.sh agent [--deploys N] [--vms N] [--density N]
 #                                     the node image: boot to registered, deploy latency and its
 #                                     parts, agent/vmm memory with N VMs, VMs held until refused
@@ -18,10 +20,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-boot}"
 case "$which" in
-    boot | fs | blk | vsock | agent) shift || true ;;
+    boot | fs | blk | vsock | net | agent) shift || true ;;
     before-after) shift || true; which=before_after ;;
     -*) which=boot ;;
-    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock, agent or before-after)" >&2; exit 2 ;;
+    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock, net, agent or before-after)" >&2; exit 2 ;;
 esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::net::NetRateLimiterSpec;
 use crate::rate_limiter::RateLimiterSpec;
 
 /// Where a VM is in its life.
@@ -70,7 +71,25 @@ pub enum VmAction {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DevicePatch {
-    pub rate_limiter: RateLimiterSpec,
+    pub rate_limiter: RateLimiterPatch,
+}
+
+/// A device's new limits: `{bandwidth, ops}` for a drive or the rng, `{rx, tx}` (each
+/// `{bandwidth, ops}`) for a network interface. `{}` lifts every limit of any device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum RateLimiterPatch {
+    Single(RateLimiterSpec),
+    RxTx(NetRateLimiterSpec),
+}
+
+impl RateLimiterPatch {
+    pub fn validate(&self) -> Result<(), crate::RateLimiterError> {
+        match self {
+            Self::Single(limits) => limits.validate(),
+            Self::RxTx(limits) => limits.validate(),
+        }
+    }
 }
 
 /// The body of every 4xx/5xx answer.
@@ -157,6 +176,31 @@ mod tests {
         assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339_utc(1_796_225_346_123), "2026-12-02T15:29:06.123Z");
+    }
+
+    #[test]
+    fn device_patches_take_either_form() {
+        let p: DevicePatch =
+            serde_json::from_str(r#"{"rate_limiter":{"ops":{"size":1,"refill_time_ms":1}}}"#)
+                .unwrap();
+        assert!(matches!(p.rate_limiter, RateLimiterPatch::Single(l) if l.ops.is_some()));
+        let p: DevicePatch = serde_json::from_str(
+            r#"{"rate_limiter":{"rx":{"bandwidth":{"size":1,"refill_time_ms":1}}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(p.rate_limiter, RateLimiterPatch::RxTx(l) if l.rx.is_some()));
+        let p: DevicePatch = serde_json::from_str(r#"{"rate_limiter":{}}"#).unwrap();
+        assert_eq!(
+            p.rate_limiter,
+            RateLimiterPatch::Single(RateLimiterSpec::default())
+        );
+        for bad in [
+            r#"{"rate_limiter":{"rx":{}, "ops":{"size":1,"refill_time_ms":1}}}"#,
+            r#"{"rate_limiter":{"up":{}}}"#,
+            r#"{"rate_limiter":{"rx":{"bandwith":{}}}}"#,
+        ] {
+            assert!(serde_json::from_str::<DevicePatch>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

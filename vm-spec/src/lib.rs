@@ -16,3 +16,5 @@ pub mod vsock;
 pub use vsock::{VsockSpec, VsockSpecError};
 pub mod cpu;
 pub use cpu::{CpuSpec, CpuSpecError, CpuTemplate};
+pub mod net;
+pub use net::{MacAddr, NetRateLimiterSpec, NetSpec, NetSpecError};

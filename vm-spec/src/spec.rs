@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::cpu::{CpuSpec, CpuSpecError};
 use crate::drive::{DriveSpec, DriveSpecError, RngSpec};
 use crate::fs::{FsSpec, FsSpecError};
+use crate::net::{NetSpec, NetSpecError};
 use crate::vsock::{VsockSpec, VsockSpecError};
 
 pub const MIN_VCPUS: u32 = 1;
@@ -192,6 +193,10 @@ pub struct VmSpec {
     /// The virtio-vsock device (guest context id and host unix socket), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<VsockSpec>,
+    /// Network interfaces (virtio-net over host tap devices); the guest names them eth0,
+    /// eth1, ... in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub net: Vec<NetSpec>,
     /// The guest CPU: a CPU template and CPUID/MSR bit overrides (default: the host's).
     #[serde(default, skip_serializing_if = "CpuSpec::is_default")]
     pub cpu: CpuSpec,
@@ -265,6 +270,8 @@ pub enum SpecError {
     EmptyPath { what: &'static str },
     #[error(transparent)]
     Vsock(#[from] VsockSpecError),
+    #[error(transparent)]
+    Net(#[from] NetSpecError),
     #[error("cpu: {0}")]
     Cpu(#[from] CpuSpecError),
     #[error("guest mount {0}")]
@@ -293,6 +300,7 @@ impl VmSpec {
             exit_record: None,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             vsock: None,
+            net: Vec::new(),
             cpu: CpuSpec::default(),
             mounts: Vec::new(),
         }
@@ -355,6 +363,15 @@ impl VmSpec {
         }
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
+        }
+        crate::net::validate(&self.net)?;
+        for net in &self.net {
+            if crate::drive::RESERVED_IDS.contains(&net.id.as_str())
+                || self.fs.iter().any(|s| s.tag == net.id)
+                || self.drives.iter().any(|d| d.id == net.id)
+            {
+                return Err(NetSpecError::DuplicateId(net.id.clone()).into());
+            }
         }
         self.cpu.validate()?;
         Ok(())
@@ -625,6 +642,28 @@ mod tests {
         s.validate().unwrap();
         let back: VmSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert_eq!(back, s, "round trip");
+    }
+
+    #[test]
+    fn net_interfaces_share_the_device_namespace() {
+        let s: VmSpec = serde_json::from_str(
+            r#"{"kernel": "/k", "net": [{"id": "net0", "tap": "tap0", "mac": "02:00:00:00:00:01"}],
+                "drives": [{"id": "data", "path": "/d.img"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(s.validate(), Ok(()));
+        for taken in ["data", "rng", "vsock"] {
+            let mut clash = s.clone();
+            clash.net[0].id = taken.into();
+            assert_eq!(
+                clash.validate(),
+                Err(SpecError::Net(NetSpecError::DuplicateId(taken.into())))
+            );
+        }
+        let mut bad = s.clone();
+        bad.net[0].tap = None;
+        assert!(matches!(bad.validate(), Err(SpecError::Net(_))));
+        assert!(serde_json::from_str::<VmSpec>(r#"{"kernel": "/k", "nets": []}"#).is_err());
     }
 
     #[test]

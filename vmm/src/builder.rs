@@ -25,6 +25,7 @@ use crate::devices::legacy::serial::{
 };
 use crate::devices::virtio::block::{BlockDevice, DiskImage};
 use crate::devices::virtio::mmio::TransportError;
+use crate::devices::virtio::net::{NetDevice, NetError, Tap};
 use crate::devices::virtio::rng::RngDevice;
 use crate::devices::virtio::vsock::{SocketFile, VsockDevice, VsockError};
 use crate::devices::virtio::VirtioDevice;
@@ -87,6 +88,8 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Vsock(#[from] VsockError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error(transparent)]
     Cpu(#[from] CpuConfigError),
 }
@@ -210,6 +213,22 @@ fn attach_virtio_devices(
             source: std::io::Error::other(e.to_string()),
         })?;
         manager.attach_virtio(vm, mem, "vsock", Box::new(device))?;
+    }
+    // Taps are opened now, before any thread is confined; the guest names the interfaces in
+    // this order (eth0, eth1, ...).
+    for net in &spec.net {
+        let opened = match (&net.tap, net.fd) {
+            (Some(name), _) => Tap::open(name),
+            (None, Some(fd)) => Tap::from_fd(fd),
+            (None, None) => Err(crate::devices::virtio::net::TapError::Name(String::new())),
+        };
+        let tap = opened.map_err(|source| NetError::Tap {
+            id: net.id.clone(),
+            source,
+        })?;
+        tracing::info!("net {}: tap {}", net.id, tap.name());
+        let device = NetDevice::new(&net.id, Arc::new(tap), net.mac, net.rate_limiter.as_ref())?;
+        attach_started(&mut manager, vm, mem, &net.id, Box::new(device))?;
     }
     let kernel_args = manager.kernel_args();
     let (bus, controlled) = manager.into_parts();

@@ -11,7 +11,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_spec::api::{DeviceInfo, DevicePatch, VmAction, VmInfo, VmState};
+use vm_spec::api::{DeviceInfo, DevicePatch, RateLimiterPatch, VmAction, VmInfo, VmState};
 
 use crate::devices::bus::lock;
 use crate::devices::legacy::i8042::I8042;
@@ -32,6 +32,7 @@ pub struct ControlledDevice {
     pub kind: &'static str,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub metrics: Option<Arc<VirtioMetrics>>,
+    pub extra_metrics: Option<Arc<dyn crate::devices::virtio::metrics::ExtraMetrics>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -238,11 +239,14 @@ impl VmControl {
             .iter()
             .find(|d| d.id == id)
             .ok_or_else(|| ActionError::UnknownDevice(id.to_string()))?;
-        lock(&device.transport)
-            .set_rate_limiter(&patch.rate_limiter)
-            .map_err(|message| ActionError::Device {
-                id: id.to_string(),
-                message,
-            })
+        let mut transport = lock(&device.transport);
+        match &patch.rate_limiter {
+            RateLimiterPatch::Single(limits) => transport.set_rate_limiter(limits),
+            RateLimiterPatch::RxTx(limits) => transport.set_rx_tx_rate_limiter(limits),
+        }
+        .map_err(|message| ActionError::Device {
+            id: id.to_string(),
+            message,
+        })
     }
 }

@@ -165,15 +165,20 @@ impl DeviceManager {
         let devices = placed
             .into_iter()
             .map(|(id, (_, transport))| {
-                let (kind, metrics) = {
+                let (kind, metrics, extra_metrics) = {
                     let t = crate::devices::bus::lock(&transport);
-                    (kind_name(t.device_type()), t.device_metrics())
+                    (
+                        kind_name(t.device_type()),
+                        t.device_metrics(),
+                        t.device_extra_metrics(),
+                    )
                 };
                 ControlledDevice {
                     id,
                     kind,
                     transport,
                     metrics,
+                    extra_metrics,
                 }
             })
             .collect();

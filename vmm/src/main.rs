@@ -55,6 +55,11 @@ struct Cli {
     /// An entropy device (virtio-rng; the guest's /dev/hwrng). Rate limits: in the JSON spec.
     #[arg(long)]
     rng: bool,
+    /// A network interface (virtio-net) over a host tap made by the caller (repeatable; the
+    /// guest names them eth0, eth1, ... in order): id=ID,tap=NAME|fd=N[,mac=MAC]. Rate
+    /// limits: in the JSON spec.
+    #[arg(long = "net")]
+    nets: Vec<String>,
     /// Local chunk cache shared by all images (the node configuration's takes precedence).
     #[arg(long)]
     image_cache: Option<PathBuf>,
@@ -213,6 +218,9 @@ fn spec_from_cli(cli: &Cli) -> anyhow::Result<VmSpec> {
     }
     for drive in &cli.drives {
         spec.drives.push(drive.parse()?);
+    }
+    for net in &cli.nets {
+        spec.net.push(net.parse()?);
     }
     if cli.rng && spec.rng.is_none() {
         spec.rng = Some(Default::default());

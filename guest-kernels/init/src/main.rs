@@ -11,6 +11,8 @@ mod console;
 mod entrypoint;
 mod error;
 mod mounts;
+mod net;
+mod netlink;
 mod ports;
 mod power;
 mod rootfs;
@@ -51,6 +53,29 @@ fn run() -> u8 {
     if let Err(e) = rootfs::mount_shares(&boot.mounts) {
         console::log(&format!("share mount failed: {e}"));
         return entrypoint::STATUS_SETUP_FAILED;
+    }
+    // The network, after the root is in place (resolv.conf goes there).
+    let cmdline_text = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    match net::configure(&cmdline_text) {
+        Ok(config) => {
+            if !config.is_empty() {
+                console::log(&format!(
+                    "network: {} addresses, {} routes, {} resolvers on {}",
+                    config.addresses.len(),
+                    config.routes.len(),
+                    config.dns.len(),
+                    config.interfaces().join(", ")
+                ));
+            }
+            net::write_resolv_conf(&config);
+        }
+        Err(e @ net::NetError::Socket(_)) if !cmdline_text.contains("gridnode.") => {
+            console::log(&format!("lo not brought up: {e}"));
+        }
+        Err(e) => {
+            console::log(&format!("network setup failed: {e}"));
+            return entrypoint::STATUS_SETUP_FAILED;
+        }
     }
     let mut env: Vec<(OsString, OsString)> =
         vec![("HOME".into(), "/".into()), ("TERM".into(), "linux".into())];

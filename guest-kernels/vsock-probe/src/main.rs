@@ -20,6 +20,13 @@
 //! - `bench-vsock CID PORT MIB ROUNDS` (host): the same measurement over AF_VSOCK to guest
 //!   CID (a VMM with the kernel's vhost-vsock, such as QEMU's `vhost-vsock-device`).
 //!
+//! - `tcp-listen PORT COUNT`, `tcp-connect ADDR PORT CONNS SMALL LARGE`: the same exchanges
+//!   over TCP/IPv4 (the virtio-net end-to-end test, both sides).
+//! - `bench-serve-tcp PORT` / `bench-tcp ADDR PORT MIB ROUNDS`: the benchmark over TCP
+//!   (TCP_NODELAY, so the round trip is the network's).
+//! - `http-unix SOCK PATH`: `GET PATH` on an HTTP unix socket (the vmm's control API); the
+//!   answer goes to stdout.
+//!
 //! Connections that are refused while the other side starts are retried for a minute.
 
 use std::io::{Read, Write};
@@ -222,6 +229,39 @@ fn uds_connect(uds: &str, port: u32) -> std::io::Result<UnixStream> {
         )));
     }
     Ok(stream)
+}
+
+/// A TCP stream in the wrapper the exchanges use (read/write work on any stream socket).
+fn tcp_stream(stream: std::net::TcpStream) -> UnixStream {
+    let _ = stream.set_nodelay(true);
+    UnixStream::from(OwnedFd::from(stream))
+}
+
+fn tcp_connect(addr: &str, port: u16) -> std::io::Result<UnixStream> {
+    let stream = std::net::TcpStream::connect_timeout(
+        &format!("{addr}:{port}")
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        Duration::from_secs(10),
+    )?;
+    Ok(tcp_stream(stream))
+}
+
+fn tcp_listen(port: u16) -> Result<std::net::TcpListener> {
+    std::net::TcpListener::bind(("0.0.0.0", port)).map_err(|e| format!("tcp bind {port}: {e}"))
+}
+
+fn http_unix(sock: &str, path: &str) -> Result<()> {
+    let mut stream = UnixStream::connect(sock).map_err(|e| format!("connect {sock}: {e}"))?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream
+        .read_to_string(&mut answer)
+        .map_err(|e| e.to_string())?;
+    print!("{answer}");
+    Ok(())
 }
 
 fn retry<T>(what: &str, mut f: impl FnMut() -> std::io::Result<T>) -> Result<T> {
@@ -529,7 +569,39 @@ fn run(args: &[String]) -> Result<()> {
             };
             bench(connect, arg(args, 3)?, arg(args, 4)?)
         }
-        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds|bench-serve|bench-serve-unix|bench|bench-vsock ...".into()),
+        Some("tcp-listen") => {
+            let listener = tcp_listen(arg(args, 1)?)?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            serve(|| accept_ready(listener.as_raw_fd()), arg(args, 2)?)
+        }
+        Some("tcp-connect") => {
+            let (addr, port): (String, u16) = (arg(args, 1)?, arg(args, 2)?);
+            run_clients(
+                || retry("tcp connect", || tcp_connect(&addr, port)),
+                arg(args, 3)?,
+                arg(args, 4)?,
+                arg(args, 5)?,
+            )
+        }
+        Some("bench-serve-tcp") => {
+            let listener = tcp_listen(arg(args, 1)?)?;
+            bench_serve_all(|| {
+                listener
+                    .accept()
+                    .map(|(s, _)| tcp_stream(s))
+                    .map_err(|e| format!("accept: {e}"))
+            })
+        }
+        Some("bench-tcp") => {
+            let (addr, port): (String, u16) = (arg(args, 1)?, arg(args, 2)?);
+            bench(
+                || retry("tcp connect", || tcp_connect(&addr, port)),
+                arg(args, 3)?,
+                arg(args, 4)?,
+            )
+        }
+        Some("http-unix") => http_unix(&arg::<String>(args, 1)?, &arg::<String>(args, 2)?),
+        _ => Err("usage: vsock-probe listen|connect|serve|connect-uds|bench-serve|bench-serve-unix|bench|bench-vsock|tcp-listen|tcp-connect|bench-serve-tcp|bench-tcp|http-unix ...".into()),
     }
 }
 

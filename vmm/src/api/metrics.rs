@@ -123,6 +123,15 @@ pub fn render(control: &VmControl) -> String {
                 ));
             }
         }
+        if let Some(extra) = &device.extra_metrics {
+            for (name, _help, value) in extra.snapshot() {
+                let kind = device.kind;
+                device_lines.push((
+                    format!("vmm_{kind}_{name}_total"),
+                    format!("vmm_{kind}_{name}_total{{{labels}}} {value}"),
+                ));
+            }
+        }
         let transport = lock(&device.transport).counters();
         for (name, value) in [
             ("bad_accesses", &transport.bad_accesses),

@@ -145,7 +145,24 @@ mod tests {
             route(&req("PATCH", "/devices/data", r#"{"rate_limiter":{}}"#)),
             Ok(Route::PatchDevice { id, .. }) if id == "data"
         ));
+        assert!(matches!(
+            route(&req(
+                "PATCH",
+                "/devices/net0",
+                r#"{"rate_limiter":{"rx":{"bandwidth":{"size":1000,"refill_time_ms":100}},"tx":{}}}"#
+            )),
+            Ok(Route::PatchDevice { id, patch }) if id == "net0"
+                && matches!(patch.rate_limiter, vm_spec::api::RateLimiterPatch::RxTx(l) if l.rx.is_some())
+        ));
         let status = |r: Result<Route, Response>| r.map_err(|e| e.status).err();
+        assert_eq!(
+            status(route(&req(
+                "PATCH",
+                "/devices/net0",
+                r#"{"rate_limiter":{"rx":{},"ops":{}}}"#
+            ))),
+            Some(400)
+        );
         assert_eq!(status(route(&req("PATCH", "/devices/", "{}"))), Some(404));
         assert_eq!(status(route(&req("GET", "/devices/x", ""))), Some(405));
         assert_eq!(status(route(&req("GET", "/vm/actions/x", ""))), Some(404));

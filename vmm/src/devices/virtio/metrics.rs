@@ -50,3 +50,10 @@ impl VirtioMetrics {
         ]
     }
 }
+
+/// A device's own counters (a network interface's frames and drops), shown by `/metrics`
+/// as `vmm_<kind>_<name>_total`.
+pub trait ExtraMetrics: Send + Sync {
+    /// `(name, help, value)` for every counter, in a fixed order.
+    fn snapshot(&self) -> Vec<(&'static str, &'static str, u64)>;
+}

@@ -151,6 +151,21 @@ impl MmioTransport {
         self.device.set_rate_limiter(limits)
     }
 
+    /// Replaces a network device's per-direction rate limits (control API).
+    pub fn set_rx_tx_rate_limiter(
+        &mut self,
+        limits: &vm_spec::NetRateLimiterSpec,
+    ) -> Result<(), String> {
+        self.device.set_rx_tx_rate_limiter(limits)
+    }
+
+    /// The device's own counters beyond the common ones (control API metrics).
+    pub fn device_extra_metrics(
+        &self,
+    ) -> Option<Arc<dyn crate::devices::virtio::metrics::ExtraMetrics>> {
+        self.device.extra_metrics()
+    }
+
     fn selected_queue(&self) -> Option<&Queue> {
         self.queues.get(self.queue_select as usize)
     }

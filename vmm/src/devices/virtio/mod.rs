@@ -7,6 +7,7 @@ pub mod fs;
 pub mod interrupt;
 pub mod metrics;
 pub mod mmio;
+pub mod net;
 pub mod queue_worker;
 pub mod rng;
 #[cfg(test)]
@@ -94,6 +95,20 @@ pub trait VirtioDevice: Send {
     /// limiter refuse, naming why.
     fn set_rate_limiter(&mut self, _limits: &vm_spec::RateLimiterSpec) -> Result<(), String> {
         Err("this device has no rate limiter".to_string())
+    }
+    /// Replaces the per-direction rate limits of a device that has them (network).
+    fn set_rx_tx_rate_limiter(
+        &mut self,
+        _limits: &vm_spec::NetRateLimiterSpec,
+    ) -> Result<(), String> {
+        Err(
+            "this device has no per-direction (rx, tx) rate limiter; give {bandwidth, ops}"
+                .to_string(),
+        )
+    }
+    /// Counters of the device's own beyond [`VirtioMetrics`] (named by the device).
+    fn extra_metrics(&self) -> Option<std::sync::Arc<dyn metrics::ExtraMetrics>> {
+        None
     }
 }
 
