@@ -612,10 +612,12 @@ impl Engine {
                 name: vm.name.clone(),
             };
             let rec = records.iter().find(|r| r.name == vm.name);
-            let prepared = match self.vm_network(doc, vm) {
-                Ok(net) => self.prepare(&key, vm, net).await,
-                Err(reason) => Err(anyhow::anyhow!(reason)),
+            let vmnet = self.vm_network(doc, vm);
+            let prepared = match &vmnet {
+                Ok(net) => self.prepare(&key, vm, net.clone()).await,
+                Err(reason) => Err(anyhow::anyhow!(reason.clone())),
             };
+            let vmnet = vmnet.ok().flatten();
             match prepared {
                 Err(e) => {
                     let reason = format!("{e:#}");
@@ -640,7 +642,10 @@ impl Engine {
                     if let Some(rec) = rec {
                         self.stop_vm(rec).await;
                     }
-                    match self.start_vm(&key, &paths, &spec_hash, 0).await {
+                    match self
+                        .start_vm(&key, &paths, &spec_hash, 0, vmnet.as_ref())
+                        .await
+                    {
                         Ok(()) => report.started.push(vm.name.clone()),
                         Err(reason) => {
                             report.failed.insert(vm.name.clone(), reason);
@@ -689,6 +694,7 @@ impl Engine {
         paths: &VmPaths,
         spec_hash: &str,
         restarts: u32,
+        net: Option<&VmNetwork>,
     ) -> Result<(), String> {
         let mut rec = VmRecord {
             twin_id: key.twin_id,
@@ -706,11 +712,21 @@ impl Engine {
         };
         self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;
         let _ = std::fs::remove_file(&paths.api_sock);
-        let spawned = supervisor::spawn(
-            &self.config.vmm_bin(),
-            self.config.vmm.node_config.as_deref(),
-            paths,
-        );
+        // Taps in private networks' namespaces, opened here for the vmm to inherit.
+        let fds = net
+            .into_iter()
+            .flat_map(|n| n.inherited_taps())
+            .map(|(ns, tap)| crate::network::links::open_tap(ns, tap))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("network: {e}"));
+        let spawned = fds.and_then(|fds| {
+            supervisor::spawn_with_fds(
+                &self.config.vmm_bin(),
+                self.config.vmm.node_config.as_deref(),
+                paths,
+                fds,
+            )
+        });
         let proc_ = match spawned {
             Ok(p) => p,
             Err(e) => {
@@ -936,14 +952,18 @@ impl Engine {
                     let _ = self.store.put_vm(&rec);
                 }
                 VmState::Restarting if t >= rec.next_start_at => {
-                    let prepared = match self.vm_network(&doc.doc, &vm) {
-                        Ok(net) => self.prepare(&key, &vm, net).await,
-                        Err(reason) => Err(anyhow::anyhow!(reason)),
+                    let vmnet = self.vm_network(&doc.doc, &vm);
+                    let prepared = match &vmnet {
+                        Ok(net) => self.prepare(&key, &vm, net.clone()).await,
+                        Err(reason) => Err(anyhow::anyhow!(reason.clone())),
                     };
+                    let vmnet = vmnet.ok().flatten();
                     match prepared {
                         Ok((paths, hash)) => {
                             let restarts = rec.restarts.saturating_add(1);
-                            if let Err(reason) = self.start_vm(&key, &paths, &hash, restarts).await
+                            if let Err(reason) = self
+                                .start_vm(&key, &paths, &hash, restarts, vmnet.as_ref())
+                                .await
                             {
                                 // Keep retrying per policy, with backoff; never drop it.
                                 rec.state = VmState::Restarting;

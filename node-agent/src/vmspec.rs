@@ -172,10 +172,10 @@ pub fn build(
     spec.initrd = Some(config.vmm.initrd.clone());
     spec.cmdline = config.vmm.cmdline.clone();
     if let Some(net) = net {
-        // The guest's addresses, routes and name servers on its command line. The devices
-        // themselves (`net` entries: tap name, or an fd for a tap in a private network's
-        // namespace, and the MAC) join the spec with the vmm's virtio-net (issue 12, vmm
-        // part): `net.attachments` holds them.
+        // The devices (taps on the NAT bridge by name, taps in private networks' namespaces
+        // as fds the supervisor passes), and the guest's addresses, routes and name servers
+        // on its command line.
+        spec.net = net.net_specs(crate::supervisor::FIRST_INHERITED_FD);
         spec.cmdline = cmdline::append(&spec.cmdline, &net.guest.to_cmdline());
     }
     spec.vcpus = vm.vcpus;

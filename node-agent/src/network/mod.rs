@@ -140,7 +140,7 @@ pub struct VmAttachment {
     /// The namespace the tap lives in (a private network's): the vmm, which stays in the
     /// node's namespace, gets the tap as an open fd instead of its name.
     pub netns: Option<PathBuf>,
-    pub mac: String,
+    pub mac: [u8; 6],
 }
 
 /// Everything networking gives one VM.
@@ -148,6 +148,41 @@ pub struct VmAttachment {
 pub struct VmNetwork {
     pub attachments: Vec<VmAttachment>,
     pub guest: GuestNetConfig,
+}
+
+impl VmNetwork {
+    /// The taps the vmm inherits as open fds (those in private networks' namespaces), in the
+    /// order of their fd numbers.
+    pub fn inherited_taps(&self) -> impl Iterator<Item = (&std::path::Path, &str)> {
+        self.attachments
+            .iter()
+            .filter_map(|a| a.netns.as_deref().map(|ns| (ns, a.tap.as_str())))
+    }
+
+    /// The spec's `net` entries: a tap on the NAT bridge by name, a tap in a private network's
+    /// namespace as the fd `first_fd + n` (n: its place among those), the derived MAC.
+    pub fn net_specs(&self, first_fd: i32) -> Vec<vm_spec::NetSpec> {
+        let mut next_fd = first_fd;
+        self.attachments
+            .iter()
+            .map(|a| {
+                let (tap, fd) = match a.netns {
+                    None => (Some(a.tap.clone()), None),
+                    Some(_) => {
+                        next_fd += 1;
+                        (None, Some(next_fd - 1))
+                    }
+                };
+                vm_spec::NetSpec {
+                    id: a.id.clone(),
+                    tap,
+                    fd,
+                    mac: Some(vm_spec::MacAddr(a.mac)),
+                    rate_limiter: None,
+                }
+            })
+            .collect()
+    }
 }
 
 /// The node's networking.
@@ -427,12 +462,7 @@ impl Network {
                 prefix: prefix.prefix(),
             });
             let tap = naming::tap_name(doc.twin_id, doc.deployment_id, &vm.name, i as u32);
-            let mac = naming::mac_string(naming::mac(
-                doc.twin_id,
-                doc.deployment_id,
-                &vm.name,
-                i as u32,
-            ));
+            let mac = naming::mac(doc.twin_id, doc.deployment_id, &vm.name, i as u32);
             if iface.network == PUBLIC_NAT {
                 out.guest.routes.push(RouteSpec {
                     ifname: ifname.clone(),
@@ -482,5 +512,43 @@ impl Network {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_entries_name_nat_taps_and_number_namespaced_ones() {
+        let att = |id: &str, netns: Option<&str>| VmAttachment {
+            id: id.into(),
+            tap: format!("gn-t{id}"),
+            netns: netns.map(PathBuf::from),
+            mac: [2, 0, 0, 0, 0, 1],
+        };
+        let net = VmNetwork {
+            attachments: vec![
+                att("net0", Some("/run/netns/gn-1-a")),
+                att("net1", None),
+                att("net2", Some("/run/netns/gn-1-b")),
+            ],
+            guest: GuestNetConfig::default(),
+        };
+        let specs = net.net_specs(100);
+        assert_eq!(
+            specs
+                .iter()
+                .map(|s| (s.tap.clone(), s.fd))
+                .collect::<Vec<_>>(),
+            vec![
+                (None, Some(100)),
+                (Some("gn-tnet1".to_string()), None),
+                (None, Some(101))
+            ]
+        );
+        vm_spec::net::validate(&specs).unwrap_err(); // the same MAC twice is refused
+        let taps: Vec<_> = net.inherited_taps().map(|(_, t)| t).collect();
+        assert_eq!(taps, vec!["gn-tnet0", "gn-tnet2"]);
     }
 }
