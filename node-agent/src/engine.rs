@@ -176,6 +176,22 @@ impl Engine {
         }
     }
 
+    /// The addresses of each VM of `doc` that has interfaces: `eth0 10.249.0.2/16`, ...
+    pub fn vm_addresses(&self, doc: &Deployment) -> BTreeMap<String, Vec<String>> {
+        doc.vms()
+            .filter_map(|vm| {
+                let net = self.vm_network(doc, vm).ok().flatten()?;
+                let list = net
+                    .guest
+                    .addresses
+                    .iter()
+                    .map(|a| format!("{} {}/{}", a.ifname, a.addr, a.prefix))
+                    .collect();
+                Some((vm.name.clone(), list))
+            })
+            .collect()
+    }
+
     /// A VM's interfaces and guest network configuration (None without interfaces).
     fn vm_network(&self, doc: &Deployment, vm: &VmWorkload) -> Result<Option<VmNetwork>, String> {
         if vm.interfaces.is_empty() {

@@ -613,6 +613,9 @@ fn the_engine_gives_a_vm_its_network_and_takes_it_back() {
     assert!(outcome.failed.contains_key("web"));
     assert!(link_names(&node).contains(&tap));
     assert_eq!(ipam::allocations(&store).unwrap().len(), 1);
+    let doc = store.deployments(Some(twins[0])).unwrap().remove(0);
+    let addrs = engine.vm_addresses(&doc);
+    assert_eq!(addrs["web"][0], "eth0 10.249.0.2/16", "{addrs:?}");
     // Another twin cannot take the same port, nor the agent's.
     let err = rt
         .block_on(engine.deploy(twins[1], signed(1, FailurePolicy::Keep, 8080)))
