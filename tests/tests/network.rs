@@ -2,10 +2,12 @@
 //! a signed deployment of a private network and two VMs, one on the node's NAT bridge and the
 //! network, one on the network only. The guests are configured by their init from the kernel
 //! command line the agent wrote; the second VM reaches the first over the private network's
-//! bridge inside its namespace (its tap passed to the vmm as an fd); the node reaches the
-//! first over the NAT bridge, and not the private network; the agent killed with -9 comes back
+//! bridge inside its namespace (its tap passed to the vmm as an fd); the first reaches a host
+//! outside (a namespace behind the node's uplink) through the NAT, and that host reaches it
+//! through a port forward; the node reaches the first over the NAT bridge, and not the private
+//! network; the agent killed with -9 comes back
 //! without touching the running VM's tap (same interface index, traffic still flows); delete
-//! removes the taps and the network's namespace.
+//! removes the taps, the network's namespace and the port forward.
 
 use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
 
@@ -31,8 +33,16 @@ for a in sh cat echo sleep ip ping nc sed timeout; do ln -s busybox /srv/rootfs/
 /flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null || fail pack
 echo '{"image_cache": "/srv/cache", "stores": ["dir:///srv/store"]}' > /srv/node.json
 chmod 600 /srv/node.json
-# The uplink: a tap standing in for the node's NIC.
-tunctl -t up0 > /dev/null && ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up || fail "uplink"
+# The uplink: a veth whose other end is in a namespace standing in for the outside world.
+unshare -n sleep 100000 & WAN=$!
+sleep 1
+W="nsenter -t $WAN -n"
+ip link add up0 type veth && ip link set veth0 netns $WAN || fail "veth"
+ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up || fail "uplink"
+$W ip addr add 192.0.2.2/24 dev veth0 && $W ip link set veth0 up && $W ip link set lo up || fail "outside"
+# The outside serves port 9000: a VM's connection can only come back if it was masqueraded
+# (the outside has no route to the node's private range).
+$W sh -c 'nc -l -p 9000 > /srv/wan.got' &
 echo '{"state_dir": "/srv/state", "registrar": "local", "uptime_interval_secs": 5,
  "reserve": {"cru": 0, "mru": 0, "sru": 0, "hru": 0},
  "network": {"enabled": true, "uplink": "up0"},
@@ -58,7 +68,7 @@ cat > /srv/d1.json <<JSON
  {"type": "vm", "name": "a", "image": "/srv/root.flist", "vcpus": 1, "memory_mib": 128, "rootfs_mib": 64,
   "interfaces": [{"network": "public-nat"}, {"network": "net"}],
   "port_forwards": [{"protocol": "tcp", "host_port": 8080, "vm_port": 80}],
-  "entrypoint": "/bin/sh", "args": ["-c", "ip addr; ip route; ping -c 1 -W 5 10.249.0.1 > /dev/null && echo a-pinged-gateway; echo a-up; while true; do nc -l -p 80 | sed s/^/a-got-/; done"]},
+  "entrypoint": "/bin/sh", "args": ["-c", "ip addr; ip route; ping -c 1 -W 5 10.249.0.1 > /dev/null && echo a-pinged-gateway; echo from-a-via-nat | timeout 5 nc 192.0.2.2 9000; echo a-up; while true; do nc -l -p 80 | sed s/^/a-got-/; done"]},
  {"type": "vm", "name": "b", "image": "/srv/root.flist", "vcpus": 1, "memory_mib": 128, "rootfs_mib": 64,
   "interfaces": [{"network": "net", "ip": "10.20.1.50"}],
   "entrypoint": "/bin/sh", "args": ["-c", "ip addr; i=0; until ping -c 1 -W 1 10.20.1.2 > /dev/null 2>&1; do i=\$((i+1)); [ \$i -gt 120 ] && break; done; echo from-b | timeout 5 nc 10.20.1.2 80; echo b-sent; while true; do sleep 1; done"]}
@@ -75,6 +85,12 @@ echo from-host | timeout 5 nc 10.249.0.2 80
 wait_for "$A logs a $K | grep -q a-got-from-host" 30
 echo node-reached-a-6
 ping -c 1 -W 2 10.20.1.2 > /dev/null 2>&1 && fail "the node reached the private network" || echo private-network-closed-7
+# Outbound through the NAT, inbound through the port forward.
+wait_for "grep -q from-a-via-nat /srv/wan.got" 30
+echo a-reached-the-outside-masqueraded-7b
+echo from-wan | $W timeout 5 nc 192.0.2.1 8080
+wait_for "$A logs a $K | grep -q a-got-from-wan" 30
+echo port-forward-7c
 NS=$(ls /run/netns)
 [ "$(echo $NS | wc -w)" = 1 ] && echo one-namespace-8 || fail "namespaces: $NS"
 [ -d /sys/class/net/gn-br0 ] && [ "$(ls /sys/class/net | grep -c '^gn-t')" = 1 ] && echo one-nat-tap-9 || fail "taps: $(ls /sys/class/net)"
@@ -94,6 +110,11 @@ echo traffic-after-restart-11
 $A rm 1 $K || fail rm
 [ "$(ls /sys/class/net | grep -c '^gn-t')" = 0 ] && echo taps-gone-12 || fail "taps left: $(ls /sys/class/net)"
 [ -z "$(ls /run/netns)" ] && echo namespace-gone-13 || fail "namespaces left: $(ls /run/netns)"
+# Without the forward, the node's own port 8080 gets the connection.
+nc -l -p 8080 > /srv/node.got & sleep 1
+echo from-wan-after-delete | $W timeout 5 nc 192.0.2.1 8080
+wait_for "grep -q from-wan-after-delete /srv/node.got" 10
+echo forward-gone-14
 echo network-e2e-done
 "#;
 
@@ -105,6 +126,7 @@ fn vms_get_nat_and_a_private_network_through_the_agent() -> Result<(), Error> {
     };
     let testbed = testbed.with_modules(&[
         "tun",
+        "veth",
         "bridge",
         "wireguard",
         "nf_tables",
@@ -146,12 +168,15 @@ fn vms_get_nat_and_a_private_network_through_the_agent() -> Result<(), Error> {
         "b-reached-a-over-the-network-5",
         "node-reached-a-6",
         "private-network-closed-7",
+        "a-reached-the-outside-masqueraded-7b",
+        "port-forward-7c",
         "one-namespace-8",
         "one-nat-tap-9",
         "tap-kept-10",
         "traffic-after-restart-11",
         "taps-gone-12",
         "namespace-gone-13",
+        "forward-gone-14",
         "network-e2e-done",
     ] {
         assert!(
