@@ -253,7 +253,7 @@ fn set_flags_up(ifname: &str) -> Result<(), NetError> {
 
 /// Writes a sysctl of the calling thread's network namespace (`net/ipv4/ip_forward`).
 pub fn set_sysctl(key: &str, value: &str) -> Result<(), NetError> {
-    // /proc/thread-self: /proc/sys/net shows the namespace of the thread that opens it.
+    // /proc/sys/net shows the network namespace of the thread that opens the file.
     let path = Path::new("/proc/sys").join(key);
     std::fs::write(&path, value)
         .map_err(|e| NetError::io(format!("writing {} = {value}", path.display()), e))
