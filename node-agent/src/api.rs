@@ -276,6 +276,10 @@ async fn metrics(
 pub struct DeploymentStatus {
     pub deployment: Deployment,
     pub vms: Vec<VmRecord>,
+    /// Each VM's interfaces as the guest sees them (`eth0 10.249.0.2/16`), for VMs that
+    /// have any.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub addresses: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 fn parse_deployment(body: &[u8]) -> Result<Deployment, ApiError> {
@@ -367,7 +371,12 @@ async fn list_deployments(
     let mut out = Vec::new();
     for d in e.store.deployments(Some(twin))? {
         let vms = e.store.vms(Some((twin, d.deployment_id)))?;
-        out.push(DeploymentStatus { deployment: d, vms });
+        let addresses = e.vm_addresses(&d);
+        out.push(DeploymentStatus {
+            deployment: d,
+            vms,
+            addresses,
+        });
     }
     Ok(Json(out))
 }
@@ -393,6 +402,7 @@ async fn get_deployment(
         ));
     };
     Ok(Json(DeploymentStatus {
+        addresses: e.vm_addresses(&row.doc),
         deployment: row.doc,
         vms: e.store.vms(Some((twin, id)))?,
     }))

@@ -64,6 +64,9 @@ pub struct AgentConfig {
     pub uptime_interval_secs: u64,
     #[serde(default)]
     pub vmm: VmmConfig,
+    /// Host networking for workloads (off by default: VMs then have no interfaces).
+    #[serde(default)]
+    pub network: crate::network::NetworkConfig,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

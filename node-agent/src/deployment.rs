@@ -1,7 +1,9 @@
 //! Deployments: what a twin (the owner) asks a node to run, signed with the owner's key.
 //!
 //! A deployment is `{twin_id, deployment_id, version, metadata, workloads, ...}`; each workload
-//! has a `type` (`vm` today; the networking issue adds network workloads beside it). The
+//! has a `type`: `vm` (a micro-VM, with its network interfaces and port forwards) or `network`
+//! (a private network of the owner spanning nodes over WireGuard, which the deployment's VMs
+//! join by name). The
 //! signature covers the [`crate::canonical`] hash of the deployment with `signatures` set to
 //! `[]`. This module owns the format, its bounds, and the signature rules; it does not act.
 //!
@@ -10,6 +12,7 @@
 //! version's requirement must also be met, so co-signers cannot be dropped by one party.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
 
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
@@ -17,6 +20,8 @@ use utoipa::ToSchema;
 
 use crate::canonical;
 use crate::identity::{self, KeyPair};
+use crate::network::ipam::Ipv4Net;
+use crate::network::wireguard;
 
 /// Domain string signed before the canonical hash.
 pub const SIGNING_DOMAIN: &[u8] = b"gridnode/deployment/v1\n";
@@ -36,6 +41,15 @@ pub const MIN_MEMORY_MIB: u64 = 64;
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 /// Largest volume or root-layer size (16 TiB in MiB).
 pub const MAX_DISK_MIB: u64 = 16 << 20;
+/// The network name a VM interface gives to join the node's NAT bridge.
+pub const PUBLIC_NAT: &str = "public-nat";
+pub const MAX_INTERFACES: usize = 4;
+pub const MAX_PORT_FORWARDS: usize = 32;
+pub const MAX_NETWORK_NODES: usize = 64;
+/// Shortest and longest prefix of a private network's range, and longest of a node's subnet
+/// (a /29 leaves the gateway and five VMs).
+pub const MIN_RANGE_PREFIX: u8 = 8;
+pub const MAX_SUBNET_PREFIX: u8 = 29;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -100,13 +114,91 @@ pub struct DeploymentSignature {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Workload {
     Vm(VmWorkload),
+    Network(NetworkWorkload),
 }
 
 impl Workload {
     pub fn name(&self) -> &str {
         match self {
             Workload::Vm(vm) => &vm.name,
+            Workload::Network(n) => &n.name,
         }
+    }
+}
+
+/// A private network of the owner: one IPv4 range, one subnet of it per node, the nodes
+/// joined by WireGuard. Every node of the network gets the same document (with its own
+/// private key) and sets up its part: a namespace with a bridge for its subnet and a
+/// WireGuard link whose peers are the other nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkWorkload {
+    /// The name VM interfaces use to join (`network: NAME`); unique per owner on a node.
+    pub name: String,
+    /// The whole network's IPv4 range, e.g. `10.20.0.0/16`.
+    #[schema(value_type = String)]
+    pub ip_range: Ipv4Net,
+    /// Every node of the network (this one exactly once), each with its subnet of the range.
+    pub nodes: Vec<NetworkNode>,
+    /// This node's WireGuard private key (base64 of 32 bytes), chosen by the deployer as in
+    /// Zero-OS; its public key must be this node's `wireguard_public_key`.
+    pub wireguard_private_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkNode {
+    pub node_id: u32,
+    /// This node's part of the range, e.g. `10.20.1.0/24` (gateway: its host 1).
+    #[schema(value_type = String)]
+    pub subnet: Ipv4Net,
+    /// Base64 of 32 bytes.
+    pub wireguard_public_key: String,
+    /// Where the node's WireGuard listens (`ip:port`). Required for this node (the port is
+    /// the one it listens on); a peer without one is reached only after it reached us.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// A network interface of a VM, in order (the guest sees eth0, eth1, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmInterface {
+    /// `public-nat` (the node's NAT bridge, with outbound NAT and port forwards) or the name
+    /// of a network workload of the same deployment.
+    pub network: String,
+    /// The address in this node's subnet of a private network (default: the lowest free one).
+    /// Not allowed on `public-nat`: the node allocates those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub ip: Option<Ipv4Addr>,
+}
+
+/// A port of the node's uplink forwarded to the VM's `public-nat` address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub vm_port: u16,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        })
     }
 }
 
@@ -140,6 +232,13 @@ pub struct VmWorkload {
     /// On stop, seconds between SIGTERM to the entrypoint and SIGKILL (default 10).
     #[serde(default = "default_grace")]
     pub shutdown_grace_secs: u32,
+    /// Network interfaces (none by default). Left out of the encoding when empty, so the
+    /// hashes of deployments written before networking existed do not change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<VmInterface>,
+    /// Ports of the node forwarded to this VM (needs a `public-nat` interface).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_forwards: Vec<PortForward>,
 }
 
 /// Longest shutdown grace a workload may ask for.
@@ -356,6 +455,59 @@ impl VmWorkload {
             check_image(&w, &m.image, &m.image_blake3)?;
             check_mount_point(&w, &m.mount, &mut points)?;
         }
+        self.validate_network(&w)
+    }
+
+    /// Interfaces and port forwards on their own; the networks they name are checked by
+    /// [`Deployment::validate`].
+    fn validate_network(&self, w: &str) -> Result<(), FormatError> {
+        if self.interfaces.len() > MAX_INTERFACES {
+            return Err(field(w, format!("at most {MAX_INTERFACES} interfaces")));
+        }
+        let mut joined = BTreeSet::new();
+        for (i, iface) in self.interfaces.iter().enumerate() {
+            if iface.network != PUBLIC_NAT {
+                check_name(&format!("{w}: interface {i} network"), &iface.network)?;
+            } else if iface.ip.is_some() {
+                return Err(field(
+                    w,
+                    format!("interface {i}: a {PUBLIC_NAT} address is chosen by the node, not the deployment"),
+                ));
+            }
+            if !joined.insert(iface.network.as_str()) {
+                return Err(field(
+                    w,
+                    format!("two interfaces join network {}", iface.network),
+                ));
+            }
+        }
+        if self.port_forwards.len() > MAX_PORT_FORWARDS {
+            return Err(field(
+                w,
+                format!("at most {MAX_PORT_FORWARDS} port forwards"),
+            ));
+        }
+        if !self.port_forwards.is_empty() && !joined.contains(PUBLIC_NAT) {
+            return Err(field(
+                w,
+                format!("port forwards need an interface on {PUBLIC_NAT}"),
+            ));
+        }
+        let mut ports = BTreeSet::new();
+        for f in &self.port_forwards {
+            if f.host_port == 0 || f.vm_port == 0 {
+                return Err(field(w, "port forward ports must be 1-65535"));
+            }
+            if !ports.insert((f.protocol, f.host_port)) {
+                return Err(field(
+                    w,
+                    format!(
+                        "host port {}/{} is forwarded twice",
+                        f.host_port, f.protocol
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -364,6 +516,105 @@ impl VmWorkload {
         self.volumes
             .iter()
             .fold(self.rootfs_mib, |acc, v| acc.saturating_add(v.size_mib))
+    }
+}
+
+impl NetworkWorkload {
+    pub fn validate(&self) -> Result<(), FormatError> {
+        let w = format!("network {}", self.name);
+        check_name("network name", &self.name)?;
+        if self.name == PUBLIC_NAT {
+            return Err(field(
+                &w,
+                format!("{PUBLIC_NAT} is reserved for the node's NAT"),
+            ));
+        }
+        let range = self.ip_range;
+        if !(MIN_RANGE_PREFIX..=MAX_SUBNET_PREFIX).contains(&range.prefix()) {
+            return Err(field(
+                &w,
+                format!("ip_range {range} must have a prefix length of {MIN_RANGE_PREFIX}-{MAX_SUBNET_PREFIX}"),
+            ));
+        }
+        if self.nodes.is_empty() || self.nodes.len() > MAX_NETWORK_NODES {
+            return Err(field(&w, format!("needs 1-{MAX_NETWORK_NODES} nodes")));
+        }
+        wireguard::parse_key(&self.wireguard_private_key)
+            .map_err(|e| field(&w, format!("wireguard_private_key: {e}")))?;
+        let mut ids = BTreeSet::new();
+        let mut keys = BTreeSet::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !ids.insert(n.node_id) {
+                return Err(field(&w, format!("node {} is listed twice", n.node_id)));
+            }
+            let key = wireguard::parse_key(&n.wireguard_public_key)
+                .map_err(|e| field(&w, format!("node {}: wireguard_public_key: {e}", n.node_id)))?;
+            if !keys.insert(key) {
+                return Err(field(
+                    &w,
+                    format!(
+                        "node {}: its WireGuard key is another node's too",
+                        n.node_id
+                    ),
+                ));
+            }
+            if !range.contains_net(&n.subnet) {
+                return Err(field(
+                    &w,
+                    format!(
+                        "node {}: subnet {} is not inside ip_range {range}",
+                        n.node_id, n.subnet
+                    ),
+                ));
+            }
+            if n.subnet.prefix() > MAX_SUBNET_PREFIX {
+                return Err(field(
+                    &w,
+                    format!(
+                        "node {}: subnet {} is smaller than a /{MAX_SUBNET_PREFIX}",
+                        n.node_id, n.subnet
+                    ),
+                ));
+            }
+            if n.subnet == range {
+                return Err(field(
+                    &w,
+                    format!(
+                        "node {}: subnet {} is the whole ip_range (each node needs its own part)",
+                        n.node_id, n.subnet
+                    ),
+                ));
+            }
+            if let Some(other) = self.nodes[..i]
+                .iter()
+                .find(|o| o.subnet.overlaps(&n.subnet))
+            {
+                return Err(field(
+                    &w,
+                    format!(
+                        "node {}: subnet {} overlaps node {}'s subnet {}",
+                        n.node_id, n.subnet, other.node_id, other.subnet
+                    ),
+                ));
+            }
+            if let Some(ep) = n.endpoint {
+                if ep.port() == 0 || ep.ip().is_unspecified() {
+                    return Err(field(
+                        &w,
+                        format!(
+                            "node {}: endpoint {ep} needs an address and a port",
+                            n.node_id
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This node's entry.
+    pub fn node(&self, node_id: u32) -> Option<&NetworkNode> {
+        self.nodes.iter().find(|n| n.node_id == node_id)
     }
 }
 
@@ -394,9 +645,37 @@ impl Deployment {
         for w in &self.workloads {
             match w {
                 Workload::Vm(vm) => vm.validate()?,
+                Workload::Network(n) => n.validate()?,
             }
             if !names.insert(w.name()) {
                 return Err(FormatError::DuplicateWorkload(w.name().to_string()));
+            }
+        }
+        for vm in self.vms() {
+            for iface in &vm.interfaces {
+                if iface.network == PUBLIC_NAT {
+                    continue;
+                }
+                let Some(net) = self.network(&iface.network) else {
+                    return Err(field(
+                        format!("workload {}", vm.name),
+                        format!(
+                            "interface on network {:?}: no network workload of that name in this deployment",
+                            iface.network
+                        ),
+                    ));
+                };
+                if let Some(ip) = iface.ip {
+                    if !net.ip_range.contains(ip) {
+                        return Err(field(
+                            format!("workload {}", vm.name),
+                            format!(
+                                "address {ip} is not in network {}'s ip_range {}",
+                                net.name, net.ip_range
+                            ),
+                        ));
+                    }
+                }
             }
         }
         if self.signatures.len() > MAX_SIGNERS {
@@ -523,9 +802,26 @@ impl Deployment {
     }
 
     pub fn vms(&self) -> impl Iterator<Item = &VmWorkload> {
-        self.workloads.iter().map(|w| match w {
-            Workload::Vm(vm) => vm,
+        self.workloads.iter().filter_map(|w| match w {
+            Workload::Vm(vm) => Some(vm),
+            _ => None,
         })
+    }
+
+    pub fn network(&self, name: &str) -> Option<&NetworkWorkload> {
+        self.networks().find(|n| n.name == name)
+    }
+
+    pub fn networks(&self) -> impl Iterator<Item = &NetworkWorkload> {
+        self.workloads.iter().filter_map(|w| match w {
+            Workload::Network(n) => Some(n),
+            _ => None,
+        })
+    }
+
+    /// Whether the deployment needs the node's networking.
+    pub fn uses_network(&self) -> bool {
+        self.networks().next().is_some() || self.vms().any(|vm| !vm.interfaces.is_empty())
     }
 }
 
@@ -557,6 +853,8 @@ pub(crate) mod tests {
                 env: BTreeMap::new(),
                 restart: RestartPolicy::Never,
                 shutdown_grace_secs: 10,
+                interfaces: vec![],
+                port_forwards: vec![],
             })],
             signature_requirement: None,
             on_failure: FailurePolicy::Rollback,
@@ -599,7 +897,9 @@ pub(crate) mod tests {
         let err = Deployment::from_json(v.to_string().as_bytes()).unwrap_err();
         assert!(err.contains("unknown field"), "{err}");
         let mut d = sample(1, 0);
-        let Workload::Vm(vm) = &mut d.workloads[0];
+        let Workload::Vm(vm) = &mut d.workloads[0] else {
+            unreachable!()
+        };
         vm.volumes[0].mount = "/data/../etc".into();
         assert!(d
             .validate()
@@ -613,9 +913,155 @@ pub(crate) mod tests {
             Err(FormatError::DuplicateWorkload("web".into()))
         );
         let mut d = sample(1, 0);
-        let Workload::Vm(vm) = &mut d.workloads[0];
+        let Workload::Vm(vm) = &mut d.workloads[0] else {
+            unreachable!()
+        };
         vm.vcpus = 0;
         assert!(d.validate().unwrap_err().to_string().contains("vcpus"));
+    }
+
+    fn with_network() -> Deployment {
+        let key = |_| wireguard::encode_key(&wireguard::generate_keypair().1);
+        let mut d = sample(1, 0);
+        let Workload::Vm(vm) = &mut d.workloads[0] else {
+            unreachable!()
+        };
+        vm.interfaces = vec![
+            VmInterface {
+                network: PUBLIC_NAT.into(),
+                ip: None,
+            },
+            VmInterface {
+                network: "net".into(),
+                ip: Some(Ipv4Addr::new(10, 20, 1, 5)),
+            },
+        ];
+        vm.port_forwards = vec![PortForward {
+            protocol: Protocol::Tcp,
+            host_port: 8080,
+            vm_port: 80,
+        }];
+        d.workloads.push(Workload::Network(NetworkWorkload {
+            name: "net".into(),
+            ip_range: "10.20.0.0/16".parse().unwrap(),
+            nodes: (1..=3)
+                .map(|i| NetworkNode {
+                    node_id: i,
+                    subnet: format!("10.20.{i}.0/24").parse().unwrap(),
+                    wireguard_public_key: key(i),
+                    endpoint: Some(format!("192.0.2.{i}:51820").parse().unwrap()),
+                })
+                .collect(),
+            wireguard_private_key: key(0),
+        }));
+        d
+    }
+
+    fn net_mut(d: &mut Deployment) -> &mut NetworkWorkload {
+        match &mut d.workloads[1] {
+            Workload::Network(n) => n,
+            _ => unreachable!(),
+        }
+    }
+
+    fn vm_mut(d: &mut Deployment) -> &mut VmWorkload {
+        match &mut d.workloads[0] {
+            Workload::Vm(vm) => vm,
+            _ => unreachable!(),
+        }
+    }
+
+    fn refused(d: &Deployment, needle: &str) {
+        let err = d.validate().unwrap_err().to_string();
+        assert!(err.contains(needle), "{err:?} does not say {needle:?}");
+    }
+
+    #[test]
+    fn network_workloads_and_interfaces_are_validated_strictly() {
+        let d = with_network();
+        d.validate().unwrap();
+        // The JSON round-trips, with the types' text forms.
+        let text = serde_json::to_string(&d).unwrap();
+        assert!(text.contains(r#""ip_range":"10.20.0.0/16""#), "{text}");
+        assert_eq!(Deployment::from_json(text.as_bytes()).unwrap(), d);
+        assert!(
+            Deployment::from_json(text.replace("10.20.0.0/16", "10.20.0.1/16").as_bytes())
+                .unwrap_err()
+                .contains("host bits")
+        );
+
+        let mut x = with_network();
+        net_mut(&mut x).nodes[1].subnet = "10.21.2.0/24".parse().unwrap();
+        refused(&x, "not inside ip_range 10.20.0.0/16");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[1].subnet = "10.20.0.0/23".parse().unwrap();
+        refused(&x, "overlaps node 1's subnet 10.20.1.0/24");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[2].node_id = 1;
+        refused(&x, "node 1 is listed twice");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[0].wireguard_public_key = "not a key".into();
+        refused(&x, "node 1: wireguard_public_key");
+        let mut x = with_network();
+        let k = net_mut(&mut x).nodes[0].wireguard_public_key.clone();
+        net_mut(&mut x).nodes[1].wireguard_public_key = k;
+        refused(&x, "another node's too");
+        let mut x = with_network();
+        net_mut(&mut x).wireguard_private_key = "A".repeat(43);
+        refused(&x, "wireguard_private_key");
+        let mut x = with_network();
+        net_mut(&mut x).ip_range = "10.20.1.0/30".parse().unwrap();
+        refused(&x, "prefix length");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[0].subnet = "10.20.0.0/16".parse().unwrap();
+        refused(&x, "is the whole ip_range");
+        let mut x = with_network();
+        net_mut(&mut x).nodes[0].endpoint = Some("0.0.0.0:51820".parse().unwrap());
+        refused(&x, "needs an address and a port");
+        let mut x = with_network();
+        net_mut(&mut x).name = PUBLIC_NAT.into();
+        vm_mut(&mut x).interfaces.pop();
+        refused(&x, "reserved");
+
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces[1].network = "other".into();
+        refused(&x, "no network workload of that name");
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces[1].ip = Some(Ipv4Addr::new(10, 30, 1, 5));
+        refused(&x, "not in network net's ip_range");
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces[0].ip = Some(Ipv4Addr::new(10, 249, 0, 5));
+        refused(&x, "chosen by the node");
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces[1].network = PUBLIC_NAT.into();
+        vm_mut(&mut x).interfaces[1].ip = None;
+        refused(&x, "two interfaces join network public-nat");
+        let mut x = with_network();
+        vm_mut(&mut x).interfaces.remove(0);
+        refused(&x, "port forwards need an interface on public-nat");
+        let mut x = with_network();
+        vm_mut(&mut x).port_forwards[0].vm_port = 0;
+        refused(&x, "1-65535");
+        let mut x = with_network();
+        let f = vm_mut(&mut x).port_forwards[0];
+        vm_mut(&mut x).port_forwards.push(f);
+        refused(&x, "host port 8080/tcp is forwarded twice");
+        // A network name that could not be a workload name is refused, not hashed.
+        let mut x = with_network();
+        net_mut(&mut x).name = "../../etc".into();
+        refused(&x, "network name");
+    }
+
+    #[test]
+    fn a_vm_without_networking_hashes_as_before() {
+        // The fields are left out of the encoding when empty: documents signed before the
+        // networking existed keep their hash and signatures.
+        let d = sample(1, 0);
+        let v = serde_json::to_value(&d).unwrap();
+        let vm = v["workloads"][0].as_object().unwrap();
+        assert!(!vm.contains_key("interfaces") && !vm.contains_key("port_forwards"));
+        assert!(!d.uses_network());
+        assert!(with_network().uses_network());
     }
 
     #[test]

@@ -24,6 +24,8 @@ use crate::capacity::{self, Resources};
 use crate::config::AgentConfig;
 use crate::deployment::{Deployment, FailurePolicy, VmWorkload};
 use crate::metrics::Metrics;
+use crate::network::check::CheckError;
+use crate::network::{Network, VmNetwork};
 use crate::registrar::{ContractState, Registrar, RegistrarError};
 use crate::state::{Op, OpKind, Store, VmRecord, VmState};
 use crate::supervisor::{self, Proc};
@@ -80,6 +82,8 @@ pub struct Engine {
     pub started_at: AtomicI64,
     /// Notified when a deployment was admitted or updated (what contracts use changed).
     pub usage_changed: tokio::sync::Notify,
+    /// The node's networking (None: disabled, VMs have no interfaces).
+    pub network: Option<Arc<Network>>,
 }
 
 fn now() -> i64 {
@@ -114,7 +118,91 @@ impl Engine {
             lock: tokio::sync::Mutex::new(()),
             started_at: AtomicI64::new(now()),
             usage_changed: tokio::sync::Notify::new(),
+            network: None,
         }
+    }
+
+    /// Gives VMs interfaces through `network`.
+    pub fn with_network(mut self, network: Arc<Network>) -> Self {
+        self.network = Some(network);
+        self
+    }
+
+    /// The node-dependent checks of a deployment's networking (ports, this node in its
+    /// networks, networking enabled).
+    fn check_network(&self, doc: &Deployment, target: (u32, u64)) -> Result<(), DeployError> {
+        let others: Vec<Deployment> = self
+            .store
+            .deployments(None)?
+            .into_iter()
+            .filter(|d| (d.twin_id, d.deployment_id) != target)
+            .collect();
+        let node_id = match &self.network {
+            Some(n) => n.node_id(&self.store),
+            None => self.store.meta("node_id")?.and_then(|v| v.parse().ok()),
+        };
+        let config = match &self.network {
+            Some(n) => n.config.clone(),
+            None => crate::network::NetworkConfig::default(),
+        };
+        let api_port = self.config.listen.map(|l| l.port());
+        crate::network::check::check_deployment(&config, api_port, node_id, doc, &others).map_err(
+            |e| match e {
+                CheckError::Invalid(m) => {
+                    DeployError::BadRequest(format!("invalid deployment: {m}"))
+                }
+                CheckError::Conflict(m) => DeployError::Conflict(m),
+                CheckError::Unavailable(m) => DeployError::Unavailable(m),
+            },
+        )
+    }
+
+    /// Makes the node's networking match the committed state; the error says why not.
+    async fn sync_network(&self) -> Result<crate::network::reconcile::Report, String> {
+        let Some(net) = &self.network else {
+            return Ok(Default::default());
+        };
+        match net.sync(&self.store).await {
+            Ok(report) => {
+                if !report.created.is_empty() || !report.removed.is_empty() {
+                    info!(created = ?report.created, removed = ?report.removed, "network reconciled");
+                }
+                Ok(report)
+            }
+            Err(e) => {
+                warn!("network: {e}");
+                Err(format!("the node's networking failed: {e}"))
+            }
+        }
+    }
+
+    /// The addresses of each VM of `doc` that has interfaces: `eth0 10.249.0.2/16`, ...
+    pub fn vm_addresses(&self, doc: &Deployment) -> BTreeMap<String, Vec<String>> {
+        doc.vms()
+            .filter_map(|vm| {
+                let net = self.vm_network(doc, vm).ok().flatten()?;
+                let list = net
+                    .guest
+                    .addresses
+                    .iter()
+                    .map(|a| format!("{} {}/{}", a.ifname, a.addr, a.prefix))
+                    .collect();
+                Some((vm.name.clone(), list))
+            })
+            .collect()
+    }
+
+    /// A VM's interfaces and guest network configuration (None without interfaces).
+    fn vm_network(&self, doc: &Deployment, vm: &VmWorkload) -> Result<Option<VmNetwork>, String> {
+        if vm.interfaces.is_empty() {
+            return Ok(None);
+        }
+        let Some(net) = &self.network else {
+            return Err("the node's networking is disabled".into());
+        };
+        net.vm_network(&self.store, doc, vm)
+            .map(Some)
+            .map_err(|e| format!("network: {e}"))
     }
 
     fn state_dir(&self) -> &Path {
@@ -208,6 +296,7 @@ impl Engine {
         let key_of = |id: u32| keys.get(&id).copied();
         doc.check_signatures(prev.as_ref(), &key_of)
             .map_err(DeployError::Forbidden)?;
+        self.check_network(&doc, target)?;
         let mut offered = self.capacity;
         offered.cru = offered
             .cru
@@ -515,7 +604,23 @@ impl Engine {
                 let _ = self.store.remove_vm(twin_id, deployment_id, &rec.name);
             }
         }
+        // Taps of removed VMs go, those of new ones come, before any VM starts.
+        let network = self.sync_network().await;
         let Some(doc) = desired else { return report };
+        for n in doc.networks() {
+            let netns = crate::network::naming::netns_name(twin_id, &n.name);
+            let failed = match &network {
+                Err(reason) => Some(reason.clone()),
+                Ok(r) => r
+                    .failed
+                    .iter()
+                    .find(|(ns, _)| *ns == netns)
+                    .map(|(_, why)| format!("network {}: {why}", n.name)),
+            };
+            if let Some(reason) = failed {
+                report.failed.insert(n.name.clone(), reason);
+            }
+        }
         for vm in doc.vms() {
             let key = VmKey {
                 twin_id,
@@ -523,7 +628,13 @@ impl Engine {
                 name: vm.name.clone(),
             };
             let rec = records.iter().find(|r| r.name == vm.name);
-            match self.prepare(&key, vm).await {
+            let vmnet = self.vm_network(doc, vm);
+            let prepared = match &vmnet {
+                Ok(net) => self.prepare(&key, vm, net.clone()).await,
+                Err(reason) => Err(anyhow::anyhow!(reason.clone())),
+            };
+            let vmnet = vmnet.ok().flatten();
+            match prepared {
                 Err(e) => {
                     let reason = format!("{e:#}");
                     self.mark_failed(&key, rec, "", &reason);
@@ -547,7 +658,10 @@ impl Engine {
                     if let Some(rec) = rec {
                         self.stop_vm(rec).await;
                     }
-                    match self.start_vm(&key, &paths, &spec_hash, 0).await {
+                    match self
+                        .start_vm(&key, &paths, &spec_hash, 0, vmnet.as_ref())
+                        .await
+                    {
                         Ok(()) => report.started.push(vm.name.clone()),
                         Err(reason) => {
                             report.failed.insert(vm.name.clone(), reason);
@@ -560,7 +674,12 @@ impl Engine {
     }
 
     /// Fetches images, writes the spec; returns the VM's paths and spec hash.
-    async fn prepare(&self, key: &VmKey, vm: &VmWorkload) -> Result<(VmPaths, String)> {
+    async fn prepare(
+        &self,
+        key: &VmKey,
+        vm: &VmWorkload,
+        net: Option<VmNetwork>,
+    ) -> Result<(VmPaths, String)> {
         let state_dir = self.state_dir().to_path_buf();
         let config = self.config.clone();
         let key = key.clone();
@@ -574,7 +693,7 @@ impl Engine {
                 .iter()
                 .map(|m| vmspec::resolve_image(&state_dir, &m.image, m.image_blake3.as_deref()))
                 .collect::<Result<Vec<PathBuf>>>()?;
-            let spec = vmspec::build(&config, &vm, &paths, &root, &mounts)?;
+            let spec = vmspec::build(&config, &vm, &paths, &root, &mounts, net.as_ref())?;
             let hash = vmspec::spec_hash(&spec);
             write_atomic(&paths.spec, &serde_json::to_vec_pretty(&spec)?)?;
             Ok((paths, hash))
@@ -591,6 +710,7 @@ impl Engine {
         paths: &VmPaths,
         spec_hash: &str,
         restarts: u32,
+        net: Option<&VmNetwork>,
     ) -> Result<(), String> {
         let mut rec = VmRecord {
             twin_id: key.twin_id,
@@ -608,11 +728,21 @@ impl Engine {
         };
         self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;
         let _ = std::fs::remove_file(&paths.api_sock);
-        let spawned = supervisor::spawn(
-            &self.config.vmm_bin(),
-            self.config.vmm.node_config.as_deref(),
-            paths,
-        );
+        // Taps in private networks' namespaces, opened here for the vmm to inherit.
+        let fds = net
+            .into_iter()
+            .flat_map(|n| n.inherited_taps())
+            .map(|(ns, tap)| crate::network::links::open_tap(ns, tap))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| anyhow::anyhow!("network: {e}"));
+        let spawned = fds.and_then(|fds| {
+            supervisor::spawn_with_fds(
+                &self.config.vmm_bin(),
+                self.config.vmm.node_config.as_deref(),
+                paths,
+                fds,
+            )
+        });
         let proc_ = match spawned {
             Ok(p) => p,
             Err(e) => {
@@ -733,6 +863,11 @@ impl Engine {
             }
         }
         let _guard = self.lock.lock().await;
+        // The node's networking as the database has it (stale objects of a crash removed,
+        // running VMs' taps kept), before any VM starts.
+        if let Err(e) = self.sync_network().await {
+            warn!("{e}");
+        }
         for op in self.store.ops()? {
             info!(op = op.id, kind = ?op.kind, twin = op.twin_id, deployment = op.deployment_id, "finishing an interrupted operation");
             match op.kind {
@@ -833,10 +968,18 @@ impl Engine {
                     let _ = self.store.put_vm(&rec);
                 }
                 VmState::Restarting if t >= rec.next_start_at => {
-                    match self.prepare(&key, &vm).await {
+                    let vmnet = self.vm_network(&doc.doc, &vm);
+                    let prepared = match &vmnet {
+                        Ok(net) => self.prepare(&key, &vm, net.clone()).await,
+                        Err(reason) => Err(anyhow::anyhow!(reason.clone())),
+                    };
+                    let vmnet = vmnet.ok().flatten();
+                    match prepared {
                         Ok((paths, hash)) => {
                             let restarts = rec.restarts.saturating_add(1);
-                            if let Err(reason) = self.start_vm(&key, &paths, &hash, restarts).await
+                            if let Err(reason) = self
+                                .start_vm(&key, &paths, &hash, restarts, vmnet.as_ref())
+                                .await
                             {
                                 // Keep retrying per policy, with backoff; never drop it.
                                 rec.state = VmState::Restarting;

@@ -4,7 +4,8 @@
 //! (desired state written before anything acts) -> [`engine`] reconcile -> [`supervisor`]
 //! (one vmm process per VM, in its own session) -> vmm. Around it: the node's [`identity`]
 //! and [`capacity`], registration through a [`registrar::Registrar`] (an embedded one by
-//! default), the HTTP [`api`] and the CLI client that talks to it.
+//! default), the HTTP [`api`] and the CLI client that talks to it. The node's [`network`]
+//! gives VMs their interfaces (a NAT bridge, private networks over WireGuard, port forwards).
 
 pub mod api;
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod hostmem;
 pub mod identity;
 pub mod init;
 pub mod metrics;
+pub mod network;
 pub mod registrar;
 pub mod state;
 pub mod supervisor;

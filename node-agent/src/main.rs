@@ -689,13 +689,21 @@ async fn daemon(args: RunArgs) -> Result<()> {
         }
     }
     let metrics = Arc::new(Metrics::default());
-    let engine = Arc::new(Engine::new(
+    let mut engine = Engine::new(
         store.clone(),
         config.clone(),
         registrar.clone(),
         metrics.clone(),
         total,
-    ));
+    );
+    if config.network.enabled {
+        let net =
+            node_agent::network::Network::new(config.network.clone(), key.public_hex().as_bytes())
+                .context("the network configuration")?;
+        info!(uplink = net.uplink(), nat_range = %config.network.nat_range, "networking enabled");
+        engine = engine.with_network(Arc::new(net));
+    }
+    let engine = Arc::new(engine);
     info!(
         cru = total.cru,
         mru_mib = total.mru >> 20,

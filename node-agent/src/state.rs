@@ -10,6 +10,7 @@
 //! - `vms`: each VM's runtime record: the spec hash it runs, its vmm process (pid and start
 //!   time, so a reused pid is not mistaken for it), state, restarts and backoff, last exit.
 //! - `meta`: the node's twin and node ids, the boot id of the last run.
+//! - `net_addrs`: addresses given to VM interfaces ([`crate::network::ipam`]).
 //! - `reg_*`: the embedded registrar's tables; `pending_uptime`: reports not yet accepted.
 
 use std::path::Path;
@@ -47,6 +48,10 @@ CREATE TABLE IF NOT EXISTS reg_nodes(
 CREATE TABLE IF NOT EXISTS reg_uptime(
     node_id INTEGER NOT NULL, uptime INTEGER NOT NULL, timestamp INTEGER NOT NULL,
     received_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS net_addrs(
+    pool TEXT NOT NULL, host INTEGER NOT NULL, twin_id INTEGER NOT NULL,
+    deployment_id INTEGER NOT NULL, vm TEXT NOT NULL, iface INTEGER NOT NULL,
+    PRIMARY KEY(pool, host), UNIQUE(twin_id, deployment_id, vm, iface));
 CREATE TABLE IF NOT EXISTS pending_uptime(
     id INTEGER PRIMARY KEY AUTOINCREMENT, uptime INTEGER NOT NULL, timestamp INTEGER NOT NULL);
 ";

@@ -59,6 +59,21 @@ pub fn reap_children() {
 
 /// Starts the vmm for a VM whose spec is written at `paths.spec`.
 pub fn spawn(vmm_bin: &Path, node_config: Option<&Path>, paths: &VmPaths) -> Result<Proc> {
+    spawn_with_fds(vmm_bin, node_config, paths, Vec::new())
+}
+
+/// First fd number given to descriptors a vmm inherits (clear of stdio and of what the
+/// standard library's spawn uses in the child).
+pub const FIRST_INHERITED_FD: i32 = 100;
+
+/// Like [`spawn`], the vmm inheriting `fds[i]` as fd `FIRST_INHERITED_FD + i` (the taps of
+/// private networks, which live in namespaces the vmm is not in: its spec names them by fd).
+pub fn spawn_with_fds(
+    vmm_bin: &Path,
+    node_config: Option<&Path>,
+    paths: &VmPaths,
+    fds: Vec<std::os::fd::OwnedFd>,
+) -> Result<Proc> {
     let log = fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -77,11 +92,18 @@ pub fn spawn(vmm_bin: &Path, node_config: Option<&Path>, paths: &VmPaths) -> Res
             "VMM_LOG",
             std::env::var("VMM_LOG").unwrap_or_else(|_| "info".into()),
         );
-    // SAFETY: setsid is async-signal-safe; the child only calls it before exec.
+    let raw: Vec<i32> = fds.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+    // SAFETY: setsid and dup2 are async-signal-safe; the child only calls them before exec.
+    // dup2 leaves the new descriptor without close-on-exec, so the vmm inherits it.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            for (i, fd) in raw.iter().enumerate() {
+                if libc::dup2(*fd, FIRST_INHERITED_FD + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -92,6 +114,8 @@ pub fn spawn(vmm_bin: &Path, node_config: Option<&Path>, paths: &VmPaths) -> Res
     let pid = child.id() as i32;
     // The child is reaped by `reap_children`; dropping the handle neither waits nor kills.
     drop(child);
+    // The vmm has its copies.
+    drop(fds);
     Proc::of(pid)
         .with_context(|| format!("vmm {pid} ended at once; see {}", paths.vmm_log.display()))
 }

@@ -18,6 +18,7 @@ use vm_spec::{FsSpec, GuestMount, RngSpec, SerialOutput, VmSpec};
 
 use crate::config::AgentConfig;
 use crate::deployment::VmWorkload;
+use crate::network::{cmdline, VmNetwork};
 
 /// Largest image (flist metadata) file fetched from a URL.
 pub const MAX_IMAGE_BYTES: u64 = 512 << 20;
@@ -165,10 +166,18 @@ pub fn build(
     paths: &VmPaths,
     root_image: &Path,
     mount_images: &[PathBuf],
+    net: Option<&VmNetwork>,
 ) -> Result<VmSpec> {
     let mut spec = VmSpec::new(config.vmm.kernel.clone());
     spec.initrd = Some(config.vmm.initrd.clone());
     spec.cmdline = config.vmm.cmdline.clone();
+    if let Some(net) = net {
+        // The devices (taps on the NAT bridge by name, taps in private networks' namespaces
+        // as fds the supervisor passes), and the guest's addresses, routes and name servers
+        // on its command line.
+        spec.net = net.net_specs(crate::supervisor::FIRST_INHERITED_FD);
+        spec.cmdline = cmdline::append(&spec.cmdline, &net.guest.to_cmdline());
+    }
     spec.vcpus = vm.vcpus;
     spec.memory_mib = vm.memory_mib;
     spec.entrypoint = std::iter::once(vm.entrypoint.clone())
@@ -243,7 +252,15 @@ mod tests {
         };
         let paths = VmPaths::new(dir.path(), &key);
         paths.create().unwrap();
-        let spec = build(&cfg, vm, &paths, Path::new("/images/alpine.flist"), &[]).unwrap();
+        let spec = build(
+            &cfg,
+            vm,
+            &paths,
+            Path::new("/images/alpine.flist"),
+            &[],
+            None,
+        )
+        .unwrap();
         assert_eq!(spec.root.as_deref(), Some("root"));
         assert_eq!(spec.fs.len(), 2);
         assert_eq!(spec.fs[0].writable_layer(), Some(paths.layer.as_path()));

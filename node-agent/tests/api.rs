@@ -215,7 +215,9 @@ async fn bad_deployments_are_refused_with_their_reason_and_change_nothing() {
     assert!(b.contains("no valid signature of the owner"), "{b}");
     let mut tampered = good.clone();
     tampered.workloads = deployment(n.owner_id, 1).workloads;
-    let Workload::Vm(vm) = &mut tampered.workloads[0];
+    let Workload::Vm(vm) = &mut tampered.workloads[0] else {
+        unreachable!()
+    };
     vm.memory_mib = 512;
     let (s, b) = call(
         &n.app,
@@ -255,7 +257,9 @@ async fn bad_deployments_are_refused_with_their_reason_and_change_nothing() {
 
     // Over capacity.
     let mut big = deployment(n.owner_id, 1);
-    let Workload::Vm(vm) = &mut big.workloads[0];
+    let Workload::Vm(vm) = &mut big.workloads[0] else {
+        unreachable!()
+    };
     vm.vcpus = 8;
     big.sign(n.owner_id, &n.owner);
     let (s, b) = call(

@@ -763,7 +763,9 @@ where
 /// A deployment of one VM with 2 vCPUs, 512 MiB, a 64 MiB rootfs and a 1 GiB volume.
 fn sized_deployment(twin_id: u32, id: u64, metadata: &str) -> Deployment {
     let mut d = deployment(twin_id, id, metadata);
-    let Workload::Vm(vm) = &mut d.workloads[0];
+    let Workload::Vm(vm) = &mut d.workloads[0] else {
+        unreachable!()
+    };
     vm.vcpus = 2;
     vm.memory_mib = 512;
     vm.rootfs_mib = 64;
@@ -840,7 +842,9 @@ async fn contract_resources_are_reported_on_admission_update_and_timer() {
     let mut v2 = d.clone();
     v2.version = 2;
     v2.metadata = "resources v2".into();
-    let Workload::Vm(vm) = &mut v2.workloads[0];
+    let Workload::Vm(vm) = &mut v2.workloads[0] else {
+        unreachable!()
+    };
     vm.vcpus = 4;
     vm.memory_mib = 2048;
     v2.signatures.clear();

@@ -195,6 +195,8 @@ fn vm(name: &str, image: &Path) -> Workload {
         env: Default::default(),
         restart: RestartPolicy::OnFailure,
         shutdown_grace_secs: 0,
+        interfaces: vec![],
+        port_forwards: vec![],
     })
 }
 
@@ -251,6 +253,8 @@ pub fn unbootable_deployment(
             env: Default::default(),
             restart: RestartPolicy::Never,
             shutdown_grace_secs: 0,
+            interfaces: vec![],
+            port_forwards: vec![],
         })],
         signature_requirement: None,
         on_failure,

@@ -1,0 +1,186 @@
+//! Networking of VMs through the node agent on the test bed (a real KVM host inside QEMU):
+//! a signed deployment of a private network and two VMs, one on the node's NAT bridge and the
+//! network, one on the network only. The guests are configured by their init from the kernel
+//! command line the agent wrote; the second VM reaches the first over the private network's
+//! bridge inside its namespace (its tap passed to the vmm as an fd); the first reaches a host
+//! outside (a namespace behind the node's uplink) through the NAT, and that host reaches it
+//! through a port forward; the node reaches the first over the NAT bridge, and not the private
+//! network; the agent killed with -9 comes back
+//! without touching the running VM's tap (same interface index, traffic still flows); delete
+//! removes the taps, the network's namespace and the port forward.
+
+use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
+
+/// RFC 7748's test keys (Alice is this node, Bob a node elsewhere), base64.
+const NODE_PRIVATE: &str = "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=";
+const NODE_PUBLIC: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+const PEER_PUBLIC: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
+
+const SCRIPT: &str = r#"
+set -u
+fail() {
+  echo "FAIL: $*"; echo "--- agent log"; tail -n 60 /srv/agent.log
+  for f in /srv/state/vms/*/*/*/console.log /srv/state/vms/*/*/*/vmm.log; do echo "--- $f"; tail -n 30 "$f"; done
+  exit 1
+}
+wait_for() { i=0; while ! sh -c "$1" >/dev/null 2>&1; do i=$((i+1)); if [ $i -gt $2 ]; then fail "timeout: $1"; fi; sleep 1; done; }
+A=/node-agent
+K="--key /srv/user.key --agent /srv/state/agent.sock"
+
+mkdir -p /srv/rootfs/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp /srv/rootfs/sys /srv/rootfs/run
+cp /bin/busybox /srv/rootfs/bin/busybox
+for a in sh cat echo sleep ip ping nc sed timeout; do ln -s busybox /srv/rootfs/bin/$a; done
+/flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null || fail pack
+echo '{"image_cache": "/srv/cache", "stores": ["dir:///srv/store"]}' > /srv/node.json
+chmod 600 /srv/node.json
+# The uplink: a veth whose other end is in a namespace standing in for the outside world.
+unshare -n sleep 100000 & WAN=$!
+sleep 1
+W="nsenter -t $WAN -n"
+ip link add up0 type veth && ip link set veth0 netns $WAN || fail "veth"
+ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up || fail "uplink"
+$W ip addr add 192.0.2.2/24 dev veth0 && $W ip link set veth0 up && $W ip link set lo up || fail "outside"
+# The outside serves port 9000: a VM's connection can only come back if it was masqueraded
+# (the outside has no route to the node's private range).
+$W sh -c 'nc -l -p 9000 > /srv/wan.got' &
+echo '{"state_dir": "/srv/state", "registrar": "local", "uptime_interval_secs": 5,
+ "reserve": {"cru": 0, "mru": 0, "sru": 0, "hru": 0},
+ "network": {"enabled": true, "uplink": "up0"},
+ "vmm": {"bin": "/vmm", "kernel": "/guest/vmlinux", "initrd": "/guest/initrd",
+         "node_config": "/srv/node.json", "cmdline": "quiet", "console_max_bytes": 65536}}' > /srv/agent.json
+start_agent() { GRIDNODE_LOG=info $A run --config /srv/agent.json >> /srv/agent.log 2>&1 & AGENT=$!; wait_for "test -S /srv/state/agent.sock && $A node --agent /srv/state/agent.sock" 30; }
+start_agent
+[ -d /sys/class/net/gn-br0 ] && echo nat-bridge-up-1 || fail "no NAT bridge at start"
+
+$A keygen --out /srv/user.key > /dev/null
+$A twin register --key /srv/user.key --registrar /srv/state/agent.sock || fail "twin register"
+TWIN=$(cat /srv/user.key.twin)
+wait_for "$A node --agent /srv/state/agent.sock | grep -q '\"registered\": true'" 60
+NODE=$($A node --agent /srv/state/agent.sock | sed -n 's/.*"node_id": \([0-9]*\).*/\1/p')
+[ -n "$NODE" ] || fail "no node id"
+
+cat > /srv/d1.json <<JSON
+{"twin_id": $TWIN, "deployment_id": 1, "version": 1, "workloads": [
+ {"type": "network", "name": "net", "ip_range": "10.20.0.0/16",
+  "nodes": [{"node_id": $NODE, "subnet": "10.20.1.0/24", "wireguard_public_key": "@NODE_PUBLIC@", "endpoint": "192.0.2.1:51820"},
+            {"node_id": 4242, "subnet": "10.20.2.0/24", "wireguard_public_key": "@PEER_PUBLIC@", "endpoint": "192.0.2.99:51820"}],
+  "wireguard_private_key": "@NODE_PRIVATE@"},
+ {"type": "vm", "name": "a", "image": "/srv/root.flist", "vcpus": 1, "memory_mib": 128, "rootfs_mib": 64,
+  "interfaces": [{"network": "public-nat"}, {"network": "net"}],
+  "port_forwards": [{"protocol": "tcp", "host_port": 8080, "vm_port": 80}],
+  "entrypoint": "/bin/sh", "args": ["-c", "(while true; do nc -l -p 80 | sed s/^/a-got-/; done) & ip addr; ip route; ping -c 1 -W 5 10.249.0.1 > /dev/null && echo a-pinged-gateway; echo from-a-via-nat | timeout 5 nc 192.0.2.2 9000; echo a-up; wait"]},
+ {"type": "vm", "name": "b", "image": "/srv/root.flist", "vcpus": 1, "memory_mib": 128, "rootfs_mib": 64,
+  "interfaces": [{"network": "net", "ip": "10.20.1.50"}],
+  "entrypoint": "/bin/sh", "args": ["-c", "ip addr; i=0; until ping -c 1 -W 1 10.20.1.2 > /dev/null 2>&1; do i=\$((i+1)); [ \$i -gt 120 ] && break; done; for t in 1 2 3 4 5 6; do echo from-b | timeout 5 nc 10.20.1.2 80 && break; sleep 2; done; echo b-sent; while true; do sleep 1; done"]}
+]}
+JSON
+$A deploy /srv/d1.json $K && echo deploy-ok-2 || fail "deploy"
+wait_for "$A logs a $K | grep -q a-up" 180
+$A logs a $K | grep -q 'inet 10.249.0.2/16' && $A logs a $K | grep -q 'inet 10.20.1.2/24' && echo a-configured-3 || fail "a's addresses: $($A logs a $K)"
+$A logs a $K | grep -q a-pinged-gateway && echo a-reached-gateway-4 || fail "a did not reach its gateway"
+wait_for "$A logs a $K | grep -q a-got-from-b" 240
+echo b-reached-a-over-the-network-5
+# The node reaches a on the NAT bridge, not on the private network.
+# (a serves one connection at a time: a send is tried again until it got through.)
+wait_for "echo from-host | timeout 5 nc 10.249.0.2 80; $A logs a $K | grep -q a-got-from-host" 30
+echo node-reached-a-6
+ping -c 1 -W 2 10.20.1.2 > /dev/null 2>&1 && fail "the node reached the private network" || echo private-network-closed-7
+# Outbound through the NAT, inbound through the port forward.
+wait_for "grep -q from-a-via-nat /srv/wan.got" 30
+echo a-reached-the-outside-masqueraded-7b
+wait_for "echo from-wan | $W timeout 5 nc 192.0.2.1 8080; $A logs a $K | grep -q a-got-from-wan" 30
+echo port-forward-7c
+NS=$(ls /run/netns)
+[ "$(echo $NS | wc -w)" = 1 ] && echo one-namespace-8 || fail "namespaces: $NS"
+[ -d /sys/class/net/gn-br0 ] && [ "$(ls /sys/class/net | grep -c '^gn-t')" = 1 ] && echo one-nat-tap-9 || fail "taps: $(ls /sys/class/net)"
+
+# The agent killed with -9: a keeps its tap and its traffic.
+TAP=$(ls /sys/class/net | grep '^gn-t')
+IDX=$(cat /sys/class/net/$TAP/ifindex)
+kill -9 $AGENT; wait $AGENT 2>/dev/null
+start_agent
+sleep 3
+[ "$(cat /sys/class/net/$TAP/ifindex)" = "$IDX" ] && echo tap-kept-10 || fail "tap $TAP was made again"
+wait_for "echo from-host-again | timeout 5 nc 10.249.0.2 80; $A logs a $K | grep -q a-got-from-host-again" 30
+echo traffic-after-restart-11
+
+# Delete: taps and the namespace go, the node's bridge stays.
+$A rm 1 $K || fail rm
+[ "$(ls /sys/class/net | grep -c '^gn-t')" = 0 ] && echo taps-gone-12 || fail "taps left: $(ls /sys/class/net)"
+[ -z "$(ls /run/netns)" ] && echo namespace-gone-13 || fail "namespaces left: $(ls /run/netns)"
+# Without the forward, the node's own port 8080 gets the connection.
+nc -l -p 8080 > /srv/node.got & sleep 1
+wait_for "echo from-wan-after-delete | $W timeout 5 nc 192.0.2.1 8080; grep -q from-wan-after-delete /srv/node.got" 10
+echo forward-gone-14
+echo network-e2e-done
+"#;
+
+#[test]
+fn vms_get_nat_and_a_private_network_through_the_agent() -> Result<(), Error> {
+    let test = "vms_get_nat_and_a_private_network_through_the_agent";
+    let Some(testbed) = skip_if_missing(test, Testbed::from_system())? else {
+        return Ok(());
+    };
+    let testbed = testbed.with_modules(&[
+        "tun",
+        "veth",
+        "bridge",
+        "wireguard",
+        "nf_tables",
+        "nft_chain_nat",
+        "nft_nat",
+        "nft_masq",
+        "nft_ct",
+    ])?;
+    let Some(kernel) = skip_if_missing(test, artifacts::guest_kernel())? else {
+        return Ok(());
+    };
+    let init = artifacts::guest_init()?;
+    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
+    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
+        context: format!("creating {}", scratch.display()),
+        source,
+    })?;
+    let initrd = scratch.join("initrd.cpio");
+    microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?.write_file(&initrd)?;
+    let target = artifacts::target_dir();
+    let script = SCRIPT
+        .replace("@NODE_PRIVATE@", NODE_PRIVATE)
+        .replace("@NODE_PUBLIC@", NODE_PUBLIC)
+        .replace("@PEER_PUBLIC@", PEER_PUBLIC);
+    let job = Job::new(script)
+        .binary("/vmm", artifacts::vmm_binary()?)
+        .binary("/flist", target.join("debug/flist"))
+        .binary("/node-agent", target.join("debug/node-agent"))
+        .file("/guest/vmlinux", &kernel.vmlinux)
+        .file("/guest/initrd", &initrd)
+        .timeout(std::time::Duration::from_secs(900));
+    let out = testbed.run(&job)?;
+    eprintln!("--- job output ---\n{}", out.output);
+    for needle in [
+        "nat-bridge-up-1",
+        "deploy-ok-2",
+        "a-configured-3",
+        "a-reached-gateway-4",
+        "b-reached-a-over-the-network-5",
+        "node-reached-a-6",
+        "private-network-closed-7",
+        "a-reached-the-outside-masqueraded-7b",
+        "port-forward-7c",
+        "one-namespace-8",
+        "one-nat-tap-9",
+        "tap-kept-10",
+        "traffic-after-restart-11",
+        "taps-gone-12",
+        "namespace-gone-13",
+        "forward-gone-14",
+        "network-e2e-done",
+    ] {
+        assert!(
+            out.output.contains(needle),
+            "missing {needle:?}:\n{}",
+            out.output
+        );
+    }
+    Ok(())
+}
