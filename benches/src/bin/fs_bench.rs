@@ -541,8 +541,7 @@ fn measure_all(
     let mut samples: Vec<(Vec<Sample>, Vec<Sample>)> =
         vec![(Vec::new(), Vec::new()); servers.len()];
     for run in 0..runs {
-        let mut order: Vec<(&Server, &mut (Vec<Sample>, Vec<Sample>))> =
-            servers.iter().zip(samples.iter_mut()).collect();
+        let mut order: Vec<_> = servers.iter().zip(samples.iter_mut()).collect();
         if run % 2 == 1 {
             order.reverse();
         }
