@@ -8,10 +8,12 @@
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
 
-/// Concurrent connections per direction, their size, and the large transfer's.
-const CONNS: u32 = 8;
-const SMALL: u64 = 1 << 20;
-const LARGE: u64 = 32 << 20;
+/// Concurrent connections per direction, their size, and the large transfer's (the test runs
+/// the debug vmm on a nested TCG test bed, where TCP moves well under 1 MiB/s: throughput
+/// is the benchmark's business, `scripts/bench.sh net`).
+const CONNS: u32 = 4;
+const SMALL: u64 = 256 << 10;
+const LARGE: u64 = 4 << 20;
 
 /// The value of metric `name` for device net0 in a Prometheus text answer.
 fn metric(text: &str, name: &str) -> Option<u64> {
@@ -70,7 +72,7 @@ fn net_carries_tcp_and_ping_both_ways_with_the_guest_configured_by_init() -> Res
            i=$((i+1)); [ $i -gt 300 ] && break; kill -0 $V 2>/dev/null || break; done\n\
          ping -c 3 -W 5 10.0.2.2 && echo host-ping=ok\n\
          /probe tcp-connect 10.0.2.2 7001 {CONNS} {SMALL} {LARGE} & H=$!\n\
-         ( sleep 480; echo deadline-passed; /probe http-unix /run/api.sock /metrics | grep '^vmm_net_'; \
+         ( sleep 300; echo deadline-passed; /probe http-unix /run/api.sock /metrics | grep '^vmm_net_'; \
            ip -s link show tap0; kill $H $S $V 2>/dev/null ) & K=$!\n\
          wait $H; echo host-connect=$?\n\
          wait $S; echo host-serve=$?\n\
@@ -88,8 +90,17 @@ fn net_carries_tcp_and_ping_both_ways_with_the_guest_configured_by_init() -> Res
         .file("/probe", &probe)
         .file("/guest/vmlinux", &kernel.vmlinux)
         .file("/guest/initrd", &initrd)
-        .timeout(std::time::Duration::from_secs(900));
-    let out = testbed.run(&job)?;
+        .timeout(std::time::Duration::from_secs(600));
+    let mut out = testbed.run(&job)?;
+    if out.output.contains("triple fault") {
+        // Seen on this test bed under load, with QEMU's guests as with ours (fs_bench.rs): the
+        // nested guest dies. Its output is printed; a second death fails the test.
+        eprintln!(
+            "--- the guest died (triple fault); its run ---\n{}\n--- running it again in a fresh test bed ---",
+            out.output
+        );
+        out = testbed.run(&job)?;
+    }
     eprintln!("--- job output ---\n{}", out.output);
     let lines: Vec<&str> = out.output.lines().map(str::trim).collect();
     let has = |start: &str| lines.iter().any(|l| l.starts_with(start));
