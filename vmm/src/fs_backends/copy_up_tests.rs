@@ -16,7 +16,7 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::common::file_buf::FileVolatileSlice;
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
-use fuse_backend_rs::overlayfs::OverlayFs;
+
 
 use super::tests::{create_args, lookup, name, on_worker_thread, pack, write_at};
 use super::{Guard, Limits};
@@ -94,7 +94,7 @@ impl Fixture {
         self.tmp.path().join("layer")
     }
 
-    fn share(&self, limits: Limits) -> Guard<OverlayFs> {
+    fn share(&self, limits: Limits) -> Guard<super::layer::Layer> {
         let fs = super::layered_share(
             "t",
             &self.tmp.path().join("img.flist"),

@@ -295,7 +295,7 @@ fn a_writable_share_is_not_reported_read_only() {
     assert!(tmp.path().join("d").is_dir());
 }
 
-fn guarded_overlay(fx: &Fixture) -> super::Guard<fuse_backend_rs::overlayfs::OverlayFs> {
+fn guarded_overlay(fx: &Fixture) -> super::Guard<super::layer::Layer> {
     let cache = fx.tmp.path().join("cache");
     let fs = super::layered_share(
         "t",

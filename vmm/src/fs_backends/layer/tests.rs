@@ -1,0 +1,1 @@
+//! Unit tests of the writable layer, driving its FileSystem methods directly.
