@@ -101,8 +101,9 @@ pub struct Layer {
     root: Arc<OwnedFd>,
     /// `<layer>/work` (`O_PATH`): staging of whiteouts and removed directories.
     work: OwnedFd,
-    /// `<layer>/work/index` (`O_PATH`), when it could be made.
-    index: Option<OwnedFd>,
+    /// `<layer>/work/index` (`O_PATH`), once there (made at the first copy-up of a file with
+    /// several image names).
+    index: std::sync::OnceLock<OwnedFd>,
     copy_up: CopyUp,
     quota: Option<Arc<Quota>>,
     inodes: Inodes,
@@ -127,12 +128,10 @@ impl Layer {
         copy_up: CopyUp,
         quota: Option<Arc<Quota>>,
     ) -> Self {
-        let index = match host::mkdir_at(&work, whiteout::INDEX_DIR, 0o700) {
-            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => Err(e),
-            _ => host::open_dir(&work, whiteout::INDEX_DIR),
+        let index = std::sync::OnceLock::new();
+        if let Ok(fd) = host::open_dir(&work, whiteout::INDEX_DIR) {
+            let _ = index.set(fd);
         }
-        .map_err(|e| tracing::warn!("layer: no index directory, image hard links copy apart: {e}"))
-        .ok();
         let inodes = Inodes::new(Self::root_state(&root));
         Self {
             image,
@@ -421,8 +420,32 @@ impl Layer {
         Ok((node, Self::lower_attr(lst)))
     }
 
+    /// The index directory, made when `create` and not there yet.
+    fn index(&self, create: bool) -> Option<&OwnedFd> {
+        if let Some(index) = self.index.get() {
+            return Some(index);
+        }
+        if !create {
+            return None;
+        }
+        let made = match host::mkdir_at(&self.work, whiteout::INDEX_DIR, 0o700) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => Err(e),
+            _ => host::open_dir(&self.work, whiteout::INDEX_DIR),
+        };
+        match made {
+            Ok(fd) => {
+                let _ = self.index.set(fd);
+                self.index.get()
+            }
+            Err(e) => {
+                tracing::warn!("layer: no index directory, image hard links copy apart: {e}");
+                None
+            }
+        }
+    }
+
     fn indexed(&self, lino: u64) -> bool {
-        self.index.as_ref().is_some_and(|index| {
+        self.index(false).is_some_and(|index| {
             matches!(host::stat_at(index, &whiteout::index_name(lino)), Ok(Some(_)))
         })
     }
@@ -436,7 +459,7 @@ impl Layer {
         name: &CStr,
         lino: u64,
     ) -> io::Result<Option<(Arc<Node>, stat64)>> {
-        let Some(index) = &self.index else {
+        let Some(index) = self.index(false) else {
             return Ok(None);
         };
         let pst = self.ensure_upper(ctx, parent)?;
@@ -474,10 +497,11 @@ impl Layer {
         }
         let (lst, _) = self.image.getattr(ctx, lower, None)?;
         let kind = lst.st_mode & libc::S_IFMT;
-        let index = self
-            .index
-            .as_ref()
-            .filter(|_| kind == libc::S_IFREG && lst.st_nlink > 1);
+        let index = if kind == libc::S_IFREG && lst.st_nlink > 1 {
+            self.index(true)
+        } else {
+            None
+        };
         let linked = match index {
             Some(index) => {
                 match host::link_at(index, &whiteout::index_name(lower), &dir, &st.name) {
