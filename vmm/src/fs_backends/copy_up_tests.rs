@@ -176,7 +176,7 @@ fn thread_bytes_written() -> u64 {
 }
 
 /// A ZeroCopyWriter collecting what FileSystem::read writes.
-struct VecWriter(Vec<u8>);
+pub(super) struct VecWriter(pub(super) Vec<u8>);
 
 impl io::Write for VecWriter {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
@@ -208,7 +208,7 @@ impl ZeroCopyWriter for VecWriter {
 }
 
 /// The whole file `inode` as the guest reads it.
-fn read_all<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, inode: u64) -> io::Result<Vec<u8>> {
+pub(super) fn read_all<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, inode: u64) -> io::Result<Vec<u8>> {
     let ctx = Context::default();
     let (handle, _, _) = fs.open(&ctx, inode, libc::O_RDONLY as u32, 0)?;
     let handle = handle.unwrap_or(0);

@@ -374,7 +374,12 @@ impl Layer {
         if existed {
             self.upper.forget(ctx, e.inode, 1);
         }
-        Ok((node, e.attr))
+        let mut attr = e.attr;
+        let st = node.state().clone();
+        if let (Some(lower), Some(fd)) = (st.lower, &st.upper_dir) {
+            attr.st_nlink += self.lower_only_subdirs(ctx, lower, fd).unwrap_or(0);
+        }
+        Ok((node, attr))
     }
 
     /// Looks `name` up in directory `parent`: its node (one more lookup) and attributes.
@@ -595,6 +600,26 @@ impl Layer {
         Ok(items)
     }
 
+    /// How many subdirectories of image directory `lower` show in the merged directory whose
+    /// upper directory is `upper` (those with no upper entry of their name).
+    fn lower_only_subdirs(&self, ctx: &Context, lower: u64, upper: &OwnedFd) -> io::Result<u64> {
+        let mut dirs = Vec::new();
+        self.image.readdir(ctx, lower, lower, u32::MAX, 0, &mut |e: DirEntry| {
+            if e.type_ == u32::from(libc::DT_DIR) && e.name != b"." && e.name != b".." {
+                dirs.push(e.name.to_vec());
+            }
+            Ok(1)
+        })?;
+        let mut n = 0;
+        for d in dirs {
+            let name = CString::new(d).map_err(|_| errno(libc::EIO))?;
+            if host::stat_at(upper, &name)?.is_none() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Whether the directory `name` in `dir` shows no entry (whiteouts aside).
     fn is_empty_dir(&self, ctx: &Context, dir: &NodeState, name: &CStr, peek: &Peek) -> io::Result<bool> {
         let state = match (&peek.upper, &peek.lower) {
@@ -734,7 +759,11 @@ impl FileSystem for Layer {
         match (st.upper, st.lower) {
             (Some(upper), _) => {
                 let handle = handle.filter(|h| h & LOWER_HANDLE == 0);
-                let (attr, _) = self.upper.getattr(ctx, upper, handle)?;
+                let (mut attr, _) = self.upper.getattr(ctx, upper, handle)?;
+                if let (Some(lower), Some(fd)) = (st.lower, &st.upper_dir) {
+                    // A merged directory: its image subdirectories count as links too.
+                    attr.st_nlink += self.lower_only_subdirs(ctx, lower, fd)?;
+                }
                 Ok((attr, TIMEOUT))
             }
             (None, Some(lower)) => {
