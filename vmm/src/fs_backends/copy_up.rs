@@ -315,7 +315,19 @@ impl CopyUp {
                 layer::host::chmod_at(&self.work, &staged_name, guard::host_file_mode(mode))?;
                 layer::host::times_at(&self.work, &staged_name, st)?;
             }
-            // A device node of the image never becomes a host device.
+            // A device node of the image never becomes a host device: a plain empty file
+            // marked with the device (see `layer::whiteout`).
+            libc::S_IFCHR | libc::S_IFBLK => {
+                let file = host_dir::create_new_file(&self.work, &staged_name, 0o600)?;
+                layer::host::chown_at(&self.work, &staged_name, st.st_uid, st.st_gid)?;
+                host_dir::set_xattr(
+                    &file,
+                    layer::whiteout::DEVICE_XATTR,
+                    &layer::whiteout::device_value(kind, st.st_rdev as u32),
+                )?;
+                layer::host::chmod_at(&self.work, &staged_name, guard::host_file_mode(mode))?;
+                layer::host::times_at(&self.work, &staged_name, st)?;
+            }
             _ => return Err(io::Error::from_raw_os_error(libc::EPERM)),
         }
         host_dir::rename_noreplace(&self.work, &staged.name, dir, name)?;

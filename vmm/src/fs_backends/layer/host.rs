@@ -61,6 +61,16 @@ pub fn open_dir(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Opens (`O_PATH`) `name` in `dir`, whatever it is, following no symlink.
+pub fn open_path(dir: &OwnedFd, name: &CStr) -> io::Result<OwnedFd> {
+    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: see the module comment; the descriptor is owned below.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    check(fd)?;
+    // SAFETY: just opened, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// A readable descriptor of the directory `dir` refers to (for listing, syncing).
 pub fn reopen_dir(dir: &OwnedFd) -> io::Result<std::fs::File> {
     let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
@@ -261,11 +271,3 @@ pub fn set_xattr(fd: &OwnedFd, name: &CStr, value: &[u8]) -> io::Result<()> {
     })
 }
 
-pub fn remove_xattr(fd: &OwnedFd, name: &CStr) -> io::Result<()> {
-    let path = proc_path(fd);
-    // SAFETY: see the module comment.
-    match check(unsafe { libc::removexattr(path.as_ptr(), name.as_ptr()) }) {
-        Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
-        other => other,
-    }
-}

@@ -20,12 +20,14 @@
 //! readable through it.
 
 pub mod check;
-pub mod host;
+#[cfg(test)]
+mod crash_tests;
+pub(crate) mod host;
 mod inode;
 mod rename;
 #[cfg(test)]
 mod tests;
-pub mod whiteout;
+pub(crate) mod whiteout;
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString};
@@ -156,6 +158,7 @@ impl Layer {
             lower_path: Vec::new(),
             upper: Some(ROOT_ID),
             upper_dir: Some(root.clone()),
+            device: None,
             parent: ROOT_ID,
             name: CString::default(),
         }
@@ -324,6 +327,7 @@ impl Layer {
             lower_path,
             upper: Some(upper),
             upper_dir: Some(Arc::new(fd)),
+            device: None,
             parent: 0,
             name: name.to_owned(),
         })
@@ -339,13 +343,26 @@ impl Layer {
         e: Entry,
         peek: Option<&Peek>,
     ) -> io::Result<(Arc<Node>, stat64)> {
-        let kind = e.attr.st_mode & libc::S_IFMT;
+        let mut kind = e.attr.st_mode & libc::S_IFMT;
         if let Some(node) = self.inodes.find(Key::Upper(e.inode)) {
             self.inodes.add_ref(node.id);
             self.upper.forget(ctx, e.inode, 1);
-            return Ok((node, e.attr));
+            let attr = Self::present(&node.state(), e.attr);
+            return Ok((node, attr));
         }
         let pst = parent.state().clone();
+        let device = match &pst.upper_dir {
+            Some(dir) if kind == libc::S_IFREG => {
+                whiteout::device_of(dir, name, &e.attr).unwrap_or_else(|err| {
+                    tracing::debug!("layer: device mark unreadable: {err}");
+                    None
+                })
+            }
+            _ => None,
+        };
+        if let Some((dev_kind, _)) = device {
+            kind = dev_kind;
+        }
         let mut state = if kind == libc::S_IFDIR {
             let fresh;
             let peek = match peek {
@@ -366,6 +383,7 @@ impl Layer {
             NodeState {
                 upper: Some(e.inode),
                 name: name.to_owned(),
+                device,
                 ..Default::default()
             }
         };
@@ -374,8 +392,8 @@ impl Layer {
         if existed {
             self.upper.forget(ctx, e.inode, 1);
         }
-        let mut attr = e.attr;
         let st = node.state().clone();
+        let mut attr = Self::present(&st, e.attr);
         if let (Some(lower), Some(fd)) = (st.lower, &st.upper_dir) {
             attr.st_nlink += self.lower_only_subdirs(ctx, lower, fd).unwrap_or(0);
         }
@@ -419,6 +437,7 @@ impl Layer {
             lower_path: Self::join(&pst.lower_path, name),
             upper: None,
             upper_dir: None,
+            device: None,
             parent: parent.id,
             name: name.to_owned(),
         });
@@ -536,6 +555,9 @@ impl Layer {
             let mut s = node.state();
             s.upper = Some(e.inode);
             s.upper_dir = upper_dir;
+            if matches!(kind, libc::S_IFCHR | libc::S_IFBLK) {
+                s.device = Some((kind, lst.st_rdev as u32));
+            }
         }
         match existing {
             // Another node already stands for this upper inode (an alias linked at lookup):
@@ -708,6 +730,61 @@ impl Layer {
         Ok(Self::entry(node.id, attr))
     }
 
+    /// Upper attributes `attr` of the node in `st` as the guest sees them (a device node kept
+    /// as a plain file shows as the device).
+    fn present(st: &NodeState, mut attr: stat64) -> stat64 {
+        if let Some((kind, rdev)) = st.device {
+            attr.st_mode = (attr.st_mode & !libc::S_IFMT) | kind;
+            attr.st_rdev = u64::from(rdev);
+        }
+        attr
+    }
+
+    /// Makes the guest's device node `name` in `dir` (mode `mode` with its type, number
+    /// `rdev`): a plain empty file owned by the caller, marked with the device, made in
+    /// `work/` and renamed in.
+    fn make_device(
+        &self,
+        ctx: &Context,
+        pst: &NodeState,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<()> {
+        let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        let parent = host::stat_fd(dir)?;
+        let gid = if parent.st_mode & libc::S_ISGID != 0 {
+            parent.st_gid
+        } else {
+            ctx.gid
+        };
+        if let Some(quota) = &self.quota {
+            quota.reserve_inode()?;
+        }
+        let tmp = self.staging_name();
+        let made = (|| {
+            host::mknod_at(&self.work, &tmp, libc::S_IFREG | 0o600)?;
+            host::chown_at(&self.work, &tmp, ctx.uid, gid)?;
+            let fd = host::open_path(&self.work, &tmp)?;
+            host::set_xattr(
+                &fd,
+                whiteout::DEVICE_XATTR,
+                &whiteout::device_value(mode & libc::S_IFMT, rdev),
+            )?;
+            let perms = super::guard::host_file_mode(mode & 0o7777 & !umask);
+            host::chmod_at(&self.work, &tmp, perms)?;
+            host::rename_at(&self.work, &tmp, dir, name, libc::RENAME_NOREPLACE)
+        })();
+        if made.is_err() {
+            let _ = host::unlink_at(&self.work, &tmp, false);
+            if let Some(quota) = &self.quota {
+                quota.release_inode();
+            }
+        }
+        made
+    }
+
     fn upper_of(st: &NodeState) -> io::Result<u64> {
         st.upper.ok_or_else(|| errno(libc::EIO))
     }
@@ -759,7 +836,8 @@ impl FileSystem for Layer {
         match (st.upper, st.lower) {
             (Some(upper), _) => {
                 let handle = handle.filter(|h| h & LOWER_HANDLE == 0);
-                let (mut attr, _) = self.upper.getattr(ctx, upper, handle)?;
+                let (attr, _) = self.upper.getattr(ctx, upper, handle)?;
+                let mut attr = Self::present(&st, attr);
                 if let (Some(lower), Some(fd)) = (st.lower, &st.upper_dir) {
                     // A merged directory: its image subdirectories count as links too.
                     attr.st_nlink += self.lower_only_subdirs(ctx, lower, fd)?;
@@ -786,7 +864,7 @@ impl FileSystem for Layer {
         let st = self.copied_up(ctx, &node)?;
         let handle = handle.filter(|h| h & LOWER_HANDLE == 0);
         let (attr, _) = self.upper.setattr(ctx, Self::upper_of(&st)?, attr, handle, valid)?;
-        Ok((attr, TIMEOUT))
+        Ok((Self::present(&st, attr), TIMEOUT))
     }
 
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
@@ -808,14 +886,17 @@ impl FileSystem for Layer {
     }
 
     fn mknod(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry> {
-        // A guest's device node never becomes a host device, nor a whiteout.
-        if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
-            return Err(errno(libc::EPERM));
-        }
         let parent = self.node(parent)?;
         let _changes = self.lock();
         let (pst, _) = self.prepare_create(ctx, &parent, name)?;
-        let e = self.upper.mknod(ctx, Self::upper_of(&pst)?, name, mode, rdev, umask)?;
+        let upper = Self::upper_of(&pst)?;
+        let e = if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
+            // A guest's device node never becomes a host device, nor a whiteout.
+            self.logged("mknod", self.make_device(ctx, &pst, name, mode, rdev, umask))?;
+            self.upper.lookup(ctx, upper, name)?
+        } else {
+            self.upper.mknod(ctx, upper, name, mode, rdev, umask)?
+        };
         self.created(ctx, &parent, name, e)
     }
 
@@ -824,7 +905,7 @@ impl FileSystem for Layer {
         let _changes = self.lock();
         let (pst, over_whiteout) = self.prepare_create(ctx, &parent, name)?;
         let e = self.upper.mkdir(ctx, Self::upper_of(&pst)?, name, mode, umask)?;
-        if over_whiteout || pst.lower.is_some() {
+        if over_whiteout {
             // The image's directory of that name (removed) must not show through.
             let made = pst
                 .upper_dir
@@ -833,10 +914,8 @@ impl FileSystem for Layer {
                 .and_then(|dir| host::open_dir(dir, name))
                 .and_then(|fd| whiteout::set_opaque(&fd));
             if let Err(err) = made {
-                if over_whiteout {
-                    self.upper.forget(ctx, e.inode, 1);
-                    return self.logged("mkdir: opaque mark", Err(err));
-                }
+                self.upper.forget(ctx, e.inode, 1);
+                return self.logged("mkdir: opaque mark", Err(err));
             }
         }
         self.created(ctx, &parent, name, e)
@@ -920,7 +999,7 @@ impl FileSystem for Layer {
         let e = self.upper.link(ctx, upper, Self::upper_of(&pst)?, newname)?;
         self.upper.forget(ctx, e.inode, 1);
         self.inodes.add_ref(node.id);
-        Ok(Self::entry(node.id, e.attr))
+        Ok(Self::entry(node.id, Self::present(&st, e.attr)))
     }
 
     fn open(&self, ctx: &Context, inode: u64, flags: u32, fuse_flags: u32) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
@@ -948,35 +1027,37 @@ impl FileSystem for Layer {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         let pnode = self.node(parent)?;
-        let made = {
-            let _changes = self.lock();
-            match self.prepare_create(ctx, &pnode, name) {
-                Ok((pst, _)) => {
-                    let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
-                    Some((self.created(ctx, &pnode, name, e)?, h, opts, x))
-                }
-                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    if args.flags & libc::O_EXCL as u32 != 0 {
-                        return Err(e);
-                    }
-                    None
-                }
-                Err(e) => return self.logged("create", Err(e)),
+        if !pnode.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let _changes = self.lock();
+        let pst = pnode.state().clone();
+        let peek = self.peek(ctx, &pst, name)?;
+        let pst = if peek.upper.is_some() {
+            // There already: the passthrough opens it as the host would (O_EXCL, O_NOFOLLOW
+            // and O_TRUNC apply).
+            pst
+        } else if let Some((_, lst)) = &peek.lower {
+            if args.flags & libc::O_EXCL as u32 != 0 {
+                return Err(errno(libc::EEXIST));
             }
+            match lst.st_mode & libc::S_IFMT {
+                libc::S_IFREG => {}
+                libc::S_IFDIR => return Err(errno(libc::EISDIR)),
+                libc::S_IFLNK => return Err(errno(libc::ELOOP)),
+                _ => return Err(errno(libc::EEXIST)),
+            }
+            // An image file opened by CREATE: copied up, then opened in the layer.
+            let (node, _) = self.lookup_node(ctx, &pnode, name, true)?;
+            let copied = self.logged("copy-up", self.ensure_upper(ctx, &node));
+            FileSystem::forget(self, ctx, node.id, 1);
+            copied?;
+            pnode.state().clone()
+        } else {
+            self.prepare_create(ctx, &pnode, name)?.0
         };
-        if let Some(made) = made {
-            return Ok(made);
-        }
-        // There already: opened as it is.
-        let entry = self.lookup(ctx, parent, name)?;
-        let flags = args.flags & !((libc::O_CREAT | libc::O_EXCL) as u32);
-        match self.open(ctx, entry.inode, flags, args.fuse_flags) {
-            Ok((h, opts, x)) => Ok((entry, h, opts, x)),
-            Err(e) => {
-                self.forget(ctx, entry.inode, 1);
-                Err(e)
-            }
-        }
+        let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
+        Ok((self.created(ctx, &pnode, name, e)?, h, opts, x))
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -262,19 +262,34 @@ fn removed_image_names_stay_removed_and_come_back_new() {
         fs.unlink(&ctx, a, &name("f")).unwrap();
         let (f, ..) = fs.create(&ctx, a, &name("f"), create_args()).unwrap();
         assert_eq!(read_all(&fs, f.inode).unwrap(), b"");
-        // The guest cannot make a whiteout (nor any device).
-        for rdev in [0, 0x0103] {
-            let err = fs
-                .mknod(&ctx, ROOT_ID, &name("dev"), libc::S_IFCHR | 0o600, rdev, 0)
-                .unwrap_err();
-            assert_eq!(err.raw_os_error(), Some(libc::EPERM));
+        // The guest's device nodes (a 0:0 one too) are plain files on the host, never a
+        // device nor a whiteout; the guest sees them as it made them.
+        for (n, kind, rdev) in [
+            ("null", libc::S_IFCHR, 0),
+            ("mem", libc::S_IFCHR, libc::makedev(1, 1) as u32),
+            ("sda", libc::S_IFBLK, libc::makedev(8, 0) as u32),
+        ] {
+            let e = fs
+                .mknod(&ctx, ROOT_ID, &name(n), kind | 0o640, rdev, 0)
+                .unwrap();
+            assert_eq!(e.attr.st_mode, kind | 0o640, "{n}");
+            assert_eq!(e.attr.st_rdev, u64::from(rdev), "{n}");
+            let host = std::fs::symlink_metadata(fx.layer().join("upper").join(n)).unwrap();
+            assert!(host.file_type().is_file(), "{n}");
+            let linked = fs.link(&ctx, e.inode, a, &name(n)).unwrap();
+            assert_eq!(linked.attr.st_mode, kind | 0o640, "{n}");
         }
+        assert!(names(&fs, ROOT_ID).contains(&"null".to_string()));
     });
     on_worker_thread(|| {
         let fs = fx.share();
         let a = walk(&fs, "a").unwrap();
         assert_eq!(names(&fs, lookup(&fs, a, "sub").unwrap()), Vec::<String>::new());
         assert_eq!(read_all(&fs, lookup(&fs, a, "f").unwrap()).unwrap(), b"");
+        let ctx = Context::default();
+        let (st, _) = fs.getattr(&ctx, lookup(&fs, a, "sda").unwrap(), None).unwrap();
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFBLK);
+        assert_eq!(st.st_rdev, libc::makedev(8, 0));
     });
     let report = super::check::check_layer(&fx.layer(), false).unwrap();
     assert!(report.consistent(), "{report}");

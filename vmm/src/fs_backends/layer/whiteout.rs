@@ -10,6 +10,10 @@
 //!   names in the image, whose copy is also linked as `work/index/<image inode>` so its other
 //!   names link to the same copy.
 //!
+//! - a guest's device node: a plain empty file (never a host device) with
+//!   `trusted.gridnode.device=c <rdev>` (or `b`): the guest sees the device node, its own
+//!   kernel serves it (a FUSE server never sees a device node opened);
+//!
 //! Every mark is written by the vmm on the host, past the guard's guest-attribute mapping, so
 //! a guest can neither forge nor read one (its own attributes live under `user.gridnode.`).
 
@@ -26,6 +30,7 @@ pub const OPAQUE_XATTRS: [&CStr; 3] = [
 ];
 pub const REDIRECT_XATTR: &CStr = c"trusted.gridnode.redirect";
 pub const ORIGIN_XATTR: &CStr = c"trusted.gridnode.origin";
+pub const DEVICE_XATTR: &CStr = c"trusted.gridnode.device";
 /// The directory in `work/` holding one link per copied-up file with several image names.
 pub const INDEX_DIR: &CStr = c"index";
 
@@ -59,6 +64,32 @@ pub fn set_redirect(dir: &OwnedFd, image_path: &[u8]) -> io::Result<()> {
     let mut value = b"/".to_vec();
     value.extend_from_slice(image_path);
     host::set_xattr(dir, REDIRECT_XATTR, &value)
+}
+
+/// The value of [`DEVICE_XATTR`] for a device node of type `kind` and number `rdev`.
+pub fn device_value(kind: u32, rdev: u32) -> Vec<u8> {
+    let letter = if kind == libc::S_IFBLK { 'b' } else { 'c' };
+    format!("{letter} {rdev}").into_bytes()
+}
+
+/// The device node (type, number) a host file of the layer stands for, if any: read only for
+/// empty regular files.
+pub fn device_of(dir: &OwnedFd, name: &CStr, st: &libc::stat64) -> io::Result<Option<(u32, u32)>> {
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || st.st_size != 0 {
+        return Ok(None);
+    }
+    let fd = host::open_path(dir, name)?;
+    let Some(value) = host::get_xattr(&fd, DEVICE_XATTR)? else {
+        return Ok(None);
+    };
+    let text = String::from_utf8_lossy(&value);
+    let mut parts = text.split(' ');
+    let kind = match parts.next() {
+        Some("b") => libc::S_IFBLK,
+        Some("c") => libc::S_IFCHR,
+        _ => return Ok(None),
+    };
+    Ok(parts.next().and_then(|n| n.parse().ok()).map(|rdev| (kind, rdev)))
 }
 
 /// The name of image inode `ino` in the index.
