@@ -18,6 +18,11 @@
 //!
 //! The host pays the file's size once, and the layer never holds a partial copy.
 //!
+//! The vmm's own layer (`layer`) calls [`CopyUp::place`] directly, for every kind of image
+//! object (a directory alone, a symlink, a FIFO or socket, a device node as a marked plain
+//! file), the same way: made whole in `work/`, renamed in. The sequence below is only
+//! fuse-backend-rs's overlay's (`GRIDNODE_LAYER=overlay`).
+//!
 //! How it fits in the overlay, which offers no hook for it: the overlay's copy-up of a regular
 //! file is a fixed sequence of calls on its two layers, on one thread:
 //! 1. `create(dir, name, {flags: O_WRONLY, umask: 0, mode: the image file's mode})` on the

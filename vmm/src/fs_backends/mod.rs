@@ -1,8 +1,10 @@
 //! The filesystems the virtio-fs device serves, built from the spec: a host directory
 //! (passthrough, optionally read-only), an flist image (read-only, chunks fetched lazily
-//! through the shared cache, or asked of the node's chunk fetcher), or an flist image under a writable layer kept in a host
-//! directory (fuse-backend-rs's overlay: copy-up on write, whiteouts, opaque directories;
-//! the copy-up of a file is the vmm's own, `copy_up`).
+//! through the shared cache, or asked of the node's chunk fetcher), or an flist image under a
+//! writable layer kept in a host directory (the vmm's own merged view, `layer`: copy-up on
+//! write, whiteouts, opaque and redirected directories, hard links; the copy-up of a file is
+//! `copy_up`). fuse-backend-rs's overlay (`upper_layer`, `image_layer`) is still selectable
+//! with `GRIDNODE_LAYER=overlay`.
 //! Every share is served through one `Guard` whose `Policy` says what the guest may do (name
 //! length, read-only, no privileged host objects in host directories); host directories are
 //! opened without following symlinks (`host_dir`).
