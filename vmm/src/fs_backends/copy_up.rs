@@ -396,7 +396,9 @@ impl CopyUp {
     /// (under `user.gridnode.`), so the guest sees the same ones after the copy-up. A host
     /// filesystem without user attributes gets none.
     fn copy_xattrs(&self, ctx: &Context, source: u64, file: &File) -> io::Result<()> {
-        self.copy_xattrs_with(ctx, source, |name, value| host_dir::set_xattr(file, name, value))
+        self.copy_xattrs_with(ctx, source, |name, value| {
+            host_dir::set_xattr(file, name, value)
+        })
     }
 
     /// [`Self::copy_xattrs`], each attribute set by `set` (host name, value).

@@ -17,7 +17,6 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::common::file_buf::FileVolatileSlice;
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
 
-
 use super::tests::{create_args, lookup, name, on_worker_thread, pack, write_at};
 use super::{Guard, Limits};
 
@@ -208,7 +207,10 @@ impl ZeroCopyWriter for VecWriter {
 }
 
 /// The whole file `inode` as the guest reads it.
-pub(super) fn read_all<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, inode: u64) -> io::Result<Vec<u8>> {
+pub(super) fn read_all<F: FileSystem<Inode = u64, Handle = u64>>(
+    fs: &F,
+    inode: u64,
+) -> io::Result<Vec<u8>> {
     let ctx = Context::default();
     let (handle, _, _) = fs.open(&ctx, inode, libc::O_RDONLY as u32, 0)?;
     let handle = handle.unwrap_or(0);

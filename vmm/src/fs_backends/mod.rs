@@ -432,6 +432,18 @@ pub(crate) fn image_share(
 }
 
 /// An image under a writable layer kept in `layer`, behind its guard.
+/// An image under fuse-backend-rs's overlay with the layer kept in `layer` (for comparisons).
+#[cfg(test)]
+pub(crate) fn overlay_share(
+    tag: &str,
+    image_path: &Path,
+    layer: &Path,
+    limits: Limits,
+    images: impl Into<ImageSettings>,
+) -> Result<Guard<OverlayFs>, FsBackendError> {
+    Ok(overlay_share_with_root(tag, image_path, layer, limits, images)?.0)
+}
+
 /// An image under the vmm's own writable layer kept in `layer`, behind its guard.
 #[cfg(test)]
 pub(crate) fn layered_share(

@@ -397,7 +397,11 @@ fn assert_no_device_nodes<F: FileSystem<Inode = u64>>(
         let made = fs.mknod(&ctx, parent, &name(n), mode, rdev, 0);
         if emulated {
             let e = made.unwrap();
-            assert_eq!((e.attr.st_mode, e.attr.st_rdev), (mode, u64::from(rdev)), "{n}");
+            assert_eq!(
+                (e.attr.st_mode, e.attr.st_rdev),
+                (mode, u64::from(rdev)),
+                "{n}"
+            );
             let host = std::fs::symlink_metadata(host_dir.join(n)).unwrap();
             assert!(host.file_type().is_file(), "{n}");
         } else {

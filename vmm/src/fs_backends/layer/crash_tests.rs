@@ -80,13 +80,41 @@ fn crash_worker() {
                 let _ = write_at(&fs, f, 0, 10);
             }
             let j = (i + 40) % FILES;
-            let _ = fs.rename(&ctx, c, &name(&format!("f{j}")), c, &name(&format!("g{j}")), 0);
+            let _ = fs.rename(
+                &ctx,
+                c,
+                &name(&format!("f{j}")),
+                c,
+                &name(&format!("g{j}")),
+                0,
+            );
             let k = (i + 80) % FILES;
             let _ = fs.unlink(&ctx, c, &name(&format!("f{k}")));
-            let _ = fs.rename(&ctx, c, &name(&format!("g{k}")), c, &name(&format!("f{k}")), 0);
+            let _ = fs.rename(
+                &ctx,
+                c,
+                &name(&format!("g{k}")),
+                c,
+                &name(&format!("f{k}")),
+                0,
+            );
             let d = (seed + n) % DIRS;
-            let _ = fs.rename(&ctx, dirs, &name(&format!("d{d}")), ROOT_ID, &name(&format!("m{d}")), 0);
-            let _ = fs.rename(&ctx, ROOT_ID, &name(&format!("m{d}")), dirs, &name(&format!("d{d}")), 0);
+            let _ = fs.rename(
+                &ctx,
+                dirs,
+                &name(&format!("d{d}")),
+                ROOT_ID,
+                &name(&format!("m{d}")),
+                0,
+            );
+            let _ = fs.rename(
+                &ctx,
+                ROOT_ID,
+                &name(&format!("m{d}")),
+                dirs,
+                &name(&format!("d{d}")),
+                0,
+            );
             let _ = fs.mkdir(&ctx, dirs, &name(&format!("new{d}")), 0o755, 0);
             let _ = fs.rmdir(&ctx, dirs, &name(&format!("new{d}")));
         }
@@ -116,7 +144,9 @@ fn verify(dir: &Path) {
         let fs = share(dir);
         let c = lookup(&fs, ROOT_ID, "c").unwrap();
         for n in names(&fs, c) {
-            let i: usize = n[1..].parse().unwrap_or_else(|_| panic!("stray name c/{n}"));
+            let i: usize = n[1..]
+                .parse()
+                .unwrap_or_else(|_| panic!("stray name c/{n}"));
             let ino = lookup(&fs, c, &n).unwrap();
             let got = read_all(&fs, ino).unwrap();
             let mut written = content(i);
@@ -173,7 +203,11 @@ fn a_killed_vmm_leaves_a_consistent_layer() {
         verify(tmp.path());
         let after = super::check::check_layer(&tmp.path().join("layer"), false).unwrap();
         assert!(after.consistent(), "round {round}: {after}");
-        assert_eq!((after.stale_work, after.dangling_index), (0, 0), "round {round}: {after}");
+        assert_eq!(
+            (after.stale_work, after.dangling_index),
+            (0, 0),
+            "round {round}: {after}"
+        );
     }
     // The worker got somewhere.
     let upper = tmp.path().join("layer/upper/c");

@@ -270,4 +270,3 @@ pub fn set_xattr(fd: &OwnedFd, name: &CStr, value: &[u8]) -> io::Result<()> {
         )
     })
 }
-

@@ -19,6 +19,8 @@
 //! directly ([`host`]). Open files keep their host descriptor: an unlinked file stays
 //! readable through it.
 
+#[cfg(test)]
+mod bench_tests;
 pub mod check;
 #[cfg(test)]
 mod crash_tests;
@@ -235,7 +237,12 @@ impl Layer {
     }
 
     /// The image entry `name` in image directory `dir`, if any.
-    fn lower_child(&self, ctx: &Context, dir: u64, name: &CStr) -> io::Result<Option<(u64, stat64)>> {
+    fn lower_child(
+        &self,
+        ctx: &Context,
+        dir: u64,
+        name: &CStr,
+    ) -> io::Result<Option<(u64, stat64)>> {
         match self.image.lookup(ctx, dir, name) {
             Ok(e) if e.inode != 0 => Ok(Some((e.inode, e.attr))),
             Ok(_) => Ok(None),
@@ -352,12 +359,11 @@ impl Layer {
         }
         let pst = parent.state().clone();
         let device = match &pst.upper_dir {
-            Some(dir) if kind == libc::S_IFREG => {
-                whiteout::device_of(dir, name, &e.attr).unwrap_or_else(|err| {
+            Some(dir) if kind == libc::S_IFREG => whiteout::device_of(dir, name, &e.attr)
+                .unwrap_or_else(|err| {
                     tracing::debug!("layer: device mark unreadable: {err}");
                     None
-                })
-            }
+                }),
             _ => None,
         };
         if let Some((dev_kind, _)) = device {
@@ -388,7 +394,9 @@ impl Layer {
             }
         };
         state.parent = parent.id;
-        let (node, existed) = self.inodes.lookup_or_insert(Key::Upper(e.inode), kind, || state);
+        let (node, existed) = self
+            .inodes
+            .lookup_or_insert(Key::Upper(e.inode), kind, || state);
         if existed {
             self.upper.forget(ctx, e.inode, 1);
         }
@@ -432,15 +440,17 @@ impl Layer {
                 return Ok(found);
             }
         }
-        let (node, _) = self.inodes.lookup_or_insert(Key::Lower(lino), kind, || NodeState {
-            lower: Some(lino),
-            lower_path: Self::join(&pst.lower_path, name),
-            upper: None,
-            upper_dir: None,
-            device: None,
-            parent: parent.id,
-            name: name.to_owned(),
-        });
+        let (node, _) = self
+            .inodes
+            .lookup_or_insert(Key::Lower(lino), kind, || NodeState {
+                lower: Some(lino),
+                lower_path: Self::join(&pst.lower_path, name),
+                upper: None,
+                upper_dir: None,
+                device: None,
+                parent: parent.id,
+                name: name.to_owned(),
+            });
         Ok((node, Self::lower_attr(lst)))
     }
 
@@ -470,7 +480,10 @@ impl Layer {
 
     fn indexed(&self, lino: u64) -> bool {
         self.index(false).is_some_and(|index| {
-            matches!(host::stat_at(index, &whiteout::index_name(lino)), Ok(Some(_)))
+            matches!(
+                host::stat_at(index, &whiteout::index_name(lino)),
+                Ok(Some(_))
+            )
         })
     }
 
@@ -602,12 +615,13 @@ impl Layer {
         }
         if let Some(lower) = dir.lower {
             let mut lower_items = Vec::new();
-            self.image.readdir(ctx, lower, lower, u32::MAX, 0, &mut |e: DirEntry| {
-                if e.name != b"." && e.name != b".." {
-                    lower_items.push((e.name.to_vec(), e.type_, e.ino));
-                }
-                Ok(1)
-            })?;
+            self.image
+                .readdir(ctx, lower, lower, u32::MAX, 0, &mut |e: DirEntry| {
+                    if e.name != b"." && e.name != b".." {
+                        lower_items.push((e.name.to_vec(), e.type_, e.ino));
+                    }
+                    Ok(1)
+                })?;
             for (name, type_, ino) in lower_items {
                 let name = CString::new(name).map_err(|_| errno(libc::EIO))?;
                 if !hidden.contains(&name) {
@@ -626,12 +640,13 @@ impl Layer {
     /// upper directory is `upper` (those with no upper entry of their name).
     fn lower_only_subdirs(&self, ctx: &Context, lower: u64, upper: &OwnedFd) -> io::Result<u64> {
         let mut dirs = Vec::new();
-        self.image.readdir(ctx, lower, lower, u32::MAX, 0, &mut |e: DirEntry| {
-            if e.type_ == u32::from(libc::DT_DIR) && e.name != b"." && e.name != b".." {
-                dirs.push(e.name.to_vec());
-            }
-            Ok(1)
-        })?;
+        self.image
+            .readdir(ctx, lower, lower, u32::MAX, 0, &mut |e: DirEntry| {
+                if e.type_ == u32::from(libc::DT_DIR) && e.name != b"." && e.name != b".." {
+                    dirs.push(e.name.to_vec());
+                }
+                Ok(1)
+            })?;
         let mut n = 0;
         for d in dirs {
             let name = CString::new(d).map_err(|_| errno(libc::EIO))?;
@@ -643,7 +658,13 @@ impl Layer {
     }
 
     /// Whether the directory `name` in `dir` shows no entry (whiteouts aside).
-    fn is_empty_dir(&self, ctx: &Context, dir: &NodeState, name: &CStr, peek: &Peek) -> io::Result<bool> {
+    fn is_empty_dir(
+        &self,
+        ctx: &Context,
+        dir: &NodeState,
+        name: &CStr,
+        peek: &Peek,
+    ) -> io::Result<bool> {
         let state = match (&peek.upper, &peek.lower) {
             (Some(st), _) => {
                 let fd = dir.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
@@ -708,7 +729,12 @@ impl Layer {
     /// A directory's name is free for a new object: its directory in the upper directory,
     /// and whether a whiteout was removed from the name (then a new directory must be
     /// opaque). The caller holds the change lock.
-    fn prepare_create(&self, ctx: &Context, parent: &Node, name: &CStr) -> io::Result<(NodeState, bool)> {
+    fn prepare_create(
+        &self,
+        ctx: &Context,
+        parent: &Node,
+        name: &CStr,
+    ) -> io::Result<(NodeState, bool)> {
         if !parent.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
@@ -830,7 +856,12 @@ impl FileSystem for Layer {
         }
     }
 
-    fn getattr(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> io::Result<(stat64, Duration)> {
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
         let node = self.node(inode)?;
         let st = node.state().clone();
         match (st.upper, st.lower) {
@@ -863,7 +894,9 @@ impl FileSystem for Layer {
         let node = self.node(inode)?;
         let st = self.copied_up(ctx, &node)?;
         let handle = handle.filter(|h| h & LOWER_HANDLE == 0);
-        let (attr, _) = self.upper.setattr(ctx, Self::upper_of(&st)?, attr, handle, valid)?;
+        let (attr, _) = self
+            .upper
+            .setattr(ctx, Self::upper_of(&st)?, attr, handle, valid)?;
         Ok((Self::present(&st, attr), TIMEOUT))
     }
 
@@ -877,22 +910,41 @@ impl FileSystem for Layer {
         }
     }
 
-    fn symlink(&self, ctx: &Context, linkname: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
         let _changes = self.lock();
         let (pst, _) = self.prepare_create(ctx, &parent, name)?;
-        let e = self.upper.symlink(ctx, linkname, Self::upper_of(&pst)?, name)?;
+        let e = self
+            .upper
+            .symlink(ctx, linkname, Self::upper_of(&pst)?, name)?;
         self.created(ctx, &parent, name, e)
     }
 
-    fn mknod(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, rdev: u32, umask: u32) -> io::Result<Entry> {
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
         let _changes = self.lock();
         let (pst, _) = self.prepare_create(ctx, &parent, name)?;
         let upper = Self::upper_of(&pst)?;
         let e = if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
             // A guest's device node never becomes a host device, nor a whiteout.
-            self.logged("mknod", self.make_device(ctx, &pst, name, mode, rdev, umask))?;
+            self.logged(
+                "mknod",
+                self.make_device(ctx, &pst, name, mode, rdev, umask),
+            )?;
             self.upper.lookup(ctx, upper, name)?
         } else {
             self.upper.mknod(ctx, upper, name, mode, rdev, umask)?
@@ -900,11 +952,20 @@ impl FileSystem for Layer {
         self.created(ctx, &parent, name, e)
     }
 
-    fn mkdir(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
         let _changes = self.lock();
         let (pst, over_whiteout) = self.prepare_create(ctx, &parent, name)?;
-        let e = self.upper.mkdir(ctx, Self::upper_of(&pst)?, name, mode, umask)?;
+        let e = self
+            .upper
+            .mkdir(ctx, Self::upper_of(&pst)?, name, mode, umask)?;
         if over_whiteout {
             // The image's directory of that name (removed) must not show through.
             let made = pst
@@ -935,7 +996,9 @@ impl FileSystem for Layer {
         let pst = self.logged("copy-up", self.ensure_upper(ctx, &parent))?;
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let r = match (&peek.upper, &peek.lower) {
-            (Some(st), Some(_)) => self.whiteout_over(dir, name, false).map(|()| self.freed(st)),
+            (Some(st), Some(_)) => self
+                .whiteout_over(dir, name, false)
+                .map(|()| self.freed(st)),
             (None, Some(_)) => host::mknod_whiteout(dir, name),
             _ => self.upper.unlink(ctx, Self::upper_of(&pst)?, name),
         };
@@ -996,13 +1059,21 @@ impl FileSystem for Layer {
         let (pst, _) = self.prepare_create(ctx, &parent, newname)?;
         let st = self.logged("copy-up", self.ensure_upper(ctx, &node))?;
         let upper = Self::upper_of(&st)?;
-        let e = self.upper.link(ctx, upper, Self::upper_of(&pst)?, newname)?;
+        let e = self
+            .upper
+            .link(ctx, upper, Self::upper_of(&pst)?, newname)?;
         self.upper.forget(ctx, e.inode, 1);
         self.inodes.add_ref(node.id);
         Ok(Self::entry(node.id, Self::present(&st, e.attr)))
     }
 
-    fn open(&self, ctx: &Context, inode: u64, flags: u32, fuse_flags: u32) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let node = self.node(inode)?;
         let st = if flags & WRITE_FLAGS != 0 {
             self.copied_up(ctx, &node)?
@@ -1076,9 +1147,27 @@ impl FileSystem for Layer {
         let st = node.state().clone();
         if handle & LOWER_HANDLE != 0 {
             let lower = st.lower.ok_or_else(|| errno(libc::EBADF))?;
-            return self.image.read(ctx, lower, handle & !LOWER_HANDLE, w, size, offset, lock_owner, flags);
+            return self.image.read(
+                ctx,
+                lower,
+                handle & !LOWER_HANDLE,
+                w,
+                size,
+                offset,
+                lock_owner,
+                flags,
+            );
         }
-        self.upper.read(ctx, Self::upper_of(&st)?, handle, w, size, offset, lock_owner, flags)
+        self.upper.read(
+            ctx,
+            Self::upper_of(&st)?,
+            handle,
+            w,
+            size,
+            offset,
+            lock_owner,
+            flags,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1100,8 +1189,18 @@ impl FileSystem for Layer {
         }
         let node = self.node(inode)?;
         let upper = Self::upper_of(&node.state())?;
-        self.upper
-            .write(ctx, upper, handle, r, size, offset, lock_owner, delayed_write, flags, fuse_flags)
+        self.upper.write(
+            ctx,
+            upper,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
@@ -1122,13 +1221,22 @@ impl FileSystem for Layer {
         self.upper.fsync(ctx, upper, datasync, handle)
     }
 
-    fn fallocate(&self, ctx: &Context, inode: u64, handle: u64, mode: u32, offset: u64, length: u64) -> io::Result<()> {
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
         if handle & LOWER_HANDLE != 0 {
             return Err(errno(libc::EBADF));
         }
         let node = self.node(inode)?;
         let upper = Self::upper_of(&node.state())?;
-        self.upper.fallocate(ctx, upper, handle, mode, offset, length)
+        self.upper
+            .fallocate(ctx, upper, handle, mode, offset, length)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1155,13 +1263,27 @@ impl FileSystem for Layer {
         self.upper.statfs(ctx, ROOT_ID)
     }
 
-    fn setxattr(&self, ctx: &Context, inode: u64, name: &CStr, value: &[u8], flags: u32) -> io::Result<()> {
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
         let node = self.node(inode)?;
         let st = self.copied_up(ctx, &node)?;
-        self.upper.setxattr(ctx, Self::upper_of(&st)?, name, value, flags)
+        self.upper
+            .setxattr(ctx, Self::upper_of(&st)?, name, value, flags)
     }
 
-    fn getxattr(&self, ctx: &Context, inode: u64, name: &CStr, size: u32) -> io::Result<GetxattrReply> {
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
         let node = self.node(inode)?;
         let st = node.state().clone();
         match (st.upper, st.lower) {
@@ -1187,7 +1309,12 @@ impl FileSystem for Layer {
         self.upper.removexattr(ctx, Self::upper_of(&st)?, name)
     }
 
-    fn opendir(&self, ctx: &Context, inode: u64, _flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
         let node = self.node(inode)?;
         if !node.is_dir() {
             return Err(errno(libc::ENOTDIR));
@@ -1244,7 +1371,13 @@ impl FileSystem for Layer {
         Ok(())
     }
 
-    fn fsyncdir(&self, _ctx: &Context, inode: u64, _datasync: bool, _handle: u64) -> io::Result<()> {
+    fn fsyncdir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _datasync: bool,
+        _handle: u64,
+    ) -> io::Result<()> {
         let node = self.node(inode)?;
         let fd = node.state().upper_dir.clone();
         match fd {
@@ -1272,17 +1405,35 @@ impl FileSystem for Layer {
         }
     }
 
-    fn lseek(&self, ctx: &Context, inode: u64, handle: u64, offset: u64, whence: u32) -> io::Result<u64> {
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
         let node = self.node(inode)?;
         let st = node.state().clone();
         if handle & LOWER_HANDLE != 0 {
             let lower = st.lower.ok_or_else(|| errno(libc::EBADF))?;
-            return self.image.lseek(ctx, lower, handle & !LOWER_HANDLE, offset, whence);
+            return self
+                .image
+                .lseek(ctx, lower, handle & !LOWER_HANDLE, offset, whence);
         }
-        self.upper.lseek(ctx, Self::upper_of(&st)?, handle, offset, whence)
+        self.upper
+            .lseek(ctx, Self::upper_of(&st)?, handle, offset, whence)
     }
 
-    fn getlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<FileLock> {
+    fn getlk(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<FileLock> {
         if handle & LOWER_HANDLE != 0 {
             return Err(errno(libc::ENOSYS));
         }
@@ -1291,7 +1442,15 @@ impl FileSystem for Layer {
         self.upper.getlk(ctx, upper, handle, owner, lock, flags)
     }
 
-    fn setlk(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()> {
+    fn setlk(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
         if handle & LOWER_HANDLE != 0 {
             return Err(errno(libc::ENOSYS));
         }
@@ -1300,7 +1459,15 @@ impl FileSystem for Layer {
         self.upper.setlk(ctx, upper, handle, owner, lock, flags)
     }
 
-    fn setlkw(&self, ctx: &Context, inode: u64, handle: u64, owner: u64, lock: FileLock, flags: u32) -> io::Result<()> {
+    fn setlkw(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
         if handle & LOWER_HANDLE != 0 {
             return Err(errno(libc::ENOSYS));
         }
@@ -1325,6 +1492,7 @@ impl FileSystem for Layer {
         }
         let node = self.node(inode)?;
         let upper = Self::upper_of(&node.state())?;
-        self.upper.ioctl(ctx, upper, handle, flags, cmd, data, out_size)
+        self.upper
+            .ioctl(ctx, upper, handle, flags, cmd, data, out_size)
     }
 }

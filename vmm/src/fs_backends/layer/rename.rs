@@ -26,9 +26,7 @@ impl Layer {
         newname: &CStr,
         flags: u32,
     ) -> io::Result<()> {
-        if flags & !SUPPORTED != 0
-            || flags & SUPPORTED == SUPPORTED
-        {
+        if flags & !SUPPORTED != 0 || flags & SUPPORTED == SUPPORTED {
             return Err(errno(libc::EINVAL));
         }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
@@ -47,7 +45,17 @@ impl Layer {
                 return Err(e);
             }
         };
-        let result = self.rename_nodes(ctx, &op, oldname, &np, newname, flags, exchange, &src, dst.as_deref());
+        let result = self.rename_nodes(
+            ctx,
+            &op,
+            oldname,
+            &np,
+            newname,
+            flags,
+            exchange,
+            &src,
+            dst.as_deref(),
+        );
         FileSystem::forget(self, ctx, src.id, 1);
         if let Some(dst) = &dst {
             FileSystem::forget(self, ctx, dst.id, 1);
@@ -127,7 +135,15 @@ impl Layer {
         if exchange {
             host::rename_at(&odir, oldname, &ndir, newname, libc::RENAME_EXCHANGE)?;
         } else {
-            self.move_over(ctx, &odir, oldname, &ndir, newname, src.is_dir(), lower_at_old)?;
+            self.move_over(
+                ctx,
+                &odir,
+                oldname,
+                &ndir,
+                newname,
+                src.is_dir(),
+                lower_at_old,
+            )?;
         }
         {
             let mut s = src.state();

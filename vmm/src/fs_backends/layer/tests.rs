@@ -90,7 +90,10 @@ fn names<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, dir: u64) -> Vec<Stri
 }
 
 fn nlink<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, ino: u64) -> u64 {
-    fs.getattr(&Context::default(), ino, None).unwrap().0.st_nlink
+    fs.getattr(&Context::default(), ino, None)
+        .unwrap()
+        .0
+        .st_nlink
 }
 
 fn is_whiteout(path: &Path) -> bool {
@@ -106,9 +109,7 @@ fn hard_links_in_the_layer_are_one_inode() {
     on_worker_thread(|| {
         let fs = fx.share();
         let ctx = Context::default();
-        let (f, ..) = fs
-            .create(&ctx, ROOT_ID, &name("f"), create_args())
-            .unwrap();
+        let (f, ..) = fs.create(&ctx, ROOT_ID, &name("f"), create_args()).unwrap();
         let g = fs.link(&ctx, f.inode, ROOT_ID, &name("g")).unwrap();
         assert_eq!(g.inode, f.inode);
         assert_eq!(lookup(&fs, ROOT_ID, "g").unwrap(), f.inode);
@@ -132,7 +133,11 @@ fn an_image_files_hard_links_copy_up_once() {
         let fs = fx.share();
         let a = walk(&fs, "a").unwrap();
         let h1 = lookup(&fs, a, "h1").unwrap();
-        assert_eq!(lookup(&fs, a, "h2").unwrap(), h1, "one image inode, one node");
+        assert_eq!(
+            lookup(&fs, a, "h2").unwrap(),
+            h1,
+            "one image inode, one node"
+        );
         assert_eq!(write_at(&fs, h1, 0, 3).unwrap(), 3);
         assert_eq!(read_all(&fs, h1).unwrap(), b"\x07\x07\x07ked\n");
     });
@@ -161,8 +166,14 @@ fn an_image_directory_moves_with_its_entries_and_stays_moved() {
         fs.rename(&ctx, ROOT_ID, &name("a"), b, &name("moved"), 0)
             .unwrap();
         assert!(lookup(&fs, ROOT_ID, "a").is_err());
-        assert_eq!(names(&fs, walk(&fs, "b/moved").unwrap()), ["f", "h1", "h2", "sub"]);
-        assert_eq!(read_all(&fs, walk(&fs, "b/moved/sub/deep").unwrap()).unwrap(), b"deep\n");
+        assert_eq!(
+            names(&fs, walk(&fs, "b/moved").unwrap()),
+            ["f", "h1", "h2", "sub"]
+        );
+        assert_eq!(
+            read_all(&fs, walk(&fs, "b/moved/sub/deep").unwrap()).unwrap(),
+            b"deep\n"
+        );
         // `..` moved from the root to b.
         assert_eq!(nlink(&fs, ROOT_ID), root_links - 1);
         assert_eq!(nlink(&fs, b), 3);
@@ -171,14 +182,20 @@ fn an_image_directory_moves_with_its_entries_and_stays_moved() {
     assert!(is_whiteout(&fx.layer().join("upper/a")));
     on_worker_thread(|| {
         let fs = fx.share();
-        assert_eq!(names(&fs, walk(&fs, "b/moved").unwrap()), ["f", "h1", "h2", "sub"]);
+        assert_eq!(
+            names(&fs, walk(&fs, "b/moved").unwrap()),
+            ["f", "h1", "h2", "sub"]
+        );
         assert!(walk(&fs, "a").is_err());
         // Moved back, and again away: still the image's entries.
         let ctx = Context::default();
         let b = walk(&fs, "b").unwrap();
         fs.rename(&ctx, b, &name("moved"), ROOT_ID, &name("a"), 0)
             .unwrap();
-        assert_eq!(names(&fs, walk(&fs, "a").unwrap()), ["f", "h1", "h2", "sub"]);
+        assert_eq!(
+            names(&fs, walk(&fs, "a").unwrap()),
+            ["f", "h1", "h2", "sub"]
+        );
         assert!(walk(&fs, "b/moved").is_err());
     });
 }
@@ -210,9 +227,7 @@ fn an_unlinked_open_file_stays_readable() {
     on_worker_thread(|| {
         let fs = fx.share();
         let ctx = Context::default();
-        let (f, ..) = fs
-            .create(&ctx, ROOT_ID, &name("f"), create_args())
-            .unwrap();
+        let (f, ..) = fs.create(&ctx, ROOT_ID, &name("f"), create_args()).unwrap();
         assert_eq!(write_at(&fs, f.inode, 0, 100).unwrap(), 100);
         let (h, ..) = fs.open(&ctx, f.inode, libc::O_RDONLY as u32, 0).unwrap();
         let h = h.unwrap();
@@ -284,10 +299,15 @@ fn removed_image_names_stay_removed_and_come_back_new() {
     on_worker_thread(|| {
         let fs = fx.share();
         let a = walk(&fs, "a").unwrap();
-        assert_eq!(names(&fs, lookup(&fs, a, "sub").unwrap()), Vec::<String>::new());
+        assert_eq!(
+            names(&fs, lookup(&fs, a, "sub").unwrap()),
+            Vec::<String>::new()
+        );
         assert_eq!(read_all(&fs, lookup(&fs, a, "f").unwrap()).unwrap(), b"");
         let ctx = Context::default();
-        let (st, _) = fs.getattr(&ctx, lookup(&fs, a, "sda").unwrap(), None).unwrap();
+        let (st, _) = fs
+            .getattr(&ctx, lookup(&fs, a, "sda").unwrap(), None)
+            .unwrap();
         assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFBLK);
         assert_eq!(st.st_rdev, libc::makedev(8, 0));
     });
@@ -305,9 +325,7 @@ fn setattr_copies_up_with_the_images_attributes() {
         let g = walk(&fs, "b/g").unwrap();
         let (mut attr, _) = fs.getattr(&ctx, g, None).unwrap();
         attr.st_mode = 0o600;
-        let (after, _) = fs
-            .setattr(&ctx, g, attr, None, SetattrValid::MODE)
-            .unwrap();
+        let (after, _) = fs.setattr(&ctx, g, attr, None, SetattrValid::MODE).unwrap();
         assert_eq!(after.st_mode & 0o7777, 0o600);
         assert_eq!(after.st_mtime, 1_000_000_000);
         assert_eq!(read_all(&fs, g).unwrap(), b"image g\n");
@@ -324,7 +342,11 @@ fn the_check_removes_what_a_crash_left() {
     std::fs::create_dir_all(work.join("index")).unwrap();
     std::fs::write(work.join("index/42"), b"dangling").unwrap();
     let report = super::check::check_layer(&fx.layer(), false).unwrap();
-    assert_eq!((report.stale_work, report.dangling_index), (2, 1), "{report}");
+    assert_eq!(
+        (report.stale_work, report.dangling_index),
+        (2, 1),
+        "{report}"
+    );
     assert!(!report.consistent());
     let fixed = super::check::check_layer(&fx.layer(), true).unwrap();
     assert!(fixed.consistent());

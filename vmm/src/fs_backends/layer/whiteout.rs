@@ -89,7 +89,10 @@ pub fn device_of(dir: &OwnedFd, name: &CStr, st: &libc::stat64) -> io::Result<Op
         Some("c") => libc::S_IFCHR,
         _ => return Ok(None),
     };
-    Ok(parts.next().and_then(|n| n.parse().ok()).map(|rdev| (kind, rdev)))
+    Ok(parts
+        .next()
+        .and_then(|n| n.parse().ok())
+        .map(|rdev| (kind, rdev)))
 }
 
 /// The name of image inode `ino` in the index.
