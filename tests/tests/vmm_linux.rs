@@ -397,7 +397,7 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
            'mkdir -p /pjd /fsx && /usr/bin/pjdfstest -p /pjd > /tmp/pjd.out 2>&1; \
             echo PJD ok=$(grep -c \" ok$\" /tmp/pjd.out) failed=$(grep -c \" FAILED$\" /tmp/pjd.out); \
             grep \" FAILED$\" /tmp/pjd.out | sed \"s/ .*//; s/^/PJDFAIL /\"; \
-            cd /fsx && /usr/bin/fsx -N 100000 -S 7 -q /fsx/file > /tmp/fsx.out 2>&1; echo FSX status=$?; tail -3 /tmp/fsx.out'\n";
+            cd /fsx && /usr/bin/fsx -N 10000 -S 7 -q /fsx/file > /tmp/fsx.out 2>&1; echo FSX status=$?; tail -3 /tmp/fsx.out'\n";
     let job = Job::new(script)
         .binary("/vmm", &bed.vmm)
         .binary("/flist", artifacts::target_dir().join("debug/flist"))
@@ -405,7 +405,7 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
         .binary("/fsx", &fsx)
         .file("/guest/vmlinux", &bed.vmlinux)
         .file("/guest/initrd", &bed.initrd)
-        .timeout(std::time::Duration::from_secs(3000));
+        .timeout(std::time::Duration::from_secs(1800));
     let out = bed.testbed.run(&job)?;
     eprintln!("--- job output ---\n{}", out.output);
     let o = &out.output;

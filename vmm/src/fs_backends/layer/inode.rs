@@ -31,6 +31,9 @@ pub struct NodeState {
     /// For a device node in the upper directory (a plain empty file on the host, see
     /// `whiteout::DEVICE_XATTR`): its type (`S_IFCHR`, `S_IFBLK`) and device number.
     pub device: Option<(u32, u32)>,
+    /// A copy of an image file with several names, also linked in `work/index/`: that link
+    /// is not one of the guest's.
+    pub indexed: bool,
     /// The directory (node) and name it was last reached by: where a copy-up puts it.
     pub parent: u64,
     pub name: CString,

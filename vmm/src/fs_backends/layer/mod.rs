@@ -161,6 +161,7 @@ impl Layer {
             upper: Some(ROOT_ID),
             upper_dir: Some(root.clone()),
             device: None,
+            indexed: false,
             parent: ROOT_ID,
             name: CString::default(),
         }
@@ -335,6 +336,7 @@ impl Layer {
             upper: Some(upper),
             upper_dir: Some(Arc::new(fd)),
             device: None,
+            indexed: false,
             parent: 0,
             name: name.to_owned(),
         })
@@ -369,6 +371,12 @@ impl Layer {
         if let Some((dev_kind, _)) = device {
             kind = dev_kind;
         }
+        let indexed = kind == libc::S_IFREG && e.attr.st_nlink > 1 && {
+            match &pst.upper_dir {
+                Some(dir) => self.is_indexed(dir, name, &e.attr),
+                None => false,
+            }
+        };
         let mut state = if kind == libc::S_IFDIR {
             let fresh;
             let peek = match peek {
@@ -390,6 +398,7 @@ impl Layer {
                 upper: Some(e.inode),
                 name: name.to_owned(),
                 device,
+                indexed,
                 ..Default::default()
             }
         };
@@ -423,6 +432,17 @@ impl Layer {
         let pst = parent.state().clone();
         let peek = self.peek(ctx, &pst, name)?;
         if peek.upper.is_some() {
+            if let (Some((lino, _)), false) = (&peek.lower, locked) {
+                let copying = self
+                    .inodes
+                    .find(Key::Lower(*lino))
+                    .is_some_and(|n| n.state().upper.is_none());
+                if copying {
+                    // The image object's copy may be in place with its node not yet moved
+                    // to it: the copy-up ends first, so both are one node.
+                    drop(self.lock());
+                }
+            }
             let upper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
             let e = self.upper.lookup(ctx, upper, name)?;
             return self.upper_node(ctx, parent, name, e, Some(&peek));
@@ -448,10 +468,33 @@ impl Layer {
                 upper: None,
                 upper_dir: None,
                 device: None,
+                indexed: false,
                 parent: parent.id,
                 name: name.to_owned(),
             });
         Ok((node, Self::lower_attr(lst)))
+    }
+
+    /// Whether the upper file `name` in `dir` (attributes `st`) is a copy linked in the index.
+    fn is_indexed(&self, dir: &OwnedFd, name: &CStr, st: &stat64) -> bool {
+        let Some(index) = self.index(false) else {
+            return false;
+        };
+        let origin =
+            host::open_path(dir, name).and_then(|fd| host::get_xattr(&fd, whiteout::ORIGIN_XATTR));
+        let Ok(Some(origin)) = origin else {
+            return false;
+        };
+        let Some(ino) = std::str::from_utf8(&origin)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return false;
+        };
+        matches!(
+            host::stat_at(index, &whiteout::index_name(ino)),
+            Ok(Some(found)) if found.st_ino == st.st_ino && found.st_dev == st.st_dev
+        )
     }
 
     /// The index directory, made when `create` and not there yet.
@@ -571,6 +614,12 @@ impl Layer {
             if matches!(kind, libc::S_IFCHR | libc::S_IFBLK) {
                 s.device = Some((kind, lst.st_rdev as u32));
             }
+            s.indexed = index.is_some_and(|index| {
+                matches!(
+                    (host::stat_at(index, &whiteout::index_name(lower)), host::stat_at(&dir, &st.name)),
+                    (Ok(Some(a)), Ok(Some(b))) if a.st_ino == b.st_ino && a.st_dev == b.st_dev
+                )
+            });
         }
         match existing {
             // Another node already stands for this upper inode (an alias linked at lookup):
@@ -759,6 +808,9 @@ impl Layer {
     /// Upper attributes `attr` of the node in `st` as the guest sees them (a device node kept
     /// as a plain file shows as the device).
     fn present(st: &NodeState, mut attr: stat64) -> stat64 {
+        if st.indexed {
+            attr.st_nlink = attr.st_nlink.saturating_sub(1);
+        }
         if let Some((kind, rdev)) = st.device {
             attr.st_mode = (attr.st_mode & !libc::S_IFMT) | kind;
             attr.st_rdev = u64::from(rdev);

@@ -149,6 +149,9 @@ fn an_image_files_hard_links_copy_up_once() {
         let h2 = lookup(&fs, a, "h2").unwrap();
         assert_eq!(h1, h2);
         assert_eq!(read_all(&fs, h2).unwrap(), b"\x07\x07\x07ked\n");
+        // Two names, as in the image (the index's link is not the guest's).
+        let (st, _) = fs.getattr(&Context::default(), h1, None).unwrap();
+        assert_eq!(st.st_nlink, 2);
     });
     let report = super::check::check_layer(&fx.layer(), false).unwrap();
     assert!(report.consistent(), "{report}");
