@@ -87,6 +87,17 @@ fn layer_against_overlay() {
     let image = tmp.path().join("img.flist");
     let cache = tmp.path().join("cache");
     on_worker_thread(|| {
+        // A first run warms the image's chunk cache for both.
+        let warm = super::super::layered_share(
+            "t",
+            &image,
+            &tmp.path().join("l0"),
+            Limits::default(),
+            &cache,
+        )
+        .unwrap();
+        warm.init(FsOptions::empty()).unwrap();
+        run(&warm);
         let layer = super::super::layered_share(
             "t",
             &image,

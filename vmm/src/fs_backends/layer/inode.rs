@@ -47,9 +47,28 @@ pub struct Node {
     pub state: Mutex<NodeState>,
 }
 
+/// What most requests need of a node, copied out without its names.
+#[derive(Clone, Copy, Debug)]
+pub struct Brief {
+    pub upper: Option<u64>,
+    pub lower: Option<u64>,
+    pub device: Option<(u32, u32)>,
+    pub indexed: bool,
+}
+
 impl Node {
     pub fn state(&self) -> MutexGuard<'_, NodeState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn brief(&self) -> Brief {
+        let st = self.state();
+        Brief {
+            upper: st.upper,
+            lower: st.lower,
+            device: st.device,
+            indexed: st.indexed,
+        }
     }
 
     pub fn is_dir(&self) -> bool {

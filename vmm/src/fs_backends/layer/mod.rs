@@ -351,6 +351,7 @@ impl Layer {
         name: &CStr,
         e: Entry,
         peek: Option<&Peek>,
+        fresh: bool,
     ) -> io::Result<(Arc<Node>, stat64)> {
         let mut kind = e.attr.st_mode & libc::S_IFMT;
         if let Some(node) = self.inodes.find(Key::Upper(e.inode)) {
@@ -361,7 +362,7 @@ impl Layer {
         }
         let pst = parent.state().clone();
         let device = match &pst.upper_dir {
-            Some(dir) if kind == libc::S_IFREG => whiteout::device_of(dir, name, &e.attr)
+            Some(dir) if kind == libc::S_IFREG && !fresh => whiteout::device_of(dir, name, &e.attr)
                 .unwrap_or_else(|err| {
                     tracing::debug!("layer: device mark unreadable: {err}");
                     None
@@ -445,7 +446,7 @@ impl Layer {
             }
             let upper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
             let e = self.upper.lookup(ctx, upper, name)?;
-            return self.upper_node(ctx, parent, name, e, Some(&peek));
+            return self.upper_node(ctx, parent, name, e, Some(&peek), false);
         }
         let Some((lino, lst)) = peek.lower else {
             return Err(errno(libc::ENOENT));
@@ -555,7 +556,7 @@ impl Layer {
         }
         let upper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
         let e = self.upper.lookup(ctx, upper, name)?;
-        self.upper_node(ctx, parent, name, e, None).map(Some)
+        self.upper_node(ctx, parent, name, e, None, false).map(Some)
     }
 
     /// Makes sure `node` is in the upper directory (copying it up, and its directories first);
@@ -800,18 +801,31 @@ impl Layer {
         Ok((pst, peek.whiteout))
     }
 
-    fn created(&self, ctx: &Context, parent: &Node, name: &CStr, e: Entry) -> io::Result<Entry> {
-        let (node, attr) = self.upper_node(ctx, parent, name, e, None)?;
+    /// The entry of `name` in `parent` just made (`fresh`: by the passthrough, so not a device
+    /// node kept as a file).
+    fn created(
+        &self,
+        ctx: &Context,
+        parent: &Node,
+        name: &CStr,
+        e: Entry,
+        fresh: bool,
+    ) -> io::Result<Entry> {
+        let (node, attr) = self.upper_node(ctx, parent, name, e, None, fresh)?;
         Ok(Self::entry(node.id, attr))
     }
 
     /// Upper attributes `attr` of the node in `st` as the guest sees them (a device node kept
     /// as a plain file shows as the device).
-    fn present(st: &NodeState, mut attr: stat64) -> stat64 {
-        if st.indexed {
+    fn present(st: &NodeState, attr: stat64) -> stat64 {
+        Self::present_with(st.device, st.indexed, attr)
+    }
+
+    fn present_with(device: Option<(u32, u32)>, indexed: bool, mut attr: stat64) -> stat64 {
+        if indexed {
             attr.st_nlink = attr.st_nlink.saturating_sub(1);
         }
-        if let Some((kind, rdev)) = st.device {
+        if let Some((kind, rdev)) = device {
             attr.st_mode = (attr.st_mode & !libc::S_IFMT) | kind;
             attr.st_rdev = u64::from(rdev);
         }
@@ -915,15 +929,17 @@ impl FileSystem for Layer {
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
         let node = self.node(inode)?;
-        let st = node.state().clone();
+        let st = node.brief();
         match (st.upper, st.lower) {
             (Some(upper), _) => {
                 let handle = handle.filter(|h| h & LOWER_HANDLE == 0);
                 let (attr, _) = self.upper.getattr(ctx, upper, handle)?;
-                let mut attr = Self::present(&st, attr);
-                if let (Some(lower), Some(fd)) = (st.lower, &st.upper_dir) {
+                let mut attr = Self::present_with(st.device, st.indexed, attr);
+                if let (Some(lower), true) = (st.lower, node.is_dir()) {
                     // A merged directory: its image subdirectories count as links too.
-                    attr.st_nlink += self.lower_only_subdirs(ctx, lower, fd)?;
+                    if let Some(fd) = node.state().upper_dir.clone() {
+                        attr.st_nlink += self.lower_only_subdirs(ctx, lower, &fd)?;
+                    }
                 }
                 Ok((attr, TIMEOUT))
             }
@@ -954,7 +970,7 @@ impl FileSystem for Layer {
 
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
         let node = self.node(inode)?;
-        let st = node.state().clone();
+        let st = node.brief();
         match (st.upper, st.lower) {
             (Some(upper), _) => self.upper.readlink(ctx, upper),
             (None, Some(lower)) => self.image.readlink(ctx, lower),
@@ -975,7 +991,7 @@ impl FileSystem for Layer {
         let e = self
             .upper
             .symlink(ctx, linkname, Self::upper_of(&pst)?, name)?;
-        self.created(ctx, &parent, name, e)
+        self.created(ctx, &parent, name, e, true)
     }
 
     fn mknod(
@@ -991,7 +1007,8 @@ impl FileSystem for Layer {
         let _changes = self.lock();
         let (pst, _) = self.prepare_create(ctx, &parent, name)?;
         let upper = Self::upper_of(&pst)?;
-        let e = if matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
+        let device = matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK);
+        let e = if device {
             // A guest's device node never becomes a host device, nor a whiteout.
             self.logged(
                 "mknod",
@@ -1001,7 +1018,7 @@ impl FileSystem for Layer {
         } else {
             self.upper.mknod(ctx, upper, name, mode, rdev, umask)?
         };
-        self.created(ctx, &parent, name, e)
+        self.created(ctx, &parent, name, e, !device)
     }
 
     fn mkdir(
@@ -1031,7 +1048,7 @@ impl FileSystem for Layer {
                 return self.logged("mkdir: opaque mark", Err(err));
             }
         }
-        self.created(ctx, &parent, name, e)
+        self.created(ctx, &parent, name, e, true)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -1128,9 +1145,10 @@ impl FileSystem for Layer {
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
         let node = self.node(inode)?;
         let st = if flags & WRITE_FLAGS != 0 {
-            self.copied_up(ctx, &node)?
+            self.copied_up(ctx, &node)?;
+            node.brief()
         } else {
-            node.state().clone()
+            node.brief()
         };
         match (st.upper, st.lower) {
             (Some(upper), _) => self.upper.open(ctx, upper, flags, fuse_flags),
@@ -1156,6 +1174,7 @@ impl FileSystem for Layer {
         let _changes = self.lock();
         let pst = pnode.state().clone();
         let peek = self.peek(ctx, &pst, name)?;
+        let fresh = !peek.exists();
         let pst = if peek.upper.is_some() {
             // There already: the passthrough opens it as the host would (O_EXCL, O_NOFOLLOW
             // and O_TRUNC apply).
@@ -1180,7 +1199,7 @@ impl FileSystem for Layer {
             self.prepare_create(ctx, &pnode, name)?.0
         };
         let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
-        Ok((self.created(ctx, &pnode, name, e)?, h, opts, x))
+        Ok((self.created(ctx, &pnode, name, e, fresh)?, h, opts, x))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1196,7 +1215,7 @@ impl FileSystem for Layer {
         flags: u32,
     ) -> io::Result<usize> {
         let node = self.node(inode)?;
-        let st = node.state().clone();
+        let st = node.brief();
         if handle & LOWER_HANDLE != 0 {
             let lower = st.lower.ok_or_else(|| errno(libc::EBADF))?;
             return self.image.read(
@@ -1212,7 +1231,7 @@ impl FileSystem for Layer {
         }
         self.upper.read(
             ctx,
-            Self::upper_of(&st)?,
+            st.upper.ok_or_else(|| errno(libc::EIO))?,
             handle,
             w,
             size,
@@ -1337,7 +1356,7 @@ impl FileSystem for Layer {
         size: u32,
     ) -> io::Result<GetxattrReply> {
         let node = self.node(inode)?;
-        let st = node.state().clone();
+        let st = node.brief();
         match (st.upper, st.lower) {
             (Some(upper), _) => self.upper.getxattr(ctx, upper, name, size),
             (None, Some(lower)) => self.image.getxattr(ctx, lower, name, size),
@@ -1347,7 +1366,7 @@ impl FileSystem for Layer {
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
         let node = self.node(inode)?;
-        let st = node.state().clone();
+        let st = node.brief();
         match (st.upper, st.lower) {
             (Some(upper), _) => self.upper.listxattr(ctx, upper, size),
             (None, Some(lower)) => self.image.listxattr(ctx, lower, size),
@@ -1448,7 +1467,7 @@ impl FileSystem for Layer {
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
         let node = self.node(inode)?;
-        let st = node.state().clone();
+        let st = node.brief();
         match (st.upper, st.lower) {
             (Some(upper), _) => self.upper.access(ctx, upper, mask),
             // Writing an image object copies it up first.
@@ -1466,15 +1485,20 @@ impl FileSystem for Layer {
         whence: u32,
     ) -> io::Result<u64> {
         let node = self.node(inode)?;
-        let st = node.state().clone();
+        let st = node.brief();
         if handle & LOWER_HANDLE != 0 {
             let lower = st.lower.ok_or_else(|| errno(libc::EBADF))?;
             return self
                 .image
                 .lseek(ctx, lower, handle & !LOWER_HANDLE, offset, whence);
         }
-        self.upper
-            .lseek(ctx, Self::upper_of(&st)?, handle, offset, whence)
+        self.upper.lseek(
+            ctx,
+            st.upper.ok_or_else(|| errno(libc::EIO))?,
+            handle,
+            offset,
+            whence,
+        )
     }
 
     fn getlk(
