@@ -397,6 +397,7 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
            'mkdir -p /pjd /fsx && /usr/bin/pjdfstest -p /pjd > /tmp/pjd.out 2>&1; \
             echo PJD ok=$(grep -c \" ok$\" /tmp/pjd.out) failed=$(grep -c \" FAILED$\" /tmp/pjd.out); \
             grep \" FAILED$\" /tmp/pjd.out | sed \"s/ .*//; s/^/PJDFAIL /\"; \
+            grep -A4 \"panicked\" /tmp/pjd.out | head -60 | sed \"s/^/PJDOUT /\"; \
             cd /fsx && /usr/bin/fsx -N 10000 -S 7 -q /fsx/file > /tmp/fsx.out 2>&1; echo FSX status=$?; tail -3 /tmp/fsx.out'\n";
     let job = Job::new(script)
         .binary("/vmm", &bed.vmm)
