@@ -2,8 +2,8 @@
 //! host directories to a guest takes: acting as the requesting guest user (SETUID/SETGID for
 //! fsuid/fsgid), owning and moding files on its behalf (CHOWN, FOWNER, FSETID, DAC_OVERRIDE,
 //! DAC_READ_SEARCH), the overlay's 0:0 whiteouts (MKNOD; the guest's own devices are refused
-//! by the share's guard) and, with a writable layer, the overlay's `trusted.*` opaque marks
-//! (SYS_ADMIN). Everything else is dropped from every set, the bounding set included, before
+//! by the share's guard) and, with a writable layer, the layer's `trusted.*` marks (opaque,
+//! redirect, origin, device; SYS_ADMIN). Everything else is dropped from every set, the bounding set included, before
 //! any thread that touches guest data starts (threads inherit the sets). An unprivileged vmm
 //! (jailed) has nothing to drop.
 

@@ -331,6 +331,34 @@ fn start_failed(spec: &VmSpec, message: String) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// `vmm check-layer [--fix] DIR`: checks the writable layer kept in DIR (a vmm not running
+/// on it) for what a crash left (staged objects in work/, dangling index entries), and with
+/// `--fix` removes it, as every vmm start does. Status 0: consistent (or fixed), 1: not, 2:
+/// the check failed.
+fn check_layer(args: &[std::ffi::OsString]) -> ExitCode {
+    let fix = args.iter().any(|a| a == "--fix");
+    let dirs: Vec<_> = args.iter().filter(|a| *a != "--fix").collect();
+    let [dir] = dirs.as_slice() else {
+        eprintln!("usage: vmm check-layer [--fix] DIR");
+        return ExitCode::from(2);
+    };
+    let dir = std::path::Path::new(dir);
+    match vmm::fs_backends::layer::check::check_layer(dir, fix) {
+        Ok(report) => {
+            println!("{}: {report}", dir.display());
+            if report.consistent() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm: error: cannot check the layer {}: {e}", dir.display());
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     tracing_subscriber::fmt()
@@ -350,6 +378,10 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
 
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "check-layer") {
+        return check_layer(&args[2..]);
+    }
     let cli = Cli::parse();
     let spec = match spec_from_cli(&cli) {
         Ok(spec) => spec,
@@ -396,9 +428,10 @@ fn main() -> ExitCode {
     let _socket = SocketFile(spec.api_sock.clone());
 
     raise_open_file_limit();
-    // The vmm makes copy-ups itself, in each layer's work/ (fs_backends::copy_up), but the
-    // overlay still makes (and at once removes) an empty temporary file in TMPDIR for each:
-    // keep it on the first layer's filesystem. Set while the process has one thread.
+    // The vmm makes copy-ups itself, in each layer's work/ (fs_backends::copy_up), but
+    // fuse-backend-rs's overlay (GRIDNODE_LAYER=overlay) still makes (and at once removes) an
+    // empty temporary file in TMPDIR for each: keep it on the first layer's filesystem. Set
+    // while the process has one thread.
     if let Some(layer) = spec.fs.iter().find_map(|share| share.writable_layer()) {
         std::env::set_var("TMPDIR", vmm::fs_backends::layer_work_dir(layer));
     }

@@ -18,6 +18,11 @@
 //!
 //! The host pays the file's size once, and the layer never holds a partial copy.
 //!
+//! The vmm's own layer (`layer`) calls [`CopyUp::place`] directly, for every kind of image
+//! object (a directory alone, a symlink, a FIFO or socket, a device node as a marked plain
+//! file), the same way: made whole in `work/`, renamed in. The sequence below is only
+//! fuse-backend-rs's overlay's (`GRIDNODE_LAYER=overlay`).
+//!
 //! How it fits in the overlay, which offers no hook for it: the overlay's copy-up of a regular
 //! file is a fixed sequence of calls on its two layers, on one thread:
 //! 1. `create(dir, name, {flags: O_WRONLY, umask: 0, mode: the image file's mode})` on the
@@ -57,6 +62,7 @@ use fuse_backend_rs::passthrough::PassthroughFs;
 
 use super::guard::{self, Guard};
 use super::host_dir;
+use super::layer;
 use super::quota::Quota;
 
 /// The handle both layers answer for a copy made here (never a passthrough handle, which
@@ -208,6 +214,7 @@ impl CopyUp {
             dir: &self.work,
             name: staged_name,
             placed: false,
+            is_dir: false,
         };
         self.fill(ctx, source, size, &file)?;
         self.set_attributes(ctx, source, st, &file)?;
@@ -235,6 +242,103 @@ impl CopyUp {
         let entry = upper.lookup(ctx, parent, name)?;
         arm(image_key(&self.image), source);
         Ok(entry)
+    }
+
+    /// The name of the next staging object in `work/`.
+    fn staging_name(&self) -> io::Result<CString> {
+        CString::new(format!(
+            "copy-up-{}-{}",
+            std::process::id(),
+            self.staged.fetch_add(1, Ordering::Relaxed)
+        ))
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
+    }
+
+    /// The layer's copy-up (see `layer`): the image's `source` (attributes `st`: a regular
+    /// file, directory, symlink, FIFO or socket, never a device) copied into the layer's
+    /// directory `dir` as `name`, with its owner (when the vmm may), mode (setuid/setgid
+    /// cleared), times and extended attributes, within the quota; made whole in `work/`, then
+    /// renamed in without replacing anything (EEXIST when `name` is there). A directory is
+    /// copied alone, without its entries. A regular file with other names in the image gets
+    /// `origin` (its image inode) as [`layer::ORIGIN_XATTR`] when the host allows it.
+    pub fn place(
+        &self,
+        ctx: &Context,
+        source: u64,
+        st: &stat64,
+        dir: &OwnedFd,
+        name: &CStr,
+    ) -> io::Result<()> {
+        let kind = st.st_mode & libc::S_IFMT;
+        let size = if kind == libc::S_IFREG || kind == libc::S_IFLNK {
+            u64::try_from(st.st_size).map_err(|_| io::Error::from_raw_os_error(libc::EIO))?
+        } else {
+            0
+        };
+        let reservation = Reservation::take(self.quota.as_deref(), size)?;
+        let staged_name = self.staging_name()?;
+        let mode = st.st_mode & 0o7777;
+        let mut staged = Staged {
+            dir: &self.work,
+            name: staged_name.clone(),
+            placed: false,
+            is_dir: false,
+        };
+        match kind {
+            libc::S_IFREG => {
+                let file = host_dir::create_new_file(&self.work, &staged_name, 0o600)?;
+                self.fill(ctx, source, size, &file)?;
+                self.set_attributes(ctx, source, st, &file)?;
+                if st.st_nlink > 1 {
+                    let origin = source.to_string();
+                    if let Err(e) =
+                        host_dir::set_xattr(&file, layer::ORIGIN_XATTR, origin.as_bytes())
+                    {
+                        tracing::debug!("copy-up: no origin mark for a hard-linked file: {e}");
+                    }
+                }
+                file.sync_data()?;
+            }
+            libc::S_IFDIR => {
+                layer::host::mkdir_at(&self.work, &staged_name, 0o700)?;
+                staged.is_dir = true;
+                let made = layer::host::open_dir(&self.work, &staged_name)?;
+                layer::host::chown_at(&self.work, &staged_name, st.st_uid, st.st_gid)?;
+                self.copy_xattrs_with(ctx, source, |n, v| layer::host::set_xattr(&made, n, v))?;
+                layer::host::chmod_at(&self.work, &staged_name, mode & !libc::S_ISUID)?;
+                layer::host::times_at(&self.work, &staged_name, st)?;
+            }
+            libc::S_IFLNK => {
+                let target = self.image.readlink(ctx, source)?;
+                layer::host::symlink_at(&target, &self.work, &staged_name)?;
+                layer::host::chown_at(&self.work, &staged_name, st.st_uid, st.st_gid)?;
+                layer::host::times_at(&self.work, &staged_name, st)?;
+            }
+            libc::S_IFIFO | libc::S_IFSOCK => {
+                layer::host::mknod_at(&self.work, &staged_name, kind | 0o600)?;
+                layer::host::chown_at(&self.work, &staged_name, st.st_uid, st.st_gid)?;
+                layer::host::chmod_at(&self.work, &staged_name, guard::host_file_mode(mode))?;
+                layer::host::times_at(&self.work, &staged_name, st)?;
+            }
+            // A device node of the image never becomes a host device: a plain empty file
+            // marked with the device (see `layer::whiteout`).
+            libc::S_IFCHR | libc::S_IFBLK => {
+                let file = host_dir::create_new_file(&self.work, &staged_name, 0o600)?;
+                layer::host::chown_at(&self.work, &staged_name, st.st_uid, st.st_gid)?;
+                host_dir::set_xattr(
+                    &file,
+                    layer::whiteout::DEVICE_XATTR,
+                    &layer::whiteout::device_value(kind, st.st_rdev as u32),
+                )?;
+                layer::host::chmod_at(&self.work, &staged_name, guard::host_file_mode(mode))?;
+                layer::host::times_at(&self.work, &staged_name, st)?;
+            }
+            _ => return Err(io::Error::from_raw_os_error(libc::EPERM)),
+        }
+        host_dir::rename_noreplace(&self.work, &staged.name, dir, name)?;
+        staged.placed();
+        reservation.keep();
+        Ok(())
     }
 
     /// Streams image file `source`, `size` bytes, into `file`.
@@ -292,6 +396,18 @@ impl CopyUp {
     /// (under `user.gridnode.`), so the guest sees the same ones after the copy-up. A host
     /// filesystem without user attributes gets none.
     fn copy_xattrs(&self, ctx: &Context, source: u64, file: &File) -> io::Result<()> {
+        self.copy_xattrs_with(ctx, source, |name, value| {
+            host_dir::set_xattr(file, name, value)
+        })
+    }
+
+    /// [`Self::copy_xattrs`], each attribute set by `set` (host name, value).
+    fn copy_xattrs_with(
+        &self,
+        ctx: &Context,
+        source: u64,
+        set: impl Fn(&CStr, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         let names = match self.image.listxattr(ctx, source, guard::XATTR_LIST_MAX) {
             Ok(ListxattrReply::Names(names)) => names,
             Ok(ListxattrReply::Count(_)) => return Ok(()),
@@ -311,7 +427,7 @@ impl CopyUp {
                 tracing::debug!("copy-up: xattr name too long for the layer, not copied");
                 continue;
             };
-            match host_dir::set_xattr(file, &host, &value) {
+            match set(&host, &value) {
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
                     tracing::debug!("copy-up: the layer's filesystem has no user xattrs");
                     return Ok(());
@@ -365,6 +481,8 @@ struct Staged<'a> {
     dir: &'a OwnedFd,
     name: CString,
     placed: bool,
+    /// The staged object is a directory (removed with `AT_REMOVEDIR`).
+    is_dir: bool,
 }
 
 impl Staged<'_> {
@@ -376,7 +494,12 @@ impl Staged<'_> {
 impl Drop for Staged<'_> {
     fn drop(&mut self) {
         if !self.placed {
-            if let Err(e) = host_dir::unlink_at(self.dir, &self.name) {
+            let removed = if self.is_dir {
+                layer::host::unlink_at(self.dir, &self.name, true)
+            } else {
+                host_dir::unlink_at(self.dir, &self.name)
+            };
+            if let Err(e) = removed {
                 tracing::warn!(
                     "copy-up: cannot remove the staging file {:?}: {e}",
                     self.name

@@ -16,7 +16,6 @@ use fuse_backend_rs::api::filesystem::{
 };
 use fuse_backend_rs::common::file_buf::FileVolatileSlice;
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
-use fuse_backend_rs::overlayfs::OverlayFs;
 
 use super::tests::{create_args, lookup, name, on_worker_thread, pack, write_at};
 use super::{Guard, Limits};
@@ -94,7 +93,7 @@ impl Fixture {
         self.tmp.path().join("layer")
     }
 
-    fn share(&self, limits: Limits) -> Guard<OverlayFs> {
+    fn share(&self, limits: Limits) -> Guard<super::layer::Layer> {
         let fs = super::layered_share(
             "t",
             &self.tmp.path().join("img.flist"),
@@ -176,7 +175,7 @@ fn thread_bytes_written() -> u64 {
 }
 
 /// A ZeroCopyWriter collecting what FileSystem::read writes.
-struct VecWriter(Vec<u8>);
+pub(super) struct VecWriter(pub(super) Vec<u8>);
 
 impl io::Write for VecWriter {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
@@ -208,7 +207,10 @@ impl ZeroCopyWriter for VecWriter {
 }
 
 /// The whole file `inode` as the guest reads it.
-fn read_all<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, inode: u64) -> io::Result<Vec<u8>> {
+pub(super) fn read_all<F: FileSystem<Inode = u64, Handle = u64>>(
+    fs: &F,
+    inode: u64,
+) -> io::Result<Vec<u8>> {
     let ctx = Context::default();
     let (handle, _, _) = fs.open(&ctx, inode, libc::O_RDONLY as u32, 0)?;
     let handle = handle.unwrap_or(0);

@@ -82,6 +82,12 @@ impl Policy {
         }
     }
 
+    /// An image under the vmm's own writable layer, as the guest sees it (the layer checks
+    /// renames against its merged view itself).
+    pub fn layer_share() -> Self {
+        Self::default()
+    }
+
     /// The host directory holding a writable layer, as the overlay writes it.
     pub fn layer_upper() -> Self {
         Self {

@@ -1,8 +1,10 @@
 //! The filesystems the virtio-fs device serves, built from the spec: a host directory
 //! (passthrough, optionally read-only), an flist image (read-only, chunks fetched lazily
-//! through the shared cache, or asked of the node's chunk fetcher), or an flist image under a writable layer kept in a host
-//! directory (fuse-backend-rs's overlay: copy-up on write, whiteouts, opaque directories;
-//! the copy-up of a file is the vmm's own, `copy_up`).
+//! through the shared cache, or asked of the node's chunk fetcher), or an flist image under a
+//! writable layer kept in a host directory (the vmm's own merged view, `layer`: copy-up on
+//! write, whiteouts, opaque and redirected directories, hard links; the copy-up of a file is
+//! `copy_up`). fuse-backend-rs's overlay (`upper_layer`, `image_layer`) is still selectable
+//! with `GRIDNODE_LAYER=overlay`.
 //! Every share is served through one `Guard` whose `Policy` says what the guest may do (name
 //! length, read-only, no privileged host objects in host directories); host directories are
 //! opened without following symlinks (`host_dir`).
@@ -17,6 +19,7 @@ mod fetcher_tests;
 mod guard;
 mod host_dir;
 mod image_layer;
+pub mod layer;
 mod quota;
 #[cfg(test)]
 mod tests;
@@ -285,10 +288,10 @@ fn prepare_layer(
             ),
         ));
     }
-    if let Ok(entries) = std::fs::read_dir(&work) {
-        for entry in entries.flatten() {
-            let _ = std::fs::remove_file(entry.path());
-        }
+    // What a crashed run left staged goes; dangling index entries too (`layer::check`).
+    let report = layer::check::check_work(&work_dir, true).map_err(|e| err(&work, e))?;
+    if report.stale_work + report.dangling_index > 0 {
+        tracing::info!(tag, "writable layer {}: {report}", layer.display());
     }
     Ok((upper, work_dir))
 }
@@ -344,6 +347,44 @@ fn overlay(
     Ok((fs, upper_root))
 }
 
+/// The vmm's own writable layer (`layer`) over `lower`, kept in `layer_dir`; and the layer's
+/// upper directory (O_PATH).
+fn writable_layer(
+    tag: &str,
+    lower: FlistFs,
+    layer_dir: &Path,
+    limits: Limits,
+) -> Result<(layer::Layer, Arc<OwnedFd>), FsBackendError> {
+    let (image_root, _) = lower
+        .getattr(&Context::default(), ROOT_ID, None)
+        .map_err(|source| FsBackendError::Overlay {
+            tag: tag.to_string(),
+            source,
+        })?;
+    let (upper_dir, work) = prepare_layer(tag, layer_dir, &image_root)?;
+    let (upper, root) = passthrough(tag, &upper_dir, true)?;
+    let mut upper = Guard::new(upper, Policy::layer_upper()).at_root(root.clone());
+    let quota = quota(tag, &upper_dir, limits)?;
+    if let Some(quota) = &quota {
+        upper = upper.with_quota(quota.clone());
+    }
+    let lower = Arc::new(lower);
+    let copier_work = work.try_clone().map_err(|source| FsBackendError::Overlay {
+        tag: tag.to_string(),
+        source,
+    })?;
+    let copy_up = copy_up::CopyUp::new(lower.clone(), root.clone(), copier_work, quota.clone());
+    let fs = layer::Layer::new(lower, upper, root.clone(), work, copy_up, quota);
+    Ok((fs, root))
+}
+
+/// Whether writable layers are served by fuse-backend-rs's overlay instead of the vmm's own
+/// layer: `GRIDNODE_LAYER=overlay` in the vmm's environment (for comparisons; the vmm's own
+/// is the default).
+fn overlay_selected() -> bool {
+    std::env::var_os("GRIDNODE_LAYER").is_some_and(|v| v == "overlay")
+}
+
 /// A readable descriptor of the directory `root` (an `O_PATH` one) refers to: `syncfs(2)`
 /// needs one.
 fn sync_root(tag: &str, path: &Path, root: &OwnedFd) -> Result<Arc<OwnedFd>, FsBackendError> {
@@ -391,6 +432,19 @@ pub(crate) fn image_share(
 }
 
 /// An image under a writable layer kept in `layer`, behind its guard.
+/// An image under fuse-backend-rs's overlay with the layer kept in `layer` (for comparisons).
+#[cfg(test)]
+pub(crate) fn overlay_share(
+    tag: &str,
+    image_path: &Path,
+    layer: &Path,
+    limits: Limits,
+    images: impl Into<ImageSettings>,
+) -> Result<Guard<OverlayFs>, FsBackendError> {
+    Ok(overlay_share_with_root(tag, image_path, layer, limits, images)?.0)
+}
+
+/// An image under the vmm's own writable layer kept in `layer`, behind its guard.
 #[cfg(test)]
 pub(crate) fn layered_share(
     tag: &str,
@@ -398,12 +452,25 @@ pub(crate) fn layered_share(
     layer: &Path,
     limits: Limits,
     images: impl Into<ImageSettings>,
-) -> Result<Guard<OverlayFs>, FsBackendError> {
+) -> Result<Guard<layer::Layer>, FsBackendError> {
     Ok(layered_share_with_root(tag, image_path, layer, limits, images)?.0)
 }
 
 /// [`layered_share`] and the layer's upper directory (O_PATH).
 fn layered_share_with_root(
+    tag: &str,
+    image_path: &Path,
+    layer: &Path,
+    limits: Limits,
+    images: impl Into<ImageSettings>,
+) -> Result<(Guard<layer::Layer>, Arc<OwnedFd>), FsBackendError> {
+    let lower = image(tag, image_path, images)?;
+    let (fs, upper_root) = writable_layer(tag, lower, layer, limits)?;
+    Ok((Guard::new(fs, Policy::layer_share()), upper_root))
+}
+
+/// [`overlay_share`] and the layer's upper directory (O_PATH).
+fn overlay_share_with_root(
     tag: &str,
     image_path: &Path,
     layer: &Path,
@@ -445,6 +512,11 @@ pub fn device_with_queues(
                 _ => None,
             };
             device(tag, fs, false, request_queues, sync)
+        }
+        ShareSource::LayeredImage { image, layer } if overlay_selected() => {
+            let (fs, upper) = overlay_share_with_root(tag, image, layer, limits, &images)?;
+            let sync = Some(sync_root(tag, layer, &upper)?);
+            device(tag, fs, network, request_queues, sync)
         }
         ShareSource::LayeredImage { image, layer } => {
             let (fs, upper) = layered_share_with_root(tag, image, layer, limits, &images)?;

@@ -1,0 +1,1574 @@
+//! The writable layer: an flist image (read-only, below) merged with a host directory the
+//! guest's changes go to (`<layer>/upper`, above), as one `FileSystem`. It owns the merge:
+//! - identity ([`inode`]): an object in the upper directory is one inode whatever its names
+//!   (hard links share link count, ctime and attributes); an object only in the image keeps
+//!   the image's inode number (above [`inode::LOWER_INO_BASE`]);
+//! - lookups and directory listings: the upper entry wins, a whiteout hides the image's, an
+//!   opaque directory shows nothing of the image, a redirected directory the image directory
+//!   it names ([`whiteout`]);
+//! - copy-up before any change of an image object: made whole in `work/` with the object's
+//!   owner, mode, times and attributes, within the quota, then renamed in (`copy_up`); a file
+//!   with other names in the image is copied once, its other names link to the copy;
+//! - removals (whiteouts put in place atomically), renames ([`rename`]: files and
+//!   directories, a moved image directory keeps its entries through a redirect);
+//! - the check of a layer after a crash ([`check`]).
+//!
+//! Everything the guest asks of the upper directory goes through the passthrough behind the
+//! layer's [`Guard`] (no devices, no setuid, guest attributes under `user.gridnode.`, quota,
+//! the guest's credentials for what it creates); the layer's own marks are made on the host
+//! directly ([`host`]). Open files keep their host descriptor: an unlinked file stays
+//! readable through it.
+
+#[cfg(test)]
+mod bench_tests;
+pub mod check;
+#[cfg(test)]
+mod crash_tests;
+pub(crate) mod host;
+mod inode;
+mod rename;
+#[cfg(test)]
+mod tests;
+pub(crate) mod whiteout;
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use flist_fs::fs::FlistFs;
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, IoctlData,
+    ListxattrReply, OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter, ROOT_ID,
+};
+use fuse_backend_rs::passthrough::PassthroughFs;
+
+use super::copy_up::CopyUp;
+use super::guard::Guard;
+use super::quota::Quota;
+use inode::{Inodes, Key, Node, NodeState, LOWER_INO_BASE};
+
+pub use whiteout::ORIGIN_XATTR;
+
+/// Handles of files opened in the image carry this bit (passthrough handles count up from 1,
+/// image handles are image inode numbers: neither reaches it).
+const LOWER_HANDLE: u64 = 1 << 63;
+/// How long the guest may cache entries and attributes (as the passthrough's `Auto`).
+const TIMEOUT: Duration = Duration::from_secs(1);
+const WRITE_FLAGS: u32 = (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC) as u32;
+
+fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// What is at a name of a directory, in each layer.
+#[derive(Default)]
+struct Peek {
+    /// The upper entry (host attributes), unless a whiteout.
+    upper: Option<libc::stat64>,
+    /// The upper entry is a whiteout.
+    whiteout: bool,
+    /// The image entry (inode, attributes) that shows through: none under a whiteout or in an
+    /// opaque directory.
+    lower: Option<(u64, stat64)>,
+}
+
+impl Peek {
+    fn exists(&self) -> bool {
+        self.upper.is_some() || self.lower.is_some()
+    }
+
+    fn kind(&self) -> u32 {
+        match (&self.upper, &self.lower) {
+            (Some(u), _) => u.st_mode & libc::S_IFMT,
+            (None, Some((_, l))) => l.st_mode & libc::S_IFMT,
+            _ => 0,
+        }
+    }
+}
+
+/// One entry of a merged directory listing.
+struct Item {
+    name: CString,
+    type_: u32,
+    ino: u64,
+}
+
+pub struct Layer {
+    image: Arc<FlistFs>,
+    upper: Guard<PassthroughFs>,
+    /// `<layer>/upper` (`O_PATH`).
+    root: Arc<OwnedFd>,
+    /// `<layer>/work` (`O_PATH`): staging of whiteouts and removed directories.
+    work: OwnedFd,
+    /// `<layer>/work/index` (`O_PATH`), once there (made at the first copy-up of a file with
+    /// several image names).
+    index: std::sync::OnceLock<OwnedFd>,
+    copy_up: CopyUp,
+    quota: Option<Arc<Quota>>,
+    inodes: Inodes,
+    dirs: Mutex<HashMap<u64, Arc<Vec<Item>>>>,
+    next_dir: AtomicU64,
+    /// Held by every change of the tree's names (copy-ups included): they are made one at a
+    /// time.
+    changes: Mutex<()>,
+    staged: AtomicU64,
+    /// When an unexpected failure was last logged (rate limit).
+    last_log: Mutex<Option<Instant>>,
+}
+
+impl Layer {
+    /// The layer over `image` whose upper directory `root` is served by `upper`; `work` is
+    /// the layer's work directory (same filesystem), `copy_up` its copier.
+    pub fn new(
+        image: Arc<FlistFs>,
+        upper: Guard<PassthroughFs>,
+        root: Arc<OwnedFd>,
+        work: OwnedFd,
+        copy_up: CopyUp,
+        quota: Option<Arc<Quota>>,
+    ) -> Self {
+        let index = std::sync::OnceLock::new();
+        if let Ok(fd) = host::open_dir(&work, whiteout::INDEX_DIR) {
+            let _ = index.set(fd);
+        }
+        let inodes = Inodes::new(Self::root_state(&root));
+        Self {
+            image,
+            upper,
+            root,
+            work,
+            index,
+            copy_up,
+            quota,
+            inodes,
+            dirs: Mutex::new(HashMap::new()),
+            next_dir: AtomicU64::new(1),
+            changes: Mutex::new(()),
+            staged: AtomicU64::new(0),
+            last_log: Mutex::new(None),
+        }
+    }
+
+    fn root_state(root: &Arc<OwnedFd>) -> NodeState {
+        NodeState {
+            lower: Some(ROOT_ID),
+            lower_path: Vec::new(),
+            upper: Some(ROOT_ID),
+            upper_dir: Some(root.clone()),
+            device: None,
+            indexed: false,
+            parent: ROOT_ID,
+            name: CString::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Logs an unexpected failure (at most one a second); the guest gets its errno.
+    fn logged<T>(&self, what: &str, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            let expected = matches!(
+                e.raw_os_error(),
+                Some(
+                    libc::ENOENT
+                        | libc::EEXIST
+                        | libc::ENOTEMPTY
+                        | libc::ENOTDIR
+                        | libc::EISDIR
+                        | libc::EACCES
+                        | libc::EPERM
+                        | libc::EDQUOT
+                        | libc::ENODATA
+                        | libc::ERANGE
+                        | libc::EINVAL
+                        | libc::ENAMETOOLONG
+                        | libc::ENOSYS
+                        | libc::ENOTTY
+                        | libc::EXDEV
+                        | libc::ELOOP
+                )
+            );
+            if !expected {
+                let mut last = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
+                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    *last = Some(Instant::now());
+                    tracing::warn!("writable layer: {what}: {e}");
+                }
+            }
+        }
+        r
+    }
+
+    fn node(&self, id: u64) -> io::Result<Arc<Node>> {
+        self.inodes.get(id).ok_or_else(|| errno(libc::ESTALE))
+    }
+
+    fn staging_name(&self) -> CString {
+        // Digits and dashes: never a NUL.
+        CString::new(format!(
+            "layer-{}-{}",
+            std::process::id(),
+            self.staged.fetch_add(1, Ordering::Relaxed)
+        ))
+        .unwrap_or_default()
+    }
+
+    /// The attributes of an image object as the guest sees them.
+    fn lower_attr(mut st: stat64) -> stat64 {
+        st.st_ino = st.st_ino.wrapping_add(LOWER_INO_BASE);
+        st
+    }
+
+    fn entry(id: u64, attr: stat64) -> Entry {
+        Entry {
+            inode: id,
+            generation: 0,
+            attr,
+            attr_flags: 0,
+            attr_timeout: TIMEOUT,
+            entry_timeout: TIMEOUT,
+        }
+    }
+
+    /// The image entry `name` in image directory `dir`, if any.
+    fn lower_child(
+        &self,
+        ctx: &Context,
+        dir: u64,
+        name: &CStr,
+    ) -> io::Result<Option<(u64, stat64)>> {
+        match self.image.lookup(ctx, dir, name) {
+            Ok(e) if e.inode != 0 => Ok(Some((e.inode, e.attr))),
+            Ok(_) => Ok(None),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The image directory at absolute image path `path` (a redirect's value).
+    fn lower_at_path(&self, ctx: &Context, path: &[u8]) -> io::Result<Option<(u64, Vec<u8>)>> {
+        let mut ino = ROOT_ID;
+        let mut parts = Vec::new();
+        for part in path.split(|&b| b == b'/').filter(|p| !p.is_empty()) {
+            if part == b".." || part == b"." {
+                return Ok(None);
+            }
+            let name = CString::new(part).map_err(|_| errno(libc::EIO))?;
+            match self.lower_child(ctx, ino, &name)? {
+                Some((child, st)) if st.st_mode & libc::S_IFMT == libc::S_IFDIR => ino = child,
+                _ => return Ok(None),
+            }
+            parts.push(part);
+        }
+        Ok(Some((ino, parts.join(&b'/'))))
+    }
+
+    fn join(dir: &[u8], name: &CStr) -> Vec<u8> {
+        if dir.is_empty() {
+            name.to_bytes().to_vec()
+        } else {
+            [dir, b"/", name.to_bytes()].concat()
+        }
+    }
+
+    /// What is at `name` in directory `dir`.
+    fn peek(&self, ctx: &Context, dir: &NodeState, name: &CStr) -> io::Result<Peek> {
+        let mut peek = Peek::default();
+        if let Some(fd) = &dir.upper_dir {
+            match host::stat_at(fd, name)? {
+                Some(st) if whiteout::is_whiteout(&st) => peek.whiteout = true,
+                other => peek.upper = other,
+            }
+        }
+        if !peek.whiteout {
+            if let Some(lower) = dir.lower {
+                peek.lower = self.lower_child(ctx, lower, name)?;
+            }
+        }
+        Ok(peek)
+    }
+
+    /// The state of the upper directory `name` in `dir` (upper attributes `st`, passthrough
+    /// inode `upper`): its descriptor and the image directory it shows.
+    fn upper_dir_state(
+        &self,
+        ctx: &Context,
+        dir: &NodeState,
+        name: &CStr,
+        peek: &Peek,
+        upper: u64,
+        st: &libc::stat64,
+    ) -> io::Result<NodeState> {
+        let parent_fd = dir.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        let fd = host::open_dir(parent_fd, name)?;
+        let found = host::stat_fd(&fd)?;
+        if found.st_ino != st.st_ino || found.st_dev != st.st_dev {
+            // Replaced on the host between the two looks.
+            return Err(errno(libc::ESTALE));
+        }
+        let (lower, lower_path) = if whiteout::is_opaque(&fd)? {
+            (None, Vec::new())
+        } else if let Some(path) = whiteout::redirect(&fd)? {
+            match self.lower_at_path(ctx, &path)? {
+                Some((ino, path)) => (Some(ino), path),
+                None => (None, Vec::new()),
+            }
+        } else {
+            match &peek.lower {
+                Some((ino, lst)) if lst.st_mode & libc::S_IFMT == libc::S_IFDIR => {
+                    (Some(*ino), Self::join(&dir.lower_path, name))
+                }
+                _ => (None, Vec::new()),
+            }
+        };
+        Ok(NodeState {
+            lower,
+            lower_path,
+            upper: Some(upper),
+            upper_dir: Some(Arc::new(fd)),
+            device: None,
+            indexed: false,
+            parent: 0,
+            name: name.to_owned(),
+        })
+    }
+
+    /// The node of the upper object the passthrough entry `e` names (`name` in `parent`):
+    /// found or made, holding one more lookup.
+    fn upper_node(
+        &self,
+        ctx: &Context,
+        parent: &Node,
+        name: &CStr,
+        e: Entry,
+        peek: Option<&Peek>,
+        fresh: bool,
+    ) -> io::Result<(Arc<Node>, stat64)> {
+        let mut kind = e.attr.st_mode & libc::S_IFMT;
+        if let Some(node) = self.inodes.find(Key::Upper(e.inode)) {
+            self.inodes.add_ref(node.id);
+            self.upper.forget(ctx, e.inode, 1);
+            let attr = Self::present(&node.state(), e.attr);
+            return Ok((node, attr));
+        }
+        let pst = parent.state().clone();
+        let device = match &pst.upper_dir {
+            Some(dir) if kind == libc::S_IFREG && !fresh => whiteout::device_of(dir, name, &e.attr)
+                .unwrap_or_else(|err| {
+                    tracing::debug!("layer: device mark unreadable: {err}");
+                    None
+                }),
+            _ => None,
+        };
+        if let Some((dev_kind, _)) = device {
+            kind = dev_kind;
+        }
+        let indexed = kind == libc::S_IFREG && e.attr.st_nlink > 1 && {
+            match &pst.upper_dir {
+                Some(dir) => self.is_indexed(dir, name, &e.attr),
+                None => false,
+            }
+        };
+        let mut state = if kind == libc::S_IFDIR {
+            let fresh;
+            let peek = match peek {
+                Some(p) => p,
+                None => {
+                    fresh = self.peek(ctx, &pst, name)?;
+                    &fresh
+                }
+            };
+            match self.upper_dir_state(ctx, &pst, name, peek, e.inode, &e.attr) {
+                Ok(s) => s,
+                Err(err) => {
+                    self.upper.forget(ctx, e.inode, 1);
+                    return Err(err);
+                }
+            }
+        } else {
+            NodeState {
+                upper: Some(e.inode),
+                name: name.to_owned(),
+                device,
+                indexed,
+                ..Default::default()
+            }
+        };
+        state.parent = parent.id;
+        let (node, existed) = self
+            .inodes
+            .lookup_or_insert(Key::Upper(e.inode), kind, || state);
+        if existed {
+            self.upper.forget(ctx, e.inode, 1);
+        }
+        let st = node.state().clone();
+        let mut attr = Self::present(&st, e.attr);
+        if let (Some(lower), Some(fd)) = (st.lower, &st.upper_dir) {
+            attr.st_nlink += self.lower_only_subdirs(ctx, lower, fd).unwrap_or(0);
+        }
+        Ok((node, attr))
+    }
+
+    /// Looks `name` up in directory `parent`: its node (one more lookup) and attributes.
+    /// `locked`: the caller holds the change lock.
+    fn lookup_node(
+        &self,
+        ctx: &Context,
+        parent: &Node,
+        name: &CStr,
+        locked: bool,
+    ) -> io::Result<(Arc<Node>, stat64)> {
+        if !parent.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let pst = parent.state().clone();
+        let peek = self.peek(ctx, &pst, name)?;
+        if peek.upper.is_some() {
+            if let (Some((lino, _)), false) = (&peek.lower, locked) {
+                let copying = self
+                    .inodes
+                    .find(Key::Lower(*lino))
+                    .is_some_and(|n| n.state().upper.is_none());
+                if copying {
+                    // The image object's copy may be in place with its node not yet moved
+                    // to it: the copy-up ends first, so both are one node.
+                    drop(self.lock());
+                }
+            }
+            let upper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
+            let e = self.upper.lookup(ctx, upper, name)?;
+            return self.upper_node(ctx, parent, name, e, Some(&peek), false);
+        }
+        let Some((lino, lst)) = peek.lower else {
+            return Err(errno(libc::ENOENT));
+        };
+        let kind = lst.st_mode & libc::S_IFMT;
+        if kind == libc::S_IFREG && lst.st_nlink > 1 && !locked && self.indexed(lino) {
+            // Another name of this image file was copied up: this one links to the copy.
+            let _changes = self.lock();
+            let linked = self.link_alias(ctx, parent, name, lino);
+            drop(_changes);
+            if let Some(found) = linked? {
+                return Ok(found);
+            }
+        }
+        let (node, _) = self
+            .inodes
+            .lookup_or_insert(Key::Lower(lino), kind, || NodeState {
+                lower: Some(lino),
+                lower_path: Self::join(&pst.lower_path, name),
+                upper: None,
+                upper_dir: None,
+                device: None,
+                indexed: false,
+                parent: parent.id,
+                name: name.to_owned(),
+            });
+        Ok((node, Self::lower_attr(lst)))
+    }
+
+    /// Whether the upper file `name` in `dir` (attributes `st`) is a copy linked in the index.
+    fn is_indexed(&self, dir: &OwnedFd, name: &CStr, st: &stat64) -> bool {
+        let Some(index) = self.index(false) else {
+            return false;
+        };
+        let origin =
+            host::open_path(dir, name).and_then(|fd| host::get_xattr(&fd, whiteout::ORIGIN_XATTR));
+        let Ok(Some(origin)) = origin else {
+            return false;
+        };
+        let Some(ino) = std::str::from_utf8(&origin)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return false;
+        };
+        matches!(
+            host::stat_at(index, &whiteout::index_name(ino)),
+            Ok(Some(found)) if found.st_ino == st.st_ino && found.st_dev == st.st_dev
+        )
+    }
+
+    /// The index directory, made when `create` and not there yet.
+    fn index(&self, create: bool) -> Option<&OwnedFd> {
+        if let Some(index) = self.index.get() {
+            return Some(index);
+        }
+        if !create {
+            return None;
+        }
+        let made = match host::mkdir_at(&self.work, whiteout::INDEX_DIR, 0o700) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => Err(e),
+            _ => host::open_dir(&self.work, whiteout::INDEX_DIR),
+        };
+        match made {
+            Ok(fd) => {
+                let _ = self.index.set(fd);
+                self.index.get()
+            }
+            Err(e) => {
+                tracing::warn!("layer: no index directory, image hard links copy apart: {e}");
+                None
+            }
+        }
+    }
+
+    fn indexed(&self, lino: u64) -> bool {
+        self.index(false).is_some_and(|index| {
+            matches!(
+                host::stat_at(index, &whiteout::index_name(lino)),
+                Ok(Some(_))
+            )
+        })
+    }
+
+    /// Links image file `lino`'s copy (in the index) as `name` in `parent`; `None` when
+    /// there is nothing to link (any more).
+    fn link_alias(
+        &self,
+        ctx: &Context,
+        parent: &Node,
+        name: &CStr,
+        lino: u64,
+    ) -> io::Result<Option<(Arc<Node>, stat64)>> {
+        let Some(index) = self.index(false) else {
+            return Ok(None);
+        };
+        let pst = self.ensure_upper(ctx, parent)?;
+        let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        let peek = self.peek(ctx, &pst, name)?;
+        if peek.upper.is_some() || peek.whiteout || peek.lower.map(|(i, _)| i) != Some(lino) {
+            return Ok(None);
+        }
+        match host::link_at(index, &whiteout::index_name(lino), dir, name) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+        let upper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
+        let e = self.upper.lookup(ctx, upper, name)?;
+        self.upper_node(ctx, parent, name, e, None, false).map(Some)
+    }
+
+    /// Makes sure `node` is in the upper directory (copying it up, and its directories first);
+    /// its state after. The caller holds the change lock.
+    fn ensure_upper(&self, ctx: &Context, node: &Node) -> io::Result<NodeState> {
+        let st = node.state().clone();
+        if st.upper.is_some() {
+            return Ok(st);
+        }
+        let lower = st.lower.ok_or_else(|| errno(libc::EIO))?;
+        let parent = self.node(st.parent)?;
+        let pst = self.ensure_upper(ctx, &parent)?;
+        let dir = pst.upper_dir.clone().ok_or_else(|| errno(libc::EIO))?;
+        let pupper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
+        // The name must still be this image object's.
+        let peek = self.peek(ctx, &pst, &st.name)?;
+        if peek.upper.is_some() || peek.whiteout {
+            return Err(errno(libc::ESTALE));
+        }
+        let (lst, _) = self.image.getattr(ctx, lower, None)?;
+        let kind = lst.st_mode & libc::S_IFMT;
+        let index = if kind == libc::S_IFREG && lst.st_nlink > 1 {
+            self.index(true)
+        } else {
+            None
+        };
+        let linked = match index {
+            Some(index) => {
+                match host::link_at(index, &whiteout::index_name(lower), &dir, &st.name) {
+                    Ok(()) => true,
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+                    Err(e) => return Err(e),
+                }
+            }
+            None => false,
+        };
+        if !linked {
+            self.copy_up.place(ctx, lower, &lst, &dir, &st.name)?;
+            if let Some(index) = index {
+                if let Err(e) = host::link_at(&dir, &st.name, index, &whiteout::index_name(lower)) {
+                    tracing::debug!("layer: copy of a hard-linked image file not indexed: {e}");
+                }
+            }
+        }
+        let e = self.upper.lookup(ctx, pupper, &st.name)?;
+        let upper_dir = if kind == libc::S_IFDIR {
+            Some(Arc::new(host::open_dir(&dir, &st.name)?))
+        } else {
+            None
+        };
+        let existing = self.inodes.find(Key::Upper(e.inode));
+        {
+            let mut s = node.state();
+            s.upper = Some(e.inode);
+            s.upper_dir = upper_dir;
+            if matches!(kind, libc::S_IFCHR | libc::S_IFBLK) {
+                s.device = Some((kind, lst.st_rdev as u32));
+            }
+            s.indexed = index.is_some_and(|index| {
+                matches!(
+                    (host::stat_at(index, &whiteout::index_name(lower)), host::stat_at(&dir, &st.name)),
+                    (Ok(Some(a)), Ok(Some(b))) if a.st_ino == b.st_ino && a.st_dev == b.st_dev
+                )
+            });
+        }
+        match existing {
+            // Another node already stands for this upper inode (an alias linked at lookup):
+            // this node keeps its own passthrough lookup.
+            Some(other) if other.id != node.id => {}
+            _ => self.inodes.rekey(node.id, Some(lower), e.inode),
+        }
+        Ok(node.state().clone())
+    }
+
+    /// [`Self::ensure_upper`] under the change lock, when not in the upper directory yet.
+    fn copied_up(&self, ctx: &Context, node: &Node) -> io::Result<NodeState> {
+        let st = node.state().clone();
+        if st.upper.is_some() {
+            return Ok(st);
+        }
+        let _changes = self.lock();
+        self.logged("copy-up", self.ensure_upper(ctx, node))
+    }
+
+    /// The merged entries of a directory (without `.` and `..`).
+    fn merged(&self, ctx: &Context, dir: &NodeState) -> io::Result<Vec<Item>> {
+        let mut items = Vec::new();
+        let mut hidden: HashSet<CString> = HashSet::new();
+        if let Some(fd) = &dir.upper_dir {
+            for (name, dt, ino) in host::list_dir(fd)? {
+                if dt == libc::DT_CHR {
+                    if let Some(st) = host::stat_at(fd, &name)? {
+                        if whiteout::is_whiteout(&st) {
+                            hidden.insert(name);
+                            continue;
+                        }
+                    }
+                }
+                hidden.insert(name.clone());
+                items.push(Item {
+                    name,
+                    type_: u32::from(dt),
+                    ino,
+                });
+            }
+        }
+        if let Some(lower) = dir.lower {
+            let mut lower_items = Vec::new();
+            self.image
+                .readdir(ctx, lower, lower, u32::MAX, 0, &mut |e: DirEntry| {
+                    if e.name != b"." && e.name != b".." {
+                        lower_items.push((e.name.to_vec(), e.type_, e.ino));
+                    }
+                    Ok(1)
+                })?;
+            for (name, type_, ino) in lower_items {
+                let name = CString::new(name).map_err(|_| errno(libc::EIO))?;
+                if !hidden.contains(&name) {
+                    items.push(Item {
+                        name,
+                        type_,
+                        ino: ino.wrapping_add(LOWER_INO_BASE),
+                    });
+                }
+            }
+        }
+        Ok(items)
+    }
+
+    /// How many subdirectories of image directory `lower` show in the merged directory whose
+    /// upper directory is `upper` (those with no upper entry of their name).
+    fn lower_only_subdirs(&self, ctx: &Context, lower: u64, upper: &OwnedFd) -> io::Result<u64> {
+        let mut dirs = Vec::new();
+        self.image
+            .readdir(ctx, lower, lower, u32::MAX, 0, &mut |e: DirEntry| {
+                if e.type_ == u32::from(libc::DT_DIR) && e.name != b"." && e.name != b".." {
+                    dirs.push(e.name.to_vec());
+                }
+                Ok(1)
+            })?;
+        let mut n = 0;
+        for d in dirs {
+            let name = CString::new(d).map_err(|_| errno(libc::EIO))?;
+            if host::stat_at(upper, &name)?.is_none() {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Whether the directory `name` in `dir` shows no entry (whiteouts aside).
+    fn is_empty_dir(
+        &self,
+        ctx: &Context,
+        dir: &NodeState,
+        name: &CStr,
+        peek: &Peek,
+    ) -> io::Result<bool> {
+        let state = match (&peek.upper, &peek.lower) {
+            (Some(st), _) => {
+                let fd = dir.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+                let sub = host::open_dir(fd, name)?;
+                let (lower, _) = if whiteout::is_opaque(&sub)? {
+                    (None, ())
+                } else if let Some(path) = whiteout::redirect(&sub)? {
+                    (self.lower_at_path(ctx, &path)?.map(|(i, _)| i), ())
+                } else {
+                    (
+                        peek.lower
+                            .filter(|(_, l)| l.st_mode & libc::S_IFMT == libc::S_IFDIR)
+                            .map(|(i, _)| i),
+                        (),
+                    )
+                };
+                let _ = st;
+                NodeState {
+                    lower,
+                    upper_dir: Some(Arc::new(sub)),
+                    ..Default::default()
+                }
+            }
+            (None, Some((ino, _))) => NodeState {
+                lower: Some(*ino),
+                ..Default::default()
+            },
+            (None, None) => return Err(errno(libc::ENOENT)),
+        };
+        Ok(self.merged(ctx, &state)?.is_empty())
+    }
+
+    /// Puts a whiteout in place of the upper entry `name` of `dir` in one step (the entry,
+    /// a file or an emptied directory, ends in `work/` and is removed there).
+    fn whiteout_over(&self, dir: &OwnedFd, name: &CStr, is_dir: bool) -> io::Result<()> {
+        let tmp = self.staging_name();
+        host::mknod_whiteout(&self.work, &tmp)?;
+        let flags = if is_dir { libc::RENAME_EXCHANGE } else { 0 };
+        if let Err(e) = host::rename_at(&self.work, &tmp, dir, name, flags) {
+            let _ = host::unlink_at(&self.work, &tmp, false);
+            return Err(e);
+        }
+        if is_dir {
+            whiteout::remove_all(&self.work, &tmp)?;
+        }
+        Ok(())
+    }
+
+    /// Gives the quota back for the upper entry `st` that is gone now.
+    fn freed(&self, st: &libc::stat64) {
+        if let Some(quota) = &self.quota {
+            let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+            if st.st_nlink <= 1 || is_dir {
+                quota.release_inode();
+                if !is_dir {
+                    quota.release_bytes(st.st_size.max(0) as u64);
+                }
+            }
+        }
+    }
+
+    /// A directory's name is free for a new object: its directory in the upper directory,
+    /// and whether a whiteout was removed from the name (then a new directory must be
+    /// opaque). The caller holds the change lock.
+    fn prepare_create(
+        &self,
+        ctx: &Context,
+        parent: &Node,
+        name: &CStr,
+    ) -> io::Result<(NodeState, bool)> {
+        if !parent.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let pst = parent.state().clone();
+        let peek = self.peek(ctx, &pst, name)?;
+        if peek.exists() {
+            return Err(errno(libc::EEXIST));
+        }
+        let pst = self.ensure_upper(ctx, parent)?;
+        if peek.whiteout {
+            let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+            host::unlink_at(dir, name, false)?;
+        }
+        Ok((pst, peek.whiteout))
+    }
+
+    /// The entry of `name` in `parent` just made (`fresh`: by the passthrough, so not a device
+    /// node kept as a file).
+    fn created(
+        &self,
+        ctx: &Context,
+        parent: &Node,
+        name: &CStr,
+        e: Entry,
+        fresh: bool,
+    ) -> io::Result<Entry> {
+        let (node, attr) = self.upper_node(ctx, parent, name, e, None, fresh)?;
+        Ok(Self::entry(node.id, attr))
+    }
+
+    /// Upper attributes `attr` of the node in `st` as the guest sees them (a device node kept
+    /// as a plain file shows as the device).
+    fn present(st: &NodeState, attr: stat64) -> stat64 {
+        Self::present_with(st.device, st.indexed, attr)
+    }
+
+    fn present_with(device: Option<(u32, u32)>, indexed: bool, mut attr: stat64) -> stat64 {
+        if indexed {
+            attr.st_nlink = attr.st_nlink.saturating_sub(1);
+        }
+        if let Some((kind, rdev)) = device {
+            attr.st_mode = (attr.st_mode & !libc::S_IFMT) | kind;
+            attr.st_rdev = u64::from(rdev);
+        }
+        attr
+    }
+
+    /// Makes the guest's device node `name` in `dir` (mode `mode` with its type, number
+    /// `rdev`): a plain empty file owned by the caller, marked with the device, made in
+    /// `work/` and renamed in.
+    fn make_device(
+        &self,
+        ctx: &Context,
+        pst: &NodeState,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<()> {
+        let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        let parent = host::stat_fd(dir)?;
+        let gid = if parent.st_mode & libc::S_ISGID != 0 {
+            parent.st_gid
+        } else {
+            ctx.gid
+        };
+        if let Some(quota) = &self.quota {
+            quota.reserve_inode()?;
+        }
+        let tmp = self.staging_name();
+        let made = (|| {
+            host::mknod_at(&self.work, &tmp, libc::S_IFREG | 0o600)?;
+            host::chown_at(&self.work, &tmp, ctx.uid, gid)?;
+            let fd = host::open_path(&self.work, &tmp)?;
+            host::set_xattr(
+                &fd,
+                whiteout::DEVICE_XATTR,
+                &whiteout::device_value(mode & libc::S_IFMT, rdev),
+            )?;
+            let perms = super::guard::host_file_mode(mode & 0o7777 & !umask);
+            host::chmod_at(&self.work, &tmp, perms)?;
+            host::rename_at(&self.work, &tmp, dir, name, libc::RENAME_NOREPLACE)
+        })();
+        if made.is_err() {
+            let _ = host::unlink_at(&self.work, &tmp, false);
+            if let Some(quota) = &self.quota {
+                quota.release_inode();
+            }
+        }
+        made
+    }
+
+    fn upper_of(st: &NodeState) -> io::Result<u64> {
+        st.upper.ok_or_else(|| errno(libc::EIO))
+    }
+}
+
+impl FileSystem for Layer {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        let opts = self.upper.init(capable)?;
+        self.image.init(capable)?;
+        self.inodes.reset(Self::root_state(&self.root));
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        // Directory listings are answered without attributes: a READDIRPLUS entry is a
+        // lookup the guest may never count.
+        Ok(opts - FsOptions::DO_READDIRPLUS - FsOptions::READDIRPLUS_AUTO)
+    }
+
+    fn destroy(&self) {
+        self.upper.destroy();
+        self.inodes.reset(Self::root_state(&self.root));
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        let parent = self.node(parent)?;
+        let (node, attr) = self.logged("lookup", self.lookup_node(ctx, &parent, name, false))?;
+        Ok(Self::entry(node.id, attr))
+    }
+
+    fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        if let Some(dropped) = self.inodes.forget(inode, count) {
+            if let Some(upper) = dropped.upper {
+                self.upper.forget(ctx, upper, 1);
+            }
+        }
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        for (inode, count) in requests {
+            self.forget(ctx, inode, count);
+        }
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        let node = self.node(inode)?;
+        let st = node.brief();
+        match (st.upper, st.lower) {
+            (Some(upper), _) => {
+                let handle = handle.filter(|h| h & LOWER_HANDLE == 0);
+                let (attr, _) = self.upper.getattr(ctx, upper, handle)?;
+                let mut attr = Self::present_with(st.device, st.indexed, attr);
+                if let (Some(lower), true) = (st.lower, node.is_dir()) {
+                    // A merged directory: its image subdirectories count as links too.
+                    if let Some(fd) = node.state().upper_dir.clone() {
+                        attr.st_nlink += self.lower_only_subdirs(ctx, lower, &fd)?;
+                    }
+                }
+                Ok((attr, TIMEOUT))
+            }
+            (None, Some(lower)) => {
+                let (attr, _) = self.image.getattr(ctx, lower, None)?;
+                Ok((Self::lower_attr(attr), TIMEOUT))
+            }
+            (None, None) => Err(errno(libc::ESTALE)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        let node = self.node(inode)?;
+        let st = self.copied_up(ctx, &node)?;
+        let handle = handle.filter(|h| h & LOWER_HANDLE == 0);
+        let (attr, _) = self
+            .upper
+            .setattr(ctx, Self::upper_of(&st)?, attr, handle, valid)?;
+        Ok((Self::present(&st, attr), TIMEOUT))
+    }
+
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        let node = self.node(inode)?;
+        let st = node.brief();
+        match (st.upper, st.lower) {
+            (Some(upper), _) => self.upper.readlink(ctx, upper),
+            (None, Some(lower)) => self.image.readlink(ctx, lower),
+            (None, None) => Err(errno(libc::ESTALE)),
+        }
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        let parent = self.node(parent)?;
+        let _changes = self.lock();
+        let (pst, _) = self.prepare_create(ctx, &parent, name)?;
+        let e = self
+            .upper
+            .symlink(ctx, linkname, Self::upper_of(&pst)?, name)?;
+        self.created(ctx, &parent, name, e, true)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        let parent = self.node(parent)?;
+        let _changes = self.lock();
+        let (pst, _) = self.prepare_create(ctx, &parent, name)?;
+        let upper = Self::upper_of(&pst)?;
+        let device = matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK);
+        let e = if device {
+            // A guest's device node never becomes a host device, nor a whiteout.
+            self.logged(
+                "mknod",
+                self.make_device(ctx, &pst, name, mode, rdev, umask),
+            )?;
+            self.upper.lookup(ctx, upper, name)?
+        } else {
+            self.upper.mknod(ctx, upper, name, mode, rdev, umask)?
+        };
+        self.created(ctx, &parent, name, e, !device)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        let parent = self.node(parent)?;
+        let _changes = self.lock();
+        let (pst, over_whiteout) = self.prepare_create(ctx, &parent, name)?;
+        let e = self
+            .upper
+            .mkdir(ctx, Self::upper_of(&pst)?, name, mode, umask)?;
+        if over_whiteout {
+            // The image's directory of that name (removed) must not show through.
+            let made = pst
+                .upper_dir
+                .as_ref()
+                .ok_or_else(|| errno(libc::EIO))
+                .and_then(|dir| host::open_dir(dir, name))
+                .and_then(|fd| whiteout::set_opaque(&fd));
+            if let Err(err) = made {
+                self.upper.forget(ctx, e.inode, 1);
+                return self.logged("mkdir: opaque mark", Err(err));
+            }
+        }
+        self.created(ctx, &parent, name, e, true)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        let parent = self.node(parent)?;
+        let _changes = self.lock();
+        let pst = parent.state().clone();
+        let peek = self.peek(ctx, &pst, name)?;
+        if !peek.exists() {
+            return Err(errno(libc::ENOENT));
+        }
+        if peek.kind() == libc::S_IFDIR {
+            return Err(errno(libc::EISDIR));
+        }
+        let pst = self.logged("copy-up", self.ensure_upper(ctx, &parent))?;
+        let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        let r = match (&peek.upper, &peek.lower) {
+            (Some(st), Some(_)) => self
+                .whiteout_over(dir, name, false)
+                .map(|()| self.freed(st)),
+            (None, Some(_)) => host::mknod_whiteout(dir, name),
+            _ => self.upper.unlink(ctx, Self::upper_of(&pst)?, name),
+        };
+        self.logged("unlink", r)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        let parent = self.node(parent)?;
+        let _changes = self.lock();
+        let pst = parent.state().clone();
+        let peek = self.peek(ctx, &pst, name)?;
+        if !peek.exists() {
+            return Err(errno(libc::ENOENT));
+        }
+        if peek.kind() != libc::S_IFDIR {
+            return Err(errno(libc::ENOTDIR));
+        }
+        if !self.is_empty_dir(ctx, &pst, name, &peek)? {
+            return Err(errno(libc::ENOTEMPTY));
+        }
+        let pst = self.logged("copy-up", self.ensure_upper(ctx, &parent))?;
+        let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        let r = match (&peek.upper, &peek.lower) {
+            (Some(st), Some(_)) => self.whiteout_over(dir, name, true).map(|()| self.freed(st)),
+            (None, Some(_)) => host::mknod_whiteout(dir, name),
+            (Some(st), None) => {
+                // Moved into `work/` in one step, then emptied of its whiteouts there.
+                let tmp = self.staging_name();
+                host::rename_at(dir, name, &self.work, &tmp, libc::RENAME_NOREPLACE)
+                    .and_then(|()| whiteout::remove_all(&self.work, &tmp))
+                    .map(|()| self.freed(st))
+            }
+            (None, None) => Err(errno(libc::ENOENT)),
+        };
+        self.logged("rmdir", r)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        let r = self.rename_entry(ctx, olddir, oldname, newdir, newname, flags);
+        self.logged("rename", r)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        let node = self.node(inode)?;
+        if node.is_dir() {
+            return Err(errno(libc::EPERM));
+        }
+        let parent = self.node(newparent)?;
+        let _changes = self.lock();
+        let (pst, _) = self.prepare_create(ctx, &parent, newname)?;
+        let st = self.logged("copy-up", self.ensure_upper(ctx, &node))?;
+        let upper = Self::upper_of(&st)?;
+        let e = self
+            .upper
+            .link(ctx, upper, Self::upper_of(&pst)?, newname)?;
+        self.upper.forget(ctx, e.inode, 1);
+        self.inodes.add_ref(node.id);
+        Ok(Self::entry(node.id, Self::present(&st, e.attr)))
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        let node = self.node(inode)?;
+        let st = if flags & WRITE_FLAGS != 0 {
+            self.copied_up(ctx, &node)?;
+            node.brief()
+        } else {
+            node.brief()
+        };
+        match (st.upper, st.lower) {
+            (Some(upper), _) => self.upper.open(ctx, upper, flags, fuse_flags),
+            (None, Some(lower)) => {
+                let (h, opts, x) = self.image.open(ctx, lower, flags, fuse_flags)?;
+                Ok((Some(h.unwrap_or(lower) | LOWER_HANDLE), opts, x))
+            }
+            (None, None) => Err(errno(libc::ESTALE)),
+        }
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        let pnode = self.node(parent)?;
+        if !pnode.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let _changes = self.lock();
+        let pst = pnode.state().clone();
+        let peek = self.peek(ctx, &pst, name)?;
+        let fresh = !peek.exists();
+        let pst = if peek.upper.is_some() {
+            // There already: the passthrough opens it as the host would (O_EXCL, O_NOFOLLOW
+            // and O_TRUNC apply).
+            pst
+        } else if let Some((_, lst)) = &peek.lower {
+            if args.flags & libc::O_EXCL as u32 != 0 {
+                return Err(errno(libc::EEXIST));
+            }
+            match lst.st_mode & libc::S_IFMT {
+                libc::S_IFREG => {}
+                libc::S_IFDIR => return Err(errno(libc::EISDIR)),
+                libc::S_IFLNK => return Err(errno(libc::ELOOP)),
+                _ => return Err(errno(libc::EEXIST)),
+            }
+            // An image file opened by CREATE: copied up, then opened in the layer.
+            let (node, _) = self.lookup_node(ctx, &pnode, name, true)?;
+            let copied = self.logged("copy-up", self.ensure_upper(ctx, &node));
+            FileSystem::forget(self, ctx, node.id, 1);
+            copied?;
+            pnode.state().clone()
+        } else {
+            self.prepare_create(ctx, &pnode, name)?.0
+        };
+        let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
+        Ok((self.created(ctx, &pnode, name, e, fresh)?, h, opts, x))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        let node = self.node(inode)?;
+        let st = node.brief();
+        if handle & LOWER_HANDLE != 0 {
+            let lower = st.lower.ok_or_else(|| errno(libc::EBADF))?;
+            return self.image.read(
+                ctx,
+                lower,
+                handle & !LOWER_HANDLE,
+                w,
+                size,
+                offset,
+                lock_owner,
+                flags,
+            );
+        }
+        self.upper.read(
+            ctx,
+            st.upper.ok_or_else(|| errno(libc::EIO))?,
+            handle,
+            w,
+            size,
+            offset,
+            lock_owner,
+            flags,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        if handle & LOWER_HANDLE != 0 {
+            return Err(errno(libc::EBADF));
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper.write(
+            ctx,
+            upper,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        if handle & LOWER_HANDLE != 0 {
+            return Ok(());
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper.flush(ctx, upper, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        if handle & LOWER_HANDLE != 0 {
+            return Ok(());
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper.fsync(ctx, upper, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        if handle & LOWER_HANDLE != 0 {
+            return Err(errno(libc::EBADF));
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper
+            .fallocate(ctx, upper, handle, mode, offset, length)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        if handle & LOWER_HANDLE != 0 {
+            return Ok(());
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper
+            .release(ctx, upper, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: &Context, _inode: u64) -> io::Result<statvfs64> {
+        self.upper.statfs(ctx, ROOT_ID)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        let node = self.node(inode)?;
+        let st = self.copied_up(ctx, &node)?;
+        self.upper
+            .setxattr(ctx, Self::upper_of(&st)?, name, value, flags)
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        let node = self.node(inode)?;
+        let st = node.brief();
+        match (st.upper, st.lower) {
+            (Some(upper), _) => self.upper.getxattr(ctx, upper, name, size),
+            (None, Some(lower)) => self.image.getxattr(ctx, lower, name, size),
+            (None, None) => Err(errno(libc::ESTALE)),
+        }
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        let node = self.node(inode)?;
+        let st = node.brief();
+        match (st.upper, st.lower) {
+            (Some(upper), _) => self.upper.listxattr(ctx, upper, size),
+            (None, Some(lower)) => self.image.listxattr(ctx, lower, size),
+            (None, None) => Err(errno(libc::ESTALE)),
+        }
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        let node = self.node(inode)?;
+        let st = self.copied_up(ctx, &node)?;
+        self.upper.removexattr(ctx, Self::upper_of(&st)?, name)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        _flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        let node = self.node(inode)?;
+        if !node.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let st = node.state().clone();
+        let mut items = vec![
+            Item {
+                name: c".".to_owned(),
+                type_: libc::DT_DIR.into(),
+                ino: inode,
+            },
+            Item {
+                name: c"..".to_owned(),
+                type_: libc::DT_DIR.into(),
+                ino: st.parent,
+            },
+        ];
+        items.extend(self.logged("readdir", self.merged(ctx, &st))?);
+        let handle = self.next_dir.fetch_add(1, Ordering::Relaxed);
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle, Arc::new(items));
+        Ok((Some(handle), OpenOptions::empty()))
+    }
+
+    fn readdir(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let items = self
+            .dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))?;
+        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+            let entry = DirEntry {
+                ino: item.ino,
+                offset: i as u64 + 1,
+                type_: item.type_,
+                name: item.name.to_bytes(),
+            };
+            if add_entry(entry)? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn fsyncdir(
+        &self,
+        _ctx: &Context,
+        inode: u64,
+        _datasync: bool,
+        _handle: u64,
+    ) -> io::Result<()> {
+        let node = self.node(inode)?;
+        let fd = node.state().upper_dir.clone();
+        match fd {
+            Some(fd) => host::reopen_dir(&fd)?.sync_all(),
+            None => Ok(()),
+        }
+    }
+
+    fn releasedir(&self, _ctx: &Context, _inode: u64, _flags: u32, handle: u64) -> io::Result<()> {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&handle);
+        Ok(())
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        let node = self.node(inode)?;
+        let st = node.brief();
+        match (st.upper, st.lower) {
+            (Some(upper), _) => self.upper.access(ctx, upper, mask),
+            // Writing an image object copies it up first.
+            (None, Some(lower)) => self.image.access(ctx, lower, mask & !(libc::W_OK as u32)),
+            (None, None) => Err(errno(libc::ESTALE)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        let node = self.node(inode)?;
+        let st = node.brief();
+        if handle & LOWER_HANDLE != 0 {
+            let lower = st.lower.ok_or_else(|| errno(libc::EBADF))?;
+            return self
+                .image
+                .lseek(ctx, lower, handle & !LOWER_HANDLE, offset, whence);
+        }
+        self.upper.lseek(
+            ctx,
+            st.upper.ok_or_else(|| errno(libc::EIO))?,
+            handle,
+            offset,
+            whence,
+        )
+    }
+
+    fn getlk(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<FileLock> {
+        if handle & LOWER_HANDLE != 0 {
+            return Err(errno(libc::ENOSYS));
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper.getlk(ctx, upper, handle, owner, lock, flags)
+    }
+
+    fn setlk(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        if handle & LOWER_HANDLE != 0 {
+            return Err(errno(libc::ENOSYS));
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper.setlk(ctx, upper, handle, owner, lock, flags)
+    }
+
+    fn setlkw(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        owner: u64,
+        lock: FileLock,
+        flags: u32,
+    ) -> io::Result<()> {
+        if handle & LOWER_HANDLE != 0 {
+            return Err(errno(libc::ENOSYS));
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper.setlkw(ctx, upper, handle, owner, lock, flags)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ioctl(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        flags: u32,
+        cmd: u32,
+        data: IoctlData,
+        out_size: u32,
+    ) -> io::Result<IoctlData<'_>> {
+        if handle & LOWER_HANDLE != 0 {
+            return Err(errno(libc::ENOTTY));
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        self.upper
+            .ioctl(ctx, upper, handle, flags, cmd, data, out_size)
+    }
+}

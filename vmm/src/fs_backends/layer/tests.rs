@@ -1,0 +1,362 @@
+//! Unit tests of the writable layer, driving its FileSystem methods directly (as the virtio-fs
+//! server calls them) on a small packed image and a layer in a temporary directory.
+
+use std::path::{Path, PathBuf};
+
+use fuse_backend_rs::api::filesystem::{Context, FileSystem, FsOptions, SetattrValid, ROOT_ID};
+
+use super::super::copy_up_tests::{read_all, VecWriter};
+use super::super::tests::{create_args, lookup, name, on_worker_thread, pack, write_at};
+use super::super::{Guard, Limits};
+use super::Layer;
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(src.join("a/sub")).unwrap();
+        std::fs::write(src.join("a/f"), b"image f\n").unwrap();
+        std::fs::write(src.join("a/sub/deep"), b"deep\n").unwrap();
+        std::fs::write(src.join("a/h1"), b"linked\n").unwrap();
+        std::fs::hard_link(src.join("a/h1"), src.join("a/h2")).unwrap();
+        std::fs::create_dir_all(src.join("b")).unwrap();
+        std::fs::write(src.join("b/g"), b"image g\n").unwrap();
+        std::fs::set_permissions(
+            src.join("b/g"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o640),
+        )
+        .unwrap();
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(src.join("b/g"))
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        pack(
+            &src,
+            &tmp.path().join("img.flist"),
+            &tmp.path().join("store"),
+        );
+        Self { tmp }
+    }
+
+    fn layer(&self) -> PathBuf {
+        self.tmp.path().join("layer")
+    }
+
+    fn share(&self) -> Guard<Layer> {
+        let fs = super::super::layered_share(
+            "t",
+            &self.tmp.path().join("img.flist"),
+            &self.layer(),
+            Limits::default(),
+            &self.tmp.path().join("cache"),
+        )
+        .unwrap();
+        fs.init(FsOptions::empty()).unwrap();
+        fs
+    }
+}
+
+fn walk<F: FileSystem<Inode = u64>>(fs: &F, path: &str) -> std::io::Result<u64> {
+    let mut ino = ROOT_ID;
+    for part in path.split('/').filter(|p| !p.is_empty()) {
+        ino = lookup(fs, ino, part)?;
+    }
+    Ok(ino)
+}
+
+fn names<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, dir: u64) -> Vec<String> {
+    let ctx = Context::default();
+    let (h, _) = fs.opendir(&ctx, dir, 0).unwrap();
+    let h = h.unwrap_or(0);
+    let mut out = Vec::new();
+    fs.readdir(&ctx, dir, h, 1 << 16, 0, &mut |e| {
+        let n = String::from_utf8_lossy(e.name).into_owned();
+        if n != "." && n != ".." {
+            out.push(n);
+        }
+        Ok(1)
+    })
+    .unwrap();
+    fs.releasedir(&ctx, dir, 0, h).unwrap();
+    out.sort();
+    out
+}
+
+fn nlink<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, ino: u64) -> u64 {
+    fs.getattr(&Context::default(), ino, None)
+        .unwrap()
+        .0
+        .st_nlink
+}
+
+fn is_whiteout(path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    std::fs::symlink_metadata(path)
+        .map(|m| m.file_type().is_char_device() && m.rdev() == 0)
+        .unwrap_or(false)
+}
+
+#[test]
+fn hard_links_in_the_layer_are_one_inode() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let (f, ..) = fs.create(&ctx, ROOT_ID, &name("f"), create_args()).unwrap();
+        let g = fs.link(&ctx, f.inode, ROOT_ID, &name("g")).unwrap();
+        assert_eq!(g.inode, f.inode);
+        assert_eq!(lookup(&fs, ROOT_ID, "g").unwrap(), f.inode);
+        assert_eq!(nlink(&fs, f.inode), 2);
+        fs.unlink(&ctx, ROOT_ID, &name("f")).unwrap();
+        assert_eq!(nlink(&fs, g.inode), 1);
+        // A link to an image file copies it up once; both names are the copy.
+        let a = walk(&fs, "a").unwrap();
+        let img = lookup(&fs, a, "f").unwrap();
+        let l = fs.link(&ctx, img, ROOT_ID, &name("lf")).unwrap();
+        assert_eq!(l.inode, img);
+        assert_eq!(nlink(&fs, img), 2);
+        assert_eq!(read_all(&fs, l.inode).unwrap(), b"image f\n");
+    });
+}
+
+#[test]
+fn an_image_files_hard_links_copy_up_once() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let a = walk(&fs, "a").unwrap();
+        let h1 = lookup(&fs, a, "h1").unwrap();
+        assert_eq!(
+            lookup(&fs, a, "h2").unwrap(),
+            h1,
+            "one image inode, one node"
+        );
+        assert_eq!(write_at(&fs, h1, 0, 3).unwrap(), 3);
+        assert_eq!(read_all(&fs, h1).unwrap(), b"\x07\x07\x07ked\n");
+    });
+    // The next start: the other name links to the copy.
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let a = walk(&fs, "a").unwrap();
+        let h1 = lookup(&fs, a, "h1").unwrap();
+        let h2 = lookup(&fs, a, "h2").unwrap();
+        assert_eq!(h1, h2);
+        assert_eq!(read_all(&fs, h2).unwrap(), b"\x07\x07\x07ked\n");
+        // Two names, as in the image (the index's link is not the guest's).
+        let (st, _) = fs.getattr(&Context::default(), h1, None).unwrap();
+        assert_eq!(st.st_nlink, 2);
+    });
+    let report = super::check::check_layer(&fx.layer(), false).unwrap();
+    assert!(report.consistent(), "{report}");
+    assert_eq!(report.index, 1, "{report}");
+}
+
+#[test]
+fn an_image_directory_moves_with_its_entries_and_stays_moved() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let b = walk(&fs, "b").unwrap();
+        let root_links = nlink(&fs, ROOT_ID);
+        fs.rename(&ctx, ROOT_ID, &name("a"), b, &name("moved"), 0)
+            .unwrap();
+        assert!(lookup(&fs, ROOT_ID, "a").is_err());
+        assert_eq!(
+            names(&fs, walk(&fs, "b/moved").unwrap()),
+            ["f", "h1", "h2", "sub"]
+        );
+        assert_eq!(
+            read_all(&fs, walk(&fs, "b/moved/sub/deep").unwrap()).unwrap(),
+            b"deep\n"
+        );
+        // `..` moved from the root to b.
+        assert_eq!(nlink(&fs, ROOT_ID), root_links - 1);
+        assert_eq!(nlink(&fs, b), 3);
+        assert!(!names(&fs, ROOT_ID).contains(&"a".to_string()));
+    });
+    assert!(is_whiteout(&fx.layer().join("upper/a")));
+    on_worker_thread(|| {
+        let fs = fx.share();
+        assert_eq!(
+            names(&fs, walk(&fs, "b/moved").unwrap()),
+            ["f", "h1", "h2", "sub"]
+        );
+        assert!(walk(&fs, "a").is_err());
+        // Moved back, and again away: still the image's entries.
+        let ctx = Context::default();
+        let b = walk(&fs, "b").unwrap();
+        fs.rename(&ctx, b, &name("moved"), ROOT_ID, &name("a"), 0)
+            .unwrap();
+        assert_eq!(
+            names(&fs, walk(&fs, "a").unwrap()),
+            ["f", "h1", "h2", "sub"]
+        );
+        assert!(walk(&fs, "b/moved").is_err());
+    });
+}
+
+#[test]
+fn a_renamed_image_file_keeps_its_metadata() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let b = walk(&fs, "b").unwrap();
+        let g = lookup(&fs, b, "g").unwrap();
+        let (before, _) = fs.getattr(&ctx, g, None).unwrap();
+        fs.rename(&ctx, b, &name("g"), ROOT_ID, &name("g2"), 0)
+            .unwrap();
+        assert_eq!(lookup(&fs, ROOT_ID, "g2").unwrap(), g, "the same inode");
+        let (after, _) = fs.getattr(&ctx, g, None).unwrap();
+        assert_eq!(after.st_mode, before.st_mode);
+        assert_eq!(after.st_mtime, before.st_mtime);
+        assert_eq!(after.st_size, before.st_size);
+        assert!(lookup(&fs, b, "g").is_err());
+        assert_eq!(read_all(&fs, g).unwrap(), b"image g\n");
+    });
+}
+
+#[test]
+fn an_unlinked_open_file_stays_readable() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let (f, ..) = fs.create(&ctx, ROOT_ID, &name("f"), create_args()).unwrap();
+        assert_eq!(write_at(&fs, f.inode, 0, 100).unwrap(), 100);
+        let (h, ..) = fs.open(&ctx, f.inode, libc::O_RDONLY as u32, 0).unwrap();
+        let h = h.unwrap();
+        fs.unlink(&ctx, ROOT_ID, &name("f")).unwrap();
+        let mut out = VecWriter(Vec::new());
+        let n = fs
+            .read(&ctx, f.inode, h, &mut out, 4096, 0, None, 0)
+            .unwrap();
+        assert_eq!(n, 100);
+        let (st, _) = fs.getattr(&ctx, f.inode, Some(h)).unwrap();
+        assert_eq!(st.st_size, 100);
+        assert_eq!(st.st_nlink, 0);
+        fs.release(&ctx, f.inode, 0, h, false, false, None).unwrap();
+        // And an image file removed under a whiteout.
+        let a = walk(&fs, "a").unwrap();
+        let img = lookup(&fs, a, "f").unwrap();
+        let (h, ..) = fs.open(&ctx, img, libc::O_RDONLY as u32, 0).unwrap();
+        fs.unlink(&ctx, a, &name("f")).unwrap();
+        let mut out = VecWriter(Vec::new());
+        fs.read(&ctx, img, h.unwrap(), &mut out, 4096, 0, None, 0)
+            .unwrap();
+        assert_eq!(out.0, b"image f\n");
+    });
+}
+
+#[test]
+fn removed_image_names_stay_removed_and_come_back_new() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let a = walk(&fs, "a").unwrap();
+        let sub = lookup(&fs, a, "sub").unwrap();
+        assert_eq!(
+            fs.rmdir(&ctx, a, &name("sub")).unwrap_err().raw_os_error(),
+            Some(libc::ENOTEMPTY)
+        );
+        fs.unlink(&ctx, sub, &name("deep")).unwrap();
+        assert_eq!(names(&fs, sub), Vec::<String>::new());
+        fs.rmdir(&ctx, a, &name("sub")).unwrap();
+        assert!(lookup(&fs, a, "sub").is_err());
+        assert_eq!(names(&fs, a), ["f", "h1", "h2"]);
+        // A new directory of that name shows nothing of the image's.
+        let d = fs.mkdir(&ctx, a, &name("sub"), 0o755, 0).unwrap();
+        assert_eq!(names(&fs, d.inode), Vec::<String>::new());
+        // A new file over a removed image file.
+        fs.unlink(&ctx, a, &name("f")).unwrap();
+        let (f, ..) = fs.create(&ctx, a, &name("f"), create_args()).unwrap();
+        assert_eq!(read_all(&fs, f.inode).unwrap(), b"");
+        // The guest's device nodes (a 0:0 one too) are plain files on the host, never a
+        // device nor a whiteout; the guest sees them as it made them.
+        for (n, kind, rdev) in [
+            ("null", libc::S_IFCHR, 0),
+            ("mem", libc::S_IFCHR, libc::makedev(1, 1) as u32),
+            ("sda", libc::S_IFBLK, libc::makedev(8, 0) as u32),
+        ] {
+            let e = fs
+                .mknod(&ctx, ROOT_ID, &name(n), kind | 0o640, rdev, 0)
+                .unwrap();
+            assert_eq!(e.attr.st_mode, kind | 0o640, "{n}");
+            assert_eq!(e.attr.st_rdev, u64::from(rdev), "{n}");
+            let host = std::fs::symlink_metadata(fx.layer().join("upper").join(n)).unwrap();
+            assert!(host.file_type().is_file(), "{n}");
+            let linked = fs.link(&ctx, e.inode, a, &name(n)).unwrap();
+            assert_eq!(linked.attr.st_mode, kind | 0o640, "{n}");
+        }
+        assert!(names(&fs, ROOT_ID).contains(&"null".to_string()));
+    });
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let a = walk(&fs, "a").unwrap();
+        assert_eq!(
+            names(&fs, lookup(&fs, a, "sub").unwrap()),
+            Vec::<String>::new()
+        );
+        assert_eq!(read_all(&fs, lookup(&fs, a, "f").unwrap()).unwrap(), b"");
+        let ctx = Context::default();
+        let (st, _) = fs
+            .getattr(&ctx, lookup(&fs, a, "sda").unwrap(), None)
+            .unwrap();
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFBLK);
+        assert_eq!(st.st_rdev, libc::makedev(8, 0));
+    });
+    let report = super::check::check_layer(&fx.layer(), false).unwrap();
+    assert!(report.consistent(), "{report}");
+    assert_eq!(report.opaque_dirs, 1, "{report}");
+}
+
+#[test]
+fn setattr_copies_up_with_the_images_attributes() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let g = walk(&fs, "b/g").unwrap();
+        let (mut attr, _) = fs.getattr(&ctx, g, None).unwrap();
+        attr.st_mode = 0o600;
+        let (after, _) = fs.setattr(&ctx, g, attr, None, SetattrValid::MODE).unwrap();
+        assert_eq!(after.st_mode & 0o7777, 0o600);
+        assert_eq!(after.st_mtime, 1_000_000_000);
+        assert_eq!(read_all(&fs, g).unwrap(), b"image g\n");
+    });
+}
+
+#[test]
+fn the_check_removes_what_a_crash_left() {
+    let fx = Fixture::new();
+    drop(on_worker_thread(|| fx.share()));
+    let work = fx.layer().join("work");
+    std::fs::write(work.join("copy-up-1-0"), b"partial").unwrap();
+    std::fs::create_dir_all(work.join("layer-1-1")).unwrap();
+    std::fs::create_dir_all(work.join("index")).unwrap();
+    std::fs::write(work.join("index/42"), b"dangling").unwrap();
+    let report = super::check::check_layer(&fx.layer(), false).unwrap();
+    assert_eq!(
+        (report.stale_work, report.dangling_index),
+        (2, 1),
+        "{report}"
+    );
+    assert!(!report.consistent());
+    let fixed = super::check::check_layer(&fx.layer(), true).unwrap();
+    assert!(fixed.consistent());
+    let again = super::check::check_layer(&fx.layer(), false).unwrap();
+    assert_eq!((again.stale_work, again.dangling_index), (0, 0), "{again}");
+    // The vmm checks (and fixes) at start too.
+    std::fs::write(work.join("copy-up-1-2"), b"partial").unwrap();
+    drop(on_worker_thread(|| fx.share()));
+    assert!(!work.join("copy-up-1-2").exists());
+}
