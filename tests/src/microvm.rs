@@ -37,6 +37,26 @@ pub fn guest_initramfs(init: &Path, busybox: &Path) -> Result<Archive> {
     Ok(a)
 }
 
+/// The initramfs of a test whose guest runs guest-kernels/vsock-probe (`/bin/vsock-probe`
+/// beside guest-init and busybox), written under the test's scratch directory. Returns the
+/// initramfs and the probe (the test runs it on the host side too).
+pub fn probe_initramfs(test: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let init = crate::artifacts::guest_init()?;
+    let probe = crate::artifacts::guest_program("vsock-probe")?;
+    let scratch = crate::artifacts::target_dir()
+        .join("e2e-scratch")
+        .join(test);
+    std::fs::create_dir_all(&scratch).map_err(|source| crate::Error::Io {
+        context: format!("creating {}", scratch.display()),
+        source,
+    })?;
+    let initrd = scratch.join("initrd.cpio");
+    let mut archive = guest_initramfs(&init, Path::new("/bin/busybox"))?;
+    archive.file("bin/vsock-probe", 0o755, Contents::HostFile(probe.clone()))?;
+    archive.write_file(&initrd)?;
+    Ok((initrd, probe))
+}
+
 /// Boots `kernel` with `initrd` under `qemu-system-x86_64 -M microvm -accel tcg`.
 pub fn boot(kernel: &Path, initrd: &Path, append: &str, timeout: Duration) -> Result<MicrovmBoot> {
     let mut cmd = Command::new(qemu::qemu_binary()?);

@@ -5,7 +5,6 @@
 //! (guest-kernels/vsock-probe's TCP modes run both ends), and the control API's `/metrics`
 //! counting the frames.
 
-use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
 
 /// Concurrent connections per direction, their size, and the large transfer's (the test runs
@@ -33,17 +32,7 @@ fn net_carries_tcp_and_ping_both_ways_with_the_guest_configured_by_init() -> Res
     let Some(kernel) = skip_if_missing(test, artifacts::guest_kernel())? else {
         return Ok(());
     };
-    let init = artifacts::guest_init()?;
-    let probe = artifacts::guest_program("vsock-probe")?;
-    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
-    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
-        context: format!("creating {}", scratch.display()),
-        source,
-    })?;
-    let initrd = scratch.join("initrd.cpio");
-    let mut archive = microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?;
-    archive.file("bin/vsock-probe", 0o755, Contents::HostFile(probe.clone()))?;
-    archive.write_file(&initrd)?;
+    let (initrd, probe) = microvm::probe_initramfs(test)?;
 
     let total = CONNS + 1;
     // The guest connects to the host's port 7000 while it serves port 7001 for the host; it

@@ -4,7 +4,6 @@
 //! many connections at once and a large transfer, every byte checked by SHA-256
 //! (guest-kernels/vsock-probe runs both ends).
 
-use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
 
 /// Concurrent connections per direction, their size, and the large transfer's.
@@ -23,17 +22,7 @@ fn vsock_carries_data_both_ways_in_both_connection_directions() -> Result<(), Er
     let Some(kernel) = skip_if_missing(test, artifacts::guest_kernel())? else {
         return Ok(());
     };
-    let init = artifacts::guest_init()?;
-    let probe = artifacts::guest_program("vsock-probe")?;
-    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
-    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
-        context: format!("creating {}", scratch.display()),
-        source,
-    })?;
-    let initrd = scratch.join("initrd.cpio");
-    let mut archive = microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?;
-    archive.file("bin/vsock-probe", 0o755, Contents::HostFile(probe.clone()))?;
-    archive.write_file(&initrd)?;
+    let (initrd, probe) = microvm::probe_initramfs(test)?;
 
     let total = CONNS + 1;
     // The guest serves port 5000 for the host's connections while it connects to the host's

@@ -877,6 +877,17 @@ impl Layer {
         made
     }
 
+    /// The upper inode behind a request on an open `handle` of `inode`, or `None` when the
+    /// handle is one of the image's (a file opened before any copy-up).
+    fn upper_for_handle(&self, inode: u64, handle: u64) -> io::Result<Option<u64>> {
+        if handle & LOWER_HANDLE != 0 {
+            return Ok(None);
+        }
+        let node = self.node(inode)?;
+        let upper = Self::upper_of(&node.state())?;
+        Ok(Some(upper))
+    }
+
     fn upper_of(st: &NodeState) -> io::Result<u64> {
         st.upper.ok_or_else(|| errno(libc::EIO))
     }
@@ -1255,11 +1266,9 @@ impl FileSystem for Layer {
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<usize> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Err(errno(libc::EBADF));
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper.write(
             ctx,
             upper,
@@ -1275,20 +1284,16 @@ impl FileSystem for Layer {
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Ok(());
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper.flush(ctx, upper, handle, lock_owner)
     }
 
     fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Ok(());
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper.fsync(ctx, upper, datasync, handle)
     }
 
@@ -1301,11 +1306,9 @@ impl FileSystem for Layer {
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Err(errno(libc::EBADF));
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper
             .fallocate(ctx, upper, handle, mode, offset, length)
     }
@@ -1321,11 +1324,9 @@ impl FileSystem for Layer {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Ok(());
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper
             .release(ctx, upper, flags, handle, flush, flock_release, lock_owner)
     }
@@ -1510,11 +1511,9 @@ impl FileSystem for Layer {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<FileLock> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Err(errno(libc::ENOSYS));
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper.getlk(ctx, upper, handle, owner, lock, flags)
     }
 
@@ -1527,11 +1526,9 @@ impl FileSystem for Layer {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Err(errno(libc::ENOSYS));
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper.setlk(ctx, upper, handle, owner, lock, flags)
     }
 
@@ -1544,11 +1541,9 @@ impl FileSystem for Layer {
         lock: FileLock,
         flags: u32,
     ) -> io::Result<()> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Err(errno(libc::ENOSYS));
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper.setlkw(ctx, upper, handle, owner, lock, flags)
     }
 
@@ -1563,11 +1558,9 @@ impl FileSystem for Layer {
         data: IoctlData,
         out_size: u32,
     ) -> io::Result<IoctlData<'_>> {
-        if handle & LOWER_HANDLE != 0 {
+        let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Err(errno(libc::ENOTTY));
-        }
-        let node = self.node(inode)?;
-        let upper = Self::upper_of(&node.state())?;
+        };
         self.upper
             .ioctl(ctx, upper, handle, flags, cmd, data, out_size)
     }
