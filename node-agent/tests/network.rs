@@ -192,6 +192,15 @@ fn link_names(ns: &Path) -> Vec<String> {
     v
 }
 
+fn link_isolated(ns: &Path, name: &str) -> Option<bool> {
+    let name = name.to_string();
+    nl(
+        ns,
+        move || async move { Links::connect()?.get(&name).await },
+    )
+    .and_then(|l| l.isolated)
+}
+
 fn link_index(ns: &Path, name: &str) -> Option<u32> {
     let name = name.to_string();
     nl(ns, move || async move {
@@ -322,7 +331,7 @@ fn stand_in_vm(
     nl(host, move || async move {
         let l = Links::connect()?;
         l.add_veth("vmh", "vmg").await?;
-        l.attach("vmh", bridge).await
+        l.attach("vmh", bridge, false).await
     });
     move_link(host, "vmg", vm);
     configure(vm, "vmg", addr, prefix, Some((dest, gw)));
@@ -612,6 +621,8 @@ fn the_engine_gives_a_vm_its_network_and_takes_it_back() {
         .unwrap();
     assert!(outcome.failed.contains_key("web"));
     assert!(link_names(&node).contains(&tap));
+    // Its port on the NAT bridge is isolated: it reaches the node, never another VM there.
+    assert_eq!(link_isolated(&node, &tap), Some(true), "{tap}");
     assert_eq!(ipam::allocations(&store).unwrap().len(), 1);
     let doc = store.deployments(Some(twins[0])).unwrap().remove(0);
     let addrs = engine.vm_addresses(&doc);

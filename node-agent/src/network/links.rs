@@ -8,8 +8,11 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
 use futures::TryStreamExt;
+use netlink_packet_route::link::{InfoBridgePort, InfoPortData};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkWireguard, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth, LinkWireguard, RouteMessageBuilder,
+};
 
 use super::ipam::Ipv4Net;
 use super::NetError;
@@ -24,6 +27,8 @@ pub struct Link {
     /// The bridge it is attached to.
     pub master: Option<u32>,
     pub up: bool,
+    /// As a bridge port: whether it is isolated (see [`Links::attach`]).
+    pub isolated: Option<bool>,
 }
 
 fn nl(what: impl Into<String>, e: rtnetlink::Error) -> NetError {
@@ -130,8 +135,11 @@ impl Links {
             .map_err(|e| nl(format!("setting {name} up"), e))
     }
 
-    /// Attaches `name` to the bridge `master` and sets it up (kept when already so).
-    pub async fn attach(&self, name: &str, master: &str) -> Result<(), NetError> {
+    /// Attaches `name` to the bridge `master` and sets it up (kept when already so). An
+    /// `isolated` port reaches only the bridge itself (the node), never another isolated port
+    /// (the kernel's bridge port flag `isolated`): the NAT bridge's taps belong to different
+    /// owners, whose VMs must not talk to each other on it.
+    pub async fn attach(&self, name: &str, master: &str, isolated: bool) -> Result<(), NetError> {
         let link = self
             .get(name)
             .await?
@@ -149,6 +157,18 @@ impl Links {
                 .await
                 .map_err(|e| nl(format!("attaching {name} to {master}"), e))?;
         }
+        // Set every time (idempotent): a tap attached by an older agent gets the flag too.
+        // A port's settings go in RTM_NEWLINK (RTM_SETLINK ignores them).
+        self.handle
+            .link()
+            .set_port(
+                LinkBridgePort::new(link.index)
+                    .append_info_data(InfoBridgePort::Isolated(isolated))
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| nl(format!("setting the isolation of bridge port {name}"), e))?;
         if !link.up {
             self.set_up(name).await?;
         }
@@ -257,6 +277,7 @@ fn to_link(msg: &LinkMessage) -> Link {
         kind: None,
         master: None,
         up: msg.header.flags.contains(LinkFlags::Up),
+        isolated: None,
     };
     for a in &msg.attributes {
         match a {
@@ -264,8 +285,16 @@ fn to_link(msg: &LinkMessage) -> Link {
             LinkAttribute::Controller(m) => link.master = Some(*m),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
-                    if let LinkInfo::Kind(k) = i {
-                        link.kind = Some(kind_name(k));
+                    match i {
+                        LinkInfo::Kind(k) => link.kind = Some(kind_name(k)),
+                        LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                            for p in port {
+                                if let InfoBridgePort::Isolated(v) = p {
+                                    link.isolated = Some(*v);
+                                }
+                            }
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -102,6 +102,7 @@ pub async fn apply(
         sync_taps(
             &links,
             NAT_BRIDGE,
+            Isolation::Isolated,
             &desired.host_taps,
             desired.tap_owner,
             &mut report,
@@ -137,11 +138,21 @@ pub async fn apply(
     .await
 }
 
+/// Whether the taps of a bridge may reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// The node's NAT bridge: taps of many owners, each reaching only the node.
+    Isolated,
+    /// A private network's bridge: one owner's VMs, which talk to each other.
+    Open,
+}
+
 /// Taps on `bridge` in the calling thread's namespace: removes `gn-t*` taps not in `taps`,
 /// makes the missing ones, attaches them all.
 async fn sync_taps(
     links: &Links,
     bridge: &str,
+    isolation: Isolation,
     taps: &[String],
     owner: TapOwner,
     report: &mut Report,
@@ -159,7 +170,9 @@ async fn sync_taps(
             links::create_tap(tap, owner)?;
             report.created.push(tap.clone());
         }
-        links.attach(tap, bridge).await?;
+        links
+            .attach(tap, bridge, isolation == Isolation::Isolated)
+            .await?;
     }
     Ok(())
 }
@@ -213,7 +226,15 @@ async fn sync_network(
         wireguard::configure(&net.wg_name, &net.wg).await?;
         links.set_up(&net.wg_name).await?;
         links.ensure_route(net.ip_range, &net.wg_name, None).await?;
-        sync_taps(&links, NETWORK_BRIDGE, &net.taps, owner, &mut report).await?;
+        sync_taps(
+            &links,
+            NETWORK_BRIDGE,
+            Isolation::Open,
+            &net.taps,
+            owner,
+            &mut report,
+        )
+        .await?;
         // Anything else of ours in there (a WireGuard link of an old name) goes.
         for l in links.list().await? {
             let ours = l.name.starts_with(PREFIX);
