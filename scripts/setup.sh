@@ -17,6 +17,8 @@ packages=(
     libcap-ng-dev
     # virtio-blk: mkfs/fsck in the guest (e2e), fio in the guest (benchmark)
     e2fsprogs fio
+    # virtio-net and private networks (benchmark): iperf3 and ping, in the guest and on the bed
+    iperf3 iputils-ping
 )
 
 missing=()

@@ -71,6 +71,20 @@ impl Archive {
         Ok(self)
     }
 
+    /// Adds a dynamically linked host program at `path` and the shared libraries `ldd` lists
+    /// for it at their host paths (the dynamic loader included), so it runs in a guest or
+    /// test bed built from this archive as it does on the host.
+    pub fn program(&mut self, path: &str, host: &std::path::Path) -> Result<&mut Self> {
+        self.file(path, 0o755, Contents::HostFile(host.to_owned()))?;
+        for lib in crate::host::shared_libraries(host)? {
+            let guest = lib.to_string_lossy().into_owned();
+            if !self.contains(&guest) {
+                self.file(&guest, 0o755, Contents::HostFile(lib))?;
+            }
+        }
+        Ok(self)
+    }
+
     /// True if something is already stored at `path`.
     pub fn contains(&self, path: &str) -> bool {
         normalize(path).is_ok_and(|p| self.entries.contains_key(&p))
