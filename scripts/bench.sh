@@ -11,6 +11,8 @@
 #     and a unix socket
 #   bash scripts/bench.sh net [--mib M] [--repeat N]   TCP through virtio-net (tap) vs QEMU
 #     virtio-net with vhost=off and vhost=on
+#   bash scripts/bench.sh privnet [--seconds S] [--repeat N]  iperf3 and ping over a private
+#     network: VM to VM across two nodes (WireGuard), on one node, and the namespaces alone
 #   bash scripts/bench.sh agent [--deploys N] [--vms N] [--density N]
 #                                     the node image: boot to registered, deploy latency and its
 #                                     parts, agent/vmm memory with N VMs, VMs held until refused
@@ -20,10 +22,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 which="${1:-boot}"
 case "$which" in
-    boot | fs | blk | vsock | net | agent) shift || true ;;
+    boot | fs | blk | vsock | net | privnet | agent) shift || true ;;
     before-after) shift || true; which=before_after ;;
     -*) which=boot ;;
-    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock, net, agent or before-after)" >&2; exit 2 ;;
+    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock, net, privnet, agent or before-after)" >&2; exit 2 ;;
 esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null

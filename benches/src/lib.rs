@@ -1,5 +1,6 @@
 //! What the benchmark drivers share: finding the programs built beside them, QEMU's firmware
-//! files, and running a benchmark job on the test bed.
+//! files, running a benchmark job on the test bed, medians, and reading iperf3's and ping's
+//! summaries.
 
 use std::path::{Path, PathBuf};
 
@@ -80,4 +81,55 @@ pub fn run_on_testbed_echoing(job: &Job, progress: Option<&str>) -> Result<()> {
     }
     println!("(measured on the test bed: a KVM host inside QEMU TCG; compare the ratios)");
     Ok(())
+}
+
+/// The median (the mean of the middle two for an even count); NaN for none.
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// The receiver's rate in MiB/s from an iperf3 summary line printed with `-f M`
+/// (`[  5]   0.00-5.04   sec  59.8 MBytes  11.9 MBytes/sec   receiver`).
+pub fn iperf3_receiver_rate(line: &str) -> Option<f64> {
+    if !line.contains("receiver") {
+        return None;
+    }
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "MBytes/sec")?;
+    words.get(at.checked_sub(1)?)?.parse().ok()
+}
+
+/// The average of ping's (iputils) `rtt min/avg/max/mdev = a/b/c/d ms`, in ms.
+pub fn ping_average_ms(line: &str) -> Option<f64> {
+    let values = line.split("rtt min/avg/max/mdev = ").nth(1)?;
+    values.split('/').nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_summaries() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(vec![]).is_nan());
+        let line =
+            "[  5]   0.00-5.04   sec  59.8 MBytes  11.9 MBytes/sec                  receiver";
+        assert_eq!(iperf3_receiver_rate(line), Some(11.9));
+        assert_eq!(
+            iperf3_receiver_rate(&line.replace("receiver", "sender")),
+            None
+        );
+        assert_eq!(
+            ping_average_ms("rtt min/avg/max/mdev = 0.301/0.412/0.803/0.081 ms"),
+            Some(0.412)
+        );
+    }
 }

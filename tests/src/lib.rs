@@ -3,6 +3,7 @@
 //! initramfs images, and locating or building the guest artifacts (kernel, init, test
 //! guests, the vmm binary).
 
+pub mod agent_bed;
 pub mod artifacts;
 pub mod cpio;
 pub mod error;

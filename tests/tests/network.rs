@@ -9,57 +9,20 @@
 //! without touching the running VM's tap (same interface index, traffic still flows); delete
 //! removes the taps, the network's namespace and the port forward.
 
-use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
+use e2e_tests::agent_bed::{self, NETWORK_MODULES};
+use e2e_tests::{artifacts, skip_if_missing, Error, Testbed};
 
-/// RFC 7748's test keys (Alice is this node, Bob a node elsewhere), base64.
-const NODE_PRIVATE: &str = "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=";
-const NODE_PUBLIC: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
-const PEER_PRIVATE: &str = "XasIfmJKikt54X+Lg4AO5m87sSkmGLb9HC+LJ/+I4Os=";
-const PEER_PUBLIC: &str = "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=";
-
-/// The modules of the test bed's kernel that the agent's networking uses.
-const NETWORK_MODULES: &[&str] = &[
-    "tun",
-    "veth",
-    "bridge",
-    "wireguard",
-    "nf_tables",
-    "nft_chain_nat",
-    "nft_nat",
-    "nft_masq",
-    "nft_ct",
-];
-
-/// Runs `script` on a test bed with the agent, the vmm, flist and a busybox guest, and checks
-/// that its output has every one of `needles`.
-fn run_agent_job(test: &str, script: String, needles: &[&str]) -> Result<(), Error> {
+/// Runs `script` on a test bed with the agent (debug build), the vmm, flist and a busybox
+/// guest, and checks that its output has every one of `needles`.
+fn run_agent_job(test: &str, script: &str, needles: &[&str]) -> Result<(), Error> {
     let Some(testbed) = skip_if_missing(test, Testbed::from_system())? else {
         return Ok(());
     };
     let testbed = testbed.with_modules(NETWORK_MODULES)?;
-    let Some(kernel) = skip_if_missing(test, artifacts::guest_kernel())? else {
+    if skip_if_missing(test, artifacts::guest_kernel())?.is_none() {
         return Ok(());
-    };
-    let init = artifacts::guest_init()?;
-    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
-    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
-        context: format!("creating {}", scratch.display()),
-        source,
-    })?;
-    let initrd = scratch.join("initrd.cpio");
-    microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?.write_file(&initrd)?;
-    let target = artifacts::target_dir();
-    let script = script
-        .replace("@NODE_PRIVATE@", NODE_PRIVATE)
-        .replace("@NODE_PUBLIC@", NODE_PUBLIC)
-        .replace("@PEER_PRIVATE@", PEER_PRIVATE)
-        .replace("@PEER_PUBLIC@", PEER_PUBLIC);
-    let job = Job::new(format!("{GUEST_ROOT}{script}"))
-        .binary("/vmm", artifacts::vmm_binary()?)
-        .binary("/flist", target.join("debug/flist"))
-        .binary("/node-agent", target.join("debug/node-agent"))
-        .file("/guest/vmlinux", &kernel.vmlinux)
-        .file("/guest/initrd", &initrd)
+    }
+    let job = agent_bed::agent_job(test, script, &artifacts::vmm_binary()?, "debug", &[])?
         .timeout(std::time::Duration::from_secs(900));
     let out = testbed.run(&job)?;
     eprintln!("--- job output ---\n{}", out.output);
@@ -72,17 +35,6 @@ fn run_agent_job(test: &str, script: String, needles: &[&str]) -> Result<(), Err
     }
     Ok(())
 }
-
-/// The guests' root: busybox and the applets the tests use, packed as an flist.
-const GUEST_ROOT: &str = r#"
-set -u
-mkdir -p /srv/rootfs/bin /srv/rootfs/etc /srv/rootfs/proc /srv/rootfs/dev /srv/rootfs/tmp /srv/rootfs/sys /srv/rootfs/run
-cp /bin/busybox /srv/rootfs/bin/busybox
-for a in sh cat echo sleep ip ping nc sed timeout; do ln -s busybox /srv/rootfs/bin/$a; done
-/flist pack /srv/rootfs -o /srv/root.flist --store dir:///srv/store > /dev/null || { echo "FAIL: pack"; exit 1; }
-echo '{"image_cache": "/srv/cache", "stores": ["dir:///srv/store"]}' > /srv/node.json
-chmod 600 /srv/node.json
-"#;
 
 const SCRIPT: &str = r#"
 fail() {
@@ -180,7 +132,7 @@ echo network-e2e-done
 fn vms_get_nat_and_a_private_network_through_the_agent() -> Result<(), Error> {
     run_agent_job(
         "vms_get_nat_and_a_private_network_through_the_agent",
-        SCRIPT.to_string(),
+        SCRIPT,
         &[
             "nat-bridge-up-1",
             "deploy-ok-2",
@@ -203,78 +155,14 @@ fn vms_get_nat_and_a_private_network_through_the_agent() -> Result<(), Error> {
     )
 }
 
-/// Two nodes on one test bed: node A is the bed's own namespace, node B a namespace of its own
-/// joined to A by a veth (A's uplink `up0` 192.0.2.1, B's `veth0` 192.0.2.3). Both register on
-/// one registrar served at 192.0.2.1. One owner deploys a private network over both nodes and a
+/// Two nodes on one test bed ([`agent_bed::TWO_NODES`]). One owner deploys a private network over both nodes and a
 /// VM on each (a on A, b on B), which exchange TCP over WireGuard between the nodes. Another
 /// owner's VM c on node A, on the NAT bridge and on a private network of its own with the same
 /// range, reaches the node but neither of the first owner's VMs: not a on the NAT bridge (its
 /// tap is an isolated bridge port), not a through the node (the node forwards nothing between
 /// VMs on the bridge), not b (its network does not route to the owner's). After every
 /// deployment is deleted each node's links and namespaces are what they were before.
-const TWO_NODES: &str = r#"
-fail() {
-  echo "FAIL: $*"
-  for f in /srv/reg.log /srv/a.log /srv/b.log; do echo "--- $f"; tail -n 40 $f; done
-  for f in /srv/a/vms/*/*/*/console.log /srv/b/vms/*/*/*/console.log /srv/a/vms/*/*/*/vmm.log /srv/b/vms/*/*/*/vmm.log; do echo "--- $f"; tail -n 30 "$f"; done
-  exit 1
-}
-wait_for() { i=0; while ! sh -c "$1" >/dev/null 2>&1; do i=$((i+1)); if [ $i -gt $2 ]; then fail "timeout: $1"; fi; sleep 1; done; }
-A=/node-agent
-REG=http://192.0.2.1:7000
-KA="--key /srv/user.key --agent /srv/a/agent.sock"
-KB="--key /srv/user.key --agent /srv/b/agent.sock"
-KC="--key /srv/other.key --agent /srv/a/agent.sock"
-links() { ${1:-} ip -o link | sed 's/^[0-9]*: \([^:@]*\).*/\1/' | sort | tr '\n' ' '; }
-
-unshare -n sleep 100000 & NB=$!
-sleep 1
-B="nsenter -t $NB -n"
-ip link add up0 type veth && ip link set veth0 netns $NB || fail "veth"
-ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up && ip link set lo up || fail "node a's uplink"
-$B ip addr add 192.0.2.3/24 dev veth0 && $B ip link set veth0 up && $B ip link set lo up || fail "node b's uplink"
-echo '{"image_cache": "/srv/cache-b", "stores": ["dir:///srv/store"]}' > /srv/node-b.json
-chmod 600 /srv/node-b.json
-mkdir -p /srv/reg /run/netns-b
-$A registrar serve --listen 192.0.2.1:7000 --state-dir /srv/reg > /srv/reg.log 2>&1 &
-$A keygen --out /srv/farmer.key > /dev/null
-wait_for "$A twin register --key /srv/farmer.key --registrar $REG" 30
-$A farm create --key /srv/farmer.key --name farm-1 --registrar $REG || fail "farm"
-for n in a b; do
-  if [ $n = a ]; then UP=up0; NS=/run/netns; NC=/srv/node.json; else UP=veth0; NS=/run/netns-b; NC=/srv/node-b.json; fi
-  cat > /srv/$n.json <<JSON
-{"state_dir": "/srv/$n", "registrar": "$REG", "farm_id": 1, "uptime_interval_secs": 5,
- "reserve": {"cru": 0, "mru": 0, "sru": 0, "hru": 0},
- "network": {"enabled": true, "uplink": "$UP", "netns_dir": "$NS"},
- "vmm": {"bin": "/vmm", "kernel": "/guest/vmlinux", "initrd": "/guest/initrd",
-         "node_config": "$NC", "cmdline": "quiet", "console_max_bytes": 65536}}
-JSON
-done
-GRIDNODE_LOG=info $A run --config /srv/a.json >> /srv/a.log 2>&1 &
-GRIDNODE_LOG=info $B $A run --config /srv/b.json >> /srv/b.log 2>&1 &
-for n in a b; do
-  wait_for "$A node --agent /srv/$n/agent.sock | grep -q '\"registered\": true'" 90
-done
-NODEA=$($A node --agent /srv/a/agent.sock | sed -n 's/.*"node_id": \([0-9]*\).*/\1/p')
-NODEB=$($A node --agent /srv/b/agent.sock | sed -n 's/.*"node_id": \([0-9]*\).*/\1/p')
-[ -n "$NODEA" ] && [ -n "$NODEB" ] && [ "$NODEA" != "$NODEB" ] && echo two-nodes-registered-1 || fail "node ids '$NODEA' '$NODEB'"
-LINKS_A=$(links); LINKS_B=$(links "$B")
-echo "links before: a: $LINKS_A; b: $LINKS_B"
-case "$LINKS_A" in *gn-br0*up0*) ;; *) fail "node a's links not listed: $LINKS_A" ;; esac
-
-$A keygen --out /srv/user.key > /dev/null
-$A twin register --key /srv/user.key --registrar $REG > /dev/null || fail "twin register"
-TWIN=$(cat /srv/user.key.twin)
-$A keygen --out /srv/other.key > /dev/null
-$A twin register --key /srv/other.key --registrar $REG > /dev/null || fail "twin register (other)"
-OTHER=$(cat /srv/other.key.twin)
-
-net() { # this node's WireGuard private key
-  echo '{"type": "network", "name": "net", "ip_range": "10.20.0.0/16",
-  "nodes": [{"node_id": '$NODEA', "subnet": "10.20.1.0/24", "wireguard_public_key": "@NODE_PUBLIC@", "endpoint": "192.0.2.1:51820"},
-            {"node_id": '$NODEB', "subnet": "10.20.2.0/24", "wireguard_public_key": "@PEER_PUBLIC@", "endpoint": "192.0.2.3:51820"}],
-  "wireguard_private_key": "'$1'"}'
-}
+const TWO_NODES_CHECKS: &str = r#"
 # Each VM serves port 80, waits until it reaches the other over the network, and sends to it.
 vm() { # name, interfaces, the other's address
   echo '{"type": "vm", "name": "'$1'", "image": "/srv/root.flist", "vcpus": 1, "memory_mib": 128, "rootfs_mib": 64,
@@ -326,7 +214,7 @@ echo two-nodes-done
 fn two_nodes_carry_one_owners_private_network_and_keep_another_owner_out() -> Result<(), Error> {
     run_agent_job(
         "two_nodes_carry_one_owners_private_network_and_keep_another_owner_out",
-        TWO_NODES.to_string(),
+        &format!("{}{TWO_NODES_CHECKS}", agent_bed::TWO_NODES),
         &[
             "two-nodes-registered-1",
             "deployed-on-both-2",

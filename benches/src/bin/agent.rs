@@ -18,6 +18,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use benches::median;
 use clap::Parser;
 use e2e_tests::node::{AgentCli, Node, NodeImage, REGISTERED};
 
@@ -51,15 +52,6 @@ struct Deploy {
     request: Duration,
     booted: Duration,
     entrypoint: Duration,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// `node-agent node` (signed): the node's status as JSON.

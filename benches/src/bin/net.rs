@@ -1,8 +1,8 @@
-//! Network benchmark on the test bed (a KVM host inside QEMU): a host program talks TCP to a
-//! guest program through a tap (host side 10.0.2.1/24, the guest 10.0.2.2/24, configured by
-//! the guest init from `gridnode.ip=`) and measures host->guest and guest->host throughput
-//! (64 KiB writes, no hashing) and the round-trip time of 1-byte messages (TCP_NODELAY), in
-//! one test-bed boot, through:
+//! Network benchmark on the test bed (a KVM host inside QEMU): the host talks to the guest
+//! through a tap (host side 10.0.2.1/24, the guest 10.0.2.2/24, configured by the guest init
+//! from `gridnode.ip=`) with iperf3 and ping from Debian's packages (the guest runs
+//! `iperf3 -s`; the host measures host->guest and, with `-R`, guest->host TCP throughput, and
+//! the ping round trip), in one test-bed boot, through:
 //!
 //! - the vmm's virtio-net device (tap, worker thread in user space);
 //! - QEMU `microvm` with `virtio-net-device` on `-netdev tap,vhost=off` (QEMU's user-space
@@ -10,28 +10,26 @@
 //! - the same with `vhost=on` (the test bed's `vhost_net` module moves the frames in its
 //!   kernel).
 //!
-//! The tap, guest kernel, initramfs and guest program are the same for all (1 vCPU,
+//! The tap, guest kernel, initramfs and guest programs are the same for all (1 vCPU,
 //! 256 MiB). With `--repeat N` the peers run N times, interleaved, and the medians are
-//! printed. Only the ratios carry over to real hosts. Both ends are `vsock-probe`
-//! (guest-kernels/vsock-probe, its TCP modes).
+//! printed. Only the ratios carry over to real hosts.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use benches::{vmm, with_qemu};
+use benches::{iperf3_receiver_rate, median, ping_average_ms, vmm, with_qemu};
 use clap::Parser;
-use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job, Testbed};
 
 #[derive(Parser)]
 struct Args {
-    /// MiB moved each way.
-    #[arg(long, default_value_t = 64)]
-    mib: u64,
-    /// 1-byte round trips.
-    #[arg(long, default_value_t = 2000)]
-    rounds: u64,
+    /// Seconds of each iperf3 run.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+    /// Pings (10 ms apart).
+    #[arg(long, default_value_t = 200)]
+    pings: u32,
     /// How many times each peer is measured (interleaved); medians are reported.
     #[arg(long, default_value_t = 1)]
     repeat: u32,
@@ -48,7 +46,8 @@ const QEMU_VIRTIO_MMIO: &str = "virtio_mmio.device=512@0xfeb00e00:12";
 /// The guest's network, the same for every VMM.
 const GUEST_NET: &str = "gridnode.ip=eth0,10.0.2.2/24";
 const MAC: &str = "02:00:0a:00:02:02";
-const GUEST_PORT: u32 = 5000;
+const IPERF: &str = "/usr/bin/iperf3";
+const PING: &str = "/usr/bin/ping";
 const PROGRESS: &str = "net-bench-progress:";
 
 const PEERS: &[(&str, &str)] = &[
@@ -60,8 +59,8 @@ const PEERS: &[(&str, &str)] = &[
 const PEER_DEADLINE_S: u32 = 300;
 
 /// The test-bed shell commands that measure `peer` once and print `RESULT <peer> <line>`.
-fn measure(peer: &str, mib: u64, rounds: u64) -> String {
-    let serve = format!("/bin/vsock-probe bench-serve-tcp {GUEST_PORT}");
+fn measure(peer: &str, seconds: u32, pings: u32) -> String {
+    let serve = format!("{IPERF} -s");
     let (server, logs) = match peer {
         "vmm" => (
             format!(
@@ -93,16 +92,17 @@ fn measure(peer: &str, mib: u64, rounds: u64) -> String {
         "echo '{PROGRESS} measuring {peer}' > /dev/console\n\
          ip neigh flush dev tap0 2>/dev/null\n\
          {server} & V=$!\n\
-         /probe bench-tcp 10.0.2.2 {GUEST_PORT} {mib} {rounds} > /tmp/probe.log 2>&1 & P=$!\n\
-         ( sleep {PEER_DEADLINE_S}; kill $P $V 2>/dev/null ) & K=$!\n\
-         wait $P\n\
-         R=\"RESULT {peer} $(tail -n 1 /tmp/probe.log)\"\n\
+         ( sleep {PEER_DEADLINE_S}; kill $V 2>/dev/null ) & K=$!\n\
+         i=0; until {PING} -c 1 -W 1 10.0.2.2 > /dev/null 2>&1 && {IPERF} -c 10.0.2.2 -t 1 > /dev/null 2>&1; do \
+           i=$((i+1)); [ $i -gt 120 ] && break; sleep 1; done\n\
+         {{ echo '== to'; {IPERF} -c 10.0.2.2 -t {seconds} -f M; echo '== from'; {IPERF} -c 10.0.2.2 -t {seconds} -f M -R; \
+           echo '== ping'; {PING} -c {pings} -i 0.01 -q 10.0.2.2; }} > /tmp/probe.log 2>&1\n\
+         R=\"RESULT {peer} $(grep receiver /tmp/probe.log | tr '\\n' ' ') $(grep rtt /tmp/probe.log)\"\n\
          echo \"$R\"; echo \"{PROGRESS} $R\" > /dev/console\n\
-         case \"$R\" in *vsock-bench:*) ;; *) echo '{PROGRESS} {peer} failed; its logs:' > /dev/console; \
+         case \"$R\" in *receiver*receiver*rtt*) ;; *) echo '{PROGRESS} {peer} failed; its logs:' > /dev/console; \
            tail -n 30 /tmp/probe.log {logs} 2>&1 | sed 's/^/{PROGRESS}   /' > /dev/console ;; esac\n\
-         ( sleep 30; kill $V 2>/dev/null ) & K2=$!\n\
-         wait $V\n\
-         kill $K $K2 2>/dev/null\n"
+         kill $V 2>/dev/null; wait $V\n\
+         kill $K 2>/dev/null\n"
     )
 }
 
@@ -113,28 +113,16 @@ struct Sample {
     rtt_us: f64,
 }
 
-/// Reads the probe's `vsock-bench: to-server X MiB/s, from-server Y MiB/s, rtt Z us (...)`.
-fn parse_probe_line(line: &str) -> Option<Sample> {
-    let rest = line.split("vsock-bench:").nth(1)?;
-    let number_after = |key: &str| -> Option<f64> {
-        let at = rest.find(key)? + key.len();
-        rest[at..].split_whitespace().next()?.parse().ok()
-    };
+/// Reads `RESULT <peer> <iperf3 receiver line (to)> <iperf3 receiver line (from)> <ping rtt>`.
+fn parse_result_line(line: &str) -> Option<Sample> {
+    let mut receivers = line.split("receiver");
+    let to = iperf3_receiver_rate(&format!("{} receiver", receivers.next()?))?;
+    let from = iperf3_receiver_rate(&format!("{} receiver", receivers.next()?))?;
     Some(Sample {
-        to_guest: number_after("to-server ")?,
-        from_guest: number_after("from-server ")?,
-        rtt_us: number_after("rtt ")?,
+        to_guest: to,
+        from_guest: from,
+        rtt_us: ping_average_ms(line)? * 1000.0,
     })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => values[n / 2],
-        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
 }
 
 /// Each peer's medians, in [`PEERS`] order; a peer without a result is left out (QEMU
@@ -146,7 +134,7 @@ fn summarize(output: &str) -> Result<Vec<(&'static str, Sample)>> {
         let samples: Vec<Sample> = output
             .lines()
             .filter_map(|l| l.strip_prefix(&prefix))
-            .filter_map(parse_probe_line)
+            .filter_map(parse_result_line)
             .collect();
         if samples.is_empty() {
             if *peer == "vmm" {
@@ -177,10 +165,17 @@ fn main() -> Result<()> {
     let qemu = e2e_tests::qemu::qemu_binary()?;
     let kernel = artifacts::guest_kernel()?;
     let init = artifacts::guest_init()?;
-    let probe = artifacts::guest_program("vsock-probe")?;
     let initrd = artifacts::target_dir().join("net-bench-initrd.cpio");
     let mut archive = microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?;
-    archive.file("bin/vsock-probe", 0o755, Contents::HostFile(probe.clone()))?;
+    for program in [IPERF, PING] {
+        let path = std::path::Path::new(program);
+        if !path.is_file() {
+            bail!(
+                "{program} is missing (Debian packages iperf3 and iputils-ping; scripts/setup.sh)"
+            );
+        }
+        archive.program(program, path)?;
+    }
     archive.write_file(&initrd)?;
 
     let mut script = String::from(
@@ -190,12 +185,13 @@ fn main() -> Result<()> {
     );
     for _ in 0..args.repeat.max(1) {
         for (peer, _) in PEERS {
-            script.push_str(&measure(peer, args.mib, args.rounds));
+            script.push_str(&measure(peer, args.seconds, args.pings));
         }
     }
     let job = Job::new(script)
         .binary("/vmm", &vmm)
-        .file("/probe", &probe)
+        .binary(IPERF, IPERF)
+        .binary(PING, PING)
         .file("/guest/vmlinux", &kernel.vmlinux)
         .file("/guest/initrd", &initrd)
         .timeout(Duration::from_secs(1200 * u64::from(args.repeat.max(1))));
@@ -214,9 +210,9 @@ fn main() -> Result<()> {
     let rows = summarize(&out.output)?;
     let vmm_row = rows[0].1;
     println!(
-        "TCP over virtio-net, {} MiB each way, {} round trips of 1 byte; medians of {} run(s), one test-bed boot",
-        args.mib,
-        args.rounds,
+        "TCP over virtio-net (iperf3, {} s each way) and ping ({} pings); medians of {} run(s), one test-bed boot",
+        args.seconds,
+        args.pings,
         args.repeat.max(1)
     );
     println!(
@@ -225,7 +221,7 @@ fn main() -> Result<()> {
     );
     for (label, s) in &rows {
         println!(
-            "{label:<28} {:>10.1} MiB/s {:>10.1} MiB/s {:>11.0} us",
+            "{label:<28} {:>10.1} MiB/s {:>10.1} MiB/s {:>11.1} us",
             s.to_guest, s.from_guest, s.rtt_us
         );
     }
@@ -247,12 +243,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_probe_lines_and_keeps_the_peers_that_answered() {
-        let line = "vsock-bench: to-server 21.1 MiB/s, from-server 15.8 MiB/s, rtt 860 us (64 MiB, 2000 round trips)";
+    fn reads_result_lines_and_keeps_the_peers_that_answered() {
+        let line = "[  5] 0.00-5.04 sec 59.8 MBytes 11.9 MBytes/sec receiver [  5] 0.00-5.00 sec 40 MBytes 8.00 MBytes/sec receiver rtt min/avg/max/mdev = 0.301/0.412/0.803/0.081 ms";
         let output = format!("RESULT vmm {line}\nRESULT qemu {line}\nRESULT vhost x\n");
         let rows = summarize(&output).unwrap();
         assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0].1.rtt_us, 860.0);
+        assert_eq!(rows[0].1.to_guest, 11.9);
+        assert_eq!(rows[0].1.from_guest, 8.0);
+        assert_eq!(rows[0].1.rtt_us, 412.0);
         assert!(summarize("RESULT qemu x\n").is_err());
     }
 }

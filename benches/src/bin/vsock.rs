@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use benches::{vmm, with_qemu};
+use benches::{median, vmm, with_qemu};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job, Testbed};
@@ -135,16 +135,6 @@ fn parse_probe_line(line: &str) -> Option<Sample> {
         from_guest: number_after("from-server ")?,
         rtt_us: number_after("rtt ")?,
     })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => values[n / 2],
-        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-    }
 }
 
 /// The medians of each peer's samples in `output`, in [`PEERS`] order; fails naming a peer
