@@ -337,6 +337,122 @@ fn stand_in_vm(
     configure(vm, "vmg", addr, prefix, Some((dest, gw)));
 }
 
+/// The hardware address of link `name` in namespace `ns` (SIOCGIFHWADDR).
+fn hw_addr(ns: &Path, name: &'static str) -> [u8; 6] {
+    in_ns(ns, move || {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        // SAFETY: an ifreq is plain bytes; the ioctl writes at most its size.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (d, s) in req.ifr_name.iter_mut().zip(name.as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: a valid socket and a valid ifreq the kernel fills.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+        assert_eq!(rc, 0, "SIOCGIFHWADDR {name}");
+        // SAFETY: SIOCGIFHWADDR fills ifru_hwaddr.
+        let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+        let mut mac = [0u8; 6];
+        for (m, d) in mac.iter_mut().zip(data.iter()) {
+            *m = *d as u8;
+        }
+        mac
+    })
+}
+
+/// Sends one UDP datagram from `from` to `to` in namespace `ns`, and says whether `server`
+/// (a socket in another namespace) got it within 2 s.
+fn udp_arrives(ns: &Path, from: SocketAddr, to: SocketAddr, server: &std::net::UdpSocket) -> bool {
+    let text = format!("from {from}");
+    let sent = text.clone();
+    in_ns(ns, move || {
+        let s = std::net::UdpSocket::bind(from).unwrap();
+        s.send_to(sent.as_bytes(), to).unwrap();
+    });
+    server
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match server.recv_from(&mut buf) {
+            Ok((n, _)) if buf[..n] == *text.as_bytes() => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn a_vm_on_the_nat_bridge_cannot_send_from_an_address_not_its_own() {
+    require_privileges!("a_vm_on_the_nat_bridge_cannot_send_from_an_address_not_its_own");
+    let bed = Bed::new(&["a", "wan", "vm"]);
+    let node = bed.path("a");
+    wire(&bed, "a", "wan");
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
+    let net = node_network(&bed, "a", 1);
+    rt().block_on(net.sync(&store)).unwrap();
+    // The stand-in VM has 10.249.0.2 and a second address it was not given.
+    stand_in_vm(
+        &node,
+        naming::NAT_BRIDGE,
+        &bed.path("vm"),
+        Ipv4Addr::new(10, 249, 0, 2),
+        16,
+        "0.0.0.0/0".parse().unwrap(),
+        Ipv4Addr::new(10, 249, 0, 1),
+    );
+    configure(
+        &bed.path("vm"),
+        "vmg",
+        Ipv4Addr::new(10, 249, 0, 3),
+        16,
+        None,
+    );
+    let wan = bed.path("wan");
+    let server = in_ns(&wan, || {
+        std::net::UdpSocket::bind("192.0.2.2:9000").unwrap()
+    });
+    let to: SocketAddr = "192.0.2.2:9000".parse().unwrap();
+    let own: SocketAddr = "10.249.0.2:0".parse().unwrap();
+    let other: SocketAddr = "10.249.0.3:0".parse().unwrap();
+    // Unguarded (as before this guard existed), both go out.
+    assert!(udp_arrives(&bed.path("vm"), own, to, &server));
+    assert!(udp_arrives(&bed.path("vm"), other, to, &server));
+    // Guarded with its MAC and address, as the agent guards every tap on the bridge.
+    let guard = nat::GuardedTap {
+        name: "vmh".into(),
+        mac: hw_addr(&bed.path("vm"), "vmg"),
+        v4: Ipv4Addr::new(10, 249, 0, 2),
+        v6: None,
+    };
+    let cfg = net.plan(&store).unwrap().nat;
+    let taps = vec![guard.clone()];
+    nl(&node, move || async move { nat::apply(&cfg, &[], &taps) });
+    assert!(
+        udp_arrives(&bed.path("vm"), own, to, &server),
+        "its own address"
+    );
+    assert!(
+        !udp_arrives(&bed.path("vm"), other, to, &server),
+        "an address not its own went out"
+    );
+    // A guard with another MAC: nothing of the VM passes.
+    let cfg = net.plan(&store).unwrap().nat;
+    let taps = vec![nat::GuardedTap {
+        mac: [2, 0, 0, 0, 0, 0x42],
+        ..guard
+    }];
+    nl(&node, move || async move { nat::apply(&cfg, &[], &taps) });
+    assert!(
+        !udp_arrives(&bed.path("vm"), own, to, &server),
+        "another MAC"
+    );
+    assert!(tables(&node).contains(&(5, naming::NFT_TABLE.to_string())));
+    nl(&node, || async { Links::connect()?.delete("vmh").await });
+    rt().block_on(net.teardown_all()).unwrap();
+    assert!(tables(&node).is_empty());
+}
+
 #[test]
 fn nat_masquerades_forwards_ports_and_teardown_leaves_nothing() {
     require_privileges!("nat_masquerades_forwards_ports_and_teardown_leaves_nothing");

@@ -160,7 +160,8 @@ fn vms_get_nat_and_a_private_network_through_the_agent() -> Result<(), Error> {
 /// owner's VM c on node A, on the NAT bridge and on a private network of its own with the same
 /// range, reaches the node but neither of the first owner's VMs: not a on the NAT bridge (its
 /// tap is an isolated bridge port), not a through the node (the node forwards nothing between
-/// VMs on the bridge), not b (its network does not route to the owner's). After every
+/// VMs on the bridge), not b (its network does not route to the owner's); nor can it send as a
+/// (a's address on c's interface: the node never answers, the tap's guard drops the frames). After every
 /// deployment is deleted each node's links and namespaces are what they were before.
 const TWO_NODES_CHECKS: &str = r#"
 # Each VM serves port 80, waits until it reaches the other over the network, and sends to it.
@@ -183,7 +184,7 @@ wait_for "$A logs b $KB | grep -q b-got-from-a" 300
 echo a-on-node-a-reached-b-on-node-b-5
 
 # Another owner on node A: the NAT bridge and a network of the same range of its own.
-C_SCRIPT='i=0; until ping -c 1 -W 1 10.249.0.1 > /dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && break; done; ping -c 1 -W 2 10.249.0.1 > /dev/null && echo c-reached-its-gateway; if echo from-c-bridge | timeout 5 nc 10.249.0.2 80; then echo c-REACHED-a-on-the-bridge; else echo c-kept-from-a-on-the-bridge; fi; ip route add 10.249.0.2/32 via 10.249.0.1 && if echo from-c-routed | timeout 5 nc 10.249.0.2 80; then echo c-REACHED-a-through-the-node; else echo c-kept-from-a-through-the-node; fi; if echo from-c-net | timeout 5 nc 10.20.2.2 80; then echo c-REACHED-b; else echo c-kept-from-b; fi; echo c-done; while true; do sleep 1; done'
+C_SCRIPT='i=0; until ping -c 1 -W 1 10.249.0.1 > /dev/null 2>&1; do i=$((i+1)); [ $i -gt 120 ] && break; done; ping -c 1 -W 2 10.249.0.1 > /dev/null && echo c-reached-its-gateway; if echo from-c-bridge | timeout 5 nc 10.249.0.2 80; then echo c-REACHED-a-on-the-bridge; else echo c-kept-from-a-on-the-bridge; fi; ip route add 10.249.0.2/32 via 10.249.0.1 && if echo from-c-routed | timeout 5 nc 10.249.0.2 80; then echo c-REACHED-a-through-the-node; else echo c-kept-from-a-through-the-node; fi; if echo from-c-net | timeout 5 nc 10.20.2.2 80; then echo c-REACHED-b; else echo c-kept-from-b; fi; ip addr add 10.249.0.2/32 dev eth0 && if ping -c 3 -W 2 -I 10.249.0.2 10.249.0.1 > /dev/null; then echo c-SPOOFED-a; else echo c-could-not-spoof-a; fi; ip addr del 10.249.0.2/32 dev eth0; echo c-done; while true; do sleep 1; done'
 cat > /srv/dc.json <<JSON
 {"twin_id": $OTHER, "deployment_id": 1, "version": 1, "workloads": [
  {"type": "network", "name": "net", "ip_range": "10.20.0.0/16",
@@ -200,6 +201,7 @@ $A logs c $KC | grep -q c-reached-its-gateway && echo other-owner-vm-up-6 || fai
 $A logs c $KC | grep -q c-kept-from-a-on-the-bridge && echo other-owner-kept-off-the-bridge-7 || fail "c: $($A logs c $KC)"
 $A logs c $KC | grep -q c-kept-from-a-through-the-node && echo other-owner-kept-off-the-node-8 || fail "c: $($A logs c $KC)"
 $A logs c $KC | grep -q c-kept-from-b && echo other-owner-kept-off-the-network-9 || fail "c: $($A logs c $KC)"
+$A logs c $KC | grep -q c-could-not-spoof-a && echo other-owner-cannot-send-as-a-9b || fail "c: $($A logs c $KC)"
 $A logs a $KA | grep -q from-c && fail "a got c's traffic: $($A logs a $KA)"
 echo a-got-nothing-from-c-10
 
@@ -225,6 +227,7 @@ fn two_nodes_carry_one_owners_private_network_and_keep_another_owner_out() -> Re
             "other-owner-kept-off-the-bridge-7",
             "other-owner-kept-off-the-node-8",
             "other-owner-kept-off-the-network-9",
+            "other-owner-cannot-send-as-a-9b",
             "a-got-nothing-from-c-10",
             "node-a-links-as-before-11",
             "node-b-links-as-before-12",

@@ -85,7 +85,7 @@ VMJSON
 cat > /srv/near.json <<'VMJSON'
 {near}
 VMJSON
-deployment() {{ echo "{{\"twin_id\": $TWIN, \"deployment_id\": $1, \"version\": 1, \"workloads\": [$2]}}"; }}
+deployment() {{ echo "{{\"twin_id\": $TWIN, \"deployment_id\": $1, \"version\": ${{3:-1}}, \"workloads\": [$2]}}"; }}
 deployment 1 "$(net @NODE_PRIVATE@), $(cat /srv/srv.json)" > /srv/da.json
 deployment 1 "$(net @PEER_PRIVATE@), $(cat /srv/cli.json)" > /srv/db.json
 $A deploy /srv/da.json $KA > /dev/null || fail "deploy on a"
@@ -94,12 +94,13 @@ progress "measuring across the nodes"
 wait_for "$A logs cli $KB | grep -q '== across done'" 900
 $A logs cli $KB | sed 's/^/OUT /'
 $A rm 1 $KB > /dev/null || fail "rm on b"
-deployment 2 "$(cat /srv/near.json)" > /srv/dn.json
+# The same deployment on node A, updated with a second VM (a VM joins only a network its own
+# deployment declares).
+deployment 1 "$(net @NODE_PRIVATE@), $(cat /srv/srv.json), $(cat /srv/near.json)" 2 > /srv/dn.json
 $A deploy /srv/dn.json $KA > /dev/null || fail "deploy near"
 progress "measuring on one node"
 wait_for "$A logs near $KA | grep -q '== same-node done'" 900
 $A logs near $KA | sed 's/^/OUT /'
-$A rm 2 $KA > /dev/null || fail "rm near"
 # The kernel's path alone: node B's network namespace is deployed again (no VM), and node A's
 # namespace talks to it over WireGuard.
 deployment 3 "$(net @PEER_PRIVATE@)" > /srv/db2.json

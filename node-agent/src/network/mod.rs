@@ -382,7 +382,16 @@ impl Network {
                     };
                     let tap = naming::tap_name(doc.twin_id, doc.deployment_id, &vm.name, i as u32);
                     if iface.network == PUBLIC_NAT {
-                        desired.host_taps.push(tap);
+                        let Some(v4) = self.config.nat_range.host(host) else {
+                            tracing::warn!(vm = %vm.name, "interface {i}: host {host} outside the NAT range");
+                            continue;
+                        };
+                        desired.host_taps.push(nat::GuardedTap {
+                            name: tap,
+                            mac: naming::mac(doc.twin_id, doc.deployment_id, &vm.name, i as u32),
+                            v4,
+                            v6: self.ula.map(|ula| ipam::ula_host(ula, host)),
+                        });
                         for f in &vm.port_forwards {
                             if let Some(vm_addr) = self.config.nat_range.host(host) {
                                 desired.forwards.push(nat::Forward {

@@ -13,6 +13,14 @@
 //! drops any other traffic into or out of the NAT bridge; `input` (filter) lets VMs reach the
 //! node itself only with answers, ICMP and IPv6 neighbour discovery.
 //!
+//! Anti-spoofing: a second table, `netdev gridnode`, in the same batch, has one chain per tap
+//! on the NAT bridge, on the tap's ingress (every frame the VM sends, before the bridge sees
+//! it). A frame passes only with the VM's own MAC as its source and, by type: IPv4 from the
+//! VM's address; ARP whose sender is the VM's MAC and address; IPv6 from the VM's ULA address,
+//! a link-local address or `::` (duplicate address detection). Everything else (other types,
+//! VLAN tags) is dropped. So a VM cannot take another VM's address on the bridge and draw its
+//! traffic (the node's ARP cache, its port forwards) to itself.
+//!
 //! Encoding: the nf_tables netlink messages are built here on a raw `NETLINK_NETFILTER`
 //! socket (a few hundred lines we own). Considered: `rustables` (pure-Rust netlink, but
 //! GPL-3.0, which this Apache-2.0 project cannot link without changing its licence),
@@ -38,6 +46,15 @@ pub struct NatConfig {
     pub v4_range: Ipv4Net,
     /// The ULA /64 masqueraded too (None: IPv4 only).
     pub v6_prefix: Option<Ipv6Addr>,
+}
+
+/// A tap on the NAT bridge and the addresses its VM may send from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GuardedTap {
+    pub name: String,
+    pub mac: [u8; 6],
+    pub v4: Ipv4Addr,
+    pub v6: Option<Ipv6Addr>,
 }
 
 /// One port forward.
@@ -70,6 +87,7 @@ const NFT_MSG_NEWCHAIN: u16 = 3;
 const NFT_MSG_NEWRULE: u16 = 6;
 const NFPROTO_INET: u8 = 1;
 const NFPROTO_IPV4: u8 = 2;
+const NFPROTO_NETDEV: u8 = 5;
 const NFPROTO_IPV6: u8 = 10;
 
 const NFTA_TABLE_NAME: u16 = 1;
@@ -80,6 +98,7 @@ const NFTA_CHAIN_POLICY: u16 = 5;
 const NFTA_CHAIN_TYPE: u16 = 7;
 const NFTA_HOOK_HOOKNUM: u16 = 1;
 const NFTA_HOOK_PRIORITY: u16 = 2;
+const NFTA_HOOK_DEV: u16 = 3;
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
 const NFTA_RULE_EXPRESSIONS: u16 = 4;
@@ -94,6 +113,7 @@ const NF_INET_PRE_ROUTING: u32 = 0;
 const NF_INET_LOCAL_IN: u32 = 1;
 const NF_INET_FORWARD: u32 = 2;
 const NF_INET_POST_ROUTING: u32 = 4;
+const NF_NETDEV_INGRESS: u32 = 0;
 const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 
@@ -106,6 +126,7 @@ const NFT_META_IIFNAME: u32 = 6;
 const NFT_META_OIFNAME: u32 = 7;
 const NFT_META_NFPROTO: u32 = 15;
 const NFT_META_L4PROTO: u32 = 16;
+const NFT_PAYLOAD_LL_HEADER: u32 = 0;
 const NFT_PAYLOAD_NETWORK_HEADER: u32 = 1;
 const NFT_PAYLOAD_TRANSPORT_HEADER: u32 = 2;
 const NFT_CT_STATE: u32 = 0;
@@ -202,6 +223,8 @@ impl Buf {
 struct Batch {
     buf: Vec<u8>,
     seq: u32,
+    /// The family of the tables, chains and rules that follow (`inet` first).
+    family: u8,
     /// Messages that ask for an acknowledgement, with what each does (for errors).
     acked: Vec<(u32, String)>,
 }
@@ -211,6 +234,7 @@ impl Batch {
         let mut b = Self {
             buf: Vec::new(),
             seq: 1,
+            family: NFPROTO_INET,
             acked: Vec::new(),
         };
         b.raw(
@@ -252,32 +276,49 @@ impl Batch {
         let seq = self.raw(
             (NFNL_SUBSYS_NFTABLES << 8) | cmd,
             NLM_F_REQUEST | NLM_F_ACK | flags,
-            NFPROTO_INET,
+            self.family,
             0,
             body,
         );
         self.acked.push((seq, what));
     }
 
+    fn family_name(&self) -> &'static str {
+        match self.family {
+            NFPROTO_NETDEV => "netdev",
+            _ => "inet",
+        }
+    }
+
     fn table(&mut self, cmd: u16, flags: u16) {
+        let family = self.family_name();
         let what = match cmd {
-            NFT_MSG_DELTABLE => format!("deleting table inet {NFT_TABLE}"),
-            _ => format!("adding table inet {NFT_TABLE}"),
+            NFT_MSG_DELTABLE => format!("deleting table {family} {NFT_TABLE}"),
+            _ => format!("adding table {family} {NFT_TABLE}"),
         };
         self.msg(cmd, flags, what, |b| b.str(NFTA_TABLE_NAME, NFT_TABLE));
     }
 
     fn chain(&mut self, name: &str, kind: &str, hook: u32, priority: i32) {
+        self.chain_on(name, kind, hook, priority, None);
+    }
+
+    /// A base chain; `device`: the device of a netdev family hook.
+    fn chain_on(&mut self, name: &str, kind: &str, hook: u32, priority: i32, device: Option<&str>) {
+        let family = self.family_name();
         self.msg(
             NFT_MSG_NEWCHAIN,
             NLM_F_CREATE,
-            format!("adding chain {name} (is nf_tables with {kind} chains available?)"),
+            format!("adding chain {family} {name} (is nf_tables with {family} {kind} chains available?)"),
             |b| {
                 b.str(NFTA_CHAIN_TABLE, NFT_TABLE);
                 b.str(NFTA_CHAIN_NAME, name);
                 b.nest(NFTA_CHAIN_HOOK, |h| {
                     h.u32be(NFTA_HOOK_HOOKNUM, hook);
                     h.u32be(NFTA_HOOK_PRIORITY, priority as u32);
+                    if let Some(dev) = device {
+                        h.str(NFTA_HOOK_DEV, dev);
+                    }
                 });
                 b.u32be(NFTA_CHAIN_POLICY, NF_ACCEPT);
                 b.str(NFTA_CHAIN_TYPE, kind);
@@ -472,7 +513,95 @@ fn ip6_saddr_in64(prefix: Ipv6Addr) -> Vec<Expr> {
     ]
 }
 
-fn ruleset(cfg: &NatConfig, forwards: &[Forward]) -> (Vec<u8>, Vec<(u32, String)>) {
+/// `payload base[offset..offset + value.len()] == value` (or `!=`).
+fn payload_cmp(base: u32, offset: u32, op: u32, value: &[u8]) -> [Expr; 2] {
+    [
+        Expr::Payload {
+            base,
+            offset,
+            len: value.len() as u32,
+            dreg: NFT_REG_1,
+        },
+        Expr::Cmp {
+            sreg: NFT_REG_1,
+            op,
+            data: value.to_vec(),
+        },
+    ]
+}
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_ARP: u16 = 0x0806;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+
+fn ether_type(t: u16) -> [Expr; 2] {
+    payload_cmp(NFT_PAYLOAD_LL_HEADER, 12, NFT_CMP_EQ, &t.to_be_bytes())
+}
+
+/// The anti-spoofing chain of one tap (see the module's comment), in the netdev table.
+fn guard_tap(b: &mut Batch, tap: &GuardedTap) {
+    b.chain_on(&tap.name, "filter", NF_NETDEV_INGRESS, 0, Some(&tap.name));
+    let nh = NFT_PAYLOAD_NETWORK_HEADER;
+    let mut rule = |what: String, exprs: Vec<Expr>| b.rule(&tap.name, what, &exprs);
+    let mut other_mac = payload_cmp(NFT_PAYLOAD_LL_HEADER, 6, NFT_CMP_NEQ, &tap.mac).to_vec();
+    other_mac.push(Expr::Drop);
+    rule(
+        format!("dropping frames of another MAC from {}", tap.name),
+        other_mac,
+    );
+    let mut v4 = ether_type(ETHERTYPE_IPV4).to_vec();
+    v4.extend(payload_cmp(nh, 12, NFT_CMP_EQ, &tap.v4.octets()));
+    v4.push(Expr::Accept);
+    rule(
+        format!("accepting IPv4 from {} on {}", tap.v4, tap.name),
+        v4,
+    );
+    let mut arp = ether_type(ETHERTYPE_ARP).to_vec();
+    arp.extend(payload_cmp(nh, 8, NFT_CMP_EQ, &tap.mac));
+    arp.extend(payload_cmp(nh, 14, NFT_CMP_EQ, &tap.v4.octets()));
+    arp.push(Expr::Accept);
+    rule(format!("accepting ARP of {} on {}", tap.v4, tap.name), arp);
+    let mut v6_sources: Vec<Vec<Expr>> = Vec::new();
+    if let Some(v6) = tap.v6 {
+        v6_sources.push(payload_cmp(nh, 8, NFT_CMP_EQ, &v6.octets()).to_vec());
+    }
+    v6_sources.push(payload_cmp(nh, 8, NFT_CMP_EQ, &[0; 16]).to_vec());
+    v6_sources.push(vec![
+        Expr::Payload {
+            base: nh,
+            offset: 8,
+            len: 2,
+            dreg: NFT_REG_1,
+        },
+        Expr::Bitwise {
+            sreg: NFT_REG_1,
+            dreg: NFT_REG_1,
+            mask: vec![0xff, 0xc0],
+            xor: vec![0; 2],
+        },
+        Expr::Cmp {
+            sreg: NFT_REG_1,
+            op: NFT_CMP_EQ,
+            data: vec![0xfe, 0x80],
+        },
+    ]);
+    for source in v6_sources {
+        let mut v6 = ether_type(ETHERTYPE_IPV6).to_vec();
+        v6.extend(source);
+        v6.push(Expr::Accept);
+        rule(format!("accepting IPv6 of {}", tap.name), v6);
+    }
+    rule(
+        format!("dropping the rest from {}", tap.name),
+        vec![Expr::Drop],
+    );
+}
+
+fn ruleset(
+    cfg: &NatConfig,
+    forwards: &[Forward],
+    taps: &[GuardedTap],
+) -> (Vec<u8>, Vec<(u32, String)>) {
     let mut b = Batch::new();
     // Make sure the table exists, so deleting it cannot fail; then write it anew.
     b.table(NFT_MSG_NEWTABLE, NLM_F_CREATE);
@@ -629,6 +758,14 @@ fn ruleset(cfg: &NatConfig, forwards: &[Forward]) -> (Vec<u8>, Vec<(u32, String)
         format!("dropping other traffic to {}", cfg.bridge),
         &drop_out,
     );
+
+    b.family = NFPROTO_NETDEV;
+    b.table(NFT_MSG_NEWTABLE, NLM_F_CREATE);
+    b.table(NFT_MSG_DELTABLE, 0);
+    b.table(NFT_MSG_NEWTABLE, NLM_F_CREATE);
+    for tap in taps {
+        guard_tap(&mut b, tap);
+    }
     b.finish()
 }
 
@@ -762,16 +899,20 @@ fn run_batch(batch: (Vec<u8>, Vec<(u32, String)>)) -> Result<(), NetError> {
     Ok(())
 }
 
-/// Writes the table from the desired state, atomically.
-pub fn apply(cfg: &NatConfig, forwards: &[Forward]) -> Result<(), NetError> {
-    run_batch(ruleset(cfg, forwards))
+/// Writes the tables from the desired state, atomically (`taps`: the NAT bridge's taps, each
+/// guarded against spoofing; they must exist).
+pub fn apply(cfg: &NatConfig, forwards: &[Forward], taps: &[GuardedTap]) -> Result<(), NetError> {
+    run_batch(ruleset(cfg, forwards, taps))
 }
 
-/// Removes the table (nothing when it does not exist).
+/// Removes the tables (nothing when they do not exist).
 pub fn remove() -> Result<(), NetError> {
     let mut b = Batch::new();
-    b.table(NFT_MSG_NEWTABLE, NLM_F_CREATE);
-    b.table(NFT_MSG_DELTABLE, 0);
+    for family in [NFPROTO_INET, NFPROTO_NETDEV] {
+        b.family = family;
+        b.table(NFT_MSG_NEWTABLE, NLM_F_CREATE);
+        b.table(NFT_MSG_DELTABLE, 0);
+    }
     run_batch(b.finish())
 }
 
@@ -821,11 +962,11 @@ pub fn list_tables() -> Result<Vec<(u8, String)>, NetError> {
     }
 }
 
-/// Whether the agent's table exists.
+/// Whether either of the agent's tables exists.
 pub fn table_exists() -> Result<bool, NetError> {
     Ok(list_tables()?
         .iter()
-        .any(|(f, n)| *f == NFPROTO_INET && n == NFT_TABLE))
+        .any(|(f, n)| (*f == NFPROTO_INET || *f == NFPROTO_NETDEV) && n == NFT_TABLE))
 }
 
 fn attr_str(mut attrs: &[u8], want: u16) -> Option<String> {
@@ -851,7 +992,8 @@ mod tests {
     use super::*;
 
     /// Walks the messages of a batch: every length must add up.
-    fn messages(buf: &[u8]) -> Vec<(u16, u16, Vec<u8>)> {
+    /// (type, flags, body after the nfgenmsg header, family).
+    fn messages(buf: &[u8]) -> Vec<(u16, u16, Vec<u8>, u8)> {
         let mut out = Vec::new();
         let mut off = 0;
         while off < buf.len() {
@@ -862,7 +1004,7 @@ mod tests {
             );
             let ty = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().unwrap());
             let flags = u16::from_ne_bytes(buf[off + 6..off + 8].try_into().unwrap());
-            out.push((ty, flags, buf[off + 20..off + len].to_vec()));
+            out.push((ty, flags, buf[off + 20..off + len].to_vec(), buf[off + 16]));
             off += len;
         }
         out
@@ -890,7 +1032,13 @@ mod tests {
                 vm_port: 53,
             },
         ];
-        let (buf, acked) = ruleset(&cfg, &fw);
+        let taps = [GuardedTap {
+            name: "gn-t0123456789".into(),
+            mac: [2, 0, 0, 0, 0, 1],
+            v4: Ipv4Addr::new(10, 249, 0, 2),
+            v6: Some("fd00:1:2:3::2".parse().unwrap()),
+        }];
+        let (buf, acked) = ruleset(&cfg, &fw, &taps);
         let msgs = messages(&buf);
         assert_eq!(msgs.first().unwrap().0, NFNL_MSG_BATCH_BEGIN);
         assert_eq!(msgs.last().unwrap().0, NFNL_MSG_BATCH_END);
@@ -898,13 +1046,20 @@ mod tests {
         // 3 table messages, 4 chains, 2 masquerades, 4 forward-chain rules, 4 input rules,
         // 2 per forward.
         assert_eq!(&kinds[..7], &[0, 2, 0, 3, 3, 3, 3]);
+        // Then the netdev table: 3 table messages, a chain per tap with 7 rules (another
+        // MAC, IPv4, ARP, 3 IPv6 sources, the rest).
         assert_eq!(
             kinds.iter().filter(|k| **k == NFT_MSG_NEWRULE).count(),
-            2 + 4 + 4 + 2 * 2
+            2 + 4 + 4 + 2 * 2 + 7
         );
+        let families: Vec<u8> = msgs[1..msgs.len() - 1].iter().map(|m| m.3).collect();
+        let netdev_from = families.iter().position(|f| *f == NFPROTO_NETDEV).unwrap();
+        assert!(families[..netdev_from].iter().all(|f| *f == NFPROTO_INET));
+        assert!(families[netdev_from..].iter().all(|f| *f == NFPROTO_NETDEV));
+        assert_eq!(&kinds[netdev_from..netdev_from + 4], &[0, 2, 0, 3]);
         assert_eq!(acked.len(), msgs.len() - 2);
         // Every message names only the gridnode table.
-        for (_, _, body) in &msgs[1..msgs.len() - 1] {
+        for (_, _, body, _) in &msgs[1..msgs.len() - 1] {
             assert_eq!(attr_str(body, 1).as_deref(), Some(NFT_TABLE));
         }
         assert!(acked

@@ -18,8 +18,8 @@ use super::{nat, wireguard, NetError};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
     pub nat: nat::NatConfig,
-    /// Taps on the NAT bridge.
-    pub host_taps: Vec<String>,
+    /// Taps on the NAT bridge, with the addresses their VMs may send from.
+    pub host_taps: Vec<nat::GuardedTap>,
     pub forwards: Vec<nat::Forward>,
     pub networks: Vec<NetworkDesired>,
     pub tap_owner: TapOwner,
@@ -99,16 +99,17 @@ pub async fn apply(
             report.created.push(NAT_BRIDGE.to_string());
         }
         links.ensure_bridge(NAT_BRIDGE, &addrs).await?;
+        let nat_taps: Vec<String> = desired.host_taps.iter().map(|t| t.name.clone()).collect();
         sync_taps(
             &links,
             NAT_BRIDGE,
             Isolation::Isolated,
-            &desired.host_taps,
+            &nat_taps,
             desired.tap_owner,
             &mut report,
         )
         .await?;
-        nat::apply(nat, &desired.forwards)?;
+        nat::apply(nat, &desired.forwards, &desired.host_taps)?;
 
         // WireGuard links left in this namespace by a crash before their move.
         for l in links.list().await? {
