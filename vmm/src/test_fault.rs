@@ -5,8 +5,9 @@
 //! nothing, so neither a guest nor an API client can reach it. In a debug build the variable
 //! `VMM_TEST_FAULT=KIND@THREAD[+MS]` makes the thread named THREAD (`vcpu0`, `vmm-ctl`,
 //! `serial-out`, `main`, ...), right after it installed its seccomp filter and MS
-//! milliseconds later, either panic (KIND `panic`) or make a system call no filter allows
-//! (KIND `sigsys`).
+//! milliseconds later, either panic (KIND `panic`), make a system call no filter allows
+//! (KIND `sigsys`), or stop for good (KIND `hang`: a vCPU that never parks, for the control
+//! API's answer to a pause that times out).
 
 #[cfg(debug_assertions)]
 mod imp {
@@ -17,6 +18,7 @@ mod imp {
     enum Kind {
         Panic,
         Sigsys,
+        Hang,
     }
 
     #[derive(Debug)]
@@ -33,6 +35,7 @@ mod imp {
         let kind = match kind {
             "panic" => Kind::Panic,
             "sigsys" => Kind::Sigsys,
+            "hang" => Kind::Hang,
             _ => return None,
         };
         let (thread, after) = match rest.split_once('+') {
@@ -74,6 +77,9 @@ mod imp {
             Kind::Sigsys => unsafe {
                 libc::syscall(libc::SYS_bpf, -1i64, 0usize, 0usize);
             },
+            Kind::Hang => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
         }
     }
 
@@ -93,6 +99,7 @@ mod imp {
                 (f.kind, f.thread.as_str(), f.after),
                 (Kind::Sigsys, "vmm-ctl", Duration::from_millis(250))
             );
+            assert_eq!(parse("hang@vcpu1").unwrap().kind, Kind::Hang);
             assert!(parse("oops@vcpu0").is_none());
             assert!(parse("panic").is_none());
             assert!(parse("panic@x+y").is_none());
