@@ -6,11 +6,10 @@
 
 mod common;
 
-use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{guest, vmm_bin};
+use common::vmm_bin;
 use vm_spec::api::{ExitKind, ExitRecord};
 
 fn read_record(path: &Path) -> ExitRecord {
@@ -157,6 +156,8 @@ fn a_command_line_or_spec_that_fails_its_checks_replaces_the_earlier_record() {
 #[cfg(debug_assertions)]
 mod faults {
     use super::*;
+    use common::guest;
+    use std::os::unix::process::ExitStatusExt;
 
     /// Runs the chatter guest (it runs until stopped) with its control API, a console log
     /// and `VMM_TEST_FAULT=fault`; returns how the vmm ended and its record.
