@@ -1,8 +1,9 @@
 //! The guest's CPU and platform as the vmm presents them, read back inside a Linux guest on
 //! the test bed: the TSC-deadline timer, a CPU template hiding a feature, a CPUID override
-//! clearing another, an override the host cannot honour refused at start (status 2, the bit
-//! named), vCPUs seen as cores of one package, and the CMOS clock giving a guest without
-//! kvmclock the host's date.
+//! clearing another and one setting again a bit the template hid, an override the host cannot
+//! honour refused at start (status 2, the bit named), MSR overrides on the bed's real KVM (one
+//! applied, one KVM refuses: status 2, the MSR named), vCPUs seen as cores of one package, and
+//! the CMOS clock giving a guest without kvmclock the host's date.
 //!
 //! The test bed's CPU is QEMU's EPYC model under nested SVM: it has `sse4a` (which the `t2`
 //! template hides), `aes`, and no AVX-512.
@@ -65,6 +66,13 @@ fn one_bit(bit: u32, c: char) -> String {
         .collect()
 }
 
+/// A 64-bit MSR pattern setting bit `bit`, the others kept.
+fn msr_set_bit(bit: u32) -> String {
+    (0..64)
+        .map(|i| if 63 - i == bit { '1' } else { 'x' })
+        .collect()
+}
+
 /// A spec booting the test guest with `cpu` as its CPU section.
 fn spec_with_cpu(cpu: &str) -> String {
     format!(
@@ -98,6 +106,31 @@ fn guest_cpuid_follows_template_and_overrides() -> Result<(), Error> {
             )),
         ),
         (
+            // sse4a is CPUID 0x80000001 ECX bit 6: hidden by t2, set again by the override.
+            "/job/t2-sse4a.json",
+            spec_with_cpu(&format!(
+                r#"{{"template": "t2", "cpuid": [{{"leaf": "0x80000001", "register": "ecx", "bits": "{}"}}]}}"#,
+                one_bit(6, '1')
+            )),
+        ),
+        (
+            // IA32_TSC_ADJUST = 16: the vmm sets it and reads it back; the guest kernel reads
+            // it at boot and logs what it found.
+            "/job/msr-tsc-adjust.json",
+            spec_with_cpu(&format!(
+                r#"{{"msrs": [{{"addr": "0x3b", "bits": "{}"}}]}}"#,
+                msr_set_bit(4)
+            )),
+        ),
+        (
+            // IA32_MCG_CTL enabled: KVM offers no MCG_CTL_P and refuses it.
+            "/job/msr-mcg.json",
+            spec_with_cpu(&format!(
+                r#"{{"msrs": [{{"addr": "0x17b", "bits": "{}"}}]}}"#,
+                msr_set_bit(0)
+            )),
+        ),
+        (
             "/job/avx512.json",
             spec_with_cpu(&format!(
                 r#"{{"cpuid": [{{"leaf": "0x7", "subleaf": 0, "register": "ebx", "bits": "{}"}}]}}"#,
@@ -110,6 +143,11 @@ fn guest_cpuid_follows_template_and_overrides() -> Result<(), Error> {
             "echo run=none; /vmm --config /job/none.json {READ_FLAGS}\n\
              echo run=t2; /vmm --config /job/t2.json {READ_FLAGS}\n\
              echo run=t2-no-aes; /vmm --config /job/t2-no-aes.json {READ_FLAGS}\n\
+             echo run=t2-sse4a; /vmm --config /job/t2-sse4a.json {READ_FLAGS}\n\
+             echo run=msr-tsc-adjust; /vmm --config /job/msr-tsc-adjust.json -- /bin/busybox dmesg\n\
+             echo msr-tsc-adjust-status=$?\n\
+             echo run=msr-mcg; /vmm --config /job/msr-mcg.json {READ_FLAGS} 2>&1\n\
+             echo msr-mcg-status=$?\n\
              echo run=avx512; /vmm --config /job/avx512.json {READ_FLAGS} 2>&1\n\
              echo avx512-status=$?\n"
         ),
@@ -118,6 +156,7 @@ fn guest_cpuid_follows_template_and_overrides() -> Result<(), Error> {
     let none = flags_after(&out.output, "run=none").expect("flags with template none");
     let t2 = flags_after(&out.output, "run=t2").expect("flags with template t2");
     let no_aes = flags_after(&out.output, "run=t2-no-aes").expect("flags with the override");
+    let sse4a = flags_after(&out.output, "run=t2-sse4a").expect("flags with sse4a set again");
 
     // The host's view: the TSC-deadline timer the vmm adds, and what the next runs hide.
     for flag in ["tsc_deadline_timer", "sse4a", "aes", "sse4_2"] {
@@ -135,6 +174,45 @@ fn guest_cpuid_follows_template_and_overrides() -> Result<(), Error> {
     assert!(!no_aes.contains(&"aes"), "override left aes: {no_aes:?}");
     assert!(!no_aes.contains(&"sse4a"));
     assert!(no_aes.contains(&"sse4_2"));
+
+    // An override sets again what the template hid; the rest of the template stays.
+    assert!(
+        sse4a.contains(&"sse4a"),
+        "override left sse4a hidden: {sse4a:?}"
+    );
+    assert_eq!(
+        t2.iter().filter(|f| **f != "sse4a").collect::<Vec<_>>(),
+        sse4a.iter().filter(|f| **f != "sse4a").collect::<Vec<_>>(),
+        "the override changed more than sse4a"
+    );
+
+    // MSR overrides on the bed's KVM: one applied (the guest's kernel reads the value at
+    // boot: Linux resets a non-zero TSC_ADJUST of the boot CPU and says so), one refused at
+    // start.
+    assert!(none.contains(&"tsc_adjust"), "{none:?}");
+    assert!(
+        out.output.contains("TSC ADJUST: CPU0: 16 force to 0"),
+        "{}",
+        out.output
+    );
+    assert!(
+        out.output.lines().any(|l| l == "msr-tsc-adjust-status=0"),
+        "{}",
+        out.output
+    );
+
+    assert!(
+        out.output.lines().any(|l| l == "msr-mcg-status=2"),
+        "{}",
+        out.output
+    );
+    assert!(
+        out.output
+            .contains("cpu override of MSR 0x17b: this host's KVM refused the value 0x1"),
+        "{}",
+        out.output
+    );
+    assert!(flags_after(&out.output, "run=msr-mcg").is_none());
 
     // Setting a bit the host's KVM lacks is refused before the guest runs.
     assert!(

@@ -139,17 +139,31 @@ pub enum ExitKind {
 
 /// Formats `unix_ms` as RFC 3339 UTC with milliseconds (`2026-12-02T15:29:06.123Z`).
 pub fn rfc3339_utc(unix_ms: u64) -> String {
+    String::from_utf8_lossy(&rfc3339_utc_bytes(unix_ms)).into_owned()
+}
+
+/// [`rfc3339_utc`] without allocating (for a signal handler): 24 ASCII bytes. Years past
+/// 9999 are shown as 9999.
+pub fn rfc3339_utc_bytes(unix_ms: u64) -> [u8; 24] {
     let secs = unix_ms / 1000;
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (year, month, day) = civil_from_days(days as i64);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        unix_ms % 1000
-    )
+    let mut out = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut value: u64| {
+        for i in (at..at + width).rev() {
+            out[i] = b'0' + (value % 10) as u8;
+            value /= 10;
+        }
+    };
+    put(0, 4, year.clamp(0, 9999) as u64);
+    put(5, 2, u64::from(month));
+    put(8, 2, u64::from(day));
+    put(11, 2, rem / 3600);
+    put(14, 2, (rem % 3600) / 60);
+    put(17, 2, rem % 60);
+    put(20, 3, unix_ms % 1000);
+    out
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's
@@ -176,6 +190,8 @@ mod tests {
         assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339_utc(1_796_225_346_123), "2026-12-02T15:29:06.123Z");
+        assert_eq!(rfc3339_utc(253_402_300_799_999), "9999-12-31T23:59:59.999Z");
+        assert_eq!(&rfc3339_utc_bytes(86_399_001), b"1970-01-01T23:59:59.001Z");
     }
 
     #[test]

@@ -19,4 +19,5 @@ pub mod fuzzing;
 pub mod rate_limiter;
 pub mod seccomp;
 pub mod stdin;
+pub mod test_fault;
 pub mod vstate;

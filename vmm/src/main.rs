@@ -7,8 +7,13 @@
 //! 3 when the guest's kernel panicked or a unikernel crashed (seen on its console before its
 //! reset: devices/legacy/panic_watch.rs);
 //! 137 when it was killed (the control API's `kill`, or a graceful shutdown, SIGTERM, that the
-//! guest did not finish in time). With `--exit-record`, the same is written there as JSON.
+//! guest did not finish in time); 134 when the vmm itself failed (a panic on one of its
+//! threads); 159 when one of its threads made a system call its seccomp filter forbids.
+//! With `--exit-record` (or the spec's `exit_record`), the same is written there as JSON, for
+//! every end: that path is found first, before anything else is checked, and an earlier run's
+//! record removed, so even a command line or spec that fails its checks leaves its own record.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -278,57 +283,113 @@ fn raise_open_file_limit() {
     }
 }
 
-/// The exit record's path, once the spec is known (for the panic hook).
-static EXIT_RECORD: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+/// The exit record's path, found before anything else is checked: `--exit-record`, else the
+/// spec file's `exit_record` (read as plain JSON, so that a spec failing its checks still
+/// names it). `cli` when the command line parsed; else the raw arguments are searched.
+fn record_path(args: &[OsString], cli: Option<&Cli>) -> Option<PathBuf> {
+    let (flag, config) = match cli {
+        Some(cli) => (cli.exit_record.clone(), cli.config.clone()),
+        None => {
+            let (mut flag, mut config) = (None, None);
+            let mut words = args.iter().skip(1);
+            while let Some(word) = words.next() {
+                let word = word.to_string_lossy();
+                if word == "--" {
+                    break;
+                }
+                let mut take = |long: &str, short: Option<&str>| -> Option<Option<PathBuf>> {
+                    if word == long || short.is_some_and(|s| word == s) {
+                        return Some(words.next().map(PathBuf::from));
+                    }
+                    let inline = word
+                        .strip_prefix(long)
+                        .and_then(|rest| rest.strip_prefix('='))
+                        .or_else(|| {
+                            short
+                                .and_then(|s| word.strip_prefix(s))
+                                .map(|rest| rest.strip_prefix('=').unwrap_or(rest))
+                        });
+                    inline.map(|value| Some(PathBuf::from(value)))
+                };
+                if let Some(value) = take("--exit-record", None) {
+                    flag = value;
+                } else if let Some(value) = take("--config", Some("-c")) {
+                    config = value;
+                }
+            }
+            (flag, config)
+        }
+    };
+    let path = flag.or_else(|| {
+        let text = std::fs::read_to_string(config?).ok()?;
+        let spec: serde_json::Value = serde_json::from_str(&text).ok()?;
+        spec.get("exit_record")?.as_str().map(PathBuf::from)
+    })?;
+    (!path.as_os_str().is_empty()).then_some(path)
+}
 
 /// A panic on any thread ends the whole process (as `panic = "abort"` does in release builds):
 /// a vmm with a dead device worker or vCPU must not keep running half a VM. The message and
-/// the thread are reported first, and the exit record written if it can be.
-fn abort_on_panic() {
+/// the thread are reported first; the exit record is written by the main thread
+/// (`vmm::exit::fatal`: a confined thread cannot open files).
+fn end_on_panic() {
     let report = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        report(info);
         let thread = std::thread::current()
             .name()
             .unwrap_or("unnamed")
             .to_string();
-        eprintln!("vmm: error: internal error (panic) on thread {thread:?}; ending the VM");
-        if let Some(path) = EXIT_RECORD.get() {
-            let record = vmm::exit::new_record(
-                128 + libc::SIGABRT,
-                ExitKind::VmmError,
-                format!("internal error (panic) on thread {thread:?}"),
-            );
-            let _ = vmm::exit::write_record(path, &record);
+        let payload = info.payload();
+        let what = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let what: String = what.chars().take(300).collect();
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        if vmm::seccomp::current_thread_is_confined() {
+            // The standard report's backtrace (RUST_BACKTRACE) makes calls the thread's
+            // filter forbids: a plain report instead.
+            eprintln!("thread '{thread}' panicked{place}:\n{what}");
+        } else {
+            report(info);
         }
-        std::process::abort();
+        eprintln!("vmm: error: internal error (panic) on thread {thread:?}; ending the VM");
+        vmm::exit::fatal::panicked(format!(
+            "internal error (panic) on thread {thread:?}: {what}{place}"
+        ));
     }));
 }
 
-/// Writes the exit record, if the spec asks for one; a failure is reported, not fatal.
-fn record_exit(spec: &VmSpec, record: &ExitRecord) {
-    if let Some(path) = &spec.exit_record {
-        if let Err(e) = vmm::exit::write_record(path, record) {
+/// Writes the exit record, if there is one; a failure is reported, not fatal.
+fn record_exit(record: &ExitRecord) {
+    if let Some(file) = vmm::exit::record::installed() {
+        if let Err(e) = file.write(record) {
             eprintln!(
                 "vmm: error: cannot write the exit record {}: {e}",
-                path.display()
+                file.path().display()
             );
         }
     }
 }
 
-/// Ends a vmm whose VM could not be started: message, exit record, status 2.
-fn start_failed(spec: &VmSpec, message: String) -> ExitCode {
-    eprintln!("vmm: error: {message}");
-    record_exit(
-        spec,
-        &vmm::exit::new_record(
-            vmm::exit::START_FAILED_STATUS,
-            ExitKind::StartFailed,
-            format!("the VM could not be started: {message}"),
-        ),
-    );
+/// Records that the VM could not be started because of `message`.
+fn record_start_failed(message: &str) -> ExitCode {
+    record_exit(&vmm::exit::new_record(
+        vmm::exit::START_FAILED_STATUS,
+        ExitKind::StartFailed,
+        format!("the VM could not be started: {message}"),
+    ));
     ExitCode::from(2)
+}
+
+/// Ends a vmm whose VM could not be started: message, exit record, status 2.
+fn start_failed(message: String) -> ExitCode {
+    eprintln!("vmm: error: {message}");
+    record_start_failed(&message)
 }
 
 /// `vmm check-layer [--fix] DIR`: checks the writable layer kept in DIR (a vmm not running
@@ -369,63 +430,106 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    abort_on_panic();
+    vmm::test_fault::init();
     if cfg!(vmm_profiling) {
         eprintln!("vmm: warning: profiling build: no seccomp filters (never ship this build)");
     }
-    if let Err(e) = vmm::seccomp::install_violation_handler() {
-        eprintln!("vmm: error: cannot install the seccomp violation handler: {e}");
-        return ExitCode::from(2);
-    }
 
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args: Vec<OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "check-layer") {
+        end_on_panic();
         return check_layer(&args[2..]);
     }
-    let cli = Cli::parse();
-    let spec = match spec_from_cli(&cli) {
-        Ok(spec) => spec,
-        Err(e) => {
-            eprintln!("vmm: error: {e:#}");
-            return ExitCode::from(2);
+    let cli = Cli::try_parse_from(&args);
+    match &cli {
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
         }
-    };
-    if cli.print_spec {
-        match serde_json::to_string_pretty(&spec) {
-            Ok(json) => println!("{json}"),
-            Err(e) => eprintln!("vmm: error: {e}"),
+        Ok(cli) if cli.print_spec => {
+            end_on_panic();
+            return match spec_from_cli(cli)
+                .and_then(|spec| Ok(serde_json::to_string_pretty(&spec)?))
+            {
+                Ok(json) => {
+                    println!("{json}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vmm: error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
         }
-        return ExitCode::SUCCESS;
+        _ => {}
     }
 
-    if let Some(path) = &spec.exit_record {
-        let _ = EXIT_RECORD.set(path.clone());
-        if let Err(e) = vmm::exit::clear_record(path) {
-            return start_failed(
-                &spec,
-                format!(
-                    "cannot remove the earlier exit record {}: {e}",
+    // The exit record before anything else: an earlier run's record must never be taken for
+    // this run's end, however early this run ends.
+    let mut record_problem = None;
+    if let Some(path) = record_path(&args, cli.as_ref().ok()) {
+        match vmm::exit::record::RecordFile::open(&path) {
+            Ok(file) => {
+                if let Err(e) = file.clear() {
+                    record_problem = Some(format!(
+                        "cannot remove the earlier exit record {}: {e}",
+                        path.display()
+                    ));
+                }
+                vmm::exit::record::install(file);
+            }
+            Err(e) => {
+                eprintln!(
+                    "vmm: error: no exit record can be written at {}: {e}",
                     path.display()
-                ),
-            );
+                );
+                return ExitCode::from(2);
+            }
         }
     }
+    end_on_panic();
+    if let Some(problem) = record_problem {
+        return start_failed(problem);
+    }
+    if let Err(e) = vmm::exit::fatal::init() {
+        return start_failed(format!("cannot make the vmm's end event: {e}"));
+    }
+    if let Err(e) = vmm::seccomp::install_violation_handler() {
+        return start_failed(format!("cannot install the seccomp violation handler: {e}"));
+    }
+    let cli = match cli {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            let rendered = e.to_string();
+            let first = rendered.lines().next().unwrap_or("invalid command line");
+            return record_start_failed(first.strip_prefix("error: ").unwrap_or(first));
+        }
+    };
+    let spec = match spec_from_cli(&cli) {
+        Ok(spec) => spec,
+        Err(e) => return start_failed(format!("{e:#}")),
+    };
     let images = match image_settings(&cli, &spec) {
         Ok(images) => images,
-        Err(e) => return start_failed(&spec, format!("{e:#}")),
+        Err(e) => return start_failed(format!("{e:#}")),
     };
     if let Err(e) = vmm::vstate::run_state::install_kick_handler() {
-        return start_failed(&spec, format!("cannot install the vCPU kick handler: {e}"));
+        return start_failed(format!("cannot install the vCPU kick handler: {e}"));
     }
     if let Err(e) = vmm::api::signals::install() {
-        return start_failed(&spec, format!("cannot handle SIGTERM: {e}"));
+        return start_failed(format!("cannot handle SIGTERM: {e}"));
     }
     let listener = match spec.api_sock.as_deref().map(vmm::api::bind).transpose() {
         Ok(listener) => listener,
-        Err(e) => return start_failed(&spec, e.to_string()),
+        Err(e) => return start_failed(e.to_string()),
     };
-    // From here on, the socket is removed however the vmm ends normally.
+    // From here on, the socket is removed however the vmm ends.
     let _socket = SocketFile(spec.api_sock.clone());
+    if let Some(path) = &spec.api_sock {
+        vmm::exit::fatal::remove_on_end(path);
+    }
 
     raise_open_file_limit();
     // The vmm makes copy-ups itself, in each layer's work/ (fs_backends::copy_up), but
@@ -437,12 +541,12 @@ fn main() -> ExitCode {
     }
     let layers = spec.fs.iter().any(|share| share.writable_layer().is_some());
     if let Err(e) = vmm::caps::drop_all_but(&vmm::caps::kept(layers)) {
-        return start_failed(&spec, e.to_string());
+        return start_failed(e.to_string());
     }
     vmm::api::metrics::prepare();
     let vm = match vmm::builder::build(&spec, &images, &cli.kvm_device, started) {
         Ok(vm) => vm,
-        Err(e) => return start_failed(&spec, e.to_string()),
+        Err(e) => return start_failed(e.to_string()),
     };
     let controller = vmm::seccomp::filter(
         vmm::seccomp::ThreadKind::Controller,
@@ -455,7 +559,7 @@ fn main() -> ExitCode {
     });
     if let Err(e) = controller {
         vm.control.end(vmm::exit::VmExit::Killed(e.clone()));
-        return start_failed(&spec, e);
+        return start_failed(e);
     }
     // From here the main thread (and the stdin forwarder it starts) only waits for the VM's
     // end and reports it.
@@ -466,7 +570,7 @@ fn main() -> ExitCode {
         });
     if let Err(e) = confined {
         vm.control.end(vmm::exit::VmExit::Killed(e.clone()));
-        return start_failed(&spec, e);
+        return start_failed(e);
     }
     if spec.serial == SerialOutput::Stdout {
         vmm::stdin::forward_stdin(vm.serial.clone());
@@ -485,7 +589,7 @@ fn main() -> ExitCode {
         vmm::exit::VmExit::GuestPanic(why) => eprintln!("vmm: guest kernel panic: {why}"),
         other => tracing::info!("VM ended: {other:?}"),
     }
-    record_exit(&spec, &reason.record());
+    record_exit(&reason.record());
     drop(_socket);
     // The vCPU threads may still be inside KVM_RUN; exiting the process ends them.
     std::process::exit(reason.exit_code())

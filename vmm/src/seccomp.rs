@@ -11,7 +11,8 @@
 //! A thread installs its filter before it touches guest data: a vCPU before its first
 //! `KVM_RUN`, a virtio-fs worker before it reads its queue. A call outside the list traps:
 //! the SIGSYS handler ([`install_violation_handler`]) writes the thread and the call number to
-//! stderr and ends the process at once, so a compromised thread cannot go on.
+//! stderr and ends the process with the exit record's help ([`crate::exit::fatal`]): the
+//! trapping thread never goes on.
 
 use std::collections::BTreeMap;
 
@@ -530,11 +531,25 @@ pub fn apply_to_current_thread(filter: &ThreadFilter) -> Result<(), SeccompError
     for program in &filter.programs {
         seccompiler::apply_filter(program)?;
     }
+    CONFINED.with(|confined| confined.set(true));
+    crate::test_fault::after_confinement();
     Ok(())
 }
 
+thread_local! {
+    /// Whether this thread installed a filter (see [`current_thread_is_confined`]).
+    static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the calling thread runs under one of these filters: it must then keep to its
+/// list, e.g. a panic report must not print a backtrace (which calls getcwd and opens files).
+pub fn current_thread_is_confined() -> bool {
+    CONFINED.with(|confined| confined.get())
+}
+
 /// Reports a trapped call (thread name and call number) on stderr and ends the process with
-/// status 159 (128 + SIGSYS). Only async-signal-safe calls, all in every thread's list.
+/// status 159 (128 + SIGSYS), writing the exit record ([`crate::exit::fatal`]): the thread
+/// never returns to the call. Only async-signal-safe calls, all in every thread's list.
 extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SIGSYS; for SYS_SECCOMP the call number
     // is at `si_syscall` (the int after si_call_addr, a pointer, in the union).
@@ -542,10 +557,21 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
         let base = (info as *const u8).add(16);
         std::ptr::read_unaligned(base.add(std::mem::size_of::<usize>()) as *const i32)
     };
-    const PREFIX: &[u8] = b"vmm: seccomp: thread made forbidden system call ";
-    let mut buf = [0u8; 96];
-    buf[..PREFIX.len()].copy_from_slice(PREFIX);
-    let mut len = PREFIX.len();
+    let mut thread = [0u8; 16];
+    // SAFETY: PR_GET_NAME writes at most 16 bytes (NUL included) into the buffer.
+    unsafe { libc::prctl(libc::PR_GET_NAME, thread.as_mut_ptr()) };
+    let mut shown = [0u8; 16];
+    let shown_len = crate::exit::record::printable_thread_name(&thread, &mut shown);
+    let mut buf = [0u8; 128];
+    let mut len = 0;
+    let mut push = |bytes: &[u8]| {
+        let n = bytes.len().min(buf.len() - len);
+        buf[len..len + n].copy_from_slice(&bytes[..n]);
+        len += n;
+    };
+    push(b"vmm: seccomp: thread ");
+    push(&shown[..shown_len]);
+    push(b" made forbidden system call ");
     let mut digits = [0u8; 12];
     let mut n = nr.unsigned_abs();
     let mut d = digits.len();
@@ -557,16 +583,14 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _ctx: 
             break;
         }
     }
-    let tail = &digits[d..];
-    buf[len..len + tail.len()].copy_from_slice(tail);
-    len += tail.len();
-    buf[len] = b'\n';
-    len += 1;
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is valid.
-    unsafe {
-        libc::write(2, buf.as_ptr().cast(), len);
-        libc::_exit(128 + libc::SIGSYS);
+    if nr < 0 {
+        push(b"-");
     }
+    push(&digits[d..]);
+    push(b"\n");
+    // SAFETY: write(2) is async-signal-safe; the buffer is valid for `len` bytes.
+    unsafe { libc::write(2, buf.as_ptr().cast(), len) };
+    crate::exit::fatal::seccomp_violation(&thread, i64::from(nr));
 }
 
 /// Installs the SIGSYS handler that reports a trapped call and ends the process.

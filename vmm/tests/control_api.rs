@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{guest, kvm_available, vmm_bin};
+use std::collections::BTreeSet;
+
+use common::{guest, kvm_available, openapi, vmm_bin};
 use vm_spec::api::{ExitKind, ExitRecord, VmInfo, VmState};
 
 /// A running vmm with the chatter guest and an API socket.
@@ -21,16 +23,31 @@ struct Vmm {
 
 impl Vmm {
     fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let child = Self::spawn(dir.path(), extra);
+        let child = Self::spawn_with_env(dir.path(), extra, env);
         let vmm = Self { child, dir };
         vmm.wait_for_socket();
         vmm
     }
 
     fn spawn(dir: &Path, extra: &[&str]) -> Child {
+        Self::spawn_with_env(dir, extra, &[])
+    }
+
+    fn spawn_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Child {
         let kernel = guest("chatter");
-        Command::new(vmm_bin())
+        // Test faults exist only in the debug build cargo made for these tests.
+        let bin = if env.iter().any(|(name, _)| *name == "VMM_TEST_FAULT") {
+            PathBuf::from(env!("CARGO_BIN_EXE_vmm"))
+        } else {
+            vmm_bin()
+        };
+        Command::new(bin)
+            .envs(env.iter().copied())
             .args(["--kernel", kernel.to_str().unwrap(), "--memory", "32"])
             .arg("--serial")
             .arg(format!("file:{}", dir.join("console.log").display()))
@@ -61,6 +78,11 @@ impl Vmm {
     }
 
     fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let answer = self.request_full(method, path, body);
+        (answer.status, answer.body)
+    }
+
+    fn request_full(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
         let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: vmm\r\nConnection: close\r\n");
         if let Some(body) = body {
             raw.push_str(&format!(
@@ -70,10 +92,15 @@ impl Vmm {
         } else {
             raw.push_str("\r\n");
         }
-        self.raw(raw.as_bytes())
+        self.raw_full(raw.as_bytes())
     }
 
     fn raw(&self, bytes: &[u8]) -> (u16, String) {
+        let answer = self.raw_full(bytes);
+        (answer.status, answer.body)
+    }
+
+    fn raw_full(&self, bytes: &[u8]) -> Answer {
         let mut stream = UnixStream::connect(self.socket()).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
@@ -157,7 +184,14 @@ impl Drop for Vmm {
     }
 }
 
-fn parse_response(answer: &[u8]) -> (u16, String) {
+/// One HTTP answer.
+struct Answer {
+    status: u16,
+    content_type: Option<String>,
+    body: String,
+}
+
+fn parse_response(answer: &[u8]) -> Answer {
     let text = String::from_utf8_lossy(answer).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
@@ -165,7 +199,17 @@ fn parse_response(answer: &[u8]) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    (status, body.to_string())
+    let content_type = head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim()
+            .eq_ignore_ascii_case("content-type")
+            .then(|| value.trim().to_string())
+    });
+    Answer {
+        status,
+        content_type,
+        body: body.to_string(),
+    }
 }
 
 fn error_of(body: &str) -> String {
@@ -320,29 +364,51 @@ fn bad_requests_get_a_json_4xx_and_the_guest_never_notices() {
     assert_eq!(status.code(), Some(137));
 }
 
+/// Sends `body` to `method concrete` (the route `pattern`), expects `want`, checks the answer
+/// against the document (status documented for the route, media type, schema: required
+/// fields, enums, no undocumented field) and notes the (route, status) seen. A body the
+/// server accepts must be one the document allows.
+fn documented_call(
+    vm: &Vmm,
+    doc: &openapi::Doc,
+    seen: &mut BTreeSet<(String, String, u16)>,
+    (method, pattern, concrete): (&str, &str, &str),
+    body: Option<&str>,
+    want: u16,
+) -> String {
+    let answer = vm.request_full(method, concrete, body);
+    assert_eq!(
+        answer.status, want,
+        "{method} {concrete} {body:?}: {}",
+        answer.body
+    );
+    doc.check_response(
+        method,
+        pattern,
+        answer.status,
+        answer.content_type.as_deref(),
+        &answer.body,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    if let (Some(body), 200..=299) = (body, answer.status) {
+        doc.check_request(method, pattern, body)
+            .unwrap_or_else(|e| panic!("accepted, not documented: {e}"));
+    }
+    seen.insert((method.to_string(), pattern.to_string(), answer.status));
+    answer.body
+}
+
 #[test]
 fn every_documented_route_answers_as_documented() {
     if !kvm_available() {
         return;
     }
-    let doc_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("api/openapi.yaml");
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(&doc_path).unwrap()).unwrap();
-    let paths = doc["paths"].as_mapping().expect("paths");
-    let mut documented = Vec::new();
-    for (path, item) in paths {
-        for (method, op) in item.as_mapping().unwrap() {
-            documented.push((
-                method.as_str().unwrap().to_uppercase(),
-                path.as_str().unwrap().to_string(),
-                op.clone(),
-            ));
-        }
-    }
+    let doc = openapi::Doc::load();
     // The document and the server list the same routes.
-    let mut doc_routes: Vec<(String, String)> = documented
-        .iter()
-        .map(|(m, p, _)| (m.clone(), p.clone()))
+    let mut doc_routes: Vec<(String, String)> = doc
+        .operations()
+        .into_iter()
+        .map(|(m, p, _)| (m, p))
         .collect();
     let mut served: Vec<(String, String)> = vmm::api::routes::ROUTES
         .iter()
@@ -351,39 +417,167 @@ fn every_documented_route_answers_as_documented() {
     doc_routes.sort();
     served.sort();
     assert_eq!(doc_routes, served);
+    assert_eq!(doc.check_request_examples(), Ok(2));
 
-    let share = tempfile::tempdir().unwrap();
-    let fs_arg = format!("tag=data,dir={}", share.path().display());
-    let vm = Vmm::start(&["--fs", &fs_arg]);
+    // A drive (it has a rate limiter) and a share (it has none).
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("data.img");
+    std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+    let drive = format!("id=data,path={}", image.display());
+    let share = format!("tag=share,dir={}", dir.path().display());
+    let vm = Vmm::start(&["--drive", &drive, "--fs", &share, "--shutdown-grace", "0"]);
     vm.wait_until_running();
-    assert_eq!(vm.info().devices.len(), 1);
-    for (method, path, op) in &documented {
-        let concrete = path.replace("{id}", "data");
-        let example = &op["requestBody"]["content"]["application/json"]["example"];
-        let body = (!example.is_null()).then(|| serde_json::to_string(example).unwrap());
-        let (status, answer) = vm.request(method, &concrete, body.as_deref());
-        let responses = op["responses"].as_mapping().unwrap();
-        let entry = responses
-            .get(serde_yaml::Value::String(status.to_string()))
-            .unwrap_or_else(|| {
-                panic!("{method} {path} answered {status} ({answer}), not documented")
-            });
-        let content = &entry["content"];
-        if !content["application/json"].is_null() {
-            let value: serde_json::Value = serde_json::from_str(&answer).unwrap();
-            assert!(value.is_object(), "{method} {path}: {answer}");
-            if status >= 400 {
-                error_of(&answer);
+    let mut seen = BTreeSet::new();
+    let mut call = |route: (&str, &str, &str), body: Option<&str>, want: u16| {
+        documented_call(&vm, &doc, &mut seen, route, body, want)
+    };
+    let get_vm = ("GET", "/vm", "/vm");
+    let actions = ("PUT", "/vm/actions", "/vm/actions");
+    let patch = |id| ("PATCH", "/devices/{id}", id);
+
+    let info: VmInfo = serde_json::from_str(&call(get_vm, None, 200)).unwrap();
+    assert_eq!(info.state, VmState::Running);
+    let ids: Vec<(&str, &str)> = info
+        .devices
+        .iter()
+        .map(|d| (d.id.as_str(), d.kind.as_str()))
+        .collect();
+    assert_eq!(ids, [("share", "fs"), ("data", "block")]);
+    let metrics = call(("GET", "/metrics", "/metrics"), None, 200);
+    assert!(metrics.contains("vmm_vcpu_exits_total{"), "{metrics}");
+
+    // PATCH: the documented example on a drive, limits lifted, and every documented refusal.
+    let limits = doc.request_example("PATCH", "/devices/{id}").unwrap();
+    call(patch("/devices/data"), Some(&limits), 204);
+    call(patch("/devices/data"), Some(r#"{"rate_limiter":{}}"#), 204);
+    let refused = call(patch("/devices/share"), Some(&limits), 400);
+    assert_eq!(
+        error_of(&refused),
+        "device \"share\": this device has no rate limiter"
+    );
+    let bad = r#"{"rate_limiter":{"ops":{"size":0,"refill_time_ms":1}}}"#;
+    call(patch("/devices/data"), Some(bad), 400);
+    call(
+        patch("/devices/data"),
+        Some(r#"{"rate_limiter":{},"x":1}"#),
+        400,
+    );
+    let missing = call(patch("/devices/nope"), Some(&limits), 404);
+    assert_eq!(error_of(&missing), "no device \"nope\"");
+
+    // Actions: the documented example (pause), then each documented refusal.
+    let pause = doc.request_example("PUT", "/vm/actions").unwrap();
+    assert_eq!(pause, r#"{"action":"pause"}"#);
+    call(actions, Some(&pause), 204);
+    let info: VmInfo = serde_json::from_str(&call(get_vm, None, 200)).unwrap();
+    assert_eq!(info.state, VmState::Paused);
+    call(actions, Some(&pause), 409);
+    call(actions, Some(r#"{"action":"resume"}"#), 204);
+    call(actions, Some(r#"{"action":"resume"}"#), 409);
+    call(actions, Some(r#"{"action":"reboot"}"#), 400);
+    call(actions, None, 400);
+
+    // Shutdown: accepted, the VM is exiting (no pause then), and it ends. The chatter guest
+    // ignores Ctrl-Alt-Del: the vmm ends it after the grace period (0) and its margin.
+    call(actions, Some(r#"{"action":"shutdown"}"#), 202);
+    let info: VmInfo = serde_json::from_str(&call(get_vm, None, 200)).unwrap();
+    assert_eq!(info.state, VmState::Exiting);
+    let during = call(actions, Some(&pause), 409);
+    assert_eq!(error_of(&during), "cannot pause the VM during a shutdown");
+    let (status, stderr, record, _dir) = vm.wait();
+    assert_eq!(status.code(), Some(137), "{stderr}");
+    let record = record.expect("an exit record");
+    assert_eq!(record.kind, ExitKind::Killed);
+    assert!(
+        record.reason.contains("did not shut down"),
+        "{}",
+        record.reason
+    );
+
+    // A pause whose vCPUs do not all park in time (a vCPU made to hang before it runs: a
+    // debug build's test fault) answers 503.
+    if cfg!(debug_assertions) {
+        let hung = Vmm::start_with_env(&["--vcpus", "2"], &[("VMM_TEST_FAULT", "hang@vcpu1")]);
+        let unparked = documented_call(&hung, &doc, &mut seen, actions, Some(&pause), 503);
+        assert!(
+            error_of(&unparked).starts_with("cannot pause: 1 of 2 vCPUs parked within"),
+            "{unparked}"
+        );
+    }
+
+    // Every documented answer was seen.
+    for (method, path, _) in doc.operations() {
+        for status in doc.statuses(&method, &path) {
+            if status == 503 && !cfg!(debug_assertions) {
+                continue;
             }
-        } else if !content["text/plain"].is_null() {
-            assert!(answer.contains("vmm_vcpu_exits_total"), "{answer}");
-        } else {
             assert!(
-                answer.is_empty(),
-                "{method} {path}: unexpected body {answer}"
+                seen.contains(&(method.clone(), path.clone(), status)),
+                "{method} {path} {status} was never answered"
             );
         }
     }
+}
+
+#[test]
+fn the_schema_checker_refuses_what_the_document_forbids() {
+    let doc = openapi::Doc::load();
+    let info = serde_json::json!({
+        "state": "running", "uptime_ms": 5, "vcpus": 1, "memory_mib": 32,
+        "devices": [{"id": "data", "kind": "block"}]
+    });
+    let schema: serde_yaml::Value =
+        serde_yaml::from_str(r##"{$ref: "#/components/schemas/VmInfo"}"##).unwrap();
+    doc.check(&schema, &info).unwrap();
+    let broken = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut value = info.clone();
+        edit(&mut value);
+        doc.check(&schema, &value).unwrap_err()
+    };
+    let e = broken(&|v| {
+        v.as_object_mut().unwrap().remove("vcpus");
+    });
+    assert!(e.contains("required field \"vcpus\""), "{e}");
+    let e = broken(&|v| v["state"] = "sleeping".into());
+    assert!(e.contains("$.state: \"sleeping\" is not one of"), "{e}");
+    let e = broken(&|v| v["extra"] = 1.into());
+    assert!(e.contains("field \"extra\" is not documented"), "{e}");
+    let e = broken(&|v| v["devices"][0]["kind"] = "gpu".into());
+    assert!(e.contains("$.devices[0].kind"), "{e}");
+    let e = broken(&|v| v["uptime_ms"] = "5".into());
+    assert!(e.contains("is not of type integer"), "{e}");
+    let e = broken(&|v| v["booted_after_ms"] = serde_json::Value::Null);
+    assert!(e.contains("$.booted_after_ms: null"), "{e}");
+    // Responses: an undocumented status, a body where none is documented, a wrong media type.
+    assert!(doc
+        .check_response("GET", "/vm", 201, Some("application/json"), "{}")
+        .is_err());
+    assert!(doc
+        .check_response("PUT", "/vm/actions", 204, None, "{}")
+        .is_err());
+    assert!(doc
+        .check_response("GET", "/vm", 200, Some("text/plain"), &info.to_string())
+        .is_err());
+    assert!(doc
+        .check_response(
+            "PUT",
+            "/vm/actions",
+            409,
+            Some("application/json"),
+            r#"{"error":1}"#
+        )
+        .is_err());
+    // A schema keyword the checker does not know is an error, not a pass.
+    let strict = openapi::Doc::from_str("components: {schemas: {}}");
+    let pattern: serde_yaml::Value = serde_yaml::from_str("{type: string, pattern: a}").unwrap();
+    assert!(strict
+        .check(&pattern, &"b".into())
+        .unwrap_err()
+        .contains("pattern"));
+    // oneOf wants exactly one match.
+    let one_of: serde_yaml::Value =
+        serde_yaml::from_str("{oneOf: [{type: object}, {type: object}]}").unwrap();
+    assert!(strict.check(&one_of, &serde_json::json!({})).is_err());
 }
 
 #[test]

@@ -200,6 +200,64 @@ fn json_spec_boots_and_flags_override_it() {
     assert_eq!(out.status.code(), Some(42));
 }
 
+/// A 64-bit MSR pattern setting bit `bit`, the others kept.
+fn msr_set_bit(bit: u32) -> String {
+    (0..64)
+        .map(|i| if 63 - i == bit { '1' } else { 'x' })
+        .collect()
+}
+
+#[test]
+fn msr_overrides_are_applied_and_one_kvm_refuses_stops_the_start_naming_it() {
+    if !kvm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("vm.json");
+    let run = |addr: &str, bit: u32| {
+        let json = serde_json::json!({
+            "kernel": guest("exit0"),
+            "vcpus": 2,
+            "memory_mib": 32,
+            "cpu": {"msrs": [{"addr": addr, "bits": msr_set_bit(bit)}]},
+        });
+        std::fs::write(&spec, json.to_string()).unwrap();
+        vmm(&["--config", spec.to_str().unwrap()])
+    };
+    // IA32_TSC_ADJUST bit 4 on both vCPUs: set, read back and checked by the vmm.
+    let out = run("0x3b", 4);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    // IA32_TSC_DEADLINE: KVM takes the write but drops it (the LAPIC timer is not in
+    // TSC-deadline mode yet); the read-back sees it.
+    let out = run("0x6e0", 4);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "cpu override of MSR 0x6e0: this host's KVM took the value but the MSR reads back 0x0"
+        ),
+        "{stderr}"
+    );
+    // IA32_MCG_CTL enabled: KVM refuses it (its machine-check capabilities lack MCG_CTL_P).
+    let out = run("0x17b", 0);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("vCPU 0: cpu override of MSR 0x17b: this host's KVM refused the value 0x1"),
+        "{stderr}"
+    );
+    // An index that is no MSR KVM lists for a VMM to set.
+    let out = run("0xdead", 0);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "cpu override of MSR 0xdead: this host's KVM does not let a VMM read and set that MSR"
+        ),
+        "{stderr}"
+    );
+}
+
 /// Runs the vmm with bad input: it must exit 2 with a one-line error naming the problem.
 fn assert_rejected(args: &[&str], expected: &str) {
     let out = vmm(args);

@@ -280,3 +280,107 @@ impl VcpuThread {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_spec::cpu::{CpuSpec, MsrOverride};
+
+    const MSR_IA32_TSC_ADJUST: u32 = 0x3b;
+    const MSR_IA32_MCG_CTL: u32 = 0x17b;
+    const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+    /// A 64-bit MSR pattern setting bit `bit`, the others kept.
+    fn set_bit(bit: u32) -> MsrOverride {
+        MsrOverride {
+            addr: 0,
+            bits: (0..64)
+                .map(|i| if 63 - i == bit { '1' } else { 'x' })
+                .collect(),
+        }
+    }
+
+    fn msr(addr: u32, bit: u32) -> MsrOverride {
+        MsrOverride {
+            addr,
+            ..set_bit(bit)
+        }
+    }
+
+    fn guest_cpu(vm: &Vm, spec: CpuSpec) -> GuestCpu {
+        let settable = vm.kvm.get_msr_index_list().unwrap();
+        GuestCpu::new(&vm.supported_cpuid, settable.as_slice(), &spec).unwrap()
+    }
+
+    fn read_msr(vcpu: &Vcpu, index: u32) -> u64 {
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(vcpu.fd.get_msrs(&mut msrs).unwrap(), 1);
+        msrs.as_slice()[0].data
+    }
+
+    fn configure(vm: &Vm, index: u32, spec: CpuSpec) -> (Vcpu, Result<(), VcpuError>) {
+        let vcpu = Vcpu::new(vm, index).unwrap();
+        let cpu = guest_cpu(vm, spec);
+        let configured = vcpu.configure(
+            &cpu,
+            4,
+            GuestAddress(0x10_0000),
+            regs::EntryMode::LinuxLongMode,
+        );
+        (vcpu, configured)
+    }
+
+    /// On this machine's KVM, through the vCPU's real configuration:
+    /// - an override KVM takes (IA32_TSC_ADJUST, bit 4) reads back through KVM_GET_MSRS;
+    /// - a value KVM refuses (IA32_MCG_CTL enabled: KVM's machine-check capabilities have no
+    ///   MCG_CTL_P) fails, naming the MSR and the value;
+    /// - a value KVM takes without keeping it (IA32_TSC_DEADLINE before the guest put its
+    ///   LAPIC timer in TSC-deadline mode: KVM drops the write) fails, naming what it reads
+    ///   back.
+    #[test]
+    fn msr_overrides_are_applied_on_kvm_and_refused_or_dropped_values_named() {
+        if !e2e_tests::kvm_available() {
+            return;
+        }
+        let vm = Vm::new(std::path::Path::new("/dev/kvm")).unwrap();
+        let (plain, configured) = configure(&vm, 0, CpuSpec::default());
+        configured.unwrap();
+        assert_eq!(read_msr(&plain, MSR_IA32_TSC_ADJUST), 0);
+
+        let adjust = CpuSpec {
+            msrs: vec![msr(MSR_IA32_TSC_ADJUST, 4)],
+            ..Default::default()
+        };
+        let (vcpu, configured) = configure(&vm, 1, adjust.clone());
+        configured.unwrap();
+        assert_eq!(read_msr(&vcpu, MSR_IA32_TSC_ADJUST), 16);
+
+        let machine_check = CpuSpec {
+            msrs: vec![msr(MSR_IA32_MCG_CTL, 0)],
+            ..Default::default()
+        };
+        let (_, configured) = configure(&vm, 2, machine_check);
+        assert_eq!(
+            configured.unwrap_err().to_string(),
+            "vCPU 2: cpu override of MSR 0x17b: this host's KVM refused the value 0x1 \
+             (it sets a bit the host does not support)"
+        );
+
+        // IA32_TSC_DEADLINE while the LAPIC timer is not in TSC-deadline mode: KVM ignores
+        // the write.
+        let deadline = CpuSpec {
+            msrs: vec![msr(MSR_IA32_TSC_DEADLINE, 4)],
+            ..Default::default()
+        };
+        let (_, configured) = configure(&vm, 3, deadline);
+        assert_eq!(
+            configured.unwrap_err().to_string(),
+            "vCPU 3: cpu override of MSR 0x6e0: this host's KVM took the value but the MSR \
+             reads back 0x0 (bits 0x10 should be 0x10)"
+        );
+    }
+}

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod openapi;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -36,4 +38,7 @@ pub fn vmm_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_vmm")))
 }
 
+// Not every test binary checks for KVM in every profile (exit_record.rs's KVM tests are
+// debug-only).
+#[allow(unused_imports)]
 pub use e2e_tests::kvm_available;

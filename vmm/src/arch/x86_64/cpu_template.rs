@@ -42,6 +42,13 @@ pub enum CpuConfigError {
     UnsupportedMsr(u32),
     #[error("cpu override of MSR {addr:#x}: this host's KVM refused the value {value:#x} (it sets a bit the host does not support)")]
     MsrRefused { addr: u32, value: u64 },
+    #[error("cpu override of MSR {addr:#x}: this host's KVM took the value but the MSR reads back {got:#x} (bits {mask:#x} should be {wanted:#x})")]
+    MsrNotKept {
+        addr: u32,
+        mask: u64,
+        wanted: u64,
+        got: u64,
+    },
     #[error("cpu: KVM could not {what}: {source}")]
     Kvm {
         what: &'static str,
@@ -265,8 +272,9 @@ impl GuestCpu {
         Ok(Self { cpuid, msrs })
     }
 
-    /// Applies the MSR overrides to a vCPU whose boot MSRs are set: each MSR is read, changed
-    /// and written back. KVM refuses values with bits the host does not support.
+    /// Applies the MSR overrides to a vCPU whose boot MSRs are set: each MSR is read, changed,
+    /// written back and read again. KVM refuses values with bits the host does not support;
+    /// a value KVM takes without keeping the overridden bits is refused here.
     pub fn apply_msrs(&self, fd: &VcpuFd) -> Result<(), CpuConfigError> {
         if self.msrs.is_empty() {
             return Ok(());
@@ -299,6 +307,27 @@ impl GuestCpu {
                 addr: refused.index,
                 value: refused.data,
             });
+        }
+        let mut back = Msrs::from_entries(&entries).map_err(|_| CpuConfigError::Kvm {
+            what: "hold the MSR overrides",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let read = fd
+            .get_msrs(&mut back)
+            .map_err(kvm("read the MSR overrides back"))?;
+        if let Some((addr, _)) = self.msrs.get(read) {
+            return Err(CpuConfigError::UnsupportedMsr(*addr));
+        }
+        for (entry, (addr, change)) in back.as_slice().iter().zip(&self.msrs) {
+            let mask = change.set | change.clear;
+            if entry.data & mask != change.set {
+                return Err(CpuConfigError::MsrNotKept {
+                    addr: *addr,
+                    mask,
+                    wanted: change.set,
+                    got: entry.data,
+                });
+            }
         }
         Ok(())
     }

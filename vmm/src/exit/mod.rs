@@ -1,7 +1,11 @@
 //! How a VM ends: the first reason reported (by a device or a vCPU) wins, and the main thread
-//! waiting on the exit eventfd turns it into the VMM's exit status.
+//! waiting on the exit eventfd turns it into the VMM's exit status. How the vmm itself ends
+//! when one of its threads fails (a panic, a seccomp trap): [`fatal`]. The record of every
+//! end: [`record`].
 
-use std::path::Path;
+pub mod fatal;
+pub mod record;
+
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -80,43 +84,6 @@ pub fn new_record(status: i32, kind: ExitKind, reason: String) -> ExitRecord {
     }
 }
 
-/// Writes `record` to `path` atomically: a temporary file beside it (mode 0644), synced, then
-/// renamed over `path`, so a reader sees the whole record or none.
-pub fn write_record(path: &Path, record: &ExitRecord) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-    let mut temp = path.as_os_str().to_owned();
-    temp.push(format!(".tmp{}", std::process::id()));
-    let temp = std::path::PathBuf::from(temp);
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&temp)?;
-        file.write_all(&json)?;
-        file.write_all(b"\n")?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temp);
-    }
-    written
-}
-
-/// Removes a record left by an earlier run of the same VM, so a supervisor never takes it
-/// for this run's end. A missing record is fine.
-pub fn clear_record(path: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
-}
-
 /// Shared by devices and vCPU threads to end the VM.
 #[derive(Clone)]
 pub struct ExitSignal {
@@ -152,14 +119,45 @@ impl ExitSignal {
     }
 
     /// Blocks until the VM ends and returns why.
+    ///
+    /// Called by the main thread. When another thread hands it the vmm's own end (a panic,
+    /// a seccomp trap: [`fatal`]), this writes that end's record and ends the process.
     pub fn wait(&self) -> VmExit {
+        use std::os::fd::AsRawFd;
         loop {
+            if let Some(end) = fatal::pending() {
+                fatal::finish(end);
+            }
             if let Some(reason) = crate::devices::bus::lock(&self.inner.reason).clone() {
+                fatal::main_took_end();
                 return reason;
             }
-            if let Err(e) = self.inner.event.read() {
+            let mut fds = [
+                libc::pollfd {
+                    fd: self.inner.event.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    // A negative descriptor is ignored by poll.
+                    fd: fatal::wake_fd().unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: poll reads and writes the two entries of the local array.
+            if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+                let e = std::io::Error::last_os_error();
                 if e.kind() != std::io::ErrorKind::Interrupted {
                     return VmExit::Fault(format!("waiting for the VM to end failed: {e}"));
+                }
+                continue;
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                if let Err(e) = self.inner.event.read() {
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return VmExit::Fault(format!("waiting for the VM to end failed: {e}"));
+                    }
                 }
             }
         }
@@ -221,25 +219,18 @@ mod tests {
     }
 
     #[test]
-    fn records_are_written_whole_and_cleared() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("exit.json");
-        clear_record(&path).unwrap();
+    fn every_end_has_its_record() {
         let record = VmExit::Killed("killed through the control API".into()).record();
-        assert_eq!(record.status, KILLED_STATUS);
-        assert_eq!(record.kind, ExitKind::Killed);
-        write_record(&path, &record).unwrap();
-        let back: ExitRecord = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        assert_eq!(back, record);
         assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            1,
-            "no temporary file left"
+            (record.status, record.kind),
+            (KILLED_STATUS, ExitKind::Killed)
         );
         assert_eq!(VmExit::GuestStatus(3).record().status, 3);
         assert_eq!(VmExit::GuestReset.record().kind, ExitKind::GuestReset);
-        clear_record(&path).unwrap();
-        assert!(!path.exists());
+        assert_eq!(
+            VmExit::GuestPanic("x".into()).record().status,
+            GUEST_PANIC_STATUS
+        );
     }
 
     #[test]
