@@ -112,11 +112,12 @@ pub enum VmState {
     /// Being started (image fetch, vmm start).
     Starting,
     Running,
-    /// Ended; waiting for its restart (backoff).
+    /// Ended, or could not start; waiting for its restart (backoff): `reason` says why.
     Restarting,
     /// Ended and not restarted (policy), cleanly.
     Exited,
-    /// Ended and not restarted, or could not start: `reason` says why.
+    /// Ended and not restarted (policy), or could not start under `restart: never`:
+    /// `reason` says why.
     Failed,
 }
 
@@ -328,6 +329,14 @@ impl Store {
             })?;
             rows.collect()
         })
+    }
+
+    /// One VM's record.
+    pub fn vm(&self, key: &crate::vmspec::VmKey) -> Result<Option<VmRecord>> {
+        Ok(self
+            .vms(Some((key.twin_id, key.deployment_id)))?
+            .into_iter()
+            .find(|r| r.name == key.name))
     }
 
     pub fn put_vm(&self, vm: &VmRecord) -> Result<()> {

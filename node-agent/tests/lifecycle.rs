@@ -1,0 +1,142 @@
+//! How the agent keeps, retries, stops and rolls back VMs, with the real agent binary driving
+//! real vmm processes on this machine's /dev/kvm (the freestanding `chatter` test guest as the
+//! VMs' kernel, an flist image made by the real `flist` binary as their root share), as in
+//! crash.rs.
+//!
+//! A VM "cannot start" here in the two ways a node sees: its image file is missing (the agent
+//! cannot build its spec) or is not an flist (the vmm fails to build the VM and exits).
+
+mod common;
+
+use std::path::Path;
+
+use common::{running, vm_deployment, Node};
+use e2e_tests::kvm_available;
+use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkload, Workload};
+use node_agent::engine::DeployOutcome;
+use node_agent::identity::KeyPair;
+use node_agent::state::{Store, VmRecord, VmState};
+
+fn vm_mut<'a>(d: &'a mut Deployment, name: &str) -> &'a mut VmWorkload {
+    d.workloads
+        .iter_mut()
+        .find_map(|w| match w {
+            Workload::Vm(vm) if vm.name == name => Some(vm),
+            _ => None,
+        })
+        .unwrap()
+}
+
+fn signed(mut d: Deployment, key: &KeyPair) -> Vec<u8> {
+    d.sign(d.twin_id, key);
+    serde_json::to_vec(&d).unwrap()
+}
+
+fn record<'a>(s: &'a node_agent::api::DeploymentStatus, name: &str) -> &'a VmRecord {
+    s.vms
+        .iter()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no record of {name}: {:?}", s.vms))
+}
+
+/// A file that is not an flist: the vmm refuses it and ends at start.
+fn not_an_flist(path: &Path) {
+    std::fs::write(path, b"this is not an flist image").unwrap();
+}
+
+/// A deployment kept (`on_failure: keep`) with two VMs whose first start fails: the one with
+/// `restart: always` is retried with backoff and runs once its image is good; the one with
+/// `restart: never` stays failed with its reason.
+#[test]
+fn a_vm_that_fails_its_first_start_is_retried_per_its_policy() {
+    if !kvm_available() {
+        return;
+    }
+    let mut node = Node::new();
+    node.start(None);
+    let (key, twin) = node.register();
+    let later = node.dir.path().join("later.flist");
+    not_an_flist(&later);
+    let mut d = vm_deployment(twin, 1, &later, &["retried", "never"]);
+    d.on_failure = FailurePolicy::Keep;
+    vm_mut(&mut d, "retried").restart = RestartPolicy::Always;
+    vm_mut(&mut d, "never").restart = RestartPolicy::Never;
+    let resp = node.call(&key, twin, "POST", "/deployments", Some(signed(d, &key)));
+    assert_eq!(resp.status, 201, "{}", resp.text());
+    let out: DeployOutcome = resp.json().unwrap();
+    assert!(
+        out.failed.contains_key("retried") && out.failed.contains_key("never"),
+        "{out:?}"
+    );
+    let s = node.status(&key, twin);
+    let never = record(&s, "never");
+    assert_eq!(never.state, VmState::Failed, "{never:?}");
+    assert!(!never.reason.is_empty(), "{never:?}");
+    let retried = record(&s, "retried");
+    assert_ne!(retried.state, VmState::Running, "{retried:?}");
+    assert!(!retried.reason.is_empty(), "{retried:?}");
+    // It keeps being retried (with backoff) while its image is bad...
+    node.wait_until(&key, twin, "a second failed start", |s| {
+        record(s, "retried").restarts >= 1
+    });
+    // ...and starts once the image is good.
+    std::fs::copy(node.image(), &later).unwrap();
+    let s = node.wait_until(&key, twin, "the retried VM running", |s| {
+        let r = record(s, "retried");
+        r.state == VmState::Running && r.pid.is_some()
+    });
+    assert_eq!(node.vmms(twin, "retried").len(), 1);
+    assert_eq!(
+        record(&s, "retried").pid,
+        Some(node.vmms(twin, "retried")[0])
+    );
+    let never = record(&s, "never");
+    assert_eq!(never.state, VmState::Failed, "{never:?}");
+    assert!(node.vmms(twin, "never").is_empty());
+}
+
+/// After a node reboot the agent starts every VM again; one whose image is not there yet
+/// (an image disk not mounted, a store not reachable) is retried until it is, and runs.
+#[test]
+fn a_vm_that_cannot_start_after_a_reboot_is_retried_until_it_runs() {
+    if !kvm_available() {
+        return;
+    }
+    let mut node = Node::new();
+    node.start(None);
+    let (key, twin) = node.register();
+    let image = node.image();
+    let d = vm_deployment(twin, 1, &image, &["x"]);
+    let resp = node.call(&key, twin, "POST", "/deployments", Some(signed(d, &key)));
+    assert!(resp.ok(), "{}", resp.text());
+    assert_eq!(node.vmms(twin, "x").len(), 1);
+
+    // Power off: the agent and its VMs end; the next start is on a new boot.
+    node.stop();
+    for pid in node.vmms(twin, "x") {
+        // SAFETY: a plain signal to a vmm this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !node.vmms(twin, "x").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the vmm did not end");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Store::open(&node.state().join("agent.db"))
+        .unwrap()
+        .set_meta("boot_id", "an earlier boot")
+        .unwrap();
+    let away = node.dir.path().join("root.flist.away");
+    std::fs::rename(&image, &away).unwrap();
+
+    node.start(None);
+    let s = node.wait_until(&key, twin, "a failed start after the reboot", |s| {
+        let r = record(s, "x");
+        r.state != VmState::Running && r.reason.contains("root.flist")
+    });
+    assert!(node.vmms(twin, "x").is_empty(), "{:?}", s.vms);
+    std::fs::rename(&away, &image).unwrap();
+    let s = node.wait_until(&key, twin, "the VM running again", |s| running(s, &["x"]));
+    assert_eq!(node.vmms(twin, "x").len(), 1);
+    assert_eq!(record(&s, "x").pid, Some(node.vmms(twin, "x")[0]));
+}
