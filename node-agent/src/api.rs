@@ -135,6 +135,20 @@ impl From<anyhow::Error> for ApiError {
     }
 }
 
+/// Runs a change of the node to its end in a task of its own: a client that goes away (a
+/// timeout while VMs take their shutdown grace) does not cut it off half-way.
+async fn to_end<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, DeployError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(change).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the change ended abnormally: {e}"),
+        )),
+    }
+}
+
 /// Who is asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {
@@ -317,7 +331,8 @@ async fn create_deployment(
             ));
         }
     }
-    let out = s.state.engine.deploy(twin, doc).await?;
+    let engine = s.state.engine.clone();
+    let out = to_end(async move { engine.deploy(twin, doc).await }).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -354,7 +369,10 @@ async fn update_deployment(
             ))
         }
     }
-    Ok(Json(s.state.engine.deploy(twin, doc).await?))
+    let engine = s.state.engine.clone();
+    Ok(Json(
+        to_end(async move { engine.deploy(twin, doc).await }).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/deployments", responses((status = 200, body = Vec<DeploymentStatus>), (status = 403, body = ErrorBody)))]
@@ -420,7 +438,8 @@ async fn delete_deployment(
     let twin = authenticate(&s, &method, &uri, &headers, b"")
         .await?
         .twin()?;
-    s.state.engine.delete(twin, twin, id).await?;
+    let engine = s.state.engine.clone();
+    to_end(async move { engine.delete(twin, twin, id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

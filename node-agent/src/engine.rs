@@ -629,11 +629,14 @@ impl Engine {
             .store
             .vms(Some((twin_id, deployment_id)))
             .unwrap_or_default();
-        for rec in &records {
-            if desired.and_then(|d| d.vm(&rec.name)).is_none() {
-                self.stop_vm(rec).await;
-                let _ = self.store.remove_vm(twin_id, deployment_id, &rec.name);
-            }
+        // VMs no longer desired stop together (each may take its shutdown grace).
+        let removed: Vec<&VmRecord> = records
+            .iter()
+            .filter(|rec| desired.and_then(|d| d.vm(&rec.name)).is_none())
+            .collect();
+        futures::future::join_all(removed.iter().map(|rec| self.stop_vm(rec, running))).await;
+        for rec in removed {
+            let _ = self.store.remove_vm(twin_id, deployment_id, &rec.name);
         }
         // Taps of removed VMs go, those of new ones come, before any VM starts.
         let network = self.sync_network().await;
@@ -701,7 +704,7 @@ impl Engine {
                 Err(reason) => {
                     // What runs is not what is desired, and what is desired cannot be built.
                     if let Some(rec) = rec {
-                        self.stop_vm(rec).await;
+                        self.stop_vm(rec, running).await;
                     }
                     self.start_failed(&key, rec, "", &reason, 0, vm.restart);
                     report.failed.insert(vm.name.clone(), reason);
@@ -723,7 +726,7 @@ impl Engine {
                 }
             }
             if let Some(rec) = rec {
-                self.stop_vm(rec).await;
+                self.stop_vm(rec, running).await;
             }
             match self
                 .start_vm(&key, &paths, &spec_hash, 0, vmnet.as_ref(), vm.restart)
@@ -934,7 +937,10 @@ impl Engine {
         let _ = self.store.put_vm(&r);
     }
 
-    async fn stop_vm(&self, rec: &VmRecord) {
+    /// Stops a VM's vmm: a graceful shutdown, killed only after the guest had its workload's
+    /// shutdown grace and the vmm its own deadline (it ends the VM itself then, recording
+    /// why). How the VM ended is kept in its record (`last_exit`).
+    async fn stop_vm(&self, rec: &VmRecord, running: Option<&Deployment>) {
         let key = VmKey {
             twin_id: rec.twin_id,
             deployment_id: rec.deployment_id,
@@ -945,11 +951,16 @@ impl Engine {
             (Some(pid), Some(start)) => Some(Proc { pid, start }),
             _ => supervisor::find_by_spec(&paths.spec),
         };
-        if let Some(p) = proc_ {
-            let grace =
-                Duration::from_secs(u64::from(vm_spec::spec::DEFAULT_SHUTDOWN_GRACE_SECS) + 5);
-            supervisor::stop(&paths, p, grace).await;
+        let Some(p) = proc_ else { return };
+        let grace = stop_deadline(&paths, running.and_then(|d| d.vm(&rec.name)));
+        let killed = supervisor::stop(&paths, p, grace).await;
+        if killed {
+            warn!(vm = %key, "the vmm did not end within {} s of a shutdown: killed", grace.as_secs());
+        } else {
             info!(vm = %key, "stopped");
+        }
+        if let Ok(exit) = std::fs::read_to_string(&paths.exit_record) {
+            let _ = self.store.set_last_exit(&key, &exit);
         }
     }
 
@@ -1022,7 +1033,11 @@ impl Engine {
             .collect();
         for rec in self.store.vms(None)? {
             if !active.contains(&(rec.twin_id, rec.deployment_id)) {
-                self.stop_vm(&rec).await;
+                let last = self
+                    .store
+                    .deployment(rec.twin_id, rec.deployment_id)?
+                    .map(|r| r.doc);
+                self.stop_vm(&rec, last.as_ref()).await;
                 self.store
                     .remove_vm(rec.twin_id, rec.deployment_id, &rec.name)?;
                 self.collect_garbage(rec.twin_id, rec.deployment_id)?;
@@ -1133,6 +1148,28 @@ impl Engine {
         let end = start.saturating_add(max).min(all.len());
         Ok((all[start..end].to_vec(), end as u64))
     }
+}
+
+/// What the vmm is given beyond the guest's shutdown grace before it ends the VM itself
+/// (the vmm's margin, 5 s), plus time to write its exit record and exit.
+const STOP_SLACK_SECS: u64 = 10;
+
+/// How long a stopping vmm is waited for before it is killed: the shutdown grace of the spec
+/// it was started from (its spec file) or of its workload, the longer, plus
+/// [`STOP_SLACK_SECS`].
+fn stop_deadline(paths: &VmPaths, workload: Option<&VmWorkload>) -> Duration {
+    let from_spec = std::fs::read(&paths.spec)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<vm_spec::VmSpec>(&b).ok())
+        .map(|s| s.shutdown_grace_secs);
+    let from_workload = workload.map(|w| w.shutdown_grace_secs);
+    let grace = from_spec
+        .into_iter()
+        .chain(from_workload)
+        .max()
+        .unwrap_or(vm_spec::spec::DEFAULT_SHUTDOWN_GRACE_SECS)
+        .min(vm_spec::spec::MAX_SHUTDOWN_GRACE_SECS);
+    Duration::from_secs(u64::from(grace) + STOP_SLACK_SECS)
 }
 
 #[derive(Debug, Default)]

@@ -361,6 +361,7 @@ async fn run(cli: Cli) -> Result<()> {
                 "deploying {} (version {})",
                 doc.deployment_id, doc.version
             ));
+            let client = client.with_timeout(CHANGE_TIMEOUT);
             let resp = if exists {
                 client
                     .request(
@@ -446,6 +447,7 @@ async fn run(cli: Cli) -> Result<()> {
             let (client, _, _) = who.client()?;
             let id = find_deployment(&client, &target).await?;
             let resp = client
+                .with_timeout(CHANGE_TIMEOUT)
                 .request("DELETE", &format!("/deployments/{id}"), None)
                 .await?;
             if !resp.ok() {
@@ -474,6 +476,11 @@ async fn run(cli: Cli) -> Result<()> {
 }
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/gridnode";
+
+/// How long `deploy` and `rm` wait for the agent: a change stops VMs, each given its
+/// shutdown grace (up to 10 minutes), and fetches images. The agent finishes the change
+/// whether or not the client still waits.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
 fn spinner(msg: String) -> indicatif::ProgressBar {
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {

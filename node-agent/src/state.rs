@@ -365,6 +365,17 @@ impl Store {
         Ok(())
     }
 
+    /// Records how a VM's last run ended (the vmm's exit record).
+    pub fn set_last_exit(&self, key: &crate::vmspec::VmKey, exit: &str) -> Result<()> {
+        self.with_conn(|c| {
+            c.execute(
+                "UPDATE vms SET last_exit = ?4 WHERE twin_id = ?1 AND deployment_id = ?2 AND name = ?3",
+                params![key.twin_id, key.deployment_id as i64, key.name, exit],
+            )
+        })?;
+        Ok(())
+    }
+
     pub fn remove_vm(&self, twin_id: u32, deployment_id: u64, name: &str) -> Result<()> {
         self.with_conn(|c| {
             c.execute(

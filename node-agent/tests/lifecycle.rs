@@ -140,3 +140,87 @@ fn a_vm_that_cannot_start_after_a_reboot_is_retried_until_it_runs() {
     assert_eq!(node.vmms(twin, "x").len(), 1);
     assert_eq!(record(&s, "x").pid, Some(node.vmms(twin, "x")[0]));
 }
+
+/// Replacing a VM (an update that changes it) stops it gracefully and waits for its workload's
+/// `shutdown_grace_secs`: the guest here never shuts down, so the vmm ends the VM itself once
+/// the grace and its margin are over, and records why; that record is the VM's `last_exit`.
+/// An agent that kills the vmm before that leaves no exit record.
+#[test]
+fn a_stop_gives_the_workload_its_shutdown_grace() {
+    if !kvm_available() {
+        return;
+    }
+    let mut node = Node::new();
+    node.start(None);
+    let (key, twin) = node.register();
+    let mut d = vm_deployment(twin, 1, &node.image(), &["x"]);
+    vm_mut(&mut d, "x").shutdown_grace_secs = 20;
+    let resp = node.call(
+        &key,
+        twin,
+        "POST",
+        "/deployments",
+        Some(signed(d.clone(), &key)),
+    );
+    assert!(resp.ok(), "{}", resp.text());
+    let first = node.vmms(twin, "x");
+    assert_eq!(first.len(), 1);
+
+    d.version = 2;
+    vm_mut(&mut d, "x").env.insert("RUN".into(), "2".into());
+    let resp = node.call(&key, twin, "PUT", "/deployments/1", Some(signed(d, &key)));
+    assert!(resp.ok(), "{}", resp.text());
+    let out: DeployOutcome = resp.json().unwrap();
+    assert_eq!(out.started, ["x"]);
+    let s = node.status(&key, twin);
+    let x = record(&s, "x");
+    assert_eq!(x.state, VmState::Running);
+    assert_ne!(node.vmms(twin, "x"), first);
+    let exit = x
+        .last_exit
+        .as_deref()
+        .expect("the replaced VM's exit record (the vmm was killed before it could end the VM)");
+    // The vmm's own deadline: the grace (20 s) and its margin (5 s).
+    assert!(exit.contains("did not shut down within 25s"), "{exit}");
+}
+
+/// A delete whose client stops waiting (its VM takes its 20 s grace) still runs to its end:
+/// the VM stops, its files go, the journal is empty, without a restart of the agent.
+#[test]
+fn a_change_finishes_when_its_client_goes_away() {
+    if !kvm_available() {
+        return;
+    }
+    let mut node = Node::new();
+    node.start(None);
+    let (key, twin) = node.register();
+    let mut d = vm_deployment(twin, 1, &node.image(), &["x"]);
+    vm_mut(&mut d, "x").shutdown_grace_secs = 20;
+    let resp = node.call(&key, twin, "POST", "/deployments", Some(signed(d, &key)));
+    assert!(resp.ok(), "{}", resp.text());
+    assert_eq!(node.vmms(twin, "x").len(), 1);
+    let gone = common::block_on(
+        node.client(&key, twin)
+            .with_timeout(std::time::Duration::from_secs(2))
+            .request("DELETE", "/deployments/1", None),
+    );
+    assert!(
+        gone.is_err(),
+        "the delete answered before the VM's grace: {}",
+        gone.map(|r| r.text()).unwrap_or_default()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let dir = node.state().join(format!("vms/{twin}/1"));
+    while !node.vmms(twin, "x").is_empty() || dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delete was not finished"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let resp = node.call(&key, twin, "GET", "/deployments/1", None);
+    assert_eq!(resp.status, 404, "{}", resp.text());
+    let store = Store::open(&node.state().join("agent.db")).unwrap();
+    assert!(store.ops().unwrap().is_empty());
+    assert!(store.vms(None).unwrap().is_empty());
+}
