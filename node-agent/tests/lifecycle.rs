@@ -224,3 +224,155 @@ fn a_change_finishes_when_its_client_goes_away() {
     assert!(store.ops().unwrap().is_empty());
     assert!(store.vms(None).unwrap().is_empty());
 }
+
+/// A new deployment of two VMs whose second cannot start after the first has started
+/// (`on_failure: rollback`): the first is stopped and its files removed, a tombstone at the
+/// version is left, and the journal is empty.
+#[test]
+fn a_create_whose_second_vm_fails_is_rolled_back_entirely() {
+    if !kvm_available() {
+        return;
+    }
+    let mut node = Node::new();
+    node.start(None);
+    let (key, twin) = node.register();
+    let bad = node.dir.path().join("bad.flist");
+    not_an_flist(&bad);
+    let mut d = vm_deployment(twin, 1, &node.image(), &["first", "second"]);
+    vm_mut(&mut d, "second").image = bad.display().to_string();
+    assert_eq!(d.on_failure, FailurePolicy::Rollback);
+
+    // Watch the first VM's vmm come (and go) while the deploy runs.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let done = done.clone();
+        let spec = node.state().join(format!("vms/{twin}/1/first/spec.json"));
+        std::thread::spawn(move || {
+            let mut seen = false;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                seen |= common::processes_running(&spec) > 0;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            seen
+        })
+    };
+    let resp = node.call(&key, twin, "POST", "/deployments", Some(signed(d, &key)));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let first_ran = watcher.join().unwrap();
+    assert_eq!(resp.status, 422, "{}", resp.text());
+    let why = resp.error_message();
+    assert!(
+        why.contains("second") && why.contains("not an flist") && why.contains("rolled back"),
+        "{why}"
+    );
+    assert!(first_ran, "the first VM never started");
+    assert!(
+        node.vmms(twin, "first").is_empty(),
+        "the first VM still runs"
+    );
+    assert!(node.vmms(twin, "second").is_empty());
+    assert!(
+        !node.state().join(format!("vms/{twin}/1")).exists(),
+        "the deployment's files are left"
+    );
+    let resp = node.call(&key, twin, "GET", "/deployments/1", None);
+    assert_eq!(resp.status, 404, "{}", resp.text());
+    let store = Store::open(&node.state().join("agent.db")).unwrap();
+    assert!(store.ops().unwrap().is_empty());
+    assert!(store.vms(None).unwrap().is_empty());
+    let row = store.deployment(twin, 1).unwrap().expect("a tombstone");
+    assert!(row.deleted);
+    assert_eq!(row.doc.version, 1);
+}
+
+/// Updates of a running deployment {a, b} that cannot be carried out are rolled back to the
+/// old VMs, which keep running as before, with their data:
+/// - a new VM that cannot start: a and b keep their processes (new VMs start first);
+/// - b changed to an image that is missing: nothing is touched (all VMs are prepared first);
+/// - b changed to an image the vmm refuses: b is started again from its old spec, with the
+///   files of its writable layer; a keeps its process.
+#[test]
+fn a_failed_update_is_rolled_back_to_the_old_vms() {
+    if !kvm_available() {
+        return;
+    }
+    let mut node = Node::new();
+    // Three 1-vCPU VMs at once on a host that may have two threads.
+    node.start_with(None, &["--cpu-allocation-ratio".into(), "4".into()]);
+    let (key, twin) = node.register();
+    let bad = node.dir.path().join("bad.flist");
+    not_an_flist(&bad);
+    let v1 = vm_deployment(twin, 1, &node.image(), &["a", "b"]);
+    let resp = node.call(
+        &key,
+        twin,
+        "POST",
+        "/deployments",
+        Some(signed(v1.clone(), &key)),
+    );
+    assert!(resp.ok(), "{}", resp.text());
+    let before = node.status(&key, twin);
+    let (a, b) = (node.vmms(twin, "a"), node.vmms(twin, "b"));
+    assert_eq!((a.len(), b.len()), (1, 1));
+    // A file in b's writable layer (what its guest wrote to its root).
+    let marker = node
+        .state()
+        .join(format!("vms/{twin}/1/b/layer/upper/written-by-b"));
+    std::fs::write(&marker, b"kept").unwrap();
+
+    let check_rolled_back = |what: &str, resp: node_agent::client::Response, b_same: bool| {
+        assert_eq!(resp.status, 422, "{what}: {}", resp.text());
+        assert!(
+            resp.error_message()
+                .contains("rolled back to its previous version"),
+            "{what}: {}",
+            resp.text()
+        );
+        let s = node.status(&key, twin);
+        assert_eq!(s.deployment, {
+            let mut d = v1.clone();
+            d.sign(twin, &key);
+            d
+        });
+        assert!(running(&s, &["a", "b"]), "{what}: {:?}", s.vms);
+        for name in ["a", "b"] {
+            assert_eq!(
+                record(&s, name).spec_hash,
+                record(&before, name).spec_hash,
+                "{what}: {name} does not run its old spec"
+            );
+            assert_eq!(node.vmms(twin, name).len(), 1, "{what}: {name}");
+        }
+        assert_eq!(node.vmms(twin, "a"), a, "{what}: a was restarted");
+        if b_same {
+            assert_eq!(node.vmms(twin, "b"), b, "{what}: b was restarted");
+        }
+        assert!(node.vmms(twin, "c").is_empty(), "{what}");
+        assert!(
+            !node.state().join(format!("vms/{twin}/1/c")).exists(),
+            "{what}: the new VM's files are left"
+        );
+        assert_eq!(std::fs::read(&marker).unwrap(), b"kept", "{what}");
+        let store = Store::open(&node.state().join("agent.db")).unwrap();
+        assert!(store.ops().unwrap().is_empty(), "{what}");
+    };
+
+    // A new VM c that cannot start, and b changed.
+    let mut v2 = vm_deployment(twin, 2, &node.image(), &["a", "b", "c"]);
+    vm_mut(&mut v2, "b").env.insert("RUN".into(), "2".into());
+    vm_mut(&mut v2, "c").image = bad.display().to_string();
+    let resp = node.call(&key, twin, "PUT", "/deployments/1", Some(signed(v2, &key)));
+    check_rolled_back("a new VM fails", resp, true);
+
+    // b changed to an image that is not there.
+    let mut v3 = vm_deployment(twin, 3, &node.image(), &["a", "b"]);
+    vm_mut(&mut v3, "b").image = node.dir.path().join("missing.flist").display().to_string();
+    let resp = node.call(&key, twin, "PUT", "/deployments/1", Some(signed(v3, &key)));
+    check_rolled_back("b's image is missing", resp, true);
+
+    // b changed to an image the vmm refuses: b's old vmm was stopped for it.
+    let mut v4 = vm_deployment(twin, 4, &node.image(), &["a", "b"]);
+    vm_mut(&mut v4, "b").image = bad.display().to_string();
+    let resp = node.call(&key, twin, "PUT", "/deployments/1", Some(signed(v4, &key)));
+    check_rolled_back("b's new vmm fails", resp, false);
+}

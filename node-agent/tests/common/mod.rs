@@ -207,27 +207,36 @@ impl Node {
 
     /// The vmm processes running `name`'s spec (deployment 1 of `twin`).
     pub fn vmms(&self, twin: u32, name: &str) -> Vec<i32> {
-        let spec = self.state().join(format!("vms/{twin}/1/{name}/spec.json"));
-        let want = spec.as_os_str().as_encoded_bytes().to_vec();
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'));
-            if !zombie && cmdline.split(|&b| b == 0).any(|a| a == want.as_slice()) {
-                out.push(pid);
-            }
-        }
-        out
+        vmms_of(&self.state().join(format!("vms/{twin}/1/{name}/spec.json")))
     }
+}
+
+/// How many live processes run with `spec` on their command line.
+pub fn processes_running(spec: &Path) -> usize {
+    vmms_of(spec).len()
+}
+
+/// The live (not zombie) processes with `spec` on their command line.
+fn vmms_of(spec: &Path) -> Vec<i32> {
+    let want = spec.as_os_str().as_encoded_bytes().to_vec();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if !zombie && cmdline.split(|&b| b == 0).any(|a| a == want.as_slice()) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 impl Drop for Node {
