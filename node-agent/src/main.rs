@@ -580,30 +580,6 @@ fn create_state_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("creating {}", dir.display()))
 }
 
-/// The embedded registrar on TCP: its public reads, and twin creation (signed by the key
-/// being registered, checked by the registrar). Farms, nodes and uptime are written by this
-/// node only, through the unix socket.
-async fn registrar_reads_and_twins_only(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::http::{Method, StatusCode};
-    use axum::response::IntoResponse;
-    let allowed = req.method() == Method::GET
-        || (req.method() == Method::POST && req.uri().path() == "/twins");
-    if allowed {
-        next.run(req).await
-    } else {
-        (
-            StatusCode::FORBIDDEN,
-            axum::Json(serde_json::json!({
-                "error": "on TCP this registrar serves reads and twin creation only"
-            })),
-        )
-            .into_response()
-    }
-}
-
 async fn daemon(args: RunArgs) -> Result<()> {
     let mut config = match &args.config {
         Some(p) => AgentConfig::load(p)?,
@@ -759,14 +735,18 @@ async fn daemon(args: RunArgs) -> Result<()> {
         node_key: key.public_hex(),
         replays: ReplayGuard::default(),
     });
-    let mut app = api::router(state.clone(), false);
-    if config.registrar == "local" {
-        let reg_state = Arc::new(server::ServerState {
+    let local_registrar = || {
+        Arc::new(server::ServerState {
             registrar: LocalRegistrar::new(store.clone()),
             replays: ReplayGuard::default(),
-        });
-        app = app.nest("/registrar", server::router(reg_state));
-    }
+        })
+    };
+    let app = api::app(
+        state.clone(),
+        false,
+        (config.registrar == "local").then(local_registrar),
+    )
+    .into_router();
     let sock = config.api_socket();
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)
@@ -778,18 +758,12 @@ async fn daemon(args: RunArgs) -> Result<()> {
     info!(socket = %sock.display(), "API listening");
     let unix = tokio::spawn(async move { axum::serve(listener, app).await });
     if let Some(addr) = config.listen {
-        let mut tcp_app = api::router(state, true);
-        if config.registrar == "local" && config.tcp_registrar {
-            let reg_state = Arc::new(server::ServerState {
-                registrar: LocalRegistrar::new(store.clone()),
-                replays: ReplayGuard::default(),
-            });
-            tcp_app = tcp_app.nest(
-                "/registrar",
-                server::router(reg_state)
-                    .layer(axum::middleware::from_fn(registrar_reads_and_twins_only)),
-            );
-        }
+        let tcp_app = api::app(
+            state,
+            true,
+            (config.registrar == "local" && config.tcp_registrar).then(local_registrar),
+        )
+        .into_router();
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;
