@@ -76,6 +76,20 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
+    /// Add your signature to a deployment file (a co-signer of a multisig deployment),
+    /// without submitting it: the owner's `deploy` then adds theirs and submits.
+    Sign {
+        file: PathBuf,
+        /// The signer's key file.
+        #[arg(long, env = "GRIDNODE_KEY")]
+        key: PathBuf,
+        /// The signer's twin id (default: from KEY.twin, written by `twin register`).
+        #[arg(long)]
+        twin: Option<u32>,
+        /// Write the signed deployment here instead of back to FILE.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// List your deployments and their VMs.
     Ps {
         #[command(flatten)]
@@ -387,6 +401,50 @@ async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Sign {
+            file,
+            key,
+            twin,
+            out,
+        } => {
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut doc = Deployment::from_json(&text).map_err(anyhow::Error::msg)?;
+            doc.validate()
+                .map_err(|e| anyhow::anyhow!("invalid deployment: {e}"))?;
+            let kp = KeyPair::load(&key)?;
+            let twin = twin_of(&key, twin)?;
+            let asked = doc.twin_id == twin
+                || doc
+                    .signature_requirement
+                    .as_ref()
+                    .is_some_and(|r| r.requests.iter().any(|q| q.twin_id == twin));
+            if !asked {
+                bail!(
+                    "twin {twin} is neither the owner of deployment {} nor one of its requested signers",
+                    doc.deployment_id
+                );
+            }
+            doc.sign(twin, &kp);
+            let out = out.unwrap_or(file);
+            let mut bytes = serde_json::to_vec_pretty(&doc)?;
+            bytes.push(b'\n');
+            node_agent::engine::write_atomic(&out, &bytes)?;
+            let signers: Vec<String> = doc
+                .signatures
+                .iter()
+                .map(|s| s.twin_id.to_string())
+                .collect();
+            println!(
+                "deployment {} version {} signed by twin {twin} (hash {}); signatures of twins {}: {}",
+                doc.deployment_id,
+                doc.version,
+                hex::encode(doc.signing_hash()),
+                signers.join(", "),
+                out.display()
+            );
+            Ok(())
+        }
         Cmd::Ps { who } => {
             let (client, _, _) = who.client()?;
             let list: Vec<DeploymentStatus> = get_json(&client, "/deployments").await?;
@@ -499,21 +557,26 @@ fn twin_file(key: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `--twin`, or the twin id `twin register` wrote beside the key.
+fn twin_of(key: &Path, twin: Option<u32>) -> Result<u32> {
+    match twin {
+        Some(t) => Ok(t),
+        None => std::fs::read_to_string(twin_file(key))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .with_context(|| {
+                format!(
+                    "no --twin and no {}: run `twin register` first",
+                    twin_file(key).display()
+                )
+            }),
+    }
+}
+
 impl Who {
     fn client(&self) -> Result<(Client, u32, KeyPair)> {
         let key = KeyPair::load(&self.key)?;
-        let twin = match self.twin {
-            Some(t) => t,
-            None => std::fs::read_to_string(twin_file(&self.key))
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-                .with_context(|| {
-                    format!(
-                        "no --twin and no {}: run `twin register` first",
-                        twin_file(&self.key).display()
-                    )
-                })?,
-        };
+        let twin = twin_of(&self.key, self.twin)?;
         let client =
             Client::new(Endpoint::parse(&self.agent)?).signed(key.clone(), Signer::Twin(twin));
         Ok((client, twin, key))

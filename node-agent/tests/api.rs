@@ -636,3 +636,125 @@ async fn on_tcp_every_request_is_signed() {
     assert_eq!(resp.status, 200, "{}", resp.text());
     server.abort();
 }
+
+/// A deployment that asks for 2 of 3 co-signers (besides its owner): co-signers add their
+/// signatures to the file with `node-agent sign`; with one of them it is refused, with two
+/// accepted; an update that drops the requirement still needs the previous version's quorum.
+#[tokio::test]
+async fn a_multisig_deployment_needs_its_quorum_of_co_signers() {
+    use node_agent::deployment::{SignatureRequest, SignatureRequirement};
+    let n = node();
+    let dir = tempfile::tempdir().unwrap();
+    let registrar = LocalRegistrar::new(n.store.clone());
+    let mut signers = Vec::new();
+    for i in 0..3 {
+        let key = KeyPair::generate();
+        let id = registrar.add_twin(&key.public()).unwrap().id;
+        let path = dir.path().join(format!("cosigner{i}.key"));
+        key.save_new(&path).unwrap();
+        std::fs::write(
+            dir.path().join(format!("cosigner{i}.key.twin")),
+            format!("{id}\n"),
+        )
+        .unwrap();
+        signers.push((path, id));
+    }
+    let mut d = common::unbootable_deployment(n.owner_id, 7, 1, "", FailurePolicy::Keep);
+    d.signature_requirement = Some(SignatureRequirement {
+        requests: signers
+            .iter()
+            .map(|(_, id)| SignatureRequest {
+                twin_id: *id,
+                weight: 1,
+            })
+            .collect(),
+        weight_required: 2,
+    });
+    let file = dir.path().join("deployment.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&d).unwrap()).unwrap();
+
+    let sign = |key: &std::path::Path, twin: Option<u32>| {
+        let mut cmd = std::process::Command::new(common::built("node-agent"));
+        cmd.arg("sign").arg(&file).arg("--key").arg(key);
+        if let Some(t) = twin {
+            cmd.arg("--twin").arg(t.to_string());
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    // The owner's submission: `deploy` adds the owner's signature to what the file holds.
+    let submit = || {
+        let mut doc: Deployment = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        doc.sign(n.owner_id, &n.owner);
+        serde_json::to_vec(&doc).unwrap()
+    };
+
+    // A twin that is not asked to sign cannot add itself.
+    let other_key = dir.path().join("other.key");
+    n.other.save_new(&other_key).unwrap();
+    let (ok, out) = sign(&other_key, Some(n.other_id));
+    assert!(!ok, "{out}");
+    assert!(out.contains("neither the owner"), "{out}");
+
+    // One co-signer of the two needed.
+    let (ok, out) = sign(&signers[0].0, None);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!("signed by twin {}", signers[0].1)),
+        "{out}"
+    );
+    let (s, b) = call(
+        &n.app,
+        "POST",
+        "/deployments",
+        submit(),
+        Some((&n.owner, n.owner_id)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(
+        b.contains("signatures weigh 1") && b.contains("needs 2"),
+        "{b}"
+    );
+    unchanged(&n, &[]);
+
+    // A second co-signer: accepted.
+    let (ok, out) = sign(&signers[2].0, None);
+    assert!(ok, "{out}");
+    let body = submit();
+    let (s, b) = call(
+        &n.app,
+        "POST",
+        "/deployments",
+        body.clone(),
+        Some((&n.owner, n.owner_id)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let stored = n.store.deployments(Some(n.owner_id)).unwrap();
+    assert_eq!(stored.len(), 1);
+    let valid: BTreeSet<u32> = stored[0].signatures.iter().map(|s| s.twin_id).collect();
+    assert_eq!(
+        valid,
+        BTreeSet::from([n.owner_id, signers[0].1, signers[2].1])
+    );
+
+    // An update by the owner alone that drops the co-signers: refused.
+    let mut next = common::unbootable_deployment(n.owner_id, 7, 2, "", FailurePolicy::Keep);
+    next.sign(n.owner_id, &n.owner);
+    let (s, b) = call(
+        &n.app,
+        "PUT",
+        "/deployments/7",
+        serde_json::to_vec(&next).unwrap(),
+        Some((&n.owner, n.owner_id)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(b.contains("previous version"), "{b}");
+    assert_eq!(n.store.deployments(None).unwrap()[0].version, 1);
+}
