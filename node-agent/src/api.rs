@@ -150,7 +150,11 @@ impl IntoResponse for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        ApiError(StatusCode::UNAUTHORIZED, e.to_string())
+        let status = match e {
+            AuthError::Unavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        ApiError(status, e.to_string())
     }
 }
 

@@ -344,8 +344,8 @@ async fn run(cli: Cli) -> Result<()> {
             create_state_dir(&state_dir)?;
             let store = Arc::new(Store::open(&state_dir.join("registrar.db"))?);
             let state = Arc::new(server::ServerState {
-                registrar: LocalRegistrar::new(store),
-                replays: ReplayGuard::default(),
+                registrar: LocalRegistrar::new(store.clone()),
+                replays: ReplayGuard::persistent(store),
             });
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -796,12 +796,12 @@ async fn daemon(args: RunArgs) -> Result<()> {
     let state = Arc::new(ApiState {
         engine: engine.clone(),
         node_key: key.public_hex(),
-        replays: ReplayGuard::default(),
+        replays: ReplayGuard::persistent(store.clone()),
     });
     let local_registrar = || {
         Arc::new(server::ServerState {
             registrar: LocalRegistrar::new(store.clone()),
-            replays: ReplayGuard::default(),
+            replays: ReplayGuard::persistent(store.clone()),
         })
     };
     let app = api::app(

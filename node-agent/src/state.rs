@@ -12,6 +12,8 @@
 //! - `meta`: the node's twin and node ids, the boot id of the last run.
 //! - `net_addrs`: addresses given to VM interfaces ([`crate::network::ipam`]).
 //! - `reg_*`: the embedded registrar's tables; `pending_uptime`: reports not yet accepted.
+//! - `seen_requests`: signatures of signed requests within the clock window, so a copy of
+//!   one is a replay also after a restart ([`crate::auth::ReplayGuard`]).
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -54,7 +56,19 @@ CREATE TABLE IF NOT EXISTS net_addrs(
     PRIMARY KEY(pool, host), UNIQUE(twin_id, deployment_id, vm, iface));
 CREATE TABLE IF NOT EXISTS pending_uptime(
     id INTEGER PRIMARY KEY AUTOINCREMENT, uptime INTEGER NOT NULL, timestamp INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seen_requests(
+    signature BLOB PRIMARY KEY, timestamp INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_requests_by_time ON seen_requests(timestamp);
 ";
+
+/// What [`Store::remember_request`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remembered {
+    New,
+    Seen,
+    /// [`crate::auth::MAX_REMEMBERED`] signatures in the window already.
+    Full,
+}
 
 /// The database. One connection behind a mutex: every statement is short, and one writer at a
 /// time is what SQLite does anyway.
@@ -384,6 +398,43 @@ impl Store {
             )
         })?;
         Ok(())
+    }
+
+    // --- signed requests seen ---
+
+    /// Remembers a request signature with its timestamp, forgetting those whose timestamp
+    /// is out of the clock window (a request with one is refused anyway), in one
+    /// transaction.
+    pub fn remember_request(
+        &self,
+        signature: &[u8; 64],
+        timestamp: i64,
+        now: i64,
+    ) -> Result<Remembered> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "DELETE FROM seen_requests WHERE timestamp < ?1",
+                [now.saturating_sub(crate::auth::MAX_SKEW_SECS)],
+            )?;
+            let seen: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM seen_requests WHERE signature = ?1)",
+                [&signature[..]],
+                |r| r.get(0),
+            )?;
+            if seen {
+                return Ok(Remembered::Seen);
+            }
+            let count: i64 =
+                tx.query_row("SELECT COUNT(*) FROM seen_requests", [], |r| r.get(0))?;
+            if count >= crate::auth::MAX_REMEMBERED as i64 {
+                return Ok(Remembered::Full);
+            }
+            tx.execute(
+                "INSERT INTO seen_requests(signature, timestamp) VALUES(?1, ?2)",
+                params![&signature[..], timestamp],
+            )?;
+            Ok(Remembered::New)
+        })
     }
 
     // --- uptime reports waiting to be accepted ---
