@@ -1,7 +1,9 @@
 //! The agent's HTTP + JSON API, served on a unix socket (mode 0600: its callers are root, the
 //! node's operator, or sign as a twin) and optionally on TCP (every request signed by a twin,
-//! see [`crate::auth`]). The OpenAPI document is generated from the handlers (utoipa) and
-//! served at `/openapi.json`.
+//! see [`crate::auth`]; the embedded registrar's public reads aside). The OpenAPI document is
+//! generated from the handlers (utoipa), the registrar's nested under `/registrar`, and served
+//! at `/openapi.json`; the routes are added through [`Routes`], which lists what is served
+//! for the test that compares the two.
 //!
 //! Who sees what: a twin sees and changes only its own deployments and reads only their logs;
 //! the operator (unsigned, on the unix socket) gets the node's capacity and health, not
@@ -13,7 +15,6 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
@@ -22,6 +23,8 @@ use crate::auth::{AuthError, ReplayGuard, SignedHeaders, Signer};
 use crate::capacity::Resources;
 use crate::deployment::Deployment;
 use crate::engine::{DeployError, DeployOutcome, Engine};
+use crate::registrar::server::{RegistrarDoc, ServerState};
+use crate::routes::Routes;
 use crate::state::VmRecord;
 use crate::vmspec::VmKey;
 
@@ -62,31 +65,69 @@ pub struct ApiState {
         VmRecord,
         Resources,
         crate::hostmem::NodeMemory
-    ))
+    )),
+    nest((path = "/registrar", api = RegistrarDoc))
 )]
 pub struct ApiDoc;
 
-/// The router; `tcp` requires every request to be signed.
-pub fn router(state: Arc<ApiState>, tcp: bool) -> Router {
+/// The agent's own routes; `tcp` requires every request to be signed.
+pub fn routes(state: Arc<ApiState>, tcp: bool) -> Routes {
     let state = Arc::new(Served { state, tcp });
-    Router::new()
-        .route("/openapi.json", get(openapi_json))
-        .route("/node", get(node_status))
-        .route("/metrics", get(metrics))
-        .route(
-            "/deployments",
-            get(list_deployments).post(create_deployment),
-        )
-        .route(
-            "/deployments/{id}",
-            get(get_deployment)
-                .put(update_deployment)
-                .delete(delete_deployment),
-        )
-        .route("/deployments/{id}/vms/{name}/logs", get(vm_logs))
-        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+    Routes::new()
+        .get("/openapi.json", openapi_json)
+        .get("/node", node_status)
+        .get("/metrics", metrics)
+        .get("/deployments", list_deployments)
+        .post("/deployments", create_deployment)
+        .get("/deployments/{id}", get_deployment)
+        .put("/deployments/{id}", update_deployment)
+        .delete("/deployments/{id}", delete_deployment)
+        .get("/deployments/{id}/vms/{name}/logs", vm_logs)
+        .map(|r| {
+            r.fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such route".into()) })
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        })
         .with_state(state)
+}
+
+/// The agent's routes only (no registrar).
+pub fn router(state: Arc<ApiState>, tcp: bool) -> Router {
+    routes(state, tcp).into_router()
+}
+
+/// What the agent serves on its unix socket (`tcp` false) or TCP: its routes, and, with an
+/// embedded registrar, that registrar under `/registrar` (on TCP: its reads and twin
+/// creation only; farms, nodes and uptime are written by this node, through the socket).
+pub fn app(state: Arc<ApiState>, tcp: bool, registrar: Option<Arc<ServerState>>) -> Routes {
+    let mut app = routes(state, tcp);
+    if let Some(reg) = registrar {
+        let mut inner = crate::registrar::server::routes(reg);
+        if tcp {
+            inner =
+                inner.map(|r| r.layer(axum::middleware::from_fn(registrar_reads_and_twins_only)));
+        }
+        app = app.nest("/registrar", inner);
+    }
+    app
+}
+
+/// The embedded registrar on TCP: its public reads, and twin creation (signed by the key
+/// being registered, checked by the registrar).
+async fn registrar_reads_and_twins_only(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let allowed = req.method() == Method::GET
+        || (req.method() == Method::POST && req.uri().path() == "/twins");
+    if allowed {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            "on TCP this registrar serves reads and twin creation only".into(),
+        )
+        .into_response()
+    }
 }
 
 pub struct Served {
@@ -109,7 +150,11 @@ impl IntoResponse for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        ApiError(StatusCode::UNAUTHORIZED, e.to_string())
+        let status = match e {
+            AuthError::Unavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        ApiError(status, e.to_string())
     }
 }
 
@@ -132,6 +177,20 @@ impl From<DeployError> for ApiError {
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+/// Runs a change of the node to its end in a task of its own: a client that goes away (a
+/// timeout while VMs take their shutdown grace) does not cut it off half-way.
+async fn to_end<T: Send + 'static>(
+    change: impl std::future::Future<Output = Result<T, DeployError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(change).await {
+        Ok(r) => r.map_err(ApiError::from),
+        Err(e) => Err(ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the change ended abnormally: {e}"),
+        )),
     }
 }
 
@@ -317,7 +376,8 @@ async fn create_deployment(
             ));
         }
     }
-    let out = s.state.engine.deploy(twin, doc).await?;
+    let engine = s.state.engine.clone();
+    let out = to_end(async move { engine.deploy(twin, doc).await }).await?;
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
@@ -354,7 +414,10 @@ async fn update_deployment(
             ))
         }
     }
-    Ok(Json(s.state.engine.deploy(twin, doc).await?))
+    let engine = s.state.engine.clone();
+    Ok(Json(
+        to_end(async move { engine.deploy(twin, doc).await }).await?,
+    ))
 }
 
 #[utoipa::path(get, path = "/deployments", responses((status = 200, body = Vec<DeploymentStatus>), (status = 403, body = ErrorBody)))]
@@ -420,7 +483,8 @@ async fn delete_deployment(
     let twin = authenticate(&s, &method, &uri, &headers, b"")
         .await?
         .twin()?;
-    s.state.engine.delete(twin, twin, id).await?;
+    let engine = s.state.engine.clone();
+    to_end(async move { engine.delete(twin, twin, id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -476,7 +540,13 @@ async fn vm_logs(
         .into_response())
 }
 
-#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document")))]
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+#[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document"), (status = 401, body = ErrorBody)))]
+async fn openapi_json(
+    State(s): State<Arc<Served>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Json<utoipa::openapi::OpenApi>, ApiError> {
+    authenticate(&s, &method, &uri, &headers, b"").await?;
+    Ok(Json(ApiDoc::openapi()))
 }

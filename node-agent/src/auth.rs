@@ -10,11 +10,12 @@
 //! seen before within that window is a replay.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ed25519_dalek::VerifyingKey;
 
 use crate::identity::{self, KeyPair};
+use crate::state::{Remembered, Store};
 
 pub const H_SIGNER: &str = "x-grid-signer";
 pub const H_TIMESTAMP: &str = "x-grid-timestamp";
@@ -76,6 +77,8 @@ pub enum AuthError {
     BadSignature,
     #[error("replayed request (this signature was already used)")]
     Replay,
+    #[error("cannot check for a replay: {0}")]
+    Unavailable(String),
 }
 
 /// The bytes a request signature covers.
@@ -190,18 +193,39 @@ impl SignedHeaders {
     }
 }
 
-/// Signatures seen within the allowed clock window (a request outside it is refused anyway).
+/// Signatures seen within the allowed clock window (a request outside it is refused anyway):
+/// in memory, or in the agent's database so that a restart of the agent (or of the
+/// registrar server) does not make the last minute's requests replayable.
 #[derive(Default)]
 pub struct ReplayGuard {
     seen: Mutex<HashMap<[u8; 64], i64>>,
+    store: Option<Arc<Store>>,
 }
 
 /// Most remembered signatures; beyond it new requests are refused until old ones expire,
 /// rather than forgetting signatures that could then be replayed.
-const MAX_REMEMBERED: usize = 100_000;
+pub const MAX_REMEMBERED: usize = 100_000;
 
 impl ReplayGuard {
+    /// A guard that remembers signatures in `store` (table `seen_requests`).
+    pub fn persistent(store: Arc<Store>) -> Self {
+        Self {
+            seen: Mutex::default(),
+            store: Some(store),
+        }
+    }
+
     pub fn check(&self, signature: &[u8; 64], timestamp: i64, now: i64) -> Result<(), AuthError> {
+        if let Some(store) = &self.store {
+            return match store.remember_request(signature, timestamp, now) {
+                Ok(Remembered::New) => Ok(()),
+                Ok(Remembered::Seen) => Err(AuthError::Replay),
+                Ok(Remembered::Full) => Err(AuthError::Malformed(
+                    "too many signed requests in the last minute",
+                )),
+                Err(e) => Err(AuthError::Unavailable(format!("{e:#}"))),
+            };
+        }
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         if seen.len() >= MAX_REMEMBERED / 2 {
             seen.retain(|_, ts| (now - *ts).abs() <= MAX_SKEW_SECS);
@@ -285,6 +309,42 @@ mod tests {
             let h = headers(&sign(&key, &Signer::Twin(1), "POST", "/x", b"b", 10));
             h.verify(&key.public(), "POST", "/x", b"b", 10, &g).unwrap();
         }
+    }
+
+    #[test]
+    fn a_persistent_guard_remembers_across_reopening_and_forgets_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("db");
+        let key = KeyPair::generate();
+        let h = headers(&sign(&key, &Signer::Twin(1), "GET", "/", b"", 1000));
+        let old = headers(&sign(&key, &Signer::Twin(1), "GET", "/", b"", 900));
+        {
+            let g = ReplayGuard::persistent(Arc::new(Store::open(&db).unwrap()));
+            h.verify(&key.public(), "GET", "/", b"", 1000, &g).unwrap();
+            g.check(&old.signature, 900, 950).unwrap();
+        }
+        // As after a restart of the agent.
+        let store = Arc::new(Store::open(&db).unwrap());
+        let g = ReplayGuard::persistent(store.clone());
+        assert_eq!(
+            h.verify(&key.public(), "GET", "/", b"", 1030, &g),
+            Err(AuthError::Replay)
+        );
+        // A signature whose timestamp left the window is forgotten (it is refused as stale).
+        let count = || {
+            store
+                .with_conn(|c| {
+                    c.query_row("SELECT COUNT(*) FROM seen_requests", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                })
+                .unwrap()
+        };
+        assert_eq!(count(), 1);
+        assert_eq!(
+            h.verify(&key.public(), "GET", "/", b"", 1061, &g),
+            Err(AuthError::Skew(-61))
+        );
     }
 
     #[test]

@@ -80,6 +80,7 @@ impl Response {
 pub struct Client {
     pub endpoint: Endpoint,
     signer: Option<(KeyPair, Signer)>,
+    timeout: Duration,
 }
 
 impl Client {
@@ -87,7 +88,14 @@ impl Client {
         Self {
             endpoint,
             signer: None,
+            timeout: TIMEOUT,
         }
+    }
+
+    /// Waits up to `timeout` for each answer (default 60 s).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     /// Signs every request with `key` as `signer`.
@@ -102,13 +110,13 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Response> {
-        tokio::time::timeout(TIMEOUT, self.request_inner(method, path, body))
+        tokio::time::timeout(self.timeout, self.request_inner(method, path, body))
             .await
             .map_err(|_| {
                 anyhow!(
                     "{} {method} {path}: no answer in {} s",
                     self.endpoint,
-                    TIMEOUT.as_secs()
+                    self.timeout.as_secs()
                 )
             })?
     }

@@ -9,7 +9,9 @@
 //!
 //! The supervisor tick (every second) watches recorded vmm processes (adopted ones included:
 //! they need not be the agent's children), applies restart policies with backoff, and starts
-//! VMs that should run but do not (after a node reboot, all of them).
+//! VMs that should run but do not (after a node reboot, all of them). A VM that could not
+//! start (its image missing, its vmm failing) is retried the same way, unless its policy is
+//! `never`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::capacity::{self, Resources};
 use crate::config::AgentConfig;
-use crate::deployment::{Deployment, FailurePolicy, VmWorkload};
+use crate::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkload};
 use crate::metrics::Metrics;
 use crate::network::check::CheckError;
 use crate::network::{Network, VmNetwork};
@@ -66,7 +68,8 @@ pub struct DeployOutcome {
     pub started: Vec<String>,
     /// Workloads left running untouched.
     pub unchanged: Vec<String>,
-    /// Workloads that could not start (kept, marked failed; only with `on_failure: keep`).
+    /// Workloads that could not start (only with `on_failure: keep`): kept with the reason,
+    /// and retried per their restart policy.
     pub failed: BTreeMap<String, String>,
 }
 
@@ -330,10 +333,17 @@ impl Engine {
                 op.id
             )));
         };
+        let rollback = doc.on_failure == FailurePolicy::Rollback;
         let report = self
-            .reconcile(op.twin_id, op.deployment_id, Some(doc))
+            .reconcile(
+                op.twin_id,
+                op.deployment_id,
+                Some(doc),
+                op.prev.as_ref(),
+                rollback,
+            )
             .await;
-        if !report.failed.is_empty() && doc.on_failure == FailurePolicy::Rollback {
+        if !report.failed.is_empty() && rollback {
             let reasons: Vec<String> = report
                 .failed
                 .iter()
@@ -346,8 +356,14 @@ impl Engine {
                 reasons.join("; ")
             );
             self.store.roll_back_op(op)?;
-            self.reconcile(op.twin_id, op.deployment_id, op.prev.as_ref())
-                .await;
+            self.reconcile(
+                op.twin_id,
+                op.deployment_id,
+                op.prev.as_ref(),
+                Some(doc),
+                false,
+            )
+            .await;
             self.collect_garbage(op.twin_id, op.deployment_id)?;
             return Err(DeployError::Failed(format!(
                 "workload {} could not start; the deployment was rolled back{}",
@@ -540,7 +556,12 @@ impl Engine {
     }
 
     async fn finish_delete(&self, op_id: i64, twin_id: u32, deployment_id: u64) -> Result<()> {
-        self.reconcile(twin_id, deployment_id, None).await;
+        let last = self
+            .store
+            .deployment(twin_id, deployment_id)?
+            .map(|r| r.doc);
+        self.reconcile(twin_id, deployment_id, None, last.as_ref(), false)
+            .await;
         self.store.end_op(op_id)?;
         self.collect_garbage(twin_id, deployment_id)?;
         info!(twin = twin_id, deployment = deployment_id, "deleted");
@@ -586,23 +607,36 @@ impl Engine {
     }
 
     /// Makes the VMs of one deployment match `desired` (None: no VMs). Stops what is not
-    /// desired, starts what is missing or changed, leaves unchanged VMs alone.
+    /// desired, starts what is missing or changed, leaves unchanged VMs alone. `running` is
+    /// the document the VMs that run now were started from.
+    ///
+    /// Every VM is prepared (images fetched and checked, spec written) before any is started
+    /// or replaced, and new VMs start before running ones are replaced. With `abort` (a
+    /// change the owner wants rolled back when a workload cannot start) it stops at the first
+    /// failure, so the rollback has as little as possible to undo: a VM whose image cannot
+    /// be had touches nothing, a new VM that cannot start leaves the running ones alone.
+    /// Without it, a VM that cannot start is kept and retried per its restart policy.
     async fn reconcile(
         &self,
         twin_id: u32,
         deployment_id: u64,
         desired: Option<&Deployment>,
+        running: Option<&Deployment>,
+        abort: bool,
     ) -> Report {
         let mut report = Report::default();
         let records = self
             .store
             .vms(Some((twin_id, deployment_id)))
             .unwrap_or_default();
-        for rec in &records {
-            if desired.and_then(|d| d.vm(&rec.name)).is_none() {
-                self.stop_vm(rec).await;
-                let _ = self.store.remove_vm(twin_id, deployment_id, &rec.name);
-            }
+        // VMs no longer desired stop together (each may take its shutdown grace).
+        let removed: Vec<&VmRecord> = records
+            .iter()
+            .filter(|rec| desired.and_then(|d| d.vm(&rec.name)).is_none())
+            .collect();
+        futures::future::join_all(removed.iter().map(|rec| self.stop_vm(rec, running))).await;
+        for rec in removed {
+            let _ = self.store.remove_vm(twin_id, deployment_id, &rec.name);
         }
         // Taps of removed VMs go, those of new ones come, before any VM starts.
         let network = self.sync_network().await;
@@ -621,6 +655,11 @@ impl Engine {
                 report.failed.insert(n.name.clone(), reason);
             }
         }
+        if abort && !report.failed.is_empty() {
+            return report;
+        }
+        // Prepare every VM first.
+        let mut plan = Vec::new();
         for vm in doc.vms() {
             let key = VmKey {
                 twin_id,
@@ -630,47 +669,106 @@ impl Engine {
             let rec = records.iter().find(|r| r.name == vm.name);
             let vmnet = self.vm_network(doc, vm);
             let prepared = match &vmnet {
-                Ok(net) => self.prepare(&key, vm, net.clone()).await,
-                Err(reason) => Err(anyhow::anyhow!(reason.clone())),
+                Ok(net) => self
+                    .prepare(&key, vm, net.clone())
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+                Err(reason) => Err(reason.clone()),
             };
-            let vmnet = vmnet.ok().flatten();
-            match prepared {
-                Err(e) => {
-                    let reason = format!("{e:#}");
-                    self.mark_failed(&key, rec, "", &reason);
-                    report.failed.insert(vm.name.clone(), reason);
+            if let (Err(reason), Some(rec)) = (&prepared, rec) {
+                // A VM that runs what is still desired keeps running when its image cannot
+                // be had now (a cache removed, a URL down): it needs no new start.
+                let unchanged = running.and_then(|d| d.vm(&vm.name)) == Some(vm);
+                if unchanged && self.live(rec).is_some() {
+                    warn!(vm = %key, "left running as it is: {reason}");
+                    report.unchanged.push(vm.name.clone());
+                    continue;
                 }
-                Ok((paths, spec_hash)) => {
-                    if let Some(rec) = rec.filter(|r| r.spec_hash == spec_hash) {
-                        // Same spec: leave it to the supervisor (running, restarting, or
-                        // ended by its policy), unless its start was never recorded.
-                        if rec.state == VmState::Starting && rec.pid.is_none() {
-                            if let Some(p) = supervisor::find_by_spec(&paths.spec) {
-                                self.record_running(&key, &spec_hash, p, rec.restarts);
-                                report.unchanged.push(vm.name.clone());
-                                continue;
-                            }
-                        } else {
-                            report.unchanged.push(vm.name.clone());
-                            continue;
-                        }
-                    }
+            }
+            let live = rec.and_then(|r| self.live(r)).is_some();
+            plan.push((vm, key, rec, vmnet.ok().flatten(), prepared, live));
+        }
+        if abort && plan.iter().any(|p| p.4.is_err()) {
+            for (vm, _, _, _, prepared, _) in &plan {
+                if let Err(reason) = prepared {
+                    report.failed.insert(vm.name.clone(), reason.clone());
+                }
+            }
+            return report;
+        }
+        // New VMs (nothing running to replace) first, then the ones that replace a process.
+        plan.sort_by_key(|p| p.5);
+        for (vm, key, rec, vmnet, prepared, _) in plan {
+            let (paths, spec_hash) = match prepared {
+                Ok(p) => p,
+                Err(reason) => {
+                    // What runs is not what is desired, and what is desired cannot be built.
                     if let Some(rec) = rec {
-                        self.stop_vm(rec).await;
+                        self.stop_vm(rec, running).await;
                     }
-                    match self
-                        .start_vm(&key, &paths, &spec_hash, 0, vmnet.as_ref())
-                        .await
-                    {
-                        Ok(()) => report.started.push(vm.name.clone()),
-                        Err(reason) => {
-                            report.failed.insert(vm.name.clone(), reason);
-                        }
+                    self.start_failed(&key, rec, "", &reason, 0, vm.restart);
+                    report.failed.insert(vm.name.clone(), reason);
+                    continue;
+                }
+            };
+            if let Some(rec) = rec.filter(|r| r.spec_hash == spec_hash) {
+                // Same spec: leave it to the supervisor (running, restarting, or ended by its
+                // policy), unless its start was never recorded.
+                if rec.state == VmState::Starting && rec.pid.is_none() {
+                    if let Some(p) = supervisor::find_by_spec(&paths.spec) {
+                        self.record_running(&key, &spec_hash, p, rec.restarts);
+                        report.unchanged.push(vm.name.clone());
+                        continue;
+                    }
+                } else {
+                    report.unchanged.push(vm.name.clone());
+                    continue;
+                }
+            }
+            if let Some(rec) = rec {
+                self.stop_vm(rec, running).await;
+            }
+            match self
+                .start_vm(&key, &paths, &spec_hash, 0, vmnet.as_ref(), vm.restart)
+                .await
+            {
+                Ok(()) => report.started.push(vm.name.clone()),
+                Err(reason) => {
+                    report.failed.insert(vm.name.clone(), reason);
+                    if abort {
+                        break;
                     }
                 }
             }
         }
         report
+    }
+
+    /// Whether a failed VM is retried: it failed to start and its policy restarts (a VM
+    /// that ended is marked failed only under a policy that does not).
+    fn retries_failed(&self, rec: &VmRecord) -> bool {
+        self.store
+            .deployment(rec.twin_id, rec.deployment_id)
+            .ok()
+            .flatten()
+            .filter(|r| !r.deleted)
+            .and_then(|r| r.doc.vm(&rec.name).map(|vm| vm.restart))
+            .is_some_and(|p| supervisor::should_restart(p, None))
+    }
+
+    /// The process of a VM record, if it still runs.
+    fn live(&self, rec: &VmRecord) -> Option<Proc> {
+        match (rec.pid, rec.pid_start) {
+            (Some(pid), Some(start)) => Some(Proc { pid, start }).filter(Proc::alive),
+            _ => {
+                let key = VmKey {
+                    twin_id: rec.twin_id,
+                    deployment_id: rec.deployment_id,
+                    name: rec.name.clone(),
+                };
+                supervisor::find_by_spec(&VmPaths::new(self.state_dir(), &key).spec)
+            }
+        }
     }
 
     /// Fetches images, writes the spec; returns the VM's paths and spec hash.
@@ -711,7 +809,10 @@ impl Engine {
         spec_hash: &str,
         restarts: u32,
         net: Option<&VmNetwork>,
+        policy: RestartPolicy,
     ) -> Result<(), String> {
+        // How the VM's previous run ended stays readable until this one ends.
+        let last_exit = self.store.vm(key).ok().flatten().and_then(|r| r.last_exit);
         let mut rec = VmRecord {
             twin_id: key.twin_id,
             deployment_id: key.deployment_id,
@@ -723,7 +824,7 @@ impl Engine {
             pid_start: None,
             restarts,
             next_start_at: 0,
-            last_exit: None,
+            last_exit,
             started_at: Some(now()),
         };
         self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;
@@ -747,7 +848,7 @@ impl Engine {
             Ok(p) => p,
             Err(e) => {
                 let reason = format!("{e:#}");
-                self.mark_failed(key, Some(&rec), spec_hash, &reason);
+                self.start_failed(key, Some(&rec), spec_hash, &reason, restarts, policy);
                 return Err(reason);
             }
         };
@@ -764,8 +865,10 @@ impl Engine {
             }
             Err(reason) => {
                 supervisor::reap_children();
-                rec.last_exit = std::fs::read_to_string(&paths.exit_record).ok();
-                self.mark_failed(key, Some(&rec), spec_hash, &reason);
+                if let Ok(exit) = std::fs::read_to_string(&paths.exit_record) {
+                    rec.last_exit = Some(exit);
+                }
+                self.start_failed(key, Some(&rec), spec_hash, &reason, restarts, policy);
                 Err(reason)
             }
         }
@@ -789,13 +892,23 @@ impl Engine {
         let _ = self.store.put_vm(&rec);
     }
 
-    fn mark_failed(&self, key: &VmKey, rec: Option<&VmRecord>, spec_hash: &str, reason: &str) {
-        warn!(vm = %key, "failed: {reason}");
+    /// Records a start that failed (`restarts`: restarts done before it): with a restart
+    /// policy the VM is retried after its backoff, as a VM that ended is; with `never` it
+    /// stays failed. Either way the record says why.
+    fn start_failed(
+        &self,
+        key: &VmKey,
+        rec: Option<&VmRecord>,
+        spec_hash: &str,
+        reason: &str,
+        restarts: u32,
+        policy: RestartPolicy,
+    ) {
         let mut r = rec.cloned().unwrap_or(VmRecord {
             twin_id: key.twin_id,
             deployment_id: key.deployment_id,
             name: key.name.clone(),
-            spec_hash: spec_hash.to_string(),
+            spec_hash: String::new(),
             state: VmState::Failed,
             reason: String::new(),
             pid: None,
@@ -805,17 +918,29 @@ impl Engine {
             last_exit: None,
             started_at: None,
         });
-        if !spec_hash.is_empty() {
-            r.spec_hash = spec_hash.to_string();
-        }
-        r.state = VmState::Failed;
+        // An empty hash (the spec could not be built) matches no spec: the next reconcile
+        // starts the VM whatever it runs.
+        r.spec_hash = spec_hash.to_string();
         r.reason = reason.to_string();
         r.pid = None;
         r.pid_start = None;
+        r.restarts = restarts;
+        if supervisor::should_restart(policy, None) {
+            r.state = VmState::Restarting;
+            r.next_start_at =
+                now() + supervisor::backoff_secs(restarts).min(supervisor::MAX_BACKOFF_SECS);
+            warn!(vm = %key, "could not start ({reason}); retrying in {} s", r.next_start_at - now());
+        } else {
+            r.state = VmState::Failed;
+            warn!(vm = %key, "could not start: {reason}");
+        }
         let _ = self.store.put_vm(&r);
     }
 
-    async fn stop_vm(&self, rec: &VmRecord) {
+    /// Stops a VM's vmm: a graceful shutdown, killed only after the guest had its workload's
+    /// shutdown grace and the vmm its own deadline (it ends the VM itself then, recording
+    /// why). How the VM ended is kept in its record (`last_exit`).
+    async fn stop_vm(&self, rec: &VmRecord, running: Option<&Deployment>) {
         let key = VmKey {
             twin_id: rec.twin_id,
             deployment_id: rec.deployment_id,
@@ -826,11 +951,16 @@ impl Engine {
             (Some(pid), Some(start)) => Some(Proc { pid, start }),
             _ => supervisor::find_by_spec(&paths.spec),
         };
-        if let Some(p) = proc_ {
-            let grace =
-                Duration::from_secs(u64::from(vm_spec::spec::DEFAULT_SHUTDOWN_GRACE_SECS) + 5);
-            supervisor::stop(&paths, p, grace).await;
+        let Some(p) = proc_ else { return };
+        let grace = stop_deadline(&paths, running.and_then(|d| d.vm(&rec.name)));
+        let killed = supervisor::stop(&paths, p, grace).await;
+        if killed {
+            warn!(vm = %key, "the vmm did not end within {} s of a shutdown: killed", grace.as_secs());
+        } else {
             info!(vm = %key, "stopped");
+        }
+        if let Ok(exit) = std::fs::read_to_string(&paths.exit_record) {
+            let _ = self.store.set_last_exit(&key, &exit);
         }
     }
 
@@ -843,12 +973,16 @@ impl Engine {
         let last = self.store.meta("boot_id")?;
         if last.as_deref() != Some(boot_id) {
             // A new boot: no vmm of the last one survives; start again every VM that was
-            // meant to run (not those ended by their policy).
+            // meant to run (not those ended by their policy), and retry at once those whose
+            // start failed.
             for mut rec in self.store.vms(None)? {
-                if matches!(
-                    rec.state,
-                    VmState::Running | VmState::Starting | VmState::Restarting
-                ) {
+                let retried = rec.state == VmState::Failed && self.retries_failed(&rec);
+                if retried
+                    || matches!(
+                        rec.state,
+                        VmState::Running | VmState::Starting | VmState::Restarting
+                    )
+                {
                     rec.state = VmState::Restarting;
                     rec.pid = None;
                     rec.pid_start = None;
@@ -883,7 +1017,9 @@ impl Engine {
             }
         }
         for d in self.store.deployments(None)? {
-            let report = self.reconcile(d.twin_id, d.deployment_id, Some(&d)).await;
+            let report = self
+                .reconcile(d.twin_id, d.deployment_id, Some(&d), Some(&d), false)
+                .await;
             for (name, reason) in report.failed {
                 warn!(twin = d.twin_id, deployment = d.deployment_id, vm = %name, "could not start: {reason}");
             }
@@ -897,7 +1033,11 @@ impl Engine {
             .collect();
         for rec in self.store.vms(None)? {
             if !active.contains(&(rec.twin_id, rec.deployment_id)) {
-                self.stop_vm(&rec).await;
+                let last = self
+                    .store
+                    .deployment(rec.twin_id, rec.deployment_id)?
+                    .map(|r| r.doc);
+                self.stop_vm(&rec, last.as_ref()).await;
                 self.store
                     .remove_vm(rec.twin_id, rec.deployment_id, &rec.name)?;
                 self.collect_garbage(rec.twin_id, rec.deployment_id)?;
@@ -967,35 +1107,29 @@ impl Engine {
                     }
                     let _ = self.store.put_vm(&rec);
                 }
-                VmState::Restarting if t >= rec.next_start_at => {
+                VmState::Restarting | VmState::Failed
+                    if t >= rec.next_start_at
+                        && (rec.state == VmState::Restarting
+                            || supervisor::should_restart(vm.restart, None)) =>
+                {
+                    // Due for a restart, or failed to start under a policy that retries.
+                    let restarts = rec.restarts.saturating_add(1);
                     let vmnet = self.vm_network(&doc.doc, &vm);
                     let prepared = match &vmnet {
                         Ok(net) => self.prepare(&key, &vm, net.clone()).await,
                         Err(reason) => Err(anyhow::anyhow!(reason.clone())),
                     };
                     let vmnet = vmnet.ok().flatten();
+                    // A failure is recorded with its backoff (or as final, by policy).
                     match prepared {
                         Ok((paths, hash)) => {
-                            let restarts = rec.restarts.saturating_add(1);
-                            if let Err(reason) = self
-                                .start_vm(&key, &paths, &hash, restarts, vmnet.as_ref())
-                                .await
-                            {
-                                // Keep retrying per policy, with backoff; never drop it.
-                                rec.state = VmState::Restarting;
-                                rec.restarts = restarts;
-                                rec.reason = reason;
-                                rec.next_start_at = t + supervisor::backoff_secs(restarts)
-                                    .min(supervisor::MAX_BACKOFF_SECS);
-                                let _ = self.store.put_vm(&rec);
-                            }
+                            let _ = self
+                                .start_vm(&key, &paths, &hash, restarts, vmnet.as_ref(), vm.restart)
+                                .await;
                         }
                         Err(e) => {
-                            rec.restarts = rec.restarts.saturating_add(1);
-                            rec.reason = format!("{e:#}");
-                            rec.next_start_at = t + supervisor::backoff_secs(rec.restarts)
-                                .min(supervisor::MAX_BACKOFF_SECS);
-                            let _ = self.store.put_vm(&rec);
+                            let reason = format!("{e:#}");
+                            self.start_failed(&key, Some(&rec), "", &reason, restarts, vm.restart);
                         }
                     }
                 }
@@ -1014,6 +1148,28 @@ impl Engine {
         let end = start.saturating_add(max).min(all.len());
         Ok((all[start..end].to_vec(), end as u64))
     }
+}
+
+/// What the vmm is given beyond the guest's shutdown grace before it ends the VM itself
+/// (the vmm's margin, 5 s), plus time to write its exit record and exit.
+const STOP_SLACK_SECS: u64 = 10;
+
+/// How long a stopping vmm is waited for before it is killed: the shutdown grace of the spec
+/// it was started from (its spec file) or of its workload, the longer, plus
+/// [`STOP_SLACK_SECS`].
+fn stop_deadline(paths: &VmPaths, workload: Option<&VmWorkload>) -> Duration {
+    let from_spec = std::fs::read(&paths.spec)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<vm_spec::VmSpec>(&b).ok())
+        .map(|s| s.shutdown_grace_secs);
+    let from_workload = workload.map(|w| w.shutdown_grace_secs);
+    let grace = from_spec
+        .into_iter()
+        .chain(from_workload)
+        .max()
+        .unwrap_or(vm_spec::spec::DEFAULT_SHUTDOWN_GRACE_SECS)
+        .min(vm_spec::spec::MAX_SHUTDOWN_GRACE_SECS);
+    Duration::from_secs(u64::from(grace) + STOP_SLACK_SECS)
 }
 
 #[derive(Debug, Default)]

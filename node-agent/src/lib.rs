@@ -21,6 +21,7 @@ pub mod init;
 pub mod metrics;
 pub mod network;
 pub mod registrar;
+pub mod routes;
 pub mod state;
 pub mod supervisor;
 pub mod uptime;

@@ -76,6 +76,20 @@ enum Cmd {
         #[command(flatten)]
         who: Who,
     },
+    /// Add your signature to a deployment file (a co-signer of a multisig deployment),
+    /// without submitting it: the owner's `deploy` then adds theirs and submits.
+    Sign {
+        file: PathBuf,
+        /// The signer's key file.
+        #[arg(long, env = "GRIDNODE_KEY")]
+        key: PathBuf,
+        /// The signer's twin id (default: from KEY.twin, written by `twin register`).
+        #[arg(long)]
+        twin: Option<u32>,
+        /// Write the signed deployment here instead of back to FILE.
+        #[arg(short, long)]
+        out: Option<PathBuf>,
+    },
     /// List your deployments and their VMs.
     Ps {
         #[command(flatten)]
@@ -330,8 +344,8 @@ async fn run(cli: Cli) -> Result<()> {
             create_state_dir(&state_dir)?;
             let store = Arc::new(Store::open(&state_dir.join("registrar.db"))?);
             let state = Arc::new(server::ServerState {
-                registrar: LocalRegistrar::new(store),
-                replays: ReplayGuard::default(),
+                registrar: LocalRegistrar::new(store.clone()),
+                replays: ReplayGuard::persistent(store),
             });
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
@@ -361,6 +375,7 @@ async fn run(cli: Cli) -> Result<()> {
                 "deploying {} (version {})",
                 doc.deployment_id, doc.version
             ));
+            let client = client.with_timeout(CHANGE_TIMEOUT);
             let resp = if exists {
                 client
                     .request(
@@ -384,6 +399,50 @@ async fn run(cli: Cli) -> Result<()> {
             for (name, why) in &out.failed {
                 println!("  {name} failed: {why}");
             }
+            Ok(())
+        }
+        Cmd::Sign {
+            file,
+            key,
+            twin,
+            out,
+        } => {
+            let text =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let mut doc = Deployment::from_json(&text).map_err(anyhow::Error::msg)?;
+            doc.validate()
+                .map_err(|e| anyhow::anyhow!("invalid deployment: {e}"))?;
+            let kp = KeyPair::load(&key)?;
+            let twin = twin_of(&key, twin)?;
+            let asked = doc.twin_id == twin
+                || doc
+                    .signature_requirement
+                    .as_ref()
+                    .is_some_and(|r| r.requests.iter().any(|q| q.twin_id == twin));
+            if !asked {
+                bail!(
+                    "twin {twin} is neither the owner of deployment {} nor one of its requested signers",
+                    doc.deployment_id
+                );
+            }
+            doc.sign(twin, &kp);
+            let out = out.unwrap_or(file);
+            let mut bytes = serde_json::to_vec_pretty(&doc)?;
+            bytes.push(b'\n');
+            node_agent::engine::write_atomic(&out, &bytes)?;
+            let signers: Vec<String> = doc
+                .signatures
+                .iter()
+                .map(|s| s.twin_id.to_string())
+                .collect();
+            println!(
+                "deployment {} version {} signed by twin {twin} (hash {}); signatures of twins {}: {}",
+                doc.deployment_id,
+                doc.version,
+                hex::encode(doc.signing_hash()),
+                signers.join(", "),
+                out.display()
+            );
             Ok(())
         }
         Cmd::Ps { who } => {
@@ -446,6 +505,7 @@ async fn run(cli: Cli) -> Result<()> {
             let (client, _, _) = who.client()?;
             let id = find_deployment(&client, &target).await?;
             let resp = client
+                .with_timeout(CHANGE_TIMEOUT)
                 .request("DELETE", &format!("/deployments/{id}"), None)
                 .await?;
             if !resp.ok() {
@@ -475,6 +535,11 @@ async fn run(cli: Cli) -> Result<()> {
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/gridnode";
 
+/// How long `deploy` and `rm` wait for the agent: a change stops VMs, each given its
+/// shutdown grace (up to 10 minutes), and fetches images. The agent finishes the change
+/// whether or not the client still waits.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 fn spinner(msg: String) -> indicatif::ProgressBar {
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::new_spinner()
@@ -492,21 +557,26 @@ fn twin_file(key: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `--twin`, or the twin id `twin register` wrote beside the key.
+fn twin_of(key: &Path, twin: Option<u32>) -> Result<u32> {
+    match twin {
+        Some(t) => Ok(t),
+        None => std::fs::read_to_string(twin_file(key))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .with_context(|| {
+                format!(
+                    "no --twin and no {}: run `twin register` first",
+                    twin_file(key).display()
+                )
+            }),
+    }
+}
+
 impl Who {
     fn client(&self) -> Result<(Client, u32, KeyPair)> {
         let key = KeyPair::load(&self.key)?;
-        let twin = match self.twin {
-            Some(t) => t,
-            None => std::fs::read_to_string(twin_file(&self.key))
-                .ok()
-                .and_then(|t| t.trim().parse().ok())
-                .with_context(|| {
-                    format!(
-                        "no --twin and no {}: run `twin register` first",
-                        twin_file(&self.key).display()
-                    )
-                })?,
-        };
+        let twin = twin_of(&self.key, self.twin)?;
         let client =
             Client::new(Endpoint::parse(&self.agent)?).signed(key.clone(), Signer::Twin(twin));
         Ok((client, twin, key))
@@ -571,30 +641,6 @@ fn create_state_dir(dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("creating {}", dir.display()))
-}
-
-/// The embedded registrar on TCP: its public reads, and twin creation (signed by the key
-/// being registered, checked by the registrar). Farms, nodes and uptime are written by this
-/// node only, through the unix socket.
-async fn registrar_reads_and_twins_only(
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::http::{Method, StatusCode};
-    use axum::response::IntoResponse;
-    let allowed = req.method() == Method::GET
-        || (req.method() == Method::POST && req.uri().path() == "/twins");
-    if allowed {
-        next.run(req).await
-    } else {
-        (
-            StatusCode::FORBIDDEN,
-            axum::Json(serde_json::json!({
-                "error": "on TCP this registrar serves reads and twin creation only"
-            })),
-        )
-            .into_response()
-    }
 }
 
 async fn daemon(args: RunArgs) -> Result<()> {
@@ -750,16 +796,20 @@ async fn daemon(args: RunArgs) -> Result<()> {
     let state = Arc::new(ApiState {
         engine: engine.clone(),
         node_key: key.public_hex(),
-        replays: ReplayGuard::default(),
+        replays: ReplayGuard::persistent(store.clone()),
     });
-    let mut app = api::router(state.clone(), false);
-    if config.registrar == "local" {
-        let reg_state = Arc::new(server::ServerState {
+    let local_registrar = || {
+        Arc::new(server::ServerState {
             registrar: LocalRegistrar::new(store.clone()),
-            replays: ReplayGuard::default(),
-        });
-        app = app.nest("/registrar", server::router(reg_state));
-    }
+            replays: ReplayGuard::persistent(store.clone()),
+        })
+    };
+    let app = api::app(
+        state.clone(),
+        false,
+        (config.registrar == "local").then(local_registrar),
+    )
+    .into_router();
     let sock = config.api_socket();
     let _ = std::fs::remove_file(&sock);
     let listener = tokio::net::UnixListener::bind(&sock)
@@ -771,18 +821,12 @@ async fn daemon(args: RunArgs) -> Result<()> {
     info!(socket = %sock.display(), "API listening");
     let unix = tokio::spawn(async move { axum::serve(listener, app).await });
     if let Some(addr) = config.listen {
-        let mut tcp_app = api::router(state, true);
-        if config.registrar == "local" && config.tcp_registrar {
-            let reg_state = Arc::new(server::ServerState {
-                registrar: LocalRegistrar::new(store.clone()),
-                replays: ReplayGuard::default(),
-            });
-            tcp_app = tcp_app.nest(
-                "/registrar",
-                server::router(reg_state)
-                    .layer(axum::middleware::from_fn(registrar_reads_and_twins_only)),
-            );
-        }
+        let tcp_app = api::app(
+            state,
+            true,
+            (config.registrar == "local" && config.tcp_registrar).then(local_registrar),
+        )
+        .into_router();
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listening on {addr}"))?;

@@ -12,6 +12,8 @@
 //! - `meta`: the node's twin and node ids, the boot id of the last run.
 //! - `net_addrs`: addresses given to VM interfaces ([`crate::network::ipam`]).
 //! - `reg_*`: the embedded registrar's tables; `pending_uptime`: reports not yet accepted.
+//! - `seen_requests`: signatures of signed requests within the clock window, so a copy of
+//!   one is a replay also after a restart ([`crate::auth::ReplayGuard`]).
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -54,7 +56,19 @@ CREATE TABLE IF NOT EXISTS net_addrs(
     PRIMARY KEY(pool, host), UNIQUE(twin_id, deployment_id, vm, iface));
 CREATE TABLE IF NOT EXISTS pending_uptime(
     id INTEGER PRIMARY KEY AUTOINCREMENT, uptime INTEGER NOT NULL, timestamp INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS seen_requests(
+    signature BLOB PRIMARY KEY, timestamp INTEGER NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS seen_requests_by_time ON seen_requests(timestamp);
 ";
+
+/// What [`Store::remember_request`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remembered {
+    New,
+    Seen,
+    /// [`crate::auth::MAX_REMEMBERED`] signatures in the window already.
+    Full,
+}
 
 /// The database. One connection behind a mutex: every statement is short, and one writer at a
 /// time is what SQLite does anyway.
@@ -112,11 +126,12 @@ pub enum VmState {
     /// Being started (image fetch, vmm start).
     Starting,
     Running,
-    /// Ended; waiting for its restart (backoff).
+    /// Ended, or could not start; waiting for its restart (backoff): `reason` says why.
     Restarting,
     /// Ended and not restarted (policy), cleanly.
     Exited,
-    /// Ended and not restarted, or could not start: `reason` says why.
+    /// Ended and not restarted (policy), or could not start under `restart: never`:
+    /// `reason` says why.
     Failed,
 }
 
@@ -330,6 +345,14 @@ impl Store {
         })
     }
 
+    /// One VM's record.
+    pub fn vm(&self, key: &crate::vmspec::VmKey) -> Result<Option<VmRecord>> {
+        Ok(self
+            .vms(Some((key.twin_id, key.deployment_id)))?
+            .into_iter()
+            .find(|r| r.name == key.name))
+    }
+
     pub fn put_vm(&self, vm: &VmRecord) -> Result<()> {
         self.with_conn(|c| {
             c.execute(
@@ -356,6 +379,17 @@ impl Store {
         Ok(())
     }
 
+    /// Records how a VM's last run ended (the vmm's exit record).
+    pub fn set_last_exit(&self, key: &crate::vmspec::VmKey, exit: &str) -> Result<()> {
+        self.with_conn(|c| {
+            c.execute(
+                "UPDATE vms SET last_exit = ?4 WHERE twin_id = ?1 AND deployment_id = ?2 AND name = ?3",
+                params![key.twin_id, key.deployment_id as i64, key.name, exit],
+            )
+        })?;
+        Ok(())
+    }
+
     pub fn remove_vm(&self, twin_id: u32, deployment_id: u64, name: &str) -> Result<()> {
         self.with_conn(|c| {
             c.execute(
@@ -364,6 +398,43 @@ impl Store {
             )
         })?;
         Ok(())
+    }
+
+    // --- signed requests seen ---
+
+    /// Remembers a request signature with its timestamp, forgetting those whose timestamp
+    /// is out of the clock window (a request with one is refused anyway), in one
+    /// transaction.
+    pub fn remember_request(
+        &self,
+        signature: &[u8; 64],
+        timestamp: i64,
+        now: i64,
+    ) -> Result<Remembered> {
+        self.with_tx(|tx| {
+            tx.execute(
+                "DELETE FROM seen_requests WHERE timestamp < ?1",
+                [now.saturating_sub(crate::auth::MAX_SKEW_SECS)],
+            )?;
+            let seen: bool = tx.query_row(
+                "SELECT EXISTS(SELECT 1 FROM seen_requests WHERE signature = ?1)",
+                [&signature[..]],
+                |r| r.get(0),
+            )?;
+            if seen {
+                return Ok(Remembered::Seen);
+            }
+            let count: i64 =
+                tx.query_row("SELECT COUNT(*) FROM seen_requests", [], |r| r.get(0))?;
+            if count >= crate::auth::MAX_REMEMBERED as i64 {
+                return Ok(Remembered::Full);
+            }
+            tx.execute(
+                "INSERT INTO seen_requests(signature, timestamp) VALUES(?1, ?2)",
+                params![&signature[..], timestamp],
+            )?;
+            Ok(Remembered::New)
+        })
     }
 
     // --- uptime reports waiting to be accepted ---

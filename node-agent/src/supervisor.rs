@@ -224,10 +224,11 @@ pub async fn wait_started(paths: &VmPaths, proc_: Proc, timeout: Duration) -> Re
     }
 }
 
-/// Stops a VM: a graceful shutdown through its API, then SIGKILL after `grace`.
-pub async fn stop(paths: &VmPaths, proc_: Proc, grace: Duration) {
+/// Stops a VM: a graceful shutdown through its API, then SIGKILL after `grace`; returns
+/// whether it had to be killed.
+pub async fn stop(paths: &VmPaths, proc_: Proc, grace: Duration) -> bool {
     if !proc_.alive() {
-        return;
+        return false;
     }
     let client = Client::new(Endpoint::Unix(paths.api_sock.clone()));
     let body = br#"{"action":"shutdown"}"#.to_vec();
@@ -245,7 +246,8 @@ pub async fn stop(paths: &VmPaths, proc_: Proc, grace: Duration) {
         reap_children();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    if proc_.alive() {
+    let killed = proc_.alive();
+    if killed {
         // SAFETY: as above.
         unsafe { libc::kill(proc_.pid, libc::SIGKILL) };
         for _ in 0..100 {
@@ -257,6 +259,7 @@ pub async fn stop(paths: &VmPaths, proc_: Proc, grace: Duration) {
         }
     }
     reap_children();
+    killed
 }
 
 #[cfg(test)]

@@ -12,11 +12,8 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{running, vm_deployment, Node};
+use common::{block_on, running, vm_deployment, Node};
 use e2e_tests::kvm_available;
-use node_agent::api::DeploymentStatus;
-use node_agent::auth::Signer;
-use node_agent::client::{Client, Endpoint};
 use node_agent::identity::KeyPair;
 use node_agent::state::Store;
 
@@ -24,55 +21,6 @@ fn deployment(twin: u32, version: u32, image: &Path, names: &[&str], key: &KeyPa
     let mut d = vm_deployment(twin, version, image, names);
     d.sign(twin, key);
     serde_json::to_vec(&d).unwrap()
-}
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f)
-}
-
-/// Registers a twin through the agent's embedded registrar.
-fn register(node: &Node) -> (KeyPair, u32) {
-    let key = KeyPair::generate();
-    let resp = block_on(
-        Client::new(Endpoint::Unix(node.sock()))
-            .signed(key.clone(), Signer::Key(key.public()))
-            .request("POST", "/registrar/twins", Some(b"{}".to_vec())),
-    )
-    .unwrap();
-    assert!(resp.ok(), "{}", resp.text());
-    let twin: node_agent::registrar::Twin = resp.json().unwrap();
-    (key, twin.id)
-}
-
-/// Polls the deployment until `check` holds.
-fn wait_until(
-    node: &Node,
-    key: &KeyPair,
-    twin: u32,
-    what: &str,
-    check: impl Fn(&DeploymentStatus) -> bool,
-) -> DeploymentStatus {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let resp = block_on(
-            node.client(key, twin)
-                .request("GET", "/deployments/1", None),
-        );
-        if let Ok(r) = resp {
-            if r.ok() {
-                let s: DeploymentStatus = r.json().unwrap();
-                if check(&s) {
-                    return s;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn journal_is_empty(node: &Node) -> bool {
@@ -93,7 +41,7 @@ fn an_interrupted_create_is_finished_without_starting_twice() {
     for point in ["after-journal", "after-spawn", "before-op-end"] {
         let mut node = Node::new();
         node.start(Some(point));
-        let (key, twin) = register(&node);
+        let (key, twin) = node.register();
         let image = node.image();
         let body = deployment(twin, 1, &image, &["x", "y"], &key);
         let resp = block_on(
@@ -109,7 +57,7 @@ fn an_interrupted_create_is_finished_without_starting_twice() {
         }
         node.wait_crashed();
         node.start(None);
-        let s = wait_until(&node, &key, twin, point, |s| running(s, &["x", "y"]));
+        let s = node.wait_until(&key, twin, point, |s| running(s, &["x", "y"]));
         assert_eq!(s.deployment.version, 1, "{point}");
         for name in ["x", "y"] {
             let pids = node.vmms(twin, name);
@@ -134,7 +82,7 @@ fn an_interrupted_update_is_finished_and_leaves_unchanged_vms_alone() {
     for point in ["after-journal", "after-spawn", "before-op-end"] {
         let mut node = Node::new();
         node.start(None);
-        let (key, twin) = register(&node);
+        let (key, twin) = node.register();
         let image = node.image();
         let resp = block_on(node.client(&key, twin).request(
             "POST",
@@ -161,7 +109,7 @@ fn an_interrupted_update_is_finished_and_leaves_unchanged_vms_alone() {
         }
         node.wait_crashed();
         node.start(None);
-        let s = wait_until(&node, &key, twin, point, |s| {
+        let s = node.wait_until(&key, twin, point, |s| {
             s.deployment.version == 2 && running(s, &["keep", "new"])
         });
         assert_eq!(
@@ -191,7 +139,7 @@ fn an_interrupted_delete_is_finished() {
     }
     let mut node = Node::new();
     node.start(None);
-    let (key, twin) = register(&node);
+    let (key, twin) = node.register();
     let image = node.image();
     let resp = block_on(node.client(&key, twin).request(
         "POST",

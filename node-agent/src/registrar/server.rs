@@ -9,13 +9,14 @@ use axum::body::Bytes;
 use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::local::LocalRegistrar;
 use super::*;
+use crate::api::ErrorBody;
 use crate::auth::{AuthError, ReplayGuard, SignedHeaders, Signer};
+use crate::routes::Routes;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 << 10;
@@ -25,17 +26,48 @@ pub struct ServerState {
     pub replays: ReplayGuard,
 }
 
-pub fn router(state: Arc<ServerState>) -> Router {
-    Router::new()
-        .route("/twins", post(create_twin).get(find_twin))
-        .route("/twins/{id}", get(get_twin))
-        .route("/farms", post(create_farm))
-        .route("/farms/{id}", get(get_farm))
-        .route("/nodes", post(put_node).get(find_node))
-        .route("/nodes/{id}", get(get_node))
-        .route("/nodes/{id}/uptime", post(add_uptime).get(list_uptime))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+/// The registrar's OpenAPI document (the agent's document nests it under `/registrar`).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "gridnode registrar",
+        description = "Twins, farms, nodes and uptime reports. Reads are public; writes are signed."
+    ),
+    paths(
+        create_twin,
+        find_twin,
+        get_twin,
+        create_farm,
+        get_farm,
+        put_node,
+        find_node,
+        get_node,
+        add_uptime,
+        list_uptime
+    ),
+    components(schemas(Twin, Farm, FarmBody, NodeInfo, Node, UptimeReport))
+)]
+pub struct RegistrarDoc;
+
+/// The registrar's routes.
+pub fn routes(state: Arc<ServerState>) -> Routes {
+    Routes::new()
+        .post("/twins", create_twin)
+        .get("/twins", find_twin)
+        .get("/twins/{id}", get_twin)
+        .post("/farms", create_farm)
+        .get("/farms/{id}", get_farm)
+        .post("/nodes", put_node)
+        .get("/nodes", find_node)
+        .get("/nodes/{id}", get_node)
+        .post("/nodes/{id}/uptime", add_uptime)
+        .get("/nodes/{id}/uptime", list_uptime)
+        .map(|r| r.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY)))
         .with_state(state)
+}
+
+pub fn router(state: Arc<ServerState>) -> Router {
+    routes(state).into_router()
 }
 
 pub struct ApiError(StatusCode, String);
@@ -59,7 +91,11 @@ impl From<RegistrarError> for ApiError {
 
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
-        ApiError(StatusCode::UNAUTHORIZED, e.to_string())
+        let status = match e {
+            AuthError::Unavailable(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        ApiError(status, e.to_string())
     }
 }
 
@@ -115,6 +151,11 @@ fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| bad(format!("malformed body: {e}")))
 }
 
+/// Registers the key that signs the request (`X-Grid-Signer: key:<hex>`) as a twin; the
+/// body is empty.
+#[utoipa::path(post, path = "/twins",
+    request_body(content = String, content_type = "application/json", description = "ignored (`{}`)"),
+    responses((status = 200, body = Twin), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)))]
 async fn create_twin(
     State(s): State<Arc<ServerState>>,
     method: Method,
@@ -130,11 +171,15 @@ async fn create_twin(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct TwinQuery {
+    /// The twin's ed25519 public key (hex).
     public_key: String,
 }
 
+#[utoipa::path(get, path = "/twins", params(TwinQuery),
+    responses((status = 200, body = Twin), (status = 404, body = ErrorBody)))]
 async fn find_twin(
     State(s): State<Arc<ServerState>>,
     Query(q): Query<TwinQuery>,
@@ -145,6 +190,8 @@ async fn find_twin(
         .ok_or_else(|| not_found(format!("no twin has key {}", q.public_key)))
 }
 
+#[utoipa::path(get, path = "/twins/{id}", params(("id" = u32, Path)),
+    responses((status = 200, body = Twin), (status = 404, body = ErrorBody)))]
 async fn get_twin(
     State(s): State<Arc<ServerState>>,
     Path(id): Path<u32>,
@@ -155,12 +202,16 @@ async fn get_twin(
         .ok_or_else(|| not_found(format!("unknown twin {id}")))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct FarmBody {
     name: String,
 }
 
+/// Creates a farm owned by the signing twin.
+#[utoipa::path(post, path = "/farms", request_body = FarmBody,
+    responses((status = 200, body = Farm), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody)))]
 async fn create_farm(
     State(s): State<Arc<ServerState>>,
     method: Method,
@@ -173,6 +224,8 @@ async fn create_farm(
     Ok(Json(s.registrar.add_farm(twin, &req.name)?))
 }
 
+#[utoipa::path(get, path = "/farms/{id}", params(("id" = u32, Path)),
+    responses((status = 200, body = Farm), (status = 404, body = ErrorBody)))]
 async fn get_farm(
     State(s): State<Arc<ServerState>>,
     Path(id): Path<u32>,
@@ -183,6 +236,10 @@ async fn get_farm(
         .ok_or_else(|| not_found(format!("unknown farm {id}")))
 }
 
+/// Registers (or updates) the node of the signing twin.
+#[utoipa::path(post, path = "/nodes", request_body = NodeInfo,
+    responses((status = 200, body = Node), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn put_node(
     State(s): State<Arc<ServerState>>,
     method: Method,
@@ -195,11 +252,14 @@ async fn put_node(
     Ok(Json(s.registrar.put_node(twin, &info)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct NodeQuery {
     twin_id: u32,
 }
 
+#[utoipa::path(get, path = "/nodes", params(NodeQuery),
+    responses((status = 200, body = Node), (status = 404, body = ErrorBody)))]
 async fn find_node(
     State(s): State<Arc<ServerState>>,
     Query(q): Query<NodeQuery>,
@@ -210,6 +270,8 @@ async fn find_node(
         .ok_or_else(|| not_found(format!("twin {} has no node", q.twin_id)))
 }
 
+#[utoipa::path(get, path = "/nodes/{id}", params(("id" = u32, Path)),
+    responses((status = 200, body = Node), (status = 404, body = ErrorBody)))]
 async fn get_node(
     State(s): State<Arc<ServerState>>,
     Path(id): Path<u32>,
@@ -220,6 +282,10 @@ async fn get_node(
         .ok_or_else(|| not_found(format!("unknown node {id}")))
 }
 
+/// An uptime report of the node, signed by its twin.
+#[utoipa::path(post, path = "/nodes/{id}/uptime", params(("id" = u32, Path)), request_body = UptimeReport,
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 403, body = ErrorBody)))]
 async fn add_uptime(
     State(s): State<Arc<ServerState>>,
     Path(id): Path<u32>,
@@ -234,6 +300,9 @@ async fn add_uptime(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The node's last 100 uptime reports.
+#[utoipa::path(get, path = "/nodes/{id}/uptime", params(("id" = u32, Path)),
+    responses((status = 200, body = Vec<UptimeReport>)))]
 async fn list_uptime(
     State(s): State<Arc<ServerState>>,
     Path(id): Path<u32>,

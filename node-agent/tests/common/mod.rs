@@ -137,29 +137,106 @@ impl Node {
         Client::new(Endpoint::Unix(self.sock())).signed(key.clone(), Signer::Twin(twin))
     }
 
+    /// Registers a new twin through the agent's embedded registrar.
+    pub fn register(&self) -> (KeyPair, u32) {
+        let key = KeyPair::generate();
+        let resp = block_on(
+            Client::new(Endpoint::Unix(self.sock()))
+                .signed(key.clone(), Signer::Key(key.public()))
+                .request("POST", "/registrar/twins", Some(b"{}".to_vec())),
+        )
+        .unwrap();
+        assert!(resp.ok(), "{}", resp.text());
+        let twin: node_agent::registrar::Twin = resp.json().unwrap();
+        (key, twin.id)
+    }
+
+    /// A request signed by `twin`; panics when there is no answer.
+    pub fn call(
+        &self,
+        key: &KeyPair,
+        twin: u32,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> node_agent::client::Response {
+        block_on(self.client(key, twin).request(method, path, body))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"))
+    }
+
+    /// Deployment 1 of `twin` as the agent has it.
+    pub fn status(&self, key: &KeyPair, twin: u32) -> DeploymentStatus {
+        let resp = self.call(key, twin, "GET", "/deployments/1", None);
+        assert!(resp.ok(), "{} {}", resp.status, resp.text());
+        resp.json().unwrap()
+    }
+
+    /// Polls deployment 1 of `twin` until `check` holds (60 s at most).
+    pub fn wait_until(
+        &self,
+        key: &KeyPair,
+        twin: u32,
+        what: &str,
+        check: impl Fn(&DeploymentStatus) -> bool,
+    ) -> DeploymentStatus {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = None;
+        loop {
+            let resp = block_on(
+                self.client(key, twin)
+                    .request("GET", "/deployments/1", None),
+            );
+            if let Ok(r) = resp {
+                if r.ok() {
+                    let s: DeploymentStatus = r.json().unwrap();
+                    if check(&s) {
+                        return s;
+                    }
+                    last = Some(s);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last seen: {}",
+                last.map(|s| serde_json::to_string_pretty(&s.vms).unwrap_or_default())
+                    .unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The vmm processes running `name`'s spec (deployment 1 of `twin`).
     pub fn vmms(&self, twin: u32, name: &str) -> Vec<i32> {
-        let spec = self.state().join(format!("vms/{twin}/1/{name}/spec.json"));
-        let want = spec.as_os_str().as_encoded_bytes().to_vec();
-        let mut out = Vec::new();
-        for e in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat
-                .rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'));
-            if !zombie && cmdline.split(|&b| b == 0).any(|a| a == want.as_slice()) {
-                out.push(pid);
-            }
-        }
-        out
+        vmms_of(&self.state().join(format!("vms/{twin}/1/{name}/spec.json")))
     }
+}
+
+/// How many live processes run with `spec` on their command line.
+pub fn processes_running(spec: &Path) -> usize {
+    vmms_of(spec).len()
+}
+
+/// The live (not zombie) processes with `spec` on their command line.
+fn vmms_of(spec: &Path) -> Vec<i32> {
+    let want = spec.as_os_str().as_encoded_bytes().to_vec();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'));
+        if !zombie && cmdline.split(|&b| b == 0).any(|a| a == want.as_slice()) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 impl Drop for Node {
@@ -178,6 +255,15 @@ impl Drop for Node {
             }
         }
     }
+}
+
+/// Runs a future to its end on a runtime of its own.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
 }
 
 fn vm(name: &str, image: &Path) -> Workload {
