@@ -60,6 +60,8 @@ const PEER_DEADLINE_S: u32 = 300;
 
 /// The test-bed shell commands that measure `peer` once and print `RESULT <peer> <line>`.
 fn measure(peer: &str, seconds: u32, pings: u32) -> String {
+    // Every client is bounded: a guest that stops answering ends its run, not the benchmark.
+    let limit = seconds * 4 + 30;
     let serve = format!("{IPERF} -s");
     let (server, logs) = match peer {
         "vmm" => (
@@ -93,10 +95,11 @@ fn measure(peer: &str, seconds: u32, pings: u32) -> String {
          ip neigh flush dev tap0 2>/dev/null\n\
          {server} & V=$!\n\
          ( sleep {PEER_DEADLINE_S}; kill $V 2>/dev/null ) & K=$!\n\
-         i=0; until {PING} -c 1 -W 1 10.0.2.2 > /dev/null 2>&1 && {IPERF} -c 10.0.2.2 -t 1 > /dev/null 2>&1; do \
+         i=0; until {PING} -c 1 -W 1 10.0.2.2 > /dev/null 2>&1 && timeout 20 {IPERF} -c 10.0.2.2 -t 1 --connect-timeout 5000 > /dev/null 2>&1; do \
            i=$((i+1)); [ $i -gt 120 ] && break; sleep 1; done\n\
-         {{ echo '== to'; {IPERF} -c 10.0.2.2 -t {seconds} -f M; echo '== from'; {IPERF} -c 10.0.2.2 -t {seconds} -f M -R; \
-           echo '== ping'; {PING} -c {pings} -i 0.01 -q 10.0.2.2; }} > /tmp/probe.log 2>&1\n\
+         {{ echo '== to'; timeout {limit} {IPERF} -c 10.0.2.2 -t {seconds} -f M --connect-timeout 5000; \
+           echo '== from'; timeout {limit} {IPERF} -c 10.0.2.2 -t {seconds} -f M -R --connect-timeout 5000; \
+           echo '== ping'; timeout {limit} {PING} -c {pings} -i 0.01 -q 10.0.2.2; }} > /tmp/probe.log 2>&1\n\
          R=\"RESULT {peer} $(grep receiver /tmp/probe.log | tr '\\n' ' ') $(grep rtt /tmp/probe.log)\"\n\
          echo \"$R\"; echo \"{PROGRESS} $R\" > /dev/console\n\
          case \"$R\" in *receiver*receiver*rtt*) ;; *) echo '{PROGRESS} {peer} failed; its logs:' > /dev/console; \

@@ -40,12 +40,14 @@ const PING: &str = "/usr/bin/ping";
 /// Shell run by a client (a VM's entrypoint or a namespace): waits for the server, then prints
 /// `== CASE to|from|ping` before each measurement.
 fn client_commands(case: &str, server: &str, seconds: u32, repeat: u32) -> String {
+    // Every client is bounded: a VM that stops answering ends its run, not the benchmark.
+    let limit = seconds * 4 + 30;
     format!(
         "i=0; until {PING} -c 1 -W 1 {server} > /dev/null 2>&1; do i=$((i+1)); [ $i -gt 240 ] && break; done; \
          r=0; while [ $r -lt {repeat} ]; do r=$((r+1)); \
-         echo '== {case} to'; {IPERF} -c {server} -t {seconds} -f M; \
-         echo '== {case} from'; {IPERF} -c {server} -t {seconds} -f M -R; \
-         echo '== {case} ping'; {PING} -c 100 -i 0.02 -q {server}; done; echo '== {case} done'"
+         echo '== {case} to'; timeout {limit} {IPERF} -c {server} -t {seconds} -f M --connect-timeout 5000; \
+         echo '== {case} from'; timeout {limit} {IPERF} -c {server} -t {seconds} -f M -R --connect-timeout 5000; \
+         echo '== {case} ping'; timeout {limit} {PING} -c 100 -i 0.02 -q {server}; done; echo '== {case} done'"
     )
 }
 
