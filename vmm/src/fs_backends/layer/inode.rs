@@ -171,6 +171,16 @@ impl Inodes {
         }
     }
 
+    /// The node of `key`, if the guest knows one, given one more lookup: in one step, so a
+    /// FORGET served meanwhile on another queue cannot drop the node in between.
+    pub fn find_and_ref(&self, key: Key) -> Option<Arc<Node>> {
+        let mut t = self.tables();
+        let id = *t.by_key.get(&key)?;
+        let (node, refs) = t.nodes.get_mut(&id)?;
+        *refs += 1;
+        Some(node.clone())
+    }
+
     /// The node of `key`, if the guest knows one.
     pub fn find(&self, key: Key) -> Option<Arc<Node>> {
         let t = self.tables();

@@ -119,7 +119,14 @@ pub struct Layer {
     staged: AtomicU64,
     /// When an unexpected failure was last logged (rate limit).
     last_log: Mutex<Option<Instant>>,
+    /// Tests: run once with the node a request found for an upper inode it looked up, as a
+    /// request on another queue (a FORGET) may run at that moment.
+    #[cfg(test)]
+    on_found: Mutex<Option<FoundHook>>,
 }
+
+#[cfg(test)]
+type FoundHook = Box<dyn FnOnce(&Layer, u64) + Send>;
 
 impl Layer {
     /// The layer over `image` whose upper directory `root` is served by `upper`; `work` is
@@ -151,6 +158,22 @@ impl Layer {
             changes: Mutex::new(()),
             staged: AtomicU64::new(0),
             last_log: Mutex::new(None),
+            #[cfg(test)]
+            on_found: Mutex::new(None),
+        }
+    }
+
+    /// Tests: runs `hook` with the next node found for an upper inode (see `on_found`).
+    #[cfg(test)]
+    fn when_found(&self, hook: impl FnOnce(&Layer, u64) + Send + 'static) {
+        *self.on_found.lock().unwrap() = Some(Box::new(hook));
+    }
+
+    #[cfg(test)]
+    fn found(&self, id: u64) {
+        let hook = self.on_found.lock().unwrap().take();
+        if let Some(hook) = hook {
+            hook(self, id);
         }
     }
 
@@ -354,8 +377,9 @@ impl Layer {
         fresh: bool,
     ) -> io::Result<(Arc<Node>, stat64)> {
         let mut kind = e.attr.st_mode & libc::S_IFMT;
-        if let Some(node) = self.inodes.find(Key::Upper(e.inode)) {
-            self.inodes.add_ref(node.id);
+        if let Some(node) = self.inodes.find_and_ref(Key::Upper(e.inode)) {
+            #[cfg(test)]
+            self.found(node.id);
             self.upper.forget(ctx, e.inode, 1);
             let attr = Self::present(&node.state(), e.attr);
             return Ok((node, attr));

@@ -360,3 +360,37 @@ fn the_check_removes_what_a_crash_left() {
     drop(on_worker_thread(|| fx.share()));
     assert!(!work.join("copy-up-1-2").exists());
 }
+
+/// The guest may forget a node (FORGET, on the high-priority queue, served by another thread)
+/// while a lookup on the request queue finds that same node again: Linux does so right after a
+/// MKDIR (it drops the new inode and looks the directory up again), as pjdfstest's temporary
+/// directories showed. The lookup's reference must count, else the node is gone while the
+/// guest holds it (ESTALE on the next request: pjdfstest's `enotdir_component` cases failed
+/// now and then creating their file in such a directory).
+#[test]
+fn a_forget_while_a_lookup_finds_the_node_leaves_it_to_the_lookup() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let d = fs.mkdir(&ctx, ROOT_ID, &name("d"), 0o755, 0).unwrap();
+        // The guest's inode of the MKDIR goes (one lookup): its FORGET is served just as the
+        // lookup below has found the node.
+        let made = d.inode;
+        fs.inner().when_found(move |layer, id| {
+            assert_eq!(id, made);
+            FileSystem::forget(layer, &Context::default(), id, 1);
+        });
+        let again = lookup(&fs, ROOT_ID, "d").unwrap();
+        fs.getattr(&ctx, again, None).unwrap();
+        fs.mknod(&ctx, again, &name("blk"), libc::S_IFBLK | 0o644, 0, 0)
+            .unwrap();
+        assert_eq!(names(&fs, again), ["blk"]);
+        // The lookup's reference is the guest's last one.
+        FileSystem::forget(&fs, &ctx, again, 1);
+        assert_eq!(
+            fs.getattr(&ctx, again, None).unwrap_err().raw_os_error(),
+            Some(libc::ESTALE)
+        );
+    });
+}
