@@ -15,6 +15,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -582,6 +583,15 @@ async fn user(reg: &TfchainRegistrar) -> (KeyPair, u32) {
     (k, t.id)
 }
 
+/// A dev account (`//Alice`, `//Bob`: sr25519, funded in the chain's genesis) as a twin: its
+/// key (from the secret URI, as a key file holds it) and its twin id.
+async fn dev_twin(reg: &TfchainRegistrar, uri: &str) -> (KeyPair, u32) {
+    let k = KeyPair::parse(&format!("sr25519:{uri}")).unwrap();
+    let t = reg.create_twin(&k).await.unwrap();
+    assert_eq!(t.public_key, k.public_hex());
+    (k, t.id)
+}
+
 fn engine(reg: Arc<TfchainRegistrar>, store: Arc<Store>, dir: &std::path::Path) -> Engine {
     Engine::new(
         store,
@@ -1097,9 +1107,11 @@ async fn the_operator_capacity_override_is_what_the_node_registers() {
 
 /// The agent's binary on the chain, its VMs on this machine's /dev/kvm (crash.rs's vmm setup:
 /// the `chatter` test guest as kernel, an flist made by the real `flist` binary as root): a
-/// user twin's node contract holds a deployment's hash, the deployment sent signed through the
-/// API runs as a vmm process; the contract cancelled on the chain, the agent's contract poll
-/// removes the deployment: the API no longer lists it and its vmm process is gone.
+/// user twin of a dev account (`//Bob`, sr25519, funded in the chain's genesis) makes a node
+/// contract holding a deployment's hash; the CLI signs the deployment and its API requests
+/// with Bob's key file (`sr25519://Bob`) and the deployment runs as a vmm process; the contract
+/// cancelled on the chain, the agent's contract poll removes the deployment: the API no longer
+/// lists it and its vmm process is gone.
 #[tokio::test]
 async fn a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancelled() {
     if !e2e_tests::kvm_available() {
@@ -1153,34 +1165,57 @@ async fn a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancell
     .await;
     let node_id = status.node_id.expect("a registered node has its id");
 
-    // Alice's node contract holds the deployment's hash; the deployment names it.
-    let (alice_k, alice) = user(&reg).await;
-    let mut d = common::vm_deployment(alice, 1, &node.image(), &["vm"]);
-    let cid = contract_for(&reg, &alice_k, node_id, &d).await;
+    // Bob's node contract holds the deployment's hash; the deployment names it.
+    let (bob_k, bob) = dev_twin(&reg, "//Bob").await;
+    let mut d = common::vm_deployment(bob, 1, &node.image(), &["vm"]);
+    let cid = contract_for(&reg, &bob_k, node_id, &d).await;
     d.contract_id = Some(cid);
-    d.sign(alice, &alice_k);
-    let api = node.client(&alice_k, alice);
+    // The CLI signs it (sr25519, the signature names its type) and sends it with signed
+    // requests (a GET of the deployment, then the POST).
+    let key_file = node.dir.path().join("bob.key");
+    std::fs::write(&key_file, "sr25519://Bob\n").unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let doc_file = node.dir.path().join("deployment.json");
+    std::fs::write(&doc_file, serde_json::to_vec(&d).unwrap()).unwrap();
     let t0 = Instant::now();
-    let resp = api
-        .request(
-            "POST",
-            "/deployments",
-            Some(serde_json::to_vec(&d).unwrap()),
-        )
+    let out = tokio::process::Command::new(common::built("node-agent"))
+        .arg("deploy")
+        .arg(&doc_file)
+        .arg("--key")
+        .arg(&key_file)
+        .args(["--twin", &bob.to_string(), "--agent"])
+        .arg(node.sock())
+        .output()
         .await
         .unwrap();
-    assert!(resp.ok(), "deploy refused: {} {}", resp.status, resp.text());
+    assert!(
+        out.status.success(),
+        "node-agent deploy: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let api = node.client(&bob_k, bob);
+    let stored: DeploymentStatus = api
+        .request("GET", "/deployments/1", None)
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        stored.deployment.signatures[0].signature_type,
+        node_agent::identity::SignatureType::Sr25519
+    );
     let s = until("the VM running in the API with its vmm process", || async {
         let r = api.request("GET", "/deployments/1", None).await.ok()?;
         let s: DeploymentStatus = r.json().ok()?;
-        (common::running(&s, &["vm"]) && node.vmms(alice, "vm").len() == 1).then_some(s)
+        (common::running(&s, &["vm"]) && node.vmms(bob, "vm").len() == 1).then_some(s)
     })
     .await;
     let deployed = t0.elapsed();
     assert_eq!(s.deployment.contract_id, Some(cid));
     assert_eq!(
         s.vms[0].pid,
-        node.vmms(alice, "vm").first().copied(),
+        node.vmms(bob, "vm").first().copied(),
         "the API tracks the vmm that runs the VM"
     );
     // The agent reported what the contract uses (so its cancel bills it).
@@ -1191,7 +1226,7 @@ async fn a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancell
 
     // Cancelled on the chain: the agent removes the deployment and its VM.
     let t1 = Instant::now();
-    reg.submit(&alice_k, &tfchain::cancel_contract(cid))
+    reg.submit(&bob_k, &tfchain::cancel_contract(cid))
         .await
         .unwrap();
     let in_block = t1.elapsed();
@@ -1208,8 +1243,8 @@ async fn a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancell
     until(
         "the VM's vmm process to end and its data to be removed after its contract was cancelled",
         || async {
-            let data = node.state().join(format!("vms/{alice}/1"));
-            (node.vmms(alice, "vm").is_empty() && !data.exists()).then_some(())
+            let data = node.state().join(format!("vms/{bob}/1"));
+            (node.vmms(bob, "vm").is_empty() && !data.exists()).then_some(())
         },
     )
     .await;

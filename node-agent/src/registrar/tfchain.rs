@@ -4,9 +4,10 @@
 //! Calls and storage are dynamic: their names and types come from the metadata the chain
 //! serves when the client connects (metadata v14 and later), never from a file of ours. The
 //! node's ed25519 key is its chain account (`MultiSignature::Ed25519`, the account id is the
-//! public key). Several endpoints: a call that cannot reach the current one drops its
-//! connection and the next call connects to the next endpoint in turn; callers (registration,
-//! the uptime queue, the contract poll) retry with their own backoff.
+//! public key); a user twin's key may be sr25519 too (`MultiSignature::Sr25519`). Several
+//! endpoints: a call that cannot reach the current one drops its connection and the next call
+//! connects to the next endpoint in turn; callers (registration, the uptime queue, the contract
+//! poll) retry with their own backoff.
 //!
 //! A write succeeds only once its extrinsic is in a block and did not fail (its events are
 //! read); a dispatch error is named by the pallet and error from the metadata
@@ -17,7 +18,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ed25519_dalek::VerifyingKey;
 use subxt::dynamic::{At, Value};
 use subxt::tx::TxStatus;
 use subxt::utils::{AccountId32, MultiSignature};
@@ -25,6 +25,7 @@ use subxt::{OnlineClient, PolkadotConfig};
 use tracing::{info, warn};
 
 use super::*;
+use crate::identity::SignatureType;
 
 pub type Client = OnlineClient<PolkadotConfig>;
 pub type DynamicCall = subxt::tx::DynamicPayload;
@@ -45,7 +46,8 @@ const RESOURCE_REPORT_BATCH: usize = 64;
 pub const TC_LINK: &str = "https://library.threefold.me/info/legal/#/";
 pub const TC_HASH: &str = "gridnode-node-agent";
 
-/// Signs extrinsics with an ed25519 key (the node's, or a user twin's).
+/// Signs extrinsics with a key of ours (the node's ed25519 key, or a user twin's ed25519 or
+/// sr25519 key): the signature is the `MultiSignature` variant of the key's scheme.
 pub struct ChainSigner<'a>(pub &'a KeyPair);
 
 impl subxt::tx::Signer<PolkadotConfig> for ChainSigner<'_> {
@@ -53,12 +55,16 @@ impl subxt::tx::Signer<PolkadotConfig> for ChainSigner<'_> {
         AccountId32(self.0.public().to_bytes())
     }
     fn sign(&self, signer_payload: &[u8]) -> MultiSignature {
-        MultiSignature::Ed25519(self.0.sign(signer_payload))
+        let sig = self.0.sign(signer_payload);
+        match self.0.scheme() {
+            SignatureType::Ed25519 => MultiSignature::Ed25519(sig),
+            SignatureType::Sr25519 => MultiSignature::Sr25519(sig),
+        }
     }
 }
 
-/// The chain account of an ed25519 key (its public key).
-pub fn account_of(key: &VerifyingKey) -> AccountId32 {
+/// The chain account of a key (its public key, whatever its scheme).
+pub fn account_of(key: &PublicKey) -> AccountId32 {
     AccountId32(key.to_bytes())
 }
 
@@ -778,7 +784,7 @@ impl Registrar for TfchainRegistrar {
         }))
     }
 
-    async fn twin_by_key(&self, key: &VerifyingKey) -> Result<Option<Twin>, RegistrarError> {
+    async fn twin_by_key(&self, key: &PublicKey) -> Result<Option<Twin>, RegistrarError> {
         match self.twin_id_of(&account_of(key)).await? {
             Some(id) => self.twin(id).await,
             None => Ok(None),
