@@ -492,36 +492,62 @@ async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
         more
     );
 
-    // Uptime: in a block with NodeUptimeReported (report_uptime checks the event).
-    let up = host_uptime().unwrap();
+    // Uptime: in a block with its NodeUptimeReported(node id, chain time, uptime) event,
+    // whose fields say this node and the host's uptime (/proc/uptime, not the agent's).
+    let send = |uptime: u64, timestamp: i64| {
+        let (reg, key) = (reg.clone(), key.clone());
+        async move {
+            let event = reg
+                .send_uptime(&key, &UptimeReport { uptime, timestamp })
+                .await
+                .unwrap()
+                .expect("NodeUptimeReported(node_id, timestamp, uptime)");
+            let seen = SeenUptime {
+                event,
+                host_uptime: proc_uptime(),
+                at: Instant::now(),
+            };
+            // The event's time is the chain's time of its block (the latest).
+            assert_eq!(
+                Some(event.timestamp as i64),
+                reg.chain_time().await.unwrap(),
+                "{event:?}"
+            );
+            seen
+        }
+    };
     let t0 = Instant::now();
+    let fresh = send(host_uptime().unwrap(), node_agent::auth::now_unix()).await;
+    eprintln!(
+        "BENCH uptime report due -> in block with its event: {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert_eq!(fresh.event.node_id, node);
+    assert_uptime_seen(&fresh);
+    // A report that waited 10 minutes in the queue is brought to now and accepted: its uptime
+    // is the host's now, and it grew by the time between the two reports (the minting rule).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let queued = send(
+        host_uptime().unwrap() - 600,
+        node_agent::auth::now_unix() - 600,
+    )
+    .await;
+    assert_eq!(queued.event.node_id, node);
+    assert_uptime_seen(&queued);
+    assert_minting_rule(&fresh, &queued);
+    // Through the Registrar trait (what the agent's uptime task calls).
     reg.report_uptime(
         &key,
         twin,
         node,
         &UptimeReport {
-            uptime: up,
+            uptime: host_uptime().unwrap(),
             timestamp: node_agent::auth::now_unix(),
         },
     )
     .await
     .unwrap();
-    eprintln!(
-        "BENCH uptime report due -> in block with its event: {} ms",
-        t0.elapsed().as_millis()
-    );
-    // A report that waited 10 minutes in the queue is brought to now and accepted.
-    reg.report_uptime(
-        &key,
-        twin,
-        node,
-        &UptimeReport {
-            uptime: up.saturating_sub(600),
-            timestamp: node_agent::auth::now_unix() - 600,
-        },
-    )
-    .await
-    .unwrap();
+    let up = host_uptime().unwrap();
     // A node the chain does not know cannot report: a refusal naming the reason.
     let stranger = KeyPair::generate();
     fund(&reg, &stranger).await;
@@ -550,6 +576,51 @@ async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
         two.twin(twin).await.unwrap().unwrap().public_key,
         key.public_hex()
     );
+}
+
+/// The host's uptime now, with a fraction (`/proc/uptime`).
+fn proc_uptime() -> f64 {
+    std::fs::read_to_string("/proc/uptime")
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Two reports of one node, as the test saw their blocks: the uptime grew by the time between
+/// them (the grid's minting allows 60 s; here 5 s). The time is the test's clock when it read
+/// each block, not the events' timestamps: on a real chain a block comes every slot (6 s) and
+/// its time is the wall clock's, but chopsticks adds one slot to the chain's time per block it
+/// builds (at once, on each extrinsic), so its clock runs ahead of the wall clock.
+fn assert_minting_rule(a: &SeenUptime, b: &SeenUptime) {
+    let d_uptime = b.event.uptime as f64 - a.event.uptime as f64;
+    let d_time = b.at.duration_since(a.at).as_secs_f64();
+    assert!(
+        (d_uptime - d_time).abs() <= 5.0,
+        "uptime grew {d_uptime} s in {d_time:.1} s: {a:?} then {b:?}"
+    );
+}
+
+/// A report as read from its block: the uptime is the host's when the block was read
+/// (within 5 s).
+fn assert_uptime_seen(e: &SeenUptime) {
+    assert!(
+        (e.event.uptime as f64 - e.host_uptime).abs() <= 5.0,
+        "reported uptime {} s, the host's {:.1} s: {e:?}",
+        e.event.uptime,
+        e.host_uptime
+    );
+}
+
+/// A `NodeUptimeReported` event as the test saw it: its fields, and the host's
+/// uptime and the test's clock when the test read the block.
+#[derive(Debug, Clone, Copy)]
+struct SeenUptime {
+    event: tfchain::UptimeReported,
+    host_uptime: f64,
+    at: Instant,
 }
 
 fn deployment(twin_id: u32, id: u64, metadata: &str) -> Deployment {

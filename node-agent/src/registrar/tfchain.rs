@@ -357,6 +357,81 @@ impl TfchainRegistrar {
     }
 }
 
+impl TfchainRegistrar {
+    /// Sends an uptime report; done once it is in a block with its `NodeUptimeReported` event,
+    /// whose fields it returns (`None`: the event is there but not in the shape this runtime
+    /// gives it, `(node_id, timestamp, uptime)`).
+    ///
+    /// The chain takes a report only with a timestamp hint within 60 s of its clock, so a
+    /// report that waited in the queue (chain down) is brought to now: the uptime it had plus
+    /// the time since, and never more than the host's uptime now (after a reboot).
+    pub async fn send_uptime(
+        &self,
+        key: &KeyPair,
+        report: &UptimeReport,
+    ) -> Result<Option<UptimeReported>, RegistrarError> {
+        let mut now = crate::auth::now_unix();
+        if let Ok(Some(chain_now)) = self.chain_time().await {
+            if (chain_now - now).abs() > 30 {
+                warn!(
+                    "the node's clock is {} s off the chain's: using the chain's time",
+                    now - chain_now
+                );
+                now = chain_now;
+            }
+        }
+        let (mut uptime, mut hint) = (report.uptime, report.timestamp);
+        if (now - hint).abs() > 30 {
+            let late = (now - hint).max(0) as u64;
+            uptime = uptime.saturating_add(late);
+            if let Ok(host) = crate::uptime::host_uptime() {
+                uptime = uptime.min(host);
+            }
+            hint = now;
+        }
+        let events = self
+            .submit(key, &report_uptime_v2(uptime, hint.max(0) as u64))
+            .await?;
+        let Some(event) = events
+            .iter()
+            .flatten()
+            .find(|e| e.pallet_name() == TFGRID && e.variant_name() == "NodeUptimeReported")
+        else {
+            return Err(RegistrarError::Unreachable(
+                "reportUptimeV2 is in a block but without a NodeUptimeReported event".into(),
+            ));
+        };
+        Ok(event
+            .field_values()
+            .ok()
+            .and_then(|v| UptimeReported::from_fields(&v)))
+    }
+}
+
+/// A `NodeUptimeReported(node_id, timestamp, uptime)` event: the node, the chain's time of the
+/// report (unix seconds) and the uptime it reported (seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UptimeReported {
+    pub node_id: NodeId,
+    pub timestamp: u64,
+    pub uptime: u64,
+}
+
+impl UptimeReported {
+    /// From the event's fields (three numbers, in that order).
+    pub fn from_fields(v: &subxt::ext::scale_value::Composite<u32>) -> Option<Self> {
+        let f: Vec<u128> = v.values().map(num).collect::<Option<_>>()?;
+        let [node_id, timestamp, uptime] = f.as_slice() else {
+            return None;
+        };
+        Some(Self {
+            node_id: u32::try_from(*node_id).ok()?,
+            timestamp: u64::try_from(*timestamp).ok()?,
+            uptime: u64::try_from(*uptime).ok()?,
+        })
+    }
+}
+
 /// What a [`NodeInfo`] becomes on the chain: empty location fields take the chain's
 /// defaults, interfaces the chain would refuse (name not 3-20 characters, MAC not
 /// `xx:xx:xx:xx:xx:xx`) are left out.
@@ -921,38 +996,21 @@ impl Registrar for TfchainRegistrar {
         &self,
         key: &KeyPair,
         _twin: TwinId,
-        _node: NodeId,
+        node: NodeId,
         report: &UptimeReport,
     ) -> Result<(), RegistrarError> {
-        // The chain takes a report only with a timestamp hint within 60 s of its clock, so a
-        // report that waited in the queue (chain down) is brought to now: the uptime it had
-        // plus the time since, and never more than the host's uptime now (after a reboot).
-        let mut now = crate::auth::now_unix();
-        if let Ok(Some(chain_now)) = self.chain_time().await {
-            if (chain_now - now).abs() > 30 {
-                warn!(
-                    "the node's clock is {} s off the chain's: using the chain's time",
-                    now - chain_now
-                );
-                now = chain_now;
-            }
-        }
-        let (mut uptime, mut hint) = (report.uptime, report.timestamp);
-        if (now - hint).abs() > 30 {
-            let late = (now - hint).max(0) as u64;
-            uptime = uptime.saturating_add(late);
-            if let Ok(host) = crate::uptime::host_uptime() {
-                uptime = uptime.min(host);
-            }
-            hint = now;
-        }
-        let events = self
-            .submit(key, &report_uptime_v2(uptime, hint.max(0) as u64))
-            .await?;
-        if !has_event(&events, TFGRID, "NodeUptimeReported") {
-            return Err(RegistrarError::Unreachable(
-                "reportUptimeV2 is in a block but without a NodeUptimeReported event".into(),
-            ));
+        match self.send_uptime(key, report).await? {
+            Some(r) if r.node_id != node => warn!(
+                "the chain took an uptime report for node {} (this node is {node})",
+                r.node_id
+            ),
+            Some(r) => info!(
+                node = r.node_id,
+                uptime = r.uptime,
+                timestamp = r.timestamp,
+                "uptime report in a block"
+            ),
+            None => warn!("NodeUptimeReported has fields this agent does not read"),
         }
         Ok(())
     }
