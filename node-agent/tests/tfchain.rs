@@ -503,6 +503,7 @@ async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
                 .unwrap()
                 .expect("NodeUptimeReported(node_id, timestamp, uptime)");
             let seen = SeenUptime {
+                block: 0,
                 event,
                 host_uptime: proc_uptime(),
                 at: Instant::now(),
@@ -614,10 +615,11 @@ fn assert_uptime_seen(e: &SeenUptime) {
     );
 }
 
-/// A `NodeUptimeReported` event as the test saw it: its fields, and the host's
+/// A `NodeUptimeReported` event as the test saw it: its block, its fields, and the host's
 /// uptime and the test's clock when the test read the block.
 #[derive(Debug, Clone, Copy)]
 struct SeenUptime {
+    block: u64,
     event: tfchain::UptimeReported,
     host_uptime: f64,
     at: Instant,
@@ -1421,6 +1423,424 @@ async fn the_agent_keeps_workloads_while_the_chain_restarts_and_sends_what_it_ow
     assert_eq!(store.deployments(None).unwrap().len(), 1);
     agent.abort();
     chain.stop();
+}
+
+/// A TCP proxy on a local port in front of the chain: `cut` closes its listener and every
+/// connection through it (the chain is unreachable there: connections refused, the open ones
+/// gone), `restore` listens on the same port again. Counts the connections it took.
+struct Proxy {
+    port: u16,
+    target: u16,
+    accept: Option<tokio::task::JoinHandle<()>>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Proxy {
+    async fn start(target: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut p = Proxy {
+            port: listener.local_addr().unwrap().port(),
+            target,
+            accept: None,
+            conns: Default::default(),
+            accepted: Default::default(),
+        };
+        p.serve(listener);
+        p
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let (target, conns, accepted) = (self.target, self.conns.clone(), self.accepted.clone());
+        self.accept = Some(tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::Relaxed);
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns.lock().unwrap().push(conn);
+            }
+        }));
+    }
+
+    /// Connections open through it now.
+    fn live(&self) -> usize {
+        let mut conns = self.conns.lock().unwrap();
+        conns.retain(|c| !c.is_finished());
+        conns.len()
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    fn cut(&mut self) {
+        if let Some(a) = self.accept.take() {
+            a.abort();
+        }
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    async fn restore(&mut self) {
+        let t0 = Instant::now();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(t0.elapsed() < Duration::from_secs(30), "rebinding: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        self.serve(listener);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut();
+    }
+}
+
+/// Reads every block of the chain as it is made, straight from the chain (not through the
+/// proxies), and keeps its `NodeUptimeReported` events. Ends with the chain.
+struct UptimeWatcher {
+    seen: Arc<std::sync::Mutex<Vec<SeenUptime>>>,
+    /// The last block read.
+    read: Arc<std::sync::atomic::AtomicU64>,
+    api: tfchain::Client,
+}
+
+impl UptimeWatcher {
+    async fn start(url: String) -> UptimeWatcher {
+        let api = tfchain::Client::from_insecure_url(&url).await.unwrap();
+        let rpc = subxt::backend::rpc::RpcClient::from_insecure_url(&url)
+            .await
+            .unwrap();
+        let w = UptimeWatcher {
+            seen: Default::default(),
+            read: Default::default(),
+            api: api.clone(),
+        };
+        let (seen, read) = (w.seen.clone(), w.read.clone());
+        tokio::spawn(async move {
+            let mut next = 1u64;
+            loop {
+                let Ok(latest) = api.blocks().at_latest().await else {
+                    return;
+                };
+                while next <= latest.number() as u64 {
+                    let Ok(hash) = rpc
+                        .request::<subxt::utils::H256>(
+                            "chain_getBlockHash",
+                            subxt::ext::subxt_rpcs::rpc_params![next],
+                        )
+                        .await
+                    else {
+                        return;
+                    };
+                    let Ok(events) = api.events().at(hash).await else {
+                        return;
+                    };
+                    for e in events.iter().flatten() {
+                        if e.pallet_name() == tfchain::TFGRID
+                            && e.variant_name() == "NodeUptimeReported"
+                        {
+                            let event =
+                                tfchain::UptimeReported::from_fields(&e.field_values().unwrap())
+                                    .expect("NodeUptimeReported(node_id, timestamp, uptime)");
+                            seen.lock().unwrap().push(SeenUptime {
+                                block: next,
+                                event,
+                                host_uptime: proc_uptime(),
+                                at: Instant::now(),
+                            });
+                        }
+                    }
+                    read.store(next, Ordering::Relaxed);
+                    next += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        w
+    }
+
+    /// The chain's latest block, once the watcher has read it.
+    async fn latest(&self) -> u64 {
+        let n = self.api.blocks().at_latest().await.unwrap().number() as u64;
+        until("the watcher to read the chain's latest block", || async {
+            (self.read.load(Ordering::Relaxed) >= n).then_some(n)
+        })
+        .await
+    }
+
+    /// `node`'s reports in blocks `from..=to`.
+    fn of(&self, node: u32, from: u64, to: u64) -> Vec<SeenUptime> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.event.node_id == node && (from..=to).contains(&e.block))
+            .copied()
+            .collect()
+    }
+}
+
+/// The chain cut off under the agent's binary with a VM running on this machine's /dev/kvm,
+/// through two TCP proxies in front of one chain (its two endpoints, `--chain A --chain B`):
+///
+/// - outage (both endpoints cut): the VM keeps running in the same vmm process, the contract
+///   poll (every second) keeps the deployment, uptime reports queue up, the health names the
+///   failing tasks, and a twin's signed API request is refused as unavailable (its key is on
+///   the chain), not as unauthorized;
+/// - restored: the queued reports land, each with its `NodeUptimeReported` event naming this
+///   node and the host's uptime (/proc/uptime, ±5 s), the uptime growing with the chain time
+///   between reports (the minting rule); the health clears; same VM process;
+/// - failover: the endpoint the agent is connected through dies for good mid-run; the next
+///   report lands through the other one, and the health is clear.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_keeps_its_vm_through_a_chain_outage_then_fails_over() {
+    if !e2e_tests::kvm_available() {
+        return;
+    }
+    let Some(chain) =
+        chain_or_skip("the_agent_keeps_its_vm_through_a_chain_outage_then_fails_over")
+    else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    set_tft_price(&chain, 50).await;
+    let farm_id = farm(&reg, "farm_outage").await;
+    let watcher = UptimeWatcher::start(chain.url()).await;
+    let mut proxies = [
+        Proxy::start(chain.port).await,
+        Proxy::start(chain.port).await,
+    ];
+    let mut node = common::Node::new();
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(node.state())
+            .unwrap();
+    }
+    let node_key = KeyPair::generate();
+    node_key.save_new(&node_key_path(&node.state())).unwrap();
+    fund(&reg, &node_key).await;
+    let args: Vec<String> = [
+        "--registrar",
+        "tfchain",
+        "--chain",
+        &proxies[0].url(),
+        "--chain",
+        &proxies[1].url(),
+        "--farm-id",
+        &farm_id.to_string(),
+        "--capacity",
+        "cru=2,mru=4G,sru=150G,hru=1T",
+        "--contract-poll",
+        "1",
+        "--uptime-interval",
+        "4",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    node.start_with(None, &args);
+    let operator = Client::new(Endpoint::Unix(node.sock()));
+    let status = || async {
+        let resp = operator.request("GET", "/node", None).await.ok()?;
+        resp.json::<NodeStatus>().ok()
+    };
+    let node_id = until("the agent's node registered on the chain", || async {
+        status()
+            .await
+            .filter(|s| s.registered)
+            .and_then(|s| s.node_id)
+    })
+    .await;
+    let ours = |from: u64, to: u64| watcher.of(node_id, from, to);
+
+    // Bob's VM runs, paid by his contract.
+    let (bob_k, bob) = dev_twin(&reg, "//Bob").await;
+    let mut d = common::vm_deployment(bob, 1, &node.image(), &["vm"]);
+    d.contract_id = Some(contract_for(&reg, &bob_k, node_id, &d).await);
+    d.sign(bob, &bob_k);
+    let api = node.client(&bob_k, bob);
+    let resp = api
+        .request(
+            "POST",
+            "/deployments",
+            Some(serde_json::to_vec(&d).unwrap()),
+        )
+        .await
+        .unwrap();
+    assert!(resp.ok(), "deploy refused: {} {}", resp.status, resp.text());
+    let pid = until("the VM running with its vmm process", || async {
+        let r = api.request("GET", "/deployments/1", None).await.ok()?;
+        let s: DeploymentStatus = r.json().ok()?;
+        let vmms = node.vmms(bob, "vm");
+        (common::running(&s, &["vm"]) && vmms.len() == 1 && s.vms[0].pid == Some(vmms[0]))
+            .then_some(vmms[0])
+    })
+    .await;
+    until("an uptime report of the node", || async {
+        ours(0, u64::MAX).last().copied()
+    })
+    .await;
+    until("the health clear", || async {
+        status()
+            .await
+            .filter(|s| s.registrar_error.is_none())
+            .map(|_| ())
+    })
+    .await;
+
+    // Outage: both endpoints cut (what the agent had sent by then is in a block within a
+    // moment: the chain makes a block for each extrinsic at once).
+    for p in &mut proxies {
+        p.cut();
+    }
+    let cut_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cut_block = watcher.latest().await;
+    let before = *ours(0, cut_block).last().unwrap();
+    let down = until(
+        "reports queued and the health naming the uptime report and the contract check",
+        || async {
+            status().await.filter(|s| {
+                s.uptime_reports_pending >= 2
+                    && s.registrar_error.as_deref().is_some_and(|e| {
+                        e.contains("uptime report") && e.contains("contract check")
+                    })
+            })
+        },
+    )
+    .await;
+    eprintln!(
+        "health {} s into the outage: {:?} ({} reports queued)",
+        cut_at.elapsed().as_secs(),
+        down.registrar_error,
+        down.uptime_reports_pending
+    );
+    assert_eq!(down.workloads, 1, "the contract poll kept the deployment");
+    assert_eq!(
+        node.vmms(bob, "vm"),
+        vec![pid],
+        "the VM's vmm process changed"
+    );
+    let r = api.request("GET", "/deployments/1", None).await.unwrap();
+    assert_eq!(
+        r.status,
+        503,
+        "a twin's request while its key cannot be read: {}",
+        r.text()
+    );
+    assert_eq!(
+        watcher.latest().await,
+        cut_block,
+        "something reached the chain while it was cut off"
+    );
+
+    // Restored: the queued reports land, the health clears, the VM is the same.
+    let owed = status().await.unwrap().uptime_reports_pending;
+    for p in &mut proxies {
+        p.restore().await;
+    }
+    let restored_at = Instant::now();
+    until("the queue empty and the health clear", || async {
+        status()
+            .await
+            .filter(|s| s.uptime_reports_pending == 0 && s.registrar_error.is_none())
+            .map(|_| ())
+    })
+    .await;
+    let landed = ours(cut_block + 1, u64::MAX);
+    assert!(
+        landed.len() >= owed,
+        "{owed} reports were owed, {} landed: {landed:?}",
+        landed.len()
+    );
+    eprintln!(
+        "BENCH chain back -> {} owed uptime reports in blocks: {} ms (first after {} ms)",
+        landed.len(),
+        restored_at.elapsed().as_millis(),
+        landed[0].at.duration_since(restored_at).as_millis()
+    );
+    let mut prev = before;
+    for e in &landed {
+        assert_uptime_seen(e);
+        assert_minting_rule(&prev, e);
+        prev = *e;
+    }
+    assert_eq!(
+        node.vmms(bob, "vm"),
+        vec![pid],
+        "the VM's vmm process changed"
+    );
+    let r = api.request("GET", "/deployments/1", None).await.unwrap();
+    let s: DeploymentStatus = r.json().unwrap();
+    assert!(
+        common::running(&s, &["vm"]) && s.vms[0].pid == Some(pid),
+        "{}",
+        serde_json::to_string(&s).unwrap()
+    );
+
+    // Failover: the endpoint in use dies for good; the other one carries the next report.
+    let in_use = until("the agent connected through one endpoint", || async {
+        match (proxies[0].live() > 0, proxies[1].live() > 0) {
+            (true, false) => Some(0),
+            (false, true) => Some(1),
+            _ => None,
+        }
+    })
+    .await;
+    let other = 1 - in_use;
+    let accepted = proxies[other].accepted();
+    proxies[in_use].cut();
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_block = watcher.latest().await;
+    let prev = *ours(0, killed_block).last().unwrap();
+    let next = until("an uptime report through the other endpoint", || async {
+        ours(killed_block + 1, u64::MAX).first().copied()
+    })
+    .await;
+    assert!(
+        proxies[other].accepted() > accepted && proxies[other].live() > 0,
+        "the report did not come through endpoint {other}"
+    );
+    assert_uptime_seen(&next);
+    assert_minting_rule(&prev, &next);
+    eprintln!(
+        "BENCH endpoint {in_use} killed -> next uptime report in a block through endpoint {other}: {} ms",
+        next.at.duration_since(killed_at).as_millis()
+    );
+    until("the health clear after the failover", || async {
+        status()
+            .await
+            .filter(|s| s.registrar_error.is_none())
+            .map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        node.vmms(bob, "vm"),
+        vec![pid],
+        "the VM's vmm process changed"
+    );
+    node.stop();
 }
 
 /// The agent's binary from start to registered on a fresh chain, and its memory with the

@@ -362,33 +362,29 @@ impl TfchainRegistrar {
     /// whose fields it returns (`None`: the event is there but not in the shape this runtime
     /// gives it, `(node_id, timestamp, uptime)`).
     ///
-    /// The chain takes a report only with a timestamp hint within 60 s of its clock, so a
-    /// report that waited in the queue (chain down) is brought to now: the uptime it had plus
-    /// the time since, and never more than the host's uptime now (after a reboot).
+    /// The chain takes a report only with a timestamp hint within 60 s of its clock, and the
+    /// grid's minting compares the uptime with the chain's time of the report (the event's
+    /// timestamp), so a report is brought to the time it is sent: the uptime it had plus the
+    /// time it waited in the queue (chain down; by the node's clock, as when it was queued),
+    /// never more than the host's uptime now (after a reboot); the hint is now (the chain's
+    /// time when the node's clock is more than 30 s off it).
     pub async fn send_uptime(
         &self,
         key: &KeyPair,
         report: &UptimeReport,
     ) -> Result<Option<UptimeReported>, RegistrarError> {
-        let mut now = crate::auth::now_unix();
+        let node_now = crate::auth::now_unix();
+        let mut hint = node_now;
         if let Ok(Some(chain_now)) = self.chain_time().await {
-            if (chain_now - now).abs() > 30 {
+            if (chain_now - node_now).abs() > 30 {
                 warn!(
                     "the node's clock is {} s off the chain's: using the chain's time",
-                    now - chain_now
+                    node_now - chain_now
                 );
-                now = chain_now;
+                hint = chain_now;
             }
         }
-        let (mut uptime, mut hint) = (report.uptime, report.timestamp);
-        if (now - hint).abs() > 30 {
-            let late = (now - hint).max(0) as u64;
-            uptime = uptime.saturating_add(late);
-            if let Ok(host) = crate::uptime::host_uptime() {
-                uptime = uptime.min(host);
-            }
-            hint = now;
-        }
+        let uptime = uptime_when_sent(report, node_now, crate::uptime::host_uptime().ok());
         let events = self
             .submit(key, &report_uptime_v2(uptime, hint.max(0) as u64))
             .await?;
@@ -406,6 +402,15 @@ impl TfchainRegistrar {
             .ok()
             .and_then(|v| UptimeReported::from_fields(&v)))
     }
+}
+
+/// The uptime a report carries when it is sent at `now` (the node's clock, as the report's
+/// timestamp): the uptime it had plus the time it waited in the queue, never more than the
+/// host's uptime now (`host`; after a reboot the queued uptime no longer holds).
+pub fn uptime_when_sent(report: &UptimeReport, now: i64, host: Option<u64>) -> u64 {
+    let waited = u64::try_from(now.saturating_sub(report.timestamp)).unwrap_or(0);
+    let uptime = report.uptime.saturating_add(waited);
+    host.map_or(uptime, |h| uptime.min(h))
 }
 
 /// A `NodeUptimeReported(node_id, timestamp, uptime)` event: the node, the chain's time of the
@@ -1013,5 +1018,44 @@ impl Registrar for TfchainRegistrar {
             None => warn!("NodeUptimeReported has fields this agent does not read"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report sent when it is made carries its uptime; one that waited (the chain down)
+    /// carries its uptime plus the wait, whatever the wait (the grid's minting compares the
+    /// uptime with the chain's time of the report); never more than the host's uptime now.
+    #[test]
+    fn a_queued_report_carries_the_uptime_at_the_time_it_is_sent() {
+        let r = UptimeReport {
+            uptime: 1000,
+            timestamp: 50_000,
+        };
+        assert_eq!(uptime_when_sent(&r, 50_000, Some(1000)), 1000);
+        for waited in [1, 10, 29, 31, 600, 86_400] {
+            assert_eq!(
+                uptime_when_sent(&r, 50_000 + waited, Some(1_000_000)),
+                1000 + waited as u64,
+                "after {waited} s"
+            );
+        }
+        // After a reboot: the host's uptime now.
+        assert_eq!(uptime_when_sent(&r, 50_600, Some(120)), 120);
+        // A clock that went back: no time waited.
+        assert_eq!(uptime_when_sent(&r, 49_000, None), 1000);
+        assert_eq!(
+            uptime_when_sent(
+                &UptimeReport {
+                    uptime: u64::MAX,
+                    timestamp: i64::MIN
+                },
+                i64::MAX,
+                None
+            ),
+            u64::MAX
+        );
     }
 }
