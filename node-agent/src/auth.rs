@@ -2,7 +2,9 @@
 //!
 //! A request is signed by a twin (by id) or, before it has a twin, by a bare public key. Headers:
 //! `X-Grid-Signer: twin:<id>` or `key:<64 hex>`, `X-Grid-Timestamp: <unix seconds>`,
-//! `X-Grid-Nonce: <32 hex, random>`, `X-Grid-Signature: <128 hex>`. The signature covers
+//! `X-Grid-Nonce: <32 hex, random>`, `X-Grid-Signature: <128 hex>`, and
+//! `X-Grid-Signature-Type: ed25519|sr25519` (the signer's scheme, see [`crate::identity`];
+//! ed25519 when absent: a twin whose chain account is sr25519 signs with it). The signature covers
 //! `gridnode/request/v1\n{METHOD}\n{path and query}\n{hex blake3(body)}\n{timestamp}\n{nonce}\n{signer}`,
 //! so two requests with the same content are still two different requests (a retry is not a
 //! replay), and an exact copy of one is.
@@ -12,15 +14,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use ed25519_dalek::VerifyingKey;
-
-use crate::identity::{self, KeyPair};
+use crate::identity::{self, KeyPair, PublicKey, SignatureType};
 use crate::state::{Remembered, Store};
 
 pub const H_SIGNER: &str = "x-grid-signer";
 pub const H_TIMESTAMP: &str = "x-grid-timestamp";
 pub const H_SIGNATURE: &str = "x-grid-signature";
 pub const H_NONCE: &str = "x-grid-nonce";
+pub const H_SIGNATURE_TYPE: &str = "x-grid-signature-type";
 
 /// How far a request's timestamp may be from the server's clock.
 pub const MAX_SKEW_SECS: i64 = 60;
@@ -29,7 +30,7 @@ pub const MAX_SKEW_SECS: i64 = 60;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signer {
     Twin(u32),
-    Key(VerifyingKey),
+    Key(PublicKey),
 }
 
 impl std::fmt::Display for Signer {
@@ -53,7 +54,7 @@ impl std::str::FromStr for Signer {
         if let Some(k) = s.strip_prefix("key:") {
             return identity::parse_public_key(k)
                 .map(Signer::Key)
-                .map_err(|_| AuthError::Malformed("signer key is not an ed25519 public key"));
+                .map_err(|_| AuthError::Malformed("signer key is not 64 hex digits"));
         }
         Err(AuthError::Malformed(
             "signer is neither twin:<id> nor key:<hex>",
@@ -102,7 +103,7 @@ pub fn message(
     .into_bytes()
 }
 
-/// The four headers of a signed request.
+/// The five headers of a signed request (signed with `key`'s scheme).
 pub fn sign(
     key: &KeyPair,
     signer: &Signer,
@@ -110,7 +111,7 @@ pub fn sign(
     path: &str,
     body: &[u8],
     timestamp: i64,
-) -> [(&'static str, String); 4] {
+) -> [(&'static str, String); 5] {
     let mut nonce = [0u8; 16];
     rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut nonce);
     let nonce = hex::encode(nonce);
@@ -120,6 +121,7 @@ pub fn sign(
         (H_TIMESTAMP, timestamp.to_string()),
         (H_NONCE, nonce),
         (H_SIGNATURE, hex::encode(sig)),
+        (H_SIGNATURE_TYPE, key.scheme().to_string()),
     ]
 }
 
@@ -130,6 +132,8 @@ pub struct SignedHeaders {
     pub timestamp: i64,
     pub nonce: String,
     pub signature: [u8; 64],
+    /// The scheme the signature is checked with (ed25519 when the header is absent).
+    pub signature_type: SignatureType,
 }
 
 impl SignedHeaders {
@@ -156,18 +160,26 @@ impl SignedHeaders {
         let signature = bytes
             .try_into()
             .map_err(|_| AuthError::Malformed("signature is not 64 bytes"))?;
+        let signature_type = match get(H_SIGNATURE_TYPE) {
+            None => SignatureType::Ed25519,
+            Some(t) => t.parse().map_err(|_| {
+                AuthError::Malformed("signature type is neither ed25519 nor sr25519")
+            })?,
+        };
         Ok(Some(Self {
             signer,
             timestamp,
             nonce,
             signature,
+            signature_type,
         }))
     }
 
-    /// Checks time, signature and replay, given the signer's public key.
+    /// Checks time, signature (with the scheme it names) and replay, given the signer's
+    /// public key (its chain account).
     pub fn verify(
         &self,
-        key: &VerifyingKey,
+        key: &PublicKey,
         method: &str,
         path: &str,
         body: &[u8],
@@ -186,7 +198,7 @@ impl SignedHeaders {
             &self.nonce,
             &self.signer,
         );
-        if !identity::verify(key, &msg, &self.signature) {
+        if !identity::verify(key, self.signature_type, &msg, &self.signature) {
             return Err(AuthError::BadSignature);
         }
         replays.check(&self.signature, self.timestamp, now)
@@ -255,7 +267,7 @@ pub fn now_unix() -> i64 {
 mod tests {
     use super::*;
 
-    fn headers(h: &[(&'static str, String); 4]) -> SignedHeaders {
+    fn headers(h: &[(&'static str, String)]) -> SignedHeaders {
         SignedHeaders::parse(|name| h.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str()))
             .unwrap()
             .unwrap()
@@ -374,5 +386,39 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, AuthError::Malformed(_)));
+    }
+
+    #[test]
+    fn a_request_signed_with_sr25519_verifies_with_the_scheme_it_names() {
+        let bob = KeyPair::parse("sr25519://Bob").unwrap();
+        let g = ReplayGuard::default();
+        let h = sign(&bob, &Signer::Twin(2), "GET", "/node", b"", 100);
+        assert!(h.contains(&(H_SIGNATURE_TYPE, "sr25519".to_string())));
+        let parsed = headers(&h);
+        assert_eq!(parsed.signature_type, SignatureType::Sr25519);
+        parsed
+            .verify(&bob.public(), "GET", "/node", b"", 100, &g)
+            .unwrap();
+        // The same signature announced as ed25519 (or with no type) does not verify.
+        let untyped: Vec<_> = h
+            .iter()
+            .filter(|(n, _)| *n != H_SIGNATURE_TYPE)
+            .cloned()
+            .collect();
+        assert_eq!(
+            headers(&untyped).verify(&bob.public(), "GET", "/node", b"", 100, &g),
+            Err(AuthError::BadSignature)
+        );
+        // An unknown type is named.
+        let mut odd = h.to_vec();
+        odd.retain(|(n, _)| *n != H_SIGNATURE_TYPE);
+        odd.push((H_SIGNATURE_TYPE, "ecdsa".into()));
+        let err = SignedHeaders::parse(|name| {
+            odd.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        })
+        .unwrap_err();
+        assert!(matches!(err, AuthError::Malformed(m) if m.contains("signature type")));
     }
 }

@@ -7,6 +7,9 @@
 //! signature covers the [`crate::canonical`] hash of the deployment with `signatures` set to
 //! `[]`. This module owns the format, its bounds, and the signature rules; it does not act.
 //!
+//! Each signature names its scheme (`signature_type`: `ed25519`, the default, or `sr25519`, as
+//! in Zero-OS) and is checked against the signer twin's key (its chain account) with it.
+//!
 //! Signature rules: the owner twin's signature is always required; a `signature_requirement`
 //! (Zero-OS style: twins with weights and a quorum) adds co-signers; on an update the previous
 //! version's requirement must also be met, so co-signers cannot be dropped by one party.
@@ -14,12 +17,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 
-use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::canonical;
-use crate::identity::{self, KeyPair};
+use crate::identity::{self, KeyPair, PublicKey, SignatureType};
 use crate::network::ipam::Ipv4Net;
 use crate::network::wireguard;
 
@@ -107,6 +109,10 @@ pub struct DeploymentSignature {
     pub twin_id: u32,
     /// 128 hex digits.
     pub signature: String,
+    /// The scheme of the signature (the signer's key): `ed25519` (the default, left out of
+    /// the JSON) or `sr25519`.
+    #[serde(default, skip_serializing_if = "SignatureType::is_default")]
+    pub signature_type: SignatureType,
 }
 
 /// One workload; `type` selects the kind.
@@ -736,11 +742,13 @@ impl Deployment {
         self.signatures.push(DeploymentSignature {
             twin_id,
             signature: sig,
+            signature_type: key.scheme(),
         });
     }
 
-    /// The twins whose signatures are valid, given a way to find a twin's key.
-    pub fn valid_signers(&self, key_of: &dyn Fn(u32) -> Option<VerifyingKey>) -> BTreeSet<u32> {
+    /// The twins whose signatures are valid (each with the scheme it names), given a way to
+    /// find a twin's key.
+    pub fn valid_signers(&self, key_of: &dyn Fn(u32) -> Option<PublicKey>) -> BTreeSet<u32> {
         let msg = self.signing_message();
         self.signatures
             .iter()
@@ -751,7 +759,7 @@ impl Deployment {
                 let Ok(sig) = hex::decode(&s.signature) else {
                     return false;
                 };
-                identity::verify(&key, &msg, &sig)
+                identity::verify(&key, s.signature_type, &msg, &sig)
             })
             .map(|s| s.twin_id)
             .collect()
@@ -762,7 +770,7 @@ impl Deployment {
     pub fn check_signatures(
         &self,
         previous: Option<&Deployment>,
-        key_of: &dyn Fn(u32) -> Option<VerifyingKey>,
+        key_of: &dyn Fn(u32) -> Option<PublicKey>,
     ) -> Result<(), String> {
         if self.signatures.is_empty() {
             return Err("deployment is not signed".into());
@@ -1138,5 +1146,64 @@ pub(crate) mod tests {
             .contains("previous"));
         next.sign(1, &k[1]);
         next.check_signatures(Some(&d), &keys).unwrap();
+    }
+
+    /// A twin whose chain account is sr25519 (the dev account //Bob) signs; the signature
+    /// names its scheme, and is checked with it. Mixed co-signers count together.
+    #[test]
+    fn sr25519_signatures_verify_with_the_scheme_they_name() {
+        let bob = KeyPair::parse("sr25519://Bob").unwrap();
+        let ed = KeyPair::generate();
+        let keys = |id: u32| match id {
+            1 => Some(bob.public()),
+            2 => Some(ed.public()),
+            _ => None,
+        };
+        let mut d = sample(1, 0);
+        d.sign(1, &bob);
+        d.check_signatures(None, &keys).unwrap();
+        let text = serde_json::to_string(&d).unwrap();
+        assert!(text.contains(r#""signature_type":"sr25519""#), "{text}");
+        assert_eq!(Deployment::from_json(text.as_bytes()).unwrap(), d);
+        // Without its type the signature is read as ed25519: not the owner's.
+        let untyped = text.replace(r#","signature_type":"sr25519""#, "");
+        let d2 = Deployment::from_json(untyped.as_bytes()).unwrap();
+        assert!(d2
+            .check_signatures(None, &keys)
+            .unwrap_err()
+            .contains("owner twin 1"));
+        // An unknown scheme is a malformed document.
+        let odd = text.replace(
+            r#""signature_type":"sr25519""#,
+            r#""signature_type":"ecdsa""#,
+        );
+        assert!(Deployment::from_json(odd.as_bytes()).is_err());
+        // ed25519 signatures keep their JSON (no signature_type).
+        let mut e = sample(2, 0);
+        e.sign(2, &ed);
+        assert!(!serde_json::to_string(&e)
+            .unwrap()
+            .contains("signature_type"));
+        e.check_signatures(None, &keys).unwrap();
+
+        // A quorum of an sr25519 and an ed25519 co-signer.
+        let mut m = sample(1, 0);
+        m.signature_requirement = Some(SignatureRequirement {
+            requests: vec![
+                SignatureRequest {
+                    twin_id: 1,
+                    weight: 1,
+                },
+                SignatureRequest {
+                    twin_id: 2,
+                    weight: 1,
+                },
+            ],
+            weight_required: 2,
+        });
+        m.sign(1, &bob);
+        assert!(m.check_signatures(None, &keys).is_err());
+        m.sign(2, &ed);
+        m.check_signatures(None, &keys).unwrap();
     }
 }

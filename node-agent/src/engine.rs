@@ -499,7 +499,7 @@ impl Engine {
     async fn signer_keys(
         &self,
         doc: &Deployment,
-    ) -> Result<HashMap<u32, ed25519_dalek::VerifyingKey>, DeployError> {
+    ) -> Result<HashMap<u32, crate::identity::PublicKey>, DeployError> {
         let mut ids: BTreeSet<u32> = doc.signatures.iter().map(|s| s.twin_id).collect();
         ids.insert(doc.twin_id);
         let mut keys = HashMap::new();

@@ -50,10 +50,12 @@ enum Cmd {
         #[arg(long, default_value = "/var/lib/gridnode")]
         state_dir: PathBuf,
     },
-    /// Make a twin (user) key file.
+    /// Make a twin (user) key file (a twin may also write its own: `sr25519:<secret URI>`).
     Keygen {
         #[arg(long)]
         out: PathBuf,
+        #[arg(long, value_enum, default_value_t = identity::SignatureType::Ed25519)]
+        scheme: identity::SignatureType,
     },
     /// Twins on a registrar.
     Twin {
@@ -305,8 +307,8 @@ async fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Keygen { out } => {
-            let key = KeyPair::generate();
+        Cmd::Keygen { out, scheme } => {
+            let key = KeyPair::generate_with(scheme);
             key.save_new(&out)?;
             println!("{}", key.public_hex());
             Ok(())

@@ -176,7 +176,10 @@ impl Registration {
             if tokio::time::Instant::now() >= next_report {
                 match host_uptime() {
                     Ok(up) => {
-                        let _ = self.store.queue_uptime(up, crate::auth::now_unix());
+                        info!(uptime = up, "uptime report due");
+                        if let Err(e) = self.store.queue_uptime(up, crate::auth::now_unix()) {
+                            warn!("cannot queue the uptime report: {e:#}");
+                        }
                     }
                     Err(e) => warn!("cannot read the host's uptime: {e:#}"),
                 }

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use ed25519_dalek::VerifyingKey;
 use rusqlite::{params, OptionalExtension};
 
 use super::*;
@@ -51,7 +50,7 @@ impl LocalRegistrar {
     }
 
     /// Registers a public key as a twin (idempotent).
-    pub fn add_twin(&self, key: &VerifyingKey) -> Result<Twin, RegistrarError> {
+    pub fn add_twin(&self, key: &PublicKey) -> Result<Twin, RegistrarError> {
         let key_hex = hex::encode(key.as_bytes());
         if let Some(t) = self.twin_by_key_hex(&key_hex)? {
             return Ok(t);
@@ -285,7 +284,7 @@ impl Registrar for LocalRegistrar {
     async fn twin(&self, id: TwinId) -> Result<Option<Twin>, RegistrarError> {
         self.get_twin(id)
     }
-    async fn twin_by_key(&self, key: &VerifyingKey) -> Result<Option<Twin>, RegistrarError> {
+    async fn twin_by_key(&self, key: &PublicKey) -> Result<Option<Twin>, RegistrarError> {
         self.twin_by_key_hex(&hex::encode(key.as_bytes()))
     }
     async fn create_twin(&self, key: &KeyPair) -> Result<Twin, RegistrarError> {

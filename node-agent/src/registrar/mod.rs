@@ -1,4 +1,5 @@
-//! Registration of twins (users and nodes, by ed25519 key), farms and nodes, and nodes' uptime
+//! Registration of twins (users and nodes, by public key: ed25519 or sr25519, 32 bytes as a chain
+//! account), farms and nodes, and nodes' uptime
 //! reports, behind one trait so the embedded registrar, a registrar served by another node,
 //! and TF Chain (its own issue) are interchangeable.
 //!
@@ -14,13 +15,12 @@ pub mod tfchain;
 pub use tfchain::{ContractState, NodeContract};
 
 use async_trait::async_trait;
-use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::capacity::Resources;
 use crate::config::Location;
-use crate::identity::KeyPair;
+use crate::identity::{KeyPair, PublicKey};
 
 pub type TwinId = u32;
 pub type FarmId = u32;
@@ -29,12 +29,13 @@ pub type NodeId = u32;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Twin {
     pub id: TwinId,
-    /// 64 hex digits.
+    /// 64 hex digits: the twin's account (an ed25519 or sr25519 public key; its signatures
+    /// name their scheme).
     pub public_key: String,
 }
 
 impl Twin {
-    pub fn key(&self) -> Option<VerifyingKey> {
+    pub fn key(&self) -> Option<PublicKey> {
         crate::identity::parse_public_key(&self.public_key).ok()
     }
 }
@@ -113,7 +114,7 @@ impl RegistrarError {
 #[async_trait]
 pub trait Registrar: Send + Sync {
     async fn twin(&self, id: TwinId) -> Result<Option<Twin>, RegistrarError>;
-    async fn twin_by_key(&self, key: &VerifyingKey) -> Result<Option<Twin>, RegistrarError>;
+    async fn twin_by_key(&self, key: &PublicKey) -> Result<Option<Twin>, RegistrarError>;
     /// Registers `key` as a twin (returns the existing twin when it is one already).
     async fn create_twin(&self, key: &KeyPair) -> Result<Twin, RegistrarError>;
     async fn farm(&self, id: FarmId) -> Result<Option<Farm>, RegistrarError>;

@@ -1,7 +1,6 @@
 //! A registrar served by another node ([`super::server`]), reached over HTTP.
 
 use async_trait::async_trait;
-use ed25519_dalek::VerifyingKey;
 
 use super::*;
 use crate::auth::Signer;
@@ -101,7 +100,7 @@ impl Registrar for RemoteRegistrar {
     async fn twin(&self, id: TwinId) -> Result<Option<Twin>, RegistrarError> {
         self.get_opt(&format!("/twins/{id}")).await
     }
-    async fn twin_by_key(&self, key: &VerifyingKey) -> Result<Option<Twin>, RegistrarError> {
+    async fn twin_by_key(&self, key: &PublicKey) -> Result<Option<Twin>, RegistrarError> {
         self.get_opt(&format!(
             "/twins?public_key={}",
             hex::encode(key.as_bytes())

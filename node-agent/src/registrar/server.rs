@@ -174,7 +174,7 @@ async fn create_twin(
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 struct TwinQuery {
-    /// The twin's ed25519 public key (hex).
+    /// The twin's public key (its chain account: ed25519 or sr25519, 64 hex digits).
     public_key: String,
 }
 

@@ -4,9 +4,10 @@
 //! Calls and storage are dynamic: their names and types come from the metadata the chain
 //! serves when the client connects (metadata v14 and later), never from a file of ours. The
 //! node's ed25519 key is its chain account (`MultiSignature::Ed25519`, the account id is the
-//! public key). Several endpoints: a call that cannot reach the current one drops its
-//! connection and the next call connects to the next endpoint in turn; callers (registration,
-//! the uptime queue, the contract poll) retry with their own backoff.
+//! public key); a user twin's key may be sr25519 too (`MultiSignature::Sr25519`). Several
+//! endpoints: a call that cannot reach the current one drops its connection and the next call
+//! connects to the next endpoint in turn; callers (registration, the uptime queue, the contract
+//! poll) retry with their own backoff.
 //!
 //! A write succeeds only once its extrinsic is in a block and did not fail (its events are
 //! read); a dispatch error is named by the pallet and error from the metadata
@@ -17,7 +18,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use ed25519_dalek::VerifyingKey;
 use subxt::dynamic::{At, Value};
 use subxt::tx::TxStatus;
 use subxt::utils::{AccountId32, MultiSignature};
@@ -25,6 +25,7 @@ use subxt::{OnlineClient, PolkadotConfig};
 use tracing::{info, warn};
 
 use super::*;
+use crate::identity::SignatureType;
 
 pub type Client = OnlineClient<PolkadotConfig>;
 pub type DynamicCall = subxt::tx::DynamicPayload;
@@ -45,7 +46,8 @@ const RESOURCE_REPORT_BATCH: usize = 64;
 pub const TC_LINK: &str = "https://library.threefold.me/info/legal/#/";
 pub const TC_HASH: &str = "gridnode-node-agent";
 
-/// Signs extrinsics with an ed25519 key (the node's, or a user twin's).
+/// Signs extrinsics with a key of ours (the node's ed25519 key, or a user twin's ed25519 or
+/// sr25519 key): the signature is the `MultiSignature` variant of the key's scheme.
 pub struct ChainSigner<'a>(pub &'a KeyPair);
 
 impl subxt::tx::Signer<PolkadotConfig> for ChainSigner<'_> {
@@ -53,12 +55,16 @@ impl subxt::tx::Signer<PolkadotConfig> for ChainSigner<'_> {
         AccountId32(self.0.public().to_bytes())
     }
     fn sign(&self, signer_payload: &[u8]) -> MultiSignature {
-        MultiSignature::Ed25519(self.0.sign(signer_payload))
+        let sig = self.0.sign(signer_payload);
+        match self.0.scheme() {
+            SignatureType::Ed25519 => MultiSignature::Ed25519(sig),
+            SignatureType::Sr25519 => MultiSignature::Sr25519(sig),
+        }
     }
 }
 
-/// The chain account of an ed25519 key (its public key).
-pub fn account_of(key: &VerifyingKey) -> AccountId32 {
+/// The chain account of a key (its public key, whatever its scheme).
+pub fn account_of(key: &PublicKey) -> AccountId32 {
     AccountId32(key.to_bytes())
 }
 
@@ -348,6 +354,86 @@ impl TfchainRegistrar {
             return Ok(None);
         };
         parse_node(&v).map(Some)
+    }
+}
+
+impl TfchainRegistrar {
+    /// Sends an uptime report; done once it is in a block with its `NodeUptimeReported` event,
+    /// whose fields it returns (`None`: the event is there but not in the shape this runtime
+    /// gives it, `(node_id, timestamp, uptime)`).
+    ///
+    /// The chain takes a report only with a timestamp hint within 60 s of its clock, and the
+    /// grid's minting compares the uptime with the chain's time of the report (the event's
+    /// timestamp), so a report is brought to the time it is sent: the uptime it had plus the
+    /// time it waited in the queue (chain down; by the node's clock, as when it was queued),
+    /// never more than the host's uptime now (after a reboot); the hint is now (the chain's
+    /// time when the node's clock is more than 30 s off it).
+    pub async fn send_uptime(
+        &self,
+        key: &KeyPair,
+        report: &UptimeReport,
+    ) -> Result<Option<UptimeReported>, RegistrarError> {
+        let node_now = crate::auth::now_unix();
+        let mut hint = node_now;
+        if let Ok(Some(chain_now)) = self.chain_time().await {
+            if (chain_now - node_now).abs() > 30 {
+                warn!(
+                    "the node's clock is {} s off the chain's: using the chain's time",
+                    node_now - chain_now
+                );
+                hint = chain_now;
+            }
+        }
+        let uptime = uptime_when_sent(report, node_now, crate::uptime::host_uptime().ok());
+        let events = self
+            .submit(key, &report_uptime_v2(uptime, hint.max(0) as u64))
+            .await?;
+        let Some(event) = events
+            .iter()
+            .flatten()
+            .find(|e| e.pallet_name() == TFGRID && e.variant_name() == "NodeUptimeReported")
+        else {
+            return Err(RegistrarError::Unreachable(
+                "reportUptimeV2 is in a block but without a NodeUptimeReported event".into(),
+            ));
+        };
+        Ok(event
+            .field_values()
+            .ok()
+            .and_then(|v| UptimeReported::from_fields(&v)))
+    }
+}
+
+/// The uptime a report carries when it is sent at `now` (the node's clock, as the report's
+/// timestamp): the uptime it had plus the time it waited in the queue, never more than the
+/// host's uptime now (`host`; after a reboot the queued uptime no longer holds).
+pub fn uptime_when_sent(report: &UptimeReport, now: i64, host: Option<u64>) -> u64 {
+    let waited = u64::try_from(now.saturating_sub(report.timestamp)).unwrap_or(0);
+    let uptime = report.uptime.saturating_add(waited);
+    host.map_or(uptime, |h| uptime.min(h))
+}
+
+/// A `NodeUptimeReported(node_id, timestamp, uptime)` event: the node, the chain's time of the
+/// report (unix seconds) and the uptime it reported (seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UptimeReported {
+    pub node_id: NodeId,
+    pub timestamp: u64,
+    pub uptime: u64,
+}
+
+impl UptimeReported {
+    /// From the event's fields (three numbers, in that order).
+    pub fn from_fields(v: &subxt::ext::scale_value::Composite<u32>) -> Option<Self> {
+        let f: Vec<u128> = v.values().map(num).collect::<Option<_>>()?;
+        let [node_id, timestamp, uptime] = f.as_slice() else {
+            return None;
+        };
+        Some(Self {
+            node_id: u32::try_from(*node_id).ok()?,
+            timestamp: u64::try_from(*timestamp).ok()?,
+            uptime: u64::try_from(*uptime).ok()?,
+        })
     }
 }
 
@@ -778,7 +864,7 @@ impl Registrar for TfchainRegistrar {
         }))
     }
 
-    async fn twin_by_key(&self, key: &VerifyingKey) -> Result<Option<Twin>, RegistrarError> {
+    async fn twin_by_key(&self, key: &PublicKey) -> Result<Option<Twin>, RegistrarError> {
         match self.twin_id_of(&account_of(key)).await? {
             Some(id) => self.twin(id).await,
             None => Ok(None),
@@ -915,39 +1001,61 @@ impl Registrar for TfchainRegistrar {
         &self,
         key: &KeyPair,
         _twin: TwinId,
-        _node: NodeId,
+        node: NodeId,
         report: &UptimeReport,
     ) -> Result<(), RegistrarError> {
-        // The chain takes a report only with a timestamp hint within 60 s of its clock, so a
-        // report that waited in the queue (chain down) is brought to now: the uptime it had
-        // plus the time since, and never more than the host's uptime now (after a reboot).
-        let mut now = crate::auth::now_unix();
-        if let Ok(Some(chain_now)) = self.chain_time().await {
-            if (chain_now - now).abs() > 30 {
-                warn!(
-                    "the node's clock is {} s off the chain's: using the chain's time",
-                    now - chain_now
-                );
-                now = chain_now;
-            }
-        }
-        let (mut uptime, mut hint) = (report.uptime, report.timestamp);
-        if (now - hint).abs() > 30 {
-            let late = (now - hint).max(0) as u64;
-            uptime = uptime.saturating_add(late);
-            if let Ok(host) = crate::uptime::host_uptime() {
-                uptime = uptime.min(host);
-            }
-            hint = now;
-        }
-        let events = self
-            .submit(key, &report_uptime_v2(uptime, hint.max(0) as u64))
-            .await?;
-        if !has_event(&events, TFGRID, "NodeUptimeReported") {
-            return Err(RegistrarError::Unreachable(
-                "reportUptimeV2 is in a block but without a NodeUptimeReported event".into(),
-            ));
+        match self.send_uptime(key, report).await? {
+            Some(r) if r.node_id != node => warn!(
+                "the chain took an uptime report for node {} (this node is {node})",
+                r.node_id
+            ),
+            Some(r) => info!(
+                node = r.node_id,
+                uptime = r.uptime,
+                timestamp = r.timestamp,
+                "uptime report in a block"
+            ),
+            None => warn!("NodeUptimeReported has fields this agent does not read"),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report sent when it is made carries its uptime; one that waited (the chain down)
+    /// carries its uptime plus the wait, whatever the wait (the grid's minting compares the
+    /// uptime with the chain's time of the report); never more than the host's uptime now.
+    #[test]
+    fn a_queued_report_carries_the_uptime_at_the_time_it_is_sent() {
+        let r = UptimeReport {
+            uptime: 1000,
+            timestamp: 50_000,
+        };
+        assert_eq!(uptime_when_sent(&r, 50_000, Some(1000)), 1000);
+        for waited in [1, 10, 29, 31, 600, 86_400] {
+            assert_eq!(
+                uptime_when_sent(&r, 50_000 + waited, Some(1_000_000)),
+                1000 + waited as u64,
+                "after {waited} s"
+            );
+        }
+        // After a reboot: the host's uptime now.
+        assert_eq!(uptime_when_sent(&r, 50_600, Some(120)), 120);
+        // A clock that went back: no time waited.
+        assert_eq!(uptime_when_sent(&r, 49_000, None), 1000);
+        assert_eq!(
+            uptime_when_sent(
+                &UptimeReport {
+                    uptime: u64::MAX,
+                    timestamp: i64::MIN
+                },
+                i64::MAX,
+                None
+            ),
+            u64::MAX
+        );
     }
 }
