@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::{artifacts, microvm, Job};
 
 /// RFC 7748's X25519 test keys, base64 (node A has Alice's, node B Bob's). Scripts name them
@@ -70,11 +70,7 @@ pub fn agent_job(
 ) -> Result<Job> {
     let kernel = artifacts::guest_kernel()?;
     let init = artifacts::guest_init()?;
-    let scratch = artifacts::target_dir().join("e2e-scratch").join(name);
-    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
-        context: format!("creating {}", scratch.display()),
-        source,
-    })?;
+    let scratch = crate::artifacts::scratch_dir(name)?;
     let initrd = scratch.join("initrd.cpio");
     microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?.write_file(&initrd)?;
     let target = artifacts::target_dir().join(profile);

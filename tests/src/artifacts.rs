@@ -42,6 +42,16 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target"))
 }
 
+/// A test's scratch directory, `<target>/e2e-scratch/<name>`, made if missing.
+pub fn scratch_dir(name: &str) -> Result<PathBuf> {
+    let dir = target_dir().join("e2e-scratch").join(name);
+    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+        context: format!("creating {}", dir.display()),
+        source,
+    })?;
+    Ok(dir)
+}
+
 /// The guest kernel, building it (about 10 minutes on 2 cores) if not cached.
 /// `Error::Missing` when the kernel sources are not installed.
 pub fn guest_kernel() -> Result<GuestKernel> {

@@ -43,13 +43,7 @@ pub fn guest_initramfs(init: &Path, busybox: &Path) -> Result<Archive> {
 pub fn probe_initramfs(test: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     let init = crate::artifacts::guest_init()?;
     let probe = crate::artifacts::guest_program("vsock-probe")?;
-    let scratch = crate::artifacts::target_dir()
-        .join("e2e-scratch")
-        .join(test);
-    std::fs::create_dir_all(&scratch).map_err(|source| crate::Error::Io {
-        context: format!("creating {}", scratch.display()),
-        source,
-    })?;
+    let scratch = crate::artifacts::scratch_dir(test)?;
     let initrd = scratch.join("initrd.cpio");
     let mut archive = guest_initramfs(&init, Path::new("/bin/busybox"))?;
     archive.file("bin/vsock-probe", 0o755, Contents::HostFile(probe.clone()))?;

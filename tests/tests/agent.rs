@@ -112,11 +112,7 @@ fn agent_deploys_updates_survives_crashes_and_deletes() -> Result<(), Error> {
         return Ok(());
     };
     let init = artifacts::guest_init()?;
-    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
-    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
-        context: format!("creating {}", scratch.display()),
-        source,
-    })?;
+    let scratch = artifacts::scratch_dir(test)?;
     let initrd = scratch.join("initrd.cpio");
     microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?.write_file(&initrd)?;
     let target = artifacts::target_dir();

@@ -50,11 +50,7 @@ fn guest_initrd(test: &str) -> Result<PathBuf, Error> {
             )?;
         }
     }
-    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
-    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
-        context: format!("creating {}", scratch.display()),
-        source,
-    })?;
+    let scratch = artifacts::scratch_dir(test)?;
     let initrd = scratch.join("initrd.cpio");
     archive.write_file(&initrd)?;
     Ok(initrd)
@@ -223,11 +219,7 @@ fn a_missing_or_too_small_image_stops_the_vmm_at_start_naming_it() -> Result<(),
         return Ok(());
     };
     let vmm = artifacts::vmm_binary()?;
-    let dir = artifacts::target_dir().join("e2e-scratch").join(test);
-    std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
-        context: format!("creating {}", dir.display()),
-        source,
-    })?;
+    let dir = artifacts::scratch_dir(test)?;
     let small = dir.join("small.img");
     std::fs::write(&small, [0u8; 100]).map_err(|source| Error::Io {
         context: "writing the small image".into(),

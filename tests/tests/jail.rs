@@ -51,11 +51,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
     let vmm = artifacts::vmm_binary()?;
     let flist = workspace_binary("flist", "FLIST_BIN")?;
     let init = artifacts::guest_init()?;
-    let scratch = artifacts::target_dir().join("e2e-scratch").join(test);
-    std::fs::create_dir_all(&scratch).map_err(|source| Error::Io {
-        context: format!("creating {}", scratch.display()),
-        source,
-    })?;
+    let scratch = artifacts::scratch_dir(test)?;
     let initrd = scratch.join("initrd.cpio");
     microvm::guest_initramfs(&init, std::path::Path::new("/bin/busybox"))?.write_file(&initrd)?;
 
