@@ -11,7 +11,12 @@
 //!   with other names in the image is copied once, its other names link to the copy;
 //! - removals (whiteouts put in place atomically), renames ([`rename`]: files and
 //!   directories, a moved image directory keeps its entries through a redirect);
-//! - the check of a layer after a crash ([`check`]).
+//! - the check of a layer after a crash ([`check`]);
+//! - requests served at once (one thread per request queue): a change of names holds the lock
+//!   of the directory it changes (one of [`DIR_LOCKS`], by host inode number) under a shared
+//!   tree lock that a rename takes exclusively; a copy-up holds the lock of the directory its
+//!   copy goes into, so a large copy-up holds up changes in that directory only. Lookups take
+//!   no lock (they wait for a copy-up only when they meet its copy half put in place).
 //!
 //! Everything the guest asks of the upper directory goes through the passthrough behind the
 //! layer's [`Guard`] (no devices, no setuid, guest attributes under `user.gridnode.`, quota,
@@ -36,7 +41,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use flist_fs::fs::FlistFs;
@@ -60,6 +65,9 @@ const LOWER_HANDLE: u64 = 1 << 63;
 /// How long the guest may cache entries and attributes (as the passthrough's `Auto`).
 const TIMEOUT: Duration = Duration::from_secs(1);
 const WRITE_FLAGS: u32 = (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC) as u32;
+/// How many locks guard the names of directories (a directory's is picked by its host inode
+/// number): changes in different directories rarely wait for each other.
+const DIR_LOCKS: usize = 64;
 
 fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
@@ -113,20 +121,40 @@ pub struct Layer {
     inodes: Inodes,
     dirs: Mutex<HashMap<u64, Arc<Vec<Item>>>>,
     next_dir: AtomicU64,
-    /// Held by every change of the tree's names (copy-ups included): they are made one at a
-    /// time.
-    changes: Mutex<()>,
+    /// Held shared by every change of the tree's names (copy-ups included), exclusively by a
+    /// rename: a rename sees no other change under way (renames are rare, and move names
+    /// between directories and nodes between parents).
+    tree: RwLock<()>,
+    /// A change of names in a directory (an entry made, removed, or copied up into it) holds
+    /// that directory's lock, under `tree`: what it saw at the name stays so until it is done.
+    /// A request holds one directory lock at a time (two, in index order, for rmdir); copy-ups
+    /// of a directory's parents are made before its lock is taken.
+    dir_locks: [Mutex<()>; DIR_LOCKS],
+    /// Held (under a directory lock) while a copy-up of an image file with several names links
+    /// its copy into the index, so two of its names copied up at once share one copy.
+    index_lock: Mutex<()>,
     staged: AtomicU64,
     /// When an unexpected failure was last logged (rate limit).
     last_log: Mutex<Option<Instant>>,
-    /// Tests: run once with the node a request found for an upper inode it looked up, as a
-    /// request on another queue (a FORGET) may run at that moment.
+    /// Tests: what runs once when a request reaches a point (see [`Point`]), as a request on
+    /// another queue may run at that moment.
     #[cfg(test)]
-    on_found: Mutex<Option<FoundHook>>,
+    hooks: Mutex<Vec<(Point, Hook)>>,
+}
+
+/// Tests: points of a request where another request may be served meanwhile.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Point {
+    /// A lookup found the node of the upper inode it looked up (given: the node).
+    FoundUpper,
+    /// A lookup saw only the image's entry at the name, and takes its node next (given: the
+    /// image inode).
+    LowerOnly,
 }
 
 #[cfg(test)]
-type FoundHook = Box<dyn FnOnce(&Layer, u64) + Send>;
+type Hook = Box<dyn FnOnce(&Layer, u64) + Send>;
 
 impl Layer {
     /// The layer over `image` whose upper directory `root` is served by `upper`; `work` is
@@ -155,23 +183,29 @@ impl Layer {
             inodes,
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
-            changes: Mutex::new(()),
+            tree: RwLock::new(()),
+            dir_locks: std::array::from_fn(|_| Mutex::new(())),
+            index_lock: Mutex::new(()),
             staged: AtomicU64::new(0),
             last_log: Mutex::new(None),
             #[cfg(test)]
-            on_found: Mutex::new(None),
+            hooks: Mutex::new(Vec::new()),
         }
     }
 
-    /// Tests: runs `hook` with the next node found for an upper inode (see `on_found`).
+    /// Tests: runs `hook` the next time a request reaches `at`.
     #[cfg(test)]
-    fn when_found(&self, hook: impl FnOnce(&Layer, u64) + Send + 'static) {
-        *self.on_found.lock().unwrap() = Some(Box::new(hook));
+    fn when(&self, at: Point, hook: impl FnOnce(&Layer, u64) + Send + 'static) {
+        self.hooks.lock().unwrap().push((at, Box::new(hook)));
     }
 
     #[cfg(test)]
-    fn found(&self, id: u64) {
-        let hook = self.on_found.lock().unwrap().take();
+    fn reached(&self, at: Point, id: u64) {
+        let hook = {
+            let mut hooks = self.hooks.lock().unwrap();
+            let i = hooks.iter().position(|(p, _)| *p == at);
+            i.map(|i| hooks.remove(i).1)
+        };
         if let Some(hook) = hook {
             hook(self, id);
         }
@@ -183,6 +217,7 @@ impl Layer {
             lower_path: Vec::new(),
             upper: Some(ROOT_ID),
             upper_dir: Some(root.clone()),
+            dir_ino: host::stat_fd(root).map_or(0, |st| st.st_ino),
             device: None,
             indexed: false,
             parent: ROOT_ID,
@@ -190,8 +225,44 @@ impl Layer {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    /// The tree lock, shared: held by a request that changes names (not a rename), taken
+    /// first and once.
+    fn changing(&self) -> RwLockReadGuard<'_, ()> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tree lock, exclusive: held by a rename.
+    fn renaming(&self) -> RwLockWriteGuard<'_, ()> {
+        self.tree.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir_lock_index(dir_ino: u64) -> usize {
+        (dir_ino % DIR_LOCKS as u64) as usize
+    }
+
+    /// The lock of the upper directory whose state is `dir` (see `dir_locks`).
+    fn dir_lock(&self, dir: &NodeState) -> MutexGuard<'_, ()> {
+        self.dir_locks[Self::dir_lock_index(dir.dir_ino)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The locks of the upper directories with host inode numbers `a` and `b`, taken in index
+    /// order (one lock when both are guarded by the same).
+    fn dir_locks_of(&self, a: u64, b: u64) -> (MutexGuard<'_, ()>, Option<MutexGuard<'_, ()>>) {
+        let (i, j) = (Self::dir_lock_index(a), Self::dir_lock_index(b));
+        let lock = |k: usize| self.dir_locks[k].lock().unwrap_or_else(|p| p.into_inner());
+        match i.cmp(&j) {
+            std::cmp::Ordering::Equal => (lock(i), None),
+            std::cmp::Ordering::Less => {
+                let first = lock(i);
+                (first, Some(lock(j)))
+            }
+            std::cmp::Ordering::Greater => {
+                let first = lock(j);
+                (first, Some(lock(i)))
+            }
+        }
     }
 
     /// Logs an unexpected failure (at most one a second); the guest gets its errno.
@@ -358,6 +429,7 @@ impl Layer {
             lower_path,
             upper: Some(upper),
             upper_dir: Some(Arc::new(fd)),
+            dir_ino: found.st_ino,
             device: None,
             indexed: false,
             parent: 0,
@@ -379,7 +451,7 @@ impl Layer {
         let mut kind = e.attr.st_mode & libc::S_IFMT;
         if let Some(node) = self.inodes.find_and_ref(Key::Upper(e.inode)) {
             #[cfg(test)]
-            self.found(node.id);
+            self.reached(Point::FoundUpper, node.id);
             self.upper.forget(ctx, e.inode, 1);
             let attr = Self::present(&node.state(), e.attr);
             return Ok((node, attr));
@@ -443,7 +515,8 @@ impl Layer {
     }
 
     /// Looks `name` up in directory `parent`: its node (one more lookup) and attributes.
-    /// `locked`: the caller holds the change lock.
+    /// `locked`: the caller holds the tree lock (then neither waits for a copy-up nor links
+    /// an image file's other name to its copy).
     fn lookup_node(
         &self,
         ctx: &Context,
@@ -464,8 +537,10 @@ impl Layer {
                     .is_some_and(|n| n.state().upper.is_none());
                 if copying {
                     // The image object's copy may be in place with its node not yet moved
-                    // to it: the copy-up ends first, so both are one node.
-                    drop(self.lock());
+                    // to it: the copy-up (under the directory's lock) ends first, so both are
+                    // one node.
+                    let _tree = self.changing();
+                    drop(self.dir_lock(&pst));
                 }
             }
             let upper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
@@ -476,11 +551,13 @@ impl Layer {
             return Err(errno(libc::ENOENT));
         };
         let kind = lst.st_mode & libc::S_IFMT;
+        #[cfg(test)]
+        self.reached(Point::LowerOnly, lino);
         if kind == libc::S_IFREG && lst.st_nlink > 1 && !locked && self.indexed(lino) {
             // Another name of this image file was copied up: this one links to the copy.
-            let _changes = self.lock();
+            let _tree = self.changing();
             let linked = self.link_alias(ctx, parent, name, lino);
-            drop(_changes);
+            drop(_tree);
             if let Some(found) = linked? {
                 return Ok(found);
             }
@@ -492,6 +569,7 @@ impl Layer {
                 lower_path: Self::join(&pst.lower_path, name),
                 upper: None,
                 upper_dir: None,
+                dir_ino: 0,
                 device: None,
                 indexed: false,
                 parent: parent.id,
@@ -568,6 +646,7 @@ impl Layer {
             return Ok(None);
         };
         let pst = self.ensure_upper(ctx, parent)?;
+        let _dir = self.dir_lock(&pst);
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let peek = self.peek(ctx, &pst, name)?;
         if peek.upper.is_some() || peek.whiteout || peek.lower.map(|(i, _)| i) != Some(lino) {
@@ -584,20 +663,27 @@ impl Layer {
     }
 
     /// Makes sure `node` is in the upper directory (copying it up, and its directories first);
-    /// its state after. The caller holds the change lock.
+    /// its state after. The caller holds the tree lock and no directory lock: each copy-up
+    /// holds the lock of the directory it puts its copy in.
     fn ensure_upper(&self, ctx: &Context, node: &Node) -> io::Result<NodeState> {
         let st = node.state().clone();
         if st.upper.is_some() {
             return Ok(st);
         }
-        let lower = st.lower.ok_or_else(|| errno(libc::EIO))?;
         let parent = self.node(st.parent)?;
         let pst = self.ensure_upper(ctx, &parent)?;
+        let _dir = self.dir_lock(&pst);
+        // Copied up meanwhile by another request?
+        let st = node.state().clone();
+        if st.upper.is_some() {
+            return Ok(st);
+        }
+        let lower = st.lower.ok_or_else(|| errno(libc::EIO))?;
         let dir = pst.upper_dir.clone().ok_or_else(|| errno(libc::EIO))?;
         let pupper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
-        // The name must still be this image object's.
+        // The name must still be this image object's, or its copy's.
         let peek = self.peek(ctx, &pst, &st.name)?;
-        if peek.upper.is_some() || peek.whiteout {
+        if peek.whiteout {
             return Err(errno(libc::ESTALE));
         }
         let (lst, _) = self.image.getattr(ctx, lower, None)?;
@@ -607,15 +693,25 @@ impl Layer {
         } else {
             None
         };
-        let linked = match index {
-            Some(index) => {
+        let _index = index.map(|_| self.index_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        let linked = match (index, &peek.upper) {
+            (_, Some(found)) => {
+                // Copied up already under another node of this image object (a lookup made
+                // this node while the copy went in, or linked another name of a hard-linked
+                // image file to its copy): this node is that copy too.
+                if !self.is_copy_of(ctx, pupper, &st.name, found, lower, index)? {
+                    return Err(errno(libc::ESTALE));
+                }
+                true
+            }
+            (Some(index), None) => {
                 match host::link_at(index, &whiteout::index_name(lower), &dir, &st.name) {
                     Ok(()) => true,
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
                     Err(e) => return Err(e),
                 }
             }
-            None => false,
+            (None, None) => false,
         };
         if !linked {
             self.copy_up.place(ctx, lower, &lst, &dir, &st.name)?;
@@ -631,11 +727,17 @@ impl Layer {
         } else {
             None
         };
+        let dir_ino = if upper_dir.is_some() {
+            e.attr.st_ino
+        } else {
+            0
+        };
         let existing = self.inodes.find(Key::Upper(e.inode));
         {
             let mut s = node.state();
             s.upper = Some(e.inode);
             s.upper_dir = upper_dir;
+            s.dir_ino = dir_ino;
             if matches!(kind, libc::S_IFCHR | libc::S_IFBLK) {
                 s.device = Some((kind, lst.st_rdev as u32));
             }
@@ -655,13 +757,41 @@ impl Layer {
         Ok(node.state().clone())
     }
 
-    /// [`Self::ensure_upper`] under the change lock, when not in the upper directory yet.
+    /// Whether the upper entry `name` (host attributes `found`) of the upper directory with
+    /// passthrough inode `pupper` is the copy of image object `lower`: a node of the copy came
+    /// from that object, or (a file with several image names) the index holds it as the copy.
+    fn is_copy_of(
+        &self,
+        ctx: &Context,
+        pupper: u64,
+        name: &CStr,
+        found: &libc::stat64,
+        lower: u64,
+        index: Option<&OwnedFd>,
+    ) -> io::Result<bool> {
+        if let Some(index) = index {
+            if let Ok(Some(copy)) = host::stat_at(index, &whiteout::index_name(lower)) {
+                if copy.st_ino == found.st_ino && copy.st_dev == found.st_dev {
+                    return Ok(true);
+                }
+            }
+        }
+        let e = self.upper.lookup(ctx, pupper, name)?;
+        let same = self
+            .inodes
+            .find(Key::Upper(e.inode))
+            .is_some_and(|n| n.state().lower == Some(lower));
+        self.upper.forget(ctx, e.inode, 1);
+        Ok(same)
+    }
+
+    /// [`Self::ensure_upper`] under the tree lock, when not in the upper directory yet.
     fn copied_up(&self, ctx: &Context, node: &Node) -> io::Result<NodeState> {
         let st = node.state().clone();
         if st.upper.is_some() {
             return Ok(st);
         }
-        let _changes = self.lock();
+        let _tree = self.changing();
         self.logged("copy-up", self.ensure_upper(ctx, node))
     }
 
@@ -800,29 +930,49 @@ impl Layer {
         }
     }
 
-    /// A directory's name is free for a new object: its directory in the upper directory,
-    /// and whether a whiteout was removed from the name (then a new directory must be
-    /// opaque). The caller holds the change lock.
-    fn prepare_create(
+    /// The state of directory `parent`, with its upper directory made (copying it up, and its
+    /// parents, when not there yet) for a change of `name`. When a copy-up is needed, `check`
+    /// is asked first about what is at the name, so a change that fails copies nothing up.
+    /// The caller holds the tree lock and no directory lock; it takes the directory's lock
+    /// next and looks at the name again under it.
+    fn dir_for_change(
         &self,
         ctx: &Context,
         parent: &Node,
         name: &CStr,
-    ) -> io::Result<(NodeState, bool)> {
+        check: impl Fn(&Peek) -> io::Result<()>,
+    ) -> io::Result<NodeState> {
         if !parent.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
         let pst = parent.state().clone();
-        let peek = self.peek(ctx, &pst, name)?;
-        if peek.exists() {
-            return Err(errno(libc::EEXIST));
+        if pst.upper.is_some() {
+            return Ok(pst);
         }
-        let pst = self.ensure_upper(ctx, parent)?;
+        check(&self.peek(ctx, &pst, name)?)?;
+        self.logged("copy-up", self.ensure_upper(ctx, parent))
+    }
+
+    /// A new object's name: free in the merged view.
+    fn nothing_at(peek: &Peek) -> io::Result<()> {
+        if peek.exists() {
+            Err(errno(libc::EEXIST))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Makes `name` in upper directory `pst` (whose lock the caller holds) free for a new
+    /// object: EEXIST when the merged view shows one there; a whiteout there is removed, and
+    /// then `true` (a new directory must be opaque).
+    fn free_name(&self, ctx: &Context, pst: &NodeState, name: &CStr) -> io::Result<bool> {
+        let peek = self.peek(ctx, pst, name)?;
+        Self::nothing_at(&peek)?;
         if peek.whiteout {
             let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
             host::unlink_at(dir, name, false)?;
         }
-        Ok((pst, peek.whiteout))
+        Ok(peek.whiteout)
     }
 
     /// The entry of `name` in `parent` just made (`fresh`: by the passthrough, so not a device
@@ -1021,8 +1171,10 @@ impl FileSystem for Layer {
         name: &CStr,
     ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let (pst, _) = self.prepare_create(ctx, &parent, name)?;
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
+        let _dir = self.dir_lock(&pst);
+        self.free_name(ctx, &pst, name)?;
         let e = self
             .upper
             .symlink(ctx, linkname, Self::upper_of(&pst)?, name)?;
@@ -1039,8 +1191,10 @@ impl FileSystem for Layer {
         umask: u32,
     ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let (pst, _) = self.prepare_create(ctx, &parent, name)?;
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
+        let _dir = self.dir_lock(&pst);
+        self.free_name(ctx, &pst, name)?;
         let upper = Self::upper_of(&pst)?;
         let device = matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK);
         let e = if device {
@@ -1065,8 +1219,10 @@ impl FileSystem for Layer {
         umask: u32,
     ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let (pst, over_whiteout) = self.prepare_create(ctx, &parent, name)?;
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
+        let _dir = self.dir_lock(&pst);
+        let over_whiteout = self.free_name(ctx, &pst, name)?;
         let e = self
             .upper
             .mkdir(ctx, Self::upper_of(&pst)?, name, mode, umask)?;
@@ -1088,16 +1244,20 @@ impl FileSystem for Layer {
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let pst = parent.state().clone();
+        let check = |peek: &Peek| {
+            if !peek.exists() {
+                Err(errno(libc::ENOENT))
+            } else if peek.kind() == libc::S_IFDIR {
+                Err(errno(libc::EISDIR))
+            } else {
+                Ok(())
+            }
+        };
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, check)?;
+        let _dir = self.dir_lock(&pst);
         let peek = self.peek(ctx, &pst, name)?;
-        if !peek.exists() {
-            return Err(errno(libc::ENOENT));
-        }
-        if peek.kind() == libc::S_IFDIR {
-            return Err(errno(libc::EISDIR));
-        }
-        let pst = self.logged("copy-up", self.ensure_upper(ctx, &parent))?;
+        check(&peek)?;
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let r = match (&peek.upper, &peek.lower) {
             (Some(st), Some(_)) => self
@@ -1111,19 +1271,38 @@ impl FileSystem for Layer {
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let pst = parent.state().clone();
-        let peek = self.peek(ctx, &pst, name)?;
-        if !peek.exists() {
-            return Err(errno(libc::ENOENT));
-        }
-        if peek.kind() != libc::S_IFDIR {
-            return Err(errno(libc::ENOTDIR));
-        }
+        let check = |peek: &Peek| {
+            if !peek.exists() {
+                Err(errno(libc::ENOENT))
+            } else if peek.kind() != libc::S_IFDIR {
+                Err(errno(libc::ENOTDIR))
+            } else {
+                Ok(())
+            }
+        };
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, check)?;
+        // The directory removed is locked too: nothing is made in it while it goes.
+        let mut tries = 0;
+        let (peek, _locks) = loop {
+            let seen = self.peek(ctx, &pst, name)?;
+            check(&seen)?;
+            let victim = seen.upper.map_or(pst.dir_ino, |st| st.st_ino);
+            let locks = self.dir_locks_of(pst.dir_ino, victim);
+            let peek = self.peek(ctx, &pst, name)?;
+            check(&peek)?;
+            if peek.upper.map(|st| st.st_ino) == seen.upper.map(|st| st.st_ino) {
+                break (peek, locks);
+            }
+            // Replaced between the two looks (the guest's own race): look again.
+            tries += 1;
+            if tries == 8 {
+                return Err(errno(libc::EBUSY));
+            }
+        };
         if !self.is_empty_dir(ctx, &pst, name, &peek)? {
             return Err(errno(libc::ENOTEMPTY));
         }
-        let pst = self.logged("copy-up", self.ensure_upper(ctx, &parent))?;
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let r = match (&peek.upper, &peek.lower) {
             (Some(st), Some(_)) => self.whiteout_over(dir, name, true).map(|()| self.freed(st)),
@@ -1159,9 +1338,18 @@ impl FileSystem for Layer {
             return Err(errno(libc::EPERM));
         }
         let parent = self.node(newparent)?;
-        let _changes = self.lock();
-        let (pst, _) = self.prepare_create(ctx, &parent, newname)?;
+        let _tree = self.changing();
+        if node.state().upper.is_none() {
+            // A link that fails copies nothing up.
+            if !parent.is_dir() {
+                return Err(errno(libc::ENOTDIR));
+            }
+            Self::nothing_at(&self.peek(ctx, &parent.state().clone(), newname)?)?;
+        }
         let st = self.logged("copy-up", self.ensure_upper(ctx, &node))?;
+        let pst = self.dir_for_change(ctx, &parent, newname, Self::nothing_at)?;
+        let _dir = self.dir_lock(&pst);
+        self.free_name(ctx, &pst, newname)?;
         let upper = Self::upper_of(&st)?;
         let e = self
             .upper
@@ -1203,38 +1391,47 @@ impl FileSystem for Layer {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         let pnode = self.node(parent)?;
-        if !pnode.is_dir() {
-            return Err(errno(libc::ENOTDIR));
-        }
-        let _changes = self.lock();
-        let pst = pnode.state().clone();
+        // An image object at the name: only a file opened without O_EXCL is (copied up and)
+        // opened. Anything in the upper directory: the passthrough opens it as the host would
+        // (O_EXCL, O_NOFOLLOW and O_TRUNC apply).
+        let check = |peek: &Peek| match (&peek.upper, &peek.lower) {
+            (None, Some((_, lst))) => {
+                if args.flags & libc::O_EXCL as u32 != 0 {
+                    return Err(errno(libc::EEXIST));
+                }
+                match lst.st_mode & libc::S_IFMT {
+                    libc::S_IFREG => Ok(()),
+                    libc::S_IFDIR => Err(errno(libc::EISDIR)),
+                    libc::S_IFLNK => Err(errno(libc::ELOOP)),
+                    _ => Err(errno(libc::EEXIST)),
+                }
+            }
+            _ => Ok(()),
+        };
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &pnode, name, check)?;
+        let dir = self.dir_lock(&pst);
         let peek = self.peek(ctx, &pst, name)?;
+        check(&peek)?;
         let fresh = !peek.exists();
-        let pst = if peek.upper.is_some() {
-            // There already: the passthrough opens it as the host would (O_EXCL, O_NOFOLLOW
-            // and O_TRUNC apply).
-            pst
-        } else if let Some((_, lst)) = &peek.lower {
-            if args.flags & libc::O_EXCL as u32 != 0 {
-                return Err(errno(libc::EEXIST));
-            }
-            match lst.st_mode & libc::S_IFMT {
-                libc::S_IFREG => {}
-                libc::S_IFDIR => return Err(errno(libc::EISDIR)),
-                libc::S_IFLNK => return Err(errno(libc::ELOOP)),
-                _ => return Err(errno(libc::EEXIST)),
-            }
-            // An image file opened by CREATE: copied up, then opened in the layer.
+        if peek.upper.is_none() && peek.lower.is_some() {
+            // An image file opened by CREATE: copied up (the copy-up takes the directory's
+            // lock itself), then opened in the layer.
+            drop(dir);
             let (node, _) = self.lookup_node(ctx, &pnode, name, true)?;
             let copied = self.logged("copy-up", self.ensure_upper(ctx, &node));
             FileSystem::forget(self, ctx, node.id, 1);
             copied?;
-            pnode.state().clone()
-        } else {
-            self.prepare_create(ctx, &pnode, name)?.0
-        };
+            let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
+            return Ok((self.created(ctx, &pnode, name, e, false)?, h, opts, x));
+        } else if peek.whiteout {
+            let fd = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+            host::unlink_at(fd, name, false)?;
+        }
         let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
-        Ok((self.created(ctx, &pnode, name, e, fresh)?, h, opts, x))
+        let entry = self.created(ctx, &pnode, name, e, fresh)?;
+        drop(dir);
+        Ok((entry, h, opts, x))
     }
 
     #[allow(clippy::too_many_arguments)]
