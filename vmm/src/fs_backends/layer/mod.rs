@@ -9,8 +9,10 @@
 //! - copy-up before any change of an image object: made whole in `work/` with the object's
 //!   owner, mode, times and attributes, within the quota, then renamed in (`copy_up`); a file
 //!   with other names in the image is copied once, its other names link to the copy;
-//! - removals (whiteouts put in place atomically), renames ([`rename`]: files and
-//!   directories, a moved image directory keeps its entries through a redirect);
+//! - removals (whiteouts put in place atomically), new objects where the guest removed an
+//!   image entry (made whole in `work/` and swapped with the whiteout: `make_staged`), renames
+//!   ([`rename`]: files and directories, a moved image directory keeps its entries through a
+//!   redirect);
 //! - the check of a layer after a crash ([`check`]);
 //! - requests served at once (one thread per request queue): a change of names holds the lock
 //!   of the directory it changes (one of [`DIR_LOCKS`], by host inode number) under a shared
@@ -151,10 +153,30 @@ enum Point {
     /// A lookup saw only the image's entry at the name, and takes its node next (given: the
     /// image inode).
     LowerOnly,
+    /// A new object is whole in `work/`, and is renamed in next.
+    Staged,
 }
 
 #[cfg(test)]
 type Hook = Box<dyn FnOnce(&Layer, u64) + Send>;
+
+/// A new object of the guest's, as [`Layer::make_staged`] makes it in `work/`.
+enum Fresh<'a> {
+    Dir,
+    File,
+    /// A FIFO, socket or regular file made by MKNOD (its type).
+    Special(u32),
+    /// A symlink to the target.
+    Symlink(&'a CStr),
+    /// A device node (type, number): a plain empty file marked with the device.
+    Device(u32, u32),
+    /// Another name of the upper file `name` in `dir`, host inode `ino`.
+    Link {
+        dir: &'a OwnedFd,
+        name: &'a CStr,
+        ino: u64,
+    },
+}
 
 impl Layer {
     /// The layer over `image` whose upper directory `root` is served by `upper`; `work` is
@@ -962,16 +984,12 @@ impl Layer {
         }
     }
 
-    /// Makes `name` in upper directory `pst` (whose lock the caller holds) free for a new
-    /// object: EEXIST when the merged view shows one there; a whiteout there is removed, and
-    /// then `true` (a new directory must be opaque).
+    /// Whether `name` in upper directory `pst` (whose lock the caller holds) is free for a new
+    /// object: EEXIST when the merged view shows one there; `true` when a whiteout holds the
+    /// name (the new object then takes its place in one step: [`Self::make_staged`]).
     fn free_name(&self, ctx: &Context, pst: &NodeState, name: &CStr) -> io::Result<bool> {
         let peek = self.peek(ctx, pst, name)?;
         Self::nothing_at(&peek)?;
-        if peek.whiteout {
-            let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
-            host::unlink_at(dir, name, false)?;
-        }
         Ok(peek.whiteout)
     }
 
@@ -1006,49 +1024,141 @@ impl Layer {
         attr
     }
 
-    /// Makes the guest's device node `name` in `dir` (mode `mode` with its type, number
-    /// `rdev`): a plain empty file owned by the caller, marked with the device, made in
-    /// `work/` and renamed in.
-    fn make_device(
+    /// Makes the guest's new object `name` in upper directory `pst` (whose lock the caller
+    /// holds) in one step: made whole in `work/` (owned by the caller, or with the directory's
+    /// group when it is setgid; `mode` less `umask` as the host may hold it; a directory made
+    /// opaque) and renamed in, in place of the whiteout at the name when `over_whiteout`: the
+    /// two swap and the whiteout is removed in `work/`. A crash leaves the whiteout or the
+    /// object at the name, never neither, so a removed image entry never shows again; what it
+    /// leaves in `work/` goes at the next start.
+    #[allow(clippy::too_many_arguments)]
+    fn make_staged(
         &self,
         ctx: &Context,
         pst: &NodeState,
         name: &CStr,
+        fresh: Fresh<'_>,
         mode: u32,
-        rdev: u32,
         umask: u32,
+        over_whiteout: bool,
     ) -> io::Result<()> {
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let parent = host::stat_fd(dir)?;
-        let gid = if parent.st_mode & libc::S_ISGID != 0 {
-            parent.st_gid
-        } else {
-            ctx.gid
+        let setgid_dir = parent.st_mode & libc::S_ISGID != 0;
+        let gid = if setgid_dir { parent.st_gid } else { ctx.gid };
+        let perms = mode & 0o7777 & !umask;
+        let file_perms = super::guard::host_file_mode(perms);
+        let (inodes, bytes) = match fresh {
+            Fresh::Link { .. } => (0, 0),
+            Fresh::Symlink(target) => (1, target.to_bytes().len() as u64),
+            _ => (1, 0),
         };
         if let Some(quota) = &self.quota {
-            quota.reserve_inode()?;
-        }
-        let tmp = self.staging_name();
-        let made = (|| {
-            host::mknod_at(&self.work, &tmp, libc::S_IFREG | 0o600)?;
-            host::chown_at(&self.work, &tmp, ctx.uid, gid)?;
-            let fd = host::open_path(&self.work, &tmp)?;
-            host::set_xattr(
-                &fd,
-                whiteout::DEVICE_XATTR,
-                &whiteout::device_value(mode & libc::S_IFMT, rdev),
-            )?;
-            let perms = super::guard::host_file_mode(mode & 0o7777 & !umask);
-            host::chmod_at(&self.work, &tmp, perms)?;
-            host::rename_at(&self.work, &tmp, dir, name, libc::RENAME_NOREPLACE)
-        })();
-        if made.is_err() {
-            let _ = host::unlink_at(&self.work, &tmp, false);
-            if let Some(quota) = &self.quota {
-                quota.release_inode();
+            if inodes > 0 {
+                quota.reserve_inode()?;
+            }
+            if let Err(e) = quota.reserve_bytes(bytes) {
+                if inodes > 0 {
+                    quota.release_inode();
+                }
+                return Err(e);
             }
         }
-        made
+        let tmp = self.staging_name();
+        let work = &self.work;
+        let staged = (|| match fresh {
+            Fresh::Dir => {
+                host::mkdir_at(work, &tmp, 0o700)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)?;
+                // The image's directory of that name (removed) must not show through.
+                whiteout::set_opaque(&host::open_dir(work, &tmp)?)?;
+                let setgid = if setgid_dir { libc::S_ISGID } else { 0 };
+                host::chmod_at(work, &tmp, (perms & !libc::S_ISUID) | setgid)
+            }
+            Fresh::File => {
+                host::mknod_at(work, &tmp, libc::S_IFREG | 0o600)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)?;
+                // Its owner opens it next, whatever mode it asked for (the caller sets that
+                // mode after).
+                host::chmod_at(work, &tmp, file_perms | libc::S_IRUSR | libc::S_IWUSR)
+            }
+            Fresh::Special(kind) => {
+                host::mknod_at(work, &tmp, kind | 0o600)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)?;
+                host::chmod_at(work, &tmp, file_perms)
+            }
+            Fresh::Symlink(target) => {
+                host::symlink_at(target.to_bytes(), work, &tmp)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)
+            }
+            Fresh::Device(kind, rdev) => {
+                // A guest's device node never becomes a host device, nor a whiteout.
+                host::mknod_at(work, &tmp, libc::S_IFREG | 0o600)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)?;
+                let fd = host::open_path(work, &tmp)?;
+                host::set_xattr(
+                    &fd,
+                    whiteout::DEVICE_XATTR,
+                    &whiteout::device_value(kind, rdev),
+                )?;
+                host::chmod_at(work, &tmp, file_perms)
+            }
+            Fresh::Link { dir, name, ino } => {
+                host::link_at(dir, name, work, &tmp)?;
+                match host::stat_at(work, &tmp)? {
+                    Some(st) if st.st_ino == ino => Ok(()),
+                    // That name is another file's now.
+                    _ => Err(errno(libc::ESTALE)),
+                }
+            }
+        })();
+        #[cfg(test)]
+        if staged.is_ok() {
+            self.reached(Point::Staged, 0);
+        }
+        let placed = staged.and_then(|()| self.put_in_place(&tmp, dir, name, over_whiteout));
+        if placed.is_err() {
+            if let Err(e) = whiteout::remove_all(work, &tmp) {
+                tracing::debug!("layer: staged object not removed (the next start does): {e}");
+            }
+            if let Some(quota) = &self.quota {
+                if inodes > 0 {
+                    quota.release_inode();
+                }
+                quota.release_bytes(bytes);
+            }
+        }
+        placed
+    }
+
+    /// Renames the object staged as `tmp` in `work/` to `name` in `dir`: into a free name, or
+    /// in place of the whiteout there (swapped; what comes out must be that whiteout, else the
+    /// two swap back: EEXIST).
+    fn put_in_place(
+        &self,
+        tmp: &CStr,
+        dir: &OwnedFd,
+        name: &CStr,
+        over_whiteout: bool,
+    ) -> io::Result<()> {
+        if !over_whiteout {
+            return host::rename_at(&self.work, tmp, dir, name, libc::RENAME_NOREPLACE);
+        }
+        host::rename_at(&self.work, tmp, dir, name, libc::RENAME_EXCHANGE)?;
+        match host::stat_at(&self.work, tmp)? {
+            Some(st) if whiteout::is_whiteout(&st) => {
+                if let Err(e) = host::unlink_at(&self.work, tmp, false) {
+                    tracing::debug!(
+                        "layer: replaced whiteout not removed (the next start does): {e}"
+                    );
+                }
+                Ok(())
+            }
+            _ => {
+                host::rename_at(&self.work, tmp, dir, name, libc::RENAME_EXCHANGE)?;
+                Err(errno(libc::EEXIST))
+            }
+        }
     }
 
     /// The upper inode behind a request on an open `handle` of `inode`, or `None` when the
@@ -1174,10 +1284,14 @@ impl FileSystem for Layer {
         let _tree = self.changing();
         let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
         let _dir = self.dir_lock(&pst);
-        self.free_name(ctx, &pst, name)?;
-        let e = self
-            .upper
-            .symlink(ctx, linkname, Self::upper_of(&pst)?, name)?;
+        let upper = Self::upper_of(&pst)?;
+        let e = if self.free_name(ctx, &pst, name)? {
+            let made = self.make_staged(ctx, &pst, name, Fresh::Symlink(linkname), 0, 0, true);
+            self.logged("symlink", made)?;
+            self.upper.lookup(ctx, upper, name)?
+        } else {
+            self.upper.symlink(ctx, linkname, upper, name)?
+        };
         self.created(ctx, &parent, name, e, true)
     }
 
@@ -1194,15 +1308,18 @@ impl FileSystem for Layer {
         let _tree = self.changing();
         let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
         let _dir = self.dir_lock(&pst);
-        self.free_name(ctx, &pst, name)?;
+        let over_whiteout = self.free_name(ctx, &pst, name)?;
         let upper = Self::upper_of(&pst)?;
-        let device = matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK);
-        let e = if device {
-            // A guest's device node never becomes a host device, nor a whiteout.
-            self.logged(
-                "mknod",
-                self.make_device(ctx, &pst, name, mode, rdev, umask),
-            )?;
+        let kind = mode & libc::S_IFMT;
+        let device = matches!(kind, libc::S_IFCHR | libc::S_IFBLK);
+        let e = if device || over_whiteout {
+            let fresh = if device {
+                Fresh::Device(kind, rdev)
+            } else {
+                Fresh::Special(kind)
+            };
+            let made = self.make_staged(ctx, &pst, name, fresh, mode, umask, over_whiteout);
+            self.logged("mknod", made)?;
             self.upper.lookup(ctx, upper, name)?
         } else {
             self.upper.mknod(ctx, upper, name, mode, rdev, umask)?
@@ -1222,23 +1339,15 @@ impl FileSystem for Layer {
         let _tree = self.changing();
         let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
         let _dir = self.dir_lock(&pst);
-        let over_whiteout = self.free_name(ctx, &pst, name)?;
-        let e = self
-            .upper
-            .mkdir(ctx, Self::upper_of(&pst)?, name, mode, umask)?;
-        if over_whiteout {
-            // The image's directory of that name (removed) must not show through.
-            let made = pst
-                .upper_dir
-                .as_ref()
-                .ok_or_else(|| errno(libc::EIO))
-                .and_then(|dir| host::open_dir(dir, name))
-                .and_then(|fd| whiteout::set_opaque(&fd));
-            if let Err(err) = made {
-                self.upper.forget(ctx, e.inode, 1);
-                return self.logged("mkdir: opaque mark", Err(err));
-            }
-        }
+        let upper = Self::upper_of(&pst)?;
+        let e = if self.free_name(ctx, &pst, name)? {
+            // An opaque directory in place of the whiteout, in one step.
+            let made = self.make_staged(ctx, &pst, name, Fresh::Dir, mode, umask, true);
+            self.logged("mkdir", made)?;
+            self.upper.lookup(ctx, upper, name)?
+        } else {
+            self.upper.mkdir(ctx, upper, name, mode, umask)?
+        };
         self.created(ctx, &parent, name, e, true)
     }
 
@@ -1349,11 +1458,25 @@ impl FileSystem for Layer {
         let st = self.logged("copy-up", self.ensure_upper(ctx, &node))?;
         let pst = self.dir_for_change(ctx, &parent, newname, Self::nothing_at)?;
         let _dir = self.dir_lock(&pst);
-        self.free_name(ctx, &pst, newname)?;
         let upper = Self::upper_of(&st)?;
-        let e = self
-            .upper
-            .link(ctx, upper, Self::upper_of(&pst)?, newname)?;
+        let e = if self.free_name(ctx, &pst, newname)? {
+            // The other name is linked in `work/` from the one the node was reached by, then
+            // swapped in for the whiteout.
+            let from = self.node(st.parent)?.state().clone();
+            let from_dir = from.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+            let (attr, _) = self.upper.getattr(ctx, upper, None)?;
+            let fresh = Fresh::Link {
+                dir: from_dir,
+                name: &st.name,
+                ino: attr.st_ino,
+            };
+            let made = self.make_staged(ctx, &pst, newname, fresh, 0, 0, true);
+            self.logged("link", made)?;
+            self.upper.lookup(ctx, Self::upper_of(&pst)?, newname)?
+        } else {
+            self.upper
+                .link(ctx, upper, Self::upper_of(&pst)?, newname)?
+        };
         self.upper.forget(ctx, e.inode, 1);
         self.inodes.add_ref(node.id);
         Ok(Self::entry(node.id, Self::present(&st, e.attr)))
@@ -1424,11 +1547,41 @@ impl FileSystem for Layer {
             copied?;
             let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
             return Ok((self.created(ctx, &pnode, name, e, false)?, h, opts, x));
-        } else if peek.whiteout {
-            let fd = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
-            host::unlink_at(fd, name, false)?;
         }
-        let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
+        let upper = Self::upper_of(&pst)?;
+        let (e, h, opts, x) = if peek.whiteout {
+            // The file in place of the whiteout in one step, then opened (it is there now:
+            // no O_EXCL), then given its mode (made open to its owner).
+            let made = self.make_staged(ctx, &pst, name, Fresh::File, args.mode, args.umask, true);
+            self.logged("create", made)?;
+            let open = CreateIn {
+                flags: args.flags & !(libc::O_EXCL as u32),
+                ..args
+            };
+            let (mut e, h, opts, x) = self.upper.create(ctx, upper, name, open)?;
+            let perms = super::guard::host_file_mode(args.mode & 0o7777 & !args.umask);
+            if perms & (libc::S_IRUSR | libc::S_IWUSR) != libc::S_IRUSR | libc::S_IWUSR {
+                let moded = pst
+                    .upper_dir
+                    .as_ref()
+                    .ok_or_else(|| errno(libc::EIO))
+                    .and_then(|fd| host::chmod_at(fd, name, perms))
+                    .and_then(|()| self.upper.getattr(ctx, e.inode, None));
+                match moded {
+                    Ok((attr, _)) => e.attr = attr,
+                    Err(err) => {
+                        if let Some(h) = h {
+                            let _ = self.upper.release(ctx, e.inode, 0, h, false, false, None);
+                        }
+                        self.upper.forget(ctx, e.inode, 1);
+                        return self.logged("create: mode", Err(err));
+                    }
+                }
+            }
+            (e, h, opts, x)
+        } else {
+            self.upper.create(ctx, upper, name, args)?
+        };
         let entry = self.created(ctx, &pnode, name, e, fresh)?;
         drop(dir);
         Ok((entry, h, opts, x))

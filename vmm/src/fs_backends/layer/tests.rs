@@ -517,3 +517,108 @@ fn requests_on_several_queues_at_once_keep_the_layer_whole() {
     let report = super::check::check_layer(&fx.layer(), false).unwrap();
     assert!(report.consistent(), "{report}");
 }
+
+/// A new object made where the guest removed an image entry takes the whiteout's place in one
+/// step: when it is whole in `work/` (a directory already opaque), the whiteout still hides
+/// the image's entry, so a crash there cannot bring it back; then the two swap. Every kind of
+/// new object, a file made with a mode its owner cannot write to included.
+#[test]
+fn new_objects_replace_a_whiteout_in_one_step() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let fx = Fixture::new();
+    let upper = fx.layer().join("upper");
+    let staged = Arc::new(AtomicUsize::new(0));
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let (a, b) = (walk(&fs, "a").unwrap(), walk(&fs, "b").unwrap());
+        // Asserts, when the new object is staged, that the whiteout of `path` is still there.
+        let expect_whiteout = |path: &str| {
+            let host = upper.join(path);
+            let staged = staged.clone();
+            fs.inner().when(super::Point::Staged, move |_, _| {
+                assert!(is_whiteout(&host), "{} is no whiteout", host.display());
+                staged.fetch_add(1, Ordering::SeqCst);
+            });
+        };
+        let sub = lookup(&fs, a, "sub").unwrap();
+        fs.unlink(&ctx, sub, &name("deep")).unwrap();
+        fs.rmdir(&ctx, a, &name("sub")).unwrap();
+        expect_whiteout("a/sub");
+        let d = fs.mkdir(&ctx, a, &name("sub"), 0o755, 0).unwrap();
+        assert_eq!(names(&fs, d.inode), Vec::<String>::new());
+        assert_eq!(d.attr.st_mode, libc::S_IFDIR | 0o755);
+
+        fs.unlink(&ctx, a, &name("f")).unwrap();
+        expect_whiteout("a/f");
+        let args = fuse_backend_rs::abi::fuse_abi::CreateIn {
+            flags: (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL) as u32,
+            mode: libc::S_IFREG | 0o444,
+            umask: 0o022,
+            fuse_flags: 0,
+        };
+        // Made by a user, who opens it for writing as it is made (then it is read-only).
+        let user = Context {
+            uid: 1000,
+            gid: 1000,
+            ..Context::default()
+        };
+        let (f, h, ..) = fs.create(&user, a, &name("f"), args).unwrap();
+        assert_eq!(f.attr.st_mode, libc::S_IFREG | 0o444);
+        assert_eq!((f.attr.st_uid, f.attr.st_gid), (1000, 1000));
+        let h = h.unwrap();
+        fs.release(&user, f.inode, 0, h, false, false, None)
+            .unwrap();
+
+        fs.unlink(&ctx, b, &name("g")).unwrap();
+        expect_whiteout("b/g");
+        let l = fs.symlink(&ctx, &name("target"), b, &name("g")).unwrap();
+        assert_eq!(fs.readlink(&ctx, l.inode).unwrap(), b"target");
+
+        fs.unlink(&ctx, a, &name("h1")).unwrap();
+        expect_whiteout("a/h1");
+        let p = fs
+            .mknod(&ctx, a, &name("h1"), libc::S_IFIFO | 0o600, 0, 0)
+            .unwrap();
+        assert_eq!(p.attr.st_mode, libc::S_IFIFO | 0o600);
+
+        fs.unlink(&ctx, a, &name("h2")).unwrap();
+        expect_whiteout("a/h2");
+        let rdev = libc::makedev(1, 3) as u32;
+        let c = fs
+            .mknod(&ctx, a, &name("h2"), libc::S_IFCHR | 0o644, rdev, 0)
+            .unwrap();
+        assert_eq!(c.attr.st_mode, libc::S_IFCHR | 0o644);
+
+        // That name goes again (a whiteout again: the image has a file of that name), then
+        // another file's new name takes it.
+        let other = fs.create(&ctx, b, &name("x"), create_args()).unwrap().0;
+        fs.unlink(&ctx, a, &name("f")).unwrap();
+        expect_whiteout("a/f");
+        let linked = fs.link(&ctx, other.inode, a, &name("f")).unwrap();
+        assert_eq!(linked.inode, other.inode);
+        assert_eq!(nlink(&fs, other.inode), 2);
+    });
+    assert_eq!(staged.load(Ordering::SeqCst), 6, "an object was not staged");
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let a = walk(&fs, "a").unwrap();
+        assert_eq!(
+            names(&fs, lookup(&fs, a, "sub").unwrap()),
+            Vec::<String>::new()
+        );
+        let ctx = Context::default();
+        let kind = |n: &str| {
+            let (st, _) = fs.getattr(&ctx, lookup(&fs, a, n).unwrap(), None).unwrap();
+            st.st_mode & libc::S_IFMT
+        };
+        assert_eq!(kind("h1"), libc::S_IFIFO);
+        assert_eq!(kind("h2"), libc::S_IFCHR);
+        assert_eq!(kind("f"), libc::S_IFREG);
+        assert_eq!(walk(&fs, "a/f").unwrap(), walk(&fs, "b/x").unwrap());
+    });
+    let report = super::check::check_layer(&fx.layer(), false).unwrap();
+    assert!(report.consistent(), "{report}");
+    assert_eq!((report.stale_work, report.opaque_dirs), (0, 1), "{report}");
+}
