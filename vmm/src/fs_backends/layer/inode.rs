@@ -28,6 +28,9 @@ pub struct NodeState {
     pub upper: Option<u64>,
     /// For a directory in the upper directory: an `O_PATH` descriptor of it.
     pub upper_dir: Option<Arc<OwnedFd>>,
+    /// For a directory in the upper directory: its host inode number (which of the layer's
+    /// directory locks guards its names).
+    pub dir_ino: u64,
     /// For a device node in the upper directory (a plain empty file on the host, see
     /// `whiteout::DEVICE_XATTR`): its type (`S_IFCHR`, `S_IFBLK`) and device number.
     pub device: Option<(u32, u32)>,

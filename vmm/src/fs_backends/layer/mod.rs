@@ -9,9 +9,16 @@
 //! - copy-up before any change of an image object: made whole in `work/` with the object's
 //!   owner, mode, times and attributes, within the quota, then renamed in (`copy_up`); a file
 //!   with other names in the image is copied once, its other names link to the copy;
-//! - removals (whiteouts put in place atomically), renames ([`rename`]: files and
-//!   directories, a moved image directory keeps its entries through a redirect);
-//! - the check of a layer after a crash ([`check`]).
+//! - removals (whiteouts put in place atomically), new objects where the guest removed an
+//!   image entry (made whole in `work/` and swapped with the whiteout: `make_staged`), renames
+//!   ([`rename`]: files and directories, a moved image directory keeps its entries through a
+//!   redirect);
+//! - the check of a layer after a crash ([`check`]);
+//! - requests served at once (one thread per request queue): a change of names holds the lock
+//!   of the directory it changes (one of [`DIR_LOCKS`], by host inode number) under a shared
+//!   tree lock that a rename takes exclusively; a copy-up holds the lock of the directory its
+//!   copy goes into, so a large copy-up holds up changes in that directory only. Lookups take
+//!   no lock (they wait for a copy-up only when they meet its copy half put in place).
 //!
 //! Everything the guest asks of the upper directory goes through the passthrough behind the
 //! layer's [`Guard`] (no devices, no setuid, guest attributes under `user.gridnode.`, quota,
@@ -36,7 +43,7 @@ use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use flist_fs::fs::FlistFs;
@@ -60,6 +67,9 @@ const LOWER_HANDLE: u64 = 1 << 63;
 /// How long the guest may cache entries and attributes (as the passthrough's `Auto`).
 const TIMEOUT: Duration = Duration::from_secs(1);
 const WRITE_FLAGS: u32 = (libc::O_WRONLY | libc::O_RDWR | libc::O_TRUNC) as u32;
+/// How many locks guard the names of directories (a directory's is picked by its host inode
+/// number): changes in different directories rarely wait for each other.
+const DIR_LOCKS: usize = 64;
 
 fn errno(e: i32) -> io::Error {
     io::Error::from_raw_os_error(e)
@@ -113,20 +123,60 @@ pub struct Layer {
     inodes: Inodes,
     dirs: Mutex<HashMap<u64, Arc<Vec<Item>>>>,
     next_dir: AtomicU64,
-    /// Held by every change of the tree's names (copy-ups included): they are made one at a
-    /// time.
-    changes: Mutex<()>,
+    /// Held shared by every change of the tree's names (copy-ups included), exclusively by a
+    /// rename: a rename sees no other change under way (renames are rare, and move names
+    /// between directories and nodes between parents).
+    tree: RwLock<()>,
+    /// A change of names in a directory (an entry made, removed, or copied up into it) holds
+    /// that directory's lock, under `tree`: what it saw at the name stays so until it is done.
+    /// A request holds one directory lock at a time (two, in index order, for rmdir); copy-ups
+    /// of a directory's parents are made before its lock is taken.
+    dir_locks: [Mutex<()>; DIR_LOCKS],
+    /// Held (under a directory lock) while a copy-up of an image file with several names links
+    /// its copy into the index, so two of its names copied up at once share one copy.
+    index_lock: Mutex<()>,
     staged: AtomicU64,
     /// When an unexpected failure was last logged (rate limit).
     last_log: Mutex<Option<Instant>>,
-    /// Tests: run once with the node a request found for an upper inode it looked up, as a
-    /// request on another queue (a FORGET) may run at that moment.
+    /// Tests: what runs once when a request reaches a point (see [`Point`]), as a request on
+    /// another queue may run at that moment.
     #[cfg(test)]
-    on_found: Mutex<Option<FoundHook>>,
+    hooks: Mutex<Vec<(Point, Hook)>>,
+}
+
+/// Tests: points of a request where another request may be served meanwhile.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Point {
+    /// A lookup found the node of the upper inode it looked up (given: the node).
+    FoundUpper,
+    /// A lookup saw only the image's entry at the name, and takes its node next (given: the
+    /// image inode).
+    LowerOnly,
+    /// A new object is whole in `work/`, and is renamed in next.
+    Staged,
 }
 
 #[cfg(test)]
-type FoundHook = Box<dyn FnOnce(&Layer, u64) + Send>;
+type Hook = Box<dyn FnOnce(&Layer, u64) + Send>;
+
+/// A new object of the guest's, as [`Layer::make_staged`] makes it in `work/`.
+enum Fresh<'a> {
+    Dir,
+    File,
+    /// A FIFO, socket or regular file made by MKNOD (its type).
+    Special(u32),
+    /// A symlink to the target.
+    Symlink(&'a CStr),
+    /// A device node (type, number): a plain empty file marked with the device.
+    Device(u32, u32),
+    /// Another name of the upper file `name` in `dir`, host inode `ino`.
+    Link {
+        dir: &'a OwnedFd,
+        name: &'a CStr,
+        ino: u64,
+    },
+}
 
 impl Layer {
     /// The layer over `image` whose upper directory `root` is served by `upper`; `work` is
@@ -155,23 +205,29 @@ impl Layer {
             inodes,
             dirs: Mutex::new(HashMap::new()),
             next_dir: AtomicU64::new(1),
-            changes: Mutex::new(()),
+            tree: RwLock::new(()),
+            dir_locks: std::array::from_fn(|_| Mutex::new(())),
+            index_lock: Mutex::new(()),
             staged: AtomicU64::new(0),
             last_log: Mutex::new(None),
             #[cfg(test)]
-            on_found: Mutex::new(None),
+            hooks: Mutex::new(Vec::new()),
         }
     }
 
-    /// Tests: runs `hook` with the next node found for an upper inode (see `on_found`).
+    /// Tests: runs `hook` the next time a request reaches `at`.
     #[cfg(test)]
-    fn when_found(&self, hook: impl FnOnce(&Layer, u64) + Send + 'static) {
-        *self.on_found.lock().unwrap() = Some(Box::new(hook));
+    fn when(&self, at: Point, hook: impl FnOnce(&Layer, u64) + Send + 'static) {
+        self.hooks.lock().unwrap().push((at, Box::new(hook)));
     }
 
     #[cfg(test)]
-    fn found(&self, id: u64) {
-        let hook = self.on_found.lock().unwrap().take();
+    fn reached(&self, at: Point, id: u64) {
+        let hook = {
+            let mut hooks = self.hooks.lock().unwrap();
+            let i = hooks.iter().position(|(p, _)| *p == at);
+            i.map(|i| hooks.remove(i).1)
+        };
         if let Some(hook) = hook {
             hook(self, id);
         }
@@ -183,6 +239,7 @@ impl Layer {
             lower_path: Vec::new(),
             upper: Some(ROOT_ID),
             upper_dir: Some(root.clone()),
+            dir_ino: host::stat_fd(root).map_or(0, |st| st.st_ino),
             device: None,
             indexed: false,
             parent: ROOT_ID,
@@ -190,8 +247,44 @@ impl Layer {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, ()> {
-        self.changes.lock().unwrap_or_else(|p| p.into_inner())
+    /// The tree lock, shared: held by a request that changes names (not a rename), taken
+    /// first and once.
+    fn changing(&self) -> RwLockReadGuard<'_, ()> {
+        self.tree.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tree lock, exclusive: held by a rename.
+    fn renaming(&self) -> RwLockWriteGuard<'_, ()> {
+        self.tree.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir_lock_index(dir_ino: u64) -> usize {
+        (dir_ino % DIR_LOCKS as u64) as usize
+    }
+
+    /// The lock of the upper directory whose state is `dir` (see `dir_locks`).
+    fn dir_lock(&self, dir: &NodeState) -> MutexGuard<'_, ()> {
+        self.dir_locks[Self::dir_lock_index(dir.dir_ino)]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The locks of the upper directories with host inode numbers `a` and `b`, taken in index
+    /// order (one lock when both are guarded by the same).
+    fn dir_locks_of(&self, a: u64, b: u64) -> (MutexGuard<'_, ()>, Option<MutexGuard<'_, ()>>) {
+        let (i, j) = (Self::dir_lock_index(a), Self::dir_lock_index(b));
+        let lock = |k: usize| self.dir_locks[k].lock().unwrap_or_else(|p| p.into_inner());
+        match i.cmp(&j) {
+            std::cmp::Ordering::Equal => (lock(i), None),
+            std::cmp::Ordering::Less => {
+                let first = lock(i);
+                (first, Some(lock(j)))
+            }
+            std::cmp::Ordering::Greater => {
+                let first = lock(j);
+                (first, Some(lock(i)))
+            }
+        }
     }
 
     /// Logs an unexpected failure (at most one a second); the guest gets its errno.
@@ -358,6 +451,7 @@ impl Layer {
             lower_path,
             upper: Some(upper),
             upper_dir: Some(Arc::new(fd)),
+            dir_ino: found.st_ino,
             device: None,
             indexed: false,
             parent: 0,
@@ -379,7 +473,7 @@ impl Layer {
         let mut kind = e.attr.st_mode & libc::S_IFMT;
         if let Some(node) = self.inodes.find_and_ref(Key::Upper(e.inode)) {
             #[cfg(test)]
-            self.found(node.id);
+            self.reached(Point::FoundUpper, node.id);
             self.upper.forget(ctx, e.inode, 1);
             let attr = Self::present(&node.state(), e.attr);
             return Ok((node, attr));
@@ -443,7 +537,8 @@ impl Layer {
     }
 
     /// Looks `name` up in directory `parent`: its node (one more lookup) and attributes.
-    /// `locked`: the caller holds the change lock.
+    /// `locked`: the caller holds the tree lock (then neither waits for a copy-up nor links
+    /// an image file's other name to its copy).
     fn lookup_node(
         &self,
         ctx: &Context,
@@ -464,8 +559,10 @@ impl Layer {
                     .is_some_and(|n| n.state().upper.is_none());
                 if copying {
                     // The image object's copy may be in place with its node not yet moved
-                    // to it: the copy-up ends first, so both are one node.
-                    drop(self.lock());
+                    // to it: the copy-up (under the directory's lock) ends first, so both are
+                    // one node.
+                    let _tree = self.changing();
+                    drop(self.dir_lock(&pst));
                 }
             }
             let upper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
@@ -476,11 +573,13 @@ impl Layer {
             return Err(errno(libc::ENOENT));
         };
         let kind = lst.st_mode & libc::S_IFMT;
+        #[cfg(test)]
+        self.reached(Point::LowerOnly, lino);
         if kind == libc::S_IFREG && lst.st_nlink > 1 && !locked && self.indexed(lino) {
             // Another name of this image file was copied up: this one links to the copy.
-            let _changes = self.lock();
+            let _tree = self.changing();
             let linked = self.link_alias(ctx, parent, name, lino);
-            drop(_changes);
+            drop(_tree);
             if let Some(found) = linked? {
                 return Ok(found);
             }
@@ -492,6 +591,7 @@ impl Layer {
                 lower_path: Self::join(&pst.lower_path, name),
                 upper: None,
                 upper_dir: None,
+                dir_ino: 0,
                 device: None,
                 indexed: false,
                 parent: parent.id,
@@ -568,6 +668,7 @@ impl Layer {
             return Ok(None);
         };
         let pst = self.ensure_upper(ctx, parent)?;
+        let _dir = self.dir_lock(&pst);
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let peek = self.peek(ctx, &pst, name)?;
         if peek.upper.is_some() || peek.whiteout || peek.lower.map(|(i, _)| i) != Some(lino) {
@@ -584,20 +685,27 @@ impl Layer {
     }
 
     /// Makes sure `node` is in the upper directory (copying it up, and its directories first);
-    /// its state after. The caller holds the change lock.
+    /// its state after. The caller holds the tree lock and no directory lock: each copy-up
+    /// holds the lock of the directory it puts its copy in.
     fn ensure_upper(&self, ctx: &Context, node: &Node) -> io::Result<NodeState> {
         let st = node.state().clone();
         if st.upper.is_some() {
             return Ok(st);
         }
-        let lower = st.lower.ok_or_else(|| errno(libc::EIO))?;
         let parent = self.node(st.parent)?;
         let pst = self.ensure_upper(ctx, &parent)?;
+        let _dir = self.dir_lock(&pst);
+        // Copied up meanwhile by another request?
+        let st = node.state().clone();
+        if st.upper.is_some() {
+            return Ok(st);
+        }
+        let lower = st.lower.ok_or_else(|| errno(libc::EIO))?;
         let dir = pst.upper_dir.clone().ok_or_else(|| errno(libc::EIO))?;
         let pupper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
-        // The name must still be this image object's.
+        // The name must still be this image object's, or its copy's.
         let peek = self.peek(ctx, &pst, &st.name)?;
-        if peek.upper.is_some() || peek.whiteout {
+        if peek.whiteout {
             return Err(errno(libc::ESTALE));
         }
         let (lst, _) = self.image.getattr(ctx, lower, None)?;
@@ -607,15 +715,25 @@ impl Layer {
         } else {
             None
         };
-        let linked = match index {
-            Some(index) => {
+        let _index = index.map(|_| self.index_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        let linked = match (index, &peek.upper) {
+            (_, Some(found)) => {
+                // Copied up already under another node of this image object (a lookup made
+                // this node while the copy went in, or linked another name of a hard-linked
+                // image file to its copy): this node is that copy too.
+                if !self.is_copy_of(ctx, pupper, &st.name, found, lower, index)? {
+                    return Err(errno(libc::ESTALE));
+                }
+                true
+            }
+            (Some(index), None) => {
                 match host::link_at(index, &whiteout::index_name(lower), &dir, &st.name) {
                     Ok(()) => true,
                     Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
                     Err(e) => return Err(e),
                 }
             }
-            None => false,
+            (None, None) => false,
         };
         if !linked {
             self.copy_up.place(ctx, lower, &lst, &dir, &st.name)?;
@@ -631,11 +749,17 @@ impl Layer {
         } else {
             None
         };
+        let dir_ino = if upper_dir.is_some() {
+            e.attr.st_ino
+        } else {
+            0
+        };
         let existing = self.inodes.find(Key::Upper(e.inode));
         {
             let mut s = node.state();
             s.upper = Some(e.inode);
             s.upper_dir = upper_dir;
+            s.dir_ino = dir_ino;
             if matches!(kind, libc::S_IFCHR | libc::S_IFBLK) {
                 s.device = Some((kind, lst.st_rdev as u32));
             }
@@ -655,13 +779,41 @@ impl Layer {
         Ok(node.state().clone())
     }
 
-    /// [`Self::ensure_upper`] under the change lock, when not in the upper directory yet.
+    /// Whether the upper entry `name` (host attributes `found`) of the upper directory with
+    /// passthrough inode `pupper` is the copy of image object `lower`: a node of the copy came
+    /// from that object, or (a file with several image names) the index holds it as the copy.
+    fn is_copy_of(
+        &self,
+        ctx: &Context,
+        pupper: u64,
+        name: &CStr,
+        found: &libc::stat64,
+        lower: u64,
+        index: Option<&OwnedFd>,
+    ) -> io::Result<bool> {
+        if let Some(index) = index {
+            if let Ok(Some(copy)) = host::stat_at(index, &whiteout::index_name(lower)) {
+                if copy.st_ino == found.st_ino && copy.st_dev == found.st_dev {
+                    return Ok(true);
+                }
+            }
+        }
+        let e = self.upper.lookup(ctx, pupper, name)?;
+        let same = self
+            .inodes
+            .find(Key::Upper(e.inode))
+            .is_some_and(|n| n.state().lower == Some(lower));
+        self.upper.forget(ctx, e.inode, 1);
+        Ok(same)
+    }
+
+    /// [`Self::ensure_upper`] under the tree lock, when not in the upper directory yet.
     fn copied_up(&self, ctx: &Context, node: &Node) -> io::Result<NodeState> {
         let st = node.state().clone();
         if st.upper.is_some() {
             return Ok(st);
         }
-        let _changes = self.lock();
+        let _tree = self.changing();
         self.logged("copy-up", self.ensure_upper(ctx, node))
     }
 
@@ -800,29 +952,45 @@ impl Layer {
         }
     }
 
-    /// A directory's name is free for a new object: its directory in the upper directory,
-    /// and whether a whiteout was removed from the name (then a new directory must be
-    /// opaque). The caller holds the change lock.
-    fn prepare_create(
+    /// The state of directory `parent`, with its upper directory made (copying it up, and its
+    /// parents, when not there yet) for a change of `name`. When a copy-up is needed, `check`
+    /// is asked first about what is at the name, so a change that fails copies nothing up.
+    /// The caller holds the tree lock and no directory lock; it takes the directory's lock
+    /// next and looks at the name again under it.
+    fn dir_for_change(
         &self,
         ctx: &Context,
         parent: &Node,
         name: &CStr,
-    ) -> io::Result<(NodeState, bool)> {
+        check: impl Fn(&Peek) -> io::Result<()>,
+    ) -> io::Result<NodeState> {
         if !parent.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
         let pst = parent.state().clone();
-        let peek = self.peek(ctx, &pst, name)?;
+        if pst.upper.is_some() {
+            return Ok(pst);
+        }
+        check(&self.peek(ctx, &pst, name)?)?;
+        self.logged("copy-up", self.ensure_upper(ctx, parent))
+    }
+
+    /// A new object's name: free in the merged view.
+    fn nothing_at(peek: &Peek) -> io::Result<()> {
         if peek.exists() {
-            return Err(errno(libc::EEXIST));
+            Err(errno(libc::EEXIST))
+        } else {
+            Ok(())
         }
-        let pst = self.ensure_upper(ctx, parent)?;
-        if peek.whiteout {
-            let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
-            host::unlink_at(dir, name, false)?;
-        }
-        Ok((pst, peek.whiteout))
+    }
+
+    /// Whether `name` in upper directory `pst` (whose lock the caller holds) is free for a new
+    /// object: EEXIST when the merged view shows one there; `true` when a whiteout holds the
+    /// name (the new object then takes its place in one step: [`Self::make_staged`]).
+    fn free_name(&self, ctx: &Context, pst: &NodeState, name: &CStr) -> io::Result<bool> {
+        let peek = self.peek(ctx, pst, name)?;
+        Self::nothing_at(&peek)?;
+        Ok(peek.whiteout)
     }
 
     /// The entry of `name` in `parent` just made (`fresh`: by the passthrough, so not a device
@@ -856,49 +1024,141 @@ impl Layer {
         attr
     }
 
-    /// Makes the guest's device node `name` in `dir` (mode `mode` with its type, number
-    /// `rdev`): a plain empty file owned by the caller, marked with the device, made in
-    /// `work/` and renamed in.
-    fn make_device(
+    /// Makes the guest's new object `name` in upper directory `pst` (whose lock the caller
+    /// holds) in one step: made whole in `work/` (owned by the caller, or with the directory's
+    /// group when it is setgid; `mode` less `umask` as the host may hold it; a directory made
+    /// opaque) and renamed in, in place of the whiteout at the name when `over_whiteout`: the
+    /// two swap and the whiteout is removed in `work/`. A crash leaves the whiteout or the
+    /// object at the name, never neither, so a removed image entry never shows again; what it
+    /// leaves in `work/` goes at the next start.
+    #[allow(clippy::too_many_arguments)]
+    fn make_staged(
         &self,
         ctx: &Context,
         pst: &NodeState,
         name: &CStr,
+        fresh: Fresh<'_>,
         mode: u32,
-        rdev: u32,
         umask: u32,
+        over_whiteout: bool,
     ) -> io::Result<()> {
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let parent = host::stat_fd(dir)?;
-        let gid = if parent.st_mode & libc::S_ISGID != 0 {
-            parent.st_gid
-        } else {
-            ctx.gid
+        let setgid_dir = parent.st_mode & libc::S_ISGID != 0;
+        let gid = if setgid_dir { parent.st_gid } else { ctx.gid };
+        let perms = mode & 0o7777 & !umask;
+        let file_perms = super::guard::host_file_mode(perms);
+        let (inodes, bytes) = match fresh {
+            Fresh::Link { .. } => (0, 0),
+            Fresh::Symlink(target) => (1, target.to_bytes().len() as u64),
+            _ => (1, 0),
         };
         if let Some(quota) = &self.quota {
-            quota.reserve_inode()?;
-        }
-        let tmp = self.staging_name();
-        let made = (|| {
-            host::mknod_at(&self.work, &tmp, libc::S_IFREG | 0o600)?;
-            host::chown_at(&self.work, &tmp, ctx.uid, gid)?;
-            let fd = host::open_path(&self.work, &tmp)?;
-            host::set_xattr(
-                &fd,
-                whiteout::DEVICE_XATTR,
-                &whiteout::device_value(mode & libc::S_IFMT, rdev),
-            )?;
-            let perms = super::guard::host_file_mode(mode & 0o7777 & !umask);
-            host::chmod_at(&self.work, &tmp, perms)?;
-            host::rename_at(&self.work, &tmp, dir, name, libc::RENAME_NOREPLACE)
-        })();
-        if made.is_err() {
-            let _ = host::unlink_at(&self.work, &tmp, false);
-            if let Some(quota) = &self.quota {
-                quota.release_inode();
+            if inodes > 0 {
+                quota.reserve_inode()?;
+            }
+            if let Err(e) = quota.reserve_bytes(bytes) {
+                if inodes > 0 {
+                    quota.release_inode();
+                }
+                return Err(e);
             }
         }
-        made
+        let tmp = self.staging_name();
+        let work = &self.work;
+        let staged = (|| match fresh {
+            Fresh::Dir => {
+                host::mkdir_at(work, &tmp, 0o700)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)?;
+                // The image's directory of that name (removed) must not show through.
+                whiteout::set_opaque(&host::open_dir(work, &tmp)?)?;
+                let setgid = if setgid_dir { libc::S_ISGID } else { 0 };
+                host::chmod_at(work, &tmp, (perms & !libc::S_ISUID) | setgid)
+            }
+            Fresh::File => {
+                host::mknod_at(work, &tmp, libc::S_IFREG | 0o600)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)?;
+                // Its owner opens it next, whatever mode it asked for (the caller sets that
+                // mode after).
+                host::chmod_at(work, &tmp, file_perms | libc::S_IRUSR | libc::S_IWUSR)
+            }
+            Fresh::Special(kind) => {
+                host::mknod_at(work, &tmp, kind | 0o600)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)?;
+                host::chmod_at(work, &tmp, file_perms)
+            }
+            Fresh::Symlink(target) => {
+                host::symlink_at(target.to_bytes(), work, &tmp)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)
+            }
+            Fresh::Device(kind, rdev) => {
+                // A guest's device node never becomes a host device, nor a whiteout.
+                host::mknod_at(work, &tmp, libc::S_IFREG | 0o600)?;
+                host::chown_at(work, &tmp, ctx.uid, gid)?;
+                let fd = host::open_path(work, &tmp)?;
+                host::set_xattr(
+                    &fd,
+                    whiteout::DEVICE_XATTR,
+                    &whiteout::device_value(kind, rdev),
+                )?;
+                host::chmod_at(work, &tmp, file_perms)
+            }
+            Fresh::Link { dir, name, ino } => {
+                host::link_at(dir, name, work, &tmp)?;
+                match host::stat_at(work, &tmp)? {
+                    Some(st) if st.st_ino == ino => Ok(()),
+                    // That name is another file's now.
+                    _ => Err(errno(libc::ESTALE)),
+                }
+            }
+        })();
+        #[cfg(test)]
+        if staged.is_ok() {
+            self.reached(Point::Staged, 0);
+        }
+        let placed = staged.and_then(|()| self.put_in_place(&tmp, dir, name, over_whiteout));
+        if placed.is_err() {
+            if let Err(e) = whiteout::remove_all(work, &tmp) {
+                tracing::debug!("layer: staged object not removed (the next start does): {e}");
+            }
+            if let Some(quota) = &self.quota {
+                if inodes > 0 {
+                    quota.release_inode();
+                }
+                quota.release_bytes(bytes);
+            }
+        }
+        placed
+    }
+
+    /// Renames the object staged as `tmp` in `work/` to `name` in `dir`: into a free name, or
+    /// in place of the whiteout there (swapped; what comes out must be that whiteout, else the
+    /// two swap back: EEXIST).
+    fn put_in_place(
+        &self,
+        tmp: &CStr,
+        dir: &OwnedFd,
+        name: &CStr,
+        over_whiteout: bool,
+    ) -> io::Result<()> {
+        if !over_whiteout {
+            return host::rename_at(&self.work, tmp, dir, name, libc::RENAME_NOREPLACE);
+        }
+        host::rename_at(&self.work, tmp, dir, name, libc::RENAME_EXCHANGE)?;
+        match host::stat_at(&self.work, tmp)? {
+            Some(st) if whiteout::is_whiteout(&st) => {
+                if let Err(e) = host::unlink_at(&self.work, tmp, false) {
+                    tracing::debug!(
+                        "layer: replaced whiteout not removed (the next start does): {e}"
+                    );
+                }
+                Ok(())
+            }
+            _ => {
+                host::rename_at(&self.work, tmp, dir, name, libc::RENAME_EXCHANGE)?;
+                Err(errno(libc::EEXIST))
+            }
+        }
     }
 
     /// The upper inode behind a request on an open `handle` of `inode`, or `None` when the
@@ -1021,11 +1281,17 @@ impl FileSystem for Layer {
         name: &CStr,
     ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let (pst, _) = self.prepare_create(ctx, &parent, name)?;
-        let e = self
-            .upper
-            .symlink(ctx, linkname, Self::upper_of(&pst)?, name)?;
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
+        let _dir = self.dir_lock(&pst);
+        let upper = Self::upper_of(&pst)?;
+        let e = if self.free_name(ctx, &pst, name)? {
+            let made = self.make_staged(ctx, &pst, name, Fresh::Symlink(linkname), 0, 0, true);
+            self.logged("symlink", made)?;
+            self.upper.lookup(ctx, upper, name)?
+        } else {
+            self.upper.symlink(ctx, linkname, upper, name)?
+        };
         self.created(ctx, &parent, name, e, true)
     }
 
@@ -1039,16 +1305,21 @@ impl FileSystem for Layer {
         umask: u32,
     ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let (pst, _) = self.prepare_create(ctx, &parent, name)?;
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
+        let _dir = self.dir_lock(&pst);
+        let over_whiteout = self.free_name(ctx, &pst, name)?;
         let upper = Self::upper_of(&pst)?;
-        let device = matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK);
-        let e = if device {
-            // A guest's device node never becomes a host device, nor a whiteout.
-            self.logged(
-                "mknod",
-                self.make_device(ctx, &pst, name, mode, rdev, umask),
-            )?;
+        let kind = mode & libc::S_IFMT;
+        let device = matches!(kind, libc::S_IFCHR | libc::S_IFBLK);
+        let e = if device || over_whiteout {
+            let fresh = if device {
+                Fresh::Device(kind, rdev)
+            } else {
+                Fresh::Special(kind)
+            };
+            let made = self.make_staged(ctx, &pst, name, fresh, mode, umask, over_whiteout);
+            self.logged("mknod", made)?;
             self.upper.lookup(ctx, upper, name)?
         } else {
             self.upper.mknod(ctx, upper, name, mode, rdev, umask)?
@@ -1065,39 +1336,37 @@ impl FileSystem for Layer {
         umask: u32,
     ) -> io::Result<Entry> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let (pst, over_whiteout) = self.prepare_create(ctx, &parent, name)?;
-        let e = self
-            .upper
-            .mkdir(ctx, Self::upper_of(&pst)?, name, mode, umask)?;
-        if over_whiteout {
-            // The image's directory of that name (removed) must not show through.
-            let made = pst
-                .upper_dir
-                .as_ref()
-                .ok_or_else(|| errno(libc::EIO))
-                .and_then(|dir| host::open_dir(dir, name))
-                .and_then(|fd| whiteout::set_opaque(&fd));
-            if let Err(err) = made {
-                self.upper.forget(ctx, e.inode, 1);
-                return self.logged("mkdir: opaque mark", Err(err));
-            }
-        }
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, Self::nothing_at)?;
+        let _dir = self.dir_lock(&pst);
+        let upper = Self::upper_of(&pst)?;
+        let e = if self.free_name(ctx, &pst, name)? {
+            // An opaque directory in place of the whiteout, in one step.
+            let made = self.make_staged(ctx, &pst, name, Fresh::Dir, mode, umask, true);
+            self.logged("mkdir", made)?;
+            self.upper.lookup(ctx, upper, name)?
+        } else {
+            self.upper.mkdir(ctx, upper, name, mode, umask)?
+        };
         self.created(ctx, &parent, name, e, true)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let pst = parent.state().clone();
+        let check = |peek: &Peek| {
+            if !peek.exists() {
+                Err(errno(libc::ENOENT))
+            } else if peek.kind() == libc::S_IFDIR {
+                Err(errno(libc::EISDIR))
+            } else {
+                Ok(())
+            }
+        };
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, check)?;
+        let _dir = self.dir_lock(&pst);
         let peek = self.peek(ctx, &pst, name)?;
-        if !peek.exists() {
-            return Err(errno(libc::ENOENT));
-        }
-        if peek.kind() == libc::S_IFDIR {
-            return Err(errno(libc::EISDIR));
-        }
-        let pst = self.logged("copy-up", self.ensure_upper(ctx, &parent))?;
+        check(&peek)?;
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let r = match (&peek.upper, &peek.lower) {
             (Some(st), Some(_)) => self
@@ -1111,19 +1380,38 @@ impl FileSystem for Layer {
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let parent = self.node(parent)?;
-        let _changes = self.lock();
-        let pst = parent.state().clone();
-        let peek = self.peek(ctx, &pst, name)?;
-        if !peek.exists() {
-            return Err(errno(libc::ENOENT));
-        }
-        if peek.kind() != libc::S_IFDIR {
-            return Err(errno(libc::ENOTDIR));
-        }
+        let check = |peek: &Peek| {
+            if !peek.exists() {
+                Err(errno(libc::ENOENT))
+            } else if peek.kind() != libc::S_IFDIR {
+                Err(errno(libc::ENOTDIR))
+            } else {
+                Ok(())
+            }
+        };
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &parent, name, check)?;
+        // The directory removed is locked too: nothing is made in it while it goes.
+        let mut tries = 0;
+        let (peek, _locks) = loop {
+            let seen = self.peek(ctx, &pst, name)?;
+            check(&seen)?;
+            let victim = seen.upper.map_or(pst.dir_ino, |st| st.st_ino);
+            let locks = self.dir_locks_of(pst.dir_ino, victim);
+            let peek = self.peek(ctx, &pst, name)?;
+            check(&peek)?;
+            if peek.upper.map(|st| st.st_ino) == seen.upper.map(|st| st.st_ino) {
+                break (peek, locks);
+            }
+            // Replaced between the two looks (the guest's own race): look again.
+            tries += 1;
+            if tries == 8 {
+                return Err(errno(libc::EBUSY));
+            }
+        };
         if !self.is_empty_dir(ctx, &pst, name, &peek)? {
             return Err(errno(libc::ENOTEMPTY));
         }
-        let pst = self.logged("copy-up", self.ensure_upper(ctx, &parent))?;
         let dir = pst.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
         let r = match (&peek.upper, &peek.lower) {
             (Some(st), Some(_)) => self.whiteout_over(dir, name, true).map(|()| self.freed(st)),
@@ -1159,13 +1447,36 @@ impl FileSystem for Layer {
             return Err(errno(libc::EPERM));
         }
         let parent = self.node(newparent)?;
-        let _changes = self.lock();
-        let (pst, _) = self.prepare_create(ctx, &parent, newname)?;
+        let _tree = self.changing();
+        if node.state().upper.is_none() {
+            // A link that fails copies nothing up.
+            if !parent.is_dir() {
+                return Err(errno(libc::ENOTDIR));
+            }
+            Self::nothing_at(&self.peek(ctx, &parent.state().clone(), newname)?)?;
+        }
         let st = self.logged("copy-up", self.ensure_upper(ctx, &node))?;
+        let pst = self.dir_for_change(ctx, &parent, newname, Self::nothing_at)?;
+        let _dir = self.dir_lock(&pst);
         let upper = Self::upper_of(&st)?;
-        let e = self
-            .upper
-            .link(ctx, upper, Self::upper_of(&pst)?, newname)?;
+        let e = if self.free_name(ctx, &pst, newname)? {
+            // The other name is linked in `work/` from the one the node was reached by, then
+            // swapped in for the whiteout.
+            let from = self.node(st.parent)?.state().clone();
+            let from_dir = from.upper_dir.as_ref().ok_or_else(|| errno(libc::EIO))?;
+            let (attr, _) = self.upper.getattr(ctx, upper, None)?;
+            let fresh = Fresh::Link {
+                dir: from_dir,
+                name: &st.name,
+                ino: attr.st_ino,
+            };
+            let made = self.make_staged(ctx, &pst, newname, fresh, 0, 0, true);
+            self.logged("link", made)?;
+            self.upper.lookup(ctx, Self::upper_of(&pst)?, newname)?
+        } else {
+            self.upper
+                .link(ctx, upper, Self::upper_of(&pst)?, newname)?
+        };
         self.upper.forget(ctx, e.inode, 1);
         self.inodes.add_ref(node.id);
         Ok(Self::entry(node.id, Self::present(&st, e.attr)))
@@ -1203,38 +1514,77 @@ impl FileSystem for Layer {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         let pnode = self.node(parent)?;
-        if !pnode.is_dir() {
-            return Err(errno(libc::ENOTDIR));
-        }
-        let _changes = self.lock();
-        let pst = pnode.state().clone();
+        // An image object at the name: only a file opened without O_EXCL is (copied up and)
+        // opened. Anything in the upper directory: the passthrough opens it as the host would
+        // (O_EXCL, O_NOFOLLOW and O_TRUNC apply).
+        let check = |peek: &Peek| match (&peek.upper, &peek.lower) {
+            (None, Some((_, lst))) => {
+                if args.flags & libc::O_EXCL as u32 != 0 {
+                    return Err(errno(libc::EEXIST));
+                }
+                match lst.st_mode & libc::S_IFMT {
+                    libc::S_IFREG => Ok(()),
+                    libc::S_IFDIR => Err(errno(libc::EISDIR)),
+                    libc::S_IFLNK => Err(errno(libc::ELOOP)),
+                    _ => Err(errno(libc::EEXIST)),
+                }
+            }
+            _ => Ok(()),
+        };
+        let _tree = self.changing();
+        let pst = self.dir_for_change(ctx, &pnode, name, check)?;
+        let dir = self.dir_lock(&pst);
         let peek = self.peek(ctx, &pst, name)?;
+        check(&peek)?;
         let fresh = !peek.exists();
-        let pst = if peek.upper.is_some() {
-            // There already: the passthrough opens it as the host would (O_EXCL, O_NOFOLLOW
-            // and O_TRUNC apply).
-            pst
-        } else if let Some((_, lst)) = &peek.lower {
-            if args.flags & libc::O_EXCL as u32 != 0 {
-                return Err(errno(libc::EEXIST));
-            }
-            match lst.st_mode & libc::S_IFMT {
-                libc::S_IFREG => {}
-                libc::S_IFDIR => return Err(errno(libc::EISDIR)),
-                libc::S_IFLNK => return Err(errno(libc::ELOOP)),
-                _ => return Err(errno(libc::EEXIST)),
-            }
-            // An image file opened by CREATE: copied up, then opened in the layer.
+        if peek.upper.is_none() && peek.lower.is_some() {
+            // An image file opened by CREATE: copied up (the copy-up takes the directory's
+            // lock itself), then opened in the layer.
+            drop(dir);
             let (node, _) = self.lookup_node(ctx, &pnode, name, true)?;
             let copied = self.logged("copy-up", self.ensure_upper(ctx, &node));
             FileSystem::forget(self, ctx, node.id, 1);
             copied?;
-            pnode.state().clone()
+            let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
+            return Ok((self.created(ctx, &pnode, name, e, false)?, h, opts, x));
+        }
+        let upper = Self::upper_of(&pst)?;
+        let (e, h, opts, x) = if peek.whiteout {
+            // The file in place of the whiteout in one step, then opened (it is there now:
+            // no O_EXCL), then given its mode (made open to its owner).
+            let made = self.make_staged(ctx, &pst, name, Fresh::File, args.mode, args.umask, true);
+            self.logged("create", made)?;
+            let open = CreateIn {
+                flags: args.flags & !(libc::O_EXCL as u32),
+                ..args
+            };
+            let (mut e, h, opts, x) = self.upper.create(ctx, upper, name, open)?;
+            let perms = super::guard::host_file_mode(args.mode & 0o7777 & !args.umask);
+            if perms & (libc::S_IRUSR | libc::S_IWUSR) != libc::S_IRUSR | libc::S_IWUSR {
+                let moded = pst
+                    .upper_dir
+                    .as_ref()
+                    .ok_or_else(|| errno(libc::EIO))
+                    .and_then(|fd| host::chmod_at(fd, name, perms))
+                    .and_then(|()| self.upper.getattr(ctx, e.inode, None));
+                match moded {
+                    Ok((attr, _)) => e.attr = attr,
+                    Err(err) => {
+                        if let Some(h) = h {
+                            let _ = self.upper.release(ctx, e.inode, 0, h, false, false, None);
+                        }
+                        self.upper.forget(ctx, e.inode, 1);
+                        return self.logged("create: mode", Err(err));
+                    }
+                }
+            }
+            (e, h, opts, x)
         } else {
-            self.prepare_create(ctx, &pnode, name)?.0
+            self.upper.create(ctx, upper, name, args)?
         };
-        let (e, h, opts, x) = self.upper.create(ctx, Self::upper_of(&pst)?, name, args)?;
-        Ok((self.created(ctx, &pnode, name, e, fresh)?, h, opts, x))
+        let entry = self.created(ctx, &pnode, name, e, fresh)?;
+        drop(dir);
+        Ok((entry, h, opts, x))
     }
 
     #[allow(clippy::too_many_arguments)]

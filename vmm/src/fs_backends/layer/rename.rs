@@ -35,7 +35,7 @@ impl Layer {
         if !op.is_dir() || !np.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
-        let _changes = self.lock();
+        let _tree = self.renaming();
         let (src, _) = self.lookup_node(ctx, &op, oldname, true)?;
         let dst = match self.lookup_node(ctx, &np, newname, true) {
             Ok((node, _)) => Some(node),
