@@ -9,6 +9,8 @@
 //! Boot time: wall time from spawning the VMM to the guest init's `init: booted` line on the
 //! serial console (the same marker for every VMM). Memory overhead: the VMM process's RSS minus
 //! the RSS of its guest-RAM mapping, read from /proc/PID/smaps while the guest idles.
+//! Each boot's progress line also says where that overhead lives (file mappings, and how much of
+//! them is dirty; heap; other anonymous memory: thread stacks, malloc arenas, buffers).
 //!
 //! Every boot has a deadline (`--boot-timeout-secs`): a VMM that does not show the marker by
 //! then is killed, and the peer, case and the last lines it printed are reported; that peer is
@@ -118,6 +120,8 @@ struct Sample {
     boot: Duration,
     overhead_kib: u64,
     total_kib: u64,
+    /// Where the overhead lives (Resident::breakdown), shown per boot.
+    breakdown: String,
 }
 
 /// Files the boots share: the block device's image, the virtio-fs share, sockets, configs.
@@ -155,32 +159,83 @@ impl Drop for Scratch {
     }
 }
 
-/// Total RSS and the RSS of the largest mapping (guest RAM) of a process, in KiB.
-fn rss_split(pid: u32) -> Result<(u64, u64)> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
-        .with_context(|| format!("reading /proc/{pid}/smaps"))?;
-    let (mut total, mut largest_size, mut largest_rss, mut size) = (0, 0, 0, 0);
-    for line in smaps.lines() {
-        let mut words = line.split_whitespace();
-        let (Some(key), Some(value)) = (words.next(), words.next()) else {
-            continue;
-        };
-        let Ok(kib) = value.parse::<u64>() else {
-            continue;
-        };
-        match key {
-            "Size:" => size = kib,
-            "Rss:" => {
-                total += kib;
-                if size > largest_size {
-                    largest_size = size;
-                    largest_rss = kib;
-                }
+/// A process's resident memory from /proc/PID/smaps, in KiB: the total, the largest mapping
+/// (guest RAM), and where the rest lives (the overhead's breakdown).
+#[derive(Default)]
+struct Resident {
+    total: u64,
+    guest: u64,
+    /// Mappings of files: the VMM's code, read-only data and data, shared libraries.
+    files: u64,
+    /// Private dirty KiB of those file mappings (relocated or written data).
+    files_dirty: u64,
+    heap: u64,
+    /// Anonymous mappings other than guest RAM: thread stacks, malloc arenas, buffers.
+    anon: u64,
+    /// Everything else: [stack], [vdso], KVM's vCPU run areas.
+    other: u64,
+}
+
+impl Resident {
+    fn read(pid: u32) -> Result<Self> {
+        let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+            .with_context(|| format!("reading /proc/{pid}/smaps"))?;
+        let mut resident = Self::default();
+        // (name, size, rss, private dirty) of each mapping.
+        let mut maps: Vec<(String, u64, u64, u64)> = Vec::new();
+        for line in smaps.lines() {
+            let mut words = line.split_whitespace();
+            let Some(first) = words.next() else { continue };
+            if first.contains('-') && !first.ends_with(':') {
+                // A mapping's header: range perms offset dev inode [name].
+                let name = line.split_whitespace().nth(5).unwrap_or("").to_owned();
+                maps.push((name, 0, 0, 0));
+                continue;
             }
-            _ => {}
+            let (Some(map), Some(Ok(kib))) = (maps.last_mut(), words.next().map(str::parse::<u64>))
+            else {
+                continue;
+            };
+            match first {
+                "Size:" => map.1 = kib,
+                "Rss:" => map.2 = kib,
+                "Private_Dirty:" => map.3 = kib,
+                _ => {}
+            }
         }
+        let guest = maps
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, m)| m.1)
+            .map(|(i, _)| i);
+        for (i, (name, _, rss, dirty)) in maps.iter().enumerate() {
+            resident.total += rss;
+            if Some(i) == guest {
+                resident.guest = *rss;
+            } else if name.starts_with('/') {
+                resident.files += rss;
+                resident.files_dirty += dirty;
+            } else if name == "[heap]" {
+                resident.heap += rss;
+            } else if name.is_empty() {
+                resident.anon += rss;
+            } else {
+                resident.other += rss;
+            }
+        }
+        Ok(resident)
     }
-    Ok((total, largest_rss))
+
+    fn overhead(&self) -> u64 {
+        self.total.saturating_sub(self.guest)
+    }
+
+    fn breakdown(&self) -> String {
+        format!(
+            "files {} KiB ({} dirty), heap {} KiB, anon {} KiB, other {} KiB",
+            self.files, self.files_dirty, self.heap, self.anon, self.other
+        )
+    }
 }
 
 /// The last `TAIL_LINES` lines of a file (the VMM's stderr), for error reports.
@@ -263,11 +318,12 @@ fn wait_and_read(
     };
     // Let the guest settle into its idle entrypoint before reading memory.
     std::thread::sleep(Duration::from_millis(300));
-    let (total_kib, guest_kib) = rss_split(child.id())?;
+    let resident = Resident::read(child.id())?;
     Ok(Sample {
         boot,
-        overhead_kib: total_kib.saturating_sub(guest_kib),
-        total_kib,
+        overhead_kib: resident.overhead(),
+        total_kib: resident.total,
+        breakdown: resident.breakdown(),
     })
 }
 
@@ -459,9 +515,10 @@ fn main() -> Result<()> {
                         progress(
                             &args,
                             &format!(
-                                "{what}: {:.1} ms, overhead {:.1} MiB",
+                                "{what}: {:.1} ms, overhead {:.1} MiB ({})",
                                 sample.boot.as_secs_f64() * 1000.0,
-                                sample.overhead_kib as f64 / 1024.0
+                                sample.overhead_kib as f64 / 1024.0,
+                                sample.breakdown
                             ),
                         );
                         samples[i].push(sample);
