@@ -8,24 +8,12 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{running, vm_deployment, Node};
+use common::{not_an_flist, running, vm_deployment, vm_mut, Node};
 use e2e_tests::kvm_available;
-use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkload, Workload};
+use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy};
 use node_agent::engine::DeployOutcome;
 use node_agent::identity::KeyPair;
 use node_agent::state::{Store, VmRecord, VmState};
-
-fn vm_mut<'a>(d: &'a mut Deployment, name: &str) -> &'a mut VmWorkload {
-    d.workloads
-        .iter_mut()
-        .find_map(|w| match w {
-            Workload::Vm(vm) if vm.name == name => Some(vm),
-            _ => None,
-        })
-        .unwrap()
-}
 
 fn signed(mut d: Deployment, key: &KeyPair) -> Vec<u8> {
     d.sign(d.twin_id, key);
@@ -37,11 +25,6 @@ fn record<'a>(s: &'a node_agent::api::DeploymentStatus, name: &str) -> &'a VmRec
         .iter()
         .find(|v| v.name == name)
         .unwrap_or_else(|| panic!("no record of {name}: {:?}", s.vms))
-}
-
-/// A file that is not an flist: the vmm refuses it and ends at start.
-fn not_an_flist(path: &Path) {
-    std::fs::write(path, b"this is not an flist image").unwrap();
 }
 
 /// A deployment kept (`on_failure: keep`) with two VMs whose first start fails: the one with
