@@ -7,8 +7,9 @@
 //! the stream is written once, from its start, and only ever moves from `console.log` to
 //! `console.log.1`.
 //!
-//! A reader continues where it stopped with a [`Cursor`]: the identity (device, inode) of the
-//! file it was reading and its position there. A byte offset into "the kept files" would not
+//! A reader continues where it stopped with a [`Cursor`]: the identity of the file it was
+//! reading (device, inode and, where the filesystem keeps it, birth time: inode numbers are
+//! reused as soon as a rotation frees one) and its position there. A byte offset into "the kept files" would not
 //! do: after a rotation the same offset names other bytes, and `logs -f` would skip or repeat
 //! output. With a cursor a reader that was in `console.log` goes on in `console.log.1` after
 //! a rotation and then reads the new `console.log` from its start. A cursor whose file is gone
@@ -22,19 +23,22 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// Where a reader stopped: a file (device and inode) and a position in it.
+/// Where a reader stopped: a file (device, inode, birth time in nanoseconds or 0 where the
+/// filesystem keeps none) and a position in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     pub dev: u64,
     pub ino: u64,
+    pub born: u64,
     pub pos: u64,
 }
 
-/// Longest cursor text accepted (three u64 and two separators).
-const MAX_CURSOR_LEN: usize = 3 * 20 + 2;
+/// Longest cursor text accepted (four u64 and three separators).
+const MAX_CURSOR_LEN: usize = 4 * 20 + 3;
 
 impl Cursor {
-    /// Parses `DEV-INO-POS` as [`Cursor`]'s `Display` writes it; the error names the problem.
+    /// Parses `DEV-INO-BORN-POS` as [`Cursor`]'s `Display` writes it; the error names the
+    /// problem.
     pub fn parse(s: &str) -> Result<Self, String> {
         if s.len() > MAX_CURSOR_LEN {
             return Err(format!(
@@ -46,18 +50,21 @@ impl Cursor {
         let mut next = |what: &str| -> Result<u64, String> {
             parts
                 .next()
-                .ok_or_else(|| format!("cursor {s:?} has no {what} (expected DEV-INO-POS)"))?
+                .ok_or_else(|| format!("cursor {s:?} has no {what} (expected DEV-INO-BORN-POS)"))?
                 .parse()
-                .map_err(|_| format!("cursor {s:?}: {what} is not a number (expected DEV-INO-POS)"))
+                .map_err(|_| {
+                    format!("cursor {s:?}: {what} is not a number (expected DEV-INO-BORN-POS)")
+                })
         };
         let c = Cursor {
             dev: next("device")?,
             ino: next("inode")?,
+            born: next("birth time")?,
             pos: next("position")?,
         };
         if parts.next().is_some() {
             return Err(format!(
-                "cursor {s:?} has more than three parts (expected DEV-INO-POS)"
+                "cursor {s:?} has more than four parts (expected DEV-INO-BORN-POS)"
             ));
         }
         Ok(c)
@@ -66,7 +73,7 @@ impl Cursor {
 
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}-{}", self.dev, self.ino, self.pos)
+        write!(f, "{}-{}-{}-{}", self.dev, self.ino, self.born, self.pos)
     }
 }
 
@@ -85,6 +92,7 @@ struct Part {
     file: File,
     dev: u64,
     ino: u64,
+    born: u64,
     len: u64,
 }
 
@@ -98,22 +106,29 @@ impl Part {
         let meta = file
             .metadata()
             .with_context(|| format!("reading {}", path.display()))?;
+        let born = meta
+            .created()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         Ok(Some(Self {
             file,
             dev: meta.dev(),
             ino: meta.ino(),
+            born,
             len: meta.len(),
         }))
     }
 
     fn is(&self, c: &Cursor) -> bool {
-        self.dev == c.dev && self.ino == c.ino
+        (self.dev, self.ino, self.born) == (c.dev, c.ino, c.born)
     }
 
     fn cursor(&self, pos: u64) -> Cursor {
         Cursor {
             dev: self.dev,
             ino: self.ino,
+            born: self.born,
             pos,
         }
     }
@@ -147,7 +162,7 @@ pub fn read(console: &Path, from: Option<Cursor>, max: usize) -> Result<Chunk> {
     let old = Part::open(&rotated(console))?.filter(|o| {
         current
             .as_ref()
-            .is_none_or(|c| (c.dev, c.ino) != (o.dev, o.ino))
+            .is_none_or(|c| (c.dev, c.ino, c.born) != (o.dev, o.ino, o.born))
     });
     let mut parts: Vec<Part> = old.into_iter().chain(current).collect();
     let Some(last) = parts.last() else {
@@ -163,7 +178,8 @@ pub fn read(console: &Path, from: Option<Cursor>, max: usize) -> Result<Chunk> {
         None => (0, 0, false),
         Some(c) => match parts.iter().position(|p| p.is(&c)) {
             // The vmm never shortens a file it writes; a position past the end is a file
-            // that is not the one the cursor was made in (its inode reused).
+            // that is not the one the cursor was made in (its inode number reused on a
+            // filesystem that keeps no birth time).
             Some(i) if c.pos <= parts[i].len => (i, c.pos, false),
             _ => (0, 0, true),
         },
@@ -209,14 +225,16 @@ mod tests {
         let c = Cursor {
             dev: 2049,
             ino: u64::MAX,
+            born: 1_764_000_000_123_456_789,
             pos: 17,
         };
         assert_eq!(Cursor::parse(&c.to_string()), Ok(c));
         for (bad, says) in [
             ("", "device is not a number"),
-            ("1-2", "no position"),
-            ("1-2-x", "position is not a number"),
-            ("1-2-3-4", "more than three parts"),
+            ("1-2", "no birth time"),
+            ("1-2-3", "no position"),
+            ("1-2-3-x", "position is not a number"),
+            ("1-2-3-4-5", "more than four parts"),
             ("-1-2", "device is not a number"),
             (&"9".repeat(100), "at most"),
         ] {
@@ -287,8 +305,23 @@ mod tests {
         append(&log, b"l");
         rotate(&log);
         append(&log, b"m");
-        let (got, _, gap) = drain(&log, Some(at), 4);
+        let (got, at, gap) = drain(&log, Some(at), 4);
         assert_eq!((got.as_slice(), gap), (&b"lm"[..], true));
+        // A file with the cursor's device and inode but born at another time is another
+        // file (an inode number reused): a gap, not a position in it.
+        if at.born != 0 {
+            let other = Cursor {
+                born: at.born - 1,
+                pos: 0,
+                ..at
+            };
+            let c = read(&log, Some(other), 100).unwrap();
+            assert!(
+                c.gap,
+                "a reused inode number was taken for the cursor's file"
+            );
+            assert_eq!(c.bytes, b"lm");
+        }
         // An empty new run does not replace the last one's output.
         let before = std::fs::read(rotated(&log)).unwrap();
         std::fs::write(&log, b"").unwrap();
