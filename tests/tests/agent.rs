@@ -3,9 +3,9 @@
 //! runs their entrypoints and their output is read through the API; an update changes one VM
 //! and leaves the other running; the agent killed with -9 while VMs run comes back and still
 //! tracks them (no second vmm); a VM whose vmm dies is restarted by its policy and finds its
-//! volume's data; the agent crashing in the middle of a deploy finishes it after restart
-//! without starting anything twice; another twin cannot read the logs; delete removes the
-//! VMs and their data.
+//! volume's data, and `logs -f` follows it from the last run into the new one; the agent
+//! crashing in the middle of a deploy finishes it after restart without starting anything
+//! twice; another twin cannot read the logs; delete removes the VMs and their data.
 
 use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
 
@@ -70,10 +70,17 @@ sleep 3
 [ "$(vmm_count a)" = 1 ] && [ "$(vmm_pid a)" = "$PA" ] && echo adopted-$((3+1)) || fail "a not adopted: $(vmm_pid a)"
 $A ps $K | grep -E "^1 +a +running +$PA " > /dev/null && echo ps-tracks-$((4+1)) || { $A ps $K; fail "ps does not track a"; }
 
-# The vmm of a dies: restarted by policy, finds its volume's data.
+# The vmm of a dies: restarted by policy, finds its volume's data. A follower of its logs
+# started before goes on into the new run; the last run's output stays readable.
+$A logs -f a $K > /srv/follow.log 2>&1 & FOLLOW=$!
 kill -9 $PA
 wait_for "$A logs a $K | grep -q a-run-2" 120
 echo restarted-with-data-$((5+1))
+wait_for "grep -q a-run-2 /srv/follow.log" 30
+kill $FOLLOW
+RUNS=$(grep -o 'a-run-[0-9]' /srv/follow.log | tr '\n' ' ')
+[ "$RUNS" = "a-run-1 a-run-2 " ] && echo followed-across-restart-$((5+1)) || { cat /srv/follow.log; fail "logs -f across the restart saw: $RUNS"; }
+$A logs a $K | grep -q a-run-1 && echo previous-run-kept-$((5+1)) || fail "the previous run's output is gone"
 
 # Crash in the middle of a deploy (b removed, c added; c's vmm started, its pid not recorded).
 kill -9 $AGENT; wait $AGENT 2>/dev/null
@@ -134,6 +141,8 @@ fn agent_deploys_updates_survives_crashes_and_deletes() -> Result<(), Error> {
         "adopted-4",
         "ps-tracks-5",
         "restarted-with-data-6",
+        "followed-across-restart-6",
+        "previous-run-kept-6",
         "crashed-mid-deploy-7",
         "c-started-once-8",
         "b-removed-8",
