@@ -5,7 +5,9 @@
 //! tracks them (no second vmm); a VM whose vmm dies is restarted by its policy and finds its
 //! volume's data, and `logs -f` follows it from the last run into the new one; the agent
 //! crashing in the middle of a deploy finishes it after restart without starting anything
-//! twice; another twin cannot read the logs; delete removes the VMs and their data.
+//! twice; another twin cannot read the logs; a replayed, an over-capacity and a forged
+//! deployment are refused with their reason and change nothing; delete removes the VMs and
+//! their data.
 
 use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
 
@@ -99,6 +101,23 @@ $A inspect 1 $K | grep -q '"version": 3' && echo deploy-finished-$((8+1)) || fai
 # Another twin cannot read the logs.
 $A keygen --out /srv/other.key > /dev/null
 $A twin register --key /srv/other.key --registrar /srv/state/agent.sock > /dev/null
+
+# Refused changes name their reason and change nothing (same document, same vmm of c).
+state() { $A inspect 1 $K | grep -v '"next_start_at"' | md5sum; }
+BEFORE=$(state); PC=$(vmm_pid c)
+refused() { # WHAT EXPECTED-REASON DEPLOY-ARGS...
+  what=$1; want=$2; shift 2
+  out=$($A deploy "$@" 2>&1) && fail "$what deployment accepted: $out"
+  echo "$out" | grep -q "$want" || fail "$what deployment refused for another reason: $out"
+  [ "$(state)" = "$BEFORE" ] && [ "$(vmm_pid c)" = "$PC" ] || fail "the $what deployment changed something"
+  echo "refused-$what: $out"
+}
+refused replayed "not higher than the current" /srv/d3.json $K
+sed 's/"version": 3/"version": 4/; s/"memory_mib": 128/"memory_mib": 500000/' /srv/d3.json > /srv/d4-big.json
+refused over-capacity "over capacity" /srv/d4-big.json $K
+sed 's/"version": 3/"version": 4/' /srv/d3.json > /srv/d4.json
+refused forged "signature does not match" /srv/d4.json --key /srv/other.key --twin $TWIN --agent /srv/state/agent.sock
+echo refusals-changed-nothing-$((9+1))
 $A logs 1/a --key /srv/other.key --agent /srv/state/agent.sock 2>&1 | grep -q "has no VM a" && echo other-refused-$((9+1)) || fail "another twin read the logs"
 
 # Delete removes the VMs and their data.
@@ -148,6 +167,10 @@ fn agent_deploys_updates_survives_crashes_and_deletes() -> Result<(), Error> {
         "b-removed-8",
         "deploy-finished-9",
         "other-refused-10",
+        "refused-replayed",
+        "refused-over-capacity",
+        "refused-forged",
+        "refusals-changed-nothing-10",
         "vms-gone-11",
         "data-gone-12",
         "registered-13",
