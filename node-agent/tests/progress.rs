@@ -5,7 +5,8 @@
 //!
 //! On a terminal (the CLI run under `script`, which gives it a pseudo-terminal) the deploy
 //! shows what the VM is doing while the image is fetched; in a pipe it prints no progress and
-//! no terminal control codes. Either way the VM runs from the fetched image.
+//! no terminal control codes. Either way the VM runs from the fetched image. The node's
+//! Prometheus metrics then count the two VMs, their capacity and the two deploys.
 
 mod common;
 
@@ -129,4 +130,37 @@ fn deploy_shows_each_vms_step_on_a_terminal_while_its_image_is_fetched() {
         .unwrap()
         .count();
     assert_eq!(kept, 2);
+
+    // The operator's metrics (unsigned, on the unix socket) after the two deploys: workloads
+    // by state, capacity used and total, registration and uptime reports, deploy latency.
+    let want = [
+        "gridnode_workloads{state=\"running\"} 2".to_string(),
+        format!(
+            "gridnode_capacity{{resource=\"mru\",kind=\"used\"}} {}",
+            2 * (64u64 << 20)
+        ),
+        "gridnode_capacity{resource=\"mru\",kind=\"total\"} ".into(),
+        "gridnode_capacity{resource=\"cru\",kind=\"used\"} 2".into(),
+        "gridnode_registered 1".into(),
+        "gridnode_uptime_reports_sent_total ".into(),
+        "gridnode_deploy_seconds_bucket{le=\"+Inf\"} 2".into(),
+        "gridnode_deploy_seconds_count 2".into(),
+    ];
+    let operator = node_agent::client::Client::new(node_agent::client::Endpoint::Unix(node.sock()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = common::block_on(operator.request("GET", "/metrics", None))
+            .unwrap()
+            .text();
+        let missing: Vec<&String> = want.iter().filter(|w| !text.contains(w.as_str())).collect();
+        if missing.is_empty() {
+            break;
+        }
+        // Registration runs beside the deploys; everything else is final.
+        assert!(
+            std::time::Instant::now() < deadline,
+            "missing {missing:?} in /metrics:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
