@@ -21,12 +21,13 @@ use utoipa::{OpenApi, ToSchema};
 
 use crate::auth::{AuthError, ReplayGuard, SignedHeaders, Signer};
 use crate::capacity::Resources;
+use crate::console;
 use crate::deployment::Deployment;
 use crate::engine::{DeployError, DeployOutcome, Engine};
 use crate::registrar::server::{RegistrarDoc, ServerState};
 use crate::routes::Routes;
 use crate::state::VmRecord;
-use crate::vmspec::VmKey;
+use crate::vmspec::{VmKey, VmPaths};
 
 /// Largest request body (a deployment).
 pub const MAX_BODY: usize = 1 << 20;
@@ -339,6 +340,10 @@ pub struct DeploymentStatus {
     /// have any.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub addresses: std::collections::BTreeMap<String, Vec<String>>,
+    /// While a change runs: what each of its VMs is doing (its images checked or fetched,
+    /// its vmm started, the VM being built), by name.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub steps: std::collections::BTreeMap<String, String>,
 }
 
 fn parse_deployment(body: &[u8]) -> Result<Deployment, ApiError> {
@@ -436,6 +441,7 @@ async fn list_deployments(
         let vms = e.store.vms(Some((twin, d.deployment_id)))?;
         let addresses = e.vm_addresses(&d);
         out.push(DeploymentStatus {
+            steps: e.steps(twin, d.deployment_id),
             deployment: d,
             vms,
             addresses,
@@ -465,6 +471,7 @@ async fn get_deployment(
         ));
     };
     Ok(Json(DeploymentStatus {
+        steps: e.steps(twin, id),
         addresses: e.vm_addresses(&row.doc),
         deployment: row.doc,
         vms: e.store.vms(Some((twin, id)))?,
@@ -490,14 +497,20 @@ async fn delete_deployment(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 pub struct LogQuery {
-    /// Byte offset in the VM's console output (rotated file first).
-    #[serde(default)]
-    pub offset: u64,
+    /// Where to continue: the `x-next-cursor` of the previous answer (without it, from the
+    /// oldest output kept). A cursor stays valid across rotations of the console log and
+    /// restarts of the VM (see `console.rs`).
+    pub cursor: Option<String>,
 }
 
+/// Header naming where the next logs request continues.
+pub const NEXT_CURSOR: &str = "x-next-cursor";
+/// Header set (`1`) when output between the request's cursor and the answer is no longer kept.
+pub const LOG_GAP: &str = "x-log-gap";
+
 #[utoipa::path(get, path = "/deployments/{id}/vms/{name}/logs", params(("id" = u64, Path), ("name" = String, Path), LogQuery),
-    responses((status = 200, description = "console bytes; `x-next-offset` says where to continue", content_type = "application/octet-stream"),
-              (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "console bytes; `x-next-cursor` says where to continue, `x-log-gap: 1` that output before them was rotated away unread", content_type = "application/octet-stream"),
+              (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn vm_logs(
     State(s): State<Arc<Served>>,
     Path((id, name)): Path<(u64, String)>,
@@ -509,6 +522,12 @@ async fn vm_logs(
     let twin = authenticate(&s, &method, &uri, &headers, b"")
         .await?
         .twin()?;
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(console::Cursor::parse)
+        .transpose()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let e = &s.state.engine;
     let known = e
         .store
@@ -526,18 +545,23 @@ async fn vm_logs(
         deployment_id: id,
         name,
     };
-    let (bytes, next) = e.logs(&key, q.offset, MAX_LOG_CHUNK)?;
-    Ok((
-        [
-            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (
-                header::HeaderName::from_static("x-next-offset"),
-                next.to_string(),
-            ),
-        ],
-        bytes,
+    let paths = VmPaths::new(&e.config.state_dir, &key);
+    let chunk = console::read(&paths.console, cursor, MAX_LOG_CHUNK)?;
+    let mut resp = (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        chunk.bytes,
     )
-        .into_response())
+        .into_response();
+    let h = resp.headers_mut();
+    if let Some(next) = chunk.next {
+        if let Ok(v) = header::HeaderValue::from_str(&next.to_string()) {
+            h.insert(NEXT_CURSOR, v);
+        }
+    }
+    if chunk.gap {
+        h.insert(LOG_GAP, header::HeaderValue::from_static("1"));
+    }
+    Ok(resp)
 }
 
 #[utoipa::path(get, path = "/openapi.json", responses((status = 200, description = "this document"), (status = 401, body = ErrorBody)))]

@@ -87,6 +87,9 @@ pub struct Engine {
     pub usage_changed: tokio::sync::Notify,
     /// The node's networking (None: disabled, VMs have no interfaces).
     pub network: Option<Arc<Network>>,
+    /// What each VM being prepared or started is doing (its image fetched and checked, its
+    /// vmm started, its boot awaited), so a client can show a change's progress.
+    steps: std::sync::Mutex<BTreeMap<VmKey, String>>,
 }
 
 fn now() -> i64 {
@@ -96,7 +99,10 @@ fn now() -> i64 {
 /// Crash injection for the crash-recovery tests: with `GRIDNODE_CRASH_AT=<point>` in its
 /// environment the agent aborts (as `kill -9` would stop it) when it reaches that point.
 /// Points: `after-journal` (intent written, nothing started), `after-spawn` (a vmm started,
-/// its pid not yet recorded), `before-op-end` (VMs started, the op not yet ended).
+/// its pid not yet recorded), `before-op-end` (VMs started, the op not yet ended),
+/// `before-rollback` (a workload failed to start, nothing rolled back yet), `mid-rollback`
+/// (the previous documents restored, the VMs not yet), `before-cleanup` (the op ended, the
+/// files of removed workloads not yet deleted).
 fn crash_point(point: &str) {
     if std::env::var("GRIDNODE_CRASH_AT").is_ok_and(|p| p == point) {
         eprintln!("node-agent: crash point {point} reached, aborting");
@@ -122,7 +128,37 @@ impl Engine {
             started_at: AtomicI64::new(now()),
             usage_changed: tokio::sync::Notify::new(),
             network: None,
+            steps: Default::default(),
         }
+    }
+
+    /// Records what a VM is doing until the returned guard is dropped.
+    fn step(&self, key: &VmKey, what: &str) -> StepsCleared<'_> {
+        self.set_step(key, what);
+        StepsCleared {
+            engine: self,
+            twin_id: key.twin_id,
+            deployment_id: key.deployment_id,
+            name: Some(key.name.clone()),
+        }
+    }
+
+    fn set_step(&self, key: &VmKey, what: &str) {
+        if let Ok(mut steps) = self.steps.lock() {
+            steps.insert(key.clone(), what.to_string());
+        }
+    }
+
+    /// What the VMs of one deployment are doing now, by name (empty when no change runs).
+    pub fn steps(&self, twin_id: u32, deployment_id: u64) -> BTreeMap<String, String> {
+        let Ok(steps) = self.steps.lock() else {
+            return BTreeMap::new();
+        };
+        steps
+            .iter()
+            .filter(|(k, _)| (k.twin_id, k.deployment_id) == (twin_id, deployment_id))
+            .map(|(k, v)| (k.name.clone(), v.clone()))
+            .collect()
     }
 
     /// Gives VMs interfaces through `network`.
@@ -355,7 +391,9 @@ impl Engine {
                 "rolling back: {}",
                 reasons.join("; ")
             );
+            crash_point("before-rollback");
             self.store.roll_back_op(op)?;
+            crash_point("mid-rollback");
             self.reconcile(
                 op.twin_id,
                 op.deployment_id,
@@ -378,6 +416,7 @@ impl Engine {
         crash_point("before-op-end");
         self.store.end_op(op.id)?;
         self.usage_changed.notify_one();
+        crash_point("before-cleanup");
         self.collect_garbage(op.twin_id, op.deployment_id)?;
         info!(
             twin = op.twin_id,
@@ -563,6 +602,7 @@ impl Engine {
         self.reconcile(twin_id, deployment_id, None, last.as_ref(), false)
             .await;
         self.store.end_op(op_id)?;
+        crash_point("before-cleanup");
         self.collect_garbage(twin_id, deployment_id)?;
         info!(twin = twin_id, deployment = deployment_id, "deleted");
         Ok(())
@@ -624,6 +664,13 @@ impl Engine {
         running: Option<&Deployment>,
         abort: bool,
     ) -> Report {
+        // However it ends, no VM of this deployment is being prepared or started after it.
+        let _steps = StepsCleared {
+            engine: self,
+            twin_id,
+            deployment_id,
+            name: None,
+        };
         let mut report = Report::default();
         let records = self
             .store
@@ -713,7 +760,17 @@ impl Engine {
             };
             if let Some(rec) = rec.filter(|r| r.spec_hash == spec_hash) {
                 // Same spec: leave it to the supervisor (running, restarting, or ended by its
-                // policy), unless its start was never recorded.
+                // policy), unless its start was never recorded, or this change is the one
+                // that started it and the start failed (the change is being replayed after a
+                // crash, and the owner wants it rolled back then).
+                let changed_here = running.and_then(|d| d.vm(&vm.name)) != Some(vm);
+                let start_failed = matches!(rec.state, VmState::Restarting | VmState::Failed)
+                    && !rec.reason.is_empty()
+                    && self.live(rec).is_none();
+                if abort && changed_here && start_failed {
+                    report.failed.insert(vm.name.clone(), rec.reason.clone());
+                    break;
+                }
                 if rec.state == VmState::Starting && rec.pid.is_none() {
                     if let Some(p) = supervisor::find_by_spec(&paths.spec) {
                         self.record_running(&key, &spec_hash, p, rec.restarts);
@@ -778,10 +835,20 @@ impl Engine {
         vm: &VmWorkload,
         net: Option<VmNetwork>,
     ) -> Result<(VmPaths, String)> {
+        let fetch = |image: &str| image.starts_with("http://") || image.starts_with("https://");
+        let step = if std::iter::once(&vm.image)
+            .chain(vm.mounts.iter().map(|m| &m.image))
+            .any(|i| fetch(i))
+        {
+            "fetching and checking its images"
+        } else {
+            "checking its images"
+        };
+        let _step = self.step(key, step);
         let state_dir = self.state_dir().to_path_buf();
         let config = self.config.clone();
-        let key = key.clone();
         let vm = vm.clone();
+        let key = key.clone();
         tokio::task::spawn_blocking(move || -> Result<(VmPaths, String)> {
             let paths = VmPaths::new(&state_dir, &key);
             paths.create()?;
@@ -829,6 +896,7 @@ impl Engine {
         };
         self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;
         let _ = std::fs::remove_file(&paths.api_sock);
+        let _step = self.step(key, "starting its vmm");
         // Taps in private networks' namespaces, opened here for the vmm to inherit.
         let fds = net
             .into_iter()
@@ -856,6 +924,10 @@ impl Engine {
         rec.pid = Some(proc_.pid);
         rec.pid_start = Some(proc_.start);
         self.store.put_vm(&rec).map_err(|e| format!("{e:#}"))?;
+        self.set_step(
+            key,
+            "building the VM (its vmm opens the images and fetches their first chunks)",
+        );
         match supervisor::wait_started(paths, proc_, START_TIMEOUT).await {
             Ok(()) => {
                 rec.state = VmState::Running;
@@ -1043,6 +1115,37 @@ impl Engine {
                 self.collect_garbage(rec.twin_id, rec.deployment_id)?;
             }
         }
+        self.collect_all_garbage()
+    }
+
+    /// Removes the files of workloads the committed state no longer has, in every deployment
+    /// directory on disk but those of ops still in the journal (a crash between an op's end
+    /// and its cleanup leaves such files behind).
+    fn collect_all_garbage(&self) -> Result<()> {
+        let pending: BTreeSet<(u32, u64)> = self
+            .store
+            .ops()?
+            .iter()
+            .map(|o| (o.twin_id, o.deployment_id))
+            .collect();
+        let Ok(twins) = std::fs::read_dir(self.state_dir().join("vms")) else {
+            return Ok(());
+        };
+        let number = |e: &std::fs::DirEntry| e.file_name().to_str()?.parse::<u64>().ok();
+        for t in twins.flatten() {
+            let Some(twin) = number(&t).and_then(|n| u32::try_from(n).ok()) else {
+                continue;
+            };
+            let Ok(deployments) = std::fs::read_dir(t.path()) else {
+                continue;
+            };
+            for d in deployments.flatten() {
+                match number(&d) {
+                    Some(id) if !pending.contains(&(twin, id)) => self.collect_garbage(twin, id)?,
+                    _ => {}
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1137,17 +1240,6 @@ impl Engine {
             }
         }
     }
-
-    /// Console output of a VM from byte `offset` of its log (the rotated file, then the
-    /// current one), at most `max` bytes; returns the bytes and the next offset.
-    pub fn logs(&self, key: &VmKey, offset: u64, max: usize) -> Result<(Vec<u8>, u64)> {
-        let paths = VmPaths::new(self.state_dir(), key);
-        let mut all = std::fs::read(paths.console.with_extension("log.1")).unwrap_or_default();
-        all.extend(std::fs::read(&paths.console).unwrap_or_default());
-        let start = (offset as usize).min(all.len());
-        let end = start.saturating_add(max).min(all.len());
-        Ok((all[start..end].to_vec(), end as u64))
-    }
 }
 
 /// What the vmm is given beyond the guest's shutdown grace before it ends the VM itself
@@ -1170,6 +1262,25 @@ fn stop_deadline(paths: &VmPaths, workload: Option<&VmWorkload>) -> Duration {
         .unwrap_or(vm_spec::spec::DEFAULT_SHUTDOWN_GRACE_SECS)
         .min(vm_spec::spec::MAX_SHUTDOWN_GRACE_SECS);
     Duration::from_secs(u64::from(grace) + STOP_SLACK_SECS)
+}
+
+/// When dropped, clears the steps of one VM (`name`) or of every VM of a deployment.
+struct StepsCleared<'a> {
+    engine: &'a Engine,
+    twin_id: u32,
+    deployment_id: u64,
+    name: Option<String>,
+}
+
+impl Drop for StepsCleared<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut steps) = self.engine.steps.lock() {
+            steps.retain(|k, _| {
+                (k.twin_id, k.deployment_id) != (self.twin_id, self.deployment_id)
+                    || self.name.as_ref().is_some_and(|n| *n != k.name)
+            });
+        }
+    }
 }
 
 #[derive(Debug, Default)]

@@ -2,7 +2,8 @@
 //!
 //! One path for a workload: deployment (signed JSON) -> [`deployment`] verify -> [`state`]
 //! (desired state written before anything acts) -> [`engine`] reconcile -> [`supervisor`]
-//! (one vmm process per VM, in its own session) -> vmm. Around it: the node's [`identity`]
+//! (one vmm process per VM, in its own session) -> vmm, whose output the API serves from
+//! its [`console`] log. Around it: the node's [`identity`]
 //! and [`capacity`], registration through a [`registrar::Registrar`] (an embedded one by
 //! default), the HTTP [`api`] and the CLI client that talks to it. The node's [`network`]
 //! gives VMs their interfaces (a NAT bridge, private networks over WireGuard, port forwards).
@@ -13,6 +14,7 @@ pub mod canonical;
 pub mod capacity;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod deployment;
 pub mod engine;
 pub mod hostmem;

@@ -373,21 +373,35 @@ async fn run(cli: Cli) -> Result<()> {
                 .request("GET", &format!("/deployments/{}", doc.deployment_id), None)
                 .await?
                 .ok();
-            let bar = spinner(format!(
-                "deploying {} (version {})",
-                doc.deployment_id, doc.version
-            ));
-            let client = client.with_timeout(CHANGE_TIMEOUT);
-            let resp = if exists {
-                client
-                    .request(
-                        "PUT",
-                        &format!("/deployments/{}", doc.deployment_id),
-                        Some(body),
-                    )
-                    .await?
-            } else {
-                client.request("POST", "/deployments", Some(body)).await?
+            let head = format!("deploying {} (version {})", doc.deployment_id, doc.version);
+            let bar = spinner(head.clone());
+            let path = format!("/deployments/{}", doc.deployment_id);
+            let request = async {
+                let client = client.clone().with_timeout(CHANGE_TIMEOUT);
+                if exists {
+                    client.request("PUT", &path, Some(body)).await
+                } else {
+                    client.request("POST", "/deployments", Some(body)).await
+                }
+            };
+            // On a terminal, what each VM is doing (images fetched, vmm started, VM built),
+            // read from the agent while the change runs.
+            let watch = async {
+                if bar.is_hidden() {
+                    return std::future::pending::<()>().await;
+                }
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if let Ok(r) = client.request("GET", &path, None).await {
+                        if let Ok(s) = r.json::<DeploymentStatus>() {
+                            bar.set_message(progress_line(&head, doc.version, &s));
+                        }
+                    }
+                }
+            };
+            let resp = tokio::select! {
+                r = request => r?,
+                () = watch => unreachable!("the watch never ends"),
             };
             bar.finish_and_clear();
             if !resp.ok() {
@@ -472,34 +486,36 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Logs { name, follow, who } => {
             let (client, _, _) = who.client()?;
             let (id, vm) = find_vm(&client, &name).await?;
-            let mut offset = 0u64;
+            let mut cursor: Option<String> = None;
             loop {
-                let resp = client
-                    .request(
-                        "GET",
-                        &format!("/deployments/{id}/vms/{vm}/logs?offset={offset}"),
-                        None,
-                    )
-                    .await?;
+                let path = match &cursor {
+                    Some(c) => format!("/deployments/{id}/vms/{vm}/logs?cursor={c}"),
+                    None => format!("/deployments/{id}/vms/{vm}/logs"),
+                };
+                let resp = client.request("GET", &path, None).await?;
                 if !resp.ok() {
                     bail!("logs: {}", resp.error_message());
+                }
+                if resp.headers.contains_key(api::LOG_GAP) {
+                    eprintln!(
+                        "node-agent: [older output of {vm} was rotated away before it was read]"
+                    );
                 }
                 use std::io::Write;
                 std::io::stdout().write_all(&resp.body)?;
                 std::io::stdout().flush()?;
-                let next = resp
-                    .headers
-                    .get("x-next-offset")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(offset);
                 if !follow {
                     break;
                 }
-                if next == offset {
+                let next = resp
+                    .headers
+                    .get(api::NEXT_CURSOR)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                if resp.body.is_empty() {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-                offset = next;
+                cursor = next.or(cursor);
             }
             Ok(())
         }
@@ -551,6 +567,30 @@ fn spinner(msg: String) -> indicatif::ProgressBar {
     bar.set_message(msg);
     bar.enable_steady_tick(Duration::from_millis(100));
     bar
+}
+
+/// `head: web: fetching and checking its images, db: running`: each VM's step while the
+/// change (at `version`) runs, else the state of its record.
+fn progress_line(head: &str, version: u32, s: &DeploymentStatus) -> String {
+    if s.deployment.version != version {
+        return head.to_string();
+    }
+    let vms: Vec<String> = s
+        .deployment
+        .vms()
+        .map(|vm| {
+            let what = s.steps.get(&vm.name).cloned().unwrap_or_else(|| {
+                s.vms
+                    .iter()
+                    .find(|r| r.name == vm.name)
+                    .and_then(|r| serde_json::to_value(r.state).ok())
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "waiting".into())
+            });
+            format!("{}: {what}", vm.name)
+        })
+        .collect();
+    format!("{head}: {}", vms.join(", "))
 }
 
 fn twin_file(key: &Path) -> PathBuf {

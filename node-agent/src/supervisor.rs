@@ -74,6 +74,7 @@ pub fn spawn_with_fds(
     paths: &VmPaths,
     fds: Vec<std::os::fd::OwnedFd>,
 ) -> Result<Proc> {
+    crate::console::keep_previous_run(&paths.console)?;
     let log = fs::OpenOptions::new()
         .create(true)
         .write(true)

@@ -147,6 +147,14 @@ fn fetch(url: &str, dest: &Path) -> Result<()> {
         .get(url)
         .call()
         .with_context(|| format!("fetching image {url}"))?;
+    // Without redirects followed, a 3xx comes back as an answer: its body is not the image.
+    if resp.status() != 200 {
+        bail!(
+            "fetching image {url}: the server answered {} {} (redirects are not followed)",
+            resp.status(),
+            resp.status_text()
+        );
+    }
     let tmp = dest.with_extension("partial");
     let mut out = fs::File::create(&tmp)?;
     let copied = std::io::copy(&mut resp.into_reader().take(MAX_IMAGE_BYTES + 1), &mut out)?;
@@ -291,5 +299,75 @@ mod tests {
         let err = resolve_image(dir.path(), img.to_str().unwrap(), Some(&wrong)).unwrap_err();
         assert!(err.to_string().contains(&right), "{err}");
         assert!(resolve_image(dir.path(), "/nonexistent.flist", None).is_err());
+    }
+
+    /// Serves one canned HTTP answer per connection, in order; returns the base URL.
+    fn serve(answers: Vec<Vec<u8>>) -> String {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for answer in answers {
+                let Ok((stream, _)) = listener.accept() else {
+                    return;
+                };
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = reader.get_mut().write_all(&answer);
+            }
+        });
+        url
+    }
+
+    fn answer(status: &str, extra: &str, body: &[u8]) -> Vec<u8> {
+        let mut a = format!(
+            "HTTP/1.1 {status}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        a.extend_from_slice(body);
+        a
+    }
+
+    #[test]
+    fn an_image_by_url_is_fetched_once_checked_and_redirects_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"flist metadata".to_vec();
+        let good = blake3::hash(&body).to_hex().to_string();
+        let base = serve(vec![
+            answer("200 OK", "", &body),
+            answer("200 OK", "", b"something else"),
+            answer(
+                "302 Found",
+                "Location: http://example.invalid/x\r\n",
+                b"moved",
+            ),
+            answer("404 Not Found", "", b"no"),
+        ]);
+        // Fetched into images/, checked against its BLAKE3.
+        let url = format!("{base}/root.flist");
+        let path = resolve_image(dir.path(), &url, Some(&good)).unwrap();
+        assert!(path.starts_with(dir.path().join("images")));
+        assert_eq!(fs::read(&path).unwrap(), body);
+        // Kept: the same URL again needs no server answer (the next canned one differs).
+        assert_eq!(resolve_image(dir.path(), &url, Some(&good)).unwrap(), path);
+        // Another URL whose content has another hash: refused, and nothing kept.
+        let other = format!("{base}/other.flist");
+        let err = resolve_image(dir.path(), &other, Some(&good)).unwrap_err();
+        assert!(err.to_string().contains("the deployment expects"), "{err}");
+        assert_eq!(fs::read_dir(dir.path().join("images")).unwrap().count(), 1);
+        // A redirect is not followed and its body is not taken for the image.
+        let moved = format!("{base}/moved.flist");
+        let err = format!("{:#}", resolve_image(dir.path(), &moved, None).unwrap_err());
+        assert!(err.contains("302"), "{err}");
+        let err = format!(
+            "{:#}",
+            resolve_image(dir.path(), &format!("{base}/gone.flist"), None).unwrap_err()
+        );
+        assert!(err.contains("404"), "{err}");
+        assert_eq!(fs::read_dir(dir.path().join("images")).unwrap().count(), 1);
     }
 }

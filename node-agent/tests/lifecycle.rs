@@ -8,24 +8,12 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::{running, vm_deployment, Node};
+use common::{not_an_flist, running, vm_deployment, vm_mut, Node};
 use e2e_tests::kvm_available;
-use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy, VmWorkload, Workload};
+use node_agent::deployment::{Deployment, FailurePolicy, RestartPolicy};
 use node_agent::engine::DeployOutcome;
 use node_agent::identity::KeyPair;
 use node_agent::state::{Store, VmRecord, VmState};
-
-fn vm_mut<'a>(d: &'a mut Deployment, name: &str) -> &'a mut VmWorkload {
-    d.workloads
-        .iter_mut()
-        .find_map(|w| match w {
-            Workload::Vm(vm) if vm.name == name => Some(vm),
-            _ => None,
-        })
-        .unwrap()
-}
 
 fn signed(mut d: Deployment, key: &KeyPair) -> Vec<u8> {
     d.sign(d.twin_id, key);
@@ -37,11 +25,6 @@ fn record<'a>(s: &'a node_agent::api::DeploymentStatus, name: &str) -> &'a VmRec
         .iter()
         .find(|v| v.name == name)
         .unwrap_or_else(|| panic!("no record of {name}: {:?}", s.vms))
-}
-
-/// A file that is not an flist: the vmm refuses it and ends at start.
-fn not_an_flist(path: &Path) {
-    std::fs::write(path, b"this is not an flist image").unwrap();
 }
 
 /// A deployment kept (`on_failure: keep`) with two VMs whose first start fails: the one with
@@ -375,4 +358,114 @@ fn a_failed_update_is_rolled_back_to_the_old_vms() {
     vm_mut(&mut v4, "b").image = bad.display().to_string();
     let resp = node.call(&key, twin, "PUT", "/deployments/1", Some(signed(v4, &key)));
     check_rolled_back("b's new vmm fails", resp, false);
+}
+
+/// After a node reboot the deployments start again with the registrar unreachable: starting
+/// workloads needs nothing from the network. The node registers with a registrar served by
+/// `node-agent registrar serve` (another process); the owner deploys through it; then the node
+/// powers off, the registrar goes down, and the node boots: its VM runs again while the
+/// registration keeps failing.
+#[test]
+fn after_a_reboot_vms_start_with_the_registrar_down() {
+    use node_agent::registrar::Registrar;
+    if !kvm_available() {
+        return;
+    }
+    let mut node = Node::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut registrar = std::process::Command::new(common::built("node-agent"))
+        .args([
+            "registrar",
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--state-dir")
+        .arg(node.dir.path().join("registrar"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let remote = node_agent::registrar::remote::RemoteRegistrar::new(&url).unwrap();
+    let farmer = KeyPair::generate();
+    let user = KeyPair::generate();
+    let (farmer_twin, twin) = common::block_on(async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        let farmer_twin = loop {
+            match remote.create_twin(&farmer).await {
+                Ok(t) => break t.id,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "registrar: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        };
+        remote
+            .create_farm(&farmer, farmer_twin, "farm-1")
+            .await
+            .unwrap();
+        (farmer_twin, remote.create_twin(&user).await.unwrap().id)
+    });
+    assert_ne!(farmer_twin, twin);
+    let cfg_path = node.dir.path().join("agent.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&cfg_path).unwrap()).unwrap();
+    cfg["registrar"] = url.clone().into();
+    cfg["farm_id"] = 1.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    node.start(None);
+    let d = vm_deployment(twin, 1, &node.image(), &["x"]);
+    let resp = node.call(&user, twin, "POST", "/deployments", Some(signed(d, &user)));
+    assert!(resp.ok(), "{}", resp.text());
+    assert_eq!(node.vmms(twin, "x").len(), 1);
+
+    // Power off (the agent and its VM end), the registrar goes down, a new boot.
+    node.stop();
+    for pid in node.vmms(twin, "x") {
+        // SAFETY: a plain signal to a vmm this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let _ = registrar.kill();
+    let _ = registrar.wait();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !node.vmms(twin, "x").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the vmm did not end");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Store::open(&node.state().join("agent.db"))
+        .unwrap()
+        .set_meta("boot_id", "an earlier boot")
+        .unwrap();
+    node.start(None);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while node.vmms(twin, "x").len() != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM did not start again without the registrar"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The operator's view: the registration is what fails.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let status = common::block_on(
+            node_agent::client::Client::new(node_agent::client::Endpoint::Unix(node.sock()))
+                .request("GET", "/node", None),
+        )
+        .unwrap();
+        let status: serde_json::Value = status.json().unwrap();
+        let error = status["registrar_error"].as_str().unwrap_or_default();
+        if error.contains("registration") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no registration error in the health: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -3,9 +3,11 @@
 //! runs their entrypoints and their output is read through the API; an update changes one VM
 //! and leaves the other running; the agent killed with -9 while VMs run comes back and still
 //! tracks them (no second vmm); a VM whose vmm dies is restarted by its policy and finds its
-//! volume's data; the agent crashing in the middle of a deploy finishes it after restart
-//! without starting anything twice; another twin cannot read the logs; delete removes the
-//! VMs and their data.
+//! volume's data, and `logs -f` follows it from the last run into the new one; the agent
+//! crashing in the middle of a deploy finishes it after restart without starting anything
+//! twice; another twin cannot read the logs; a replayed, an over-capacity and a forged
+//! deployment are refused with their reason and change nothing; delete removes the VMs and
+//! their data.
 
 use e2e_tests::{artifacts, microvm, skip_if_missing, Error, Job, Testbed};
 
@@ -70,10 +72,17 @@ sleep 3
 [ "$(vmm_count a)" = 1 ] && [ "$(vmm_pid a)" = "$PA" ] && echo adopted-$((3+1)) || fail "a not adopted: $(vmm_pid a)"
 $A ps $K | grep -E "^1 +a +running +$PA " > /dev/null && echo ps-tracks-$((4+1)) || { $A ps $K; fail "ps does not track a"; }
 
-# The vmm of a dies: restarted by policy, finds its volume's data.
+# The vmm of a dies: restarted by policy, finds its volume's data. A follower of its logs
+# started before goes on into the new run; the last run's output stays readable.
+$A logs -f a $K > /srv/follow.log 2>&1 & FOLLOW=$!
 kill -9 $PA
 wait_for "$A logs a $K | grep -q a-run-2" 120
 echo restarted-with-data-$((5+1))
+wait_for "grep -q a-run-2 /srv/follow.log" 30
+kill $FOLLOW
+RUNS=$(grep -o 'a-run-[0-9]' /srv/follow.log | tr '\n' ' ')
+[ "$RUNS" = "a-run-1 a-run-2 " ] && echo followed-across-restart-$((5+1)) || { cat /srv/follow.log; fail "logs -f across the restart saw: $RUNS"; }
+$A logs a $K | grep -q a-run-1 && echo previous-run-kept-$((5+1)) || fail "the previous run's output is gone"
 
 # Crash in the middle of a deploy (b removed, c added; c's vmm started, its pid not recorded).
 kill -9 $AGENT; wait $AGENT 2>/dev/null
@@ -92,6 +101,23 @@ $A inspect 1 $K | grep -q '"version": 3' && echo deploy-finished-$((8+1)) || fai
 # Another twin cannot read the logs.
 $A keygen --out /srv/other.key > /dev/null
 $A twin register --key /srv/other.key --registrar /srv/state/agent.sock > /dev/null
+
+# Refused changes name their reason and change nothing (same document, same vmm of c).
+state() { $A inspect 1 $K | grep -v '"next_start_at"' | md5sum; }
+BEFORE=$(state); PC=$(vmm_pid c)
+refused() { # WHAT EXPECTED-REASON DEPLOY-ARGS...
+  what=$1; want=$2; shift 2
+  out=$($A deploy "$@" 2>&1) && fail "$what deployment accepted: $out"
+  echo "$out" | grep -q "$want" || fail "$what deployment refused for another reason: $out"
+  [ "$(state)" = "$BEFORE" ] && [ "$(vmm_pid c)" = "$PC" ] || fail "the $what deployment changed something"
+  echo "refused-$what: $out"
+}
+refused replayed "not higher than the current" /srv/d3.json $K
+sed 's/"version": 3/"version": 4/; s/"memory_mib": 128/"memory_mib": 500000/' /srv/d3.json > /srv/d4-big.json
+refused over-capacity "over capacity" /srv/d4-big.json $K
+sed 's/"version": 3/"version": 4/' /srv/d3.json > /srv/d4.json
+refused forged "signature does not match" /srv/d4.json --key /srv/other.key --twin $TWIN --agent /srv/state/agent.sock
+echo refusals-changed-nothing-$((9+1))
 $A logs 1/a --key /srv/other.key --agent /srv/state/agent.sock 2>&1 | grep -q "has no VM a" && echo other-refused-$((9+1)) || fail "another twin read the logs"
 
 # Delete removes the VMs and their data.
@@ -134,11 +160,17 @@ fn agent_deploys_updates_survives_crashes_and_deletes() -> Result<(), Error> {
         "adopted-4",
         "ps-tracks-5",
         "restarted-with-data-6",
+        "followed-across-restart-6",
+        "previous-run-kept-6",
         "crashed-mid-deploy-7",
         "c-started-once-8",
         "b-removed-8",
         "deploy-finished-9",
         "other-refused-10",
+        "refused-replayed",
+        "refused-over-capacity",
+        "refused-forged",
+        "refusals-changed-nothing-10",
         "vms-gone-11",
         "data-gone-12",
         "registered-13",

@@ -348,3 +348,19 @@ pub fn unbootable_deployment(
         signatures: vec![],
     }
 }
+
+/// The VM workload `name` of `d`.
+pub fn vm_mut<'a>(d: &'a mut Deployment, name: &str) -> &'a mut VmWorkload {
+    d.workloads
+        .iter_mut()
+        .find_map(|w| match w {
+            Workload::Vm(vm) if vm.name == name => Some(vm),
+            _ => None,
+        })
+        .unwrap()
+}
+
+/// A file that is not an flist: the vmm refuses it and ends at start.
+pub fn not_an_flist(path: &Path) {
+    std::fs::write(path, b"this is not an flist image").unwrap();
+}
