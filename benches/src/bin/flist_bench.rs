@@ -2,8 +2,19 @@
 //! versions with 5% of bytes changed (fixed-size vs content-defined chunking), and read
 //! throughput through the `FileSystem` layer cold (dir store, HTTP store) and warm (cache).
 //!
-//! Usage: `flist_bench [pack|dedup|read|fetcher|all] [--mb N]` (default all, ~200 MB tree).
+//! Usage: `flist_bench [pack|dedup|read|fetcher|all] [--mb N]` (default all, ~200 MB tree),
+//! `flist_bench mount [--mb N] [--reads N] [--runs N]` (not in `all`: it needs rfs and FUSE).
 //! The HTTP store is `python3 -m http.server` over the dir store.
+//!
+//! `mount`: 4 KiB random reads through FUSE mounts of the same generated tree, cold (a fresh
+//! mount over an empty cache) and warm (a fresh mount over the cache the cold pass filled;
+//! the kernel's page cache is new with each mount), each read an `open`, `posix_fadvise
+//! (RANDOM)`, one 4 KiB `pread` at a 4 KiB-aligned offset and `close`, the same (file,
+//! offset) list for every mount. Mounted: `flist mount` of this build (the `flist` binary
+//! beside this one) with blocked chunks (the default), `flist mount` of a whole-chunk image
+//! (format 1: what flist read before blocks), and the peer, `rfs mount` (RFS_BIN; build it
+//! with `RFS_BIN=$(bash benches/peers/build-rfs.sh)`), all three over `dir://` stores on the
+//! same disk. Each run mounts them in turn, in reverse order every other run.
 //!
 //! `fetcher`: read throughput of an image (dir store) through the node's chunk fetcher (the
 //! remote chunk source: descriptors passed over a unix socket, `pread`) against the local
@@ -346,6 +357,267 @@ fn main() {
     if matches!(which, "fetcher" | "all") {
         bench_fetcher(work.path(), mb);
     }
+    if which == "mount" {
+        let arg = |name: &str, default: usize| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        bench_mount(work.path(), mb, arg("--reads", 2000), arg("--runs", 3));
+    }
+}
+
+/// A mounted filesystem served by a child process; unmounted (and the child ended) on drop.
+struct Mounted {
+    child: std::process::Child,
+    mnt: PathBuf,
+}
+
+impl Mounted {
+    /// Runs `cmd` (which serves a FUSE mount at `mnt` in the foreground) and waits for the
+    /// mount to appear.
+    fn start(mut cmd: std::process::Command, mnt: &Path) -> Mounted {
+        std::fs::create_dir_all(mnt).expect("mountpoint");
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start a mount");
+        let m = Mounted {
+            child,
+            mnt: mnt.to_path_buf(),
+        };
+        for _ in 0..400 {
+            if is_mounted(mnt) {
+                return m;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("{} did not get mounted", mnt.display());
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fusermount")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = p.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(p.as_ref()))
+}
+
+/// `reads` (relative path, 4 KiB-aligned offset) pairs, files picked by size (a random byte
+/// of the tree), from the files of `root` of at least 4 KiB.
+fn random_reads(root: &Path, reads: usize, seed: u64) -> Vec<(PathBuf, u64)> {
+    let mut files = Vec::new();
+    for d in std::fs::read_dir(root).expect("read tree") {
+        let d = d.expect("entry");
+        for f in std::fs::read_dir(d.path()).expect("read dir") {
+            let f = f.expect("entry");
+            let len = f.metadata().expect("stat").len();
+            if len >= 4096 {
+                files.push((PathBuf::from(d.file_name()).join(f.file_name()), len));
+            }
+        }
+    }
+    files.sort();
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    let mut rng = Rng(seed);
+    (0..reads)
+        .map(|_| {
+            let mut at = rng.below(total);
+            let (path, len) = files
+                .iter()
+                .find(|f| {
+                    if at < f.1 {
+                        true
+                    } else {
+                        at -= f.1;
+                        false
+                    }
+                })
+                .unwrap_or(&files[0]);
+            let off = (rng.below(*len - 4096 + 1)) & !4095;
+            (path.clone(), off)
+        })
+        .collect()
+}
+
+/// Does the reads under `mnt`; returns reads per second.
+fn read_through(mnt: &Path, reads: &[(PathBuf, u64)]) -> f64 {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let mut buf = vec![0u8; 4096];
+    let started = Instant::now();
+    for (path, off) in reads {
+        let f = std::fs::File::open(mnt.join(path)).expect("open through the mount");
+        // SAFETY: posix_fadvise on a descriptor we own; only advice.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let n = f.read_at(&mut buf, *off).expect("read through the mount");
+        assert_eq!(n, 4096, "{} at {off}", path.display());
+    }
+    reads.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
+    let Ok(rfs) = std::env::var("RFS_BIN") else {
+        eprintln!(
+            "mount: set RFS_BIN to an rfs binary (RFS_BIN=$(bash benches/peers/build-rfs.sh))"
+        );
+        std::process::exit(2);
+    };
+    let flist = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("flist")))
+        .filter(|p| p.is_file())
+        .expect("the flist binary beside this one (cargo build --release -p flist-fs)");
+    let src = work.join("mount-src");
+    let (files, bytes) = gen_tree(&src, mb, 8);
+    let list = random_reads(&src, reads, 11);
+    // The two flist images: blocked chunks (default) and whole chunks (format 1).
+    let mut images = Vec::new();
+    for (name, block_size) in [
+        ("flist", flist_fs::chunk::blocks::DEFAULT_BLOCK),
+        ("flist-whole", 0),
+    ] {
+        let store = work.join(format!("mount-store-{name}"));
+        let img = work.join(format!("mount-{name}.flist"));
+        let router = Router::from_specs(&[format!("dir://{}", store.display())]).expect("router");
+        let opts = PackOptions {
+            block_size,
+            ..Default::default()
+        };
+        let s = pack(&src, &img, &router, &opts).expect("pack");
+        println!(
+            "mount[{name}]: packed {} chunks, stored {:.1} MB",
+            s.chunks,
+            s.stored_bytes as f64 / 1e6
+        );
+        images.push((name, img, store));
+    }
+    let rfs_meta = work.join("mount-rfs.fl");
+    let rfs_store = work.join("mount-store-rfs");
+    let started = Instant::now();
+    let status = std::process::Command::new(&rfs)
+        .arg("pack")
+        .arg("-m")
+        .arg(&rfs_meta)
+        .arg("-s")
+        .arg(format!("dir://{}", rfs_store.display()))
+        .arg(&src)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("rfs pack");
+    assert!(status.success(), "rfs pack: {status}");
+    println!(
+        "mount[rfs]: packed in {:.1}s, stored {:.1} MB",
+        started.elapsed().as_secs_f64(),
+        dir_bytes(&rfs_store) as f64 / 1e6
+    );
+    println!(
+        "mount: {files} files, {:.1} MB; {reads} random 4 KiB reads per pass, {runs} runs",
+        bytes as f64 / 1e6
+    );
+    let names = ["flist", "flist-whole", "rfs"];
+    let mut cold: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut warm: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for run in 0..runs {
+        let mut order = vec![0, 1, 2];
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for k in order {
+            let cache = work.join(format!("mount-cache-{}-{run}", names[k]));
+            let mnt = work.join(format!("mnt-{}", names[k]));
+            let cmd = || {
+                let mut cmd;
+                if k < 2 {
+                    let (_, img, store) = &images[k];
+                    cmd = std::process::Command::new(&flist);
+                    cmd.arg("mount")
+                        .arg(img)
+                        .arg(&mnt)
+                        .arg("--store")
+                        .arg(format!("dir://{}", store.display()))
+                        .arg("--cache")
+                        .arg(&cache)
+                        .env("FLIST_LOG", "error");
+                } else {
+                    cmd = std::process::Command::new(&rfs);
+                    cmd.arg("mount")
+                        .arg("-m")
+                        .arg(&rfs_meta)
+                        .arg("-c")
+                        .arg(&cache)
+                        .arg(&mnt);
+                }
+                cmd
+            };
+            {
+                let m = Mounted::start(cmd(), &mnt);
+                cold[k].push(read_through(&m.mnt, &list));
+            }
+            {
+                let m = Mounted::start(cmd(), &mnt);
+                warm[k].push(read_through(&m.mnt, &list));
+            }
+            let _ = std::fs::remove_dir_all(&cache);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!("mount: 4 KiB random reads/s, median of {runs} runs (each run's values in brackets)");
+    for (pass, table) in [("cold", &cold), ("warm", &warm)] {
+        let peer = median(&table[2]);
+        for k in 0..3 {
+            let m = median(&table[k]);
+            let each: Vec<String> = table[k].iter().map(|v| format!("{v:.0}")).collect();
+            println!(
+                "mount[{pass}, {:<11}]: {m:>8.0}/s  {:>5.1}x rfs  [{}]",
+                names[k],
+                m / peer,
+                each.join(", ")
+            );
+        }
+    }
+}
+
+/// Bytes of the files under `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut n = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => n += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    n
 }
 
 /// Starts the chunk fetcher on `sock` over `store` with its cache in `cache`; returns the

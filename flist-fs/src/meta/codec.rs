@@ -16,7 +16,8 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 pub const MAGIC: [u8; 8] = *b"FLISTFS\n";
-pub const VERSION: u32 = 1;
+/// The newest format version: 2 when chunks are blocked, else 1 (what older readers read).
+pub const VERSION: u32 = 2;
 const HEADER_LEN: usize = 56;
 /// log2 of the largest zstd window the payload may ask for (zstd's own default cap).
 const WINDOW_LOG_MAX: u32 = 27;
@@ -72,7 +73,13 @@ pub fn encode_unvalidated(image: &Image, path: &Path) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         reason,
     };
-    let raw = postcard::to_stdvec(image).map_err(|e| bad(format!("serialize: {e}")))?;
+    let mut raw = postcard::to_stdvec(image).map_err(|e| bad(format!("serialize: {e}")))?;
+    let version: u32 = if image.block_size == 0 {
+        1
+    } else {
+        raw.extend_from_slice(&image.block_size.to_le_bytes());
+        2
+    };
     if raw.len() as u64 > MAX_RAW_PAYLOAD {
         return Err(bad(format!(
             "metadata of {} bytes exceeds the limit of {MAX_RAW_PAYLOAD} bytes",
@@ -88,7 +95,7 @@ pub fn encode_unvalidated(image: &Image, path: &Path) -> Result<Vec<u8>> {
     }
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(blake3::hash(&payload).as_bytes());
@@ -117,9 +124,9 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
     let word =
         |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let version = word(8);
-    if version != VERSION {
+    if version != 1 && version != VERSION {
         return Err(bad(format!(
-            "unsupported format version {version} (this build reads {VERSION})"
+            "unsupported format version {version} (this build reads 1 and {VERSION})"
         )));
     }
     let mut len8 = [0u8; 8];
@@ -153,12 +160,31 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
                 "payload decompresses to more than the limit of {MAX_RAW_PAYLOAD} bytes"
             ))
         })?;
-    let decoded =
-        super::budget::with_budget(MAX_DECODED_MEMORY, || postcard::from_bytes::<Image>(&raw));
-    drop(raw);
-    let mut image = decoded
+    let decoded = super::budget::with_budget(MAX_DECODED_MEMORY, || {
+        postcard::take_from_bytes::<Image>(&raw)
+    });
+    let (mut image, rest) = decoded
         .map_err(bad)?
         .map_err(|e| bad(format!("decode: {e}")))?;
+    // Version 2 adds the block size after the tables; version 1 has nothing there.
+    match (version, rest) {
+        (1, []) => {}
+        (2, [a, b, c, d]) if u32::from_le_bytes([*a, *b, *c, *d]) != 0 => {
+            image.block_size = u32::from_le_bytes([*a, *b, *c, *d]);
+        }
+        (_, rest) => {
+            return Err(bad(format!(
+                "{} bytes after the tables where format version {version} has {}",
+                rest.len(),
+                if version == 1 {
+                    "none"
+                } else {
+                    "a non-zero 4-byte block size"
+                }
+            )))
+        }
+    }
+    drop(raw);
     validate(&mut image).map_err(bad)?;
     Ok(image)
 }
@@ -254,6 +280,39 @@ mod tests {
     }
 
     #[test]
+    fn whole_chunk_images_stay_version_1_and_blocked_ones_are_version_2() {
+        let p = Path::new("v.fl");
+        let v1 = encode_image(&sample(), p).unwrap();
+        assert_eq!(v1[8..12], 1u32.to_le_bytes());
+        assert_eq!(decode_image(&v1, p).unwrap().block_size, 0);
+        let mut img = sample();
+        img.block_size = 32 << 10;
+        let v2 = encode_image(&img, p).unwrap();
+        assert_eq!(v2[8..12], 2u32.to_le_bytes());
+        let back = decode_image(&v2, p).unwrap();
+        assert_eq!(
+            (back.block_size, back.inodes),
+            (32 << 10, img.inodes.clone())
+        );
+        // A hostile block size is refused, read or written.
+        img.block_size = 3000;
+        let e = encode_image(&img, p).unwrap_err().to_string();
+        assert!(e.contains("block size 3000"), "{e}");
+        let mut raw = postcard::to_stdvec(&img).unwrap();
+        raw.extend_from_slice(&3000u32.to_le_bytes());
+        let mut forged = wrap(&zstd::bulk::compress(&raw, 3).unwrap(), 0);
+        forged[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let len = (forged.len() - HEADER_LEN) as u64;
+        forged[16..24].copy_from_slice(&len.to_le_bytes());
+        let e = decode_image(&forged, p).unwrap_err().to_string();
+        assert!(e.contains("block size 3000 is not a power of two"), "{e}");
+        // Version 1 with trailing bytes, version 2 without a block size.
+        forged[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = decode_image(&forged, p).unwrap_err().to_string();
+        assert!(e.contains("4 bytes after the tables"), "{e}");
+    }
+
+    #[test]
     fn truncation_and_corruption_are_named() {
         let p = Path::new("img.fl");
         let bytes = encode_image(&sample(), p).unwrap();
@@ -281,7 +340,7 @@ mod tests {
     fn wrap(payload: &[u8], claimed_len: u64) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&claimed_len.to_le_bytes());
         out.extend_from_slice(blake3::hash(payload).as_bytes());

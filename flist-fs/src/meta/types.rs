@@ -175,6 +175,10 @@ pub struct Image {
     pub encrypted: bool,
     #[serde(deserialize_with = "super::budget::vec")]
     pub inodes: Vec<Inode>,
+    /// Chunks are blocked chunks of this block size (`crate::chunk::blocks`); 0: whole
+    /// chunks. Written after the postcard `Image` in format version 2 (see the `meta` doc).
+    #[serde(skip)]
+    pub block_size: u32,
     /// Derived on load: link count and parent directory per inode (index = ino - 1).
     #[serde(skip)]
     pub(crate) nlink: Vec<u32>,
@@ -191,6 +195,7 @@ impl Image {
             chunker,
             encrypted,
             inodes: vec![Inode::new(InodeKind::Dir, 0o755)],
+            block_size: 0,
             nlink: Vec::new(),
             parent: Vec::new(),
         }

@@ -114,6 +114,9 @@ fn check_inode(image: &Image, ino: u64, inode: &super::Inode) -> Result<(), Stri
 }
 
 pub(crate) fn validate_with(image: &mut Image, limits: &Limits) -> Result<(), String> {
+    if image.block_size != 0 {
+        crate::chunk::blocks::check_block_size(image.block_size)?;
+    }
     let n = image.inodes.len();
     if n > limits.inodes {
         return Err(format!("{n} inodes exceed the limit of {}", limits.inodes));

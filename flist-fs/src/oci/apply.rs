@@ -329,6 +329,7 @@ pub(super) fn apply_layers(
     drop(writer);
     stats.hardlinks = hardlinks;
     let mut image = Image::new(opts.chunker, opts.encrypt);
+    image.block_size = opts.block_size;
     image.inodes = tree.into_inodes();
     for i in &image.inodes {
         match i.kind {
