@@ -106,7 +106,7 @@ pub fn pack(a: PackArgs) -> Result<()> {
         block_size: match a.block_kib {
             0 => 0,
             k => {
-                let size = k.checked_mul(1024).unwrap_or(u32::MAX);
+                let size = k.saturating_mul(1024);
                 flist_fs::chunk::blocks::check_block_size(size)
                     .map_err(|e| anyhow::anyhow!("--block-kib {k}: {e}"))?;
                 size
