@@ -15,6 +15,9 @@
 //! against the table before it is decoded; decoded blocks go to the in-memory LRU and, when
 //! unencrypted, to the plaintext cache under their own name ([`block_key`]), so later reads of
 //! them are one `pread`. Whole chunks fetched by read-ahead or `plain` serve reads too.
+//! Blocks are written to the cache behind the read, by one writer thread per source (at most
+//! [`WRITE_BEHIND`] waiting; past that the reader writes them itself); dropping the source
+//! finishes its writes.
 //!
 //! Read-ahead follows sequential readers only: a read that starts where the previous read of
 //! the same file ended.
@@ -48,6 +51,14 @@ const MAX_IN_FLIGHT: usize = 4;
 const MAX_TABLES: usize = 8192;
 /// Most files whose last read end is remembered for read-ahead.
 const MAX_READERS: usize = 1024;
+/// Most decoded blocks waiting for the cache writer.
+pub const WRITE_BEHIND: usize = 64;
+
+/// The cache writer of a source: decoded blocks it puts in the plaintext cache.
+struct Writer {
+    queue: std::sync::mpsc::SyncSender<(ChunkId, Arc<Vec<u8>>)>,
+    thread: std::thread::JoinHandle<()>,
+}
 
 pub struct ChunkSource {
     router: Router,
@@ -62,6 +73,18 @@ pub struct ChunkSource {
     tables: Mutex<HashMap<ChunkId, Arc<Table>>>,
     /// Where the last read of each file (by inode number) ended, for read-ahead.
     last_end: Mutex<HashMap<u64, u64>>,
+    /// The cache writer, started by the first block to cache.
+    writer: Mutex<Option<Writer>>,
+}
+
+impl Drop for ChunkSource {
+    fn drop(&mut self) {
+        let writer = self.writer.get_mut().ok().and_then(Option::take);
+        if let Some(w) = writer {
+            drop(w.queue);
+            let _ = w.thread.join();
+        }
+    }
 }
 
 /// Decoded chunks by id, their insertion order (oldest first) and total size.
@@ -109,6 +132,7 @@ impl ChunkSource {
             block_size: 0,
             tables: Mutex::default(),
             last_end: Mutex::default(),
+            writer: Mutex::default(),
         }
     }
 
@@ -129,6 +153,7 @@ impl ChunkSource {
             block_size: 0,
             tables: Mutex::default(),
             last_end: Mutex::default(),
+            writer: Mutex::default(),
         }
     }
 
@@ -506,6 +531,51 @@ impl ChunkSource {
         Some(plain)
     }
 
+    /// Puts decoded block `key` in the plaintext cache: through the writer thread (started
+    /// now if there is none), or here when its queue is full or it cannot run.
+    fn cache_behind(&self, key: ChunkId, plain: Arc<Vec<u8>>) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let item = (key, plain);
+        let (key, plain) = match self.writer.lock() {
+            Ok(mut writer) => {
+                if writer.is_none() {
+                    *writer = Self::start_writer(cache.clone());
+                }
+                match writer.as_ref() {
+                    Some(w) => match w.queue.try_send(item) {
+                        Ok(()) => return,
+                        Err(std::sync::mpsc::TrySendError::Full(back))
+                        | Err(std::sync::mpsc::TrySendError::Disconnected(back)) => back,
+                    },
+                    None => item,
+                }
+            }
+            Err(_) => item,
+        };
+        if let Err(e) = cache.put_plain(&key, &plain) {
+            tracing::warn!(block = %key, error = %e, "could not cache block");
+        }
+    }
+
+    /// Starts a cache writer thread; `None` when it cannot. The thread inherits the caller's
+    /// seccomp filter (a vmm's virtio-fs worker, which caches blocks itself otherwise).
+    fn start_writer(cache: Arc<ChunkCache>) -> Option<Writer> {
+        let (queue, rx) = std::sync::mpsc::sync_channel::<(ChunkId, Arc<Vec<u8>>)>(WRITE_BEHIND);
+        let thread = std::thread::Builder::new()
+            .name("flist-cachewrite".into())
+            .spawn(move || {
+                for (key, plain) in rx {
+                    if let Err(e) = cache.put_plain(&key, &plain) {
+                        tracing::warn!(block = %key, error = %e, "could not cache block");
+                    }
+                }
+            })
+            .ok()?;
+        Some(Writer { queue, thread })
+    }
+
     /// The verified block table of blocked chunk `c` (fetched with one ranged read).
     fn table(&self, c: &ChunkRef) -> Result<Arc<Table>> {
         if let Some(t) = self.tables.lock().ok().and_then(|t| t.get(&c.id).cloned()) {
@@ -581,10 +651,8 @@ impl ChunkSource {
             let r = piece(i).unwrap_or(0..0);
             let plain = Arc::new(table.decode_block(&c.id, i, &bytes[r], c.key.as_ref())?);
             let key = block_key(&c.id, i);
-            if let (Some(cache), true) = (&self.cache, self.plain_cached(c)) {
-                if let Err(e) = cache.put_plain(&key, &plain) {
-                    tracing::warn!(chunk = %c.id, block = i, error = %e, "could not cache block");
-                }
+            if self.plain_cached(c) {
+                self.cache_behind(key, plain.clone());
             }
             if let Ok(mut lru) = self.decoded.lock() {
                 lru.insert(key, plain.clone());

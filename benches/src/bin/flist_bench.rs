@@ -541,7 +541,11 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
     let mut cold: Vec<Vec<f64>> = vec![Vec::new(); 3];
     let mut warm: Vec<Vec<f64>> = vec![Vec::new(); 3];
     for run in 0..runs {
-        let mut order = vec![0, 1, 2];
+        // FLIST_BENCH_MOUNTS=flist,rfs (say) mounts only those (for profiling one of them).
+        let only = std::env::var("FLIST_BENCH_MOUNTS").ok();
+        let mut order: Vec<usize> = (0..3)
+            .filter(|k| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == names[*k])))
+            .collect();
         if run % 2 == 1 {
             order.reverse();
         }
@@ -590,8 +594,8 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
     };
     println!("mount: 4 KiB random reads/s, median of {runs} runs (each run's values in brackets)");
     for (pass, table) in [("cold", &cold), ("warm", &warm)] {
-        let peer = median(&table[2]);
-        for k in 0..3 {
+        let peer = if table[2].is_empty() { f64::NAN } else { median(&table[2]) };
+        for k in (0..3).filter(|k| !table[*k].is_empty()) {
             let m = median(&table[k]);
             let each: Vec<String> = table[k].iter().map(|v| format!("{v:.0}")).collect();
             println!(
