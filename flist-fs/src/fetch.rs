@@ -10,9 +10,10 @@
 //! (the host page cache, shared by every VM on the node, does the rest).
 //!
 //! Blocked chunks (an image with a block size, see [`crate::chunk::blocks`]): a read that
-//! misses fetches the chunk's block table (one ranged read, verified against the chunk id,
-//! kept in memory) and then only the blocks it covers (one ranged read), each verified
-//! against the table before it is decoded; decoded blocks go to the in-memory LRU and, when
+//! misses fetches only the blocks it covers (one ranged read), each verified against the
+//! chunk's block table before it is decoded. The table comes from the image (which carries
+//! them; checked against the chunk ids when it was read), else from the stores (one more
+//! ranged read, verified against the chunk id); parsed tables are kept in memory; decoded blocks go to the in-memory LRU and, when
 //! unencrypted, to the plaintext cache under their own name ([`block_key`]), so later reads of
 //! them are one `pread`. Whole chunks fetched by read-ahead or `plain` serve reads too.
 //! Blocks are written to the cache behind the read, by one writer thread per source (at most
@@ -71,6 +72,8 @@ pub struct ChunkSource {
     block_size: u32,
     /// Verified block tables by chunk id.
     tables: Mutex<HashMap<ChunkId, Arc<Table>>>,
+    /// The image's block tables (checked when the image was read), by chunk id.
+    image_tables: std::collections::BTreeMap<ChunkId, Vec<u8>>,
     /// Where the last read of each file (by inode number) ended, for read-ahead.
     last_end: Mutex<HashMap<u64, u64>>,
     /// The cache writer, started by the first block to cache.
@@ -131,14 +134,21 @@ impl ChunkSource {
             remote: None,
             block_size: 0,
             tables: Mutex::default(),
+            image_tables: Default::default(),
             last_end: Mutex::default(),
             writer: Mutex::default(),
         }
     }
 
-    /// Reads chunks as blocked chunks of `block_size` (the image's; 0: whole chunks).
-    pub fn with_block_size(mut self, block_size: u32) -> Self {
+    /// Reads chunks as blocked chunks of `block_size` (the image's; 0: whole chunks) whose
+    /// block tables are `tables` (the image's) or else fetched from the stores.
+    pub fn with_blocks(
+        mut self,
+        block_size: u32,
+        tables: std::collections::BTreeMap<ChunkId, Vec<u8>>,
+    ) -> Self {
         self.block_size = block_size;
+        self.image_tables = tables;
         self
     }
 
@@ -152,6 +162,7 @@ impl ChunkSource {
             remote: Some(client),
             block_size: 0,
             tables: Mutex::default(),
+            image_tables: Default::default(),
             last_end: Mutex::default(),
             writer: Mutex::default(),
         }
@@ -576,18 +587,24 @@ impl ChunkSource {
         Some(Writer { queue, thread })
     }
 
-    /// The verified block table of blocked chunk `c` (fetched with one ranged read).
+    /// The verified block table of blocked chunk `c`: the image's, else fetched with one
+    /// ranged read.
     fn table(&self, c: &ChunkRef) -> Result<Arc<Table>> {
         if let Some(t) = self.tables.lock().ok().and_then(|t| t.get(&c.id).cloned()) {
             return Ok(t);
         }
         let (bs, size) = (self.block_size, c.size);
-        // Bounded: the image's sizes passed validation (block size, chunk size).
-        let len = table_len(bs, size) as u32;
-        let bytes = self.router.get_range(&c.id, 0, len, &|b| {
-            Table::parse(&c.id, bs, size, b).map(drop)
-        })?;
-        let table = Arc::new(Table::parse(&c.id, bs, size, &bytes)?);
+        let table = match self.image_tables.get(&c.id) {
+            Some(bytes) => Arc::new(Table::parse(&c.id, bs, size, bytes)?),
+            None => {
+                // Bounded: the image's sizes passed validation (block size, chunk size).
+                let len = table_len(bs, size) as u32;
+                let bytes = self.router.get_range(&c.id, 0, len, &|b| {
+                    Table::parse(&c.id, bs, size, b).map(drop)
+                })?;
+                Arc::new(Table::parse(&c.id, bs, size, &bytes)?)
+            }
+        };
         if let Ok(mut tables) = self.tables.lock() {
             if tables.len() >= MAX_TABLES {
                 tables.clear();

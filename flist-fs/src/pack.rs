@@ -2,7 +2,7 @@
 //! hard links), chunk and store file contents through the router, then write the metadata
 //! atomically. Any error names the offending path and leaves no image file behind.
 
-use crate::chunk::blocks::{encode_blocked, DEFAULT_BLOCK};
+use crate::chunk::blocks::{encode_blocked, table_len, DEFAULT_BLOCK};
 use crate::chunk::{encode, ChunkId, Chunker, ChunkerKind};
 use crate::dirfd;
 use crate::error::{Error, Result};
@@ -100,6 +100,8 @@ pub(crate) struct ChunkWriter<'a> {
     stats: &'a mut PackStats,
     bar: &'a ProgressBar,
     seen: HashSet<ChunkId>,
+    /// Block tables of the blocked chunks written (they go into the image).
+    tables: BTreeMap<ChunkId, Vec<u8>>,
 }
 
 impl<'a> ChunkWriter<'a> {
@@ -115,7 +117,13 @@ impl<'a> ChunkWriter<'a> {
             stats,
             bar,
             seen: HashSet::new(),
+            tables: BTreeMap::new(),
         }
+    }
+
+    /// The block tables of the blocked chunks written so far, for the image.
+    pub(crate) fn take_tables(&mut self) -> BTreeMap<ChunkId, Vec<u8>> {
+        std::mem::take(&mut self.tables)
     }
 
     /// Stores the content read from `reader` (named `path` in errors); returns its chunk list
@@ -163,6 +171,10 @@ impl<'a> ChunkWriter<'a> {
                 offset += plain.len() as u64;
                 self.bar.inc(plain.len() as u64);
                 if fresh {
+                    if block_size != 0 {
+                        let n = table_len(block_size, plain.len() as u32);
+                        self.tables.insert(enc.id, enc.stored[..n].to_vec());
+                    }
                     to_put.push((enc, plain.len() as u64));
                 } else {
                     self.stats.dedup_chunks += 1;
@@ -519,6 +531,7 @@ pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Im
         image.inodes[f.idx].size = size;
         image.inodes[f.idx].chunks = chunks;
     }
+    image.tables = writer.take_tables();
     bar.finish_and_clear();
     crate::meta::validate(&mut image).map_err(|reason| Error::BadImage {
         path: src.to_path_buf(),

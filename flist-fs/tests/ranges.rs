@@ -1,7 +1,8 @@
-//! Blocked chunks (`flist_fs::chunk::blocks`): a small read fetches the chunk's block table and
-//! the block it needs, not the chunk (bytes counted by a real `redis-server`); a corrupted
-//! block is refused naming the file and offset while the chunk's other blocks still read;
-//! whole-chunk images (format 1) still read; a hostile block table is refused.
+//! Blocked chunks (`flist_fs::chunk::blocks`): a small read fetches the block it needs (its
+//! table is in the image), not the chunk (bytes counted by a real `redis-server`), and the
+//! block table too for an image without tables; a corrupted block is refused naming the file
+//! and offset while the chunk's other blocks still read; whole-chunk images (format 1) still
+//! read; a hostile block table is refused, in the image or in a store.
 
 mod common;
 
@@ -98,6 +99,7 @@ fn a_small_read_fetches_only_its_blocks() {
         )
     };
     let at = 2 * 1024 * 1024 + 3 * 4096;
+    let want = &data[at as usize..at as usize + 4096];
     let no_cache = OpenOptions {
         stores: vec![store.clone()],
         ..OpenOptions::default()
@@ -111,12 +113,7 @@ fn a_small_read_fetches_only_its_blocks() {
         .iter()
         .find(|c| c.offset <= at && at < c.offset + u64::from(c.size))
         .unwrap();
-    let (whole_bytes, gets, _) = measure(&mut || {
-        assert_eq!(
-            read(&source, inode, at, 4096),
-            data[at as usize..at as usize + 4096]
-        );
-    });
+    let (whole_bytes, gets, _) = measure(&mut || assert_eq!(read(&source, inode, at, 4096), want));
     assert_eq!(gets, 1);
     assert!(
         whole_bytes >= u64::from(chunk.size),
@@ -124,9 +121,10 @@ fn a_small_read_fetches_only_its_blocks() {
         chunk.size
     );
 
-    // Blocked: the table and one block, with two GETRANGEs and no GET.
+    // Blocked: one block, with one GETRANGE and no GET (the block table is in the image).
     let (image, source) = open_image(&blocked, &no_cache).unwrap();
     assert_eq!(image.block_size, DEFAULT_BLOCK);
+    assert!(!image.tables.is_empty());
     let inode = image.inode(image.resolve("/big").unwrap()).unwrap();
     let chunk = inode
         .chunks
@@ -134,26 +132,32 @@ fn a_small_read_fetches_only_its_blocks() {
         .find(|c| c.offset <= at && at < c.offset + u64::from(c.size))
         .unwrap()
         .clone();
-    let (sent, gets, ranges) = measure(&mut || {
-        assert_eq!(
-            read(&source, inode, at, 4096),
-            data[at as usize..at as usize + 4096]
-        );
-    });
+    let (sent, gets, ranges) = measure(&mut || assert_eq!(read(&source, inode, at, 4096), want));
     let table = table_len(DEFAULT_BLOCK, chunk.size) as u64;
     let block = flist_fs::chunk::max_stored_size(DEFAULT_BLOCK) as u64;
-    println!("4 KiB read: whole chunks {whole_bytes} bytes sent, blocked {sent} (table {table})");
-    assert_eq!((gets, ranges), (0, 2));
-    assert!(sent <= table + block + 2048, "{sent} bytes for one block");
+    println!("4 KiB read: whole chunks {whole_bytes} bytes sent, blocked {sent}");
+    assert_eq!((gets, ranges), (0, 1));
+    assert!(sent <= block + 2048, "{sent} bytes for one block");
     assert!(sent * 4 < whole_bytes, "{sent} vs {whole_bytes}");
-    // The table is kept: another block of the same chunk is one GETRANGE.
+
+    // An image without its block tables (the format allows it): the table is fetched first
+    // (one more GETRANGE), then kept: another block of the same chunk is one GETRANGE.
+    let mut bare = flist_fs::meta::read_image(&blocked).unwrap();
+    bare.tables.clear();
+    let bare_path = t.path().join("bare.flist");
+    flist_fs::meta::write_image_atomic(&bare, &bare_path).unwrap();
+    let (_, source) = open_image(&bare_path, &no_cache).unwrap();
+    let (sent, gets, ranges) = measure(&mut || assert_eq!(read(&source, inode, at, 4096), want));
+    assert_eq!((gets, ranges), (0, 2));
+    assert!(
+        sent <= table + block + 2048,
+        "{sent} bytes for a table and a block"
+    );
     let next = at + u64::from(DEFAULT_BLOCK);
     if next + 4096 <= chunk.offset + u64::from(chunk.size) {
         let (_, _, ranges) = measure(&mut || {
-            assert_eq!(
-                read(&source, inode, next, 4096),
-                data[next as usize..next as usize + 4096]
-            );
+            let got = read(&source, inode, next, 4096);
+            assert!(got == data[next as usize..next as usize + 4096]);
         });
         assert_eq!(ranges, 1);
     }
@@ -165,21 +169,14 @@ fn a_small_read_fetches_only_its_blocks() {
         ..OpenOptions::default()
     };
     let (_, source) = open_image(&blocked, &cached).unwrap();
-    let (_, _, ranges) = measure(&mut || {
-        assert_eq!(
-            read(&source, inode, at, 4096),
-            data[at as usize..at as usize + 4096]
-        );
-    });
-    assert_eq!(ranges, 2);
+    let (_, _, ranges) = measure(&mut || assert_eq!(read(&source, inode, at, 4096), want));
+    assert_eq!(ranges, 1);
     // (Dropping a source finishes its cache writes, which run behind its reads.)
     drop(source);
     let (_, later) = open_image(&blocked, &cached).unwrap();
     let (_, gets, ranges) = measure(&mut || {
-        assert_eq!(
-            read(&later, inode, at + 100, 4096),
-            data[at as usize + 100..at as usize + 4196]
-        );
+        let got = read(&later, inode, at + 100, 4096);
+        assert!(got == data[at as usize + 100..at as usize + 4196]);
     });
     assert_eq!((gets, ranges), (0, 0));
 }
@@ -310,22 +307,54 @@ fn a_hostile_block_table_is_refused() {
     pack_with(&t.path().join("src"), &img, &url, DEFAULT_BLOCK);
     let mut image = flist_fs::meta::read_image(&img).unwrap();
     let ino = image.resolve("/big").unwrap();
-    let size = image.inode(ino).unwrap().chunks[0].size;
+    let old = image.inode(ino).unwrap().chunks[0].clone();
     // A packer's table, hashed right, whose first block claims 4 GiB of stored bytes.
     let mut table = b"FLB1".to_vec();
     table.extend_from_slice(&DEFAULT_BLOCK.to_le_bytes());
-    table.extend_from_slice(&size.to_le_bytes());
-    for i in 0..size.div_ceil(DEFAULT_BLOCK) {
+    table.extend_from_slice(&old.size.to_le_bytes());
+    for i in 0..old.size.div_ceil(DEFAULT_BLOCK) {
         let len = if i == 0 { u32::MAX } else { 100 };
         table.extend_from_slice(&len.to_le_bytes());
         table.extend_from_slice(&[0u8; 32]);
     }
     let id = ChunkId::of(&table);
+    image.inodes[ino as usize - 1].chunks[0].id = id;
+    image.tables.remove(&old.id);
+
+    // In the image: refused when written, and when read (a hostile writer skips the check).
+    image.tables.insert(id, table.clone());
+    let e = flist_fs::meta::write_image_atomic(&image, &img)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("inode") && e.contains("block 0 claims 4294967295 stored bytes"),
+        "{e}"
+    );
+    let bytes = flist_fs::meta::encode_unvalidated(&image, &img).unwrap();
+    let e = flist_fs::meta::decode_image(&bytes, &img)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("block 0 claims 4294967295") && e.contains(&id.to_hex()),
+        "{e}"
+    );
+    // A table that does not hash to its chunk id, in the image.
+    let mut other = image.clone();
+    other
+        .tables
+        .insert(id, [&table[..12], &[7u8; 36][..]].concat());
+    let bytes = flist_fs::meta::encode_unvalidated(&other, &img).unwrap();
+    let e = flist_fs::meta::decode_image(&bytes, &img)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("block table") && e.contains(&id.to_hex()), "{e}");
+
+    // In a store, for an image without tables: refused when a read fetches it.
+    image.tables.remove(&id);
+    flist_fs::meta::write_image_atomic(&image, &img).unwrap();
     let path = stored_path(&store, &id);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, &table).unwrap();
-    image.inodes[ino as usize - 1].chunks[0].id = id;
-    flist_fs::meta::write_image_atomic(&image, &img).unwrap();
     let (image, source) = open_image(&img, &OpenOptions::default()).unwrap();
     let inode = image.inode(ino).unwrap();
     let e = source
@@ -336,7 +365,7 @@ fn a_hostile_block_table_is_refused() {
         e.contains("block 0 claims 4294967295 stored bytes") && e.contains(&id.to_hex()),
         "{e}"
     );
-    // The whole-chunk path (unpack, the chunk fetcher) refuses it the same way.
+    // The whole-chunk path (unpack, the chunk fetcher) refuses it too.
     let e = source.plain(&inode.chunks[0]).unwrap_err().to_string();
     assert!(e.contains(&id.to_hex()), "{e}");
 }

@@ -3,18 +3,23 @@
 //! throughput through the `FileSystem` layer cold (dir store, HTTP store) and warm (cache).
 //!
 //! Usage: `flist_bench [pack|dedup|read|fetcher|all] [--mb N]` (default all, ~200 MB tree),
-//! `flist_bench mount [--mb N] [--reads N] [--runs N]` (not in `all`: it needs rfs and FUSE).
+//! `flist_bench mount [--mb N] [--reads N] [--runs N] [--store dir|redis]` (not in `all`: it
+//! needs rfs and FUSE).
 //! The HTTP store is `python3 -m http.server` over the dir store.
 //!
 //! `mount`: 4 KiB random reads through FUSE mounts of the same generated tree, cold (a fresh
 //! mount over an empty cache) and warm (a fresh mount over the cache the cold pass filled;
 //! the kernel's page cache is new with each mount), each read an `open`, `posix_fadvise
 //! (RANDOM)`, one 4 KiB `pread` at a 4 KiB-aligned offset and `close`, the same (file,
-//! offset) list for every mount. Mounted: `flist mount` of this build (the `flist` binary
+//! offset) list for every mount, each read in a 512 KiB region of its file no other read
+//! touches (so every cold read is the first of its data). Mounted: `flist mount` of this build (the `flist` binary
 //! beside this one) with blocked chunks (the default), `flist mount` of a whole-chunk image
 //! (format 1: what flist read before blocks), and the peer, `rfs mount` (RFS_BIN; build it
-//! with `RFS_BIN=$(bash benches/peers/build-rfs.sh)`), all three over `dir://` stores on the
-//! same disk. Each run mounts them in turn, in reverse order every other run.
+//! with `RFS_BIN=$(bash benches/peers/build-rfs.sh)`), all three over the same store kind:
+//! `dir://` stores on the same disk (default), or one `redis-server` started by the bench
+//! (`--store redis`: flist reads it as `redis://`, ranged with GETRANGE; rfs as `zdb://`, its
+//! client for the same protocol, GET). Each run mounts them in turn, in reverse order every
+//! other run.
 //!
 //! `fetcher`: read throughput of an image (dir store) through the node's chunk fetcher (the
 //! remote chunk source: descriptors passed over a unix socket, `pread`) against the local
@@ -365,7 +370,14 @@ fn main() {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(default)
         };
-        bench_mount(work.path(), mb, arg("--reads", 2000), arg("--runs", 3));
+        let redis = args.iter().any(|a| a == "redis");
+        bench_mount(
+            work.path(),
+            mb,
+            arg("--reads", 2000),
+            arg("--runs", 3),
+            redis,
+        );
     }
 }
 
@@ -425,7 +437,10 @@ fn is_mounted(p: &Path) -> bool {
 }
 
 /// `reads` (relative path, 4 KiB-aligned offset) pairs, files picked by size (a random byte
-/// of the tree), from the files of `root` of at least 4 KiB.
+/// of the tree), from the files of `root` of at least 4 KiB, each in a 512 KiB region of its
+/// file no other read touches: a read is the first of its data (cold) for every reader (rfs
+/// fetches 512 KiB blocks, flist chunks of 64 KiB to 1 MiB). Fewer when the tree has fewer
+/// regions.
 fn random_reads(root: &Path, reads: usize, seed: u64) -> Vec<(PathBuf, u64)> {
     let mut files = Vec::new();
     for d in std::fs::read_dir(root).expect("read tree") {
@@ -441,24 +456,30 @@ fn random_reads(root: &Path, reads: usize, seed: u64) -> Vec<(PathBuf, u64)> {
     files.sort();
     let total: u64 = files.iter().map(|f| f.1).sum();
     let mut rng = Rng(seed);
-    (0..reads)
-        .map(|_| {
-            let mut at = rng.below(total);
-            let (path, len) = files
-                .iter()
-                .find(|f| {
-                    if at < f.1 {
-                        true
-                    } else {
-                        at -= f.1;
-                        false
-                    }
-                })
-                .unwrap_or(&files[0]);
-            let off = (rng.below(*len - 4096 + 1)) & !4095;
-            (path.clone(), off)
-        })
-        .collect()
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for _ in 0..reads * 20 {
+        if out.len() == reads {
+            break;
+        }
+        let mut at = rng.below(total);
+        let Some(k) = files.iter().position(|f| {
+            if at < f.1 {
+                true
+            } else {
+                at -= f.1;
+                false
+            }
+        }) else {
+            continue;
+        };
+        let (path, len) = &files[k];
+        let off = rng.below(*len - 4096 + 1) & !4095;
+        if seen.insert((k, off >> 19)) {
+            out.push((path.clone(), off));
+        }
+    }
+    out
 }
 
 /// Does the reads under `mnt`; returns reads per second.
@@ -477,7 +498,45 @@ fn read_through(mnt: &Path, reads: &[(PathBuf, u64)]) -> f64 {
     reads.len() as f64 / started.elapsed().as_secs_f64()
 }
 
-fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
+/// A child process killed on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `redis-server` on a free port with no persistence (killed on drop) and its port.
+fn start_redis() -> (KillOnDrop, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--maxmemory", "0"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (apt-get install redis-server)");
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    (KillOnDrop(child), port)
+}
+
+fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize, redis: bool) {
     let Ok(rfs) = std::env::var("RFS_BIN") else {
         eprintln!(
             "mount: set RFS_BIN to an rfs binary (RFS_BIN=$(bash benches/peers/build-rfs.sh))"
@@ -492,15 +551,26 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
     let src = work.join("mount-src");
     let (files, bytes) = gen_tree(&src, mb, 8);
     let list = random_reads(&src, reads, 11);
+    let reads = list.len();
+    let server = redis.then(start_redis);
+    // The store URL of `name`'s chunks: flist's and rfs's own spelling.
+    let store_url = |name: &str| match &server {
+        Some((_, port)) if name == "rfs" => format!("zdb://127.0.0.1:{port}"),
+        Some((_, port)) => format!("redis://127.0.0.1:{port}/0"),
+        None => format!(
+            "dir://{}",
+            work.join(format!("mount-store-{name}")).display()
+        ),
+    };
     // The two flist images: blocked chunks (default) and whole chunks (format 1).
     let mut images = Vec::new();
     for (name, block_size) in [
         ("flist", flist_fs::chunk::blocks::DEFAULT_BLOCK),
         ("flist-whole", 0),
     ] {
-        let store = work.join(format!("mount-store-{name}"));
+        let store = store_url(name);
         let img = work.join(format!("mount-{name}.flist"));
-        let router = Router::from_specs(&[format!("dir://{}", store.display())]).expect("router");
+        let router = Router::from_specs(std::slice::from_ref(&store)).expect("router");
         let opts = PackOptions {
             block_size,
             ..Default::default()
@@ -514,14 +584,13 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
         images.push((name, img, store));
     }
     let rfs_meta = work.join("mount-rfs.fl");
-    let rfs_store = work.join("mount-store-rfs");
     let started = Instant::now();
     let status = std::process::Command::new(&rfs)
         .arg("pack")
         .arg("-m")
         .arg(&rfs_meta)
         .arg("-s")
-        .arg(format!("dir://{}", rfs_store.display()))
+        .arg(store_url("rfs"))
         .arg(&src)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -529,13 +598,13 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
         .expect("rfs pack");
     assert!(status.success(), "rfs pack: {status}");
     println!(
-        "mount[rfs]: packed in {:.1}s, stored {:.1} MB",
-        started.elapsed().as_secs_f64(),
-        dir_bytes(&rfs_store) as f64 / 1e6
+        "mount[rfs]: packed in {:.1}s",
+        started.elapsed().as_secs_f64()
     );
     println!(
-        "mount: {files} files, {:.1} MB; {reads} random 4 KiB reads per pass, {runs} runs",
-        bytes as f64 / 1e6
+        "mount: {files} files, {:.1} MB; {reads} random 4 KiB reads per pass, {runs} runs, {} stores",
+        bytes as f64 / 1e6,
+        if redis { "redis" } else { "dir" }
     );
     let names = ["flist", "flist-whole", "rfs"];
     let mut cold: Vec<Vec<f64>> = vec![Vec::new(); 3];
@@ -544,7 +613,10 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
         // FLIST_BENCH_MOUNTS=flist,rfs (say) mounts only those (for profiling one of them).
         let only = std::env::var("FLIST_BENCH_MOUNTS").ok();
         let mut order: Vec<usize> = (0..3)
-            .filter(|k| only.as_deref().is_none_or(|o| o.split(',').any(|n| n == names[*k])))
+            .filter(|k| {
+                only.as_deref()
+                    .is_none_or(|o| o.split(',').any(|n| n == names[*k]))
+            })
             .collect();
         if run % 2 == 1 {
             order.reverse();
@@ -561,7 +633,7 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
                         .arg(img)
                         .arg(&mnt)
                         .arg("--store")
-                        .arg(format!("dir://{}", store.display()))
+                        .arg(store)
                         .arg("--cache")
                         .arg(&cache)
                         .env("FLIST_LOG", "error");
@@ -594,7 +666,11 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
     };
     println!("mount: 4 KiB random reads/s, median of {runs} runs (each run's values in brackets)");
     for (pass, table) in [("cold", &cold), ("warm", &warm)] {
-        let peer = if table[2].is_empty() { f64::NAN } else { median(&table[2]) };
+        let peer = if table[2].is_empty() {
+            f64::NAN
+        } else {
+            median(&table[2])
+        };
         for k in (0..3).filter(|k| !table[*k].is_empty()) {
             let m = median(&table[k]);
             let each: Vec<String> = table[k].iter().map(|v| format!("{v:.0}")).collect();
@@ -606,22 +682,6 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize) {
             );
         }
     }
-}
-
-/// Bytes of the files under `dir`.
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut n = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.metadata() {
-                Ok(m) if m.is_dir() => stack.push(e.path()),
-                Ok(m) => n += m.len(),
-                Err(_) => {}
-            }
-        }
-    }
-    n
 }
 
 /// Starts the chunk fetcher on `sock` over `store` with its cache in `cache`; returns the

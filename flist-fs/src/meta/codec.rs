@@ -10,8 +10,11 @@
 use super::types::Image;
 use super::validate::validate;
 use super::{MAX_DECODED_MEMORY, MAX_PAYLOAD, MAX_RAW_PAYLOAD};
+use crate::chunk::blocks::MAX_TABLE_LEN;
+use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::store::redact_url;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -78,6 +81,12 @@ pub fn encode_unvalidated(image: &Image, path: &Path) -> Result<Vec<u8>> {
         1
     } else {
         raw.extend_from_slice(&image.block_size.to_le_bytes());
+        raw.extend_from_slice(&(image.tables.len() as u32).to_le_bytes());
+        for (id, table) in &image.tables {
+            raw.extend_from_slice(&id.0);
+            raw.extend_from_slice(&(table.len() as u32).to_le_bytes());
+            raw.extend_from_slice(table);
+        }
         2
     };
     if raw.len() as u64 > MAX_RAW_PAYLOAD {
@@ -166,27 +175,62 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
     let (mut image, rest) = decoded
         .map_err(bad)?
         .map_err(|e| bad(format!("decode: {e}")))?;
-    // Version 2 adds the block size after the tables; version 1 has nothing there.
-    match (version, rest) {
-        (1, []) => {}
-        (2, [a, b, c, d]) if u32::from_le_bytes([*a, *b, *c, *d]) != 0 => {
-            image.block_size = u32::from_le_bytes([*a, *b, *c, *d]);
-        }
-        (_, rest) => {
+    // Version 2 adds the block size and the block tables after the postcard tables; version 1
+    // has nothing there.
+    match version {
+        1 if rest.is_empty() => {}
+        1 => {
             return Err(bad(format!(
-                "{} bytes after the tables where format version {version} has {}",
-                rest.len(),
-                if version == 1 {
-                    "none"
-                } else {
-                    "a non-zero 4-byte block size"
-                }
+                "{} bytes after the tables where format version 1 has none",
+                rest.len()
             )))
         }
+        _ => (image.block_size, image.tables) = block_tables(rest).map_err(bad)?,
     }
     drop(raw);
     validate(&mut image).map_err(bad)?;
     Ok(image)
+}
+
+/// The block size and block tables after the postcard tables of a version 2 payload: block
+/// size (u32 LE, not 0), count (u32 LE), then per table its chunk id (32 bytes), length (u32
+/// LE, at most `MAX_TABLE_LEN`) and bytes. Every claim is checked against what is there;
+/// `validate` checks the tables against the chunks.
+fn block_tables(mut rest: &[u8]) -> std::result::Result<(u32, BTreeMap<ChunkId, Vec<u8>>), String> {
+    let mut take = |n: usize, what: &str| -> std::result::Result<&[u8], String> {
+        if rest.len() < n {
+            return Err(format!("truncated block tables: {what} missing"));
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let block_size = word(take(4, "the block size")?);
+    if block_size == 0 {
+        return Err("format version 2 with block size 0".into());
+    }
+    let count = word(take(4, "the table count")?);
+    let mut tables = BTreeMap::new();
+    for i in 0..count {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(take(32, "a chunk id")?);
+        let len = word(take(4, "a table length")?) as usize;
+        if len > MAX_TABLE_LEN {
+            return Err(format!(
+                "block table {i} claims {len} bytes, more than the largest ({MAX_TABLE_LEN})"
+            ));
+        }
+        let table = take(len, "a table")?.to_vec();
+        if tables.insert(ChunkId(id), table).is_some() {
+            return Err(format!("two block tables for chunk {}", ChunkId(id)));
+        }
+    }
+    let left = take(0, "")?.len();
+    if left != 0 {
+        return Err(format!("{left} bytes after the block tables"));
+    }
+    Ok((block_size, tables))
 }
 
 /// Reads and validates the image at `path`.
@@ -300,16 +344,17 @@ mod tests {
         assert!(e.contains("block size 3000"), "{e}");
         let mut raw = postcard::to_stdvec(&img).unwrap();
         raw.extend_from_slice(&3000u32.to_le_bytes());
+        raw.extend_from_slice(&0u32.to_le_bytes());
         let mut forged = wrap(&zstd::bulk::compress(&raw, 3).unwrap(), 0);
         forged[8..12].copy_from_slice(&2u32.to_le_bytes());
         let len = (forged.len() - HEADER_LEN) as u64;
         forged[16..24].copy_from_slice(&len.to_le_bytes());
         let e = decode_image(&forged, p).unwrap_err().to_string();
         assert!(e.contains("block size 3000 is not a power of two"), "{e}");
-        // Version 1 with trailing bytes, version 2 without a block size.
+        // Version 1 with trailing bytes.
         forged[8..12].copy_from_slice(&1u32.to_le_bytes());
         let e = decode_image(&forged, p).unwrap_err().to_string();
-        assert!(e.contains("4 bytes after the tables"), "{e}");
+        assert!(e.contains("8 bytes after the tables"), "{e}");
     }
 
     #[test]
