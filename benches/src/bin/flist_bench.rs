@@ -577,9 +577,10 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize, redis: bool) {
         };
         let s = pack(&src, &img, &router, &opts).expect("pack");
         println!(
-            "mount[{name}]: packed {} chunks, stored {:.1} MB",
+            "mount[{name}]: packed {} chunks, stored {:.1} MB, image {:.0} KB",
             s.chunks,
-            s.stored_bytes as f64 / 1e6
+            s.stored_bytes as f64 / 1e6,
+            std::fs::metadata(&img).map(|m| m.len()).unwrap_or(0) as f64 / 1e3
         );
         images.push((name, img, store));
     }
@@ -598,8 +599,9 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize, redis: bool) {
         .expect("rfs pack");
     assert!(status.success(), "rfs pack: {status}");
     println!(
-        "mount[rfs]: packed in {:.1}s",
-        started.elapsed().as_secs_f64()
+        "mount[rfs]: packed in {:.1}s, metadata {:.0} KB",
+        started.elapsed().as_secs_f64(),
+        std::fs::metadata(&rfs_meta).map(|m| m.len()).unwrap_or(0) as f64 / 1e3
     );
     println!(
         "mount: {files} files, {:.1} MB; {reads} random 4 KiB reads per pass, {runs} runs, {} stores",

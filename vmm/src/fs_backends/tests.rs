@@ -15,12 +15,7 @@ use crate::config::FsSpec;
 pub(super) fn pack(dir: &Path, image: &Path, store: &Path) {
     let router =
         flist_fs::store::Router::from_specs(&[format!("dir://{}", store.display())]).unwrap();
-    let opts = flist_fs::pack::PackOptions {
-        chunker: Default::default(),
-        encrypt: false,
-        tags: Default::default(),
-        progress: false,
-    };
+    let opts = flist_fs::pack::PackOptions::default();
     flist_fs::pack::pack(dir, image, &router, &opts).unwrap();
 }
 
