@@ -15,7 +15,7 @@
 //! them; checked against the chunk ids when it was read), else from the stores (one more
 //! ranged read, verified against the chunk id); parsed tables are kept in memory; decoded blocks go to the in-memory LRU and, when
 //! unencrypted, to the plaintext cache under their own name ([`block_key`]), so later reads of
-//! them are one `pread`. Whole chunks fetched by read-ahead or `plain` serve reads too.
+//! them are one `pread` (encrypted blocks are cached as stored, named by their hash). Whole chunks fetched by read-ahead or `plain` serve reads too.
 //! Blocks are written to the cache behind the read, by one writer thread per source (at most
 //! [`WRITE_BEHIND`] waiting; past that the reader writes them itself); dropping the source
 //! finishes its writes.
@@ -497,7 +497,7 @@ impl ChunkSource {
                         continue;
                     }
                     let block_len = (u64::from(c.size) - start).min(bs) as u32;
-                    match self.cached_block(&key, c, block_len) {
+                    match self.cached_block(&key, c, i, block_len) {
                         Some(block) => block,
                         // The blocks to the end of the read in one ranged read; when that
                         // fails, this block alone, so an error names the block it is about.
@@ -530,12 +530,24 @@ impl ChunkSource {
         Ok(to - from)
     }
 
-    /// Block `key` of chunk `c` (`len` bytes) from the plaintext cache, checked, if there.
-    fn cached_block(&self, key: &ChunkId, c: &ChunkRef, len: u32) -> Option<Arc<Vec<u8>>> {
-        if !self.plain_cached(c) {
-            return None;
-        }
-        let plain = Arc::new(self.cache.as_ref()?.get_plain(key, len)?);
+    /// Block `i` (named `key`, `len` bytes) of chunk `c` from the cache, checked, if there:
+    /// its plaintext, or for an encrypted chunk its stored bytes (named by their hash).
+    fn cached_block(
+        &self,
+        key: &ChunkId,
+        c: &ChunkRef,
+        i: usize,
+        len: u32,
+    ) -> Option<Arc<Vec<u8>>> {
+        let cache = self.cache.as_ref()?;
+        let plain = if self.plain_cached(c) {
+            cache.get_plain(key, len)?
+        } else {
+            let table = self.table(c).ok()?;
+            let stored = cache.get(&ChunkId(table.blocks.get(i)?.hash))?;
+            table.decode_block(&c.id, i, &stored, c.key.as_ref()).ok()?
+        };
+        let plain = Arc::new(plain);
         if let Ok(mut lru) = self.decoded.lock() {
             lru.insert(*key, plain.clone());
         }
@@ -666,10 +678,16 @@ impl ChunkSource {
         let mut first_plain = None;
         for i in first..=last {
             let r = piece(i).unwrap_or(0..0);
-            let plain = Arc::new(table.decode_block(&c.id, i, &bytes[r], c.key.as_ref())?);
+            let plain =
+                Arc::new(table.decode_block(&c.id, i, &bytes[r.clone()], c.key.as_ref())?);
             let key = block_key(&c.id, i);
             if self.plain_cached(c) {
                 self.cache_behind(key, plain.clone());
+            } else if let (Some(cache), Some(b)) = (&self.cache, table.blocks.get(i)) {
+                // Encrypted blocks stay encrypted at rest, named by their hash.
+                if let Err(e) = cache.put(&ChunkId(b.hash), &bytes[r.clone()]) {
+                    tracing::warn!(chunk = %c.id, block = i, error = %e, "could not cache block");
+                }
             }
             if let Ok(mut lru) = self.decoded.lock() {
                 lru.insert(key, plain.clone());

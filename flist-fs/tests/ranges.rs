@@ -369,3 +369,33 @@ fn a_hostile_block_table_is_refused() {
     let e = source.plain(&inode.chunks[0]).unwrap_err().to_string();
     assert!(e.contains(&id.to_hex()), "{e}");
 }
+
+#[test]
+fn encrypted_blocks_are_cached_as_stored() {
+    let t = tempfile::tempdir().unwrap();
+    let data = big_tree(&t.path().join("src"));
+    let store = t.path().join("store");
+    let img = t.path().join("img.flist");
+    let opts = PackOptions {
+        encrypt: true,
+        ..PackOptions::default()
+    };
+    let router = Router::from_specs(&[format!("dir://{}", store.display())]).unwrap();
+    pack(&t.path().join("src"), &img, &router, &opts).unwrap();
+    let cached = OpenOptions {
+        cache_dir: Some(t.path().join("cache")),
+        ..OpenOptions::default()
+    };
+    let at = 1_500_000u64 & !4095;
+    let want = &data[at as usize..at as usize + 4096];
+    let (image, source) = open_image(&img, &cached).unwrap();
+    let inode = image.inode(image.resolve("/big").unwrap()).unwrap();
+    assert!(inode.chunks[0].key.is_some());
+    assert_eq!(read(&source, inode, at, 4096), want);
+    drop(source);
+    // The store is gone: a later reader is served by the cache (ciphertext, checked).
+    std::fs::remove_dir_all(&store).unwrap();
+    let (_, later) = open_image(&img, &cached).unwrap();
+    assert!(read(&later, inode, at + 8, 4000) == want[8..4008]);
+    assert!(later.read_range(inode, 0, 10, &mut |_| Ok(())).is_err());
+}
