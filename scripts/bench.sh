@@ -16,6 +16,9 @@
 #   bash scripts/bench.sh agent [--deploys N] [--vms N] [--density N]
 #                                     the node image: boot to registered, deploy latency and its
 #                                     parts, agent/vmm memory with N VMs, VMs held until refused
+#   bash scripts/bench.sh flist [pack|dedup|read|fetcher|all] [--mb N]   flist-fs pack, dedup, reads
+#   RFS_BIN=$(bash benches/peers/build-rfs.sh) bash scripts/bench.sh flist mount [--mb N] [--reads N] [--runs N]
+#                                     4 KiB random reads through FUSE mounts, cold and warm, vs rfs
 #   VMM_BASELINE_BIN=PATH bash scripts/bench.sh before-after [--boot-runs N] [--fs-runs N]
 #                                                     boot and fs with this vmm and PATH, one run
 set -euo pipefail
@@ -24,8 +27,9 @@ which="${1:-boot}"
 case "$which" in
     boot | fs | blk | vsock | net | privnet | agent) shift || true ;;
     before-after) shift || true; which=before_after ;;
+    flist) shift || true; which=flist_bench ;;
     -*) which=boot ;;
-    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock, net, privnet, agent or before-after)" >&2; exit 2 ;;
+    *) echo "bench: unknown benchmark $which (boot, fs, blk, vsock, net, privnet, agent, flist or before-after)" >&2; exit 2 ;;
 esac
 bash scripts/setup.sh --bench
 bash guest-kernels/build-kernel.sh >/dev/null

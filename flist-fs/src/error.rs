@@ -46,7 +46,7 @@ pub enum Error {
         error: crate::fetcher::FetcherError,
     },
     /// A chunk of a file could not be read: which file, where in it, and why.
-    #[error("{path} at offset {offset}: {error}")]
+    #[error("{}at offset {offset}: {error}", file_prefix(path))]
     FileChunk {
         path: PathBuf,
         offset: u64,
@@ -56,7 +56,33 @@ pub enum Error {
     Oci { path: PathBuf, reason: String },
 }
 
+/// `PATH ` for a [`Error::FileChunk`] that names its file (the reader fills it in).
+fn file_prefix(path: &std::path::Path) -> String {
+    if path.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!("{} ", path.display())
+    }
+}
+
 impl Error {
+    /// Names `path` in a [`Error::FileChunk`] that names no file yet (a chunk source reports
+    /// the offset; its caller knows the file).
+    pub fn in_file(self, path: impl Into<PathBuf>) -> Self {
+        match self {
+            Error::FileChunk {
+                path: p,
+                offset,
+                error,
+            } if p.as_os_str().is_empty() => Error::FileChunk {
+                path: path.into(),
+                offset,
+                error,
+            },
+            other => other,
+        }
+    }
+
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {

@@ -9,17 +9,34 @@
 //! of part of it is one `pread` on the descriptor it was checked on, kept open by the cache
 //! (the host page cache, shared by every VM on the node, does the rest).
 //!
+//! Blocked chunks (an image with a block size, see [`crate::chunk::blocks`]): a read that
+//! misses fetches only the blocks it covers (one ranged read), each verified against the
+//! chunk's block table before it is decoded. The table comes from the image (which carries
+//! them; checked against the chunk ids when it was read), else from the stores (one more
+//! ranged read, verified against the chunk id); parsed tables are kept in memory; decoded blocks go to the in-memory LRU and, when
+//! unencrypted, to the plaintext cache under their own name ([`block_key`]), so later reads of
+//! them are one `pread` (encrypted blocks are cached as stored, named by their hash). Whole chunks fetched by read-ahead or `plain` serve reads too.
+//! Blocks are written to the cache behind the read, by one writer thread per source (at most
+//! [`WRITE_BEHIND`] waiting; past that the reader writes them itself); dropping the source
+//! finishes its writes.
+//!
+//! Read-ahead follows sequential readers only: a read that starts where the previous read of
+//! the same file ended.
+//!
 //! A remote source ([`ChunkSource::remote`]) asks the node's chunk fetcher instead (see
 //! [`crate::fetcher`]): no stores, no cache of its own; each chunk is a read-only descriptor
-//! the fetcher passed (kept in a bounded LRU), and reads are `pread`s on it.
+//! the fetcher passed (kept in a bounded LRU), and reads are `pread`s on it. The fetcher
+//! fetches whole chunks, blocked or not.
 
 use crate::cache::ChunkCache;
+use crate::chunk::blocks::{block_key, table_len, Table};
 use crate::chunk::{decode, ChunkId};
 use crate::error::{Error, Result};
 use crate::fetcher::client::FetcherClient;
 use crate::meta::{ChunkRef, Inode};
 use crate::store::Router;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// Bytes of decoded chunks kept in memory (at least four of the largest chunks).
@@ -30,6 +47,19 @@ const DECODED_LRU_CHUNKS: usize = 4096;
 const READ_AHEAD: usize = 2;
 /// At most this many background fetches at once.
 const MAX_IN_FLIGHT: usize = 4;
+/// Most block tables kept in memory (each at most `blocks::MAX_TABLE_LEN` bytes decoded into
+/// 48-byte entries; a 256 KiB chunk in 32 KiB blocks has 8).
+const MAX_TABLES: usize = 8192;
+/// Most files whose last read end is remembered for read-ahead.
+const MAX_READERS: usize = 1024;
+/// Most decoded blocks waiting for the cache writer.
+pub const WRITE_BEHIND: usize = 64;
+
+/// The cache writer of a source: decoded blocks it puts in the plaintext cache.
+struct Writer {
+    queue: std::sync::mpsc::SyncSender<(ChunkId, Arc<Vec<u8>>)>,
+    thread: std::thread::JoinHandle<()>,
+}
 
 pub struct ChunkSource {
     router: Router,
@@ -38,6 +68,26 @@ pub struct ChunkSource {
     in_flight: Mutex<HashSet<ChunkId>>,
     /// The node's chunk fetcher, for a remote source.
     remote: Option<Arc<FetcherClient>>,
+    /// The image's block size (0: whole chunks).
+    block_size: u32,
+    /// Verified block tables by chunk id.
+    tables: Mutex<HashMap<ChunkId, Arc<Table>>>,
+    /// The image's block tables (checked when the image was read), by chunk id.
+    image_tables: std::collections::BTreeMap<ChunkId, Vec<u8>>,
+    /// Where the last read of each file (by inode number) ended, for read-ahead.
+    last_end: Mutex<HashMap<u64, u64>>,
+    /// The cache writer, started by the first block to cache.
+    writer: Mutex<Option<Writer>>,
+}
+
+impl Drop for ChunkSource {
+    fn drop(&mut self) {
+        let writer = self.writer.get_mut().ok().and_then(Option::take);
+        if let Some(w) = writer {
+            drop(w.queue);
+            let _ = w.thread.join();
+        }
+    }
 }
 
 /// Decoded chunks by id, their insertion order (oldest first) and total size.
@@ -82,7 +132,24 @@ impl ChunkSource {
             decoded: Mutex::new(Decoded::default()),
             in_flight: Mutex::new(HashSet::new()),
             remote: None,
+            block_size: 0,
+            tables: Mutex::default(),
+            image_tables: Default::default(),
+            last_end: Mutex::default(),
+            writer: Mutex::default(),
         }
+    }
+
+    /// Reads chunks as blocked chunks of `block_size` (the image's; 0: whole chunks) whose
+    /// block tables are `tables` (the image's) or else fetched from the stores.
+    pub fn with_blocks(
+        mut self,
+        block_size: u32,
+        tables: std::collections::BTreeMap<ChunkId, Vec<u8>>,
+    ) -> Self {
+        self.block_size = block_size;
+        self.image_tables = tables;
+        self
     }
 
     /// A source that asks the node's chunk fetcher through `client` (no stores, no cache).
@@ -93,6 +160,11 @@ impl ChunkSource {
             decoded: Mutex::new(Decoded::default()),
             in_flight: Mutex::new(HashSet::new()),
             remote: Some(client),
+            block_size: 0,
+            tables: Mutex::default(),
+            image_tables: Default::default(),
+            last_end: Mutex::default(),
+            writer: Mutex::default(),
         }
     }
 
@@ -128,10 +200,23 @@ impl ChunkSource {
         self.lru_get(id).is_some()
     }
 
-    /// After a read of `inode` ending at `end`: when the read reached the second half of its
-    /// last chunk, fetch the next `READ_AHEAD` chunks in the background. Errors are ignored
-    /// here; a later foreground read reports them.
-    pub fn read_ahead(self: &Arc<Self>, inode: &Inode, end: u64) {
+    /// After a read of `[start, end)` of file `ino` (`inode`): when it continued the previous
+    /// read of the file and reached the second half of its last chunk, fetch the next
+    /// `READ_AHEAD` chunks in the background. Errors are ignored here; a later foreground read
+    /// reports them.
+    pub fn read_ahead(self: &Arc<Self>, ino: u64, inode: &Inode, start: u64, end: u64) {
+        let sequential = match self.last_end.lock() {
+            Ok(mut last) => {
+                if last.len() >= MAX_READERS && !last.contains_key(&ino) {
+                    last.clear();
+                }
+                last.insert(ino, end) == Some(start) || start == 0
+            }
+            Err(_) => false,
+        };
+        if !sequential {
+            return;
+        }
         let idx = inode
             .chunks
             .partition_point(|c| c.offset + u64::from(c.size) <= end.saturating_sub(1));
@@ -271,15 +356,16 @@ impl ChunkSource {
         Ok(data)
     }
 
-    /// Part `[from, to)` of a cached plaintext this process has checked, read through the
-    /// descriptor it was checked on (`None` when there is none; the caller then takes the
-    /// whole-chunk path). Callers look in the in-memory LRU first.
-    fn checked_part(&self, c: &ChunkRef, from: u64, to: u64) -> Option<Vec<u8>> {
+    /// Part `[from, to)` of the cached plaintext named `key` (chunk `c`'s, or one of its
+    /// blocks') this process has checked, read through the descriptor it was checked on
+    /// (`None` when there is none; the caller then fetches). Callers look in the in-memory LRU
+    /// first.
+    fn checked_part(&self, key: &ChunkId, c: &ChunkRef, from: u64, to: u64) -> Option<Vec<u8>> {
         if !self.plain_cached(c) {
             return None;
         }
         let mut buf = vec![0u8; usize::try_from(to - from).ok()?];
-        match self.cache.as_ref()?.read_plain_at(&c.id, from, &mut buf) {
+        match self.cache.as_ref()?.read_plain_at(key, from, &mut buf) {
             Ok(()) => Some(buf),
             Err(e) => {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -291,8 +377,10 @@ impl ChunkSource {
     }
 
     /// Calls `sink` with consecutive slices of `inode`'s bytes in `[offset, offset+len)`
-    /// (clamped to the file size), fetching only the chunks that cover the range; holes (the
-    /// gaps between chunks, and after the last) read as zeros.
+    /// (clamped to the file size), fetching only the chunks (or blocks) that cover the range;
+    /// holes (the gaps between chunks, and after the last) read as zeros. A failure is an
+    /// [`Error::FileChunk`] naming the file offset it happened at; the caller names the file
+    /// ([`Error::in_file`]).
     pub fn read_range(
         &self,
         inode: &Inode,
@@ -316,7 +404,17 @@ impl ChunkSource {
             }
             let from = pos - c.offset;
             let to = end.min(c.offset + u64::from(c.size)) - c.offset;
-            pos += self.chunk_part(c, from, to, &mut buf, sink)?;
+            let at = pos;
+            pos += self
+                .chunk_part(c, from, to, &mut buf, sink)
+                .map_err(|e| match e {
+                    Error::FileChunk { .. } => e,
+                    e => Error::FileChunk {
+                        path: PathBuf::new(),
+                        offset: at,
+                        error: Box::new(e),
+                    },
+                })?;
         }
         if pos < end {
             zeros(end - pos, sink)?;
@@ -345,13 +443,17 @@ impl ChunkSource {
             sink(buf).map_err(|e| Error::io("<read destination>", e))?;
             return Ok(buf.len() as u64);
         }
-        // Decoded in memory, else part of a checked cached plaintext, else the whole chunk.
+        // Decoded in memory, else part of a checked cached plaintext, else the blocks the
+        // read covers (blocked chunks) or the whole chunk.
         let data = match self.lru_get(&c.id) {
             Some(data) => data,
             None => {
-                if let Some(part) = self.checked_part(c, from, to) {
+                if let Some(part) = self.checked_part(&c.id, c, from, to) {
                     sink(&part).map_err(|e| Error::io("<read destination>", e))?;
                     return Ok(part.len() as u64);
+                }
+                if self.block_size != 0 {
+                    return self.blocks_part(c, from, to, sink);
                 }
                 self.plain(c)?
             }
@@ -364,6 +466,238 @@ impl ChunkSource {
             })?;
         sink(slice).map_err(|e| Error::io("<read destination>", e))?;
         Ok(slice.len() as u64)
+    }
+}
+
+impl ChunkSource {
+    /// Sends bytes `[from, to)` of blocked chunk `c` to `sink`, block by block: a decoded block
+    /// in memory, else part of its checked cached plaintext, else the blocks from there to the
+    /// end of the range, fetched together. Returns how many bytes were sent.
+    fn blocks_part(
+        &self,
+        c: &ChunkRef,
+        from: u64,
+        to: u64,
+        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64> {
+        let bs = u64::from(self.block_size);
+        let last = ((to - 1) / bs) as usize;
+        let mut pos = from;
+        while pos < to {
+            let i = (pos / bs) as usize;
+            let start = i as u64 * bs;
+            let (a, b) = (pos - start, to.min(start + bs) - start);
+            let key = block_key(&c.id, i);
+            let block = match self.lru_get(&key) {
+                Some(block) => block,
+                None => {
+                    if let Some(part) = self.checked_part(&key, c, a, b) {
+                        sink(&part).map_err(|e| Error::io("<read destination>", e))?;
+                        pos += part.len() as u64;
+                        continue;
+                    }
+                    let block_len = (u64::from(c.size) - start).min(bs) as u32;
+                    match self.cached_block(&key, c, i, block_len) {
+                        Some(block) => block,
+                        // The blocks to the end of the read in one ranged read; when that
+                        // fails, this block alone, so an error names the block it is about.
+                        None => self
+                            .fetch_blocks(c, i, last)
+                            .or_else(|e| {
+                                if last > i {
+                                    self.fetch_blocks(c, i, i)
+                                } else {
+                                    Err(e)
+                                }
+                            })
+                            .map_err(|e| Error::FileChunk {
+                                path: PathBuf::new(),
+                                offset: c.offset + pos,
+                                error: Box::new(e),
+                            })?,
+                    }
+                }
+            };
+            let slice = block
+                .get(a as usize..b as usize)
+                .ok_or_else(|| Error::BadChunk {
+                    id: c.id.to_hex(),
+                    reason: format!("block {i} is shorter than its table says"),
+                })?;
+            sink(slice).map_err(|e| Error::io("<read destination>", e))?;
+            pos += slice.len() as u64;
+        }
+        Ok(to - from)
+    }
+
+    /// Block `i` (named `key`, `len` bytes) of chunk `c` from the cache, checked, if there:
+    /// its plaintext, or for an encrypted chunk its stored bytes (named by their hash).
+    fn cached_block(
+        &self,
+        key: &ChunkId,
+        c: &ChunkRef,
+        i: usize,
+        len: u32,
+    ) -> Option<Arc<Vec<u8>>> {
+        let cache = self.cache.as_ref()?;
+        let plain = if self.plain_cached(c) {
+            cache.get_plain(key, len)?
+        } else {
+            let table = self.table(c).ok()?;
+            let stored = cache.get(&ChunkId(table.blocks.get(i)?.hash))?;
+            table.decode_block(&c.id, i, &stored, c.key.as_ref()).ok()?
+        };
+        let plain = Arc::new(plain);
+        if let Ok(mut lru) = self.decoded.lock() {
+            lru.insert(*key, plain.clone());
+        }
+        Some(plain)
+    }
+
+    /// Puts decoded block `key` in the plaintext cache: through the writer thread (started
+    /// now if there is none), or here when its queue is full or it cannot run.
+    fn cache_behind(&self, key: ChunkId, plain: Arc<Vec<u8>>) {
+        let Some(cache) = &self.cache else {
+            return;
+        };
+        let item = (key, plain);
+        let (key, plain) = match self.writer.lock() {
+            Ok(mut writer) => {
+                if writer.is_none() {
+                    *writer = Self::start_writer(cache.clone());
+                }
+                match writer.as_ref() {
+                    Some(w) => match w.queue.try_send(item) {
+                        Ok(()) => return,
+                        Err(std::sync::mpsc::TrySendError::Full(back))
+                        | Err(std::sync::mpsc::TrySendError::Disconnected(back)) => back,
+                    },
+                    None => item,
+                }
+            }
+            Err(_) => item,
+        };
+        if let Err(e) = cache.put_plain(&key, &plain) {
+            tracing::warn!(block = %key, error = %e, "could not cache block");
+        }
+    }
+
+    /// Starts a cache writer thread; `None` when it cannot. The thread inherits the caller's
+    /// seccomp filter (a vmm's virtio-fs worker, which caches blocks itself otherwise).
+    fn start_writer(cache: Arc<ChunkCache>) -> Option<Writer> {
+        let (queue, rx) = std::sync::mpsc::sync_channel::<(ChunkId, Arc<Vec<u8>>)>(WRITE_BEHIND);
+        let thread = std::thread::Builder::new()
+            .name("flist-cachewrite".into())
+            .spawn(move || {
+                for (key, plain) in rx {
+                    if let Err(e) = cache.put_plain(&key, &plain) {
+                        tracing::warn!(block = %key, error = %e, "could not cache block");
+                    }
+                }
+            })
+            .ok()?;
+        Some(Writer { queue, thread })
+    }
+
+    /// The verified block table of blocked chunk `c`: the image's, else fetched with one
+    /// ranged read.
+    fn table(&self, c: &ChunkRef) -> Result<Arc<Table>> {
+        if let Some(t) = self.tables.lock().ok().and_then(|t| t.get(&c.id).cloned()) {
+            return Ok(t);
+        }
+        let (bs, size) = (self.block_size, c.size);
+        let table = match self.image_tables.get(&c.id) {
+            Some(bytes) => Arc::new(Table::parse(&c.id, bs, size, bytes)?),
+            None => {
+                // Bounded: the image's sizes passed validation (block size, chunk size).
+                let len = table_len(bs, size) as u32;
+                let bytes = self.router.get_range(&c.id, 0, len, &|b| {
+                    Table::parse(&c.id, bs, size, b).map(drop)
+                })?;
+                Arc::new(Table::parse(&c.id, bs, size, &bytes)?)
+            }
+        };
+        if let Ok(mut tables) = self.tables.lock() {
+            if tables.len() >= MAX_TABLES {
+                tables.clear();
+            }
+            tables.insert(c.id, table.clone());
+        }
+        Ok(table)
+    }
+
+    /// Fetches blocks `first..=last` of blocked chunk `c` with one ranged read, verifies and
+    /// decodes each, keeps them (memory; the plaintext cache when unencrypted) and returns
+    /// block `first`.
+    fn fetch_blocks(&self, c: &ChunkRef, first: usize, last: usize) -> Result<Arc<Vec<u8>>> {
+        let table = self.table(c)?;
+        let (Some(lo), Some(hi)) = (table.blocks.get(first), table.blocks.get(last)) else {
+            return Err(Error::BadChunk {
+                id: c.id.to_hex(),
+                reason: format!(
+                    "blocks {first}..={last} are past its {} blocks",
+                    table.blocks.len()
+                ),
+            });
+        };
+        let span = (hi.offset + u64::from(hi.len) - lo.offset) as u32;
+        let base = lo.offset;
+        let piece = |i: usize| -> Option<std::ops::Range<usize>> {
+            let b = table.blocks.get(i)?;
+            let at = (b.offset - base) as usize;
+            Some(at..at + b.len as usize)
+        };
+        let check = |bytes: &[u8]| -> Result<()> {
+            if bytes.len() != span as usize {
+                return Err(Error::BadChunk {
+                    id: c.id.to_hex(),
+                    reason: format!(
+                        "ranged read returned {} bytes, {span} asked for",
+                        bytes.len()
+                    ),
+                });
+            }
+            for i in first..=last {
+                let (Some(b), Some(r)) = (table.blocks.get(i), piece(i)) else {
+                    continue;
+                };
+                if blake3::hash(&bytes[r]).as_bytes() != &b.hash {
+                    let start = i as u64 * u64::from(table.block_size);
+                    return Err(Error::BadChunk {
+                        id: c.id.to_hex(),
+                        reason: format!(
+                            "block {i} (chunk bytes {start}..{}): hash mismatch",
+                            start + u64::from(b.plain_len)
+                        ),
+                    });
+                }
+            }
+            Ok(())
+        };
+        let bytes = self.router.get_range(&c.id, base, span, &check)?;
+        let mut first_plain = None;
+        for i in first..=last {
+            let r = piece(i).unwrap_or(0..0);
+            let plain =
+                Arc::new(table.decode_block(&c.id, i, &bytes[r.clone()], c.key.as_ref())?);
+            let key = block_key(&c.id, i);
+            if self.plain_cached(c) {
+                self.cache_behind(key, plain.clone());
+            } else if let (Some(cache), Some(b)) = (&self.cache, table.blocks.get(i)) {
+                // Encrypted blocks stay encrypted at rest, named by their hash.
+                if let Err(e) = cache.put(&ChunkId(b.hash), &bytes[r.clone()]) {
+                    tracing::warn!(chunk = %c.id, block = i, error = %e, "could not cache block");
+                }
+            }
+            if let Ok(mut lru) = self.decoded.lock() {
+                lru.insert(key, plain.clone());
+            }
+            first_plain.get_or_insert(plain);
+        }
+        first_plain.ok_or_else(|| Error::BadChunk {
+            id: c.id.to_hex(),
+            reason: "no block fetched".into(),
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! Content-addressed images (flists): pack a directory tree into a small metadata file plus
-//! content-defined, compressed, optionally convergently encrypted chunks kept in stores; fetch
-//! chunks lazily through a shared verified cache; expose the tree read-only through
+//! content-defined, compressed, optionally convergently encrypted chunks kept in stores, each
+//! stored as verifiable blocks so a small read fetches a block, not the chunk; fetch lazily
+//! through a shared verified cache; expose the tree read-only through
 //! [`fs::FlistFs`], a `fuse_backend_rs` `FileSystem` usable by a host FUSE mount and by a
 //! virtio-fs device alike.
 //!
@@ -14,7 +15,7 @@
 //! The `flist` command line:
 //!
 //! ```text
-//! flist pack DIR -o IMAGE --store URL... [--encrypt] [--fixed-kib N] [--tag k=v]
+//! flist pack DIR -o IMAGE --store URL... [--encrypt] [--fixed-kib N] [--block-kib N] [--tag k=v]
 //! flist import OCI_DIR_OR_TAR -o IMAGE --store URL... [--reference REF]
 //! flist unpack IMAGE DIR            flist mount IMAGE MOUNTPOINT
 //! flist ls IMAGE [PATH] [-l] [-R]   flist stat IMAGE PATH    flist cat IMAGE PATH

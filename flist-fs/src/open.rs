@@ -60,7 +60,7 @@ pub fn source_for(image: &Image, opts: &OpenOptions) -> Result<ChunkSource> {
         (None, Some(d)) => Some(ChunkCache::shared(d, opts.cache_max_bytes, None)?),
         (None, None) => None,
     };
-    Ok(ChunkSource::new(router, cache))
+    Ok(ChunkSource::new(router, cache).with_blocks(image.block_size, image.tables.clone()))
 }
 
 /// Reads the image at `path` and prepares a chunk source that asks the node's chunk fetcher

@@ -2,6 +2,7 @@
 //! hard links), chunk and store file contents through the router, then write the metadata
 //! atomically. Any error names the offending path and leaves no image file behind.
 
+use crate::chunk::blocks::{encode_blocked, table_len, DEFAULT_BLOCK};
 use crate::chunk::{encode, ChunkId, Chunker, ChunkerKind};
 use crate::dirfd;
 use crate::error::{Error, Result};
@@ -18,12 +19,27 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct PackOptions {
     pub chunker: ChunkerKind,
     pub encrypt: bool,
     pub tags: BTreeMap<String, String>,
     pub progress: bool,
+    /// Chunks are stored in blocks of this size that small reads fetch alone
+    /// ([`crate::chunk::blocks`], default [`DEFAULT_BLOCK`]); 0 stores whole chunks (format 1).
+    pub block_size: u32,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            chunker: ChunkerKind::default(),
+            encrypt: false,
+            tags: BTreeMap::new(),
+            progress: false,
+            block_size: DEFAULT_BLOCK,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -84,6 +100,8 @@ pub(crate) struct ChunkWriter<'a> {
     stats: &'a mut PackStats,
     bar: &'a ProgressBar,
     seen: HashSet<ChunkId>,
+    /// Block tables of the blocked chunks written (they go into the image).
+    tables: BTreeMap<ChunkId, Vec<u8>>,
 }
 
 impl<'a> ChunkWriter<'a> {
@@ -99,7 +117,13 @@ impl<'a> ChunkWriter<'a> {
             stats,
             bar,
             seen: HashSet::new(),
+            tables: BTreeMap::new(),
         }
+    }
+
+    /// The block tables of the blocked chunks written so far, for the image.
+    pub(crate) fn take_tables(&mut self) -> BTreeMap<ChunkId, Vec<u8>> {
+        std::mem::take(&mut self.tables)
     }
 
     /// Stores the content read from `reader` (named `path` in errors); returns its chunk list
@@ -128,8 +152,11 @@ impl<'a> ChunkWriter<'a> {
                 continue;
             }
             // Encode the batch in parallel, dedup in order, then store the new ones in parallel.
-            let encrypt = self.opts.encrypt;
-            let encoded = parallel_map(&batch, |plain| encode(plain, encrypt));
+            let (encrypt, block_size) = (self.opts.encrypt, self.opts.block_size);
+            let encoded = parallel_map(&batch, |plain| match block_size {
+                0 => encode(plain, encrypt),
+                bs => encode_blocked(plain, bs, encrypt),
+            });
             let mut to_put = Vec::new();
             for (plain, enc) in batch.iter().zip(encoded) {
                 let enc = enc?;
@@ -144,6 +171,10 @@ impl<'a> ChunkWriter<'a> {
                 offset += plain.len() as u64;
                 self.bar.inc(plain.len() as u64);
                 if fresh {
+                    if block_size != 0 {
+                        let n = table_len(block_size, plain.len() as u32);
+                        self.tables.insert(enc.id, enc.stored[..n].to_vec());
+                    }
                     to_put.push((enc, plain.len() as u64));
                 } else {
                     self.stats.dedup_chunks += 1;
@@ -461,6 +492,7 @@ pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Im
     })?;
     let st = dirfd::stat_at(&root, None).map_err(|e| Error::io(src, e))?;
     let mut image = Image::new(opts.chunker, opts.encrypt);
+    image.block_size = opts.block_size;
     image.inodes[0] = inode_from(&root, None, &st, src)?;
     image.tags = opts.tags.clone();
     image.routes = router.routes();
@@ -499,6 +531,7 @@ pub fn pack_image(src: &Path, router: &Router, opts: &PackOptions) -> Result<(Im
         image.inodes[f.idx].size = size;
         image.inodes[f.idx].chunks = chunks;
     }
+    image.tables = writer.take_tables();
     bar.finish_and_clear();
     crate::meta::validate(&mut image).map_err(|reason| Error::BadImage {
         path: src.to_path_buf(),

@@ -7,32 +7,12 @@ use common::*;
 use flist_fs::open::{open_image, OpenOptions};
 use flist_fs::pack::{pack, PackOptions};
 use flist_fs::store::Router;
-use std::process::{Command, Stdio};
 
 #[test]
 fn redis_store_roundtrip_and_failover() {
-    let Some(bin) = server_binary("redis-server", "REDIS", "apt-get install redis-server") else {
+    let Some((mut server, port)) = start_redis() else {
         return;
     };
-    let port = free_port();
-    let child = Command::new(bin)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start redis-server");
-    let mut server = KillOnDrop(child);
-    wait_for_port(port);
 
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");

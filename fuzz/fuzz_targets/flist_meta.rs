@@ -333,7 +333,8 @@ fn accepted(img: &Image) {
 fn wrap(payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(56 + payload.len());
     out.extend_from_slice(&flist_fs::meta::MAGIC);
-    out.extend_from_slice(&flist_fs::meta::VERSION.to_le_bytes());
+    // Format version 1: the tables alone (version 2 appends the block size and block tables).
+    out.extend_from_slice(&1u32.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(blake3::hash(payload).as_bytes());

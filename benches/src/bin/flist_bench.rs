@@ -2,8 +2,24 @@
 //! versions with 5% of bytes changed (fixed-size vs content-defined chunking), and read
 //! throughput through the `FileSystem` layer cold (dir store, HTTP store) and warm (cache).
 //!
-//! Usage: `flist_bench [pack|dedup|read|fetcher|all] [--mb N]` (default all, ~200 MB tree).
+//! Usage: `flist_bench [pack|dedup|read|fetcher|all] [--mb N]` (default all, ~200 MB tree),
+//! `flist_bench mount [--mb N] [--reads N] [--runs N] [--store dir|redis]` (not in `all`: it
+//! needs rfs and FUSE).
 //! The HTTP store is `python3 -m http.server` over the dir store.
+//!
+//! `mount`: 4 KiB random reads through FUSE mounts of the same generated tree, cold (a fresh
+//! mount over an empty cache) and warm (a fresh mount over the cache the cold pass filled;
+//! the kernel's page cache is new with each mount), each read an `open`, `posix_fadvise
+//! (RANDOM)`, one 4 KiB `pread` at a 4 KiB-aligned offset and `close`, the same (file,
+//! offset) list for every mount, each read in a 512 KiB region of its file no other read
+//! touches (so every cold read is the first of its data). Mounted: `flist mount` of this build (the `flist` binary
+//! beside this one) with blocked chunks (the default), `flist mount` of a whole-chunk image
+//! (format 1: what flist read before blocks), and the peer, `rfs mount` (RFS_BIN; build it
+//! with `RFS_BIN=$(bash benches/peers/build-rfs.sh)`), all three over the same store kind:
+//! `dir://` stores on the same disk (default), or one `redis-server` started by the bench
+//! (`--store redis`: flist reads it as `redis://`, ranged with GETRANGE; rfs as `zdb://`, its
+//! client for the same protocol, GET). Each run mounts them in turn, in reverse order every
+//! other run.
 //!
 //! `fetcher`: read throughput of an image (dir store) through the node's chunk fetcher (the
 //! remote chunk source: descriptors passed over a unix socket, `pread`) against the local
@@ -345,6 +361,328 @@ fn main() {
     }
     if matches!(which, "fetcher" | "all") {
         bench_fetcher(work.path(), mb);
+    }
+    if which == "mount" {
+        let arg = |name: &str, default: usize| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let redis = args.iter().any(|a| a == "redis");
+        bench_mount(
+            work.path(),
+            mb,
+            arg("--reads", 2000),
+            arg("--runs", 3),
+            redis,
+        );
+    }
+}
+
+/// A mounted filesystem served by a child process; unmounted (and the child ended) on drop.
+struct Mounted {
+    child: std::process::Child,
+    mnt: PathBuf,
+}
+
+impl Mounted {
+    /// Runs `cmd` (which serves a FUSE mount at `mnt` in the foreground) and waits for the
+    /// mount to appear.
+    fn start(mut cmd: std::process::Command, mnt: &Path) -> Mounted {
+        std::fs::create_dir_all(mnt).expect("mountpoint");
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start a mount");
+        let m = Mounted {
+            child,
+            mnt: mnt.to_path_buf(),
+        };
+        for _ in 0..400 {
+            if is_mounted(mnt) {
+                return m;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("{} did not get mounted", mnt.display());
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fusermount")
+            .arg("-u")
+            .arg(&self.mnt)
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let p = p.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(p.as_ref()))
+}
+
+/// `reads` (relative path, 4 KiB-aligned offset) pairs, files picked by size (a random byte
+/// of the tree), from the files of `root` of at least 4 KiB, each in a 512 KiB region of its
+/// file no other read touches: a read is the first of its data (cold) for every reader (rfs
+/// fetches 512 KiB blocks, flist chunks of 64 KiB to 1 MiB). Fewer when the tree has fewer
+/// regions.
+fn random_reads(root: &Path, reads: usize, seed: u64) -> Vec<(PathBuf, u64)> {
+    let mut files = Vec::new();
+    for d in std::fs::read_dir(root).expect("read tree") {
+        let d = d.expect("entry");
+        for f in std::fs::read_dir(d.path()).expect("read dir") {
+            let f = f.expect("entry");
+            let len = f.metadata().expect("stat").len();
+            if len >= 4096 {
+                files.push((PathBuf::from(d.file_name()).join(f.file_name()), len));
+            }
+        }
+    }
+    files.sort();
+    let total: u64 = files.iter().map(|f| f.1).sum();
+    let mut rng = Rng(seed);
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for _ in 0..reads * 20 {
+        if out.len() == reads {
+            break;
+        }
+        let mut at = rng.below(total);
+        let Some(k) = files.iter().position(|f| {
+            if at < f.1 {
+                true
+            } else {
+                at -= f.1;
+                false
+            }
+        }) else {
+            continue;
+        };
+        let (path, len) = &files[k];
+        let off = rng.below(*len - 4096 + 1) & !4095;
+        if seen.insert((k, off >> 19)) {
+            out.push((path.clone(), off));
+        }
+    }
+    out
+}
+
+/// Does the reads under `mnt`; returns reads per second.
+fn read_through(mnt: &Path, reads: &[(PathBuf, u64)]) -> f64 {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let mut buf = vec![0u8; 4096];
+    let started = Instant::now();
+    for (path, off) in reads {
+        let f = std::fs::File::open(mnt.join(path)).expect("open through the mount");
+        // SAFETY: posix_fadvise on a descriptor we own; only advice.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+        let n = f.read_at(&mut buf, *off).expect("read through the mount");
+        assert_eq!(n, 4096, "{} at {off}", path.display());
+    }
+    reads.len() as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A child process killed on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `redis-server` on a free port with no persistence (killed on drop) and its port.
+fn start_redis() -> (KillOnDrop, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let child = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--maxmemory", "0"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server (apt-get install redis-server)");
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    (KillOnDrop(child), port)
+}
+
+fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize, redis: bool) {
+    let Ok(rfs) = std::env::var("RFS_BIN") else {
+        eprintln!(
+            "mount: set RFS_BIN to an rfs binary (RFS_BIN=$(bash benches/peers/build-rfs.sh))"
+        );
+        std::process::exit(2);
+    };
+    let flist = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("flist")))
+        .filter(|p| p.is_file())
+        .expect("the flist binary beside this one (cargo build --release -p flist-fs)");
+    let src = work.join("mount-src");
+    let (files, bytes) = gen_tree(&src, mb, 8);
+    let list = random_reads(&src, reads, 11);
+    let reads = list.len();
+    let server = redis.then(start_redis);
+    // The store URL of `name`'s chunks: flist's and rfs's own spelling.
+    let store_url = |name: &str| match &server {
+        Some((_, port)) if name == "rfs" => format!("zdb://127.0.0.1:{port}"),
+        Some((_, port)) => format!("redis://127.0.0.1:{port}/0"),
+        None => format!(
+            "dir://{}",
+            work.join(format!("mount-store-{name}")).display()
+        ),
+    };
+    // The two flist images: blocked chunks (default) and whole chunks (format 1).
+    let mut images = Vec::new();
+    for (name, block_size) in [
+        ("flist", flist_fs::chunk::blocks::DEFAULT_BLOCK),
+        ("flist-whole", 0),
+    ] {
+        let store = store_url(name);
+        let img = work.join(format!("mount-{name}.flist"));
+        let router = Router::from_specs(std::slice::from_ref(&store)).expect("router");
+        let opts = PackOptions {
+            block_size,
+            ..Default::default()
+        };
+        let s = pack(&src, &img, &router, &opts).expect("pack");
+        println!(
+            "mount[{name}]: packed {} chunks, stored {:.1} MB, image {:.0} KB",
+            s.chunks,
+            s.stored_bytes as f64 / 1e6,
+            std::fs::metadata(&img).map(|m| m.len()).unwrap_or(0) as f64 / 1e3
+        );
+        images.push((name, img, store));
+    }
+    let rfs_meta = work.join("mount-rfs.fl");
+    let started = Instant::now();
+    let status = std::process::Command::new(&rfs)
+        .arg("pack")
+        .arg("-m")
+        .arg(&rfs_meta)
+        .arg("-s")
+        .arg(store_url("rfs"))
+        .arg(&src)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("rfs pack");
+    assert!(status.success(), "rfs pack: {status}");
+    println!(
+        "mount[rfs]: packed in {:.1}s, metadata {:.0} KB",
+        started.elapsed().as_secs_f64(),
+        std::fs::metadata(&rfs_meta).map(|m| m.len()).unwrap_or(0) as f64 / 1e3
+    );
+    println!(
+        "mount: {files} files, {:.1} MB; {reads} random 4 KiB reads per pass, {runs} runs, {} stores",
+        bytes as f64 / 1e6,
+        if redis { "redis" } else { "dir" }
+    );
+    let names = ["flist", "flist-whole", "rfs"];
+    let mut cold: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut warm: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    for run in 0..runs {
+        // FLIST_BENCH_MOUNTS=flist,rfs (say) mounts only those (for profiling one of them).
+        let only = std::env::var("FLIST_BENCH_MOUNTS").ok();
+        let mut order: Vec<usize> = (0..3)
+            .filter(|k| {
+                only.as_deref()
+                    .is_none_or(|o| o.split(',').any(|n| n == names[*k]))
+            })
+            .collect();
+        if run % 2 == 1 {
+            order.reverse();
+        }
+        for k in order {
+            let cache = work.join(format!("mount-cache-{}-{run}", names[k]));
+            let mnt = work.join(format!("mnt-{}", names[k]));
+            let cmd = || {
+                let mut cmd;
+                if k < 2 {
+                    let (_, img, store) = &images[k];
+                    cmd = std::process::Command::new(&flist);
+                    cmd.arg("mount")
+                        .arg(img)
+                        .arg(&mnt)
+                        .arg("--store")
+                        .arg(store)
+                        .arg("--cache")
+                        .arg(&cache)
+                        .env("FLIST_LOG", "error");
+                } else {
+                    cmd = std::process::Command::new(&rfs);
+                    cmd.arg("mount")
+                        .arg("-m")
+                        .arg(&rfs_meta)
+                        .arg("-c")
+                        .arg(&cache)
+                        .arg(&mnt);
+                }
+                cmd
+            };
+            {
+                let m = Mounted::start(cmd(), &mnt);
+                cold[k].push(read_through(&m.mnt, &list));
+            }
+            {
+                let m = Mounted::start(cmd(), &mnt);
+                warm[k].push(read_through(&m.mnt, &list));
+            }
+            let _ = std::fs::remove_dir_all(&cache);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    println!("mount: 4 KiB random reads/s, median of {runs} runs (each run's values in brackets)");
+    for (pass, table) in [("cold", &cold), ("warm", &warm)] {
+        let peer = if table[2].is_empty() {
+            f64::NAN
+        } else {
+            median(&table[2])
+        };
+        for k in (0..3).filter(|k| !table[*k].is_empty()) {
+            let m = median(&table[k]);
+            let each: Vec<String> = table[k].iter().map(|v| format!("{v:.0}")).collect();
+            println!(
+                "mount[{pass}, {:<11}]: {m:>8.0}/s  {:>5.1}x rfs  [{}]",
+                names[k],
+                m / peer,
+                each.join(", ")
+            );
+        }
     }
 }
 

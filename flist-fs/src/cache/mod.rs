@@ -762,9 +762,12 @@ impl ChunkCache {
     pub fn put_plain(&self, id: &ChunkId, plain: &[u8]) -> Result<()> {
         let mac = self.plain_mac(id, plain);
         let file = self.insert(id, &self.plain_path(id), &[mac.as_bytes(), plain])?;
-        // Kept read-only when possible (the fetcher passes these descriptors on): the same
-        // inode, re-opened through this process's descriptor table.
-        let file = reopen_readonly(&file).unwrap_or(file);
+        // The fetcher passes these descriptors on: kept read-only when possible (the same
+        // inode, re-opened through this process's descriptor table).
+        let file = match &self.index {
+            Some(_) => reopen_readonly(&file).unwrap_or(file),
+            None => file,
+        };
         self.remember(id, Arc::new(file));
         Ok(())
     }
@@ -802,21 +805,38 @@ impl ChunkCache {
     /// Writes `parts` to a temp file (0600), renames it to `p`, evicts if over the bound, and
     /// returns the written file (still open).
     fn insert(&self, id: &ChunkId, p: &Path, parts: &[&[u8]]) -> Result<File> {
+        // Directories are made only when missing: a mkdir of an existing one locks its
+        // parent, which every insert would then wait for.
         let parent = p.parent().unwrap_or(&self.dir);
-        mkdir_p(parent)?;
         let tmpdir = self.dir.join("tmp");
-        mkdir_p(&tmpdir)?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(&format!("{}-", id.to_hex()))
-            .permissions(Permissions::from_mode(FILE_MODE))
-            .tempfile_in(&tmpdir)
-            .map_err(|e| Error::io(&tmpdir, e))?;
+        let prefix = format!("{}-", id.to_hex());
+        let builder = || {
+            let mut b = tempfile::Builder::new();
+            b.prefix(&prefix)
+                .permissions(Permissions::from_mode(FILE_MODE));
+            b
+        };
+        let mut tmp = match builder().tempfile_in(&tmpdir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                mkdir_p(&tmpdir)?;
+                builder().tempfile_in(&tmpdir)
+            }
+            other => other,
+        }
+        .map_err(|e| Error::io(&tmpdir, e))?;
         let mut len = 0u64;
         for part in parts {
             tmp.write_all(part).map_err(|e| Error::io(tmp.path(), e))?;
             len += part.len() as u64;
         }
-        let file = tmp.persist(p).map_err(|e| Error::io(p, e.error))?;
+        let file = match tmp.persist(p) {
+            Err(e) if e.error.kind() == std::io::ErrorKind::NotFound => {
+                mkdir_p(parent)?;
+                e.file.persist(p)
+            }
+            other => other,
+        }
+        .map_err(|e| Error::io(p, e.error))?;
         if let Some(ix) = &self.index {
             // The evictor runs in the background; inserts never wait for it.
             ix.record(p, Some(len), self.max_bytes);

@@ -1,4 +1,4 @@
-//! Encode/decode of one chunk: plaintext -> zstd -> (optional) AES-256-GCM with a convergent
+//! Encode/decode of one whole chunk: plaintext -> zstd -> (optional) AES-256-GCM with a convergent
 //! key -> stored bytes whose blake3 is the chunk id. Decoding verifies the id first, then the
 //! AEAD tag, the decompressed length and (when encrypted) that the key matches the plaintext.
 //!
@@ -6,6 +6,9 @@
 //! [`MAX_CHUNK_SIZE`] and the stored bytes at most [`max_stored_size`] of it; decompression
 //! streams into a buffer that never grows past the claimed length (one extra byte is read to
 //! detect a chunk that decodes to more) and refuses zstd windows larger than a chunk.
+//!
+//! [`verify_stored`] and [`decode`] also take the stored bytes of a blocked chunk (see
+//! [`super::blocks`]): one whose bytes do not hash to its id but whose block table does.
 
 use super::{ChunkId, MAX_CHUNK_SIZE};
 use crate::error::{Error, Result};
@@ -13,8 +16,8 @@ use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use std::io::Read;
 
-const ZSTD_LEVEL: i32 = 3;
-const KEY_CONTEXT: &str = "flist-fs 2025 convergent chunk key v1";
+pub(super) const ZSTD_LEVEL: i32 = 3;
+pub(super) const KEY_CONTEXT: &str = "flist-fs 2025 convergent chunk key v1";
 /// AES-GCM tag appended to encrypted chunks.
 const TAG_LEN: usize = 16;
 /// log2 of the largest zstd window a chunk may ask the decoder for (2^24 = 16 MiB = the
@@ -33,8 +36,17 @@ pub const fn max_stored_size(plain_len: u32) -> usize {
     n + (n >> 8) + small + TAG_LEN
 }
 
-/// The most stored bytes any chunk can have (that of a [`MAX_CHUNK_SIZE`] chunk).
-pub const MAX_STORED_SIZE: usize = max_stored_size(MAX_CHUNK_SIZE);
+/// The most stored bytes any chunk can have: that of a [`MAX_CHUNK_SIZE`] chunk, whole or in
+/// the smallest blocks.
+pub const MAX_STORED_SIZE: usize = {
+    let whole = max_stored_size(MAX_CHUNK_SIZE);
+    let blocked = super::blocks::max_blocked_size(super::blocks::MIN_BLOCK, MAX_CHUNK_SIZE);
+    if whole > blocked {
+        whole
+    } else {
+        blocked
+    }
+};
 
 /// A chunk ready to be put in a store.
 pub struct Encoded {
@@ -74,9 +86,13 @@ pub fn encode(plain: &[u8], encrypt: bool) -> Result<Encoded> {
     })
 }
 
-/// Checks that `stored` hashes to `id`.
+/// Checks that `stored` are the bytes of chunk `id`: a whole chunk hashes to `id`; a blocked
+/// chunk's table hashes to `id` and each block to its table entry (see [`super::blocks`]).
 pub fn verify_stored(id: &ChunkId, stored: &[u8]) -> Result<()> {
     let actual = ChunkId::of(stored);
+    if &actual != id && stored.starts_with(&super::blocks::BLOCK_MAGIC) {
+        return super::blocks::verify_blocked(id, stored);
+    }
     if &actual != id {
         return Err(Error::BadChunk {
             id: id.to_hex(),
@@ -104,6 +120,9 @@ pub fn decode(
         return Err(bad(format!(
             "claimed plaintext size {plain_len} is outside 1..={MAX_CHUNK_SIZE} bytes"
         )));
+    }
+    if super::blocks::is_blocked(id, stored) {
+        return super::blocks::decode_blocked(id, stored, key, plain_len);
     }
     let stored_max = max_stored_size(plain_len);
     if stored.len() > stored_max {
@@ -135,7 +154,10 @@ pub fn decode(
 
 /// Decompresses `compressed`, which must decode to exactly `len` bytes: output is read into a
 /// `len`-byte buffer plus one probe byte, so a bomb stops at `len + 1` bytes.
-fn decompress_capped(compressed: &[u8], len: usize) -> std::result::Result<Vec<u8>, String> {
+pub(super) fn decompress_capped(
+    compressed: &[u8],
+    len: usize,
+) -> std::result::Result<Vec<u8>, String> {
     let mut dec = zstd::stream::read::Decoder::with_buffer(compressed)
         .map_err(|e| format!("zstd decoder: {e}"))?;
     dec.window_log_max(WINDOW_LOG_MAX)

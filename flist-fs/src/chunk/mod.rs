@@ -1,5 +1,6 @@
 //! Chunks: the content-addressed unit of file data. Owns chunk ids, the encode/decode
-//! pipeline (zstd, optional convergent encryption, id verification) and the chunkers.
+//! pipeline (zstd, optional convergent encryption, id verification), whole or in blocks that
+//! can be fetched and verified one by one ([`blocks`]), and the chunkers.
 //!
 //! Size limits (an image is written by an untrusted party; every size it claims is bounded):
 //! a chunk's plaintext is at most [`MAX_CHUNK_SIZE`] (16 MiB, the largest chunk either chunker
@@ -7,6 +8,7 @@
 //! and its stored bytes at most [`max_stored_size`] of that (zstd's worst-case expansion plus
 //! the AEAD tag).
 
+pub mod blocks;
 mod codec;
 mod id;
 mod splitter;

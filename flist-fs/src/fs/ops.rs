@@ -133,11 +133,13 @@ impl FileSystem for FlistFs {
             .read_range(i, offset, u64::from(size), &mut |b| w.write_all(b))
         {
             Ok(n) => {
-                self.source.read_ahead(i, offset.saturating_add(n));
+                self.source
+                    .read_ahead(inode, i, offset, offset.saturating_add(n));
                 Ok(n as usize)
             }
             Err(e) => {
-                tracing::error!(inode, offset, size, error = %e, "read failed");
+                let e = e.in_file(String::from_utf8_lossy(&self.image.path_of(inode)).into_owned());
+                tracing::error!(inode, size, error = %e, "read failed");
                 Err(errno(libc::EIO))
             }
         }

@@ -10,13 +10,17 @@
 use super::types::Image;
 use super::validate::validate;
 use super::{MAX_DECODED_MEMORY, MAX_PAYLOAD, MAX_RAW_PAYLOAD};
+use crate::chunk::blocks::MAX_TABLE_LEN;
+use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::store::redact_url;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::Path;
 
 pub const MAGIC: [u8; 8] = *b"FLISTFS\n";
-pub const VERSION: u32 = 1;
+/// The newest format version: 2 when chunks are blocked, else 1 (what older readers read).
+pub const VERSION: u32 = 2;
 const HEADER_LEN: usize = 56;
 /// log2 of the largest zstd window the payload may ask for (zstd's own default cap).
 const WINDOW_LOG_MAX: u32 = 27;
@@ -72,7 +76,19 @@ pub fn encode_unvalidated(image: &Image, path: &Path) -> Result<Vec<u8>> {
         path: path.to_path_buf(),
         reason,
     };
-    let raw = postcard::to_stdvec(image).map_err(|e| bad(format!("serialize: {e}")))?;
+    let mut raw = postcard::to_stdvec(image).map_err(|e| bad(format!("serialize: {e}")))?;
+    let version: u32 = if image.block_size == 0 {
+        1
+    } else {
+        raw.extend_from_slice(&image.block_size.to_le_bytes());
+        raw.extend_from_slice(&(image.tables.len() as u32).to_le_bytes());
+        for (id, table) in &image.tables {
+            raw.extend_from_slice(&id.0);
+            raw.extend_from_slice(&(table.len() as u32).to_le_bytes());
+            raw.extend_from_slice(table);
+        }
+        2
+    };
     if raw.len() as u64 > MAX_RAW_PAYLOAD {
         return Err(bad(format!(
             "metadata of {} bytes exceeds the limit of {MAX_RAW_PAYLOAD} bytes",
@@ -88,7 +104,7 @@ pub fn encode_unvalidated(image: &Image, path: &Path) -> Result<Vec<u8>> {
     }
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     out.extend_from_slice(blake3::hash(&payload).as_bytes());
@@ -117,9 +133,9 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
     let word =
         |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
     let version = word(8);
-    if version != VERSION {
+    if version != 1 && version != VERSION {
         return Err(bad(format!(
-            "unsupported format version {version} (this build reads {VERSION})"
+            "unsupported format version {version} (this build reads 1 and {VERSION})"
         )));
     }
     let mut len8 = [0u8; 8];
@@ -153,14 +169,68 @@ pub fn decode_image(bytes: &[u8], path: &Path) -> Result<Image> {
                 "payload decompresses to more than the limit of {MAX_RAW_PAYLOAD} bytes"
             ))
         })?;
-    let decoded =
-        super::budget::with_budget(MAX_DECODED_MEMORY, || postcard::from_bytes::<Image>(&raw));
-    drop(raw);
-    let mut image = decoded
+    let decoded = super::budget::with_budget(MAX_DECODED_MEMORY, || {
+        postcard::take_from_bytes::<Image>(&raw)
+    });
+    let (mut image, rest) = decoded
         .map_err(bad)?
         .map_err(|e| bad(format!("decode: {e}")))?;
+    // Version 2 adds the block size and the block tables after the postcard tables; version 1
+    // has nothing there.
+    match version {
+        1 if rest.is_empty() => {}
+        1 => {
+            return Err(bad(format!(
+                "{} bytes after the tables where format version 1 has none",
+                rest.len()
+            )))
+        }
+        _ => (image.block_size, image.tables) = block_tables(rest).map_err(bad)?,
+    }
+    drop(raw);
     validate(&mut image).map_err(bad)?;
     Ok(image)
+}
+
+/// The block size and block tables after the postcard tables of a version 2 payload: block
+/// size (u32 LE, not 0), count (u32 LE), then per table its chunk id (32 bytes), length (u32
+/// LE, at most `MAX_TABLE_LEN`) and bytes. Every claim is checked against what is there;
+/// `validate` checks the tables against the chunks.
+fn block_tables(mut rest: &[u8]) -> std::result::Result<(u32, BTreeMap<ChunkId, Vec<u8>>), String> {
+    let mut take = |n: usize, what: &str| -> std::result::Result<&[u8], String> {
+        if rest.len() < n {
+            return Err(format!("truncated block tables: {what} missing"));
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let word = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    let block_size = word(take(4, "the block size")?);
+    if block_size == 0 {
+        return Err("format version 2 with block size 0".into());
+    }
+    let count = word(take(4, "the table count")?);
+    let mut tables = BTreeMap::new();
+    for i in 0..count {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(take(32, "a chunk id")?);
+        let len = word(take(4, "a table length")?) as usize;
+        if len > MAX_TABLE_LEN {
+            return Err(format!(
+                "block table {i} claims {len} bytes, more than the largest ({MAX_TABLE_LEN})"
+            ));
+        }
+        let table = take(len, "a table")?.to_vec();
+        if tables.insert(ChunkId(id), table).is_some() {
+            return Err(format!("two block tables for chunk {}", ChunkId(id)));
+        }
+    }
+    let left = take(0, "")?.len();
+    if left != 0 {
+        return Err(format!("{left} bytes after the block tables"));
+    }
+    Ok((block_size, tables))
 }
 
 /// Reads and validates the image at `path`.
@@ -254,6 +324,40 @@ mod tests {
     }
 
     #[test]
+    fn whole_chunk_images_stay_version_1_and_blocked_ones_are_version_2() {
+        let p = Path::new("v.fl");
+        let v1 = encode_image(&sample(), p).unwrap();
+        assert_eq!(v1[8..12], 1u32.to_le_bytes());
+        assert_eq!(decode_image(&v1, p).unwrap().block_size, 0);
+        let mut img = sample();
+        img.block_size = 32 << 10;
+        let v2 = encode_image(&img, p).unwrap();
+        assert_eq!(v2[8..12], 2u32.to_le_bytes());
+        let back = decode_image(&v2, p).unwrap();
+        assert_eq!(
+            (back.block_size, back.inodes),
+            (32 << 10, img.inodes.clone())
+        );
+        // A hostile block size is refused, read or written.
+        img.block_size = 3000;
+        let e = encode_image(&img, p).unwrap_err().to_string();
+        assert!(e.contains("block size 3000"), "{e}");
+        let mut raw = postcard::to_stdvec(&img).unwrap();
+        raw.extend_from_slice(&3000u32.to_le_bytes());
+        raw.extend_from_slice(&0u32.to_le_bytes());
+        let mut forged = wrap(&zstd::bulk::compress(&raw, 3).unwrap(), 0);
+        forged[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let len = (forged.len() - HEADER_LEN) as u64;
+        forged[16..24].copy_from_slice(&len.to_le_bytes());
+        let e = decode_image(&forged, p).unwrap_err().to_string();
+        assert!(e.contains("block size 3000 is not a power of two"), "{e}");
+        // Version 1 with trailing bytes.
+        forged[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let e = decode_image(&forged, p).unwrap_err().to_string();
+        assert!(e.contains("8 bytes after the tables"), "{e}");
+    }
+
+    #[test]
     fn truncation_and_corruption_are_named() {
         let p = Path::new("img.fl");
         let bytes = encode_image(&sample(), p).unwrap();
@@ -281,7 +385,7 @@ mod tests {
     fn wrap(payload: &[u8], claimed_len: u64) -> Vec<u8> {
         let mut out = Vec::new();
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&1u32.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&claimed_len.to_le_bytes());
         out.extend_from_slice(blake3::hash(payload).as_bytes());

@@ -1,16 +1,27 @@
 //! The image metadata format ("flist"): types, the on-disk encoding, validation, path lookup
 //! and diff. An image is readable without any chunk (list, stat, diff work offline).
 //!
-//! # File layout (version 1)
+//! # File layout (versions 1 and 2)
 //!
 //! | offset | size | field                                                        |
 //! |-------:|-----:|--------------------------------------------------------------|
 //! | 0      | 8    | magic `b"FLISTFS\n"`                                         |
-//! | 8      | 4    | format version, u32 little endian (currently 1)              |
+//! | 8      | 4    | format version, u32 little endian: 1 or 2                    |
 //! | 12     | 4    | flags, u32 LE (0; reserved)                                  |
 //! | 16     | 8    | payload length N, u64 LE                                     |
 //! | 24     | 32   | blake3 of the payload                                        |
-//! | 56     | N    | payload: zstd( postcard( [`Image`] ) )                       |
+//! | 56     | N    | payload: zstd( postcard( [`Image`] ) ++ in version 2 only, the block tables below ) |
+//!
+//! Version 1 images have whole chunks; version 2 images have blocked chunks (see
+//! [`crate::chunk::blocks`]), and after the postcard tables: the block size (u32 LE, a power
+//! of two, 4 KiB to 1 MiB), the number of block tables (u32 LE), then per table the chunk id
+//! (32 bytes), its length (u32 LE, at most [`crate::chunk::blocks::MAX_TABLE_LEN`]) and the
+//! table (the first bytes of the stored chunk). A table must hash to its chunk id, describe
+//! that chunk's size in the image's blocks and belong to a chunk some file uses; a chunk
+//! without one has its table fetched from the stores. With the table at hand, a small read is
+//! one ranged read of its block (36 bytes of metadata per block: about 0.1% of the data with
+//! 32 KiB blocks). An image of whole chunks is written as version 1, so older readers still
+//! read it.
 //!
 //! A reader checks magic, version, the exact length (so truncation is reported as such) and the
 //! checksum before decoding, then validates the tree (see `validate.rs`).
@@ -54,9 +65,12 @@
 //!
 //! # Chunks
 //!
-//! A chunk's stored bytes are `zstd(plaintext)` or, encrypted,
+//! A whole chunk's stored bytes (version 1) are `zstd(plaintext)` or, encrypted,
 //! `AES-256-GCM(key = blake3::derive_key(ctx, plaintext), nonce = 0)(zstd(plaintext))`; the
-//! chunk id is blake3 of the stored bytes and is verified on every read. Note that for an
+//! chunk id is blake3 of the stored bytes and is verified on every read. A blocked chunk
+//! (version 2) is a block table and the blocks, each compressed (and sealed with the same key,
+//! nonce = block index) on its own; its id is blake3 of the table, which holds each block's
+//! stored length and blake3, so a reader verifies a block without the rest of the chunk. Note that for an
 //! encrypted image the per-chunk keys live in the image file, so the image itself is the read
 //! capability (as with rfs): share it like a secret; stores only ever see ciphertext.
 

@@ -57,6 +57,33 @@ impl Image {
         out
     }
 
+    /// A path of `ino` from the root (one of them, for a hard link), for messages: climbs
+    /// the parent links (at most [`super::MAX_PATH_LEN`] levels); `inode N` when it cannot.
+    pub fn path_of(&self, ino: u64) -> Vec<u8> {
+        let mut names: Vec<&[u8]> = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT_INO {
+            let parent = self.parent(cur);
+            let name = self
+                .inode(parent)
+                .and_then(|d| d.entries.iter().find(|e| e.ino == cur));
+            match name {
+                Some(e) if names.len() < super::MAX_PATH_LEN => names.push(&e.name),
+                _ => return format!("inode {ino}").into_bytes(),
+            }
+            cur = parent;
+        }
+        if names.is_empty() {
+            return b"/".to_vec();
+        }
+        let mut out = Vec::new();
+        for n in names.iter().rev() {
+            out.push(b'/');
+            out.extend_from_slice(n);
+        }
+        out
+    }
+
     /// Every (path, inode) in the image, root ("/") first.
     pub fn walk(&self) -> Vec<(Vec<u8>, u64)> {
         self.walk_from(ROOT_INO, b"/")
@@ -97,6 +124,10 @@ mod tests {
             .contains("/nope"));
         assert_eq!(img.nlink(3), 2);
         assert_eq!(img.nlink(1), 3);
+        assert_eq!(img.path_of(2), b"/d");
+        assert!(img.path_of(3) == b"/d/f" || img.path_of(3) == b"/d/g");
+        assert_eq!(img.path_of(1), b"/");
+        assert_eq!(img.path_of(99), b"inode 99");
         let paths: Vec<_> = img.walk().into_iter().map(|(p, _)| p).collect();
         assert_eq!(
             paths,

@@ -175,6 +175,14 @@ pub struct Image {
     pub encrypted: bool,
     #[serde(deserialize_with = "super::budget::vec")]
     pub inodes: Vec<Inode>,
+    /// Chunks are blocked chunks of this block size (`crate::chunk::blocks`); 0: whole
+    /// chunks. Written after the postcard `Image` in format version 2 (see the `meta` doc).
+    #[serde(skip)]
+    pub block_size: u32,
+    /// The block tables of the image's blocked chunks, by chunk id (each hashes to its id),
+    /// so a read fetches just its block. Written after the block size in format version 2.
+    #[serde(skip)]
+    pub tables: BTreeMap<ChunkId, Vec<u8>>,
     /// Derived on load: link count and parent directory per inode (index = ino - 1).
     #[serde(skip)]
     pub(crate) nlink: Vec<u32>,
@@ -191,6 +199,8 @@ impl Image {
             chunker,
             encrypted,
             inodes: vec![Inode::new(InodeKind::Dir, 0o755)],
+            block_size: 0,
+            tables: BTreeMap::new(),
             nlink: Vec::new(),
             parent: Vec::new(),
         }
@@ -212,6 +222,19 @@ impl Image {
     pub fn parent(&self, ino: u64) -> u64 {
         let idx = ino.saturating_sub(1) as usize;
         self.parent.get(idx).copied().unwrap_or(ROOT_INO)
+    }
+
+    /// Drops the block tables of chunks no file uses (a layer's file another layer replaced).
+    pub fn prune_tables(&mut self) {
+        if self.tables.is_empty() {
+            return;
+        }
+        let used: std::collections::HashSet<ChunkId> = self
+            .inodes
+            .iter()
+            .flat_map(|i| i.chunks.iter().map(|c| c.id))
+            .collect();
+        self.tables.retain(|id, _| used.contains(id));
     }
 
     /// Total plaintext bytes of all distinct files.

@@ -113,7 +113,48 @@ fn check_inode(image: &Image, ino: u64, inode: &super::Inode) -> Result<(), Stri
     Ok(())
 }
 
+/// Checks the block size and the block tables: each table belongs to a chunk of the image,
+/// hashes to its id and describes that chunk's size in the image's blocks (see
+/// [`crate::chunk::blocks::Table::parse`], which bounds every claim).
+fn check_tables(image: &Image) -> Result<(), String> {
+    if image.block_size == 0 {
+        if !image.tables.is_empty() {
+            return Err("block tables in an image of whole chunks".into());
+        }
+        return Ok(());
+    }
+    crate::chunk::blocks::check_block_size(image.block_size)?;
+    let mut used = std::collections::HashMap::new();
+    for (idx, inode) in image.inodes.iter().enumerate() {
+        for c in &inode.chunks {
+            let Some(table) = image.tables.get(&c.id) else {
+                continue;
+            };
+            match used.insert(c.id, c.size) {
+                None => {
+                    crate::chunk::blocks::Table::parse(&c.id, image.block_size, c.size, table)
+                        .map_err(|e| format!("inode {}: {e}", idx + 1))?;
+                }
+                Some(size) if size != c.size => {
+                    return Err(format!(
+                        "inode {}: chunk {} of {} bytes, {size} bytes elsewhere",
+                        idx + 1,
+                        c.id,
+                        c.size
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if let Some(id) = image.tables.keys().find(|id| !used.contains_key(*id)) {
+        return Err(format!("a block table of chunk {id}, which no file uses"));
+    }
+    Ok(())
+}
+
 pub(crate) fn validate_with(image: &mut Image, limits: &Limits) -> Result<(), String> {
+    check_tables(image)?;
     let n = image.inodes.len();
     if n > limits.inodes {
         return Err(format!("{n} inodes exceed the limit of {}", limits.inodes));

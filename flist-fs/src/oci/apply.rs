@@ -326,10 +326,14 @@ pub(super) fn apply_layers(
         }
     }
     bar.finish_and_clear();
+    let tables = writer.take_tables();
     drop(writer);
     stats.hardlinks = hardlinks;
     let mut image = Image::new(opts.chunker, opts.encrypt);
+    image.block_size = opts.block_size;
+    image.tables = tables;
     image.inodes = tree.into_inodes();
+    image.prune_tables();
     for i in &image.inodes {
         match i.kind {
             InodeKind::File => stats.files += 1,

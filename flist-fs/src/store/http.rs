@@ -1,7 +1,8 @@
 //! `http(s)://` store (read-only): GET `<base>/<first two hex digits>/<hex id>`, the layout of
 //! a `dir://` store, so any static web server can serve an image's chunks. Redirects are
 //! never followed (a 3xx is an error naming the store: a store must not steer the node to
-//! another address) and a body longer than [`MAX_STORED_CHUNK`] is refused.
+//! another address) and a body longer than [`MAX_STORED_CHUNK`] is refused. Ranged reads send
+//! a `Range` header; see [`read_range_body`].
 
 use super::{Store, MAX_STORED_CHUNK};
 use crate::chunk::ChunkId;
@@ -46,6 +47,51 @@ pub(crate) fn read_body(store: &str, id: &ChunkId, resp: ureq::Response) -> Resu
     Ok(buf)
 }
 
+/// The `Range` header asking for `len` bytes from `offset`.
+pub(crate) fn range_header(offset: u64, len: u32) -> String {
+    format!("bytes={offset}-{}", offset + u64::from(len.max(1)) - 1)
+}
+
+/// Up to `len` bytes from `offset` of chunk `id` in an answer to a `Range` request: a 206's
+/// body (at most `len` bytes, else refused), or, from a server that ignored the range (200),
+/// the body read up to the end of the range (never past [`MAX_STORED_CHUNK`]) and cut.
+pub(crate) fn read_range_body(
+    store: &str,
+    id: &ChunkId,
+    resp: ureq::Response,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<u8>> {
+    let status = resp.status();
+    if status >= 300 {
+        return Err(redirect_error(store, id, &resp));
+    }
+    let partial = status == 206;
+    let mut reader = resp.into_reader();
+    if !partial {
+        if offset + u64::from(len) > MAX_STORED_CHUNK as u64 {
+            return Err(Error::store(
+                store,
+                format!("chunk {id}: range past the largest stored chunk"),
+            ));
+        }
+        std::io::copy(&mut (&mut reader).take(offset), &mut std::io::sink())
+            .map_err(|e| Error::store(store, format!("reading chunk {id}: {e}")))?;
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    reader
+        .take(u64::from(len) + u64::from(partial))
+        .read_to_end(&mut buf)
+        .map_err(|e| Error::store(store, format!("reading chunk {id}: {e}")))?;
+    if buf.len() > len as usize {
+        return Err(Error::store(
+            store,
+            format!("chunk {id}: reply longer than the {len} bytes asked for"),
+        ));
+    }
+    Ok(buf)
+}
+
 pub struct HttpStore {
     base: String,
     url: String,
@@ -77,6 +123,22 @@ impl HttpStore {
         })
     }
 
+    /// Sends a GET for chunk `id`: 404 is `ChunkNotFound`, other failures name the store.
+    fn call(&self, id: &ChunkId, req: ureq::Request) -> Result<ureq::Response> {
+        match req.call() {
+            Ok(resp) => Ok(resp),
+            Err(ureq::Error::Status(404, _)) => Err(Error::ChunkNotFound {
+                id: id.to_hex(),
+                store: self.url.clone(),
+            }),
+            Err(ureq::Error::Status(code, _)) => Err(Error::store(
+                &self.url,
+                format!("GET chunk {id}: HTTP {code}"),
+            )),
+            Err(e) => Err(Error::store(&self.url, format!("GET chunk {id}: {e}"))),
+        }
+    }
+
     fn chunk_url(&self, id: &ChunkId) -> String {
         let hex = id.to_hex();
         format!("{}/{}/{}", self.base, &hex[..2], hex)
@@ -89,18 +151,17 @@ impl Store for HttpStore {
     }
 
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
-        match self.agent.get(&self.chunk_url(id)).call() {
-            Ok(resp) => read_body(&self.url, id, resp),
-            Err(ureq::Error::Status(404, _)) => Err(Error::ChunkNotFound {
-                id: id.to_hex(),
-                store: self.url.clone(),
-            }),
-            Err(ureq::Error::Status(code, _)) => Err(Error::store(
-                &self.url,
-                format!("GET chunk {id}: HTTP {code}"),
-            )),
-            Err(e) => Err(Error::store(&self.url, format!("GET chunk {id}: {e}"))),
-        }
+        let resp = self.call(id, self.agent.get(&self.chunk_url(id)))?;
+        read_body(&self.url, id, resp)
+    }
+
+    fn get_range(&self, id: &ChunkId, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let req = self
+            .agent
+            .get(&self.chunk_url(id))
+            .set("range", &range_header(offset, len));
+        let resp = self.call(id, req)?;
+        read_range_body(&self.url, id, resp, offset, len)
     }
 
     fn put(&self, id: &ChunkId, _data: &[u8]) -> Result<()> {

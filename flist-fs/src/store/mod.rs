@@ -31,7 +31,12 @@
 //!   `AWS_ACCESS_KEY_ID`, `FLIST_S3_SECRET_KEY` / `AWS_SECRET_ACCESS_KEY`; credentials in
 //!   the URL itself always win.
 //!
-//! Every store: a reply larger than [`MAX_STORED_CHUNK`] is refused; HTTP and S3 never follow
+//! Ranged reads ([`Store::get_range`], for the blocks of a blocked chunk): `dir://` reads at an
+//! offset, `http(s)://` and `s3://` send a `Range` header (a server that ignores it is read
+//! up to the range and cut off there), `redis://` uses `GETRANGE`; `zdb://` fetches the
+//! object whole and cuts it.
+//!
+//! Every store: a reply larger than [`MAX_STORED_CHUNK`] (or than the range asked) is refused; HTTP and S3 never follow
 //! redirects (a 3xx is an error naming the store) and have connect/read timeouts. HTTP and S3
 //! bodies are read through a bounded reader, so an oversize reply costs at most the cap; the
 //! redis crate reads a whole reply before returning it, so redis/zdb replies are checked after
@@ -64,10 +69,28 @@ pub trait Store: Send + Sync {
     fn url(&self) -> &str;
     /// The stored bytes of chunk `id`; `Error::ChunkNotFound` when absent. The caller verifies.
     fn get(&self, id: &ChunkId) -> Result<Vec<u8>>;
+    /// At most `len` stored bytes of chunk `id` from `offset` (fewer when the chunk ends
+    /// first); `Error::ChunkNotFound` when absent. The caller verifies. Stores that cannot
+    /// read part of an object (zdb) fetch it whole and cut it: the default.
+    fn get_range(&self, id: &ChunkId, offset: u64, len: u32) -> Result<Vec<u8>> {
+        let all = self.get(id)?;
+        Ok(cut(all, offset, len))
+    }
     /// Stores `data` under `id` (idempotent).
     fn put(&self, id: &ChunkId, data: &[u8]) -> Result<()>;
     /// Whether `id` is present.
     fn exists(&self, id: &ChunkId) -> Result<bool>;
+}
+
+/// `[offset, offset + len)` of `bytes`, clamped to its end.
+pub(crate) fn cut(mut bytes: Vec<u8>, offset: u64, len: u32) -> Vec<u8> {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let end = start.saturating_add(len as usize).min(bytes.len());
+    bytes.truncate(end);
+    bytes.drain(..start);
+    bytes
 }
 
 /// Largest stored chunk (compressed, possibly encrypted) any store may return: a longer

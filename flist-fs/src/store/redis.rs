@@ -1,4 +1,5 @@
-//! `redis://` and `zdb://` stores over RESP: `SET id bytes`, `GET id`, `EXISTS id`, key = the raw
+//! `redis://` and `zdb://` stores over RESP: `SET id bytes`, `GET id`, `GETRANGE id a b` (redis
+//! only; zdb reads the whole object), `EXISTS id`, key = the raw
 //! 32-byte chunk id. For `zdb://host:port/ns` the namespace is selected after connecting. A few
 //! connections (a small pool, for parallel pack/verify), each re-established after an error.
 
@@ -15,6 +16,8 @@ pub struct RedisStore {
     client: redis::Client,
     namespace: Option<String>,
     password: Option<String>,
+    /// A 0-db server (no GETRANGE).
+    zdb: bool,
     url: String,
     conns: Vec<Mutex<Option<redis::Connection>>>,
 }
@@ -60,6 +63,7 @@ impl RedisStore {
             client,
             namespace,
             password: if zdb { password } else { None },
+            zdb,
             url: shown,
             conns: (0..POOL).map(|_| Mutex::new(None)).collect(),
         })
@@ -144,6 +148,41 @@ impl Store for RedisStore {
                     v.len()
                 ),
             ));
+        }
+        Ok(v)
+    }
+
+    fn get_range(&self, id: &ChunkId, offset: u64, len: u32) -> Result<Vec<u8>> {
+        if self.zdb {
+            // 0-db has no GETRANGE: the whole object, cut.
+            return Ok(super::cut(self.get(id)?, offset, len));
+        }
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = offset.saturating_add(u64::from(len) - 1);
+        let v: Vec<u8> = self.with_conn(&format!("GETRANGE chunk {id}"), |c| {
+            redis::cmd("GETRANGE")
+                .arg(&id.0[..])
+                .arg(offset)
+                .arg(end)
+                .query(c)
+        })?;
+        if v.len() > len as usize {
+            return Err(Error::store(
+                &self.url,
+                format!(
+                    "GETRANGE chunk {id}: reply of {} bytes, {len} asked for",
+                    v.len()
+                ),
+            ));
+        }
+        // GETRANGE answers "" for a missing key.
+        if v.is_empty() && !self.exists(id)? {
+            return Err(Error::ChunkNotFound {
+                id: id.to_hex(),
+                store: self.url.clone(),
+            });
         }
         Ok(v)
     }

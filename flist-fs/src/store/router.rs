@@ -133,13 +133,40 @@ impl Router {
 
     /// Fetches and verifies chunk `id`, failing over between the stores covering it.
     pub fn get(&self, id: &ChunkId) -> Result<Vec<u8>> {
+        self.failover(id, |store| {
+            store.get(id).and_then(|b| verify_stored(id, &b).map(|_| b))
+        })
+    }
+
+    /// At most `len` bytes of chunk `id` from `offset` that pass `check`, failing over between
+    /// the stores covering it (a store whose bytes fail `check` counts as failed).
+    pub fn get_range(
+        &self,
+        id: &ChunkId,
+        offset: u64,
+        len: u32,
+        check: &dyn Fn(&[u8]) -> Result<()>,
+    ) -> Result<Vec<u8>> {
+        self.failover(id, |store| {
+            store
+                .get_range(id, offset, len)
+                .and_then(|b| check(&b).map(|_| b))
+        })
+    }
+
+    /// Runs `fetch` on the stores covering `id` (healthy ones first, in order) until one
+    /// succeeds; reports every store's failure when none does.
+    fn failover(
+        &self,
+        id: &ChunkId,
+        fetch: impl Fn(&dyn Store) -> Result<Vec<u8>>,
+    ) -> Result<Vec<u8>> {
         let mut failures = Vec::new();
-        // Healthy stores first, in order; stores recently down last.
         let (up, down): (Vec<&RouteEntry>, Vec<&RouteEntry>) =
             self.covering_entries(id).partition(|r| !r.is_down());
         for entry in up.into_iter().chain(down) {
             let store = &entry.store;
-            match store.get(id).and_then(|b| verify_stored(id, &b).map(|_| b)) {
+            match fetch(store.as_ref()) {
                 Ok(b) => {
                     entry.mark(false);
                     return Ok(b);

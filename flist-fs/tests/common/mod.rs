@@ -109,6 +109,32 @@ pub fn server_binary(name: &str, env_key: &str, advice: &str) -> Option<PathBuf>
     panic!("{name} not found in PATH (or FLIST_{env_key}_BIN): {advice}; set FLIST_SKIP_{env_key}=1 to skip");
 }
 
+/// A `redis-server` on a free port of 127.0.0.1 (no persistence), killed on drop; None when
+/// redis tests are to be skipped (see [`server_binary`]).
+pub fn start_redis() -> Option<(KillOnDrop, u16)> {
+    let bin = server_binary("redis-server", "REDIS", "apt-get install redis-server")?;
+    let port = free_port();
+    let child = std::process::Command::new(bin)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    let server = KillOnDrop(child);
+    wait_for_port(port);
+    Some((server, port))
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -302,12 +302,7 @@ mod tests {
         let store = format!("dir://{}", d.path().join("store").display());
         let img = d.path().join("img.flist");
         let router = flist_fs::store::Router::from_specs(std::slice::from_ref(&store)).unwrap();
-        let opts = flist_fs::pack::PackOptions {
-            chunker: Default::default(),
-            encrypt: false,
-            tags: Default::default(),
-            progress: false,
-        };
+        let opts = flist_fs::pack::PackOptions::default();
         flist_fs::pack::pack(&src, &img, &router, &opts).unwrap();
         let share = crate::config::FsSpec::image("t", img);
         let cache = Some(d.path().join("cache"));

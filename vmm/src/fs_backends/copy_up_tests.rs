@@ -17,7 +17,7 @@ use fuse_backend_rs::api::filesystem::{
 use fuse_backend_rs::common::file_buf::FileVolatileSlice;
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
 
-use super::tests::{create_args, lookup, name, on_worker_thread, pack, write_at};
+use super::tests::{create_args, lookup, name, on_worker_thread, pack_whole, write_at};
 use super::{Guard, Limits};
 
 const MIB: usize = 1 << 20;
@@ -76,7 +76,8 @@ impl Fixture {
             std::os::unix::fs::PermissionsExt::from_mode(0o4755),
         )
         .unwrap();
-        pack(
+        // Whole chunks: a test holds one back behind a FIFO.
+        pack_whole(
             &src,
             &tmp.path().join("img.flist"),
             &tmp.path().join("store"),

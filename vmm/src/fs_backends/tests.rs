@@ -13,14 +13,22 @@ use fuse_backend_rs::api::filesystem::{
 use crate::config::FsSpec;
 
 pub(super) fn pack(dir: &Path, image: &Path, store: &Path) {
+    pack_with(dir, image, store, flist_fs::pack::PackOptions::default());
+}
+
+/// [`pack`] with whole chunks (format 1): for a test that holds a chunk back behind a FIFO,
+/// which the ranged reads of blocked chunks cannot seek in.
+pub(super) fn pack_whole(dir: &Path, image: &Path, store: &Path) {
+    let opts = flist_fs::pack::PackOptions {
+        block_size: 0,
+        ..Default::default()
+    };
+    pack_with(dir, image, store, opts);
+}
+
+fn pack_with(dir: &Path, image: &Path, store: &Path, opts: flist_fs::pack::PackOptions) {
     let router =
         flist_fs::store::Router::from_specs(&[format!("dir://{}", store.display())]).unwrap();
-    let opts = flist_fs::pack::PackOptions {
-        chunker: Default::default(),
-        encrypt: false,
-        tags: Default::default(),
-        progress: false,
-    };
     flist_fs::pack::pack(dir, image, &router, &opts).unwrap();
 }
 

@@ -144,7 +144,9 @@ pub fn cat(path: &Path, inner: &str, read: &ReadArgs) -> Result<()> {
         bail!("{inner}: not a regular file (a {})", i.kind.name());
     }
     let mut out = std::io::stdout().lock();
-    source.read_range(i, 0, i.size, &mut |b| out.write_all(b))?;
+    source
+        .read_range(i, 0, i.size, &mut |b| out.write_all(b))
+        .map_err(|e| e.in_file(inner))?;
     out.flush()?;
     Ok(())
 }

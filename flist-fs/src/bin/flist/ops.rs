@@ -25,6 +25,10 @@ pub struct PackArgs {
     /// Fixed-size chunks of this many KiB instead of content-defined chunking.
     #[arg(long)]
     fixed_kib: Option<u32>,
+    /// Store each chunk in independently fetched blocks of this many KiB (a power of two, 4 to
+    /// 1024), so small reads fetch a block, not the chunk; 0 stores whole chunks (format 1).
+    #[arg(long, default_value_t = flist_fs::chunk::blocks::DEFAULT_BLOCK / 1024)]
+    block_kib: u32,
     /// Tag `key=value` (repeatable), e.g. name=, version=, author=.
     #[arg(long = "tag")]
     tags: Vec<String>,
@@ -99,6 +103,15 @@ pub fn pack(a: PackArgs) -> Result<()> {
         encrypt: a.encrypt,
         tags: parse_tags(&a.tags)?,
         progress: true,
+        block_size: match a.block_kib {
+            0 => 0,
+            k => {
+                let size = k.saturating_mul(1024);
+                flist_fs::chunk::blocks::check_block_size(size)
+                    .map_err(|e| anyhow::anyhow!("--block-kib {k}: {e}"))?;
+                size
+            }
+        },
     };
     let stats = flist_fs::pack::pack(&a.dir, &a.output, &router, &opts)?;
     summary(&stats, &a.output);
