@@ -947,9 +947,55 @@ async fn contracts_decide_what_the_node_runs() {
 
     // A contract for another node.
     let mut elsewhere = deployment(alice, 3, "elsewhere");
-    elsewhere.contract_id = Some(contract_for(&reg, &alice_k, other_node, &elsewhere).await);
+    let elsewhere_cid = contract_for(&reg, &alice_k, other_node, &elsewhere).await;
+    elsewhere.contract_id = Some(elsewhere_cid);
     elsewhere.sign(alice, &alice_k);
     forbidden(eng.deploy(alice, elsewhere).await, "is for node");
+
+    // A resources report naming the other node's contract beside this node's own: the pallet
+    // refuses the whole extrinsic for the one it will not take from this node; the node's
+    // own contract is still taken (the contracts are then reported one by one).
+    set_tft_price(&chain, 50).await;
+    let used = Resources {
+        cru: 1,
+        mru: 1 << 30,
+        sru: 2 << 30,
+        hru: 0,
+    };
+    let taken = reg
+        .report_contract_resources(
+            &node_key,
+            &[
+                ContractUsage {
+                    contract_id: cid,
+                    used,
+                },
+                ContractUsage {
+                    contract_id: elsewhere_cid,
+                    used,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken, vec![cid]);
+    assert_eq!(reg.contract_resources(cid).await.unwrap(), Some(used));
+    assert_eq!(reg.contract_resources(elsewhere_cid).await.unwrap(), None);
+    // Alone, the other node's contract is an error naming the pallet's reason.
+    let err = reg
+        .report_contract_resources(
+            &node_key,
+            &[ContractUsage {
+                contract_id: elsewhere_cid,
+                used,
+            }],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("NodeNotAuthorizedToComputeReport"),
+        "{err}"
+    );
 
     // A cancelled contract.
     let mut cancelled = deployment(alice, 4, "cancelled");

@@ -968,6 +968,22 @@ fn parse_contract(v: &Value<u32>) -> Result<NodeContract, RegistrarError> {
     })
 }
 
+/// The contracts whose resources the chain took: one `UpdatedUsedResources` per contract (a
+/// contract it no longer holds is skipped without an error).
+fn updated_resources(events: &subxt::blocks::ExtrinsicEvents<PolkadotConfig>) -> Vec<u64> {
+    events
+        .iter()
+        .flatten()
+        .filter(|e| e.pallet_name() == CONTRACTS && e.variant_name() == "UpdatedUsedResources")
+        .filter_map(|e| {
+            e.field_values()
+                .ok()
+                .and_then(|v| v.values().next().and_then(|r| field_num(r, "contract_id")))
+        })
+        .map(|id| id as u64)
+        .collect()
+}
+
 /// Whether the extrinsic's events hold `pallet.event`.
 pub fn has_event(
     events: &subxt::blocks::ExtrinsicEvents<PolkadotConfig>,
@@ -1115,19 +1131,38 @@ impl Registrar for TfchainRegistrar {
     ) -> Result<Vec<u64>, RegistrarError> {
         let mut taken = Vec::new();
         for batch in usage.chunks(RESOURCE_REPORT_BATCH) {
-            let events = self.submit(key, &report_contract_resources(batch)).await?;
-            // One UpdatedUsedResources per contract the chain took; a contract it no longer
-            // holds (cancelled and removed) is skipped without an error.
-            for e in events.iter().flatten() {
-                if e.pallet_name() == CONTRACTS && e.variant_name() == "UpdatedUsedResources" {
-                    if let Some(id) = e
-                        .field_values()
-                        .ok()
-                        .and_then(|v| v.values().next().and_then(|r| field_num(r, "contract_id")))
-                    {
-                        taken.push(id as u64);
+            match self.submit(key, &report_contract_resources(batch)).await {
+                Ok(events) => taken.extend(updated_resources(&events)),
+                // The pallet refuses a whole report for one contract it does not take from
+                // this node (another node's, not a node contract): the contracts go one by
+                // one, and those refused are left out (named in the log); when none is
+                // taken the refusal is the error.
+                Err(RegistrarError::Refused(m)) if batch.len() > 1 => {
+                    warn!(
+                        "the chain refused a report of {} contracts ({m}); reporting them one by one",
+                        batch.len()
+                    );
+                    let mut refused = None;
+                    let before = taken.len();
+                    for one in batch {
+                        let call = report_contract_resources(std::slice::from_ref(one));
+                        match self.submit(key, &call).await {
+                            Ok(events) => taken.extend(updated_resources(&events)),
+                            Err(RegistrarError::Refused(m)) => {
+                                warn!(
+                                    contract = one.contract_id,
+                                    "the chain refuses this contract's resources report: {m}"
+                                );
+                                refused.get_or_insert(m);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if let (Some(m), true) = (refused, taken.len() == before) {
+                        return Err(RegistrarError::Refused(m));
                     }
                 }
+                Err(e) => return Err(e),
             }
         }
         Ok(taken)
