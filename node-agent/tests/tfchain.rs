@@ -1584,7 +1584,9 @@ async fn a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancell
 /// The agent's binary with a node account that has no funds and a farm id no farm has yet:
 /// the log and the health say so (the account by its address, the farm by its id, and what
 /// to do), the agent keeps answering its API and retries; once the account is funded it
-/// makes its twin and stops at the unknown farm; once that farm exists it registers.
+/// makes its twin and stops at the unknown farm; once that farm exists it registers. Its
+/// funds gone later, its uptime reports are kept and retried, named the same way, until it is
+/// funded again.
 #[tokio::test]
 async fn an_unfunded_node_of_an_unknown_farm_says_why_and_registers_once_both_are_fixed() {
     let Some(chain) = chain_or_skip(
@@ -1607,6 +1609,7 @@ async fn an_unfunded_node_of_an_unknown_farm_says_why_and_registers_once_both_ar
         .arg(dir.path())
         .args(["--chain", &chain.url(), "--farm-id", &farm_id.to_string()])
         .args(["--capacity", "cru=2,mru=4G,sru=150G,hru=1T"])
+        .args(["--uptime-interval", "3"])
         .env("NO_COLOR", "1")
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -1686,6 +1689,61 @@ async fn an_unfunded_node_of_an_unknown_farm_says_why_and_registers_once_both_ar
     let node = reg.node_by_twin(twin).await.unwrap().expect("its node");
     assert_eq!(s.node_id, Some(node.id));
     assert_eq!(node.info.farm_id, farm_id);
+
+    // Its funds gone later (all sent away): its uptime reports are refused for fees, named
+    // with the account, kept and retried; funded again, the owed reports land.
+    until("an uptime report sent", || async {
+        status()
+            .await
+            .filter(|s| s.uptime_reports_pending == 0 && s.registrar_error.is_none())
+            .map(|_| ())
+    })
+    .await;
+    let drain = subxt::dynamic::tx(
+        "Balances",
+        "transfer_all",
+        vec![
+            Value::unnamed_variant(
+                "Id",
+                [Value::from_bytes(
+                    subxt_signer::sr25519::dev::alice().public_key().0,
+                )],
+            ),
+            Value::bool(false),
+        ],
+    );
+    // The agent signs with the same account: a submission that takes its nonce is retried.
+    until("the node's funds sent away", || async {
+        reg.submit(&key, &drain).await.ok()
+    })
+    .await;
+    let err = until("the health naming the unfunded account again", || async {
+        status().await.and_then(|s| s.registrar_error).filter(|e| {
+            e.contains("uptime report")
+                && e.contains("no funds")
+                && e.contains(&account.to_string())
+        })
+    })
+    .await;
+    eprintln!("health, funds gone: {err}");
+    until("uptime reports kept", || async {
+        status().await.filter(|s| s.uptime_reports_pending >= 2)
+    })
+    .await;
+    assert!(agent.try_wait().unwrap().is_none(), "the agent ended");
+    fund(&reg, &key).await;
+    let t0 = Instant::now();
+    until("the owed reports sent and the health clear", || async {
+        status()
+            .await
+            .filter(|s| s.uptime_reports_pending == 0 && s.registrar_error.is_none())
+            .map(|_| ())
+    })
+    .await;
+    eprintln!(
+        "owed uptime reports sent {} ms after funding again",
+        t0.elapsed().as_millis()
+    );
     let _ = agent.kill();
     let _ = agent.wait();
 }
