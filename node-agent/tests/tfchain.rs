@@ -791,8 +791,8 @@ fn proc_uptime() -> f64 {
 }
 
 /// Two reports of one node, as the test saw their blocks: the uptime grew by the time between
-/// them (the grid's minting allows 60 s; here 5 s). The time is the test's clock when it read
-/// each block, not the events' timestamps: on a real chain a block comes every slot (6 s) and
+/// them (the grid's minting allows 60 s; here 5 s). The time is the test's clock when it
+/// learned each block exists, not the events' timestamps: on a real chain a block comes every slot (6 s) and
 /// its time is the wall clock's, but chopsticks adds one slot to the chain's time per block it
 /// builds (at once, on each extrinsic), so its clock runs ahead of the wall clock.
 fn assert_minting_rule(a: &SeenUptime, b: &SeenUptime) {
@@ -804,8 +804,8 @@ fn assert_minting_rule(a: &SeenUptime, b: &SeenUptime) {
     );
 }
 
-/// A report as read from its block: the uptime is the host's when the block was read
-/// (within 5 s).
+/// A report as read from its block: the uptime is the host's when the test learned the block
+/// exists (within 5 s).
 fn assert_uptime_seen(e: &SeenUptime) {
     assert!(
         (e.event.uptime as f64 - e.host_uptime).abs() <= 5.0,
@@ -816,7 +816,7 @@ fn assert_uptime_seen(e: &SeenUptime) {
 }
 
 /// A `NodeUptimeReported` event as the test saw it: its block, its fields, and the host's
-/// uptime and the test's clock when the test read the block.
+/// uptime and the test's clock when the test learned the block exists.
 #[derive(Debug, Clone, Copy)]
 struct SeenUptime {
     block: u64,
@@ -2214,9 +2214,15 @@ impl UptimeWatcher {
         tokio::spawn(async move {
             let mut next = 1u64;
             loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // A failed read (a busy machine) is tried again; the watcher ends with the
+                // test's runtime.
                 let Ok(latest) = api.blocks().at_latest().await else {
-                    return;
+                    continue;
                 };
+                // The blocks up to `latest` exist by now: the host's uptime and the clock
+                // here bound their making (later reads of their events may lag).
+                let (host_uptime, at) = (proc_uptime(), Instant::now());
                 while next <= latest.number() as u64 {
                     let Ok(hash) = rpc
                         .request::<subxt::utils::H256>(
@@ -2225,10 +2231,10 @@ impl UptimeWatcher {
                         )
                         .await
                     else {
-                        return;
+                        break;
                     };
                     let Ok(events) = api.events().at(hash).await else {
-                        return;
+                        break;
                     };
                     for e in events.iter().flatten() {
                         if e.pallet_name() == tfchain::TFGRID
@@ -2240,15 +2246,14 @@ impl UptimeWatcher {
                             seen.lock().unwrap().push(SeenUptime {
                                 block: next,
                                 event,
-                                host_uptime: proc_uptime(),
-                                at: Instant::now(),
+                                host_uptime,
+                                at,
                             });
                         }
                     }
                     read.store(next, Ordering::Relaxed);
                     next += 1;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
         w
