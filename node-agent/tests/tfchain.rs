@@ -2196,7 +2196,18 @@ struct UptimeWatcher {
     seen: Arc<std::sync::Mutex<Vec<SeenUptime>>>,
     /// The last block read.
     read: Arc<std::sync::atomic::AtomicU64>,
-    api: tfchain::Client,
+    rpc: subxt::backend::rpc::RpcClient,
+}
+
+/// The number of the chain's best block (`chain_getHeader`): blocks are read as soon as they
+/// are made, not once finalized (chopsticks finalizes a block only when it builds the next).
+async fn best_block(rpc: &subxt::backend::rpc::RpcClient) -> Option<u64> {
+    let header: serde_json::Value = rpc
+        .request("chain_getHeader", subxt::ext::subxt_rpcs::rpc_params![])
+        .await
+        .ok()?;
+    let n = header.get("number")?.as_str()?.trim_start_matches("0x");
+    u64::from_str_radix(n, 16).ok()
 }
 
 impl UptimeWatcher {
@@ -2208,7 +2219,7 @@ impl UptimeWatcher {
         let w = UptimeWatcher {
             seen: Default::default(),
             read: Default::default(),
-            api: api.clone(),
+            rpc: rpc.clone(),
         };
         let (seen, read) = (w.seen.clone(), w.read.clone());
         tokio::spawn(async move {
@@ -2217,13 +2228,13 @@ impl UptimeWatcher {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 // A failed read (a busy machine) is tried again; the watcher ends with the
                 // test's runtime.
-                let Ok(latest) = api.blocks().at_latest().await else {
+                let Some(latest) = best_block(&rpc).await else {
                     continue;
                 };
                 // The blocks up to `latest` exist by now: the host's uptime and the clock
                 // here bound their making (later reads of their events may lag).
                 let (host_uptime, at) = (proc_uptime(), Instant::now());
-                while next <= latest.number() as u64 {
+                while next <= latest {
                     let Ok(hash) = rpc
                         .request::<subxt::utils::H256>(
                             "chain_getBlockHash",
@@ -2261,7 +2272,7 @@ impl UptimeWatcher {
 
     /// The chain's latest block, once the watcher has read it.
     async fn latest(&self) -> u64 {
-        let n = self.api.blocks().at_latest().await.unwrap().number() as u64;
+        let n = best_block(&self.rpc).await.expect("the chain's best block");
         until("the watcher to read the chain's latest block", || async {
             (self.read.load(Ordering::Relaxed) >= n).then_some(n)
         })
