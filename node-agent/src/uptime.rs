@@ -1,7 +1,9 @@
 //! Registration and uptime reports, in the background: workloads never wait for them.
 //!
-//! At start and whenever capacity, location or interfaces change, the node (re-)registers: its key
-//! becomes a twin, the twin's node is created or updated on the farm. Every interval an uptime
+//! At start and whenever capacity, location or interfaces change (checked at every pass, a
+//! minute apart at most while the registrar answers), the node (re-)registers: its key becomes a twin, the twin's node is created or updated on the
+//! farm with what it detects of the host (physical interfaces with their addresses, serial
+//! number, virtualization, Secure Boot). Every interval an uptime
 //! report (the host's uptime, not the agent's) is queued in the database and the queue is sent
 //! oldest first; a report that could not be sent stays queued and is retried with backoff,
 //! never dropped.

@@ -5,14 +5,19 @@
 //! serves when the client connects (metadata v14 and later), never from a file of ours. The
 //! node's ed25519 key is its chain account (`MultiSignature::Ed25519`, the account id is the
 //! public key); a user twin's key may be sr25519 too (`MultiSignature::Sr25519`). Several
-//! endpoints: a call that cannot reach the current one drops its connection and the next call
-//! connects to the next endpoint in turn; callers (registration, the uptime queue, the contract
-//! poll) retry with their own backoff.
+//! endpoints: a call that cannot reach the current one, or gets an answer that is not a
+//! chain's (not WebSocket, not JSON-RPC, data that does not decode as the metadata says),
+//! drops its connection and the next call connects to the next endpoint in turn; callers
+//! (registration, the uptime queue, the contract poll) retry with their own backoff. Every
+//! error names the endpoint.
 //!
 //! A write succeeds only once its extrinsic is in a block and did not fail (its events are
 //! read); a dispatch error is named by the pallet and error from the metadata
 //! (`TfgridModule::FarmNotExists`), a transaction the pool refuses (no funds for fees, bad
-//! nonce) is a refusal, a lost connection or a timeout is `Unreachable` (transient).
+//! nonce) is a refusal (no funds names the account), a lost connection or a timeout is
+//! `Unreachable` (transient), an answer that is not a chain's is `Garbage`.
+//!
+//! What a node says of itself is bounded as the runtime bounds it ([`as_stored`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
