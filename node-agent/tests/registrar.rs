@@ -48,6 +48,7 @@ fn info(farm_id: u32) -> NodeInfo {
         interfaces: vec![],
         serial_number: "s1".into(),
         virtualized: true,
+        secure_boot: false,
     }
 }
 

@@ -32,7 +32,7 @@ use node_agent::engine::{DeployError, Engine};
 use node_agent::identity::{node_key_path, KeyPair};
 use node_agent::metrics::Metrics;
 use node_agent::registrar::tfchain::{self, ChainSigner, TfchainRegistrar};
-use node_agent::registrar::{ContractUsage, Registrar, RegistrarError, UptimeReport};
+use node_agent::registrar::{ContractUsage, Interface, Registrar, RegistrarError, UptimeReport};
 use node_agent::state::Store;
 use node_agent::uptime::{host_uptime, Registration};
 use node_agent::usage::{Pass, ResourceReporter};
@@ -261,9 +261,11 @@ async fn call_encoding_and_signing_payload_match_the_chain() {
         interfaces: vec![node_agent::registrar::Interface {
             name: "eth0".into(),
             mac: "52:54:00:12:34:56".into(),
+            ips: vec!["10.1.2.3".into(), "2001:db8::1".into()],
         }],
         serial_number: "SN1".into(),
         virtualized: true,
+        secure_boot: true,
     };
     let node_body = |out: &mut Vec<u8>| {
         out.extend_from_slice(&3u32.to_le_bytes());
@@ -277,8 +279,10 @@ async fn call_encoding_and_signing_payload_match_the_chain() {
         compact(1, out);
         vec_bytes(b"eth0", out);
         vec_bytes(b"52:54:00:12:34:56", out);
-        compact(0, out);
-        out.push(0); // secure_boot
+        compact(2, out);
+        vec_bytes(b"10.1.2.3", out);
+        vec_bytes(b"2001:db8::1", out);
+        out.push(1); // secure_boot
         out.push(1); // virtualized
         out.push(1); // Some(serial)
         vec_bytes(b"SN1", out);
@@ -414,6 +418,47 @@ async fn call_encoding_and_signing_payload_match_the_chain() {
     // MultiAddress::Id (variant 0) and account (the public key) before that.
     assert_eq!(bytes[sig_at - 1], 0);
     assert_eq!(&bytes[sig_at - 33..sig_at - 1], key.public().as_bytes());
+
+    // A payload over 256 bytes (a createNode with long fields) is signed as its blake2-256
+    // hash, and the chain takes the signature (it prices the signed extrinsic).
+    let mut long = info.clone();
+    long.serial_number = "S".repeat(128);
+    long.location.city = "C".repeat(58);
+    let call = tfchain::create_node(&long);
+    let params = subxt::config::DefaultExtrinsicParamsBuilder::<subxt::PolkadotConfig>::new()
+        .immortal()
+        .nonce(0)
+        .build();
+    let mut partial = api
+        .tx()
+        .create_partial_offline(&call, params)
+        .expect("partial");
+    let mut full = encoded(&call);
+    full.push(0);
+    compact(0, &mut full);
+    compact(0, &mut full);
+    full.extend_from_slice(&v.spec_version.to_le_bytes());
+    full.extend_from_slice(&v.transaction_version.to_le_bytes());
+    full.extend_from_slice(api.genesis_hash().as_ref());
+    full.extend_from_slice(api.genesis_hash().as_ref());
+    assert!(full.len() > 256, "{} bytes", full.len());
+    let payload = partial.signer_payload();
+    let hashed = blake2b_simd::Params::new()
+        .hash_length(32)
+        .hash(&full)
+        .as_bytes()
+        .to_vec();
+    assert_eq!(
+        payload, hashed,
+        "a long payload is signed as its blake2-256 hash"
+    );
+    let signed = partial.sign(&ChainSigner(&key));
+    assert!(
+        signed.encoded().windows(64).any(|w| w == key.sign(&hashed)),
+        "the extrinsic carries the signature of the hash"
+    );
+    let fee = signed.partial_fee_estimate().await;
+    assert!(fee.is_ok(), "the chain could not price it: {fee:?}");
 }
 
 #[tokio::test]
@@ -465,10 +510,30 @@ async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
     assert_eq!(on_chain.id, node);
     assert_eq!(on_chain.info.capacity, capacity());
     assert_eq!(on_chain.info.farm_id, farm_id);
-    assert_eq!(
-        reg.twin(twin).await.unwrap().unwrap().public_key,
-        key.public_hex()
+    // The chain holds what the node detected of this host: its physical interfaces with
+    // their addresses (as iproute2 lists them), its serial number, virtualization and
+    // Secure Boot.
+    let detected = registration(reg.clone(), &key, store.clone(), farm_id, capacity())
+        .node_info()
+        .await;
+    assert_eq!(on_chain.info, tfchain::as_stored(&detected));
+    assert!(
+        !detected.interfaces.is_empty(),
+        "no physical interface found"
     );
+    for i in &detected.interfaces {
+        assert_eq!(i.ips, ip_addresses(&i.name), "{}", i.name);
+    }
+    assert_eq!(
+        detected.virtualized,
+        cpu_flags().contains(&"hypervisor".to_string())
+    );
+    if !std::path::Path::new("/sys/firmware/efi").exists() {
+        assert!(
+            !detected.secure_boot,
+            "Secure Boot on a host booted without UEFI"
+        );
+    }
 
     // A restart finds the same ids and sends nothing.
     let again = registration(reg.clone(), &key, store.clone(), farm_id, capacity())
@@ -491,6 +556,110 @@ async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
         reg.node_by_twin(twin).await.unwrap().unwrap().info.capacity,
         more
     );
+
+    // Location changed (the operator's config): one updateNode, the chain holds it.
+    let mut moved = registration(reg.clone(), &key, store.clone(), farm_id, more);
+    moved.config.location = node_agent::config::Location {
+        country: "Belgium".into(),
+        city: "Ghent".into(),
+        latitude: "51.05".into(),
+        longitude: "3.72".into(),
+    };
+    assert_eq!(moved.register().await.unwrap(), (twin, node));
+    assert_eq!(
+        nonce(&reg, &key).await,
+        5,
+        "one updateNode for the location"
+    );
+    assert_eq!(
+        reg.node_by_twin(twin).await.unwrap().unwrap().info.location,
+        moved.config.location
+    );
+
+    // Interfaces changed (an address more on the first, a new NIC with two): one updateNode;
+    // the chain's `Nodes` holds every name, MAC and address; the same facts again send
+    // nothing.
+    let mut info = moved.node_info().await;
+    if let Some(first) = info.interfaces.first_mut() {
+        first.ips.push("198.51.100.9".into());
+    }
+    info.interfaces.push(Interface {
+        name: "eth9".into(),
+        mac: "52:54:00:ab:cd:ef".into(),
+        ips: vec!["192.0.2.7".into(), "2001:db8::7".into()],
+    });
+    assert_eq!(moved.register_as(&info).await.unwrap(), (twin, node));
+    assert_eq!(
+        nonce(&reg, &key).await,
+        6,
+        "one updateNode for the interfaces"
+    );
+    let stored = reg.node_by_twin(twin).await.unwrap().unwrap();
+    assert_eq!(stored.info, tfchain::as_stored(&info));
+    assert_eq!(stored.info.interfaces, info.interfaces);
+    let raw = reg
+        .storage(tfchain::TFGRID, "Nodes", vec![Value::u128(node.into())])
+        .await
+        .unwrap()
+        .unwrap();
+    let mut held = Vec::new();
+    tfchain::byte_strings(&raw, &mut held);
+    for i in &info.interfaces {
+        for text in std::iter::once(&i.name)
+            .chain(std::iter::once(&i.mac))
+            .chain(&i.ips)
+        {
+            assert!(held.contains(text), "{text} is not in Nodes: {held:?}");
+        }
+    }
+    assert_eq!(moved.register_as(&info).await.unwrap(), (twin, node));
+    assert_eq!(nonce(&reg, &key).await, 6, "the same facts sent again");
+
+    // What the runtime would refuse is left out rather than failing the node: names with
+    // other characters or lengths, MACs of another form, addresses that are none or have a
+    // prefix, more than 10 interfaces or addresses, a serial number over 128 bytes.
+    let odd = KeyPair::generate();
+    fund(&reg, &odd).await;
+    let odd_twin = reg.create_twin(&odd).await.unwrap().id;
+    let mut hostile = info.clone();
+    hostile.serial_number = "é".repeat(100);
+    hostile.interfaces = ["Eth0", "e0", "br.100", "a-name-over-twenty-chars", "enp1s0"]
+        .iter()
+        .map(|n| Interface {
+            name: n.to_string(),
+            mac: "52:54:00:00:00:01".into(),
+            ips: vec![],
+        })
+        .chain(
+            ["5254.0012.3456", "zz:54:00:00:00:02", "52-54-00-00-00-03"]
+                .iter()
+                .map(|m| Interface {
+                    name: "eth1".into(),
+                    mac: m.to_string(),
+                    ips: vec![],
+                }),
+        )
+        .chain((0..12).map(|k| {
+            Interface {
+                name: format!("eth{}", k + 10),
+                mac: format!("52:54:00:00:01:{k:02x}"),
+                ips: ["10.0.0.1/24", "not-an-ip", "::1", "fe80::1%eth0"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain((0..12).map(|j| format!("10.9.{k}.{j}")))
+                    .collect(),
+            }
+        }))
+        .collect();
+    let kept = tfchain::as_stored(&hostile);
+    assert_eq!(kept.serial_number.len(), 128);
+    assert_eq!(kept.interfaces.len(), 10);
+    assert_eq!(kept.interfaces[0].name, "enp1s0");
+    assert!(kept.interfaces[1..]
+        .iter()
+        .all(|i| i.ips.len() == 10 && i.ips.iter().all(|ip| ip.starts_with("10.9."))));
+    let n = reg.register_node(&odd, odd_twin, &hostile).await.unwrap();
+    assert_eq!(n.info, kept);
 
     // Uptime: in a block with its NodeUptimeReported(node id, chain time, uptime) event,
     // whose fields say this node and the host's uptime (/proc/uptime, not the agent's).
@@ -579,6 +748,37 @@ async fn a_node_registers_finds_its_ids_updates_and_reports_uptime() {
     );
 }
 
+/// The addresses of interface `name` as `ip -o addr show dev NAME` lists them (no prefix
+/// length, no IPv6 link-local), sorted.
+fn ip_addresses(name: &str) -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["-o", "addr", "show", "dev", name])
+        .output()
+        .expect("iproute2's ip");
+    assert!(out.status.success());
+    let mut ips: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let family = f.nth(2)?;
+            let addr = f.next()?.split('/').next()?.to_string();
+            (family == "inet" || (family == "inet6" && !addr.starts_with("fe80:"))).then_some(addr)
+        })
+        .collect();
+    ips.sort();
+    ips
+}
+
+/// The CPU's flags (`/proc/cpuinfo`).
+fn cpu_flags() -> Vec<String> {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 /// The host's uptime now, with a fraction (`/proc/uptime`).
 fn proc_uptime() -> f64 {
     std::fs::read_to_string("/proc/uptime")
@@ -591,8 +791,8 @@ fn proc_uptime() -> f64 {
 }
 
 /// Two reports of one node, as the test saw their blocks: the uptime grew by the time between
-/// them (the grid's minting allows 60 s; here 5 s). The time is the test's clock when it read
-/// each block, not the events' timestamps: on a real chain a block comes every slot (6 s) and
+/// them (the grid's minting allows 60 s; here 5 s). The time is the test's clock when it
+/// learned each block exists, not the events' timestamps: on a real chain a block comes every slot (6 s) and
 /// its time is the wall clock's, but chopsticks adds one slot to the chain's time per block it
 /// builds (at once, on each extrinsic), so its clock runs ahead of the wall clock.
 fn assert_minting_rule(a: &SeenUptime, b: &SeenUptime) {
@@ -604,8 +804,8 @@ fn assert_minting_rule(a: &SeenUptime, b: &SeenUptime) {
     );
 }
 
-/// A report as read from its block: the uptime is the host's when the block was read
-/// (within 5 s).
+/// A report as read from its block: the uptime is the host's when the test learned the block
+/// exists (within 5 s).
 fn assert_uptime_seen(e: &SeenUptime) {
     assert!(
         (e.event.uptime as f64 - e.host_uptime).abs() <= 5.0,
@@ -616,7 +816,7 @@ fn assert_uptime_seen(e: &SeenUptime) {
 }
 
 /// A `NodeUptimeReported` event as the test saw it: its block, its fields, and the host's
-/// uptime and the test's clock when the test read the block.
+/// uptime and the test's clock when the test learned the block exists.
 #[derive(Debug, Clone, Copy)]
 struct SeenUptime {
     block: u64,
@@ -747,9 +947,55 @@ async fn contracts_decide_what_the_node_runs() {
 
     // A contract for another node.
     let mut elsewhere = deployment(alice, 3, "elsewhere");
-    elsewhere.contract_id = Some(contract_for(&reg, &alice_k, other_node, &elsewhere).await);
+    let elsewhere_cid = contract_for(&reg, &alice_k, other_node, &elsewhere).await;
+    elsewhere.contract_id = Some(elsewhere_cid);
     elsewhere.sign(alice, &alice_k);
     forbidden(eng.deploy(alice, elsewhere).await, "is for node");
+
+    // A resources report naming the other node's contract beside this node's own: the pallet
+    // refuses the whole extrinsic for the one it will not take from this node; the node's
+    // own contract is still taken (the contracts are then reported one by one).
+    set_tft_price(&chain, 50).await;
+    let used = Resources {
+        cru: 1,
+        mru: 1 << 30,
+        sru: 2 << 30,
+        hru: 0,
+    };
+    let taken = reg
+        .report_contract_resources(
+            &node_key,
+            &[
+                ContractUsage {
+                    contract_id: cid,
+                    used,
+                },
+                ContractUsage {
+                    contract_id: elsewhere_cid,
+                    used,
+                },
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken, vec![cid]);
+    assert_eq!(reg.contract_resources(cid).await.unwrap(), Some(used));
+    assert_eq!(reg.contract_resources(elsewhere_cid).await.unwrap(), None);
+    // Alone, the other node's contract is an error naming the pallet's reason.
+    let err = reg
+        .report_contract_resources(
+            &node_key,
+            &[ContractUsage {
+                contract_id: elsewhere_cid,
+                used,
+            }],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("NodeNotAuthorizedToComputeReport"),
+        "{err}"
+    );
 
     // A cancelled contract.
     let mut cancelled = deployment(alice, 4, "cancelled");
@@ -1335,6 +1581,173 @@ async fn a_contract_backed_deployment_runs_as_a_vm_until_its_contract_is_cancell
     );
 }
 
+/// The agent's binary with a node account that has no funds and a farm id no farm has yet:
+/// the log and the health say so (the account by its address, the farm by its id, and what
+/// to do), the agent keeps answering its API and retries; once the account is funded it
+/// makes its twin and stops at the unknown farm; once that farm exists it registers. Its
+/// funds gone later, its uptime reports are kept and retried, named the same way, until it is
+/// funded again.
+#[tokio::test]
+async fn an_unfunded_node_of_an_unknown_farm_says_why_and_registers_once_both_are_fixed() {
+    let Some(chain) = chain_or_skip(
+        "an_unfunded_node_of_an_unknown_farm_says_why_and_registers_once_both_are_fixed",
+    ) else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    // The farm the node names is the next one made (farm ids are given in turn).
+    let first = farm(&reg, "farm_before").await;
+    let farm_id = first + 1;
+    assert!(reg.farm(farm_id).await.unwrap().is_none());
+    let dir = tempfile::tempdir().unwrap();
+    let key = KeyPair::generate();
+    key.save_new(&dir.path().join("node.key")).unwrap();
+    let account = tfchain::account_of(&key.public());
+    let log = dir.path().join("agent.log");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_node-agent"))
+        .args(["run", "--state-dir"])
+        .arg(dir.path())
+        .args(["--chain", &chain.url(), "--farm-id", &farm_id.to_string()])
+        .args(["--capacity", "cru=2,mru=4G,sru=150G,hru=1T"])
+        .args(["--uptime-interval", "3"])
+        .env("NO_COLOR", "1")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let sock = dir.path().join("agent.sock");
+    let status = || async {
+        let c = Client::new(Endpoint::Unix(sock.clone()));
+        let resp = c.request("GET", "/node", None).await.ok()?;
+        resp.json::<NodeStatus>().ok()
+    };
+    let failures = |what: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("registration failed") && l.contains(what))
+            .count()
+    };
+
+    // No funds: named with the account, twice at least (it retries), nothing on the chain.
+    let err = until("the health naming the unfunded account", || async {
+        status()
+            .await
+            .and_then(|s| s.registrar_error)
+            .filter(|e| e.contains("no funds") && e.contains(&account.to_string()))
+    })
+    .await;
+    eprintln!("health, no funds: {err}");
+    until("a retry of the unfunded registration", || async {
+        (failures("no funds") >= 2).then_some(())
+    })
+    .await;
+    assert!(agent.try_wait().unwrap().is_none(), "the agent ended");
+    let s = status().await.expect("the agent answers");
+    assert!(
+        !s.registered && s.node_id.is_none(),
+        "{}",
+        serde_json::to_string(&s).unwrap()
+    );
+    assert!(reg.twin_id_of(&account).await.unwrap().is_none());
+
+    // Funded: its twin is made; the farm is unknown, by its id, twice at least.
+    fund(&reg, &key).await;
+    let err = until("the health naming the unknown farm", || async {
+        status()
+            .await
+            .and_then(|s| s.registrar_error)
+            .filter(|e| e.contains(&format!("unknown farm {farm_id}")))
+    })
+    .await;
+    eprintln!("health, unknown farm: {err}");
+    assert!(err.contains("--farm-id"), "{err}");
+    until("a retry with the unknown farm", || async {
+        (failures(&format!("unknown farm {farm_id}")) >= 2).then_some(())
+    })
+    .await;
+    assert!(agent.try_wait().unwrap().is_none(), "the agent ended");
+    let twin = reg
+        .twin_id_of(&account)
+        .await
+        .unwrap()
+        .expect("the node's twin, made once funded");
+    assert!(reg.node_by_twin(twin).await.unwrap().is_none());
+
+    // The farm made: the node registers on it; the health clears.
+    assert_eq!(farm(&reg, "farm_later").await, farm_id);
+    let t0 = Instant::now();
+    let s = until("registered in the health", || async {
+        status()
+            .await
+            .filter(|s| s.registered && s.registrar_error.is_none())
+    })
+    .await;
+    eprintln!(
+        "registered {} ms after the farm was made",
+        t0.elapsed().as_millis()
+    );
+    let node = reg.node_by_twin(twin).await.unwrap().expect("its node");
+    assert_eq!(s.node_id, Some(node.id));
+    assert_eq!(node.info.farm_id, farm_id);
+
+    // Its funds gone later (all sent away): its uptime reports are refused for fees, named
+    // with the account, kept and retried; funded again, the owed reports land.
+    until("an uptime report sent", || async {
+        status()
+            .await
+            .filter(|s| s.uptime_reports_pending == 0 && s.registrar_error.is_none())
+            .map(|_| ())
+    })
+    .await;
+    let drain = subxt::dynamic::tx(
+        "Balances",
+        "transfer_all",
+        vec![
+            Value::unnamed_variant(
+                "Id",
+                [Value::from_bytes(
+                    subxt_signer::sr25519::dev::alice().public_key().0,
+                )],
+            ),
+            Value::bool(false),
+        ],
+    );
+    // The agent signs with the same account: a submission that takes its nonce is retried.
+    until("the node's funds sent away", || async {
+        reg.submit(&key, &drain).await.ok()
+    })
+    .await;
+    let err = until("the health naming the unfunded account again", || async {
+        status().await.and_then(|s| s.registrar_error).filter(|e| {
+            e.contains("uptime report")
+                && e.contains("no funds")
+                && e.contains(&account.to_string())
+        })
+    })
+    .await;
+    eprintln!("health, funds gone: {err}");
+    until("uptime reports kept", || async {
+        status().await.filter(|s| s.uptime_reports_pending >= 2)
+    })
+    .await;
+    assert!(agent.try_wait().unwrap().is_none(), "the agent ended");
+    fund(&reg, &key).await;
+    let t0 = Instant::now();
+    until("the owed reports sent and the health clear", || async {
+        status()
+            .await
+            .filter(|s| s.uptime_reports_pending == 0 && s.registrar_error.is_none())
+            .map(|_| ())
+    })
+    .await;
+    eprintln!(
+        "owed uptime reports sent {} ms after funding again",
+        t0.elapsed().as_millis()
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
 #[tokio::test]
 async fn the_agent_keeps_workloads_while_the_chain_restarts_and_sends_what_it_owed() {
     let Some(mut chain) =
@@ -1512,13 +1925,289 @@ impl Drop for Proxy {
     }
 }
 
+/// What a [`BadEndpoint`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Answer {
+    /// The chain's answers, relayed message by message.
+    Chain = 0,
+    /// The chain's answers with every result (and subscription item) replaced by bytes that
+    /// are no SCALE value of its type: a JSON-RPC peer that serves garbage data.
+    BadResults = 1,
+    /// A WebSocket peer that answers every message with text that is not JSON.
+    NotJson = 2,
+    /// Not even WebSocket: a line of nonsense on every connection, then it hangs up.
+    Nonsense = 3,
+}
+
+/// A WebSocket endpoint in front of the chain (messages relayed one by one) that can be
+/// switched to answer garbage ([`Answer`]); a switch takes effect at once on the open
+/// connections too (`Nonsense` closes them).
+struct BadEndpoint {
+    port: u16,
+    answer: Arc<std::sync::atomic::AtomicU8>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl BadEndpoint {
+    async fn start(chain_port: u16) -> BadEndpoint {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let answer = Arc::new(std::sync::atomic::AtomicU8::new(Answer::Chain as u8));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> = Default::default();
+        let (a, c) = (answer.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let a = a.clone();
+                c.lock()
+                    .unwrap()
+                    .push(tokio::spawn(Self::serve(inbound, chain_port, a)));
+            }
+        });
+        BadEndpoint {
+            port,
+            answer,
+            conns,
+            accept,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}", self.port)
+    }
+
+    fn set(&self, a: Answer) {
+        self.answer.store(a as u8, Ordering::Relaxed);
+        if a == Answer::Nonsense {
+            for c in self.conns.lock().unwrap().drain(..) {
+                c.abort();
+            }
+        }
+    }
+
+    async fn serve(
+        mut inbound: tokio::net::TcpStream,
+        chain_port: u16,
+        answer: Arc<std::sync::atomic::AtomicU8>,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let now = || answer.load(Ordering::Relaxed);
+        if now() == Answer::Nonsense as u8 {
+            let _ = inbound
+                .write_all(b"SSH-2.0-nothing-like-a-chain \x00\xff\r\n")
+                .await;
+            return;
+        }
+        let mut server = soketto::handshake::Server::new(inbound.compat());
+        let Ok(req) = server.receive_request().await else {
+            return;
+        };
+        let accept = soketto::handshake::server::Response::Accept {
+            key: req.key(),
+            protocol: None,
+        };
+        if server.send_response(&accept).await.is_err() {
+            return;
+        }
+        let (to_node, mut from_node) = server.into_builder().finish();
+        let to_node = Arc::new(tokio::sync::Mutex::new(to_node));
+        let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", chain_port)).await else {
+            return;
+        };
+        let host = format!("127.0.0.1:{chain_port}");
+        let mut client = soketto::handshake::Client::new(out.compat(), &host, "/");
+        if !matches!(
+            client.handshake().await,
+            Ok(soketto::handshake::ServerResponse::Accepted { .. })
+        ) {
+            return;
+        }
+        let (mut to_chain, mut from_chain) = client.into_builder().finish();
+        let back = to_node.clone();
+        let answer2 = answer.clone();
+        let down = tokio::spawn(async move {
+            let mut msg = Vec::new();
+            loop {
+                msg.clear();
+                if from_chain.receive_data(&mut msg).await.is_err() {
+                    return;
+                }
+                let mut text = String::from_utf8_lossy(&msg).into_owned();
+                if answer2.load(Ordering::Relaxed) == Answer::BadResults as u8 {
+                    text = garble(&text);
+                }
+                let mut tx = back.lock().await;
+                if tx.send_text_owned(text).await.is_err() || tx.flush().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut msg = Vec::new();
+        loop {
+            msg.clear();
+            if from_node.receive_data(&mut msg).await.is_err() {
+                break;
+            }
+            if now() == Answer::NotJson as u8 {
+                let mut tx = to_node.lock().await;
+                if tx.send_text("}{ not JSON-RPC at all").await.is_err()
+                    || tx.flush().await.is_err()
+                {
+                    break;
+                }
+                continue;
+            }
+            let text = String::from_utf8_lossy(&msg).into_owned();
+            if to_chain.send_text_owned(text).await.is_err() || to_chain.flush().await.is_err() {
+                break;
+            }
+        }
+        down.abort();
+    }
+}
+
+/// A chain's JSON-RPC message with its result (or a subscription item's result) replaced by
+/// `0xdeadbeef`: a hash, metadata, a storage value or a header that does not decode.
+fn garble(text: &str) -> String {
+    let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) else {
+        return text.to_string();
+    };
+    let bad = serde_json::Value::String("0xdeadbeef".into());
+    if let Some(r) = v.get_mut("result") {
+        *r = bad;
+    } else if let Some(r) = v.get_mut("params").and_then(|p| p.get_mut("result")) {
+        *r = bad;
+    }
+    v.to_string()
+}
+
+impl Drop for BadEndpoint {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
+/// Endpoints that answer garbage under the agent's binary with a VM running on this machine's
+/// /dev/kvm (`--chain BAD --chain GOOD`, the good one down at first): the bad endpoint relays
+/// the chain while the agent registers and Bob's VM starts, then answers in turn garbage
+/// results (valid JSON-RPC, data that does not decode), text that is not JSON, and bytes
+/// that are not WebSocket. Each time the health (and the log) names the bad endpoint and what
+/// it answered, the VM keeps its vmm process and the contract poll keeps the deployment; then
+/// the good endpoint comes up and the agent fails over to it: an uptime report lands, the
+/// health clears, the VM is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_answering_garbage_is_named_and_the_agent_fails_over_keeping_its_vm() {
+    if !e2e_tests::kvm_available() {
+        return;
+    }
+    let Some(chain) = chain_or_skip(
+        "an_endpoint_answering_garbage_is_named_and_the_agent_fails_over_keeping_its_vm",
+    ) else {
+        return;
+    };
+    let reg = TfchainRegistrar::new(vec![chain.url()]).unwrap();
+    set_tft_price(&chain, 50).await;
+    let farm_id = farm(&reg, "farm_garbage").await;
+    let watcher = UptimeWatcher::start(chain.url()).await;
+    let bad = BadEndpoint::start(chain.port).await;
+    let mut good = Proxy::start(chain.port).await;
+    good.cut();
+    let log_dir = tempfile::tempdir().unwrap();
+    let log = log_dir.path().join("agent.log");
+    let agent = VmAgent::start(
+        &reg,
+        farm_id,
+        &[bad.url(), good.url()],
+        &watcher,
+        Some(log.clone()),
+    )
+    .await;
+
+    for (answer, says) in [
+        (Answer::BadResults, tfchain::NOT_CHAIN_DATA),
+        (Answer::NotJson, tfchain::NOT_JSON_RPC),
+        (Answer::Nonsense, tfchain::NOT_WEBSOCKET),
+    ] {
+        bad.set(answer);
+        let t0 = Instant::now();
+        let health = until(
+            &format!("the health naming the bad endpoint ({answer:?})"),
+            || async {
+                agent
+                    .status()
+                    .await
+                    .and_then(|s| s.registrar_error)
+                    .filter(|e| e.contains(&bad.url()) && e.contains(says))
+            },
+        )
+        .await;
+        eprintln!(
+            "health {} ms after the endpoint answers {answer:?}: {health}",
+            t0.elapsed().as_millis()
+        );
+        agent.assert_vm_kept().await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("chain endpoint unusable") && l.contains(&bad.url())),
+        "the log does not name the bad endpoint:\n{text}"
+    );
+
+    // The good endpoint comes up: the next report lands through it, the health clears.
+    let seen = watcher.latest().await;
+    good.restore().await;
+    let up_at = Instant::now();
+    let next = until("an uptime report through the good endpoint", || async {
+        watcher
+            .of(agent.node_id, seen + 1, u64::MAX)
+            .first()
+            .copied()
+    })
+    .await;
+    assert!(
+        good.live() > 0,
+        "the report did not come through the good endpoint"
+    );
+    assert_uptime_seen(&next);
+    until("the health clear", || async {
+        agent
+            .status()
+            .await
+            .filter(|s| s.registrar_error.is_none())
+            .map(|_| ())
+    })
+    .await;
+    eprintln!(
+        "BENCH good endpoint up -> uptime report in a block through it: {} ms",
+        next.at.duration_since(up_at).as_millis()
+    );
+    agent.assert_vm_kept().await;
+}
+
 /// Reads every block of the chain as it is made, straight from the chain (not through the
 /// proxies), and keeps its `NodeUptimeReported` events. Ends with the chain.
 struct UptimeWatcher {
     seen: Arc<std::sync::Mutex<Vec<SeenUptime>>>,
     /// The last block read.
     read: Arc<std::sync::atomic::AtomicU64>,
-    api: tfchain::Client,
+    rpc: subxt::backend::rpc::RpcClient,
+}
+
+/// The number of the chain's best block (`chain_getHeader`): blocks are read as soon as they
+/// are made, not once finalized (chopsticks finalizes a block only when it builds the next).
+async fn best_block(rpc: &subxt::backend::rpc::RpcClient) -> Option<u64> {
+    let header: serde_json::Value = rpc
+        .request("chain_getHeader", subxt::ext::subxt_rpcs::rpc_params![])
+        .await
+        .ok()?;
+    let n = header.get("number")?.as_str()?.trim_start_matches("0x");
+    u64::from_str_radix(n, 16).ok()
 }
 
 impl UptimeWatcher {
@@ -1530,16 +2219,22 @@ impl UptimeWatcher {
         let w = UptimeWatcher {
             seen: Default::default(),
             read: Default::default(),
-            api: api.clone(),
+            rpc: rpc.clone(),
         };
         let (seen, read) = (w.seen.clone(), w.read.clone());
         tokio::spawn(async move {
             let mut next = 1u64;
             loop {
-                let Ok(latest) = api.blocks().at_latest().await else {
-                    return;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // A failed read (a busy machine) is tried again; the watcher ends with the
+                // test's runtime.
+                let Some(latest) = best_block(&rpc).await else {
+                    continue;
                 };
-                while next <= latest.number() as u64 {
+                // The blocks up to `latest` exist by now: the host's uptime and the clock
+                // here bound their making (later reads of their events may lag).
+                let (host_uptime, at) = (proc_uptime(), Instant::now());
+                while next <= latest {
                     let Ok(hash) = rpc
                         .request::<subxt::utils::H256>(
                             "chain_getBlockHash",
@@ -1547,10 +2242,10 @@ impl UptimeWatcher {
                         )
                         .await
                     else {
-                        return;
+                        break;
                     };
                     let Ok(events) = api.events().at(hash).await else {
-                        return;
+                        break;
                     };
                     for e in events.iter().flatten() {
                         if e.pallet_name() == tfchain::TFGRID
@@ -1562,15 +2257,14 @@ impl UptimeWatcher {
                             seen.lock().unwrap().push(SeenUptime {
                                 block: next,
                                 event,
-                                host_uptime: proc_uptime(),
-                                at: Instant::now(),
+                                host_uptime,
+                                at,
                             });
                         }
                     }
                     read.store(next, Ordering::Relaxed);
                     next += 1;
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
         w
@@ -1578,7 +2272,7 @@ impl UptimeWatcher {
 
     /// The chain's latest block, once the watcher has read it.
     async fn latest(&self) -> u64 {
-        let n = self.api.blocks().at_latest().await.unwrap().number() as u64;
+        let n = best_block(&self.rpc).await.expect("the chain's best block");
         until("the watcher to read the chain's latest block", || async {
             (self.read.load(Ordering::Relaxed) >= n).then_some(n)
         })
@@ -1594,6 +2288,142 @@ impl UptimeWatcher {
             .filter(|e| e.event.node_id == node && (from..=to).contains(&e.block))
             .copied()
             .collect()
+    }
+}
+
+/// The agent's binary on the chain's `endpoints` (`--chain` each, in that order; contract
+/// poll every second, uptime every 4 s) with a VM on this machine's /dev/kvm: Bob's (dev
+/// account `//Bob`, sr25519) deployment paid by his node contract, running in one vmm
+/// process, an uptime report of the node in a block and the health clear. The agent's log
+/// goes to `log` when given. Dropping it stops the agent and its VMs.
+struct VmAgent {
+    node: common::Node,
+    node_id: u32,
+    /// The VM's vmm process.
+    pid: i32,
+    bob: u32,
+    bob_k: KeyPair,
+}
+
+impl VmAgent {
+    async fn start(
+        reg: &TfchainRegistrar,
+        farm_id: u32,
+        endpoints: &[String],
+        watcher: &UptimeWatcher,
+        log: Option<PathBuf>,
+    ) -> VmAgent {
+        let mut node = common::Node::new();
+        if let Some(log) = log {
+            node.log_to(log);
+        }
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(node.state())
+                .unwrap();
+        }
+        let node_key = KeyPair::generate();
+        node_key.save_new(&node_key_path(&node.state())).unwrap();
+        fund(reg, &node_key).await;
+        let mut args: Vec<String> = vec!["--registrar".into(), "tfchain".into()];
+        for e in endpoints {
+            args.extend(["--chain".to_string(), e.clone()]);
+        }
+        args.extend(
+            [
+                "--farm-id",
+                &farm_id.to_string(),
+                "--capacity",
+                "cru=2,mru=4G,sru=150G,hru=1T",
+                "--contract-poll",
+                "1",
+                "--uptime-interval",
+                "4",
+            ]
+            .iter()
+            .map(|a| a.to_string()),
+        );
+        node.start_with(None, &args);
+        let operator = Client::new(Endpoint::Unix(node.sock()));
+        let status = || async {
+            let resp = operator.request("GET", "/node", None).await.ok()?;
+            resp.json::<NodeStatus>().ok()
+        };
+        let node_id = until("the agent's node registered on the chain", || async {
+            status()
+                .await
+                .filter(|s| s.registered)
+                .and_then(|s| s.node_id)
+        })
+        .await;
+
+        // Bob's VM runs, paid by his contract.
+        let (bob_k, bob) = dev_twin(reg, "//Bob").await;
+        let mut d = common::vm_deployment(bob, 1, &node.image(), &["vm"]);
+        d.contract_id = Some(contract_for(reg, &bob_k, node_id, &d).await);
+        d.sign(bob, &bob_k);
+        let api = node.client(&bob_k, bob);
+        let resp = api
+            .request(
+                "POST",
+                "/deployments",
+                Some(serde_json::to_vec(&d).unwrap()),
+            )
+            .await
+            .unwrap();
+        assert!(resp.ok(), "deploy refused: {} {}", resp.status, resp.text());
+        let pid = until("the VM running with its vmm process", || async {
+            let r = api.request("GET", "/deployments/1", None).await.ok()?;
+            let s: DeploymentStatus = r.json().ok()?;
+            let vmms = node.vmms(bob, "vm");
+            (common::running(&s, &["vm"]) && vmms.len() == 1 && s.vms[0].pid == Some(vmms[0]))
+                .then_some(vmms[0])
+        })
+        .await;
+        until("an uptime report of the node", || async {
+            watcher.of(node_id, 0, u64::MAX).last().copied()
+        })
+        .await;
+        until("the health clear", || async {
+            status()
+                .await
+                .filter(|s| s.registrar_error.is_none())
+                .map(|_| ())
+        })
+        .await;
+        VmAgent {
+            node,
+            node_id,
+            pid,
+            bob,
+            bob_k,
+        }
+    }
+
+    /// The node's health as the operator's API gives it.
+    async fn status(&self) -> Option<NodeStatus> {
+        let operator = Client::new(Endpoint::Unix(self.node.sock()));
+        let resp = operator.request("GET", "/node", None).await.ok()?;
+        resp.json::<NodeStatus>().ok()
+    }
+
+    /// Bob's client of the agent's API.
+    fn api(&self) -> Client {
+        self.node.client(&self.bob_k, self.bob)
+    }
+
+    /// The VM runs in the vmm process it started in, and the agent says so.
+    async fn assert_vm_kept(&self) {
+        assert_eq!(
+            self.node.vmms(self.bob, "vm"),
+            vec![self.pid],
+            "the VM's vmm process changed"
+        );
+        let s = self.status().await.expect("the agent answers");
+        assert_eq!(s.workloads, 1, "the deployment is kept");
     }
 }
 
@@ -1627,86 +2457,18 @@ async fn the_agent_keeps_its_vm_through_a_chain_outage_then_fails_over() {
         Proxy::start(chain.port).await,
         Proxy::start(chain.port).await,
     ];
-    let mut node = common::Node::new();
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(node.state())
-            .unwrap();
-    }
-    let node_key = KeyPair::generate();
-    node_key.save_new(&node_key_path(&node.state())).unwrap();
-    fund(&reg, &node_key).await;
-    let args: Vec<String> = [
-        "--registrar",
-        "tfchain",
-        "--chain",
-        &proxies[0].url(),
-        "--chain",
-        &proxies[1].url(),
-        "--farm-id",
-        &farm_id.to_string(),
-        "--capacity",
-        "cru=2,mru=4G,sru=150G,hru=1T",
-        "--contract-poll",
-        "1",
-        "--uptime-interval",
-        "4",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    node.start_with(None, &args);
-    let operator = Client::new(Endpoint::Unix(node.sock()));
-    let status = || async {
-        let resp = operator.request("GET", "/node", None).await.ok()?;
-        resp.json::<NodeStatus>().ok()
-    };
-    let node_id = until("the agent's node registered on the chain", || async {
-        status()
-            .await
-            .filter(|s| s.registered)
-            .and_then(|s| s.node_id)
-    })
+    let agent = VmAgent::start(
+        &reg,
+        farm_id,
+        &[proxies[0].url(), proxies[1].url()],
+        &watcher,
+        None,
+    )
     .await;
+    let (node_id, pid, bob) = (agent.node_id, agent.pid, agent.bob);
+    let (node, api) = (&agent.node, agent.api());
+    let status = || agent.status();
     let ours = |from: u64, to: u64| watcher.of(node_id, from, to);
-
-    // Bob's VM runs, paid by his contract.
-    let (bob_k, bob) = dev_twin(&reg, "//Bob").await;
-    let mut d = common::vm_deployment(bob, 1, &node.image(), &["vm"]);
-    d.contract_id = Some(contract_for(&reg, &bob_k, node_id, &d).await);
-    d.sign(bob, &bob_k);
-    let api = node.client(&bob_k, bob);
-    let resp = api
-        .request(
-            "POST",
-            "/deployments",
-            Some(serde_json::to_vec(&d).unwrap()),
-        )
-        .await
-        .unwrap();
-    assert!(resp.ok(), "deploy refused: {} {}", resp.status, resp.text());
-    let pid = until("the VM running with its vmm process", || async {
-        let r = api.request("GET", "/deployments/1", None).await.ok()?;
-        let s: DeploymentStatus = r.json().ok()?;
-        let vmms = node.vmms(bob, "vm");
-        (common::running(&s, &["vm"]) && vmms.len() == 1 && s.vms[0].pid == Some(vmms[0]))
-            .then_some(vmms[0])
-    })
-    .await;
-    until("an uptime report of the node", || async {
-        ours(0, u64::MAX).last().copied()
-    })
-    .await;
-    until("the health clear", || async {
-        status()
-            .await
-            .filter(|s| s.registrar_error.is_none())
-            .map(|_| ())
-    })
-    .await;
 
     // Outage: both endpoints cut (what the agent had sent by then is in a block within a
     // moment: the chain makes a block for each extrinsic at once).
@@ -1840,7 +2602,6 @@ async fn the_agent_keeps_its_vm_through_a_chain_outage_then_fails_over() {
         vec![pid],
         "the VM's vmm process changed"
     );
-    node.stop();
 }
 
 /// Seconds since midnight of a log line's RFC 3339 timestamp (`2026-12-03T14:50:39.711939Z ...`).

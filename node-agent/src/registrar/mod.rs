@@ -58,6 +58,9 @@ pub struct NodeInfo {
     pub interfaces: Vec<Interface>,
     pub serial_number: String,
     pub virtualized: bool,
+    /// Booted with UEFI Secure Boot on.
+    #[serde(default)]
+    pub secure_boot: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -65,6 +68,9 @@ pub struct NodeInfo {
 pub struct Interface {
     pub name: String,
     pub mac: String,
+    /// Its addresses (IPv4, and IPv6 but link-local), without prefix length.
+    #[serde(default)]
+    pub ips: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -96,7 +102,7 @@ pub enum RegistrarError {
     Unreachable(String),
     #[error("registrar refused: {0}")]
     Refused(String),
-    #[error("unknown farm {0}")]
+    #[error("unknown farm {0}: no such farm on the registrar (create it, or set --farm-id to the farm of this node)")]
     UnknownFarm(FarmId),
     #[error("registrar answered garbage: {0}")]
     Garbage(String),

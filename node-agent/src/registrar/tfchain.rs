@@ -5,14 +5,19 @@
 //! serves when the client connects (metadata v14 and later), never from a file of ours. The
 //! node's ed25519 key is its chain account (`MultiSignature::Ed25519`, the account id is the
 //! public key); a user twin's key may be sr25519 too (`MultiSignature::Sr25519`). Several
-//! endpoints: a call that cannot reach the current one drops its connection and the next call
-//! connects to the next endpoint in turn; callers (registration, the uptime queue, the contract
-//! poll) retry with their own backoff.
+//! endpoints: a call that cannot reach the current one, or gets an answer that is not a
+//! chain's (not WebSocket, not JSON-RPC, data that does not decode as the metadata says),
+//! drops its connection and the next call connects to the next endpoint in turn; callers
+//! (registration, the uptime queue, the contract poll) retry with their own backoff. Every
+//! error names the endpoint.
 //!
 //! A write succeeds only once its extrinsic is in a block and did not fail (its events are
 //! read); a dispatch error is named by the pallet and error from the metadata
 //! (`TfgridModule::FarmNotExists`), a transaction the pool refuses (no funds for fees, bad
-//! nonce) is a refusal, a lost connection or a timeout is `Unreachable` (transient).
+//! nonce) is a refusal (no funds names the account), a lost connection or a timeout is
+//! `Unreachable` (transient), an answer that is not a chain's is `Garbage`.
+//!
+//! What a node says of itself is bounded as the runtime bounds it ([`as_stored`]).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -126,9 +131,16 @@ impl TfchainRegistrar {
     /// The connected client: the current one, or a new connection to the endpoints in turn
     /// (starting after the last one that failed).
     pub async fn client(&self) -> Result<Client, RegistrarError> {
+        self.connection().await.map(|(_, c)| c)
+    }
+
+    /// The connected client and the index of its endpoint. An endpoint that cannot be
+    /// reached, or answers what is not a chain's JSON-RPC (the connection makes a few calls:
+    /// metadata, genesis hash, runtime version), is logged by name and the next one is tried.
+    async fn connection(&self) -> Result<(usize, Client), RegistrarError> {
         let mut conn = self.conn.lock().await;
-        if let Some((_, c)) = conn.as_ref() {
-            return Ok(c.clone());
+        if let Some((idx, c)) = conn.as_ref() {
+            return Ok((*idx, c.clone()));
         }
         let start = self.next.load(Ordering::Relaxed);
         let mut errors = Vec::new();
@@ -142,7 +154,7 @@ impl TfchainRegistrar {
                     Client::from_insecure_url(url).await
                 }
             };
-            match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            let err = match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
                 Ok(Ok(c)) => {
                     let v = c.runtime_version();
                     info!(
@@ -152,36 +164,49 @@ impl TfchainRegistrar {
                     );
                     *conn = Some((idx, c.clone()));
                     self.next.store(idx, Ordering::Relaxed);
-                    return Ok(c);
+                    return Ok((idx, c));
                 }
-                Ok(Err(e)) => errors.push(format!("{url}: {e}")),
-                Err(_) => errors.push(format!("{url}: no answer in {CONNECT_TIMEOUT:?}")),
-            }
+                Ok(Err(e)) => classify(&format!("{url}: connecting"), e),
+                Err(_) => RegistrarError::Unreachable(format!(
+                    "{url}: connecting: no answer in {CONNECT_TIMEOUT:?}"
+                )),
+            };
+            warn!("chain endpoint unusable: {err}");
+            errors.push(match err {
+                RegistrarError::Unreachable(m)
+                | RegistrarError::Garbage(m)
+                | RegistrarError::Refused(m) => m,
+                e => e.to_string(),
+            });
         }
         self.next
             .store((start + 1) % self.urls.len(), Ordering::Relaxed);
         Err(RegistrarError::Unreachable(format!(
-            "no chain endpoint answers: {}",
+            "no usable chain endpoint: {}",
             errors.join("; ")
         )))
     }
 
-    /// Forgets the connection after a transport failure: the next call connects again,
-    /// starting with the next endpoint.
-    async fn reset(&self) {
+    /// Forgets the connection to endpoint `idx` after it failed (transport or garbage): the
+    /// next call connects again, starting with the next endpoint. A connection made since
+    /// (to another endpoint) is kept.
+    async fn reset(&self, idx: usize) {
         let mut conn = self.conn.lock().await;
-        if let Some((idx, _)) = conn.take() {
-            warn!(endpoint = %self.urls[idx], "chain connection lost; failing over");
+        if conn.as_ref().is_some_and(|(i, _)| *i == idx) {
+            conn.take();
+            warn!(endpoint = %self.urls[idx], "dropping the chain connection; failing over");
             self.next
                 .store((idx + 1) % self.urls.len(), Ordering::Relaxed);
         }
     }
 
-    /// Maps a subxt error, dropping the connection when it is a transport failure.
-    async fn fail(&self, what: &str, e: subxt::Error) -> RegistrarError {
+    /// Maps a subxt error of a call through endpoint `idx`, dropping that connection when the
+    /// endpoint failed: a transport failure, or an answer that is not what a chain answers
+    /// (another endpoint may answer well).
+    async fn fail(&self, idx: usize, what: &str, e: subxt::Error) -> RegistrarError {
         let err = classify(what, e);
-        if err.is_transient() {
-            self.reset().await;
+        if err.is_transient() || matches!(err, RegistrarError::Garbage(_)) {
+            self.reset(idx).await;
         }
         err
     }
@@ -193,18 +218,18 @@ impl TfchainRegistrar {
         entry: &str,
         keys: Vec<Value>,
     ) -> Result<Option<Value<u32>>, RegistrarError> {
-        let api = self.client().await?;
+        let (idx, api) = self.connection().await?;
         let addr = subxt::dynamic::storage(pallet, entry, keys);
-        let what = format!("reading {pallet}.{entry}");
+        let what = format!("{}: reading {pallet}.{entry}", self.urls[idx]);
         let read = async {
             let thunk = api.storage().at_latest().await?.fetch(&addr).await?;
             Ok::<_, subxt::Error>(thunk)
         };
         let thunk = match tokio::time::timeout(READ_TIMEOUT, read).await {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => return Err(self.fail(&what, e).await),
+            Ok(Err(e)) => return Err(self.fail(idx, &what, e).await),
             Err(_) => {
-                self.reset().await;
+                self.reset(idx).await;
                 return Err(RegistrarError::Unreachable(format!(
                     "{what}: no answer in {READ_TIMEOUT:?}"
                 )));
@@ -212,10 +237,15 @@ impl TfchainRegistrar {
         };
         match thunk {
             None => Ok(None),
-            Some(t) => t
-                .to_value()
-                .map(Some)
-                .map_err(|e| RegistrarError::Garbage(format!("{what}: {e}"))),
+            Some(t) => match t.to_value() {
+                Ok(v) => Ok(Some(v)),
+                Err(e) => {
+                    self.reset(idx).await;
+                    Err(RegistrarError::Garbage(format!(
+                        "{what}: the value does not decode as the chain's metadata says: {e}"
+                    )))
+                }
+            },
         }
     }
 
@@ -236,8 +266,8 @@ impl TfchainRegistrar {
         call: &DynamicCall,
     ) -> Result<subxt::blocks::ExtrinsicEvents<PolkadotConfig>, RegistrarError> {
         let _one = self.tx_lock.lock().await;
-        let api = self.client().await?;
-        let what = call_name(call);
+        let (idx, api) = self.connection().await?;
+        let what = format!("{}: {}", self.urls[idx], call_name(call));
         let run = async {
             let mut progress = api
                 .tx()
@@ -267,12 +297,23 @@ impl TfchainRegistrar {
             ))),
             Ok(Ok(Err((true, message)))) => {
                 // Dropped, or the connection went away while waiting: worth retrying.
-                self.reset().await;
+                self.reset(idx).await;
                 Err(RegistrarError::Unreachable(format!("{what}: {message}")))
             }
-            Ok(Err(e)) => Err(self.fail(&what, e).await),
+            Ok(Err(e)) => match self.fail(idx, &what, e).await {
+                RegistrarError::Refused(m) if m.contains(NO_FUNDS) => {
+                    Err(RegistrarError::Refused(m.replace(
+                        NO_FUNDS,
+                        &format!(
+                            " (account {} has no funds for fees: fund it)",
+                            signer.account_id()
+                        ),
+                    )))
+                }
+                err => Err(err),
+            },
             Err(_) => {
-                self.reset().await;
+                self.reset(idx).await;
                 Err(RegistrarError::Unreachable(format!(
                     "{what}: not in a block after {TX_TIMEOUT:?}"
                 )))
@@ -437,9 +478,39 @@ impl UptimeReported {
     }
 }
 
+/// The runtime's bounds on what a node says of itself (spec 144, `pallet-tfgrid`): interfaces
+/// and addresses per interface, the lengths of an interface's name and address, and of a
+/// serial number.
+pub const MAX_INTERFACES: usize = 10;
+pub const MAX_INTERFACE_IPS: usize = 10;
+pub const MAX_SERIAL_NUMBER: usize = 128;
+
+/// An interface name the runtime takes: 3 to 20 of `a-z 0-9 - _`.
+fn valid_interface_name(name: &str) -> bool {
+    (3..=20).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_'))
+}
+
+/// A MAC address the runtime takes: six pairs of hex digits joined by `:`.
+fn valid_mac(mac: &str) -> bool {
+    mac.len() == 17
+        && mac.split(':').count() == 6
+        && mac
+            .split(':')
+            .all(|p| p.len() == 2 && p.bytes().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// An interface address the runtime takes: an IPv4 or IPv6 address of 7 to 42 characters.
+fn valid_ip(ip: &str) -> bool {
+    (7..=42).contains(&ip.len()) && ip.parse::<std::net::IpAddr>().is_ok()
+}
+
 /// What a [`NodeInfo`] becomes on the chain: empty location fields take the chain's
-/// defaults, interfaces the chain would refuse (name not 3-20 characters, MAC not
-/// `xx:xx:xx:xx:xx:xx`) are left out.
+/// defaults; interfaces the chain would refuse (name not 3-20 of `a-z0-9-_`, MAC not
+/// `xx:xx:xx:xx:xx:xx`) are left out, and addresses it would refuse; at most 10 interfaces
+/// of 10 addresses each; the serial number is cut at 128 bytes (on a character boundary).
 pub fn as_stored(info: &NodeInfo) -> NodeInfo {
     let mut out = info.clone();
     let or = |s: &str, d: &str| {
@@ -454,7 +525,19 @@ pub fn as_stored(info: &NodeInfo) -> NodeInfo {
     out.location.latitude = or(&info.location.latitude, "0");
     out.location.longitude = or(&info.location.longitude, "0");
     out.interfaces
-        .retain(|i| (3..=20).contains(&i.name.len()) && i.mac.len() == 17);
+        .retain(|i| valid_interface_name(&i.name) && valid_mac(&i.mac));
+    out.interfaces.truncate(MAX_INTERFACES);
+    for i in &mut out.interfaces {
+        i.ips.retain(|ip| valid_ip(ip));
+        i.ips.truncate(MAX_INTERFACE_IPS);
+    }
+    if out.serial_number.len() > MAX_SERIAL_NUMBER {
+        let mut end = MAX_SERIAL_NUMBER;
+        while !out.serial_number.is_char_boundary(end) {
+            end -= 1;
+        }
+        out.serial_number.truncate(end);
+    }
     out
 }
 
@@ -515,7 +598,7 @@ fn node_args(info: &NodeInfo) -> Vec<Value> {
         Value::named_composite([
             ("name", bytes(&i.name)),
             ("mac", bytes(&i.mac)),
-            ("ips", Value::unnamed_composite([])),
+            ("ips", Value::unnamed_composite(i.ips.iter().map(bytes))),
         ])
     }));
     let serial = (!info.serial_number.is_empty()).then(|| bytes(&info.serial_number));
@@ -524,7 +607,7 @@ fn node_args(info: &NodeInfo) -> Vec<Value> {
         resources,
         location,
         interfaces,
-        Value::bool(false),
+        Value::bool(info.secure_boot),
         Value::bool(info.virtualized),
         option(serial),
     ]
@@ -648,8 +731,16 @@ pub fn capacity_refusal(message: &str, offered: &Resources) -> Option<String> {
     ))
 }
 
+/// What a refusal for want of fees says (the signer's account is named where it is known).
+const NO_FUNDS: &str = " (the account has no funds for fees: fund it first)";
+
+/// What the log and the health say of an endpoint that answers, but not as a chain does.
+pub const NOT_CHAIN_DATA: &str = "the endpoint answered what is not this chain's data";
+pub const NOT_JSON_RPC: &str = "the endpoint answered what is not JSON-RPC";
+pub const NOT_WEBSOCKET: &str = "the endpoint does not speak WebSocket";
+
 fn classify(what: &str, e: subxt::Error) -> RegistrarError {
-    use subxt::error::DispatchError;
+    use subxt::error::{DispatchError, RpcError};
     match e {
         subxt::Error::Runtime(DispatchError::Module(m)) => {
             let name = m.details_string();
@@ -658,20 +749,37 @@ fn classify(what: &str, e: subxt::Error) -> RegistrarError {
         subxt::Error::Runtime(d) => {
             RegistrarError::Refused(format!("{what}: the chain refused it: {d}"))
         }
+        subxt::Error::Rpc(RpcError::ClientError(
+            r @ (subxt::ext::subxt_rpcs::Error::Deserialization(_)
+            | subxt::ext::subxt_rpcs::Error::Decode(_)),
+        )) => RegistrarError::Garbage(format!("{what}: {NOT_CHAIN_DATA}: {r}")),
         subxt::Error::Rpc(r) => {
-            let msg = r.to_string();
+            // subxt and its RPC client each add their prefix: keep one.
+            let full = r.to_string();
+            let mut msg = full.as_str();
+            while let Some(rest) = ["RPC error: ", "client error: "]
+                .iter()
+                .find_map(|p| msg.strip_prefix(p))
+            {
+                msg = rest;
+            }
+            let msg = format!("RPC: {msg}");
             if msg.contains("Invalid Transaction") || msg.contains("1010") {
                 let hint = if msg.contains("pay some fees")
                     || msg.contains("\"payment\"")
                     || msg.contains("balance too low")
                 {
-                    " (the account has no funds for fees: fund it first)"
+                    NO_FUNDS
                 } else {
                     ""
                 };
                 RegistrarError::Refused(format!(
                     "{what}: the chain refused the transaction: {msg}{hint}"
                 ))
+            } else if msg.contains("Unparseable") || msg.contains("Parse error") {
+                RegistrarError::Garbage(format!("{what}: {NOT_JSON_RPC}: {msg}"))
+            } else if msg.contains("andshake") || msg.contains("HTTP") {
+                RegistrarError::Garbage(format!("{what}: {NOT_WEBSOCKET}: {msg}"))
             } else {
                 RegistrarError::Unreachable(format!("{what}: {msg}"))
             }
@@ -681,7 +789,11 @@ fn classify(what: &str, e: subxt::Error) -> RegistrarError {
         | subxt::Error::Decode(_)
         | subxt::Error::Metadata(_)
         | subxt::Error::MetadataDecoding(_)
-        | subxt::Error::Serialization(_)) => RegistrarError::Garbage(format!("{what}: {e}")),
+        | subxt::Error::Serialization(_)
+        | subxt::Error::Block(_)
+        | subxt::Error::Unknown(_)) => {
+            RegistrarError::Garbage(format!("{what}: {NOT_CHAIN_DATA}: {e}"))
+        }
         e @ subxt::Error::Encode(_) => {
             RegistrarError::Garbage(format!("{what}: the chain's metadata does not fit: {e}"))
         }
@@ -722,6 +834,25 @@ pub fn bytes_of(v: &Value<u32>) -> Option<Vec<u8>> {
                 .collect()
         }
         _ => None,
+    }
+}
+
+/// Every byte string (a non-empty sequence of numbers 0-255) in a value, in order, as text:
+/// the items of a vector of names or addresses whatever wrappers hold them.
+pub fn byte_strings(v: &Value<u32>, out: &mut Vec<String>) {
+    use subxt::ext::scale_value::ValueDef;
+    let children: Vec<&Value<u32>> = match &v.value {
+        ValueDef::Composite(c) => c.values().collect(),
+        ValueDef::Variant(var) => var.values.values().collect(),
+        _ => return,
+    };
+    let bytes: Option<Vec<u8>> = children
+        .iter()
+        .map(|c| c.as_u128().and_then(|n| u8::try_from(n).ok()))
+        .collect();
+    match bytes {
+        Some(b) if !b.is_empty() => out.push(String::from_utf8_lossy(&b).into_owned()),
+        _ => children.into_iter().for_each(|c| byte_strings(c, out)),
     }
 }
 
@@ -767,9 +898,15 @@ fn parse_node(v: &Value<u32>) -> Result<Node, RegistrarError> {
         v.at("interfaces").map(|i| &i.value)
     {
         for i in c.values() {
+            // A bounded vector of addresses, each a byte string in its wrappers.
+            let mut ips = Vec::new();
+            if let Some(v) = i.at("ips") {
+                byte_strings(v, &mut ips);
+            }
             interfaces.push(Interface {
                 name: text(i.at("name")),
                 mac: text(i.at("mac")),
+                ips,
             });
         }
     }
@@ -788,6 +925,10 @@ fn parse_node(v: &Value<u32>) -> Result<Node, RegistrarError> {
             serial_number,
             virtualized: v
                 .at("virtualized")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
+            secure_boot: v
+                .at("secure_boot")
                 .and_then(|b| b.as_bool())
                 .unwrap_or(false),
         },
@@ -830,6 +971,22 @@ fn parse_contract(v: &Value<u32>) -> Result<NodeContract, RegistrarError> {
         deployment_hash: hash,
         state,
     })
+}
+
+/// The contracts whose resources the chain took: one `UpdatedUsedResources` per contract (a
+/// contract it no longer holds is skipped without an error).
+fn updated_resources(events: &subxt::blocks::ExtrinsicEvents<PolkadotConfig>) -> Vec<u64> {
+    events
+        .iter()
+        .flatten()
+        .filter(|e| e.pallet_name() == CONTRACTS && e.variant_name() == "UpdatedUsedResources")
+        .filter_map(|e| {
+            e.field_values()
+                .ok()
+                .and_then(|v| v.values().next().and_then(|r| field_num(r, "contract_id")))
+        })
+        .map(|id| id as u64)
+        .collect()
 }
 
 /// Whether the extrinsic's events hold `pallet.event`.
@@ -979,19 +1136,38 @@ impl Registrar for TfchainRegistrar {
     ) -> Result<Vec<u64>, RegistrarError> {
         let mut taken = Vec::new();
         for batch in usage.chunks(RESOURCE_REPORT_BATCH) {
-            let events = self.submit(key, &report_contract_resources(batch)).await?;
-            // One UpdatedUsedResources per contract the chain took; a contract it no longer
-            // holds (cancelled and removed) is skipped without an error.
-            for e in events.iter().flatten() {
-                if e.pallet_name() == CONTRACTS && e.variant_name() == "UpdatedUsedResources" {
-                    if let Some(id) = e
-                        .field_values()
-                        .ok()
-                        .and_then(|v| v.values().next().and_then(|r| field_num(r, "contract_id")))
-                    {
-                        taken.push(id as u64);
+            match self.submit(key, &report_contract_resources(batch)).await {
+                Ok(events) => taken.extend(updated_resources(&events)),
+                // The pallet refuses a whole report for one contract it does not take from
+                // this node (another node's, not a node contract): the contracts go one by
+                // one, and those refused are left out (named in the log); when none is
+                // taken the refusal is the error.
+                Err(RegistrarError::Refused(m)) if batch.len() > 1 => {
+                    warn!(
+                        "the chain refused a report of {} contracts ({m}); reporting them one by one",
+                        batch.len()
+                    );
+                    let mut refused = None;
+                    let before = taken.len();
+                    for one in batch {
+                        let call = report_contract_resources(std::slice::from_ref(one));
+                        match self.submit(key, &call).await {
+                            Ok(events) => taken.extend(updated_resources(&events)),
+                            Err(RegistrarError::Refused(m)) => {
+                                warn!(
+                                    contract = one.contract_id,
+                                    "the chain refuses this contract's resources report: {m}"
+                                );
+                                refused.get_or_insert(m);
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    if let (Some(m), true) = (refused, taken.len() == before) {
+                        return Err(RegistrarError::Refused(m));
                     }
                 }
+                Err(e) => return Err(e),
             }
         }
         Ok(taken)

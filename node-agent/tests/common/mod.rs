@@ -33,6 +33,8 @@ pub fn built(name: &str) -> PathBuf {
 pub struct Node {
     pub dir: tempfile::TempDir,
     agent: Option<Child>,
+    /// Where the agent's log (stderr) goes, when not to the test's stderr.
+    log: Option<PathBuf>,
 }
 
 impl Node {
@@ -70,7 +72,17 @@ impl Node {
                     "node_config": node_config, "cmdline": "", "console_max_bytes": 65536}
         });
         std::fs::write(root.join("agent.json"), agent_cfg.to_string()).unwrap();
-        Self { dir, agent: None }
+        Self {
+            dir,
+            agent: None,
+            log: None,
+        }
+    }
+
+    /// The agent's log (its stderr, warnings and errors) goes to `path` (appended to) from
+    /// the next start on.
+    pub fn log_to(&mut self, path: PathBuf) {
+        self.log = Some(path);
     }
 
     pub fn state(&self) -> PathBuf {
@@ -99,8 +111,18 @@ impl Node {
             .arg("--config")
             .arg(self.dir.path().join("agent.json"))
             .args(args);
+        let stderr = match &self.log {
+            Some(p) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap(),
+            ),
+            None => Stdio::inherit(),
+        };
         cmd.stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .env("GRIDNODE_LOG", "warn");
         if let Some(p) = crash_at {
             cmd.env("GRIDNODE_CRASH_AT", p);
