@@ -19,10 +19,10 @@ use crate::devices::virtio::fs::enter_fs_context;
 
 /// fsx operations on the host mount (the bar).
 const FSX_OPS: u32 = 100_000;
-/// Bound of one tool's run, as the in-guest run's: far above what it takes (fsx 9.3 minutes
-/// on a 2-core host at a load of 10, most of it fsx's own: its mapped reads are never
-/// unmapped, so each truncate walks thousands of mappings; pjdfstest 2 s), and a hang fails
-/// the test, not the CI job.
+/// Bound of one tool's run, as the in-guest run's: far above what it takes (fsx 2.8 minutes on
+/// a 2-core host at a load of 4, 9.3 at a load of 10, most of it fsx's own: its mapped reads
+/// are never unmapped, so each truncate walks thousands of mappings; pjdfstest 2 s), and a
+/// hang fails the test, not the CI job.
 const TOOL_DEADLINE: Duration = Duration::from_secs(1800);
 
 /// An image (with the directories the tools run in, and a file fsx starts from, so its first
