@@ -5,6 +5,7 @@
 
 pub mod agent_bed;
 pub mod artifacts;
+pub mod conformance;
 pub mod cpio;
 pub mod error;
 pub mod microvm;

@@ -3,7 +3,9 @@
 //! for real KVM hosts). The vmm (flist image, flist image through the node's chunk fetcher,
 //! plain directory) and QEMU + virtiofsd serve the same tree to the same guest kernel and
 //! initramfs in the same host; with `VMM_BASELINE_BIN=PATH`, another vmm build too (flist
-//! image and plain directory), for a before/after ratio.
+//! image and plain directory), for a before/after ratio. The `layer` workload compares
+//! writable shares: the vmm's own layer, fuse-backend-rs's overlay in the same vmm, and
+//! virtiofsd from a writable copy of the tree.
 //!
 //! virtiofsd comes from `$VIRTIOFSD_BIN` or the cargo install that `scripts/bench.sh` makes.
 
@@ -26,9 +28,12 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     rand_ops: u64,
     /// Measure only these servers (vmm-flist, vmm-fetcher, vmm-dir, baseline-flist,
-    /// baseline-dir, virtiofsd+qemu), comma-separated.
+    /// baseline-dir, virtiofsd+qemu; vmm-layer, vmm-overlay, virtiofsd-copy), comma-separated.
     #[arg(long)]
     only: Option<String>,
+    /// The workloads (read, layer), comma-separated; both by default.
+    #[arg(long)]
+    workload: Option<String>,
     /// Run on this host's /dev/kvm instead of the test bed.
     #[arg(long)]
     direct: bool,
@@ -81,6 +86,9 @@ fn main() -> Result<()> {
     ];
     if let Some(only) = &args.only {
         common.push(format!("--only={only}"));
+    }
+    if let Some(workload) = &args.workload {
+        common.push(format!("--workload={workload}"));
     }
     if args.direct {
         let mut cmd = Command::new(&bench);

@@ -12,8 +12,17 @@
 //!   tree,
 //!
 //! and inside the guest `guest-fsbench` measures sequential reads, 4 KiB random reads, readdir
-//! and lstat of a large tree. Every measurement is a fresh VM boot, so the guest page cache
-//! starts empty. Cold: the host-side caches are emptied first (the flist chunk cache removed,
+//! and lstat of a large tree (the `read` workload). The `layer` workload measures a writable
+//! share: reads of the image's files, creates, first changes of image files (copy-ups),
+//! listings and removals (`guest-fsbench layer`), served by
+//!
+//! - `vmm layer`: the vmm's own writable layer over the flist image,
+//! - `vmm overlay`: fuse-backend-rs's overlay over the same image (`GRIDNODE_LAYER=overlay`),
+//! - `virtiofsd copy`: QEMU + virtiofsd from a writable copy of the tree (no layer: what a
+//!   plain directory costs; the copy is fresh in the host page cache, cold runs too),
+//!
+//! each run on a fresh layer (or copy). Every measurement is a fresh VM boot, so the guest
+//! page cache starts empty. Cold: the host-side caches are emptied first (the flist chunk cache removed,
 //! the host page cache dropped, the chunk fetcher restarted on an empty cache); warm: the run
 //! right after a cold one, host caches kept. Each flist server has a chunk cache of its own.
 //! Checksums of the bytes read are checked against the tree, so every server is also checked
@@ -73,9 +82,12 @@ struct Args {
     #[arg(long, default_value_t = 256)]
     memory_mib: u64,
     /// Measure only these servers (vmm-flist, vmm-fetcher, vmm-dir, baseline-flist,
-    /// baseline-dir, virtiofsd+qemu), comma-separated.
+    /// baseline-dir, virtiofsd+qemu; vmm-layer, vmm-overlay, virtiofsd-copy), comma-separated.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
+    /// The workloads measured, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "read,layer")]
+    workload: Vec<Workload>,
     /// Deadline for one VM run.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
@@ -88,11 +100,15 @@ const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.n
 /// ACPI off; passed by hand because QEMU would append it after the guest-init `--`.
 const QEMU_VIRTIO_MMIO: &str = "virtio_mmio.device=512@0xfeb00e00:12";
 
-/// What `guest-fsbench all` must report for the generated tree.
+/// What `guest-fsbench all` and `guest-fsbench layer` must report for the generated tree.
 struct Expected {
     seq_sum: u64,
     rand_sum: u64,
     entries: usize,
+    /// The small files read whole, in name order (`lread`).
+    files_sum: u64,
+    /// Entries of the tree's directories once a new file is made beside every other one.
+    layer_entries: usize,
 }
 
 /// xorshift bytes: incompressible, like most file data after compression.
@@ -116,45 +132,75 @@ fn write_tree(args: &Args, tree: &Path) -> Result<Expected> {
     let rand = random_bytes(args.file_mib << 20, 0x5eed_0002);
     write(tree.join("rand.bin"), &rand)?;
     let mut sizes = Rng(0x5eed_0003);
+    let mut files_sum = FOLD_SEED;
     for d in 0..args.dirs {
         let dir = tree.join("tree").join(format!("d{d:03}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for f in 0..args.files_per_dir {
             let len = (sizes.next_u64() % 4096) as usize;
-            write(
-                dir.join(format!("f{f:04}")),
-                &random_bytes(len, (d * 10_000 + f + 1) as u64),
-            )?;
+            let bytes = random_bytes(len, (d * 10_000 + f + 1) as u64);
+            files_sum = fold(files_sum, &bytes);
+            write(dir.join(format!("f{f:04}")), &bytes)?;
         }
     }
     Ok(Expected {
         seq_sum: fold(FOLD_SEED, &seq),
         rand_sum: rand_sum(&rand, args.rand_ops, RAND_SEED).context("--file-mib must be > 0")?,
         entries: args.dirs * (args.files_per_dir + 1),
+        files_sum,
+        layer_entries: args.dirs * (args.files_per_dir + args.files_per_dir.div_ceil(2)),
     })
 }
 
-/// One guest run's numbers: MB/s, ops/s, entries/s, ops/s.
-#[derive(Default, Clone, Copy)]
-struct Sample {
-    seq: f64,
-    rand: f64,
-    readdir: f64,
-    stat: f64,
+/// What the guest measures.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum Workload {
+    /// Sequential and random reads, readdir and lstat of the image (`guest-fsbench all`).
+    Read,
+    /// A writable share (`guest-fsbench layer`).
+    Layer,
 }
 
-impl Sample {
-    /// One line: `seq X MB/s, rand Y ops/s, readdir Z entries/s, stat W/s`.
-    fn brief(&self) -> String {
-        format!(
-            "seq {:.1} MB/s, rand {:.0} ops/s, readdir {:.0} entries/s, stat {:.0}/s",
-            self.seq, self.rand, self.readdir, self.stat
-        )
+impl Workload {
+    /// Its numbers: the name in the guest's `FSBENCH` lines, and the column's title.
+    fn metrics(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Workload::Read => &[
+                ("seq", "seq MB/s"),
+                ("rand", "rand ops/s"),
+                ("readdir", "readdir ent/s"),
+                ("stat", "stat ops/s"),
+            ],
+            Workload::Layer => &[
+                ("lread", "read files/s"),
+                ("create", "create files/s"),
+                ("copyup", "copy-up files/s"),
+                ("lreaddir", "readdir ent/s"),
+                ("unlink", "unlink files/s"),
+            ],
+        }
     }
 }
 
-/// Parses the `FSBENCH` lines and checks them against the tree.
-fn parse(output: &str, expected: &Expected) -> Result<Sample> {
+/// One guest run's numbers, in the order of its workload's [`Workload::metrics`].
+#[derive(Default, Clone)]
+struct Sample(Vec<f64>);
+
+impl Sample {
+    /// One line: `seq X, rand Y, ...`.
+    fn brief(&self, workload: Workload) -> String {
+        workload
+            .metrics()
+            .iter()
+            .zip(&self.0)
+            .map(|((name, _), v)| format!("{name} {v:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Parses the `FSBENCH` lines of `workload` and checks them against the tree.
+fn parse(output: &str, expected: &Expected, workload: Workload) -> Result<Sample> {
     let mut found: BTreeMap<&str, (f64, BTreeMap<&str, &str>)> = BTreeMap::new();
     for line in output.lines() {
         let mut words = line.split_whitespace();
@@ -175,37 +221,56 @@ fn parse(output: &str, expected: &Expected) -> Result<Sample> {
             .get(name)
             .with_context(|| format!("the guest printed no {name} result:\n{output}"))
     };
-    let (seq, seq_fields) = get("seq")?;
-    let (rand, rand_fields) = get("rand")?;
-    let (readdir, readdir_fields) = get("readdir")?;
-    let (stat, _) = get("stat")?;
-    let check = |what: &str, got: Option<&&str>, want: String| {
-        if got.copied() != Some(want.as_str()) {
+    let values = workload
+        .metrics()
+        .iter()
+        .map(|(name, _)| get(name).map(|(v, _)| *v))
+        .collect::<Result<Vec<f64>>>()?;
+    let check = |what: &str, name: &str, field: &str, want: String| {
+        let got = get(name)?.1.get(field).copied();
+        if got != Some(want.as_str()) {
             bail!("{what}: the guest read {got:?}, the tree has {want}");
         }
         Ok(())
     };
-    check(
-        "seq.bin checksum",
-        seq_fields.get("sum"),
-        format!("{:016x}", expected.seq_sum),
-    )?;
-    check(
-        "rand.bin checksum",
-        rand_fields.get("sum"),
-        format!("{:016x}", expected.rand_sum),
-    )?;
-    check(
-        "tree entries",
-        readdir_fields.get("entries"),
-        expected.entries.to_string(),
-    )?;
-    Ok(Sample {
-        seq: *seq,
-        rand: *rand,
-        readdir: *readdir,
-        stat: *stat,
-    })
+    match workload {
+        Workload::Read => {
+            check(
+                "seq.bin checksum",
+                "seq",
+                "sum",
+                format!("{:016x}", expected.seq_sum),
+            )?;
+            check(
+                "rand.bin checksum",
+                "rand",
+                "sum",
+                format!("{:016x}", expected.rand_sum),
+            )?;
+            check(
+                "tree entries",
+                "readdir",
+                "entries",
+                expected.entries.to_string(),
+            )?;
+        }
+        Workload::Layer => {
+            check(
+                "image files checksum",
+                "lread",
+                "sum",
+                format!("{:016x}", expected.files_sum),
+            )?;
+            check(
+                "tree entries",
+                "lreaddir",
+                "entries",
+                expected.layer_entries.to_string(),
+            )?;
+            check("files left after unlink", "unlink", "left", "0".into())?;
+        }
+    }
+    Ok(Sample(values))
 }
 
 /// Runs a VM to its end (or the deadline) and returns its console output.
@@ -253,6 +318,9 @@ enum Server {
     BaselineFlist,
     BaselineDir,
     Virtiofsd,
+    VmmLayer,
+    VmmOverlay,
+    VirtiofsdCopy,
 }
 
 impl Server {
@@ -264,20 +332,34 @@ impl Server {
             Server::BaselineFlist => "baseline-flist",
             Server::BaselineDir => "baseline-dir",
             Server::Virtiofsd => "virtiofsd+qemu",
+            Server::VmmLayer => "vmm-layer",
+            Server::VmmOverlay => "vmm-overlay",
+            Server::VirtiofsdCopy => "virtiofsd-copy",
         }
     }
 
     /// Serves the flist image with a chunk cache of its own.
     fn has_cache(self) -> bool {
-        matches!(self, Server::VmmFlist | Server::BaselineFlist)
+        matches!(
+            self,
+            Server::VmmFlist | Server::BaselineFlist | Server::VmmLayer | Server::VmmOverlay
+        )
+    }
+
+    fn workload(self) -> Workload {
+        match self {
+            Server::VmmLayer | Server::VmmOverlay | Server::VirtiofsdCopy => Workload::Layer,
+            _ => Workload::Read,
+        }
     }
 }
 
-/// The pairs compared when both were measured: (this build, its baseline).
-const BASELINE_PAIRS: &[(Server, Server)] = &[
+/// The pairs compared when both were measured: (this one, the one it is measured against).
+const PAIRS: &[(Server, Server)] = &[
     (Server::VmmFlist, Server::BaselineFlist),
     (Server::VmmFetcher, Server::BaselineFlist),
     (Server::VmmDir, Server::BaselineDir),
+    (Server::VmmLayer, Server::VmmOverlay),
 ];
 
 struct Bench {
@@ -297,11 +379,22 @@ struct Bench {
 }
 
 impl Bench {
-    fn guest_script(&self) -> String {
-        format!(
-            "mkdir -p /mnt && mount -t virtiofs {TAG} /mnt && /bin/guest-fsbench all /mnt {} {RAND_SEED}",
-            self.args.rand_ops
-        )
+    fn guest_script(&self, workload: Workload) -> String {
+        let run = match workload {
+            Workload::Read => format!("all /mnt {} {RAND_SEED}", self.args.rand_ops),
+            Workload::Layer => "layer /mnt".to_owned(),
+        };
+        format!("mkdir -p /mnt && mount -t virtiofs {TAG} /mnt && /bin/guest-fsbench {run}")
+    }
+
+    /// The writable layer of `server` (a fresh one each run).
+    fn layer(&self, server: Server) -> PathBuf {
+        self.args.work.join(format!("layer-{}", server.name()))
+    }
+
+    /// The writable copy of the tree virtiofsd-copy serves (a fresh one each run).
+    fn copy(&self) -> PathBuf {
+        self.args.work.join("copy")
     }
 
     /// The chunk cache of `server` (flist servers, the fetcher).
@@ -390,7 +483,18 @@ impl Bench {
             .args(["--initrd".as_ref(), a.initrd.as_os_str()])
             .args(["--memory", &a.memory_mib.to_string(), "--cmdline", "quiet"]);
         let image = format!("tag={TAG},image={}", self.image.display());
+        cmd.env_remove("GRIDNODE_LAYER");
         match server {
+            Server::VmmLayer | Server::VmmOverlay => {
+                cmd.arg("--fs")
+                    .arg(format!("{image},layer={}", self.layer(server).display()))
+                    .arg("--image-cache")
+                    .arg(self.cache(server))
+                    .args(["--store", &self.store]);
+                if server == Server::VmmOverlay {
+                    cmd.env("GRIDNODE_LAYER", "overlay");
+                }
+            }
             Server::VmmFlist | Server::BaselineFlist => {
                 cmd.arg("--fs")
                     .arg(image)
@@ -407,23 +511,23 @@ impl Bench {
                     .arg(self.fetcher_socket())
                     .args(["--store", &self.store]);
             }
-            Server::VmmDir | Server::BaselineDir | Server::Virtiofsd => {
+            Server::VmmDir | Server::BaselineDir | Server::Virtiofsd | Server::VirtiofsdCopy => {
                 cmd.arg("--fs")
                     .arg(format!("tag={TAG},dir={},readonly", self.tree.display()));
             }
         }
-        cmd.args(["--", "/bin/sh", "-c", &self.guest_script()]);
+        cmd.args(["--", "/bin/sh", "-c", &self.guest_script(server.workload())]);
         cmd
     }
 
-    fn start_virtiofsd(&self, virtiofsd: &Path, socket: &Path) -> Result<Child> {
+    fn start_virtiofsd(&self, virtiofsd: &Path, shared: &Path, socket: &Path) -> Result<Child> {
         let _ = std::fs::remove_file(socket);
         let log = File::create(self.args.work.join("virtiofsd.log"))?;
         let child = Command::new(virtiofsd)
             .arg("--socket-path")
             .arg(socket)
             .arg("--shared-dir")
-            .arg(&self.tree)
+            .arg(shared)
             .args(["--cache=auto", "--sandbox=none", "--seccomp=none"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -440,9 +544,9 @@ impl Bench {
         Ok(child)
     }
 
-    fn qemu(&self, qemu: &Path, socket: &Path) -> Command {
+    fn qemu(&self, qemu: &Path, socket: &Path, workload: Workload) -> Command {
         let a = &self.args;
-        let words: Vec<String> = ["/bin/sh", "-c", &self.guest_script()]
+        let words: Vec<String> = ["/bin/sh", "-c", &self.guest_script(workload)]
             .iter()
             .map(|w| vmm::config::spec::encode_word(w))
             .collect();
@@ -497,26 +601,60 @@ impl Bench {
         if server == Server::VmmFetcher {
             self.start_fetcher()?;
         }
+        let fresh = |path: &Path| -> Result<()> {
+            if path.exists() {
+                std::fs::remove_dir_all(path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+            Ok(())
+        };
         let output = match server {
             Server::VmmFlist
             | Server::VmmFetcher
             | Server::VmmDir
             | Server::BaselineFlist
-            | Server::BaselineDir => run_vm(self.vmm(server), &log, timeout)?,
-            Server::Virtiofsd => {
+            | Server::BaselineDir
+            | Server::VmmLayer
+            | Server::VmmOverlay => {
+                if server.workload() == Workload::Layer {
+                    fresh(&self.layer(server))?;
+                }
+                run_vm(self.vmm(server), &log, timeout)?
+            }
+            Server::Virtiofsd | Server::VirtiofsdCopy => {
                 let (Some(qemu), Some(virtiofsd)) = (&self.args.qemu, &self.args.virtiofsd) else {
                     bail!("virtiofsd runs need --qemu and --virtiofsd");
                 };
+                let shared = if server == Server::VirtiofsdCopy {
+                    // The layer workload touches only tree/.
+                    let copy = self.copy();
+                    fresh(&copy)?;
+                    std::fs::create_dir_all(&copy)
+                        .with_context(|| format!("creating {}", copy.display()))?;
+                    let status = Command::new("cp")
+                        .arg("-a")
+                        .arg(self.tree.join("tree"))
+                        .arg(&copy)
+                        .status()
+                        .context("running cp")?;
+                    if !status.success() {
+                        bail!("copying the tree to {} failed: {status}", copy.display());
+                    }
+                    copy
+                } else {
+                    self.tree.clone()
+                };
                 let socket = self.args.work.join("virtiofsd.sock");
-                let mut daemon = self.start_virtiofsd(virtiofsd, &socket)?;
-                let result = run_vm(self.qemu(qemu, &socket), &log, timeout);
+                let mut daemon = self.start_virtiofsd(virtiofsd, &shared, &socket)?;
+                let result = run_vm(self.qemu(qemu, &socket, server.workload()), &log, timeout);
                 // virtiofsd ends when its front end disconnects; make sure of it.
                 let _ = daemon.kill();
                 let _ = daemon.wait();
                 result?
             }
         };
-        parse(&output, &self.expected).with_context(|| format!("{} run", server.name()))
+        parse(&output, &self.expected, server.workload())
+            .with_context(|| format!("{} run", server.name()))
     }
 }
 
@@ -529,7 +667,7 @@ fn is_lost_run(e: &anyhow::Error) -> bool {
     died && !text.contains("checksum") && !text.contains("tree entries")
 }
 
-/// Cold and warm medians of each server, `runs` of each. The runs interleave the servers, so
+/// Cold and warm medians of each server (all of one workload), `runs` of each. The runs interleave the servers, so
 /// that load changes on the host hit them alike, and every other run takes them in reverse
 /// order, so that none always follows the same one (whose leftovers in the host's caches and
 /// allocator would favour or cost it every time).
@@ -555,8 +693,8 @@ fn measure_all(
                 "fs-bench: {} run {}/{runs}: cold {}; warm {}",
                 server.name(),
                 run + 1,
-                c.brief(),
-                w.brief()
+                c.brief(server.workload()),
+                w.brief(server.workload())
             );
             cold.push(c);
             warm.push(w);
@@ -585,13 +723,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn median_sample(samples: &[Sample]) -> Sample {
-    let pick = |f: fn(&Sample) -> f64| median(samples.iter().map(f).collect());
-    Sample {
-        seq: pick(|s| s.seq),
-        rand: pick(|s| s.rand),
-        readdir: pick(|s| s.readdir),
-        stat: pick(|s| s.stat),
-    }
+    let metrics = samples.first().map_or(0, |s| s.0.len());
+    Sample(
+        (0..metrics)
+            .map(|i| median(samples.iter().map(|s| s.0[i]).collect()))
+            .collect(),
+    )
 }
 
 fn main() -> Result<()> {
@@ -625,25 +762,35 @@ fn main() -> Result<()> {
         bail!("flist pack failed: {status}");
     }
 
-    let mut servers = vec![Server::VmmFlist];
-    if args.chunk_fetcher.is_some() {
-        servers.push(Server::VmmFetcher);
+    let mut servers = Vec::new();
+    if args.workload.contains(&Workload::Read) {
+        servers.push(Server::VmmFlist);
+        if args.chunk_fetcher.is_some() {
+            servers.push(Server::VmmFetcher);
+        }
+        servers.push(Server::VmmDir);
     }
-    servers.push(Server::VmmDir);
     let baseline_takes_store = match &args.baseline_vmm {
-        Some(baseline) => {
+        Some(baseline) if args.workload.contains(&Workload::Read) => {
             servers.extend([Server::BaselineFlist, Server::BaselineDir]);
             takes_flag(baseline, "--store")?
         }
-        None => false,
+        _ => false,
     };
-    if args.qemu.is_some() {
+    if args.qemu.is_some() && args.workload.contains(&Workload::Read) {
         servers.push(Server::Virtiofsd);
+    }
+    if args.workload.contains(&Workload::Layer) {
+        servers.extend([Server::VmmLayer, Server::VmmOverlay]);
+        if args.qemu.is_some() {
+            servers.push(Server::VirtiofsdCopy);
+        }
     }
     if let Some(only) = &args.only {
         servers.retain(|s| only.iter().any(|o| o == s.name()));
     }
     let runs = args.runs;
+    let workloads = args.workload.clone();
     let mut bench = Bench {
         store,
         baseline_takes_store,
@@ -655,68 +802,19 @@ fn main() -> Result<()> {
         page_cache_dropped: true,
         lost_runs: BTreeMap::new(),
     };
-    let measured = measure_all(&mut bench, &servers, runs);
-    bench.stop_fetcher();
-    let results = measured?;
-
     let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "in-guest virtio-fs, median of {runs} fresh boots each ({} MiB files, {} random 4 KiB reads, {} entries)",
-        bench.args.file_mib, bench.args.rand_ops, bench.expected.entries
-    )?;
-    writeln!(
-        out,
-        "{:<16} {:<5} {:>10} {:>12} {:>14} {:>12}",
-        "server", "cache", "seq MB/s", "rand ops/s", "readdir ent/s", "stat ops/s"
-    )?;
-    for (server, cold, warm) in &results {
-        for (phase, s) in [("cold", cold), ("warm", warm)] {
-            writeln!(
-                out,
-                "{:<16} {:<5} {:>10.1} {:>12.0} {:>14.0} {:>12.0}",
-                server.name(),
-                phase,
-                s.seq,
-                s.rand,
-                s.readdir,
-                s.stat
-            )?;
-        }
-    }
-    if let Some((_, base_cold, base_warm)) = results.iter().find(|r| r.0 == Server::Virtiofsd) {
-        for (server, cold, warm) in results.iter().filter(|r| r.0 != Server::Virtiofsd) {
-            for (phase, s, b) in [("cold", cold, base_cold), ("warm", warm, base_warm)] {
-                writeln!(
-                    out,
-                    "ratio {} / virtiofsd ({phase}): seq {:.2}x  rand {:.2}x  readdir {:.2}x  stat {:.2}x",
-                    server.name(),
-                    s.seq / b.seq,
-                    s.rand / b.rand,
-                    s.readdir / b.readdir,
-                    s.stat / b.stat
-                )?;
-            }
-        }
-    }
-    for (server, base) in BASELINE_PAIRS {
-        let find = |s: &Server| results.iter().find(|r| r.0 == *s);
-        let (Some((_, cold, warm)), Some((_, base_cold, base_warm))) = (find(server), find(base))
-        else {
+    for workload in workloads {
+        let of_workload: Vec<Server> = servers
+            .iter()
+            .copied()
+            .filter(|s| s.workload() == workload)
+            .collect();
+        if of_workload.is_empty() {
             continue;
-        };
-        for (phase, s, b) in [("cold", cold, base_cold), ("warm", warm, base_warm)] {
-            writeln!(
-                out,
-                "ratio {} / {} ({phase}): seq {:.2}x  rand {:.2}x  readdir {:.2}x  stat {:.2}x",
-                server.name(),
-                base.name(),
-                s.seq / b.seq,
-                s.rand / b.rand,
-                s.readdir / b.readdir,
-                s.stat / b.stat
-            )?;
         }
+        let measured = measure_all(&mut bench, &of_workload, runs);
+        bench.stop_fetcher();
+        report(&mut out, &bench, workload, runs, &measured?)?;
     }
     for (server, lost) in &bench.lost_runs {
         writeln!(
@@ -729,6 +827,80 @@ fn main() -> Result<()> {
             out,
             "(the host page cache could not be dropped: cold dir runs are warm)"
         )?;
+    }
+    Ok(())
+}
+
+/// The table of one workload's medians, and the ratios of the pairs measured.
+fn report(
+    out: &mut impl Write,
+    bench: &Bench,
+    workload: Workload,
+    runs: usize,
+    results: &[(Server, Sample, Sample)],
+) -> Result<()> {
+    let a = &bench.args;
+    match workload {
+        Workload::Read => writeln!(
+            out,
+            "in-guest virtio-fs, median of {runs} fresh boots each ({} MiB files, {} random 4 KiB reads, {} entries)",
+            a.file_mib, a.rand_ops, bench.expected.entries
+        )?,
+        Workload::Layer => writeln!(
+            out,
+            "in-guest writable share, median of {runs} fresh boots each, a fresh layer (or copy) each ({} image files, {} created)",
+            a.dirs * a.files_per_dir,
+            bench.expected.layer_entries - a.dirs * a.files_per_dir
+        )?,
+    }
+    let metrics = workload.metrics();
+    write!(out, "{:<16} {:<5}", "server", "cache")?;
+    for (_, title) in metrics {
+        write!(out, " {title:>15}")?;
+    }
+    writeln!(out)?;
+    for (server, cold, warm) in results {
+        for (phase, s) in [("cold", cold), ("warm", warm)] {
+            write!(out, "{:<16} {phase:<5}", server.name())?;
+            for v in &s.0 {
+                write!(out, " {v:>15.1}")?;
+            }
+            writeln!(out)?;
+        }
+    }
+    let ratios = |s: &Sample, b: &Sample| {
+        metrics
+            .iter()
+            .zip(s.0.iter().zip(&b.0))
+            .map(|((name, _), (x, y))| format!("{name} {:.2}x", x / y))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let find = |s: Server| results.iter().find(|r| r.0 == s);
+    let reference = match workload {
+        Workload::Read => Server::Virtiofsd,
+        Workload::Layer => Server::VirtiofsdCopy,
+    };
+    let mut pairs: Vec<(Server, Server)> = results
+        .iter()
+        .filter(|r| r.0 != reference)
+        .map(|r| (r.0, reference))
+        .collect();
+    pairs.extend(PAIRS.iter().copied());
+    for (server, base) in pairs {
+        let (Some((_, cold, warm)), Some((_, base_cold, base_warm))) = (find(server), find(base))
+        else {
+            continue;
+        };
+        for (phase, s, b) in [("cold", cold, base_cold), ("warm", warm, base_warm)] {
+            writeln!(
+                out,
+                "ratio {} / {} ({phase}): {}",
+                server.name(),
+                base.name(),
+                ratios(s, b)
+            )?;
+        }
     }
     Ok(())
 }

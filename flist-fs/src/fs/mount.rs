@@ -1,8 +1,11 @@
-//! Host FUSE mount of a [`FlistFs`] through `/dev/fuse` (fuse-backend-rs `fusedev`): mount
-//! read-only, serve requests on a few threads until unmounted (or `Mounted::unmount`).
+//! Host FUSE mount of a filesystem through `/dev/fuse` (fuse-backend-rs `fusedev`): mount,
+//! serve requests on a few threads until unmounted (or `Mounted::unmount`). Images mount
+//! read-only ([`mount`], [`mount_with`]); [`mount_fs`] mounts any `FileSystem` (the vmm's
+//! tests mount its writable layer this way).
 
 use super::FlistFs;
 use crate::error::{Error, Result};
+use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
 use fuse_backend_rs::transport::FuseSession;
 use std::path::{Path, PathBuf};
@@ -14,6 +17,18 @@ pub struct Mounted {
     session: FuseSession,
     threads: Vec<JoinHandle<()>>,
     mountpoint: PathBuf,
+}
+
+/// How [`mount_fs`] mounts and serves.
+pub struct MountOptions {
+    /// Threads serving requests (at least one).
+    pub threads: usize,
+    /// Lets other users in (the kernel still checks permissions).
+    pub allow_other: bool,
+    pub readonly: bool,
+    /// Runs first on each serving thread, before its first request (a thread that fails it
+    /// serves nothing).
+    pub thread_start: Option<fn() -> std::io::Result<()>>,
 }
 
 /// Mounts `fs` at `mountpoint` for the mounting user only, served by `threads` threads.
@@ -28,46 +43,88 @@ pub fn mount_with(
     threads: usize,
     allow_other: bool,
 ) -> Result<Mounted> {
+    let options = MountOptions {
+        threads,
+        allow_other,
+        readonly: true,
+        thread_start: None,
+    };
+    mount_fs(fs, mountpoint, &options)
+}
+
+/// Mounts any filesystem at `mountpoint` as `options` say.
+pub fn mount_fs<F: FileSystem + Send + Sync + 'static>(
+    fs: F,
+    mountpoint: &Path,
+    options: &MountOptions,
+) -> Result<Mounted> {
     let fail = |e: fuse_backend_rs::transport::Error| {
         Error::io(mountpoint, std::io::Error::other(e.to_string()))
     };
-    let mut session = FuseSession::new(mountpoint, "flist", "flist", true).map_err(fail)?;
-    session.set_allow_other(allow_other);
+    let mut session =
+        FuseSession::new(mountpoint, "flist", "flist", options.readonly).map_err(fail)?;
+    session.set_allow_other(options.allow_other);
     session.mount().map_err(fail)?;
     let server = Arc::new(Server::new(fs));
     let mut handles = Vec::new();
-    for n in 0..threads.max(1) {
+    let (started, start_results) = std::sync::mpsc::channel();
+    for n in 0..options.threads.max(1) {
         let mut channel = session.new_channel().map_err(fail)?;
         let server = server.clone();
+        let thread_start = options.thread_start;
+        let started = started.clone();
         let h = std::thread::Builder::new()
             .name(format!("flist-fuse-{n}"))
-            .spawn(move || loop {
-                match channel.get_request() {
-                    Ok(Some((reader, writer))) => {
-                        if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
-                            if let fuse_backend_rs::Error::EncodeMessage(ref io) = e {
-                                if io.raw_os_error() == Some(libc::EBADF) {
-                                    break;
+            .spawn(move || {
+                let start = thread_start.map_or(Ok(()), |start| start());
+                let ok = start.is_ok();
+                let _ = started.send(start);
+                if !ok {
+                    return;
+                }
+                loop {
+                    match channel.get_request() {
+                        Ok(Some((reader, writer))) => {
+                            if let Err(e) = server.handle_message(reader, writer.into(), None, None)
+                            {
+                                if let fuse_backend_rs::Error::EncodeMessage(ref io) = e {
+                                    if io.raw_os_error() == Some(libc::EBADF) {
+                                        break;
+                                    }
                                 }
+                                tracing::warn!(error = %e, "fuse request failed");
                             }
-                            tracing::warn!(error = %e, "fuse request failed");
                         }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "fuse channel closed");
-                        break;
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "fuse channel closed");
+                            break;
+                        }
                     }
                 }
             })
             .map_err(|e| Error::io(mountpoint, e))?;
         handles.push(h);
     }
-    Ok(Mounted {
+    drop(started);
+    let mut mounted = Mounted {
         session,
         threads: handles,
         mountpoint: mountpoint.to_path_buf(),
-    })
+    };
+    // Every thread reports its start (a thread that panicked drops its sender unsent).
+    let failed = (0..mounted.threads.len())
+        .map(|_| start_results.recv())
+        .find_map(|r| match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e),
+            Err(_) => Some(std::io::Error::other("a FUSE thread ended before serving")),
+        });
+    if let Some(e) = failed {
+        let _ = mounted.stop();
+        return Err(Error::io(mountpoint, e));
+    }
+    Ok(mounted)
 }
 
 impl Mounted {

@@ -31,6 +31,8 @@ mod bench_tests;
 pub mod check;
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod fuse_tests;
 pub(crate) mod host;
 mod inode;
 mod rename;
