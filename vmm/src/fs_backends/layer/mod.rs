@@ -1174,6 +1174,16 @@ impl Layer {
         Ok(Some(upper))
     }
 
+    /// The listing made at OPENDIR for `handle`.
+    fn listing(&self, handle: u64) -> io::Result<Arc<Vec<Item>>> {
+        self.dirs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&handle)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))
+    }
+
     fn upper_of(st: &NodeState) -> io::Result<u64> {
         st.upper.ok_or_else(|| errno(libc::EIO))
     }
@@ -1188,9 +1198,10 @@ impl FileSystem for Layer {
         self.image.init(capable)?;
         self.inodes.reset(Self::root_state(&self.root));
         self.dirs.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        // Directory listings are answered without attributes: a READDIRPLUS entry is a
-        // lookup the guest may never count.
-        Ok(opts - FsOptions::DO_READDIRPLUS - FsOptions::READDIRPLUS_AUTO)
+        // Listings may carry each entry's node and attributes (READDIRPLUS, as the overlay
+        // and the passthrough offer it): the guest then spares a LOOKUP per entry. Each
+        // entry with a node is one lookup of it, given back by a FORGET (`readdirplus`).
+        Ok(opts | FsOptions::DO_READDIRPLUS | FsOptions::READDIRPLUS_AUTO)
     }
 
     fn destroy(&self) {
@@ -1798,13 +1809,7 @@ impl FileSystem for Layer {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let items = self
-            .dirs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&handle)
-            .cloned()
-            .ok_or_else(|| errno(libc::EBADF))?;
+        let items = self.listing(handle)?;
         for (i, item) in items.iter().enumerate().skip(offset as usize) {
             let entry = DirEntry {
                 ino: item.ino,
@@ -1814,6 +1819,84 @@ impl FileSystem for Layer {
             };
             if add_entry(entry)? == 0 {
                 break;
+            }
+        }
+        Ok(())
+    }
+
+    /// The listing of `readdir` with each entry's node and attributes, as a LOOKUP of its
+    /// name gives them now (the same path: whiteouts, opaque and redirected directories,
+    /// nodes). Each entry given with a node is one lookup of it the guest gives back by a
+    /// FORGET; `.` and `..` and the entries the lookup no longer finds are given without a
+    /// node (the guest links nothing for them), and an entry the reply has no room for gives
+    /// its lookup back at once.
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        _size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        let items = self.listing(handle)?;
+        // The listing's `.` is the directory it was opened for: the names are looked up there.
+        if items.first().map(|i| i.ino) != Some(inode) {
+            return Err(errno(libc::EBADF));
+        }
+        let dir = self.node(inode)?;
+        let mut added = false;
+        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+            let mut entry = DirEntry {
+                ino: item.ino,
+                offset: i as u64 + 1,
+                type_: item.type_,
+                name: item.name.to_bytes(),
+            };
+            let dots = i < 2;
+            let found = if dots {
+                None
+            } else {
+                match self.lookup_node(ctx, &dir, &item.name, false) {
+                    Ok(found) => Some(found),
+                    // Gone since the listing was made (or unreadable now): given as READDIR
+                    // gives it; a LOOKUP of the name answers for it.
+                    Err(e) => {
+                        let _ = self.logged("readdirplus", Err::<(), _>(e));
+                        None
+                    }
+                }
+            };
+            let reply = match &found {
+                Some((node, attr)) => {
+                    entry.ino = attr.st_ino;
+                    entry.type_ = (attr.st_mode & libc::S_IFMT) >> 12;
+                    Self::entry(node.id, *attr)
+                }
+                None => Entry {
+                    inode: 0,
+                    generation: 0,
+                    // SAFETY: a plain C struct of integers, for which all zeroes is valid.
+                    attr: unsafe { std::mem::zeroed() },
+                    attr_flags: 0,
+                    attr_timeout: Duration::ZERO,
+                    entry_timeout: Duration::ZERO,
+                },
+            };
+            let r = add_entry(entry, reply);
+            let fits = matches!(r, Ok(n) if n > 0);
+            if !fits {
+                // Not in the reply: the guest will not count this lookup.
+                if let Some((node, _)) = found {
+                    self.forget(ctx, node.id, 1);
+                }
+            }
+            match r {
+                Ok(0) => break,
+                Ok(_) => added = true,
+                // The entries added before are in the reply (and counted by the guest).
+                Err(_) if added => break,
+                Err(e) => return Err(e),
             }
         }
         Ok(())

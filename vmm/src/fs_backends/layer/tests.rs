@@ -622,3 +622,274 @@ fn new_objects_replace_a_whiteout_in_one_step() {
     assert!(report.consistent(), "{report}");
     assert_eq!((report.stale_work, report.opaque_dirs), (0, 1), "{report}");
 }
+
+/// One entry of a READDIRPLUS reply: name, node id (0: none), attributes, offset, `d_ino`.
+struct Plus {
+    name: String,
+    node: u64,
+    attr: fuse_backend_rs::abi::fuse_abi::stat64,
+    offset: u64,
+    ino: u64,
+}
+
+/// READDIRPLUS of `dir` from `offset` through a fresh OPENDIR, `reply` answering as the
+/// server's reply buffer (given how many entries it took: the bytes taken, 0 when full):
+/// the request's result, the entries taken, and the one offered last if not taken.
+fn plus<F: FileSystem<Inode = u64, Handle = u64>>(
+    fs: &F,
+    dir: u64,
+    offset: u64,
+    mut reply: impl FnMut(usize) -> std::io::Result<usize>,
+) -> (std::io::Result<()>, Vec<Plus>, Option<Plus>) {
+    let ctx = Context::default();
+    let (h, _) = fs.opendir(&ctx, dir, 0).unwrap();
+    let h = h.unwrap_or(0);
+    let mut taken = Vec::new();
+    let mut last = None;
+    let r = fs.readdirplus(&ctx, dir, h, 1 << 16, offset, &mut |d, e| {
+        let p = Plus {
+            name: String::from_utf8_lossy(d.name).into_owned(),
+            node: e.inode,
+            attr: e.attr,
+            offset: d.offset,
+            ino: d.ino,
+        };
+        let n = reply(taken.len());
+        match n {
+            Ok(n) if n > 0 => taken.push(p),
+            _ => last = Some(p),
+        }
+        n
+    });
+    fs.releasedir(&ctx, dir, 0, h).unwrap();
+    (r, taken, last)
+}
+
+/// READDIRPLUS of all of `dir` in one reply.
+fn plus_all<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, dir: u64) -> Vec<Plus> {
+    let (r, taken, last) = plus(fs, dir, 0, |_| Ok(1));
+    r.unwrap();
+    assert!(last.is_none());
+    taken
+}
+
+fn forget_all<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, entries: &[Plus]) {
+    for e in entries.iter().filter(|e| e.node != 0) {
+        fs.forget(&Context::default(), e.node, 1);
+    }
+}
+
+fn is_stale<F: FileSystem<Inode = u64, Handle = u64>>(fs: &F, node: u64) -> bool {
+    fs.getattr(&Context::default(), node, None)
+        .err()
+        .and_then(|e| e.raw_os_error())
+        == Some(libc::ESTALE)
+}
+
+/// Image entries, copied-up, new, removed (whiteout) and replaced (opaque directory) ones:
+/// READDIRPLUS gives what LOOKUP of each name gives (node, attributes), hides what LOOKUP
+/// does not find, gives `.` and `..` without a node.
+#[test]
+fn readdirplus_gives_what_lookup_gives() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let a = walk(&fs, "a").unwrap();
+        // A removed image file, a removed image directory made again (opaque), a copy-up
+        // (one of two image names of a file), a new file, a device node.
+        fs.unlink(&ctx, a, &name("f")).unwrap();
+        let sub = lookup(&fs, a, "sub").unwrap();
+        fs.unlink(&ctx, sub, &name("deep")).unwrap();
+        fs.rmdir(&ctx, a, &name("sub")).unwrap();
+        fs.mkdir(&ctx, a, &name("sub"), 0o700, 0).unwrap();
+        let h1 = lookup(&fs, a, "h1").unwrap();
+        let mut valid = SetattrValid::empty();
+        valid.insert(SetattrValid::MODE);
+        // SAFETY: a plain C struct of integers, for which all zeroes is valid.
+        let mut attr: fuse_backend_rs::abi::fuse_abi::stat64 = unsafe { std::mem::zeroed() };
+        attr.st_mode = 0o600;
+        fs.setattr(&ctx, h1, attr, None, valid).unwrap();
+        fs.create(&ctx, a, &name("new"), create_args()).unwrap();
+        let dev = libc::makedev(8, 0) as u32;
+        fs.mknod(&ctx, a, &name("sda"), libc::S_IFBLK | 0o640, dev, 0)
+            .unwrap();
+
+        // The image file's other name is linked to the copy as it is looked up (which
+        // changes the copy's link count): in the listing too.
+        let first = plus_all(&fs, a);
+        let h2 = first.iter().find(|p| p.name == "h2").unwrap();
+        assert_eq!(h2.node, h1, "the image file's other name is the copy");
+        forget_all(&fs, &first);
+
+        let got = plus_all(&fs, a);
+        let listed: Vec<&str> = got.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(&listed[..2], [".", ".."]);
+        assert!(got[..2].iter().all(|p| p.node == 0), "no node for . and ..");
+        let mut shown: Vec<String> = got[2..].iter().map(|p| p.name.clone()).collect();
+        shown.sort();
+        assert_eq!(shown, names(&fs, a));
+        assert_eq!(shown, ["h1", "h2", "new", "sda", "sub"], "f is whited out");
+        for (i, p) in got.iter().enumerate() {
+            assert_eq!(p.offset, i as u64 + 1);
+        }
+        for p in &got[2..] {
+            let e = fs.lookup(&ctx, a, &name(&p.name)).unwrap();
+            assert_ne!(p.node, 0, "{}", p.name);
+            assert_eq!(e.inode, p.node, "{}: one node", p.name);
+            let (st, _) = fs.getattr(&ctx, p.node, None).unwrap();
+            for (what, x) in [("lookup", e.attr), ("getattr", st)] {
+                assert_eq!(p.attr.st_ino, x.st_ino, "{} {what}", p.name);
+                assert_eq!(p.attr.st_mode, x.st_mode, "{} {what}", p.name);
+                assert_eq!(p.attr.st_nlink, x.st_nlink, "{} {what}", p.name);
+                assert_eq!(p.attr.st_size, x.st_size, "{} {what}", p.name);
+                assert_eq!(p.attr.st_rdev, x.st_rdev, "{} {what}", p.name);
+                assert_eq!(p.attr.st_uid, x.st_uid, "{} {what}", p.name);
+            }
+            assert_eq!(p.ino, p.attr.st_ino, "{}", p.name);
+            fs.forget(&ctx, e.inode, 1);
+        }
+        let by = |n: &str| got.iter().find(|p| p.name == n).unwrap();
+        assert_eq!(by("h1").node, h1, "the copied-up file keeps its node");
+        assert_eq!(by("h2").node, h1, "the image file's other name is the copy");
+        assert_eq!(by("h1").attr.st_mode, libc::S_IFREG | 0o600);
+        assert_eq!(by("h2").attr.st_mode, libc::S_IFREG | 0o600);
+        assert_eq!(by("h1").attr.st_nlink, 2);
+        assert_eq!(by("sda").attr.st_mode, libc::S_IFBLK | 0o640);
+        assert_eq!(by("sda").attr.st_rdev, u64::from(dev));
+        assert_eq!(by("sub").attr.st_mode, libc::S_IFDIR | 0o700);
+        // The opaque directory shows nothing of the image's.
+        let inner = plus_all(&fs, by("sub").node);
+        assert_eq!(inner.len(), 2, "only . and ..");
+        forget_all(&fs, &got);
+        // A handle of another directory is refused.
+        let (h, _) = fs.opendir(&ctx, ROOT_ID, 0).unwrap();
+        let err = fs
+            .readdirplus(&ctx, a, h.unwrap_or(0), 1 << 16, 0, &mut |_, _| Ok(1))
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBADF));
+        fs.releasedir(&ctx, ROOT_ID, 0, h.unwrap_or(0)).unwrap();
+    });
+}
+
+/// Each entry READDIRPLUS gives with a node is one lookup of it: as many FORGETs give the
+/// node back (nodes the guest did not otherwise look up: dropped then, not before).
+#[test]
+fn readdirplus_entries_are_one_lookup_each() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let b = walk(&fs, "b").unwrap();
+        let (up, ..) = fs.create(&ctx, b, &name("up"), create_args()).unwrap();
+        let a = walk(&fs, "a").unwrap();
+        for dir in [a, b] {
+            let got = plus_all(&fs, dir);
+            let nodes: Vec<&Plus> = got.iter().filter(|p| p.node != 0).collect();
+            assert_eq!(nodes.len(), got.len() - 2);
+            // Twice: the second listing adds one lookup more to each node, given back.
+            forget_all(&fs, &plus_all(&fs, dir));
+            // The file made by CREATE: the guest holds that lookup too.
+            if dir == b {
+                assert!(nodes.iter().any(|p| p.node == up.inode));
+                fs.forget(&ctx, up.inode, 1);
+            }
+            // h1 and h2 are one node: two lookups of it.
+            let mut seen = std::collections::HashSet::new();
+            for p in &nodes {
+                if seen.insert(p.node) {
+                    assert!(!is_stale(&fs, p.node), "{} still held", p.name);
+                    let refs = nodes.iter().filter(|q| q.node == p.node).count();
+                    fs.forget(&ctx, p.node, refs as u64);
+                }
+                assert!(is_stale(&fs, p.node), "{}: one lookup per entry", p.name);
+            }
+        }
+    });
+}
+
+/// A reply buffer that fills stops the listing there: the entry it had no room for keeps no
+/// lookup; nor does one the reply failed to take; the listing goes on from the last offset.
+#[test]
+fn readdirplus_stops_at_a_full_reply_without_a_leak() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let a = walk(&fs, "a").unwrap();
+        // Four entries of distinct nodes: f, sub, h1 and new.
+        fs.unlink(&ctx, a, &name("h2")).unwrap();
+        let (new, ..) = fs.create(&ctx, a, &name("new"), create_args()).unwrap();
+        fs.forget(&ctx, new.inode, 1);
+        let all = plus_all(&fs, a);
+        assert_eq!(all.len(), 6);
+        forget_all(&fs, &all);
+        for p in all.iter().filter(|p| p.node != 0) {
+            assert!(is_stale(&fs, p.node), "{}", p.name);
+        }
+        let mut offered = Vec::new();
+        // Room for `.`, `..` and one entry: the next is refused.
+        let (r, first, refused) = plus(&fs, a, 0, |n| Ok(usize::from(n < 3)));
+        r.unwrap();
+        assert_eq!(first.len(), 3);
+        let refused = refused.unwrap();
+        assert_ne!(refused.node, 0);
+        assert!(
+            is_stale(&fs, refused.node),
+            "{}: no lookup kept",
+            refused.name
+        );
+        assert!(!is_stale(&fs, first[2].node));
+        offered.push(refused);
+        // A reply that fails after some entries: those stand, the failed one keeps nothing.
+        let eoverflow = || std::io::Error::from_raw_os_error(libc::EOVERFLOW);
+        let (r, more, failed) = plus(&fs, a, first[2].offset, |n| {
+            if n < 1 {
+                Ok(1)
+            } else {
+                Err(eoverflow())
+            }
+        });
+        r.unwrap();
+        assert_eq!(more.len(), 1);
+        let failed = failed.unwrap();
+        assert!(
+            is_stale(&fs, failed.node),
+            "{}: no lookup kept",
+            failed.name
+        );
+        offered.push(failed);
+        // A reply that fails at once is the request's error, and keeps nothing.
+        let (r, none, failed) = plus(&fs, a, more[0].offset, |_| Err(eoverflow()));
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EOVERFLOW));
+        assert!(none.is_empty());
+        let failed = failed.unwrap();
+        assert!(
+            is_stale(&fs, failed.node),
+            "{}: no lookup kept",
+            failed.name
+        );
+        offered.push(failed);
+        // The rest, from where the last reply ended.
+        let (r, rest, _) = plus(&fs, a, more[0].offset, |_| Ok(1));
+        r.unwrap();
+        let mut listed: Vec<&str> = first
+            .iter()
+            .chain(&more)
+            .chain(&rest)
+            .map(|p| p.name.as_str())
+            .collect();
+        listed.sort();
+        let mut want: Vec<&str> = all.iter().map(|p| p.name.as_str()).collect();
+        want.sort();
+        assert_eq!(listed, want);
+        for part in [&first, &more, &rest] {
+            forget_all(&fs, part);
+        }
+        for p in first.iter().chain(&more).chain(&rest).chain(&offered) {
+            if p.node != 0 {
+                assert!(is_stale(&fs, p.node), "{}: balanced", p.name);
+            }
+        }
+    });
+}
