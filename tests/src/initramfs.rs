@@ -45,7 +45,7 @@ pub(crate) fn build(busybox: &Path, modules: &[Module], job: &Job, token: &str) 
     a.file(
         "init",
         0o755,
-        Contents::Bytes(init_script(&insmods, token).into_bytes()),
+        Contents::Bytes(init_script(&insmods, token, watchdog_after(job.timeout)).into_bytes()),
     )?;
     Ok(a)
 }
@@ -95,8 +95,19 @@ fn host_mode(path: &Path) -> Result<u32> {
     Ok(meta.permissions().mode() & 0o7777)
 }
 
+/// Seconds after the job starts at which the bed's watchdog reports what the job is doing: a
+/// little before the host side gives up on the job, so a hang leaves its trace on the console.
+fn watchdog_after(timeout: std::time::Duration) -> u64 {
+    let secs = timeout.as_secs();
+    secs.saturating_sub((secs / 6).clamp(10, 30)).max(5)
+}
+
 /// The /init of the test bed (busybox sh, PID 1). Console: ttyS0; results: ttyS1 (raw).
-fn init_script(insmods: &str, token: &str) -> String {
+///
+/// A watchdog prints, `watchdog_secs` after the job starts, every process with the state,
+/// wait channel and kernel stack of each of its threads, then the kernel log the console
+/// level hides (soft lockups, hung tasks): what a job that never ends was stuck on.
+fn init_script(insmods: &str, token: &str, watchdog_secs: u64) -> String {
     format!(
         r#"#!/bin/sh
 # Test bed PID 1: prepare a KVM host, run /job/script.sh, report, power off.
@@ -116,11 +127,27 @@ stty -F /dev/ttyS1 raw -echo 2>/dev/null
 echo "{token}-START uptime=$(cut -d' ' -f1 /proc/uptime)"
 tail -f /tmp/job.out &
 tailpid=$!
+( sleep {watchdog_secs}
+  echo "{token}-WATCHDOG: the job is still running; its processes:"
+  for p in /proc/[0-9]*; do
+    [ -r $p/cmdline ] || continue
+    args=$(tr '\0' ' ' < $p/cmdline 2>/dev/null)
+    [ -n "$args" ] || continue
+    echo "pid ${{p#/proc/}}: $args"
+    for t in $p/task/*; do
+      echo "  tid ${{t##*/}} $(cat $t/comm 2>/dev/null) state=$(cut -d' ' -f3 $t/stat 2>/dev/null) wchan=$(cat $t/wchan 2>/dev/null)"
+      sed 's/^/    /' $t/stack 2>/dev/null | head -12
+    done
+  done
+  echo "loadavg $(cat /proc/loadavg)"
+  dmesg | tail -40
+  echo "{token}-WATCHDOG end" ) &
+watchdogpid=$!
 cd /job
 sh /job/script.sh > /tmp/job.out 2>&1 < /dev/null
 status=$?
 cd /
-kill $tailpid 2>/dev/null
+kill $tailpid $watchdogpid 2>/dev/null
 {{ echo "{token}-BEGIN"; cat /tmp/job.out; printf '\n{token}-END %d\n' "$status"; }} > /dev/ttyS1
 echo "{token}-DONE status=$status"
 sync

@@ -61,3 +61,31 @@ fn job_status_and_output_come_back() -> Result<(), Error> {
     assert_eq!(out.output, "payload\ndynamic-ok\n");
     Ok(())
 }
+
+#[test]
+fn a_job_that_hangs_leaves_the_watchdogs_report() -> Result<(), Error> {
+    let Some(bed) = testbed("a_job_that_hangs_leaves_the_watchdogs_report")? else {
+        return Ok(());
+    };
+    let job = Job::new("echo before-the-hang\nsleep 100000\necho never\n")
+        .timeout(std::time::Duration::from_secs(40));
+    match bed.run_once(&job) {
+        Err(Error::Timeout { console, .. }) => {
+            let report = console
+                .find("-WATCHDOG: the job is still running")
+                .map(|at| &console[at..])
+                .unwrap_or_else(|| panic!("no watchdog report on the console:\n{console}"));
+            eprintln!("{report}");
+            assert!(console.contains("before-the-hang"), "{console}");
+            assert!(!console.contains("never"), "{console}");
+            // The hung process, its thread's state and where in the kernel it waits.
+            assert!(report.contains("sleep 100000"), "{report}");
+            assert!(report.contains("state=S"), "{report}");
+            assert!(report.contains("loadavg"), "{report}");
+            assert!(report.contains("-WATCHDOG end"), "{report}");
+            Ok(())
+        }
+        Err(other) => panic!("expected a timeout, got: {other}"),
+        Ok(out) => panic!("a job that sleeps for a day ended: {out:?}"),
+    }
+}
