@@ -10,7 +10,7 @@ packages=(
     # the test bed: a KVM host kernel booted under QEMU's software CPU with nested SVM
     qemu-system-x86 linux-image-cloud-amd64 busybox-static
     # flist-fs: real servers and FUSE
-    redis-server fuse3 libfuse3-dev pkg-config python3
+    redis-server nginx-light fuse3 libfuse3-dev pkg-config python3
     # seccomp filters, privilege drop in tests; setfattr/getfattr for the end-to-end tests
     libseccomp-dev util-linux attr
     # virtiofsd (benchmark peer) builds against libcap-ng

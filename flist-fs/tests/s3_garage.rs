@@ -174,6 +174,7 @@ api_bind_addr = "127.0.0.1:{admin}"
     let (image, fresh) = open_image(&img, &OpenOptions::default()).unwrap();
     let big = image.inode(image.resolve("/sub/big.bin").unwrap()).unwrap();
     let mut got = Vec::new();
+    let before = flist_fs::store::range_replies();
     fresh
         .read_range(big, 1_000_000, 4096, &mut |b| {
             got.extend_from_slice(b);
@@ -181,4 +182,11 @@ api_bind_addr = "127.0.0.1:{admin}"
         })
         .unwrap();
     assert!(got == want[1_000_000..1_004_096]);
+    // Garage answered each ranged GET with a partial reply (206) whose Content-Range is the
+    // range asked for, not with the whole chunk.
+    let after = flist_fs::store::range_replies();
+    assert!(
+        after.answered > before.answered && after.ignored == before.ignored,
+        "{before:?} -> {after:?}"
+    );
 }

@@ -2,13 +2,77 @@
 //! a `dir://` store, so any static web server can serve an image's chunks. Redirects are
 //! never followed (a 3xx is an error naming the store: a store must not steer the node to
 //! another address) and a body longer than [`MAX_STORED_CHUNK`] is refused. Ranged reads send
-//! a `Range` header; see [`read_range_body`].
+//! a `Range` header; see [`read_range_body`]. How servers answer them is counted
+//! ([`range_replies`]): a server that ignores ranges still works, at the cost of whole chunks,
+//! and is named once in the log.
 
 use super::{Store, MAX_STORED_CHUNK};
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+
+static RANGES_ANSWERED: AtomicU64 = AtomicU64::new(0);
+static RANGES_IGNORED: AtomicU64 = AtomicU64::new(0);
+static IGNORED_LOGGED: AtomicBool = AtomicBool::new(false);
+
+/// How HTTP and S3 servers answered this process's ranged reads so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RangeReplies {
+    /// Partial answers (206) carrying exactly the range asked for.
+    pub answered: u64,
+    /// Whole-object answers (200): the server ignored the range, the chunk was read up to the
+    /// end of the range and cut.
+    pub ignored: u64,
+}
+
+/// The process-wide counts of [`RangeReplies`].
+pub fn range_replies() -> RangeReplies {
+    RangeReplies {
+        answered: RANGES_ANSWERED.load(Ordering::Relaxed),
+        ignored: RANGES_IGNORED.load(Ordering::Relaxed),
+    }
+}
+
+/// Checks a 206's `Content-Range` (`bytes START-END/TOTAL`, TOTAL may be `*`) against the
+/// range asked for: it must start at `offset` and end within `len` bytes. Returns the length
+/// of the body it announces.
+fn check_content_range(
+    store: &str,
+    id: &ChunkId,
+    header: Option<&str>,
+    offset: u64,
+    len: u32,
+) -> Result<u64> {
+    let bad = |why: &str| {
+        Error::store(
+            store,
+            format!(
+                "chunk {id}: partial reply for bytes {offset}..{}: {why}",
+                offset + u64::from(len)
+            ),
+        )
+    };
+    let header = header.ok_or_else(|| bad("no Content-Range"))?;
+    let spec = header
+        .trim()
+        .strip_prefix("bytes ")
+        .ok_or_else(|| bad(&format!("Content-Range {header:?} is not a byte range")))?;
+    let (range, _total) = spec
+        .split_once('/')
+        .ok_or_else(|| bad(&format!("Content-Range {header:?} has no total")))?;
+    let (start, end) = range
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)))
+        .ok_or_else(|| bad(&format!("Content-Range {header:?} is malformed")))?;
+    if start != offset || end < start || end - start >= u64::from(len.max(1)) {
+        return Err(bad(&format!(
+            "the server sent bytes {start}..={end} (Content-Range {header:?})"
+        )));
+    }
+    Ok(end - start + 1)
+}
 
 /// The error for a 3xx answer (redirects are not followed), naming the store and where it
 /// pointed.
@@ -67,6 +131,24 @@ pub(crate) fn read_range_body(
         return Err(redirect_error(store, id, &resp));
     }
     let partial = status == 206;
+    let announced = if partial {
+        RANGES_ANSWERED.fetch_add(1, Ordering::Relaxed);
+        Some(check_content_range(
+            store,
+            id,
+            resp.header("content-range"),
+            offset,
+            len,
+        )?)
+    } else {
+        RANGES_IGNORED.fetch_add(1, Ordering::Relaxed);
+        if !IGNORED_LOGGED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "store {store} ignores HTTP ranges: each block read downloads its chunk up to the block"
+            );
+        }
+        None
+    };
     let mut reader = resp.into_reader();
     if !partial {
         if offset + u64::from(len) > MAX_STORED_CHUNK as u64 {
@@ -88,6 +170,17 @@ pub(crate) fn read_range_body(
             store,
             format!("chunk {id}: reply longer than the {len} bytes asked for"),
         ));
+    }
+    if let Some(announced) = announced {
+        if buf.len() as u64 != announced {
+            return Err(Error::store(
+                store,
+                format!(
+                    "chunk {id}: partial reply of {} bytes, its Content-Range announced {announced}",
+                    buf.len()
+                ),
+            ));
+        }
     }
     Ok(buf)
 }
@@ -177,6 +270,36 @@ impl Store for HttpStore {
             Ok(_) => Ok(true),
             Err(ureq::Error::Status(404, _)) => Ok(false),
             Err(e) => Err(Error::store(&self.url, format!("HEAD chunk {id}: {e}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(header: Option<&str>, offset: u64, len: u32) -> std::result::Result<u64, String> {
+        check_content_range("http://s", &ChunkId([7; 32]), header, offset, len)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_partial_reply_must_carry_the_range_asked_for() {
+        assert_eq!(check(Some("bytes 100-199/5000"), 100, 100), Ok(100));
+        assert_eq!(check(Some("bytes 100-149/150"), 100, 100), Ok(50));
+        assert_eq!(check(Some("bytes 0-0/*"), 0, 1), Ok(1));
+        for (header, why) in [
+            (None, "no Content-Range"),
+            (Some("items 100-199/5000"), "not a byte range"),
+            (Some("bytes 100-199"), "no total"),
+            (Some("bytes x-199/5000"), "malformed"),
+            (Some("bytes 0-99/5000"), "sent bytes 0..=99"),
+            (Some("bytes 100-200/5000"), "sent bytes 100..=200"),
+            (Some("bytes 150-120/5000"), "sent bytes 150..=120"),
+        ] {
+            let err = check(header, 100, 100).unwrap_err();
+            assert!(err.contains(why), "{header:?}: {err}");
+            assert!(err.contains("bytes 100..200"), "{err}");
         }
     }
 }

@@ -53,7 +53,7 @@ mod s3;
 pub(crate) mod testsrv;
 
 pub use dir::DirStore;
-pub use http::HttpStore;
+pub use http::{range_replies, HttpStore, RangeReplies};
 pub use policy::{same_store, StorePolicy};
 pub use redis::RedisStore;
 pub use router::{parse_route_spec, Router};
