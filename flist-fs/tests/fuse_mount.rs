@@ -299,3 +299,68 @@ fn sparse_files_keep_their_holes() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// Voluntary context switches of this process's threads named `flist-fuse-*` (the mount's
+/// serving threads): each is one sleep, so one wakeup.
+fn serving_thread_wakeups() -> (usize, u64) {
+    let mut threads = 0;
+    let mut switches = 0;
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("flist-fuse-") {
+            continue;
+        }
+        threads += 1;
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        switches += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    (threads, switches)
+}
+
+#[test]
+fn a_request_wakes_one_serving_thread() {
+    if !fuse_available() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    sample_tree(&src);
+    let store_dir = t.path().join("store");
+    let img = t.path().join("img.flist");
+    pack(
+        &src,
+        &img,
+        &Router::from_specs(&[format!("dir://{}", store_dir.display())]).unwrap(),
+        &PackOptions::default(),
+    )
+    .unwrap();
+    let mnt = t.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let fs = FlistFs::open(&img, &OpenOptions::default()).unwrap();
+    let mounted = flist_fs::fs::mount::mount(fs, &mnt, 4).unwrap();
+    let file = mnt.join("small.txt");
+    drop(std::fs::File::open(&file).unwrap());
+
+    // One request at a time: each open and close is a few requests (OPEN, FLUSH, RELEASE,
+    // and any lookups), each of which should wake one idle thread. Threads that all wake for
+    // every request (the herd) would switch about 4 times per request.
+    let iterations = 300u64;
+    let (threads, before) = serving_thread_wakeups();
+    assert_eq!(threads, 4);
+    for _ in 0..iterations {
+        drop(std::fs::File::open(&file).unwrap());
+    }
+    let (_, after) = serving_thread_wakeups();
+    mounted.unmount().unwrap();
+    let per_open = (after - before) as f64 / iterations as f64;
+    println!("serving-thread wakeups per open and close: {per_open:.2}");
+    assert!(
+        per_open < 4.0,
+        "{per_open:.2} wakeups of the 4 serving threads per open and close"
+    );
+}

@@ -639,6 +639,9 @@ fn bench_mount(work: &Path, mb: u64, reads: usize, runs: usize, redis: bool) {
                         .arg("--cache")
                         .arg(&cache)
                         .env("FLIST_LOG", "error");
+                    if let Ok(threads) = std::env::var("FLIST_BENCH_THREADS") {
+                        cmd.arg("--threads").arg(threads);
+                    }
                 } else {
                     cmd = std::process::Command::new(&rfs);
                     cmd.arg("mount")

@@ -4,8 +4,8 @@
 //!
 //! Decoding is bounded whatever the chunk claims: the claimed plaintext length must be at most
 //! [`MAX_CHUNK_SIZE`] and the stored bytes at most [`max_stored_size`] of it; decompression
-//! streams into a buffer that never grows past the claimed length (one extra byte is read to
-//! detect a chunk that decodes to more) and refuses zstd windows larger than a chunk.
+//! writes into a buffer of the claimed length plus one byte (to detect a chunk that decodes
+//! to more), which it never writes past, and refuses zstd windows larger than a chunk.
 //!
 //! [`verify_stored`] and [`decode`] also take the stored bytes of a blocked chunk (see
 //! [`super::blocks`]): one whose bytes do not hash to its id but whose block table does.
@@ -14,7 +14,6 @@ use super::{ChunkId, MAX_CHUNK_SIZE};
 use crate::error::{Error, Result};
 use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
-use std::io::Read;
 
 pub(super) const ZSTD_LEVEL: i32 = 3;
 pub(super) const KEY_CONTEXT: &str = "flist-fs 2025 convergent chunk key v1";
@@ -152,41 +151,44 @@ pub fn decode(
     Ok(plain)
 }
 
-/// Decompresses `compressed`, which must decode to exactly `len` bytes: output is read into a
-/// `len`-byte buffer plus one probe byte, so a bomb stops at `len + 1` bytes.
+thread_local! {
+    /// This thread's zstd decoding context, made once: a context costs more to make than a
+    /// 32 KiB block costs to decode (its tables and buffers), and every cold read decodes one.
+    static DECODER: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompresses `compressed`, which must decode to exactly `len` bytes: it is decoded in one
+/// step into a buffer of `len` bytes plus one, which zstd never writes past, so a bomb stops
+/// at `len + 1` bytes.
 pub(super) fn decompress_capped(
     compressed: &[u8],
     len: usize,
 ) -> std::result::Result<Vec<u8>, String> {
-    let mut dec = zstd::stream::read::Decoder::with_buffer(compressed)
-        .map_err(|e| format!("zstd decoder: {e}"))?;
-    dec.window_log_max(WINDOW_LOG_MAX)
-        .map_err(|e| format!("zstd decoder: {e}"))?;
-    let mut plain = vec![0u8; len];
-    let mut got = 0;
-    while got < len {
-        match dec.read(&mut plain[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("zstd decompression failed: {e}")),
-        }
-    }
-    if got < len {
-        return Err(format!("decoded to {got} bytes, metadata says {len}"));
-    }
-    let mut probe = [0u8; 1];
-    loop {
-        match dec.read(&mut probe) {
-            Ok(0) => return Ok(plain),
-            Ok(_) => {
-                return Err(format!(
-                    "decodes to more than the {len} bytes its metadata says"
-                ))
+    let mut plain = Vec::with_capacity(len + 1);
+    let decoded = DECODER.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decoder = match cell.as_mut() {
+            Some(decoder) => decoder,
+            None => {
+                let mut decoder = zstd::bulk::Decompressor::new()?;
+                decoder.set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))?;
+                cell.insert(decoder)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("zstd decompression failed: {e}")),
-        }
+        };
+        decoder.decompress_to_buffer(compressed, &mut plain)
+    });
+    match decoded {
+        Ok(got) if got == len => Ok(plain),
+        Ok(got) if got > len => Err(format!(
+            "decodes to more than the {len} bytes its metadata says"
+        )),
+        Ok(got) => Err(format!("decoded to {got} bytes, metadata says {len}")),
+        // zstd's dstSize_tooSmall: the output would not fit in `len + 1` bytes.
+        Err(e) if e.to_string().contains("too small") => Err(format!(
+            "decodes to more than the {len} bytes its metadata says"
+        )),
+        Err(e) => Err(format!("zstd decompression failed: {e}")),
     }
 }
 

@@ -25,6 +25,7 @@
 //! ```
 
 mod attr;
+mod fuse_channel;
 #[cfg(feature = "fusedev")]
 pub mod mount;
 mod ops;

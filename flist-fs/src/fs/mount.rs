@@ -1,13 +1,15 @@
 //! Host FUSE mount of a filesystem through `/dev/fuse` (fuse-backend-rs `fusedev`): mount,
-//! serve requests on a few threads until unmounted (or `Mounted::unmount`). Images mount
+//! serve requests on a few threads (each waking alone for a request, [`super::fuse_channel`])
+//! until unmounted (or `Mounted::unmount`). Images mount
 //! read-only ([`mount`], [`mount_with`]); [`mount_fs`] mounts any `FileSystem` (the vmm's
 //! tests mount its writable layer this way).
 
+use super::fuse_channel::{Channel, StopSignal};
 use super::FlistFs;
 use crate::error::{Error, Result};
 use fuse_backend_rs::api::filesystem::FileSystem;
 use fuse_backend_rs::api::server::Server;
-use fuse_backend_rs::transport::FuseSession;
+use fuse_backend_rs::transport::{FuseBuf, FuseDevWriter, FuseSession, FuseSessionExt, Reader};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,6 +17,7 @@ use std::thread::JoinHandle;
 /// A live mount; dropping it unmounts.
 pub struct Mounted {
     session: FuseSession,
+    stop: StopSignal,
     threads: Vec<JoinHandle<()>>,
     mountpoint: PathBuf,
 }
@@ -66,10 +69,15 @@ pub fn mount_fs<F: FileSystem + Send + Sync + 'static>(
     session.set_allow_other(options.allow_other);
     session.mount().map_err(fail)?;
     let server = Arc::new(Server::new(fs));
+    let stop = StopSignal::new().map_err(|e| Error::io(mountpoint, e))?;
+    let device = session
+        .file()
+        .ok_or_else(|| Error::io(mountpoint, std::io::Error::other("no FUSE device")))?;
+    let bufsize = session.bufsize();
     let mut handles = Vec::new();
     let (started, start_results) = std::sync::mpsc::channel();
     for n in 0..options.threads.max(1) {
-        let mut channel = session.new_channel().map_err(fail)?;
+        let mut channel = Channel::new(device, &stop).map_err(|e| Error::io(mountpoint, e))?;
         let server = server.clone();
         let thread_start = options.thread_start;
         let started = started.clone();
@@ -79,28 +87,8 @@ pub fn mount_fs<F: FileSystem + Send + Sync + 'static>(
                 let start = thread_start.map_or(Ok(()), |start| start());
                 let ok = start.is_ok();
                 let _ = started.send(start);
-                if !ok {
-                    return;
-                }
-                loop {
-                    match channel.get_request() {
-                        Ok(Some((reader, writer))) => {
-                            if let Err(e) = server.handle_message(reader, writer.into(), None, None)
-                            {
-                                if let fuse_backend_rs::Error::EncodeMessage(ref io) = e {
-                                    if io.raw_os_error() == Some(libc::EBADF) {
-                                        break;
-                                    }
-                                }
-                                tracing::warn!(error = %e, "fuse request failed");
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "fuse channel closed");
-                            break;
-                        }
-                    }
+                if ok {
+                    serve(&mut channel, &server, bufsize);
                 }
             })
             .map_err(|e| Error::io(mountpoint, e))?;
@@ -109,6 +97,7 @@ pub fn mount_fs<F: FileSystem + Send + Sync + 'static>(
     drop(started);
     let mut mounted = Mounted {
         session,
+        stop,
         threads: handles,
         mountpoint: mountpoint.to_path_buf(),
     };
@@ -125,6 +114,44 @@ pub fn mount_fs<F: FileSystem + Send + Sync + 'static>(
         return Err(Error::io(mountpoint, e));
     }
     Ok(mounted)
+}
+
+/// Serves requests from `channel` until the filesystem is unmounted or the mount is stopped.
+fn serve<F: FileSystem + Sync>(channel: &mut Channel, server: &Server<F>, bufsize: usize) {
+    let mut request = vec![0u8; bufsize];
+    let mut reply = vec![0u8; bufsize];
+    loop {
+        let len = match channel.next_request(&mut request) {
+            Ok(Some(len)) => len,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(error = %e, "fuse channel closed");
+                break;
+            }
+        };
+        let reader = match Reader::<()>::from_fuse_buffer(FuseBuf::new(&mut request[..len])) {
+            Ok(reader) => reader,
+            Err(e) => {
+                tracing::warn!(error = %e, "unreadable fuse request");
+                continue;
+            }
+        };
+        let writer = match FuseDevWriter::<()>::new(channel.device_fd(), &mut reply) {
+            Ok(writer) => writer,
+            Err(e) => {
+                tracing::warn!(error = %e, "no fuse reply buffer");
+                continue;
+            }
+        };
+        if let Err(e) = server.handle_message(reader, writer.into(), None, None) {
+            if let fuse_backend_rs::Error::EncodeMessage(ref io) = e {
+                if io.raw_os_error() == Some(libc::EBADF) {
+                    break;
+                }
+            }
+            tracing::warn!(error = %e, "fuse request failed");
+        }
+    }
 }
 
 impl Mounted {
@@ -154,7 +181,9 @@ impl Mounted {
             .session
             .umount()
             .map_err(|e| Error::io(&self.mountpoint, std::io::Error::other(e.to_string())));
-        let _ = self.session.wake();
+        if let Err(e) = self.stop.raise() {
+            tracing::warn!(error = %e, "cannot stop the FUSE threads");
+        }
         for h in self.threads.drain(..) {
             let _ = h.join();
         }
