@@ -63,6 +63,22 @@ fn access_log(dir: &Path) -> Vec<(u16, String, u64, String)> {
         .collect()
 }
 
+/// The 4 KiB at `at` of `inode`, read through `source`.
+fn read_4k(
+    source: &flist_fs::fetch::ChunkSource,
+    inode: &flist_fs::meta::Inode,
+    at: u64,
+) -> Vec<u8> {
+    let mut got = Vec::new();
+    source
+        .read_range(inode, at, 4096, &mut |b| {
+            got.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+    got
+}
+
 #[test]
 fn nginx_answers_a_small_read_with_one_block() {
     let t = tempfile::tempdir().unwrap();
@@ -105,14 +121,7 @@ fn nginx_answers_a_small_read_with_one_block() {
         .find(|c| c.offset <= at && at < c.offset + u64::from(c.size))
         .unwrap();
     let before = range_replies();
-    let mut got = Vec::new();
-    source
-        .read_range(inode, at, 4096, &mut |b| {
-            got.extend_from_slice(b);
-            Ok(())
-        })
-        .unwrap();
-    assert!(got == data[at as usize..at as usize + 4096], "wrong bytes");
+    assert!(read_4k(&source, inode, at) == data[at as usize..at as usize + 4096]);
     let after = range_replies();
 
     // One request, answered 206 with one block's bytes: a fraction of the chunk.
@@ -150,14 +159,7 @@ fn nginx_answers_a_small_read_with_one_block() {
         },
     )
     .unwrap();
-    let mut got = Vec::new();
-    source
-        .read_range(inode, at, 4096, &mut |b| {
-            got.extend_from_slice(b);
-            Ok(())
-        })
-        .unwrap();
-    assert!(got == data[at as usize..at as usize + 4096], "wrong bytes");
+    assert!(read_4k(&source, inode, at) == data[at as usize..at as usize + 4096]);
     let last = range_replies();
     assert_eq!(last.ignored - after.ignored, 1, "{after:?} -> {last:?}");
 }
