@@ -18,6 +18,10 @@
 //!
 //! Firecracker runs without its API socket (`--no-api --config-file`); it has no status ports,
 //! so it is ended by a kill after the measurement, like every peer.
+//!
+//! The verbose case also compares the guest's kernel log under the vmm with each peer's, line
+//! by line (the last boot of each): the gaps between lines both print that differ, so a wait
+//! that is the vmm's shows as the line it delays.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
@@ -115,6 +119,11 @@ const CMDLINE: &str =
 const MARKER: &str = "init: booted";
 /// Console lines kept to show what a VMM that failed printed last.
 const TAIL_LINES: usize = 15;
+/// Console lines kept per boot for the boot-log comparison.
+const MAX_CONSOLE_LINES: usize = 5000;
+/// A gap between two kernel log lines that differs by at least this much between two VMMs is
+/// listed by the boot-log comparison.
+const GAP_LISTED_MS: f64 = 2.0;
 
 struct Sample {
     boot: Duration,
@@ -122,6 +131,8 @@ struct Sample {
     total_kib: u64,
     /// Where the overhead lives (Resident::breakdown), shown per boot.
     breakdown: String,
+    /// The console lines before the marker (the kernel's log in the verbose case).
+    console: Vec<String>,
 }
 
 /// Files the boots share: the block device's image, the virtio-fs share, sockets, configs.
@@ -286,11 +297,15 @@ fn wait_and_read(
     });
     let deadline = started + timeout;
     let mut tail = VecDeque::with_capacity(TAIL_LINES);
+    let mut console = Vec::new();
     let boot = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match lines.recv_timeout(left) {
             Ok(line) if line.contains(MARKER) => break started.elapsed(),
             Ok(line) => {
+                if console.len() < MAX_CONSOLE_LINES {
+                    console.push(line.trim_end().to_owned());
+                }
                 if tail.len() == TAIL_LINES {
                     tail.pop_front();
                 }
@@ -324,6 +339,7 @@ fn wait_and_read(
         overhead_kib: resident.overhead(),
         total_kib: resident.total,
         breakdown: resident.breakdown(),
+        console,
     })
 }
 
@@ -465,6 +481,80 @@ fn report(name: &str, samples: &[Sample]) -> (f64, f64) {
     (boot, overhead)
 }
 
+/// A kernel log line's timestamp in ms and its text (`[    1.234567] text`).
+fn kernel_line(line: &str) -> Option<(f64, &str)> {
+    let rest = line.trim_start_matches(|c: char| c != '[').strip_prefix('[')?;
+    let (stamp, text) = rest.split_once(']')?;
+    let secs: f64 = stamp.trim().parse().ok()?;
+    Some((secs * 1000.0, text.trim()))
+}
+
+/// The lines of two kernel logs that both print exactly once, in the order of both: each as
+/// (text, time in `a`, time in `b`).
+fn common_lines<'a>(a: &'a [String], b: &'a [String]) -> Vec<(&'a str, f64, f64)> {
+    use std::collections::HashMap;
+    let index = |log: &'a [String]| {
+        let mut seen: HashMap<&'a str, Option<f64>> = HashMap::new();
+        for (t, text) in log.iter().filter_map(|l| kernel_line(l)) {
+            seen.entry(text)
+                .and_modify(|v| *v = None)
+                .or_insert(Some(t));
+        }
+        seen
+    };
+    let (in_a, in_b) = (index(a), index(b));
+    let mut out: Vec<(&str, f64, f64)> = Vec::new();
+    for (_, text) in a.iter().filter_map(|l| kernel_line(l)) {
+        if let (Some(Some(ta)), Some(Some(tb))) = (in_a.get(text), in_b.get(text)) {
+            if out.last().is_none_or(|&(_, _, last_b)| *tb >= last_b) {
+                out.push((text, *ta, *tb));
+            }
+        }
+    }
+    out
+}
+
+/// Compares the vmm's kernel log with a peer's, line by line: between each two lines both
+/// print, how much longer the guest took under one VMM than under the other; lists the gaps
+/// that differ by [`GAP_LISTED_MS`] or more, and the time outside the kernel's log (from the
+/// VMM's start to the first line, and after the last).
+fn compare_boot_logs(peer: &str, vmm: &Sample, other: &Sample) {
+    let common = common_lines(&vmm.console, &other.console);
+    if common.len() < 2 {
+        println!("boot log vmm vs {peer}: fewer than 2 common kernel log lines; nothing to compare");
+        return;
+    }
+    println!(
+        "boot log vmm vs {peer}: {} lines both print once; gaps that differ by {GAP_LISTED_MS} ms or more (+: the vmm's guest took longer):",
+        common.len()
+    );
+    let mut listed = 0.0;
+    for pair in common.windows(2) {
+        let (_, va, pa) = pair[0];
+        let (text, vb, pb) = pair[1];
+        let (ours, theirs) = (vb - va, pb - pa);
+        if (ours - theirs).abs() >= GAP_LISTED_MS {
+            listed += ours - theirs;
+            println!(
+                "  {:+8.1} ms  (vmm {ours:7.1}, {peer} {theirs:7.1})  before: {}",
+                ours - theirs,
+                text.chars().take(90).collect::<String>()
+            );
+        }
+    }
+    let (_, v_last, p_last) = common[common.len() - 1];
+    let (_, v_first, p_first) = common[0];
+    let wall = |s: &Sample| s.boot.as_secs_f64() * 1000.0;
+    println!(
+        "  listed gaps sum to {listed:+.1} ms; kernel time first..last common line: vmm {:.1} ms, {peer} {:.1} ms; \
+         wall time to init outside it: vmm {:.1} ms, {peer} {:.1} ms",
+        v_last - v_first,
+        p_last - p_first,
+        wall(vmm) - (v_last - v_first),
+        wall(other) - (p_last - p_first),
+    );
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.runs == 0 {
@@ -541,6 +631,14 @@ fn main() -> Result<()> {
         let Some((vmm_boot, vmm_overhead)) = results[0] else {
             continue;
         };
+        // The kernel's log (the verbose case): the vmm's last boot against each peer's.
+        if case.extra.is_empty() {
+            for (((name, _), s), result) in in_case.iter().zip(&samples).zip(&results).skip(1) {
+                if let (Some(ours), Some(theirs), Some(_)) = (samples[0].last(), s.last(), result) {
+                    compare_boot_logs(name, ours, theirs);
+                }
+            }
+        }
         for ((name, _), result) in in_case.iter().zip(&results).skip(1) {
             if let Some((boot, overhead)) = result {
                 println!(
@@ -556,4 +654,40 @@ fn main() -> Result<()> {
         bail!("boots failed: {}", failures.join("; "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(lines: &[&str]) -> Vec<String> {
+        lines.iter().map(|l| l.to_string()).collect()
+    }
+
+    #[test]
+    fn common_lines_are_unique_and_in_order() {
+        let a = log(&[
+            "SeaBIOS noise",
+            "[    0.000000] Linux version 6.12",
+            "[    0.010000] twice",
+            "[    0.020000] twice",
+            "[    0.100000] tsc: Refined TSC",
+            "[    0.200000] only in a",
+            "[    0.300000] Run /init",
+        ]);
+        let b = log(&[
+            "[    0.000000] Linux version 6.12",
+            "[    0.015000] twice",
+            "[    0.050000] Run /init",
+            "[    0.060000] tsc: Refined TSC",
+        ]);
+        let common = common_lines(&a, &b);
+        let texts: Vec<&str> = common.iter().map(|c| c.0).collect();
+        // "twice" is not unique; "Run /init" comes after "tsc" in a but before it in b.
+        assert_eq!(texts, ["Linux version 6.12", "tsc: Refined TSC"]);
+        assert_eq!(common[1].1, 100.0);
+        assert_eq!(common[1].2, 60.0);
+        assert_eq!(kernel_line("x[ 1.5] y"), Some((1500.0, "y")));
+        assert_eq!(kernel_line("no stamp"), None);
+    }
 }
