@@ -29,8 +29,10 @@
 //! chunk (an image with a block size), a read asks the fetcher for the blocks it covers, one
 //! block request each (with the image's block table, which the fetcher checks against the
 //! chunk id): a cold 4 KiB read costs the fetcher one ranged store read of one block. A whole
-//! chunk's descriptor already at hand (read-ahead, `plain`) serves reads too; a fetcher that
-//! does not speak block requests (protocol version 1) is asked for whole chunks.
+//! chunk's descriptor already at hand (read-ahead, `plain`, or a read that covers half the
+//! chunk or more, which asks for the whole chunk: one request instead of many) serves reads
+//! too; a read waits for read-ahead already fetching its chunk. A fetcher that answers block
+//! requests with a version error is asked for whole chunks.
 
 use crate::cache::ChunkCache;
 use crate::chunk::blocks::{block_key, table_len, Table};
@@ -175,6 +177,27 @@ impl ChunkSource {
     /// Whether chunks come from the node's chunk fetcher.
     pub fn is_remote(&self) -> bool {
         self.remote.is_some()
+    }
+
+    /// Waits for a background fetch of `c` (read-ahead) if one is running; whether `c`'s
+    /// whole-chunk descriptor is then at hand.
+    fn wait_read_ahead(&self, c: &ChunkRef) -> bool {
+        let Some(r) = &self.remote else {
+            return false;
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        let mut waited = false;
+        while std::time::Instant::now() < deadline
+            && self
+                .in_flight
+                .lock()
+                .map(|f| f.contains(&c.id))
+                .unwrap_or(false)
+        {
+            waited = true;
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        waited && r.has(c)
     }
 
     /// The fetcher's descriptor of `c`, as a crate error naming the chunk.
@@ -437,7 +460,13 @@ impl ChunkSource {
         sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<u64> {
         if let Some(r) = &self.remote {
-            if self.block_size != 0 && !r.has(c) {
+            // Blocks, unless the chunk's descriptor is at hand (or read-ahead is fetching it),
+            // or the read covers half the chunk or more (one request instead of many).
+            if self.block_size != 0
+                && (to - from) * 2 < u64::from(c.size)
+                && !r.has(c)
+                && !self.wait_read_ahead(c)
+            {
                 match self.remote_blocks_part(r, c, from, to, buf, sink) {
                     // A fetcher of protocol version 1: whole chunks.
                     Err(Error::Fetcher {
@@ -502,22 +531,26 @@ impl ChunkSource {
     ) -> Result<u64> {
         let bs = u64::from(self.block_size);
         let table = self.image_tables.get(&c.id).map_or(&[][..], Vec::as_slice);
-        let mut pos = from;
-        while pos < to {
-            let i = pos / bs;
-            let start = i * bs;
-            let (a, b) = (pos - start, to.min(start + bs) - start);
-            let block_len = (u64::from(c.size) - start).min(bs) as u32;
+        let (first, last) = (from / bs, (to - 1) / bs);
+        let mut wanted = Vec::new();
+        for i in first..=last {
             let index = u32::try_from(i).map_err(|_| Error::BadChunk {
                 id: c.id.to_hex(),
                 reason: format!("block {i} is past any chunk's blocks"),
             })?;
-            let served = r
-                .block(c, self.block_size, index, block_len, table)
-                .map_err(|e| Error::Fetcher {
-                    id: c.id.to_hex(),
-                    error: e,
-                })?;
+            let block_len = (u64::from(c.size) - i * bs).min(bs) as u32;
+            wanted.push((index, block_len));
+        }
+        // Asked at once: the client's sockets fetch them in parallel.
+        let served = r.blocks(c, self.block_size, &wanted, table);
+        let mut pos = from;
+        for (i, served) in (first..).zip(served) {
+            let served = served.map_err(|e| Error::Fetcher {
+                id: c.id.to_hex(),
+                error: e,
+            })?;
+            let start = i * bs;
+            let (a, b) = (pos - start, to.min(start + bs) - start);
             buf.resize((b - a) as usize, 0);
             served.read_at(a, buf).map_err(|e| Error::BadChunk {
                 id: c.id.to_hex(),

@@ -89,9 +89,12 @@ impl Ask {
     }
 }
 
+/// Where an I/O thread puts the answer to a job.
+type Slot = Arc<(Mutex<Option<Answer>>, Condvar)>;
+
 struct Job {
     req: Ask,
-    slot: Arc<(Mutex<Option<Answer>>, Condvar)>,
+    slot: Slot,
 }
 
 struct Queue {
@@ -345,22 +348,50 @@ impl FetcherClient {
         block_len: u32,
         table: &[u8],
     ) -> Result<Arc<Served>, FetcherError> {
-        let k = (block_key(&c.id, index as usize), block_len, c.key);
-        if let Some(s) = self.lookup(&k) {
-            return Ok(s);
-        }
-        let req = BlockRequest {
-            seq: self.next_seq(),
-            id: c.id,
-            plain_len: c.size,
-            block_size,
-            index,
-            key: c.key,
-            table: table.to_vec(),
-        };
-        let served = self.ask(Ask::Block(req, block_len))?;
-        self.keep(k, served.clone());
-        Ok(served)
+        self.blocks(c, block_size, &[(index, block_len)], table)
+            .pop()
+            .unwrap_or(Err(FetcherError::Closed))
+    }
+
+    /// As [`FetcherClient::block`] for each (index, plaintext length) of `wanted`, asked at
+    /// once (answered in parallel by the pool's sockets); the answers in the same order.
+    pub fn blocks(
+        &self,
+        c: &ChunkRef,
+        block_size: u32,
+        wanted: &[(u32, u32)],
+        table: &[u8],
+    ) -> Vec<Result<Arc<Served>, FetcherError>> {
+        let asked: Vec<_> = wanted
+            .iter()
+            .map(|&(index, block_len)| {
+                let k = (block_key(&c.id, index as usize), block_len, c.key);
+                if let Some(s) = self.lookup(&k) {
+                    return (k, Ok(Ok(s)));
+                }
+                let req = BlockRequest {
+                    seq: self.next_seq(),
+                    id: c.id,
+                    plain_len: c.size,
+                    block_size,
+                    index,
+                    key: c.key,
+                    table: table.to_vec(),
+                };
+                (k, self.submit(Ask::Block(req, block_len)).map(Err))
+            })
+            .collect();
+        asked
+            .into_iter()
+            .map(|(k, a)| {
+                let served = match a? {
+                    Ok(s) => return Ok(s),
+                    Err(slot) => Self::wait(&slot)?,
+                };
+                self.keep(k, served.clone());
+                Ok(served)
+            })
+            .collect()
     }
 
     fn next_seq(&self) -> u32 {
@@ -369,16 +400,24 @@ impl FetcherClient {
 
     /// Hands `req` to an I/O thread and waits for its answer.
     fn ask(&self, req: Ask) -> Result<Arc<Served>, FetcherError> {
+        Self::wait(&self.submit(req)?)
+    }
+
+    /// Hands `req` to an I/O thread; its answer comes in the slot returned.
+    fn submit(&self, req: Ask) -> Result<Slot, FetcherError> {
         let slot = Arc::new((Mutex::new(None), Condvar::new()));
-        {
-            let mut q = self.queue.jobs.lock().map_err(|_| FetcherError::Closed)?;
-            q.0.push_back(Job {
-                req,
-                slot: slot.clone(),
-            });
-            self.queue.cv.notify_one();
-        }
-        let (m, cv) = &*slot;
+        let mut q = self.queue.jobs.lock().map_err(|_| FetcherError::Closed)?;
+        q.0.push_back(Job {
+            req,
+            slot: slot.clone(),
+        });
+        self.queue.cv.notify_one();
+        Ok(slot)
+    }
+
+    /// Waits for the answer in `slot`.
+    fn wait(slot: &Slot) -> Result<Arc<Served>, FetcherError> {
+        let (m, cv) = &**slot;
         let guard = m.lock().map_err(|_| FetcherError::Closed)?;
         let (mut guard, _) = cv
             .wait_timeout_while(guard, ANSWER_TIMEOUT, |a| a.is_none())

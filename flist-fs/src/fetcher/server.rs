@@ -329,7 +329,7 @@ impl Fetcher {
     /// Answers one request: the response and the descriptor to send with it.
     pub fn handle(&self, r: &Request) -> (Response, Option<Served>) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let served = self.serve(r).map(|s| (s, r.plain_len));
+        let served = self.serve(r).map(|s| (s, 0, r.plain_len));
         self.answer(r.seq, served, || format!("chunk {}", r.id))
     }
 
@@ -350,15 +350,17 @@ impl Fetcher {
     fn answer(
         &self,
         seq: u32,
-        served: Result<(Served, u32), Refusal>,
+        served: Result<(Served, u64, u32), Refusal>,
         what: impl Fn() -> String,
     ) -> (Response, Option<Served>) {
         match served {
-            Ok((served, len)) => {
+            // `at`: where the answer's plaintext starts in the plaintext the descriptor holds
+            // (a block of a whole chunk's plaintext).
+            Ok((served, at, len)) => {
                 self.stats.served.fetch_add(1, Ordering::Relaxed);
                 let (kind, offset) = match &served {
-                    Served::File(_) => (FdKind::CacheFile, ChunkCache::PLAIN_OFFSET),
-                    Served::Memfd(_) => (FdKind::Memfd, 0),
+                    Served::File(_) => (FdKind::CacheFile, ChunkCache::PLAIN_OFFSET + at),
+                    Served::Memfd(_) => (FdKind::Memfd, at),
                 };
                 (
                     Response::Ok {
@@ -425,9 +427,9 @@ impl Fetcher {
     }
 
     /// The answer to a block request: its block's plaintext, from the cache (or the memfd
-    /// LRU), else fetched with one ranged read of exactly the block's stored bytes as the
+    /// LRU; or part of the whole chunk's plaintext there), else fetched with one ranged read of exactly the block's stored bytes as the
     /// verified table places them, verified against the table's hash and decoded.
-    fn serve_block(&self, r: &BlockRequest) -> Result<(Served, u32), Refusal> {
+    fn serve_block(&self, r: &BlockRequest) -> Result<(Served, u64, u32), Refusal> {
         let table = self.block_table(r)?;
         let i = r.index as usize;
         let Some(b) = table.blocks.get(i) else {
@@ -451,7 +453,18 @@ impl Fetcher {
             Some(k) => fetcher.memfd_get(&(key, *k, len)).map(Served::Memfd),
         };
         if let Some(s) = ready(self) {
-            return Ok((s, len));
+            return Ok((s, 0, len));
+        }
+        // The whole chunk's plaintext at hand (another vmm read it whole): the block is part
+        // of it. Its length is the one the verified table gives (it commits to the sizes).
+        let whole = Request {
+            seq: r.seq,
+            id: r.id,
+            plain_len: r.plain_len,
+            key: r.key,
+        };
+        if let Some(s) = self.ready(&whole) {
+            return Ok((s, i as u64 * u64::from(table.block_size), len));
         }
         let lock = self
             .chunk_lock(&key)
@@ -464,7 +477,7 @@ impl Fetcher {
             }
         };
         self.chunk_unlock(&key, lock);
-        result.map(|s| (s, len))
+        result.map(|s| (s, 0, len))
     }
 
     fn fetch_block(
