@@ -33,7 +33,9 @@
 //! block) is in it:
 //! - unencrypted: the cache's plaintext file, checked against the node's MAC key by the
 //!   fetcher, opened `O_RDONLY` (the plaintext follows the 32-byte MAC); a block's file is
-//!   named by [`crate::chunk::blocks::block_key`] (id and index), as a local reader names it;
+//!   named by [`crate::chunk::blocks::block_key`] (id and index), as a local reader names it
+//!   (when the fetcher has the whole chunk's plaintext, it passes that instead, with the
+//!   block's offset in it);
 //! - encrypted: a memfd holding its plaintext, sealed (no write, grow, shrink or new seal) —
 //!   encrypted chunks and blocks stay encrypted at rest in the cache (a block as stored,
 //!   named by its hash). Sealed memfds are kept in a bounded LRU keyed by (chunk id or block
