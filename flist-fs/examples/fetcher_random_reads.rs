@@ -7,7 +7,8 @@
 //!
 //! Each read is a 4 KiB-aligned 4 KiB read in a 1 MiB region of its file no other read
 //! touches (so every read is cold: CDC chunks are at most 1 MiB). Prints reads per second,
-//! mean latency, whole chunks and blocks the fetcher fetched, and (with `--store redis`) the
+//! mean latency, CPU time per read of this process (client and fetcher: steadier than wall
+//! time on a busy machine), whole chunks and blocks the fetcher fetched, and (with `--store redis`) the
 //! bytes the store sent. With `--seq`, every file is read sequentially instead, in 128 KiB
 //! reads followed by the source's read-ahead (as the FUSE layer does).
 //!
@@ -205,6 +206,7 @@ fn main() {
             })
             .collect();
         let sent0 = if redis { redis_sent(store) } else { 0 };
+        let cpu0 = cpu_secs();
         let started = Instant::now();
         let mut count = 0usize;
         let mut read = |ino: u64, inode: &flist_fs::meta::Inode, off: u64, len: u64| {
@@ -238,11 +240,13 @@ fn main() {
             }
         }
         let secs = started.elapsed().as_secs_f64();
+        let cpu = cpu_secs() - cpu0;
         let sent = if redis { redis_sent(store) - sent0 } else { 0 };
         println!(
-            "{label:34} {:7.0} reads/s {:8.1} us/read {:7.1} MB/s  fetched: {} chunks, {} blocks{}",
+            "{label:34} {:7.0} reads/s {:8.1} us/read {:7.1} us CPU/read {:7.1} MB/s  fetched: {} chunks, {} blocks{}",
             count as f64 / secs,
             secs * 1e6 / count as f64,
+            cpu * 1e6 / count as f64,
             bytes as f64 / 1e6 / secs,
             fetcher.stats.fetched.load(Ordering::Relaxed),
             fetcher.stats.blocks_fetched.load(Ordering::Relaxed),
@@ -253,6 +257,16 @@ fn main() {
             }
         );
     }
+}
+
+/// User and system CPU time of this process (client and in-process fetcher), in seconds.
+fn cpu_secs() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
 }
 
 struct Kill(std::process::Child);

@@ -31,7 +31,7 @@
 //! chunk id): a cold 4 KiB read costs the fetcher one ranged store read of one block. A whole
 //! chunk's descriptor already at hand (read-ahead, `plain`, or a read that covers half the
 //! chunk or more, which asks for the whole chunk: one request instead of many) serves reads
-//! too; a read waits for read-ahead already fetching its chunk. A fetcher that answers block
+//! too, as does read-ahead already fetching the chunk. A fetcher that answers block
 //! requests with a version error is asked for whole chunks.
 
 use crate::cache::ChunkCache;
@@ -179,25 +179,12 @@ impl ChunkSource {
         self.remote.is_some()
     }
 
-    /// Waits for a background fetch of `c` (read-ahead) if one is running; whether `c`'s
-    /// whole-chunk descriptor is then at hand.
-    fn wait_read_ahead(&self, c: &ChunkRef) -> bool {
-        let Some(r) = &self.remote else {
-            return false;
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-        let mut waited = false;
-        while std::time::Instant::now() < deadline
-            && self
-                .in_flight
-                .lock()
-                .map(|f| f.contains(&c.id))
-                .unwrap_or(false)
-        {
-            waited = true;
-            std::thread::sleep(std::time::Duration::from_micros(200));
-        }
-        waited && r.has(c)
+    /// Whether read-ahead is fetching `id` in the background.
+    fn is_in_flight(&self, id: &ChunkId) -> bool {
+        self.in_flight
+            .lock()
+            .map(|f| f.contains(id))
+            .unwrap_or(false)
     }
 
     /// The fetcher's descriptor of `c`, as a crate error naming the chunk.
@@ -460,12 +447,13 @@ impl ChunkSource {
         sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<u64> {
         if let Some(r) = &self.remote {
-            // Blocks, unless the chunk's descriptor is at hand (or read-ahead is fetching it),
-            // or the read covers half the chunk or more (one request instead of many).
+            // Blocks, unless the chunk's descriptor is at hand or read-ahead is fetching it
+            // (asked for again, the fetcher answers both at once), or the read covers half the
+            // chunk or more (one request instead of many).
             if self.block_size != 0
                 && (to - from) * 2 < u64::from(c.size)
                 && !r.has(c)
-                && !self.wait_read_ahead(c)
+                && !self.is_in_flight(&c.id)
             {
                 match self.remote_blocks_part(r, c, from, to, buf, sink) {
                     // A fetcher of protocol version 1: whole chunks.
