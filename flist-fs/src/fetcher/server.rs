@@ -828,4 +828,99 @@ mod tests {
         // The first connection is not disturbed.
         assert!(first.chunk(&s.secret).is_ok());
     }
+
+    /// Blocks of a blocked chunk in a dir store, through an in-process fetcher: one block
+    /// fetched per cold block request (never the chunk), served again from the cache; a
+    /// table of the wrong chunk, an index past it, a wrong key are refused; the table may
+    /// also come from the store (read once, kept).
+    #[test]
+    fn blocks_are_fetched_one_by_one_and_checked() {
+        use crate::chunk::blocks::{encode_blocked, table_len};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::open(&format!("dir://{}", tmp.path().join("s").display())).unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (bs, len) = (8192u32, data.len() as u32);
+        let mut chunks = Vec::new();
+        for encrypt in [false, true] {
+            let e = encode_blocked(&data, bs, encrypt).unwrap();
+            store.put(&e.id, &e.stored).unwrap();
+            let table = e.stored[..table_len(bs, len)].to_vec();
+            let c = ChunkRef {
+                id: e.id,
+                offset: 0,
+                size: len,
+                key: e.key,
+            };
+            chunks.push((c, table));
+        }
+        let cache =
+            Arc::new(ChunkCache::open_indexed(&tmp.path().join("cache"), 1 << 30, None).unwrap());
+        let router = Router::new(vec![(0, 255, Arc::new(store) as Arc<dyn Store>)]);
+        let fetcher = Arc::new(Fetcher::new(router, cache, ServerConfig::default()));
+        let sock = tmp.path().join("sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let f = fetcher.clone();
+        std::thread::spawn(move || run(listener, f));
+        let stat = |s: &AtomicU64| s.load(Ordering::SeqCst);
+        let mut fetched_blocks = 0;
+        for (c, table) in &chunks {
+            let client = FetcherClient::connect(&sock, 2).unwrap();
+            // The last block is short.
+            let last = len.div_ceil(bs) - 1;
+            for (i, blen) in [(3u32, bs), (last, len - last * bs)] {
+                let got = client.block(c, bs, i, blen, table).unwrap();
+                fetched_blocks += 1;
+                assert_eq!(stat(&fetcher.stats.blocks_fetched), fetched_blocks);
+                let mut b = vec![0u8; blen as usize];
+                got.read_at(0, &mut b).unwrap();
+                let at = (i * bs) as usize;
+                assert_eq!(b, &data[at..at + blen as usize]);
+                // Another client: from the cache (or the memfds), nothing fetched.
+                let again = FetcherClient::connect(&sock, 1).unwrap();
+                let mut b2 = vec![0u8; blen as usize];
+                again
+                    .block(c, bs, i, blen, table)
+                    .unwrap()
+                    .read_at(0, &mut b2)
+                    .unwrap();
+                assert_eq!(b2, b);
+                assert_eq!(stat(&fetcher.stats.blocks_fetched), fetched_blocks);
+            }
+            // Refused: the other chunk's table, an index past the table.
+            let other = &chunks.iter().find(|(o, _)| o.id != c.id).unwrap().1;
+            let refused = |r: Result<_, FetcherError>| match r {
+                Err(FetcherError::Refused { code, message }) => (code, message),
+                other => panic!("{other:?}"),
+            };
+            let (code, m) = refused(client.block(c, bs, 0, bs, other));
+            assert_eq!(code, ErrorCode::BadRequest, "{m}");
+            assert!(m.contains("block table hash mismatch"), "{m}");
+            let (code, m) = refused(client.block(c, bs, last + 1, 1, table));
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert!(m.contains(&format!("no block {}", last + 1)), "{m}");
+            // (A length the table does not give: the client refuses the answer.)
+            assert!(matches!(
+                client.block(c, bs, 0, bs - 1, table),
+                Err(FetcherError::BadDescriptor(_))
+            ));
+            fetched_blocks += 1;
+            // The table from the store: read once (verified), then kept.
+            let fresh = FetcherClient::connect(&sock, 1).unwrap();
+            fresh.block(c, bs, 5, bs, &[]).unwrap();
+            fresh.block(c, bs, 6, bs, &[]).unwrap();
+            fetched_blocks += 2;
+            assert_eq!(stat(&fetcher.stats.blocks_fetched), fetched_blocks);
+        }
+        // An encrypted chunk's block with a wrong key: refused, though it is at hand.
+        let (c, table) = &chunks[1];
+        let mut wrong = c.clone();
+        wrong.key = Some([0u8; 32]);
+        let client = FetcherClient::connect(&sock, 1).unwrap();
+        match client.block(&wrong, bs, 3, bs, table) {
+            Err(FetcherError::Refused { code, .. }) => assert_eq!(code, ErrorCode::BadChunk),
+            other => panic!("{other:?}"),
+        }
+        // No whole chunk was ever fetched.
+        assert_eq!(stat(&fetcher.stats.fetched), 0);
+    }
 }
