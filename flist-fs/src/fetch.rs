@@ -21,7 +21,9 @@
 //! finishes its writes.
 //!
 //! Read-ahead follows sequential readers only: a read that starts where the previous read of
-//! the same file ended.
+//! the same file ended. Through the fetcher, such a read (of a block or more) also has the
+//! rest of its (blocked) chunk fetched whole in the background, so a sequential reader makes
+//! about one request per chunk, not one per block.
 //!
 //! A remote source ([`ChunkSource::remote`]) asks the node's chunk fetcher instead (see
 //! [`crate::fetcher`]): no stores, no cache of its own; each chunk is a read-only descriptor
@@ -219,16 +221,16 @@ impl ChunkSource {
     /// `READ_AHEAD` chunks in the background. Errors are ignored here; a later foreground read
     /// reports them.
     pub fn read_ahead(self: &Arc<Self>, ino: u64, inode: &Inode, start: u64, end: u64) {
-        let sequential = match self.last_end.lock() {
+        let continued = match self.last_end.lock() {
             Ok(mut last) => {
                 if last.len() >= MAX_READERS && !last.contains_key(&ino) {
                     last.clear();
                 }
-                last.insert(ino, end) == Some(start) || start == 0
+                last.insert(ino, end) == Some(start)
             }
             Err(_) => false,
         };
-        if !sequential {
+        if !continued && start != 0 {
             return;
         }
         let idx = inode
@@ -237,10 +239,22 @@ impl ChunkSource {
         let Some(cur) = inode.chunks.get(idx) else {
             return;
         };
-        if end < cur.offset + u64::from(cur.size) / 2 {
-            return;
-        }
-        for c in inode.chunks.iter().skip(idx + 1).take(READ_AHEAD) {
+        let cur_end = cur.offset + u64::from(cur.size);
+        // Through the fetcher, a blocked chunk's reads ask for blocks, one request each: a
+        // reader that continues its previous read with a read of a block or more (not a
+        // few small reads that happen to be adjacent) gets the rest of the chunk fetched whole.
+        let rest = (self.remote.is_some()
+            && self.block_size != 0
+            && continued
+            && end - start >= u64::from(self.block_size)
+            && end < cur_end)
+            .then_some(cur);
+        let next: &[ChunkRef] = if end < cur.offset + u64::from(cur.size) / 2 {
+            &[]
+        } else {
+            &inode.chunks[idx + 1..]
+        };
+        for c in rest.into_iter().chain(next.iter().take(READ_AHEAD)) {
             if self.is_ready(c) {
                 continue;
             }
