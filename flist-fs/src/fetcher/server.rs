@@ -95,9 +95,10 @@ pub struct Stats {
     pub blocks_fetched: AtomicU64,
 }
 
-/// Most verified block tables the fetcher keeps (those it read from its stores, for block
-/// requests that came without one).
-const MAX_TABLES: usize = 4096;
+/// Most block entries of the verified block tables the fetcher keeps (those it read from its
+/// stores, for block requests that came without one): 48 bytes each, 48 MiB in all (a table
+/// has at most 4096: a 16 MiB chunk in 4 KiB blocks).
+const MAX_TABLE_BLOCKS: usize = 1 << 20;
 
 /// The fetcher: stores, cache, limits.
 pub struct Fetcher {
@@ -108,8 +109,8 @@ pub struct Fetcher {
     /// One lock per chunk being fetched: identical concurrent requests fetch once.
     inflight: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
     memfds: Mutex<Memfds>,
-    /// Verified block tables read from the stores, by chunk id.
-    tables: Mutex<HashMap<ChunkId, Arc<Table>>>,
+    /// Verified block tables read from the stores, by chunk id, and their block count.
+    tables: Mutex<(HashMap<ChunkId, Arc<Table>>, usize)>,
     connections: AtomicUsize,
     pub stats: Stats,
 }
@@ -396,7 +397,7 @@ impl Fetcher {
                 .map(Arc::new)
                 .map_err(|e| Refusal(ErrorCode::BadRequest, format!("block {}: {e}", r.index)));
         }
-        let known = self.tables.lock().ok().and_then(|t| t.get(id).cloned());
+        let known = self.tables.lock().ok().and_then(|t| t.0.get(id).cloned());
         if let Some(t) = known.filter(|t| t.block_size == bs && t.plain_len == len) {
             return Ok(t);
         }
@@ -418,17 +419,23 @@ impl Fetcher {
                 .map_err(|e| Refusal(ErrorCode::BadChunk, format!("block {}: {e}", r.index)))?,
         );
         if let Ok(mut tables) = self.tables.lock() {
-            if tables.len() >= MAX_TABLES {
-                tables.clear();
+            let (map, blocks) = &mut *tables;
+            if *blocks + table.blocks.len() > MAX_TABLE_BLOCKS {
+                map.clear();
+                *blocks = 0;
             }
-            tables.insert(*id, table.clone());
+            if let Some(old) = map.insert(*id, table.clone()) {
+                *blocks -= old.blocks.len();
+            }
+            *blocks += table.blocks.len();
         }
         Ok(table)
     }
 
     /// The answer to a block request: its block's plaintext, from the cache (or the memfd
-    /// LRU; or part of the whole chunk's plaintext there), else fetched with one ranged read of exactly the block's stored bytes as the
-    /// verified table places them, verified against the table's hash and decoded.
+    /// LRU; or part of the whole chunk's plaintext there), else fetched with one ranged read
+    /// of exactly the block's stored bytes as the verified table places them, verified
+    /// against the table's hash and decoded.
     fn serve_block(&self, r: &BlockRequest) -> Result<(Served, u64, u32), Refusal> {
         let table = self.block_table(r)?;
         let i = r.index as usize;
