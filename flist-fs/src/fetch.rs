@@ -21,12 +21,20 @@
 //! finishes its writes.
 //!
 //! Read-ahead follows sequential readers only: a read that starts where the previous read of
-//! the same file ended.
+//! the same file ended. Through the fetcher, such a read (of a block or more) also has the
+//! rest of its (blocked) chunk fetched whole in the background, so a sequential reader makes
+//! about one request per chunk, not one per block.
 //!
 //! A remote source ([`ChunkSource::remote`]) asks the node's chunk fetcher instead (see
 //! [`crate::fetcher`]): no stores, no cache of its own; each chunk is a read-only descriptor
-//! the fetcher passed (kept in a bounded LRU), and reads are `pread`s on it. The fetcher
-//! fetches whole chunks, blocked or not.
+//! the fetcher passed (kept in a bounded LRU), and reads are `pread`s on it. For a blocked
+//! chunk (an image with a block size), a read asks the fetcher for the blocks it covers, one
+//! block request each (with the image's block table, which the fetcher checks against the
+//! chunk id): a cold 4 KiB read costs the fetcher one ranged store read of one block. A whole
+//! chunk's descriptor already at hand (read-ahead, `plain`, or a read that covers half the
+//! chunk or more, which asks for the whole chunk: one request instead of many) serves reads
+//! too, as does read-ahead already fetching the chunk. A fetcher that answers block
+//! requests with a version error is asked for whole chunks.
 
 use crate::cache::ChunkCache;
 use crate::chunk::blocks::{block_key, table_len, Table};
@@ -173,6 +181,14 @@ impl ChunkSource {
         self.remote.is_some()
     }
 
+    /// Whether read-ahead is fetching `id` in the background.
+    fn is_in_flight(&self, id: &ChunkId) -> bool {
+        self.in_flight
+            .lock()
+            .map(|f| f.contains(id))
+            .unwrap_or(false)
+    }
+
     /// The fetcher's descriptor of `c`, as a crate error naming the chunk.
     fn remote_chunk(
         client: &FetcherClient,
@@ -205,16 +221,16 @@ impl ChunkSource {
     /// `READ_AHEAD` chunks in the background. Errors are ignored here; a later foreground read
     /// reports them.
     pub fn read_ahead(self: &Arc<Self>, ino: u64, inode: &Inode, start: u64, end: u64) {
-        let sequential = match self.last_end.lock() {
+        let continued = match self.last_end.lock() {
             Ok(mut last) => {
                 if last.len() >= MAX_READERS && !last.contains_key(&ino) {
                     last.clear();
                 }
-                last.insert(ino, end) == Some(start) || start == 0
+                last.insert(ino, end) == Some(start)
             }
             Err(_) => false,
         };
-        if !sequential {
+        if !continued && start != 0 {
             return;
         }
         let idx = inode
@@ -223,10 +239,22 @@ impl ChunkSource {
         let Some(cur) = inode.chunks.get(idx) else {
             return;
         };
-        if end < cur.offset + u64::from(cur.size) / 2 {
-            return;
-        }
-        for c in inode.chunks.iter().skip(idx + 1).take(READ_AHEAD) {
+        let cur_end = cur.offset + u64::from(cur.size);
+        // Through the fetcher, a blocked chunk's reads ask for blocks, one request each: a
+        // reader that continues its previous read with a read of a block or more (not a
+        // few small reads that happen to be adjacent) gets the rest of the chunk fetched whole.
+        let rest = (self.remote.is_some()
+            && self.block_size != 0
+            && continued
+            && end - start >= u64::from(self.block_size)
+            && end < cur_end)
+            .then_some(cur);
+        let next: &[ChunkRef] = if end < cur.offset + u64::from(cur.size) / 2 {
+            &[]
+        } else {
+            &inode.chunks[idx + 1..]
+        };
+        for c in rest.into_iter().chain(next.iter().take(READ_AHEAD)) {
             if self.is_ready(c) {
                 continue;
             }
@@ -433,6 +461,27 @@ impl ChunkSource {
         sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<u64> {
         if let Some(r) = &self.remote {
+            // Blocks, unless the chunk's descriptor is at hand or read-ahead is fetching it
+            // (asked for again, the fetcher answers both at once), or the read covers half the
+            // chunk or more (one request instead of many).
+            if self.block_size != 0
+                && (to - from) * 2 < u64::from(c.size)
+                && !r.has(c)
+                && !self.is_in_flight(&c.id)
+            {
+                match self.remote_blocks_part(r, c, from, to, buf, sink) {
+                    // A fetcher of protocol version 1: whole chunks.
+                    Err(Error::Fetcher {
+                        error:
+                            crate::fetcher::FetcherError::Refused {
+                                code: crate::fetcher::protocol::ErrorCode::Version,
+                                ..
+                            },
+                        ..
+                    }) => {}
+                    done => return done,
+                }
+            }
             // A pread on the fetcher's descriptor (the page cache does the rest).
             let served = Self::remote_chunk(r, c)?;
             buf.resize((to - from) as usize, 0);
@@ -470,6 +519,51 @@ impl ChunkSource {
 }
 
 impl ChunkSource {
+    /// Sends bytes `[from, to)` of blocked chunk `c` to `sink`, block by block, each a
+    /// `pread` on the descriptor the fetcher passed for that block (asked for with the
+    /// image's block table of `c`, if it has one). Returns how many bytes were sent.
+    fn remote_blocks_part(
+        &self,
+        r: &FetcherClient,
+        c: &ChunkRef,
+        from: u64,
+        to: u64,
+        buf: &mut Vec<u8>,
+        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64> {
+        let bs = u64::from(self.block_size);
+        let table = self.image_tables.get(&c.id).map_or(&[][..], Vec::as_slice);
+        let (first, last) = (from / bs, (to - 1) / bs);
+        let mut wanted = Vec::new();
+        for i in first..=last {
+            let index = u32::try_from(i).map_err(|_| Error::BadChunk {
+                id: c.id.to_hex(),
+                reason: format!("block {i} is past any chunk's blocks"),
+            })?;
+            let block_len = (u64::from(c.size) - i * bs).min(bs) as u32;
+            wanted.push((index, block_len));
+        }
+        // Asked at once: the client's sockets fetch them in parallel.
+        let served = r.blocks(c, self.block_size, &wanted, table);
+        let mut pos = from;
+        for (i, served) in (first..).zip(served) {
+            let served = served.map_err(|e| Error::Fetcher {
+                id: c.id.to_hex(),
+                error: e,
+            })?;
+            let start = i * bs;
+            let (a, b) = (pos - start, to.min(start + bs) - start);
+            buf.resize((b - a) as usize, 0);
+            served.read_at(a, buf).map_err(|e| Error::BadChunk {
+                id: c.id.to_hex(),
+                reason: format!("block {i}: reading the fetcher's descriptor: {e}"),
+            })?;
+            sink(buf).map_err(|e| Error::io("<read destination>", e))?;
+            pos += b - a;
+        }
+        Ok(to - from)
+    }
+
     /// Sends bytes `[from, to)` of blocked chunk `c` to `sink`, block by block: a decoded block
     /// in memory, else part of its checked cached plaintext, else the blocks from there to the
     /// end of the range, fetched together. Returns how many bytes were sent.

@@ -76,5 +76,6 @@ pub fn open_image_remote(
     if let Some(policy) = policy {
         policy.check_routes(&image.routes)?;
     }
-    Ok((Arc::new(image), Arc::new(ChunkSource::remote(client))))
+    let source = ChunkSource::remote(client).with_blocks(image.block_size, image.tables.clone());
+    Ok((Arc::new(image), Arc::new(source)))
 }

@@ -185,6 +185,10 @@ fn images_through_the_fetcher() {
         .chunk_path(&c.id);
     let mut poisoned = std::fs::read(&chunk_path).unwrap();
     poisoned[10] ^= 0x55;
+    // (A blocked image carries its block tables, so a small read through the fetcher fetches
+    // only blocks: poison one in the middle too.)
+    let mid = poisoned.len() / 2;
+    poisoned[mid] ^= 0x55;
     std::fs::write(&chunk_path, &poisoned).unwrap();
     match client.chunk(&c) {
         Err(FetcherError::Refused { code, message }) => {
@@ -371,5 +375,424 @@ fn the_fetcher_reads_the_vmm_node_configuration() {
     assert_eq!(
         read_file(&image, &source, "/f").unwrap(),
         pseudo_random(100_000, 8)
+    );
+}
+
+/// One field of a redis `INFO section` reply (commandstats: the call count).
+fn redis_info(con: &mut redis::Connection, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg(section).query(con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| {
+            let v = v.trim();
+            let v = v.strip_prefix("calls=").unwrap_or(v);
+            v.split(',').next().unwrap().parse().unwrap()
+        })
+        .unwrap_or(0)
+}
+
+/// Bytes redis sent and the GET / GETRANGE calls it served while `f` ran.
+fn redis_cost(con: &mut redis::Connection, f: &mut dyn FnMut()) -> (u64, u64, u64) {
+    let sent = redis_info(con, "stats", "total_net_output_bytes");
+    let gets = redis_info(con, "commandstats", "cmdstat_get");
+    let ranges = redis_info(con, "commandstats", "cmdstat_getrange");
+    f();
+    (
+        redis_info(con, "stats", "total_net_output_bytes") - sent,
+        redis_info(con, "commandstats", "cmdstat_get") - gets,
+        redis_info(con, "commandstats", "cmdstat_getrange") - ranges,
+    )
+}
+
+fn pack_blocks(
+    t: &Path,
+    name: &str,
+    store: &str,
+    data: &[u8],
+    block_size: u32,
+    encrypt: bool,
+) -> PathBuf {
+    let src = t.join(format!("src-{name}"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("f"), data).unwrap();
+    let img = t.join(format!("{name}.flist"));
+    let opts = PackOptions {
+        encrypt,
+        block_size,
+        ..PackOptions::default()
+    };
+    pack(
+        &src,
+        &img,
+        &Router::from_specs(&[store.to_string()]).unwrap(),
+        &opts,
+    )
+    .unwrap();
+    img
+}
+
+fn read_at(
+    source: &flist_fs::fetch::ChunkSource,
+    inode: &flist_fs::meta::Inode,
+    at: u64,
+    len: u64,
+) -> flist_fs::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    source.read_range(inode, at, len, &mut |b| {
+        out.extend_from_slice(b);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn refused(r: Result<Arc<flist_fs::fetcher::client::Served>, FetcherError>) -> (ErrorCode, String) {
+    match r {
+        Err(FetcherError::Refused { code, message }) => (code, message),
+        other => panic!("not refused: {other:?}"),
+    }
+}
+
+/// Block requests through a real fetcher over a real redis-server: a cold 4 KiB read of a
+/// blocked image costs the fetcher one GETRANGE of one block and no GET (a whole-chunk image
+/// one GET), a read over three blocks three GETRANGEs, a read of half a chunk one GET (the
+/// chunk); a second client gets the block from the fetcher's cache (plain) or its sealed
+/// memfds (encrypted) with no store read; forged tables, block indexes past the table and
+/// oversize tables are refused naming the chunk and block while the fetcher keeps serving;
+/// a corrupted stored block is refused naming the block, and never cached; an image without
+/// block tables has the fetcher read the table (verified) once.
+#[test]
+fn blocks_through_the_fetcher() {
+    use flist_fs::chunk::blocks::{block_key, table_len, DEFAULT_BLOCK, MAX_TABLE_LEN};
+    use flist_fs::fetcher::protocol::BlockRequest;
+    let Some((_server, port)) = start_redis() else {
+        return;
+    };
+    let t = tempfile::tempdir().unwrap();
+    let t = t.path();
+    let store = format!("redis://127.0.0.1:{port}/0");
+    let data = pseudo_random(3 << 20, 31);
+    let secret = pseudo_random(2 << 20, 32);
+    let blocked = pack_blocks(t, "blocked", &store, &data, DEFAULT_BLOCK, false);
+    let whole = pack_blocks(t, "whole", &store, &data, 0, false);
+    let enc = pack_blocks(t, "enc", &store, &secret, DEFAULT_BLOCK, true);
+    let mut con = redis::Client::open(store.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let fetcher = start_fetcher(t, std::slice::from_ref(&store));
+    let client = Arc::new(FetcherClient::connect(&fetcher.sock, 2).unwrap());
+    let bs = u64::from(DEFAULT_BLOCK);
+    let at = 2 * 1024 * 1024 + 3 * 4096 + 100;
+    let want = &data[at as usize..at as usize + 4096];
+
+    // Whole chunks (format 1): one GET of the chunk, through version 1 whole-chunk requests.
+    let (image, source) = open_image_remote(&whole, client.clone(), None).unwrap();
+    assert_eq!(image.block_size, 0);
+    let inode = image.inode(image.resolve("/f").unwrap()).unwrap();
+    let (whole_sent, gets, ranges) = redis_cost(&mut con, &mut || {
+        assert_eq!(read_at(&source, inode, at, 4096).unwrap(), want)
+    });
+    assert_eq!((gets, ranges), (1, 0));
+
+    // Blocked: the fetcher reads one block with one GETRANGE, no GET.
+    let (image, source) = open_image_remote(&blocked, client.clone(), None).unwrap();
+    assert_eq!(image.block_size, DEFAULT_BLOCK);
+    let inode = image.inode(image.resolve("/f").unwrap()).unwrap();
+    let c = inode
+        .chunks
+        .iter()
+        .find(|c| c.offset <= at && at + 4096 <= c.offset + u64::from(c.size))
+        .unwrap()
+        .clone();
+    let (sent, gets, ranges) = redis_cost(&mut con, &mut || {
+        assert_eq!(read_at(&source, inode, at, 4096).unwrap(), want)
+    });
+    println!(
+        "4 KiB read through the fetcher: whole chunk {whole_sent} bytes from redis, block {sent}"
+    );
+    assert_eq!((gets, ranges), (0, 1));
+    let block_max = flist_fs::chunk::max_stored_size(DEFAULT_BLOCK) as u64;
+    assert!(sent <= block_max + 2048, "{sent} bytes for one block");
+    assert!(sent * 4 < whole_sent, "{sent} vs {whole_sent}");
+    // A read over three blocks of another chunk: three block requests (answered in
+    // parallel), three GETRANGEs; a read of half a chunk or more asks for the chunk: one GET.
+    let big = inode
+        .chunks
+        .iter()
+        .find(|x| x.id != c.id && x.size >= 10 * DEFAULT_BLOCK)
+        .expect("a chunk of 320 KiB or more");
+    let (b0, blen) = (big.offset + 5 * bs + 100, 2 * bs);
+    let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+        let got = read_at(&source, inode, b0, blen).unwrap();
+        assert!(got == data[b0 as usize..(b0 + blen) as usize]);
+    });
+    assert_eq!((gets, ranges), (0, 3));
+    let other_chunk = inode
+        .chunks
+        .iter()
+        .find(|x| x.id != c.id && x.id != big.id)
+        .unwrap();
+    let (h0, hlen) = (other_chunk.offset, u64::from(other_chunk.size).div_ceil(2));
+    let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+        let got = read_at(&source, inode, h0, hlen).unwrap();
+        assert!(got == data[h0 as usize..(h0 + hlen) as usize]);
+    });
+    assert_eq!((gets, ranges), (1, 0));
+    // Another vmm's block of that chunk: part of the fetcher's cached plaintext of the chunk,
+    // no store read.
+    let third = FetcherClient::connect(&fetcher.sock, 1).unwrap();
+    let ot = image.tables.get(&other_chunk.id).unwrap();
+    let last_i = (other_chunk.size - 1) / DEFAULT_BLOCK;
+    let last_len = other_chunk.size - last_i * DEFAULT_BLOCK;
+    let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+        let s = third
+            .block(other_chunk, DEFAULT_BLOCK, last_i, last_len, ot)
+            .unwrap();
+        assert_eq!(s.len(), last_len);
+        let mut b = vec![0u8; last_len as usize];
+        s.read_at(0, &mut b).unwrap();
+        let st = (other_chunk.offset + u64::from(last_i * DEFAULT_BLOCK)) as usize;
+        assert!(b == data[st..st + last_len as usize]);
+    });
+    assert_eq!((gets, ranges), (0, 0));
+    // The fetcher cached the block's plaintext under the block's name, not the chunk.
+    let i = ((at - c.offset) / bs) as usize;
+    let (bhex, chex) = (block_key(&c.id, i).to_hex(), c.id.to_hex());
+    let cache = t.join("cache");
+    assert!(cache
+        .join(&bhex[..2])
+        .join(format!("{bhex}.plain"))
+        .exists());
+    assert!(!cache
+        .join(&chex[..2])
+        .join(format!("{chex}.plain"))
+        .exists());
+
+    // A second client (another vmm) reading the same block: served from the fetcher's cache.
+    let other = Arc::new(FetcherClient::connect(&fetcher.sock, 1).unwrap());
+    let (_, source2) = open_image_remote(&blocked, other.clone(), None).unwrap();
+    let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+        assert_eq!(read_at(&source2, inode, at, 4096).unwrap(), want);
+        let a = at - 50;
+        assert_eq!(
+            read_at(&source2, inode, a, 10).unwrap(),
+            &data[a as usize..a as usize + 10]
+        );
+    });
+    assert_eq!((gets, ranges), (0, 0));
+    // What it holds: a read-only descriptor.
+    let table = image.tables.get(&c.id).unwrap().clone();
+    let len = DEFAULT_BLOCK.min(c.size - i as u32 * DEFAULT_BLOCK);
+    let served = other
+        .block(&c, DEFAULT_BLOCK, i as u32, len, &table)
+        .unwrap();
+    // SAFETY: fcntl query on a descriptor we hold.
+    let fl = unsafe { libc::fcntl(served.raw_fd(), libc::F_GETFL) };
+    assert_eq!(fl & libc::O_ACCMODE, libc::O_RDONLY);
+
+    // Encrypted: one GETRANGE; another client gets the sealed memfd, no store read.
+    let (image_e, source_e) = open_image_remote(&enc, client.clone(), None).unwrap();
+    let inode_e = image_e.inode(image_e.resolve("/f").unwrap()).unwrap();
+    let ea = 1024 * 1024 + 7;
+    let ewant = &secret[ea as usize..ea as usize + 4096];
+    let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+        assert_eq!(read_at(&source_e, inode_e, ea, 4096).unwrap(), ewant)
+    });
+    assert!(gets == 0 && (1..=2).contains(&ranges), "{gets} {ranges}");
+    let (_, source_e2) = open_image_remote(&enc, other.clone(), None).unwrap();
+    let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+        assert_eq!(read_at(&source_e2, inode_e, ea, 4096).unwrap(), ewant)
+    });
+    assert_eq!((gets, ranges), (0, 0));
+    let ec = inode_e
+        .chunks
+        .iter()
+        .find(|c| c.offset <= ea && ea < c.offset + u64::from(c.size))
+        .unwrap();
+    let ei = ((ea - ec.offset) / bs) as u32;
+    let etable = image_e.tables.get(&ec.id).unwrap();
+    let elen = DEFAULT_BLOCK.min(ec.size - ei * DEFAULT_BLOCK);
+    let s = other.block(ec, DEFAULT_BLOCK, ei, elen, etable).unwrap();
+    // SAFETY: fcntl query on a descriptor we hold.
+    let seals = unsafe { libc::fcntl(s.raw_fd(), libc::F_GET_SEALS) };
+    let all = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    assert_eq!(seals & all, all);
+    // Its id and table without its key get nothing.
+    let mut keyless = ec.clone();
+    keyless.key = Some([0u8; 32]);
+    let (code, msg) = refused(other.block(&keyless, DEFAULT_BLOCK, ei, elen, etable));
+    assert_eq!(code, ErrorCode::BadChunk, "{msg}");
+
+    // Hostile block requests: each refused naming the chunk and block, no store read; the
+    // fetcher (and the very same connection) keeps serving.
+    let hostile = Arc::new(FetcherClient::connect(&fetcher.sock, 1).unwrap());
+    let j = (i + 1) as u32;
+    let jlen = DEFAULT_BLOCK.min(c.size - j * DEFAULT_BLOCK);
+    let mut forged = table.clone();
+    // Block j's claimed hash (as if the vmm wanted other bytes served as block j).
+    let at_hash = 12 + 36 * j as usize + 4;
+    forged[at_hash] ^= 1;
+    let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+        let (code, msg) = refused(hostile.block(&c, DEFAULT_BLOCK, j, jlen, &forged));
+        assert_eq!(code, ErrorCode::BadRequest);
+        assert!(
+            msg.contains(&chex)
+                && msg.contains(&format!("block {j}"))
+                && msg.contains("block table hash mismatch"),
+            "{msg}"
+        );
+        // A table of another chunk (genuine, hashing to its own id).
+        let (other_id, other_table) = image.tables.iter().find(|(id, _)| **id != c.id).unwrap();
+        assert_ne!(other_id, &c.id);
+        let (code, msg) = refused(hostile.block(&c, DEFAULT_BLOCK, 0, DEFAULT_BLOCK, other_table));
+        assert_eq!(code, ErrorCode::BadRequest, "{msg}");
+        assert!(msg.contains(&chex), "{msg}");
+        // A block index past the table.
+        let n = c.size.div_ceil(DEFAULT_BLOCK);
+        let (code, msg) = refused(hostile.block(&c, DEFAULT_BLOCK, n, 1, &table));
+        assert_eq!(code, ErrorCode::BadRequest);
+        assert!(
+            msg.contains(&chex) && msg.contains(&format!("no block {n} (the chunk has {n})")),
+            "{msg}"
+        );
+        let (code, _) = refused(hostile.block(&c, DEFAULT_BLOCK, u32::MAX, 1, &table));
+        assert_eq!(code, ErrorCode::BadRequest);
+        // Sizes that do not match the table (it commits to them), or no valid block size.
+        let mut short = c.clone();
+        short.size -= 1;
+        let (code, msg) = refused(hostile.block(&short, DEFAULT_BLOCK, 0, DEFAULT_BLOCK, &table));
+        assert_eq!(code, ErrorCode::BadRequest, "{msg}");
+        let (code, msg) = refused(hostile.block(&c, 3000, 0, 3000, &table));
+        assert_eq!(code, ErrorCode::BadRequest, "{msg}");
+        assert!(msg.contains("power of two"), "{msg}");
+        // The same connection still serves a genuine request.
+        let s = hostile
+            .block(&c, DEFAULT_BLOCK, i as u32, len, &table)
+            .unwrap();
+        let mut b = vec![0u8; 16];
+        s.read_at(0, &mut b).unwrap();
+        let start = c.offset as usize + i * DEFAULT_BLOCK as usize;
+        assert_eq!(b, &data[start..start + 16]);
+    });
+    assert_eq!((gets, ranges), (0, 0));
+    // An oversize table is refused before it is read into a request, and that connection is
+    // closed; others are served.
+    let big = BlockRequest {
+        seq: 1,
+        id: c.id,
+        plain_len: c.size,
+        block_size: DEFAULT_BLOCK,
+        index: 0,
+        key: None,
+        table: vec![0u8; MAX_TABLE_LEN + 1],
+    };
+    let (resp, closed) = raw_exchange(&fetcher.sock, &big.encode());
+    match resp {
+        Some(Response::Err { code, message, .. }) => {
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert!(
+                message.contains(&format!("block table of {} bytes", MAX_TABLE_LEN + 1)),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(closed);
+    // A frame longer than any block request: refused from its header.
+    let (resp, closed) = raw_exchange(&fetcher.sock, &(200_000u32).to_le_bytes());
+    assert!(
+        matches!(
+            resp,
+            Some(Response::Err {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ),
+        "{resp:?}"
+    );
+    assert!(closed);
+    assert_eq!(read_at(&source2, inode, at, 4096).unwrap(), want);
+
+    // A corrupted stored block (one not read yet): refused naming the block, never cached,
+    // and the chunk's other blocks still read.
+    let k = inode.chunks.iter().position(|x| x.id == c.id).unwrap();
+    let victim = if i + 2 < c.size.div_ceil(DEFAULT_BLOCK) as usize {
+        i + 2
+    } else {
+        i - 2
+    };
+    let tl = table_len(DEFAULT_BLOCK, c.size);
+    let mut off = tl;
+    for e in 0..victim {
+        let w = &table[12 + 36 * e..16 + 36 * e];
+        off += u32::from_le_bytes(w.try_into().unwrap()) as usize;
+    }
+    let byte: Vec<u8> = redis::cmd("GETRANGE")
+        .arg(&c.id.0[..])
+        .arg(off + 5)
+        .arg(off + 5)
+        .query(&mut con)
+        .unwrap();
+    let _: i64 = redis::cmd("SETRANGE")
+        .arg(&c.id.0[..])
+        .arg(off + 5)
+        .arg(&[byte[0] ^ 0x20][..])
+        .query(&mut con)
+        .unwrap();
+    let vat = inode.chunks[k].offset + victim as u64 * bs + 10;
+    for _ in 0..2 {
+        let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+            let e = read_at(&source2, inode, vat, 100).unwrap_err().to_string();
+            assert!(
+                e.contains(&chex)
+                    && e.contains(&format!("block {victim} ("))
+                    && e.contains("hash mismatch"),
+                "{e}"
+            );
+        });
+        // Each attempt reads the store again: nothing bad was cached.
+        assert_eq!((gets, ranges), (0, 1));
+    }
+    let vhex = block_key(&c.id, victim).to_hex();
+    assert!(!cache
+        .join(&vhex[..2])
+        .join(format!("{vhex}.plain"))
+        .exists());
+    assert_eq!(read_at(&source2, inode, at, 4096).unwrap(), want);
+
+    // An image without its block tables: the fetcher reads the chunk's table (one GETRANGE,
+    // verified against the id), then the block (one more); another block of it is one GETRANGE.
+    let mut bare = flist_fs::meta::read_image(&blocked).unwrap();
+    bare.tables.clear();
+    let bare_path = t.join("bare.flist");
+    flist_fs::meta::write_image_atomic(&bare, &bare_path).unwrap();
+    let fresh = Arc::new(FetcherClient::connect(&fetcher.sock, 1).unwrap());
+    let (_, source3) = open_image_remote(&bare_path, fresh, None).unwrap();
+    let last = inode.chunks.len() - 1;
+    let lc = &inode.chunks[last];
+    let la = lc.offset + 100;
+    let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+        assert_eq!(
+            read_at(&source3, inode, la, 1000).unwrap(),
+            &data[la as usize..la as usize + 1000]
+        )
+    });
+    assert_eq!((gets, ranges), (0, 2));
+    if lc.size > DEFAULT_BLOCK {
+        let lb = la + bs;
+        let (_, gets, ranges) = redis_cost(&mut con, &mut || {
+            let n = 1000.min(lc.offset + u64::from(lc.size) - lb);
+            assert_eq!(
+                read_at(&source3, inode, lb, n).unwrap(),
+                &data[lb as usize..(lb + n) as usize]
+            )
+        });
+        assert_eq!((gets, ranges), (0, 1));
+    }
+
+    let mut fetcher = fetcher;
+    assert!(
+        fetcher.child.try_wait().unwrap().is_none(),
+        "the fetcher is still running"
     );
 }

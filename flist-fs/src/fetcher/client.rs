@@ -1,10 +1,11 @@
 //! The vmm's side: a pool of sockets connected at start, each owned by an I/O thread of the
 //! client (so the threads that read chunks — a vmm's virtio-fs workers — make no socket
 //! calls at all: they hand a request over and wait, then `pread` the descriptor they get),
-//! and a bounded LRU of received descriptors.
+//! and a bounded LRU of received descriptors (whole chunks, and blocks of blocked chunks).
 
-use super::protocol::{frame_len, FdKind, Request, Response, MAX_FRAME};
+use super::protocol::{frame_len, BlockRequest, FdKind, Request, Response, MAX_FRAME};
 use super::{recv_with_fds, send_with_fd, FetcherError};
+use crate::chunk::blocks::block_key;
 use crate::chunk::ChunkId;
 use crate::meta::ChunkRef;
 use std::collections::{HashMap, VecDeque};
@@ -59,9 +60,41 @@ impl Served {
 
 type Answer = Result<Arc<Served>, FetcherError>;
 
+/// A request of either operation.
+#[derive(Clone, Debug)]
+enum Ask {
+    Chunk(Request),
+    Block(BlockRequest, u32),
+}
+
+impl Ask {
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Ask::Chunk(r) => r.encode(),
+            Ask::Block(b, _) => b.encode(),
+        }
+    }
+    fn seq(&self) -> u32 {
+        match self {
+            Ask::Chunk(r) => r.seq,
+            Ask::Block(b, _) => b.seq,
+        }
+    }
+    /// The plaintext length the answer must have.
+    fn len(&self) -> u32 {
+        match self {
+            Ask::Chunk(r) => r.plain_len,
+            Ask::Block(_, len) => *len,
+        }
+    }
+}
+
+/// Where an I/O thread puts the answer to a job.
+type Slot = Arc<(Mutex<Option<Answer>>, Condvar)>;
+
 struct Job {
-    req: Request,
-    slot: Arc<(Mutex<Option<Answer>>, Condvar)>,
+    req: Ask,
+    slot: Slot,
 }
 
 struct Queue {
@@ -99,7 +132,7 @@ fn connect(path: &Path) -> Result<UnixStream, FetcherError> {
 }
 
 /// Sends `req` on `s` and reads its answer.
-fn exchange(s: &UnixStream, req: &Request) -> Answer {
+fn exchange(s: &UnixStream, req: &Ask) -> Answer {
     send_with_fd(s.as_raw_fd(), &req.encode(), None)?;
     let mut fds: Vec<OwnedFd> = Vec::new();
     let mut header = [0u8; 4];
@@ -129,10 +162,11 @@ fn exchange(s: &UnixStream, req: &Request) -> Answer {
             offset,
             len,
         } => {
-            if seq != req.seq || len != req.plain_len {
+            if seq != req.seq() || len != req.len() {
                 return Err(FetcherError::BadDescriptor(format!(
                     "answer (seq {seq}, {len} bytes) does not match the request (seq {}, {} bytes)",
-                    req.seq, req.plain_len
+                    req.seq(),
+                    req.len()
                 )));
             }
             if fds.len() != 1 {
@@ -293,33 +327,107 @@ impl FetcherClient {
             return Ok(s);
         }
         let req = Request {
-            seq: self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            seq: self.next_seq(),
             id: c.id,
             plain_len: c.size,
             key: c.key,
         };
+        let served = self.ask(Ask::Chunk(req))?;
+        self.keep(k, served.clone());
+        Ok(served)
+    }
+
+    /// The served plaintext of block `index` of blocked chunk `c` (blocks of `block_size`,
+    /// `block_len` plaintext bytes), from the LRU, else asked of the fetcher with the chunk's
+    /// block `table` (the image's; empty: the fetcher reads it from its stores).
+    pub fn block(
+        &self,
+        c: &ChunkRef,
+        block_size: u32,
+        index: u32,
+        block_len: u32,
+        table: &[u8],
+    ) -> Result<Arc<Served>, FetcherError> {
+        self.blocks(c, block_size, &[(index, block_len)], table)
+            .pop()
+            .unwrap_or(Err(FetcherError::Closed))
+    }
+
+    /// As [`FetcherClient::block`] for each (index, plaintext length) of `wanted`, asked at
+    /// once (answered in parallel by the pool's sockets); the answers in the same order.
+    pub fn blocks(
+        &self,
+        c: &ChunkRef,
+        block_size: u32,
+        wanted: &[(u32, u32)],
+        table: &[u8],
+    ) -> Vec<Result<Arc<Served>, FetcherError>> {
+        let asked: Vec<_> = wanted
+            .iter()
+            .map(|&(index, block_len)| {
+                let k = (block_key(&c.id, index as usize), block_len, c.key);
+                if let Some(s) = self.lookup(&k) {
+                    return (k, Ok(Ok(s)));
+                }
+                let req = BlockRequest {
+                    seq: self.next_seq(),
+                    id: c.id,
+                    plain_len: c.size,
+                    block_size,
+                    index,
+                    key: c.key,
+                    table: table.to_vec(),
+                };
+                (k, self.submit(Ask::Block(req, block_len)).map(Err))
+            })
+            .collect();
+        asked
+            .into_iter()
+            .map(|(k, a)| {
+                let served = match a? {
+                    Ok(s) => return Ok(s),
+                    Err(slot) => Self::wait(&slot)?,
+                };
+                self.keep(k, served.clone());
+                Ok(served)
+            })
+            .collect()
+    }
+
+    fn next_seq(&self) -> u32 {
+        self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Hands `req` to an I/O thread and waits for its answer.
+    fn ask(&self, req: Ask) -> Result<Arc<Served>, FetcherError> {
+        Self::wait(&self.submit(req)?)
+    }
+
+    /// Hands `req` to an I/O thread; its answer comes in the slot returned.
+    fn submit(&self, req: Ask) -> Result<Slot, FetcherError> {
         let slot = Arc::new((Mutex::new(None), Condvar::new()));
-        {
-            let mut q = self.queue.jobs.lock().map_err(|_| FetcherError::Closed)?;
-            q.0.push_back(Job {
-                req,
-                slot: slot.clone(),
-            });
-            self.queue.cv.notify_one();
-        }
-        let (m, cv) = &*slot;
+        let mut q = self.queue.jobs.lock().map_err(|_| FetcherError::Closed)?;
+        q.0.push_back(Job {
+            req,
+            slot: slot.clone(),
+        });
+        self.queue.cv.notify_one();
+        Ok(slot)
+    }
+
+    /// Waits for the answer in `slot`.
+    fn wait(slot: &Slot) -> Result<Arc<Served>, FetcherError> {
+        let (m, cv) = &**slot;
         let guard = m.lock().map_err(|_| FetcherError::Closed)?;
         let (mut guard, _) = cv
             .wait_timeout_while(guard, ANSWER_TIMEOUT, |a| a.is_none())
             .map_err(|_| FetcherError::Closed)?;
-        let served = guard.take().ok_or_else(|| {
+        guard.take().ok_or_else(|| {
             FetcherError::Io(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
                 "no answer from the chunk fetcher",
             ))
-        })??;
-        self.keep(k, served.clone());
-        Ok(served)
+        })?
     }
 }
 

@@ -1,47 +1,80 @@
 //! The node's chunk fetcher: ONE process per node owns the chunk cache, the store allowlist
 //! and its credentials; it fetches, verifies and decodes chunks, evicts the cache in the
 //! background, and hands verified plaintexts to the vmm processes over a unix socket as
-//! read-only file descriptors. A vmm using it ([`client::FetcherClient`], behind
-//! [`crate::fetch::ChunkSource::remote`]) needs no network, no store credentials and no
-//! write access to the cache: its virtio-fs workers only `pread` descriptors they were given.
+//! read-only file descriptors (of whole chunks, or of single blocks of blocked chunks). A vmm
+//! using it ([`client::FetcherClient`], behind [`crate::fetch::ChunkSource::remote`]) needs
+//! no network, no store credentials and no write access to the cache: its virtio-fs workers
+//! only `pread` descriptors they were given.
 //!
 //! # Exchange
 //!
 //! A vmm connects a few sockets at start (a pool, each served by a thread of the vmm's own
 //! that is not a virtio-fs worker), then on each socket sends one request at a time and waits
 //! for its response ([`protocol`]: versioned, length-prefixed frames, every size bounded).
-//! A request names a chunk: its id, the plaintext length the image claims (at most
-//! [`crate::chunk::MAX_CHUNK_SIZE`]) and, for an encrypted chunk, its convergent key. The
-//! answer is an error code with a short message, or a descriptor passed with `SCM_RIGHTS`
-//! and where the plaintext is in it:
-//! - unencrypted chunk: the cache's plaintext file, checked against the node's MAC key by
-//!   the fetcher, opened `O_RDONLY` (the plaintext follows the 32-byte MAC);
-//! - encrypted chunk: a memfd holding its plaintext, sealed (no write, grow, shrink or new
-//!   seal) — encrypted chunks stay encrypted at rest in the cache. Sealed memfds are kept in a
-//!   bounded LRU keyed by (id, key, length) and shared between vmms asking the same.
+//! A request is one of:
+//! - a whole chunk (version 1, still answered; images of whole chunks): its id, the
+//!   plaintext length the image claims (at most [`crate::chunk::MAX_CHUNK_SIZE`]) and, for
+//!   an encrypted chunk, its convergent key;
+//! - one block of a blocked chunk (version 2; images with a block size, see
+//!   [`crate::chunk::blocks`]): the chunk's id, plaintext length, the image's block size, the
+//!   block's index, the key of an encrypted chunk, and the chunk's block table as the image
+//!   carries it (at most [`crate::chunk::blocks::MAX_TABLE_LEN`] bytes; none when the image
+//!   has no table for it). The fetcher checks that the table hashes to the id and agrees with
+//!   the sizes ([`crate::chunk::blocks::Table::parse`]: the same check as a local read),
+//!   or, given no table, reads it from its stores with one ranged read, verifies it the same
+//!   way and keeps it (bounded). Only then does it take the block's offset, stored length
+//!   and hash from the verified table, read exactly that range from its stores (one ranged
+//!   read: a dir offset read, an HTTP/S3 `Range`, a redis `GETRANGE`), check the bytes
+//!   against the block's hash before it decrypts or decompresses them, and decode the block.
+//!   A cold 4 KiB read from a blocked image thus costs one block, not the chunk.
+//!
+//! The answer is an error code with a short message (naming the chunk, and the block), or a
+//! descriptor passed with `SCM_RIGHTS` and where the plaintext (of the chunk, or of the
+//! block) is in it:
+//! - unencrypted: the cache's plaintext file, checked against the node's MAC key by the
+//!   fetcher, opened `O_RDONLY` (the plaintext follows the 32-byte MAC); a block's file is
+//!   named by [`crate::chunk::blocks::block_key`] (id and index), as a local reader names it
+//!   (when the fetcher has the whole chunk's plaintext, it passes that instead, with the
+//!   block's offset in it);
+//! - encrypted: a memfd holding its plaintext, sealed (no write, grow, shrink or new seal) —
+//!   encrypted chunks and blocks stay encrypted at rest in the cache (a block as stored,
+//!   named by its hash). Sealed memfds are kept in a bounded LRU keyed by (chunk id or block
+//!   name, key, length) and shared between vmms asking the same.
 //!
 //! The fetcher reads chunks only from the stores it was given (its allowlist, with their
 //! credentials), trying them in order with fail-over; every chunk is verified against its id
-//! before it is decoded, and decoded to exactly the claimed length (or refused).
+//! (every block against its verified table) before it is decoded, and decoded to exactly the
+//! claimed length (or refused).
 //!
 //! # Threat model
 //!
 //! Every vmm is hostile: it runs a tenant's guest and parses its requests. What a vmm can
-//! send is a chunk id, a length and a key, nothing else: there are no paths in the protocol,
-//! so the fetcher never opens a file a client names (cache files are named by the hex of the
-//! id). Frame sizes are checked before anything is read into memory ([`protocol::MAX_FRAME`]);
-//! a malformed request gets an error code and the connection is closed; a frame must arrive
+//! send is a chunk id, a length and a key, and for a block request a block size, an index and
+//! a block table, nothing else: there are no paths in the protocol, so the fetcher never
+//! opens a file a client names (cache files are named by the hex of the id, or of a block's
+//! name derived from the id and index). A block table a vmm sends is trusted only once it
+//! hashes to the chunk id (which commits to every block's length and hash): a forged table,
+//! one of another chunk, sizes the table does not repeat, a block size that is not a power
+//! of two in range or an index past the table is refused (`BadRequest`) before any block is
+//! read, so no vmm can make the fetcher read, decode or cache other bytes under a chunk's or a
+//! block's name. Stored bytes that do not match the table are refused (`BadChunk`, naming
+//! the block) and never cached. Frame sizes are checked before anything is read into
+//! memory ([`protocol::MAX_FRAME`] for responses and whole-chunk requests,
+//! [`protocol::MAX_REQUEST_FRAME`] for a block request with the largest table; a table
+//! longer than any chunk's is refused); a malformed request gets an error code and the
+//! connection is closed (a refused well-formed request leaves it open); a frame must arrive
 //! within [`server::FRAME_TIMEOUT`] once started. Each connection has at most one request in
 //! flight, connections are bounded ([`server::ServerConfig::max_connections`], one thread
-//! each), concurrent fetches node-wide are bounded, and identical concurrent requests are
-//! fetched once. A client that disconnects mid-request costs the fetch (which then serves
-//! the next asker from the cache) and nothing else; sends never raise `SIGPIPE`. Descriptors
-//! a client tries to pass to the fetcher are discarded by the kernel (the fetcher reads with
-//! plain `read`). A vmm gets plaintexts only for chunks whose id (and key, for encrypted
-//! ones) it names: knowing an encrypted chunk's id without its key gets nothing, since the
-//! memfd LRU is keyed by the key too. Descriptors are read-only (cache files are 0600 and
-//! owned by the fetcher's user, which a vmm must not be; memfds are sealed), so a vmm cannot
-//! change what another vmm reads. Peer credentials (`SO_PEERCRED`) are logged per
+//! each), concurrent fetches node-wide are bounded, and identical concurrent requests (of a
+//! chunk, or of a block) are fetched once. A client that disconnects mid-request costs the
+//! fetch (which then serves the next asker from the cache) and nothing else; sends never
+//! raise `SIGPIPE`. Descriptors a client tries to pass to the fetcher are discarded by the
+//! kernel (the fetcher reads with plain `read`). A vmm gets plaintexts only for chunks (and
+//! blocks) whose id (and key, for encrypted ones) it names: knowing an encrypted chunk's id
+//! and table without its key gets nothing, since the memfd LRU is keyed by the key too and a
+//! block is decrypted with the key given. Descriptors are read-only (cache files are 0600
+//! and owned by the fetcher's user, which a vmm must not be; memfds are sealed), so a vmm
+//! cannot change what another vmm reads. Peer credentials (`SO_PEERCRED`) are logged per
 //! connection; access to the socket itself is by its mode and group
 //! (`--socket-mode`, `--socket-group`).
 

@@ -1,9 +1,12 @@
 //! The fetcher's side: accept loop, one thread per connection (bounded), request handling
 //! (see the module documentation of [`super`] for the protocol and the threat model).
 
-use super::protocol::{frame_len, ErrorCode, FdKind, Request, Response, MAX_FRAME};
+use super::protocol::{
+    request_frame_len, AnyRequest, BlockRequest, ErrorCode, FdKind, Request, Response,
+};
 use super::send_with_fd;
 use crate::cache::ChunkCache;
+use crate::chunk::blocks::{block_key, check_block_size, table_len, Table};
 use crate::chunk::{decode, ChunkId};
 use crate::error::Error;
 use crate::store::Router;
@@ -86,8 +89,16 @@ pub struct Stats {
     pub requests: AtomicU64,
     pub served: AtomicU64,
     pub refused: AtomicU64,
+    /// Whole chunks fetched from the stores.
     pub fetched: AtomicU64,
+    /// Blocks fetched from the stores (one ranged read each).
+    pub blocks_fetched: AtomicU64,
 }
+
+/// Most block entries of the verified block tables the fetcher keeps (those it read from its
+/// stores, for block requests that came without one): 48 bytes each, 48 MiB in all (a table
+/// has at most 4096: a 16 MiB chunk in 4 KiB blocks).
+const MAX_TABLE_BLOCKS: usize = 1 << 20;
 
 /// The fetcher: stores, cache, limits.
 pub struct Fetcher {
@@ -98,6 +109,8 @@ pub struct Fetcher {
     /// One lock per chunk being fetched: identical concurrent requests fetch once.
     inflight: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
     memfds: Mutex<Memfds>,
+    /// Verified block tables read from the stores, by chunk id, and their block count.
+    tables: Mutex<(HashMap<ChunkId, Arc<Table>>, usize)>,
     connections: AtomicUsize,
     pub stats: Stats,
 }
@@ -182,6 +195,7 @@ impl Fetcher {
             config,
             inflight: Mutex::new(HashMap::new()),
             memfds: Mutex::new(Memfds::default()),
+            tables: Mutex::default(),
             connections: AtomicUsize::new(0),
             stats: Stats::default(),
         }
@@ -316,36 +330,234 @@ impl Fetcher {
     /// Answers one request: the response and the descriptor to send with it.
     pub fn handle(&self, r: &Request) -> (Response, Option<Served>) {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        match self.serve(r) {
-            Ok(Served::File(f)) => {
-                self.stats.served.fetch_add(1, Ordering::Relaxed);
-                (
-                    Response::Ok {
-                        seq: r.seq,
-                        kind: FdKind::CacheFile,
-                        offset: ChunkCache::PLAIN_OFFSET,
-                        len: r.plain_len,
-                    },
-                    Some(Served::File(f)),
-                )
+        let served = self.serve(r).map(|s| (s, 0, r.plain_len));
+        self.answer(r.seq, served, || format!("chunk {}", r.id))
+    }
+
+    /// Answers a request of any operation.
+    pub fn handle_any(&self, r: &AnyRequest) -> (Response, Option<Served>) {
+        match r {
+            AnyRequest::Chunk { req, .. } => self.handle(req),
+            AnyRequest::Block(b) => {
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+                let served = self.serve_block(b);
+                self.answer(b.seq, served, || {
+                    format!("chunk {} block {}", b.id, b.index)
+                })
             }
-            Ok(Served::Memfd(fd)) => {
+        }
+    }
+
+    fn answer(
+        &self,
+        seq: u32,
+        served: Result<(Served, u64, u32), Refusal>,
+        what: impl Fn() -> String,
+    ) -> (Response, Option<Served>) {
+        match served {
+            // `at`: where the answer's plaintext starts in the plaintext the descriptor holds
+            // (a block of a whole chunk's plaintext).
+            Ok((served, at, len)) => {
                 self.stats.served.fetch_add(1, Ordering::Relaxed);
+                let (kind, offset) = match &served {
+                    Served::File(_) => (FdKind::CacheFile, ChunkCache::PLAIN_OFFSET + at),
+                    Served::Memfd(_) => (FdKind::Memfd, at),
+                };
                 (
                     Response::Ok {
-                        seq: r.seq,
-                        kind: FdKind::Memfd,
-                        offset: 0,
-                        len: r.plain_len,
+                        seq,
+                        kind,
+                        offset,
+                        len,
                     },
-                    Some(Served::Memfd(fd)),
+                    Some(served),
                 )
             }
             Err(Refusal(code, msg)) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(chunk = %r.id, ?code, error = %msg, "chunk refused");
-                (Response::error(r.seq, code, msg), None)
+                tracing::info!(what = %what(), ?code, error = %msg, "refused");
+                (Response::error(seq, code, msg), None)
             }
+        }
+    }
+
+    /// The verified table of the chunk of block request `r`: the one it carries (which must
+    /// hash to the id), else one read from the stores before (kept), else read now with one
+    /// ranged read (verified against the id).
+    fn block_table(&self, r: &BlockRequest) -> Result<Arc<Table>, Refusal> {
+        let (id, bs, len) = (&r.id, r.block_size, r.plain_len);
+        check_block_size(bs).map_err(|e| {
+            Refusal(
+                ErrorCode::BadRequest,
+                format!("chunk {id} block {}: {e}", r.index),
+            )
+        })?;
+        if !r.table.is_empty() {
+            return Table::parse(id, bs, len, &r.table)
+                .map(Arc::new)
+                .map_err(|e| Refusal(ErrorCode::BadRequest, format!("block {}: {e}", r.index)));
+        }
+        let known = self.tables.lock().ok().and_then(|t| t.0.get(id).cloned());
+        if let Some(t) = known.filter(|t| t.block_size == bs && t.plain_len == len) {
+            return Ok(t);
+        }
+        let tl = table_len(bs, len) as u32;
+        let bytes = {
+            let _slot = self
+                .fetches
+                .acquire()
+                .ok_or_else(|| internal("fetch slots", "poisoned"))?;
+            self.router
+                .get_range(id, 0, tl, &|b| Table::parse(id, bs, len, b).map(drop))
+                .map_err(|e| {
+                    let Refusal(code, m) = e.into();
+                    Refusal(code, format!("block table: {m}"))
+                })?
+        };
+        let table = Arc::new(
+            Table::parse(id, bs, len, &bytes)
+                .map_err(|e| Refusal(ErrorCode::BadChunk, format!("block {}: {e}", r.index)))?,
+        );
+        if let Ok(mut tables) = self.tables.lock() {
+            let (map, blocks) = &mut *tables;
+            if *blocks + table.blocks.len() > MAX_TABLE_BLOCKS {
+                map.clear();
+                *blocks = 0;
+            }
+            if let Some(old) = map.insert(*id, table.clone()) {
+                *blocks -= old.blocks.len();
+            }
+            *blocks += table.blocks.len();
+        }
+        Ok(table)
+    }
+
+    /// The answer to a block request: its block's plaintext, from the cache (or the memfd
+    /// LRU; or part of the whole chunk's plaintext there), else fetched with one ranged read
+    /// of exactly the block's stored bytes as the verified table places them, verified
+    /// against the table's hash and decoded.
+    fn serve_block(&self, r: &BlockRequest) -> Result<(Served, u64, u32), Refusal> {
+        let table = self.block_table(r)?;
+        let i = r.index as usize;
+        let Some(b) = table.blocks.get(i) else {
+            return Err(Refusal(
+                ErrorCode::BadRequest,
+                format!(
+                    "chunk {}: no block {i} (the chunk has {})",
+                    r.id,
+                    table.blocks.len()
+                ),
+            ));
+        };
+        let key = block_key(&r.id, i);
+        let len = b.plain_len;
+        let ready = |fetcher: &Self| match &r.key {
+            None => fetcher
+                .cache
+                .plain_file(&key, len)
+                .filter(|f| is_read_only(f))
+                .map(Served::File),
+            Some(k) => fetcher.memfd_get(&(key, *k, len)).map(Served::Memfd),
+        };
+        if let Some(s) = ready(self) {
+            return Ok((s, 0, len));
+        }
+        // The whole chunk's plaintext at hand (another vmm read it whole): the block is part
+        // of it. Its length is the one the verified table gives (it commits to the sizes).
+        let whole = Request {
+            seq: r.seq,
+            id: r.id,
+            plain_len: r.plain_len,
+            key: r.key,
+        };
+        if let Some(s) = self.ready(&whole) {
+            return Ok((s, i as u64 * u64::from(table.block_size), len));
+        }
+        let lock = self
+            .chunk_lock(&key)
+            .ok_or_else(|| internal("chunk locks", "poisoned"))?;
+        let result = {
+            let _held = lock.lock();
+            match ready(self) {
+                Some(s) => Ok(s),
+                None => self.fetch_block(r, &table, i, &key),
+            }
+        };
+        self.chunk_unlock(&key, lock);
+        result.map(|s| (s, 0, len))
+    }
+
+    fn fetch_block(
+        &self,
+        r: &BlockRequest,
+        table: &Table,
+        i: usize,
+        key: &ChunkId,
+    ) -> Result<Served, Refusal> {
+        let b = &table.blocks[i];
+        let start = i as u64 * u64::from(table.block_size);
+        let name = || {
+            format!(
+                "block {i} (chunk bytes {start}..{})",
+                start + u64::from(b.plain_len)
+            )
+        };
+        // An encrypted block may be in the cache as stored (named by its hash).
+        let cached = r.key.and_then(|_| self.cache.get(&ChunkId(b.hash)));
+        let from_store = cached.is_none();
+        let stored = match cached {
+            Some(s) => s,
+            None => {
+                let check = |bytes: &[u8]| -> crate::error::Result<()> {
+                    if bytes.len() != b.len as usize || blake3::hash(bytes).as_bytes() != &b.hash {
+                        return Err(Error::BadChunk {
+                            id: r.id.to_hex(),
+                            reason: format!("{}: hash mismatch", name()),
+                        });
+                    }
+                    Ok(())
+                };
+                let _slot = self
+                    .fetches
+                    .acquire()
+                    .ok_or_else(|| internal("fetch slots", "poisoned"))?;
+                let bytes = self
+                    .router
+                    .get_range(&r.id, b.offset, b.len, &check)
+                    .map_err(|e| {
+                        let Refusal(code, m) = e.into();
+                        Refusal(code, format!("{}: {m}", name()))
+                    })?;
+                self.stats.blocks_fetched.fetch_add(1, Ordering::Relaxed);
+                bytes
+            }
+        };
+        let plain = {
+            let _slot = self
+                .fetches
+                .acquire()
+                .ok_or_else(|| internal("fetch slots", "poisoned"))?;
+            table.decode_block(&r.id, i, &stored, r.key.as_ref())?
+        };
+        if let Some(k) = r.key {
+            if from_store {
+                // Encrypted blocks stay encrypted at rest, as stored.
+                if let Err(e) = self.cache.put(&ChunkId(b.hash), &stored) {
+                    tracing::warn!(chunk = %r.id, block = i, error = %e, "could not cache block");
+                }
+            }
+            let fd = Arc::new(sealed_memfd(&plain).map_err(|e| internal("memfd", e))?);
+            self.memfd_put((*key, k, b.plain_len), fd.clone());
+            return Ok(Served::Memfd(fd));
+        }
+        if let Err(e) = self.cache.put_plain(key, &plain) {
+            tracing::warn!(chunk = %r.id, block = i, error = %e, "could not cache block");
+        }
+        match self.cache.plain_file(key, b.plain_len) {
+            Some(f) if is_read_only(&f) => Ok(Served::File(f)),
+            _ => Ok(Served::Memfd(Arc::new(
+                sealed_memfd(&plain).map_err(|e| internal("memfd", e))?,
+            ))),
         }
     }
 }
@@ -393,7 +605,7 @@ enum FrameError {
 
 /// Reads one request frame: waits as long as needed for its first byte, then at most
 /// FRAME_TIMEOUT for the rest.
-fn read_request(s: &mut UnixStream) -> Result<Request, FrameError> {
+fn read_request(s: &mut UnixStream) -> Result<AnyRequest, FrameError> {
     let mut header = [0u8; 4];
     s.set_read_timeout(None).map_err(FrameError::Io)?;
     let n = loop {
@@ -409,11 +621,12 @@ fn read_request(s: &mut UnixStream) -> Result<Request, FrameError> {
     s.set_read_timeout(Some(FRAME_TIMEOUT))
         .map_err(FrameError::Io)?;
     s.read_exact(&mut header[1..]).map_err(FrameError::Io)?;
-    let len = frame_len(header)
+    let len = request_frame_len(header)
         .map_err(|e| FrameError::Bad(Response::error(0, ErrorCode::BadRequest, e)))?;
-    let mut body = [0u8; MAX_FRAME];
-    s.read_exact(&mut body[..len]).map_err(FrameError::Io)?;
-    Request::decode(&body[..len]).map_err(|e| {
+    // Bounded above: at most MAX_REQUEST_FRAME bytes.
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).map_err(FrameError::Io)?;
+    AnyRequest::decode(&body).map_err(|e| {
         let code = match e {
             super::protocol::ProtocolError::Version(_) => ErrorCode::Version,
             _ => ErrorCode::BadRequest,
@@ -442,9 +655,9 @@ fn serve_connection(fetcher: &Fetcher, mut s: UnixStream, peer: &str) {
                 return;
             }
         };
-        let (resp, fd) = fetcher.handle(&req);
+        let (resp, fd) = fetcher.handle_any(&req);
         let raw = fd.as_ref().map(Served::raw);
-        if let Err(e) = send_with_fd(s.as_raw_fd(), &resp.encode(), raw) {
+        if let Err(e) = send_with_fd(s.as_raw_fd(), &resp.encode_as(req.version()), raw) {
             tracing::info!(peer, error = %e, "client went away before its answer");
             return;
         }
@@ -497,6 +710,7 @@ pub fn run(listener: UnixListener, fetcher: Arc<Fetcher>) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::super::client::FetcherClient;
+    use super::super::protocol::frame_len;
     use super::super::FetcherError;
     use super::*;
     use crate::chunk::encode;
@@ -620,5 +834,100 @@ mod tests {
         ));
         // The first connection is not disturbed.
         assert!(first.chunk(&s.secret).is_ok());
+    }
+
+    /// Blocks of a blocked chunk in a dir store, through an in-process fetcher: one block
+    /// fetched per cold block request (never the chunk), served again from the cache; a
+    /// table of the wrong chunk, an index past it, a wrong key are refused; the table may
+    /// also come from the store (read once, kept).
+    #[test]
+    fn blocks_are_fetched_one_by_one_and_checked() {
+        use crate::chunk::blocks::{encode_blocked, table_len};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DirStore::open(&format!("dir://{}", tmp.path().join("s").display())).unwrap();
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (bs, len) = (8192u32, data.len() as u32);
+        let mut chunks = Vec::new();
+        for encrypt in [false, true] {
+            let e = encode_blocked(&data, bs, encrypt).unwrap();
+            store.put(&e.id, &e.stored).unwrap();
+            let table = e.stored[..table_len(bs, len)].to_vec();
+            let c = ChunkRef {
+                id: e.id,
+                offset: 0,
+                size: len,
+                key: e.key,
+            };
+            chunks.push((c, table));
+        }
+        let cache =
+            Arc::new(ChunkCache::open_indexed(&tmp.path().join("cache"), 1 << 30, None).unwrap());
+        let router = Router::new(vec![(0, 255, Arc::new(store) as Arc<dyn Store>)]);
+        let fetcher = Arc::new(Fetcher::new(router, cache, ServerConfig::default()));
+        let sock = tmp.path().join("sock");
+        let listener = UnixListener::bind(&sock).unwrap();
+        let f = fetcher.clone();
+        std::thread::spawn(move || run(listener, f));
+        let stat = |s: &AtomicU64| s.load(Ordering::SeqCst);
+        let mut fetched_blocks = 0;
+        for (c, table) in &chunks {
+            let client = FetcherClient::connect(&sock, 2).unwrap();
+            // The last block is short.
+            let last = len.div_ceil(bs) - 1;
+            for (i, blen) in [(3u32, bs), (last, len - last * bs)] {
+                let got = client.block(c, bs, i, blen, table).unwrap();
+                fetched_blocks += 1;
+                assert_eq!(stat(&fetcher.stats.blocks_fetched), fetched_blocks);
+                let mut b = vec![0u8; blen as usize];
+                got.read_at(0, &mut b).unwrap();
+                let at = (i * bs) as usize;
+                assert_eq!(b, &data[at..at + blen as usize]);
+                // Another client: from the cache (or the memfds), nothing fetched.
+                let again = FetcherClient::connect(&sock, 1).unwrap();
+                let mut b2 = vec![0u8; blen as usize];
+                again
+                    .block(c, bs, i, blen, table)
+                    .unwrap()
+                    .read_at(0, &mut b2)
+                    .unwrap();
+                assert_eq!(b2, b);
+                assert_eq!(stat(&fetcher.stats.blocks_fetched), fetched_blocks);
+            }
+            // Refused: the other chunk's table, an index past the table.
+            let other = &chunks.iter().find(|(o, _)| o.id != c.id).unwrap().1;
+            let refused = |r: Result<_, FetcherError>| match r {
+                Err(FetcherError::Refused { code, message }) => (code, message),
+                other => panic!("{other:?}"),
+            };
+            let (code, m) = refused(client.block(c, bs, 0, bs, other));
+            assert_eq!(code, ErrorCode::BadRequest, "{m}");
+            assert!(m.contains("block table hash mismatch"), "{m}");
+            let (code, m) = refused(client.block(c, bs, last + 1, 1, table));
+            assert_eq!(code, ErrorCode::BadRequest);
+            assert!(m.contains(&format!("no block {}", last + 1)), "{m}");
+            // (A length the table does not give: the client refuses the answer.)
+            assert!(matches!(
+                client.block(c, bs, 0, bs - 1, table),
+                Err(FetcherError::BadDescriptor(_))
+            ));
+            fetched_blocks += 1;
+            // The table from the store: read once (verified), then kept.
+            let fresh = FetcherClient::connect(&sock, 1).unwrap();
+            fresh.block(c, bs, 5, bs, &[]).unwrap();
+            fresh.block(c, bs, 6, bs, &[]).unwrap();
+            fetched_blocks += 2;
+            assert_eq!(stat(&fetcher.stats.blocks_fetched), fetched_blocks);
+        }
+        // An encrypted chunk's block with a wrong key: refused, though it is at hand.
+        let (c, table) = &chunks[1];
+        let mut wrong = c.clone();
+        wrong.key = Some([0u8; 32]);
+        let client = FetcherClient::connect(&sock, 1).unwrap();
+        match client.block(&wrong, bs, 3, bs, table) {
+            Err(FetcherError::Refused { code, .. }) => assert_eq!(code, ErrorCode::BadChunk),
+            other => panic!("{other:?}"),
+        }
+        // No whole chunk was ever fetched.
+        assert_eq!(stat(&fetcher.stats.fetched), 0);
     }
 }

@@ -1,7 +1,8 @@
 //! An image share served through the node's chunk fetcher, read by a thread under the
 //! virtio-fs worker's seccomp filter WITHOUT network calls: the fetcher's sockets are
 //! connected when the share is built (vmm start), the worker only hands requests to the
-//! client's I/O threads and `pread`s the descriptors it gets.
+//! client's I/O threads and `pread`s the descriptors it gets (of whole chunks, or of single
+//! blocks: the image is blocked).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -175,9 +176,32 @@ fn an_image_share_through_the_fetcher_under_the_no_network_worker_filter() {
             }
             out.0
         };
-        (read(ROOT_ID, &["etc", "version"]), read(ROOT_ID, &["big"]))
+        // A small read first: one block request (the image is blocked), under this filter.
+        let c = std::ffi::CString::new("big").unwrap();
+        let ino = fs.lookup(&ctx, ROOT_ID, &c).unwrap().inode;
+        let (handle, _, _) = fs.open(&ctx, ino, libc::O_RDONLY as u32, 0).unwrap();
+        let mut small = VecWriter(Vec::new());
+        let n = fs
+            .read(
+                &ctx,
+                ino,
+                handle.unwrap_or(0),
+                &mut small,
+                4096,
+                1 << 20,
+                None,
+                0,
+            )
+            .unwrap();
+        assert_eq!(n, 4096);
+        (
+            read(ROOT_ID, &["etc", "version"]),
+            read(ROOT_ID, &["big"]),
+            small.0,
+        )
     });
-    let (version, got) = worker.join().unwrap();
+    let (version, got, small) = worker.join().unwrap();
+    assert!(small == big[1 << 20..(1 << 20) + 4096]);
     assert_eq!(version, b"image-v1\n");
     assert_eq!(got.len(), big.len());
     assert!(got == big, "the big file reads back as packed");
