@@ -314,3 +314,101 @@ impl AgentCli {
         self.until_every(node, what, timeout, Duration::from_secs(1), f)
     }
 }
+
+/// An HTTP answer: status code and body.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Node {
+    /// One raw HTTP/1.1 request to the agent's forwarded API, with `headers` as given (no
+    /// signature added): for requests the CLI would never send (unsigned, malformed).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<HttpAnswer> {
+        use std::io::Write;
+        let addr = format!("127.0.0.1:{}", self.api_port);
+        let mut s = std::net::TcpStream::connect(&addr)
+            .map_err(Error::io(format!("connecting to {addr}")))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(Error::io("socket timeout".to_string()))?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        s.write_all(&bytes)
+            .map_err(Error::io(format!("sending {method} {path}")))?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)
+            .map_err(Error::io(format!("reading the answer to {method} {path}")))?;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                Error::Invalid(format!("{method} {path}: not an HTTP answer: {text:?}"))
+            })?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok(HttpAnswer { status, body })
+    }
+}
+
+/// Whether `path` exists on the node's ext4 state disk `disk` (the node powered off): the
+/// journal is replayed first (`e2fsck -fy`, the node was not shut down cleanly), then
+/// `debugfs` looks the path up.
+pub fn state_disk_has(disk: &Path, path: &str) -> Result<bool> {
+    let fsck = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(disk)
+        .output()
+        .map_err(Error::io("running e2fsck (e2fsprogs)".to_string()))?;
+    // 0: clean, 1: errors corrected (a replayed journal counts).
+    if !matches!(fsck.status.code(), Some(0) | Some(1)) {
+        return Err(Error::Command {
+            command: format!("e2fsck -fy {}", disk.display()),
+            status: fsck.status.to_string(),
+            stderr: format!(
+                "{}{}",
+                String::from_utf8_lossy(&fsck.stdout),
+                String::from_utf8_lossy(&fsck.stderr)
+            ),
+        });
+    }
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("stat {path}"))
+        .arg(disk)
+        .output()
+        .map_err(Error::io("running debugfs (e2fsprogs)".to_string()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if text.contains("File not found") {
+        Ok(false)
+    } else if text.contains("Inode:") {
+        Ok(true)
+    } else {
+        Err(Error::Invalid(format!(
+            "debugfs stat {path} on {}: {text}",
+            disk.display()
+        )))
+    }
+}
