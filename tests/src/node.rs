@@ -412,3 +412,71 @@ pub fn state_disk_has(disk: &Path, path: &str) -> Result<bool> {
         )))
     }
 }
+
+impl AgentCli {
+    /// The twin id `register_twin` wrote beside the key.
+    pub fn twin(&self) -> Result<u32> {
+        let file = format!("{}.twin", self.key.display());
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| Error::Invalid(format!("no twin id in {file}")))
+    }
+
+    /// A request to `node`'s API signed by this twin as the agent's client signs it (the
+    /// node's request signature scheme, `node_agent::auth`), with `body` sent as it is: for
+    /// documents the CLI would not send (another twin's deployment, one altered after it was
+    /// signed). Only ed25519 keys (64 hex digits, `keygen`'s default).
+    pub fn raw_signed(
+        &self,
+        node: &Node,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<HttpAnswer> {
+        use ed25519_dalek::Signer as _;
+        let text = std::fs::read_to_string(&self.key)
+            .map_err(Error::io(format!("reading {}", self.key.display())))?;
+        let seed: [u8; 32] = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: not an ed25519 seed (64 hex digits)",
+                    self.key.display()
+                ))
+            })?;
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let signer = format!("twin:{}", self.twin()?);
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| Error::Invalid(format!("the clock: {e}")))?
+            .as_secs()
+            .to_string();
+        let nonce = format!(
+            "{:032x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let message = format!(
+            "gridnode/request/v1\n{}\n{path}\n{}\n{timestamp}\n{nonce}\n{signer}",
+            method.to_ascii_uppercase(),
+            blake3::hash(body).to_hex()
+        );
+        let signature = hex::encode(key.sign(message.as_bytes()).to_bytes());
+        node.http(
+            method,
+            path,
+            &[
+                ("X-Grid-Signer", &signer),
+                ("X-Grid-Timestamp", &timestamp),
+                ("X-Grid-Nonce", &nonce),
+                ("X-Grid-Signature", &signature),
+                ("X-Grid-Signature-Type", "ed25519"),
+            ],
+            body,
+        )
+    }
+}

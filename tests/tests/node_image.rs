@@ -232,7 +232,7 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
             ("X-Grid-Signature", zero_sig.clone()),
         ]
     };
-    let raw: [(&str, &str, &str, Vec<(&str, String)>, u16, &str); 5] = [
+    let raw = [
         (
             "an unsigned deployment",
             "POST",
@@ -284,6 +284,87 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
         let a = node.http(method, path, &h, body)?;
         assert!(
             a.status == status && a.body.contains(reason),
+            "refusal: {what}: want {status} {reason:?}, got {} {}",
+            a.status,
+            a.body
+        );
+        eprintln!("refused {what}: {} {}", a.status, a.body.trim());
+    }
+    // Signed documents the CLI would not send, in requests signed as the agent's client
+    // signs them (checked first: the owner reads the deployment that way).
+    let d = cli.raw_signed(&node, "GET", "/deployments/1", b"")?;
+    assert!(
+        d.status == 200 && d.body.contains("\"counter\""),
+        "a raw signed request of the owner: {} {}",
+        d.status,
+        d.body
+    );
+    let signed_doc = |name: &str, doc: &str, key: &str, as_twin: u32| -> Result<String, Error> {
+        let path = scratch.join(name);
+        write(&path, doc)?;
+        let p = path.to_string_lossy().into_owned();
+        cli.run(&["sign", &p, "--key", key, "--twin", &as_twin.to_string()])
+            .map_err(|e| Error::Invalid(format!("sign {name}: {e}")))?;
+        std::fs::read_to_string(&path).map_err(|source| Error::Io {
+            context: format!("reading {}", path.display()),
+            source,
+        })
+    };
+    // A new deployment of the owner's, signed by the owner, submitted by another twin.
+    let owners_d2 = signed_doc(
+        "owner-new.json",
+        &deployment(twin, 1, 128).replace("\"deployment_id\": 1", "\"deployment_id\": 2"),
+        &key,
+        twin,
+    )?;
+    // Version 2, signed by the owner.
+    let owners_v2 = signed_doc("owner-v2.json", &deployment(twin, 2, 128), &key, twin)?;
+    // Version 2 signed with another twin's key in the owner's name.
+    let forged = signed_doc("forged.json", &deployment(twin, 2, 128), &other_key, twin)?;
+    // Version 2 signed by the owner, then altered.
+    let altered = signed_doc("altered.json", &deployment(twin, 2, 128), &key, twin)?
+        .replace("workload-v2", "workload-vX");
+    for (what, by, method, path, doc, status, reason) in [
+        (
+            "the owner's deployment submitted by another twin",
+            &other,
+            "POST",
+            "/deployments",
+            &owners_d2,
+            403,
+            format!("twin {other_twin} cannot deploy for twin {twin} (only the owner can)"),
+        ),
+        (
+            "an update submitted by another twin",
+            &other,
+            "PUT",
+            "/deployments/1",
+            &owners_v2,
+            404,
+            format!("no deployment 1 of twin {other_twin}"),
+        ),
+        (
+            "a version signed with another twin's key as the owner's",
+            &cli,
+            "PUT",
+            "/deployments/1",
+            &forged,
+            403,
+            format!("no valid signature of the owner twin {twin}"),
+        ),
+        (
+            "a version altered after the owner signed it",
+            &cli,
+            "PUT",
+            "/deployments/1",
+            &altered,
+            403,
+            format!("no valid signature of the owner twin {twin}"),
+        ),
+    ] {
+        let a = by.raw_signed(&node, method, path, doc.as_bytes())?;
+        assert!(
+            a.status == status && a.body.contains(&reason),
             "refusal: {what}: want {status} {reason:?}, got {} {}",
             a.status,
             a.body
