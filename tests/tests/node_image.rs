@@ -458,7 +458,8 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
     // The second boot's API has its own forwarded port; the twin key is the same.
     let cli = AgentCli::new(&node, cli.key.clone());
     node.wait_for_console("crash point after-spawn reached", Duration::from_secs(300))?;
-    node.wait_for_console("the agent ended", Duration::from_secs(30))?;
+    // Wait status 6: ended by SIGABRT, no exit of its own (no destructor, no flush).
+    node.wait_for_console("the agent ended (wait status 6)", Duration::from_secs(30))?;
     let logs = wait_output(&cli, &node, "workload-v2-run-3")?;
     eprintln!("second boot: workload output: {}", logs.trim());
     // Long enough for a second start to show (the VM prints within seconds).
@@ -474,6 +475,18 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
         2,
         "PID 1 did not start the agent exactly twice:\n{console}"
     );
+    for line in console.lines().filter(|l| {
+        [
+            "crash point",
+            "the agent ended",
+            "starting the agent",
+            "counter",
+        ]
+        .iter()
+        .any(|k| l.contains(k))
+    }) {
+        eprintln!("second boot console: {}", line.trim());
+    }
     let logs = cli
         .signed(&["logs", "counter"])
         .unwrap_or_else(|e| panic!("logs after the crash: {e}"));
