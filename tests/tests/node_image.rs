@@ -480,7 +480,8 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
             "crash point",
             "the agent ended",
             "starting the agent",
-            "counter",
+            "node_agent::engine",
+            "node_agent::supervisor",
         ]
         .iter()
         .any(|k| l.contains(k))
@@ -500,6 +501,16 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
         "after the crash: one vmm",
         "\"vmm_processes\": 1",
     )?;
+    let ps = cli
+        .signed(&["ps"])
+        .unwrap_or_else(|e| panic!("ps after the crash: {e}"));
+    assert_eq!(
+        ps.lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("counter"))
+            .count(),
+        1,
+        "after the crash: ps does not list the VM exactly once:\n{ps}"
+    );
     let adopted = snapshot(&cli, "after the crash")?;
     assert_eq!(adopted.0, updated.0, "after the crash: {adopted:?}");
     eprintln!("after the agent's crash: {adopted:?}");
