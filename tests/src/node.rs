@@ -4,7 +4,7 @@
 //! node keeps running while the test talks to it; its console is captured as it streams.
 //! [`AgentCli`] drives the node from outside with the `node-agent` CLI, as a user would.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -70,6 +70,8 @@ impl NodeImage {
 /// A running node (QEMU), killed when dropped.
 pub struct Node {
     child: Child,
+    /// QEMU's stdin: the serial console's input, multiplexed with QEMU's monitor (`mon:stdio`).
+    stdin: Option<std::process::ChildStdin>,
     console: Arc<Mutex<Vec<u8>>>,
     reader: Option<JoinHandle<()>>,
     started: Instant,
@@ -114,13 +116,14 @@ impl Node {
             .arg(format!(
                 "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{api_port}-{NODE_IP}:{AGENT_PORT}"
             ))
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let started = Instant::now();
         let mut child = cmd
             .spawn()
             .map_err(Error::io(format!("starting {cmd:?}")))?;
+        let stdin = child.stdin.take();
         let console = Arc::new(Mutex::new(Vec::new()));
         let reader = child.stdout.take().map(|mut out| {
             let console = Arc::clone(&console);
@@ -137,6 +140,7 @@ impl Node {
         });
         Ok(Self {
             child,
+            stdin,
             console,
             reader,
             started,
@@ -176,6 +180,29 @@ impl Node {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends the magic SysRq `key` on the serial console: a break (QEMU's `Ctrl-A b`), then
+    /// the key. The kernel acts on it when its SysRq mask allows that function (boot with
+    /// `sysrq_always_enabled` for all of them).
+    pub fn serial_sysrq(&mut self, key: u8) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Error::Invalid("the node's console input is closed".into()))?;
+        stdin
+            .write_all(b"\x01b")
+            .and_then(|()| stdin.flush())
+            .map_err(Error::io(
+                "sending a break to the node's console".to_string(),
+            ))?;
+        thread::sleep(Duration::from_millis(500));
+        stdin
+            .write_all(&[key])
+            .and_then(|()| stdin.flush())
+            .map_err(Error::io(
+                "sending a SysRq key to the node's console".to_string(),
+            ))
     }
 
     /// Powers the node off the hard way (QEMU killed) and returns its console.
@@ -332,7 +359,6 @@ impl Node {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<HttpAnswer> {
-        use std::io::Write;
         let addr = format!("127.0.0.1:{}", self.api_port);
         let mut s = std::net::TcpStream::connect(&addr)
             .map_err(Error::io(format!("connecting to {addr}")))?;

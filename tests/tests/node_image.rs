@@ -8,15 +8,19 @@
 //! One node, booted twice on the same state disk, runs the whole sequence (each boot is a
 //! software-emulated boot), every step failing with its name:
 //! - first boot: deploy; refusals (a request signed with another twin's key, over capacity,
-//!   a replayed version, unsigned / badly signed / malformed raw HTTP requests) change
-//!   nothing; another twin cannot read the logs, see or delete the deployment, the owner can;
-//!   an update replaces the VM and the new version's output is seen (its volume kept);
+//!   a replayed version, unsigned / badly signed / malformed raw HTTP requests, the owner's
+//!   document submitted by another twin, a document signed with another key in the owner's
+//!   name or altered after the owner signed it) change nothing; another twin cannot read the
+//!   logs, see or delete the deployment, the owner can; an update replaces the VM and the new
+//!   version's output is seen (its volume kept);
+//! - `kill -9` from outside: the magic SysRq `i` on the serial console (the node booted with
+//!   `sysrq_always_enabled`) SIGKILLs every process but PID 1, the agent and the vmm alike;
+//!   PID 1 starts the agent again, which starts the VM again (its volume kept, one vmm);
 //! - the node powered off hard and booted again with `GRIDNODE_CRASH_AT=after-spawn` on the
 //!   kernel command line (the kernel hands it to PID 1's environment, the agent inherits it):
-//!   the agent, restarting the deployment, aborts right after spawning its vmm (as `kill -9`
-//!   would end it: the crash-injection hook of the agent tests; nothing inside the node can
-//!   send a signal on request, see [`agent_killed_after_spawn`]); PID 1 starts it again and
-//!   it adopts the running vmm: the workload ran once, the state is the same;
+//!   the agent, restarting the deployment, aborts right after spawning its vmm, so the agent
+//!   alone dies while its VM runs (see [`agent_killed_after_spawn`]); PID 1 starts it again
+//!   and it adopts the running vmm: the workload ran once, the state is the same;
 //! - delete: the VM is gone, the API says so, and (read on the powered-off state disk) the
 //!   deployment's directory is gone.
 
@@ -130,7 +134,8 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
     })?);
 
     // First boot: a fresh disk.
-    let mut node = Node::boot(&image, &disk, 2, 4096)?;
+    // `sysrq_always_enabled`: the console's SysRq may signal processes (see below).
+    let mut node = Node::boot_with(&image, &disk, 2, 4096, "sysrq_always_enabled")?;
     wait_registered(&mut node, "first boot")?;
     let console = node.console();
     assert!(
@@ -438,6 +443,30 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
         "\"vmm_processes\": 1",
     )?;
 
+    // kill -9 from outside: SysRq `i` on the serial console sends SIGKILL to every process
+    // but PID 1, the agent and the VM's vmm alike. PID 1 starts the agent again; the agent
+    // finds the vmm gone and starts the VM again by its policy; the VM finds its volume.
+    node.serial_sysrq(b'i')?;
+    node.wait_for_console("the agent ended (wait status 9)", Duration::from_secs(60))?;
+    wait_output(&cli, &node, "workload-v2-run-3")?;
+    status_has(&cli, &node, "kill -9: one vmm", "\"vmm_processes\": 1")?;
+    let killed = snapshot(&cli, "kill -9")?;
+    assert_eq!(killed.0, updated.0, "kill -9: {killed:?}");
+    assert_ne!(
+        vmm_pid(&killed.1),
+        vmm_pid(&updated.1),
+        "kill -9: the VM runs in the vmm that was killed? {killed:?}"
+    );
+    let console = node.console();
+    for line in console.lines().filter(|l| {
+        ["sysrq", "the agent ended", "starting the agent"]
+            .iter()
+            .any(|k| l.contains(k))
+    }) {
+        eprintln!("first boot console: {}", line.trim());
+    }
+    eprintln!("after kill -9 of the agent and the vmm: {killed:?}");
+
     // Power off hard (the workload synced its write).
     std::thread::sleep(Duration::from_secs(6));
     node.kill();
@@ -460,7 +489,7 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
     node.wait_for_console("crash point after-spawn reached", Duration::from_secs(300))?;
     // Wait status 6: ended by SIGABRT, no exit of its own (no destructor, no flush).
     node.wait_for_console("the agent ended (wait status 6)", Duration::from_secs(30))?;
-    let logs = wait_output(&cli, &node, "workload-v2-run-3")?;
+    let logs = wait_output(&cli, &node, "workload-v2-run-4")?;
     eprintln!("second boot: workload output: {}", logs.trim());
     // Long enough for a second start to show (the VM prints within seconds).
     std::thread::sleep(Duration::from_secs(10));
@@ -492,7 +521,7 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
         .signed(&["logs", "counter"])
         .unwrap_or_else(|e| panic!("logs after the crash: {e}"));
     assert!(
-        !logs.contains("workload-v2-run-4"),
+        !logs.contains("workload-v2-run-5"),
         "the VM ran twice after the agent's crash:\n{logs}"
     );
     status_has(
@@ -551,18 +580,17 @@ fn node_image_deploys_updates_refuses_survives_an_agent_crash_and_deletes() -> R
 
 /// The kernel command line that makes the agent abort right after it spawns a vmm.
 ///
-/// `kill -9` of the agent from the test is not possible on the node image: PID 1 is
-/// `node-agent init`, which runs the agent daemon as its child (and starts it again when it
-/// ends), but the image has no shell, no ssh and no console login, the agent's API has no
-/// call that ends the agent, and QEMU's monitor reaches the machine (reset, NMI, keys), not a
-/// process; the magic SysRq that signals every process (`i`) is off on the console by the
-/// kernel's default mask, and would end the vmms too. The agent's crash-injection hook
-/// (`GRIDNODE_CRASH_AT`, used by the agent tests) aborts the process: no destructor, no
-/// flush, as `kill -9`. Linux hands an unknown `NAME=value` kernel parameter (no dot in the
-/// name) to PID 1's environment, and the agent inherits it: every start of a vmm in this
-/// boot aborts the agent once it is spawned, so the test makes the one start the agent must
-/// make (the deployment after the reboot) the crash, and nothing in the rest of the boot
-/// starts a vmm.
+/// SysRq `i` kills every process but PID 1, so the vmms die with the agent. To end the agent
+/// alone while its VM runs, as `kill -9 <agent pid>` would: PID 1 is `node-agent init`, which
+/// runs the agent daemon as its child (and starts it again when it ends), but the image has no
+/// shell, no ssh and no console login, the agent's API has no call that ends the agent, and
+/// QEMU's monitor reaches the machine (reset, NMI, keys), not one process. The agent's
+/// crash-injection hook (`GRIDNODE_CRASH_AT`, used by the agent tests) aborts the process
+/// (SIGABRT: no destructor, no flush, as `kill -9`). Linux hands an unknown `NAME=value`
+/// kernel parameter (no dot in the name) to PID 1's environment, and the agent inherits it:
+/// every start of a vmm in this boot aborts the agent once it is spawned, so the test makes
+/// the one start the agent must make (the deployment after the reboot) the crash, and
+/// nothing in the rest of the boot starts a vmm.
 fn agent_killed_after_spawn() -> String {
     "GRIDNODE_CRASH_AT=after-spawn".to_string()
 }
