@@ -226,7 +226,8 @@ pub fn read(console: &Path, from: Option<Cursor>, max: usize) -> Result<Chunk> {
         Some(c) => match parts.iter().position(|p| p.is(&c)) {
             // The vmm never shortens a file it writes; a position past the end is a file
             // that is not the one the cursor was made in (its inode number reused on a
-            // filesystem that keeps no birth time).
+            // filesystem that keeps no birth time), or output a power cut lost
+            // ([`drop_lost_tail`]): a gap either way.
             Some(i) if c.pos <= parts[i].len => (i, c.pos, false),
             _ => (0, 0, true),
         },
