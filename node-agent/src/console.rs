@@ -153,6 +153,53 @@ pub fn keep_previous_run(console: &Path) -> Result<()> {
     }
 }
 
+/// After a power cut: drops the zero bytes that end `console` and its rotated file. The vmm
+/// does not sync the console log, and a filesystem may keep a file's new size without the
+/// bytes written last (ext4 commits the size of an append into an allocated block before the
+/// data is written back): they would read as zeros. They are lost output; a cursor past the
+/// new end is answered as a gap. Returns how many bytes were dropped.
+pub fn drop_lost_tail(console: &Path) -> Result<u64> {
+    let mut dropped = 0;
+    for path in [console.to_path_buf(), rotated(console)] {
+        let mut file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+        };
+        let len = file
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?
+            .len();
+        // The end of the last non-zero byte, read backwards a block at a time.
+        let mut end = len;
+        let mut block = vec![0u8; 64 * 1024];
+        while end > 0 {
+            let start = end.saturating_sub(block.len() as u64);
+            let n = (end - start) as usize;
+            file.seek(SeekFrom::Start(start))
+                .and_then(|_| file.read_exact(&mut block[..n]))
+                .with_context(|| format!("reading {}", path.display()))?;
+            match block[..n].iter().rposition(|&b| b != 0) {
+                Some(i) => {
+                    end = start + i as u64 + 1;
+                    break;
+                }
+                None => end = start,
+            }
+        }
+        if end < len {
+            file.set_len(end)
+                .with_context(|| format!("truncating {}", path.display()))?;
+            dropped += len - end;
+        }
+    }
+    Ok(dropped)
+}
+
 /// Reads at most `max` bytes of the console stream at `console` from `from` (None: from the
 /// oldest kept byte).
 pub fn read(console: &Path, from: Option<Cursor>, max: usize) -> Result<Chunk> {
@@ -179,7 +226,8 @@ pub fn read(console: &Path, from: Option<Cursor>, max: usize) -> Result<Chunk> {
         Some(c) => match parts.iter().position(|p| p.is(&c)) {
             // The vmm never shortens a file it writes; a position past the end is a file
             // that is not the one the cursor was made in (its inode number reused on a
-            // filesystem that keeps no birth time).
+            // filesystem that keeps no birth time), or output a power cut lost
+            // ([`drop_lost_tail`]): a gap either way.
             Some(i) if c.pos <= parts[i].len => (i, c.pos, false),
             _ => (0, 0, true),
         },
@@ -219,6 +267,29 @@ pub fn read(console: &Path, from: Option<Cursor>, max: usize) -> Result<Chunk> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_power_cut_s_zero_tail_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        // Nothing there: nothing to do.
+        assert_eq!(drop_lost_tail(&log).unwrap(), 0);
+        let mut lost = b"init: booted\r\n".to_vec();
+        lost.extend_from_slice(&[0; 19]);
+        std::fs::write(&log, &lost).unwrap();
+        // The rotated file: zeros across more than one read block, a zero inside kept.
+        let mut old = b"a\0b".to_vec();
+        old.extend_from_slice(&vec![0; 200_000]);
+        std::fs::write(rotated(&log), &old).unwrap();
+        assert_eq!(drop_lost_tail(&log).unwrap(), 19 + 200_000);
+        assert_eq!(std::fs::read(&log).unwrap(), b"init: booted\r\n");
+        assert_eq!(std::fs::read(rotated(&log)).unwrap(), b"a\0b");
+        // Intact logs are left alone; a log of zeros only becomes empty.
+        assert_eq!(drop_lost_tail(&log).unwrap(), 0);
+        std::fs::write(&log, [0u8; 10]).unwrap();
+        assert_eq!(drop_lost_tail(&log).unwrap(), 10);
+        assert_eq!(std::fs::read(&log).unwrap(), b"");
+    }
 
     #[test]
     fn cursors_round_trip_and_garbage_is_named() {

@@ -1048,6 +1048,22 @@ impl Engine {
             // meant to run (not those ended by their policy), and retry at once those whose
             // start failed.
             for mut rec in self.store.vms(None)? {
+                if last.is_some() {
+                    // Output the vmm wrote but the power cut lost reads as zeros.
+                    let key = VmKey {
+                        twin_id: rec.twin_id,
+                        deployment_id: rec.deployment_id,
+                        name: rec.name.clone(),
+                    };
+                    let console = VmPaths::new(self.state_dir(), &key).console;
+                    match crate::console::drop_lost_tail(&console) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            info!(vm = %key, "{n} bytes of console output lost in the power cut")
+                        }
+                        Err(e) => warn!(vm = %key, "console log: {e:#}"),
+                    }
+                }
                 let retried = rec.state == VmState::Failed && self.retries_failed(&rec);
                 if retried
                     || matches!(

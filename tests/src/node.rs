@@ -4,7 +4,7 @@
 //! node keeps running while the test talks to it; its console is captured as it streams.
 //! [`AgentCli`] drives the node from outside with the `node-agent` CLI, as a user would.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -70,6 +70,8 @@ impl NodeImage {
 /// A running node (QEMU), killed when dropped.
 pub struct Node {
     child: Child,
+    /// QEMU's stdin: the serial console's input, multiplexed with QEMU's monitor (`mon:stdio`).
+    stdin: Option<std::process::ChildStdin>,
     console: Arc<Mutex<Vec<u8>>>,
     reader: Option<JoinHandle<()>>,
     started: Instant,
@@ -114,13 +116,14 @@ impl Node {
             .arg(format!(
                 "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{api_port}-{NODE_IP}:{AGENT_PORT}"
             ))
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let started = Instant::now();
         let mut child = cmd
             .spawn()
             .map_err(Error::io(format!("starting {cmd:?}")))?;
+        let stdin = child.stdin.take();
         let console = Arc::new(Mutex::new(Vec::new()));
         let reader = child.stdout.take().map(|mut out| {
             let console = Arc::clone(&console);
@@ -137,6 +140,7 @@ impl Node {
         });
         Ok(Self {
             child,
+            stdin,
             console,
             reader,
             started,
@@ -176,6 +180,29 @@ impl Node {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Sends the magic SysRq `key` on the serial console: a break (QEMU's `Ctrl-A b`), then
+    /// the key. The kernel acts on it when its SysRq mask allows that function (boot with
+    /// `sysrq_always_enabled` for all of them).
+    pub fn serial_sysrq(&mut self, key: u8) -> Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| Error::Invalid("the node's console input is closed".into()))?;
+        stdin
+            .write_all(b"\x01b")
+            .and_then(|()| stdin.flush())
+            .map_err(Error::io(
+                "sending a break to the node's console".to_string(),
+            ))?;
+        thread::sleep(Duration::from_millis(500));
+        stdin
+            .write_all(&[key])
+            .and_then(|()| stdin.flush())
+            .map_err(Error::io(
+                "sending a SysRq key to the node's console".to_string(),
+            ))
     }
 
     /// Powers the node off the hard way (QEMU killed) and returns its console.
@@ -312,5 +339,170 @@ impl AgentCli {
         f: impl FnMut() -> std::result::Result<Option<T>, String>,
     ) -> Result<T> {
         self.until_every(node, what, timeout, Duration::from_secs(1), f)
+    }
+}
+
+/// An HTTP answer: status code and body.
+#[derive(Debug)]
+pub struct HttpAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Node {
+    /// One raw HTTP/1.1 request to the agent's forwarded API, with `headers` as given (no
+    /// signature added): for requests the CLI would never send (unsigned, malformed).
+    pub fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Result<HttpAnswer> {
+        let addr = format!("127.0.0.1:{}", self.api_port);
+        let mut s = std::net::TcpStream::connect(&addr)
+            .map_err(Error::io(format!("connecting to {addr}")))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(Error::io("socket timeout".to_string()))?;
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        s.write_all(&bytes)
+            .map_err(Error::io(format!("sending {method} {path}")))?;
+        let mut answer = Vec::new();
+        s.read_to_end(&mut answer)
+            .map_err(Error::io(format!("reading the answer to {method} {path}")))?;
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| {
+                Error::Invalid(format!("{method} {path}: not an HTTP answer: {text:?}"))
+            })?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok(HttpAnswer { status, body })
+    }
+}
+
+/// Whether `path` exists on the node's ext4 state disk `disk` (the node powered off): the
+/// journal is replayed first (`e2fsck -fy`, the node was not shut down cleanly), then
+/// `debugfs` looks the path up.
+pub fn state_disk_has(disk: &Path, path: &str) -> Result<bool> {
+    let fsck = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(disk)
+        .output()
+        .map_err(Error::io("running e2fsck (e2fsprogs)".to_string()))?;
+    // 0: clean, 1: errors corrected (a replayed journal counts).
+    if !matches!(fsck.status.code(), Some(0) | Some(1)) {
+        return Err(Error::Command {
+            command: format!("e2fsck -fy {}", disk.display()),
+            status: fsck.status.to_string(),
+            stderr: format!(
+                "{}{}",
+                String::from_utf8_lossy(&fsck.stdout),
+                String::from_utf8_lossy(&fsck.stderr)
+            ),
+        });
+    }
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("stat {path}"))
+        .arg(disk)
+        .output()
+        .map_err(Error::io("running debugfs (e2fsprogs)".to_string()))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if text.contains("File not found") {
+        Ok(false)
+    } else if text.contains("Inode:") {
+        Ok(true)
+    } else {
+        Err(Error::Invalid(format!(
+            "debugfs stat {path} on {}: {text}",
+            disk.display()
+        )))
+    }
+}
+
+impl AgentCli {
+    /// The twin id `register_twin` wrote beside the key.
+    pub fn twin(&self) -> Result<u32> {
+        let file = format!("{}.twin", self.key.display());
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .ok_or_else(|| Error::Invalid(format!("no twin id in {file}")))
+    }
+
+    /// A request to `node`'s API signed by this twin as the agent's client signs it (the
+    /// node's request signature scheme, `node_agent::auth`), with `body` sent as it is: for
+    /// documents the CLI would not send (another twin's deployment, one altered after it was
+    /// signed). Only ed25519 keys (64 hex digits, `keygen`'s default).
+    pub fn raw_signed(
+        &self,
+        node: &Node,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<HttpAnswer> {
+        use ed25519_dalek::Signer as _;
+        let text = std::fs::read_to_string(&self.key)
+            .map_err(Error::io(format!("reading {}", self.key.display())))?;
+        let seed: [u8; 32] = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: not an ed25519 seed (64 hex digits)",
+                    self.key.display()
+                ))
+            })?;
+        let key = ed25519_dalek::SigningKey::from_bytes(&seed);
+        let signer = format!("twin:{}", self.twin()?);
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| Error::Invalid(format!("the clock: {e}")))?
+            .as_secs()
+            .to_string();
+        let nonce = format!(
+            "{:032x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let message = format!(
+            "gridnode/request/v1\n{}\n{path}\n{}\n{timestamp}\n{nonce}\n{signer}",
+            method.to_ascii_uppercase(),
+            blake3::hash(body).to_hex()
+        );
+        let signature = hex::encode(key.sign(message.as_bytes()).to_bytes());
+        node.http(
+            method,
+            path,
+            &[
+                ("X-Grid-Signer", &signer),
+                ("X-Grid-Timestamp", &timestamp),
+                ("X-Grid-Nonce", &nonce),
+                ("X-Grid-Signature", &signature),
+                ("X-Grid-Signature-Type", "ed25519"),
+            ],
+            body,
+        )
     }
 }
