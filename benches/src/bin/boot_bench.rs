@@ -485,7 +485,9 @@ fn report(name: &str, samples: &[Sample]) -> (f64, f64) {
 
 /// A kernel log line's timestamp in ms and its text (`[    1.234567] text`).
 fn kernel_line(line: &str) -> Option<(f64, &str)> {
-    let rest = line.trim_start_matches(|c: char| c != '[').strip_prefix('[')?;
+    let rest = line
+        .trim_start_matches(|c: char| c != '[')
+        .strip_prefix('[')?;
     let (stamp, text) = rest.split_once(']')?;
     let secs: f64 = stamp.trim().parse().ok()?;
     Some((secs * 1000.0, text.trim()))
@@ -523,7 +525,9 @@ fn common_lines<'a>(a: &'a [String], b: &'a [String]) -> Vec<(&'a str, f64, f64)
 fn compare_boot_logs(peer: &str, vmm: &Sample, other: &Sample) {
     let common = common_lines(&vmm.console, &other.console);
     if common.len() < 2 {
-        println!("boot log vmm vs {peer}: fewer than 2 common kernel log lines; nothing to compare");
+        println!(
+            "boot log vmm vs {peer}: fewer than 2 common kernel log lines; nothing to compare"
+        );
         return;
     }
     println!(
