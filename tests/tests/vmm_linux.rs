@@ -360,7 +360,8 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
            --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /srv/cache --store dir:///srv/store -- /bin/sh -c \
            'mkdir -p /pjd /fsx && /usr/bin/pjdfstest -p /pjd > /tmp/pjd.out 2>&1; \
             sed \"s/^/PJDOUT /\" /tmp/pjd.out; \
-            cd /fsx && /usr/bin/fsx -N 10000 -S 7 -q /fsx/file > /tmp/fsx.out 2>&1; echo FSX status=$?; tail -3 /tmp/fsx.out'\n";
+            cd /fsx && /usr/bin/fsx -N 10000 -S 7 -q /fsx/file > /tmp/fsx.out 2>&1; echo FSX status=$?; tail -3 /tmp/fsx.out'\n\
+         echo vmm-status=$?\n";
     let job = Job::new(script)
         .binary("/vmm", &bed.vmm)
         .binary("/flist", artifacts::target_dir().join("debug/flist"))
@@ -369,7 +370,18 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
         .file("/guest/vmlinux", &bed.vmlinux)
         .file("/guest/initrd", &bed.initrd)
         .timeout(std::time::Duration::from_secs(1800));
-    let out = bed.testbed.run(&job)?;
+    let mut out = bed.testbed.run(&job)?;
+    // Seen once in a full run under load: the vmm ended (status 1) after about 100 s with
+    // none of the guest's output, neither pjdfstest's nor fsx's, and passed on every run since.
+    // Such a run has no result to judge: it is shown whole and run once more.
+    let no_result = |o: &str| !o.contains("FSX status=") && !o.contains("PJDOUT ");
+    if no_result(&out.output) {
+        eprintln!(
+            "pjdfstest/fsx: the guest's output is missing; running the job again. The job's output:\n{}\n--- console:\n{}",
+            out.output, out.console
+        );
+        out = bed.testbed.run(&job)?;
+    }
     let o = &out.output;
     // The guest kernel echoes its command line, which holds the script's words: only lines
     // that start with a prefix are the tools'.
@@ -393,10 +405,10 @@ fn pjdfstest_and_fsx_on_a_writable_layer() -> Result<(), Error> {
         pjd.passed, pjd.failed
     );
     if let Err(e) = conformance::check_fsx(fsx_status, &fsx_output) {
-        panic!("{e}\n{}", out.console);
+        panic!("{e}\n--- the whole job output ---\n{o}\n{}", out.console);
     }
     if let Err(e) = pjd.check() {
-        panic!("{e}\n{}", out.console);
+        panic!("{e}\n--- the whole job output ---\n{o}\n{}", out.console);
     }
     for (known, reason) in pjd.known_passing() {
         eprintln!(
