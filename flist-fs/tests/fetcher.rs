@@ -378,19 +378,6 @@ fn the_fetcher_reads_the_vmm_node_configuration() {
     );
 }
 
-/// One field of a redis `INFO section` reply (commandstats: the call count).
-fn redis_info(con: &mut redis::Connection, section: &str, field: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg(section).query(con).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .map(|v| {
-            let v = v.trim();
-            let v = v.strip_prefix("calls=").unwrap_or(v);
-            v.split(',').next().unwrap().parse().unwrap()
-        })
-        .unwrap_or(0)
-}
-
 /// Bytes redis sent and the GET / GETRANGE calls it served while `f` ran.
 fn redis_cost(con: &mut redis::Connection, f: &mut dyn FnMut()) -> (u64, u64, u64) {
     let sent = redis_info(con, "stats", "total_net_output_bytes");

@@ -52,20 +52,6 @@ fn read(
     out
 }
 
-/// One field of a redis `INFO section` reply.
-fn redis_info(con: &mut redis::Connection, section: &str, field: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg(section).query(con).unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .map(|v| {
-            // commandstats values read `calls=N,usec=...`.
-            let v = v.trim();
-            let v = v.strip_prefix("calls=").unwrap_or(v);
-            v.split(',').next().unwrap().parse().unwrap()
-        })
-        .unwrap_or(0)
-}
-
 #[test]
 fn a_small_read_fetches_only_its_blocks() {
     let Some((_server, port)) = start_redis() else {

@@ -210,3 +210,17 @@ pub fn serve_dir(root: PathBuf) -> u16 {
     });
     port
 }
+
+/// One field of a redis `INFO section` reply (for commandstats, the call count: values read
+/// `calls=N,usec=...`); 0 when absent.
+pub fn redis_info(con: &mut redis::Connection, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg(section).query(con).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| {
+            let v = v.trim();
+            let v = v.strip_prefix("calls=").unwrap_or(v);
+            v.split(',').next().unwrap().parse().unwrap()
+        })
+        .unwrap_or(0)
+}
