@@ -131,6 +131,22 @@ fn raw_exchange(sock: &Path, bytes: &[u8]) -> (Option<Response>, bool) {
     (resp, closed)
 }
 
+/// Sends `frame` raw and checks it is refused as a bad request and the connection closed.
+fn refused_and_closed(sock: &std::path::Path, frame: &[u8]) {
+    let (resp, closed) = raw_exchange(sock, frame);
+    assert!(
+        matches!(
+            resp,
+            Some(Response::Err {
+                code: ErrorCode::BadRequest,
+                ..
+            })
+        ),
+        "{resp:?}"
+    );
+    assert!(closed, "the connection stayed open after {resp:?}");
+}
+
 #[test]
 fn images_through_the_fetcher() {
     let t = tempfile::tempdir().unwrap();
@@ -214,18 +230,7 @@ fn images_through_the_fetcher() {
         s.write_all(&[40, 0]).unwrap();
         s
     };
-    let (resp, closed) = raw_exchange(&fetcher.sock, &u32::MAX.to_le_bytes());
-    assert!(
-        matches!(
-            resp,
-            Some(Response::Err {
-                code: ErrorCode::BadRequest,
-                ..
-            })
-        ),
-        "{resp:?}"
-    );
-    assert!(closed);
+    refused_and_closed(&fetcher.sock, &u32::MAX.to_le_bytes());
     let mut bad_version = Request {
         seq: 1,
         id: c.id,
@@ -254,18 +259,7 @@ fn images_through_the_fetcher() {
     }
     .encode();
     huge[42..46].copy_from_slice(&u32::MAX.to_le_bytes());
-    let (resp, closed) = raw_exchange(&fetcher.sock, &huge);
-    assert!(
-        matches!(
-            resp,
-            Some(Response::Err {
-                code: ErrorCode::BadRequest,
-                ..
-            })
-        ),
-        "{resp:?}"
-    );
-    assert!(closed);
+    refused_and_closed(&fetcher.sock, &huge);
     let mut x = 7u64;
     let garbage: Vec<u8> = (0..4096)
         .map(|_| {
@@ -686,18 +680,7 @@ fn blocks_through_the_fetcher() {
     }
     assert!(closed);
     // A frame longer than any block request: refused from its header.
-    let (resp, closed) = raw_exchange(&fetcher.sock, &(200_000u32).to_le_bytes());
-    assert!(
-        matches!(
-            resp,
-            Some(Response::Err {
-                code: ErrorCode::BadRequest,
-                ..
-            })
-        ),
-        "{resp:?}"
-    );
-    assert!(closed);
+    refused_and_closed(&fetcher.sock, &(200_000u32).to_le_bytes());
     assert_eq!(read_at(&source2, inode, at, 4096).unwrap(), want);
 
     // A corrupted stored block (one not read yet): refused naming the block, never cached,
