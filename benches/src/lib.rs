@@ -68,7 +68,11 @@ pub fn run_on_testbed(job: &Job) -> Result<()> {
 /// As [`run_on_testbed`], echoing the test bed's console lines that contain `progress` to
 /// stderr while the job runs (the job writes them to /dev/console).
 pub fn run_on_testbed_echoing(job: &Job, progress: Option<&str>) -> Result<()> {
-    let mut bed = Testbed::from_system()?;
+    run_on_bed_echoing(Testbed::from_system()?, job, progress)
+}
+
+/// As [`run_on_testbed_echoing`], on `bed` (e.g. one with more kernel modules).
+pub fn run_on_bed_echoing(mut bed: Testbed, job: &Job, progress: Option<&str>) -> Result<()> {
     bed.echo_console = progress.map(str::to_owned);
     let out = bed.run(job)?;
     print!("{}", out.output);

@@ -1,6 +1,8 @@
 //! virtio-blk benchmark on the test bed (a KVM host inside QEMU): the same raw image served to
-//! the same guest kernel by the project's vmm and by QEMU's `microvm` machine
-//! (`virtio-blk-device`, default cache), in turn; inside the guest fio (the host's, copied in
+//! the same guest kernel by the project's vmm, by QEMU's `microvm` machine
+//! (`virtio-blk-device`, default cache) and, when its binary is given (`--firecracker PATH` or
+//! `FIRECRACKER_BIN`), by Firecracker (its defaults: no API socket, a config file, the
+//! synchronous engine, `Unsafe` cache), in turn; inside the guest fio (the host's, copied in
 //! with its libraries) runs sequential 1 MiB and random 4 KiB reads and writes with O_DIRECT on
 //! /dev/vda (one request at a time, and random 4 KiB with 16 in flight), one job at a time, and
 //! the medians of `--runs` rounds are printed side by side.
@@ -35,6 +37,9 @@ struct Args {
     /// it.
     #[arg(long)]
     vmm_baseline: Option<PathBuf>,
+    /// A Firecracker binary to run in the same rounds; FIRECRACKER_BIN also names it.
+    #[arg(long)]
+    firecracker: Option<PathBuf>,
 }
 
 const CMDLINE: &str =
@@ -77,6 +82,28 @@ fn guest_script(seconds: u32) -> String {
     s
 }
 
+/// Firecracker's configuration (`--no-api --config-file`): the same kernel, initramfs, command
+/// line, memory and raw file as the vmm's run. Firecracker puts its own `virtio_mmio.device=`
+/// arguments before the guest init's `--`.
+fn firecracker_config() -> Vec<u8> {
+    serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": "/guest/vmlinux",
+            "initrd_path": "/guest/initrd",
+            "boot_args": format!("{CMDLINE} -- /bin/sh /bench.sh firecracker"),
+        },
+        "drives": [{
+            "drive_id": "d0",
+            "path_on_host": "/srv/disk.img",
+            "is_root_device": false,
+            "is_read_only": false,
+        }],
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 768 },
+    })
+    .to_string()
+    .into_bytes()
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.runs == 0 {
@@ -87,9 +114,18 @@ fn main() -> Result<()> {
         .vmm_baseline
         .clone()
         .or_else(|| std::env::var_os("VMM_BASELINE_BIN").map(PathBuf::from));
-    if let Some(path) = &baseline {
-        if !path.is_file() {
-            bail!("the baseline vmm {} is not a file", path.display());
+    let firecracker = match args.firecracker.clone() {
+        Some(path) => Some(path),
+        None => benches::optional_peer("FIRECRACKER_BIN")?,
+    };
+    for (what, path) in [
+        ("the baseline vmm", &baseline),
+        ("Firecracker", &firecracker),
+    ] {
+        if let Some(path) = path {
+            if !path.is_file() {
+                bail!("{what} {} is not a file", path.display());
+            }
         }
     }
     let qemu = e2e_tests::qemu::qemu_binary()?;
@@ -138,10 +174,14 @@ fn main() -> Result<()> {
                  --drive id=d,path=/srv/disk.img -- /bin/sh /bench.sh {label} </dev/null\n"
             ));
         }
+        if firecracker.is_some() {
+            script.push_str("/firecracker --no-api --config-file /fc-blk.json </dev/null\n");
+        }
         script.push_str(&qemu_cmd);
         script.push('\n');
     }
-    let per_round = args.seconds as u64 * JOBS.len() as u64 * (vmms.len() as u64 + 1);
+    let peers = vmms.len() + 1 + usize::from(firecracker.is_some());
+    let per_round = args.seconds as u64 * JOBS.len() as u64 * peers as u64;
     let mut job = Job::new(script)
         .binary("/vmm", &vmm)
         .file("/guest/vmlinux", &kernel.vmlinux)
@@ -151,6 +191,11 @@ fn main() -> Result<()> {
         ));
     if let Some(path) = &baseline {
         job = job.binary("/vmm-baseline", path);
+    }
+    if let Some(path) = &firecracker {
+        job = job
+            .binary("/firecracker", path)
+            .data("/fc-blk.json", firecracker_config(), 0o644);
     }
     let mut bed = Testbed::from_system()?;
     bed.cpus = args.bed_cpus;
@@ -190,6 +235,9 @@ fn main() -> Result<()> {
         bail!("a guest had no disk: {line}");
     }
     let mut programs: Vec<&str> = vmms.iter().map(|(label, _)| *label).collect();
+    if firecracker.is_some() {
+        programs.push("firecracker");
+    }
     programs.push("qemu");
     for (job, _) in JOBS {
         for p in &programs {
@@ -220,6 +268,9 @@ fn main() -> Result<()> {
         ));
     }
     header.push_str(&format!(" {:>10}", "vmm/qemu"));
+    if firecracker.is_some() {
+        header.push_str(&format!(" {:>8}", "vmm/fc"));
+    }
     if baseline.is_some() {
         header.push_str(&format!(" {:>13}", "vmm/baseline"));
     }
@@ -245,6 +296,9 @@ fn main() -> Result<()> {
             }
         };
         row.push_str(&format!(" {:>9.2}x", ratio("vmm", "qemu")));
+        if firecracker.is_some() {
+            row.push_str(&format!(" {:>7.2}x", ratio("vmm", "firecracker")));
+        }
         if baseline.is_some() {
             row.push_str(&format!(" {:>12.2}x", ratio("vmm", "baseline")));
         }

@@ -9,9 +9,10 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use benches::{optional_peer, run_on_testbed_echoing, sibling, vmm, with_qemu};
+use benches::{optional_peer, run_on_bed_echoing, sibling, vmm, with_qemu};
 use clap::Parser;
-use e2e_tests::{artifacts, microvm, Job};
+use e2e_tests::cpio::Contents;
+use e2e_tests::{artifacts, microvm, Job, Testbed};
 
 #[derive(Parser)]
 struct Args {
@@ -29,6 +30,10 @@ struct Args {
     #[arg(long)]
     direct: bool,
 }
+
+/// The devices case's guest command: the types of the virtio devices the guest's drivers
+/// bound (sysfs), on one line boot_bench looks for, then idle.
+const DEVICES_SCRIPT: &str = "d=''\nfor f in /sys/bus/virtio/devices/*/device; do [ -e \"$f\" ] && d=\"$d $(/bin/busybox cat \"$f\")\"; done\necho \"boot-bench-devices:$d\"\nexec /bin/busybox sleep 30\n";
 
 /// What boot_bench's progress lines start with.
 const PROGRESS: &str = "boot-bench:";
@@ -59,7 +64,15 @@ fn main() -> Result<()> {
     let kernel = artifacts::guest_kernel()?;
     let init = artifacts::guest_init()?;
     let initrd = artifacts::target_dir().join("bench-initrd.cpio");
-    microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?.write_file(&initrd)?;
+    // `/devices.sh`: the devices case's guest command (see boot_bench): the virtio device
+    // types the guest found, then idle.
+    microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?
+        .file(
+            "devices.sh",
+            0o755,
+            Contents::Bytes(DEVICES_SCRIPT.as_bytes().to_vec()),
+        )?
+        .write_file(&initrd)?;
 
     let firecracker = optional_peer("FIRECRACKER_BIN")?;
     let baseline = optional_peer("VMM_BASELINE_BIN")?;
@@ -127,5 +140,7 @@ fn main() -> Result<()> {
     if let Some(path) = &baseline {
         job = job.binary("/vmm-baseline", path);
     }
-    run_on_testbed_echoing(&with_qemu(job, &qemu), Some(PROGRESS))
+    // vhost_vsock: QEMU's vsock device in the devices case.
+    let bed = Testbed::from_system()?.with_modules(&["vhost_vsock"])?;
+    run_on_bed_echoing(bed, &with_qemu(job, &qemu), Some(PROGRESS))
 }

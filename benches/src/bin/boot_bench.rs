@@ -3,8 +3,11 @@
 //! optionally Firecracker and a second (baseline) vmm build, several times each, interleaved,
 //! in three cases: `quiet` (the headline, time to init), verbose (the kernel log on the serial
 //! console, which mostly measures serial speed) and `devices` (quiet, with every device the
-//! VMM has: a block drive, an entropy device, a vsock device, and for the vmm a virtio-fs
-//! share; QEMU is not measured there). Prints medians and ratios vmm/peer.
+//! VMM has: a block drive, an entropy device, a vsock device (QEMU's is vhost-vsock: the host
+//! needs the `vhost_vsock` module), and for the vmm a virtio-fs share). Prints medians and
+//! ratios vmm/peer. In the devices case the guest runs `/devices.sh` (in the initramfs), which
+//! prints the virtio device types it found; a boot that does not show every device its VMM was
+//! given fails, so no VMM is timed without its devices.
 //!
 //! Boot time: wall time from spawning the VMM to the guest init's `init: booted` line on the
 //! serial console (the same marker for every VMM). Memory overhead: the VMM process's RSS minus
@@ -90,6 +93,8 @@ struct Case {
     extra: &'static str,
     /// Every device the VMM has (block, entropy, vsock; virtio-fs for the vmm).
     devices: bool,
+    /// The guest init's command (after `--`).
+    command: &'static [&'static str],
     about: &'static str,
 }
 
@@ -98,6 +103,7 @@ const CASES: &[Case] = &[
         name: "quiet",
         extra: "quiet",
         devices: false,
+        command: IDLE,
         about: "headline: time to init",
     },
     Case {
@@ -106,15 +112,33 @@ const CASES: &[Case] = &[
         // the line-by-line comparison of the logs.
         extra: "printk.time=1",
         devices: false,
+        command: IDLE,
         about: "kernel log on the serial console: mostly serial speed",
     },
     Case {
         name: "devices",
         extra: "quiet",
         devices: true,
-        about: "quiet, every device: block, entropy, vsock (+ virtio-fs for the vmm); no QEMU",
+        command: &["/bin/busybox", "sh", "/devices.sh"],
+        about: "quiet, every device: block, entropy, vsock (+ virtio-fs for the vmm)",
     },
 ];
+
+/// The guest's command when it only idles.
+const IDLE: &[&str] = &["/bin/busybox", "sleep", "30"];
+
+/// What `/devices.sh` prints before the virtio device types it found (`0x0002` ...), then it
+/// idles (the initramfs's script: boot.rs writes it).
+const DEVICES_LINE: &str = "boot-bench-devices:";
+/// virtio device types: block, entropy, vsock (every peer in the devices case), fs (the vmm).
+const BLOCK_RNG_VSOCK: &[&str] = &["0x0002", "0x0004", "0x0013"];
+const VIRTIO_FS: &str = "0x001a";
+
+/// Where QEMU's `microvm` (ACPI and its own command line off: the guest kernel has no ACPI,
+/// and QEMU would add these after the guest init's `--`) puts its virtio-mmio transports, in
+/// the order of the `-device` arguments: the last transport first, one IRQ lower each.
+const QEMU_DEVICES_MMIO: &str = "virtio_mmio.device=512@0xfeb00e00:12 \
+     virtio_mmio.device=512@0xfeb00c00:11 virtio_mmio.device=512@0xfeb00a00:10";
 
 const CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
@@ -263,8 +287,14 @@ fn file_tail(path: &Path) -> String {
 
 /// Waits (until `timeout`) for the marker on the child's stdout, then reads its memory and
 /// kills it. The child is killed on every path.
-fn measure(mut child: Child, started: Instant, timeout: Duration, stderr: &Path) -> Result<Sample> {
-    let result = wait_and_read(&mut child, started, timeout, stderr);
+fn measure(
+    mut child: Child,
+    started: Instant,
+    timeout: Duration,
+    stderr: &Path,
+    devices: &[&str],
+) -> Result<Sample> {
+    let result = wait_and_read(&mut child, started, timeout, stderr, devices);
     let _ = child.kill();
     let _ = child.wait();
     result
@@ -275,6 +305,7 @@ fn wait_and_read(
     started: Instant,
     timeout: Duration,
     stderr: &Path,
+    devices: &[&str],
 ) -> Result<Sample> {
     let stdout = child.stdout.take().context("no stdout")?;
     let (lines_tx, lines) = mpsc::channel::<String>();
@@ -333,6 +364,37 @@ fn wait_and_read(
             }
         }
     };
+    if !devices.is_empty() {
+        // Printed right after the marker; bounded by the boot's deadline.
+        let seen = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(rest) = line.trim_end().split(DEVICES_LINE).nth(1) {
+                        break rest
+                            .split_whitespace()
+                            .map(str::to_owned)
+                            .collect::<Vec<_>>();
+                    }
+                }
+                Err(_) => bail!(
+                    "the guest booted but did not list its devices ({DEVICES_LINE:?}) in time; \
+                     its stderr:\n{}",
+                    file_tail(stderr)
+                ),
+            }
+        };
+        let missing: Vec<&&str> = devices
+            .iter()
+            .filter(|d| !seen.iter().any(|s| s == *d))
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "the guest lacks virtio device type(s) {missing:?} its VMM was given \
+                 (it found {seen:?})"
+            );
+        }
+    }
     // Let the guest settle into its idle entrypoint before reading memory.
     std::thread::sleep(Duration::from_millis(300));
     let resident = Resident::read(child.id())?;
@@ -346,7 +408,12 @@ fn wait_and_read(
 }
 
 /// Spawns `cmd` with stdout piped, stderr to `stderr`, and measures it.
-fn spawn_and_measure(mut cmd: Command, args: &Args, stderr: &Path) -> Result<Sample> {
+fn spawn_and_measure(
+    mut cmd: Command,
+    args: &Args,
+    stderr: &Path,
+    devices: &[&str],
+) -> Result<Sample> {
     let err_file =
         std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
     let started = Instant::now();
@@ -361,6 +428,7 @@ fn spawn_and_measure(mut cmd: Command, args: &Args, stderr: &Path) -> Result<Sam
         started,
         Duration::from_secs(args.boot_timeout_secs),
         stderr,
+        devices,
     )
 }
 
@@ -381,33 +449,66 @@ fn run_vmm(vmm: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sa
             .arg("--fs")
             .arg(format!("tag=share,dir={}", scratch.share.display()));
     }
-    cmd.args(["--", "/bin/busybox", "sleep", "30"]);
-    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"))
+    cmd.arg("--").args(case.command);
+    let devices: Vec<&str> = if case.devices {
+        BLOCK_RNG_VSOCK.iter().copied().chain([VIRTIO_FS]).collect()
+    } else {
+        Vec::new()
+    };
+    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"), &devices)
 }
 
-fn kernel_args(extra: &str) -> String {
-    let extra = if extra.is_empty() {
-        String::new()
+/// The kernel command line of a peer (QEMU, Firecracker) in `case`, with `more` arguments.
+fn kernel_args(case: &Case, more: &str) -> String {
+    let mut line = CMDLINE.to_string();
+    for extra in [case.extra, more] {
+        if !extra.is_empty() {
+            line.push(' ');
+            line.push_str(extra);
+        }
+    }
+    format!("{line} -- {}", case.command.join(" "))
+}
+
+/// The devices a peer (QEMU, Firecracker) is given in `case`.
+fn peer_devices(case: &Case) -> &'static [&'static str] {
+    if case.devices {
+        BLOCK_RNG_VSOCK
     } else {
-        format!(" {extra}")
-    };
-    format!("{CMDLINE}{extra} -- /bin/busybox sleep 30")
+        &[]
+    }
 }
 
 fn run_qemu(qemu: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
+    // With devices, ACPI and QEMU's own command line off (see QEMU_DEVICES_MMIO).
+    let machine = if case.devices {
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on,acpi=off,auto-kernel-cmdline=off"
+    } else {
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on"
+    };
     let mut cmd = Command::new(qemu);
-    cmd.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,isa-serial=on,pit=on,pic=on",
-    ])
-    .args(["-accel", "kvm", "-cpu", "host", "-smp", "1"])
-    .args(["-m", &format!("{}M", args.memory_mib)])
-    .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-    .args(["-serial", "stdio"])
-    .args(["-kernel".as_ref(), args.kernel.as_os_str()])
-    .args(["-initrd".as_ref(), args.initrd.as_os_str()])
-    .args(["-append", &kernel_args(case.extra)]);
-    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"))
+    cmd.args(["-M", machine])
+        .args(["-accel", "kvm", "-cpu", "host", "-smp", "1"])
+        .args(["-m", &format!("{}M", args.memory_mib)])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args(["-serial", "stdio"])
+        .args(["-kernel".as_ref(), args.kernel.as_os_str()])
+        .args(["-initrd".as_ref(), args.initrd.as_os_str()]);
+    if case.devices {
+        // In the order QEMU_DEVICES_MMIO lists their transports.
+        cmd.arg("-drive")
+            .arg(format!(
+                "id=disk,file={},format=raw,if=none",
+                scratch.disk.display()
+            ))
+            .args(["-device", "virtio-blk-device,drive=disk"])
+            .args(["-device", "virtio-rng-device"])
+            .args(["-device", "vhost-vsock-device,guest-cid=3"])
+            .args(["-append", &kernel_args(case, QEMU_DEVICES_MMIO)]);
+    } else {
+        cmd.args(["-append", &kernel_args(case, "")]);
+    }
+    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"), peer_devices(case))
 }
 
 /// Firecracker without its API socket, from a config file in the scratch dir.
@@ -416,7 +517,7 @@ fn run_firecracker(fc: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Re
         "boot-source": {
             "kernel_image_path": args.kernel,
             "initrd_path": args.initrd,
-            "boot_args": kernel_args(case.extra),
+            "boot_args": kernel_args(case, ""),
         },
         "drives": [],
         "machine-config": { "vcpu_count": 1, "mem_size_mib": args.memory_mib },
@@ -440,7 +541,7 @@ fn run_firecracker(fc: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Re
         "--config-file".as_ref(),
         path.as_os_str(),
     ]);
-    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"))
+    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"), peer_devices(case))
 }
 
 fn run(peer: &Peer, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
@@ -588,10 +689,7 @@ fn main() -> Result<()> {
             continue;
         }
         println!("== {} boot ({})", case.name, case.about);
-        let in_case: Vec<&(&str, Peer)> = peers
-            .iter()
-            .filter(|(_, p)| !(case.devices && matches!(p, Peer::Qemu(_))))
-            .collect();
+        let in_case: Vec<&(&str, Peer)> = peers.iter().collect();
         // Runs interleave the peers, so that load changes on the host hit them alike.
         let mut samples: Vec<Vec<Sample>> = in_case.iter().map(|_| Vec::new()).collect();
         let mut failed = vec![false; in_case.len()];

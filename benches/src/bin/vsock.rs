@@ -1,15 +1,17 @@
 //! vsock benchmark on the test bed (a KVM host inside QEMU): a host program talks to a guest
 //! program and measures host->guest and guest->host throughput (64 KiB writes, no hashing)
-//! and the round-trip time of 1-byte messages, three ways in one test-bed boot:
+//! and the round-trip time of 1-byte messages, three or four ways in one test-bed boot:
 //!
 //! - the vmm's virtio-vsock device (Firecracker's convention: the host connects to the vmm's
 //!   unix socket and writes `CONNECT <port>`);
+//! - Firecracker's, the same way, when its binary is given (`--firecracker PATH` or
+//!   `FIRECRACKER_BIN`; no API socket, a config file);
 //! - QEMU `microvm` with `vhost-vsock-device` (the test bed's `vhost_vsock` module carries
 //!   the data in its kernel; the host connects with AF_VSOCK to the guest's cid);
 //! - a plain unix socket between two host processes (the baseline).
 //!
-//! The guest kernel, initramfs and guest program are the same for both VMMs (1 vCPU,
-//! 256 MiB). With `--repeat N` the three are run N times, interleaved, and the medians are
+//! The guest kernel, initramfs and guest program are the same for every VMM (1 vCPU,
+//! 256 MiB). With `--repeat N` the peers are run N times, interleaved, and the medians are
 //! printed. Only the ratios carry over to real hosts. Both ends are `vsock-probe`
 //! (guest-kernels/vsock-probe).
 
@@ -36,6 +38,9 @@ struct Args {
     /// The vmm binary (default: the one built beside this program).
     #[arg(long)]
     vmm: Option<PathBuf>,
+    /// A Firecracker binary to measure too; FIRECRACKER_BIN also names it.
+    #[arg(long)]
+    firecracker: Option<PathBuf>,
 }
 
 /// The guest kernel's arguments under QEMU: the vmm's defaults (QEMU's microvm adds the
@@ -49,13 +54,15 @@ const QEMU_VIRTIO_MMIO: &str = "virtio_mmio.device=512@0xfeb00e00:12";
 const GUEST_PORT: u32 = 5000;
 const VMM_CID: u32 = 3;
 const QEMU_CID: u32 = 4;
+const FIRECRACKER_CID: u32 = 5;
 
 /// What the job's progress lines on the test bed's console start with (echoed as they come).
 const PROGRESS: &str = "vsock-bench-progress:";
 
-/// The peers, in the order they run and are reported.
+/// The peers, in the order they run and are reported (Firecracker only when it is given).
 const PEERS: &[(&str, &str)] = &[
     ("vmm", "vmm virtio-vsock"),
+    ("firecracker", "Firecracker virtio-vsock"),
     ("qemu", "QEMU vhost-vsock"),
     ("unix", "unix socket (baseline)"),
 ];
@@ -83,6 +90,11 @@ fn measure(peer: &str, mib: u64, rounds: u64) -> String {
             ),
             format!("bench /run/v.sock {GUEST_PORT}"),
             "/tmp/vmm.log /tmp/vmm-console.log",
+        ),
+        "firecracker" => (
+            "/firecracker --no-api --config-file /fc-vsock.json > /tmp/fc.log 2>&1".to_string(),
+            format!("bench /run/fc.sock {GUEST_PORT}"),
+            "/tmp/fc.log",
         ),
         "qemu" => (
             format!(
@@ -137,11 +149,30 @@ fn parse_probe_line(line: &str) -> Option<Sample> {
     })
 }
 
-/// The medians of each peer's samples in `output`, in [`PEERS`] order; fails naming a peer
-/// without any result (its line is in `output`).
-fn summarize(output: &str) -> Result<Vec<(&'static str, Sample, usize)>> {
+/// Firecracker's configuration (`--no-api --config-file`): the same kernel, initramfs,
+/// command line and memory as the vmm's run, and its vsock device on `/run/fc.sock`.
+fn firecracker_config() -> Vec<u8> {
+    serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": "/guest/vmlinux",
+            "initrd_path": "/guest/initrd",
+            "boot_args": format!("{QEMU_CMDLINE} -- /bin/vsock-probe bench-serve {GUEST_PORT}"),
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 },
+        "vsock": { "guest_cid": FIRECRACKER_CID, "uds_path": "/run/fc.sock" },
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The medians of each of `peers`' samples in `output`; fails naming a peer without any
+/// result (its line is in `output`).
+fn summarize(
+    output: &str,
+    peers: &[(&'static str, &'static str)],
+) -> Result<Vec<(&'static str, Sample, usize)>> {
     let mut rows = Vec::new();
-    for (peer, label) in PEERS {
+    for (peer, label) in peers {
         let prefix = format!("RESULT {peer} ");
         let samples: Vec<Sample> = output
             .lines()
@@ -180,19 +211,36 @@ fn main() -> Result<()> {
     archive.file("bin/vsock-probe", 0o755, Contents::HostFile(probe.clone()))?;
     archive.write_file(&initrd)?;
 
+    let firecracker = match args.firecracker.clone() {
+        Some(path) => Some(path),
+        None => benches::optional_peer("FIRECRACKER_BIN")?,
+    };
+    let peers: Vec<(&str, &str)> = PEERS
+        .iter()
+        .copied()
+        .filter(|(peer, _)| *peer != "firecracker" || firecracker.is_some())
+        .collect();
     let mut script =
         String::from("mkdir -p /run\n[ -c /dev/vhost-vsock ] || echo 'no /dev/vhost-vsock'\n");
     for _ in 0..args.repeat.max(1) {
-        for (peer, _) in PEERS {
+        for (peer, _) in &peers {
             script.push_str(&measure(peer, args.mib, args.rounds));
         }
     }
-    let job = Job::new(script)
+    let mut job = Job::new(script)
         .binary("/vmm", &vmm)
         .file("/probe", &probe)
         .file("/guest/vmlinux", &kernel.vmlinux)
         .file("/guest/initrd", &initrd)
         .timeout(Duration::from_secs(900 * u64::from(args.repeat.max(1))));
+    if let Some(path) = &firecracker {
+        if !path.is_file() {
+            bail!("Firecracker {} is not a file", path.display());
+        }
+        job = job
+            .binary("/firecracker", path)
+            .data("/fc-vsock.json", firecracker_config(), 0o644);
+    }
     let mut bed = Testbed::from_system()?.with_modules(&["vhost_vsock"])?;
     bed.echo_console = Some(PROGRESS.to_string());
     eprintln!("vsock bench: booting the test bed; progress follows");
@@ -205,7 +253,7 @@ fn main() -> Result<()> {
             out.console
         );
     }
-    let rows = summarize(&out.output)?;
+    let rows = summarize(&out.output, &peers)?;
     let vmm_row = rows[0].1;
     println!(
         "vsock, {} MiB each way, {} round trips of 1 byte; medians of {} run(s), one test-bed boot",
@@ -259,9 +307,13 @@ mod tests {
             "RESULT vmm {line}\nRESULT vmm {}\nRESULT qemu {line}\nRESULT unix {line}\n",
             line.replace("21.1", "30.1")
         );
-        let rows = summarize(&output).unwrap();
+        let peers = [PEERS[0], PEERS[2], PEERS[3]];
+        let rows = summarize(&output, &peers).unwrap();
         assert_eq!(rows[0].2, 2);
         assert!((rows[0].1.to_guest - 25.6).abs() < 1e-9);
-        assert!(summarize("RESULT vmm x\n").is_err());
+        assert!(summarize("RESULT vmm x\n", &peers).is_err());
+        // Firecracker measured but without a result: named.
+        let err = summarize(&output, PEERS).unwrap_err().to_string();
+        assert!(err.contains("Firecracker virtio-vsock"), "{err}");
     }
 }
