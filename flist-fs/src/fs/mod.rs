@@ -25,6 +25,7 @@
 //! ```
 
 mod attr;
+#[cfg(feature = "fusedev")]
 mod fuse_channel;
 #[cfg(feature = "fusedev")]
 pub mod mount;
