@@ -266,7 +266,26 @@ impl AgentCli {
         self.exec(args, true)
     }
 
+    /// As [`AgentCli::signed`], but the CLI is killed if it has not ended within `timeout`
+    /// (an Err that says so).
+    pub fn signed_within(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> std::result::Result<String, String> {
+        self.exec_within(args, true, Some(timeout))
+    }
+
     fn exec(&self, args: &[&str], signed: bool) -> std::result::Result<String, String> {
+        self.exec_within(args, signed, None)
+    }
+
+    fn exec_within(
+        &self,
+        args: &[&str],
+        signed: bool,
+        timeout: Option<Duration>,
+    ) -> std::result::Result<String, String> {
         let mut cmd = Command::new(&self.bin);
         cmd.args(args);
         if signed {
@@ -274,9 +293,49 @@ impl AgentCli {
                 .arg(&self.key)
                 .args(["--agent", &self.agent]);
         }
-        let out = cmd
-            .output()
-            .map_err(|e| format!("running {}: {e}", self.bin.display()))?;
+        let running = |e: std::io::Error| format!("running {}: {e}", self.bin.display());
+        let out = match timeout {
+            None => cmd.output().map_err(running)?,
+            Some(timeout) => {
+                let mut child = cmd
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .map_err(running)?;
+                // Drained while it runs, so a full pipe never stalls it.
+                let drain = |r: Option<Box<dyn Read + Send>>| {
+                    thread::spawn(move || {
+                        let mut buf = Vec::new();
+                        if let Some(mut r) = r {
+                            let _ = r.read_to_end(&mut buf);
+                        }
+                        buf
+                    })
+                };
+                let stdout = drain(child.stdout.take().map(|r| Box::new(r) as _));
+                let stderr = drain(child.stderr.take().map(|r| Box::new(r) as _));
+                let deadline = Instant::now() + timeout;
+                let status = loop {
+                    match child.try_wait().map_err(running)? {
+                        Some(status) => break status,
+                        None if Instant::now() >= deadline => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            return Err(format!(
+                                "node-agent {}: no end within {timeout:?}: killed",
+                                args.join(" ")
+                            ));
+                        }
+                        None => thread::sleep(Duration::from_millis(50)),
+                    }
+                };
+                std::process::Output {
+                    status,
+                    stdout: stdout.join().unwrap_or_default(),
+                    stderr: stderr.join().unwrap_or_default(),
+                }
+            }
+        };
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() {
             Ok(stdout)

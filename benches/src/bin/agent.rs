@@ -7,9 +7,13 @@
 //!   entrypoint's first output, both read through the API (polled every 100 ms);
 //! - the agent's and the vmm processes' resident memory, idle and with `--vms` idle VMs
 //!   (`GET /node`);
+//! - delete latency of one VM;
 //! - density (`--density`): idle VMs deployed until the agent's admission refuses one, with the
-//!   node's available memory then;
-//! - delete latency of one VM.
+//!   node's available memory then. A deployment that does not run within `--deploy-timeout-secs`
+//!   ends the count too (a node of nested TCG saturated by its idle guests' timers can stop
+//!   answering before memory runs out), with the end of the node's console.
+//!
+//! The results up to the density are printed before it starts.
 //!
 //! Absolute times are those of nested TCG (the node's CPU is emulated): compare the parts with
 //! each other. Progress goes to stderr as the run goes on.
@@ -44,6 +48,9 @@ struct Args {
     /// The agent's CPU over-commit (vCPUs per CPU thread).
     #[arg(long, default_value_t = 64)]
     cpu_ratio: u32,
+    /// How long one deployment may take, request to entrypoint output.
+    #[arg(long, default_value_t = 600)]
+    deploy_timeout_secs: u64,
 }
 
 /// One timed deployment.
@@ -58,6 +65,16 @@ struct Deploy {
 fn status(cli: &AgentCli) -> Result<serde_json::Value> {
     let text = cli.signed(&["node"]).map_err(|e| anyhow!("node: {e}"))?;
     serde_json::from_str(&text).context("the node's status is not JSON")
+}
+
+/// The last lines of the node's console, to show why it failed.
+fn console_tail(node: &Node) -> String {
+    let console = node.console();
+    let lines: Vec<&str> = console.lines().collect();
+    format!(
+        "--- the node's console, last lines:\n{}",
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    )
 }
 
 fn mib(status: &serde_json::Value, field: &str) -> f64 {
@@ -80,18 +97,18 @@ fn write_deployment(dir: &Path, twin: u32, id: u32, vm_mib: u32) -> Result<Strin
     Ok(path.display().to_string())
 }
 
-/// Deploys `id` and waits for its entrypoint's output; Err(message) when the agent refused it.
+/// Deploys `id` and waits for its entrypoint's output, all within `timeout`; Err(message) when
+/// the agent refused it or the request did not end in time.
 fn deploy(
     cli: &AgentCli,
     node: &Node,
     dir: &Path,
-    twin: u32,
-    id: u32,
-    vm_mib: u32,
+    (twin, id, vm_mib): (u32, u32, u32),
+    timeout: Duration,
 ) -> Result<std::result::Result<Deploy, String>> {
     let doc = write_deployment(dir, twin, id, vm_mib)?;
     let start = Instant::now();
-    if let Err(e) = cli.signed(&["deploy", &doc]) {
+    if let Err(e) = cli.signed_within(&["deploy", &doc], timeout) {
         return Ok(Err(e));
     }
     let request = start.elapsed();
@@ -100,7 +117,7 @@ fn deploy(
     let entrypoint = cli.until_every(
         node,
         &format!("VM {name}'s entrypoint output"),
-        Duration::from_secs(600),
+        timeout.saturating_sub(start.elapsed()),
         Duration::from_millis(100),
         || {
             let logs = cli.signed(&["logs", &name])?;
@@ -154,12 +171,13 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     let idle = status(&cli)?;
 
+    let timeout = Duration::from_secs(args.deploy_timeout_secs);
     let mut timed = Vec::new();
     let mut id = 0;
     while id < args.vms {
         id += 1;
-        let d = deploy(&cli, &node, work.path(), twin, id, args.vm_mib)?
-            .map_err(|e| anyhow!("deployment {id} refused: {e}"))?;
+        let d = deploy(&cli, &node, work.path(), (twin, id, args.vm_mib), timeout)?
+            .map_err(|e| anyhow!("deployment {id} failed: {e}\n{}", console_tail(&node)))?;
         eprintln!(
             "bench-agent: VM {id}: request {:.0} ms, booted {:.0} ms, entrypoint {:.0} ms",
             d.request.as_secs_f64() * 1e3,
@@ -172,33 +190,9 @@ fn main() -> Result<()> {
     }
     std::thread::sleep(Duration::from_secs(3));
     let loaded = status(&cli)?;
-
-    let mut density = None;
-    if args.density > args.vms {
-        let refused = loop {
-            if id >= args.density {
-                break format!("(stopped at --density {})", args.density);
-            }
-            id += 1;
-            match deploy(&cli, &node, work.path(), twin, id, args.vm_mib)? {
-                Ok(d) => eprintln!(
-                    "bench-agent: VM {id} running (entrypoint {:.0} ms)",
-                    d.entrypoint.as_secs_f64() * 1e3
-                ),
-                Err(e) => {
-                    id -= 1;
-                    break e.trim().to_string();
-                }
-            }
-        };
-        std::thread::sleep(Duration::from_secs(3));
-        density = Some((id, refused, status(&cli)?));
-    }
-
     let start = Instant::now();
     cli.signed(&["rm", "1"]).map_err(|e| anyhow!("rm 1: {e}"))?;
     let delete = start.elapsed();
-    drop(node);
 
     let ms = |f: fn(&Deploy) -> Duration| {
         median(timed.iter().map(|d| f(d).as_secs_f64() * 1e3).collect())
@@ -253,12 +247,36 @@ fn main() -> Result<()> {
         mib(&loaded, "available_bytes"),
         mib(&idle, "total_bytes")
     );
-    if let Some((n, refused, s)) = density {
-        println!(
-            "  density: {n} idle {} MiB VMs running, {:.0} MiB available; the next: {refused}",
-            args.vm_mib,
-            mib(&s, "available_bytes")
-        );
+
+    if args.density > args.vms {
+        let ended = loop {
+            if id >= args.density {
+                break format!("(stopped at --density {})", args.density);
+            }
+            id += 1;
+            match deploy(&cli, &node, work.path(), (twin, id, args.vm_mib), timeout)? {
+                Ok(d) => eprintln!(
+                    "bench-agent: VM {id} running (entrypoint {:.0} ms)",
+                    d.entrypoint.as_secs_f64() * 1e3
+                ),
+                Err(e) => break e.trim().to_string(),
+            }
+        };
+        std::thread::sleep(Duration::from_secs(3));
+        match status(&cli) {
+            Ok(s) => println!(
+                "  density: {} idle {} MiB VMs running, {:.0} MiB available; the next: {ended}",
+                s["memory"]["vmm_processes"],
+                args.vm_mib,
+                mib(&s, "available_bytes")
+            ),
+            Err(e) => println!(
+                "  density: the node stopped answering after {} deployments ({ended}; {e:#})\n{}",
+                id - 1,
+                console_tail(&node)
+            ),
+        }
     }
+    drop(node);
     Ok(())
 }
