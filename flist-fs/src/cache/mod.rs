@@ -66,8 +66,8 @@
 mod segments;
 
 use crate::chunk::{verify_stored, ChunkId, MAX_CHUNK_SIZE, MAX_STORED_SIZE};
-use segments::{Kind, Segments};
 use crate::error::{Error, Result};
+use segments::{Kind, Segments};
 use std::collections::HashMap;
 use std::fs::{File, Permissions};
 use std::io::{Read, Write};
@@ -750,7 +750,15 @@ impl ChunkCache {
             }
         }
         let used = now;
-        open.files.insert(*id, OpenEntry { file, at, len, used });
+        open.files.insert(
+            *id,
+            OpenEntry {
+                file,
+                at,
+                len,
+                used,
+            },
+        );
     }
 
     /// The plaintext of chunk `id`, `len` bytes, if cached and authentic: the file is opened
@@ -1119,7 +1127,9 @@ mod tests {
     /// `n` chunks of 1000 bytes put into the cache at `dir`, a segment each, the first the
     /// least recently used: their segments' paths.
     fn fill(dir: &Path, n: u16) -> Vec<PathBuf> {
-        let filler = ChunkCache::open(dir, 1 << 30).unwrap().with_segment_bytes(1);
+        let filler = ChunkCache::open(dir, 1 << 30)
+            .unwrap()
+            .with_segment_bytes(1);
         (0..n)
             .map(|i| {
                 let data: Vec<u8> = i.to_le_bytes().iter().copied().cycle().take(1000).collect();
@@ -1634,7 +1644,10 @@ mod tests {
         let fresh = ChunkCache::open(&dir, 1 << 20).unwrap();
         let gone = 3 * (40 - left.len());
         assert_eq!(fresh.get_plain(&ids[gone - 1], 10_000), None);
-        assert_eq!(fresh.get_plain(&ids[gone], 10_000), Some(vec![gone as u8; 10_000]));
+        assert_eq!(
+            fresh.get_plain(&ids[gone], 10_000),
+            Some(vec![gone as u8; 10_000])
+        );
         // The writer's own segment went too (evicted by another process): its next entry
         // goes to a new file, which others find.
         for s in &left {

@@ -380,7 +380,10 @@ impl Segments {
             let Ok(file) = super::open_nofollow(&self.dir.join(&name)) else {
                 continue;
             };
-            if !file.metadata().is_ok_and(|m| m.is_file() && m.uid() == euid) {
+            if !file
+                .metadata()
+                .is_ok_and(|m| m.is_file() && m.uid() == euid)
+            {
                 continue;
             }
             let seg = st.next;
