@@ -912,6 +912,13 @@ mod tests {
         out
     }
 
+    /// The segment files of the cache at `dir`.
+    fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir.join("seg"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+
     /// A dir:// store in `dir` that counts its reads.
     fn counting_dir_store(dir: &std::path::Path) -> Arc<Counting> {
         Arc::new(Counting {
@@ -948,10 +955,11 @@ mod tests {
             expected(0, inode.size)
         );
         assert_eq!(store.gets.load(Ordering::SeqCst), 40);
-        let c0 = inode.chunks[0].id.to_hex();
-        let sub = cache_dir.join(&c0[..2]);
-        assert!(sub.join(format!("{c0}.plain")).exists());
-        assert!(!sub.join(&c0).exists());
+        // Appended to one segment file of this process, nothing else.
+        let segs = segment_files(&cache_dir);
+        assert_eq!(segs.len(), 1);
+        let seg = std::fs::read(&segs[0]).unwrap();
+        assert_eq!(seg.len(), 40 * (80 + 65536));
         // Small reads spanning chunk edges, from the LRU and from checked files.
         for (offset, len) in [
             (65536 - 100, 200),
@@ -968,19 +976,20 @@ mod tests {
         }
         assert_eq!(store.gets.load(Ordering::SeqCst), 40);
         // A rotten cached plaintext is caught on first use by a new process and refetched.
-        let path = sub.join(format!("{c0}.plain"));
-        let mut bytes = std::fs::read(&path).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
-        std::fs::write(&path, &bytes).unwrap();
+        let mut bytes = seg;
+        let at = bytes
+            .windows(32)
+            .position(|w| w == inode.chunks[0].id.0)
+            .unwrap();
+        bytes[at + 64 + 65535] ^= 0xff;
+        std::fs::write(&segs[0], &bytes).unwrap();
         let third = source();
         assert_eq!(read_all(&third, &inode, 0, 65536), expected(0, 65536));
         assert_eq!(store.gets.load(Ordering::SeqCst), 41);
         // Files evicted under a process that had checked them: still served (from memory or
         // the descriptor it checked), never re-opened by path.
-        for k in 0..40 {
-            let hex = inode.chunks[k].id.to_hex();
-            let _ = std::fs::remove_file(cache_dir.join(&hex[..2]).join(format!("{hex}.plain")));
+        for seg in segment_files(&cache_dir) {
+            std::fs::remove_file(seg).unwrap();
         }
         let off = 20 * 65536 + 7;
         assert_eq!(read_all(&second, &inode, off, 100), expected(off, 100));
@@ -1007,13 +1016,17 @@ mod tests {
         let genuine = read_all(&source(), &inode, 0, inode.size);
         assert_eq!(store.gets.load(Ordering::SeqCst), 2);
         // A cache writer replaces chunk 0's plaintext with other bytes and their hash (what
-        // the old format trusted).
-        let hex = inode.chunks[0].id.to_hex();
-        let path = cache_dir.join(&hex[..2]).join(format!("{hex}.plain"));
+        // an old format trusted).
+        let seg = &segment_files(&cache_dir)[0];
+        let mut bytes = std::fs::read(seg).unwrap();
+        let at = bytes
+            .windows(32)
+            .position(|w| w == inode.chunks[0].id.0)
+            .unwrap();
         let evil = vec![0x41u8; 65536];
-        let mut forged = blake3::hash(&evil).as_bytes().to_vec();
-        forged.extend_from_slice(&evil);
-        std::fs::write(&path, &forged).unwrap();
+        bytes[at + 32..at + 64].copy_from_slice(blake3::hash(&evil).as_bytes());
+        bytes[at + 64..at + 64 + 65536].copy_from_slice(&evil);
+        std::fs::write(seg, &bytes).unwrap();
         let fresh = source();
         assert_eq!(read_all(&fresh, &inode, 0, 4096), genuine[..4096]);
         assert_eq!(read_all(&fresh, &inode, 100, 1000), genuine[100..1100]);

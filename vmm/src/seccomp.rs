@@ -643,7 +643,7 @@ mod tests {
                 .put(&flist_fs::chunk::ChunkId::of(&data), &data)
                 .unwrap();
         }
-        // The same directory under a smaller bound: the evictor has 20 files to remove.
+        // The same directory under a smaller bound: the evictor has a segment to remove.
         let cache = flist_fs::cache::ChunkCache::open(&dir, 10_000).unwrap();
         let probe_dir = dir.clone();
         let (used, create, socket) = under(ThreadKind::CacheEvictor, move || {

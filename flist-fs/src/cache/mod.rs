@@ -1,23 +1,37 @@
-//! The local chunk cache shared by all images and processes: a directory of stored chunks
-//! named by id (`<dir>/<id[0..2]>/<id>`) and of decoded plaintexts of unencrypted chunks
-//! (`<dir>/<id[0..2]>/<id>.plain`: a MAC, then the plaintext), which let small reads be served
-//! with one `pread` once the file has been checked (see [`ChunkCache::get_plain`]). Inserts
-//! write a temp file and rename it into place, so a half-written chunk is never visible; every
-//! hit is re-verified, so a file torn by a crash or power loss (no fsync: the cache is
-//! disposable) is deleted and treated as a miss, never served. Size is bounded: when the
-//! running estimate passes the bound, the least recently used files (by mtime, refreshed on
-//! hits) are deleted down to 90% of it. Deletion by another process at any time is tolerated.
-//! Directories are created 0700 and files 0600 whatever the process umask.
+//! The local chunk cache shared by all images and processes: stored chunks (verified against
+//! their id) and decoded plaintexts of unencrypted chunks and blocks (checked against a MAC
+//! under the node key), which let small reads be served with one `pread` once checked (see
+//! [`ChunkCache::get_plain`]). It has two layouts, one per mode:
+//!
+//! - **standalone** (processes that read images themselves; several share the directory):
+//!   entries are appended to segment files in `<dir>/seg/`, each process to files of its own,
+//!   so that caching a 32 KiB block on a cold read is an append, not a new inode (file
+//!   creation and rename cost more than the read on a small machine); see `segments.rs` for
+//!   the format, the scan that finds other processes' entries, and its bounds;
+//! - **indexed** (the node's chunk fetcher, the directory's only writer): one file per entry,
+//!   `<dir>/<id[0..2]>/<id>` (stored) and `<dir>/<id[0..2]>/<id>.plain` (the MAC, then the
+//!   plaintext), written to a temp file and renamed into place, because the fetcher hands a
+//!   vmm a read-only descriptor that must hold only the plaintext it asked for.
+//!
+//! A half-written entry is never served: every hit is re-verified, so an entry torn by a
+//! crash or power loss (no fsync: the cache is disposable) is a miss (a bad file is deleted,
+//! a bad segment entry dropped from the process's index). Size is bounded: when the running
+//! estimate passes the bound, the least recently used files (by mtime, refreshed on hits;
+//! whole segments in standalone mode) are deleted down to 90% of it. Deletion by another
+//! process at any time is tolerated. Directories are created 0700 and files 0600 whatever
+//! the process umask.
 //!
 //! # Standalone mode (no chunk fetcher: several processes share the directory)
 //!
-//! [`ChunkCache::open`] reads nothing of the directory: a cache of any size opens at once.
+//! [`ChunkCache::open`] reads nothing of the directory: a cache of any size opens at once
+//! (the first miss scans the segments' headers, not their bytes).
 //! [`ChunkCache::start_evictor`] (or [`ChunkCache::shared`], one cache object per directory
 //! and process, its evictor started) runs a background thread that measures the directory
 //! once, then, whenever this process's running estimate passes the bound, deletes the least
 //! recently used files down to 90% of it. Inserts only add to the estimate and wake it: no
 //! request waits for a scan or an eviction. A cache without an evictor evicts in the insert
-//! that passes the bound, as a last resort.
+//! that passes the bound, as a last resort. Files of the indexed layout found in a standalone
+//! cache's directory (an older version's) are not read, only evicted.
 //!
 //! # Threat model of the plaintext cache
 //!
@@ -25,7 +39,8 @@
 //! poison them all. Stored chunks are safe by construction (named by the blake3 of their
 //! bytes, checked on every hit). A plaintext's hash is not in the image (the chunk id hashes
 //! the *stored* bytes), so a `.plain` file starts with a keyed blake3 MAC over (chunk id,
-//! plaintext) under a per-node secret: a 32-byte key file, mode 0600, owned by this user,
+//! plaintext), and a segment entry's header carries one over (kind, length, id, bytes), under
+//! a per-node secret: a 32-byte key file, mode 0600, owned by this user,
 //! kept next to the cache directory (`<dir>.key`, outside it) or named by the caller
 //! ([`ChunkCache::open_with_key`]). An attacker who can create, replace or delete files in the
 //! cache directory but cannot read the key (nor write this user's 0600 files) cannot make a
@@ -35,8 +50,9 @@
 //!
 //! A checked plaintext is read through the descriptor it was checked on, kept open (at most
 //! [`MAX_OPEN_PLAIN`], least recently used closed first); [`ChunkCache::read_plain_at`] never
-//! re-opens by path, so a file renamed over the checked one later is not served. (An evicted
-//! file stays readable, and its disk space held, until its descriptor is closed.)
+//! re-opens by path, so a file renamed over the checked one later is not served, and a
+//! segment entry, never changed once written, is read at the offset it was checked at. (An
+//! evicted file stays readable, and its disk space held, until its descriptor is closed.)
 //!
 //! # Indexed mode (the node's chunk fetcher)
 //!
@@ -47,8 +63,11 @@
 //! that deletes the least recently used entries down to 90% of the bound whenever the index
 //! says the bound is passed (and cleans stale temp files now and then).
 
+mod segments;
+
 use crate::chunk::{verify_stored, ChunkId, MAX_CHUNK_SIZE, MAX_STORED_SIZE};
 use crate::error::{Error, Result};
+use segments::{Kind, Segments};
 use std::collections::HashMap;
 use std::fs::{File, Permissions};
 use std::io::{Read, Write};
@@ -68,6 +87,8 @@ pub struct ChunkCache {
     open_plain: Mutex<OpenPlain>,
     /// The in-memory index of entries (indexed mode only).
     index: Option<Index>,
+    /// The segment files entries are appended to (standalone mode only).
+    segments: Option<Segments>,
     /// Most checked plaintexts kept open.
     max_open: usize,
     /// The background evictor of a standalone cache (shared with its thread, which holds no
@@ -193,8 +214,17 @@ impl Index {
 
 #[derive(Default)]
 struct OpenPlain {
-    files: HashMap<ChunkId, (Arc<File>, u64)>,
+    files: HashMap<ChunkId, OpenEntry>,
     clock: u64,
+}
+
+/// A checked plaintext: the descriptor it was checked on, where it starts in it, its length
+/// and its last use.
+struct OpenEntry {
+    file: Arc<File>,
+    at: u64,
+    len: u32,
+    used: u64,
 }
 
 /// Stale temp files (from a crashed writer) older than this are removed during eviction.
@@ -350,6 +380,7 @@ impl ChunkCache {
             key,
             open_plain: Mutex::new(OpenPlain::default()),
             index: None,
+            segments: Some(Segments::new(dir, max_bytes, key)),
             max_open: MAX_OPEN_PLAIN,
             background: Arc::default(),
         }
@@ -411,6 +442,7 @@ impl ChunkCache {
             key,
             open_plain: Mutex::new(OpenPlain::default()),
             index: None,
+            segments: None,
             max_open: MAX_OPEN_PLAIN,
             background: Arc::default(),
         };
@@ -618,13 +650,17 @@ impl ChunkCache {
     /// The checked descriptor of the cached plaintext of `id`, `len` bytes (checked now if it
     /// is not open yet): its plaintext is at offset [`ChunkCache::PLAIN_OFFSET`].
     pub fn plain_file(&self, id: &ChunkId, len: u32) -> Option<Arc<File>> {
+        // Segment files hold other entries: never passed on.
+        if self.segments.is_some() {
+            return None;
+        }
         let open = |c: &Self| -> Option<Arc<File>> {
             let mut open = c.open_plain.lock().ok()?;
             open.clock += 1;
             let now = open.clock;
-            let (f, used) = open.files.get_mut(id)?;
-            *used = now;
-            Some(f.clone())
+            let e = open.files.get_mut(id)?;
+            e.used = now;
+            Some(e.file.clone())
         };
         let want = PLAIN_HEADER as u64 + u64::from(len);
         let fits = |f: &File| f.metadata().is_ok_and(|m| m.len() == want);
@@ -634,6 +670,26 @@ impl ChunkCache {
         }
         self.get_plain(id, len)?;
         open(self).filter(|f| fits(f))
+    }
+
+    /// This cache with segments of at most `n` bytes (tests: a segment per entry).
+    #[cfg(test)]
+    fn with_segment_bytes(mut self, n: u64) -> Self {
+        if let Some(segs) = &mut self.segments {
+            segs.seg_max = n;
+        }
+        self
+    }
+
+    /// The file holding entry `id` (a plaintext, or stored bytes).
+    #[cfg(test)]
+    fn file_of(&self, id: &ChunkId, plain: bool) -> PathBuf {
+        let kind = if plain { Kind::Plain } else { Kind::Stored };
+        match &self.segments {
+            Some(segs) => segs.get(kind, id, None).map(|h| h.path).unwrap(),
+            None if plain => self.plain_path(id),
+            None => self.path(id),
+        }
     }
 
     /// Where a plaintext starts in the file of [`ChunkCache::plain_file`].
@@ -674,9 +730,10 @@ impl ChunkCache {
         h.finalize()
     }
 
-    /// Keeps `file` (a checked plaintext of `id`) open for [`ChunkCache::read_plain_at`],
-    /// closing the least recently used one past [`MAX_OPEN_PLAIN`].
-    fn remember(&self, id: &ChunkId, file: Arc<File>) {
+    /// Keeps `file` (holding the checked plaintext of `id`, `len` bytes at `at`) open for
+    /// [`ChunkCache::read_plain_at`], closing the least recently used one past
+    /// [`MAX_OPEN_PLAIN`].
+    fn remember(&self, id: &ChunkId, file: Arc<File>, at: u64, len: u32) {
         let Ok(mut open) = self.open_plain.lock() else {
             return;
         };
@@ -686,13 +743,19 @@ impl ChunkCache {
             if let Some(oldest) = open
                 .files
                 .iter()
-                .min_by_key(|(_, (_, used))| *used)
+                .min_by_key(|(_, e)| e.used)
                 .map(|(k, _)| *k)
             {
                 open.files.remove(&oldest);
             }
         }
-        open.files.insert(*id, (file, now));
+        let entry = OpenEntry {
+            file,
+            at,
+            len,
+            used: now,
+        };
+        open.files.insert(*id, entry);
     }
 
     /// The plaintext of chunk `id`, `len` bytes, if cached and authentic: the file is opened
@@ -703,6 +766,12 @@ impl ChunkCache {
     pub fn get_plain(&self, id: &ChunkId, len: u32) -> Option<Vec<u8>> {
         if len == 0 || len > MAX_CHUNK_SIZE {
             return None;
+        }
+        if let Some(segs) = &self.segments {
+            let hit = segs.get(Kind::Plain, id, Some(len))?;
+            Self::touch(&hit.path);
+            self.remember(id, hit.file, hit.at, len);
+            return Some(hit.bytes);
         }
         let p = self.plain_path(id);
         let file = open_nofollow(&p).ok()?;
@@ -721,7 +790,7 @@ impl ChunkCache {
             return None;
         }
         self.hit(&p);
-        self.remember(id, Arc::new(file));
+        self.remember(id, Arc::new(file), PLAIN_HEADER as u64, len);
         bytes.drain(..PLAIN_HEADER);
         Some(bytes)
     }
@@ -731,7 +800,7 @@ impl ChunkCache {
     /// `NotFound` when there is none (never checked, or closed since), an error when the
     /// plaintext is shorter than asked.
     pub fn read_plain_at(&self, id: &ChunkId, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let file = {
+        let (file, base, len) = {
             let mut open = self
                 .open_plain
                 .lock()
@@ -739,9 +808,9 @@ impl ChunkCache {
             open.clock += 1;
             let now = open.clock;
             match open.files.get_mut(id) {
-                Some((f, used)) => {
-                    *used = now;
-                    f.clone()
+                Some(e) => {
+                    e.used = now;
+                    (e.file.clone(), e.at, e.len)
                 }
                 None => {
                     return Err(std::io::Error::new(
@@ -751,15 +820,30 @@ impl ChunkCache {
                 }
             }
         };
-        let at = offset
-            .checked_add(PLAIN_HEADER as u64)
-            .ok_or_else(|| std::io::Error::other("offset overflow"))?;
-        file.read_exact_at(buf, at)
+        if offset.saturating_add(buf.len() as u64) > u64::from(len) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{} bytes at {offset} are past the plaintext's {len}",
+                    buf.len()
+                ),
+            ));
+        }
+        file.read_exact_at(buf, base + offset)
     }
 
     /// Inserts the plaintext of chunk `id` (already verified by decoding) with its MAC, keeps
     /// the written file open for [`ChunkCache::read_plain_at`], then evicts if over the bound.
     pub fn put_plain(&self, id: &ChunkId, plain: &[u8]) -> Result<()> {
+        let len = u32::try_from(plain.len()).map_err(|_| Error::BadChunk {
+            id: id.to_hex(),
+            reason: format!("a {}-byte plaintext is too large to cache", plain.len()),
+        })?;
+        if let Some(segs) = &self.segments {
+            let (added, file, at) = segs.put(Kind::Plain, id, plain)?;
+            self.remember(id, file, at, len);
+            return self.added(added);
+        }
         let mac = self.plain_mac(id, plain);
         let file = self.insert(id, &self.plain_path(id), &[mac.as_bytes(), plain])?;
         // The fetcher passes these descriptors on: kept read-only when possible (the same
@@ -768,12 +852,18 @@ impl ChunkCache {
             Some(_) => reopen_readonly(&file).unwrap_or(file),
             None => file,
         };
-        self.remember(id, Arc::new(file));
+        self.remember(id, Arc::new(file), PLAIN_HEADER as u64, len);
         Ok(())
     }
 
     /// The verified stored bytes of `id`, if cached.
     pub fn get(&self, id: &ChunkId) -> Option<Vec<u8>> {
+        if let Some(segs) = &self.segments {
+            // Checked against its MAC: written by a holder of the node key, which verified it.
+            let hit = segs.get(Kind::Stored, id, None)?;
+            Self::touch(&hit.path);
+            return Some(hit.bytes);
+        }
         let p = self.path(id);
         let file = open_nofollow(&p).ok()?;
         if !file.metadata().ok()?.is_file() {
@@ -799,6 +889,10 @@ impl ChunkCache {
 
     /// Inserts verified stored bytes for `id` (atomically), then evicts if over the bound.
     pub fn put(&self, id: &ChunkId, stored: &[u8]) -> Result<()> {
+        if let Some(segs) = &self.segments {
+            let (added, _, _) = segs.put(Kind::Stored, id, stored)?;
+            return self.added(added);
+        }
         self.insert(id, &self.path(id), &[stored]).map(drop)
     }
 
@@ -842,6 +936,13 @@ impl ChunkCache {
             ix.record(p, Some(len), self.max_bytes);
             return Ok(file);
         }
+        self.added(len)?;
+        Ok(file)
+    }
+
+    /// Counts `len` bytes a standalone cache added; past the bound, wakes the evictor (or
+    /// evicts here when there is none).
+    fn added(&self, len: u64) -> Result<()> {
         let now = self.approx_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if now > self.max_bytes {
             if self.background.running.load(Ordering::Acquire) {
@@ -851,10 +952,11 @@ impl ChunkCache {
                 self.evict()?;
             }
         }
-        Ok(file)
+        Ok(())
     }
 
-    /// (path, size, mtime) of every cached chunk.
+    /// (path, size, mtime) of every cache file: entries (two-character subdirectories) and
+    /// segments.
     fn entries(&self) -> Vec<(PathBuf, u64, SystemTime)> {
         let mut out = Vec::new();
         let Ok(top) = std::fs::read_dir(&self.dir) else {
@@ -862,7 +964,7 @@ impl ChunkCache {
         };
         for sub in top.flatten() {
             let name = sub.file_name();
-            if name.len() != 2 {
+            if name.len() != 2 && name != "seg" {
                 continue;
             }
             let Ok(files) = std::fs::read_dir(sub.path()) else {
@@ -936,8 +1038,9 @@ mod tests {
 
     #[test]
     fn put_get_verify_and_evict() {
+        // One file per entry: the layout of an indexed cache.
         let d = tempfile::tempdir().unwrap();
-        let c = ChunkCache::open(d.path(), 10_000).unwrap();
+        let c = ChunkCache::open_indexed(d.path(), 10_000, None).unwrap();
         let mut ids = Vec::new();
         for i in 0..30u8 {
             let data = vec![i; 1000];
@@ -989,22 +1092,26 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         assert!(c.used_bytes() <= 9_000);
+        // The index drops the victims before their files are deleted.
+        let on_disk = || ids.iter().filter(|id| c.path(id).exists()).count();
+        eventually("the evicted files deleted", || {
+            on_disk() == c.indexed_entries()
+        });
+        let on_disk = on_disk();
         assert!(c.path(&ids[0]).exists(), "the recently used entry stays");
         assert!(!c.path(&ids[1]).exists(), "the least recently used goes");
-        let on_disk = ids.iter().filter(|id| c.path(id).exists()).count();
-        assert_eq!(on_disk, c.indexed_entries());
         // A new instance indexes what is there, once.
         let again = ChunkCache::open_indexed(&dir, 10_000, None).unwrap();
         assert_eq!(again.indexed_entries(), on_disk);
         assert_eq!(again.used_bytes(), on_disk as u64 * 1000);
     }
 
-    /// Files in the cache directory (entries of the two-character subdirectories).
+    /// Files in the cache directory (in the two-character subdirectories and `seg`).
     fn on_disk(dir: &Path) -> usize {
         std::fs::read_dir(dir)
             .unwrap()
             .flatten()
-            .filter(|e| e.file_name().len() == 2)
+            .filter(|e| e.file_name().len() == 2 || e.file_name() == "seg")
             .map(|e| std::fs::read_dir(e.path()).unwrap().count())
             .sum()
     }
@@ -1018,20 +1125,24 @@ mod tests {
         }
     }
 
-    /// `n` chunks of 1000 bytes put into the cache at `dir`, the first the least recently used.
-    fn fill(dir: &Path, n: u16) -> Vec<ChunkId> {
-        let filler = ChunkCache::open(dir, 1 << 30).unwrap();
+    /// `n` chunks of 1000 bytes put into the cache at `dir`, a segment each, the first the
+    /// least recently used: their segments' paths.
+    fn fill(dir: &Path, n: u16) -> Vec<PathBuf> {
+        let filler = ChunkCache::open(dir, 1 << 30)
+            .unwrap()
+            .with_segment_bytes(1);
         (0..n)
             .map(|i| {
                 let data: Vec<u8> = i.to_le_bytes().iter().copied().cycle().take(1000).collect();
                 let id = ChunkId::of(&data);
                 filler.put(&id, &data).unwrap();
+                let p = filler.file_of(&id, false);
                 filetime::set_file_mtime(
-                    filler.path(&id),
+                    &p,
                     filetime::FileTime::from_unix_time(1_000_000 + i64::from(i), 0),
                 )
                 .unwrap();
-                id
+                p
             })
             .collect()
     }
@@ -1040,7 +1151,7 @@ mod tests {
     fn a_standalone_cache_opens_without_reading_its_directory() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("cache");
-        let ids = fill(&dir, 500);
+        let files = fill(&dir, 500);
         let c = Arc::new(ChunkCache::open(&dir, 100_000).unwrap());
         // A VM start opens the cache: nothing of it is read (the size is not known yet), and
         // nothing is evicted.
@@ -1050,8 +1161,8 @@ mod tests {
         c.start_evictor().unwrap();
         eventually("evicted down to 90% of the bound", || on_disk(&dir) <= 90);
         assert!(c.used_bytes() <= 90_000, "{}", c.used_bytes());
-        assert!(c.path(&ids[499]).exists(), "the most recently used stays");
-        assert!(!c.path(&ids[0]).exists(), "the least recently used goes");
+        assert!(files[499].exists(), "the most recently used stays");
+        assert!(!files[0].exists(), "the least recently used goes");
     }
 
     #[test]
@@ -1067,17 +1178,19 @@ mod tests {
             Ok(())
         });
         c.start_evictor_with(Some(start)).unwrap();
-        let ids: Vec<ChunkId> = (0..30u8)
+        // A segment each (a segment is at most a 32nd of the bound).
+        let files: Vec<PathBuf> = (0..30u8)
             .map(|i| {
                 let data = vec![i; 1000];
                 let id = ChunkId::of(&data);
                 c.put(&id, &data).unwrap();
+                let p = c.file_of(&id, false);
                 filetime::set_file_mtime(
-                    c.path(&id),
+                    &p,
                     filetime::FileTime::from_unix_time(1_000_000 + i64::from(i), 0),
                 )
                 .unwrap();
-                id
+                p
             })
             .collect();
         // Three times the bound inserted, nothing evicted by the inserts themselves.
@@ -1086,7 +1199,7 @@ mod tests {
         go.send(()).unwrap();
         eventually("evicted in the background", || on_disk(&dir) <= 9);
         assert!(c.used_bytes() <= 9_000, "{}", c.used_bytes());
-        assert!(c.path(&ids[29]).exists() && !c.path(&ids[0]).exists());
+        assert!(files[29].exists() && !files[0].exists());
         // One cache object per directory in a process: a second open shares the first.
         let shared = ChunkCache::shared(&dir, 1, None).unwrap();
         assert!(Arc::ptr_eq(
@@ -1152,18 +1265,19 @@ mod tests {
 
     #[test]
     fn poisoned_plaintext_is_not_served() {
+        // The file layout of an indexed cache (segments: `segment_*` tests).
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("cache");
         let good = vec![1u8; 5000];
         let id = ChunkId::of(b"stored bytes of the good chunk");
-        ChunkCache::open(&dir, 1 << 20)
+        ChunkCache::open_indexed(&dir, 1 << 20, None)
             .unwrap()
             .put_plain(&id, &good)
             .unwrap();
         // Someone who can write the cache (not read the key) replaces the plaintext with other
         // content of the same length and a consistent hash.
         let evil = vec![2u8; 5000];
-        let c = ChunkCache::open(&dir, 1 << 20).unwrap();
+        let c = ChunkCache::open_indexed(&dir, 1 << 20, None).unwrap();
         let p = c.plain_path(&id);
         std::fs::write(&p, forged_plain(&evil)).unwrap();
         assert_eq!(c.get_plain(&id, 5000), None);
@@ -1173,11 +1287,11 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
         // A plaintext MACed under another node's key is refused as well.
         let other = tempfile::tempdir().unwrap();
-        let o = ChunkCache::open(&other.path().join("cache"), 1 << 20).unwrap();
+        let o = ChunkCache::open_indexed(&other.path().join("cache"), 1 << 20, None).unwrap();
         std::fs::write(&p, [o.plain_mac(&id, &evil).as_bytes(), &evil[..]].concat()).unwrap();
         assert_eq!(c.get_plain(&id, 5000), None);
         // The genuine one (same key file, another instance) is served.
-        ChunkCache::open(&dir, 1 << 20)
+        ChunkCache::open_indexed(&dir, 1 << 20, None)
             .unwrap()
             .put_plain(&id, &good)
             .unwrap();
@@ -1189,15 +1303,16 @@ mod tests {
 
     #[test]
     fn a_file_replaced_after_its_check_is_not_served() {
+        // The file layout of an indexed cache (segments: `segment_*` tests).
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("cache");
         let good: Vec<u8> = (0..70_000u32).map(|i| (i % 253) as u8).collect();
         let id = ChunkId::of(b"stored");
-        ChunkCache::open(&dir, 1 << 30)
+        ChunkCache::open_indexed(&dir, 1 << 30, None)
             .unwrap()
             .put_plain(&id, &good)
             .unwrap();
-        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        let c = ChunkCache::open_indexed(&dir, 1 << 30, None).unwrap();
         assert_eq!(c.get_plain(&id, 70_000).as_deref(), Some(&good[..]));
         // Replaced by rename (what a cache writer can do) after the check.
         let evil = vec![0xeeu8; 70_000];
@@ -1215,7 +1330,7 @@ mod tests {
         // Past the end is an error, not short data.
         assert!(c.read_plain_at(&id, 69_000, &mut buf).is_err());
         // A writer's own fresh plaintext is served from the descriptor it wrote.
-        let w = ChunkCache::open(&dir, 1 << 30).unwrap();
+        let w = ChunkCache::open_indexed(&dir, 1 << 30, None).unwrap();
         let id2 = ChunkId::of(b"other");
         w.put_plain(&id2, &good).unwrap();
         std::fs::write(&staged, forged_plain(&evil)).unwrap();
@@ -1264,19 +1379,11 @@ mod tests {
         for p in [d.path().join("a"), dir.clone(), dir.join("tmp")] {
             assert_eq!(mode(&p), 0o700, "{}", p.display());
         }
-        let s = c.path(&ChunkId::of(b"s"));
-        for p in [
-            s.parent().unwrap().to_path_buf(),
-            c.plain_path(&ChunkId::of(b"p"))
-                .parent()
-                .unwrap()
-                .to_path_buf(),
-        ] {
-            assert_eq!(mode(&p), 0o700, "{}", p.display());
-        }
+        let s = c.file_of(&ChunkId::of(b"s"), false);
+        assert_eq!(mode(s.parent().unwrap()), 0o700);
         for p in [
             s,
-            c.plain_path(&ChunkId::of(b"p")),
+            c.file_of(&ChunkId::of(b"p"), true),
             d.path().join("a/cache.key"),
         ] {
             assert_eq!(mode(&p), 0o600, "{}", p.display());
@@ -1302,8 +1409,9 @@ mod tests {
 
     #[test]
     fn planted_fifos_and_symlinks_are_misses_not_hangs() {
+        // The file layout of an indexed cache (segments: `segment_*` tests).
         let d = tempfile::tempdir().unwrap();
-        let c = ChunkCache::open(&d.path().join("cache"), 1 << 20).unwrap();
+        let c = ChunkCache::open_indexed(&d.path().join("cache"), 1 << 20, None).unwrap();
         let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
         for p in [c.plain_path(&a), c.path(&a)] {
             mkdir_p(p.parent().unwrap()).unwrap();
@@ -1314,7 +1422,7 @@ mod tests {
         assert_eq!(c.get_plain(&a, 1), None);
         assert_eq!(c.get(&a), None);
         // A symlink, even to a genuine plaintext moved elsewhere, is not followed.
-        let fresh = ChunkCache::open(&d.path().join("cache"), 1 << 20).unwrap();
+        let fresh = ChunkCache::open_indexed(&d.path().join("cache"), 1 << 20, None).unwrap();
         fresh.put_plain(&b, b"b").unwrap();
         let moved = d.path().join("cache/tmp/moved");
         std::fs::rename(fresh.plain_path(&b), &moved).unwrap();
@@ -1323,5 +1431,281 @@ mod tests {
         std::fs::remove_file(c.plain_path(&b)).unwrap();
         std::fs::rename(&moved, c.plain_path(&b)).unwrap();
         assert_eq!(c.get_plain(&b, 1), Some(b"b".to_vec()));
+    }
+
+    /// The segment files of the cache at `dir`, oldest first.
+    fn segment_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("seg"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Where the bytes of entry `id` start in segment file `seg`.
+    fn entry_at(seg: &Path, id: &ChunkId) -> usize {
+        let bytes = std::fs::read(seg).unwrap();
+        let at = bytes.windows(32).position(|w| w == id.0).unwrap();
+        at + 32 + 32
+    }
+
+    #[test]
+    fn segment_entries_are_appended_and_served_to_other_instances() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        let plains: Vec<(ChunkId, Vec<u8>)> = (0..50u32)
+            .map(|i| {
+                let data: Vec<u8> = (0..32_768u32).map(|j| (i * 7 + j) as u8).collect();
+                (ChunkId::of(&i.to_le_bytes()), data)
+            })
+            .collect();
+        for (id, data) in &plains {
+            c.put_plain(id, data).unwrap();
+        }
+        let stored = b"stored bytes".to_vec();
+        let sid = ChunkId::of(&stored);
+        c.put(&sid, &stored).unwrap();
+        // One file for all of them: appends, not new inodes.
+        let segs = segment_files(&dir);
+        assert_eq!(segs.len(), 1, "{segs:?}");
+        assert_eq!(on_disk(&dir), 1);
+        let len = std::fs::metadata(&segs[0]).unwrap().len();
+        assert_eq!(len, 51 * segments::HEADER as u64 + 50 * 32_768 + 12);
+        // The writer reads its own through the descriptor it wrote.
+        let mut buf = [0u8; 100];
+        c.read_plain_at(&plains[3].0, 1000, &mut buf).unwrap();
+        assert_eq!(buf[..], plains[3].1[1000..1100]);
+        assert!(c.read_plain_at(&plains[3].0, 32_700, &mut buf).is_err());
+        // Another instance (another process) finds them by scanning the headers.
+        let other = ChunkCache::open(&dir, 1 << 30).unwrap();
+        for (id, data) in plains.iter().rev() {
+            assert_eq!(other.get_plain(id, 32_768).as_ref(), Some(data));
+        }
+        assert_eq!(other.get(&sid), Some(stored.clone()));
+        other.read_plain_at(&plains[7].0, 5, &mut buf).unwrap();
+        assert_eq!(buf[..], plains[7].1[5..105]);
+        // A plaintext is not served as stored bytes, nor at another length.
+        assert_eq!(other.get(&plains[0].0), None);
+        assert_eq!(other.get_plain(&plains[0].0, 32_767), None);
+        assert_eq!(other.get_plain(&sid, 12), None);
+    }
+
+    #[test]
+    fn segment_torn_tail_is_a_miss_and_the_next_writer_starts_a_new_file() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        let w = ChunkCache::open(&dir, 1 << 30).unwrap();
+        w.put_plain(&a, &[1u8; 5000]).unwrap();
+        w.put_plain(&b, &[2u8; 5000]).unwrap();
+        drop(w);
+        // A crash mid-append: the second entry is cut short, then cut inside its header.
+        let seg = &segment_files(&dir)[0];
+        let full = std::fs::metadata(seg).unwrap().len();
+        for cut in [full - 1, full - 4000, full - 5000 - 40] {
+            let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+            f.set_len(cut).unwrap();
+            let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+            assert_eq!(c.get_plain(&a, 5000), Some(vec![1u8; 5000]), "cut at {cut}");
+            assert_eq!(c.get_plain(&b, 5000), None, "cut at {cut}");
+        }
+        // A torn tail full of zeros (a power cut: size kept, data lost) fails its check.
+        let f = std::fs::OpenOptions::new().write(true).open(seg).unwrap();
+        f.set_len(full).unwrap();
+        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        assert_eq!(c.get_plain(&b, 5000), None);
+        // The next writer appends to a file of its own; both are served afterwards.
+        c.put_plain(&b, &[2u8; 5000]).unwrap();
+        assert_eq!(segment_files(&dir).len(), 2);
+        let fresh = ChunkCache::open(&dir, 1 << 30).unwrap();
+        assert_eq!(fresh.get_plain(&a, 5000), Some(vec![1u8; 5000]));
+        assert_eq!(fresh.get_plain(&b, 5000), Some(vec![2u8; 5000]));
+    }
+
+    #[test]
+    fn segment_poisoned_entries_are_not_served() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        let w = ChunkCache::open(&dir, 1 << 30).unwrap();
+        w.put_plain(&a, &[1u8; 5000]).unwrap();
+        w.put_plain(&b, &[2u8; 5000]).unwrap();
+        let seg = segment_files(&dir)[0].clone();
+        // One byte of a's plaintext changed in place (rot, or a writer of the file).
+        let mut bytes = std::fs::read(&seg).unwrap();
+        let at = entry_at(&seg, &a);
+        bytes[at + 10] ^= 1;
+        std::fs::write(&seg, &bytes).unwrap();
+        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        assert_eq!(c.get_plain(&a, 5000), None);
+        assert_eq!(c.get_plain(&b, 5000), Some(vec![2u8; 5000]));
+        // A planted segment of consistent entries MACed under another key (or a plain hash,
+        // as the old format trusted) is not served either.
+        let other = tempfile::tempdir().unwrap();
+        let o = ChunkCache::open(&other.path().join("cache"), 1 << 30).unwrap();
+        let evil = ChunkId::of(b"evil");
+        o.put_plain(&evil, &[6u8; 100]).unwrap();
+        let mut forged = std::fs::read(&segment_files(&other.path().join("cache"))[0]).unwrap();
+        std::fs::write(dir.join("seg/0-planted.seg"), &forged).unwrap();
+        let hash = blake3::hash(&[6u8; 100]);
+        forged[48..80].copy_from_slice(hash.as_bytes());
+        std::fs::write(dir.join("seg/1-planted.seg"), &forged).unwrap();
+        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        assert_eq!(c.get_plain(&evil, 100), None);
+        assert_eq!(c.get_plain(&b, 5000), Some(vec![2u8; 5000]));
+        // The genuine one, fetched and put again after the miss, is served (its new entry
+        // replaces the bad one in the index; another process may meet the bad one first: a
+        // miss again, never the bad bytes).
+        c.put_plain(&a, &[1u8; 5000]).unwrap();
+        assert_eq!(c.get_plain(&a, 5000), Some(vec![1u8; 5000]));
+        let fresh = ChunkCache::open(&dir, 1 << 30).unwrap();
+        let got = fresh.get_plain(&a, 5000);
+        assert!(got.is_none() || got == Some(vec![1u8; 5000]));
+    }
+
+    #[test]
+    fn segment_hostile_files_are_bounded_misses() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let good = ChunkId::of(b"good");
+        let w = ChunkCache::open(&dir, 1 << 30).unwrap();
+        w.put_plain(&good, &[3u8; 1000]).unwrap();
+        let seg = dir.join("seg");
+        let header = |len: u32, id: &ChunkId| {
+            let mut h = b"FCS1\x01\0\0\0".to_vec();
+            h.extend_from_slice(&len.to_le_bytes());
+            h.extend_from_slice(&[0; 4]);
+            h.extend_from_slice(&id.0);
+            h.extend_from_slice(&[0; 32]);
+            h
+        };
+        let (huge, big, junk) = (ChunkId::of(b"huge"), ChunkId::of(b"big"), ChunkId::of(b"j"));
+        // A length past any entry's, one that runs past the file, garbage, an empty file.
+        std::fs::write(seg.join("a.seg"), header(u32::MAX, &huge)).unwrap();
+        let mut f = header(segments::MAX_ENTRY as u32, &big);
+        f.extend_from_slice(&[0; 100]);
+        std::fs::write(seg.join("b.seg"), f).unwrap();
+        let mut f = header(10, &junk);
+        f[4] = 9;
+        f.extend_from_slice(&[0; 10]);
+        std::fs::write(seg.join("c.seg"), f).unwrap();
+        std::fs::write(seg.join("d.seg"), b"").unwrap();
+        std::fs::write(seg.join("e.seg"), vec![0xffu8; 70_000]).unwrap();
+        // A FIFO, a directory and a symlink to a genuine segment moved away.
+        let fifo = std::ffi::CString::new(seg.join("f.seg").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::fs::create_dir(seg.join("g.seg")).unwrap();
+        let genuine = segment_files(&dir)
+            .into_iter()
+            .find(|p| p.to_string_lossy().ends_with("-0.seg"))
+            .unwrap();
+        let moved = dir.join("tmp/moved");
+        std::fs::rename(&genuine, &moved).unwrap();
+        std::os::unix::fs::symlink(&moved, seg.join("h.seg")).unwrap();
+        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        assert_eq!(c.get_plain(&huge, 1000), None);
+        assert_eq!(c.get_plain(&big, 1000), None);
+        assert_eq!(c.get_plain(&junk, 10), None);
+        assert_eq!(c.get_plain(&good, 1000), None, "a symlink is not followed");
+        assert_eq!(c.segments.as_ref().unwrap().entries(), 0);
+        // Moved back, the genuine segment serves (the rest stays ignored).
+        std::fs::rename(&moved, &genuine).unwrap();
+        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        assert_eq!(c.get_plain(&good, 1000), Some(vec![3u8; 1000]));
+        assert_eq!(c.segments.as_ref().unwrap().entries(), 1);
+    }
+
+    #[test]
+    fn segment_eviction_is_by_whole_oldest_segments() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        // 32 KiB segments: 3 entries of 10,000 bytes each (the writer's bound is larger: its
+        // inserts do not evict).
+        let c = ChunkCache::open(&dir, 1 << 30)
+            .unwrap()
+            .with_segment_bytes(32 << 10);
+        let ids: Vec<ChunkId> = (0..120u32).map(|i| ChunkId::of(&i.to_le_bytes())).collect();
+        for (i, id) in ids.iter().enumerate() {
+            c.put_plain(id, &vec![i as u8; 10_000]).unwrap();
+        }
+        let segs = segment_files(&dir);
+        assert_eq!(segs.len(), 40);
+        for (i, s) in segs.iter().enumerate() {
+            let t = filetime::FileTime::from_unix_time(1_000_000 + i as i64, 0);
+            filetime::set_file_mtime(s, t).unwrap();
+        }
+        // 1.2 MB in a 1 MiB cache: whole oldest segments go, down to 90% of the bound.
+        let used = ChunkCache::open(&dir, 1 << 20).unwrap().evict().unwrap();
+        assert!(used <= (1 << 20) / 10 * 9, "{used}");
+        let left = segment_files(&dir);
+        assert!(left.len() < 40 && left.len() >= 30, "{}", left.len());
+        assert_eq!(left[..], segs[40 - left.len()..], "the oldest went");
+        let fresh = ChunkCache::open(&dir, 1 << 20).unwrap();
+        let gone = 3 * (40 - left.len());
+        assert_eq!(fresh.get_plain(&ids[gone - 1], 10_000), None);
+        assert_eq!(
+            fresh.get_plain(&ids[gone], 10_000),
+            Some(vec![gone as u8; 10_000])
+        );
+        // The writer's own segment went too (evicted by another process): its next entry
+        // goes to a new file, which others find.
+        for s in &left {
+            std::fs::remove_file(s).unwrap();
+        }
+        let late = ChunkId::of(b"late");
+        c.put_plain(&late, &[9u8; 100]).unwrap();
+        assert_eq!(segment_files(&dir).len(), 1);
+        std::thread::sleep(segments::REFRESH_EVERY);
+        assert_eq!(fresh.get_plain(&late, 100), Some(vec![9u8; 100]));
+        // ...and the gone segments left its index.
+        assert_eq!(fresh.get_plain(&ids[119], 10_000), None);
+        assert_eq!(fresh.segments.as_ref().unwrap().entries(), 1);
+    }
+
+    #[test]
+    fn segment_two_instances_share_a_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("cache");
+        let a = ChunkCache::open(&dir, 1 << 30).unwrap();
+        let b = ChunkCache::open(&dir, 1 << 30).unwrap();
+        let (x, y) = (ChunkId::of(b"x"), ChunkId::of(b"y"));
+        assert_eq!(b.get_plain(&x, 10), None);
+        a.put_plain(&x, &[1u8; 10]).unwrap();
+        b.put_plain(&y, &[2u8; 10]).unwrap();
+        // Each appends to a file of its own; each finds the other's entries (a miss scans
+        // again at most every REFRESH_EVERY).
+        assert_eq!(segment_files(&dir).len(), 2);
+        std::thread::sleep(segments::REFRESH_EVERY);
+        assert_eq!(b.get_plain(&x, 10), Some(vec![1u8; 10]));
+        assert_eq!(a.get_plain(&y, 10), Some(vec![2u8; 10]));
+        // Many threads, an instance each, writing and reading the same entries at once.
+        let threads: Vec<_> = (0..4u32)
+            .map(|t| {
+                let dir = dir.clone();
+                std::thread::spawn(move || {
+                    let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+                    for round in 0..300u32 {
+                        let n = (round * 7 + t * 13) % 50;
+                        let id = ChunkId::of(&n.to_le_bytes());
+                        let data = vec![n as u8; 3000 + n as usize];
+                        match c.get_plain(&id, data.len() as u32) {
+                            Some(got) => assert_eq!(got, data),
+                            None => c.put_plain(&id, &data).unwrap(),
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let c = ChunkCache::open(&dir, 1 << 30).unwrap();
+        for n in 0..50u32 {
+            let id = ChunkId::of(&n.to_le_bytes());
+            let data = vec![n as u8; 3000 + n as usize];
+            assert_eq!(c.get_plain(&id, data.len() as u32), Some(data));
+        }
     }
 }
