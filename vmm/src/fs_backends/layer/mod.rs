@@ -147,6 +147,9 @@ pub struct Layer {
     /// another queue may run at that moment.
     #[cfg(test)]
     hooks: Mutex<Vec<(Point, Hook)>>,
+    /// Tests: FLUSH requests served.
+    #[cfg(test)]
+    flushes: Arc<AtomicU64>,
 }
 
 /// Tests: points of a request where another request may be served meanwhile.
@@ -217,6 +220,8 @@ impl Layer {
             last_log: Mutex::new(None),
             #[cfg(test)]
             hooks: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            flushes: Arc::default(),
         }
     }
 
@@ -1695,6 +1700,8 @@ impl FileSystem for Layer {
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        #[cfg(test)]
+        self.flushes.fetch_add(1, Ordering::Relaxed);
         let Some(upper) = self.upper_for_handle(inode, handle)? else {
             return Ok(());
         };
