@@ -3,7 +3,7 @@
 # the test bed by default; pass --direct on a real KVM host):
 #   bash scripts/bench.sh boot [--runs N]             boot time + VMM memory vs QEMU microvm
 #     (and Firecracker with FIRECRACKER_BIN=PATH, another vmm build with VMM_BASELINE_BIN=PATH)
-#   bash scripts/bench.sh fs [--runs N] [--file-mib M] [--workload read,layer]
+#   bash scripts/bench.sh fs [--runs N] [--file-mib M] [--workload read,layer] [--dirs D --files-per-dir F]
 #                                     in-guest virtio-fs vs virtiofsd + QEMU (the vmm also
 #     through the chunk fetcher; another vmm build with VMM_BASELINE_BIN=PATH); layer: writable
 #     shares (the vmm's layer, fuse-backend-rs's overlay, virtiofsd on a copy)

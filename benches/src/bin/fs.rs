@@ -27,6 +27,14 @@ struct Args {
     file_mib: usize,
     #[arg(long, default_value_t = 2000)]
     rand_ops: u64,
+    /// The metadata tree: directories x files per directory.
+    #[arg(long, default_value_t = 40)]
+    dirs: usize,
+    #[arg(long, default_value_t = 50)]
+    files_per_dir: usize,
+    /// Deadline for one VM run, in seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout_secs: u64,
     /// Measure only these servers (vmm-flist, vmm-fetcher, vmm-dir, baseline-flist,
     /// baseline-dir, virtiofsd+qemu; vmm-layer, vmm-overlay, virtiofsd-copy), comma-separated.
     #[arg(long)]
@@ -83,6 +91,12 @@ fn main() -> Result<()> {
         args.file_mib.to_string(),
         "--rand-ops".to_owned(),
         args.rand_ops.to_string(),
+        "--dirs".to_owned(),
+        args.dirs.to_string(),
+        "--files-per-dir".to_owned(),
+        args.files_per_dir.to_string(),
+        "--timeout-secs".to_owned(),
+        args.timeout_secs.to_string(),
     ];
     if let Some(only) = &args.only {
         common.push(format!("--only={only}"));

@@ -6,8 +6,11 @@
 //! (scripts/setup.sh installs them, scripts/test.sh sets them); without them the test is
 //! skipped, except under CI, where it fails.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use e2e_tests::conformance;
@@ -33,6 +36,8 @@ const TOOL_DEADLINE: Duration = Duration::from_secs(1800);
 struct Mount {
     tmp: tempfile::TempDir,
     mounted: Option<Mounted>,
+    /// FLUSH requests the layer has served.
+    flushes: Arc<AtomicU64>,
 }
 
 impl Mount {
@@ -63,6 +68,7 @@ impl Mount {
             )
             .unwrap()
         });
+        let flushes = fs.inner().flushes.clone();
         let mnt = tmp.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let options = MountOptions {
@@ -76,6 +82,7 @@ impl Mount {
         Self {
             tmp,
             mounted: Some(mounted),
+            flushes,
         }
     }
 
@@ -261,4 +268,33 @@ fn pjdfstest_through_host_fuse() {
         eprintln!("note: known pjdfstest failure {known} ({reason}) passes now");
     }
     assert!(Path::new(&mount.upper("pjd")).is_dir());
+}
+
+/// The kernel's closes send the layer no FLUSH (each would be a round trip doing nothing: see
+/// `Layer::no_flush`): closes of an image file read, of a file created and read back, of an
+/// image file changed (so copied up) and of the copy read back. The counter is the layer's
+/// own; the data read back and the copy in the upper directory show the requests were served.
+#[test]
+fn closes_send_no_flush() {
+    let m = Mount::new();
+    let image = m.path("fsx/file");
+    assert_eq!(std::fs::read(&image).unwrap().len(), 256 * 1024);
+    std::fs::write(m.path("pjd/new"), b"new file").unwrap();
+    assert_eq!(std::fs::read(m.path("pjd/new")).unwrap(), b"new file");
+    std::fs::File::options()
+        .append(true)
+        .open(&image)
+        .unwrap()
+        .write_all(b"x")
+        .unwrap();
+    assert_eq!(std::fs::read(&image).unwrap().len(), 256 * 1024 + 1);
+    assert_eq!(
+        std::fs::metadata(m.upper("fsx/file")).unwrap().len(),
+        256 * 1024 + 1
+    );
+    assert_eq!(
+        m.flushes.load(Ordering::Relaxed),
+        0,
+        "FLUSH requests for 6 closes"
+    );
 }
