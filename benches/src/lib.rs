@@ -115,6 +115,25 @@ pub fn ping_average_ms(line: &str) -> Option<f64> {
     values.split('/').nth(1)?.parse().ok()
 }
 
+/// A Firecracker configuration file (`--no-api --config-file`) that boots the test bed's guest
+/// (`/guest/vmlinux`, `/guest/initrd`) with `boot_args` (Firecracker puts its own
+/// `virtio_mmio.device=` arguments before the guest init's `--`), one vCPU and `memory_mib`,
+/// and the devices in `devices` (Firecracker's own sections: `drives`, `vsock`, ...).
+pub fn firecracker_config(boot_args: &str, memory_mib: u32, devices: serde_json::Value) -> Vec<u8> {
+    let mut config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": "/guest/vmlinux",
+            "initrd_path": "/guest/initrd",
+            "boot_args": boot_args,
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": memory_mib },
+    });
+    if let (Some(config), serde_json::Value::Object(devices)) = (config.as_object_mut(), devices) {
+        config.extend(devices);
+    }
+    config.to_string().into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

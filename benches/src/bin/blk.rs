@@ -82,26 +82,21 @@ fn guest_script(seconds: u32) -> String {
     s
 }
 
-/// Firecracker's configuration (`--no-api --config-file`): the same kernel, initramfs, command
-/// line, memory and raw file as the vmm's run. Firecracker puts its own `virtio_mmio.device=`
-/// arguments before the guest init's `--`.
+/// Firecracker's configuration: the same kernel, initramfs, command line, memory and raw file
+/// as the vmm's run.
 fn firecracker_config() -> Vec<u8> {
-    serde_json::json!({
-        "boot-source": {
-            "kernel_image_path": "/guest/vmlinux",
-            "initrd_path": "/guest/initrd",
-            "boot_args": format!("{CMDLINE} -- /bin/sh /bench.sh firecracker"),
-        },
-        "drives": [{
-            "drive_id": "d0",
-            "path_on_host": "/srv/disk.img",
-            "is_root_device": false,
-            "is_read_only": false,
-        }],
-        "machine-config": { "vcpu_count": 1, "mem_size_mib": 768 },
-    })
-    .to_string()
-    .into_bytes()
+    benches::firecracker_config(
+        &format!("{CMDLINE} -- /bin/sh /bench.sh firecracker"),
+        768,
+        serde_json::json!({
+            "drives": [{
+                "drive_id": "d0",
+                "path_on_host": "/srv/disk.img",
+                "is_root_device": false,
+                "is_read_only": false,
+            }],
+        }),
+    )
 }
 
 fn main() -> Result<()> {

@@ -149,20 +149,16 @@ fn parse_probe_line(line: &str) -> Option<Sample> {
     })
 }
 
-/// Firecracker's configuration (`--no-api --config-file`): the same kernel, initramfs,
-/// command line and memory as the vmm's run, and its vsock device on `/run/fc.sock`.
+/// Firecracker's configuration: the same kernel, initramfs, command line and memory as the
+/// vmm's run, and its vsock device on `/run/fc.sock`.
 fn firecracker_config() -> Vec<u8> {
-    serde_json::json!({
-        "boot-source": {
-            "kernel_image_path": "/guest/vmlinux",
-            "initrd_path": "/guest/initrd",
-            "boot_args": format!("{QEMU_CMDLINE} -- /bin/vsock-probe bench-serve {GUEST_PORT}"),
-        },
-        "machine-config": { "vcpu_count": 1, "mem_size_mib": 256 },
-        "vsock": { "guest_cid": FIRECRACKER_CID, "uds_path": "/run/fc.sock" },
-    })
-    .to_string()
-    .into_bytes()
+    benches::firecracker_config(
+        &format!("{QEMU_CMDLINE} -- /bin/vsock-probe bench-serve {GUEST_PORT}"),
+        256,
+        serde_json::json!({
+            "vsock": { "guest_cid": FIRECRACKER_CID, "uds_path": "/run/fc.sock" },
+        }),
+    )
 }
 
 /// The medians of each of `peers`' samples in `output`; fails naming a peer without any

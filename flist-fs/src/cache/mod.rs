@@ -1442,6 +1442,15 @@ mod tests {
         v
     }
 
+    /// A standalone cache at `dir` with two 5000-byte plaintexts, `a` (all 1s) then `b` (all 2s).
+    fn two_plains(dir: &Path) -> (ChunkCache, ChunkId, ChunkId) {
+        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
+        let w = ChunkCache::open(dir, 1 << 30).unwrap();
+        w.put_plain(&a, &[1u8; 5000]).unwrap();
+        w.put_plain(&b, &[2u8; 5000]).unwrap();
+        (w, a, b)
+    }
+
     /// Where the bytes of entry `id` start in segment file `seg`.
     fn entry_at(seg: &Path, id: &ChunkId) -> usize {
         let bytes = std::fs::read(seg).unwrap();
@@ -1495,10 +1504,7 @@ mod tests {
     fn segment_torn_tail_is_a_miss_and_the_next_writer_starts_a_new_file() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("cache");
-        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
-        let w = ChunkCache::open(&dir, 1 << 30).unwrap();
-        w.put_plain(&a, &[1u8; 5000]).unwrap();
-        w.put_plain(&b, &[2u8; 5000]).unwrap();
+        let (w, a, b) = two_plains(&dir);
         drop(w);
         // A crash mid-append: the second entry is cut short, then cut inside its header.
         let seg = &segment_files(&dir)[0];
@@ -1527,10 +1533,7 @@ mod tests {
     fn segment_poisoned_entries_are_not_served() {
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("cache");
-        let (a, b) = (ChunkId::of(b"a"), ChunkId::of(b"b"));
-        let w = ChunkCache::open(&dir, 1 << 30).unwrap();
-        w.put_plain(&a, &[1u8; 5000]).unwrap();
-        w.put_plain(&b, &[2u8; 5000]).unwrap();
+        let (_w, a, b) = two_plains(&dir);
         let seg = segment_files(&dir)[0].clone();
         // One byte of a's plaintext changed in place (rot, or a writer of the file).
         let mut bytes = std::fs::read(&seg).unwrap();
