@@ -238,12 +238,14 @@ pub fn mount(
     read: &ReadArgs,
 ) -> Result<()> {
     let fs = flist_fs::fs::FlistFs::open(image, &read.open_options())?;
-    let mounted = flist_fs::fs::mount::mount_with(fs, mountpoint, threads, allow_other)?;
+    // Before the mount exists: a signal that came in between would end the process and leave
+    // a mount without its server. One that comes before the mount is done ends it at once.
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    let mounted = flist_fs::fs::mount::mount_with(fs, mountpoint, threads, allow_other)?;
     eprintln!(
         "mounted {} on {} (read-only); Ctrl-C or umount to stop",
         image.display(),
