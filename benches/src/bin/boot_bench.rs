@@ -949,7 +949,7 @@ mod tests {
         assert!(pages.windows(2).all(|w| w[0] < w[1]));
         assert!(*pages.last().unwrap() < file_pages);
         // The page of a function that ran is among them.
-        let here = page_ranges_join_neighbours as usize as u64;
+        let here = page_ranges_join_neighbours as fn() as usize as u64;
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         let page = maps
             .lines()
