@@ -33,7 +33,8 @@ host) run the shipped build, the one vmm/link/symbol-order.txt laid out, with
       --runs 1 --case quiet --case devices > BOOT_LOG
 (the bed's fault-around set to one page, so the resident pages of the binary are the pages it
 touched, printed as `text-pages` lines). It prints the current list, then every function of
-that binary that lies on a touched page and is not in the list, in address order.
+that binary that lies on a touched page and is not in the list, in address order. The first
+form drops these names: run the third after it, on the build of its list.
 """
 import os
 import re
