@@ -4,6 +4,7 @@ callgrind profiles of the shipped build (scripts/build-vmm.sh, static-pie).
 
 usage: scripts/vmm-symbol-order.py [--kernel VMLINUX --initrd CPIO] > vmm/link/symbol-order.txt
        scripts/vmm-symbol-order.py --profiles VMM_BINARY CALLGRIND_OUT... > vmm/link/symbol-order.txt
+       scripts/vmm-symbol-order.py --testbed VMM_BINARY BOOT_LOG... > NEW_ORDER
 
 Needs /dev/kvm, valgrind (apt package valgrind) and gcc (the test guests). Run it after a
 toolchain or dependency update: names carry hashes, and a stale list only costs memory (names
@@ -24,6 +25,16 @@ A Linux guest may stop early on a KVM that cannot emulate it (its drivers then s
 the list still gains the vmm's Linux boot path. Functions are listed in the order the profiles
 name them, as the shipped build (scripts/build-vmm.sh, built too) names them. The second form
 only lists the profiled names, from profiles taken with `--demangle=no`.
+
+The third form adds what callgrind cannot see here: on this machine's /dev/kvm a Linux guest
+never reaches user space, so the Linux boot above is cut short. On the test bed (a real KVM
+host) run the shipped build, the one vmm/link/symbol-order.txt laid out, with
+  VMM_BIN=VMM_BINARY cargo run --release -p benches --bin boot -- --text-pages \
+      --runs 1 --case quiet --case devices > BOOT_LOG
+(the bed's fault-around set to one page, so the resident pages of the binary are the pages it
+touched, printed as `text-pages` lines). It prints the current list, then every function of
+that binary that lies on a touched page and is not in the list, in address order. The first
+form drops these names: run the third after it, on the build of its list.
 """
 import os
 import re
@@ -133,10 +144,89 @@ def profile_run(vmm, args, out, seconds=None, api=None):
     return profile
 
 
+PAGE = 4096
+TEXT_PAGES = re.compile(r"boot-bench: text-pages [a-z]+: (.*)$")
+
+
+def touched_pages(logs):
+    """File page numbers of the `text-pages` lines of boot bench logs."""
+    pages = set()
+    for log in logs:
+        for line in open(log, errors="replace"):
+            m = TEXT_PAGES.search(line.rstrip("\n"))
+            if not m:
+                continue
+            for item in m.group(1).split():
+                first, _, last = item.partition("-")
+                pages.update(range(int(first, 16), int(last or first, 16) + 1))
+    if not pages:
+        sys.exit(f"vmm-symbol-order: no text-pages lines in {' '.join(logs)}")
+    return pages
+
+
+def executable_segments(binary):
+    """(file offset, virtual address, file size) of the binary's executable LOAD segments."""
+    out = subprocess.run(
+        ["readelf", "-lW", binary], capture_output=True, text=True, check=True
+    ).stdout
+    segments = []
+    for line in out.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "LOAD" and "E" in parts[6:-1]:
+            segments.append((int(parts[1], 16), int(parts[2], 16), int(parts[4], 16)))
+    return segments
+
+
+def touched_functions(binary, pages, listed):
+    """Names of the binary's functions that overlap a touched page past the functions
+    `listed` (which the binary lays out first: a page there is touched by them or by a
+    neighbour in their section), in address order."""
+    ranges = []
+    for page in pages:
+        lo, hi = page * PAGE, (page + 1) * PAGE
+        for offset, vaddr, size in executable_segments(binary):
+            start, end = max(lo, offset), min(hi, offset + size)
+            if start < end:
+                ranges.append((start - offset + vaddr, end - offset + vaddr))
+    ranges.sort()
+    out = subprocess.run(
+        ["nm", "-S", "--defined-only", binary], capture_output=True, text=True, check=True
+    ).stdout
+    functions = []
+    for line in out.splitlines():
+        parts = line.split(" ", 3)
+        if len(parts) == 4 and parts[2] in "tTWi":
+            functions.append((int(parts[0], 16), max(int(parts[1], 16), 1), parts[3]))
+    functions.sort()
+    listed_end = max((a + s for a, s, n in functions if n in listed), default=0)
+    names, i = [], 0
+    for addr, size, name in functions:
+        if addr < listed_end:
+            continue
+        while i < len(ranges) and ranges[i][1] <= addr:
+            i += 1
+        if i < len(ranges) and ranges[i][0] < addr + size and name not in names:
+            names.append(name)
+    return names
+
+
 def main():
     argv = sys.argv[1:]
     if argv and argv[0] == "--profiles":
         for name in order(argv[1], argv[2:]):
+            print(name)
+        return
+    if len(argv) >= 3 and argv[0] == "--testbed":
+        binary, logs = argv[1], argv[2:]
+        listed = [line.strip() for line in open(os.path.join(WS, "vmm/link/symbol-order.txt"))]
+        known = set(listed)
+        added = [n for n in touched_functions(binary, touched_pages(logs), known) if n not in known]
+        print(
+            f"vmm-symbol-order: {len(added)} functions on touched pages added to the "
+            f"{len(listed)} listed",
+            file=sys.stderr,
+        )
+        for name in listed + added:
             print(name)
         return
     kernel = initrd = None

@@ -29,6 +29,10 @@ struct Args {
     /// Run on this host's /dev/kvm instead of the test bed.
     #[arg(long)]
     direct: bool,
+    /// Prints the pages of the vmm's binary each boot touched (boot_bench --text-pages: the
+    /// bed's fault-around set to one page; its memory numbers are then not results).
+    #[arg(long)]
+    text_pages: bool,
 }
 
 /// The devices case's guest command: the types of the virtio devices the guest's drivers
@@ -86,6 +90,9 @@ fn main() -> Result<()> {
     ];
     for case in &args.cases {
         common.extend(["--case".to_string(), case.clone()]);
+    }
+    if args.text_pages {
+        common.push("--text-pages".into());
     }
     let mut bench_args = format!(
         "{} --kernel /guest/vmlinux --initrd /guest/initrd",

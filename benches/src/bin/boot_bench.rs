@@ -67,6 +67,13 @@ struct Args {
     /// test bed, whose console is shown while the run goes on).
     #[arg(long)]
     progress: Option<PathBuf>,
+    /// Sets the kernel's fault-around to one page (debugfs: the test bed, as root) and prints,
+    /// after each boot of `--vmm`, the pages of its binary that are resident, i.e. exactly the
+    /// pages it touched (`text-pages` progress lines, file page numbers): the input of
+    /// `scripts/vmm-symbol-order.py --testbed`. Changes every peer's memory numbers (no
+    /// neighbours faulted in): for the symbol order, not for results.
+    #[arg(long)]
+    text_pages: bool,
 }
 
 /// Writes one progress line to `--progress` (best effort: progress is not a result).
@@ -159,6 +166,8 @@ struct Sample {
     breakdown: String,
     /// The console lines before the marker (the kernel's log in the verbose case).
     console: Vec<String>,
+    /// With `--text-pages`, for `--vmm`: its binary's resident pages (file page numbers).
+    binary_pages: Vec<u64>,
 }
 
 /// Files the boots share: the block device's image, the virtio-fs share, sockets, configs.
@@ -293,8 +302,9 @@ fn measure(
     timeout: Duration,
     stderr: &Path,
     devices: &[&str],
+    pages_of: Option<&Path>,
 ) -> Result<Sample> {
-    let result = wait_and_read(&mut child, started, timeout, stderr, devices);
+    let result = wait_and_read(&mut child, started, timeout, stderr, devices, pages_of);
     let _ = child.kill();
     let _ = child.wait();
     result
@@ -306,6 +316,7 @@ fn wait_and_read(
     timeout: Duration,
     stderr: &Path,
     devices: &[&str],
+    pages_of: Option<&Path>,
 ) -> Result<Sample> {
     let stdout = child.stdout.take().context("no stdout")?;
     let (lines_tx, lines) = mpsc::channel::<String>();
@@ -398,13 +409,135 @@ fn wait_and_read(
     // Let the guest settle into its idle entrypoint before reading memory.
     std::thread::sleep(Duration::from_millis(300));
     let resident = Resident::read(child.id())?;
+    let binary_pages = match pages_of {
+        Some(binary) => resident_file_pages(child.id(), binary)?,
+        None => Vec::new(),
+    };
     Ok(Sample {
         boot,
         overhead_kib: resident.overhead(),
         total_kib: resident.total,
         breakdown: resident.breakdown(),
         console,
+        binary_pages,
     })
+}
+
+/// x86_64's page size.
+const PAGE: u64 = 4096;
+/// The longest mapping of a binary read from /proc/PID/pagemap (1 GiB).
+const MAX_BINARY_MAPPING: u64 = 1 << 30;
+/// `text-pages` page ranges per progress line.
+const RANGES_PER_LINE: usize = 32;
+
+/// The pages of `binary` that process `pid` has resident through its file mappings
+/// (/proc/PID/maps, and the present bit of /proc/PID/pagemap), as sorted file page numbers.
+fn resident_file_pages(pid: u32, binary: &Path) -> Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let binary =
+        std::fs::canonicalize(binary).with_context(|| format!("resolving {}", binary.display()))?;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("reading /proc/{pid}/maps"))?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .with_context(|| format!("opening /proc/{pid}/pagemap"))?;
+    let mut pages = Vec::new();
+    for line in maps.lines() {
+        // address perms offset dev inode path
+        let fields: Vec<&str> = line.splitn(6, ' ').collect();
+        let [range, _, offset, _, _, path] = fields[..] else {
+            continue;
+        };
+        if Path::new(path.trim_start()) != binary {
+            continue;
+        }
+        let parse = |hex: &str| {
+            u64::from_str_radix(hex, 16).with_context(|| format!("bad maps line {line:?}"))
+        };
+        let (lo, hi) = range
+            .split_once('-')
+            .with_context(|| format!("bad maps line {line:?}"))?;
+        let (lo, hi, offset) = (parse(lo)?, parse(hi)?, parse(offset)?);
+        let len = hi.checked_sub(lo).unwrap_or(u64::MAX);
+        if len > MAX_BINARY_MAPPING || lo % PAGE != 0 || len % PAGE != 0 || offset % PAGE != 0 {
+            bail!("unexpected mapping of {}: {line:?}", binary.display());
+        }
+        let mut entries = vec![0u8; (len / PAGE * 8) as usize];
+        pagemap
+            .read_exact_at(&mut entries, lo / PAGE * 8)
+            .with_context(|| format!("reading /proc/{pid}/pagemap for {line:?}"))?;
+        for (i, entry) in entries.chunks_exact(8).enumerate() {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(entry);
+            // Bit 63: present in RAM and mapped by this process.
+            if u64::from_le_bytes(bytes) >> 63 == 1 {
+                pages.push(offset / PAGE + i as u64);
+            }
+        }
+    }
+    if pages.is_empty() {
+        bail!("no resident page of {} in process {pid}", binary.display());
+    }
+    pages.sort_unstable();
+    pages.dedup();
+    Ok(pages)
+}
+
+/// Sorted page numbers as hex ranges (`first-last`, or one page alone).
+fn page_ranges(pages: &[u64]) -> Vec<String> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for &page in pages {
+        match ranges.last_mut() {
+            Some((_, last)) if *last + 1 == page => *last = page,
+            _ => ranges.push((page, page)),
+        }
+    }
+    ranges
+        .into_iter()
+        .map(|(first, last)| {
+            if first == last {
+                format!("{first:x}")
+            } else {
+                format!("{first:x}-{last:x}")
+            }
+        })
+        .collect()
+}
+
+/// Sets the kernel's fault-around (debugfs, mounted here if it is not) to one page, so that a
+/// process's resident file pages are the ones it touched. Returns the value it replaced.
+fn one_page_fault_around() -> Result<String> {
+    let knob = Path::new("/sys/kernel/debug/fault_around_bytes");
+    if !knob.exists() {
+        // SAFETY: constant NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                c"debugfs".as_ptr(),
+                c"/sys/kernel/debug".as_ptr(),
+                c"debugfs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "mounting debugfs on /sys/kernel/debug: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let read = || {
+        std::fs::read_to_string(knob)
+            .map(|v| v.trim().to_owned())
+            .with_context(|| format!("reading {}", knob.display()))
+    };
+    let old = read()?;
+    std::fs::write(knob, PAGE.to_string())
+        .with_context(|| format!("writing {}", knob.display()))?;
+    let now = read()?;
+    if now != PAGE.to_string() {
+        bail!("{} is {now} after writing {PAGE}", knob.display());
+    }
+    Ok(old)
 }
 
 /// Spawns `cmd` with stdout piped, stderr to `stderr`, and measures it.
@@ -413,6 +546,7 @@ fn spawn_and_measure(
     args: &Args,
     stderr: &Path,
     devices: &[&str],
+    pages_of: Option<&Path>,
 ) -> Result<Sample> {
     let err_file =
         std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
@@ -429,6 +563,7 @@ fn spawn_and_measure(
         Duration::from_secs(args.boot_timeout_secs),
         stderr,
         devices,
+        pages_of,
     )
 }
 
@@ -455,7 +590,8 @@ fn run_vmm(vmm: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sa
     } else {
         Vec::new()
     };
-    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"), &devices)
+    let pages_of = (args.text_pages && vmm == args.vmm).then_some(vmm);
+    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"), &devices, pages_of)
 }
 
 /// The kernel command line of a peer (QEMU, Firecracker) in `case`, with `more` arguments.
@@ -508,7 +644,13 @@ fn run_qemu(qemu: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<
     } else {
         cmd.args(["-append", &kernel_args(case, "")]);
     }
-    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"), peer_devices(case))
+    spawn_and_measure(
+        cmd,
+        args,
+        &scratch.dir.join("stderr"),
+        peer_devices(case),
+        None,
+    )
 }
 
 /// Firecracker without its API socket, from a config file in the scratch dir.
@@ -541,7 +683,13 @@ fn run_firecracker(fc: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Re
         "--config-file".as_ref(),
         path.as_os_str(),
     ]);
-    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"), peer_devices(case))
+    spawn_and_measure(
+        cmd,
+        args,
+        &scratch.dir.join("stderr"),
+        peer_devices(case),
+        None,
+    )
 }
 
 fn run(peer: &Peer, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
@@ -673,6 +821,11 @@ fn main() -> Result<()> {
         }
     }
     let scratch = Scratch::new()?;
+    let fault_around = if args.text_pages {
+        Some(one_page_fault_around()?)
+    } else {
+        None
+    };
     let mut peers = vec![("vmm", Peer::Vmm(args.vmm.clone()))];
     if let Some(path) = &args.baseline_vmm {
         peers.push(("baseline vmm", Peer::Vmm(path.clone())));
@@ -715,6 +868,12 @@ fn main() -> Result<()> {
                                 sample.breakdown
                             ),
                         );
+                        for chunk in page_ranges(&sample.binary_pages).chunks(RANGES_PER_LINE) {
+                            progress(
+                                &args,
+                                &format!("text-pages {}: {}", case.name, chunk.join(" ")),
+                            );
+                        }
                         samples[i].push(sample);
                     }
                     Err(e) => {
@@ -754,6 +913,10 @@ fn main() -> Result<()> {
             }
         }
     }
+    if let Some(old) = fault_around {
+        // Best effort: on the test bed the setting ends with the bed.
+        let _ = std::fs::write("/sys/kernel/debug/fault_around_bytes", old);
+    }
     if !failures.is_empty() {
         bail!("boots failed: {}", failures.join("; "));
     }
@@ -763,6 +926,50 @@ fn main() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_ranges_join_neighbours() {
+        assert_eq!(page_ranges(&[]), Vec::<String>::new());
+        assert_eq!(
+            page_ranges(&[0, 1, 2, 9, 0x10, 0x11, 0x20]),
+            ["0-2", "9", "10-11", "20"]
+        );
+    }
+
+    #[test]
+    fn resident_pages_of_this_test_binary() {
+        // Runs the function whose page is looked for below.
+        page_ranges_join_neighbours();
+        let exe = std::env::current_exe().unwrap();
+        let pages = resident_file_pages(std::process::id(), &exe).unwrap();
+        let file_pages = std::fs::metadata(&exe).unwrap().len().div_ceil(PAGE);
+        // This test's own code is running, so some page of the binary is resident; not all
+        // of a test binary's pages are.
+        assert!(!pages.is_empty() && (pages.len() as u64) < file_pages);
+        assert!(pages.windows(2).all(|w| w[0] < w[1]));
+        assert!(*pages.last().unwrap() < file_pages);
+        // The page of a function that ran is among them.
+        let here = page_ranges_join_neighbours as fn() as usize as u64;
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let page = maps
+            .lines()
+            .find_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let (lo, hi) = f[0].split_once('-')?;
+                let lo = u64::from_str_radix(lo, 16).ok()?;
+                let hi = u64::from_str_radix(hi, 16).ok()?;
+                let offset = u64::from_str_radix(f[2], 16).ok()?;
+                (lo <= here && here < hi).then_some((here - lo + offset) / PAGE)
+            })
+            .unwrap();
+        assert!(pages.contains(&page), "page {page:#x} not in {pages:x?}");
+        // A binary this process does not map has no resident pages here: an error naming it.
+        let err = resident_file_pages(std::process::id(), Path::new("/bin/sh")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no resident page of"),
+            "{err:#}"
+        );
+    }
 
     fn log(lines: &[&str]) -> Vec<String> {
         lines.iter().map(|l| l.to_string()).collect()
