@@ -127,6 +127,8 @@ pub fn firecracker_config(boot_args: &str, memory_mib: u32, devices: serde_json:
             "boot_args": boot_args,
         },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": memory_mib },
+        // Required by Firecracker's config file, even empty.
+        "drives": [],
     });
     if let (Some(config), serde_json::Value::Object(devices)) = (config.as_object_mut(), devices) {
         config.extend(devices);
