@@ -92,7 +92,9 @@ fn measure(peer: &str, mib: u64, rounds: u64) -> String {
             "/tmp/vmm.log /tmp/vmm-console.log",
         ),
         "firecracker" => (
-            "/firecracker --no-api --config-file /fc-vsock.json > /tmp/fc.log 2>&1".to_string(),
+            // Firecracker will not bind over the last run's socket.
+            "rm -f /run/fc.sock; /firecracker --no-api --config-file /fc-vsock.json > /tmp/fc.log 2>&1"
+                .to_string(),
             format!("bench /run/fc.sock {GUEST_PORT}"),
             "/tmp/fc.log",
         ),
@@ -261,9 +263,14 @@ fn main() -> Result<()> {
         "{:<24} {:>16} {:>16} {:>14}",
         "", "host->guest", "guest->host", "round trip"
     );
-    for (label, s, _) in &rows {
+    for (label, s, n) in &rows {
+        let short = if *n < args.repeat.max(1) as usize {
+            format!(" (only {n} sample(s))")
+        } else {
+            String::new()
+        };
         println!(
-            "{label:<24} {:>10.1} MiB/s {:>10.1} MiB/s {:>11.0} us",
+            "{label:<24} {:>10.1} MiB/s {:>10.1} MiB/s {:>11.0} us{short}",
             s.to_guest, s.from_guest, s.rtt_us
         );
     }
