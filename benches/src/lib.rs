@@ -136,6 +136,25 @@ pub fn firecracker_config(boot_args: &str, memory_mib: u32, devices: serde_json:
     config.to_string().into_bytes()
 }
 
+/// The devices case's guest command: the types of the virtio devices the guest's drivers
+/// bound (sysfs), on one line boot_bench looks for, then idle.
+const DEVICES_SCRIPT: &str = "d=''\nfor f in /sys/bus/virtio/devices/*/device; do [ -e \"$f\" ] && d=\"$d $(/bin/busybox cat \"$f\")\"; done\necho \"boot-bench-devices:$d\"\nexec /bin/busybox sleep 30\n";
+
+/// The initramfs of boot_bench's guest (guest init and busybox), with `/devices.sh`, the
+/// devices case's command (see boot_bench), written under the target directory.
+pub fn boot_bench_initramfs() -> Result<PathBuf> {
+    let init = e2e_tests::artifacts::guest_init()?;
+    let initrd = e2e_tests::artifacts::target_dir().join("bench-initrd.cpio");
+    e2e_tests::microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?
+        .file(
+            "devices.sh",
+            0o755,
+            e2e_tests::cpio::Contents::Bytes(DEVICES_SCRIPT.as_bytes().to_vec()),
+        )?
+        .write_file(&initrd)?;
+    Ok(initrd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

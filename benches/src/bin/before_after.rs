@@ -50,8 +50,7 @@ fn main() -> Result<()> {
     let fs_bench = sibling("fs_bench")?;
     let kernel = artifacts::guest_kernel()?;
     let init = artifacts::guest_init()?;
-    let boot_initrd = artifacts::target_dir().join("bench-initrd.cpio");
-    microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?.write_file(&boot_initrd)?;
+    let boot_initrd = benches::boot_bench_initramfs()?;
     let fs_initrd = artifacts::target_dir().join("fs-bench-initrd.cpio");
     let mut archive = microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?;
     archive.file(

@@ -5,14 +5,12 @@
 //! Optional peers, from the environment: `FIRECRACKER_BIN` (a Firecracker binary) and
 //! `VMM_BASELINE_BIN` (another vmm build, e.g. main's, to report a change as a ratio).
 
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
 use benches::{optional_peer, run_on_bed_echoing, sibling, vmm, with_qemu};
 use clap::Parser;
-use e2e_tests::cpio::Contents;
-use e2e_tests::{artifacts, microvm, Job, Testbed};
+use e2e_tests::{artifacts, Job, Testbed};
 
 #[derive(Parser)]
 struct Args {
@@ -34,10 +32,6 @@ struct Args {
     #[arg(long)]
     text_pages: bool,
 }
-
-/// The devices case's guest command: the types of the virtio devices the guest's drivers
-/// bound (sysfs), on one line boot_bench looks for, then idle.
-const DEVICES_SCRIPT: &str = "d=''\nfor f in /sys/bus/virtio/devices/*/device; do [ -e \"$f\" ] && d=\"$d $(/bin/busybox cat \"$f\")\"; done\necho \"boot-bench-devices:$d\"\nexec /bin/busybox sleep 30\n";
 
 /// What boot_bench's progress lines start with.
 const PROGRESS: &str = "boot-bench:";
@@ -66,17 +60,7 @@ fn main() -> Result<()> {
     let bench = sibling("boot_bench")?;
     let qemu = e2e_tests::qemu::qemu_binary()?;
     let kernel = artifacts::guest_kernel()?;
-    let init = artifacts::guest_init()?;
-    let initrd = artifacts::target_dir().join("bench-initrd.cpio");
-    // `/devices.sh`: the devices case's guest command (see boot_bench): the virtio device
-    // types the guest found, then idle.
-    microvm::guest_initramfs(&init, Path::new("/bin/busybox"))?
-        .file(
-            "devices.sh",
-            0o755,
-            Contents::Bytes(DEVICES_SCRIPT.as_bytes().to_vec()),
-        )?
-        .write_file(&initrd)?;
+    let initrd = benches::boot_bench_initramfs()?;
 
     let firecracker = optional_peer("FIRECRACKER_BIN")?;
     let baseline = optional_peer("VMM_BASELINE_BIN")?;
