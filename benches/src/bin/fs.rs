@@ -35,6 +35,10 @@ struct Args {
     /// Deadline for one VM run, in seconds.
     #[arg(long, default_value_t = 300)]
     timeout_secs: u64,
+    /// The image's block size in KiB (0: whole chunks, format 1, for a baseline older than
+    /// blocked chunks); default: `flist pack`'s.
+    #[arg(long)]
+    block_kib: Option<u32>,
     /// Measure only these servers (vmm-flist, vmm-fetcher, vmm-dir, baseline-flist,
     /// baseline-dir, virtiofsd+qemu; vmm-layer, vmm-overlay, virtiofsd-copy), comma-separated.
     #[arg(long)]
@@ -100,6 +104,9 @@ fn main() -> Result<()> {
     ];
     if let Some(only) = &args.only {
         common.push(format!("--only={only}"));
+    }
+    if let Some(k) = args.block_kib {
+        common.push(format!("--block-kib={k}"));
     }
     if let Some(workload) = &args.workload {
         common.push(format!("--workload={workload}"));

@@ -52,6 +52,10 @@ struct Args {
     /// The `flist` CLI (packs the tree).
     #[arg(long)]
     flist: PathBuf,
+    /// The image's block size (`flist pack --block-kib`): 0 packs whole chunks (format 1, which
+    /// builds from before blocked chunks read too: a baseline that old needs it).
+    #[arg(long)]
+    block_kib: Option<u32>,
     /// qemu-system-x86_64 and virtiofsd: both given, the virtiofsd column is measured.
     #[arg(long, requires = "virtiofsd")]
     qemu: Option<PathBuf>,
@@ -755,6 +759,7 @@ fn main() -> Result<()> {
         .arg("-o")
         .arg(&image)
         .args(["--store", &store])
+        .args(args.block_kib.map(|k| format!("--block-kib={k}")))
         .stdout(Stdio::null())
         .status()
         .with_context(|| format!("running {}", args.flist.display()))?;
