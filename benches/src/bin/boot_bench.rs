@@ -294,22 +294,8 @@ fn file_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(TAIL_LINES)..].join("\n")
 }
 
-/// Waits (until `timeout`) for the marker on the child's stdout, then reads its memory and
-/// kills it. The child is killed on every path.
-fn measure(
-    mut child: Child,
-    started: Instant,
-    timeout: Duration,
-    stderr: &Path,
-    devices: &[&str],
-    pages_of: Option<&Path>,
-) -> Result<Sample> {
-    let result = wait_and_read(&mut child, started, timeout, stderr, devices, pages_of);
-    let _ = child.kill();
-    let _ = child.wait();
-    result
-}
-
+/// Waits (until `timeout`) for the marker on the child's stdout, then reads its memory (the
+/// caller kills the child on every path).
 fn wait_and_read(
     child: &mut Child,
     started: Instant,
@@ -540,7 +526,7 @@ fn one_page_fault_around() -> Result<String> {
     Ok(old)
 }
 
-/// Spawns `cmd` with stdout piped, stderr to `stderr`, and measures it.
+/// Spawns `cmd` with stdout piped, stderr to `stderr`, measures it and kills it.
 fn spawn_and_measure(
     mut cmd: Command,
     args: &Args,
@@ -551,20 +537,17 @@ fn spawn_and_measure(
     let err_file =
         std::fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
     let started = Instant::now();
-    let child = cmd
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(err_file)
         .spawn()
         .with_context(|| format!("spawning {:?}", cmd.get_program()))?;
-    measure(
-        child,
-        started,
-        Duration::from_secs(args.boot_timeout_secs),
-        stderr,
-        devices,
-        pages_of,
-    )
+    let timeout = Duration::from_secs(args.boot_timeout_secs);
+    let result = wait_and_read(&mut child, started, timeout, stderr, devices, pages_of);
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 fn run_vmm(vmm: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
@@ -606,13 +589,11 @@ fn kernel_args(case: &Case, more: &str) -> String {
     format!("{line} -- {}", case.command.join(" "))
 }
 
-/// The devices a peer (QEMU, Firecracker) is given in `case`.
-fn peer_devices(case: &Case) -> &'static [&'static str] {
-    if case.devices {
-        BLOCK_RNG_VSOCK
-    } else {
-        &[]
-    }
+/// Measures a peer (QEMU, Firecracker) started by `cmd` in `case`, with the devices it is given
+/// there.
+fn measure_peer(cmd: Command, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
+    let devices = if case.devices { BLOCK_RNG_VSOCK } else { &[] };
+    spawn_and_measure(cmd, args, &scratch.dir.join("stderr"), devices, None)
 }
 
 fn run_qemu(qemu: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
@@ -644,13 +625,7 @@ fn run_qemu(qemu: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Result<
     } else {
         cmd.args(["-append", &kernel_args(case, "")]);
     }
-    spawn_and_measure(
-        cmd,
-        args,
-        &scratch.dir.join("stderr"),
-        peer_devices(case),
-        None,
-    )
+    measure_peer(cmd, args, case, scratch)
 }
 
 /// Firecracker without its API socket, from a config file in the scratch dir.
@@ -683,13 +658,7 @@ fn run_firecracker(fc: &Path, args: &Args, case: &Case, scratch: &Scratch) -> Re
         "--config-file".as_ref(),
         path.as_os_str(),
     ]);
-    spawn_and_measure(
-        cmd,
-        args,
-        &scratch.dir.join("stderr"),
-        peer_devices(case),
-        None,
-    )
+    measure_peer(cmd, args, case, scratch)
 }
 
 fn run(peer: &Peer, args: &Args, case: &Case, scratch: &Scratch) -> Result<Sample> {
