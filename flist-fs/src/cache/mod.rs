@@ -769,7 +769,9 @@ impl ChunkCache {
         }
         if let Some(segs) = &self.segments {
             let hit = segs.get(Kind::Plain, id, Some(len))?;
-            Self::touch(&hit.path);
+            if hit.touch_due {
+                Self::touch(&hit.path);
+            }
             self.remember(id, hit.file, hit.at, len);
             return Some(hit.bytes);
         }
@@ -861,7 +863,9 @@ impl ChunkCache {
         if let Some(segs) = &self.segments {
             // Checked against its MAC: written by a holder of the node key, which verified it.
             let hit = segs.get(Kind::Stored, id, None)?;
-            Self::touch(&hit.path);
+            if hit.touch_due {
+                Self::touch(&hit.path);
+            }
             return Some(hit.bytes);
         }
         let p = self.path(id);

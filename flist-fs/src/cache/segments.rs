@@ -47,6 +47,9 @@ pub const MAX_ENTRY: usize = if MAX_STORED_SIZE > MAX_CHUNK_SIZE as usize {
 pub const MAX_SEGMENTS: usize = 512;
 /// Most entries a process indexes (about 100 bytes of memory each).
 pub const MAX_ENTRIES: usize = 1 << 18;
+/// A hit refreshes its segment's mtime at most this often (eviction needs the order of
+/// segments, not of single hits).
+pub const TOUCH_EVERY: Duration = Duration::from_secs(1);
 /// A miss scans for other processes' new entries at most this often.
 pub const REFRESH_EVERY: Duration = Duration::from_millis(100);
 /// Largest segment file (before the next is started).
@@ -70,6 +73,9 @@ pub struct Hit {
     pub file: Arc<File>,
     pub at: u64,
     pub path: PathBuf,
+    /// The segment's last use should be refreshed (its mtime, which eviction reads): at most
+    /// once per [`TOUCH_EVERY`] per segment, not on every hit.
+    pub touch_due: bool,
 }
 
 /// Where an indexed entry's header is.
@@ -85,6 +91,8 @@ struct Seg {
     file: Arc<File>,
     /// Scanned up to here (`u64::MAX`: ended by a bad header).
     scanned: u64,
+    /// When this process last refreshed the segment's mtime.
+    touched: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -268,6 +276,7 @@ impl Segments {
                 name,
                 file: file.clone(),
                 scanned: 0,
+                touched: None,
             },
         );
         Ok(Own {
@@ -282,7 +291,7 @@ impl Segments {
     /// in the index, which a miss refreshes first (at most every [`REFRESH_EVERY`]). A bad
     /// entry is dropped from the index and is a miss.
     pub fn get(&self, kind: Kind, id: &ChunkId, len: Option<u32>) -> Option<Hit> {
-        let (loc, file, name) = match self.lookup(kind, id) {
+        let (loc, file, name, touch_due) = match self.lookup(kind, id) {
             Some(found) => found,
             None => {
                 self.refresh(false);
@@ -313,14 +322,19 @@ impl Segments {
             file,
             at: loc.at + HEADER as u64,
             path: self.dir.join(name),
+            touch_due,
         })
     }
 
-    fn lookup(&self, kind: Kind, id: &ChunkId) -> Option<(Loc, Arc<File>, OsString)> {
-        let st = self.state.lock().ok()?;
+    fn lookup(&self, kind: Kind, id: &ChunkId) -> Option<(Loc, Arc<File>, OsString, bool)> {
+        let mut st = self.state.lock().ok()?;
         let loc = *st.index.get(&(kind, *id))?;
-        let seg = st.segs.get(&loc.seg)?;
-        Some((loc, seg.file.clone(), seg.name.clone()))
+        let seg = st.segs.get_mut(&loc.seg)?;
+        let due = seg.touched.is_none_or(|t| t.elapsed() >= TOUCH_EVERY);
+        if due {
+            seg.touched = Some(Instant::now());
+        }
+        Some((loc, seg.file.clone(), seg.name.clone(), due))
     }
 
     /// Drops `(kind, id)` from the index (its bytes stay until the segment goes).
@@ -395,6 +409,7 @@ impl Segments {
                     name,
                     file: Arc::new(file),
                     scanned: 0,
+                    touched: None,
                 },
             );
         }
