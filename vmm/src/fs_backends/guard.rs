@@ -230,6 +230,25 @@ impl<F: FileSystem + Sync> Guard<F> {
         Some(entry.attr)
     }
 
+    /// UNLINK of `name` in `parent`, whose attributes the caller read just before (`gone`,
+    /// what the quota gets back; the layer has them from its own look at the name): the
+    /// quota asks nothing more of the backend.
+    pub fn unlink_known(
+        &self,
+        ctx: &Context,
+        parent: F::Inode,
+        name: &CStr,
+        gone: Option<&stat64>,
+    ) -> io::Result<()> {
+        check_name(name)?;
+        self.writable()?;
+        self.inner.unlink(ctx, parent, name)?;
+        if let Some(st) = gone.filter(|_| self.quota.is_some()) {
+            self.freed(st);
+        }
+        Ok(())
+    }
+
     fn size_of(&self, ctx: &Context, inode: u64) -> io::Result<u64> {
         let (st, _) = self.inner.getattr(ctx, F::Inode::from(inode), None)?;
         Ok(st.st_size.max(0) as u64)
@@ -506,18 +525,12 @@ impl<F: FileSystem + Sync> FileSystem for Guard<F> {
     }
 
     fn unlink(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {
-        check_name(name)?;
-        self.writable()?;
         let dir: u64 = parent.into();
         let gone = self
             .quota
             .as_ref()
             .and_then(|_| self.stat_entry(ctx, dir, name));
-        self.inner.unlink(ctx, F::Inode::from(dir), name)?;
-        if let Some(st) = gone {
-            self.freed(&st);
-        }
-        Ok(())
+        self.unlink_known(ctx, F::Inode::from(dir), name, gone.as_ref())
     }
 
     fn rmdir(&self, ctx: &Context, parent: Self::Inode, name: &CStr) -> io::Result<()> {

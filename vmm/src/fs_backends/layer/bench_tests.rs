@@ -142,6 +142,27 @@ fn run<F: FileSystem<Inode = u64, Handle = u64> + Sync>(fs: &F) -> Vec<(&'static
         write_at(fs, f, 0, 16).unwrap();
     }
     out.push(("copy-up + write (500)", t.elapsed().as_millis()));
+    // A guest's listing of a directory whose names it knows (READDIRPLUS: each entry looked
+    // up again), a quarter of them copied up.
+    let t = Instant::now();
+    for _ in 0..5 {
+        let (h, _) = fs.opendir(&ctx, img, 0).unwrap();
+        let h = h.unwrap_or(0);
+        let mut given = Vec::new();
+        fs.readdirplus(&ctx, img, h, 1 << 20, 0, &mut |d, e| {
+            if e.inode != 0 && d.name != b"." && d.name != b".." {
+                given.push(e.inode);
+            }
+            Ok(1)
+        })
+        .unwrap();
+        fs.releasedir(&ctx, img, 0, h).unwrap();
+        assert!(given.len() >= FILES);
+        for inode in given {
+            fs.forget(&ctx, inode, 1);
+        }
+    }
+    out.push(("readdirplus image dir x5", t.elapsed().as_millis()));
     let t = Instant::now();
     for i in 0..FILES {
         fs.unlink(&ctx, d, &name(&format!("n{i}"))).unwrap();

@@ -85,10 +85,31 @@ pub enum Key {
     Lower(u64),
 }
 
+/// An upper object's identity on the host (`st_dev`, `st_ino`). While a node holds its
+/// passthrough inode, that inode holds the object open, so no other object takes the number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HostId {
+    dev: u64,
+    ino: u64,
+}
+
+impl HostId {
+    pub fn of(st: &libc::stat64) -> Self {
+        Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Tables {
     nodes: HashMap<u64, (Arc<Node>, u64)>,
     by_key: HashMap<Key, u64>,
+    /// Upper nodes by their host object: a lookup that has the host's attributes of a name
+    /// finds the node without asking the passthrough.
+    by_host: HashMap<HostId, u64>,
+    host_of: HashMap<u64, HostId>,
     next: u64,
 }
 
@@ -123,6 +144,8 @@ impl Inodes {
         let mut t = self.tables();
         t.nodes.clear();
         t.by_key.clear();
+        t.by_host.clear();
+        t.host_of.clear();
         if let Some(upper) = root.upper {
             t.by_key.insert(Key::Upper(upper), ROOT_ID);
         }
@@ -184,6 +207,29 @@ impl Inodes {
         Some(node.clone())
     }
 
+    /// Node `id` stands for host object `host` (its upper object, found or made): the first
+    /// node of an object keeps it (a later alias node is found through the passthrough).
+    pub fn set_host(&self, id: u64, host: HostId) {
+        let mut t = self.tables();
+        if !t.nodes.contains_key(&id) || t.host_of.contains_key(&id) {
+            return;
+        }
+        if let std::collections::hash_map::Entry::Vacant(v) = t.by_host.entry(host) {
+            v.insert(id);
+            t.host_of.insert(id, host);
+        }
+    }
+
+    /// The upper node of host object `host`, if the guest knows one, given one more lookup
+    /// (in one step, as [`Self::find_and_ref`]).
+    pub fn find_host_and_ref(&self, host: HostId) -> Option<Arc<Node>> {
+        let mut t = self.tables();
+        let id = *t.by_host.get(&host)?;
+        let (node, refs) = t.nodes.get_mut(&id)?;
+        *refs += 1;
+        Some(node.clone())
+    }
+
     /// The node of `key`, if the guest knows one.
     pub fn find(&self, key: Key) -> Option<Arc<Node>> {
         let t = self.tables();
@@ -212,6 +258,11 @@ impl Inodes {
         }
         let node = node.clone();
         t.nodes.remove(&id);
+        if let Some(host) = t.host_of.remove(&id) {
+            if t.by_host.get(&host) == Some(&id) {
+                t.by_host.remove(&host);
+            }
+        }
         let st = node.state().clone();
         if let Some(upper) = st.upper {
             if t.by_key.get(&Key::Upper(upper)) == Some(&id) {

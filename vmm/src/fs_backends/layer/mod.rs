@@ -59,7 +59,7 @@ use fuse_backend_rs::passthrough::PassthroughFs;
 use super::copy_up::CopyUp;
 use super::guard::Guard;
 use super::quota::Quota;
-use inode::{Inodes, Key, Node, NodeState, LOWER_INO_BASE};
+use inode::{HostId, Inodes, Key, Node, NodeState, LOWER_INO_BASE};
 
 pub use whiteout::ORIGIN_XATTR;
 
@@ -537,6 +537,8 @@ impl Layer {
             .lookup_or_insert(Key::Upper(e.inode), kind, || state);
         if existed {
             self.upper.forget(ctx, e.inode, 1);
+        } else {
+            self.inodes.set_host(node.id, HostId::of(&e.attr));
         }
         let st = node.state().clone();
         let mut attr = Self::present(&st, e.attr);
@@ -574,6 +576,16 @@ impl Layer {
                     let _tree = self.changing();
                     drop(self.dir_lock(&pst));
                 }
+            }
+            if let Some(found) = peek
+                .upper
+                .and_then(|st| Some((self.inodes.find_host_and_ref(HostId::of(&st))?, st)))
+            {
+                // Known already: its attributes are the ones just read, no passthrough lookup.
+                #[cfg(test)]
+                self.reached(Point::FoundUpper, found.0.id);
+                let attr = Self::present(&found.0.state(), found.1);
+                return Ok((found.0, attr));
             }
             let upper = pst.upper.ok_or_else(|| errno(libc::EIO))?;
             let e = self.upper.lookup(ctx, upper, name)?;
@@ -784,7 +796,10 @@ impl Layer {
             // Another node already stands for this upper inode (an alias linked at lookup):
             // this node keeps its own passthrough lookup.
             Some(other) if other.id != node.id => {}
-            _ => self.inodes.rekey(node.id, Some(lower), e.inode),
+            _ => {
+                self.inodes.rekey(node.id, Some(lower), e.inode);
+                self.inodes.set_host(node.id, HostId::of(&e.attr));
+            }
         }
         Ok(node.state().clone())
     }
@@ -1407,7 +1422,10 @@ impl FileSystem for Layer {
                 .whiteout_over(dir, name, false)
                 .map(|()| self.freed(st)),
             (None, Some(_)) => host::mknod_whiteout(dir, name),
-            _ => self.upper.unlink(ctx, Self::upper_of(&pst)?, name),
+            (upper, None) => {
+                self.upper
+                    .unlink_known(ctx, Self::upper_of(&pst)?, name, upper.as_ref())
+            }
         };
         self.logged("unlink", r)
     }
