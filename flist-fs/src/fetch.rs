@@ -69,6 +69,34 @@ struct Writer {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// Where a range read ([`ChunkSource::read_into`]) puts what it reads: bytes in memory, or a
+/// part of a file (a descriptor the node's chunk fetcher passed) that the sink may read
+/// straight into its destination, as the virtio-fs device does into the guest's buffers.
+pub trait Sink {
+    fn bytes(&mut self, b: &[u8]) -> std::io::Result<()>;
+
+    /// `len` bytes of `file` at `offset`. By default read into `buf` (reused between calls)
+    /// and given to [`Sink::bytes`].
+    fn file_part(
+        &mut self,
+        file: &std::fs::File,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        buf.resize(len, 0);
+        file.read_exact_at(buf, offset)?;
+        self.bytes(buf)
+    }
+}
+
+impl<F: FnMut(&[u8]) -> std::io::Result<()>> Sink for F {
+    fn bytes(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self(b)
+    }
+}
+
 pub struct ChunkSource {
     router: Router,
     cache: Option<Arc<ChunkCache>>,
@@ -414,7 +442,19 @@ impl ChunkSource {
         inode: &Inode,
         offset: u64,
         len: u64,
-        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+        mut sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<u64> {
+        self.read_into(inode, offset, len, &mut sink)
+    }
+
+    /// [`Self::read_range`] into a [`Sink`], which is given parts of the fetcher's descriptors
+    /// as such (no copy here when it reads them into their destination itself).
+    pub fn read_into(
+        &self,
+        inode: &Inode,
+        offset: u64,
+        len: u64,
+        sink: &mut dyn Sink,
     ) -> Result<u64> {
         let end = offset.saturating_add(len).min(inode.size);
         if offset >= end {
@@ -458,7 +498,7 @@ impl ChunkSource {
         from: u64,
         to: u64,
         buf: &mut Vec<u8>,
-        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+        sink: &mut dyn Sink,
     ) -> Result<u64> {
         if let Some(r) = &self.remote {
             // Blocks, unless the chunk's descriptor is at hand or read-ahead is fetching it
@@ -484,13 +524,16 @@ impl ChunkSource {
             }
             // A pread on the fetcher's descriptor (the page cache does the rest).
             let served = Self::remote_chunk(r, c)?;
-            buf.resize((to - from) as usize, 0);
-            served.read_at(from, buf).map_err(|e| Error::BadChunk {
+            let (file, at) = served.part(from, to - from).map_err(|e| Error::BadChunk {
                 id: c.id.to_hex(),
                 reason: format!("reading the fetcher's descriptor: {e}"),
             })?;
-            sink(buf).map_err(|e| Error::io("<read destination>", e))?;
-            return Ok(buf.len() as u64);
+            sink.file_part(file, at, (to - from) as usize, buf)
+                .map_err(|e| Error::BadChunk {
+                    id: c.id.to_hex(),
+                    reason: format!("reading the fetcher's descriptor: {e}"),
+                })?;
+            return Ok(to - from);
         }
         // Decoded in memory, else part of a checked cached plaintext, else the blocks the
         // read covers (blocked chunks) or the whole chunk.
@@ -498,7 +541,8 @@ impl ChunkSource {
             Some(data) => data,
             None => {
                 if let Some(part) = self.checked_part(&c.id, c, from, to) {
-                    sink(&part).map_err(|e| Error::io("<read destination>", e))?;
+                    sink.bytes(&part)
+                        .map_err(|e| Error::io("<read destination>", e))?;
                     return Ok(part.len() as u64);
                 }
                 if self.block_size != 0 {
@@ -513,7 +557,8 @@ impl ChunkSource {
                 id: c.id.to_hex(),
                 reason: "shorter than its metadata says".into(),
             })?;
-        sink(slice).map_err(|e| Error::io("<read destination>", e))?;
+        sink.bytes(slice)
+            .map_err(|e| Error::io("<read destination>", e))?;
         Ok(slice.len() as u64)
     }
 }
@@ -529,7 +574,7 @@ impl ChunkSource {
         from: u64,
         to: u64,
         buf: &mut Vec<u8>,
-        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+        sink: &mut dyn Sink,
     ) -> Result<u64> {
         let bs = u64::from(self.block_size);
         let table = self.image_tables.get(&c.id).map_or(&[][..], Vec::as_slice);
@@ -553,12 +598,13 @@ impl ChunkSource {
             })?;
             let start = i * bs;
             let (a, b) = (pos - start, to.min(start + bs) - start);
-            buf.resize((b - a) as usize, 0);
-            served.read_at(a, buf).map_err(|e| Error::BadChunk {
+            let unreadable = |e: std::io::Error| Error::BadChunk {
                 id: c.id.to_hex(),
                 reason: format!("block {i}: reading the fetcher's descriptor: {e}"),
-            })?;
-            sink(buf).map_err(|e| Error::io("<read destination>", e))?;
+            };
+            let (file, at) = served.part(a, b - a).map_err(unreadable)?;
+            sink.file_part(file, at, (b - a) as usize, buf)
+                .map_err(unreadable)?;
             pos += b - a;
         }
         Ok(to - from)
@@ -567,13 +613,7 @@ impl ChunkSource {
     /// Sends bytes `[from, to)` of blocked chunk `c` to `sink`, block by block: a decoded block
     /// in memory, else part of its checked cached plaintext, else the blocks from there to the
     /// end of the range, fetched together. Returns how many bytes were sent.
-    fn blocks_part(
-        &self,
-        c: &ChunkRef,
-        from: u64,
-        to: u64,
-        sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
-    ) -> Result<u64> {
+    fn blocks_part(&self, c: &ChunkRef, from: u64, to: u64, sink: &mut dyn Sink) -> Result<u64> {
         let bs = u64::from(self.block_size);
         let last = ((to - 1) / bs) as usize;
         let mut pos = from;
@@ -586,7 +626,8 @@ impl ChunkSource {
                 Some(block) => block,
                 None => {
                     if let Some(part) = self.checked_part(&key, c, a, b) {
-                        sink(&part).map_err(|e| Error::io("<read destination>", e))?;
+                        sink.bytes(&part)
+                            .map_err(|e| Error::io("<read destination>", e))?;
                         pos += part.len() as u64;
                         continue;
                     }
@@ -618,7 +659,8 @@ impl ChunkSource {
                     id: c.id.to_hex(),
                     reason: format!("block {i} is shorter than its table says"),
                 })?;
-            sink(slice).map_err(|e| Error::io("<read destination>", e))?;
+            sink.bytes(slice)
+                .map_err(|e| Error::io("<read destination>", e))?;
             pos += slice.len() as u64;
         }
         Ok(to - from)
@@ -796,11 +838,12 @@ impl ChunkSource {
 }
 
 /// Sends `len` zero bytes (a hole) to `sink`.
-fn zeros(mut len: u64, sink: &mut dyn FnMut(&[u8]) -> std::io::Result<()>) -> Result<()> {
+fn zeros(mut len: u64, sink: &mut dyn Sink) -> Result<()> {
     static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
     while len > 0 {
         let n = len.min(ZEROS.len() as u64) as usize;
-        sink(&ZEROS[..n]).map_err(|e| Error::io("<read destination>", e))?;
+        sink.bytes(&ZEROS[..n])
+            .map_err(|e| Error::io("<read destination>", e))?;
         len -= n as u64;
     }
     Ok(())

@@ -37,11 +37,17 @@ pub struct Served {
 impl Served {
     /// Reads `buf.len()` plaintext bytes at `from`.
     pub fn read_at(&self, from: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let end = from.checked_add(buf.len() as u64);
+        let (file, at) = self.part(from, buf.len() as u64)?;
+        file.read_exact_at(buf, at)
+    }
+
+    /// Where plaintext bytes `[from, from + len)` are: the descriptor and the offset in it.
+    pub fn part(&self, from: u64, len: u64) -> std::io::Result<(&File, u64)> {
+        let end = from.checked_add(len);
         if end.is_none_or(|e| e > u64::from(self.len)) {
             return Err(std::io::Error::other("read past the end of the chunk"));
         }
-        self.file.read_exact_at(buf, self.offset + from)
+        Ok((&self.file, self.offset + from))
     }
 
     pub fn len(&self) -> u32 {

@@ -27,6 +27,7 @@
 mod attr;
 #[cfg(feature = "fusedev")]
 mod fuse_channel;
+mod guest_sink;
 #[cfg(feature = "fusedev")]
 pub mod mount;
 mod ops;

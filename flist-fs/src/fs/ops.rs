@@ -3,6 +3,7 @@
 //! mutating operation is left to the trait's defaults (ENOSYS) or refused with EROFS.
 
 use super::attr::enoent;
+use super::guest_sink::GuestSink;
 use super::FlistFs;
 use crate::meta::InodeKind;
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, FsOptions, OpenOptions};
@@ -130,7 +131,7 @@ impl FileSystem for FlistFs {
         }
         match self
             .source
-            .read_range(i, offset, u64::from(size), &mut |b| w.write_all(b))
+            .read_into(i, offset, u64::from(size), &mut GuestSink(w))
         {
             Ok(n) => {
                 self.source

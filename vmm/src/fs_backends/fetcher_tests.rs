@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuse_backend_rs::api::filesystem::{Context, FileSystem, FsOptions, ZeroCopyWriter, ROOT_ID};
+use fuse_backend_rs::common::file_buf::FileVolatileSlice;
 use fuse_backend_rs::common::file_traits::FileReadWriteVolatile;
 
 use crate::config::NodeConfig;
@@ -20,12 +21,29 @@ fn pack(dir: &Path, image: &Path, store: &Path) {
     flist_fs::pack::pack(dir, image, &router, &Default::default()).unwrap();
 }
 
-/// A ZeroCopyWriter collecting what FileSystem::read writes.
-struct VecWriter(Vec<u8>);
+/// A ZeroCopyWriter collecting what FileSystem::read writes: with `zero_copy`, it reads the
+/// parts of files it is given itself (as the virtio-fs writer does into guest memory) and
+/// counts their bytes in `from_files`; without, it takes bytes only (as a copy-up's staging
+/// file does).
+struct VecWriter {
+    data: Vec<u8>,
+    zero_copy: bool,
+    from_files: usize,
+}
+
+impl VecWriter {
+    fn new(zero_copy: bool) -> Self {
+        VecWriter {
+            data: Vec::new(),
+            zero_copy,
+            from_files: 0,
+        }
+    }
+}
 
 impl io::Write for VecWriter {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-        self.0.extend_from_slice(b);
+        self.data.extend_from_slice(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -36,11 +54,20 @@ impl io::Write for VecWriter {
 impl ZeroCopyWriter for VecWriter {
     fn write_from(
         &mut self,
-        _f: &mut dyn FileReadWriteVolatile,
-        _c: usize,
-        _o: u64,
+        f: &mut dyn FileReadWriteVolatile,
+        count: usize,
+        off: u64,
     ) -> io::Result<usize> {
-        Err(io::Error::from(io::ErrorKind::Unsupported))
+        if !self.zero_copy {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        let mut buf = vec![0u8; count];
+        // SAFETY: `buf` outlives the slice, and nothing else touches it meanwhile.
+        let slice = unsafe { FileVolatileSlice::from_mut_slice(&mut buf) };
+        let n = f.read_at_volatile(slice, off)?;
+        self.data.extend_from_slice(&buf[..n]);
+        self.from_files += n;
+        Ok(n)
     }
     fn available_bytes(&self) -> usize {
         usize::MAX
@@ -156,7 +183,7 @@ fn an_image_share_through_the_fetcher_under_the_no_network_worker_filter() {
 
         fs.init(FsOptions::empty()).unwrap();
         let ctx = Context::default();
-        let read = |parent: u64, path: &[&str]| -> Vec<u8> {
+        let read = |parent: u64, path: &[&str], zero_copy: bool| -> VecWriter {
             let mut ino = parent;
             for n in path {
                 let c = std::ffi::CString::new(*n).unwrap();
@@ -164,9 +191,9 @@ fn an_image_share_through_the_fetcher_under_the_no_network_worker_filter() {
             }
             let (handle, _, _) = fs.open(&ctx, ino, libc::O_RDONLY as u32, 0).unwrap();
             let handle = handle.unwrap_or(0);
-            let mut out = VecWriter(Vec::new());
+            let mut out = VecWriter::new(zero_copy);
             loop {
-                let off = out.0.len() as u64;
+                let off = out.data.len() as u64;
                 let n = fs
                     .read(&ctx, ino, handle, &mut out, 128 * 1024, off, None, 0)
                     .unwrap();
@@ -174,13 +201,13 @@ fn an_image_share_through_the_fetcher_under_the_no_network_worker_filter() {
                     break;
                 }
             }
-            out.0
+            out
         };
         // A small read first: one block request (the image is blocked), under this filter.
         let c = std::ffi::CString::new("big").unwrap();
         let ino = fs.lookup(&ctx, ROOT_ID, &c).unwrap().inode;
         let (handle, _, _) = fs.open(&ctx, ino, libc::O_RDONLY as u32, 0).unwrap();
-        let mut small = VecWriter(Vec::new());
+        let mut small = VecWriter::new(true);
         let n = fs
             .read(
                 &ctx,
@@ -195,16 +222,26 @@ fn an_image_share_through_the_fetcher_under_the_no_network_worker_filter() {
             .unwrap();
         assert_eq!(n, 4096);
         (
-            read(ROOT_ID, &["etc", "version"]),
-            read(ROOT_ID, &["big"]),
-            small.0,
+            read(ROOT_ID, &["etc", "version"], false),
+            read(ROOT_ID, &["big"], true),
+            read(ROOT_ID, &["big"], false),
+            small,
         )
     });
-    let (version, got, small) = worker.join().unwrap();
-    assert!(small == big[1 << 20..(1 << 20) + 4096]);
-    assert_eq!(version, b"image-v1\n");
-    assert_eq!(got.len(), big.len());
-    assert!(got == big, "the big file reads back as packed");
+    let (version, got, copied, small) = worker.join().unwrap();
+    assert!(small.data == big[1 << 20..(1 << 20) + 4096]);
+    // The fetcher's descriptors are read straight into the destination, no copy between.
+    assert_eq!(small.from_files, 4096);
+    assert_eq!(got.from_files, big.len());
+    assert_eq!(version.data, b"image-v1\n");
+    assert_eq!(got.data.len(), big.len());
+    assert!(got.data == big, "the big file reads back as packed");
+    // A writer that takes bytes only gets them the same.
+    assert_eq!(copied.from_files, 0);
+    assert!(
+        copied.data == big,
+        "the big file reads back as packed, copied"
+    );
     assert!(
         !tmp.path().join("vmm-cache").exists(),
         "the vmm does not touch the cache"
