@@ -111,6 +111,57 @@ struct Item {
     name: CString,
     type_: u32,
     ino: u64,
+    /// Listed from the upper directory (else from the image only: no upper entry, whiteout
+    /// included, had the name).
+    upper: bool,
+}
+
+/// A directory's listing, kept from OPENDIR to RELEASEDIR.
+struct Listing {
+    items: Vec<Item>,
+    /// The change counts when the listing was made: while they stay the same, no name of the
+    /// upper directory has changed since, and an entry listed from the image only is still
+    /// only there (READDIRPLUS then need not look for it on the host).
+    stamp: Option<Stamp>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    slot: usize,
+    changes: u64,
+    renames: u64,
+}
+
+/// A directory lock held: its change count is odd while held (see [`Layer::dir_changes`]).
+struct DirGuard<'a> {
+    count: &'a AtomicU64,
+    _lock: MutexGuard<'a, ()>,
+}
+
+impl<'a> DirGuard<'a> {
+    fn new(lock: MutexGuard<'a, ()>, count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        DirGuard { count, _lock: lock }
+    }
+}
+
+impl Drop for DirGuard<'_> {
+    fn drop(&mut self) {
+        // Before the lock is released (fields drop after this).
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The tree lock held by a rename: the rename count is odd while held.
+struct RenameGuard<'a> {
+    count: &'a AtomicU64,
+    _lock: RwLockWriteGuard<'a, ()>,
+}
+
+impl Drop for RenameGuard<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+    }
 }
 
 pub struct Layer {
@@ -126,7 +177,7 @@ pub struct Layer {
     copy_up: CopyUp,
     quota: Option<Arc<Quota>>,
     inodes: Inodes,
-    dirs: Mutex<HashMap<u64, Arc<Vec<Item>>>>,
+    dirs: Mutex<HashMap<u64, Arc<Listing>>>,
     next_dir: AtomicU64,
     /// Held shared by every change of the tree's names (copy-ups included), exclusively by a
     /// rename: a rename sees no other change under way (renames are rare, and move names
@@ -137,6 +188,11 @@ pub struct Layer {
     /// A request holds one directory lock at a time (two, in index order, for rmdir); copy-ups
     /// of a directory's parents are made before its lock is taken.
     dir_locks: [Mutex<()>; DIR_LOCKS],
+    /// How often each of `dir_locks` was taken and given back (odd: held now): a listing
+    /// made with an even count that is the same later saw no change of names in between.
+    dir_changes: [AtomicU64; DIR_LOCKS],
+    /// The same for renames (which hold `tree` exclusively, no directory lock).
+    renames: AtomicU64,
     /// Held (under a directory lock) while a copy-up of an image file with several names links
     /// its copy into the index, so two of its names copied up at once share one copy.
     index_lock: Mutex<()>,
@@ -215,6 +271,8 @@ impl Layer {
             next_dir: AtomicU64::new(1),
             tree: RwLock::new(()),
             dir_locks: std::array::from_fn(|_| Mutex::new(())),
+            dir_changes: std::array::from_fn(|_| AtomicU64::new(0)),
+            renames: AtomicU64::new(0),
             index_lock: Mutex::new(()),
             staged: AtomicU64::new(0),
             last_log: Mutex::new(None),
@@ -264,8 +322,13 @@ impl Layer {
     }
 
     /// The tree lock, exclusive: held by a rename.
-    fn renaming(&self) -> RwLockWriteGuard<'_, ()> {
-        self.tree.write().unwrap_or_else(|p| p.into_inner())
+    fn renaming(&self) -> RenameGuard<'_> {
+        let lock = self.tree.write().unwrap_or_else(|p| p.into_inner());
+        self.renames.fetch_add(1, Ordering::AcqRel);
+        RenameGuard {
+            count: &self.renames,
+            _lock: lock,
+        }
     }
 
     fn dir_lock_index(dir_ino: u64) -> usize {
@@ -273,17 +336,38 @@ impl Layer {
     }
 
     /// The lock of the upper directory whose state is `dir` (see `dir_locks`).
-    fn dir_lock(&self, dir: &NodeState) -> MutexGuard<'_, ()> {
-        self.dir_locks[Self::dir_lock_index(dir.dir_ino)]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn dir_lock(&self, dir: &NodeState) -> DirGuard<'_> {
+        self.dir_lock_at(Self::dir_lock_index(dir.dir_ino))
+    }
+
+    fn dir_lock_at(&self, k: usize) -> DirGuard<'_> {
+        let lock = self.dir_locks[k].lock().unwrap_or_else(|p| p.into_inner());
+        DirGuard::new(lock, &self.dir_changes[k])
+    }
+
+    /// The change counts of the directory whose state is `dir`, when no change is under way.
+    fn stamp(&self, dir: &NodeState) -> Option<Stamp> {
+        dir.upper_dir.as_ref()?;
+        let slot = Self::dir_lock_index(dir.dir_ino);
+        let stamp = Stamp {
+            slot,
+            changes: self.dir_changes[slot].load(Ordering::Acquire),
+            renames: self.renames.load(Ordering::Acquire),
+        };
+        (stamp.changes.is_multiple_of(2) && stamp.renames.is_multiple_of(2)).then_some(stamp)
+    }
+
+    /// Whether no change of names has happened since `stamp` was taken.
+    fn unchanged_since(&self, stamp: Stamp) -> bool {
+        self.dir_changes[stamp.slot].load(Ordering::Acquire) == stamp.changes
+            && self.renames.load(Ordering::Acquire) == stamp.renames
     }
 
     /// The locks of the upper directories with host inode numbers `a` and `b`, taken in index
     /// order (one lock when both are guarded by the same).
-    fn dir_locks_of(&self, a: u64, b: u64) -> (MutexGuard<'_, ()>, Option<MutexGuard<'_, ()>>) {
+    fn dir_locks_of(&self, a: u64, b: u64) -> (DirGuard<'_>, Option<DirGuard<'_>>) {
         let (i, j) = (Self::dir_lock_index(a), Self::dir_lock_index(b));
-        let lock = |k: usize| self.dir_locks[k].lock().unwrap_or_else(|p| p.into_inner());
+        let lock = |k: usize| self.dir_lock_at(k);
         match i.cmp(&j) {
             std::cmp::Ordering::Equal => (lock(i), None),
             std::cmp::Ordering::Less => {
@@ -558,11 +642,30 @@ impl Layer {
         name: &CStr,
         locked: bool,
     ) -> io::Result<(Arc<Node>, stat64)> {
+        self.lookup_node_as(ctx, parent, name, locked, false)
+    }
+
+    /// [`Self::lookup_node`]; `image_only`: the caller knows the upper directory has no entry
+    /// (not even a whiteout) at `name`, which is then looked for in the image only.
+    fn lookup_node_as(
+        &self,
+        ctx: &Context,
+        parent: &Node,
+        name: &CStr,
+        locked: bool,
+        image_only: bool,
+    ) -> io::Result<(Arc<Node>, stat64)> {
         if !parent.is_dir() {
             return Err(errno(libc::ENOTDIR));
         }
         let pst = parent.state().clone();
-        let peek = self.peek(ctx, &pst, name)?;
+        let peek = match (image_only, pst.lower) {
+            (true, Some(lower)) => Peek {
+                lower: self.lower_child(ctx, lower, name)?,
+                ..Peek::default()
+            },
+            _ => self.peek(ctx, &pst, name)?,
+        };
         if peek.upper.is_some() {
             if let (Some((lino, _)), false) = (&peek.lower, locked) {
                 let copying = self
@@ -861,6 +964,7 @@ impl Layer {
                     name,
                     type_: u32::from(dt),
                     ino,
+                    upper: true,
                 });
             }
         }
@@ -880,6 +984,7 @@ impl Layer {
                         name,
                         type_,
                         ino: ino.wrapping_add(LOWER_INO_BASE),
+                        upper: false,
                     });
                 }
             }
@@ -1198,7 +1303,7 @@ impl Layer {
     }
 
     /// The listing made at OPENDIR for `handle`.
-    fn listing(&self, handle: u64) -> io::Result<Arc<Vec<Item>>> {
+    fn listing(&self, handle: u64) -> io::Result<Arc<Listing>> {
         self.dirs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1828,16 +1933,20 @@ impl FileSystem for Layer {
             return Err(errno(libc::ENOTDIR));
         }
         let st = node.state().clone();
+        // Taken before the directory is read: a change meanwhile shows as a new count.
+        let stamp = self.stamp(&st);
         let mut items = vec![
             Item {
                 name: c".".to_owned(),
                 type_: libc::DT_DIR.into(),
                 ino: inode,
+                upper: false,
             },
             Item {
                 name: c"..".to_owned(),
                 type_: libc::DT_DIR.into(),
                 ino: st.parent,
+                upper: false,
             },
         ];
         items.extend(self.logged("readdir", self.merged(ctx, &st))?);
@@ -1845,7 +1954,7 @@ impl FileSystem for Layer {
         self.dirs
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(handle, Arc::new(items));
+            .insert(handle, Arc::new(Listing { items, stamp }));
         Ok((Some(handle), OpenOptions::empty()))
     }
 
@@ -1858,8 +1967,8 @@ impl FileSystem for Layer {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let items = self.listing(handle)?;
-        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+        let listing = self.listing(handle)?;
+        for (i, item) in listing.items.iter().enumerate().skip(offset as usize) {
             let entry = DirEntry {
                 ino: item.ino,
                 offset: i as u64 + 1,
@@ -1888,14 +1997,14 @@ impl FileSystem for Layer {
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let items = self.listing(handle)?;
+        let listing = self.listing(handle)?;
         // The listing's `.` is the directory it was opened for: the names are looked up there.
-        if items.first().map(|i| i.ino) != Some(inode) {
+        if listing.items.first().map(|i| i.ino) != Some(inode) {
             return Err(errno(libc::EBADF));
         }
         let dir = self.node(inode)?;
         let mut added = false;
-        for (i, item) in items.iter().enumerate().skip(offset as usize) {
+        for (i, item) in listing.items.iter().enumerate().skip(offset as usize) {
             let mut entry = DirEntry {
                 ino: item.ino,
                 offset: i as u64 + 1,
@@ -1906,7 +2015,12 @@ impl FileSystem for Layer {
             let found = if dots {
                 None
             } else {
-                match self.lookup_node(ctx, &dir, &item.name, false) {
+                // Listed from the image only, and no name changed since: not on the host.
+                let image_only = !item.upper
+                    && listing
+                        .stamp
+                        .is_some_and(|stamp| self.unchanged_since(stamp));
+                match self.lookup_node_as(ctx, &dir, &item.name, false, image_only) {
                     Ok(found) => Some(found),
                     // Gone since the listing was made (or unreadable now): given as READDIR
                     // gives it; a LOOKUP of the name answers for it.

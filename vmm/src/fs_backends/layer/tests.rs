@@ -893,3 +893,59 @@ fn readdirplus_stops_at_a_full_reply_without_a_leak() {
         }
     });
 }
+
+/// READDIRPLUS takes an entry the listing had from the image only as still only there while
+/// no name of the directory changed since OPENDIR; after a removal or a rename in between it
+/// looks again: the name gone meanwhile is given without a node (the guest's LOOKUP of it
+/// then finds nothing), not as the image's object.
+#[test]
+fn readdirplus_after_a_change_of_names_since_opendir_looks_again() {
+    let fx = Fixture::new();
+    on_worker_thread(|| {
+        let fs = fx.share();
+        let ctx = Context::default();
+        let a = walk(&fs, "a").unwrap();
+        // The directory has its upper directory (and so a stamp) from here on.
+        let (e, h, ..) = fs.create(&ctx, a, &name("new"), create_args()).unwrap();
+        fs.release(&ctx, e.inode, 0, h.unwrap_or(0), false, false, None)
+            .unwrap();
+        type Change<'a> = Box<dyn Fn() + 'a>;
+        let changes: [(&str, Change); 3] = [
+            ("none", Box::new(|| {})),
+            ("f", Box::new(|| fs.unlink(&ctx, a, &name("f")).unwrap())),
+            (
+                "sub",
+                Box::new(|| {
+                    fs.rename(&ctx, a, &name("sub"), a, &name("moved"), 0)
+                        .unwrap()
+                }),
+            ),
+        ];
+        for (gone, change) in &changes {
+            let (h, _) = fs.opendir(&ctx, a, 0).unwrap();
+            let h = h.unwrap_or(0);
+            change();
+            let mut got = Vec::new();
+            fs.readdirplus(&ctx, a, h, 1 << 16, 0, &mut |d, e| {
+                got.push((String::from_utf8_lossy(d.name).into_owned(), e.inode));
+                Ok(1)
+            })
+            .unwrap();
+            fs.releasedir(&ctx, a, 0, h).unwrap();
+            for (n, node) in &got {
+                if n == "." || n == ".." {
+                    continue;
+                }
+                let now = fs.lookup(&ctx, a, &name(n));
+                if n == gone {
+                    assert_eq!(*node, 0, "{n} is gone since the listing: no node");
+                    assert!(now.is_err(), "{n} is gone");
+                } else {
+                    let now = now.unwrap();
+                    assert_eq!(*node, now.inode, "{n}: the node LOOKUP gives");
+                    fs.forget(&ctx, now.inode, 2);
+                }
+            }
+        }
+    });
+}
