@@ -21,7 +21,7 @@
 #   bash scripts/bench.sh flist [pack|dedup|read|fetcher|all] [--mb N]   flist-fs pack, dedup, reads
 #   RFS_BIN=$(bash benches/peers/build-rfs.sh) bash scripts/bench.sh flist mount [--mb N] [--reads N] [--runs N]
 #                                     4 KiB random reads through FUSE mounts, cold and warm, vs rfs
-#   VMM_BASELINE_BIN=PATH bash scripts/bench.sh before-after [--boot-runs N] [--fs-runs N]
+#   VMM_BASELINE_BIN=PATH bash scripts/bench.sh before-after [--boot-runs N] [--fs-runs N] [--boot-case C] [--block-kib K]
 #                                                     boot and fs with this vmm and PATH, one run
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -23,6 +23,10 @@ struct Args {
     /// Boots per case and vmm.
     #[arg(long, default_value_t = 5)]
     boot_runs: usize,
+    /// Only these boot cases (repeatable: quiet, verbose, devices); default all. A baseline
+    /// without block, rng and vsock devices cannot boot the devices case.
+    #[arg(long = "boot-case")]
+    boot_cases: Vec<String>,
     /// Cold + warm virtio-fs measurements per server.
     #[arg(long, default_value_t = 3)]
     fs_runs: usize,
@@ -30,6 +34,10 @@ struct Args {
     file_mib: usize,
     #[arg(long, default_value_t = 2000)]
     rand_ops: u64,
+    /// The image's block size, passed to `fs_bench --block-kib`: 0 packs whole chunks
+    /// (format 1), which a baseline older than blocked chunks needs.
+    #[arg(long)]
+    block_kib: Option<u32>,
     /// Run on this host's /dev/kvm instead of the test bed.
     #[arg(long)]
     direct: bool,
@@ -60,11 +68,17 @@ fn main() -> Result<()> {
     )?;
     archive.write_file(&fs_initrd)?;
 
-    let boot_args = format!("--runs {} --memory-mib 256", args.boot_runs);
-    let fs_args = format!(
-        "--runs {} --file-mib {} --rand-ops {} --only {FS_SERVERS}",
+    let mut boot_args = format!("--runs {} --memory-mib 256", args.boot_runs);
+    for case in &args.boot_cases {
+        boot_args.push_str(&format!(" --case {case}"));
+    }
+    let mut fs_args = format!(
+        "--runs {} --file-mib {} --rand-ops {} --workload read --only {FS_SERVERS}",
         args.fs_runs, args.file_mib, args.rand_ops
     );
+    if let Some(kib) = args.block_kib {
+        fs_args.push_str(&format!(" --block-kib {kib}"));
+    }
     if args.direct {
         let run = |cmd: &mut Command, what: &str| -> Result<()> {
             let status = cmd.status().with_context(|| format!("running {what}"))?;
