@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use benches::{optional_peer, run_on_testbed_echoing, sibling, vmm};
+use benches::{optional_peer, run_on_testbed_echoing, sibling, vmm, PAUSE_KHUGEPAGED};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job};
@@ -121,13 +121,8 @@ fn main() -> Result<()> {
         );
     }
 
-    // khugepaged is paused in the test bed for this long job: its collapses of guest memory
-    // wedged the bed's kernel under nested SVM on QEMU's software CPU ("soft lockup ...
-    // [khugepaged]", and runs that stopped with both of the bed's CPUs busy). Huge pages at
-    // fault time stay, for both builds alike. (The bed's nested virtualisation, not the vmm.)
     let job = Job::new(format!(
-        "echo 3600000 > /sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs 2>/dev/null \
-         || echo 'before-after: khugepaged not paused'\n\
+        "{PAUSE_KHUGEPAGED}\
          echo '== boot'; /boot_bench --vmm /vmm --baseline-vmm /vmm-baseline \
          --kernel /guest/vmlinux --initrd /guest/boot-initrd --progress /dev/console {boot_args}; boot=$?\n\
          echo '== virtio-fs'; /fs_bench --vmm /vmm --baseline-vmm /vmm-baseline \

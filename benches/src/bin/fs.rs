@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use benches::{run_on_testbed_echoing, sibling, vmm, with_qemu};
+use benches::{run_on_testbed_echoing, sibling, vmm, with_qemu, PAUSE_KHUGEPAGED};
 use clap::Parser;
 use e2e_tests::cpio::Contents;
 use e2e_tests::{artifacts, microvm, Job};
@@ -143,7 +143,7 @@ fn main() -> Result<()> {
         common.push("--baseline-vmm /vmm-baseline".to_owned());
     }
     let mut job = Job::new(format!(
-        "/fs_bench --vmm /vmm --chunk-fetcher /chunk-fetcher --flist /flist \
+        "{PAUSE_KHUGEPAGED}/fs_bench --vmm /vmm --chunk-fetcher /chunk-fetcher --flist /flist \
          --qemu /usr/bin/qemu-system-x86_64 --virtiofsd /virtiofsd \
          --kernel /guest/vmlinux --initrd /guest/initrd --work /srv/fs-bench {} \
          2>/dev/console\n",
