@@ -96,6 +96,25 @@ pub fn run_on_bed_echoing(mut bed: Testbed, job: &Job, progress: Option<&str>) -
     Ok(())
 }
 
+/// The share of pairs `(x, y)`, `x` from `a` and `y` from `b`, in which `x > y` (a tie counts
+/// half): 0.5 when the two come from one distribution, near 1 when `a` is reliably larger (the
+/// Mann-Whitney U statistic over the number of pairs). NaN when either is empty.
+pub fn share_greater(a: &[f64], b: &[f64]) -> f64 {
+    if a.is_empty() || b.is_empty() {
+        return f64::NAN;
+    }
+    let wins: f64 = a
+        .iter()
+        .flat_map(|x| b.iter().map(move |y| (x, y)))
+        .map(|(x, y)| match x.total_cmp(y) {
+            std::cmp::Ordering::Greater => 1.0,
+            std::cmp::Ordering::Equal => 0.5,
+            std::cmp::Ordering::Less => 0.0,
+        })
+        .sum();
+    wins / (a.len() * b.len()) as f64
+}
+
 /// The median (the mean of the middle two for an even count); NaN for none.
 pub fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -167,6 +186,17 @@ pub fn boot_bench_initramfs() -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn share_of_pairs_tells_a_shift_from_chance() {
+        assert_eq!(share_greater(&[3.0, 4.0], &[1.0, 2.0]), 1.0);
+        assert_eq!(share_greater(&[1.0, 2.0], &[3.0, 4.0]), 0.0);
+        // Interleaved samples: as often above as below; a tie counts half.
+        assert_eq!(share_greater(&[1.0, 3.0], &[2.0, 4.0]), 0.25);
+        assert_eq!(share_greater(&[1.0, 4.0], &[2.0, 3.0]), 0.5);
+        assert_eq!(share_greater(&[2.0], &[2.0]), 0.5);
+        assert!(share_greater(&[], &[1.0]).is_nan());
+    }
 
     #[test]
     fn medians_and_summaries() {

@@ -671,15 +671,14 @@ fn is_lost_run(e: &anyhow::Error) -> bool {
     died && !text.contains("checksum") && !text.contains("tree entries")
 }
 
-/// Cold and warm medians of each server (all of one workload), `runs` of each. The runs interleave the servers, so
+/// A server's cold and warm samples, in the order they were taken.
+type ServerSamples = (Server, Vec<Sample>, Vec<Sample>);
+
+/// Cold and warm samples of each server (all of one workload), `runs` of each. The runs interleave the servers, so
 /// that load changes on the host hit them alike, and every other run takes them in reverse
 /// order, so that none always follows the same one (whose leftovers in the host's caches and
 /// allocator would favour or cost it every time).
-fn measure_all(
-    bench: &mut Bench,
-    servers: &[Server],
-    runs: usize,
-) -> Result<Vec<(Server, Sample, Sample)>> {
+fn measure_all(bench: &mut Bench, servers: &[Server], runs: usize) -> Result<Vec<ServerSamples>> {
     let mut samples: Vec<(Vec<Sample>, Vec<Sample>)> =
         vec![(Vec::new(), Vec::new()); servers.len()];
     for run in 0..runs {
@@ -707,7 +706,7 @@ fn measure_all(
     Ok(servers
         .iter()
         .zip(samples)
-        .map(|(&server, (cold, warm))| (server, median_sample(&cold), median_sample(&warm)))
+        .map(|(&server, (cold, warm))| (server, cold, warm))
         .collect())
 }
 
@@ -836,14 +835,21 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The table of one workload's medians, and the ratios of the pairs measured.
+/// The table of one workload's medians, and for each pair measured the ratios of its medians
+/// and how often a sample of the one beat a sample of the other (a ratio of medians moves with
+/// the spread of single boots; the share of pairs tells a shift from chance).
 fn report(
     out: &mut impl Write,
     bench: &Bench,
     workload: Workload,
     runs: usize,
-    results: &[(Server, Sample, Sample)],
+    samples: &[ServerSamples],
 ) -> Result<()> {
+    let results: Vec<(Server, Sample, Sample)> = samples
+        .iter()
+        .map(|(server, cold, warm)| (*server, median_sample(cold), median_sample(warm)))
+        .collect();
+    let results = &results;
     let a = &bench.args;
     match workload {
         Workload::Read => writeln!(
@@ -881,6 +887,22 @@ fn report(
             .collect::<Vec<_>>()
             .join("  ")
     };
+    // The share of (server sample, base sample) pairs in which the server's is the better.
+    let shares = |s: &[Sample], b: &[Sample]| {
+        metrics
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| {
+                let of = |all: &[Sample]| -> Vec<f64> {
+                    all.iter().filter_map(|x| x.0.get(i).copied()).collect()
+                };
+                let share = benches::share_greater(&of(s), &of(b));
+                format!("{name} {:.0}%", share * 100.0)
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let all_of = |s: Server| samples.iter().find(|r| r.0 == s);
     let find = |s: Server| results.iter().find(|r| r.0 == s);
     let reference = match workload {
         Workload::Read => Server::Virtiofsd,
@@ -905,6 +927,19 @@ fn report(
                 base.name(),
                 ratios(s, b)
             )?;
+        }
+        if let (Some((_, cold, warm)), Some((_, base_cold, base_warm))) =
+            (all_of(server), all_of(base))
+        {
+            for (phase, s, b) in [("cold", cold, base_cold), ("warm", warm, base_warm)] {
+                writeln!(
+                    out,
+                    "  {} sample better than {}'s ({phase}), share of pairs: {}",
+                    server.name(),
+                    base.name(),
+                    shares(s, b)
+                )?;
+            }
         }
     }
     Ok(())
