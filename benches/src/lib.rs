@@ -191,7 +191,8 @@ mod tests {
     fn share_of_pairs_tells_a_shift_from_chance() {
         assert_eq!(share_greater(&[3.0, 4.0], &[1.0, 2.0]), 1.0);
         assert_eq!(share_greater(&[1.0, 2.0], &[3.0, 4.0]), 0.0);
-        // Interleaved samples: as often above as below; a tie counts half.
+        // Interleaved: [1, 3] is above [2, 4] in one pair of four, [1, 4] above [2, 3] in two
+        // (chance); a tie counts half.
         assert_eq!(share_greater(&[1.0, 3.0], &[2.0, 4.0]), 0.25);
         assert_eq!(share_greater(&[1.0, 4.0], &[2.0, 3.0]), 0.5);
         assert_eq!(share_greater(&[2.0], &[2.0]), 0.5);
