@@ -582,7 +582,8 @@ fn sigterm_stops_the_entrypoint_gracefully_then_forcibly() -> Result<(), Error> 
              for i in $(seq 300); do grep -q '^ready' /tmp/c{n}.log 2>/dev/null && break; sleep 0.1; done\n\
              kill -TERM $pid; wait $pid; echo vmm{n}-status=$?\n\
              grep -E '^(got-term|init: shutdown requested|init: grace period over)' /tmp/c{n}.log\n\
-             echo; cat /tmp/exit{n}.json; echo\n"
+             echo; cat /tmp/exit{n}.json; echo\n\
+             echo '--- the end of console {n}:'; tail -n 6 /tmp/c{n}.log\n"
         )
     };
     let out =
