@@ -95,7 +95,9 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
            --ro /guest{libs} --ro /srv/root.flist --ro /srv/store --rw /srv/layer --rw /srv/vmcache:/var/cache/gridnode \
            -- --kernel /guest/vmlinux --initrd /guest/initrd --memory 128 \
            --fs tag=rootfs,image=/srv/root.flist,layer=/srv/layer --root rootfs --image-cache /var/cache/gridnode/chunks --store dir:///srv/store \
-           -- /bin/sh -c 'echo second-boot-reads-$(cat /etc/written)-$(tail -n 1 /etc/version)' 2>&1 | grep second-boot\n\
+           -- /bin/sh -c 'echo second-boot-reads-$(cat /etc/written)-$(tail -n 1 /etc/version)' > /tmp/vm2.out 2>&1\n\
+         echo second-jail-status=$?\n\
+         grep '^second-boot-reads' /tmp/vm2.out || {{ echo '--- the end of the second boot:'; tail -n 40 /tmp/vm2.out; }}\n\
          test -e $cg && echo cgroup-left\n\
          echo done\n"
     );
@@ -116,12 +118,19 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         "vmm-netns-differs=yes",
         "\nimage-v1",
         "42-jailed-done",
-        "jail-status=0",
+        "\njail-status=0",
         "layer-written",
+        "second-jail-status=0",
         "second-boot-reads-from-jailed-guest-copied-up",
         "\ndone",
     ] {
-        assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
+        // The job's whole output is printed above; the message keeps to what was missing
+        // and the end of the output, so that a truncated log still shows both.
+        assert!(
+            o.contains(needle),
+            "missing {needle:?}; the job's output ends:\n{}",
+            tail_lines(o, 50)
+        );
     }
     let root = o
         .lines()
@@ -141,9 +150,19 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         "no-cgroup2",
         "no node cache key",
     ] {
-        assert!(!o.contains(absent), "{absent}: {}", out.console);
+        assert!(
+            !o.contains(absent),
+            "{absent}; the job's output ends:\n{}",
+            tail_lines(o, 50)
+        );
     }
     Ok(())
+}
+
+/// The last `n` lines of `text`.
+fn tail_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[test]
@@ -201,7 +220,11 @@ fn the_jail_on_a_node_running_from_its_initramfs() -> Result<(), Error> {
         "rw_mknod /srv/rw=EPERM",
         "\ndone",
     ] {
-        assert!(o.contains(needle), "missing {needle:?}: {}", out.console);
+        assert!(
+            o.contains(needle),
+            "missing {needle:?}; the job's output ends:\n{}",
+            tail_lines(o, 50)
+        );
     }
     for absent in [
         "per-vm-dir-left",
@@ -209,7 +232,11 @@ fn the_jail_on_a_node_running_from_its_initramfs() -> Result<(), Error> {
         "no-cgroup2",
         "jailer: error",
     ] {
-        assert!(!o.contains(absent), "{absent}: {}", out.console);
+        assert!(
+            !o.contains(absent),
+            "{absent}; the job's output ends:\n{}",
+            tail_lines(o, 50)
+        );
     }
     Ok(())
 }
