@@ -2,11 +2,12 @@
 //! Debian cloud kernel and an initramfs built per job. Think of it as the first node
 //! image: a kernel plus an initramfs whose PID 1 runs the job.
 //!
-//! Where the bed is not a real AMD host (QEMU 7.2's SVM, seen from its guests):
-//! - It never makes the XSETBV intercept (its SVM has no such exit), so a guest's XCR0 write
-//!   does not reach the bed's KVM, whose CPUID 0xd.0 EBX keeps the size for x87|SSE. A Linux
-//!   guest then warns "XSAVE consistency problem: size 832 != kernel_size 576" and runs without
-//!   XSAVE. On a real host the intercept reaches KVM and the size follows XCR0.
+//! Where the bed is not a real AMD host (QEMU's SVM, 7.2 here, seen from its guests):
+//! - It never makes the XSETBV intercept (its `svm.h` has no such exit code), so a guest's
+//!   XCR0 write does not reach the bed's KVM, whose CPUID 0xd.0 EBX keeps the size for
+//!   x87|SSE. A Linux guest then warns "XSAVE consistency problem: size 832 != kernel_size
+//!   576" and runs without XSAVE. On a real host the intercept reaches KVM and the size
+//!   follows XCR0.
 //! - Its CPU now and then faults inside the bed's KVM (see [`Testbed::run`]).
 
 use std::path::{Path, PathBuf};
