@@ -75,7 +75,7 @@ pub fn run_echoing(
 const GIVE_UP_OVERLAP: usize = 512;
 
 /// As [`run_echoing`]; QEMU is also stopped as soon as `give_up` holds for the console output
-/// that came since its last check (about once a second, with the last [`GIVE_UP_OVERLAP`]
+/// that came since its last check (about once a second, with the last 512
 /// bytes before it, so a line is seen whole), which then ends like a timeout with
 /// [`Error::NoResult`] carrying the console.
 pub fn run_watched(
