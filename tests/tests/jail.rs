@@ -109,6 +109,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         .file("/guest/initrd", &initrd);
     let out = testbed.run(&job)?;
     eprintln!("--- job output ---\n{}", out.output);
+    eprintln!("--- the test bed's console ---\n{}", out.console);
     let o = &out.output;
     for needle in [
         "memory.max=805306368 cpu.max=150000 100000 pids.max=128",
@@ -202,6 +203,7 @@ fn the_jail_on_a_node_running_from_its_initramfs() -> Result<(), Error> {
         .binary("/jail-probe", &probe);
     let out = testbed.run(&job)?;
     eprintln!("--- job output ---\n{}", out.output);
+    eprintln!("--- the test bed's console ---\n{}", out.console);
     let o = &out.output;
     for needle in [
         "memory.max=67108864 cpu.max=50000 100000 pids.max=16",
