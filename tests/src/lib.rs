@@ -37,3 +37,10 @@ pub fn skip_if_missing<T>(test: &str, result: Result<T>) -> Result<Option<T>> {
         Err(e) => Err(e),
     }
 }
+
+/// The last `n` lines of `text` (all of them when it has fewer): what a failure message shows
+/// of a long output, so that a log cut in its middle still holds the end.
+pub fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -217,10 +217,7 @@ fn host_kernel_stuck(console: &str) -> bool {
 fn watchdog_report(console: &str) -> String {
     match console.find("-WATCHDOG:") {
         Some(at) => console[console[..at].rfind('\n').map_or(0, |n| n + 1)..].to_string(),
-        None => {
-            let lines: Vec<&str> = console.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        }
+        None => crate::last_lines(console, 40),
     }
 }
 

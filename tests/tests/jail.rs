@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use e2e_tests::{artifacts, microvm, shared_libraries, skip_if_missing, Error, Job};
+use e2e_tests::{artifacts, last_lines, microvm, shared_libraries, skip_if_missing, Error, Job};
 
 /// A workspace binary in `<target>/{debug,release}` (the newest), or `$<VAR>`.
 fn workspace_binary(name: &str, var: &str) -> Result<PathBuf, Error> {
@@ -130,7 +130,7 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         assert!(
             o.contains(needle),
             "missing {needle:?}; the job's output ends:\n{}",
-            tail_lines(o, 50)
+            last_lines(o, 50)
         );
     }
     let root = o
@@ -154,16 +154,10 @@ fn a_jailed_vmm_boots_a_guest_from_an_flist_root_with_a_writable_layer() -> Resu
         assert!(
             !o.contains(absent),
             "{absent}; the job's output ends:\n{}",
-            tail_lines(o, 50)
+            last_lines(o, 50)
         );
     }
     Ok(())
-}
-
-/// The last `n` lines of `text`.
-fn tail_lines(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 #[test]
@@ -225,7 +219,7 @@ fn the_jail_on_a_node_running_from_its_initramfs() -> Result<(), Error> {
         assert!(
             o.contains(needle),
             "missing {needle:?}; the job's output ends:\n{}",
-            tail_lines(o, 50)
+            last_lines(o, 50)
         );
     }
     for absent in [
@@ -237,7 +231,7 @@ fn the_jail_on_a_node_running_from_its_initramfs() -> Result<(), Error> {
         assert!(
             !o.contains(absent),
             "{absent}; the job's output ends:\n{}",
-            tail_lines(o, 50)
+            last_lines(o, 50)
         );
     }
     Ok(())
